@@ -1,0 +1,45 @@
+"""memopt: a compiler-style optimizer for the memory traffic of PyTorch programs.
+
+import torch, memopt
+fast = torch.compile(model, backend="memopt")          # registered by entry point
+a = memopt.analyze(model, x)                            # eager vs optimized bytes, and why
+print(a.eager_bytes, a.bytes_moved, a.lower_bound_bytes, a.predict("h100"))
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from memopt.config import Config
+from memopt.errors import CheckError, MemoptError, OptionError, TargetError, VerificationError
+
+__version__ = "0.1.0"
+
+# The analysis entry points pull in Dynamo; import them on first use so that
+# `import memopt.compiler.kernel_ir` (and the CLI's --help) stay light.
+_LAZY = {
+    "analyze": "memopt.compiler.analysis",
+    "Analysis": "memopt.compiler.results",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'memopt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = [
+    "Analysis",
+    "CheckError",
+    "Config",
+    "MemoptError",
+    "OptionError",
+    "TargetError",
+    "VerificationError",
+    "__version__",
+    "analyze",
+]

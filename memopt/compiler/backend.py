@@ -1,0 +1,101 @@
+"""The torch.compile backend: `torch.compile(model, backend="memopt", options={...})`.
+
+Registered through the `torch_dynamo_backends` entry point, so it works without
+`import memopt`. Each ATen graph AOTAutograd produces runs through the pass pipeline and
+comes back as a CompiledGraph. If the pipeline fails on a graph (a bug in memopt), that
+graph runs unoptimized, with a warning naming it: never a wrong answer.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import traceback
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+import torch.fx
+
+from memopt.compiler.capture import aot_backend
+from memopt.compiler.cost import graph_cost, lower_bound
+from memopt.compiler.executor import CompiledGraph, output_layouts
+from memopt.compiler.graph import evaluate, shape_bindings
+from memopt.compiler.pipeline import run_pipeline
+from memopt.config import Config
+from memopt.passes import Fuel
+
+
+class CompileSession:
+    """State shared by the graphs of one torch.compile call: config, fuel, graph names."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.fuel = Fuel(config.fuel)
+        self.counts: dict[str, int] = {}
+
+    def compile_graph(
+        self, gm: torch.fx.GraphModule, example_inputs: Sequence[object], kind: str
+    ) -> Callable:
+        index = self.counts.get(kind, 0)
+        self.counts[kind] = index + 1
+        name = kind if index == 0 else f"{kind}.{index}"
+        eager_layouts = output_layouts(gm)
+        reference = copy.deepcopy(gm) if self.config.check else None
+        bindings = shape_bindings(example_inputs)
+        try:
+            result = run_pipeline(gm, self.config, name, bindings, fuel=self.fuel)
+        except Exception as error:  # noqa: BLE001 - any pipeline bug falls back, visibly
+            warnings.warn(
+                f"memopt: optimizing the {name} graph failed ({type(error).__name__}: {error}); "
+                "running it unoptimized (ATen)",
+                stacklevel=2,
+            )
+            if self.config.verbose:
+                traceback.print_exc()
+            fallback = reference if reference is not None else gm
+            return CompiledGraph(fallback, name, eager_layouts)
+        if self.config.verbose:
+            cost = graph_cost(result.gm, bindings)
+            print(
+                f"memopt: {name} graph: {cost.kernels} kernels, {cost.nbytes} bytes (modelled)",
+                file=sys.stderr,
+            )
+        if self.config.report_dir:
+            self._write_report(name, result, bindings)
+        return CompiledGraph(result.gm, name, eager_layouts, reference=reference)
+
+    def _write_report(self, name: str, result, bindings) -> None:
+        os.makedirs(self.config.report_dir, exist_ok=True)
+        cost = graph_cost(result.gm, bindings)
+        record = {
+            "graph": name,
+            "bytes_moved": {
+                "value": cost.nbytes,
+                "expr": str(cost.bytes_expr),
+                "label": "modelled",
+            },
+            "lower_bound_bytes": {
+                "value": evaluate(lower_bound(result.gm), bindings),
+                "label": "modelled",
+            },
+            "kernels": cost.kernels,
+            "ledger": [entry.to_dict() for entry in result.ledger],
+            "graph_text": result.text_after,
+        }
+        path = os.path.join(self.config.report_dir, f"{name}.json")
+        with open(path, "w") as handle:
+            json.dump(record, handle, indent=2, sort_keys=True)
+
+
+def memopt_backend(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[object],
+    options: Mapping[str, object] | None = None,
+) -> Callable:
+    """The Dynamo backend. `options` are memopt's options (see memopt.config.Config)."""
+    config = Config.from_options(options)
+    session = CompileSession(config)
+    return aot_backend(session.compile_graph)(gm, example_inputs)

@@ -1,0 +1,229 @@
+"""Capture: ATen-level fx graphs, as the memopt backend sees them.
+
+Dynamo traces Python to an fx graph of torch calls; AOTAutograd functionalizes it,
+decomposes it with the table below and, when training, splits the joint graph into a
+forward and a backward graph. The same plumbing serves `torch.compile(backend="memopt")`
+(compiler/backend.py) and `memopt.analyze` (compiler/analysis.py), so both see the same
+graphs.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import itertools
+import types
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import sympy
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+
+from memopt.compiler.graph import annotate, shape_bindings
+from memopt.errors import MemoptError
+
+aten = torch.ops.aten
+
+# Composite ops that core ATen keeps whole but that are, underneath, pointwise and reduction
+# primitives a fusing compiler wants to see (environment.md: core_aten_decompositions leaves
+# these whole). Matmuls (mm, bmm), convolutions and attention stay whole: they run as
+# library calls.
+_EXTRA_DECOMPOSITIONS = [
+    aten.native_layer_norm,
+    aten.native_layer_norm_backward,
+    aten.gelu,
+    aten.gelu_backward,
+    aten._softmax,
+    aten._log_softmax,
+    aten._softmax_backward_data,
+    aten._log_softmax_backward_data,
+    aten.addmm,  # mm + bias add: the add can fuse with what follows
+    aten.native_group_norm,
+    aten.native_dropout,
+    aten.hardtanh,
+    aten.leaky_relu,
+    aten.elu,
+    aten.embedding,
+    aten._native_batch_norm_legit_functional,
+    aten._native_batch_norm_legit_no_training,  # calls _native_batch_norm_legit(training=False)
+    aten._native_batch_norm_legit,
+    aten.native_batch_norm_backward,
+    aten.mean,
+    aten.var_mean,
+]
+
+
+@functools.cache
+def decompositions() -> dict[object, Callable]:
+    """The decomposition table memopt traces with: core ATen plus the composites above."""
+    from torch._decomp import core_aten_decompositions, get_decompositions
+
+    table = dict(core_aten_decompositions())
+    table.update(get_decompositions(_EXTRA_DECOMPOSITIONS))
+    return table
+
+
+def partition_fn(joint_module: torch.fx.GraphModule, joint_inputs, **kwargs):
+    """How the joint graph splits into forward and backward (the recomputation pass's seam).
+
+    Today: PyTorch's default partitioner, which saves what the backward needs and
+    recomputes nothing.
+    """
+    from torch._functorch.partitioners import default_partition
+
+    return default_partition(joint_module, joint_inputs, **kwargs)
+
+
+GraphCompiler = Callable[[torch.fx.GraphModule, Sequence[object], str], Callable]
+
+
+def aot_backend(compile_graph: GraphCompiler) -> Callable:
+    """A Dynamo backend that hands each ATen graph to `compile_graph(gm, inputs, kind)`.
+
+    kind is "inference" (no gradients needed), "forward" or "backward".
+    """
+    from torch._dynamo.backends.common import aot_autograd
+
+    def compiler(kind: str) -> Callable:
+        def compile_one(gm: torch.fx.GraphModule, example_inputs: Sequence[object]) -> Callable:
+            annotate(gm)
+            return compile_graph(gm, example_inputs, kind)
+
+        return compile_one
+
+    return aot_autograd(
+        fw_compiler=compiler("forward"),
+        bw_compiler=compiler("backward"),
+        inference_compiler=compiler("inference"),
+        decompositions=decompositions(),
+        partition_fn=partition_fn,
+        keep_inference_input_mutations=True,
+    )
+
+
+@dataclass
+class CapturedGraph:
+    """One ATen graph, with the real inputs it first ran on (for checks and kernels)."""
+
+    name: str
+    gm: torch.fx.GraphModule
+    bindings: dict[sympy.Symbol, int]
+    real_inputs: list[object] = field(default_factory=list)
+
+
+def _clone_input(value: object) -> object:
+    if not isinstance(value, torch.Tensor):
+        return value
+    clone = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device)
+    with torch.no_grad():
+        clone.copy_(value)
+    return clone
+
+
+def clone_inputs(inputs: Sequence[object]) -> tuple[object, ...]:
+    """Copies of example inputs with the same strides and requires_grad, for side-effect-free runs."""
+    clones = []
+    for value in inputs:
+        clone = _clone_input(value)
+        if isinstance(value, torch.Tensor) and value.requires_grad and clone.is_floating_point():
+            clone.requires_grad_(True)
+        clones.append(clone)
+    return tuple(clones)
+
+
+_capture_ids = itertools.count()
+
+
+def _fresh_entry(fn: Callable) -> Callable:
+    """A new function object with its own code object around `fn`.
+
+    Dynamo caches compiled code per code object. A fresh code object per capture keeps
+    repeated analyses of the same model from piling up cache entries (and from hitting the
+    recompile limit, after which Dynamo would silently run eagerly).
+    """
+
+    def entry(*args: object) -> object:
+        return fn(*args)
+
+    name = f"memopt_capture_{next(_capture_ids)}"
+    entry.__code__ = entry.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(entry.__code__, entry.__globals__, name, None, entry.__closure__)
+
+
+def backward_seeds(output: object) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The outputs that require grad and a ones-like gradient for each."""
+    outs = [
+        t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor) and t.requires_grad
+    ]
+    if not outs:
+        raise MemoptError("training=True, but no output of the program requires grad")
+    return outs, [torch.ones_like(t) for t in outs]
+
+
+def saved_grads(fn: object) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    params = list(fn.parameters()) if isinstance(fn, torch.nn.Module) else []
+    return [(p, p.grad) for p in params]
+
+
+def restore_grads(saved: list[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+    for param, grad in saved:
+        param.grad = grad
+
+
+def capture(
+    fn: Callable,
+    example_inputs: Sequence[object],
+    training: bool = False,
+    dynamic: bool = False,
+) -> list[CapturedGraph]:
+    """Trace `fn(*example_inputs)` into the ATen graphs the memopt backend would compile.
+
+    Runs the program once (and its backward when training) on copies of the inputs; the
+    model's parameters and gradients are left as they were.
+    """
+    import torch._dynamo
+
+    graphs: list[CapturedGraph] = []
+    counts: dict[str, int] = {}
+
+    def record(gm: torch.fx.GraphModule, inputs: Sequence[object], kind: str) -> Callable:
+        index = counts.get(kind, 0)
+        counts[kind] = index + 1
+        name = kind if index == 0 else f"{kind}.{index}"
+        graph = CapturedGraph(name=name, gm=gm, bindings=shape_bindings(inputs))
+        graphs.append(graph)
+        # The capture run executes the unoptimized ATen graph; the pipeline runs afterwards
+        # on a copy, so analyses of several option sets share one capture.
+        gm = copy.deepcopy(gm)
+
+        def run(args: list[object]) -> object:
+            if not graph.real_inputs:
+                graph.real_inputs = [_clone_input(a) for a in args]
+            return gm(*args)
+
+        run._boxed_call = True  # type: ignore[attr-defined]
+        return run
+
+    inputs = clone_inputs(example_inputs)
+    saved = saved_grads(fn)
+    entry = torch.compile(_fresh_entry(fn), backend=aot_backend(record), dynamic=dynamic)
+    try:
+        with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096):
+            if training:
+                with torch.enable_grad():
+                    output = entry(*inputs)
+                    outs, seeds = backward_seeds(output)
+                    torch.autograd.backward(outs, grad_tensors=seeds)
+            else:
+                with torch.no_grad():
+                    entry(*inputs)
+    finally:
+        restore_grads(saved)
+    if not graphs:
+        raise MemoptError(
+            "torch.compile captured no graph: the program ran no tensor operations, or Dynamo "
+            "fell back to eager for it (run with TORCH_LOGS=graph_breaks to see why)"
+        )
+    return graphs

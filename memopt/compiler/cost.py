@@ -1,0 +1,317 @@
+"""The cost model: bytes read and written and FLOPs of every node, as sympy expressions.
+
+Rules (docs/architecture.md, "How bytes are counted"):
+- Views (view, permute, expand, slice, squeeze, ...) and tuple indexing move nothing and
+  launch nothing.
+- An ATen node reads each distinct buffer it takes once: the distinct elements it touches
+  (a broadcast input counts its real elements once; several views of one buffer together
+  count at most the buffer), and writes each output once.
+- Gathers (index_select, embedding, ...) read at most as many source elements as they write.
+- `copy_` (an input mutation at the end of a functional graph) reads only its source.
+- A node whose target brings its own cost (a fused kernel) is asked for it: `target.memopt_cost(node)`.
+
+FLOPs are modelled: 2*M*N*K for matmuls, 2*out*(in_channels/groups)*prod(kernel) for
+convolutions, one per output element for everything else.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import sympy
+import torch
+import torch.fx
+
+from memopt.compiler.graph import TensorMeta, evaluate, numel, output_metas, tensor_meta
+
+aten = torch.ops.aten
+ZERO = sympy.Integer(0)
+
+
+@dataclass(frozen=True)
+class Cost:
+    read: sympy.Expr
+    write: sympy.Expr
+    flops: sympy.Expr
+
+    @property
+    def nbytes(self) -> sympy.Expr:
+        return self.read + self.write
+
+
+# Ops that move no bytes although torch does not mark them as views.
+_FREE_OPS = {
+    aten._unsafe_view.default,
+    aten.empty.memory_format,
+    aten.empty_strided.default,
+    aten.empty_like.default,
+    aten.sym_size.int,
+    aten.sym_stride.int,
+    aten.sym_numel.default,
+    aten.sym_storage_offset.default,
+    operator.getitem,
+}
+
+# Matmul and convolution run as library calls; they are never lowered to generated kernels.
+EXTERN_OPS = {
+    aten.mm.default,
+    aten.addmm.default,
+    aten.bmm.default,
+    aten.baddbmm.default,
+    aten.convolution.default,
+    aten.convolution_backward.default,
+    aten._scaled_dot_product_flash_attention_for_cpu.default,
+    aten._scaled_dot_product_efficient_attention.default,
+    aten._scaled_dot_product_flash_attention.default,
+}
+
+# Gathers: the indexed source (argument 0) is read at most once per output element.
+_GATHER_OPS = {
+    aten.index_select.default,
+    aten.index.Tensor,
+    aten._unsafe_index.Tensor,
+    aten.gather.default,
+    aten.embedding.default,
+}
+_GATHER_SOURCE_ARG = {aten.embedding.default: 0}
+
+
+def is_view(node: torch.fx.Node) -> bool:
+    """True for nodes that only reinterpret an existing buffer (no kernel, no bytes)."""
+    if node.op != "call_function":
+        return False
+    target = node.target
+    if target in _FREE_OPS:
+        return True
+    if isinstance(target, torch._ops.OpOverload) and target.is_view:
+        if target in (aten.reshape.default, aten._reshape_alias.default):
+            source = tensor_meta(node.args[0]) if isinstance(node.args[0], torch.fx.Node) else None
+            return source is not None and source.is_contiguous()
+        return True
+    return False
+
+
+def is_kernel(node: torch.fx.Node) -> bool:
+    """True for nodes the program launches: everything but placeholders, outputs and views."""
+    if node.op != "call_function" or is_view(node):
+        return False
+    # Pure scalar arithmetic on sizes (operator.mul on SymInts) runs on the host.
+    return bool(output_metas(node)) or _custom_cost(node) is not None
+
+
+def kernel_kind(node: torch.fx.Node) -> str:
+    kind = getattr(node.target, "memopt_kind", None)
+    if kind is not None:
+        return kind
+    return "extern" if node.target in EXTERN_OPS else "aten"
+
+
+def buffer_users(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """Users of a node's buffer, looking through views (which read it in place)."""
+    found: list[torch.fx.Node] = []
+    for user in node.users:
+        if is_view(user) and user.target is not operator.getitem:
+            found.extend(buffer_users(user))
+        else:
+            found.append(user)
+    return found
+
+
+def view_base(node: torch.fx.Node) -> torch.fx.Node:
+    """The node that owns the buffer a chain of views reads from."""
+    # operator.getitem picks one output of a multi-output node: that output is its own buffer.
+    while (
+        is_view(node)
+        and node.target is not operator.getitem
+        and node.args
+        and isinstance(node.args[0], torch.fx.Node)
+    ):
+        node = node.args[0]
+    return node
+
+
+def _tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:
+    found: list[torch.fx.Node] = []
+
+    def visit(arg: object) -> None:
+        if isinstance(arg, torch.fx.Node):
+            if tensor_meta(arg) is not None and arg not in found:
+                found.append(arg)
+        elif isinstance(arg, (list, tuple)):
+            for item in arg:
+                visit(item)
+
+    visit(node.args)
+    visit(tuple(node.kwargs.values()))
+    return found
+
+
+def read_bytes(node: torch.fx.Node, inputs: Iterable[torch.fx.Node]) -> sympy.Expr:
+    """Bytes read from the given input nodes: distinct touched elements, per distinct buffer."""
+    per_base: dict[torch.fx.Node, list[TensorMeta]] = {}
+    for arg in inputs:
+        meta = tensor_meta(arg)
+        if meta is not None:
+            per_base.setdefault(view_base(arg), []).append(meta)
+    total = ZERO
+    for base, metas in per_base.items():
+        touched = sympy.Add(*(m.touched_nbytes for m in metas))
+        base_meta = tensor_meta(base)
+        if len(metas) > 1 and base_meta is not None:
+            touched = sympy.Min(touched, base_meta.nbytes)
+        total += touched
+    return total
+
+
+def _custom_cost(node: torch.fx.Node) -> Cost | None:
+    method = getattr(node.target, "memopt_cost", None)
+    return method(node) if callable(method) else None
+
+
+def node_cost(node: torch.fx.Node) -> Cost:
+    """Modelled traffic and FLOPs of one node; zero for views, placeholders and outputs."""
+    custom = _custom_cost(node)
+    if custom is not None:
+        return custom
+    if not is_kernel(node):
+        return Cost(ZERO, ZERO, ZERO)
+    outputs = output_metas(node)
+    write = sympy.Add(*(m.nbytes for m in outputs))
+    target = node.target
+    if target is aten.copy_.default:
+        read = read_bytes(node, [node.args[1]])
+    elif target in _GATHER_OPS:
+        source_index = _GATHER_SOURCE_ARG.get(target, 0)
+        args = _tensor_args(node)
+        source = node.args[source_index] if source_index < len(node.args) else None
+        others = [a for a in args if a is not source]
+        read = read_bytes(node, others)
+        source_meta = tensor_meta(source) if isinstance(source, torch.fx.Node) else None
+        if source_meta is not None:
+            read += sympy.Min(source_meta.touched_nbytes, write)
+    elif target in (aten.empty.memory_format, aten.full.default, aten.zeros.default):
+        read = ZERO
+    else:
+        read = read_bytes(node, _tensor_args(node))
+    return Cost(read=read, write=write, flops=_flops(node, outputs))
+
+
+def _shape(arg: object) -> tuple[sympy.Expr, ...]:
+    meta = tensor_meta(arg) if isinstance(arg, torch.fx.Node) else None
+    return meta.shape if meta is not None else ()
+
+
+def _mm_flops(node: torch.fx.Node) -> sympy.Expr:
+    a, b = (node.args[1], node.args[2]) if node.target is aten.addmm.default else node.args[:2]
+    (m, k), (_, n) = _shape(a), _shape(b)
+    return 2 * m * n * k
+
+
+def _bmm_flops(node: torch.fx.Node) -> sympy.Expr:
+    a, b = (node.args[1], node.args[2]) if node.target is aten.baddbmm.default else node.args[:2]
+    (batch, m, k), (_, _, n) = _shape(a), _shape(b)
+    return 2 * batch * m * n * k
+
+
+def _conv_flops(node: torch.fx.Node) -> sympy.Expr:
+    weight = _shape(node.args[1])
+    groups = node.args[8] if len(node.args) > 8 else 1
+    out = output_metas(node)[0]
+    # weight is (out_channels, in_channels / groups, *kernel); transposed conv has them swapped.
+    transposed = bool(node.args[6]) if len(node.args) > 6 else False
+    per_output = weight[0] / groups if transposed else weight[1]
+    return 2 * out.numel * per_output * numel(weight[2:])
+
+
+def _conv_backward_flops(node: torch.fx.Node) -> sympy.Expr:
+    # Gradient of input and of weight: each as expensive as the forward convolution.
+    grad_out, weight = _shape(node.args[0]), _shape(node.args[2])
+    mask = node.args[10] if len(node.args) > 10 else (True, True, True)
+    groups = node.args[9] if len(node.args) > 9 else 1
+    forward = 2 * numel(grad_out) * weight[1] * numel(weight[2:])
+    del groups  # already folded into weight[1]
+    return forward * (int(bool(mask[0])) + int(bool(mask[1])))
+
+
+_FLOP_RULES: Mapping[object, Callable[[torch.fx.Node], sympy.Expr]] = {
+    aten.mm.default: _mm_flops,
+    aten.addmm.default: _mm_flops,
+    aten.bmm.default: _bmm_flops,
+    aten.baddbmm.default: _bmm_flops,
+    aten.convolution.default: _conv_flops,
+    aten.convolution_backward.default: _conv_backward_flops,
+}
+
+
+def _flops(node: torch.fx.Node, outputs: list[TensorMeta]) -> sympy.Expr:
+    rule = _FLOP_RULES.get(node.target)
+    if rule is not None:
+        return sympy.sympify(rule(node))
+    # Reductions read more elements than they write: one op per input element.
+    inputs = [tensor_meta(a) for a in _tensor_args(node)]
+    largest_input = max((m.numel for m in inputs if m is not None), default=ZERO, key=_size_key)
+    largest_output = max((m.numel for m in outputs), default=ZERO, key=_size_key)
+    return sympy.Max(largest_input, largest_output) if largest_input != ZERO else largest_output
+
+
+def _size_key(expr: sympy.Expr) -> tuple[int, str]:
+    # max() over symbolic sizes: order by the number of factors, then by text (deterministic).
+    return (len(sympy.Mul.make_args(expr)), str(expr))
+
+
+def is_low_precision(node: torch.fx.Node) -> bool:
+    outputs = output_metas(node)
+    return kernel_kind(node) == "extern" and any(
+        m.dtype in (torch.float16, torch.bfloat16) for m in outputs
+    )
+
+
+@dataclass(frozen=True)
+class GraphCost:
+    """Totals of one graph: symbolic and at the example sizes."""
+
+    bytes_expr: sympy.Expr
+    kernels: int
+    bindings: Mapping[sympy.Symbol, int]
+
+    @property
+    def nbytes(self) -> int:
+        return evaluate(self.bytes_expr, self.bindings)
+
+
+def graph_cost(gm: torch.fx.GraphModule, bindings: Mapping[sympy.Symbol, int]) -> GraphCost:
+    nodes = [n for n in gm.graph.nodes if is_kernel(n)]
+    total = sympy.Add(*(node_cost(n).nbytes for n in nodes))
+    return GraphCost(bytes_expr=sympy.simplify(total), kernels=len(nodes), bindings=bindings)
+
+
+def lower_bound(gm: torch.fx.GraphModule) -> sympy.Expr:
+    """Compulsory traffic: every used graph input read once, every graph output written once.
+
+    Outputs that are graph inputs or views of them need no write; a mutated input
+    (`copy_` into a placeholder) is written once.
+    """
+    total = ZERO
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node in placeholders:
+        meta = tensor_meta(node)
+        if meta is not None and node.users:
+            total += meta.touched_nbytes
+    written: set[torch.fx.Node] = set()
+    output_node = next(n for n in gm.graph.nodes if n.op == "output")
+    flat: list[torch.fx.Node] = []
+    torch.fx.node.map_arg(output_node.args, flat.append)
+    for node in flat:
+        base = view_base(node)
+        if base.op == "placeholder" or base in written or tensor_meta(base) is None:
+            continue
+        written.add(base)
+        total += sum((m.nbytes for m in output_metas(base)), ZERO)
+    for node in gm.graph.nodes:
+        if node.target is aten.copy_.default and view_base(node.args[0]).op == "placeholder":
+            meta = tensor_meta(node.args[0])
+            if meta is not None:
+                total += meta.nbytes
+    return sympy.simplify(total)

@@ -1,0 +1,134 @@
+"""The executor: runs an optimized graph and keeps eager's contract on its outputs.
+
+Today every node runs as its ATen op (one kernel per node). Generated kernels plug in as
+nodes whose targets are compiled kernels; nothing here changes when they do.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Sequence
+
+import sympy
+import torch
+import torch.fx
+
+from memopt.compiler.graph import META_KEY, TensorMeta, evaluate, tensor_meta
+
+
+def output_nodes(gm: torch.fx.GraphModule) -> list[object]:
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    values = output.args[0]
+    return list(values) if isinstance(values, (list, tuple)) else [values]
+
+
+def output_layouts(gm: torch.fx.GraphModule) -> list[TensorMeta | None]:
+    return [tensor_meta(n) if isinstance(n, torch.fx.Node) else None for n in output_nodes(gm)]
+
+
+def bind_symbols(gm: torch.fx.GraphModule, args: Sequence[object]) -> dict[sympy.Symbol, int]:
+    """Values of the symbols in the graph's input sizes, read off the actual arguments."""
+    bindings: dict[sympy.Symbol, int] = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, args):
+        meta = node.meta.get(META_KEY)
+        if isinstance(meta, TensorMeta) and isinstance(value, torch.Tensor):
+            for expr, actual in zip((*meta.shape, *meta.stride), (*value.shape, *value.stride())):
+                if isinstance(expr, sympy.Symbol):
+                    bindings[expr] = int(actual)
+        elif isinstance(value, (int, torch.SymInt)) and "val" in node.meta:
+            expr = node.meta["val"]
+            if isinstance(expr, torch.SymInt) and isinstance(expr.node.expr, sympy.Symbol):
+                bindings[expr.node.expr] = int(value)
+    return bindings
+
+
+class CompiledGraph:
+    """A callable over the optimized graph, as AOTAutograd's compilers must return.
+
+    - Outputs whose layout a pass changed are copied back into eager's layout.
+    - With a `reference` (check=True), the first call also runs the unoptimized graph and
+      compares; on a mismatch it warns and runs the unoptimized graph from then on.
+    """
+
+    def __init__(
+        self,
+        gm: torch.fx.GraphModule,
+        name: str,
+        eager_layouts: list[TensorMeta | None],
+        reference: torch.fx.GraphModule | None = None,
+    ) -> None:
+        self.gm = gm
+        self.name = name
+        self.reference = reference
+        # Boxed: AOTAutograd passes the arguments as one list. An instance attribute, so that
+        # the wrappers Dynamo puts around backward compilers (functools.wraps) keep it.
+        self._boxed_call = True
+        final = output_layouts(gm)
+        self.restride = [
+            eager
+            if eager is not None and mine is not None and eager.stride != mine.stride
+            else None
+            for eager, mine in zip(eager_layouts, final)
+        ]
+        self.any_restride = any(r is not None for r in self.restride)
+
+    def __call__(self, *args: object) -> list[object]:
+        # AOTAutograd calls compiled graphs boxed (one list it may free) on most paths and
+        # unboxed on some; graph inputs are tensors and ints, never lists, so both are clear.
+        if len(args) == 1 and type(args[0]) is list:
+            args = args[0]
+        return self._run(list(args))
+
+    def _run(self, args: list[object]) -> list[object]:
+        if self.reference is not None:
+            return self._checked_call(args)
+        if not self.any_restride:
+            return self.gm(*args)
+        bindings = bind_symbols(self.gm, args)
+        outputs = list(self.gm(*args))
+        for index, layout in enumerate(self.restride):
+            if layout is not None and isinstance(outputs[index], torch.Tensor):
+                outputs[index] = _in_layout(outputs[index], layout, bindings)
+        return outputs
+
+    def _checked_call(self, args: list[object]) -> list[object]:
+        reference, self.reference = self.reference, None
+        saved_args = [_copy(a) for a in args]
+        with torch.random.fork_rng(devices=[]):
+            expected = reference(*saved_args)
+        actual = self._run(args)
+        for index, (want, got) in enumerate(zip(expected, actual)):
+            if isinstance(want, torch.Tensor):
+                try:
+                    torch.testing.assert_close(got, want, equal_nan=True)
+                except AssertionError as error:
+                    first = str(error).strip().splitlines()[0]
+                    warnings.warn(
+                        f"memopt: check failed on {self.name} graph, output {index}: {first}; "
+                        "running this graph unoptimized (ATen) from now on",
+                        stacklevel=2,
+                    )
+                    print(f"memopt: check failed on {self.name} graph: {first}", file=sys.stderr)
+                    self.gm = reference
+                    self.any_restride = False
+                    return list(expected)
+        return actual
+
+
+def _copy(value: object) -> object:
+    if isinstance(value, torch.Tensor):
+        return torch.empty_strided(
+            value.shape, value.stride(), dtype=value.dtype, device=value.device
+        ).copy_(value)
+    return value
+
+
+def _in_layout(value: torch.Tensor, layout: TensorMeta, bindings: dict) -> torch.Tensor:
+    try:
+        stride = [evaluate(s, bindings) for s in layout.stride]
+    except ValueError:
+        return value  # a stride depends on a size we cannot read off the inputs: keep as is
+    out = torch.empty_strided(value.shape, stride, dtype=value.dtype, device=value.device)
+    return out.copy_(value)

@@ -1,0 +1,123 @@
+"""Index expressions: strides to offsets, reshapes to div/mod, and simplification by ranges.
+
+Index expressions are sympy: integer arithmetic of the kernel's index variables (i0.., r0..),
+size symbols and indirect symbols, plus torch's `FloorDiv(a, b)` and
+`ModularIndexing(a, b, c)` (= (a // b) % c), which every backend prints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import sympy
+from torch.utils._sympy.functions import FloorDiv, ModularIndexing
+
+
+def offset(index: Sequence[sympy.Expr], stride: Sequence[sympy.Expr]) -> sympy.Expr:
+    """Element offset of a multi-dimensional index in a strided layout."""
+    return sympy.expand(sum((i * s for i, s in zip(index, stride)), sympy.Integer(0)))
+
+
+def contiguous_strides(shape: Sequence[sympy.Expr]) -> tuple[sympy.Expr, ...]:
+    strides: list[sympy.Expr] = []
+    step: sympy.Expr = sympy.Integer(1)
+    for size in reversed(shape):
+        strides.append(step)
+        step = step * size
+    return tuple(reversed(strides))
+
+
+def reshape_index(
+    index: Sequence[sympy.Expr], shape: Sequence[sympy.Expr], source_shape: Sequence[sympy.Expr]
+) -> tuple[sympy.Expr, ...]:
+    """Index into `source_shape` of the element at `index` of a reshape to `shape`.
+
+    Both are read in row-major order: linearize, then split with div/mod.
+    """
+    linear = offset(index, contiguous_strides(shape))
+    strides = contiguous_strides(source_shape)
+    result = []
+    for size, step in zip(source_shape, strides):
+        if size == 1:
+            result.append(sympy.Integer(0))
+        else:
+            result.append(ModularIndexing(linear, step, size))
+    return tuple(result)
+
+
+def _upper(expr: sympy.Expr, ranges: Mapping[sympy.Symbol, sympy.Expr]) -> sympy.Expr | None:
+    """A bound M with 0 <= expr <= M, for sums of non-negative terms; None if unknown."""
+    expr = sympy.expand(expr)
+    total = sympy.Integer(0)
+    for term in sympy.Add.make_args(expr):
+        coeff, rest = term.as_coeff_Mul()
+        if coeff < 0:
+            return None
+        if rest == 1:
+            total += coeff
+            continue
+        if isinstance(rest, sympy.Symbol) and rest in ranges:
+            total += coeff * (ranges[rest] - 1)
+            continue
+        if isinstance(rest, ModularIndexing):
+            total += coeff * (rest.args[2] - 1)
+            continue
+        if isinstance(rest, FloorDiv):
+            inner = _upper(rest.args[0], ranges)
+            if inner is None:
+                return None
+            total += coeff * FloorDiv(inner, rest.args[1])
+            continue
+        return None
+    return total
+
+
+def _less(a: sympy.Expr | None, b: sympy.Expr) -> bool:
+    if a is None:
+        return False
+    verdict = sympy.sympify(a < b)
+    return verdict is sympy.true
+
+
+def _split(expr: sympy.Expr, divisor: sympy.Expr) -> tuple[sympy.Expr, sympy.Expr]:
+    """expr = divisor * quotient + rest, taking the terms that are multiples of divisor."""
+    quotient, rest = sympy.Integer(0), sympy.Integer(0)
+    for term in sympy.Add.make_args(sympy.expand(expr)):
+        ratio = sympy.simplify(term / divisor)
+        if ratio.is_integer or (ratio.is_polynomial() and sympy.fraction(ratio)[1] == 1):
+            quotient += ratio
+        else:
+            rest += term
+    return quotient, rest
+
+
+def simplify(expr: sympy.Expr, ranges: Mapping[sympy.Symbol, sympy.Expr]) -> sympy.Expr:
+    """Remove div/mod that the variables' ranges make redundant.
+
+    ((8*i0 + i1) // 8) % 4 with i1 < 8 and i0 < 4 becomes i0.
+    """
+
+    def visit(node: sympy.Expr) -> sympy.Expr:
+        if not node.args:
+            return node
+        args = [visit(a) for a in node.args]
+        if isinstance(node, FloorDiv):
+            return floordiv(args[0], args[1])
+        if isinstance(node, ModularIndexing):
+            quotient = floordiv(args[0], args[1])
+            if _less(_upper(quotient, ranges), args[2]):
+                return quotient
+            return ModularIndexing(quotient, 1, args[2])
+        return node.func(*args)
+
+    def floordiv(base: sympy.Expr, divisor: sympy.Expr) -> sympy.Expr:
+        if divisor == 1:
+            return base
+        quotient, rest = _split(base, divisor)
+        if _less(_upper(rest, ranges), divisor):
+            return quotient
+        if quotient != 0:
+            return quotient + FloorDiv(rest, divisor)
+        return FloorDiv(base, divisor)
+
+    return sympy.expand(visit(sympy.sympify(expr)))

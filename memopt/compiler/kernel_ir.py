@@ -1,0 +1,282 @@
+"""Kernel IR: one fused kernel as data. Immutable, hashable, printable one line per value.
+
+A Kernel iterates over a domain: pointwise index variables i0..in (`ranges`) and, for a
+reduction kernel, reduction variables r0..rm (`reduction_ranges`). Its body is a DAG of
+Values: loads (with a sympy index expression into a buffer, possibly indirect through
+loaded values), constants, index expressions, pointwise ops, casts and reductions (over
+all reduction variables). Stores write Values to output buffers at index expressions.
+
+A Value that depends on a reduction variable is "full" (one per domain point); one that
+does not is a "row" value (one per point of the pointwise domain). A Store of a row value
+happens once per row; the backends derive this from the index expression, which then
+contains no r variable.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import sympy
+import torch
+
+from memopt.compiler.graph import _DTYPE_NAMES
+
+# Pointwise ops every backend implements, by arity. Names follow torch where one exists.
+UNARY_OPS = frozenset(
+    {
+        "neg", "abs", "exp", "exp2", "expm1", "log", "log2", "log1p", "sqrt", "rsqrt",
+        "sin", "cos", "tan", "tanh", "sigmoid", "erf", "relu", "reciprocal", "sign",
+        "floor", "ceil", "trunc", "round", "logical_not", "bitwise_not", "isnan", "isinf",
+        "square",
+    }
+)  # fmt: skip
+BINARY_OPS = frozenset(
+    {
+        "add", "sub", "mul", "truediv", "floordiv", "truncdiv", "remainder", "fmod", "pow",
+        "maximum", "minimum", "eq", "ne", "lt", "le", "gt", "ge", "logical_and",
+        "logical_or", "logical_xor", "bitwise_and", "bitwise_or", "bitwise_xor", "atan2",
+    }
+)  # fmt: skip
+TERNARY_OPS = frozenset({"where"})
+REDUCTIONS = frozenset({"sum", "prod", "max", "min", "argmax", "argmin", "any", "all"})
+
+
+def index_var(k: int) -> sympy.Symbol:
+    return sympy.Symbol(f"i{k}", integer=True, nonnegative=True)
+
+
+def reduction_var(k: int) -> sympy.Symbol:
+    return sympy.Symbol(f"r{k}", integer=True, nonnegative=True)
+
+
+def indirect_var(k: int) -> sympy.Symbol:
+    """Stands for a loaded value inside an index expression (an indirect load)."""
+    return sympy.Symbol(f"t{k}", integer=True)
+
+
+def is_reduction_var(symbol: sympy.Symbol) -> bool:
+    return symbol.name.startswith("r") and symbol.name[1:].isdigit()
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """A tensor the kernel reads or writes. Strides are in elements from the data pointer."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[sympy.Expr, ...]
+    stride: tuple[sympy.Expr, ...]
+
+    def __str__(self) -> str:
+        dims = ", ".join(map(str, self.shape))
+        strides = ", ".join(map(str, self.stride))
+        return f"{self.name}: {_DTYPE_NAMES.get(self.dtype, self.dtype)}[{dims}]({strides})"
+
+
+@dataclass(frozen=True, eq=False)
+class Value:
+    """One node of the kernel body.
+
+    op:   "load", "const", "index", "cast", a pointwise op name, or "reduce".
+    args: operand Values (for "load": the Values its indirect symbols t<k> stand for).
+    dtype: the dtype torch gives the result.
+    arg:  op-specific data: load -> (buffer name, index expression, indirect symbols,
+          masked); a masked load's last operand is a bool Value: where it is False the
+          load reads nothing and yields 0 (cat, padding: indices outside the buffer);
+          const -> a Python number; index -> a sympy expression of the index variables;
+          reduce -> the reduction name (REDUCTIONS); cast -> None (dtype says the target).
+    """
+
+    op: str
+    args: tuple[Value, ...]
+    dtype: torch.dtype
+    arg: object = None
+    _hash: int = field(default=0, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Values are compared and hashed structurally; cache the hash of deep DAGs.
+        object.__setattr__(self, "_hash", hash((self.op, self.args, self.dtype, _freeze(self.arg))))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if not isinstance(other, Value) or self._hash != other._hash:
+            return False
+        return (self.op, self.dtype, _freeze(self.arg), self.args) == (
+            other.op,
+            other.dtype,
+            _freeze(other.arg),
+            other.args,
+        )
+
+    @functools.cached_property
+    def symbols(self) -> frozenset[sympy.Symbol]:
+        """Index variables the value depends on (through loads and index expressions)."""
+        found: set[sympy.Symbol] = set()
+        if self.op == "load":
+            _, index, indirect, _ = self.arg
+            found |= set(index.free_symbols) - set(indirect)
+        elif self.op == "index":
+            found |= set(self.arg.free_symbols)
+        for arg in self.args:
+            found |= arg.symbols
+        if self.op == "reduce":
+            found = {s for s in found if not is_reduction_var(s)}
+        return frozenset(found)
+
+    @property
+    def is_row(self) -> bool:
+        """No dependence on a reduction variable: one value per row."""
+        return not any(is_reduction_var(s) for s in self.symbols)
+
+
+def _freeze(value: object) -> object:
+    # 0.0 == -0.0 and nan != nan in Python; as constants they are different and the same.
+    if isinstance(value, float):
+        return ("float", repr(value))
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def load(
+    buffer: str,
+    index: sympy.Expr,
+    dtype: torch.dtype,
+    indirect: tuple[tuple[sympy.Symbol, Value], ...] = (),
+    mask: Value | None = None,
+) -> Value:
+    """Read buffer[index]. `indirect` binds symbols t<k> in index to loaded Values."""
+    symbols = tuple(s for s, _ in indirect)
+    args = tuple(v for _, v in indirect) + ((mask,) if mask is not None else ())
+    return Value("load", args, dtype, (buffer, sympy.sympify(index), symbols, mask is not None))
+
+
+def const(value: float | int | bool, dtype: torch.dtype) -> Value:
+    return Value("const", (), dtype, value)
+
+
+def index_value(expr: sympy.Expr, dtype: torch.dtype = torch.int64) -> Value:
+    return Value("index", (), dtype, sympy.sympify(expr))
+
+
+def cast(value: Value, dtype: torch.dtype) -> Value:
+    return value if value.dtype == dtype else Value("cast", (value,), dtype)
+
+
+def op(name: str, *args: Value, dtype: torch.dtype) -> Value:
+    arity = (
+        1 if name in UNARY_OPS else 2 if name in BINARY_OPS else 3 if name in TERNARY_OPS else None
+    )
+    if arity is None or arity != len(args):
+        raise ValueError(f"unknown pointwise op {name!r} with {len(args)} operands")
+    return Value(name, tuple(args), dtype)
+
+
+def reduce(name: str, value: Value, dtype: torch.dtype) -> Value:
+    if name not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {name!r}")
+    return Value("reduce", (value,), dtype, name)
+
+
+@dataclass(frozen=True)
+class Store:
+    buffer: str
+    index: sympy.Expr
+    value: Value
+
+    @property
+    def is_row(self) -> bool:
+        return not any(is_reduction_var(s) for s in self.index.free_symbols)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    inputs: tuple[Buffer, ...]
+    outputs: tuple[Buffer, ...]
+    ranges: tuple[sympy.Expr, ...]
+    reduction_ranges: tuple[sympy.Expr, ...]
+    stores: tuple[Store, ...]
+
+    @property
+    def kind(self) -> str:
+        return "reduction" if self.reduction_ranges else "pointwise"
+
+    @property
+    def buffers(self) -> dict[str, Buffer]:
+        return {b.name: b for b in (*self.inputs, *self.outputs)}
+
+    @functools.cached_property
+    def values(self) -> tuple[Value, ...]:
+        """Every Value of the body, operands before users, in a deterministic order."""
+        order: list[Value] = []
+        seen: set[Value] = set()
+
+        def visit(value: Value) -> None:
+            if value in seen:
+                return
+            for arg in value.args:
+                visit(arg)
+            seen.add(value)
+            order.append(value)
+
+        for store in self.stores:
+            visit(store.value)
+        return tuple(order)
+
+    @functools.cached_property
+    def size_symbols(self) -> tuple[sympy.Symbol, ...]:
+        """Symbolic sizes the kernel needs at run time (dynamic shapes), sorted by name."""
+        found: set[sympy.Symbol] = set()
+        for expr in (*self.ranges, *self.reduction_ranges):
+            found |= sympy.sympify(expr).free_symbols
+        for buffer in (*self.inputs, *self.outputs):
+            for expr in (*buffer.shape, *buffer.stride):
+                found |= sympy.sympify(expr).free_symbols
+        for value in self.values:
+            if value.op == "load":
+                found |= value.arg[1].free_symbols
+            elif value.op == "index":
+                found |= value.arg.free_symbols
+        for store in self.stores:
+            found |= store.index.free_symbols
+        domain = {index_var(k) for k in range(len(self.ranges))}
+        domain |= {reduction_var(k) for k in range(len(self.reduction_ranges))}
+        indirect = {s for v in self.values if v.op == "load" for s in v.arg[2]}
+        return tuple(sorted(found - domain - indirect, key=lambda s: s.name))
+
+    def __str__(self) -> str:
+        names = {value: f"%{k}" for k, value in enumerate(self.values)}
+        lines = [f"kernel {self.name} ({self.kind})"]
+        lines += [f"  in  {b}" for b in self.inputs]
+        lines += [f"  out {b}" for b in self.outputs]
+        lines.append(f"  ranges [{', '.join(map(str, self.ranges))}]")
+        if self.reduction_ranges:
+            lines.append(f"  reduce [{', '.join(map(str, self.reduction_ranges))}]")
+        for value in self.values:
+            lines.append(f"  {names[value]} = {_describe(value, names)}")
+        for store in self.stores:
+            lines.append(f"  store {store.buffer}[{store.index}] = {names[store.value]}")
+        return "\n".join(lines)
+
+
+def _describe(value: Value, names: dict[Value, str]) -> str:
+    dtype = _DTYPE_NAMES.get(value.dtype, str(value.dtype))
+    args = ", ".join(names[a] for a in value.args)
+    if value.op == "load":
+        buffer, index, indirect, masked = value.arg
+        binds = "".join(f", {s}={names[v]}" for s, v in zip(indirect, value.args))
+        mask = f", mask={names[value.args[-1]]}" if masked else ""
+        return f"load {buffer}[{index}]{binds}{mask} : {dtype}"
+    if value.op == "const":
+        return f"const {value.arg!r} : {dtype}"
+    if value.op == "index":
+        return f"index {value.arg} : {dtype}"
+    if value.op == "reduce":
+        return f"reduce.{value.arg}({args}) : {dtype}"
+    return f"{value.op}({args}) : {dtype}"

@@ -1,0 +1,139 @@
+"""FusedKernel: a generated kernel as an fx call target.
+
+The fusion pass replaces a group of nodes with one `call_function` node whose target is a
+FusedKernel. It carries the Kernel IR, models its own cost (`memopt_cost`), answers fake
+tensors with the group's recorded output metadata (so the pipeline's verification can
+re-propagate through it), and, on real tensors, allocates the outputs in the layouts eager
+would give them and runs the kernel on the configured backend.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import sympy
+import torch
+import torch.fx
+from torch._subclasses.fake_tensor import FakeTensor
+
+from memopt.compiler.cost import Cost, read_bytes
+from memopt.compiler.graph import tensor_meta
+from memopt.compiler.lower import Lowered
+
+_DEVICE_BACKENDS = {"cuda": "triton"}
+
+
+def _compile(kernel, backend: str):
+    if backend == "triton":
+        from memopt.backends.triton import compile_kernel
+    else:
+        from memopt.backends.reference import compile_kernel
+    return compile_kernel(kernel)
+
+
+class FusedKernel:
+    """Callable target of a fused node: `outputs = fused(*inputs)` (a tuple of tensors)."""
+
+    def __init__(self, lowered: Lowered, backend: str, member_names: Sequence[str],
+                 member_ops: Sequence[str], fake_outputs: Sequence[object]) -> None:  # fmt: skip
+        self.kernel = lowered.kernel
+        self.backend = backend
+        self.__name__ = lowered.kernel.name
+        self.memopt_name = f"memopt.{lowered.kernel.name}"
+        self.memopt_kind = lowered.kernel.kind
+        self.memopt_nodes = tuple(member_names)
+        self.memopt_ops = tuple(member_ops)
+        self.memopt_source_path: str | None = None
+        self.flops = lowered.flops
+        self.gather_positions = frozenset(
+            k for k, node in enumerate(lowered.input_nodes) if node in lowered.gather_sources
+        )
+        self.fake_outputs = tuple(fake_outputs)
+        self._compiled: dict[str, object] = {}
+        self._symbol_slots = self._find_symbol_slots()
+
+    def __repr__(self) -> str:
+        return (
+            f"FusedKernel({self.kernel.name}, {self.kernel.kind}, {len(self.memopt_nodes)} nodes)"
+        )
+
+    # -- cost -------------------------------------------------------------------------
+
+    def memopt_cost(self, node: torch.fx.Node) -> Cost:
+        """Inputs read once (gathered tables: at most one element per lookup), outputs written once."""
+        direct = [a for k, a in enumerate(node.args) if k not in self.gather_positions]
+        read = read_bytes(node, direct)
+        lookups = sympy.Mul(*self.kernel.ranges) * sympy.Mul(*self.kernel.reduction_ranges)
+        for k in self.gather_positions:
+            meta = tensor_meta(node.args[k])
+            read += sympy.Min(meta.touched_nbytes, lookups * meta.itemsize)
+        write = sympy.Add(*(sympy.Mul(*b.shape) * b.dtype.itemsize for b in self.kernel.outputs))
+        return Cost(read=read, write=write, flops=self.flops)
+
+    # -- running ----------------------------------------------------------------------
+
+    def _find_symbol_slots(self) -> dict[str, tuple[int, str, int]]:
+        """Where each size symbol can be read off the inputs: (input, "shape"|"stride", dim)."""
+        slots: dict[str, tuple[int, str, int]] = {}
+        for k, buffer in enumerate(self.kernel.inputs):
+            for kind, exprs in (("shape", buffer.shape), ("stride", buffer.stride)):
+                for dim, expr in enumerate(exprs):
+                    if isinstance(expr, sympy.Symbol) and expr.name not in slots:
+                        slots[expr.name] = (k, kind, dim)
+        return slots
+
+    def _sizes(self, inputs: Sequence[torch.Tensor]) -> dict[str, int]:
+        sizes = {}
+        for symbol in self.kernel.size_symbols:
+            k, kind, dim = self._symbol_slots[symbol.name]
+            tensor = inputs[k]
+            sizes[symbol.name] = tensor.shape[dim] if kind == "shape" else tensor.stride(dim)
+        return sizes
+
+    def _backend_for(self, device: torch.device) -> str:
+        if self.backend in ("triton", "reference"):
+            return self.backend
+        return _DEVICE_BACKENDS.get(device.type, "reference")
+
+    def _runner(self, backend: str):
+        runner = self._compiled.get(backend)
+        if runner is None:
+            try:
+                runner = _compile(self.kernel, backend)
+            except Exception as error:  # noqa: BLE001 - any compiler failure falls back, visibly
+                if backend == "reference":
+                    raise
+                warnings.warn(
+                    f"memopt: kernel {self.kernel.name} failed to compile for {backend} "
+                    f"({type(error).__name__}: {error}); running it on the reference backend",
+                    stacklevel=3,
+                )
+                runner = _compile(self.kernel, "reference")
+            self._compiled[backend] = runner
+            path = getattr(runner, "source_path", None)
+            if path:
+                self.memopt_source_path = str(path)
+        return runner
+
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if any(isinstance(t, FakeTensor) for t in inputs) or (
+            inputs and inputs[0].device.type == "meta"
+        ):
+            return self.fake_outputs
+        device = inputs[0].device if inputs else torch.device("cpu")
+        sizes = self._sizes(inputs)
+
+        def ev(expr: sympy.Expr) -> int:
+            expr = sympy.sympify(expr)
+            return int(expr.xreplace({s: sympy.Integer(sizes[s.name]) for s in expr.free_symbols}))
+
+        outputs = [
+            torch.empty_strided(
+                [ev(s) for s in b.shape], [ev(s) for s in b.stride], dtype=b.dtype, device=device
+            )
+            for b in self.kernel.outputs
+        ]
+        if any(o.numel() for o in outputs):
+            self._runner(self._backend_for(device))(list(inputs), outputs, sizes)
+        return tuple(outputs)

@@ -1,0 +1,800 @@
+"""Lowering: a group of ATen fx nodes -> one Kernel IR kernel.
+
+Each node is a function from an index (a tuple of sympy expressions, one per dimension of
+its result) to a Value: `value_at(node, index)`. Pointwise ops apply their op to their
+operands' values at the broadcast index; views (permute, expand, reshape, slice, ...)
+transform the index and ask their source; reductions ask their source at the row's index
+extended with the reduction variables; nodes outside the group are loads from their
+tensor, through its own strides (so a view of an input is read in place, with no copy).
+
+A group lowers to a kernel whose domain is its reduction's (rows x reduced elements) or, for
+a pointwise group, its outputs' shape. What does not fit raises NotLowerable with the
+reason, which the fusion pass records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import sympy
+import torch
+import torch.fx
+
+from memopt.compiler import kernel_ir as ir
+from memopt.compiler.cost import buffer_users, is_view
+from memopt.compiler.graph import TensorMeta, tensor_meta
+from memopt.compiler.indexing import offset, reshape_index, simplify
+from memopt.compiler.kernel_ir import Buffer, Kernel, Store, Value
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+Index = tuple[sympy.Expr, ...]
+ZERO = sympy.Integer(0)
+
+
+class NotLowerable(Exception):
+    """The group cannot be one kernel; the message says why (recorded as a refusal)."""
+
+
+# -- op tables ---------------------------------------------------------------------------
+
+# aten/prims op -> Kernel IR op, for ops whose tensor/scalar operands are args[0..n).
+UNARY = {
+    aten.neg.default: "neg", aten.abs.default: "abs", aten.exp.default: "exp",
+    aten.exp2.default: "exp2", aten.expm1.default: "expm1", aten.log.default: "log",
+    aten.log2.default: "log2", aten.log1p.default: "log1p", aten.sqrt.default: "sqrt",
+    aten.rsqrt.default: "rsqrt", aten.sin.default: "sin", aten.cos.default: "cos",
+    aten.tan.default: "tan", aten.tanh.default: "tanh", aten.sigmoid.default: "sigmoid",
+    aten.erf.default: "erf", aten.relu.default: "relu", aten.reciprocal.default: "reciprocal",
+    aten.sign.default: "sign", aten.floor.default: "floor", aten.ceil.default: "ceil",
+    aten.trunc.default: "trunc", aten.round.default: "round",
+    aten.logical_not.default: "logical_not", aten.bitwise_not.default: "bitwise_not",
+    aten.isnan.default: "isnan", aten.isinf.default: "isinf",
+    prims.exp.default: "exp", prims.log.default: "log", prims.sqrt.default: "sqrt",
+    prims.rsqrt.default: "rsqrt", prims.neg.default: "neg", prims.abs.default: "abs",
+    prims.tanh.default: "tanh", prims.sin.default: "sin", prims.cos.default: "cos",
+}  # fmt: skip
+BINARY = {
+    aten.add.Tensor: "add", aten.sub.Tensor: "sub", aten.mul.Tensor: "mul",
+    aten.div.Tensor: "truediv", aten.pow.Tensor_Tensor: "pow", aten.pow.Tensor_Scalar: "pow",
+    aten.pow.Scalar: "pow", aten.maximum.default: "maximum", aten.minimum.default: "minimum",
+    aten.remainder.Tensor: "remainder", aten.remainder.Scalar: "remainder",
+    aten.fmod.Tensor: "fmod", aten.fmod.Scalar: "fmod", aten.atan2.default: "atan2",
+    aten.eq.Tensor: "eq", aten.eq.Scalar: "eq", aten.ne.Tensor: "ne", aten.ne.Scalar: "ne",
+    aten.lt.Tensor: "lt", aten.lt.Scalar: "lt", aten.le.Tensor: "le", aten.le.Scalar: "le",
+    aten.gt.Tensor: "gt", aten.gt.Scalar: "gt", aten.ge.Tensor: "ge", aten.ge.Scalar: "ge",
+    aten.logical_and.default: "logical_and", aten.logical_or.default: "logical_or",
+    aten.logical_xor.default: "logical_xor", aten.bitwise_and.Tensor: "bitwise_and",
+    aten.bitwise_or.Tensor: "bitwise_or", aten.bitwise_xor.Tensor: "bitwise_xor",
+    prims.add.default: "add", prims.sub.default: "sub", prims.mul.default: "mul",
+    prims.div.default: "truediv", prims.maximum.default: "maximum",
+    prims.minimum.default: "minimum", prims.pow.default: "pow",
+}  # fmt: skip
+# Comparisons and logical ops compute in their operands' promoted dtype, not their result's.
+_PROMOTE_OPERANDS = {
+    "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_xor",
+    "bitwise_and", "bitwise_or", "bitwise_xor",
+}  # fmt: skip
+# reduction op -> (Kernel IR reduction, argument layout)
+REDUCTIONS = {
+    aten.sum.dim_IntList: "sum", aten.sum.default: "sum", prims.sum.default: "sum",
+    aten.amax.default: "max", aten.amin.default: "min", aten.prod.dim_int: "prod",
+    aten.prod.default: "prod", aten.argmax.default: "argmax", aten.argmin.default: "argmin",
+    aten.any.dim: "any", aten.any.dims: "any", aten.any.default: "any",
+    aten.all.dim: "all", aten.all.dims: "all", aten.all.default: "all",
+    prims.amax.default: "max", prims.amin.default: "min", prims.prod.default: "prod",
+    aten.mean.dim: "mean", aten.mean.default: "mean",
+    prims.var.default: "var", aten.var.correction: "var", aten.var.dim: "var",
+}  # fmt: skip
+VIEWS = {
+    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.permute.default,
+    aten.expand.default, aten.slice.Tensor, aten.select.int, aten.squeeze.dim,
+    aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default, aten.t.default,
+    aten.transpose.int, aten.alias.default, prims.broadcast_in_dim.default,
+}  # fmt: skip
+IDENTITY = {aten.clone.default, aten.lift_fresh_copy.default, aten.alias.default}
+CASTS = {aten._to_copy.default, prims.convert_element_type.default}
+FILLS = {aten.full.default, aten.full_like.default, aten.zeros_like.default,
+         aten.ones_like.default, aten.scalar_tensor.default, aten.zeros.default,
+         aten.ones.default}  # fmt: skip
+GATHERS = {aten.index_select.default, aten.index.Tensor, aten._unsafe_index.Tensor,
+           aten.gather.default, aten.embedding.default}  # fmt: skip
+OTHER = {aten.where.self, aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default,
+         aten.div.Tensor_mode, aten.arange.start_step, aten.arange.default,
+         aten.arange.start, aten.cat.default, prims.iota.default, prims.where.default, aten.square.default}  # fmt: skip
+SUPPORTED_DTYPES = {
+    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
+    torch.int16, torch.int8, torch.uint8, torch.bool,
+}  # fmt: skip
+
+
+def can_lower(node: torch.fx.Node) -> bool:
+    """Whether a node may join a generated kernel (views are folded, not members)."""
+    if node.op != "call_function" or is_view(node):
+        return False
+    target = node.target
+    known = (
+        target in UNARY or target in BINARY or target in REDUCTIONS or target in IDENTITY
+        or target in CASTS or target in FILLS or target in GATHERS or target in OTHER
+    )  # fmt: skip
+    meta = tensor_meta(node)
+    if not known or meta is None or meta.dtype not in SUPPORTED_DTYPES:
+        return False
+    inputs = [tensor_meta(a) for a in node.all_input_nodes]
+    return all(m is not None and m.dtype in SUPPORTED_DTYPES for m in inputs)
+
+
+def _scalar_dtype(value: object) -> torch.dtype:
+    if isinstance(value, bool):
+        return torch.bool
+    if isinstance(value, int):
+        return torch.int64
+    return torch.float32
+
+
+def _promote(operands: Sequence[object]) -> torch.dtype:
+    """torch's type promotion over tensor metas and Python scalars."""
+    probes: list[object] = []
+    for operand in operands:
+        if isinstance(operand, TensorMeta):
+            probes.append(torch.empty((1,) if operand.shape else (), dtype=operand.dtype))
+        else:
+            probes.append(operand)
+    result = probes[0] if isinstance(probes[0], torch.Tensor) else torch.tensor(probes[0])
+    dtype = result.dtype
+    for other in probes[1:]:
+        dtype = torch.result_type(result, other)
+        result = torch.empty(result.shape, dtype=dtype)
+    return dtype
+
+
+def _dims(dims: object, ndim: int) -> tuple[int, ...]:
+    if dims is None:
+        return tuple(range(ndim))
+    if isinstance(dims, int):
+        dims = [dims]
+    return tuple(sorted(d % ndim if ndim else 0 for d in dims))
+
+
+@dataclass(frozen=True)
+class ReductionSignature:
+    """The domain a reduction defines: the shape it reads and the axes it reduces."""
+
+    shape: tuple[sympy.Expr, ...]
+    axes: tuple[int, ...]
+
+
+def reduction_signature(node: torch.fx.Node) -> ReductionSignature:
+    source = tensor_meta(node.args[0])
+    if source is None:
+        raise NotLowerable(f"%{node.name} reduces a non-tensor")
+    ndim = len(source.shape)
+    target = node.target
+    if target in (aten.argmax.default, aten.argmin.default):
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        if dim is None:
+            return ReductionSignature(source.shape, tuple(range(ndim)))
+        return ReductionSignature(source.shape, _dims(dim, ndim))
+    if target in (aten.sum.default, aten.prod.default, aten.any.default, aten.all.default,
+                  aten.mean.default):  # fmt: skip
+        return ReductionSignature(source.shape, tuple(range(ndim)))
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    return ReductionSignature(source.shape, _dims(dims, ndim))
+
+
+def _keepdim(node: torch.fx.Node) -> bool:
+    target = node.target
+    if target.namespace == "prims":
+        return False  # prims reductions drop the reduced dims
+    if target is aten.var.correction:
+        return bool(node.kwargs.get("keepdim", False))
+    return bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
+
+
+def _correction(node: torch.fx.Node) -> float:
+    if node.target is prims.var.default:
+        return node.args[2]
+    if node.target is aten.var.dim:
+        unbiased = node.args[2] if len(node.args) > 2 else node.kwargs.get("unbiased", True)
+        return 1 if unbiased else 0
+    correction = node.kwargs.get("correction")
+    return 1 if correction is None else correction
+
+
+@dataclass
+class Lowered:
+    """A lowered group: the kernel, and which fx nodes its buffers are."""
+
+    kernel: Kernel
+    input_nodes: list[torch.fx.Node]
+    output_nodes: list[torch.fx.Node]
+    gather_sources: frozenset[torch.fx.Node]  # inputs read only through indirect loads
+    flops: sympy.Expr
+
+
+class _Lowering:
+    def __init__(self, members: Sequence[torch.fx.Node], name: str) -> None:
+        self.members = list(members)
+        self.member_set = set(members)
+        self.name = name
+        self.inputs: dict[torch.fx.Node, str] = {}
+        self.direct_reads: set[torch.fx.Node] = set()
+        self.indirect_reads: set[torch.fx.Node] = set()
+        self.memo: dict[tuple[torch.fx.Node, Index], Value] = {}
+        self.indirect_count = 0
+        self.signature: ReductionSignature | None = None
+        self.row_vars: tuple[sympy.Symbol, ...] = ()
+        self.ranges: dict[sympy.Symbol, sympy.Expr] = {}
+
+    # -- the domain -------------------------------------------------------------------
+
+    def outputs(self) -> list[torch.fx.Node]:
+        return [n for n in self.members if any(u not in self.member_set for u in buffer_users(n))]
+
+    def domain(
+        self, outputs: list[torch.fx.Node]
+    ) -> tuple[tuple[sympy.Expr, ...], tuple[sympy.Expr, ...]]:
+        signatures = {reduction_signature(n) for n in self.members if n.target in REDUCTIONS}
+        if len(signatures) > 1:
+            raise NotLowerable("reductions over different shapes or axes cannot share a kernel")
+        if signatures:
+            (self.signature,) = signatures
+            shape, axes = self.signature.shape, self.signature.axes
+            ranges = tuple(s for d, s in enumerate(shape) if d not in axes)
+            reduced = tuple(s for d, s in enumerate(shape) if d in axes)
+            return ranges, reduced
+        # A pointwise kernel iterates over its first output; other outputs must have as many
+        # elements (a view of the same values in another shape is stored through a reshape).
+        shape = tensor_meta(outputs[0]).shape
+        for node in outputs[1:]:
+            if not _same_numel(tensor_meta(node).shape, shape):
+                raise NotLowerable(
+                    "outputs with different numbers of elements cannot share a pointwise kernel"
+                )
+        return shape, ()
+
+    def store_index(self, node: torch.fx.Node) -> Index:
+        """The index at which an output node's elements are computed, in domain variables."""
+        shape = tensor_meta(node).shape
+        rows = tuple(ir.index_var(k) for k in range(len(self.row_vars)))
+        if self.signature is None:
+            domain_shape = tuple(self.ranges[v] for v in rows)
+            return _reshaped(rows, domain_shape, shape)
+        full_shape, axes = self.signature.shape, self.signature.axes
+        if _same_numel(shape, full_shape):
+            return _reshaped(self.full_index(), full_shape, shape)
+        kept = tuple(s for d, s in enumerate(full_shape) if d not in axes)
+        if _same_numel(shape, kept):
+            # A row value, stored in any shape with one element per row (keepdim or not).
+            return _reshaped(rows, kept, shape)
+        raise NotLowerable(
+            f"%{node.name} of shape {list(shape)} is neither a row nor an element of the "
+            f"reduction domain {list(full_shape)}"
+        )
+
+    def full_index(self) -> Index:
+        assert self.signature is not None
+        rows, reduced = (
+            iter(self.row_vars),
+            iter(ir.reduction_var(k) for k in range(len(self.signature.axes))),
+        )
+        return tuple(
+            next(reduced) if d in self.signature.axes else next(rows)
+            for d in range(len(self.signature.shape))
+        )
+
+    # -- values ----------------------------------------------------------------------
+
+    def value_at(self, node: object, index: Index, dtype_hint: torch.dtype | None = None) -> Value:
+        if not isinstance(node, torch.fx.Node):
+            return ir.const(node, dtype_hint or _scalar_dtype(node))
+        index = tuple(simplify(e, self.ranges) for e in index)
+        key = (node, index)
+        if key not in self.memo:
+            self.memo[key] = self._value_at(node, index)
+        return self.memo[key]
+
+    def _value_at(self, node: torch.fx.Node, index: Index) -> Value:
+        if node in self.member_set:
+            return self.compute(node, index)
+        if is_view(node) and node.target in VIEWS and self._reaches_member(node):
+            return self.value_at(node.args[0], self.view_source_index(node, index))
+        return self.load(node, index)
+
+    def _reaches_member(self, node: torch.fx.Node) -> bool:
+        while is_view(node) and isinstance(node.args[0], torch.fx.Node):
+            node = node.args[0]
+            if node in self.member_set:
+                return True
+        return False
+
+    def load(self, node: torch.fx.Node, index: Index, mask: Value | None = None) -> Value:
+        meta = tensor_meta(node)
+        if meta is None:
+            raise NotLowerable(f"%{node.name} is not a tensor")
+        name = self.inputs.setdefault(node, f"in{len(self.inputs)}")
+        self.direct_reads.add(node)
+        return ir.load(name, offset(index, meta.stride), meta.dtype, mask=mask)
+
+    def operand(self, node: torch.fx.Node, arg: object, index: Index, dtype: torch.dtype) -> Value:
+        """An operand of a pointwise node at the node's index, broadcast and cast to dtype."""
+        if isinstance(arg, torch.fx.Node):
+            meta = tensor_meta(arg)
+            out_shape = tensor_meta(node).shape
+            shift = len(out_shape) - len(meta.shape)
+            source_index = tuple(
+                ZERO if size == 1 and out_shape[d + shift] != 1 else index[d + shift]
+                for d, size in enumerate(meta.shape)
+            )
+            return ir.cast(self.value_at(arg, source_index), dtype)
+        return ir.const(arg, dtype)
+
+    def compute(self, node: torch.fx.Node, index: Index) -> Value:
+        target = node.target
+        meta = tensor_meta(node)
+        dtype = meta.dtype
+        if target in UNARY:
+            return ir.op(UNARY[target], self.operand(node, node.args[0], index, dtype), dtype=dtype)
+        if target in BINARY:
+            return self.binary(node, BINARY[target], index)
+        if target in REDUCTIONS:
+            return self.reduction(node, index)
+        if target in IDENTITY:
+            return self.value_at(node.args[0], index)
+        if target in CASTS:
+            return ir.cast(self.value_at(node.args[0], index), dtype)
+        if target in FILLS:
+            return self.fill(node, dtype)
+        if target in GATHERS:
+            return self.gather(node, index)
+        rule = _OTHER_RULES.get(target)
+        if rule is None:
+            raise NotLowerable(f"no lowering for {target}")
+        return rule(self, node, index)
+
+    def binary(self, node: torch.fx.Node, name: str, index: Index) -> Value:
+        a, b = node.args[0], node.args[1]
+        dtype = tensor_meta(node).dtype
+        compute = dtype
+        if name in _PROMOTE_OPERANDS:
+            compute = _promote(
+                [tensor_meta(x) if isinstance(x, torch.fx.Node) else x for x in (a, b)]
+            )
+        if name == "truediv" and not compute.is_floating_point:
+            compute = torch.float32
+        left = self.operand(node, a, index, compute)
+        right = self.operand(node, b, index, compute)
+        alpha = node.kwargs.get("alpha")
+        if alpha is not None and alpha != 1:
+            right = ir.op("mul", right, ir.const(alpha, compute), dtype=compute)
+        return ir.cast(ir.op(name, left, right, dtype=compute), dtype)
+
+    def fill(self, node: torch.fx.Node, dtype: torch.dtype) -> Value:
+        target = node.target
+        if target in (aten.zeros_like.default, aten.zeros.default):
+            return ir.const(0, dtype)
+        if target in (aten.ones_like.default, aten.ones.default):
+            return ir.const(1, dtype)
+        if target is aten.scalar_tensor.default:
+            return ir.const(node.args[0], dtype)
+        return ir.const(node.args[1], dtype)  # full(size, value), full_like(x, value)
+
+    def reduction(self, node: torch.fx.Node, index: Index) -> Value:
+        signature = reduction_signature(node)
+        assert signature == self.signature
+        kind = REDUCTIONS[node.target]
+        axes = signature.axes
+        ndim = len(signature.shape)
+        # With keepdim the reduced dims are still in the index (as 0); drop them.
+        out_rows = (
+            [e for d, e in enumerate(index) if d not in axes] if _keepdim(node) else list(index)
+        )
+        if tuple(out_rows) != self.row_vars:
+            raise NotLowerable(
+                f"%{node.name} is read at another row than the one the kernel computes"
+            )
+        rows = iter(out_rows)
+        reduced = iter(ir.reduction_var(k) for k in range(len(axes)))
+        source_index = tuple(next(reduced) if d in axes else next(rows) for d in range(ndim))
+        dtype = tensor_meta(node).dtype
+        count = sympy.Mul(*(signature.shape[d] for d in axes))
+        if kind in ("argmax", "argmin", "any", "all"):
+            source = self.value_at(node.args[0], source_index)
+            return ir.reduce(kind, source, dtype)
+        accumulate = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        source = ir.cast(self.value_at(node.args[0], source_index), accumulate)
+        if kind == "mean":
+            total = ir.reduce("sum", source, accumulate)
+            return ir.cast(
+                ir.op("truediv", total, ir.const(_number(count), accumulate), dtype=accumulate),
+                dtype,
+            )
+        if kind == "var":
+            correction = _correction(node)
+            n = ir.const(_number(count), accumulate)
+            mean = ir.op("truediv", ir.reduce("sum", source, accumulate), n, dtype=accumulate)
+            centered = ir.op("sub", source, mean, dtype=accumulate)
+            squares = ir.reduce(
+                "sum", ir.op("mul", centered, centered, dtype=accumulate), accumulate
+            )
+            divisor = ir.const(_number(count - correction), accumulate)
+            return ir.cast(ir.op("truediv", squares, divisor, dtype=accumulate), dtype)
+        return ir.cast(ir.reduce(kind, source, accumulate), dtype)
+
+    def view_source_index(self, node: torch.fx.Node, index: Index) -> Index:
+        rule = _VIEW_RULES.get(node.target)
+        if rule is None:
+            raise NotLowerable(f"no index rule for view {node.target}")
+        return rule(node, index)
+
+    def gather(self, node: torch.fx.Node, index: Index) -> Value:
+        target = node.target
+        meta = tensor_meta(node)
+        if target is aten.embedding.default:
+            source, indices, dim = node.args[0], node.args[1], 0
+            index_meta = tensor_meta(indices)
+            k = len(index_meta.shape)
+            table_index = (None,) + tuple(index[k:])
+            idx_value = self.value_at(indices, tuple(index[:k]))
+        elif target is aten.index_select.default:
+            source, dim, indices = node.args
+            dim = dim % len(meta.shape)
+            idx_value = (
+                self.value_at(indices, (index[dim],))
+                if tensor_meta(indices).shape
+                else self.value_at(indices, ())
+            )
+            table_index = tuple(None if d == dim else e for d, e in enumerate(index))
+        elif target is aten.gather.default:
+            source, dim, indices = node.args[:3]
+            dim = dim % len(meta.shape)
+            idx_value = self.value_at(indices, index)
+            table_index = tuple(None if d == dim else e for d, e in enumerate(index))
+        else:  # index.Tensor / _unsafe_index.Tensor with one index tensor
+            source, index_list = node.args
+            present = [d for d, t in enumerate(index_list) if t is not None]
+            if len(present) != 1:
+                raise NotLowerable("indexing with several index tensors stays an ATen call")
+            (dim,) = present
+            indices = index_list[dim]
+            k = len(tensor_meta(indices).shape)
+            idx_value = self.value_at(indices, tuple(index[dim : dim + k]))
+            table_index = tuple(index[:dim]) + (None,) + tuple(index[dim + k :])
+        if (
+            not isinstance(source, torch.fx.Node)
+            or source in self.member_set
+            or self._reaches_member(source)
+        ):
+            raise NotLowerable("a gather's table must be a materialized tensor")
+        source_meta = tensor_meta(source)
+        size = source_meta.shape[table_index.index(None)]
+        symbol = ir.indirect_var(self.indirect_count)
+        self.indirect_count += 1
+        # Negative indices count from the end, as in torch.
+        position = ir.op(
+            "where",
+            ir.op("lt", idx_value, ir.const(0, idx_value.dtype), dtype=torch.bool),
+            ir.op(
+                "add", idx_value, ir.const(_number(size), idx_value.dtype), dtype=idx_value.dtype
+            ),
+            idx_value,
+            dtype=idx_value.dtype,
+        )
+        full_index = tuple(symbol if e is None else e for e in table_index)
+        name = self.inputs.setdefault(source, f"in{len(self.inputs)}")
+        self.indirect_reads.add(source)
+        return ir.load(
+            name,
+            offset(full_index, source_meta.stride),
+            source_meta.dtype,
+            indirect=((symbol, position),),
+        )
+
+
+def _same_numel(a: Sequence[sympy.Expr], b: Sequence[sympy.Expr]) -> bool:
+    return sympy.simplify(sympy.Mul(*a) - sympy.Mul(*b)) == 0
+
+
+def _reshaped(index: Index, shape: Sequence[sympy.Expr], target: Sequence[sympy.Expr]) -> Index:
+    """The index in `target` of the element at `index` of `shape` (row-major order)."""
+    if tuple(shape) == tuple(target):
+        return tuple(index)
+    return reshape_index(index, shape, target)
+
+
+def _number(expr: object) -> object:
+    value = sympy.sympify(expr)
+    if not value.is_number:
+        raise NotLowerable("a reduction over a symbolic number of elements needs a runtime count")
+    return int(value) if value.is_integer else float(value)
+
+
+# -- view rules: the source index of the element at `index` of the view -------------------
+
+
+def _permute(node: torch.fx.Node, index: Index) -> Index:
+    dims = [d % len(index) for d in node.args[1]]
+    source = [ZERO] * len(index)
+    for out_dim, src_dim in enumerate(dims):
+        source[src_dim] = index[out_dim]
+    return tuple(source)
+
+
+def _transpose(node: torch.fx.Node, index: Index) -> Index:
+    ndim = len(index)
+    if node.target is aten.t.default:
+        return tuple(reversed(index)) if ndim == 2 else index
+    a, b = node.args[1] % ndim, node.args[2] % ndim
+    source = list(index)
+    source[a], source[b] = index[b], index[a]
+    return tuple(source)
+
+
+def _expand(node: torch.fx.Node, index: Index) -> Index:
+    source_shape = tensor_meta(node.args[0]).shape
+    shift = len(index) - len(source_shape)
+    return tuple(ZERO if size == 1 else index[d + shift] for d, size in enumerate(source_shape))
+
+
+def _broadcast_in_dim(node: torch.fx.Node, index: Index) -> Index:
+    source_shape = tensor_meta(node.args[0]).shape
+    dims = node.args[2]
+    return tuple(ZERO if size == 1 else index[d] for size, d in zip(source_shape, dims))
+
+
+def _reshape(node: torch.fx.Node, index: Index) -> Index:
+    return reshape_index(index, tensor_meta(node).shape, tensor_meta(node.args[0]).shape)
+
+
+def _slice(node: torch.fx.Node, index: Index) -> Index:
+    dim = (node.args[1] if len(node.args) > 1 else 0) % len(index)
+    start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+    step = node.args[4] if len(node.args) > 4 else 1
+    size = sympy.sympify(tensor_meta(node.args[0]).shape[dim])
+    if isinstance(start, int) and start < 0:
+        start = size + start  # counts from the end, as in Python
+    if size.is_number:
+        start = max(0, min(int(sympy.sympify(start)), int(size)))
+    source = list(index)
+    source[dim] = start + index[dim] * step
+    return tuple(source)
+
+
+def _select(node: torch.fx.Node, index: Index) -> Index:
+    source_shape = tensor_meta(node.args[0]).shape
+    dim = node.args[1] % len(source_shape)
+    position = node.args[2]
+    if isinstance(position, int) and position < 0:
+        position = source_shape[dim] + position
+    return tuple(index[:dim]) + (sympy.sympify(position),) + tuple(index[dim:])
+
+
+def _squeeze(node: torch.fx.Node, index: Index) -> Index:
+    source_shape = tensor_meta(node.args[0]).shape
+    out_shape = tensor_meta(node).shape
+    if len(out_shape) == len(source_shape):
+        return index
+    it = iter(index)
+    # Squeezed dims are the size-1 dims of the source that are gone from the output.
+    result, out_dim = [], 0
+    for size in source_shape:
+        if (
+            out_dim < len(out_shape)
+            and size == out_shape[out_dim]
+            and (size != 1 or _kept(node, len(result), source_shape))
+        ):
+            result.append(next(it))
+            out_dim += 1
+        else:
+            result.append(ZERO)
+    return tuple(result)
+
+
+def _kept(node: torch.fx.Node, dim: int, source_shape: Sequence[sympy.Expr]) -> bool:
+    if node.target is aten.squeeze.default:
+        return False
+    dims = node.args[1] if len(node.args) > 1 else ()
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    return dim not in [d % len(source_shape) for d in dims]
+
+
+def _unsqueeze(node: torch.fx.Node, index: Index) -> Index:
+    dim = node.args[1] % len(index)
+    return tuple(index[:dim]) + tuple(index[dim + 1 :])
+
+
+_VIEW_RULES: Mapping[object, Callable[[torch.fx.Node, Index], Index]] = {
+    aten.permute.default: _permute,
+    aten.t.default: _transpose,
+    aten.transpose.int: _transpose,
+    aten.expand.default: _expand,
+    prims.broadcast_in_dim.default: _broadcast_in_dim,
+    aten.view.default: _reshape,
+    aten._unsafe_view.default: _reshape,
+    aten.reshape.default: _reshape,
+    aten.slice.Tensor: _slice,
+    aten.select.int: _select,
+    aten.squeeze.dim: _squeeze,
+    aten.squeeze.dims: _squeeze,
+    aten.squeeze.default: _squeeze,
+    aten.unsqueeze.default: _unsqueeze,
+    aten.alias.default: lambda node, index: index,
+}
+
+
+# -- rules for the remaining ops ---------------------------------------------------------
+
+
+def _where(self: _Lowering, node: torch.fx.Node, index: Index) -> Value:
+    dtype = tensor_meta(node).dtype
+    cond = self.operand(node, node.args[0], index, torch.bool)
+    return ir.op(
+        "where",
+        cond,
+        self.operand(node, node.args[1], index, dtype),
+        self.operand(node, node.args[2], index, dtype),
+        dtype=dtype,
+    )
+
+
+def _clamp(self: _Lowering, node: torch.fx.Node, index: Index) -> Value:
+    dtype = tensor_meta(node).dtype
+    value = self.operand(node, node.args[0], index, dtype)
+    if node.target is aten.clamp_min.default:
+        low, high = node.args[1], None
+    elif node.target is aten.clamp_max.default:
+        low, high = None, node.args[1]
+    else:
+        low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+        high = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
+    if low is not None:
+        value = ir.op("maximum", value, self.operand(node, low, index, dtype), dtype=dtype)
+    if high is not None:
+        value = ir.op("minimum", value, self.operand(node, high, index, dtype), dtype=dtype)
+    return value
+
+
+def _div_mode(self: _Lowering, node: torch.fx.Node, index: Index) -> Value:
+    mode = node.kwargs.get("rounding_mode")
+    dtype = tensor_meta(node).dtype
+    name = {"floor": "floordiv", "trunc": "truncdiv", None: "truediv"}[mode]
+    a = self.operand(node, node.args[0], index, dtype)
+    b = self.operand(node, node.args[1], index, dtype)
+    return ir.op(name, a, b, dtype=dtype)
+
+
+def _arange(self: _Lowering, node: torch.fx.Node, index: Index) -> Value:
+    dtype = tensor_meta(node).dtype
+    args = list(node.args)
+    if node.target is aten.arange.default:
+        start, step = 0, 1
+    else:
+        start = args[0]
+        step = args[2] if len(args) > 2 else node.kwargs.get("step", 1)
+    if isinstance(start, float) or isinstance(step, float):
+        base = ir.cast(ir.index_value(index[0]), dtype)
+        scaled = ir.op("mul", base, ir.const(step, dtype), dtype=dtype)
+        return ir.op("add", scaled, ir.const(start, dtype), dtype=dtype)
+    return ir.cast(ir.index_value(start + index[0] * step), dtype)
+
+
+def _iota(self: _Lowering, node: torch.fx.Node, index: Index) -> Value:
+    dtype = tensor_meta(node).dtype
+    start, step = node.kwargs.get("start", 0), node.kwargs.get("step", 1)
+    return ir.cast(ir.index_value(start + index[0] * step), dtype)
+
+
+def _square(self: _Lowering, node: torch.fx.Node, index: Index) -> Value:
+    dtype = tensor_meta(node).dtype
+    value = self.operand(node, node.args[0], index, dtype)
+    return ir.op("mul", value, value, dtype=dtype)
+
+
+def _cat(self: _Lowering, node: torch.fx.Node, index: Index) -> Value:
+    tensors = [t for t in node.args[0] if tensor_meta(t) is not None and tensor_meta(t).numel != 0]
+    dim = (node.args[1] if len(node.args) > 1 else 0) % len(index)
+    dtype = tensor_meta(node).dtype
+    if any(t in self.member_set or self._reaches_member(t) for t in tensors):
+        # A masked load skips out-of-range elements; a computed input would need every
+        # load inside it masked too.
+        raise NotLowerable("cat of computed values stays its own kernel (inputs must be tensors)")
+    start = sympy.Integer(0)
+    pieces: list[tuple[Value, Value]] = []
+    position = ir.index_value(index[dim])
+    for tensor in tensors:
+        size = tensor_meta(tensor).shape[dim]
+        inside = ir.op(
+            "logical_and",
+            ir.op("ge", position, ir.index_value(start), dtype=torch.bool),
+            ir.op("lt", position, ir.index_value(start + size), dtype=torch.bool),
+            dtype=torch.bool,
+        )
+        shifted = tuple(e - start if d == dim else e for d, e in enumerate(index))
+        pieces.append((inside, ir.cast(self.load(tensor, shifted, mask=inside), dtype)))
+        start = start + size
+    value = pieces[-1][1]
+    for inside, piece in reversed(pieces[:-1]):
+        value = ir.op("where", inside, piece, value, dtype=dtype)
+    return value
+
+
+_OTHER_RULES: Mapping[object, Callable[[_Lowering, torch.fx.Node, Index], Value]] = {
+    aten.where.self: _where,
+    prims.where.default: _where,
+    aten.clamp.default: _clamp,
+    aten.clamp_min.default: _clamp,
+    aten.clamp_max.default: _clamp,
+    aten.div.Tensor_mode: _div_mode,
+    aten.arange.start_step: _arange,
+    aten.arange.start: _arange,
+    aten.arange.default: _arange,
+    prims.iota.default: _iota,
+    aten.square.default: _square,
+    aten.cat.default: _cat,
+}
+
+
+def _count_flops(kernel: Kernel) -> sympy.Expr:
+    rows = sympy.Mul(*kernel.ranges)
+    full = rows * sympy.Mul(*kernel.reduction_ranges)
+    total = sympy.Integer(0)
+    for value in kernel.values:
+        if value.op in ("load", "const", "index", "cast"):
+            continue
+        total += rows if value.is_row and value.op != "reduce" else full
+    return total
+
+
+def lower_group(members: Sequence[torch.fx.Node], name: str) -> Lowered:
+    """Lower fx nodes (in graph order) to one kernel; NotLowerable says why it cannot be."""
+    lowering = _Lowering(members, name)
+    for node in members:
+        if not can_lower(node):
+            raise NotLowerable(f"%{node.name} ({node.target}) has no lowering")
+    outputs = lowering.outputs()
+    if not outputs:
+        raise NotLowerable("the group has no outputs")
+    ranges, reduced = lowering.domain(outputs)
+    lowering.row_vars = tuple(ir.index_var(k) for k in range(len(ranges)))
+    lowering.ranges = {ir.index_var(k): s for k, s in enumerate(ranges)}
+    lowering.ranges |= {ir.reduction_var(k): s for k, s in enumerate(reduced)}
+    stores, output_buffers = [], []
+    for k, node in enumerate(outputs):
+        meta = tensor_meta(node)
+        index = lowering.store_index(node)
+        value = ir.cast(lowering.value_at(node, index), meta.dtype)
+        buffer = f"out{k}"
+        output_buffers.append(Buffer(buffer, meta.dtype, meta.shape, meta.stride))
+        stores.append(Store(buffer, simplify(offset(index, meta.stride), lowering.ranges), value))
+    input_nodes = list(lowering.inputs)
+    input_buffers = tuple(
+        Buffer(
+            lowering.inputs[n], tensor_meta(n).dtype, tensor_meta(n).shape, tensor_meta(n).stride
+        )
+        for n in input_nodes
+    )
+    kernel = Kernel(
+        name, input_buffers, tuple(output_buffers), tuple(ranges), tuple(reduced), tuple(stores)
+    )
+    bindable = set()
+    for buffer in (*input_buffers,):
+        for expr in (*buffer.shape, *buffer.stride):
+            if isinstance(expr, sympy.Symbol):
+                bindable.add(expr)
+    missing = set(kernel.size_symbols) - bindable
+    if missing:
+        raise NotLowerable(
+            f"size symbol(s) {', '.join(sorted(map(str, missing)))} cannot be read off the inputs"
+        )
+    return Lowered(
+        kernel=kernel,
+        input_nodes=input_nodes,
+        output_nodes=outputs,
+        gather_sources=frozenset(lowering.indirect_reads - lowering.direct_reads),
+        flops=_count_flops(kernel),
+    )
+
+
+__all__ = ["Lowered", "NotLowerable", "can_lower", "lower_group"]

@@ -1,0 +1,278 @@
+"""What an analysis produces: kernels, pass ledger records, decisions, and the totals.
+
+All figures here are *modelled* from the graph (bytes by the rules in docs/architecture.md),
+except `Analysis.eager_bytes`, which is *counted* by running the program eagerly.
+Each integer figure has a sympy twin (`*_expr`) in the symbolic sizes of dynamic dims.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy
+
+from memopt.compiler.devices import get_device
+
+
+@dataclass(frozen=True)
+class KernelRecord:
+    """One unit the optimized program launches: an extern ATen call or a generated kernel."""
+
+    name: str  # stable within an analysis: "<graph>.k<index>", e.g. "forward.k3"
+    kind: str  # "aten" (one ATen op), "extern" (matmul, convolution), or a fused kind
+    graph: str  # "inference", "forward" or "backward", with a suffix for later graph breaks
+    nodes: tuple[str, ...]  # fx node names the kernel computes
+    ops: tuple[str, ...]  # their ATen op names, e.g. "aten.add.Tensor"
+    read_bytes: int
+    write_bytes: int
+    flops: int
+    read_expr: sympy.Expr
+    write_expr: sympy.Expr
+    flops_expr: sympy.Expr
+    low_precision: bool = False  # 16-bit matmul/conv: predicted against the bf16 peak
+    source_path: str | None = None  # generated source, for kernels a backend rendered
+
+    @property
+    def nbytes(self) -> int:
+        return self.read_bytes + self.write_bytes
+
+    def seconds(self, device: str) -> float:
+        return get_device(device).seconds(self.nbytes, self.flops, self.low_precision)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "graph": self.graph,
+            "nodes": list(self.nodes),
+            "ops": list(self.ops),
+            "read_bytes": self.read_bytes,
+            "write_bytes": self.write_bytes,
+            "flops": self.flops,
+            "read_expr": str(self.read_expr),
+            "write_expr": str(self.write_expr),
+            "flops_expr": str(self.flops_expr),
+            "low_precision": self.low_precision,
+            "source_path": self.source_path,
+        }
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One decision a pass made: a rewrite it applied, or one it refused and why.
+
+    `bytes_saved` is what the rewrite saved (applied) or what refusing it costs (refused),
+    modelled at the example sizes.
+    """
+
+    pass_name: str
+    applied: bool
+    what: str  # "removed no-op clone %clone_3", "fused %add, %mul"
+    reason: str  # why applied or refused
+    bytes_saved: int = 0
+    nodes: tuple[str, ...] = ()
+    graph: str = ""
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "pass": self.pass_name,
+            "applied": self.applied,
+            "what": self.what,
+            "reason": self.reason,
+            "bytes_saved": self.bytes_saved,
+            "nodes": list(self.nodes),
+            "graph": self.graph,
+        }
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """What one pass did to one graph, measured by the pipeline (not by the pass)."""
+
+    pass_name: str
+    graph: str
+    bytes_before: int
+    bytes_after: int
+    kernels_before: int
+    kernels_after: int
+    elapsed_ms: float
+    decisions: tuple[Decision, ...]
+    text_before: str  # the printed graph, for diffs
+    text_after: str
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "pass": self.pass_name,
+            "graph": self.graph,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "kernels_before": self.kernels_before,
+            "kernels_after": self.kernels_after,
+            "elapsed_ms": round(self.elapsed_ms, 3),
+            "decisions": [d.to_dict() for d in self.decisions],
+        }
+
+
+@dataclass(frozen=True)
+class PassSummary:
+    """One pass over all graphs of a program: the design's "one record per pass"."""
+
+    pass_name: str
+    bytes_before: int
+    bytes_after: int
+    kernels_before: int
+    kernels_after: int
+    elapsed_ms: float
+    decisions: tuple[Decision, ...]
+
+    @property
+    def bytes_saved(self) -> int:
+        return self.bytes_before - self.bytes_after
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "pass": self.pass_name,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "kernels_before": self.kernels_before,
+            "kernels_after": self.kernels_after,
+            "elapsed_ms": round(self.elapsed_ms, 3),
+            "applied": sum(d.applied for d in self.decisions),
+            "refused": sum(not d.applied for d in self.decisions),
+            "decisions": [d.to_dict() for d in self.decisions],
+        }
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    """Modelled traffic of one fx node of the final graph (for "top nodes by bytes")."""
+
+    graph: str
+    node: str
+    op: str
+    read_bytes: int
+    write_bytes: int
+    flops: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.read_bytes + self.write_bytes
+
+
+@dataclass
+class GraphResult:
+    """One captured graph after the pipeline."""
+
+    name: str  # "inference", "forward", "backward" (+ ".1", ".2" after graph breaks)
+    text: str  # printed final graph
+    kernels: list[KernelRecord]
+    ledger: list[LedgerEntry]
+    node_costs: list[NodeCost]
+    bytes_expr: sympy.Expr
+    lower_bound_expr: sympy.Expr
+    bytes_moved: int
+    lower_bound_bytes: int
+    symbols: dict[str, int] = field(default_factory=dict)  # example value of each symbol
+
+
+@dataclass
+class Analysis:
+    """The result of memopt.analyze: what eager moves, what memopt moves, and why."""
+
+    target: str
+    training: bool
+    eager_bytes: int  # counted
+    eager_ops: int  # counted: non-view ATen ops eager ran
+    graphs: list[GraphResult]
+    options: dict[str, object]
+    capture_ms: float
+    pipeline_ms: float
+
+    @property
+    def bytes_moved(self) -> int:
+        return sum(g.bytes_moved for g in self.graphs)
+
+    @property
+    def bytes_moved_expr(self) -> sympy.Expr:
+        return sympy.Add(*(g.bytes_expr for g in self.graphs))
+
+    @property
+    def lower_bound_bytes(self) -> int:
+        return sum(g.lower_bound_bytes for g in self.graphs)
+
+    @property
+    def lower_bound_expr(self) -> sympy.Expr:
+        return sympy.Add(*(g.lower_bound_expr for g in self.graphs))
+
+    @property
+    def kernels(self) -> list[KernelRecord]:
+        return [k for g in self.graphs for k in g.kernels]
+
+    @property
+    def ledger(self) -> list[PassSummary]:
+        """One record per pass, summed over the program's graphs, in pipeline order."""
+        order: list[str] = []
+        entries: dict[str, list[LedgerEntry]] = {}
+        for graph in self.graphs:
+            for entry in graph.ledger:
+                if entry.pass_name not in entries:
+                    order.append(entry.pass_name)
+                entries.setdefault(entry.pass_name, []).append(entry)
+        return [
+            PassSummary(
+                pass_name=name,
+                bytes_before=sum(e.bytes_before for e in entries[name]),
+                bytes_after=sum(e.bytes_after for e in entries[name]),
+                kernels_before=sum(e.kernels_before for e in entries[name]),
+                kernels_after=sum(e.kernels_after for e in entries[name]),
+                elapsed_ms=sum(e.elapsed_ms for e in entries[name]),
+                decisions=tuple(d for e in entries[name] for d in e.decisions),
+            )
+            for name in order
+        ]
+
+    def predict(self, device: str = "h100") -> float:
+        """Roofline-predicted seconds on a named device: max(bytes/bw, flops/peak) per kernel."""
+        return sum(k.seconds(device) for k in self.kernels)
+
+    def top_nodes(self, n: int = 10) -> list[NodeCost]:
+        nodes = [c for g in self.graphs for c in g.node_costs]
+        return sorted(nodes, key=lambda c: (-c.nbytes, c.graph, c.node))[:n]
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "target": self.target,
+            "training": self.training,
+            "options": {k: list(v) if isinstance(v, tuple) else v for k, v in self.options.items()},
+            "totals": {
+                "eager_bytes": {"value": self.eager_bytes, "label": "counted"},
+                "bytes_moved": {
+                    "value": self.bytes_moved,
+                    "expr": str(self.bytes_moved_expr),
+                    "label": "modelled",
+                },
+                "lower_bound_bytes": {
+                    "value": self.lower_bound_bytes,
+                    "expr": str(self.lower_bound_expr),
+                    "label": "modelled",
+                },
+                "kernels": len(self.kernels),
+                "eager_ops": self.eager_ops,
+            },
+            "capture_ms": round(self.capture_ms, 3),
+            "pipeline_ms": round(self.pipeline_ms, 3),
+            "graphs": [
+                {
+                    "name": g.name,
+                    "bytes_moved": g.bytes_moved,
+                    "bytes_expr": str(g.bytes_expr),
+                    "lower_bound_bytes": g.lower_bound_bytes,
+                    "symbols": g.symbols,
+                    "kernels": [k.to_dict() for k in g.kernels],
+                    "ledger": [e.to_dict() for e in g.ledger],
+                    "text": g.text,
+                }
+                for g in self.graphs
+            ],
+            "ledger": [p.to_dict() for p in self.ledger],
+        }

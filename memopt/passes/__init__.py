@@ -1,0 +1,18 @@
+"""The passes, and the default pipeline: one ordered list, in one place."""
+
+from __future__ import annotations
+
+from memopt.passes.base import Fuel, Pass, PassContext, PassResult
+from memopt.passes.cleanup import Cleanup
+from memopt.passes.fusion import Fusion
+
+# Every pass by name. `options={"disable": [...]}` and `options={"passes": [...]}` name these.
+PASSES: dict[str, type[Pass]] = {
+    Cleanup.name: Cleanup,
+    Fusion.name: Fusion,
+}
+
+# The order passes run in by default.
+DEFAULT_PIPELINE: tuple[str, ...] = ("cleanup", "fusion")
+
+__all__ = ["DEFAULT_PIPELINE", "PASSES", "Fuel", "Pass", "PassContext", "PassResult"]

@@ -1,0 +1,199 @@
+"""cleanup: dead code, common subexpressions, and no-op copies, casts, views, slices and cats.
+
+Runs first, so later passes see one node per distinct computation.
+
+Refuses to:
+- merge or drop random ops (each draw is distinct) or ops that mutate their inputs;
+- remove a no-op copy (clone, same-dtype cast, single-input cat) whose result reaches a graph
+  output, because the output would then alias the input where eager returned a fresh tensor.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.fx
+
+from memopt.compiler.cost import is_view
+from memopt.compiler.graph import tensor_meta
+from memopt.passes.base import Pass, PassContext, PassResult
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+# Ops that copy their input; when the copy changes nothing, it can read the input instead.
+_COPY_OPS = {
+    aten.clone.default,
+    aten._to_copy.default,
+    prims.convert_element_type.default,
+    aten.cat.default,
+}
+# Views that can be the identity.
+_IDENTITY_VIEW_OPS = {
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.reshape.default,
+    aten.expand.default,
+    aten.alias.default,
+    aten.permute.default,
+    aten.slice.Tensor,
+    aten.squeeze.dim,
+    aten.squeeze.dims,
+}
+
+
+def _is_random(node: torch.fx.Node) -> bool:
+    target = node.target
+    return (
+        isinstance(target, torch._ops.OpOverload)
+        and torch.Tag.nondeterministic_seeded in target.tags
+    )
+
+
+def _is_mutating(node: torch.fx.Node) -> bool:
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable
+
+
+def _same_layout(a: torch.fx.Node, b: torch.fx.Node) -> bool:
+    ma, mb = tensor_meta(a), tensor_meta(b)
+    return (
+        ma is not None
+        and mb is not None
+        and (ma.shape, ma.stride, ma.dtype)
+        == (
+            mb.shape,
+            mb.stride,
+            mb.dtype,
+        )
+    )
+
+
+def _reaches_output(node: torch.fx.Node) -> bool:
+    """Whether the node's buffer is returned, directly or through views."""
+    pending = [node]
+    while pending:
+        current = pending.pop()
+        for user in current.users:
+            if user.op == "output":
+                return True
+            if is_view(user) and user.target is not operator.getitem:
+                pending.append(user)
+    return False
+
+
+def _noop_source(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The input a node merely passes through, or None if the node does real work."""
+    if node.op != "call_function" or not node.args or tensor_meta(node) is None:
+        return None
+    target = node.target
+    if target is aten.cat.default:
+        inputs = node.args[0]
+        source = inputs[0] if isinstance(inputs, (list, tuple)) and len(inputs) == 1 else None
+    elif target in _COPY_OPS or target in _IDENTITY_VIEW_OPS:
+        source = node.args[0]
+    else:
+        return None
+    if not isinstance(source, torch.fx.Node) or not _same_layout(node, source):
+        return None
+    if target is aten._to_copy.default and any(
+        key in node.kwargs and node.kwargs[key] is not None for key in ("device", "layout")
+    ):
+        return None
+    if target is aten.slice.Tensor:
+        step = node.args[4] if len(node.args) > 4 else node.kwargs.get("step", 1)
+        if step != 1:
+            return None
+    return source
+
+
+def _cse_key(node: torch.fx.Node) -> tuple | None:
+    if node.op != "call_function" or _is_random(node) or _is_mutating(node):
+        return None
+
+    def freeze(value: object) -> object:
+        if isinstance(value, (list, tuple)):
+            return (type(value).__name__, tuple(freeze(v) for v in value))
+        if isinstance(value, dict):
+            return tuple(sorted((k, freeze(v)) for k, v in value.items()))
+        if isinstance(value, float):
+            # 0.0 and -0.0 compare equal but are different constants; so are nan and nan.
+            return ("float", repr(value))
+        return value
+
+    try:
+        key = (node.target, freeze(node.args), freeze(node.kwargs))
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
+@dataclass(frozen=True)
+class Cleanup(Pass):
+    name: ClassVar[str] = "cleanup"
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        result = PassResult()
+        self._remove_noops(gm, ctx, result)
+        self._merge_common_subexpressions(gm, ctx, result)
+        self._remove_dead_code(gm, ctx, result)
+        return result
+
+    def _remove_noops(self, gm: torch.fx.GraphModule, ctx: PassContext, result: PassResult) -> None:
+        for node in list(gm.graph.nodes):
+            source = _noop_source(node)
+            if source is None:
+                continue
+            label = f"no-op {node.target} %{node.name}"
+            nbytes = ctx.nbytes(node)
+            copies = node.target in _COPY_OPS
+            if copies and _reaches_output(node):
+                self.refuse(
+                    ctx,
+                    result,
+                    f"keep {label}",
+                    "its result is a graph output; without the copy it would alias its input",
+                    nbytes,
+                    (node.name,),
+                )
+                continue
+            reason = "copies nothing: same shape, strides and dtype" if copies else "identity view"
+            if self.decide(ctx, result, f"removed {label}", reason, nbytes, (node.name,)):
+                node.replace_all_uses_with(source)
+                gm.graph.erase_node(node)
+
+    def _merge_common_subexpressions(
+        self, gm: torch.fx.GraphModule, ctx: PassContext, result: PassResult
+    ) -> None:
+        seen: dict[tuple, torch.fx.Node] = {}
+        for node in list(gm.graph.nodes):
+            key = _cse_key(node)
+            if key is None:
+                continue
+            first = seen.get(key)
+            if first is None:
+                seen[key] = node
+                continue
+            what = f"merged %{node.name} into %{first.name} ({node.target})"
+            reason = "same op on the same inputs"
+            if self.decide(ctx, result, what, reason, ctx.nbytes(node), (node.name, first.name)):
+                node.replace_all_uses_with(first)
+                gm.graph.erase_node(node)
+
+    def _remove_dead_code(
+        self, gm: torch.fx.GraphModule, ctx: PassContext, result: PassResult
+    ) -> None:
+        # Users before producers, so a whole dead chain goes in one sweep.
+        for node in reversed(list(gm.graph.nodes)):
+            if node.op != "call_function" or node.users or node.is_impure():
+                continue
+            if _is_random(node):
+                # Dropping a draw would shift every later draw from the generator.
+                continue
+            what = f"removed dead %{node.name} ({node.target})"
+            if self.decide(ctx, result, what, "result unused", ctx.nbytes(node), (node.name,)):
+                gm.graph.erase_node(node)

@@ -1,0 +1,249 @@
+"""fusion: group nodes into generated kernels, chosen by the bytes each merge saves.
+
+Kinds of fusion, all found by one greedy loop over candidate pairs of groups:
+- vertical: a producer and a consumer (pointwise chains; pointwise into a reduction's input;
+  a reduction into the pointwise ops that read its result), so the intermediate never
+  touches memory;
+- horizontal: independent groups that read the same buffer (two reductions over the same
+  axis of one input, a value and its square), so the buffer is read once;
+- multi-output: a group whose values are needed outside it stores each of them.
+
+Each round scores every candidate pair by bytes saved (modelled: cost(a) + cost(b) -
+cost(a + b)) and merges the best legal one. A merge is refused when it would create a cycle
+through a node outside the group (an extern matmul between producer and consumer), when
+the group would exceed `max_nodes`, or when lowering says the group cannot be one kernel
+(different domains, different reduction axes, a reduction read at another row, an op with
+no lowering). Refusals are recorded with their reason and the bytes they cost.
+
+Groups of one node stay ATen calls: a generated kernel for a single op moves the same
+bytes.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.fx
+from torch.fx.passes.tools_common import legalize_graph
+
+from memopt.compiler.cost import buffer_users, is_view, read_bytes
+from memopt.compiler.graph import META_KEY, evaluate, meta_of_value, output_metas, tensor_meta
+from memopt.compiler.kernels import FusedKernel
+from memopt.compiler.lower import NotLowerable, can_lower, lower_group
+from memopt.compiler.printer import op_name
+from memopt.passes.base import Pass, PassContext, PassResult
+
+Group = frozenset[torch.fx.Node]
+
+
+def _view_root(node: torch.fx.Node) -> torch.fx.Node:
+    while is_view(node) and node.args and isinstance(node.args[0], torch.fx.Node):
+        node = node.args[0]
+    return node
+
+
+class _State:
+    """The grouping being built, and the cost model over groups (at the example sizes)."""
+
+    def __init__(self, gm: torch.fx.GraphModule, ctx: PassContext) -> None:
+        self.ctx = ctx
+        self.nodes = list(gm.graph.nodes)
+        self.order = {n: k for k, n in enumerate(self.nodes)}
+        self.fusible = [n for n in self.nodes if can_lower(n)]
+        self.group_of: dict[torch.fx.Node, Group] = {n: frozenset([n]) for n in self.fusible}
+        self.consumers = {
+            n: [u for u in buffer_users(n) if u in self.group_of] for n in self.fusible
+        }
+        self.cost_memo: dict[Group, int] = {}
+        self.lower_memo: dict[Group, str | None] = {}
+
+    def groups(self) -> set[Group]:
+        return set(self.group_of.values())
+
+    def external_inputs(self, group: Group) -> list[torch.fx.Node]:
+        found: list[torch.fx.Node] = []
+        for member in group:
+            for arg in member.all_input_nodes:
+                if arg in group or _view_root(arg) in group or tensor_meta(arg) is None:
+                    continue
+                if arg not in found:
+                    found.append(arg)
+        return found
+
+    def stored(self, group: Group) -> list[torch.fx.Node]:
+        return [m for m in group if any(u not in group for u in buffer_users(m))]
+
+    def cost(self, group: Group) -> int:
+        """Modelled bytes of a group as one kernel: inputs read once, outputs written once."""
+        if group not in self.cost_memo:
+            anchor = next(iter(group))
+            reads = read_bytes(anchor, self.external_inputs(group))
+            writes = sum(m.nbytes for n in self.stored(group) for m in output_metas(n))
+            self.cost_memo[group] = evaluate(reads + writes, self.ctx.bindings)
+        return self.cost_memo[group]
+
+    def saved(self, a: Group, b: Group) -> int:
+        return self.cost(a) + self.cost(b) - self.cost(a | b)
+
+    def creates_cycle(self, a: Group, b: Group) -> bool:
+        """Would a path leave a | b and come back (through an extern op or another group)?
+
+        Views are looked through: a view between two members is folded into indexing.
+        """
+        merged = a | b
+        pending = [u for n in merged for u in buffer_users(n) if u not in merged]
+        seen: set[torch.fx.Node] = set()
+        while pending:
+            node = pending.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            for member in self.group_of.get(node, frozenset([node])):
+                for user in buffer_users(member):
+                    if user in merged:
+                        return True
+                    if user not in seen:
+                        pending.append(user)
+        return False
+
+    def lowering_error(self, group: Group) -> str | None:
+        if group not in self.lower_memo:
+            members = sorted(group, key=self.order.__getitem__)
+            try:
+                lower_group(members, "probe")
+                self.lower_memo[group] = None
+            except NotLowerable as error:
+                self.lower_memo[group] = str(error)
+        return self.lower_memo[group]
+
+    def candidates(self) -> set[tuple[Group, Group, str]]:
+        pairs: set[tuple[Group, Group, str]] = set()
+        for node in self.fusible:
+            for consumer in self.consumers[node]:
+                a, b = self.group_of[node], self.group_of[consumer]
+                if a != b:
+                    pairs.add((a, b, "vertical"))
+        readers: dict[torch.fx.Node, set[Group]] = {}
+        for node in self.fusible:
+            for arg in node.all_input_nodes:
+                root = _view_root(arg)
+                if tensor_meta(root) is not None:
+                    readers.setdefault(root, set()).add(self.group_of[node])
+        for groups in readers.values():
+            ordered = sorted(groups, key=lambda g: min(self.order[n] for n in g))
+            if len(ordered) > 8:
+                continue  # a buffer read everywhere (a weight): pairing all readers is quadratic
+            for k, a in enumerate(ordered):
+                for b in ordered[k + 1 :]:
+                    if (a, b, "vertical") not in pairs and (b, a, "vertical") not in pairs:
+                        pairs.add((a, b, "horizontal"))
+        return pairs
+
+    def merge(self, a: Group, b: Group) -> Group:
+        merged = a | b
+        for node in merged:
+            self.group_of[node] = merged
+        return merged
+
+
+def _names(group: Group, order: dict[torch.fx.Node, int]) -> str:
+    return ", ".join(f"%{n.name}" for n in sorted(group, key=order.__getitem__))
+
+
+@dataclass(frozen=True)
+class Fusion(Pass):
+    name: ClassVar[str] = "fusion"
+    # Largest number of nodes in one kernel (long kernels spill registers on a GPU).
+    max_nodes: int = 64
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        result = PassResult()
+        state = _State(gm, ctx)
+        refused: dict[tuple[Group, Group], tuple[str, int, str]] = {}
+        while True:
+            scored = sorted(
+                ((state.saved(a, b), kind, a, b) for a, b, kind in state.candidates()),
+                key=lambda t: (-t[0], t[1], min(state.order[n] for n in t[2] | t[3])),
+            )
+            merged = False
+            for saved, kind, a, b in scored:
+                if saved <= 0:
+                    break
+                reason = self._illegal(state, a, b)
+                if reason is not None:
+                    refused[(a, b)] = (reason, saved, kind)
+                    continue
+                what = f"fused {_names(a, state.order)} + {_names(b, state.order)}"
+                why = f"{kind}: saves {saved} B of traffic"
+                if not self.decide(ctx, result, what, why, saved, tuple(n.name for n in a | b)):
+                    break
+                state.merge(a, b)
+                merged = True
+                break
+            if not merged:
+                break
+        groups = state.groups()
+        for (a, b), (reason, saved, kind) in sorted(
+            refused.items(),
+            key=lambda item: (-item[1][1], _names(item[0][0] | item[0][1], state.order)),
+        ):
+            if a in groups and b in groups:
+                what = f"not fused ({kind}): {_names(a, state.order)} + {_names(b, state.order)}"
+                self.refuse(ctx, result, what, reason, saved, tuple(n.name for n in a | b))
+        self._rewrite(gm, ctx, state)
+        return result
+
+    def _illegal(self, state: _State, a: Group, b: Group) -> str | None:
+        if len(a) + len(b) > self.max_nodes:
+            return f"group would have {len(a) + len(b)} nodes, over max_nodes={self.max_nodes}"
+        if state.creates_cycle(a, b):
+            return "a path from one to the other leaves the group (through an extern op or another kernel)"
+        return state.lowering_error(a | b)
+
+    def _rewrite(self, gm: torch.fx.GraphModule, ctx: PassContext, state: _State) -> None:
+        groups = sorted(
+            (g for g in state.groups() if len(g) > 1), key=lambda g: min(state.order[n] for n in g)
+        )
+        if not groups:
+            return
+        graph = gm.graph
+        for number, group in enumerate(groups):
+            members = sorted(group, key=state.order.__getitem__)
+            lowered = lower_group(members, f"{ctx.graph_name.replace('.', '_')}_fused_{number}")
+            fused = FusedKernel(
+                lowered,
+                backend=ctx.config.backend,
+                member_names=[m.name for m in members],
+                member_ops=[op_name(m) for m in members],
+                fake_outputs=[n.meta.get("val") for n in lowered.output_nodes],
+            )
+            with graph.inserting_after(members[-1]):
+                call = graph.call_function(fused, tuple(lowered.input_nodes))
+            call.meta["val"] = fused.fake_outputs
+            call.meta[META_KEY] = meta_of_value(list(fused.fake_outputs))
+            for k, output in enumerate(lowered.output_nodes):
+                with graph.inserting_after(call):
+                    item = graph.call_function(operator.getitem, (call, k))
+                item.meta.update(
+                    {"val": output.meta.get("val"), META_KEY: output.meta.get(META_KEY)}
+                )
+                output.replace_all_uses_with(
+                    item, delete_user_cb=lambda user, group=group: user not in group
+                )
+            for member in reversed(members):
+                _erase_with_dead_views(graph, member)
+        for node in reversed(list(graph.nodes)):
+            if is_view(node) and not node.users:
+                graph.erase_node(node)  # views that only members read
+        legalize_graph(gm)
+
+
+def _erase_with_dead_views(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+    """Erase a fused member; views of it that only other (erased) members read go first."""
+    for user in list(node.users):
+        if is_view(user):
+            _erase_with_dead_views(graph, user)
+    graph.erase_node(node)

@@ -1,0 +1,117 @@
+"""torch.compile(backend="memopt"): found by entry point, matches eager, rejects bad options."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from models import model_and_input
+
+MODELS = ["mlp", "block", "convnet"]
+
+
+def test_backend_found_through_entry_point_in_fresh_interpreter():
+    script = textwrap.dedent(
+        """
+        import sys, torch
+        assert "memopt" not in sys.modules
+        f = torch.compile(lambda x: torch.relu(x) * 2 + 1, backend="memopt")
+        x = torch.randn(8, 4)
+        torch.testing.assert_close(f(x), torch.relu(x) * 2 + 1)
+        assert "memopt" in sys.modules  # loaded by torch through the entry point
+        print("ok")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("ok")
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_inference_matches_eager(name):
+    model, x = model_and_input(name)
+    model.eval()
+    compiled = torch.compile(model, backend="memopt")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_training_gradients_match_eager(name):
+    model, x = model_and_input(name)
+    model.train()
+    expected_model, _ = model_and_input(name)
+    expected_model.train()
+    expected_model.load_state_dict(model.state_dict())
+
+    loss = torch.compile(model, backend="memopt")(x).square().mean()
+    loss.backward()
+    expected_loss = expected_model(x).square().mean()
+    expected_loss.backward()
+
+    torch.testing.assert_close(loss, expected_loss)
+    for (pname, p), q in zip(model.named_parameters(), expected_model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=lambda m, pname=pname: f"{pname}: {m}")
+    # BatchNorm's running statistics are mutated buffers: the mutation must be honoured.
+    for b, c in zip(model.buffers(), expected_model.buffers()):
+        torch.testing.assert_close(b, c)
+
+
+def test_options_are_accepted():
+    f = torch.compile(
+        lambda x: x.exp() + 1,
+        backend="memopt",
+        options={"disable": ["cleanup"], "check": True, "device": "a100", "fuel": 3},
+    )
+    x = torch.randn(5)
+    torch.testing.assert_close(f(x), x.exp() + 1)
+
+
+@pytest.mark.parametrize(
+    ("options", "names"),
+    [
+        ({"fusoin": True}, ["'fusoin'", "disable", "fuel", "passes"]),
+        ({"disable": ["cleanupp"]}, ["'cleanupp'", "cleanup"]),
+        ({"passes": ["nope"]}, ["'nope'", "cleanup"]),
+        ({"backend": "cuda"}, ["'cuda'", "triton", "reference"]),
+        ({"device": "tpu"}, ["'tpu'", "h100"]),
+    ],
+)
+def test_bad_options_are_clear_errors(options, names):
+    f = torch.compile(lambda x: x + 1, backend="memopt", options=options)
+    with pytest.raises(Exception) as raised:
+        f(torch.randn(3))
+    message = str(raised.value)
+    for name in names:
+        assert name in message
+
+
+def test_dynamic_shapes_compile_once_and_run_at_new_sizes():
+    model, _ = model_and_input("block")
+    model.eval()
+    compiled = torch.compile(model, backend="memopt", dynamic=True)
+    with torch.no_grad():
+        for batch in (1, 3, 5):
+            x = torch.randn(batch, 8, 32)
+            torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_report_dir_writes_the_ledger(tmp_path):
+    f = torch.compile(
+        lambda x: x.clone().sum(0) + x.clone().sum(0),
+        backend="memopt",
+        options={"report_dir": str(tmp_path)},
+    )
+    x = torch.randn(4, 4)
+    torch.testing.assert_close(f(x), 2 * x.sum(0))
+    import json
+
+    record = json.loads((tmp_path / "inference.json").read_text())
+    assert record["bytes_moved"]["label"] == "modelled"
+    assert record["ledger"][0]["pass"] == "cleanup"
+    assert any(d["applied"] for d in record["ledger"][0]["decisions"])

@@ -1,0 +1,186 @@
+"""The fusion pass: exact bytes and kernel counts for each fusion kind, and each refusal."""
+
+from __future__ import annotations
+
+import torch
+
+import memopt
+
+F32 = 4
+X = 4 * 8 * F32  # a float32 (4, 8) tensor: 128 bytes
+ROW = 4 * F32  # one float32 per row of it: 16 bytes
+
+
+def x48():
+    return torch.randn(4, 8)
+
+
+def fusion(a):
+    return next(p for p in a.ledger if p.pass_name == "fusion")
+
+
+def check(fn, *inputs, **options):
+    """Analyze with check=True (every pass compared with eager on real inputs) and run the
+    compiled program against eager."""
+    a = memopt.analyze(fn, *inputs, check=True, **options)
+    compiled = torch.compile(fn, backend="memopt", options={"check": False, **options})
+    got, want = compiled(*inputs), fn(*inputs)
+    for g, w in zip(
+        got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)
+    ):
+        torch.testing.assert_close(g, w)
+    return a
+
+
+def generated(a):
+    return [k for k in a.kernels if k.kind in ("pointwise", "reduction")]
+
+
+# -- fusion kinds: must fuse --------------------------------------------------------------
+
+
+def test_pointwise_chain():
+    a = check(lambda x, b: (x * 2 + b).relu(), x48(), torch.randn(8))
+    # One kernel reads x and the 8-element bias once and writes the result once.
+    assert a.bytes_moved == X + 8 * F32 + X
+    assert len(a.kernels) == 1 and a.kernels[0].kind == "pointwise"
+    assert fusion(a).bytes_before == (X + 8 * F32 + X) + 2 * (X + X)
+    assert a.bytes_moved == a.lower_bound_bytes
+
+
+def test_pointwise_into_reduction_input():
+    a = check(lambda x: (x * 2).exp().sum(1), x48())
+    assert a.bytes_moved == X + ROW
+    assert [k.kind for k in a.kernels] == ["reduction"]
+
+
+def test_reduction_into_its_consumers():
+    a = check(lambda x: x.sum(1) * 2 + 1, x48())
+    assert a.bytes_moved == X + ROW
+    assert len(a.kernels) == 1
+
+
+def test_softmax_is_one_kernel():
+    a = check(lambda x: torch.softmax(x, -1), x48())
+    assert a.bytes_moved == X + X
+    assert len(a.kernels) == 1
+
+
+def test_layer_norm_is_one_kernel():
+    w, b = torch.randn(8), torch.randn(8)
+    a = check(lambda x, w, b: torch.nn.functional.layer_norm(x, (8,), w, b), x48(), w, b)
+    assert a.bytes_moved == X + 8 * F32 + 8 * F32 + X
+    assert len(a.kernels) == 1
+
+
+def test_horizontal_reductions_share_a_read():
+    a = check(lambda x: (x.sum(1), (x * x).sum(1)), x48())
+    assert a.bytes_moved == X + 2 * ROW
+    assert len(a.kernels) == 1
+    assert any("horizontal" in d.reason for d in fusion(a).decisions if d.applied)
+
+
+def test_horizontal_pointwise_share_a_read():
+    a = check(lambda x: (x.exp(), x.sin()), x48())
+    assert a.bytes_moved == X + 2 * X
+    assert len(a.kernels) == 1
+
+
+def test_multi_output_kernel_stores_every_value_needed_outside():
+    a = check(lambda x: (lambda y: (y, y + 1))(x * 2), x48())
+    assert a.bytes_moved == X + 2 * X
+    assert len(a.kernels) == 1
+
+
+def test_views_between_fused_nodes_are_folded_into_indexing():
+    a = check(lambda x: (x * 2).t().exp().reshape(32) + 1, x48())
+    assert a.bytes_moved == X + X
+    assert len(a.kernels) == 1
+
+
+def test_gather_fuses_with_its_consumer():
+    table, idx = torch.randn(10, 8), torch.tensor([3, 1, 3])
+    a = check(lambda t, i: t[i].relu() * 2, table, idx)
+    # Reads 3 of the 10 rows, the 3 indices, writes 3 rows.
+    assert a.bytes_moved == 3 * 8 * F32 + 3 * 8 + 3 * 8 * F32
+    assert len(a.kernels) == 1
+
+
+# -- legality: must not fuse --------------------------------------------------------------
+
+
+def refusals(a):
+    return [d for d in fusion(a).decisions if not d.applied]
+
+
+def test_no_cycle_through_an_extern_matmul():
+    def fn(x):
+        e = x.exp()
+        return e * 2 + e @ e
+
+    a = check(fn, torch.randn(4, 4))
+    reasons = [d.reason for d in refusals(a)]
+    assert any("path from one to the other leaves the group" in r for r in reasons)
+    kinds = sorted(k.kind for k in a.kernels)
+    assert "extern" in kinds
+    assert all(d.bytes_saved > 0 for d in refusals(a))
+
+
+def test_no_shared_kernel_for_different_reduction_axes():
+    a = check(lambda x: (x.sum(0), x.sum(1)), x48())
+    assert any("different shapes or axes" in d.reason for d in refusals(a))
+    assert len(a.kernels) == 2
+    assert a.bytes_moved == (X + 8 * F32) + (X + ROW)
+
+
+def test_no_reduction_read_at_another_row():
+    def fn(x):
+        s = x.sum(1, keepdim=True)  # (4, 1)
+        return x + s.t()  # element (i, j) needs the sum of row j
+
+    a = check(fn, torch.randn(4, 4))
+    assert any("another row" in d.reason for d in refusals(a))
+
+
+def test_no_pointwise_kernel_with_outputs_of_different_sizes():
+    def fn(x, v):
+        b = v.exp()
+        return b, x + b
+
+    a = check(fn, x48(), torch.randn(8))
+    assert any("different numbers of elements" in d.reason for d in refusals(a))
+    assert len(a.kernels) == 2
+
+
+def test_group_size_cap():
+    def chain(x):
+        for _ in range(6):
+            x = x * 1.5 + 0.5
+        return x
+
+    capped = check(chain, x48(), pass_options={"fusion": {"max_nodes": 4}})
+    assert any("max_nodes=4" in d.reason for d in refusals(capped))
+    assert all(len(k.nodes) <= 4 for k in capped.kernels)
+    free = check(chain, x48())
+    assert len(free.kernels) == 1 and free.bytes_moved == 2 * X < capped.bytes_moved
+
+
+def test_ops_without_lowering_stay_aten_calls():
+    a = check(lambda x: torch.cumsum(x, 1) * 2, x48())
+    assert sorted(k.kind for k in a.kernels) == ["aten", "aten"]
+    assert a.bytes_moved == 4 * X
+
+
+def test_fusion_can_be_disabled_and_fuel_limits_it():
+    fn = lambda x: ((x * 2 + 1).exp() - 3).relu()  # noqa: E731
+    none = check(fn, x48(), disable=["fusion"])
+    assert len(none.kernels) == 5 and none.bytes_moved == 10 * X
+    one = memopt.analyze(fn, x48(), fuel=1)
+    assert len(one.kernels) == 4 and one.bytes_moved == 8 * X
+
+
+def test_every_fusion_records_bytes_saved_and_they_add_up():
+    a = check(lambda x: torch.softmax(x * 3, -1), x48())
+    entry = fusion(a)
+    saved = sum(d.bytes_saved for d in entry.decisions if d.applied)
+    assert saved == entry.bytes_before - entry.bytes_after
