@@ -76,7 +76,7 @@ class Config:
                 raise unknown("pass", name, tuple(PASSES))
         for name, values in self.pass_options.items():
             fields = {f.name: f for f in dataclasses.fields(PASSES[name])}
-            for key, value in values.items():
+            for key in values:
                 if key not in fields:
                     valid = ", ".join(sorted(fields)) or "none"
                     raise OptionError(
