@@ -126,6 +126,11 @@ def can_lower(node: torch.fx.Node) -> bool:
     return all(m is not None and m.dtype in SUPPORTED_DTYPES for m in inputs)
 
 
+def _upcast(dtype: torch.dtype) -> torch.dtype:
+    """16-bit floats compute in fp32 (as ATen's own kernels do) and round once per node."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _scalar_dtype(value: object) -> torch.dtype:
     if isinstance(value, bool):
         return torch.bool
@@ -336,7 +341,11 @@ class _Lowering:
         meta = tensor_meta(node)
         dtype = meta.dtype
         if target in UNARY:
-            return ir.op(UNARY[target], self.operand(node, node.args[0], index, dtype), dtype=dtype)
+            compute = _upcast(dtype)
+            value = ir.op(
+                UNARY[target], self.operand(node, node.args[0], index, compute), dtype=compute
+            )
+            return ir.cast(value, dtype)
         if target in BINARY:
             return self.binary(node, BINARY[target], index)
         if target in REDUCTIONS:
@@ -364,6 +373,7 @@ class _Lowering:
             )
         if name == "truediv" and not compute.is_floating_point:
             compute = torch.float32
+        compute = _upcast(compute)
         left = self.operand(node, a, index, compute)
         right = self.operand(node, b, index, compute)
         alpha = node.kwargs.get("alpha")
@@ -640,7 +650,8 @@ def _where(self: _Lowering, node: torch.fx.Node, index: Index) -> Value:
 
 
 def _clamp(self: _Lowering, node: torch.fx.Node, index: Index) -> Value:
-    dtype = tensor_meta(node).dtype
+    result = tensor_meta(node).dtype
+    dtype = _upcast(result)
     value = self.operand(node, node.args[0], index, dtype)
     if node.target is aten.clamp_min.default:
         low, high = node.args[1], None
@@ -653,16 +664,17 @@ def _clamp(self: _Lowering, node: torch.fx.Node, index: Index) -> Value:
         value = ir.op("maximum", value, self.operand(node, low, index, dtype), dtype=dtype)
     if high is not None:
         value = ir.op("minimum", value, self.operand(node, high, index, dtype), dtype=dtype)
-    return value
+    return ir.cast(value, result)
 
 
 def _div_mode(self: _Lowering, node: torch.fx.Node, index: Index) -> Value:
     mode = node.kwargs.get("rounding_mode")
-    dtype = tensor_meta(node).dtype
+    result = tensor_meta(node).dtype
+    dtype = _upcast(result)
     name = {"floor": "floordiv", "trunc": "truncdiv", None: "truediv"}[mode]
     a = self.operand(node, node.args[0], index, dtype)
     b = self.operand(node, node.args[1], index, dtype)
-    return ir.op(name, a, b, dtype=dtype)
+    return ir.cast(ir.op(name, a, b, dtype=dtype), result)
 
 
 def _arange(self: _Lowering, node: torch.fx.Node, index: Index) -> Value:
@@ -687,9 +699,10 @@ def _iota(self: _Lowering, node: torch.fx.Node, index: Index) -> Value:
 
 
 def _square(self: _Lowering, node: torch.fx.Node, index: Index) -> Value:
-    dtype = tensor_meta(node).dtype
+    result = tensor_meta(node).dtype
+    dtype = _upcast(result)
     value = self.operand(node, node.args[0], index, dtype)
-    return ir.op("mul", value, value, dtype=dtype)
+    return ir.cast(ir.op("mul", value, value, dtype=dtype), result)
 
 
 def _cat(self: _Lowering, node: torch.fx.Node, index: Index) -> Value:
