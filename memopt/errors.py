@@ -25,4 +25,4 @@ class CheckError(MemoptError):
 
 def unknown(kind: str, name: object, valid: list[str] | tuple[str, ...]) -> OptionError:
     """`unknown option 'foo'; valid options: a, b, c` and friends, from one place."""
-    return OptionError(f"unknown {kind} {name!r}; valid {kind}s: {', '.join(sorted(valid))}")
+    return OptionError(f"unknown {kind} {name!r}; valid choices: {', '.join(sorted(valid))}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from memopt.compiler.capture import decompositions
@@ -12,11 +11,11 @@ from memopt.compiler.pipeline import run_pipeline
 from memopt.config import Config
 
 
-def run_fused(fn, inputs, backend="reference"):
+def run_fused(fn, inputs, backend="reference", **options):
     """(outputs, graph module) of fn(*inputs) optimized by the default pipeline on `backend`."""
     gm = make_fx(fn, decomposition_table=decompositions(), tracing_mode="fake")(*inputs)
     annotate(gm)
-    config = Config.from_options({"backend": backend})
+    config = Config.from_options({"backend": backend, **options})
     result = run_pipeline(gm, config, "test", {})
     outputs = result.gm(*inputs)
     return outputs, result.gm

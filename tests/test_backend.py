@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import torch
+
 from models import model_and_input
 
 MODELS = ["mlp", "block", "convnet"]

@@ -138,9 +138,9 @@ REDUCTIONS = {
 
 
 def reduction_family(x):
-    x = x.float() * 1.0 if x.dtype == torch.bfloat16 else x * 1.0
+    x = x * 1.0
     out = []
-    for name, fn in REDUCTIONS.items():
+    for fn in REDUCTIONS.values():
         value = fn(x)
         out.append(value * 2 if value.dtype.is_floating_point else value)
     return tuple(out)
@@ -212,12 +212,16 @@ def test_family_against_eager(family, dtype, backend):
 
 def test_every_family_op_is_lowered_not_left_to_aten():
     x = torch.randn(6, 10)
-    _, gm = run_fused(unary_family, (x,))
+    # Without a cap on kernel size, every op of a family reads x and fuses into one kernel.
+    _, gm = run_fused(unary_family, (x,), pass_options={"fusion": {"max_nodes": 1000}})
     assert not [op for op in aten_ops(gm) if "flip" not in op]
     _, gm = run_fused(reduction_family, (x,))
     assert not aten_ops(gm)
     _, gm = run_fused(normalization_family, (x,))
-    assert not [op for op in aten_ops(gm) if "linspace" not in op and "arange" not in op]
+    # linspace makes the weights (in place, in this unfunctionalized trace): not a family op
+    assert not [
+        op for op in aten_ops(gm) if not any(k in op for k in ("linspace", "arange", "add_"))
+    ]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -3,19 +3,20 @@ index arithmetic, strided and offset buffers, degenerate sizes, and the errors i
 
 from __future__ import annotations
 
-import kernel_examples as examples
 import pytest
 import sympy
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_examples import S, buf, i0, i1
 from torch.testing import assert_close
 from torch.utils._sympy.functions import FloorDiv, ModularIndexing
 
 from memopt.backends.reference import compile_kernel, evaluate_index
 from memopt.compiler import kernel_ir as ir
 from memopt.compiler.kernel_ir import Kernel, Store, indirect_var, reduction_var
+
+import kernel_examples as examples
+from kernel_examples import S, buf, i0, i1
 
 f32 = torch.float32
 r0, r1 = reduction_var(0), reduction_var(1)

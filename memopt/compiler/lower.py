@@ -68,6 +68,9 @@ BINARY = {
     aten.logical_and.default: "logical_and", aten.logical_or.default: "logical_or",
     aten.logical_xor.default: "logical_xor", aten.bitwise_and.Tensor: "bitwise_and",
     aten.bitwise_or.Tensor: "bitwise_or", aten.bitwise_xor.Tensor: "bitwise_xor",
+    aten.bitwise_and.Scalar: "bitwise_and", aten.bitwise_or.Scalar: "bitwise_or",
+    aten.bitwise_xor.Scalar: "bitwise_xor", aten.add.Scalar: "add", aten.sub.Scalar: "sub",
+    aten.mul.Scalar: "mul", aten.div.Scalar: "truediv",
     prims.add.default: "add", prims.sub.default: "sub", prims.mul.default: "mul",
     prims.div.default: "truediv", prims.maximum.default: "maximum",
     prims.minimum.default: "minimum", prims.pow.default: "pow",
@@ -418,18 +421,18 @@ class _Lowering:
         if kind == "mean":
             total = ir.reduce("sum", source, accumulate)
             return ir.cast(
-                ir.op("truediv", total, ir.const(_number(count), accumulate), dtype=accumulate),
+                ir.op("truediv", total, _count(count, accumulate), dtype=accumulate),
                 dtype,
             )
         if kind == "var":
             correction = _correction(node)
-            n = ir.const(_number(count), accumulate)
+            n = _count(count, accumulate)
             mean = ir.op("truediv", ir.reduce("sum", source, accumulate), n, dtype=accumulate)
             centered = ir.op("sub", source, mean, dtype=accumulate)
             squares = ir.reduce(
                 "sum", ir.op("mul", centered, centered, dtype=accumulate), accumulate
             )
-            divisor = ir.const(_number(count - correction), accumulate)
+            divisor = _count(count - correction, accumulate)
             return ir.cast(ir.op("truediv", squares, divisor, dtype=accumulate), dtype)
         return ir.cast(ir.reduce(kind, source, accumulate), dtype)
 
@@ -486,9 +489,7 @@ class _Lowering:
         position = ir.op(
             "where",
             ir.op("lt", idx_value, ir.const(0, idx_value.dtype), dtype=torch.bool),
-            ir.op(
-                "add", idx_value, ir.const(_number(size), idx_value.dtype), dtype=idx_value.dtype
-            ),
+            ir.op("add", idx_value, _count(size, idx_value.dtype), dtype=idx_value.dtype),
             idx_value,
             dtype=idx_value.dtype,
         )
@@ -516,9 +517,15 @@ def _reshaped(index: Index, shape: Sequence[sympy.Expr], target: Sequence[sympy.
 
 def _number(expr: object) -> object:
     value = sympy.sympify(expr)
-    if not value.is_number:
-        raise NotLowerable("a reduction over a symbolic number of elements needs a runtime count")
     return int(value) if value.is_integer else float(value)
+
+
+def _count(expr: object, dtype: torch.dtype) -> Value:
+    """A number of elements as a value: a constant, or computed from sizes at run time."""
+    value = sympy.sympify(expr)
+    if value.is_number:
+        return ir.const(_number(value), dtype)
+    return ir.cast(ir.index_value(value), dtype)
 
 
 # -- view rules: the source index of the element at `index` of the view -------------------

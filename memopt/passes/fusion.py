@@ -134,10 +134,12 @@ class _State:
                     readers.setdefault(root, set()).add(self.group_of[node])
         for groups in readers.values():
             ordered = sorted(groups, key=lambda g: min(self.order[n] for n in g))
-            if len(ordered) > 8:
-                continue  # a buffer read everywhere (a weight): pairing all readers is quadratic
+            # All pairs of a buffer's readers, or, for a buffer many groups read (a weight,
+            # an input), each with the next: linear in the readers, and repeated merges
+            # still join them all.
+            window = len(ordered) if len(ordered) <= 8 else 2
             for k, a in enumerate(ordered):
-                for b in ordered[k + 1 :]:
+                for b in ordered[k + 1 : k + window]:
                     if (a, b, "vertical") not in pairs and (b, a, "vertical") not in pairs:
                         pairs.add((a, b, "horizontal"))
         return pairs
