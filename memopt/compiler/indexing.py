@@ -94,8 +94,11 @@ def _split(expr: sympy.Expr, divisor: sympy.Expr) -> tuple[sympy.Expr, sympy.Exp
 def simplify(expr: sympy.Expr, ranges: Mapping[sympy.Symbol, sympy.Expr]) -> sympy.Expr:
     """Remove div/mod that the variables' ranges make redundant.
 
-    ((8*i0 + i1) // 8) % 4 with i1 < 8 and i0 < 4 becomes i0.
+    ((8*i0 + i1) // 8) % 4 with i1 < 8 and i0 < 4 becomes i0. A variable whose range is 1
+    is 0.
     """
+    units = {v: sympy.Integer(0) for v, size in ranges.items() if size == 1}
+    expr = sympy.sympify(expr).xreplace(units) if units else sympy.sympify(expr)
 
     def visit(node: sympy.Expr) -> sympy.Expr:
         if not node.args:

@@ -404,7 +404,8 @@ class _Lowering:
         out_rows = (
             [e for d, e in enumerate(index) if d not in axes] if _keepdim(node) else list(index)
         )
-        if tuple(out_rows) != self.row_vars:
+        rows_here = tuple(simplify(v, self.ranges) for v in self.row_vars)
+        if tuple(simplify(e, self.ranges) for e in out_rows) != rows_here:
             raise NotLowerable(
                 f"%{node.name} is read at another row than the one the kernel computes"
             )
