@@ -103,6 +103,7 @@ def optimize_graph(captured: CapturedGraph, config: Config, fuel: Fuel) -> Graph
         bytes_moved=cost.nbytes,
         lower_bound_bytes=evaluate(bound, bindings),
         symbols={str(s): v for s, v in sorted(bindings.items(), key=lambda kv: str(kv[0]))},
+        gm=result.gm,
     )
 
 

@@ -173,6 +173,7 @@ class GraphResult:
     bytes_moved: int
     lower_bound_bytes: int
     symbols: dict[str, int] = field(default_factory=dict)  # example value of each symbol
+    gm: object = field(default=None, repr=False)  # the optimized torch.fx.GraphModule
 
 
 @dataclass
