@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -116,3 +117,35 @@ def test_report_dir_writes_the_ledger(tmp_path):
     assert record["bytes_moved"]["label"] == "modelled"
     assert record["ledger"][0]["pass"] == "cleanup"
     assert any(d["applied"] for d in record["ledger"][0]["decisions"])
+
+
+def _has_triton_backend() -> bool:
+    try:
+        import memopt.backends.triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_triton_backend(), reason="triton is not installed")
+@pytest.mark.parametrize("name", ["block", "convnet"])
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+def test_triton_interpreter_end_to_end(name, training):
+    """The generated Triton kernels, run by Triton's interpreter on CPU tensors."""
+    model, x = model_and_input(name)
+    expected_model, _ = model_and_input(name)
+    expected_model.load_state_dict(model.state_dict())
+    model.train(training)
+    expected_model.train(training)
+    compiled = torch.compile(model, backend="memopt", options={"backend": "triton"})
+    with torch.set_grad_enabled(training), warnings.catch_warnings():
+        # A kernel that fell back to the reference backend would warn: fail instead.
+        warnings.filterwarnings("error", message="memopt")
+        out = compiled(x)
+        expected = expected_model(x)
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+        if training:
+            out.square().mean().backward()
+            expected.square().mean().backward()
+            for p, q in zip(model.parameters(), expected_model.parameters()):
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4)
