@@ -184,3 +184,20 @@ def test_every_fusion_records_bytes_saved_and_they_add_up():
     entry = fusion(a)
     saved = sum(d.bytes_saved for d in entry.decisions if d.applied)
     assert saved == entry.bytes_before - entry.bytes_after
+
+
+def test_bias_add_that_fuses_with_nothing_goes_back_into_addmm():
+    linear = torch.nn.Linear(8, 16)
+    a = check(linear, x48())
+    # addmm reads x, the weight and the bias once and writes the output once.
+    assert [k.ops for k in a.kernels] == [("aten.addmm.default",)]
+    assert a.bytes_moved == X + 16 * 8 * F32 + 16 * F32 + 4 * 16 * F32
+    folded = [d for d in fusion(a).decisions if d.applied and "addmm" in d.what]
+    assert folded and folded[0].bytes_saved == 2 * 4 * 16 * F32
+
+
+def test_bias_add_that_fuses_stays_in_the_generated_kernel():
+    linear = torch.nn.Linear(8, 16)
+    a = check(lambda x: torch.relu(linear(x)), x48())
+    assert sorted(k.kind for k in a.kernels) == ["extern", "pointwise"]
+    assert not [d for d in fusion(a).decisions if "addmm" in d.what]

@@ -193,3 +193,10 @@ def test_ledger_keeps_printed_graphs_for_diffs():
 def test_random_ops_are_never_merged():
     a = memopt.analyze(lambda x: torch.rand_like(x) + torch.rand_like(x), x48())
     assert not any(d.applied for d in only(a).decisions)
+
+
+def test_neutral_arithmetic_is_removed_but_not_plus_zero():
+    a = memopt.analyze(lambda x: ((x * 1) / 1 - 0).exp() + 0, x48(), passes=["cleanup"])
+    removed = [d.what for d in only(a).decisions if d.applied]
+    assert len(removed) == 3  # * 1, / 1, - 0; not + 0 (it turns -0.0 into +0.0)
+    assert [k.ops for k in a.kernels] == [("aten.exp.default",), ("aten.add.Tensor",)]

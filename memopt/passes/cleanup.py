@@ -1,4 +1,5 @@
-"""cleanup: dead code, common subexpressions, and no-op copies, casts, views, slices and cats.
+"""cleanup: dead code, common subexpressions, and no-op copies, casts, views, slices, cats
+and neutral arithmetic (x * 1, x / 1, x - 0, x ** 1).
 
 Runs first, so later passes see one node per distinct computation.
 
@@ -30,6 +31,14 @@ _COPY_OPS = {
     aten._to_copy.default,
     prims.convert_element_type.default,
     aten.cat.default,
+}
+# Arithmetic with a neutral scalar (the addmm decomposition multiplies by alpha = beta = 1).
+# Not x + 0: -0.0 + 0 is +0.0, so that one changes a value.
+_NEUTRAL_SCALAR = {
+    aten.mul.Tensor: 1,
+    aten.div.Tensor: 1,
+    aten.sub.Tensor: 0,
+    aten.pow.Tensor_Scalar: 1,
 }
 # Views that can be the identity.
 _IDENTITY_VIEW_OPS = {
@@ -95,6 +104,14 @@ def _noop_source(node: torch.fx.Node) -> torch.fx.Node | None:
         source = inputs[0] if isinstance(inputs, (list, tuple)) and len(inputs) == 1 else None
     elif target in _COPY_OPS or target in _IDENTITY_VIEW_OPS:
         source = node.args[0]
+    elif target in _NEUTRAL_SCALAR:
+        operand = node.args[1] if len(node.args) > 1 else None
+        neutral = _NEUTRAL_SCALAR[target]
+        if isinstance(operand, bool) or not isinstance(operand, (int, float)) or operand != neutral:
+            return None
+        if node.kwargs.get("alpha", 1) != 1:
+            return None
+        source = node.args[0]
     else:
         return None
     if not isinstance(source, torch.fx.Node) or not _same_layout(node, source):
@@ -150,7 +167,7 @@ class Cleanup(Pass):
                 continue
             label = f"no-op {node.target} %{node.name}"
             nbytes = ctx.nbytes(node)
-            copies = node.target in _COPY_OPS
+            copies = node.target in _COPY_OPS or node.target in _NEUTRAL_SCALAR
             if copies and _reaches_output(node):
                 self.refuse(
                     ctx,
@@ -161,7 +178,12 @@ class Cleanup(Pass):
                     (node.name,),
                 )
                 continue
-            reason = "copies nothing: same shape, strides and dtype" if copies else "identity view"
+            if node.target in _NEUTRAL_SCALAR:
+                reason = "arithmetic with a neutral scalar: same values, shape, strides and dtype"
+            elif copies:
+                reason = "copies nothing: same shape, strides and dtype"
+            else:
+                reason = "identity view"
             if self.decide(ctx, result, f"removed {label}", reason, nbytes, (node.name,)):
                 node.replace_all_uses_with(source)
                 gm.graph.erase_node(node)

@@ -37,6 +37,7 @@ from memopt.compiler.printer import op_name
 from memopt.passes.base import Pass, PassContext, PassResult
 
 Group = frozenset[torch.fx.Node]
+aten = torch.ops.aten
 
 
 def _view_root(node: torch.fx.Node) -> torch.fx.Node:
@@ -151,6 +152,30 @@ class _State:
         return merged
 
 
+def _bias_add(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
+    """(mm, bias) when `node` adds a vector to the only use of an mm (possibly via views)."""
+    if node.kwargs.get("alpha", 1) != 1 or len(node.args) != 2:
+        return None
+    for operand, bias in (node.args, reversed(node.args)):
+        if not isinstance(operand, torch.fx.Node) or not isinstance(bias, torch.fx.Node):
+            continue
+        mm = operand
+        while is_view(mm) and mm.target is not operator.getitem and len(mm.users) == 1:
+            mm = mm.args[0]
+        out, vector = tensor_meta(node), tensor_meta(bias)
+        if mm.target is not aten.mm.default or len(mm.users) != 1 or vector is None:
+            continue
+        mm_meta = tensor_meta(mm)
+        if (
+            vector.dtype == mm_meta.dtype == out.dtype
+            and len(vector.shape) == 1
+            and vector.shape[0] == mm_meta.shape[1]
+            and tensor_meta(operand).shape == out.shape
+        ):
+            return mm, bias
+    return None
+
+
 def _names(group: Group, order: dict[torch.fx.Node, int]) -> str:
     return ", ".join(f"%{n.name}" for n in sorted(group, key=order.__getitem__))
 
@@ -195,8 +220,40 @@ class Fusion(Pass):
             if a in groups and b in groups:
                 what = f"not fused ({kind}): {_names(a, state.order)} + {_names(b, state.order)}"
                 self.refuse(ctx, result, what, reason, saved, tuple(n.name for n in a | b))
+        self._fold_bias_adds(gm, ctx, state, result)
         self._rewrite(gm, ctx, state)
         return result
+
+    def _fold_bias_adds(
+        self, gm: torch.fx.GraphModule, ctx: PassContext, state: _State, result: PassResult
+    ) -> None:
+        """A bias add that fused with nothing goes back into the library matmul (addmm).
+
+        The decomposition table splits addmm into mm + add so the add can fuse with what
+        follows; when it did not, the GEMM's own epilogue adds the bias and the matmul's
+        output is written once instead of written, read and written again.
+        """
+        for node in list(gm.graph.nodes):
+            if node.target is not aten.add.Tensor or len(state.group_of.get(node, ())) != 1:
+                continue
+            match = _bias_add(node)
+            if match is None:
+                continue
+            mm, bias = match
+            saved = 2 * evaluate(tensor_meta(mm).nbytes, ctx.bindings)
+            what = f"folded bias add %{node.name} into %{mm.name} (addmm)"
+            reason = "the add fused with nothing; the library GEMM adds the bias in its epilogue"
+            if not self.decide(ctx, result, what, reason, saved, (node.name, mm.name)):
+                return
+            with gm.graph.inserting_before(mm):
+                addmm = gm.graph.call_function(aten.addmm.default, (bias, *mm.args[:2]))
+            addmm.meta.update(mm.meta)
+            mm.replace_all_uses_with(addmm)
+            gm.graph.erase_node(mm)
+            source = next(a for a in node.args if a is not bias)
+            node.replace_all_uses_with(source)
+            gm.graph.erase_node(node)
+            del state.group_of[node]
 
     def _illegal(self, state: _State, a: Group, b: Group) -> str | None:
         if len(a) + len(b) > self.max_nodes:
