@@ -39,3 +39,23 @@ def test_lower_bound_is_symbolic_too():
     a = memopt.analyze(lambda x, y: x + y, torch.randn(3, 5), torch.randn(3, 5), dynamic=True)
     assert a.lower_bound_expr.free_symbols
     assert a.lower_bound_bytes == 3 * 3 * 5 * 4
+
+
+def test_dynamic_layer_norm_is_still_one_kernel():
+    """Mean and variance divide by a symbolic count: the kernel computes it from sizes."""
+
+    def fn(x, w, b):
+        return torch.nn.functional.layer_norm(x, (x.shape[-1],), w, b)
+
+    x, w, b = torch.randn(6, 10), torch.randn(10), torch.randn(10)
+    a = memopt.analyze(fn, x, w, b, dynamic=True, check=True)
+    assert len(a.kernels) == 1
+    rows, cols = sorted(a.bytes_moved_expr.free_symbols, key=str)
+    # Reads x, w and b once, writes the output once.
+    assert sympy.simplify(a.bytes_moved_expr - 4 * (2 * rows * cols + 2 * cols)) == 0 or (
+        sympy.simplify(a.bytes_moved_expr - 4 * (2 * rows * cols + 2 * rows)) == 0
+    )
+    compiled = torch.compile(fn, backend="memopt", dynamic=True)
+    for n in (3, 9):
+        x = torch.randn(n, 10)
+        torch.testing.assert_close(compiled(x, w, b), fn(x, w, b))

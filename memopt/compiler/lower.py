@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import sympy
 import torch
 import torch.fx
+from torch.utils._sympy.functions import ToFloat
 
 from memopt.compiler import kernel_ir as ir
 from memopt.compiler.cost import buffer_users, is_view
@@ -125,8 +126,31 @@ def can_lower(node: torch.fx.Node) -> bool:
     meta = tensor_meta(node)
     if not known or meta is None or meta.dtype not in SUPPORTED_DTYPES:
         return False
-    inputs = [tensor_meta(a) for a in node.all_input_nodes]
+    inputs = [tensor_meta(a) for a in node.all_input_nodes if symbolic_scalar(a) is None]
     return all(m is not None and m.dtype in SUPPORTED_DTYPES for m in inputs)
+
+
+def symbolic_scalar(node: object) -> sympy.Expr | None:
+    """The sympy expression of an fx node that computes a size (a SymInt/SymFloat), or None."""
+    if not isinstance(node, torch.fx.Node):
+        return None
+    value = node.meta.get("val")
+    if not isinstance(value, (torch.SymInt, torch.SymFloat)):
+        return None
+    expr = sympy.sympify(value.node.expr)
+    if isinstance(expr, ToFloat):
+        expr = expr.args[0]  # the operand's cast makes it a float
+    # Only integer arithmetic of sizes is an index expression every backend evaluates.
+    if any(
+        not isinstance(a, (sympy.Symbol, sympy.Number, sympy.Add, sympy.Mul))
+        for a in sympy.preorder_traversal(expr)
+    ):
+        return None
+    return expr
+
+
+def _index_dtype(expr: sympy.Expr) -> torch.dtype:
+    return torch.int64 if expr.is_integer is not False else torch.float32
 
 
 def _upcast(dtype: torch.dtype) -> torch.dtype:
@@ -328,8 +352,15 @@ class _Lowering:
 
     def operand(self, node: torch.fx.Node, arg: object, index: Index, dtype: torch.dtype) -> Value:
         """An operand of a pointwise node at the node's index, broadcast and cast to dtype."""
+        size = symbolic_scalar(arg)
+        if size is not None:
+            # A size computed on the host (sym_size, arithmetic on it): an index expression
+            # of the size symbols, which the kernel reads off its inputs' shapes.
+            return ir.cast(ir.index_value(size, _index_dtype(size)), dtype)
         if isinstance(arg, torch.fx.Node):
             meta = tensor_meta(arg)
+            if meta is None:
+                raise NotLowerable(f"%{arg.name} is neither a tensor nor a size expression")
             out_shape = tensor_meta(node).shape
             shift = len(out_shape) - len(meta.shape)
             source_index = tuple(

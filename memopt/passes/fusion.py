@@ -95,7 +95,7 @@ class _State:
         Views are looked through: a view between two members is folded into indexing.
         """
         merged = a | b
-        pending = [u for n in merged for u in buffer_users(n) if u not in merged]
+        pending = [u for n in merged for u in _data_users(n) if u not in merged]
         seen: set[torch.fx.Node] = set()
         while pending:
             node = pending.pop()
@@ -103,7 +103,7 @@ class _State:
                 continue
             seen.add(node)
             for member in self.group_of.get(node, frozenset([node])):
-                for user in buffer_users(member):
+                for user in _data_users(member):
                     if user in merged:
                         return True
                     if user not in seen:
@@ -150,6 +150,14 @@ class _State:
         for node in merged:
             self.group_of[node] = merged
         return merged
+
+
+_SHAPE_QUERIES = {aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default}
+
+
+def _data_users(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """Users that need the node's data: not shape queries (lowering reads sizes as symbols)."""
+    return [u for u in buffer_users(node) if u.target not in _SHAPE_QUERIES]
 
 
 def _bias_add(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
