@@ -226,12 +226,11 @@ def _conv_flops(node: torch.fx.Node) -> sympy.Expr:
 
 
 def _conv_backward_flops(node: torch.fx.Node) -> sympy.Expr:
-    # Gradient of input and of weight: each as expensive as the forward convolution.
+    # Each gradient (input, weight) costs as much as the forward convolution; weight[1] is
+    # already in_channels / groups.
     grad_out, weight = _shape(node.args[0]), _shape(node.args[2])
     mask = node.args[10] if len(node.args) > 10 else (True, True, True)
-    groups = node.args[9] if len(node.args) > 9 else 1
     forward = 2 * numel(grad_out) * weight[1] * numel(weight[2:])
-    del groups  # already folded into weight[1]
     return forward * (int(bool(mask[0])) + int(bool(mask[1])))
 
 
