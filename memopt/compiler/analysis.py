@@ -57,10 +57,15 @@ def kernel_records(
                 write_expr=sympy.simplify(cost.write),
                 flops_expr=sympy.simplify(cost.flops),
                 low_precision=is_low_precision(node),
-                source_path=getattr(node.target, "memopt_source_path", None),
+                source_path=_source_path(node.target),
             )
         )
     return records
+
+
+def _source_path(target: object) -> str | None:
+    render = getattr(target, "triton_source_path", None)
+    return render() if callable(render) else None
 
 
 def node_costs(

@@ -72,6 +72,21 @@ class FusedKernel:
         write = sympy.Add(*(sympy.Mul(*b.shape) * b.dtype.itemsize for b in self.kernel.outputs))
         return Cost(read=read, write=write, flops=self.flops)
 
+    def triton_source_path(self) -> str | None:
+        """The kernel's Triton source, rendered into the cache (for reports); None if it has none.
+
+        Rendering is cheap and needs no GPU; a kernel Triton cannot express returns None.
+        """
+        if self.memopt_source_path is None:
+            try:
+                from memopt.backends.triton.render import render
+                from memopt.backends.triton.runtime import write_source
+
+                self.memopt_source_path = str(write_source(render(self.kernel).source))
+            except Exception:  # noqa: BLE001 - no triton, or an op it cannot render
+                return None
+        return self.memopt_source_path
+
     # -- running ----------------------------------------------------------------------
 
     def _find_symbol_slots(self) -> dict[str, tuple[int, str, int]]:

@@ -149,6 +149,11 @@ def symbolic_scalar(node: object) -> sympy.Expr | None:
     return expr
 
 
+def _operand_dtype(arg: object) -> torch.dtype:
+    meta = tensor_meta(arg) if isinstance(arg, torch.fx.Node) else None
+    return meta.dtype if meta is not None else _scalar_dtype(arg)
+
+
 def _index_dtype(expr: sympy.Expr) -> torch.dtype:
     return torch.int64 if expr.is_integer is not False else torch.float32
 
@@ -375,7 +380,8 @@ class _Lowering:
         meta = tensor_meta(node)
         dtype = meta.dtype
         if target in UNARY:
-            compute = _upcast(dtype)
+            # isnan, isinf, logical_not: a bool result of an operand in its own dtype
+            compute = _upcast(dtype if dtype != torch.bool else _operand_dtype(node.args[0]))
             value = ir.op(
                 UNARY[target], self.operand(node, node.args[0], index, compute), dtype=compute
             )
