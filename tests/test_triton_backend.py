@@ -106,3 +106,41 @@ def test_symbolic_sizes_are_runtime_arguments():
     # The same compiled kernel at other sizes.
     kernel, inputs, expected, sizes = examples.dynamic_scale(rows=3, cols=17)
     torch.testing.assert_close(run(kernel, inputs, sizes)[0], expected[0])
+
+
+def test_transposed_read_gets_a_2d_tile_and_plain_reads_do_not():
+    transposed, inputs, expected, sizes = examples.transposed_read()
+    assert render(transposed).tile == (0, 1)  # read fastest along i0, stored along i1
+    assert "YBLOCK" in render(transposed).source
+    torch.testing.assert_close(run(transposed, inputs, sizes)[0], expected[0])
+    plain, *_ = examples.add_broadcast()
+    assert render(plain).tile is None
+
+
+def test_2d_tile_with_outer_ranges_and_symbolic_sizes():
+    import sympy
+
+    from memopt.compiler import kernel_ir as ir
+    from memopt.compiler.kernel_ir import Kernel, Store, index_var
+
+    i0, i1, i2 = index_var(0), index_var(1), index_var(2)
+    s0 = sympy.Symbol("s0", integer=True, positive=True)
+    # out[b, m, n] = x[b, n, m] * 2: a batched transpose, batch size symbolic.
+    x = torch.randn(3, 7, 5)
+    value = ir.op(
+        "mul",
+        ir.load("in0", i0 * 35 + i2 * 5 + i1, torch.float32),
+        ir.const(2.0, torch.float32),
+        dtype=torch.float32,
+    )
+    kernel = Kernel(
+        "batched_transpose",
+        (examples.buf("in0", torch.float32, (s0, 7, 5)),),
+        (examples.buf("out0", torch.float32, (s0, 5, 7)),),
+        (s0, sympy.Integer(5), sympy.Integer(7)),
+        (),
+        (Store("out0", i0 * 35 + i1 * 7 + i2, value),),
+    )
+    assert render(kernel).tile == (1, 2)
+    (got,) = run(kernel, [x], {"s0": 3})
+    torch.testing.assert_close(got, x.transpose(1, 2) * 2)

@@ -268,6 +268,15 @@ class RenderedKernel:
     rblock: int | None
     ranges: tuple[sympy.Expr, ...]
     reduction_ranges: tuple[sympy.Expr, ...]
+    tile: tuple[int, int] | None = None  # (y, x) ranges of a 2D tile, else a 1D block
+
+
+def _fastest_axis(index: sympy.Expr) -> int | None:
+    """The domain range whose variable steps the index by exactly 1 element, if any."""
+    for term in sympy.Add.make_args(sympy.expand(index)):
+        if isinstance(term, sympy.Symbol) and term.name.startswith("i") and term.name[1:].isdigit():
+            return int(term.name[1:])
+    return None
 
 
 @dataclass
@@ -487,16 +496,22 @@ class _Renderer:
         args = [*buffers, *size_names, "xnumel", "rnumel", "XBLOCK: tl.constexpr"]
         if self.reduction:
             args.append("RBLOCK: tl.constexpr")
+        tile = None if self.reduction else self.tile_axes()
+        if tile is not None:
+            args.append("YBLOCK: tl.constexpr")
         body = self.outer
         wide = self.needs_int64()
-        if self.reduction:
+        if tile is not None:
+            self.tiled_prologue(tile, wide, body)
+        elif self.reduction:
             body.emit("xindex = tl.program_id(0) * XBLOCK + tl.arange(0, XBLOCK)[:, None]")
         else:
             body.emit("xindex = tl.program_id(0) * XBLOCK + tl.arange(0, XBLOCK)")
-        if wide:
-            body.emit("xindex = xindex.to(tl.int64)")
-        body.emit("xmask = xindex < xnumel")
-        self.decompose("xindex", kernel.ranges, "i", body)
+        if tile is None:
+            if wide:
+                body.emit("xindex = xindex.to(tl.int64)")
+            body.emit("xmask = xindex < xnumel")
+            self.decompose("xindex", kernel.ranges, "i", body)
         if not self.reduction:
             for store in kernel.stores:
                 self.store(store, body)
@@ -536,7 +551,51 @@ class _Renderer:
             rblock=self.rblock,
             ranges=kernel.ranges,
             reduction_ranges=kernel.reduction_ranges,
+            tile=tile,
         )
+
+    def tile_axes(self) -> tuple[int, int] | None:
+        """(y, x) ranges of a 2D tile when a load's fastest axis is not the stores' one.
+
+        A transposed read in a 1D block strides through memory; in a [YBLOCK, XBLOCK] tile
+        over both axes, each load and each store has a contiguous run along one tile axis.
+        """
+        if len(self.kernel.ranges) < 2:
+            return None
+        store_axes = {_fastest_axis(s.index) for s in self.kernel.stores} - {None}
+        load_axes = {
+            _fastest_axis(v.arg[1]) for v in self.kernel.values if v.op == "load" and not v.arg[2]
+        } - {None}
+        if len(store_axes) != 1:
+            return None
+        (x_axis,) = store_axes
+        others = sorted(load_axes - {x_axis})
+        return (others[0], x_axis) if others else None
+
+    def tiled_prologue(self, tile: tuple[int, int], wide: bool, body: _Scope) -> None:
+        y_axis, x_axis = tile
+        ranges = self.kernel.ranges
+        body.emit("xi = tl.program_id(0) * XBLOCK + tl.arange(0, XBLOCK)[None, :]")
+        body.emit("yi = tl.program_id(1) * YBLOCK + tl.arange(0, YBLOCK)[:, None]")
+        body.emit("zi = tl.program_id(2)")
+        if wide:
+            body.emit("xi = xi.to(tl.int64)")
+            body.emit("yi = yi.to(tl.int64)")
+            body.emit("zi = zi.to(tl.int64)")
+        x_size = _print_index(sympy.sympify(ranges[x_axis]), {})
+        y_size = _print_index(sympy.sympify(ranges[y_axis]), {})
+        body.emit(f"xmask = (xi < {x_size}) & (yi < {y_size})")
+        body.emit("xindex = xi + yi")  # a [YBLOCK, XBLOCK] block, for shapes only
+        body.emit(f"i{x_axis} = xi")
+        body.emit(f"i{y_axis} = yi")
+        rest = [k for k in range(len(ranges)) if k not in tile]
+        if rest:
+            inner = _Scope()
+            self.decompose("zi", [ranges[k] for k in rest], "z", inner)
+            for line in inner.lines:
+                body.lines.append(line)
+            for position, k in enumerate(rest):
+                body.emit(f"i{k} = z{position}")
 
     def needs_int64(self) -> bool:
         limit = 2**31 - 1

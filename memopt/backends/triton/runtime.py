@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import math
 import os
 import sys
 import tempfile
@@ -90,13 +91,10 @@ class TritonKernel:
         outputs: Sequence[torch.Tensor],
         sizes: Mapping[str, int],
     ) -> None:
-        bindings = {sympy.Symbol(name): value for name, value in sizes.items()}
-
         def ev(expr: sympy.Expr) -> int:
             expr = sympy.sympify(expr)
             return int(expr.xreplace({s: sympy.Integer(sizes[s.name]) for s in expr.free_symbols}))
 
-        del bindings
         xnumel = ev(sympy.Mul(*self.kernel.ranges))
         rnumel = ev(sympy.Mul(*self.kernel.reduction_ranges)) if self.kernel.reduction_ranges else 1
         if xnumel == 0:
@@ -105,9 +103,19 @@ class TritonKernel:
         on_gpu = any(t.is_cuda for t in tensors)
         module = _load(self.source_path, interpret=not on_gpu)
         fn = getattr(module, self.rendered.fn_name)
+        args = [*tensors, *(sizes[n] for n in self.rendered.size_names), xnumel, rnumel]
+        if self.rendered.tile is not None:
+            y_axis, x_axis = self.rendered.tile
+            ranges = [ev(r) for r in self.kernel.ranges]
+            rest = math.prod(r for k, r in enumerate(ranges) if k not in (y_axis, x_axis))
+            cap = 32 if on_gpu else 128
+            xblock = min(cap, _next_pow2(ranges[x_axis]))
+            yblock = min(cap, _next_pow2(ranges[y_axis]))
+            grid = (-(-ranges[x_axis] // xblock), -(-ranges[y_axis] // yblock), rest)
+            fn[grid](*args, XBLOCK=xblock, YBLOCK=yblock)
+            return
         xblock, rblock = block_sizes(self.rendered, xnumel, rnumel, on_gpu)
         grid = ((xnumel + xblock - 1) // xblock,)
-        args = [*tensors, *(sizes[n] for n in self.rendered.size_names), xnumel, rnumel]
         if rblock is None:
             fn[grid](*args, XBLOCK=xblock)
         else:
