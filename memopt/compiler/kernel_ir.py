@@ -15,6 +15,7 @@ contains no r variable.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import sympy
@@ -53,6 +54,12 @@ def reduction_var(k: int) -> sympy.Symbol:
 def indirect_var(k: int) -> sympy.Symbol:
     """Stands for a loaded value inside an index expression (an indirect load)."""
     return sympy.Symbol(f"t{k}", integer=True)
+
+
+def evaluate_size(expr: object, sizes: Mapping[str, int]) -> int:
+    """A size expression as an int, given each size symbol's value by name (as backends get)."""
+    expr = sympy.sympify(expr)
+    return int(expr.xreplace({s: sympy.Integer(sizes[s.name]) for s in expr.free_symbols}))
 
 
 def is_reduction_var(symbol: sympy.Symbol) -> bool:

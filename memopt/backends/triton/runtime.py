@@ -21,7 +21,7 @@ import sympy
 import torch
 
 from memopt.backends.triton.render import PERSISTENT_MAX, RenderedKernel, render
-from memopt.compiler.kernel_ir import Kernel
+from memopt.compiler.kernel_ir import Kernel, evaluate_size
 
 _MODULES: dict[str, object] = {}
 
@@ -92,8 +92,7 @@ class TritonKernel:
         sizes: Mapping[str, int],
     ) -> None:
         def ev(expr: sympy.Expr) -> int:
-            expr = sympy.sympify(expr)
-            return int(expr.xreplace({s: sympy.Integer(sizes[s.name]) for s in expr.free_symbols}))
+            return evaluate_size(expr, sizes)
 
         xnumel = ev(sympy.Mul(*self.kernel.ranges))
         rnumel = ev(sympy.Mul(*self.kernel.reduction_ranges)) if self.kernel.reduction_ranges else 1
