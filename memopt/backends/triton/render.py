@@ -1,240 +1,147 @@
 """Kernel IR -> Triton source.
 
-One walk over the kernel's values emits one line per value (`tmp<k> = ...`), from a table of
-op templates; the loop skeleton decides where each line goes:
+One walk over the kernel's values emits one line per value (`tmp<k> = ...`, k its position
+in kernel.values, %k in the printed kernel) from the op tables of ops.py; the loop skeleton
+decides where each line goes:
 
-- pointwise kernels: one flat block of XBLOCK domain points per program;
-- reduction kernels: XBLOCK rows per program. *Persistent* when the reduced extent fits one
-  block (RBLOCK >= rnumel): every value is computed once, reductions are `tl.sum(..., 1)`.
-  *Looped* otherwise: one loop over the reduced extent per level of dependent reductions
-  (layer_norm's variance needs the mean first), accumulating in [XBLOCK, RBLOCK] registers,
-  then a last loop for the stores of full (per-element) values.
+- pointwise kernels: one flat block of XBLOCK domain points per program, or a
+  [YBLOCK, XBLOCK] tile when a load's stride-1 range is not the stores' one (a transposed
+  read), so that both the read and the write are contiguous along one tile axis;
+- reduction kernels: XBLOCK rows per program. *Persistent* when the reduced extent is known
+  and fits one block (rnumel <= PERSISTENT_MAX, RBLOCK >= rnumel): every value is computed
+  once, reductions are `tl.sum(..., 1)`. *Looped* otherwise: one loop over the reduced
+  extent per level of dependent reductions (layer_norm's variance needs the mean first),
+  accumulating in [XBLOCK, RBLOCK] registers, then a last loop for the stores of full
+  (per-element) values; row values and row stores come once per row, between the loops.
 
 Every value is computed in fp32 when its dtype is a 16-bit float: loads upcast, casts to a
-16-bit type round and come back to fp32, stores cast to the buffer's dtype. (Triton's CPU
-interpreter gets bf16 arithmetic wrong, and a GPU kernel should compute this way anyway.)
-Functions Triton's interpreter lacks (tanh, pow, log1p, ...) are written with builtins, so
-one source runs on a GPU and in the interpreter.
+16-bit type round and come back to fp32, stores convert to the buffer's dtype. (Triton's
+CPU interpreter gets bf16 arithmetic wrong, and a GPU kernel should compute this way
+anyway.) Functions Triton's interpreter lacks (tanh, pow, log1p, atan2, ...) are written
+with builtins, so one source runs on a GPU and in the interpreter. Index arithmetic is
+int64 when a buffer's extent or the domain may pass 2**31 - 1 (or is symbolic).
 """
 
 from __future__ import annotations
 
-import math
+import functools
 from dataclasses import dataclass, field
 
 import sympy
 import torch
-from torch.utils._sympy.functions import FloorDiv, ModularIndexing
+from torch.utils._sympy.functions import (
+    FloorDiv,
+    Identity,
+    ModularIndexing,
+    PowByNatural,
+    PythonMod,
+)
+from torch.utils._sympy.functions import Max as TorchMax
+from torch.utils._sympy.functions import Min as TorchMin
+from torch.utils._sympy.functions import Mod as TorchMod
 
-from memopt.compiler.kernel_ir import Kernel, Value, index_var, is_reduction_var, reduction_var
+from memopt.backends.triton.ops import (
+    BOOL_BINARY,
+    BOOL_UNARY,
+    COMMON_BINARY,
+    FLOAT_BINARY,
+    FLOAT_POW_BY_CONSTANT,
+    FLOAT_UNARY,
+    HALF,
+    HELPERS,
+    INT_BINARY,
+    INT_UNARY,
+    LOOP_UPDATES,
+    POW_BY_CONSTANT,
+    PREDICATES,
+    Unsupported,
+    bf16_round,
+    convert,
+    held_dtype,
+    literal,
+    number,
+    reduction_identity,
+    reduction_result,
+    tl_dtype,
+)
+from memopt.compiler.kernel_ir import (
+    Kernel,
+    Store,
+    Value,
+    index_var,
+    is_reduction_var,
+    reduction_var,
+)
 
 # Largest reduced extent computed in one block (persistent reduction).
 PERSISTENT_MAX = 4096
 # Block of the reduced extent per loop iteration (looped reduction).
 LOOP_RBLOCK = 1024
 
-_TL_DTYPES = {
-    torch.float32: "tl.float32",
-    torch.float64: "tl.float64",
-    torch.float16: "tl.float16",
-    torch.bfloat16: "tl.bfloat16",
-    torch.int64: "tl.int64",
-    torch.int32: "tl.int32",
-    torch.int16: "tl.int16",
-    torch.int8: "tl.int8",
-    torch.uint8: "tl.uint8",
-    torch.bool: "tl.int1",
-}
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def tl_dtype(dtype: torch.dtype) -> str:
-    return _TL_DTYPES[dtype]
-
-
-def held_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a value is computed in: 16-bit floats are held in fp32."""
-    return torch.float32 if dtype in _HALF else dtype
-
-
-class Unsupported(Exception):
-    """An op this backend cannot render; the runtime falls back to the reference backend."""
-
-
-# -- op templates: {a}, {b}, {c} are operand names; fp and int variants where they differ --
-
-_FLOAT_UNARY = {
-    "neg": "-{a}",
-    "abs": "tl.abs({a})",
-    "exp": "tl.exp({a})",
-    "exp2": "tl.exp2({a})",
-    "expm1": "(tl.exp({a}) - 1.0)",
-    "log": "tl.log({a})",
-    "log2": "tl.log2({a})",
-    "log1p": "tl.log(1.0 + {a})",
-    "sqrt": "tl.sqrt({a})",
-    "rsqrt": "tl.rsqrt({a})",
-    "sin": "tl.sin({a})",
-    "cos": "tl.cos({a})",
-    "tan": "(tl.sin({a}) / tl.cos({a}))",
-    "tanh": "(2.0 * tl.sigmoid(2.0 * {a}) - 1.0)",
-    "sigmoid": "tl.sigmoid({a})",
-    "erf": "tl.erf({a})",
-    "relu": "tl.where({a} < 0, 0.0, {a})",
-    "reciprocal": "(1.0 / {a})",
-    "sign": "tl.where({a} > 0, 1.0, tl.where({a} < 0, -1.0, {a} * 0.0))",
-    "floor": "tl.floor({a})",
-    "ceil": "tl.ceil({a})",
-    "trunc": "tl.where({a} < 0, tl.ceil({a}), tl.floor({a}))",
-    "round": "_round_half_even({a})",
-    "square": "({a} * {a})",
-    "isnan": "({a} != {a})",
-    "isinf": "(tl.abs({a}) == float('inf'))",
-    "logical_not": "({a} == 0)",
-}
-_INT_UNARY = {
-    "neg": "-{a}",
-    "abs": "tl.where({a} < 0, -{a}, {a})",
-    "relu": "tl.where({a} < 0, 0, {a})",
-    "sign": "tl.where({a} > 0, 1, tl.where({a} < 0, -1, 0))",
-    "square": "({a} * {a})",
-    "logical_not": "({a} == 0)",
-    "bitwise_not": "(~{a})",
-    "floor": "{a}",
-    "ceil": "{a}",
-    "trunc": "{a}",
-    "round": "{a}",
-    "isnan": "({a} != {a})",
-    "isinf": "({a} != {a})",
-}
-_BOOL_UNARY = {"logical_not": "({a} == 0)", "bitwise_not": "({a} == 0)"}
-_COMMON_BINARY = {
-    "add": "({a} + {b})",
-    "sub": "({a} - {b})",
-    "mul": "({a} * {b})",
-    "eq": "({a} == {b})",
-    "ne": "({a} != {b})",
-    "lt": "({a} < {b})",
-    "le": "({a} <= {b})",
-    "gt": "({a} > {b})",
-    "ge": "({a} >= {b})",
-    "logical_and": "(({a} != 0) & ({b} != 0))",
-    "logical_or": "(({a} != 0) | ({b} != 0))",
-    "logical_xor": "(({a} != 0) ^ ({b} != 0))",
-    "bitwise_and": "({a} & {b})",
-    "bitwise_or": "({a} | {b})",
-    "bitwise_xor": "({a} ^ {b})",
-}
-_FLOAT_BINARY = {
-    "truediv": "({a} / {b})",
-    "floordiv": "tl.floor({a} / {b})",
-    "truncdiv": "_trunc({a} / {b})",
-    "remainder": "({a} - {b} * tl.floor({a} / {b}))",
-    "fmod": "({a} - {b} * _trunc({a} / {b}))",
-    "pow": "_pow({a}, {b})",
-    # torch.maximum/minimum propagate nan
-    "maximum": "tl.where({a} != {a}, {a}, tl.where({b} != {b}, {b}, tl.maximum({a}, {b})))",
-    "minimum": "tl.where({a} != {a}, {a}, tl.where({b} != {b}, {b}, tl.minimum({a}, {b})))",
-}
-_INT_BINARY = {
-    "truediv": "({a}.to(tl.float32) / {b}.to(tl.float32))",
-    "floordiv": "_floordiv_int({a}, {b})",
-    "truncdiv": "({a} // {b})",
-    "remainder": "_remainder_int({a}, {b})",
-    "fmod": "({a} % {b})",
-    "pow": "_pow_int({a}, {b})",
-    "maximum": "tl.maximum({a}, {b})",
-    "minimum": "tl.minimum({a}, {b})",
-}
-
-HELPERS = """
-@triton.jit
-def _trunc(x):
-    return tl.where(x < 0, tl.ceil(x), tl.floor(x))
-
-
-@triton.jit
-def _round_half_even(x):
-    low = tl.floor(x)
-    diff = x - low
-    low_is_even = (low - 2.0 * tl.floor(low * 0.5)) == 0.0
-    return tl.where(diff > 0.5, low + 1.0, tl.where(diff < 0.5, low, tl.where(low_is_even, low, low + 1.0)))
-
-
-@triton.jit
-def _pow(base, exponent):
-    # exp2(y * log2|x|), with torch's signs and special cases for x <= 0.
-    magnitude = tl.exp2(exponent * tl.log2(tl.abs(base)))
-    integral = exponent == tl.floor(exponent)
-    odd = integral & ((exponent - 2.0 * tl.floor(exponent * 0.5)) != 0.0)
-    signed = tl.where((base < 0) & odd, -magnitude, magnitude)
-    result = tl.where((base < 0) & (~integral), float("nan"), signed)
-    result = tl.where(base == 0, tl.where(exponent == 0, 1.0, tl.where(exponent > 0, 0.0, float("inf"))), result)
-    return tl.where(exponent == 0, 1.0, result)
-
-
-@triton.jit
-def _floordiv_int(a, b):
-    q = a // b
-    return tl.where(((a % b) != 0) & ((a < 0) != (b < 0)), q - 1, q)
-
-
-@triton.jit
-def _remainder_int(a, b):
-    r = a % b
-    return tl.where((r != 0) & ((r < 0) != (b < 0)), r + b, r)
-
-
-@triton.jit
-def _pow_int(a, b):
-    result = a * 0 + 1
-    base = a
-    e = b
-    for _ in tl.static_range(63):
-        result = tl.where((e & 1) != 0, result * base, result)
-        base = base * base
-        e = e >> 1
-    return result
-"""
+_ATOM, _PRODUCT, _SUM = 3, 2, 1  # precedence of printed index expressions
 
 
 def _print_index(expr: sympy.Expr, names: dict[sympy.Symbol, str]) -> str:
-    """A sympy index expression as Triton integer arithmetic."""
+    """A sympy index expression as Triton integer arithmetic (`1000*i0 + r0`).
+
+    Symbols print as `names` maps them (indirect t<k> -> the loaded value), else by name.
+    Triton's `//` and `%` truncate toward zero on ints where sympy's FloorDiv and Mod round
+    down: they agree because index expressions divide non-negative numbers by positive ones
+    (an index variable, size or offset is never negative in a lane that reads or writes).
+    """
+    return _index_text(sympy.sympify(expr), names)[0]
+
+
+def _index_text(expr: sympy.Expr, names: dict[sympy.Symbol, str]) -> tuple[str, int]:
+    """(text, precedence) of an index expression."""
+
+    def wrapped(arg: sympy.Expr, level: int) -> str:
+        text, own = _index_text(arg, names)
+        return text if own >= level else f"({text})"
+
     if isinstance(expr, sympy.Symbol):
-        return names.get(expr, expr.name)
+        return names.get(expr, expr.name), _ATOM
     if isinstance(expr, sympy.Integer):
-        return str(int(expr))
+        return str(int(expr)), _ATOM if expr >= 0 else _SUM
     if isinstance(expr, sympy.Rational):
         raise Unsupported(f"non-integer index {expr}")
     if isinstance(expr, sympy.Add):
-        return "(" + " + ".join(_print_index(a, names) for a in expr.args) + ")"
+        parts = []
+        for term in expr.as_ordered_terms():
+            negative = term.as_coeff_Mul()[0] < 0
+            text = wrapped(-term if negative else term, _PRODUCT)
+            parts.append(("-" if negative else "+", text))
+        sign, first = parts[0]
+        text = ("-" if sign == "-" else "") + first
+        return text + "".join(f" {s} {t}" for s, t in parts[1:]), _SUM
     if isinstance(expr, sympy.Mul):
-        return "(" + " * ".join(_print_index(a, names) for a in expr.args) + ")"
-    if isinstance(expr, sympy.Pow) and expr.exp.is_Integer and expr.exp > 0:
-        return "(" + " * ".join([_print_index(expr.base, names)] * int(expr.exp)) + ")"
+        coeff, rest = expr.as_coeff_Mul()
+        if coeff == -1:
+            return "-" + wrapped(rest, _ATOM), _SUM
+        factors = ([] if coeff == 1 else [coeff]) + list(sympy.Mul.make_args(rest))
+        return "*".join(wrapped(f, _ATOM) for f in factors), _PRODUCT
+    if isinstance(expr, sympy.Pow | PowByNatural) and expr.args[1].is_Integer and expr.args[1] > 0:
+        return "*".join([wrapped(expr.args[0], _ATOM)] * int(expr.args[1])), _PRODUCT
     if isinstance(expr, FloorDiv):
-        return f"({_print_index(expr.args[0], names)} // {_print_index(expr.args[1], names)})"
+        return f"({wrapped(expr.args[0], _PRODUCT)} // {wrapped(expr.args[1], _ATOM)})", _ATOM
     if isinstance(expr, ModularIndexing):
-        a, b, c = (_print_index(x, names) for x in expr.args)
-        return f"(({a} // {b}) % {c})"
-    if isinstance(expr, sympy.Mod):
-        return f"({_print_index(expr.args[0], names)} % {_print_index(expr.args[1], names)})"
-    if isinstance(expr, sympy.Min):
-        return _fold("tl.minimum", [_print_index(a, names) for a in expr.args])
-    if isinstance(expr, sympy.Max):
-        return _fold("tl.maximum", [_print_index(a, names) for a in expr.args])
+        base, divisor, modulus = expr.args
+        if divisor != 1:
+            base = FloorDiv(base, divisor)
+        return f"({wrapped(base, _PRODUCT)} % {wrapped(modulus, _ATOM)})", _ATOM
+    if isinstance(expr, sympy.Mod | TorchMod | PythonMod):
+        return f"({wrapped(expr.args[0], _PRODUCT)} % {wrapped(expr.args[1], _ATOM)})", _ATOM
+    if isinstance(expr, sympy.floor | sympy.ceiling):
+        numerator, denominator = sympy.fraction(sympy.together(expr.args[0]))
+        if isinstance(expr, sympy.ceiling):  # non-negative numerator, as above
+            numerator = numerator + denominator - 1
+        return _index_text(FloorDiv(numerator, denominator), names)
+    if isinstance(expr, sympy.Min | sympy.Max | TorchMin | TorchMax):
+        fn = "tl.minimum" if isinstance(expr, sympy.Min | TorchMin) else "tl.maximum"
+        return _fold(fn, [_index_text(a, names)[0] for a in expr.args]), _ATOM
+    if isinstance(expr, Identity):
+        return _index_text(expr.args[0], names)
     raise Unsupported(f"cannot print index expression {expr} ({type(expr).__name__})")
-
-
-def _bf16_round(x: str) -> str:
-    """fp32 -> nearest bf16 (ties to even), still in fp32, with integer ops.
-
-    `.to(tl.bfloat16)` truncates in Triton's interpreter; this rounds the same way on a GPU
-    and in the interpreter (as torch does). nan and inf pass through.
-    """
-    bits = f"{x}.to(tl.uint32, bitcast=True)"
-    rounded = f"(({bits} + 0x7FFF + (({bits} >> 16) & 1)) & 0xFFFF0000)"
-    return f"tl.where({x} != {x}, {x}, {rounded}.to(tl.float32, bitcast=True))"
 
 
 def _fold(fn: str, args: list[str]) -> str:
@@ -244,21 +151,19 @@ def _fold(fn: str, args: list[str]) -> str:
     return text
 
 
-def _literal(value: object, dtype: torch.dtype) -> str:
-    if dtype == torch.bool:
-        return "1" if value else "0"
-    if dtype.is_floating_point:
-        number = float(value)
-        if math.isnan(number):
-            return 'float("nan")'
-        if math.isinf(number):
-            return 'float("inf")' if number > 0 else 'float("-inf")'
-        return repr(number)
-    return str(int(value))
-
-
 @dataclass
 class RenderedKernel:
+    """A kernel's Triton module and how to launch its `@triton.jit` function `fn_name`.
+
+    Parameters, in order: one pointer per input then per output buffer (`arg_names`), one
+    int per size symbol (`size_names`), `xnumel` (the product of the ranges) and `rnumel`
+    (of the reduction ranges; 1 for a pointwise kernel), then the constexpr block sizes
+    XBLOCK, and RBLOCK for a reduction or YBLOCK for a 2D tile. Layouts: a pointwise kernel
+    is a flat block, or a [YBLOCK, XBLOCK] tile when `tile` is (y range, x range); a
+    reduction is persistent (RBLOCK = `rblock` >= rnumel, no loop) or looped (steps of
+    `rblock`). The runtime chooses XBLOCK and YBLOCK at launch.
+    """
+
     source: str
     fn_name: str
     arg_names: list[str]
@@ -269,6 +174,17 @@ class RenderedKernel:
     ranges: tuple[sympy.Expr, ...]
     reduction_ranges: tuple[sympy.Expr, ...]
     tile: tuple[int, int] | None = None  # (y, x) ranges of a 2D tile, else a 1D block
+
+    @property
+    def looped(self) -> bool:
+        return self.reduction and not self.persistent
+
+    @property
+    def params(self) -> list[str]:
+        """The kernel function's parameters, in order."""
+        blocks = ["XBLOCK"] + (["RBLOCK"] if self.reduction else [])
+        blocks += ["YBLOCK"] if self.tile is not None else []
+        return [*self.arg_names, *self.size_names, "xnumel", "rnumel", *blocks]
 
 
 def _fastest_axis(index: sympy.Expr) -> int | None:
@@ -292,7 +208,6 @@ class _Scope:
 class _Renderer:
     def __init__(self, kernel: Kernel) -> None:
         self.kernel = kernel
-        self.counter = 0
         self.reduction = bool(kernel.reduction_ranges)
         rnumel = sympy.Mul(*kernel.reduction_ranges) if self.reduction else sympy.Integer(1)
         self.persistent = self.reduction and rnumel.is_number and int(rnumel) <= PERSISTENT_MAX
@@ -306,10 +221,13 @@ class _Renderer:
         self.var_names = {index_var(k): f"i{k}" for k in range(len(kernel.ranges))}
         self.var_names |= {reduction_var(k): f"r{k}" for k in range(len(kernel.reduction_ranges))}
         self.outer = _Scope()
+        self.positions = {value: k for k, value in enumerate(kernel.values)}
+        # Zeros shaped like the block's offsets, for an index without any variable.
+        self.zero_block = "0 * xindex"
 
-    def fresh(self) -> str:
-        self.counter += 1
-        return f"tmp{self.counter}"
+    def name(self, value: Value) -> str:
+        """`tmp<k>` for the k-th value of kernel.values (%k in the printed kernel)."""
+        return f"tmp{self.positions[value]}"
 
     # -- expressions ------------------------------------------------------------------
 
@@ -334,7 +252,7 @@ class _Renderer:
         if value.op == "reduce" and scope is not self.outer and not self.persistent:
             raise AssertionError(f"reduction {value} must be computed by its loop first")
         text = self.expression(value, scope)
-        name = self.fresh()
+        name = self.name(value)
         scope.emit(f"{name} = {text}")
         scope.names[value] = name
         return name
@@ -343,17 +261,14 @@ class _Renderer:
         op = value.op
         if op == "load":
             return self.load(value, scope)
-        if op == "const":
+        if op == "const" or (op == "index" and not value.arg.free_symbols):
+            # The number rounded to the Value's dtype (a 16-bit constant is not fp32's).
             held = held_dtype(value.dtype)
-            return f"tl.full([1], {_literal(value.arg, held)}, {tl_dtype(held)})"
+            rounded = torch.tensor(number(value.arg), dtype=value.dtype).to(held).item()
+            return f"tl.full([1], {literal(rounded, held)}, {tl_dtype(held)})"
         if op == "index":
-            if not value.arg.free_symbols:
-                held = held_dtype(value.dtype)
-                return f"tl.full([1], {_literal(value.arg, held)}, {tl_dtype(held)})"
             text = self.index(value.arg, scope, {})
-            if value.dtype == torch.int64:
-                return f"({text}).to(tl.int64)"
-            return f"({text}).to({tl_dtype(held_dtype(value.dtype))})"
+            return self.cast(f"({text}).to(tl.int64)", torch.int64, value.dtype)
         if op == "cast":
             source = self.value(value.args[0], scope)
             return self.cast(source, value.args[0].dtype, value.dtype)
@@ -362,9 +277,12 @@ class _Renderer:
         return self.pointwise(value, scope)
 
     def cast(self, source: str, from_dtype: torch.dtype, to_dtype: torch.dtype) -> str:
+        """`source`, held as `from_dtype` holds, rounded to `to_dtype` and held as it holds."""
+        if held_dtype(from_dtype) == to_dtype:
+            return source
         if to_dtype == torch.bfloat16:
-            return _bf16_round(f"{source}.to(tl.float32)")
-        if to_dtype in _HALF:
+            return bf16_round(f"{source}.to(tl.float32)")
+        if to_dtype in HALF:
             # Round to 16 bits, keep computing in fp32.
             return f"{source}.to({tl_dtype(to_dtype)}).to(tl.float32)"
         if to_dtype == torch.bool:
@@ -381,89 +299,118 @@ class _Renderer:
         symbols = set(index.free_symbols) | {s for v in operands for s in v.symbols}
         mask = self.mask_for(symbols)
         if not index.free_symbols:
-            offset = f"{offset} + 0 * xindex"  # a block of offsets, not one scalar
+            offset = f"{offset} + {self.zero_block}"  # a block of offsets, not one scalar
         if extra_mask is not None:
             mask = f"{mask} & {extra_mask}"
             # A masked-off lane may compute a wild offset: clamp it to 0.
             offset = f"tl.where({extra_mask}, {offset}, 0)"
         buffer_dtype = self.kernel.buffers[buffer].dtype
         text = f"tl.load({buffer} + ({offset}), {mask}, other=0)"
-        if buffer_dtype in _HALF:
-            text += ".to(tl.float32)"
+        if buffer_dtype in HALF:
+            text += ".to(tl.float32)"  # exact: the 16-bit value, computed on in fp32
+        if value.dtype != buffer_dtype:  # a load that converts, as the reference backend's
+            text = self.cast(text, buffer_dtype, value.dtype)
         return text
 
     def pointwise(self, value: Value, scope: _Scope) -> str:
-        names = [self.value(a, scope) for a in value.args]
+        """A pointwise op from the template tables, on operands converted as torch does.
+
+        Operands meet in the dtype the op computes in (as the reference backend): the
+        result's held dtype, or for comparisons and logical ops the operands' promoted one.
+        """
         op = value.op
-        operand_dtype = held_dtype(value.args[0].dtype) if value.args else value.dtype
+        result = held_dtype(value.dtype)
+        if op == "where":
+            targets = [torch.bool, result, result]
+        elif op in PREDICATES:
+            promoted = functools.reduce(torch.promote_types, (a.dtype for a in value.args))
+            targets = [held_dtype(promoted)] * len(value.args)
+        else:
+            targets = [result] * len(value.args)
+        names = [
+            convert(self.value(arg, scope), held_dtype(arg.dtype), target)
+            for arg, target in zip(value.args, targets)
+        ]
         if op == "where":
             return f"tl.where({names[0]}, {names[1]}, {names[2]})"
-        if op == "atan2":
-            raise Unsupported("atan2 has no Triton builtin that the interpreter runs")
-        if len(names) == 1:
-            if operand_dtype == torch.bool:
-                table = _BOOL_UNARY
-            elif operand_dtype.is_floating_point:
-                table = _FLOAT_UNARY
-            else:
-                table = _INT_UNARY
-            template = table.get(op)
-            if template is None:
-                raise Unsupported(f"{op} on {operand_dtype}")
-            return template.format(a=names[0])
-        template = _COMMON_BINARY.get(op)
-        if template is None:
-            table = _FLOAT_BINARY if operand_dtype.is_floating_point else _INT_BINARY
-            template = table.get(op)
+        operand_dtype = targets[-1]
+        if operand_dtype == torch.bool:
+            tables = (BOOL_UNARY,) if len(names) == 1 else (BOOL_BINARY, COMMON_BINARY)
+        elif operand_dtype.is_floating_point:
+            tables = (FLOAT_UNARY,) if len(names) == 1 else (COMMON_BINARY, FLOAT_BINARY)
+        else:
+            tables = (INT_UNARY,) if len(names) == 1 else (COMMON_BINARY, INT_BINARY)
+        if op == "pow" and value.args[1].op == "const":
+            exponent = float(value.args[1].arg)
+            special = {
+                **POW_BY_CONSTANT,
+                **(FLOAT_POW_BY_CONSTANT if result.is_floating_point else {}),
+            }
+            tables = ({op: special[exponent]}, *tables) if exponent in special else tables
+        template = next((t[op] for t in tables if op in t), None)
         if template is None:
             raise Unsupported(f"{op} on {operand_dtype}")
-        return template.format(a=names[0], b=names[1])
+        return template.format(a=names[0], b=names[-1])
 
-    def reduce_inputs(self, value: Value, source: str) -> tuple[str, str]:
-        """(masked operand, identity) for a reduction over a [XBLOCK, RBLOCK] block."""
+    def reduce_inputs(self, value: Value, source: str) -> tuple[str, str, torch.dtype]:
+        """(masked operand, identity, accumulator dtype) of a reduction over a block.
+
+        Sums and products accumulate in the result's dtype (fp32 for 16-bit floats, int64
+        for integer and bool sums, as torch); max/min/argmax/argmin compare in the operand's
+        dtype (bool as int8); any/all reduce `x != 0` as int8. Lanes past rnumel (and rows
+        past xnumel) hold the identity.
+        """
         kind = value.arg
-        operand_dtype = held_dtype(value.args[0].dtype)
-        floating = operand_dtype.is_floating_point
-        identity = {
-            "sum": "0.0" if floating else "0",
-            "prod": "1.0" if floating else "1",
-            "max": 'float("-inf")'
-            if floating
-            else str(torch.iinfo(operand_dtype).min if operand_dtype != torch.bool else 0),
-            "min": 'float("inf")'
-            if floating
-            else str(torch.iinfo(operand_dtype).max if operand_dtype != torch.bool else 1),
-            "argmax": 'float("-inf")' if floating else str(torch.iinfo(torch.int64).min),
-            "argmin": 'float("inf")' if floating else str(torch.iinfo(torch.int64).max),
-            "any": "0",
-            "all": "1",
-        }[kind]
+        operand = held_dtype(value.args[0].dtype)
+        if kind in ("sum", "prod"):
+            acc = held_dtype(value.dtype)
+        elif kind in ("any", "all") or operand == torch.bool:
+            acc = torch.int8
+        else:
+            acc = operand
         if kind in ("any", "all"):
-            source = f"({source} != 0).to(tl.int32)"
-        elif operand_dtype == torch.bool:
-            source = f"{source}.to(tl.int32)"
-        return f"tl.where(xmask & rmask, {source}, {identity})", identity
+            source = f"({source} != 0).to(tl.int8)"
+        elif acc != operand:
+            source = f"{source}.to({tl_dtype(acc)})"
+        identity = reduction_identity(kind, acc)
+        return f"tl.where(xmask & rmask, {source}, {identity})", identity, acc
+
+    def reduce_block(
+        self, kind: str, block: str, index: str, missing: str, acc: torch.dtype, scope: _Scope
+    ) -> str:
+        """The [XBLOCK, 1] reduction over axis 1 of a masked block.
+
+        `index` holds each lane's flat reduction index (argmax/argmin), `missing` an index no
+        lane holds. torch's max/min/argmax/argmin propagate nan (the first nan wins), which
+        tl.max/tl.min do not (they skip it on a GPU and in the interpreter): a float block
+        also reduces its nan flags. Ties go to the first index, as torch.
+        """
+        if kind == "sum":
+            return f"tl.sum({block}, 1)[:, None]"
+        if kind == "prod":
+            return f"tl.reduce({block}, 1, _mul_combine)[:, None]"
+        if kind in ("any", "all"):
+            return f"({'tl.max' if kind == 'any' else 'tl.min'}({block}, 1)[:, None] != 0)"
+        extreme = "tl.max" if kind in ("max", "argmax") else "tl.min"
+        best = f"{extreme}({block}, 1)[:, None]"
+        if acc.is_floating_point:
+            scope.emit(f"{block}_nan = tl.max(({block} != {block}).to(tl.int8), 1)[:, None] != 0")
+            best = f'tl.where({block}_nan, float("nan"), {best})'
+        if kind in ("max", "min"):
+            return best
+        scope.emit(f"{block}_best = {best}")
+        hit = f"{block} == {block}_best"
+        if acc.is_floating_point:
+            hit = f"({hit}) | (({block} != {block}) & {block}_nan)"
+        return f"tl.min(tl.where({hit}, {index}, {missing}), 1)[:, None]"
 
     def persistent_reduce(self, value: Value, scope: _Scope) -> str:
         source = self.value(value.args[0], scope)
-        if value.args[0].is_row:
-            source = f"tl.broadcast_to({source}, [XBLOCK, RBLOCK])"
-        masked, _ = self.reduce_inputs(value, source)
-        kind = value.arg
-        block = self.fresh()
+        masked, _, acc = self.reduce_inputs(value, source)
+        block = f"{self.name(value)}_block"
         scope.emit(f"{block} = {masked}")
-        result = {
-            "sum": f"tl.sum({block}, 1)",
-            "prod": f"tl.reduce({block}, 1, _mul_combine)",
-            "max": f"tl.max({block}, 1)",
-            "min": f"tl.min({block}, 1)",
-            "argmax": f"tl.argmax({block}, 1)",
-            "argmin": f"tl.argmin({block}, 1)",
-            "any": f"(tl.max({block}, 1) != 0)",
-            "all": f"(tl.min({block}, 1) != 0)",
-        }[kind]
-        dtype = held_dtype(value.dtype)
-        return f"({result})[:, None].to({tl_dtype(dtype)})"
+        result = self.reduce_block(value.arg, block, "rindex", "RBLOCK", acc, scope)
+        return reduction_result(value, result, acc)
 
     # -- skeletons ---------------------------------------------------------------------
 
@@ -503,20 +450,19 @@ class _Renderer:
         wide = self.needs_int64()
         if tile is not None:
             self.tiled_prologue(tile, wide, body)
-        elif self.reduction:
-            body.emit("xindex = tl.program_id(0) * XBLOCK + tl.arange(0, XBLOCK)[:, None]")
         else:
-            body.emit("xindex = tl.program_id(0) * XBLOCK + tl.arange(0, XBLOCK)")
+            # In int64 the program id converts first: pid * XBLOCK itself may pass 2**31.
+            pid = "tl.program_id(0).to(tl.int64)" if wide else "tl.program_id(0)"
+            lanes = "tl.arange(0, XBLOCK)[:, None]" if self.reduction else "tl.arange(0, XBLOCK)"
+            body.emit(f"xindex = {pid} * XBLOCK + {lanes}")
         if tile is None:
-            if wide:
-                body.emit("xindex = xindex.to(tl.int64)")
             body.emit("xmask = xindex < xnumel")
             self.decompose("xindex", kernel.ranges, "i", body)
         if not self.reduction:
             for store in kernel.stores:
                 self.store(store, body)
         elif self.persistent:
-            body.emit("rindex = tl.arange(0, RBLOCK)[None, :]")
+            body.emit(f"rindex = tl.arange(0, RBLOCK)[None, :]{'.to(tl.int64)' if wide else ''}")
             body.emit("rmask = rindex < rnumel")
             self.decompose("rindex", kernel.reduction_ranges, "r", body)
             for store in kernel.stores:
@@ -524,18 +470,14 @@ class _Renderer:
         else:
             self.looped(body)
         name = f"memopt_{kernel.name}"
+        calls = "\n".join(body.lines)
+        helpers = [text.strip("\n") for helper, text in HELPERS.items() if helper in calls]
         lines = [
             "import triton",
             "import triton.language as tl",
             "",
-            HELPERS.strip("\n"),
             "",
-            "",
-            "@triton.jit",
-            "def _mul_combine(a, b):",
-            "    return a * b",
-            "",
-            "",
+            *(line for helper in helpers for line in (helper, "", "")),
             "@triton.jit",
             f"def {name}({', '.join(args)}):",
             *body.lines,
@@ -573,29 +515,29 @@ class _Renderer:
         return (others[0], x_axis) if others else None
 
     def tiled_prologue(self, tile: tuple[int, int], wide: bool, body: _Scope) -> None:
+        """A [YBLOCK, XBLOCK] tile: x along the stores' fastest range, y along the others.
+
+        The ranges other than the two fold into y with the load's fastest range innermost,
+        so one program covers several of them, and the grid is 1D (GPU grids allow only
+        65535 programs along y and z): the program id splits into the x and y tiles.
+        """
         y_axis, x_axis = tile
         ranges = self.kernel.ranges
-        body.emit("xi = tl.program_id(0) * XBLOCK + tl.arange(0, XBLOCK)[None, :]")
-        body.emit("yi = tl.program_id(1) * YBLOCK + tl.arange(0, YBLOCK)[:, None]")
-        body.emit("zi = tl.program_id(2)")
-        if wide:
-            body.emit("xi = xi.to(tl.int64)")
-            body.emit("yi = yi.to(tl.int64)")
-            body.emit("zi = zi.to(tl.int64)")
-        x_size = _print_index(sympy.sympify(ranges[x_axis]), {})
-        y_size = _print_index(sympy.sympify(ranges[y_axis]), {})
-        body.emit(f"xmask = (xi < {x_size}) & (yi < {y_size})")
-        body.emit("xindex = xi + yi")  # a [YBLOCK, XBLOCK] block, for shapes only
-        body.emit(f"i{x_axis} = xi")
-        body.emit(f"i{y_axis} = yi")
-        rest = [k for k in range(len(ranges)) if k not in tile]
-        if rest:
-            inner = _Scope()
-            self.decompose("zi", [ranges[k] for k in rest], "z", inner)
-            for line in inner.lines:
-                body.lines.append(line)
-            for position, k in enumerate(rest):
-                body.emit(f"i{k} = z{position}")
+        y_ranges = [k for k in range(len(ranges)) if k != x_axis and k != y_axis] + [y_axis]
+        x_size = _print_index(ranges[x_axis], {})
+        y_size = _print_index(sympy.Mul(*(ranges[k] for k in y_ranges)), {})
+        body.emit(f"pid = {'tl.program_id(0).to(tl.int64)' if wide else 'tl.program_id(0)'}")
+        body.emit(f"x_tiles = ({x_size} + XBLOCK - 1) // XBLOCK")
+        body.emit("xindex = (pid % x_tiles) * XBLOCK + tl.arange(0, XBLOCK)[None, :]")
+        body.emit("yindex = (pid // x_tiles) * YBLOCK + tl.arange(0, YBLOCK)[:, None]")
+        body.emit(f"xmask = (xindex < {x_size}) & (yindex < {y_size})")
+        body.emit(f"i{x_axis} = xindex")
+        self.zero_block = "0 * (xindex + yindex)"
+        inner = _Scope()
+        self.decompose("yindex", [ranges[k] for k in y_ranges], "y", inner)
+        body.lines.extend(inner.lines)
+        for position, k in enumerate(y_ranges):
+            body.emit(f"i{k} = y{position}")
 
     def needs_int64(self) -> bool:
         limit = 2**31 - 1
@@ -609,20 +551,22 @@ class _Renderer:
         total = sympy.Mul(*self.kernel.ranges) * sympy.Mul(*self.kernel.reduction_ranges)
         return not total.is_number or int(total) > limit
 
-    def store(self, store, scope: _Scope) -> None:
+    def store(self, store: Store, scope: _Scope) -> None:
+        """tl.store of the value converted straight to the buffer's dtype (tl.store
+        broadcasts a row value over the reduction axis of a full store)."""
         value = self.value(store.value, scope)
         buffer = self.kernel.buffers[store.buffer]
         offset = self.index(store.index, scope, {})
         if not store.index.free_symbols:
-            offset = f"{offset} + 0 * xindex"
+            offset = f"{offset} + {self.zero_block}"
         mask = self.mask_for(set(store.index.free_symbols))
-        if store.value.is_row and self.reduction and not store.is_row:
-            value = f"tl.broadcast_to({value}, [XBLOCK, RBLOCK])"
+        held = held_dtype(store.value.dtype)
         if buffer.dtype == torch.bfloat16:
-            value = f"({_bf16_round(value + '.to(tl.float32)')})"
-        scope.emit(
-            f"tl.store({store.buffer} + ({offset}), {value}.to({tl_dtype(buffer.dtype)}), {mask})"
-        )
+            # Rounded with integer ops first: the interpreter's conversion truncates.
+            value = f"{bf16_round(convert(value, held, torch.float32))}.to(tl.bfloat16)"
+        else:
+            value = convert(value, held, buffer.dtype)
+        scope.emit(f"tl.store({store.buffer} + ({offset}), {value}, {mask})")
 
     def looped(self, body: _Scope) -> None:
         """One loop per level of dependent reductions, then one for full stores."""
@@ -649,7 +593,8 @@ class _Renderer:
     def open_loop(self, body: _Scope) -> _Scope:
         loop = _Scope(indent="        ")
         loop.lines.append("    for roffset in range(0, rnumel, RBLOCK):")
-        loop.emit("rindex = roffset + tl.arange(0, RBLOCK)[None, :]")
+        lanes = "tl.arange(0, RBLOCK)[None, :]" + (".to(tl.int64)" if self.needs_int64() else "")
+        loop.emit(f"rindex = roffset + {lanes}")
         loop.emit("rmask = rindex < rnumel")
         self.decompose("rindex", self.kernel.reduction_ranges, "r", loop)
         return loop
@@ -660,61 +605,32 @@ class _Renderer:
             # Row operands needed inside the loop are emitted before it.
             for arg in value.args:
                 self._emit_rows(arg, body)
-            acc = self.fresh()
-            kind = value.arg
-            source_dtype = held_dtype(value.args[0].dtype)
-            _, identity = self.reduce_inputs(value, "x")
-            acc_dtype = (
-                "tl.int32"
-                if kind in ("any", "all") or source_dtype == torch.bool
-                else tl_dtype(source_dtype)
-            )
-            body.emit(f"{acc} = tl.full([XBLOCK, RBLOCK], {identity}, {acc_dtype})")
-            if kind in ("argmax", "argmin"):
+            acc = f"{self.name(value)}_acc"
+            _, identity, acc_dtype = self.reduce_inputs(value, "x")
+            body.emit(f"{acc} = tl.full([XBLOCK, RBLOCK], {identity}, {tl_dtype(acc_dtype)})")
+            if value.arg in ("argmax", "argmin"):
                 body.emit(f"{acc}_index = tl.full([XBLOCK, RBLOCK], 0, tl.int64)")
             accumulators[value] = acc
         loop = self.open_loop(body)
         for value, acc in accumulators.items():
             source = self.value(value.args[0], loop)
-            if value.args[0].is_row:
-                source = f"tl.broadcast_to({source}, [XBLOCK, RBLOCK])"
-            masked, _ = self.reduce_inputs(value, source)
-            kind = value.arg
-            if kind == "sum":
-                loop.emit(f"{acc} = {acc} + {masked}")
-            elif kind == "prod":
-                loop.emit(f"{acc} = {acc} * {masked}")
-            elif kind in ("max", "any"):
-                loop.emit(f"{acc} = tl.maximum({acc}, {masked})")
-            elif kind in ("min", "all"):
-                loop.emit(f"{acc} = tl.minimum({acc}, {masked})")
+            masked, _, acc_dtype = self.reduce_inputs(value, source)
+            new = f"{self.name(value)}_block"
+            loop.emit(f"{new} = {masked}")
+            update = LOOP_UPDATES[value.arg, acc_dtype.is_floating_point]
+            if value.arg in ("argmax", "argmin"):
+                # Strictly better (or the first nan): on ties the earlier index stays.
+                loop.emit(f"{new}_take = {update.format(acc=acc, new=new)}")
+                loop.emit(f"{acc}_index = tl.where({new}_take, rindex, {acc}_index)")
+                loop.emit(f"{acc} = tl.where({new}_take, {new}, {acc})")
             else:
-                new = self.fresh()
-                loop.emit(f"{new} = {masked}")
-                better = f"{new} > {acc}" if kind == "argmax" else f"{new} < {acc}"
-                loop.emit(f"{acc}_index = tl.where({better}, rindex, {acc}_index)")
-                loop.emit(f"{acc} = tl.where({better}, {new}, {acc})")
+                loop.emit(f"{acc} = {update.format(acc=acc, new=new)}")
         body.lines.extend(loop.lines)
         for value, acc in accumulators.items():
-            kind = value.arg
-            dtype = tl_dtype(held_dtype(value.dtype))
-            if kind == "sum":
-                result = f"tl.sum({acc}, 1)"
-            elif kind == "prod":
-                result = f"tl.reduce({acc}, 1, _mul_combine)"
-            elif kind in ("max", "any"):
-                result = f"tl.max({acc}, 1)"
-            elif kind in ("min", "all"):
-                result = f"tl.min({acc}, 1)"
-            else:
-                best = "tl.max" if kind == "argmax" else "tl.min"
-                body.emit(f"{acc}_best = {best}({acc}, 1)[:, None]")
-                # The first index among lanes holding the best value (torch's tie rule).
-                result = f"tl.min(tl.where({acc} == {acc}_best, {acc}_index, {2**62}), 1)"
-            if kind in ("any", "all"):
-                result = f"({result} != 0)"
-            name = self.fresh()
-            body.emit(f"{name} = ({result})[:, None].to({dtype})")
+            _, _, acc_dtype = self.reduce_inputs(value, "x")
+            result = self.reduce_block(value.arg, acc, f"{acc}_index", "rnumel", acc_dtype, body)
+            name = self.name(value)
+            body.emit(f"{name} = {reduction_result(value, result, acc_dtype)}")
             body.names[value] = name
 
     def _emit_rows(self, value: Value, body: _Scope) -> None:

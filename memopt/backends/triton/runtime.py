@@ -1,21 +1,28 @@
 """Compile and launch rendered Triton kernels, cached on disk by source hash.
 
-On CPU tensors the kernels run under Triton's interpreter: TRITON_INTERPRET=1 must be in
-the environment before the generated module's `@triton.jit` runs, so the runtime sets it
-before importing a module for a CPU launch. (A process that also launches on a GPU should
-set it explicitly; the interpreter is a CPU-only test vehicle.)
+Each source is written once to `<cache dir>/<sha256[:16]>.py` (atomically: a temporary file
+in the same directory, then `os.replace`) and imported under a unique module name; imported
+modules are also kept in a dict for the life of the process.
+
+On CPU tensors the kernels run under Triton's interpreter. TRITON_INTERPRET=1 must be in the
+environment when the generated module's `@triton.jit` runs (it decides between a compiled
+and an interpreted function) and stay there while the kernel runs (the interpreter calls
+Triton's own jitted helpers, such as tl.sum's combine, only while it is set). So the
+runtime sets it, and leaves it set, before importing a module for a launch that has a CPU
+tensor. A module imported for a GPU launch while the variable is set is interpreted too
+(correct, slow): a process that launches on a GPU should not run kernels on CPU tensors.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
-import math
 import os
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 
 import sympy
 import torch
@@ -23,10 +30,12 @@ import torch
 from memopt.backends.triton.render import PERSISTENT_MAX, RenderedKernel, render
 from memopt.compiler.kernel_ir import Kernel, evaluate_size
 
-_MODULES: dict[str, object] = {}
+# (source digest, interpreted) -> the imported module: the in-process cache.
+_MODULES: dict[tuple[str, bool], ModuleType] = {}
 
 
 def cache_dir() -> Path:
+    """`$MEMOPT_CACHE_DIR/triton`, else `~/.cache/memopt/triton`; created on first use."""
     root = os.environ.get("MEMOPT_CACHE_DIR")
     base = Path(root) if root else Path.home() / ".cache" / "memopt"
     path = base / "triton"
@@ -35,27 +44,39 @@ def cache_dir() -> Path:
 
 
 def write_source(source: str) -> Path:
-    """The cache file holding `source` (written atomically if it is not there yet)."""
+    """The cache file holding `source`, written atomically unless an intact one is there."""
     digest = hashlib.sha256(source.encode()).hexdigest()[:16]
-    path = cache_dir() / f"k_{digest}.py"
+    path = cache_dir() / f"{digest}.py"
     if not path.exists() or path.read_text() != source:
-        handle, temp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(handle, "w") as out:
-            out.write(source)
-        os.replace(temp, path)
+        # A temporary name in the same directory, then an atomic rename: a process that
+        # imports the file concurrently sees the old file or the whole new one.
+        handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{digest}.", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "w") as out:
+                out.write(source)
+            os.replace(temp, path)
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
     return path
 
 
-def _load(path: Path, interpret: bool) -> object:
-    key = f"{path}:{interpret}"
+def clear_memory_cache() -> None:
+    """Forget the imported modules (the files stay): the next launch imports from disk."""
+    _MODULES.clear()
+
+
+def _load(path: Path, interpret: bool) -> ModuleType:
+    key = (path.stem, interpret)
     module = _MODULES.get(key)
     if module is None:
         if interpret:
-            os.environ["TRITON_INTERPRET"] = "1"
-        name = f"memopt_triton_{path.stem}_{int(interpret)}"
+            os.environ["TRITON_INTERPRET"] = "1"  # before @triton.jit runs; see the docstring
+        name = f"memopt_triton_{path.stem}_{'interpreted' if interpret else 'compiled'}"
         spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
+        sys.modules[name] = module  # Triton and inspect find the kernel's source through it
         spec.loader.exec_module(module)
         _MODULES[key] = module
     return module
@@ -65,20 +86,45 @@ def _next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+# Triton's interpreter costs ~1.8 ms per program instance whatever its block size
+# (measured, /work/shared/environment.md), so on the CPU one program covers up to 64Ki
+# elements. On a GPU blocks are sized for registers and occupancy instead.
+INTERPRETER_TILE_ELEMENTS = 1 << 16
+GPU_POINTWISE_XBLOCK = 1024
+GPU_REDUCTION_TILE_ELEMENTS = 4096
+GPU_TILE_2D = 64
+
+
 def block_sizes(
-    rendered: RenderedKernel, xnumel: int, rnumel: int, on_gpu: bool
-) -> tuple[int, int | None]:
-    """(XBLOCK, RBLOCK). The interpreter costs ~1.8 ms per program whatever its size, so on
-    the CPU blocks are as large as memory allows; on a GPU they fit registers."""
+    rendered: RenderedKernel, numels: Mapping[str, int], on_gpu: bool
+) -> dict[str, int]:
+    """The constexpr block sizes of one launch (the one place they are chosen).
+
+    `numels`: "xnumel" (rows of a reduction, points of a 1D pointwise kernel), "rnumel",
+    and for a 2D tile "tile_x"/"tile_y" (its extents). RBLOCK was fixed when rendering: a
+    persistent reduction holds a whole row, a looped one steps by LOOP_RBLOCK.
+    """
+    budget = INTERPRETER_TILE_ELEMENTS
+    if rendered.tile is not None:
+        side = GPU_TILE_2D if on_gpu else 256
+        xblock = min(_next_pow2(numels["tile_x"]), side)
+        yblock = min(_next_pow2(numels["tile_y"]), GPU_TILE_2D if on_gpu else budget // xblock)
+        return {"XBLOCK": xblock, "YBLOCK": yblock}
     if not rendered.reduction:
-        cap = 1024 if on_gpu else 16384
-        return min(cap, _next_pow2(max(xnumel, 1))), None
+        cap = GPU_POINTWISE_XBLOCK if on_gpu else budget
+        return {"XBLOCK": min(_next_pow2(numels["xnumel"]), cap)}
     rblock = rendered.rblock or 1
-    budget = 4096 if on_gpu else 1 << 16
-    return max(1, min(_next_pow2(max(xnumel, 1)), max(1, budget // rblock))), rblock
+    rows = (GPU_REDUCTION_TILE_ELEMENTS if on_gpu else budget) // rblock
+    return {"XBLOCK": max(1, min(_next_pow2(numels["xnumel"]), rows)), "RBLOCK": rblock}
 
 
 class TritonKernel:
+    """A Kernel rendered to Triton, its source cached on disk; call it to launch.
+
+    `source` is the generated module's text and `source_path` its cache file. The module is
+    imported at the first launch, when the tensors' device is known (see the module doc).
+    """
+
     def __init__(self, kernel: Kernel) -> None:
         self.kernel = kernel
         self.rendered = render(kernel)
@@ -91,38 +137,50 @@ class TritonKernel:
         outputs: Sequence[torch.Tensor],
         sizes: Mapping[str, int],
     ) -> None:
-        def ev(expr: sympy.Expr) -> int:
-            return evaluate_size(expr, sizes)
+        """Run the kernel: read `inputs`, write `outputs` in place.
 
-        xnumel = ev(sympy.Mul(*self.kernel.ranges))
-        rnumel = ev(sympy.Mul(*self.kernel.reduction_ranges)) if self.kernel.reduction_ranges else 1
+        inputs[k] / outputs[k] have the shape and strides of kernel.inputs[k] /
+        kernel.outputs[k] at `sizes` (size symbol name -> int); element 0 is at the tensor's
+        data pointer. Outputs are allocated by the caller.
+        """
+        kernel, rendered = self.kernel, self.rendered
+        xnumel = evaluate_size(sympy.Mul(*kernel.ranges), sizes)
+        rnumel = evaluate_size(sympy.Mul(*kernel.reduction_ranges), sizes)
+        numels = {"xnumel": xnumel, "rnumel": rnumel}
+        if rendered.tile is not None:
+            y_axis, x_axis = rendered.tile
+            numels["tile_x"] = evaluate_size(kernel.ranges[x_axis], sizes)
+            numels["tile_y"] = xnumel // max(numels["tile_x"], 1)
         if xnumel == 0:
-            return
+            return  # no row, no point: nothing to store
         tensors = [*inputs, *outputs]
-        on_gpu = any(t.is_cuda for t in tensors)
-        module = _load(self.source_path, interpret=not on_gpu)
-        fn = getattr(module, self.rendered.fn_name)
-        args = [*tensors, *(sizes[n] for n in self.rendered.size_names), xnumel, rnumel]
-        if self.rendered.tile is not None:
-            y_axis, x_axis = self.rendered.tile
-            ranges = [ev(r) for r in self.kernel.ranges]
-            rest = math.prod(r for k, r in enumerate(ranges) if k not in (y_axis, x_axis))
-            cap = 32 if on_gpu else 128
-            xblock = min(cap, _next_pow2(ranges[x_axis]))
-            yblock = min(cap, _next_pow2(ranges[y_axis]))
-            grid = (-(-ranges[x_axis] // xblock), -(-ranges[y_axis] // yblock), rest)
-            fn[grid](*args, XBLOCK=xblock, YBLOCK=yblock)
-            return
-        xblock, rblock = block_sizes(self.rendered, xnumel, rnumel, on_gpu)
-        grid = ((xnumel + xblock - 1) // xblock,)
-        if rblock is None:
-            fn[grid](*args, XBLOCK=xblock)
+        on_gpu = bool(tensors) and not any(t.device.type == "cpu" for t in tensors)
+        fn = getattr(_load(self.source_path, interpret=not on_gpu), rendered.fn_name)
+        blocks = block_sizes(rendered, numels, on_gpu)
+        if rendered.tile is not None:
+            # One program per [YBLOCK, XBLOCK] tile, on a 1D grid (the kernel splits its id).
+            x_tiles = -(-numels["tile_x"] // blocks["XBLOCK"])
+            grid = (x_tiles * -(-numels["tile_y"] // blocks["YBLOCK"]),)
         else:
-            fn[grid](*args, XBLOCK=xblock, RBLOCK=rblock)
+            grid = (-(-xnumel // blocks["XBLOCK"]),)
+        size_args = [int(sizes[name]) for name in rendered.size_names]
+        fn[grid](*tensors, *size_args, xnumel, rnumel, **blocks)
 
 
 def compile_kernel(kernel: Kernel) -> TritonKernel:
+    """The Triton backend's entry point: render `kernel`, cache its source, return a launcher.
+
+    Raises Unsupported (from render) for an op the backend cannot express.
+    """
     return TritonKernel(kernel)
 
 
-__all__ = ["PERSISTENT_MAX", "TritonKernel", "compile_kernel", "write_source"]
+__all__ = [
+    "PERSISTENT_MAX",
+    "TritonKernel",
+    "block_sizes",
+    "cache_dir",
+    "clear_memory_cache",
+    "compile_kernel",
+    "write_source",
+]
