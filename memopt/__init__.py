@@ -4,6 +4,8 @@ import torch, memopt
 fast = torch.compile(model, backend="memopt")          # registered by entry point
 a = memopt.analyze(model, x)                            # eager vs optimized bytes, and why
 print(a.eager_bytes, a.bytes_moved, a.lower_bound_bytes, a.predict("h100"))
+memopt.report(model, x, out="memopt-report")            # HTML, JSON, graph diffs, kernels
+memopt.ablate(model, x)                                 # passes on/off -> bytes, kernels, time
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "analyze": "memopt.compiler.analysis",
     "Analysis": "memopt.compiler.results",
+    "report": "memopt.compiler.report",
+    "ablate": "memopt.compiler.ablation",
 }
 
 
@@ -41,5 +45,7 @@ __all__ = [
     "TargetError",
     "VerificationError",
     "__version__",
+    "ablate",
     "analyze",
+    "report",
 ]

@@ -1,11 +1,14 @@
 """The `memopt` command.
 
-    memopt report [TARGET] [--device NAME] [--json PATH] [--train] [--dynamic] [--top N]
-                  [--passes a,b] [--disable NAME] [--fuel N] [--check]
+    memopt report [TARGET] [--device NAME] [--json PATH] [--out DIR] [--train] [--dynamic]
+                  [--top N] [--passes a,b] [--disable NAME] [--fuel N] [--check]
+    memopt diff [TARGET] [--pass NAME | --from OPTIONS --to OPTIONS] [--graph NAME] ...
+    memopt ablate [TARGET] [--device NAME] [--run] [--repeats N] [--out DIR] [--plot PNG] ...
+    memopt bisect [TARGET] [--backend NAME] ...
     memopt examples
 
 TARGET is a built-in example name (default gpt2_block), `path.py` (its `example()`) or
-`path.py:factory`. The report goes to stdout, progress to stderr. A user error (bad target,
+`path.py:factory`. Results go to stdout, progress to stderr. A user error (bad target,
 option or usage) prints one line `memopt: error: ...` and exits 2.
 """
 
@@ -39,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         except SystemExit as exc:  # --help and --version exit through argparse
             return exc.code if isinstance(exc.code, int) else 0
         if args.command is None:
-            raise _UsageError("missing command; choose one of: report, examples (see --help)")
+            raise _UsageError(
+                "missing command; choose one of: report, diff, ablate, bisect, examples "
+                "(see --help)"
+            )
         return args.run(args)
     except (MemoptError, _UsageError) as exc:
         _error(str(exc))
@@ -63,67 +69,156 @@ def _parser() -> argparse.ArgumentParser:
         "report",
         help="analyze a model: eager vs optimized bytes, predicted time, pass ledger",
         description="Analyze TARGET and print eager (counted) vs optimized (modelled) bytes, "
-        "the predicted time on a device, the costliest nodes and the pass ledger.",
+        "the predicted time on a device, the costliest nodes and the pass ledger. With --out, "
+        "also write an HTML report, analysis.json, per-pass graph diffs and kernel sources.",
     )
-    report.add_argument(
-        "target",
-        nargs="?",
-        metavar="TARGET",
-        help="built-in example name (default gpt2_block), path.py, or path.py:factory",
-    )
+    _target_arguments(report)
     report.add_argument("--device", metavar="NAME", help="device model for predicted time")
     report.add_argument("--json", metavar="PATH", help="also write the analysis as JSON to PATH")
     report.add_argument(
-        "--train",
-        action="store_true",
-        help="analyze a training step: forward + backward, modules in train mode",
+        "--out",
+        metavar="DIR",
+        help="also write index.html, analysis.json, diffs/ and kernels/ into DIR",
     )
-    report.add_argument("--dynamic", action="store_true", help="capture with symbolic sizes")
     report.add_argument(
         "--top", type=_non_negative, default=10, metavar="N", help="nodes to list (default 10)"
     )
-    report.add_argument("--passes", metavar="A,B", help="run these passes, in this order")
-    report.add_argument(
-        "--disable",
-        action="append",
-        metavar="NAME",
-        help="skip a pass (repeatable, or a comma list)",
-    )
+    _pass_arguments(report)
     report.add_argument(
         "--fuel", type=_non_negative, metavar="N", help="stop after N rewrite decisions"
     )
     report.add_argument("--check", action="store_true", help="compare each graph against eager")
     report.set_defaults(run=_report)
 
+    diff = commands.add_parser(
+        "diff",
+        help="show the printed graph before and after a pass, or between two option sets",
+        description="Print a unified diff of TARGET's graphs: before and after one pass "
+        "(--pass), between two option sets (--from and --to), or by default before and after "
+        "the whole pipeline.",
+    )
+    _target_arguments(diff)
+    diff.add_argument("--pass", dest="pass_name", metavar="NAME", help="the pass to show")
+    diff.add_argument(
+        "--from",
+        dest="from_options",
+        metavar="OPTIONS",
+        help="options of the left side, e.g. 'disable=fusion' or 'passes=cleanup fuel=3'",
+    )
+    diff.add_argument(
+        "--to", dest="to_options", metavar="OPTIONS", help="options of the right side"
+    )
+    diff.add_argument("--graph", metavar="NAME", help="only this graph (e.g. forward)")
+    diff.add_argument(
+        "--context", type=_non_negative, default=3, metavar="N", help="context lines (default 3)"
+    )
+    _pass_arguments(diff)
+    diff.add_argument(
+        "--fuel", type=_non_negative, metavar="N", help="stop after N rewrite decisions"
+    )
+    diff.set_defaults(run=_diff)
+
+    ablate = commands.add_parser(
+        "ablate",
+        help="run no passes, each pass alone, all but each pass, and all passes",
+        description="Ablate TARGET's passes: for no passes, each pass alone, all passes but "
+        "each one, and all passes, print bytes moved, kernels, predicted time and compile "
+        "time (and with --run, measured run time and a check against eager); write CSV and "
+        "JSON.",
+    )
+    _target_arguments(ablate)
+    ablate.add_argument("--device", metavar="NAME", help="device model for predicted time")
+    ablate.add_argument(
+        "--run",
+        dest="measure",  # not `run`: that is the subcommand's handler
+        action="store_true",
+        help="also run each configuration: time and check it against eager",
+    )
+    ablate.add_argument(
+        "--repeats",
+        type=_positive,
+        default=10,
+        metavar="N",
+        help="timed runs per configuration with --run (median; default 10)",
+    )
+    ablate.add_argument(
+        "--out",
+        metavar="DIR",
+        default="memopt-ablation",
+        help="write ablation.csv and ablation.json here (default memopt-ablation)",
+    )
+    ablate.add_argument(
+        "--plot", metavar="PNG", help="draw bytes per configuration (needs matplotlib)"
+    )
+    _pass_arguments(ablate)
+    _backend_argument(ablate)
+    ablate.set_defaults(run=_ablate)
+
+    bisect = commands.add_parser(
+        "bisect",
+        help="find the first rewrite decision after which the output differs from eager",
+        description="Bisect TARGET's rewrite decisions with fuel: compile and run it with the "
+        "first k decisions for a binary search of k, compare with eager, and print the first "
+        "decision after which the output differs.",
+    )
+    _target_arguments(bisect)
+    _pass_arguments(bisect)
+    _backend_argument(bisect)
+    bisect.set_defaults(run=_bisect)
+
     examples = commands.add_parser("examples", help="list the built-in examples")
     examples.set_defaults(run=_examples)
     return parser
 
 
+def _target_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "target",
+        nargs="?",
+        metavar="TARGET",
+        help="built-in example name (default gpt2_block), path.py, or path.py:factory",
+    )
+    parser.add_argument(
+        "--train",
+        action="store_true",
+        help="analyze a training step: forward + backward, modules in train mode",
+    )
+    parser.add_argument("--dynamic", action="store_true", help="capture with symbolic sizes")
+
+
+def _pass_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--passes", metavar="A,B", help="run these passes, in this order")
+    parser.add_argument(
+        "--disable",
+        action="append",
+        metavar="NAME",
+        help="skip a pass (repeatable, or a comma list)",
+    )
+
+
+def _backend_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backend", metavar="NAME", help="kernel backend: auto, triton, cpp or reference"
+    )
+
+
 def _report(args: argparse.Namespace) -> int:
     from memopt.compiler.summary import analysis_json, format_analysis
-    from memopt.compiler.targets import load_target
     from memopt.config import Config
-    from memopt.examples import DEFAULT_EXAMPLE
 
     options = _options(args)
     # Validate options before the slow part, so a typo fails in a second, not after analysis;
     # it also resolves the device from MEMOPT_DEVICE when --device is not given.
     device = Config.from_options(options).device
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        raise _UsageError(f"cannot write {args.json!r}: its directory does not exist")
+    if args.json:
+        _check_writable_file(args.json)
+    if args.out:
+        _check_writable_dir(args.out)
 
-    _progress(f"loading {args.target or DEFAULT_EXAMPLE} ...")
-    target = load_target(args.target)
+    target = _load(args)
     _progress("analyzing (counting eager bytes, capturing, running passes) ...")
-    import torch
-
     import memopt  # Dynamo and the compiler load here, after the cheap checks
 
-    if args.train and isinstance(target.fn, torch.nn.Module):
-        # Examples return eval-mode models for inference; a training step means train mode
-        # (batchnorm with batch statistics, dropout on).
-        target.fn.train()
     analysis = memopt.analyze(
         target.fn, *target.inputs, training=args.train, dynamic=args.dynamic, **options
     )
@@ -132,17 +227,198 @@ def _report(args: argparse.Namespace) -> int:
     report = format_analysis(analysis, device=device, top=args.top)
     if args.json:
         data = analysis_json(analysis, [device])
+        _write(args.json, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    if args.out:
+        from memopt.compiler.report import write_report
+
+        _progress(f"writing the report to {args.out} ...")
         try:
-            with open(args.json, "w", encoding="utf-8") as out:
-                json.dump(data, out, indent=2, sort_keys=True)
-                out.write("\n")
+            written = write_report(analysis, args.out, device=device)
         except OSError as exc:
-            raise _UsageError(f"cannot write {args.json!r}: {exc.strerror or exc}") from exc
+            raise _UsageError(f"cannot write {args.out!r}: {exc.strerror or exc}") from exc
     sys.stdout.write(report)
     sys.stdout.flush()
     if args.json:
         _progress(f"wrote {args.json}")
+    if args.out:
+        _progress(f"wrote {written.index}")
     return 0
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from memopt.compiler.analysis import analyze_captured
+    from memopt.compiler.capture import capture
+    from memopt.compiler.diff import analysis_diff, pass_diffs, pipeline_diff
+    from memopt.config import Config
+
+    if (args.from_options is None) != (args.to_options is None):
+        raise _UsageError("--from and --to go together: give both, or neither")
+    if args.pass_name is not None and args.from_options is not None:
+        raise _UsageError("give --pass or --from/--to, not both")
+    options = _options(args)
+    config = Config.from_options(options)
+    sides = []
+    if args.from_options is not None:
+        sides = [
+            (text, Config.from_options({**options, **_parse_options(text)}))
+            for text in (args.from_options, args.to_options)
+        ]
+    elif args.pass_name is not None and args.pass_name not in config.pass_names():
+        from memopt.passes import PASSES
+
+        if args.pass_name not in PASSES:
+            raise _UsageError(
+                f"unknown pass {args.pass_name!r}; valid choices: {', '.join(sorted(PASSES))}"
+            )
+        raise _UsageError(
+            f"pass {args.pass_name!r} is not in the pipeline "
+            f"({', '.join(config.pass_names()) or 'no passes'})"
+        )
+
+    target = _load(args)
+    _progress("capturing and running passes ...")
+    captured = capture(target.fn, target.inputs, training=args.train, dynamic=args.dynamic)
+    if args.graph is not None and args.graph not in {g.name for g in captured}:
+        names = ", ".join(g.name for g in captured)
+        raise _UsageError(f"no graph {args.graph!r}; this program has: {names}")
+
+    def analyze(config: Config):
+        analysis = analyze_captured(
+            captured, config, target=target.name, training=args.train, eager_bytes=0, eager_ops=0
+        )
+        if args.graph is not None:
+            analysis.graphs = [g for g in analysis.graphs if g.name == args.graph]
+        return analysis
+
+    if sides:
+        (left_name, left), (right_name, right) = sides
+        text = analysis_diff(analyze(left), analyze(right), left_name, right_name, args.context)
+    elif args.pass_name is not None:
+        text = pass_diffs(analyze(config), args.pass_name, args.context)
+    else:
+        text = pipeline_diff(analyze(config), args.context)
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    return 0
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    from memopt.compiler.ablation import require_matplotlib
+    from memopt.config import Config
+
+    options = _options(args)
+    Config.from_options(options)
+    _check_writable_dir(args.out)
+    if args.plot:
+        require_matplotlib()  # missing matplotlib fails now, not after the ablation
+        _check_writable_file(args.plot)
+    target = _load(args)
+    import memopt
+
+    ablation = memopt.ablate(
+        target.fn,
+        *target.inputs,
+        training=args.train,
+        dynamic=args.dynamic,
+        run=args.measure,
+        repeats=args.repeats,
+        progress=_progress,
+        **options,
+    )
+    ablation.target = target.name
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as exc:
+        raise _UsageError(f"cannot write {args.out!r}: {exc.strerror or exc}") from exc
+    csv_path = os.path.join(args.out, "ablation.csv")
+    json_path = os.path.join(args.out, "ablation.json")
+    _write(csv_path, ablation.to_csv())
+    _write(json_path, json.dumps(ablation.to_dict(), indent=2, sort_keys=True) + "\n")
+    if args.plot:
+        ablation.plot(args.plot)
+    sys.stdout.write(ablation.format())
+    sys.stdout.flush()
+    for path in (csv_path, json_path, args.plot):
+        if path:
+            _progress(f"wrote {path}")
+    return 0
+
+
+def _bisect(args: argparse.Namespace) -> int:
+    from memopt.compiler.bisect import bisect
+    from memopt.config import Config
+
+    options = _options(args)
+    Config.from_options(options)
+    target = _load(args)
+    result = bisect(
+        target.fn,
+        *target.inputs,
+        training=args.train,
+        dynamic=args.dynamic,
+        progress=_progress,
+        **options,
+    )
+    text = result.format().replace(
+        f"memopt bisect: {result.target}", f"memopt bisect: {target.name}", 1
+    )
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    return 0
+
+
+def _load(args: argparse.Namespace):
+    """The target, loaded; a module put in train mode for --train."""
+    import torch
+
+    from memopt.compiler.targets import load_target
+    from memopt.examples import DEFAULT_EXAMPLE
+
+    _progress(f"loading {args.target or DEFAULT_EXAMPLE} ...")
+    target = load_target(args.target)
+    if args.train and isinstance(target.fn, torch.nn.Module):
+        # Examples return eval-mode models for inference; a training step means train mode
+        # (batchnorm with batch statistics, dropout on).
+        target.fn.train()
+    return target
+
+
+def _parse_options(text: str) -> dict[str, object]:
+    """`--from`/`--to`: space-separated key=value (passes and disable take comma lists)."""
+    from memopt.config import Config, _parse_env
+
+    options: dict[str, object] = {}
+    for item in text.split():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise _UsageError(f"expected key=value in {text!r}, got {item!r}")
+        if key not in Config.keys():
+            raise _UsageError(
+                f"unknown option {key!r} in {text!r}; valid choices: {', '.join(Config.keys())}"
+            )
+        # The environment's parser: the same strings MEMOPT_<KEY> takes.
+        options[key] = _parse_env(key, value)
+    return options
+
+
+def _check_writable_file(path: str) -> None:
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise _UsageError(f"cannot write {path!r}: its directory does not exist")
+
+
+def _check_writable_dir(path: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise _UsageError(f"cannot write {path!r}: it is a file, not a directory")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise _UsageError(f"cannot write {path!r}: its parent directory does not exist")
+
+
+def _write(path: str, text: str) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as out:
+            out.write(text)
+    except OSError as exc:
+        raise _UsageError(f"cannot write {path!r}: {exc.strerror or exc}") from exc
 
 
 def _examples(args: argparse.Namespace) -> int:
@@ -162,11 +438,13 @@ def _options(args: argparse.Namespace) -> dict[str, object]:
         options["passes"] = _split_names(args.passes)
     if args.disable:
         options["disable"] = [name for value in args.disable for name in _split_names(value)]
-    if args.fuel is not None:
+    if getattr(args, "fuel", None) is not None:
         options["fuel"] = args.fuel
-    if args.device is not None:
+    if getattr(args, "device", None) is not None:
         options["device"] = args.device
-    if args.check:
+    if getattr(args, "backend", None) is not None:
+        options["backend"] = args.backend
+    if getattr(args, "check", False):
         options["check"] = True
     return options
 
@@ -182,6 +460,13 @@ def _non_negative(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = _non_negative(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
 
 

@@ -82,7 +82,7 @@ def _totals(a: Analysis) -> list[str]:
         ["optimized", f"{moved:,}", format_bytes(moved), "modelled"],
         ["lower bound", f"{bound:,}", format_bytes(bound), "modelled"],
     ]
-    lines = ["Totals", *_table(["", "bytes", "size", "source"], rows, "lrrl")]
+    lines = ["Totals", *format_table(["", "bytes", "size", "source"], rows, "lrrl")]
     change = moved - eager
     vs_eager = f"{_ratio(moved, eager)}  ({_signed_bytes(change)}, {_percent(change, eager, True)})"
     lines += [
@@ -123,7 +123,7 @@ def _prediction(a: Analysis, device: str) -> list[str]:
     ]
     return [
         f"Predicted time on {device} (modelled): {model.description}",
-        *_table(["", "time", ""], rows, "lrl"),
+        *format_table(["", "time", ""], rows, "lrl"),
     ]
 
 
@@ -146,7 +146,7 @@ def _top_nodes(a: Analysis, top: int) -> list[str]:
     header = ["graph", "node", "op", "read", "write", "share"]
     return [
         f"Top {len(nodes)} nodes by bytes (modelled)",
-        *_table(header, rows, "lllrrr", max_widths=[12, 28, 36]),
+        *format_table(header, rows, "lllrrr", max_widths=[12, 28, 36]),
     ]
 
 
@@ -169,7 +169,7 @@ def _ledger(a: Analysis) -> list[str]:
         for p in ledger
     ]
     header = ["pass", "before", "", "after", "delta", "kernels", "applied", "refused", "ms"]
-    table = _table(header, rows, "lrcrrrrrr")
+    table = format_table(header, rows, "lrcrrrrrr")
     lines = ["Pass ledger (modelled bytes, summed over graphs)", table[0]]
     for summary, row_line in zip(ledger, table[1:]):
         lines.append(row_line)
@@ -205,14 +205,17 @@ def _decision_line(d: Decision) -> str:
 # --- helpers -----------------------------------------------------------------------------
 
 
-def _table(
+def format_table(
     header: list[str],
     rows: list[list[str]],
     align: str,
     max_widths: Sequence[int] = (),
     indent: int = 2,
 ) -> list[str]:
-    """Rows under a header, columns two spaces apart; align is one of l/r/c per column."""
+    """Rows under a header, columns two spaces apart; align is one of l/r/c per column.
+
+    A cell longer than its column's entry in `max_widths` is cut with "...".
+    """
     cells = [
         [_fit(cell, max_widths[i]) if i < len(max_widths) else cell for i, cell in enumerate(row)]
         for row in [header, *rows]

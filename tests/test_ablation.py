@@ -1,0 +1,243 @@
+"""memopt.ablate and `memopt ablate`: rows consistent with plain analyses, CSV/JSON, --run."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+import torch
+
+import memopt
+from memopt.cli import main
+from memopt.compiler.ablation import configurations
+from memopt.compiler.summary import MAX_WIDTH
+
+from models import MLP
+
+
+def program(x):
+    y = x.exp() + x.exp() + torch.cat([x.clone()])
+    return (y - y.amax(1, keepdim=True)).exp().sum(1)
+
+
+def x48():
+    return torch.randn(4, 8)
+
+
+@pytest.fixture(scope="module")
+def ablation():
+    messages: list[str] = []
+    result = memopt.ablate(program, x48(), progress=messages.append)
+    return result, messages
+
+
+def test_configurations():
+    assert configurations(["a", "b", "c"]) == [
+        ("no passes", ()),
+        ("only a", ("a",)),
+        ("only b", ("b",)),
+        ("only c", ("c",)),
+        ("all but a", ("b", "c")),
+        ("all but b", ("a", "c")),
+        ("all but c", ("a", "b")),
+        ("all passes", ("a", "b", "c")),
+    ]
+    assert configurations([]) == [("no passes", ()), ("all passes", ())]
+
+
+def test_rows_agree_with_plain_analyses(ablation):
+    result, _ = ablation
+    x = x48()
+    assert [r.config for r in result] == [
+        "no passes",
+        "only cleanup",
+        "only fusion",
+        "all but cleanup",
+        "all but fusion",
+        "all passes",
+    ]
+    full = memopt.analyze(program, x)
+    every = result.row("all passes")
+    assert every.passes == ("cleanup", "fusion")
+    assert (every.bytes_moved, every.kernels) == (full.bytes_moved, len(full.kernels))
+    assert every.predicted_s == pytest.approx(full.predict("h100"))
+    assert result.eager_bytes == full.eager_bytes
+    assert result.lower_bound_bytes == full.lower_bound_bytes
+
+    # No passes: the unoptimized graph, as the first pass saw it.
+    none = result.row("no passes")
+    assert none.bytes_moved == full.ledger[0].bytes_before
+    assert none.kernels == full.ledger[0].kernels_before
+    assert none.bytes_moved == memopt.analyze(program, x, passes=[]).bytes_moved
+
+    only_cleanup = memopt.analyze(program, x, passes=["cleanup"])
+    assert result.row("only cleanup").bytes_moved == only_cleanup.bytes_moved
+    assert result.row("all but fusion") == _renamed(result.row("only cleanup"), "all but fusion")
+    assert every.bytes_moved < result.row("only cleanup").bytes_moved < none.bytes_moved
+    assert all(r.run_ms is None and r.check is None for r in result)
+    assert all(r.compile_ms > 0 for r in result)
+
+
+def _renamed(row, name):
+    import dataclasses
+
+    return dataclasses.replace(row, config=name)
+
+
+def test_progress_names_each_configuration(ablation):
+    result, messages = ablation
+    for index, row in enumerate(result, start=1):
+        assert any(m.startswith(f"[{index}/{len(result)}] {row.config}") for m in messages)
+
+
+def test_table_csv_and_json(ablation):
+    result, _ = ablation
+    table = result.format()
+    assert "configuration" in table and "all passes" in table
+    assert max(len(line) for line in table.splitlines()) <= MAX_WIDTH
+    assert "modelled" in table and "measured" in table
+
+    rows = list(csv.DictReader(io.StringIO(result.to_csv())))
+    assert [r["config"] for r in rows] == [r.config for r in result]
+    assert rows[-1]["passes"] == "cleanup+fusion"
+    assert int(rows[-1]["bytes_moved"]) == result.row("all passes").bytes_moved
+    assert rows[0]["run_ms"] == ""
+
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data["eager_bytes"] == {"value": result.eager_bytes, "label": "counted"}
+    assert data["labels"]["bytes_moved"] == "modelled"
+    assert data["labels"]["run_ms"] == "measured"
+    assert [r["bytes_moved"] for r in data["rows"]] == [r.bytes_moved for r in result]
+
+
+def test_disable_narrows_the_ablated_passes():
+    result = memopt.ablate(program, x48(), disable=["cleanup"])
+    assert [r.config for r in result] == [
+        "no passes",
+        "only fusion",
+        "all but fusion",
+        "all passes",
+    ]
+    assert result.row("all passes").passes == ("fusion",)
+
+
+def test_run_times_and_checks_every_configuration():
+    result = memopt.ablate(program, x48(), run=True, repeats=2, backend="reference")
+    assert result.eager_run_ms is not None and result.eager_run_ms > 0
+    for row in result:
+        assert row.check == "ok", row
+        assert row.run_ms is not None and row.run_ms > 0
+    assert "run ms" in result.format()
+
+
+def test_run_checks_gradients_when_training():
+    torch.manual_seed(0)
+    model = MLP(8, 16).train()
+    x = torch.randn(2, 8, requires_grad=True)
+    result = memopt.ablate(model, x, training=True, run=True, repeats=1, backend="reference")
+    assert all(row.check == "ok" for row in result), [r.check for r in result]
+    assert (
+        result.row("all passes").bytes_moved == memopt.analyze(model, x, training=True).bytes_moved
+    )
+
+
+def test_run_reports_a_wrong_answer(monkeypatch):
+    # A compiled program that is off by one: the check says how, and the row still has a time.
+    import memopt.compiler.measure as measure
+
+    real = measure.compile_program
+
+    def off_by_one(fn, options, dynamic=False):
+        program = real(fn, options, dynamic)
+        return lambda *args: program(*args) + 1
+
+    monkeypatch.setattr(measure, "compile_program", off_by_one)
+    result = memopt.ablate(program, x48(), run=True, repeats=1, passes=["cleanup"])
+    assert all(r.check.startswith("differs: tensor 0") for r in result)
+    assert all(r.run_ms is not None for r in result)
+
+
+# --- the command ---------------------------------------------------------------------------
+
+TARGET = """\
+import torch
+
+
+def example():
+    return (lambda x: (x.exp() + x.exp()).sum(1)), (torch.randn(4, 8),)
+"""
+
+
+@pytest.fixture
+def target_file(tmp_path):
+    path = tmp_path / "target.py"
+    path.write_text(TARGET)
+    return path
+
+
+def test_cli_ablate_prints_and_writes(target_file, tmp_path, capsys):
+    out = tmp_path / "ablation"
+    assert main(["ablate", str(target_file), "--out", str(out), "--device", "a100"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith(f"memopt ablate: {target_file}")
+    assert "a100 us" in captured.out
+    assert "memopt: [1/6] no passes" in captured.err
+    rows = list(csv.DictReader((out / "ablation.csv").open()))
+    assert len(rows) == 6
+    data = json.loads((out / "ablation.json").read_text())
+    assert data["device"] == "a100" and len(data["rows"]) == 6
+
+
+def test_cli_ablate_run(target_file, tmp_path, capsys):
+    args = ["ablate", str(target_file), "--out", str(tmp_path), "--run", "--repeats", "2"]
+    assert main([*args, "--backend", "reference"]) == 0
+    out = capsys.readouterr().out
+    assert "eager run" in out and "check" in out
+    data = json.loads((tmp_path / "ablation.json").read_text())
+    assert all(r["check"] == "ok" for r in data["rows"])
+    assert data["eager_run_ms"]["label"] == "measured"
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(_has_matplotlib(), reason="matplotlib is installed")
+def test_cli_plot_without_matplotlib_is_a_clear_error(target_file, tmp_path, capsys):
+    assert main(["ablate", str(target_file), "--out", str(tmp_path), "--plot", "x.png"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == (
+        "memopt: error: plotting needs matplotlib, which is not installed (pip install matplotlib)"
+    )
+    assert not (tmp_path / "ablation.csv").exists()  # it failed before the slow part
+
+
+@pytest.mark.skipif(not _has_matplotlib(), reason="matplotlib is not installed")
+def test_cli_plot_draws_a_png(target_file, tmp_path):
+    png = tmp_path / "bytes.png"
+    assert main(["ablate", str(target_file), "--out", str(tmp_path), "--plot", str(png)]) == 0
+    assert png.read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["ablate", "mlp", "--disable", "nope"], "unknown pass 'nope'"),
+        (["ablate", "mlp", "--backend", "abacus"], "unknown backend 'abacus'"),
+        (["ablate", "mlp", "--repeats", "0"], "--repeats"),
+        (["ablate", "mlp", "--out", "{file}"], "is a file, not a directory"),
+    ],
+)
+def test_cli_errors_are_one_line(args, message, tmp_path, capsys):
+    path = tmp_path / "a_file"
+    path.write_text("")
+    assert main([a.format(file=path) for a in args]) == 2
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("memopt: error: ")]
+    assert len(errors) == 1 and message in errors[0], captured.err

@@ -1,0 +1,430 @@
+"""`memopt report --out`: the HTML page, analysis.json (validated), per-pass diffs, kernels;
+and `memopt diff`."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import torch
+
+import memopt
+from memopt.cli import main
+from memopt.compiler.diff import parse_line, side_by_side, unified_diff
+from memopt.compiler.report import write_report
+
+from models import Block
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = json.loads((ROOT / "docs" / "analysis-schema.json").read_text())
+TIMING_KEYS = {"elapsed_ms", "capture_ms", "pipeline_ms"}
+
+
+def program(x):
+    """Rewrites for both default passes: a no-op copy and a common subexpression (cleanup),
+    and a softmax-like reduction chain (fusion)."""
+    y = x.exp() + x.exp() + torch.cat([x.clone()])
+    return (y - y.amax(1, keepdim=True)).exp().sum(1)
+
+
+def x48():
+    return torch.randn(4, 8)
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    return memopt.report(program, x48(), out=out)
+
+
+# --- a small JSON Schema validator (the subset docs/analysis-schema.json uses) ---------------
+
+_TYPES = {
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+    "null": lambda v: v is None,
+}
+
+
+def schema_errors(value, schema, root=None, path="$") -> list[str]:
+    """Errors of `value` against `schema`: $ref (local), type, enum, required, properties,
+    additionalProperties, items."""
+    root = root if root is not None else schema
+    if "$ref" in schema:
+        target = root
+        for part in schema["$ref"].removeprefix("#/").split("/"):
+            target = target[part]
+        return schema_errors(value, target, root, path)
+    if "type" in schema:
+        types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        if not any(_TYPES[t](value) for t in types):
+            return [f"{path}: {value!r:.60} is not of type {'/'.join(types)}"]
+    errors = []
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(f"{path}: {value!r} is not one of {schema['enum']}")
+    if isinstance(value, dict):
+        errors += [
+            f"{path}: missing {key!r}" for key in schema.get("required", ()) if key not in value
+        ]
+        properties = schema.get("properties", {})
+        extra = schema.get("additionalProperties", True)
+        for key, item in value.items():
+            if key in properties:
+                errors += schema_errors(item, properties[key], root, f"{path}.{key}")
+            elif extra is False:
+                errors.append(f"{path}: unexpected {key!r}")
+            elif isinstance(extra, dict):
+                errors += schema_errors(item, extra, root, f"{path}.{key}")
+    if isinstance(value, list) and "items" in schema:
+        for index, item in enumerate(value):
+            errors += schema_errors(item, schema["items"], root, f"{path}[{index}]")
+    return errors
+
+
+def validate(data: dict) -> None:
+    errors = schema_errors(data, SCHEMA)
+    assert not errors, "\n".join(errors[:10])
+    try:
+        import jsonschema
+    except ImportError:
+        return
+    jsonschema.Draft202012Validator(SCHEMA).validate(data)
+
+
+def test_the_validator_rejects_what_it_should(written):
+    data = json.loads(written.json.read_text())
+    broken = json.loads(json.dumps(data))
+    del broken["totals"]["eager_bytes"]
+    broken["graphs"][0]["kernels"][0]["flops"] = "many"
+    broken["totals"]["bytes_moved"]["label"] = "measured"
+    broken["surprise"] = 1
+    errors = schema_errors(broken, SCHEMA)
+    assert any("missing 'eager_bytes'" in e for e in errors)
+    assert any("flops" in e and "integer" in e for e in errors)
+    assert any("'measured' is not one of" in e for e in errors)
+    assert any("unexpected 'surprise'" in e for e in errors)
+
+
+# --- files ---------------------------------------------------------------------------------
+
+
+def test_report_writes_every_file(written):
+    a = written.analysis
+    out = written.out
+    assert written.index == out / "index.html" and written.index.is_file()
+    assert written.json == out / "analysis.json" and written.json.is_file()
+    steps = [e.pass_name for e in a.graphs[0].ledger]
+    assert steps == ["cleanup", "fusion"]
+    assert sorted(p.name for p in (out / "diffs").iterdir()) == [
+        "01-cleanup.diff",
+        "02-fusion.diff",
+    ]
+    fusion_diff = (out / "diffs" / "02-fusion.diff").read_text()
+    assert fusion_diff.startswith("--- inference before 02-fusion\n+++ inference after 02-fusion\n")
+    assert "+%inference_fused_0" in fusion_diff
+    cleanup_diff = (out / "diffs" / "01-cleanup.diff").read_text()
+    assert "-%clone" in cleanup_diff
+
+    kernels = sorted(p.name for p in (out / "kernels").iterdir())
+    assert "inference_fused_0.ir" in kernels
+    ir = (out / "kernels" / "inference_fused_0.ir").read_text()
+    assert ir.startswith("kernel inference_fused_0 (reduction)")
+    assert set(written.kernel_files) == {out / "kernels" / name for name in kernels}
+
+
+def test_triton_source_is_written_when_it_renders(written):
+    pytest.importorskip("memopt.backends.triton.render")
+    source = (written.out / "kernels" / "inference_fused_0.py").read_text()
+    assert "@triton.jit" in source
+
+
+def test_analysis_json_validates_and_matches(written):
+    data = json.loads(written.json.read_text())
+    validate(data)
+    a = written.analysis
+    assert data["totals"]["bytes_moved"]["value"] == a.bytes_moved
+    assert data["totals"]["eager_bytes"] == {"value": a.eager_bytes, "label": "counted"}
+    assert set(data["predictions"]) >= {"h100", "a100", "mi300x"}
+    assert data["report"]["device"] == "h100"
+    assert [d["path"] for d in data["report"]["diffs"]] == [
+        "diffs/01-cleanup.diff",
+        "diffs/02-fusion.diff",
+    ]
+    (source,) = data["report"]["kernel_sources"]
+    assert source["ir"] == "kernels/inference_fused_0.ir"
+    assert source["kernel"] in {k.name for k in a.kernels}
+
+
+def test_report_json_of_a_training_program_validates(tmp_path):
+    block = Block().train()
+    written = memopt.report(block, torch.randn(2, 8, 32), out=tmp_path, training=True)
+    data = json.loads(written.json.read_text())
+    validate(data)
+    assert [g["name"] for g in data["graphs"]] == ["forward", "backward"]
+    # One diff file per pipeline step, each with both graphs.
+    for path in written.diffs:
+        text = path.read_text()
+        assert "forward" in text and "backward" in text
+    html = written.index.read_text()
+    assert html.count('class="pass-diff"') == len(written.diffs)
+
+
+def test_names_are_deterministic_and_stale_files_go(tmp_path):
+    first = memopt.report(program, x48(), out=tmp_path / "a")
+    (tmp_path / "b" / "kernels").mkdir(parents=True)
+    (tmp_path / "b" / "kernels" / "old_kernel.ir").write_text("stale")
+    (tmp_path / "b" / "diffs").mkdir()
+    (tmp_path / "b" / "diffs" / "07-gone.diff").write_text("stale")
+    second = memopt.report(program, x48(), out=tmp_path / "b")
+
+    def files(root: Path) -> dict[str, str]:
+        return {
+            str(p.relative_to(root)): p.read_text()
+            for p in sorted(root.rglob("*"))
+            if p.is_file() and p.suffix in (".diff", ".ir", ".py")
+        }
+
+    assert files(first.out) == files(second.out)  # same names, same contents
+
+    def without_timings(value):
+        if isinstance(value, dict):
+            return {k: without_timings(v) for k, v in value.items() if k not in TIMING_KEYS}
+        if isinstance(value, list):
+            return [without_timings(v) for v in value]
+        return value
+
+    one, two = (without_timings(json.loads(r.json.read_text())) for r in (first, second))
+    one["target"] = two["target"]
+    assert one == two
+
+
+def test_missing_triton_renderer_is_reported_not_fatal(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "memopt.backends.triton.render", None)  # import fails
+    written = memopt.report(program, x48(), out=tmp_path)
+    assert not list((tmp_path / "kernels").glob("*.py"))
+    assert (tmp_path / "kernels" / "inference_fused_0.ir").is_file()
+    (source,) = json.loads(written.json.read_text())["report"]["kernel_sources"]
+    assert source["triton"] is None and "unavailable" in source["triton_error"]
+    assert "No Triton source" in written.index.read_text()
+
+
+# --- the page --------------------------------------------------------------------------------
+
+
+def test_page_has_totals_ledger_kernels_and_one_diff_per_pass(written):
+    html = written.index.read_text()
+    a = written.analysis
+    assert html.startswith("<!DOCTYPE html>")
+    for row, value in [
+        ("eager", a.eager_bytes),
+        ("optimized", a.bytes_moved),
+        ("lower-bound", a.lower_bound_bytes),
+    ]:
+        assert re.search(rf'<tr id="total-{row}"><td>[^<]+</td><td class="n">{value:,}</td>', html)
+    assert "counted" in html and "modelled" in html
+    sections = re.findall(r'<section class="pass-diff" id="diff-(\d\d-\w+)">', html)
+    assert sections == ["01-cleanup", "02-fusion"]
+    for anchor in sections:
+        assert f'href="#diff-{anchor}"' in html  # the ledger links to each diff
+    fusion = html[html.index('id="diff-02-fusion"') :]
+    assert 'class="k-merged"' in fusion and "from %" in fusion  # fused nodes, and their sources
+    cleanup = html[html.index('id="diff-01-cleanup"') : html.index('id="diff-02-fusion"')]
+    assert 'class="k-removed"' in cleanup or 'class="k-merged"' in cleanup
+    assert '<table id="kernel-table" class="sortable">' in html
+    assert html.count("<tr><td>inference.k") == len(a.kernels)
+    for heading in ("Missed opportunities", "Generated kernels", "Predicted time per device"):
+        assert heading in html
+    assert 'id="src-inference_fused_0"' in html
+
+
+class _TagBalance(HTMLParser):
+    VOID = {"meta", "br", "hr", "img", "input", "link", "col", "wbr"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.problems: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack[-1] != tag:
+            self.problems.append(f"</{tag}> closes <{self.stack[-1] if self.stack else None}>")
+        else:
+            self.stack.pop()
+
+
+def test_page_is_well_formed(written):
+    parser = _TagBalance()
+    parser.feed(written.index.read_text())
+    assert parser.problems == [] and parser.stack == []
+
+
+def test_page_is_self_contained(written):
+    html = written.index.read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)
+    assert "<link" not in html and "@import" not in html
+    assert "<script src" not in html
+
+
+def test_page_escapes_program_text(written, tmp_path):
+    written.analysis.target = "<b>evil & co</b>"
+    try:
+        page = write_report(written.analysis, tmp_path).index.read_text()
+    finally:
+        written.analysis.target = "program"
+    assert "<b>evil" not in page
+    assert "&lt;b&gt;evil &amp; co&lt;/b&gt;" in page
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no headless Chromium installed")
+def test_page_renders_in_headless_chromium(written):
+    result = subprocess.run(
+        [
+            _chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--dump-dom",
+            written.index.as_uri(),
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Totals" in result.stdout and 'id="kernel-table"' in result.stdout
+    assert f"{written.analysis.bytes_moved:,}" in result.stdout
+
+
+# --- diffs -----------------------------------------------------------------------------------
+
+BEFORE = """\
+%x: f32[4, 8] = input
+%mul: f32[4, 8] = aten.mul.Tensor(%x, 2)  # 256 B
+%exp: f32[4, 8] = aten.exp.default(%mul)  # 256 B
+%t: f32[8, 4](1, 8) = aten.permute.default(%exp, [1, 0])  # view
+%clone: f32[4, 8] = aten.clone.default(%x)  # 256 B
+%add: f32[4, 8] = aten.add.Tensor(%exp, %clone)  # 384 B
+return (%add, %t)
+"""
+AFTER = """\
+%x: f32[4, 8] = input
+%fused_0: (f32[4, 8]) = memopt.fused_0(%x)  # 256 B
+%exp: f32[4, 8] = operator.getitem(%fused_0, 0)  # view
+%t: f32[8, 4] = aten.permute.default(%exp, [1, 0])  # view
+%add: f32[4, 8] = aten.add.Tensor(%exp, %x)  # 384 B
+return (%add, %t)
+"""
+
+
+def test_parse_line():
+    node = parse_line("%mul: f32[4, 8] = aten.mul.Tensor(%x, 2)  # 256 B")
+    assert (node.name, node.meta, node.expr, node.nbytes) == (
+        "mul",
+        "f32[4, 8]",
+        "aten.mul.Tensor(%x, 2)",
+        256,
+    )
+    view = parse_line("%t: f32[8, 4](1, 8) = aten.permute.default(%exp, [1, 0])  # view")
+    assert view.is_view and view.nbytes is None
+    assert parse_line("return (%add,)").name == "return"
+
+
+def test_side_by_side_marks_each_kind():
+    rows = side_by_side(BEFORE, AFTER, merged={"mul", "exp"}, members={"fused_0": ("mul", "exp")})
+    kinds = {(r.before.name if r.before else None, r.after.name if r.after else None): r.kind
+             for r in rows}  # fmt: skip
+    assert kinds[("x", "x")] == "same"
+    assert kinds[("mul", "fused_0")] == "merged"  # the fused node shares its first member's row
+    assert kinds[("exp", "exp")] == "changed"  # same name, now a getitem of the kernel
+    assert kinds[("t", "t")] == "relaid"  # same node, new strides
+    assert kinds[("clone", None)] == "removed"
+    assert kinds[("add", "add")] == "changed"
+    fused_row = next(r for r in rows if r.after and r.after.name == "fused_0")
+    assert fused_row.note == "from %mul, %exp"
+
+
+def test_unified_diff_is_empty_for_equal_graphs():
+    assert unified_diff(BEFORE, BEFORE, "a", "b") == ""
+    text = unified_diff(BEFORE, AFTER, "a", "b")
+    assert text.startswith("--- a\n+++ b\n") and "-%clone" in text
+
+
+# --- the command ---------------------------------------------------------------------------
+
+
+def test_cli_report_out_writes_the_report(tmp_path, capsys):
+    out = tmp_path / "rep"
+    assert main(["report", "mlp", "--top", "3", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("memopt report: mlp")
+    assert f"memopt: wrote {out / 'index.html'}" in captured.err
+    data = json.loads((out / "analysis.json").read_text())
+    validate(data)
+    assert data["target"] == "mlp (MLP)"
+    assert (out / "diffs" / "02-fusion.diff").is_file()
+
+
+def test_cli_diff_of_one_pass(capsys):
+    assert main(["diff", "mlp", "--pass", "fusion"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("--- inference before 02-fusion\n+++ inference after 02-fusion\n")
+    assert "+%inference_fused_0" in out
+
+
+def test_cli_diff_between_option_sets(capsys):
+    assert main(["diff", "mlp", "--from", "disable=fusion", "--to", "passes=cleanup,fusion"]) == 0
+    out = capsys.readouterr().out
+    assert "--- inference (disable=fusion)" in out
+    assert "+++ inference (passes=cleanup,fusion)" in out
+    assert "+%inference_fused_0" in out
+
+
+def test_cli_diff_of_the_whole_pipeline(capsys):
+    assert main(["diff", "mlp"]) == 0
+    out = capsys.readouterr().out
+    assert "--- inference (captured)" in out and "+++ inference (optimized)" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["diff", "mlp", "--pass", "nonsense"], "unknown pass 'nonsense'"),
+        (["diff", "mlp", "--pass", "cleanup", "--disable", "cleanup"], "not in the pipeline"),
+        (["diff", "mlp", "--from", "disable=fusion"], "--from and --to go together"),
+        (["diff", "mlp", "--from", "fuel=1", "--to", "colour=red"], "unknown option 'colour'"),
+        (["diff", "mlp", "--from", "fuel", "--to", "fuel=1"], "expected key=value"),
+        (["diff", "mlp", "--from", "passes=nope", "--to", "fuel=1"], "unknown pass 'nope'"),
+        (["diff", "mlp", "--graph", "backward"], "no graph 'backward'"),
+        (["report", "mlp", "--out", "{file}"], "is a file, not a directory"),
+    ],
+)
+def test_cli_errors_are_one_line(args, message, tmp_path, capsys):
+    path = tmp_path / "a_file"
+    path.write_text("")
+    assert main([a.format(file=path) for a in args]) == 2
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("memopt: error: ")]
+    assert len(errors) == 1 and message in errors[0], captured.err
+    assert captured.out == ""
