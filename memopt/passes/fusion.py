@@ -184,6 +184,10 @@ def _bias_add(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None
     return None
 
 
+def _ordered_names(group: Group, order: dict[torch.fx.Node, int]) -> tuple[str, ...]:
+    return tuple(n.name for n in sorted(group, key=order.__getitem__))
+
+
 def _names(group: Group, order: dict[torch.fx.Node, int]) -> str:
     return ", ".join(f"%{n.name}" for n in sorted(group, key=order.__getitem__))
 
@@ -213,7 +217,7 @@ class Fusion(Pass):
                     continue
                 what = f"fused {_names(a, state.order)} + {_names(b, state.order)}"
                 why = f"{kind}: saves {saved} B of traffic"
-                if not self.decide(ctx, result, what, why, saved, tuple(n.name for n in a | b)):
+                if not self.decide(ctx, result, what, why, saved, _ordered_names(a | b, state.order)):
                     break
                 state.merge(a, b)
                 merged = True
@@ -227,7 +231,7 @@ class Fusion(Pass):
         ):
             if a in groups and b in groups:
                 what = f"not fused ({kind}): {_names(a, state.order)} + {_names(b, state.order)}"
-                self.refuse(ctx, result, what, reason, saved, tuple(n.name for n in a | b))
+                self.refuse(ctx, result, what, reason, saved, _ordered_names(a | b, state.order))
         self._fold_bias_adds(gm, ctx, state, result)
         self._rewrite(gm, ctx, state)
         return result
