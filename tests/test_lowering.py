@@ -9,6 +9,8 @@ no ATen op of the family is left over: the ops really went through the lowering.
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 
 import pytest
 import torch
@@ -19,6 +21,8 @@ from lowering_harness import aten_ops, fused_kernels, run_fused
 BACKENDS = ["reference"]
 if importlib.util.find_spec("triton") is not None:
     BACKENDS.append("triton")
+if shutil.which(os.environ.get("CXX") or "g++"):
+    BACKENDS.append("cpp")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

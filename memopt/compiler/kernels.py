@@ -20,14 +20,19 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from memopt.compiler.cost import Cost, read_bytes
 from memopt.compiler.graph import tensor_meta
+from memopt.compiler.kernel_ir import evaluate_size
 from memopt.compiler.lower import Lowered
 
-_DEVICE_BACKENDS = {"cuda": "triton"}
+_DEVICE_BACKENDS = {"cuda": "triton", "cpu": "cpp"}
 
 
 def _compile(kernel, backend: str):
     if backend == "triton":
         from memopt.backends.triton import compile_kernel
+    elif backend == "cpp":
+        # Raises CompilerNotFound / CompileError when no working C++ compiler: _runner then
+        # falls back to the reference backend with a warning naming the kernel.
+        from memopt.backends.cpp import compile_kernel
     else:
         from memopt.backends.reference import compile_kernel
     return compile_kernel(kernel)
@@ -108,7 +113,9 @@ class FusedKernel:
         return sizes
 
     def _backend_for(self, device: torch.device) -> str:
-        if self.backend in ("triton", "reference"):
+        if self.backend == "cpp" and device.type != "cpu":
+            return _DEVICE_BACKENDS.get(device.type, "reference")  # C++ runs on the CPU only
+        if self.backend in ("triton", "cpp", "reference"):
             return self.backend
         return _DEVICE_BACKENDS.get(device.type, "reference")
 
@@ -139,8 +146,7 @@ class FusedKernel:
         sizes = self._sizes(inputs)
 
         def ev(expr: sympy.Expr) -> int:
-            expr = sympy.sympify(expr)
-            return int(expr.xreplace({s: sympy.Integer(sizes[s.name]) for s in expr.free_symbols}))
+            return evaluate_size(expr, sizes)
 
         outputs = [
             torch.empty_strided(

@@ -1,0 +1,12 @@
+"""The C++ backend: Kernel IR rendered to OpenMP + SIMD C++, compiled by the system compiler.
+
+`compile_kernel(kernel) -> CppKernel`, the interface every backend has. codegen.py walks the
+IR (tables in ops.py, runtime helpers in prelude.py, index printing in index.py); build.py
+compiles with `g++ -O3 -march=native -fopenmp`, caches libraries on disk by source hash and
+loads them with ctypes; kernel.py binds tensors and calls.
+"""
+
+from memopt.backends.cpp.build import CompileError, CompilerNotFound
+from memopt.backends.cpp.kernel import CppKernel, compile_kernel
+
+__all__ = ["CompileError", "CompilerNotFound", "CppKernel", "compile_kernel"]

@@ -1,0 +1,553 @@
+"""Kernel IR -> one C++ function (`extern "C"`), using the tables in ops.py.
+
+The walk is shared by both loop skeletons: it names every Value `v<k>` (its position in
+`Kernel.values`), prints each as one `const T v<k> = <template>;` line, and decides where
+each line goes: once per row (a Value that does not vary along the innermost loop), or
+inside the loop. Index expressions that are linear in the loop variable are split into an
+offset hoisted out of the loop plus `stride * j`, so a contiguous loop reads `p[o + j]`.
+
+Skeletons:
+
+- pointwise: the domain is collapsed to rows x an innermost range. The innermost variable
+  is the one the first store is contiguous in, merged with the variables outside it while
+  every index is linear in them with matching strides (a contiguous (N, C, H, W) domain is
+  one loop). Rows (and chunks of long rows) form one flat loop that OpenMP splits across
+  threads when the domain is large enough; the innermost loop is `omp simd`.
+- reduction: one row per iteration of the parallel loop. Per row, one pass over the
+  reduction domain per dependency level of the reductions (layer_norm: mean, then
+  variance, then the normalized stores), each with MO_LANES partial accumulators per
+  reduction (a vectorizable loop whose NaN and tie rules are exact), then the row stores.
+"""
+
+from __future__ import annotations
+
+import functools
+import keyword
+import re
+from dataclasses import dataclass, field
+
+import sympy
+import torch
+
+from memopt.backends.cpp import ops, planning
+from memopt.backends.cpp.index import IndexPrinter, linear_coefficient
+from memopt.backends.cpp.prelude import PRELUDE
+from memopt.compiler.kernel_ir import Kernel, Store, Value, index_var, reduction_var
+
+FUNCTION_NAME = "memopt_kernel"
+
+_J = sympy.Symbol("j", integer=True, nonnegative=True)  # the pointwise innermost variable
+_R = sympy.Symbol("r", integer=True, nonnegative=True)  # the innermost reduction variable
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What the Python side passes, in order, after the buffers' data pointers.
+
+    Arguments: every input, then every output (data pointers); then a snapshot of each
+    output in `snapshot_outputs` (a kernel that reads an output sees it as it was before
+    the kernel); then the extent in elements of each buffer in `extent_buffers` (bounds for
+    data-dependent loads); then each size symbol in `size_names`. Returns an error code.
+    """
+
+    snapshot_outputs: tuple[int, ...]
+    extent_buffers: tuple[str, ...]
+    size_names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Generated:
+    source: str
+    signature: Signature
+
+
+def generate(kernel: Kernel) -> Generated:
+    """C++ source of `kernel`; NotImplementedError/ValueError for what it cannot express."""
+    return _Codegen(kernel).generate()
+
+
+@dataclass
+class _Loop:
+    """Index printing inside one loop: offsets along `var` are hoisted into `hoisted`."""
+
+    var: sympy.Symbol | None
+    prefix: str
+    hoisted: list[str] = field(default_factory=list)
+    offsets: dict[sympy.Expr, str] = field(default_factory=dict)
+
+
+class _Codegen:
+    def __init__(self, kernel: Kernel) -> None:
+        self.kernel = kernel
+        for value in kernel.values:
+            if value.op not in ("load", "const", "index", "cast", "reduce"):
+                if value.op not in ops.POINTWISE_TEMPLATES:
+                    raise NotImplementedError(f"kernel {kernel.name}: unknown op {value.op!r}")
+            for dtype in (value.dtype, *(a.dtype for a in value.args)):
+                if dtype not in ops.STORAGE_TYPES:
+                    raise NotImplementedError(f"kernel {kernel.name}: dtype {dtype}")
+        self.names = {value: f"v{k}" for k, value in enumerate(kernel.values)}
+        self.buffers = kernel.buffers
+        self.c_names = _c_names([b.name for b in (*kernel.inputs, *kernel.outputs)])
+        output_names = [b.name for b in kernel.outputs]
+        loaded = {v.arg[0] for v in kernel.values if v.op == "load"}
+        self.snapshots = tuple(k for k, name in enumerate(output_names) if name in loaded)
+        indirect = {v.arg[0] for v in kernel.values if v.op == "load" and v.arg[2]}
+        self.extent_buffers = tuple(name for name in self.c_names if name in indirect)
+        self.size_names = {s: _size_name(s.name) for s in kernel.size_symbols}
+        self._check_stores()
+        self.substitution: dict[sympy.Symbol, sympy.Expr] = {}
+        self.symbol_names: dict[sympy.Symbol, str] = dict(self.size_names)
+
+    def _check_stores(self) -> None:
+        outputs = {b.name for b in self.kernel.outputs}
+        seen: set[str] = set()
+        for store in self.kernel.stores:
+            if store.buffer not in outputs:
+                raise ValueError(f"kernel {self.kernel.name}: store to {store.buffer}")
+            if store.buffer in seen:
+                # Two stores to one buffer run in kernel order in the reference backend; one
+                # loop interleaves them. Lowering never emits this.
+                raise NotImplementedError(
+                    f"kernel {self.kernel.name}: two stores to {store.buffer}"
+                )
+            seen.add(store.buffer)
+            if store.is_row and not store.value.is_row:
+                raise ValueError(
+                    f"store {store.buffer}[{store.index}]: a row store (no reduction variable "
+                    "in its index) of a value that varies along the reduction"
+                )
+
+    # -- the whole source ------------------------------------------------------------
+
+    def generate(self) -> Generated:
+        kernel = self.kernel
+        if kernel.reduction_ranges:
+            body = self._reduction_body()
+        else:
+            body = self._pointwise_body()
+        ir_lines = str(kernel).splitlines()[1:]  # the name is not part of the program
+        header = [f"// memopt C++ kernel ({kernel.kind}), from the Kernel IR:"]
+        header += [f"// {line}" for line in ir_lines]
+        source = "\n".join(
+            [
+                *header,
+                PRELUDE.strip(),
+                "",
+                f'extern "C" int32_t {FUNCTION_NAME}({self._parameters()}) {{',
+                *_indent(body, 1),
+                "  return mo_take_error();",
+                "}",
+                "",
+            ]
+        )
+        signature = Signature(
+            snapshot_outputs=self.snapshots,
+            extent_buffers=self.extent_buffers,
+            size_names=tuple(s.name for s in self.kernel.size_symbols),
+        )
+        return Generated(source, signature)
+
+    def _parameters(self) -> str:
+        params = []
+        for buffer in self.kernel.inputs:
+            element = ops.STORAGE_TYPES[buffer.dtype]
+            params.append(f"const {element}* __restrict__ {self.c_names[buffer.name]}")
+        for buffer in self.kernel.outputs:
+            element = ops.STORAGE_TYPES[buffer.dtype]
+            params.append(f"{element}* __restrict__ {self.c_names[buffer.name]}")
+        for k in self.snapshots:
+            buffer = self.kernel.outputs[k]
+            element = ops.STORAGE_TYPES[buffer.dtype]
+            params.append(f"const {element}* __restrict__ {self.c_names[buffer.name]}_before")
+        params += [f"int64_t {self.c_names[name]}_extent" for name in self.extent_buffers]
+        params += [f"int64_t {self.size_names[s]}" for s in self.kernel.size_symbols]
+        return ", ".join(params) or "void"
+
+    # -- pointwise skeleton ----------------------------------------------------------
+
+    def _pointwise_body(self) -> list[str]:
+        kernel = self.kernel
+        variables = [index_var(k) for k in range(len(kernel.ranges))]
+        ranges = dict(zip(variables, kernel.ranges))
+        if not variables:  # a 0-d kernel: one point
+            inner: list[sympy.Symbol] = []
+        else:
+            inner = planning.innermost_block(
+                variables, ranges, self._expressions(), kernel.stores[0]
+            )
+        outer = [v for v in variables if v not in inner]
+        if inner:
+            self.substitution = {v: sympy.Integer(0) for v in inner[:-1]}
+            self.substitution[inner[-1]] = _J
+        self.symbol_names.update({v: v.name for v in outer})
+        self.symbol_names[_J] = "j"
+        extent = sympy.Mul(*(ranges[v] for v in inner))
+        rows = sympy.Mul(*(ranges[v] for v in outer))
+        inner_set = set(inner)
+
+        def varies(value: Value) -> bool:
+            return bool(value.symbols & inner_set)
+
+        loop = _Loop(_J, "o")
+        row_values = [v for v in kernel.values if not varies(v)]
+        full_values = [v for v in kernel.values if varies(v)]
+        row_lines = [self._value_line(v, _Loop(None, "o")) for v in row_values]
+        loop_lines = [self._value_line(v, loop) for v in full_values]
+        loop_lines += [self._store_line(s, loop) for s in kernel.stores]
+
+        p = IndexPrinter(self.symbol_names)
+        lines = [f"const int64_t n_j = {p(extent)};  // innermost: {_names(inner) or 'one point'}"]
+        lines.append(f"const int64_t n_rows = {p(rows)};  // rows: {_names(outer) or 'one'}")
+        chunked = not (extent.is_Integer and int(extent) <= 4096)
+        if chunked:
+            lines.append("const int64_t n_chunks = (n_j + MO_CHUNK - 1) / MO_CHUNK;")
+            tasks = "n_rows * n_chunks"
+        else:
+            tasks = "n_rows"
+        lines.append(
+            "#pragma omp parallel for schedule(static) if (n_rows * n_j >= MO_PARALLEL_WORK)"
+        )
+        lines.append(f"for (int64_t task = 0; task < {tasks}; ++task) {{")
+        body: list[str] = []
+        if chunked:
+            body.append("const int64_t row = task / n_chunks;")
+            body.append("const int64_t j_begin = (task - row * n_chunks) * MO_CHUNK;")
+            body.append("const int64_t j_end = mo_imin(j_begin + MO_CHUNK, n_j);")
+        else:
+            body.append("const int64_t row = task;")
+        body += self._decompose("row", outer, ranges)
+        body += row_lines + loop.hoisted
+        begin, end = ("j_begin", "j_end") if chunked else ("0", "n_j")
+        body.append("#pragma omp simd")
+        body.append(f"for (int64_t j = {begin}; j < {end}; ++j) {{")
+        body += _indent(loop_lines, 1)
+        body.append("}")
+        lines += _indent(body, 1)
+        lines.append("}")
+        return lines
+
+    # -- reduction skeleton ----------------------------------------------------------
+
+    def _reduction_body(self) -> list[str]:
+        kernel = self.kernel
+        row_vars = [index_var(k) for k in range(len(kernel.ranges))]
+        red_vars = [reduction_var(k) for k in range(len(kernel.reduction_ranges))]
+        ranges = dict(zip(row_vars, kernel.ranges))
+        red_ranges = dict(zip(red_vars, kernel.reduction_ranges))
+        inner = planning.merge_block(red_vars, red_ranges, self._expressions())
+        outer_red = [v for v in red_vars if v not in inner]
+        self.substitution = {v: sympy.Integer(0) for v in inner[:-1]}
+        self.substitution[inner[-1]] = _R
+        self.symbol_names.update({v: v.name for v in (*row_vars, *outer_red)})
+        self.symbol_names[_R] = "r"
+        p = IndexPrinter(self.symbol_names)
+        extent = sympy.Mul(*(red_ranges[v] for v in inner))
+        rows = sympy.Mul(*kernel.ranges)
+        work = sympy.Mul(*kernel.reduction_ranges)
+
+        depth = planning.reduction_depths(kernel)
+        passes = planning.plan_passes(kernel, depth)
+        plans = planning.plan_row_caches(kernel, passes)
+        cached = [v for plan in plans for v in plan.saves]
+        lines = [f"const int64_t n_rows = {p(rows)};  // rows: {_names(row_vars) or 'one'}"]
+        lines.append(f"const int64_t n_r = {p(extent)};  // innermost: {_names(inner)}")
+        lines.append("const int64_t n_blocked = n_r - n_r % MO_LANES;  // whole lane blocks")
+        parallel = f"if (n_rows * {p.atom(work)} >= MO_PARALLEL_WORK)"
+        body = self._decompose("row", row_vars, ranges)
+        computed: set[Value] = set()
+        for level, ((reductions, stores), plan) in enumerate(zip(passes, plans)):
+            # Row values whose reductions are all done: once per row, before the next pass.
+            ready = [
+                v for v in kernel.values
+                if v.is_row and v.op != "reduce" and v not in computed and depth[v] <= level
+            ]  # fmt: skip
+            body += [self._value_line(v, _Loop(None, "o")) for v in ready]
+            computed.update(ready)
+            body += self._reduction_pass(level + 1, reductions, stores, plan, outer_red, red_ranges)
+            computed.update(reductions)
+        rest = [v for v in kernel.values if v.is_row and v not in computed]
+        body += [self._value_line(v, _Loop(None, "o")) for v in rest]
+        body += [self._store_line(s, _Loop(None, "o")) for s in kernel.stores if s.is_row]
+        row_loop = ["for (int64_t row = 0; row < n_rows; ++row) {", *_indent(body, 1), "}"]
+        if not cached:
+            return [*lines, f"#pragma omp parallel for schedule(static) {parallel}", *row_loop]
+        # Values a later pass needs again and that cost more to recompute than to reread
+        # (exp in softmax) are kept for the row in per-thread scratch, in L1/L2.
+        lines.append(f"const int64_t n_flat = {p(work)};  // the reduction domain of one row")
+        lines.append(f"#pragma omp parallel {parallel}")
+        lines.append("{")
+        scratch = []
+        for value in cached:
+            ctype = ops.compute_type(value.dtype)
+            scratch.append(
+                f"{ctype}* __restrict__ {self.names[value]}_row = "
+                f"({ctype}*)malloc(sizeof({ctype}) * (n_flat > 0 ? n_flat : 1));"
+            )
+        lines += _indent(scratch, 1)
+        lines.append("  #pragma omp for schedule(static)")
+        lines += _indent(row_loop, 1)
+        lines += [f"  free({self.names[value]}_row);" for value in cached]
+        lines.append("}")
+        return lines
+
+    def _reduction_pass(
+        self,
+        level: int,
+        reductions: list[Value],
+        stores: list[Store],
+        plan: planning.PassPlan,
+        outer_red: list[sympy.Symbol],
+        red_ranges: dict[sympy.Symbol, sympy.Expr],
+    ) -> list[str]:
+        what = [f"{self.names[v]} = {v.arg}" for v in reductions]
+        what += [f"store {s.buffer}" for s in stores]
+        lines = [f"// pass {level}: {', '.join(what)}"]
+        loop = _Loop(_R, f"o{level}_")
+        p = IndexPrinter(self.symbol_names)
+        flat = sympy.Integer(0)
+        step = sympy.Integer(1)
+        for var in reversed(self.kernel_red_vars()):
+            if var in outer_red:
+                flat += var * step
+            step *= red_ranges[var]
+        # With the trailing reduction variables merged into r, r is their row-major offset.
+        flat_text = p(flat + _R) if flat != 0 else "r"
+        value_lines = []
+        for value in plan.values:
+            if value in plan.reads:
+                ctype = ops.compute_type(value.dtype)
+                name = self.names[value]
+                value_lines.append(f"const {ctype} {name} = {name}_row[{flat_text}];")
+                continue
+            value_lines.append(self._value_line(value, loop))
+            if value in plan.saves:
+                value_lines.append(f"{self.names[value]}_row[{flat_text}] = {self.names[value]};")
+        store_lines = [self._store_line(s, loop) for s in stores]
+
+        accumulators = []
+        for value in reductions:
+            name, operand = self.names[value], value.args[0]
+            acc = ops.accumulator_dtype(value.arg, operand.dtype)
+            identity = ops.reduction_identity(value.arg, operand.dtype)
+            ctype = ops.COMPUTE_TYPES[acc]
+            lines.append(f"{ctype} {name}_acc[MO_LANES];")
+            if value.arg in ("argmax", "argmin"):
+                lines.append(f"int64_t {name}_idx[MO_LANES];")
+                init = f"{name}_acc[l] = {identity}; {name}_idx[l] = 0;"
+            else:
+                init = f"{name}_acc[l] = {identity};"
+            accumulators.append(init)
+        if accumulators:
+            lines.append(f"for (int l = 0; l < MO_LANES; ++l) {{ {' '.join(accumulators)} }}")
+
+        def updates(lane: str) -> list[str]:
+            result = []
+            for value in reductions:
+                name, operand = self.names[value], value.args[0]
+                acc = ops.accumulator_dtype(value.arg, operand.dtype)
+                update = ops.REDUCTION_UPDATES[value.arg][0].format(
+                    acc=f"{name}_acc[{lane}]",
+                    idx=f"{name}_idx[{lane}]",
+                    v=ops.convert(self.names[operand], operand.dtype, acc),
+                    i=flat_text,
+                )
+                result.append(update)
+            return result
+
+        loop_lines: list[str] = []
+        if reductions:
+            loop_lines.append("for (int64_t rb = 0; rb < n_blocked; rb += MO_LANES) {")
+            loop_lines.append("  #pragma omp simd")
+            loop_lines.append("  for (int l = 0; l < MO_LANES; ++l) {")
+            loop_lines.append("    const int64_t r = rb + l;")
+            loop_lines += _indent(value_lines + store_lines + updates("l"), 2)
+            loop_lines.append("  }")
+            loop_lines.append("}")
+            loop_lines.append("for (int64_t r = n_blocked; r < n_r; ++r) {  // the tail: lane 0")
+            loop_lines += _indent(value_lines + store_lines + updates("0"), 1)
+            loop_lines.append("}")
+        else:
+            loop_lines.append("#pragma omp simd")
+            loop_lines.append("for (int64_t r = 0; r < n_r; ++r) {")
+            loop_lines += _indent(value_lines + store_lines, 1)
+            loop_lines.append("}")
+        loop_lines = loop.hoisted + loop_lines
+        for var in reversed(outer_red):
+            bound = p.atom(red_ranges[var])
+            loop_lines = [
+                f"for (int64_t {var.name} = 0; {var.name} < {bound}; ++{var.name}) {{",
+                *_indent(loop_lines, 1),
+                "}",
+            ]
+        lines += loop_lines
+
+        for value in reductions:
+            name, operand = self.names[value], value.args[0]
+            acc = ops.accumulator_dtype(value.arg, operand.dtype)
+            ctype = ops.COMPUTE_TYPES[acc]
+            combine = ops.REDUCTION_UPDATES[value.arg][1].format(
+                out=f"{name}_total",
+                out_idx=f"{name}_total_idx",
+                acc=f"{name}_acc[l]",
+                acc_idx=f"{name}_idx[l]",
+            )
+            if value.arg in ("argmax", "argmin"):
+                lines.append(f"{ctype} {name}_total = {name}_acc[0];")
+                lines.append(f"int64_t {name}_total_idx = {name}_idx[0];")
+                lines.append(f"for (int l = 1; l < MO_LANES; ++l) {combine}")
+                result = f"{name}_total_idx"
+                held = torch.int64
+            else:
+                identity = ops.reduction_identity(value.arg, operand.dtype)
+                lines.append(f"{ctype} {name}_total = {identity};")
+                lines.append(f"for (int l = 0; l < MO_LANES; ++l) {combine}")
+                result = f"{name}_total"
+                held = acc
+            ctype_out = ops.compute_type(value.dtype)
+            lines.append(f"const {ctype_out} {name} = {ops.convert(result, held, value.dtype)};")
+        return lines
+
+    def kernel_red_vars(self) -> list[sympy.Symbol]:
+        return [reduction_var(k) for k in range(len(self.kernel.reduction_ranges))]
+
+    # -- the walk: one line per Value ------------------------------------------------
+
+    def _expressions(self) -> list[sympy.Expr]:
+        """Every index expression of the kernel: loads, index values, stores."""
+        exprs = [v.arg[1] for v in self.kernel.values if v.op == "load"]
+        exprs += [v.arg for v in self.kernel.values if v.op == "index"]
+        exprs += [s.index for s in self.kernel.stores]
+        return exprs
+
+    def _value_line(self, value: Value, loop: _Loop) -> str:
+        ctype = ops.compute_type(value.dtype)
+        return f"const {ctype} {self.names[value]} = {self._value_expr(value, loop)};"
+
+    def _value_expr(self, value: Value, loop: _Loop) -> str:
+        if value.op == "load":
+            return self._load_expr(value, loop)
+        if value.op == "const":
+            return ops.constant(value.arg, value.dtype)
+        if value.op == "index":
+            index = self._index(value.arg, loop, {})
+            return ops.cast_expr(index, torch.int64, value.dtype)
+        if value.op == "cast":
+            (arg,) = value.args
+            return ops.cast_expr(self.names[arg], arg.dtype, value.dtype)
+        if value.op == "reduce":
+            return self._single_element_reduction(value)
+        return ops.pointwise_expr(value, [self.names[a] for a in value.args])
+
+    def _single_element_reduction(self, value: Value) -> str:
+        """A reduction in a kernel without reduction variables reduces one element."""
+        if self.kernel.reduction_ranges:
+            raise AssertionError("reductions are computed by their pass")
+        (operand,) = value.args
+        name = self.names[operand]
+        if value.arg in ("argmax", "argmin"):
+            return ops.literal(0, value.dtype)
+        if value.arg in ("any", "all"):
+            return ops.convert(
+                ops.convert(name, operand.dtype, torch.bool), torch.bool, value.dtype
+            )
+        return ops.convert(name, operand.dtype, value.dtype)
+
+    def _load_expr(self, value: Value, loop: _Loop) -> str:
+        buffer_name, index, indirect, masked = value.arg
+        dtype = self.buffers[buffer_name].dtype
+        pointer = self.c_names[buffer_name]
+        if buffer_name in {b.name for b in self.kernel.outputs}:
+            pointer += "_before"
+        bound = {s: f"(int64_t){self.names[v]}" for s, v in zip(indirect, value.args)}
+        offset = self._index(index, loop, bound)
+        if indirect:
+            offset = f"mo_checked({offset}, {self.c_names[buffer_name]}_extent)"
+        element = ops.load_expr(f"{pointer}[{offset}]", dtype)
+        # A load converts the element to its Value's dtype (rounding, for 16-bit floats).
+        loaded = ops.cast_expr(element, dtype, value.dtype) if dtype != value.dtype else element
+        if masked:
+            mask = self.names[value.args[-1]]
+            zero = ops.literal(0, value.dtype)
+            return f"(bool){mask} ? {loaded} : {zero}"
+        return loaded
+
+    def _store_line(self, store: Store, loop: _Loop) -> str:
+        buffer = self.buffers[store.buffer]
+        offset = self._index(store.index, loop, {})
+        value = ops.store_expr(self.names[store.value], store.value.dtype, buffer.dtype)
+        return f"{self.c_names[store.buffer]}[{offset}] = {value};"
+
+    def _index(self, expr: sympy.Expr, loop: _Loop, bound: dict[sympy.Symbol, str]) -> str:
+        """Print an index inside `loop`: a linear one as hoisted offset + stride * var."""
+        expr = sympy.sympify(expr).xreplace(self.substitution)
+        names = {**self.symbol_names, **bound}
+        p = IndexPrinter(names)
+        var = loop.var
+        if var is None or var not in expr.free_symbols or bound:
+            return p(expr)
+        coefficient = linear_coefficient(expr, var)
+        if coefficient is None:
+            return p(expr)
+        base = sympy.expand(expr - coefficient * var)
+        if base == 0:
+            offset = ""
+        else:
+            if base not in loop.offsets:
+                name = f"{loop.prefix}{len(loop.offsets)}"
+                loop.offsets[base] = name
+                loop.hoisted.append(f"const int64_t {name} = {p(base)};")
+            offset = loop.offsets[base] + " + "
+        step = p(var * coefficient) if coefficient != 1 else p(var)
+        return f"{offset}{step}"
+
+    def _decompose(
+        self, flat: str, variables: list[sympy.Symbol], ranges: dict[sympy.Symbol, sympy.Expr]
+    ) -> list[str]:
+        """Row-major index variables from a flat row number (once per row, not per element)."""
+        if not variables:
+            return []
+        if len(variables) == 1:
+            return [f"const int64_t {variables[0].name} = {flat};"]
+        p = IndexPrinter(self.symbol_names)
+        lines = [f"int64_t rest = {flat};"]
+        for var in reversed(variables[1:]):
+            size = p.atom(ranges[var])
+            lines.append(f"const int64_t {var.name} = rest % {size}; rest /= {size};")
+        lines.append(f"const int64_t {variables[0].name} = rest;")
+        return lines
+
+
+# -- names -------------------------------------------------------------------------------
+
+# Names the skeletons declare; a buffer with one of these names is renamed buf<k>.
+_RESERVED = {"j", "r", "l", "rb", "row", "task", "rest", "n_j", "n_r", "n_rows", "n_chunks",
+             "n_blocked"}  # fmt: skip
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _c_names(names: list[str]) -> dict[str, str]:
+    """Buffer name -> a C++ parameter name (the IR's name when it is a safe identifier)."""
+    result = {}
+    for k, name in enumerate(names):
+        # Generated names: v<k> values, o<k> offsets, i<k>/r<k> variables, s<k> sizes.
+        clash = name in _RESERVED or re.fullmatch(r"[vioru]\d.*|s\d+|mo_.*|buf\d+", name)
+        safe = _IDENTIFIER.fullmatch(name) and not keyword.iskeyword(name) and not clash
+        result[name] = name if safe else f"buf{k}"
+    return result
+
+
+@functools.cache
+def _size_name(name: str) -> str:
+    if re.fullmatch(r"[su]\d+", name):
+        return name
+    return "size_" + re.sub(r"\W", "_", name)
+
+
+def _names(variables: list[sympy.Symbol]) -> str:
+    return ", ".join(v.name for v in variables)
+
+
+def _indent(lines: list[str], levels: int) -> list[str]:
+    pad = "  " * levels
+    return [pad + line if line else line for line in lines]

@@ -1,0 +1,188 @@
+"""CppKernel: a Kernel compiled to C++ and called through ctypes."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import sympy
+import torch
+
+from memopt.backends.cpp import build, codegen
+from memopt.compiler.kernel_ir import Buffer, Kernel
+
+# Ask Linux for transparent huge pages on large outputs before the kernel first touches
+# them. A fresh output is mapped but not yet faulted in; faulting in 4 KiB pages costs more
+# than the kernel's own memory traffic (128 MiB: ~60 ms in 4 KiB pages, ~25 ms in 2 MiB
+# pages, measured on the benchmark machine). A hint only: no effect where THP is off or
+# the memory is already touched. Set to False to measure without it.
+HUGE_PAGE_OUTPUTS = sys.platform.startswith("linux")
+_HUGE_PAGE = 1 << 21  # x86-64 and arm64 transparent huge pages: 2 MiB
+_HUGE_PAGE_MIN_NBYTES = 4 * _HUGE_PAGE
+_MADV_HUGEPAGE = 14  # <sys/mman.h>
+
+# Error codes the generated code returns (prelude.py: MO_ERR_*).
+_ERRORS = {
+    1: (RuntimeError, "ZeroDivisionError: integer division by zero"),
+    2: (IndexError, "a data-dependent index (gather) lies outside its buffer"),
+}
+
+
+class CppKernel:
+    """A Kernel as a compiled C++ function: `kernel(inputs, outputs, sizes)` writes `outputs`.
+
+    `source` is the generated C++ and `source_path` its copy in the cache directory.
+    """
+
+    def __init__(self, kernel: Kernel) -> None:
+        """Generate, compile (or find in the cache) and load; raises if any step fails."""
+        generated = codegen.generate(kernel)
+        self.kernel = kernel
+        self.source: str = generated.source
+        self.signature = generated.signature
+        library, source_path = build.library(self.source)
+        self.source_path: Path = source_path
+        function = getattr(library, codegen.FUNCTION_NAME)
+        pointers = len(kernel.inputs) + len(kernel.outputs) + len(self.signature.snapshot_outputs)
+        integers = len(self.signature.extent_buffers) + len(self.signature.size_names)
+        function.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int64] * integers
+        function.restype = ctypes.c_int32
+        self._function = function
+        self._buffers = (*kernel.inputs, *kernel.outputs)
+        self._layouts: dict[tuple[int, ...], _Layout] = {}
+
+    def __call__(
+        self,
+        inputs: Sequence[torch.Tensor],
+        outputs: Sequence[torch.Tensor],
+        sizes: Mapping[str, int],
+    ) -> None:
+        """Run the kernel: read `inputs`, write `outputs` in place.
+
+        inputs[k] / outputs[k] have the shape and strides of kernel.inputs[k] /
+        kernel.outputs[k] at `sizes` (symbol name -> int); element 0 is at the data pointer.
+        """
+        kernel = self.kernel
+        if len(inputs) != len(kernel.inputs) or len(outputs) != len(kernel.outputs):
+            raise ValueError(
+                f"kernel {kernel.name}: expected {len(kernel.inputs)} inputs and "
+                f"{len(kernel.outputs)} outputs, got {len(inputs)} and {len(outputs)}"
+            )
+        try:
+            size_values = tuple(int(sizes[name]) for name in self.signature.size_names)
+        except KeyError as error:
+            missing = [n for n in self.signature.size_names if n not in sizes]
+            raise ValueError(
+                f"kernel {kernel.name}: no value for size symbols {missing}"
+            ) from error
+        layout = self._layouts.get(size_values)
+        if layout is None:
+            sizes_by_name = dict(zip(self.signature.size_names, size_values))
+            layout = _Layout(self._buffers, sizes_by_name, self.signature.extent_buffers)
+            self._layouts[size_values] = layout
+        tensors = (*inputs, *outputs)
+        pointers = []
+        for tensor, (dtype, shape, stride), buffer in zip(tensors, layout.expected, self._buffers):
+            # The common case in one comparison; the full rule (size-1 and empty dims
+            # may have any stride) only when it fails.
+            if not (tensor.dtype == dtype and tensor.is_cpu and tensor.shape == shape):
+                _check(buffer, tensor, shape, stride)
+            elif tensor.stride() != stride:
+                _check(buffer, tensor, shape, stride)
+            pointers.append(tensor.data_ptr())
+        if HUGE_PAGE_OUTPUTS:
+            for output in outputs:
+                _advise_huge_pages(output.data_ptr(), output.nbytes)
+        # A kernel that reads an output sees it as it was before the kernel: read a copy.
+        snapshots = [_flat_copy(outputs[k]) for k in self.signature.snapshot_outputs]
+        pointers += [s.data_ptr() for s in snapshots]
+        code = self._function(*pointers, *layout.extent_args, *size_values)
+        if code:
+            error, message = _ERRORS.get(code, (RuntimeError, f"error code {code}"))
+            raise error(f"kernel {kernel.name}: {message}")
+
+
+class _Layout:
+    """Buffer shapes, strides and extents (elements from the data pointer) at given sizes."""
+
+    def __init__(
+        self, buffers: Sequence[Buffer], sizes: Mapping[str, int], extent_buffers: Sequence[str]
+    ) -> None:
+        def ev(expr: sympy.Expr) -> int:
+            expr = sympy.sympify(expr)
+            return int(expr.xreplace({s: sympy.Integer(sizes[s.name]) for s in expr.free_symbols}))
+
+        self.shapes = [tuple(ev(s) for s in b.shape) for b in buffers]
+        self.strides = [tuple(ev(s) for s in b.stride) for b in buffers]
+        self.extents = {}
+        for buffer, shape, stride in zip(buffers, self.shapes, self.strides):
+            empty = any(size == 0 for size in shape)
+            extent = 0 if empty else 1 + sum((n - 1) * s for n, s in zip(shape, stride))
+            self.extents[buffer.name] = extent
+        self.extent_args = [self.extents[name] for name in extent_buffers]
+        self.expected = [
+            (buffer.dtype, torch.Size(shape), stride)
+            for buffer, shape, stride in zip(buffers, self.shapes, self.strides)
+        ]
+
+
+def _check(buffer: Buffer, tensor: torch.Tensor, shape: tuple[int, ...], stride: tuple[int, ...]):
+    # A wrong layout would read or write outside the tensor: refuse it.
+    ok = (
+        tensor.dtype == buffer.dtype
+        and tensor.is_cpu
+        and tuple(tensor.shape) == shape
+        and (
+            tensor.numel() == 0
+            or all(n == 1 or a == b for n, a, b in zip(shape, tensor.stride(), stride))
+        )
+    )
+    if not ok:
+        raise ValueError(
+            f"{buffer}: got a {tensor.dtype} {tensor.device.type} tensor of shape "
+            f"{tuple(tensor.shape)} and strides {tensor.stride()}, expected a cpu tensor of "
+            f"shape {shape} and strides {stride}"
+        )
+
+
+def _advise_huge_pages(address: int, nbytes: int) -> None:
+    """madvise(MADV_HUGEPAGE) on the whole 2 MiB pages inside [address, address + nbytes)."""
+    if nbytes < _HUGE_PAGE_MIN_NBYTES:
+        return
+    start = -(-address // _HUGE_PAGE) * _HUGE_PAGE
+    end = (address + nbytes) // _HUGE_PAGE * _HUGE_PAGE
+    madvise = _madvise()
+    if madvise is not None and end > start:
+        madvise(start, end - start, _MADV_HUGEPAGE)  # a hint: its result does not matter
+
+
+@functools.cache
+def _madvise():
+    try:
+        function = ctypes.CDLL(None).madvise
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function
+
+
+def _flat_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of the elements from the tensor's data pointer to its last one, as 1-D."""
+    extent = 0
+    if tensor.numel():
+        extent = 1 + sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride()))
+    return torch.as_strided(tensor, (extent,), (1,)).clone()
+
+
+def compile_kernel(kernel: Kernel) -> CppKernel:
+    """The C++ backend's entry point: `kernel` compiled for the CPU.
+
+    Raises build.CompilerNotFound or build.CompileError when it cannot be built, and
+    NotImplementedError for IR it cannot express; FusedKernel then runs the kernel on the
+    reference backend with a warning.
+    """
+    return CppKernel(kernel)

@@ -1,0 +1,135 @@
+"""Loop planning for the C++ skeletons: which variables form the innermost loop, how many
+passes a reduction row needs, and which values a row caches between passes.
+
+Pure functions of the Kernel IR; codegen.py turns their answers into loops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import sympy
+
+from memopt.backends.cpp.index import linear_coefficient
+from memopt.compiler.kernel_ir import Kernel, Store, Value
+
+
+def innermost_block(
+    variables: list[sympy.Symbol],
+    ranges: dict[sympy.Symbol, sympy.Expr],
+    exprs: list[sympy.Expr],
+    store: Store,
+) -> list[sympy.Symbol]:
+    """The variable the store is contiguous in (else the last), merged with outer ones."""
+    candidates = [v for v in variables if linear_coefficient(store.index, v) == 1]
+    inner = candidates[-1] if candidates else variables[-1]
+    position = variables.index(inner)
+    return merge_block(variables[: position + 1], ranges, exprs)
+
+
+def merge_block(
+    variables: list[sympy.Symbol], ranges: dict[sympy.Symbol, sympy.Expr], exprs: list[sympy.Expr]
+) -> list[sympy.Symbol]:
+    """The last variable plus the run of variables before it that fold into one loop.
+
+    u folds into the block (v..last) when every index is linear in u and in `last` with
+    coef(u) == coef(last) * (the block's extent): then u*coef(u) + ... + last*coef(last) is
+    coef(last) * j for one j over the product of the ranges.
+    """
+    last = variables[-1]
+    block = [last]
+    extent = ranges[last]
+    for var in reversed(variables[:-1]):
+        fits = True
+        for expr in exprs:
+            c_last, c_var = linear_coefficient(expr, last), linear_coefficient(expr, var)
+            if c_last is None or c_var is None or sympy.expand(c_var - c_last * extent) != 0:
+                fits = False
+                break
+        if not fits:
+            break
+        block.insert(0, var)
+        extent = extent * ranges[var]
+    return block
+
+
+def plan_passes(kernel: Kernel, depth: dict[Value, int]) -> list[tuple[list[Value], list[Store]]]:
+    """Pass k (from 1) computes the reductions of depth k and the full stores whose
+    value needs reductions of depth < k; a last pass without reductions if needed."""
+    reductions = [v for v in kernel.values if v.op == "reduce"]
+    full_stores = [s for s in kernel.stores if not s.is_row]
+    count = max(
+        [depth[v] for v in reductions] + [depth[s.value] + 1 for s in full_stores], default=0
+    )
+    passes: list[tuple[list[Value], list[Store]]] = [([], []) for _ in range(count)]
+    for value in reductions:
+        passes[depth[value] - 1][0].append(value)
+    for store in full_stores:
+        passes[depth[store.value]][1].append(store)
+    return passes
+
+
+def reduction_depths(kernel: Kernel) -> dict[Value, int]:
+    """How many nested reductions a Value waits for: max 1, then sum of x - max: 2."""
+    depth: dict[Value, int] = {}
+    for value in kernel.values:  # operands first
+        below = max((depth[a] for a in value.args), default=0)
+        depth[value] = below + 1 if value.op == "reduce" else below
+    return depth
+
+
+def full_closure(
+    kernel: Kernel, needed: Iterable[Value], leaves: frozenset[Value] = frozenset()
+) -> list[Value]:
+    """The values that vary along the reduction that `needed` uses, in kernel order;
+    the search stops at `leaves` (values read back from a row cache)."""
+    found: set[Value] = set()
+    stack = [v for v in needed if not v.is_row]
+    while stack:
+        value = stack.pop()
+        if value in found:
+            continue
+        found.add(value)
+        if value not in leaves:
+            stack.extend(a for a in value.args if not a.is_row)
+    return [v for v in kernel.values if v in found]
+
+
+# Ops that cost more to recompute in a later pass than a store and a load from L1/L2.
+_COSTLY_OPS = frozenset(
+    {
+        "exp", "exp2", "expm1", "log", "log2", "log1p", "sin", "cos", "tan", "tanh", "erf",
+        "sigmoid", "pow", "atan2", "fmod", "remainder", "floordiv",
+    }
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    """The full values one pass computes (kernel order), which of them it reads from a row
+    cache an earlier pass filled, and which it saves to one for a later pass."""
+
+    values: list[Value]
+    reads: frozenset[Value]
+    saves: tuple[Value, ...]
+
+
+def plan_row_caches(
+    kernel: Kernel, passes: list[tuple[list[Value], list[Store]]]
+) -> list[PassPlan]:
+    needed = [[v.args[0] for v in reductions] + [s.value for s in stores] for reductions, stores in passes]  # fmt: skip
+    naive = [set(full_closure(kernel, n)) for n in needed]
+    saved_in: dict[Value, int] = {}
+    for level, values in enumerate(naive):
+        for value in values:
+            later = any(value in naive[k] for k in range(level + 1, len(naive)))
+            if value.op in _COSTLY_OPS and later and value not in saved_in:
+                saved_in[value] = level
+    plans = []
+    for level, n in enumerate(needed):
+        readable = frozenset(v for v, k in saved_in.items() if k < level)
+        values = full_closure(kernel, n, readable)
+        saves = tuple(v for v in values if saved_in.get(v) == level)
+        plans.append(PassPlan(values, readable & set(values), saves))
+    return plans

@@ -1,0 +1,734 @@
+"""The C++ backend: the shared examples against eager; every op, reduction and dtype against
+the reference backend (the oracle) on the same kernel; layouts and sizes 0, 1, 7, 1000; the
+on-disk cache surviving damaged entries; falling back when there is no compiler.
+
+Compiling costs ~0.3 s per kernel, so ops are batched: one kernel computes many ops, one
+output each, and kernels with symbolic sizes and strides run at many shapes per compile.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+
+import pytest
+import sympy
+import torch
+from torch.testing import assert_close
+
+from memopt.backends import reference
+from memopt.backends.cpp import CompileError, CompilerNotFound, build, codegen, compile_kernel
+from memopt.compiler import kernel_ir as ir
+from memopt.compiler.kernel_ir import Kernel, Store, indirect_var, reduction_var
+from memopt.compiler.kernels import FusedKernel
+
+import kernel_examples as examples
+from kernel_examples import S, buf, i0, i1
+from lowering_harness import fused_kernels, run_fused
+
+pytestmark = pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX") or "g++") is None, reason="needs a C++ compiler"
+)
+
+f32, f16, bf16, f64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
+i64, i32, i16, i8, u8, b8 = torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool  # fmt: skip
+r0, r1 = reduction_var(0), reduction_var(1)
+N = 97  # not a multiple of any vector width: every loop has a tail
+
+
+def run_both(kernel: Kernel, inputs: list[torch.Tensor], sizes=None):
+    """(C++ outputs, reference outputs) of `kernel` on `inputs`."""
+    sizes = sizes or {}
+    got = examples.allocate_outputs(kernel, sizes)
+    want = examples.allocate_outputs(kernel, sizes)
+    compile_kernel(kernel)(inputs, got, sizes)
+    reference.compile_kernel(kernel)(inputs, want, sizes)
+    return got, want
+
+
+def assert_same(got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:
+    assert got.dtype == want.dtype, what
+    if got.dtype.is_floating_point:
+        assert_close(got, want, equal_nan=True, msg=lambda m: f"{what}: {m}")
+    else:
+        assert torch.equal(got, want), f"{what}: {got} != {want}"
+
+
+# --- the shared examples ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(examples.EXAMPLES))
+def test_example_matches_eager(name):
+    kernel, inputs, expected, sizes = examples.EXAMPLES[name]()
+    outputs = examples.allocate_outputs(kernel, sizes)
+    compile_kernel(kernel)(inputs, outputs, sizes)
+    for output, want in zip(outputs, expected):
+        assert_close(output, want)
+
+
+# --- every pointwise op, per dtype, against the reference backend ----------------------
+
+
+def _domain(name: str, dtype: torch.dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(hash(name) % 1000)
+    specials = torch.tensor([0.0, -0.0, 1.0, float("nan"), float("inf"), -float("inf"), 2.5, -2.5])
+    base = {
+        "real": lambda: torch.randn(N, generator=g) * 3,
+        "positive": lambda: torch.rand(N, generator=g) * 4 + 0.1,
+        "nonzero": lambda: (
+            (torch.rand(N, generator=g) + 0.5)
+            * torch.where(torch.rand(N, generator=g) < 0.5, -1.0, 1.0)
+        ),
+        "ties": lambda: torch.randint(-2, 3, (N,), generator=g).float() * 0.5,
+        "special": lambda: specials.repeat(N // 8 + 1)[:N],
+        "small": lambda: torch.randint(-5, 6, (N,), generator=g).float(),
+        "int": lambda: torch.randint(-100, 100, (N,), generator=g).float(),
+        "int_nonzero": lambda: (
+            torch.randint(1, 9, (N,), generator=g).float()
+            * torch.where(torch.rand(N, generator=g) < 0.5, -1.0, 1.0)
+        ),
+        "exponent": lambda: torch.randint(-2, 4, (N,), generator=g).float(),
+        "bool": lambda: (torch.rand(N, generator=g) < 0.5).float(),
+    }[name]()
+    if dtype == u8:
+        base = base.abs()
+    return base.to(dtype)
+
+
+def multi_op_kernel(name: str, cases: list[tuple[str, list[tuple[str, torch.dtype]], torch.dtype]]):
+    """One kernel, one output per case: out_k[i0] = op(in_a[i0], in_b[i0], ...).
+
+    A case is (op, [(domain, dtype) per operand], result dtype); operands with the same
+    domain and dtype share an input buffer. Returns (kernel, inputs).
+    """
+    slots: dict[tuple[str, torch.dtype], int] = {}
+    for _, operands, _ in cases:
+        for operand in operands:
+            slots.setdefault(operand, len(slots))
+    loads = {key: ir.load(f"in{k}", i0, key[1]) for key, k in slots.items()}
+    stores = []
+    for k, (op, operands, result) in enumerate(cases):
+        value = ir.op(op, *(loads[o] for o in operands), dtype=result)
+        stores.append(Store(f"out{k}", i0, value))
+    kernel = Kernel(
+        name,
+        tuple(buf(f"in{k}", key[1], (N,)) for key, k in slots.items()),
+        tuple(buf(f"out{k}", case[2], (N,)) for k, case in enumerate(cases)),
+        (S(N),),
+        (),
+        tuple(stores),
+    )
+    return kernel, [_domain(domain, dtype) for domain, dtype in slots]
+
+
+# op -> operand domains, for floats (every op but bitwise_not, which floats lack)
+FLOAT_UNARY = {
+    "neg": "real", "abs": "real", "exp": "real", "exp2": "real", "expm1": "real",
+    "log": "positive", "log2": "positive", "log1p": "positive", "sqrt": "positive",
+    "rsqrt": "positive", "sin": "real", "cos": "real", "tan": "real", "tanh": "real",
+    "sigmoid": "real", "erf": "real", "relu": "special", "reciprocal": "nonzero",
+    "sign": "special", "floor": "real", "ceil": "real", "trunc": "real", "round": "ties",
+    "logical_not": "special", "isnan": "special", "isinf": "special", "square": "real",
+}  # fmt: skip
+FLOAT_BINARY = {
+    "add": ("real", "real"), "sub": ("real", "real"), "mul": ("real", "real"),
+    "truediv": ("real", "nonzero"), "floordiv": ("real", "nonzero"),
+    "truncdiv": ("real", "nonzero"), "remainder": ("real", "nonzero"),
+    "fmod": ("real", "nonzero"), "pow": ("positive", "real"), "maximum": ("special", "ties"),
+    "minimum": ("special", "ties"), "eq": ("ties", "small"), "ne": ("ties", "small"),
+    "lt": ("ties", "small"), "le": ("ties", "small"), "gt": ("ties", "small"),
+    "ge": ("ties", "small"), "logical_and": ("special", "ties"),
+    "logical_or": ("special", "ties"), "logical_xor": ("special", "ties"),
+    "atan2": ("real", "real"),
+}  # fmt: skip
+INT_UNARY = {
+    "neg": "int", "abs": "int", "sign": "int", "relu": "int", "floor": "int", "ceil": "int",
+    "trunc": "int", "round": "int", "bitwise_not": "int", "logical_not": "small",
+    "isnan": "int", "isinf": "int", "square": "int",
+}  # fmt: skip
+INT_TO_FLOAT_UNARY = {"exp": "small", "sqrt": "small", "sin": "int", "sigmoid": "small",
+                      "reciprocal": "small", "log1p": "small", "erf": "small"}  # fmt: skip
+INT_BINARY = {
+    "add": ("int", "int"), "sub": ("int", "int"), "mul": ("int", "int"),
+    "floordiv": ("int", "int_nonzero"), "truncdiv": ("int", "int_nonzero"),
+    "remainder": ("int", "int_nonzero"), "fmod": ("int", "int_nonzero"),
+    "pow": ("small", "exponent"), "maximum": ("small", "small"),
+    "minimum": ("small", "small"), "eq": ("small", "small"), "ne": ("small", "small"),
+    "lt": ("small", "small"), "le": ("small", "small"), "gt": ("small", "small"),
+    "ge": ("small", "small"), "logical_and": ("small", "small"),
+    "logical_or": ("small", "small"), "logical_xor": ("small", "small"),
+    "bitwise_and": ("int", "int"), "bitwise_or": ("int", "int"), "bitwise_xor": ("int", "int"),
+}  # fmt: skip
+BOOL_OPS = {
+    "logical_not": 1, "bitwise_not": 1, "add": 2, "mul": 2, "maximum": 2, "minimum": 2,
+    "eq": 2, "ne": 2, "lt": 2, "logical_and": 2, "logical_or": 2, "logical_xor": 2,
+    "bitwise_and": 2, "bitwise_or": 2, "bitwise_xor": 2, "where": 3,
+}  # fmt: skip
+PREDICATES = {"eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_xor",
+              "logical_not", "isnan", "isinf"}  # fmt: skip
+
+
+def _result(op: str, dtype: torch.dtype) -> torch.dtype:
+    return b8 if op in PREDICATES else dtype
+
+
+def test_tables_cover_every_op():
+    assert set(FLOAT_UNARY) | {"bitwise_not"} == ir.UNARY_OPS
+    assert set(FLOAT_BINARY) | {"bitwise_and", "bitwise_or", "bitwise_xor"} == ir.BINARY_OPS
+    assert set(INT_BINARY) | {"truediv", "atan2"} == ir.BINARY_OPS
+    assert ir.TERNARY_OPS == {"where"}
+
+
+@pytest.mark.parametrize("dtype", [f32, f64, f16, bf16], ids=str)
+def test_float_ops(dtype):
+    cases = [(op, [(d, dtype)], _result(op, dtype)) for op, d in FLOAT_UNARY.items()]
+    cases += [
+        (op, [(a, dtype), (b, dtype)], _result(op, dtype)) for op, (a, b) in FLOAT_BINARY.items()
+    ]
+    cases.append(("where", [("bool", b8), ("real", dtype), ("special", dtype)], dtype))
+    # Mixed operands: a comparison meets in the promoted dtype; an int / int is a float.
+    cases.append(("lt", [("small", i32), ("ties", dtype)], b8))
+    cases.append(("truediv", [("int", i32), ("int_nonzero", i32)], dtype))
+    kernel, inputs = multi_op_kernel(f"float_ops_{dtype}", cases)
+    got, want = run_both(kernel, inputs)
+    for (op, _, _), g, w in zip(cases, got, want):
+        assert_same(g, w, f"{op} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [i64, i32, i16, i8, u8], ids=str)
+def test_integer_ops(dtype):
+    cases = [(op, [(d, dtype)], _result(op, dtype)) for op, d in INT_UNARY.items()]
+    cases += [(op, [(d, dtype)], f32) for op, d in INT_TO_FLOAT_UNARY.items()]
+    cases += [
+        (op, [(a, dtype), (b, dtype)], _result(op, dtype)) for op, (a, b) in INT_BINARY.items()
+    ]
+    cases.append(("where", [("bool", b8), ("int", dtype), ("small", dtype)], dtype))
+    kernel, inputs = multi_op_kernel(f"int_ops_{dtype}", cases)
+    got, want = run_both(kernel, inputs)
+    for (op, _, _), g, w in zip(cases, got, want):
+        assert_same(g, w, f"{op} {dtype}")
+
+
+def test_bool_ops():
+    cases = [(op, [("bool", b8)] * arity, b8) for op, arity in BOOL_OPS.items()]
+    kernel, inputs = multi_op_kernel("bool_ops", cases)
+    inputs = [torch.rand(N) < 0.5]
+    got, want = run_both(kernel, inputs)
+    for (op, _, _), g, w in zip(cases, got, want):
+        assert_same(g, w, op)
+
+
+def test_integer_pow_with_negative_exponents():
+    base = torch.tensor([-3, -2, -1, 0, 1, 2, 3] * 3)
+    exponent = torch.tensor([-2] * 7 + [-1] * 7 + [3] * 7)
+    kernel = examples_pointwise("pow", [i64, i64], i64, len(base))
+    got, want = run_both(kernel, [base, exponent])
+    assert torch.equal(got[0], want[0])
+
+
+def examples_pointwise(op: str, in_dtypes, out_dtype, n: int) -> Kernel:
+    loads = [ir.load(f"in{k}", i0, dtype) for k, dtype in enumerate(in_dtypes)]
+    return Kernel(
+        op,
+        tuple(buf(f"in{k}", dtype, (n,)) for k, dtype in enumerate(in_dtypes)),
+        (buf("out0", out_dtype, (n,)),),
+        (S(n),),
+        (),
+        (Store("out0", i0, ir.op(op, *loads, dtype=out_dtype)),),
+    )
+
+
+@pytest.mark.parametrize("op", ["floordiv", "truncdiv", "remainder", "fmod"])
+def test_integer_division_by_zero_raises_like_the_reference(op):
+    kernel = examples_pointwise(op, [i64, i64], i64, 4)
+    a, b = torch.tensor([1, 2, 3, 4]), torch.tensor([1, 0, 1, 1])
+    for backend in (compile_kernel, reference.compile_kernel):
+        with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+            backend(kernel)([a, b], [torch.empty(4, dtype=i64)], {})
+
+
+def test_casts_and_16bit_rounding():
+    """Casts round into 16-bit floats (round to nearest even) and back; float -> int truncates;
+    a 16-bit chain keeps float32 intermediates; constants round to their dtype."""
+    x = torch.randn(N) * 100
+    lx = ir.load("in0", i0, f32)
+    half = ir.load("in1", i0, f16)
+    chain = ir.op("sub", ir.op("add", half, ir.const(1e-3, f16), dtype=f16), half, dtype=f16)
+    values = [
+        ir.cast(ir.cast(lx, bf16), f32),
+        ir.cast(ir.cast(lx, f16), f32),
+        ir.cast(lx, i32),
+        ir.cast(lx, u8),
+        ir.cast(lx, b8),
+        ir.cast(ir.cast(lx, f64), bf16),
+        chain,
+        ir.cast(ir.index_value(i0 * 3), f16),
+    ]
+    out_dtypes = [f32, f32, i32, u8, b8, bf16, f32, f16]
+    kernel = Kernel(
+        "casts",
+        (buf("in0", f32, (N,)), buf("in1", f16, (N,))),
+        tuple(buf(f"out{k}", d, (N,)) for k, d in enumerate(out_dtypes)),
+        (S(N),),
+        (),
+        tuple(Store(f"out{k}", i0, v) for k, v in enumerate(values)),
+    )
+    x[:4] = torch.tensor([float("nan"), 0.5, 1.5, -2.5])
+    inputs = [x, (torch.randn(N) * 100).to(f16)]
+    got, want = run_both(kernel, inputs)
+    u8_in_range = (x >= 0) & (x < 256)  # out of range is undefined in C++ and ATen alike
+    for k, (g, w) in enumerate(zip(got, want)):
+        if k == 3:
+            g, w = g[u8_in_range], w[u8_in_range]
+        if k in (2, 3):
+            g, w = g[1:], w[1:]  # NaN to int is undefined too
+        assert torch.equal(g, w) or g.dtype.is_floating_point and torch.equal(g.isnan(), w.isnan())
+
+
+def test_16bit_conversions_without_float16_type():
+    """The prelude's portable fp16 conversions (no _Float16) agree with torch bit for bit."""
+    source = (
+        "#define MO_NO_FLOAT16\n"
+        + codegen.PRELUDE
+        + 'extern "C" void to_float(const uint16_t* h, float* f, int64_t n) {'
+        + " for (int64_t i = 0; i < n; ++i) f[i] = mo_h2f(h[i]); }\n"
+        + 'extern "C" void to_half(const float* f, uint16_t* h, int64_t n) {'
+        + " for (int64_t i = 0; i < n; ++i) h[i] = mo_f2h(f[i]); }\n"
+    )
+    library, _ = build.library(source)
+    import ctypes
+
+    def call(name, src, dst):
+        getattr(library, name)(
+            ctypes.c_void_p(src.data_ptr()),
+            ctypes.c_void_p(dst.data_ptr()),
+            ctypes.c_int64(src.numel()),
+        )
+
+    halves = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16).view(f16)
+    floats = torch.empty(1 << 16)
+    call("to_float", halves.view(torch.int16), floats)
+    assert torch.equal(floats.isnan(), halves.float().isnan())
+    assert torch.equal(floats.nan_to_num(), halves.float().nan_to_num())
+    sweep = torch.cat([torch.randn(100_000) * s for s in (1e-7, 1e-4, 1.0, 1e3, 7e4)])
+    sweep = torch.cat([sweep, floats[~floats.isnan()], torch.tensor([65519.0, 65520.0, 1e9])])
+    rounded = torch.empty(sweep.numel(), dtype=torch.int16)
+    call("to_half", sweep, rounded)
+    assert torch.equal(rounded.view(f16).float(), sweep.to(f16).float())
+
+
+# --- reductions ------------------------------------------------------------------------
+
+s0, s1, s2 = (sympy.Symbol(f"s{k}", integer=True, positive=True) for k in range(3))
+
+
+def reductions_kernel(name: str, in_dtype: torch.dtype, reductions: dict[str, torch.dtype]):
+    """out_k[i0] = reduction_k over (r0, r1) of in0[i0, r0, r1], sizes symbolic (s0, s1, s2)."""
+    lx = ir.load("in0", i0 * (s1 * s2) + r0 * s2 + r1, in_dtype)
+    names = list(reductions)
+    return Kernel(
+        name,
+        (buf("in0", in_dtype, (s0, s1, s2)),),
+        tuple(buf(f"out{k}", reductions[n], (s0,)) for k, n in enumerate(names)),
+        (s0,),
+        (s1, s2),
+        tuple(Store(f"out{k}", i0, ir.reduce(n, lx, reductions[n])) for k, n in enumerate(names)),
+    )
+
+
+REDUCTION_INPUTS = {
+    f32: lambda shape: torch.randint(-3, 4, shape).float() * 0.5,  # ties for argmax/argmin
+    f16: lambda shape: torch.randn(shape).to(f16),
+    i32: lambda shape: torch.randint(-3, 4, shape, dtype=i32),
+    b8: lambda shape: torch.rand(shape) < 0.3,
+}
+REDUCTION_OUTPUTS = {
+    f32: {"sum": f32, "prod": f32, "max": f32, "min": f32, "argmax": i64, "argmin": i64,
+          "any": b8, "all": b8},
+    f16: {"sum": f16, "prod": f16, "max": f16, "argmax": i64, "all": b8},
+    i32: {"sum": i64, "prod": i64, "max": i32, "min": i32, "argmax": i64, "argmin": i64},
+    b8: {"any": b8, "all": b8, "sum": i64, "max": b8},
+}  # fmt: skip
+
+
+def test_reduction_tables_cover_every_reduction():
+    assert set(REDUCTION_OUTPUTS[f32]) == ir.REDUCTIONS
+
+
+@pytest.mark.parametrize("dtype", list(REDUCTION_OUTPUTS), ids=str)
+def test_reductions_at_many_sizes(dtype):
+    kernel = reductions_kernel(f"reductions_{dtype}", dtype, REDUCTION_OUTPUTS[dtype])
+    shapes = [(3, 4, 5), (2, 0, 5), (1, 1, 1), (7, 1, 7), (2, 1000, 1), (0, 3, 3), (5, 2, 17)]
+    for shape in shapes:
+        x = REDUCTION_INPUTS[dtype](shape)
+        if dtype == f32 and x.numel():
+            x.view(-1)[:: max(1, x.numel() // 3)] = float("nan")  # NaN propagates in max/argmax
+        sizes = dict(zip(("s0", "s1", "s2"), shape))
+        got, want = run_both(kernel, [x], sizes)
+        for name, g, w in zip(REDUCTION_OUTPUTS[dtype], got, want):
+            assert_same(g, w, f"{name} {dtype} {shape}")
+
+
+def test_reduction_over_non_adjacent_axes():
+    """Reduce dims 0 and 2 of (a, rows, b): the reduction variables do not merge: nested loops."""
+    a, rows, b = 3, 4, 37
+    x = torch.randn(a, rows, b)
+    lx = ir.load("in0", r0 * (rows * b) + i0 * b + r1, f32)
+    kernel = Kernel(
+        "non_adjacent",
+        (buf("in0", f32, (a, rows, b)),),
+        (buf("out0", f32, (rows,)), buf("out1", i64, (rows,)), buf("out2", f32, (a, rows, b))),
+        (S(rows),),
+        (S(a), S(b)),
+        (
+            Store("out0", i0, ir.reduce("sum", lx, f32)),
+            Store("out1", i0, ir.reduce("argmax", lx, i64)),
+            Store("out2", r0 * (rows * b) + i0 * b + r1, ir.op("sub", lx, ir.reduce("max", lx, f32), dtype=f32)),
+        ),
+    )  # fmt: skip
+    got, want = run_both(kernel, [x])
+    for g, w in zip(got, want):
+        assert_same(g, w)
+    assert "for (int64_t r0 = 0" in compile_kernel(kernel).source
+
+
+def test_normalizations_at_many_widths():
+    """softmax and layer_norm (two dependent reductions, row outputs) at symbolic sizes."""
+    kernel_sm, *_ = examples.softmax(rows=3, cols=8)
+    kernel_ln, *_ = examples.layer_norm(rows=3, cols=8)
+    for kernel in (kernel_sm, kernel_ln):
+        symbolic = kernel.reduction_ranges[0]
+        for cols in (1, 7, 1000):
+            resized = _resize(kernel, {symbolic: cols})
+            inputs = [torch.randn(tuple(int(s) for s in b.shape)) for b in resized.inputs]
+            got, want = run_both(resized, inputs)
+            for g, w in zip(got, want):
+                assert_same(g, w, f"{kernel.name} width {cols}")
+
+
+def _resize(kernel: Kernel, changes: dict) -> Kernel:
+    def sub(expr):
+        return sympy.sympify(expr).xreplace(changes)
+
+    def value(v):
+        if v.op == "load":
+            name, index, indirect, masked = v.arg
+            return ir.Value(
+                "load", tuple(map(value, v.args)), v.dtype, (name, sub(index), indirect, masked)
+            )
+        if v.op == "const" and v.arg == float(list(changes)[0]):
+            return ir.const(float(list(changes.values())[0]), v.dtype)
+        return ir.Value(v.op, tuple(map(value, v.args)), v.dtype, v.arg)
+
+    def buffer(b):
+        return ir.Buffer(b.name, b.dtype, tuple(map(sub, b.shape)), tuple(map(sub, b.stride)))
+
+    return Kernel(
+        kernel.name, tuple(map(buffer, kernel.inputs)), tuple(map(buffer, kernel.outputs)),
+        tuple(map(sub, kernel.ranges)), tuple(map(sub, kernel.reduction_ranges)),
+        tuple(Store(s.buffer, sub(s.index), value(s.value)) for s in kernel.stores),
+    )  # fmt: skip
+
+
+# --- layouts: strides, storage offsets, sizes 0, 1, 7, 1000 ------------------------------
+
+
+def strided_kernel() -> Kernel:
+    """out[i0, i1] = x[i0, i1] * 2 + y[i1] with x's strides and y's stride symbolic."""
+    rows, cols, sx0, sx1, sy = (sympy.Symbol(n, integer=True, positive=True) for n in ("s0", "s1", "s2", "s3", "s4"))  # fmt: skip
+    x = ir.load("in0", i0 * sx0 + i1 * sx1, f32)
+    y = ir.load("in1", i1 * sy, f32)
+    value = ir.op("add", ir.op("mul", x, ir.const(2.0, f32), dtype=f32), y, dtype=f32)
+    return Kernel(
+        "strided",
+        (buf("in0", f32, (rows, cols), (sx0, sx1)), buf("in1", f32, (cols,), (sy,))),
+        (buf("out0", f32, (rows, cols)),),
+        (rows, cols),
+        (),
+        (Store("out0", i0 * cols + i1, value),),
+    )
+
+
+def _layouts(rows: int, cols: int):
+    yield "contiguous", torch.randn(rows, cols)
+    yield "transposed", torch.randn(cols, rows).t()
+    yield "offset", torch.randn(rows + 2, cols + 3)[2:, 3:]
+    yield "broadcast", torch.randn(1, cols).expand(rows, cols)
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, 1000])
+def test_layouts_and_sizes(size):
+    kernel = strided_kernel()
+    compiled = compile_kernel(kernel)
+    for rows, cols in {(size, 3), (3, size), (size, size)}:
+        y = torch.randn(cols * 2)[1::2]  # a strided, offset vector
+        for name, x in _layouts(rows, cols):
+            sizes = {"s0": rows, "s1": cols, "s2": x.stride(0), "s3": x.stride(1), "s4": 2}
+            out = torch.full((rows, cols), float("nan"))
+            compiled([x, y], [out], sizes)
+            assert torch.equal(out, x * 2 + y), f"{name} {rows}x{cols}"
+
+
+def test_output_layouts_and_offsets():
+    """Storing into a transposed view of an offset tensor, as in the reference tests."""
+    m, n = 5, 3
+    kernel = Kernel(
+        "transpose_store", (buf("in0", f32, (m, n)),), (buf("out0", f32, (m, n), (1, m)),),
+        (S(m), S(n)), (), (Store("out0", i0 + i1 * m, ir.load("in0", i0 * n + i1, f32)),),
+    )  # fmt: skip
+    x = torch.randn(m, n)
+    target = torch.zeros(n + 1, m)[1:].t()
+    compile_kernel(kernel)([x], [target], {})
+    assert torch.equal(target, x)
+
+
+def test_reshape_index_with_div_and_mod():
+    from torch.utils._sympy.functions import FloorDiv, ModularIndexing
+
+    x = torch.randn(3, 8)
+    linear = i0 * 6 + i1
+    index = FloorDiv(linear, 8) * 8 + ModularIndexing(linear, 1, 8)
+    kernel = Kernel(
+        "reshape", (buf("in0", f32, (3, 8)),), (buf("out0", f32, (4, 6)),), (S(4), S(6)), (),
+        (Store("out0", i0 * 6 + i1, ir.load("in0", index, f32)),),
+    )  # fmt: skip
+    got, _ = run_both(kernel, [x])
+    assert torch.equal(got[0], x.reshape(4, 6))
+
+
+def test_masked_and_indirect_loads_never_read_out_of_bounds():
+    vocab, n = 6, 4
+    table, idx = torch.randn(vocab, n), torch.tensor([3, -1, 0, 5, -1_000_000_000])
+    t0 = indirect_var(0)
+    row = ir.load("in1", i0, i64)
+    valid = ir.op("ge", row, ir.const(0, i64), dtype=b8)
+    value = ir.load("in0", t0 * n + i1, f32, indirect=((t0, row),), mask=valid)
+    kernel = Kernel(
+        "padded_gather", (buf("in0", f32, (vocab, n)), buf("in1", i64, (5,))),
+        (buf("out0", f32, (5, n)),), (S(5), S(n)), (), (Store("out0", i0 * n + i1, value),),
+    )  # fmt: skip
+    got, want = run_both(kernel, [table, idx])
+    assert torch.equal(got[0], want[0])
+    # An unmasked index outside the table raises, as the reference does, instead of reading.
+    unmasked = ir.load("in0", t0 * n + i1, f32, indirect=((t0, row),))
+    bad = Kernel(
+        "bad_gather", kernel.inputs, kernel.outputs, kernel.ranges, (),
+        (Store("out0", i0 * n + i1, unmasked),),
+    )  # fmt: skip
+    with pytest.raises(IndexError):
+        compile_kernel(bad)([table, torch.tensor([0, 1, 2, 3, 6])], [torch.empty(5, n)], {})
+
+
+def test_kernel_reads_outputs_as_they_were_before_it():
+    n = 7
+    kernel = Kernel(
+        "reverse", (), (buf("out0", f32, (n,)),), (S(n),), (),
+        (Store("out0", i0, ir.load("out0", (n - 1) - i0, f32)),),
+    )  # fmt: skip
+    out = torch.arange(n, dtype=f32)
+    compile_kernel(kernel)([], [out], {})
+    assert torch.equal(out, torch.arange(n, dtype=f32).flip(0))
+
+
+def test_refusals():
+    full = ir.index_value(r0, f32)
+    row_store_of_full = Kernel(
+        "k", (), (buf("out0", f32, (4,)),), (S(4),), (S(3),), (Store("out0", i0, full),)
+    )
+    with pytest.raises(ValueError, match="row store"):
+        compile_kernel(row_store_of_full)
+    kernel = strided_kernel()
+    with pytest.raises(ValueError, match="expected"):
+        sizes = {"s0": 2, "s1": 3, "s2": 3, "s3": 1, "s4": 1}
+        compile_kernel(kernel)([torch.randn(3, 2), torch.randn(3)], [torch.empty(2, 3)], sizes)
+
+
+# --- the generated code ----------------------------------------------------------------
+
+
+def test_generated_code_shape():
+    """OpenMP over rows, SIMD inner loops without index division, pointer-offset indexing."""
+    kernel, *_ = examples.layer_norm(rows=4096, cols=1024)
+    source = compile_kernel(kernel).source
+    assert "#pragma omp parallel for" in source and "#pragma omp simd" in source
+    inner_loops = re.findall(
+        r"for \(int l = 0; l < MO_LANES; \+\+l\) \{\n(.*?)\n\s*\}", source, re.S
+    )
+    inner_loops += re.findall(
+        r"for \(int64_t r = 0; r < n_r; \+\+r\) \{\n(.*?)\n\s*\}", source, re.S
+    )
+    assert len(inner_loops) == 3  # mean, variance, the normalized store
+    for body in inner_loops:
+        assert not re.search(r"[/%]", body.replace("mo_truediv", "")), body
+        assert "in0[o" in body  # a hoisted row offset plus r
+    kernel, *_ = examples.add_broadcast(m=64, n=32)
+    source = compile_kernel(kernel).source
+    assert "j < " in source and "in1[j]" in source
+
+
+def test_contiguous_pointwise_dims_merge_into_one_loop():
+    """A (N, C, H, W) pointwise kernel with a per-channel operand: H and W merge."""
+    shape = (2, 3, 5, 7)
+    x, scale = torch.randn(shape), torch.randn(3)
+    i2, i3 = ir.index_var(2), ir.index_var(3)
+    index = i0 * 105 + i1 * 35 + i2 * 7 + i3
+    value = ir.op("mul", ir.load("in0", index, f32), ir.load("in1", i1, f32), dtype=f32)
+    kernel = Kernel(
+        "nchw", (buf("in0", f32, shape), buf("in1", f32, (3,))), (buf("out0", f32, shape),),
+        tuple(S(s) for s in shape), (), (Store("out0", index, value),),
+    )  # fmt: skip
+    compiled = compile_kernel(kernel)
+    assert "const int64_t n_j = 35;" in compiled.source  # i2 and i3 are one loop
+    got, _ = run_both(kernel, [x, scale])
+    assert torch.equal(got[0], x * scale[:, None, None])
+
+
+# --- the cache and the compiler --------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMOPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(build, "_loaded", {})
+    return build.cache_dir()
+
+
+def _unique_kernel(constant: float) -> Kernel:
+    value = ir.op("add", ir.load("in0", i0, f32), ir.const(constant, f32), dtype=f32)
+    return Kernel(
+        "unique", (buf("in0", f32, (8,)),), (buf("out0", f32, (8,)),), (S(8),), (),
+        (Store("out0", i0, value),),
+    )  # fmt: skip
+
+
+def _check_runs(kernel: Kernel, constant: float) -> None:
+    x, out = torch.randn(8), torch.empty(8)
+    compile_kernel(kernel)([x], [out], {})
+    assert torch.equal(out, x + constant)
+
+
+def test_cache_rebuilds_truncated_and_corrupted_entries(fresh_cache, monkeypatch):
+    compiles = []
+    real_compile = build._compile_to
+    monkeypatch.setattr(build, "_compile_to", lambda *a: compiles.append(1) or real_compile(*a))
+
+    def entry(kernel):
+        key = re.search(r"([0-9a-f]{64})", str(compile_kernel(kernel).source_path)).group(1)
+        return fresh_cache / f"{key}.so", fresh_cache / f"{key}.sha256"
+
+    # Truncated before anything loaded it (as a crash mid-copy would leave it).
+    kernel = _unique_kernel(1.25)
+    source = codegen.generate(kernel).source
+    tools = build.toolchain()
+    key = build.cache_key(source, tools)
+    library_path = build.ensure_built(source, key, tools, fresh_cache)
+    library_path.write_bytes(library_path.read_bytes()[:100])
+    before = len(compiles)
+    _check_runs(kernel, 1.25)
+    assert len(compiles) == before + 1
+
+    # Garbage with a matching checksum: the loader rejects it, and it is rebuilt.
+    kernel = _unique_kernel(2.5)
+    source = codegen.generate(kernel).source
+    key = build.cache_key(source, tools)
+    library_path = build.ensure_built(source, key, tools, fresh_cache)
+    garbage = b"\x7fELF" + os.urandom(4000)
+    library_path.write_bytes(garbage)
+    (fresh_cache / f"{key}.sha256").write_text(build._digest_bytes(garbage))
+    _check_runs(kernel, 2.5)
+    assert build._intact(library_path, fresh_cache / f"{key}.sha256")
+
+    # A cached entry is reused; a lost checksum or changed bytes rebuild it (atomically:
+    # the loaded library's file is replaced, never rewritten in place).
+    before = len(compiles)
+    monkeypatch.setattr(build, "_loaded", {})
+    _check_runs(kernel, 2.5)
+    assert len(compiles) == before
+    (fresh_cache / f"{key}.sha256").unlink()
+    monkeypatch.setattr(build, "_loaded", {})
+    _check_runs(kernel, 2.5)
+    assert len(compiles) == before + 1
+    assert not [p for p in fresh_cache.iterdir() if p.name.startswith(".")]  # no temp files
+
+
+def test_missing_compiler_falls_back_to_reference_with_a_warning(monkeypatch):
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    kernel, inputs, expected, _ = examples.softmax()
+    with pytest.raises(CompilerNotFound):
+        compile_kernel(kernel)
+    x = torch.randn(6, 10)
+    with pytest.warns(UserWarning, match=r"failed to compile for cpp \(CompilerNotFound"):
+        got, gm = run_fused(lambda x: torch.softmax(x, -1) * 2, (x,), "cpp")
+    assert fused_kernels(gm)
+    assert_close(got, torch.softmax(x, -1) * 2)
+
+
+def test_compile_error_falls_back_with_a_warning(monkeypatch):
+    def broken(kernel):
+        return codegen.Generated("this is not C++", codegen.Signature((), (), ()))
+
+    monkeypatch.setattr(codegen, "generate", broken)
+    with pytest.raises(CompileError, match="not C"):
+        compile_kernel(examples.softmax()[0])
+    x = torch.randn(6, 10)
+    with pytest.warns(UserWarning, match=r"kernel \w+ failed to compile for cpp \(CompileError"):
+        got, _ = run_fused(lambda x: torch.softmax(x, -1) * 2, (x,), "cpp")
+    assert_close(got, torch.softmax(x, -1) * 2)
+
+
+def test_auto_picks_cpp_on_cpu():
+    x = torch.randn(6, 10)
+    got, gm = run_fused(lambda x: torch.softmax(x, -1) * 2, (x,), "auto")
+    (fused,) = fused_kernels(gm)
+    assert isinstance(fused, FusedKernel)
+    assert fused._backend_for(torch.device("cpu")) == "cpp"
+    assert fused.memopt_source_path and fused.memopt_source_path.endswith(".cpp")
+    assert_close(got, torch.softmax(x, -1) * 2)
+
+
+def test_reductions_without_reduction_variables_reduce_one_element():
+    """x.sum() of a 0-d tensor: a reduce in a kernel with no reduction variables."""
+    x = torch.tensor([1.5, float("nan"), -2.0, 0.0])
+    lx = ir.load("in0", i0, f32)
+    outputs = {"sum": f32, "prod": f32, "max": f32, "min": f32, "argmax": i64, "argmin": i64,
+               "any": b8, "all": b8}  # fmt: skip
+    kernel = Kernel(
+        "one_element",
+        (buf("in0", f32, (4,)),),
+        tuple(buf(f"out{k}", d, (4,)) for k, d in enumerate(outputs.values())),
+        (S(4),),
+        (),
+        tuple(
+            Store(f"out{k}", i0, ir.reduce(n, lx, d)) for k, (n, d) in enumerate(outputs.items())
+        ),
+    )
+    got, want = run_both(kernel, [x])
+    for name, g, w in zip(outputs, got, want):
+        assert_same(g, w, name)
+
+
+def _ulp_error(got: torch.Tensor, exact: torch.Tensor) -> float:
+    """Max error in units of the float32 spacing at the exact value (normal results)."""
+    exact32 = exact.float().abs()
+    spacing = (torch.nextafter(exact32, torch.tensor(float("inf"))) - exact32).double()
+    return float(((got.double() - exact).abs() / spacing).max())
+
+
+@pytest.mark.parametrize("op, bound_ulp", [("exp", 1.5), ("tanh", 5), ("erf", 6), ("sigmoid", 2.5)])
+def test_inline_float_math_accuracy(op, bound_ulp):
+    """exp, tanh, erf (and sigmoid through exp) are inline polynomials: bounded error, IEEE
+    specials (NaN, infinities, overflow to inf, underflow to 0)."""
+    dense = torch.linspace(-12, 12, 400_001)
+    wide = torch.cat([torch.logspace(-38, 2, 20_001), -torch.logspace(-38, 2, 20_001)])
+    x = torch.cat([dense, wide, torch.linspace(-110, 90, 20_001)])
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 89.0, -105.0])
+    kernel = examples_pointwise(op, [f32], f32, x.numel() + specials.numel())
+    (got,), _ = run_both(kernel, [torch.cat([x, specials])])
+    got, got_specials = got[: x.numel()], got[x.numel() :]
+    exact = getattr(torch, op)(x.double())
+    normal = (exact.abs() > 1e-37) & (exact.abs() < 3e38)
+    assert _ulp_error(got[normal], exact[normal]) <= bound_ulp
+    tiny = exact.abs() <= 1e-37  # subnormal or zero results: absolutely tiny
+    assert bool(((got[tiny].double() - exact[tiny]).abs() < 1e-37).all())
+    assert_close(got_specials, getattr(torch, op)(specials), equal_nan=True)
