@@ -732,3 +732,68 @@ def test_inline_float_math_accuracy(op, bound_ulp):
     tiny = exact.abs() <= 1e-37  # subnormal or zero results: absolutely tiny
     assert bool(((got[tiny].double() - exact[tiny]).abs() < 1e-37).all())
     assert_close(got_specials, getattr(torch, op)(specials), equal_nan=True)
+
+
+# --- outputs written over inputs nothing reads afterwards ------------------------------
+
+
+def test_in_place_outputs_need_same_element_reads():
+    """An output may reuse an input's memory only when each element is read by the
+    iteration that writes it (same layout, same index), and the kernel never reads it."""
+    from memopt.backends.cpp.planning import in_place_outputs
+
+    assert in_place_outputs(examples.layer_norm()[0]) == {0: 0}  # rows read, then stored
+    assert in_place_outputs(examples.softmax()[0]) == {0: 0}
+    assert in_place_outputs(examples.transposed_read()[0]) == {}  # reads another element
+    assert in_place_outputs(examples.add_broadcast()[0]) == {0: 0}  # the full-size operand
+    reads_output = Kernel(
+        "reads_output", (buf("in0", f32, (4,)),), (buf("out0", f32, (4,)),), (S(4),), (),
+        (Store("out0", i0, ir.op("add", ir.load("in0", i0, f32), ir.load("out0", i0, f32), dtype=f32)),),
+    )  # fmt: skip
+    assert in_place_outputs(reads_output) == {}
+
+
+def _record_fused_calls(monkeypatch):
+    calls = []
+    original = FusedKernel.__call__
+
+    def record(self, *inputs):
+        outputs = original(self, *inputs)
+        if not any(isinstance(t, torch._subclasses.FakeTensor) for t in inputs):
+            calls.append(({t.data_ptr() for t in inputs}, [t.data_ptr() for t in outputs]))
+        return outputs
+
+    monkeypatch.setattr(FusedKernel, "__call__", record)
+    return calls
+
+
+def test_kernel_writes_over_a_dead_matmul_output(monkeypatch):
+    """gelu(x @ w + b): the bias + GELU kernel writes over the matmul's output (as
+    Inductor's in-place kernels do), and the result is eager's."""
+    calls = _record_fused_calls(monkeypatch)
+    x, w, b = torch.randn(64, 32), torch.randn(32, 48), torch.randn(48)
+
+    def fn(x, w, b):
+        return torch.nn.functional.gelu(x @ w + b)
+
+    compiled = torch.compile(fn, backend="memopt", options={"backend": "cpp"})
+    for _ in range(2):
+        assert_close(compiled(x, w, b), fn(x, w, b))
+    assert calls and all(out[0] in ins for ins, out in calls)
+    for tensor in (x, w, b):  # graph inputs are never written
+        assert_close(tensor, tensor.clone())
+
+
+def test_kernel_keeps_an_input_read_later(monkeypatch):
+    """A matmul output another node reads after the kernel keeps its own memory."""
+    calls = _record_fused_calls(monkeypatch)
+    x, w = torch.randn(64, 32), torch.randn(32, 48)
+
+    def fn(x, w):
+        y = x @ w
+        return torch.sigmoid(y) * 3 + 1, y @ w.t()
+
+    compiled = torch.compile(fn, backend="memopt", options={"backend": "cpp"})
+    for got, want in zip(compiled(x, w), fn(x, w)):
+        assert_close(got, want)
+    assert calls and all(not set(out) & ins for ins, out in calls)

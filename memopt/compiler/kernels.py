@@ -9,6 +9,7 @@ would give them and runs the kernel on the configured backend.
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections.abc import Sequence
 
@@ -58,6 +59,11 @@ class FusedKernel:
         self.fake_outputs = tuple(fake_outputs)
         self._compiled: dict[str, object] = {}
         self._symbol_slots = self._find_symbol_slots()
+        self._layouts: dict[tuple[int, ...], list[tuple[list[int], list[int]]]] = {}
+        # Input positions whose tensors nothing reads after this kernel (set by the executor,
+        # which sees the whole graph): an output may be written over one of them instead of
+        # into fresh memory, when the backend says that is safe (its `in_place` map).
+        self.donated_inputs: frozenset[int] = frozenset()
 
     def __repr__(self) -> str:
         return (
@@ -144,16 +150,79 @@ class FusedKernel:
             return self.fake_outputs  # verification re-propagating metadata
         device = inputs[0].device if inputs else torch.device("cpu")
         sizes = self._sizes(inputs)
-
-        def ev(expr: sympy.Expr) -> int:
-            return evaluate_size(expr, sizes)
-
-        outputs = [
-            torch.empty_strided(
-                [ev(s) for s in b.shape], [ev(s) for s in b.stride], dtype=b.dtype, device=device
-            )
-            for b in self.kernel.outputs
-        ]
+        layouts = self._output_layouts(sizes)
+        backend = self._backend_for(device)
+        # An input nothing reads afterwards may take an output in place of fresh memory,
+        # which costs page faults on first touch (more than a pointwise kernel's own time).
+        reuse = getattr(self._runner(backend), "in_place", None) if self.donated_inputs else None
+        outputs = []
+        for k, (b, (shape, stride)) in enumerate(zip(self.kernel.outputs, layouts)):
+            donor = reuse.get(k) if reuse else None
+            if donor in self.donated_inputs and _reusable(inputs[donor], shape, stride, b.dtype):
+                outputs.append(inputs[donor])
+            else:
+                outputs.append(torch.empty_strided(shape, stride, dtype=b.dtype, device=device))
         if any(o.numel() for o in outputs):
-            self._runner(self._backend_for(device))(list(inputs), outputs, sizes)
+            self._runner(backend)(list(inputs), outputs, sizes)
         return tuple(outputs)
+
+    def _output_layouts(self, sizes: dict[str, int]) -> list[tuple[list[int], list[int]]]:
+        """Each output's (shape, strides) at `sizes`, evaluated once per distinct sizes."""
+        key = tuple(sizes.values())
+        layouts = self._layouts.get(key)
+        if layouts is None:
+
+            def ev(expr: sympy.Expr) -> int:
+                return evaluate_size(expr, sizes)
+
+            layouts = [
+                ([ev(s) for s in b.shape], [ev(s) for s in b.stride]) for b in self.kernel.outputs
+            ]
+            self._layouts[key] = layouts
+        return layouts
+
+
+def _reusable(tensor: torch.Tensor, shape: list[int], stride: list[int], dtype) -> bool:
+    """The tensor owns its whole storage and has exactly the output's layout."""
+    return (
+        tensor.dtype == dtype
+        and tensor._base is None
+        and tensor.storage_offset() == 0
+        and list(tensor.shape) == shape
+        and list(tensor.stride()) == stride
+        and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    )
+
+
+def mark_donated_inputs(gm: torch.fx.GraphModule) -> None:
+    """Tell each FusedKernel of `gm` which of its inputs nothing reads after it.
+
+    An input is donated when its node's only user is the kernel (which reads it through
+    one argument) and the node's tensor owns fresh memory no other value aliases: the
+    output of another FusedKernel, or of an ATen op that returns new tensors (no view, no
+    alias annotation, no mutation). Graph inputs and graph outputs are never donated.
+    """
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, FusedKernel):
+            node.target.donated_inputs = frozenset(
+                k
+                for k, arg in enumerate(node.args)
+                if isinstance(arg, torch.fx.Node)
+                and set(arg.users) == {node}
+                and node.args.count(arg) == 1
+                and arg not in node.kwargs.values()
+                and _owns_fresh_memory(arg)
+            )
+
+
+def _owns_fresh_memory(node: torch.fx.Node) -> bool:
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        source = node.args[0]
+        return isinstance(source, torch.fx.Node) and isinstance(source.target, FusedKernel)
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload) or target.is_view:
+        return False
+    schema = target._schema
+    return not schema.is_mutable and all(r.alias_info is None for r in schema.returns)

@@ -11,7 +11,7 @@ from pathlib import Path
 import sympy
 import torch
 
-from memopt.backends.cpp import build, codegen
+from memopt.backends.cpp import build, codegen, planning
 from memopt.compiler.kernel_ir import Buffer, Kernel
 
 # Ask Linux for transparent huge pages on large outputs before the kernel first touches
@@ -53,6 +53,9 @@ class CppKernel:
         self._function = function
         self._buffers = (*kernel.inputs, *kernel.outputs)
         self._layouts: dict[tuple[int, ...], _Layout] = {}
+        # Output position -> input position whose memory that output may reuse, when the
+        # caller knows nothing reads the input afterwards (FusedKernel.donated_inputs).
+        self.in_place: dict[int, int] = planning.in_place_outputs(kernel)
 
     def __call__(
         self,

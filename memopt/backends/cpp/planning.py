@@ -133,3 +133,42 @@ def plan_row_caches(
         saves = tuple(v for v in values if saved_in.get(v) == level)
         plans.append(PassPlan(values, readable & set(values), saves))
     return plans
+
+
+def in_place_outputs(kernel: Kernel) -> dict[int, int]:
+    """Outputs the kernel may write over one of its inputs: output position -> input position.
+
+    Output k may share input i's memory when both have the same dtype, shape and strides,
+    every load of input i reads exactly the element the store to output k writes (same
+    index, no indirection, no mask), and the kernel never reads output k. Then each element
+    of the shared memory is read only by the loop iteration that writes it, and every read
+    of it comes before that write in both skeletons (pointwise: the load feeds the store in
+    one iteration; reduction: the stores are in the row's last pass), so the result is the
+    one separate buffers give. Whether an input may be overwritten at all (no later reader)
+    is the caller's to know.
+    """
+    loads: dict[str, list[Value]] = {}
+    for value in kernel.values:
+        if value.op == "load":
+            loads.setdefault(value.arg[0], []).append(value)
+    stores = {store.buffer: store for store in kernel.stores}
+    pairs: dict[int, int] = {}
+    taken: set[int] = set()
+    for k, out in enumerate(kernel.outputs):
+        store = stores.get(out.name)
+        if store is None or out.name in loads:
+            continue
+        for i, inp in enumerate(kernel.inputs):
+            if i in taken or inp.name not in loads:
+                continue
+            if (inp.dtype, inp.shape, inp.stride) != (out.dtype, out.shape, out.stride):
+                continue
+            same_element = all(
+                not v.arg[2] and not v.arg[3] and sympy.expand(v.arg[1] - store.index) == 0
+                for v in loads[inp.name]
+            )
+            if same_element:
+                pairs[k] = i
+                taken.add(i)
+                break
+    return pairs
