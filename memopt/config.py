@@ -82,6 +82,9 @@ class Config:
                     raise OptionError(
                         f"unknown option {key!r} of pass {name!r}; valid options: {valid}"
                     )
+            check = getattr(PASSES[name], "check_options", None)
+            if check is not None:
+                check(values)  # a pass may type-check its option values
         if self.backend not in BACKENDS:
             raise unknown("backend", self.backend, BACKENDS)
         if self.fuel is not None and self.fuel < 0:

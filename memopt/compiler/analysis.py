@@ -135,7 +135,7 @@ def analyze(
     config = Config.from_options(options)
     start = time.perf_counter()
     eager = count_eager_bytes(fn, tuple(example_inputs), training=training)
-    captured = capture(fn, example_inputs, training=training, dynamic=dynamic)
+    captured = capture(fn, example_inputs, training=training, dynamic=dynamic, config=config)
     capture_ms = (time.perf_counter() - start) * 1e3
     return analyze_captured(
         captured,

@@ -98,4 +98,4 @@ def memopt_backend(
     """The Dynamo backend. `options` are memopt's options (see memopt.config.Config)."""
     config = Config.from_options(options)
     session = CompileSession(config)
-    return aot_backend(session.compile_graph)(gm, example_inputs)
+    return aot_backend(session.compile_graph, config)(gm, example_inputs)

@@ -22,6 +22,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from memopt.compiler.graph import annotate, shape_bindings
+from memopt.config import Config
 from memopt.errors import MemoptError
 
 aten = torch.ops.aten
@@ -65,26 +66,39 @@ def decompositions() -> dict[object, Callable]:
     return table
 
 
-def partition_fn(joint_module: torch.fx.GraphModule, joint_inputs, **kwargs):
-    """How the joint graph splits into forward and backward (the recomputation pass's seam).
+def partition_fn(
+    joint_module: torch.fx.GraphModule,
+    joint_inputs: Sequence[object],
+    *,
+    config: Config | None = None,
+    **kwargs: object,
+) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+    """How the joint graph splits into forward and backward: which tensors are saved.
 
-    Today: PyTorch's default partitioner, which saves what the backward needs and
-    recomputes nothing.
+    With the recompute pass in the configured pipeline: the partition that moves the
+    fewest bytes (compiler/partition.py); without it, PyTorch's default partitioner, which
+    saves what the backward needs and recomputes nothing.
     """
-    from torch._functorch.partitioners import default_partition
+    from memopt.compiler.partition import partition
 
-    return default_partition(joint_module, joint_inputs, **kwargs)
+    config = config if config is not None else Config.from_options()
+    return partition(joint_module, joint_inputs, config, **kwargs)
 
 
 GraphCompiler = Callable[[torch.fx.GraphModule, Sequence[object], str], Callable]
 
 
-def aot_backend(compile_graph: GraphCompiler) -> Callable:
+def aot_backend(compile_graph: GraphCompiler, config: Config | None = None) -> Callable:
     """A Dynamo backend that hands each ATen graph to `compile_graph(gm, inputs, kind)`.
 
-    kind is "inference" (no gradients needed), "forward" or "backward".
+    kind is "inference" (no gradients needed), "forward" or "backward". `config` steers the
+    forward/backward partition (recomputation); None reads the environment and defaults.
     """
     from torch._dynamo.backends.common import aot_autograd
+
+    if config is None:
+        # A CompileSession's method carries the session's config (compiler/backend.py).
+        config = getattr(getattr(compile_graph, "__self__", None), "config", None)
 
     def compiler(kind: str) -> Callable:
         def compile_one(gm: torch.fx.GraphModule, example_inputs: Sequence[object]) -> Callable:
@@ -98,7 +112,7 @@ def aot_backend(compile_graph: GraphCompiler) -> Callable:
         bw_compiler=compiler("backward"),
         inference_compiler=compiler("inference"),
         decompositions=decompositions(),
-        partition_fn=partition_fn,
+        partition_fn=functools.partial(partition_fn, config=config),
         keep_inference_input_mutations=True,
     )
 
@@ -177,13 +191,19 @@ def capture(
     example_inputs: Sequence[object],
     training: bool = False,
     dynamic: bool = False,
+    config: Config | None = None,
 ) -> list[CapturedGraph]:
     """Trace `fn(*example_inputs)` into the ATen graphs the memopt backend would compile.
 
     Runs the program once (and its backward when training) on copies of the inputs; the
-    model's parameters and gradients are left as they were.
+    model's parameters and gradients are left as they were. `config` steers the
+    forward/backward partition (None: environment and defaults). When training, the bytes
+    of the tensors saved for backward in that run are counted onto the forward graph's
+    partition record.
     """
     import torch._dynamo
+
+    from memopt.compiler.partition import SavedTensorCounter, attach_counted_saved_bytes
 
     graphs: list[CapturedGraph] = []
     counts: dict[str, int] = {}
@@ -208,12 +228,16 @@ def capture(
 
     inputs = clone_inputs(example_inputs)
     saved = saved_grads(fn)
-    entry = torch.compile(_fresh_entry(fn), backend=aot_backend(record), dynamic=dynamic)
+    entry = torch.compile(_fresh_entry(fn), backend=aot_backend(record, config), dynamic=dynamic)
+    alive = [*inputs, *(fn.parameters() if isinstance(fn, torch.nn.Module) else ())]
+    alive += list(fn.buffers()) if isinstance(fn, torch.nn.Module) else []
+    counter = SavedTensorCounter(alive)
     try:
         with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096):
             if training:
                 with torch.enable_grad():
-                    output = entry(*inputs)
+                    with counter:
+                        output = entry(*inputs)
                     outs, seeds = backward_seeds(output)
                     torch.autograd.backward(outs, grad_tensors=seeds)
             else:
@@ -221,6 +245,8 @@ def capture(
                     entry(*inputs)
     finally:
         restore_grads(saved)
+    if training:
+        attach_counted_saved_bytes(graphs, counter.nbytes)
     if not graphs:
         raise MemoptError(
             "torch.compile captured no graph: the program ran no tensor operations, or Dynamo "

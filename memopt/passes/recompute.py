@@ -1,0 +1,275 @@
+"""recompute: compute a cheap value again where it is needed instead of storing it.
+
+Two decisions, both by bytes:
+
+1. Forward/backward partition (training). Which tensors the forward saves for the backward
+   is decided before the graphs exist, when AOTAutograd splits the joint graph: the
+   partitioner (compiler/partition.py) takes a bytes min-cut, costs it against PyTorch's
+   default and min-cut partitions through this pipeline, and keeps the cheapest that
+   honours the options. It leaves its record on the forward graph; this pass writes it
+   into the ledger: the partition chosen (applied, with the bytes it saves against the
+   default partition), the alternatives (refused, with what they would cost), every saved
+   activation and why it is saved, and the modelled and counted peak of saved activations.
+
+2. Producer duplication (every graph). A pointwise producer that feeds several kernels is
+   written once and read by each. Copying it into each consumer instead lets fusion
+   compute it inside every consumer's kernel: no write, no reads of it, but each copy reads
+   the producer's inputs. A copy is made when the fusion pass's model says the graph then
+   moves fewer bytes (the graph after fusion is costed with and without it); refused
+   duplications are recorded with the bytes they would have added. Producers run
+   consumers-first, so a pointwise chain feeding several kernels is copied whole.
+
+Options (`pass_options={"recompute": {...}}`): `max_saved_bytes` (a budget on saved
+activation bytes), `must_recompute` / `never_recompute` (node names, e.g. "mul_3", or ops,
+e.g. "aten.sin"), `recompute_matmul`, `recompute_conv`, `recompute_random` (off by default:
+such ops are saved), `duplicate` (producer duplication; on by default).
+Disabling the pass means PyTorch's default partition (nothing recomputed), no duplication.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.fx
+
+from memopt.compiler.cost import graph_cost, is_view, read_bytes
+from memopt.compiler.graph import evaluate, tensor_meta
+from memopt.compiler.lower import can_lower
+from memopt.compiler.partition import DEFAULT, META_KEY, PartitionRecord
+from memopt.errors import OptionError
+from memopt.passes.base import Fuel, Pass, PassContext, PassResult
+
+# Fusion trials per graph: each costs one fusion run on a copy of the graph.
+MAX_DUPLICATION_TRIALS = 16
+
+
+@dataclass(frozen=True)
+class Recompute(Pass):
+    name: ClassVar[str] = "recompute"
+    # Most bytes of activations (not graph inputs) the forward may save; None: no budget.
+    max_saved_bytes: int | None = None
+    # Forward nodes (fx names or ops) the backward must compute again / must never.
+    must_recompute: tuple[str, ...] = ()
+    never_recompute: tuple[str, ...] = ()
+    recompute_matmul: bool = False
+    recompute_conv: bool = False
+    # A recomputed random op replays the forward's generator state (saved for it).
+    recompute_random: bool = False
+    # Copy cheap pointwise producers into each consumer kernel when that moves fewer bytes.
+    duplicate: bool = True
+
+    @classmethod
+    def check_options(cls, values: Mapping[str, object]) -> None:
+        """Raise OptionError for an option value of the wrong type."""
+        for key, value in values.items():
+            if key == "max_saved_bytes":
+                if value is not None and (
+                    isinstance(value, bool) or not isinstance(value, int) or value < 0
+                ):
+                    raise OptionError(
+                        f"recompute option 'max_saved_bytes' takes a non-negative integer "
+                        f"or None, got {value!r}"
+                    )
+            elif key in ("must_recompute", "never_recompute"):
+                if isinstance(value, str) or not (
+                    isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+                ):
+                    raise OptionError(
+                        f"recompute option {key!r} takes a list of node or op names, got {value!r}"
+                    )
+            elif not isinstance(value, bool):
+                raise OptionError(f"recompute option {key!r} takes True or False, got {value!r}")
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        result = PassResult()
+        record = gm.meta.get(META_KEY)
+        if isinstance(record, PartitionRecord) and len(record.candidates) > 1:
+            self._record_partition(record, ctx, result)
+        if self.duplicate and "fusion" in ctx.config.pass_names():
+            self._duplicate_producers(gm, ctx, result)
+        return result
+
+    # -- 1. the partition, into the ledger -------------------------------------------------
+
+    def _record_partition(
+        self, record: PartitionRecord, ctx: PassContext, result: PassResult
+    ) -> None:
+        chosen, default = record.choice, record.candidates[DEFAULT]
+        peak = f"saved activations: modelled peak {record.modelled_peak_bytes} B"
+        if record.counted_saved_bytes is not None:
+            peak += f", counted {record.counted_saved_bytes} B in the capture run"
+        summary = (
+            f"saves {len(chosen.saved)} tensors ({chosen.saved_activation_bytes} B of "
+            f"activations, {chosen.saved_bytes} B in all), recomputes {len(chosen.recomputed)} "
+            "ops in the backward"
+        )
+        recomputed = tuple(r.split(":")[0] for r in chosen.recomputed)
+        if chosen.label != DEFAULT:
+            reason = (
+                f"moves {chosen.bytes_moved} B against {default.bytes_moved} B with PyTorch's "
+                f"default partition (modelled, forward + backward after the pipeline); {peak}"
+            )
+            saved = default.bytes_moved - chosen.bytes_moved
+            self.decide(ctx, result, f"partition by {chosen.label}: {summary}", reason, saved,
+                        recomputed)  # fmt: skip
+        else:
+            self.refuse(ctx, result, f"kept PyTorch's default partition: {summary}",
+                        f"no partition that recomputes moves fewer bytes; {peak}", 0)  # fmt: skip
+        for label, other in record.candidates.items():
+            if label == chosen.label:
+                continue
+            why = other.honours_options or "moves more bytes"
+            if other.honours_options is None and other.bytes_moved == chosen.bytes_moved:
+                why = "moves as many bytes"
+            what = (
+                f"partition by {label}: saves {other.saved_activation_bytes} B of activations, "
+                f"recomputes {len(other.recomputed)} ops, moves {other.bytes_moved} B"
+            )
+            self.refuse(ctx, result, what, why, chosen.bytes_moved - other.bytes_moved,
+                        tuple(r.split(":")[0] for r in other.recomputed))  # fmt: skip
+        for tensor in chosen.saved:
+            if tensor.is_input:
+                continue
+            self.refuse(ctx, result, f"saved %{tensor.name} for the backward ({tensor.nbytes} B)",
+                        tensor.reason, -tensor.nbytes, (tensor.name,))  # fmt: skip
+        for note in record.notes:
+            self.refuse(ctx, result, "partition note", note, 0)
+
+    # -- 2. producer duplication -----------------------------------------------------------
+
+    def _duplicate_producers(
+        self, gm: torch.fx.GraphModule, ctx: PassContext, result: PassResult
+    ) -> None:
+        candidates = [n for n in reversed(gm.graph.nodes) if _duplicable(n)]
+        if not candidates:
+            return
+        baseline, kernel_of = _fused(gm, ctx)
+        trials = 0
+        for node in candidates:
+            consumers = _consumers(node)
+            if len(consumers) < 2:
+                continue  # an earlier duplication took its other consumers
+            local = _local_gain(node, consumers, ctx)
+            what = f"duplicate %{node.name} ({node.target}) into {len(consumers)} consumers"
+            if local <= 0:
+                self.refuse(ctx, result, what,
+                            f"each copy reads its inputs: {-local} B more than storing it once",
+                            local, (node.name,))  # fmt: skip
+                continue
+            kernels = {kernel_of.get(u.name) for u in [node, *_kernel_users(consumers)]}
+            if len(kernels) == 1 and None not in kernels:
+                self.refuse(ctx, result, what,
+                            "fusion computes it in one kernel with all its consumers", 0,
+                            (node.name,))  # fmt: skip
+                continue
+            if trials == MAX_DUPLICATION_TRIALS:
+                self.refuse(ctx, result, what,
+                            f"not costed: over {MAX_DUPLICATION_TRIALS} fusion trials per graph",
+                            local, (node.name,))  # fmt: skip
+                continue
+            trials += 1
+            trial = copy.deepcopy(gm)
+            _duplicate(trial, _by_name(trial, node.name))
+            trial_bytes, trial_kernels = _fused(trial, ctx)
+            saved = baseline - trial_bytes
+            if saved <= 0:
+                why = (
+                    f"after fusion the graph would move {-saved} B more"
+                    if saved < 0
+                    else "after fusion the graph moves the same bytes (fusion already shares it)"
+                )
+                self.refuse(ctx, result, what, why, saved, (node.name,))
+                continue
+            reason = f"each consumer's kernel computes it: saves {saved} B after fusion"
+            copies = tuple(u.name for u in consumers)
+            if not self.decide(ctx, result, what, reason, saved, (node.name, *copies)):
+                return
+            _duplicate(gm, node)
+            baseline, kernel_of = trial_bytes, trial_kernels
+
+
+def _duplicable(node: torch.fx.Node) -> bool:
+    """A pointwise op a generated kernel can compute (not random: a copy would redraw)."""
+    target = node.target
+    return (
+        node.op == "call_function"
+        and isinstance(target, torch._ops.OpOverload)
+        and torch.Tag.pointwise in target.tags
+        and torch.Tag.nondeterministic_seeded not in target.tags
+        and tensor_meta(node) is not None
+        and can_lower(node)
+    )
+
+
+def _fusible_consumer(user: torch.fx.Node) -> bool:
+    if is_view(user):
+        return any(_fusible_consumer(u) for u in user.users)
+    return can_lower(user)
+
+
+def _consumers(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """Direct users that could compute a copy inside their kernel (a view counts as one)."""
+    return [u for u in node.users if u.op != "output" and _fusible_consumer(u)]
+
+
+def _keeps_original(node: torch.fx.Node) -> bool:
+    """The producer stays materialized: a graph output or an extern op reads it."""
+    return any(u.op == "output" or not _fusible_consumer(u) for u in node.users)
+
+
+def _local_gain(node: torch.fx.Node, consumers: list[torch.fx.Node], ctx: PassContext) -> int:
+    """Bytes duplication saves if every copy fuses into its consumer (an upper bound)."""
+    meta = tensor_meta(node)
+    nbytes = evaluate(meta.nbytes, ctx.bindings)
+    inputs = [a for a in node.all_input_nodes if tensor_meta(a) is not None]
+    input_bytes = evaluate(read_bytes(node, inputs), ctx.bindings)
+    gain = len(consumers) * nbytes  # no consumer reads the stored value
+    if not _keeps_original(node):
+        gain += nbytes + input_bytes  # the producer's own kernel is gone
+    for user in consumers:
+        own = set(user.all_input_nodes)
+        extra = [a for a in inputs if a not in own]
+        gain -= evaluate(read_bytes(node, extra), ctx.bindings)
+    return gain
+
+
+def _duplicate(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
+    """Give every fusible consumer its own copy (the first keeps the original if it can)."""
+    consumers = _consumers(node)
+    start = 0 if _keeps_original(node) else 1
+    for user in consumers[start:]:
+        with gm.graph.inserting_before(user):
+            clone = gm.graph.node_copy(node)
+        user.replace_input_with(node, clone)
+
+
+def _by_name(gm: torch.fx.GraphModule, name: str) -> torch.fx.Node:
+    return next(n for n in gm.graph.nodes if n.name == name)
+
+
+def _kernel_users(consumers: list[torch.fx.Node]) -> list[torch.fx.Node]:
+    """The consumers, with views replaced by the kernels that read through them."""
+    found = []
+    for user in consumers:
+        found.extend(_kernel_users(list(user.users)) if is_view(user) else [user])
+    return found
+
+
+def _fused(gm: torch.fx.GraphModule, ctx: PassContext) -> tuple[int, dict[str, int]]:
+    """Modelled bytes of the graph after the fusion pass (on a copy), and the kernel (an
+    index) each fused node ends up in."""
+    from memopt.passes.fusion import Fusion
+
+    trial = copy.deepcopy(gm)
+    options = ctx.config.pass_options.get("fusion", {})
+    trial_ctx = PassContext(ctx.config, ctx.graph_name, ctx.bindings, Fuel())
+    Fusion(**options).run(trial, trial_ctx)
+    kernel_of = {}
+    for index, node in enumerate(trial.graph.nodes):
+        for name in getattr(node.target, "memopt_nodes", ()):
+            kernel_of[name] = index
+    return graph_cost(trial, ctx.bindings).nbytes, kernel_of

@@ -1,0 +1,220 @@
+"""The recompute pass: bytes-optimal forward/backward partition and producer duplication."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import memopt
+from memopt.compiler import capture as capture_module
+from memopt.compiler.partition import (
+    DEFAULT,
+    MEMOPT,
+    META_KEY,
+    TORCH_MIN_CUT,
+    saved_activation_bytes,
+)
+from memopt.config import Config
+from memopt.errors import OptionError
+
+from models import MLP, model_and_input
+
+F32 = 4  # bytes per float32 element
+
+
+def sin_cos_sum(x: torch.Tensor) -> torch.Tensor:
+    return x.sin().cos().sum()
+
+
+def activations(x: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(torch.sigmoid(x.exp() * 0.5).relu() + x).sum(-1)
+
+
+def recompute_decisions(analysis: memopt.compiler.results.Analysis) -> list:
+    return [d for p in analysis.ledger if p.pass_name == "recompute" for d in p.decisions]
+
+
+def _grads(module: nn.Module, x: torch.Tensor, compiled: object) -> list[torch.Tensor]:
+    x = x.clone().requires_grad_(True)
+    module.zero_grad(set_to_none=True)
+    compiled(x).sum().backward()
+    return [x.grad, *(p.grad for p in module.parameters())]
+
+
+@pytest.mark.parametrize("name", ["mlp", "block", "convnet"])
+def test_gradients_match_eager(name: str) -> None:
+    model, x = model_and_input(name)
+    model.train()
+    torch.manual_seed(1)
+    expected = _grads(model, x, model)
+    compiled = torch.compile(model, backend="memopt", options={"backend": "reference"})
+    torch.manual_seed(1)
+    got = _grads(model, x, compiled)
+    for want, have in zip(expected, got):
+        torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"pass_options": {"recompute": {"recompute_matmul": True, "max_saved_bytes": 0}}}],
+)
+def test_gradients_of_activation_chains_and_budgets(options: dict) -> None:
+    torch.manual_seed(0)
+    w = torch.randn(32, 32, requires_grad=True)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return activations(x @ w).sum() + sin_cos_sum(x)
+
+    x = torch.randn(8, 32, requires_grad=True)
+    want = torch.autograd.grad(fn(x), (x, w))
+    compiled = torch.compile(fn, backend="memopt", options={"backend": "reference", **options})
+    got = torch.autograd.grad(compiled(x), (x, w))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_sin_cos_sum_bytes_by_hand() -> None:
+    x = torch.randn(16, 32, requires_grad=True)
+    n = 16 * 32 * F32  # 2048 B: one [16, 32] float32 tensor
+    # Default partition: the forward saves sin(x) for cos's backward.
+    #   forward  fused sin+cos: read x, write sin (saved) and cos  = n + 2n
+    #            sum: read cos, write a scalar                      = n + 4
+    #   backward fused -sin(sin(x)) * cos(x) * grad: read the scalar gradient (4 B,
+    #            broadcast), sin and x; write grad x                = 4 + 3n
+    default = memopt.analyze(sin_cos_sum, x, training=True, disable=["recompute"])
+    assert default.bytes_moved == (3 * n) + (n + 4) + (4 + 3 * n)
+    assert saved_activation_bytes(default)[DEFAULT] == n
+    assert saved_activation_bytes(default)["counted"] == n
+    # Recomputing sin in the backward: the forward writes only cos, the backward reads x.
+    #   forward  fused sin+cos: n + n;  sum: n + 4
+    #   backward fused: 4 + n (x) + n (grad x)
+    ours = memopt.analyze(sin_cos_sum, x, training=True)
+    assert ours.bytes_moved == (2 * n) + (n + 4) + (4 + 2 * n)
+    figures = saved_activation_bytes(ours)
+    assert figures["chosen"] == figures["counted"] == 0
+    assert figures[DEFAULT] == n
+    applied = [d for d in recompute_decisions(ours) if d.applied]
+    assert len(applied) == 1 and applied[0].bytes_saved == n + n
+    assert "sin" in applied[0].nodes
+
+
+def _with_partitioner(partitioner: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make memopt's capture use one of PyTorch's partitioners (for comparisons)."""
+
+    def partition_fn(joint, inputs, *, config=None, **kwargs):
+        return partitioner(joint, inputs, **kwargs)
+
+    monkeypatch.setattr(capture_module, "partition_fn", partition_fn)
+
+
+@pytest.mark.parametrize("name", ["mlp", "block", "convnet"])
+def test_no_more_bytes_than_torch_partitioners(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch._functorch.partitioners import (
+        default_partition,
+        min_cut_rematerialization_partition,
+    )
+
+    model, x = model_and_input(name)
+    model.train()
+    ours = memopt.analyze(model, x, training=True)
+    with monkeypatch.context() as patch:
+        _with_partitioner(default_partition, patch)
+        default = memopt.analyze(model, x, training=True, disable=["recompute"])
+    with monkeypatch.context() as patch:
+        _with_partitioner(min_cut_rematerialization_partition, patch)
+        min_cut = memopt.analyze(model, x, training=True, disable=["recompute"])
+    assert ours.bytes_moved <= default.bytes_moved
+    assert ours.bytes_moved <= min_cut.bytes_moved
+    record = ours.graphs[0].gm.meta[META_KEY]
+    assert set(record.candidates) == {DEFAULT, TORCH_MIN_CUT, MEMOPT}
+    assert record.modelled_peak_bytes == record.counted_saved_bytes
+    # The ledger lists every saved activation with its bytes.
+    listed = {d.nodes[0] for d in recompute_decisions(ours) if d.what.startswith("saved %")}
+    assert listed == {s.name for s in record.choice.saved if not s.is_input}
+
+
+def test_disable_means_default_partition_and_no_duplication() -> None:
+    x = torch.randn(16, 32, requires_grad=True)
+    plain = memopt.analyze(sin_cos_sum, x, training=True, disable=["recompute"])
+    assert "recompute" not in [p.pass_name for p in plain.ledger]
+    record = plain.graphs[0].gm.meta[META_KEY]
+    assert record.chosen == DEFAULT and record.choice.recomputed == ()
+
+
+def test_budget_is_honoured() -> None:
+    model = MLP(width=16, hidden=32)
+    x = torch.randn(4, 16)
+    free = saved_activation_bytes(memopt.analyze(model, x, training=True))["chosen"]
+    assert free > 0  # the matmul results are saved
+    options = {"recompute": {"recompute_matmul": True, "max_saved_bytes": free // 2}}
+    tight = memopt.analyze(model, x, training=True, pass_options=options)
+    figures = saved_activation_bytes(tight)
+    assert figures["chosen"] <= free // 2
+    assert figures["counted"] == figures["chosen"]
+    # Out of reach (matmuls are never recomputed): the cut with the fewest saved bytes, and
+    # a note in the ledger.
+    unreachable = {"recompute": {"max_saved_bytes": 0}}
+    result = memopt.analyze(model, x, training=True, pass_options=unreachable)
+    assert any("unreachable" in d.reason for d in recompute_decisions(result))
+
+
+def test_must_and_never_recompute() -> None:
+    x = torch.randn(16, 32, requires_grad=True)
+    kept = memopt.analyze(
+        sin_cos_sum, x, training=True, pass_options={"recompute": {"never_recompute": ["sin"]}}
+    )
+    record = kept.graphs[0].gm.meta[META_KEY]
+    assert record.chosen == MEMOPT
+    assert not any(r.startswith("sin:") for r in record.choice.recomputed)
+
+    def normed(x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (32,)).sin().sum()
+
+    forced = memopt.analyze(
+        normed, x, training=True, pass_options={"recompute": {"must_recompute": ["aten.rsqrt"]}}
+    )
+    record = forced.graphs[0].gm.meta[META_KEY]
+    assert not any(s.name.startswith("rsqrt") for s in record.choice.saved)
+    assert any(r.endswith("aten.rsqrt") for r in record.choice.recomputed)
+
+
+def test_option_validation() -> None:
+    with pytest.raises(OptionError, match="max_saved_bytes"):
+        Config.from_options({"pass_options": {"recompute": {"max_saved_bytes": "1k"}}})
+    with pytest.raises(OptionError, match="must_recompute"):
+        Config.from_options({"pass_options": {"recompute": {"must_recompute": "sin"}}})
+    with pytest.raises(OptionError, match="valid options"):
+        Config.from_options({"pass_options": {"recompute": {"budget": 1}}})
+
+
+def two_reductions(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    p = x.sin()
+    return p.sum(0), p.sum(1)
+
+
+def test_producer_duplication_saves_the_write() -> None:
+    x = torch.randn(16, 32)
+    n = 16 * 32 * F32
+    # Stored once: the sin kernel (fused with one reduction) writes p, the other reads it.
+    stored = memopt.analyze(two_reductions, x, pass_options={"recompute": {"duplicate": False}})
+    # Duplicated: each reduction computes sin(x) itself and reads x instead of p.
+    copied = memopt.analyze(two_reductions, x)
+    assert stored.bytes_moved - copied.bytes_moved == n
+    applied = [d for d in recompute_decisions(copied) if d.applied]
+    assert len(applied) == 1 and applied[0].bytes_saved == n
+    assert len(copied.kernels) == 2
+    out = torch.compile(two_reductions, backend="memopt", options={"backend": "reference"})(x)
+    for got, want in zip(out, two_reductions(x)):
+        torch.testing.assert_close(got, want)
+
+
+def test_refused_duplication_is_recorded_with_bytes() -> None:
+    def shared(x: torch.Tensor) -> torch.Tensor:
+        p = x.exp()
+        return p * 2 + p.relu()  # both consumers fuse with p into one kernel
+
+    result = memopt.analyze(shared, torch.randn(16, 32))
+    refused = [d for d in recompute_decisions(result) if not d.applied]
+    assert refused and all(d.bytes_saved <= 0 for d in refused)
