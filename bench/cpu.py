@@ -6,7 +6,8 @@
 
 For each block: the run time of eager, `torch.compile(backend="inductor")`,
 `torch.compile(backend="memopt", options={"backend": "cpp"})` and the same memopt program
-without its huge-page advice, measured interleaved (one call of each per round, the order
+with fresh memory for every output (no huge-page advice, no reuse of an earlier call's
+output memory), measured interleaved (one call of each per round, the order
 rotating, so drift in the machine hits all alike), reported as median and spread (min-max
 over rounds) and as paired speedups (median over rounds of the ratio within a round); and
 the compile time of both compilers with fresh caches (Dynamo state, Inductor's FX graph and
@@ -182,17 +183,20 @@ def _warm_up_compilers() -> None:
         _compile(lambda x: torch.softmax(x * 2, -1) + 1, (x,), backend)
 
 
-def _without_huge_pages(compiled: Callable) -> Callable:
-    """The same compiled function with memopt's huge-page advice for outputs switched off:
-    what the kernels gain apart from the operating system's page faults."""
+def _with_fresh_memory(compiled: Callable) -> Callable:
+    """The same compiled function with memopt's output-memory handling switched off (huge-page
+    advice, reuse of an earlier call's output memory): what the kernels gain apart from the
+    operating system's page faults. Outputs written over dead inputs stay (a compile-time
+    plan, as Inductor's in-place kernels)."""
     from memopt.backends.cpp import kernel
 
     def run(*args):
-        saved, kernel.HUGE_PAGE_OUTPUTS = kernel.HUGE_PAGE_OUTPUTS, False
+        saved = kernel.HUGE_PAGE_OUTPUTS, kernel.REUSE_OUTPUTS
+        kernel.HUGE_PAGE_OUTPUTS = kernel.REUSE_OUTPUTS = False
         try:
             return compiled(*args)
         finally:
-            kernel.HUGE_PAGE_OUTPUTS = saved
+            kernel.HUGE_PAGE_OUTPUTS, kernel.REUSE_OUTPUTS = saved
 
     return run
 
@@ -209,11 +213,22 @@ class Result:
     def median(self, variant: str) -> float:
         return statistics.median(self.times_ms[variant])
 
+    def ratios(self, baseline: str, variant: str = "memopt") -> list[float]:
+        """Baseline time / variant time within each round (paired: robust to the machine
+        slowing down and speeding up between rounds)."""
+        return [b / m for b, m in zip(self.times_ms[baseline], self.times_ms[variant])]
+
     def speedup(self, baseline: str, variant: str = "memopt") -> float:
-        """Median over rounds of baseline time / variant time in the same round: the paired
-        ratio, robust to the machine slowing down and speeding up between rounds."""
-        pairs = zip(self.times_ms[baseline], self.times_ms[variant])
-        return statistics.median(b / m for b, m in pairs)
+        """Median over rounds of the paired ratio."""
+        return statistics.median(self.ratios(baseline, variant))
+
+    def speedup_text(self, baseline: str, variant: str = "memopt") -> str:
+        """The median paired ratio and its interquartile range over rounds."""
+        ratios = self.ratios(baseline, variant)
+        if len(ratios) < 4:
+            return f"{statistics.median(ratios):.2f}x"
+        low, _, high = statistics.quantiles(ratios, n=4)
+        return f"{statistics.median(ratios):.2f}x ({low:.2f}-{high:.2f})"
 
 
 def run_case(case: Case, repeats: int, cold: bool) -> Result:
@@ -227,7 +242,7 @@ def run_case(case: Case, repeats: int, cold: bool) -> Result:
         for backend in ("inductor", "memopt"):
             variants[backend], compile_s[backend], caught = _compile(fn, inputs, backend)
             notes += caught
-        variants["memopt_4k"] = _without_huge_pages(variants["memopt"])
+        variants["memopt_fresh"] = _with_fresh_memory(variants["memopt"])
         expected = fn(*inputs)
         max_error = {
             name: float((variant(*inputs) - expected).abs().max())
@@ -256,8 +271,8 @@ def _spread(values: list[float]) -> str:
 def format_table(results: list[Result]) -> str:
     cold = all(r.cold_compile_s for r in results)
     header = (
-        "| block | eager ms | inductor ms | memopt ms | memopt, 4 KiB pages ms "
-        "| memopt vs eager | memopt vs inductor | 4 KiB pages vs inductor "
+        "| block | eager ms | inductor ms | memopt ms | memopt, fresh memory ms "
+        "| memopt vs eager | memopt vs inductor | fresh memory vs inductor "
         "| compile s inductor | compile s memopt | compile memopt/inductor |"
     )
     lines = [header, "|" + "---|" * 11]
@@ -275,11 +290,11 @@ def format_table(results: list[Result]) -> str:
             r.case.name,
             *(
                 f"{r.median(v):.1f} ({_spread(r.times_ms[v])})"
-                for v in ("eager", "inductor", "memopt", "memopt_4k")
+                for v in ("eager", "inductor", "memopt", "memopt_fresh")
             ),
-            f"{r.speedup('eager'):.2f}x",
-            f"{r.speedup('inductor'):.2f}x",
-            f"{r.speedup('inductor', 'memopt_4k'):.2f}x",
+            r.speedup_text("eager"),
+            r.speedup_text("inductor"),
+            r.speedup_text("inductor", "memopt_fresh"),
             *compile_cells,
             ratio,
         ]
@@ -309,17 +324,28 @@ def machine() -> str:
     )
 
 
-def report(results: list[Result], command: str, repeats: int) -> str:
+def _load_average() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "?"
+
+
+def report(results: list[Result], command: str, repeats: int, load: str = "") -> str:
     lines = [
         f"Command: `{command}` ({repeats} interleaved rounds; {datetime.date.today().isoformat()})",
         "",
         f"Machine: {machine()}",
         "",
-        "Run time: median over rounds (min-max in parentheses), measured. `memopt, 4 KiB "
-        "pages`: the same compiled memopt program without its huge-page advice for outputs "
-        "(`memopt.backends.cpp.kernel.HUGE_PAGE_OUTPUTS = False`). Speedups: median over "
+        *([f"Load average (1 min) at the start and end of the run: {load}.", ""] if load else []),
+        "Run time: median over rounds (min-max in parentheses), measured. `memopt, fresh "
+        "memory`: the same compiled memopt program with fresh memory for every output, as "
+        "eager and Inductor get (`memopt.backends.cpp.kernel.HUGE_PAGE_OUTPUTS` and "
+        "`REUSE_OUTPUTS` off: no huge-page advice, no reuse of an earlier call's output "
+        "memory once nothing holds it); writing outputs over dead inputs stays on. Speedups: median over "
         "rounds of (eager or Inductor time / memopt time) within the same round, so that "
-        "the machine's drift between rounds cancels. Compile time: first call minus a steady call, measured, "
+        "the machine's drift between rounds cancels; in parentheses the interquartile range "
+        "of those ratios. Compile time: first call minus a steady call, measured, "
         "with fresh caches (Dynamo reset, no FX graph cache, empty on-disk caches) in a "
         "process where both compilers have compiled something already; `cold`: the same in "
         "a fresh Python process (Inductor then also starts its compile workers, memopt "
@@ -373,6 +399,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({"compile_s": seconds}))
         return
     command = "python bench/cpu.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    load_before = _load_average()
     with torch.no_grad():
         _warm_up_compilers()
     results = []
@@ -380,7 +407,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{name}] compiling and timing...", file=sys.stderr, flush=True)
         results.append(run_case(CASES[name], args.repeats, cold=not args.no_cold))
         print(format_table(results[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
-    text = report(results, command.strip(), args.repeats)
+    load = f"{load_before} and {_load_average()}"
+    text = report(results, command.strip(), args.repeats, load)
     print(text)
     if args.write:
         write_results(args.write, text)

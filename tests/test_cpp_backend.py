@@ -797,3 +797,27 @@ def test_kernel_keeps_an_input_read_later(monkeypatch):
     for got, want in zip(compiled(x, w), fn(x, w)):
         assert_close(got, want)
     assert calls and all(not set(out) & ins for ins, out in calls)
+
+
+def test_large_outputs_reuse_memory_nothing_holds():
+    """A kernel hands a large output's memory out again only once nothing holds it."""
+    x = torch.randn(2048, 1024)  # an 8 MiB output: large enough to be kept
+
+    def fn(x):
+        return torch.softmax(x, -1) * 2
+
+    want = fn(x)
+    compiled = torch.compile(fn, backend="memopt", options={"backend": "cpp"})
+    first = compiled(x)
+    address = first.data_ptr()
+    del first
+    second = compiled(x)
+    assert second.data_ptr() == address  # nothing held the first: its memory again
+    third = compiled(x)
+    assert third.data_ptr() != second.data_ptr()  # `second` is held: fresh memory
+    row = third[1]
+    del third
+    fourth = compiled(x)
+    assert fourth.data_ptr() != row.data_ptr() - row.storage_offset() * 4  # a view holds it
+    for result in (second, row, fourth):
+        assert_close(result, want[1] if result is row else want)

@@ -152,18 +152,25 @@ class FusedKernel:
         sizes = self._sizes(inputs)
         layouts = self._output_layouts(sizes)
         backend = self._backend_for(device)
+        runner = None
+        if any(0 not in shape for shape, _ in layouts):
+            runner = self._runner(backend)
         # An input nothing reads afterwards may take an output in place of fresh memory,
-        # which costs page faults on first touch (more than a pointwise kernel's own time).
-        reuse = getattr(self._runner(backend), "in_place", None) if self.donated_inputs else None
+        # which costs page faults on first touch (more than a pointwise kernel's own time);
+        # a backend may also hand out memory of its own (CppKernel.allocate).
+        reuse = getattr(runner, "in_place", None) if self.donated_inputs else None
+        allocate = getattr(runner, "allocate", None) if device.type == "cpu" else None
         outputs = []
         for k, (b, (shape, stride)) in enumerate(zip(self.kernel.outputs, layouts)):
             donor = reuse.get(k) if reuse else None
             if donor in self.donated_inputs and _reusable(inputs[donor], shape, stride, b.dtype):
                 outputs.append(inputs[donor])
+            elif allocate is not None:
+                outputs.append(allocate(k, shape, stride, b.dtype))
             else:
                 outputs.append(torch.empty_strided(shape, stride, dtype=b.dtype, device=device))
-        if any(o.numel() for o in outputs):
-            self._runner(backend)(list(inputs), outputs, sizes)
+        if runner is not None:
+            runner(list(inputs), outputs, sizes)
         return tuple(outputs)
 
     def _output_layouts(self, sizes: dict[str, int]) -> list[tuple[list[int], list[int]]]:

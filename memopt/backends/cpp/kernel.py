@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -23,6 +24,14 @@ HUGE_PAGE_OUTPUTS = sys.platform.startswith("linux")
 _HUGE_PAGE = 1 << 21  # x86-64 and arm64 transparent huge pages: 2 MiB
 _HUGE_PAGE_MIN_NBYTES = 4 * _HUGE_PAGE
 _MADV_HUGEPAGE = 14  # <sys/mman.h>
+# A kernel keeps the memory of its large outputs and hands it out again on a later call
+# once nothing else holds it (no tensor, view or NumPy array of it is left): fresh memory
+# costs a page fault on first touch, more than a memory-bound kernel's own traffic (see
+# above). PyTorch's CUDA caching allocator makes the same trade: memory stays mapped
+# between calls (at most one set of large outputs per kernel). Set to False to measure
+# without it.
+REUSE_OUTPUTS = True
+_REUSE_MIN_NBYTES = _HUGE_PAGE_MIN_NBYTES
 
 # Error codes the generated code returns (prelude.py: MO_ERR_*).
 _ERRORS = {
@@ -56,6 +65,29 @@ class CppKernel:
         # Output position -> input position whose memory that output may reuse, when the
         # caller knows nothing reads the input afterwards (FusedKernel.donated_inputs).
         self.in_place: dict[int, int] = planning.in_place_outputs(kernel)
+        self._kept: dict[int, torch.UntypedStorage] = {}  # output position -> its memory
+        self._kept_lock = threading.Lock()
+
+    def allocate(
+        self, position: int, shape: Sequence[int], stride: Sequence[int], dtype: torch.dtype
+    ) -> torch.Tensor:
+        """A CPU tensor for output `position`: the memory of an earlier call's output when
+        nothing else holds it any more (REUSE_OUTPUTS), else fresh memory."""
+        extent = 1 + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape) else 0
+        nbytes = extent * dtype.itemsize
+        if not REUSE_OUTPUTS or nbytes < _REUSE_MIN_NBYTES:
+            return torch.empty_strided(shape, stride, dtype=dtype)
+        with self._kept_lock:  # two threads must not both take the same memory
+            kept = self._kept.get(position)
+            if (
+                kept is not None
+                and kept.nbytes() == nbytes
+                and torch._C._storage_Use_Count(kept._cdata) == 1  # only this reference
+            ):
+                return torch.empty(0, dtype=dtype).set_(kept, 0, shape, stride)
+            tensor = torch.empty_strided(shape, stride, dtype=dtype)
+            self._kept[position] = tensor.untyped_storage()
+            return tensor
 
     def __call__(
         self,
