@@ -60,6 +60,8 @@ EXTERN_OPS = {
     aten.addmm.default,
     aten.bmm.default,
     aten.baddbmm.default,
+    aten.mm.out,  # a matmul writing into a strided buffer (the layout pass)
+    aten.bmm.out,
     aten.convolution.default,
     aten.convolution_backward.default,
     aten._scaled_dot_product_flash_attention_for_cpu.default,
@@ -144,7 +146,8 @@ def _tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:
                 visit(item)
 
     visit(node.args)
-    visit(tuple(node.kwargs.values()))
+    # An out= buffer is written, not read.
+    visit(tuple(v for k, v in node.kwargs.items() if k != "out"))
     return found
 
 
@@ -236,8 +239,10 @@ def _conv_backward_flops(node: torch.fx.Node) -> sympy.Expr:
 
 _FLOP_RULES: Mapping[object, Callable[[torch.fx.Node], sympy.Expr]] = {
     aten.mm.default: _mm_flops,
+    aten.mm.out: _mm_flops,
     aten.addmm.default: _mm_flops,
     aten.bmm.default: _bmm_flops,
+    aten.bmm.out: _bmm_flops,
     aten.baddbmm.default: _bmm_flops,
     aten.convolution.default: _conv_flops,
     aten.convolution_backward.default: _conv_backward_flops,
