@@ -314,6 +314,28 @@ def _reduce(value: Value, operands: list[torch.Tensor], frame: _Frame) -> torch.
     return REDUCTION_FUNCTIONS[value.arg](operand).to(dtype).reshape(frame.row_shape)
 
 
+def _dot(value: Value, operands: list[torch.Tensor], frame: _Frame) -> torch.Tensor:
+    """sum over the reduction axes of a * b, as one einsum (a library matmul), never the
+    (rows x reduced) product grid: each operand keeps only the axes it varies along."""
+    ndim = len(frame.full_shape)
+    dtype = compute_dtype(value.dtype)
+    reduced = range(len(frame.pointwise_shape), ndim)
+    letters = "abcdefghijklmnopqrstuvwxyz"[:ndim]
+    terms, tensors = [], []
+    for operand in operands:
+        operand = operand.to(dtype).reshape((1,) * (ndim - operand.dim()) + tuple(operand.shape))
+        # The sum runs over every reduced element, even where an operand is constant.
+        sizes = [frame.full_shape[d] if d in reduced else -1 for d in range(ndim)]
+        operand = operand.expand(sizes)
+        axes = [d for d in range(ndim) if operand.shape[d] != 1 or d in reduced]
+        tensors.append(operand.reshape([operand.shape[d] for d in axes]))
+        terms.append("".join(letters[d] for d in axes))
+    kept = sorted({letters.index(c) for term in terms for c in term} - set(reduced))
+    result = torch.einsum(f"{terms[0]},{terms[1]}->{''.join(letters[d] for d in kept)}", *tensors)
+    shape = [frame.full_shape[d] if d in kept else 1 for d in range(ndim)]
+    return result.reshape([*shape[: len(frame.pointwise_shape)], *(1 for _ in reduced)])
+
+
 def _pointwise(value: Value, operands: list[torch.Tensor], frame: _Frame) -> torch.Tensor:
     result_dtype = compute_dtype(value.dtype)
     if value.op == "where":
@@ -333,6 +355,7 @@ _VALUE_RULES: dict[str, Callable[[Value, list[torch.Tensor], _Frame], torch.Tens
     "index": _index,
     "cast": _cast,
     "reduce": _reduce,
+    "dot": _dot,
     **{name: _pointwise for name in POINTWISE_FUNCTIONS},
 }
 

@@ -124,3 +124,48 @@ def simplify(expr: sympy.Expr, ranges: Mapping[sympy.Symbol, sympy.Expr]) -> sym
         return FloorDiv(base, divisor)
 
     return sympy.expand(visit(sympy.sympify(expr)))
+
+
+def _reduce_floordiv(node: sympy.Expr, ranges: Mapping[sympy.Symbol, sympy.Expr]) -> sympy.Expr:
+    """(c*x + r) // (c*d) -> x // d when 0 <= r < c."""
+    if not node.args:
+        return node
+    node = node.func(*(_reduce_floordiv(a, ranges) for a in node.args))
+    if not isinstance(node, FloorDiv):
+        return node
+    base, divisor = node.args
+    for term in sympy.Add.make_args(sympy.expand(base)):
+        c = term.as_coeff_Mul()[0]
+        if not (c.is_Integer and c > 1 and divisor.is_Integer and divisor % c == 0):
+            continue
+        quotient, rest = _split(base, c)
+        if _less(_upper(rest, ranges), c):
+            return quotient if divisor == c else FloorDiv(quotient, divisor // c)
+    return node
+
+
+def recombine(expr: sympy.Expr, ranges: Mapping[sympy.Symbol, sympy.Expr]) -> sympy.Expr:
+    """Undo a split of an index into div and mod: k*d*(x // d) + k*(x % d) -> k*x.
+
+    A view that reshapes a value and a view that reshapes it back leave such pairs; they
+    name the same element as x.
+    """
+    expr = sympy.expand(_reduce_floordiv(sympy.sympify(expr), ranges))
+    terms = list(sympy.Add.make_args(expr))
+    changed = True
+    while changed:
+        changed = False
+        for term in terms:
+            coeff, rest = term.as_coeff_Mul()
+            if not isinstance(rest, FloorDiv):
+                continue
+            base, divisor = rest.args
+            k = coeff / divisor
+            partner = k * ModularIndexing(base, 1, divisor)
+            if partner in terms:
+                terms.remove(term)
+                terms.remove(partner)
+                terms.append(k * base)
+                changed = True
+                break
+    return sympy.expand(sympy.Add(*terms))

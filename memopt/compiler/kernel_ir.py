@@ -41,6 +41,11 @@ BINARY_OPS = frozenset(
 )  # fmt: skip
 TERNARY_OPS = frozenset({"where"})
 REDUCTIONS = frozenset({"sum", "prod", "max", "min", "argmax", "argmin", "any", "all"})
+# A matmul template's contraction: dot(a, b) = sum over the reduction variables of a * b,
+# accumulated in its dtype (fp32 for 16-bit and fp32 operands). `a` depends on the batch
+# ranges, the second-to-last range (M) and the reduction; `b` on the batch ranges, the
+# reduction and the last range (N). A kernel holds at most one; its stores are row stores.
+DOT = "dot"
 
 
 def index_var(k: int) -> sympy.Symbol:
@@ -92,7 +97,8 @@ class Value:
           masked); a masked load's last operand is a bool Value: where it is False the
           load reads nothing and yields 0 (cat, padding: indices outside the buffer);
           const -> a Python number; index -> a sympy expression of the index variables;
-          reduce -> the reduction name (REDUCTIONS); cast -> None (dtype says the target).
+          reduce -> the reduction name (REDUCTIONS); cast -> None (dtype says the target);
+          dot -> None (a matmul's contraction over the reduction variables, see DOT).
     """
 
     op: str
@@ -131,7 +137,7 @@ class Value:
             found |= set(self.arg.free_symbols)
         for arg in self.args:
             found |= arg.symbols
-        if self.op == "reduce":
+        if self.op in ("reduce", DOT):
             found = {s for s in found if not is_reduction_var(s)}
         return frozenset(found)
 
@@ -190,6 +196,11 @@ def reduce(name: str, value: Value, dtype: torch.dtype) -> Value:
     return Value("reduce", (value,), dtype, name)
 
 
+def dot(a: Value, b: Value, dtype: torch.dtype) -> Value:
+    """sum over the reduction variables of a * b (a matmul), accumulated in `dtype`."""
+    return Value(DOT, (a, b), dtype)
+
+
 @dataclass(frozen=True)
 class Store:
     buffer: str
@@ -212,6 +223,8 @@ class Kernel:
 
     @property
     def kind(self) -> str:
+        if any(value.op == DOT for value in self.values):
+            return "matmul"
         return "reduction" if self.reduction_ranges else "pointwise"
 
     @property

@@ -25,7 +25,7 @@ from torch.utils._sympy.functions import ToFloat
 from memopt.compiler import kernel_ir as ir
 from memopt.compiler.cost import buffer_users, is_view
 from memopt.compiler.graph import TensorMeta, tensor_meta
-from memopt.compiler.indexing import offset, reshape_index, simplify
+from memopt.compiler.indexing import offset, recombine, reshape_index, simplify
 from memopt.compiler.kernel_ir import Buffer, Kernel, Store, Value
 
 aten = torch.ops.aten
@@ -108,6 +108,10 @@ GATHERS = {aten.index_select.default, aten.index.Tensor, aten._unsafe_index.Tens
 OTHER = {aten.where.self, aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default,
          aten.div.Tensor_mode, aten.arange.start_step, aten.arange.default,
          aten.arange.start, aten.cat.default, prims.iota.default, prims.where.default, aten.square.default}  # fmt: skip
+# Matmuls a template kernel computes (with the pointwise ops around them), when the fusion
+# pass puts one in a group; alone they stay library calls.
+MATMULS = {aten.mm.default, aten.bmm.default}
+TEMPLATE_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 SUPPORTED_DTYPES = {
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
     torch.int16, torch.int8, torch.uint8, torch.bool,
@@ -128,6 +132,16 @@ def can_lower(node: torch.fx.Node) -> bool:
         return False
     inputs = [tensor_meta(a) for a in node.all_input_nodes if symbolic_scalar(a) is None]
     return all(m is not None and m.dtype in SUPPORTED_DTYPES for m in inputs)
+
+
+def can_lower_matmul(node: torch.fx.Node) -> bool:
+    """Whether a matmul may anchor a template kernel (a float mm or bmm of one dtype)."""
+    if node.op != "call_function" or node.target not in MATMULS:
+        return False
+    metas = [tensor_meta(node), *(tensor_meta(a) for a in node.args[:2])]
+    return all(m is not None and m.dtype in TEMPLATE_DTYPES for m in metas) and (
+        len({m.dtype for m in metas}) == 1
+    )
 
 
 def symbolic_scalar(node: object) -> sympy.Expr | None:
@@ -274,6 +288,9 @@ class _Lowering:
         self, outputs: list[torch.fx.Node]
     ) -> tuple[tuple[sympy.Expr, ...], tuple[sympy.Expr, ...]]:
         signatures = {reduction_signature(n) for n in self.members if n.target in REDUCTIONS}
+        matmuls = [n for n in self.members if n.target in MATMULS]
+        if matmuls:
+            return self.matmul_domain(matmuls, signatures)
         if len(signatures) > 1:
             raise NotLowerable("reductions over different shapes or axes cannot share a kernel")
         if signatures:
@@ -291,6 +308,20 @@ class _Lowering:
                     "outputs with different numbers of elements cannot share a pointwise kernel"
                 )
         return shape, ()
+
+    def matmul_domain(
+        self, matmuls: list[torch.fx.Node], signatures: set[ReductionSignature]
+    ) -> tuple[tuple[sympy.Expr, ...], tuple[sympy.Expr, ...]]:
+        """A template kernel iterates over its matmul's output (*batch, M, N) and reduces K."""
+        if len(matmuls) > 1:
+            raise NotLowerable("a template kernel holds one matmul")
+        if signatures:
+            raise NotLowerable("a matmul template and a reduction cannot share a kernel")
+        (matmul,) = matmuls
+        shape = tensor_meta(matmul).shape
+        depth = tensor_meta(matmul.args[0]).shape[-1]
+        self.signature = ReductionSignature((*shape, depth), (len(shape),))
+        return shape, (depth,)
 
     def store_index(self, node: torch.fx.Node) -> Index:
         """The index at which an output node's elements are computed, in domain variables."""
@@ -390,6 +421,8 @@ class _Lowering:
             return self.binary(node, BINARY[target], index)
         if target in REDUCTIONS:
             return self.reduction(node, index)
+        if target in MATMULS:
+            return self.matmul(node, index)
         if target in IDENTITY:
             return self.value_at(node.args[0], index)
         if target in CASTS:
@@ -473,6 +506,21 @@ class _Lowering:
             divisor = _count(count - correction, accumulate)
             return ir.cast(ir.op("truediv", squares, divisor, dtype=accumulate), dtype)
         return ir.cast(ir.reduce(kind, source, accumulate), dtype)
+
+    def matmul(self, node: torch.fx.Node, index: Index) -> Value:
+        """dot(A[*batch, m, r0], B[*batch, r0, n]): operands through their own strides (a
+        transposed weight is read in place), prologue members computed per element read."""
+        rows = tuple(simplify(v, self.ranges) for v in self.row_vars)
+        if tuple(recombine(e, self.ranges) for e in index) != rows:
+            raise NotLowerable(
+                f"%{node.name} is read at another element than the one the kernel computes"
+            )
+        *batch, m, n = rows
+        k = ir.reduction_var(0)
+        a = self.value_at(node.args[0], (*batch, m, k))
+        b = self.value_at(node.args[1], (*batch, k, n))
+        dtype = tensor_meta(node).dtype
+        return ir.cast(ir.dot(a, b, _upcast(dtype)), dtype)
 
     def view_source_index(self, node: torch.fx.Node, index: Index) -> Index:
         rule = _VIEW_RULES.get(node.target)
@@ -801,6 +849,9 @@ def _count_flops(kernel: Kernel) -> sympy.Expr:
     for value in kernel.values:
         if value.op in ("load", "const", "index", "cast"):
             continue
+        if value.op == ir.DOT:
+            total += 2 * full  # a multiply and an add per (row, reduced element)
+            continue
         total += rows if value.is_row and value.op != "reduce" else full
     return total
 
@@ -809,7 +860,7 @@ def lower_group(members: Sequence[torch.fx.Node], name: str) -> Lowered:
     """Lower fx nodes (in graph order) to one kernel; NotLowerable says why it cannot be."""
     lowering = _Lowering(members, name)
     for node in members:
-        if not can_lower(node):
+        if not (can_lower(node) or can_lower_matmul(node)):
             raise NotLowerable(f"%{node.name} ({node.target}) has no lowering")
     outputs = lowering.outputs()
     if not outputs:
@@ -855,4 +906,4 @@ def lower_group(members: Sequence[torch.fx.Node], name: str) -> Lowered:
     )
 
 
-__all__ = ["Lowered", "NotLowerable", "can_lower", "lower_group"]
+__all__ = ["Lowered", "NotLowerable", "can_lower", "can_lower_matmul", "lower_group"]

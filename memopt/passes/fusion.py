@@ -17,6 +17,16 @@ no lowering). Refusals are recorded with their reason and the bytes they cost.
 
 Groups of one node stay ATen calls: a generated kernel for a single op moves the same
 bytes.
+
+Matmul templates (`matmul_templates`): an mm or bmm may join a group too, which becomes a
+template kernel (kind "matmul"): its epilogue (the pointwise ops that consume the product:
+bias, activation, residual add, scaling, casts; several stores when the graph needs more
+than the last value) and its prologue (pointwise ops whose result only the matmul reads:
+casts, scaling) never touch memory. One matmul per kernel, no reduction beside it. They
+are formed only for backends that run templates (triton, reference): with "auto" that is
+decided by the backend the kernels will run on (config.backend, and for backend="auto"
+the device of the graph's inputs: CUDA -> triton, CPU -> cpp, which has no template); the
+merges they would have made are then recorded as refusals with the bytes at stake.
 """
 
 from __future__ import annotations
@@ -32,8 +42,9 @@ from torch.fx.passes.tools_common import legalize_graph
 from memopt.compiler.cost import buffer_users, is_view, read_bytes
 from memopt.compiler.graph import META_KEY, evaluate, meta_of_value, output_metas, tensor_meta
 from memopt.compiler.kernels import FusedKernel
-from memopt.compiler.lower import NotLowerable, can_lower, lower_group
+from memopt.compiler.lower import MATMULS, NotLowerable, can_lower, can_lower_matmul, lower_group
 from memopt.compiler.printer import op_name
+from memopt.compiler.templates import backend_runs_templates, describe_tiles, matmul_tiles
 from memopt.passes.base import Pass, PassContext, PassResult
 
 Group = frozenset[torch.fx.Node]
@@ -49,11 +60,13 @@ def _view_root(node: torch.fx.Node) -> torch.fx.Node:
 class _State:
     """The grouping being built, and the cost model over groups (at the example sizes)."""
 
-    def __init__(self, gm: torch.fx.GraphModule, ctx: PassContext) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, ctx: PassContext, templates: bool) -> None:
         self.ctx = ctx
         self.nodes = list(gm.graph.nodes)
         self.order = {n: k for k, n in enumerate(self.nodes)}
-        self.fusible = [n for n in self.nodes if can_lower(n)]
+        self.fusible = [
+            n for n in self.nodes if can_lower(n) or (templates and can_lower_matmul(n))
+        ]
         self.group_of: dict[torch.fx.Node, Group] = {n: frozenset([n]) for n in self.fusible}
         self.consumers = {
             n: [u for u in buffer_users(n) if u in self.group_of] for n in self.fusible
@@ -192,15 +205,80 @@ def _names(group: Group, order: dict[torch.fx.Node, int]) -> str:
     return ", ".join(f"%{n.name}" for n in sorted(group, key=order.__getitem__))
 
 
+def _graph_device(gm: torch.fx.GraphModule) -> str:
+    """The device type of the graph's tensor inputs (fake tensors carry it)."""
+    for node in gm.graph.nodes:
+        value = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(value, torch.Tensor):
+            return value.device.type
+    return "cpu"
+
+
+def _matmul_of(group: Group) -> torch.fx.Node | None:
+    return next((n for n in group if n.target in MATMULS), None)
+
+
+def _tiles(matmul: torch.fx.Node, ctx: PassContext) -> dict[str, int]:
+    """The tiles a GPU launch of this template uses, at the example sizes."""
+    *_, m, n = tensor_meta(matmul).shape
+    k = tensor_meta(matmul.args[0]).shape[-1]
+    m, n, k = (evaluate(x, ctx.bindings) for x in (m, n, k))
+    return matmul_tiles(m, n, k, on_gpu=True)
+
+
+def _side(matmul: torch.fx.Node, other: Group) -> str:
+    """Whether a group joins a matmul as its prologue (feeds an operand) or epilogue."""
+    operands = {_view_root(a) for a in matmul.all_input_nodes}
+    return "prologue" if operands & other else "epilogue"
+
+
+MATMUL_TEMPLATE_MODES = ("auto", "on", "off")
+
+
 @dataclass(frozen=True)
 class Fusion(Pass):
     name: ClassVar[str] = "fusion"
     # Largest number of nodes in one kernel (long kernels spill registers on a GPU).
     max_nodes: int = 64
+    # Matmul template kernels: "auto" where the backend that runs them has templates
+    # (triton, reference), "on" always (elsewhere they fall back to the reference backend),
+    # "off" never.
+    matmul_templates: str = "auto"
+
+    @classmethod
+    def check_options(cls, values: dict[str, object]) -> None:
+        from memopt.errors import OptionError
+
+        mode = values.get("matmul_templates", "auto")
+        if mode not in MATMUL_TEMPLATE_MODES:
+            raise OptionError(
+                f"option 'matmul_templates' of pass 'fusion' takes one of "
+                f"{', '.join(MATMUL_TEMPLATE_MODES)}; got {mode!r}"
+            )
+        nodes = values.get("max_nodes", 64)
+        if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+            raise OptionError(
+                f"option 'max_nodes' of pass 'fusion' takes an integer >= 1, got {nodes!r}"
+            )
+
+    def templates(self, gm: torch.fx.GraphModule, ctx: PassContext) -> tuple[bool, str]:
+        """Whether to form matmul templates here, and why not when not."""
+        if self.matmul_templates == "off":
+            return False, "matmul templates are off (pass option matmul_templates='off')"
+        if self.matmul_templates == "on":
+            return True, ""
+        device = _graph_device(gm)
+        if backend_runs_templates(ctx.config.backend, device):
+            return True, ""
+        return False, (
+            f"backend {ctx.config.backend!r} on {device} runs no matmul templates "
+            "(the matmul stays a library call)"
+        )
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult()
-        state = _State(gm, ctx)
+        templates, no_templates = self.templates(gm, ctx)
+        state = _State(gm, ctx, templates)
         refused: dict[tuple[Group, Group], tuple[str, int, str]] = {}
         while True:
             scored = sorted(
@@ -217,7 +295,14 @@ class Fusion(Pass):
                     continue
                 what = f"fused {_names(a, state.order)} + {_names(b, state.order)}"
                 why = f"{kind}: saves {saved} B of traffic"
-                if not self.decide(ctx, result, what, why, saved, _ordered_names(a | b, state.order)):
+                matmul = _matmul_of(a | b)
+                if matmul is not None:
+                    side = _side(matmul, a if matmul in b else b)
+                    tiles = describe_tiles(_tiles(matmul, ctx))
+                    why += f" (matmul template {side}; GPU tiles {tiles})"
+                if not self.decide(
+                    ctx, result, what, why, saved, _ordered_names(a | b, state.order)
+                ):
                     break
                 state.merge(a, b)
                 merged = True
@@ -232,9 +317,35 @@ class Fusion(Pass):
             if a in groups and b in groups:
                 what = f"not fused ({kind}): {_names(a, state.order)} + {_names(b, state.order)}"
                 self.refuse(ctx, result, what, reason, saved, _ordered_names(a | b, state.order))
+        if not templates:
+            self._refuse_templates(state, ctx, result, no_templates)
         self._fold_bias_adds(gm, ctx, state, result)
         self._rewrite(gm, ctx, state)
         return result
+
+    def _refuse_templates(
+        self, state: _State, ctx: PassContext, result: PassResult, reason: str
+    ) -> None:
+        """Record, for each matmul, the epilogue and prologue merges templates would make."""
+        for matmul in state.nodes:
+            if not can_lower_matmul(matmul):
+                continue
+            alone = frozenset([matmul])
+            neighbours = [state.group_of[u] for u in buffer_users(matmul) if u in state.group_of]
+            neighbours += [
+                state.group_of[_view_root(a)]
+                for a in matmul.all_input_nodes
+                if _view_root(a) in state.group_of
+            ]
+            for group in dict.fromkeys(neighbours):
+                saved = state.saved(alone, group)
+                if saved > 0:
+                    side = _side(matmul, group)
+                    what = (
+                        f"not fused (matmul {side}): %{matmul.name} + {_names(group, state.order)}"
+                    )
+                    names = _ordered_names(group | alone, state.order)
+                    self.refuse(ctx, result, what, reason, saved, names)
 
     def _fold_bias_adds(
         self, gm: torch.fx.GraphModule, ctx: PassContext, state: _State, result: PassResult
@@ -252,6 +363,8 @@ class Fusion(Pass):
             if match is None:
                 continue
             mm, bias = match
+            if len(state.group_of.get(mm, ())) > 1:
+                continue  # the matmul is in a template kernel
             saved = 2 * evaluate(tensor_meta(mm).nbytes, ctx.bindings)
             what = f"folded bias add %{node.name} into %{mm.name} (addmm)"
             reason = "the add fused with nothing; the library GEMM adds the bias in its epilogue"
@@ -291,6 +404,9 @@ class Fusion(Pass):
                 member_ops=[op_name(m) for m in members],
                 fake_outputs=[n.meta.get("val") for n in lowered.output_nodes],
             )
+            matmul = _matmul_of(group)
+            if matmul is not None:
+                fused.memopt_tiles = _tiles(matmul, ctx)  # for reports: how a GPU tiles it
             with graph.inserting_after(members[-1]):
                 call = graph.call_function(fused, tuple(lowered.input_nodes))
             call.meta["val"] = fused.fake_outputs

@@ -174,6 +174,7 @@ class RenderedKernel:
     ranges: tuple[sympy.Expr, ...]
     reduction_ranges: tuple[sympy.Expr, ...]
     tile: tuple[int, int] | None = None  # (y, x) ranges of a 2D tile, else a 1D block
+    template: str | None = None  # "matmul": a template kernel (matmul.py), launched its own way
 
     @property
     def looped(self) -> bool:
@@ -182,6 +183,10 @@ class RenderedKernel:
     @property
     def params(self) -> list[str]:
         """The kernel function's parameters, in order."""
+        if self.template == "matmul":
+            sizes = ["bnumel", "mnumel", "nnumel", "knumel"]
+            blocks = ["BLOCK_M", "BLOCK_N", "BLOCK_K", "LOW_PRECISION_DOT"]
+            return [*self.arg_names, *self.size_names, *sizes, *blocks]
         blocks = ["XBLOCK"] + (["RBLOCK"] if self.reduction else [])
         blocks += ["YBLOCK"] if self.tile is not None else []
         return [*self.arg_names, *self.size_names, "xnumel", "rnumel", *blocks]
@@ -646,4 +651,8 @@ class _Renderer:
 
 def render(kernel: Kernel) -> RenderedKernel:
     """Triton source for a Kernel IR kernel; raises Unsupported for ops it cannot render."""
+    if kernel.kind == "matmul":
+        from memopt.backends.triton.matmul import render_matmul
+
+        return render_matmul(kernel)
     return _Renderer(kernel).render()

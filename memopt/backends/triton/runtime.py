@@ -27,6 +27,7 @@ from types import ModuleType
 import sympy
 import torch
 
+from memopt.backends.triton.matmul import launch_matmul
 from memopt.backends.triton.render import PERSISTENT_MAX, RenderedKernel, render
 from memopt.compiler.kernel_ir import Kernel, evaluate_size
 
@@ -130,6 +131,7 @@ class TritonKernel:
         self.rendered = render(kernel)
         self.source = self.rendered.source
         self.source_path = write_source(self.source)
+        self.tiles: dict[str, int] | None = None  # a matmul template's last launch
 
     def __call__(
         self,
@@ -144,6 +146,12 @@ class TritonKernel:
         data pointer. Outputs are allocated by the caller.
         """
         kernel, rendered = self.kernel, self.rendered
+        if rendered.template == "matmul":
+            tensors = [*inputs, *outputs]
+            on_gpu = bool(tensors) and not any(t.device.type == "cpu" for t in tensors)
+            fn = getattr(_load(self.source_path, interpret=not on_gpu), rendered.fn_name)
+            self.tiles = launch_matmul(fn, kernel, rendered, tensors, sizes, on_gpu)
+            return
         xnumel = evaluate_size(sympy.Mul(*kernel.ranges), sizes)
         rnumel = evaluate_size(sympy.Mul(*kernel.reduction_ranges), sizes)
         numels = {"xnumel": xnumel, "rnumel": rnumel}

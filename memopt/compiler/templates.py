@@ -1,0 +1,46 @@
+"""Template kernels: which backends have them, and the tile sizes a matmul template uses.
+
+A matmul template is a Kernel IR kernel holding one `dot` (kernel kind "matmul"): the
+matmul, the pointwise ops that feed its operands (prologue) and those that consume its
+result (epilogue). Its traffic is counted by the rule of every kernel: each input read
+once, each output written once; the tiles below decide how a GPU schedules it, not what
+the cost model counts (on a GPU an operand is re-read once per tile of the other side,
+from L2 in the common case, which the rule leaves out as it does for every kernel).
+"""
+
+from __future__ import annotations
+
+# Backends that run template kernels. The C++ backend renders no matmul: a template there
+# would fall back to the reference backend, so the fusion pass does not form them for it.
+TEMPLATE_BACKENDS = frozenset({"triton", "reference"})
+_DEVICE_BACKENDS = {"cuda": "triton", "cpu": "cpp"}  # what backend="auto" runs (kernels.py)
+
+# Triton's interpreter costs ~1.8 ms per program (/work/shared/environment.md): on the CPU
+# one program takes tiles up to 128 wide. tl.dot needs every block dimension >= 16.
+INTERPRETER_TILE_MAX = 128
+GPU_TILES = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}  # fp32 acc: 16 KiB of registers
+MIN_TILE = 16
+
+
+def backend_runs_templates(backend: str, device_type: str) -> bool:
+    """Whether kernels compiled for `backend` (auto|triton|cpp|reference) on `device_type` run templates."""
+    if backend == "auto":
+        backend = _DEVICE_BACKENDS.get(device_type, "reference")
+    return backend in TEMPLATE_BACKENDS
+
+
+def _next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def matmul_tiles(m: int, n: int, k: int, on_gpu: bool) -> dict[str, int]:
+    """BLOCK_M, BLOCK_N, BLOCK_K of a matmul template launch (the one place they are chosen)."""
+    cap = dict(GPU_TILES) if on_gpu else dict.fromkeys(GPU_TILES, INTERPRETER_TILE_MAX)
+    return {
+        name: max(MIN_TILE, min(_next_pow2(size), cap[name]))
+        for name, size in (("BLOCK_M", m), ("BLOCK_N", n), ("BLOCK_K", k))
+    }
+
+
+def describe_tiles(tiles: dict[str, int]) -> str:
+    return f"{tiles['BLOCK_M']}x{tiles['BLOCK_N']}x{tiles['BLOCK_K']}"
