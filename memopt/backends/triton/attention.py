@@ -1,0 +1,162 @@
+"""Scaled dot-product attention as one Triton kernel with an online softmax.
+
+out = softmax(q @ k^T * scale + mask) @ v, computed per [BLOCK_M] rows of queries: a loop
+over [BLOCK_N] blocks of keys keeps a running row maximum, a running sum of exponentials
+and an fp32 accumulator, rescaled when the maximum grows (the flash-attention recurrence).
+The score matrix exists one [BLOCK_M, BLOCK_N] tile at a time, in registers: its bytes
+never reach memory. Traffic: q, k, v and the mask read, the output written.
+
+Causal masks skip the key blocks past the diagonal; an additive mask is read through its
+strides (a broadcast mask has stride 0 and is read once per distinct element). Head dims
+up to 128 (one [BLOCK_M, BLOCK_D] register tile); fp16/bf16/fp32 inputs, computed in fp32
+(Triton's interpreter gets bf16 arithmetic wrong, and a GPU kernel should anyway).
+
+Forward only: this is the kernel, callable on tensors (`attention`). Not yet done: the
+fusion pass does not yet put it in graphs (neither for aten.scaled_dot_product_attention
+nor for the written-out matmul -> softmax -> matmul pattern), and there is no backward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+MAX_HEAD_DIM = 128
+_SOURCE = """
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def memopt_attention_fwd(
+    q, k, v, mask, out, heads, seq_q, seq_k, head_dim, scale,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+    smb, smh, smm, smn, sob, soh, som, sod,
+    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    m_tiles = (seq_q + BLOCK_M - 1) // BLOCK_M
+    pid = tl.program_id(0)
+    bh = pid // m_tiles
+    b = bh // heads
+    h = bh % heads
+    rm = (pid % m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rd = tl.arange(0, BLOCK_D)
+    mmask = rm < seq_q
+    dmask = rd < head_dim
+    q_tile = tl.load(
+        q + b * sqb + h * sqh + rm[:, None] * sqm + rd[None, :] * sqd,
+        mmask[:, None] & dmask[None, :], other=0,
+    ).to(tl.float32)
+    q_tile = q_tile * scale
+    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    row_sum = tl.full([BLOCK_M], 0.0, tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
+    end = seq_k
+    if CAUSAL:
+        # Keys past the block's last query row are all masked (the diagonal is seq_k - seq_q
+        # to the right of the main one, as torch aligns it to the top left).
+        end = tl.minimum(seq_k, (tl.program_id(0) % m_tiles + 1) * BLOCK_M)
+    for n0 in range(0, end, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        nmask = rn < seq_k
+        k_tile = tl.load(
+            k + b * skb + h * skh + rn[None, :] * skn + rd[:, None] * skd,
+            dmask[:, None] & nmask[None, :], other=0,
+        ).to(tl.float32)
+        scores = tl.dot(q_tile, k_tile)
+        keep = mmask[:, None] & nmask[None, :]
+        if CAUSAL:
+            keep = keep & (rn[None, :] <= rm[:, None])
+        if HAS_MASK:
+            bias = tl.load(
+                mask + b * smb + h * smh + rm[:, None] * smm + rn[None, :] * smn,
+                keep, other=0,
+            ).to(tl.float32)
+            scores = scores + bias
+        scores = tl.where(keep, scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        # A row with every key masked so far keeps max -inf: shift by 0 instead (no nan).
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        rescale = tl.exp(row_max - shift)
+        p = tl.exp(scores - shift[:, None])
+        row_sum = row_sum * rescale + tl.sum(p, 1)
+        v_tile = tl.load(
+            v + b * svb + h * svh + rn[:, None] * svn + rd[None, :] * svd,
+            nmask[:, None] & dmask[None, :], other=0,
+        ).to(tl.float32)
+        acc = acc * rescale[:, None] + tl.dot(p, v_tile)
+        row_max = new_max
+    result = acc / tl.where(mmask, row_sum, 1.0)[:, None]  # padded rows: no 0/0
+    ROUND_BF16
+    tl.store(
+        out + b * sob + h * soh + rm[:, None] * som + rd[None, :] * sod,
+        result.to(out.dtype.element_ty), mmask[:, None] & dmask[None, :],
+    )
+"""
+
+
+def _source() -> str:
+    from memopt.backends.triton.ops import bf16_round
+
+    # The interpreter's fp32 -> bf16 conversion truncates; round to nearest even first
+    # (a no-op for other output dtypes: the rounded value converts exactly).
+    rounding = f"if out.dtype.element_ty == tl.bfloat16:\n        result = {bf16_round('result')}"
+    return _SOURCE.replace("ROUND_BF16", rounding)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def attention_tiles(seq_q: int, seq_k: int, head_dim: int, on_gpu: bool) -> dict[str, int]:
+    """BLOCK_M, BLOCK_N, BLOCK_D of one launch (tl.dot needs every dimension >= 16)."""
+    cap = 64 if on_gpu else 128  # the interpreter costs per program: few, large ones
+    return {
+        "BLOCK_M": max(16, min(_next_pow2(seq_q), cap)),
+        "BLOCK_N": max(16, min(_next_pow2(seq_k), cap)),
+        "BLOCK_D": max(16, _next_pow2(head_dim)),
+    }
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """softmax(q @ k^T * scale + attn_mask) @ v for [batch, heads, seq, head_dim] tensors,
+    as aten.scaled_dot_product_attention computes it (a bool mask keeps where True)."""
+    from memopt.backends.triton.runtime import _load, write_source
+
+    batch, heads, seq_q, head_dim = q.shape
+    seq_k = k.shape[2]
+    if head_dim > MAX_HEAD_DIM or v.shape[-1] != head_dim:
+        raise ValueError(f"head dim {head_dim} (v: {v.shape[-1]}): at most {MAX_HEAD_DIM}, equal")
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(
+            ~attn_mask, float("-inf")
+        )
+    if attn_mask is not None:
+        attn_mask = attn_mask.expand(batch, heads, seq_q, seq_k)
+    on_gpu = q.device.type != "cpu"
+    fn = _load(write_source(_source()), interpret=not on_gpu).memopt_attention_fwd
+    tiles = attention_tiles(seq_q, seq_k, head_dim, on_gpu)
+    grid = (batch * heads * -(-seq_q // tiles["BLOCK_M"]),)
+    mask = attn_mask if attn_mask is not None else q
+    mask_strides = attn_mask.stride() if attn_mask is not None else (0, 0, 0, 0)
+    if out.numel():
+        fn[grid](
+            q, k, v, mask, out, heads, seq_q, seq_k, head_dim, scale,
+            *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
+            HAS_MASK=attn_mask is not None, CAUSAL=is_causal, **tiles,
+        )  # fmt: skip
+    return out
+
+
+__all__ = ["MAX_HEAD_DIM", "attention", "attention_tiles"]
