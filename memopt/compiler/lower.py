@@ -846,11 +846,17 @@ def _count_flops(kernel: Kernel) -> sympy.Expr:
     rows = sympy.Mul(*kernel.ranges)
     full = rows * sympy.Mul(*kernel.reduction_ranges)
     total = sympy.Integer(0)
+    extents = {ir.index_var(k): r for k, r in enumerate(kernel.ranges)}
+    extents |= {ir.reduction_var(k): r for k, r in enumerate(kernel.reduction_ranges)}
     for value in kernel.values:
         if value.op in ("load", "const", "index", "cast"):
             continue
         if value.op == ir.DOT:
             total += 2 * full  # a multiply and an add per (row, reduced element)
+            continue
+        if kernel.kind == "matmul":
+            # A prologue value varies along (m, k) or (k, n), not over the whole domain.
+            total += sympy.Mul(*(extents[s] for s in value.symbols if s in extents))
             continue
         total += rows if value.is_row and value.op != "reduce" else full
     return total
