@@ -11,7 +11,7 @@ import torch
 import memopt
 from memopt.compiler.graph import annotate
 from memopt.errors import CheckError, OptionError, VerificationError
-from memopt.passes import PASSES, Pass, PassResult
+from memopt.passes import DEFAULT_PIPELINE, PASSES, Pass, PassResult
 
 aten = torch.ops.aten
 F32 = 4  # bytes per float32 element
@@ -170,13 +170,14 @@ def test_fuel_caps_rewrite_decisions():
 
 def test_disable_and_passes_options():
     x = x48()
-    disabled = memopt.analyze(fn_with_three_rewrites, x, disable=["cleanup", "fusion"])
+    disabled = memopt.analyze(fn_with_three_rewrites, x, disable=list(DEFAULT_PIPELINE))
     assert disabled.ledger == []
     assert disabled.bytes_moved == only(memopt.analyze(fn_with_three_rewrites, x)).bytes_before
     empty = memopt.analyze(fn_with_three_rewrites, x, passes=[])
     assert empty.bytes_moved == disabled.bytes_moved
     no_cleanup = memopt.analyze(fn_with_three_rewrites, x, disable=["cleanup"])
-    assert [p.pass_name for p in no_cleanup.ledger] == ["fusion"]
+    rest = [name for name in DEFAULT_PIPELINE if name != "cleanup"]
+    assert [p.pass_name for p in no_cleanup.ledger] == rest
     with pytest.raises(OptionError, match="cleanup"):
         memopt.analyze(fn_with_three_rewrites, x, disable=["clean"])
 

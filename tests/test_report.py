@@ -18,12 +18,17 @@ import memopt
 from memopt.cli import main
 from memopt.compiler.diff import parse_line, side_by_side, unified_diff
 from memopt.compiler.report import write_report
+from memopt.passes import DEFAULT_PIPELINE
 
 from models import Block
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = json.loads((ROOT / "docs" / "analysis-schema.json").read_text())
 TIMING_KEYS = {"elapsed_ms", "capture_ms", "pipeline_ms"}
+# Each pass's step name in reports: its place in the pipeline, then its name.
+STEPS = [f"{index:02d}-{name}" for index, name in enumerate(DEFAULT_PIPELINE, start=1)]
+FUSION = STEPS[DEFAULT_PIPELINE.index("fusion")]
+CLEANUP = STEPS[DEFAULT_PIPELINE.index("cleanup")]
 
 
 def program(x):
@@ -124,15 +129,12 @@ def test_report_writes_every_file(written):
     assert written.index == out / "index.html" and written.index.is_file()
     assert written.json == out / "analysis.json" and written.json.is_file()
     steps = [e.pass_name for e in a.graphs[0].ledger]
-    assert steps == ["cleanup", "fusion"]
-    assert sorted(p.name for p in (out / "diffs").iterdir()) == [
-        "01-cleanup.diff",
-        "02-fusion.diff",
-    ]
-    fusion_diff = (out / "diffs" / "02-fusion.diff").read_text()
-    assert fusion_diff.startswith("--- inference before 02-fusion\n+++ inference after 02-fusion\n")
+    assert steps == list(DEFAULT_PIPELINE)
+    assert sorted(p.name for p in (out / "diffs").iterdir()) == [f"{step}.diff" for step in STEPS]
+    fusion_diff = (out / "diffs" / f"{FUSION}.diff").read_text()
+    assert fusion_diff.startswith(f"--- inference before {FUSION}\n+++ inference after {FUSION}\n")
     assert "+%inference_fused_0" in fusion_diff
-    cleanup_diff = (out / "diffs" / "01-cleanup.diff").read_text()
+    cleanup_diff = (out / "diffs" / f"{CLEANUP}.diff").read_text()
     assert "-%clone" in cleanup_diff
 
     kernels = sorted(p.name for p in (out / "kernels").iterdir())
@@ -156,10 +158,7 @@ def test_analysis_json_validates_and_matches(written):
     assert data["totals"]["eager_bytes"] == {"value": a.eager_bytes, "label": "counted"}
     assert set(data["predictions"]) >= {"h100", "a100", "mi300x"}
     assert data["report"]["device"] == "h100"
-    assert [d["path"] for d in data["report"]["diffs"]] == [
-        "diffs/01-cleanup.diff",
-        "diffs/02-fusion.diff",
-    ]
+    assert [d["path"] for d in data["report"]["diffs"]] == [f"diffs/{step}.diff" for step in STEPS]
     (source,) = data["report"]["kernel_sources"]
     assert source["ir"] == "kernels/inference_fused_0.ir"
     assert source["kernel"] in {k.name for k in a.kernels}
@@ -233,12 +232,12 @@ def test_page_has_totals_ledger_kernels_and_one_diff_per_pass(written):
         assert re.search(rf'<tr id="total-{row}"><td>[^<]+</td><td class="n">{value:,}</td>', html)
     assert "counted" in html and "modelled" in html
     sections = re.findall(r'<section class="pass-diff" id="diff-(\d\d-\w+)">', html)
-    assert sections == ["01-cleanup", "02-fusion"]
+    assert sections == STEPS
     for anchor in sections:
         assert f'href="#diff-{anchor}"' in html  # the ledger links to each diff
-    fusion = html[html.index('id="diff-02-fusion"') :]
+    fusion = html[html.index(f'id="diff-{FUSION}"') :]
     assert 'class="k-merged"' in fusion and "from %" in fusion  # fused nodes, and their sources
-    cleanup = html[html.index('id="diff-01-cleanup"') : html.index('id="diff-02-fusion"')]
+    cleanup = html[html.index(f'id="diff-{CLEANUP}"') : html.index(f'id="diff-{STEPS[1]}"')]
     assert 'class="k-removed"' in cleanup or 'class="k-merged"' in cleanup
     assert '<table id="kernel-table" class="sortable">' in html
     assert html.count("<tr><td>inference.k") == len(a.kernels)
@@ -383,13 +382,13 @@ def test_cli_report_out_writes_the_report(tmp_path, capsys):
     data = json.loads((out / "analysis.json").read_text())
     validate(data)
     assert data["target"] == "mlp (MLP)"
-    assert (out / "diffs" / "02-fusion.diff").is_file()
+    assert (out / "diffs" / f"{FUSION}.diff").is_file()
 
 
 def test_cli_diff_of_one_pass(capsys):
     assert main(["diff", "mlp", "--pass", "fusion"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("--- inference before 02-fusion\n+++ inference after 02-fusion\n")
+    assert out.startswith(f"--- inference before {FUSION}\n+++ inference after {FUSION}\n")
     assert "+%inference_fused_0" in out
 
 

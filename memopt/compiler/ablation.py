@@ -242,7 +242,8 @@ def ablate(
     configs = configurations(base.pass_names())
     say("counting eager bytes and capturing ...")
     eager = count_eager_bytes(fn, tuple(example_inputs), training=training)
-    captured = capture(fn, example_inputs, training=training, dynamic=dynamic)
+    # The partition (recompute) is chosen once, at capture, under the full configuration.
+    captured = capture(fn, example_inputs, training=training, dynamic=dynamic, config=base)
     result = Ablation(
         target=_describe(fn),
         training=training,

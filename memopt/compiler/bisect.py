@@ -118,7 +118,7 @@ def bisect(
 
     say = progress or (lambda message: None)
     base = {k: v for k, v in options.items() if k not in ("fuel", "check")}
-    Config.from_options(base)  # a bad option fails before the slow part
+    base_config = Config.from_options(base)  # a bad option fails before the slow part
 
     def analysis_at(fuel: int | None) -> Analysis:
         config = Config.from_options({**base, "fuel": fuel, "check": False})
@@ -128,7 +128,7 @@ def bisect(
 
     target = _describe(fn)
     say("capturing and counting decisions ...")
-    captured = capture(fn, example_inputs, training=training, dynamic=dynamic)
+    captured = capture(fn, example_inputs, training=training, dynamic=dynamic, config=base_config)
     total = len(applied_decisions(analysis_at(None)))
     say("running eagerly ...")
     expected, _ = run_step(fn, fn, example_inputs, training)
