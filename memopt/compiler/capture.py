@@ -55,6 +55,17 @@ _EXTRA_DECOMPOSITIONS = [
     aten.var_mean,
 ]
 
+# Fused attention stays one op: core ATen decomposes it into matmul -> softmax -> matmul,
+# which writes the score matrix, and whose training graph then hands the probabilities to
+# the fused backward in place of its logsumexp (wrong gradients, torch 2.13). Kept whole,
+# the forward returns (out, logsumexp) and the backward recomputes scores blockwise.
+_KEEP_WHOLE = [
+    aten.scaled_dot_product_attention.default,
+    aten._scaled_dot_product_flash_attention_for_cpu.default,
+    aten._scaled_dot_product_flash_attention.default,
+    aten._scaled_dot_product_efficient_attention.default,
+]
+
 
 @functools.cache
 def decompositions() -> dict[object, Callable]:
@@ -63,6 +74,8 @@ def decompositions() -> dict[object, Callable]:
 
     table = dict(core_aten_decompositions())
     table.update(get_decompositions(_EXTRA_DECOMPOSITIONS))
+    for op in _KEEP_WHOLE:
+        table.pop(op, None)
     return table
 
 

@@ -54,6 +54,23 @@ _FREE_OPS = {
     operator.getitem,
 }
 
+# Fused attention (kept whole by capture): reads q, k, v (and a mask), writes the output and
+# the logsumexp; its backward recomputes the scores blockwise. No score matrix in memory.
+ATTENTION_FORWARD = frozenset(
+    {
+        aten._scaled_dot_product_flash_attention_for_cpu.default,
+        aten._scaled_dot_product_efficient_attention.default,
+        aten._scaled_dot_product_flash_attention.default,
+    }
+)
+ATTENTION_BACKWARD = frozenset(
+    {
+        aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
+        aten._scaled_dot_product_efficient_attention_backward.default,
+        aten._scaled_dot_product_flash_attention_backward.default,
+    }
+)
+
 # Matmul and convolution run as library calls; they are never lowered to generated kernels.
 EXTERN_OPS = {
     aten.mm.default,
@@ -64,9 +81,8 @@ EXTERN_OPS = {
     aten.bmm.out,
     aten.convolution.default,
     aten.convolution_backward.default,
-    aten._scaled_dot_product_flash_attention_for_cpu.default,
-    aten._scaled_dot_product_efficient_attention.default,
-    aten._scaled_dot_product_flash_attention.default,
+    *ATTENTION_FORWARD,
+    *ATTENTION_BACKWARD,
 }
 
 # Gathers: the indexed source (argument 0) is read at most once per output element.
@@ -237,6 +253,16 @@ def _conv_backward_flops(node: torch.fx.Node) -> sympy.Expr:
     return forward * (int(bool(mask[0])) + int(bool(mask[1])))
 
 
+def _attention_flops(node: torch.fx.Node) -> sympy.Expr:
+    # Forward: two matmuls over (batch, heads, Sq, Sk, D). Backward (flash): the scores
+    # recomputed, then dV, dP, dQ, dK: five. Causal masks skip about half; not modelled.
+    query, key = node.args[1:3] if node.target in ATTENTION_BACKWARD else node.args[:2]
+    *batch, seq_q, head_dim = _shape(query)
+    seq_k = _shape(key)[-2]
+    matmuls = 5 if node.target in ATTENTION_BACKWARD else 2
+    return 2 * matmuls * numel(batch) * seq_q * seq_k * head_dim
+
+
 _FLOP_RULES: Mapping[object, Callable[[torch.fx.Node], sympy.Expr]] = {
     aten.mm.default: _mm_flops,
     aten.mm.out: _mm_flops,
@@ -246,6 +272,7 @@ _FLOP_RULES: Mapping[object, Callable[[torch.fx.Node], sympy.Expr]] = {
     aten.baddbmm.default: _bmm_flops,
     aten.convolution.default: _conv_flops,
     aten.convolution_backward.default: _conv_backward_flops,
+    **dict.fromkeys(ATTENTION_FORWARD | ATTENTION_BACKWARD, _attention_flops),
 }
 
 
