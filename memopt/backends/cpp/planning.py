@@ -143,10 +143,17 @@ def in_place_outputs(kernel: Kernel) -> dict[int, int]:
     index, no indirection, no mask), and the kernel never reads output k. Then each element
     of the shared memory is read only by the loop iteration that writes it, and every read
     of it comes before that write in both skeletons (pointwise: the load feeds the store in
-    one iteration; reduction: the stores are in the row's last pass), so the result is the
+    one iteration; reduction: only a full store in the row's last pass qualifies, since
+    every pass re-reads the row and a store in an earlier pass would overwrite what a later
+    pass still loads: `h = x + y` stored beside `layer_norm(h)`), so the result is the
     one separate buffers give. Whether an input may be overwritten at all (no later reader)
     is the caller's to know.
     """
+    last_pass_stores = None
+    if kernel.reduction_ranges:
+        depth = reduction_depths(kernel)
+        passes = plan_passes(kernel, depth)
+        last_pass_stores = {id(s) for s in passes[-1][1]} if passes else set()
     loads: dict[str, list[Value]] = {}
     for value in kernel.values:
         if value.op == "load":
@@ -157,6 +164,8 @@ def in_place_outputs(kernel: Kernel) -> dict[int, int]:
     for k, out in enumerate(kernel.outputs):
         store = stores.get(out.name)
         if store is None or out.name in loads:
+            continue
+        if last_pass_stores is not None and id(store) not in last_pass_stores:
             continue
         for i, inp in enumerate(kernel.inputs):
             if i in taken or inp.name not in loads:
