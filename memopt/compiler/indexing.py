@@ -7,6 +7,7 @@ size symbols and indirect symbols, plus torch's `FloorDiv(a, b)` and
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 
 import sympy
@@ -83,7 +84,7 @@ def _split(expr: sympy.Expr, divisor: sympy.Expr) -> tuple[sympy.Expr, sympy.Exp
     """expr = divisor * quotient + rest, taking the terms that are multiples of divisor."""
     quotient, rest = sympy.Integer(0), sympy.Integer(0)
     for term in sympy.Add.make_args(sympy.expand(expr)):
-        ratio = sympy.simplify(term / divisor)
+        ratio = _ratio(term, divisor)
         if ratio.is_integer or (ratio.is_polynomial() and sympy.fraction(ratio)[1] == 1):
             quotient += ratio
         else:
@@ -91,12 +92,30 @@ def _split(expr: sympy.Expr, divisor: sympy.Expr) -> tuple[sympy.Expr, sympy.Exp
     return quotient, rest
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _ratio(term: sympy.Expr, divisor: sympy.Expr) -> sympy.Expr:
+    """term / divisor with common factors cancelled (a product's own cancelling first: it
+    is what index terms need, and sympy's general cancel costs a hundred times more)."""
+    ratio = term / divisor
+    if ratio.is_integer or sympy.fraction(ratio)[1] == 1:
+        return ratio
+    return sympy.cancel(ratio)
+
+
 def simplify(expr: sympy.Expr, ranges: Mapping[sympy.Symbol, sympy.Expr]) -> sympy.Expr:
     """Remove div/mod that the variables' ranges make redundant.
 
     ((8*i0 + i1) // 8) % 4 with i1 < 8 and i0 < 4 becomes i0. A variable whose range is 1
-    is 0.
+    is 0. Results are cached: fusion's trial lowerings simplify the same indices many times.
     """
+    return _simplify(sympy.sympify(expr), tuple(sorted(ranges.items(), key=str)))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _simplify(
+    expr: sympy.Expr, range_items: tuple[tuple[sympy.Symbol, sympy.Expr], ...]
+) -> sympy.Expr:
+    ranges = dict(range_items)
     units = {v: sympy.Integer(0) for v, size in ranges.items() if size == 1}
     expr = sympy.sympify(expr).xreplace(units) if units else sympy.sympify(expr)
 
