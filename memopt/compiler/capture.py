@@ -21,6 +21,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
+from memopt.compiler.attention_pattern import ATTENTION_META_KEY, rewrite_attention
 from memopt.compiler.graph import annotate, shape_bindings
 from memopt.config import Config
 from memopt.errors import MemoptError
@@ -113,14 +114,21 @@ def aot_backend(compile_graph: GraphCompiler, config: Config | None = None) -> C
         # A CompileSession's method carries the session's config (compiler/backend.py).
         config = getattr(getattr(compile_graph, "__self__", None), "config", None)
 
+    # Attention rewrites found in a Dynamo graph, handed to the first ATen graph compiled
+    # from it (the forward, or the inference graph): the attention pass records them.
+    pending: list[object] = []
+
     def compiler(kind: str) -> Callable:
         def compile_one(gm: torch.fx.GraphModule, example_inputs: Sequence[object]) -> Callable:
             annotate(gm)
+            if pending and kind != "backward":
+                gm.meta[ATTENTION_META_KEY] = list(pending)
+                pending.clear()
             return compile_graph(gm, example_inputs, kind)
 
         return compile_one
 
-    return aot_autograd(
+    aot = aot_autograd(
         fw_compiler=compiler("forward"),
         bw_compiler=compiler("backward"),
         inference_compiler=compiler("inference"),
@@ -128,6 +136,14 @@ def aot_backend(compile_graph: GraphCompiler, config: Config | None = None) -> C
         partition_fn=functools.partial(partition_fn, config=config),
         keep_inference_input_mutations=True,
     )
+    rewrite = config is None or ("attention" in config.pass_names() and config.fuel != 0)
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[object]) -> Callable:
+        if rewrite:
+            pending[:] = rewrite_attention(gm)
+        return aot(gm, example_inputs)
+
+    return backend
 
 
 @dataclass

@@ -253,7 +253,7 @@ def _conv_backward_flops(node: torch.fx.Node) -> sympy.Expr:
     return forward * (int(bool(mask[0])) + int(bool(mask[1])))
 
 
-def _attention_flops(node: torch.fx.Node) -> sympy.Expr:
+def attention_flops(node: torch.fx.Node) -> sympy.Expr:
     # Forward: two matmuls over (batch, heads, Sq, Sk, D). Backward (flash): the scores
     # recomputed, then dV, dP, dQ, dK: five. Causal masks skip about half; not modelled.
     query, key = node.args[1:3] if node.target in ATTENTION_BACKWARD else node.args[:2]
@@ -272,7 +272,7 @@ _FLOP_RULES: Mapping[object, Callable[[torch.fx.Node], sympy.Expr]] = {
     aten.baddbmm.default: _bmm_flops,
     aten.convolution.default: _conv_flops,
     aten.convolution_backward.default: _conv_backward_flops,
-    **dict.fromkeys(ATTENTION_FORWARD | ATTENTION_BACKWARD, _attention_flops),
+    **dict.fromkeys(ATTENTION_FORWARD | ATTENTION_BACKWARD, attention_flops),
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from memopt.passes.attention import Attention
 from memopt.passes.base import Fuel, Pass, PassContext, PassResult
 from memopt.passes.cleanup import Cleanup
 from memopt.passes.fusion import Fusion
@@ -10,6 +11,7 @@ from memopt.passes.recompute import Recompute
 
 # Every pass by name. `options={"disable": [...]}` and `options={"passes": [...]}` name these.
 PASSES: dict[str, type[Pass]] = {
+    Attention.name: Attention,
     Cleanup.name: Cleanup,
     Fusion.name: Fusion,
     Layout.name: Layout,
@@ -17,6 +19,6 @@ PASSES: dict[str, type[Pass]] = {
 }
 
 # The order passes run in by default.
-DEFAULT_PIPELINE: tuple[str, ...] = ("cleanup", "layout", "recompute", "fusion")
+DEFAULT_PIPELINE: tuple[str, ...] = ("cleanup", "layout", "attention", "recompute", "fusion")
 
 __all__ = ["DEFAULT_PIPELINE", "PASSES", "Fuel", "Pass", "PassContext", "PassResult"]

@@ -11,9 +11,9 @@ strides (a broadcast mask has stride 0 and is read once per distinct element). H
 up to 128 (one [BLOCK_M, BLOCK_D] register tile); fp16/bf16/fp32 inputs, computed in fp32
 (Triton's interpreter gets bf16 arithmetic wrong, and a GPU kernel should anyway).
 
-Forward only: this is the kernel, callable on tensors (`attention`). Not yet done: the
-fusion pass does not yet put it in graphs (neither for aten.scaled_dot_product_attention
-nor for the written-out matmul -> softmax -> matmul pattern), and there is no backward.
+Forward only; it also writes each query row's logsumexp when asked, which is what the
+fused ATen backward (`_scaled_dot_product_flash_attention_for_cpu_backward`) recomputes
+the probabilities from. The attention pass (passes/attention.py) puts it in graphs.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ import triton.language as tl
 
 @triton.jit
 def memopt_attention_fwd(
-    q, k, v, mask, out, heads, seq_q, seq_k, head_dim, scale,
+    q, k, v, mask, out, lse, heads, seq_q, seq_k, head_dim, scale,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-    smb, smh, smm, smn, sob, soh, som, sod,
-    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr,
+    smb, smh, smm, smn, sob, soh, som, sod, slb, slh, slm,
+    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     m_tiles = (seq_q + BLOCK_M - 1) // BLOCK_M
@@ -89,6 +89,10 @@ def memopt_attention_fwd(
         acc = acc * rescale[:, None] + tl.dot(p, v_tile)
         row_max = new_max
     result = acc / tl.where(mmask, row_sum, 1.0)[:, None]  # padded rows: no 0/0
+    if STORE_LSE:
+        # log of the row's sum of exp(scores), as the fused backward reads it (natural log)
+        row_lse = row_max + tl.log(tl.where(mmask, row_sum, 1.0))
+        tl.store(lse + b * slb + h * slh + rm * slm, row_lse, mmask)
     ROUND_BF16
     tl.store(
         out + b * sob + h * soh + rm[:, None] * som + rd[None, :] * sod,
@@ -127,9 +131,15 @@ def attention(
     attn_mask: torch.Tensor | None = None,
     is_causal: bool = False,
     scale: float | None = None,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(q @ k^T * scale + attn_mask) @ v for [batch, heads, seq, head_dim] tensors,
-    as aten.scaled_dot_product_attention computes it (a bool mask keeps where True)."""
+    as aten.scaled_dot_product_attention computes it (a bool mask keeps where True).
+
+    Written into `out` when given (any strides); `lse` (float32 [batch, heads, seq_q], any
+    strides), when given, receives each query row's logsumexp of its scaled, masked scores:
+    what the fused attention backward recomputes the probabilities from."""
     from memopt.backends.triton.runtime import _load, write_source
 
     batch, heads, seq_q, head_dim = q.shape
@@ -137,7 +147,8 @@ def attention(
     if head_dim > MAX_HEAD_DIM or v.shape[-1] != head_dim:
         raise ValueError(f"head dim {head_dim} (v: {v.shape[-1]}): at most {MAX_HEAD_DIM}, equal")
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(
             ~attn_mask, float("-inf")
@@ -150,11 +161,13 @@ def attention(
     grid = (batch * heads * -(-seq_q // tiles["BLOCK_M"]),)
     mask = attn_mask if attn_mask is not None else q
     mask_strides = attn_mask.stride() if attn_mask is not None else (0, 0, 0, 0)
+    lse_strides = lse.stride() if lse is not None else (0, 0, 0)
     if out.numel():
         fn[grid](
-            q, k, v, mask, out, heads, seq_q, seq_k, head_dim, scale,
-            *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
-            HAS_MASK=attn_mask is not None, CAUSAL=is_causal, **tiles,
+            q, k, v, mask, out, lse if lse is not None else out, heads, seq_q, seq_k,
+            head_dim, scale, *q.stride(), *k.stride(), *v.stride(), *mask_strides,
+            *out.stride(), *lse_strides, HAS_MASK=attn_mask is not None, CAUSAL=is_causal,
+            STORE_LSE=lse is not None, **tiles,
         )  # fmt: skip
     return out
 
