@@ -277,7 +277,9 @@ def _diff(args: argparse.Namespace) -> int:
 
     target = _load(args)
     _progress("capturing and running passes ...")
-    captured = capture(target.fn, target.inputs, training=args.train, dynamic=args.dynamic)
+    captured = capture(
+        target.fn, target.inputs, training=args.train, dynamic=args.dynamic, config=config
+    )
     if args.graph is not None and args.graph not in {g.name for g in captured}:
         names = ", ".join(g.name for g in captured)
         raise _UsageError(f"no graph {args.graph!r}; this program has: {names}")
@@ -380,6 +382,20 @@ def _load(args: argparse.Namespace):
         # Examples return eval-mode models for inference; a training step means train mode
         # (batchnorm with batch statistics, dropout on).
         target.fn.train()
+    if args.train and not isinstance(target.fn, torch.nn.Module):
+        tensors = [t for t in target.inputs if isinstance(t, torch.Tensor)]
+        if not any(t.requires_grad for t in tensors):
+            # A plain function has no parameters: a training step of it differentiates
+            # with respect to its floating-point inputs.
+            names = []
+            for index, tensor in enumerate(target.inputs):
+                if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+                    tensor.requires_grad_(True)
+                    names.append(str(index))
+            _progress(
+                "--train: no input requires grad; differentiating with respect to "
+                f"floating-point inputs {', '.join(names) or '(none)'}"
+            )
     return target
 
 

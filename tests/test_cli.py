@@ -180,6 +180,14 @@ def test_convnet_trains(capsys):
     assert "training (forward + backward)" in out
 
 
+def test_function_trains_with_respect_to_its_inputs(target_file, capsys):
+    # A plain function has no parameters: --train differentiates its floating-point inputs.
+    assert main(["report", f"{target_file}:pointwise", "--train", "--top", "3"]) == 0
+    captured = capsys.readouterr()
+    assert "training (forward + backward)" in captured.out
+    assert "differentiating with respect to floating-point inputs 0, 1" in captured.err
+
+
 def test_examples_lists_every_example(capsys):
     assert main(["examples"]) == 0
     out = capsys.readouterr().out
