@@ -69,6 +69,11 @@ def _value(node: object) -> object:
     return node.meta.get("example_value") if isinstance(node, torch.fx.Node) else None
 
 
+def _is_bool(node: object) -> bool:
+    value = _value(node)
+    return isinstance(value, torch.Tensor) and value.dtype == torch.bool
+
+
 def _arg(node: torch.fx.Node, index: int, name: str, default: object = None) -> object:
     if len(node.args) > index:
         return node.args[index]
@@ -204,10 +209,14 @@ def _rewrite(gm: torch.fx.GraphModule, parts: dict[str, object]) -> None:
     y = parts["chain"][-1]
     with graph.inserting_before(y):
         mask = parts.get("mask")
-        if "cond" in parts:
-            mask = graph.call_function(torch.logical_not, (parts["cond"],))
-            cond_value = _value(parts["cond"])
-            mask.meta["example_value"] = torch.logical_not(cond_value)
+        cond = parts.get("cond")
+        if _is(cond, {torch.logical_not, operator.invert}, "logical_not") and _is_bool(
+            cond.args[0]
+        ):
+            mask = cond.args[0]  # masked_fill(~keep, -inf): SDPA keeps where `keep`
+        elif cond is not None:
+            mask = graph.call_function(torch.logical_not, (cond,))
+            mask.meta["example_value"] = torch.logical_not(_value(cond))
         out = graph.call_function(
             F.scaled_dot_product_attention,
             (parts["q"], parts["k"], parts["v"]),
@@ -217,9 +226,9 @@ def _rewrite(gm: torch.fx.GraphModule, parts: dict[str, object]) -> None:
     y.replace_all_uses_with(out)
     for node in reversed(parts["chain"]):
         graph.erase_node(node)
-    kt = parts["kt"]
-    if not kt.users:
-        graph.erase_node(kt)
+    for node in (parts["kt"], cond):
+        if isinstance(node, torch.fx.Node) and not node.users:
+            graph.erase_node(node)
 
 
 def rewrite_attention(gm: torch.fx.GraphModule) -> list[AttentionMatch]:

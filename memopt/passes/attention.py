@@ -25,6 +25,7 @@ gradient and the logsumexp and writes dq, dk, dv.
 
 from __future__ import annotations
 
+import math
 import operator
 import warnings
 from dataclasses import dataclass
@@ -107,6 +108,7 @@ class AttentionKernel:
         self.memopt_source_path: str | None = None
         self.causal = bool(parts["causal"])
         self.scale = parts["scale"]
+        self.mask_drops = bool(parts.get("mask_drops", False))
         self.fake_outputs = fake_outputs
 
     def __repr__(self) -> str:
@@ -137,13 +139,17 @@ class AttentionKernel:
         try:
             from memopt.backends.triton.attention import attention
 
-            attention(q, k, v, mask, self.causal, self.scale, *outputs)
+            out, lse = (*outputs, None)[:2]
+            attention(q, k, v, mask, self.causal, self.scale, out, lse, self.mask_drops)
         except Exception as error:  # noqa: BLE001 - no Triton, or a launch failure: ATen runs
             warnings.warn(
                 f"memopt: attention kernel {self.__name__} failed ({type(error).__name__}: "
                 f"{error}); running the fused ATen op",
                 stacklevel=2,
             )
+            if mask is not None and mask.dtype == torch.bool:
+                keep = ~mask if self.mask_drops else mask
+                mask = torch.zeros(keep.shape, dtype=q.dtype).masked_fill(~keep.cpu(), -math.inf)
             results = _aten_attention(q, k, v, mask, self.causal, self.scale)
             for target, value in zip(outputs, results):
                 target.copy_(value)
@@ -171,6 +177,50 @@ def _empty_like_layout(fake: torch.Tensor, shape: tuple[int, ...], device) -> to
     order = sorted(range(len(shape)), key=lambda d: (-strides[d], d))
     empty = torch.empty([shape[d] for d in order], dtype=fake.dtype, device=device)
     return empty.permute([order.index(d) for d in range(len(shape))])
+
+
+def _is_scalar(node: object, value: float) -> bool:
+    return (
+        isinstance(node, torch.fx.Node)
+        and node.target is aten.scalar_tensor.default
+        and node.args[0] == value
+    )
+
+
+def _read_bool_mask(parts: dict[str, object]) -> list[torch.fx.Node]:
+    """Read a bool mask itself, not the additive one SDPA made of it (where(b, 0, -inf)).
+
+    The kernel turns the bool into -inf in registers: 1 byte per element read instead of an
+    additive mask written and read. Returns the nodes bypassed (erased when dead).
+    """
+    where = parts["mask"]
+    if not (
+        isinstance(where, torch.fx.Node)
+        and where.target is aten.where.self
+        and _is_scalar(where.args[1], 0.0)
+        and _is_scalar(where.args[2], -math.inf)
+    ):
+        return []
+    keep = where.args[0]
+    meta = tensor_meta(keep)
+    if meta is None or meta.dtype != torch.bool:
+        return []
+    parts["mask"], parts["mask_drops"] = keep, False
+    bypassed = [where, where.args[1], where.args[2]]
+    negated = keep.args[0] if keep.target is aten.logical_not.default else None
+    if (
+        isinstance(negated, torch.fx.Node)
+        and getattr(tensor_meta(negated), "dtype", None) is torch.bool
+    ):
+        parts["mask"], parts["mask_drops"] = negated, True
+        bypassed.append(keep)
+    return bypassed
+
+
+def _erase_dead(graph: torch.fx.Graph, nodes: list[torch.fx.Node]) -> None:
+    for node in nodes:
+        if not node.users:
+            graph.erase_node(node)
 
 
 def _graph_device(gm: torch.fx.GraphModule) -> str:
@@ -221,21 +271,33 @@ class Attention(Pass):
             {u.args[1] for u in node.users if u.target is operator.getitem and u.users}
         )  # fmt: skip
         fakes = node.meta.get("val")
-        lse_nbytes = 0
         metas = output_metas(node)
+        saved = 0  # the logsumexp, when nothing reads it (the ATen op always writes it)
         if len(metas) > 1 and 1 not in used:
-            lse_nbytes = evaluate(metas[1].nbytes, ctx.bindings)
+            saved = evaluate(metas[1].nbytes, ctx.bindings)
         what = f"attention %{node.name} as the Triton kernel"
         reason = self._unsupported(parts, used, own_lse) if triton else (
             f"backend {ctx.config.backend!r} on {_graph_device(gm)} runs no Triton kernel: "
             "the fused ATen op runs (q, k, v, mask read; output and logsumexp written)"
         )  # fmt: skip
         if reason is not None:
-            self.refuse(ctx, result, what, reason, lse_nbytes, (node.name,))
+            self.refuse(ctx, result, what, reason, saved, (node.name,))
             return
-        why = "q, k, v" + (", mask" if parts["mask"] is not None else "") + " read, output"
-        why += " and logsumexp written" if 1 in used else " written (no logsumexp: no backward)"
-        if not self.decide(ctx, result, what, why, lse_nbytes, (node.name,)):
+        additive = parts["mask"]
+        bypassed = _read_bool_mask(parts)
+        if bypassed:
+            # The additive mask is neither written nor read; the bool one is read instead.
+            dead = {node, *bypassed}
+            saved += sum(ctx.nbytes(n) for n in bypassed if set(n.users) <= dead)
+            saved += evaluate(
+                tensor_meta(additive).touched_nbytes - tensor_meta(parts["mask"]).touched_nbytes,
+                ctx.bindings,
+            )
+        why = "q, k, v" + (", mask" if parts["mask"] is not None else "") + " read"
+        if bypassed:
+            why += " (the bool mask, 1 B per element, not the additive one SDPA makes of it)"
+        why += "; output and logsumexp written" if 1 in used else "; output written (no backward)"
+        if not self.decide(ctx, result, what, why, saved, (node.name,)):
             return
         outputs = tuple(fakes[: 2 if 1 in used else 1])
         kernel = AttentionKernel(
@@ -254,6 +316,7 @@ class Attention(Pass):
         for user in list(node.users):
             gm.graph.erase_node(user)  # getitems nothing reads
         gm.graph.erase_node(node)
+        _erase_dead(gm.graph, bypassed)
 
     @staticmethod
     def _unsupported(parts: dict[str, object], used: list[int], own_lse: bool) -> str | None:

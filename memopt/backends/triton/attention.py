@@ -6,8 +6,9 @@ and an fp32 accumulator, rescaled when the maximum grows (the flash-attention re
 The score matrix exists one [BLOCK_M, BLOCK_N] tile at a time, in registers: its bytes
 never reach memory. Traffic: q, k, v and the mask read, the output written.
 
-Causal masks skip the key blocks past the diagonal; an additive mask is read through its
-strides (a broadcast mask has stride 0 and is read once per distinct element). Head dims
+Causal masks skip the key blocks past the diagonal; a mask is read through its strides (a
+broadcast mask has stride 0 and is read once per distinct element): additive, or bool
+(1 byte per element, keeping or dropping where true) turned into -inf in registers. Head dims
 up to 128 (one [BLOCK_M, BLOCK_D] register tile); fp16/bf16/fp32 inputs, computed in fp32
 (Triton's interpreter gets bf16 arithmetic wrong, and a GPU kernel should anyway).
 
@@ -33,7 +34,7 @@ def memopt_attention_fwd(
     q, k, v, mask, out, lse, heads, seq_q, seq_k, head_dim, scale,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     smb, smh, smm, smn, sob, soh, som, sod, slb, slh, slm,
-    HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr,
+    MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     m_tiles = (seq_q + BLOCK_M - 1) // BLOCK_M
@@ -69,12 +70,17 @@ def memopt_attention_fwd(
         keep = mmask[:, None] & nmask[None, :]
         if CAUSAL:
             keep = keep & (rn[None, :] <= rm[:, None])
-        if HAS_MASK:
-            bias = tl.load(
+        if MASK_MODE != 0:
+            m = tl.load(
                 mask + b * smb + h * smh + rm[:, None] * smm + rn[None, :] * smn,
                 keep, other=0,
-            ).to(tl.float32)
-            scores = scores + bias
+            )
+            if MASK_MODE == 1:  # additive
+                scores = scores + m.to(tl.float32)
+            elif MASK_MODE == 2:  # bool: keep where true
+                keep = keep & (m != 0)
+            else:  # bool: drop where true
+                keep = keep & (m == 0)
         scores = tl.where(keep, scores, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, 1))
         # A row with every key masked so far keeps max -inf: shift by 0 instead (no nan).
@@ -124,6 +130,15 @@ def attention_tiles(seq_q: int, seq_k: int, head_dim: int, on_gpu: bool) -> dict
     }
 
 
+def _mask_mode(mask: torch.Tensor | None, drops: bool) -> int:
+    """0: no mask; 1: additive; 2: bool, keep where true; 3: bool, drop where true."""
+    if mask is None:
+        return 0
+    if mask.dtype != torch.bool:
+        return 1
+    return 3 if drops else 2
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -133,13 +148,15 @@ def attention(
     scale: float | None = None,
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
+    mask_drops: bool = False,
 ) -> torch.Tensor:
     """softmax(q @ k^T * scale + attn_mask) @ v for [batch, heads, seq, head_dim] tensors,
     as aten.scaled_dot_product_attention computes it (a bool mask keeps where True).
 
     Written into `out` when given (any strides); `lse` (float32 [batch, heads, seq_q], any
     strides), when given, receives each query row's logsumexp of its scaled, masked scores:
-    what the fused attention backward recomputes the probabilities from."""
+    what the fused attention backward recomputes the probabilities from. `mask_drops`: a
+    bool mask marks the keys to drop (masked_fill's convention) instead of those to keep."""
     from memopt.backends.triton.runtime import _load, write_source
 
     batch, heads, seq_q, head_dim = q.shape
@@ -149,10 +166,6 @@ def attention(
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if attn_mask is not None and attn_mask.dtype == torch.bool:
-        attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(
-            ~attn_mask, float("-inf")
-        )
     if attn_mask is not None:
         attn_mask = attn_mask.expand(batch, heads, seq_q, seq_k)
     on_gpu = q.device.type != "cpu"
@@ -166,8 +179,8 @@ def attention(
         fn[grid](
             q, k, v, mask, out, lse if lse is not None else out, heads, seq_q, seq_k,
             head_dim, scale, *q.stride(), *k.stride(), *v.stride(), *mask_strides,
-            *out.stride(), *lse_strides, HAS_MASK=attn_mask is not None, CAUSAL=is_causal,
-            STORE_LSE=lse is not None, **tiles,
+            *out.stride(), *lse_strides, MASK_MODE=_mask_mode(attn_mask, mask_drops),
+            CAUSAL=is_causal, STORE_LSE=lse is not None, **tiles,
         )  # fmt: skip
     return out
 

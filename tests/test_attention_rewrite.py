@@ -1,0 +1,251 @@
+"""The attention pass: SDPA and written-out attention as one kernel, no score matrix.
+
+Values against eager through torch.compile (Triton kernels under the interpreter; small
+shapes, sequence lengths that are not multiples of the tiles); byte counts worked out by
+hand from the analysis (the sequence-1024 case is analyzed, not run by the interpreter).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import memopt
+
+pytest.importorskip("triton")
+
+TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
+
+
+def compiled(fn, *inputs, tmp_path, backend="triton"):
+    """fn compiled by memopt, and the per-graph records it wrote (ledger, graph text)."""
+    options = {"backend": backend, "report_dir": str(tmp_path)}
+    out = torch.compile(fn, backend="memopt", options=options)(*inputs)
+    return out, records(tmp_path)
+
+
+def records(report_dir):
+    return {p.stem: json.loads(p.read_text()) for p in report_dir.glob("*.json")}
+
+
+def decisions(graph_record, applied=None):
+    found = [
+        d
+        for entry in graph_record["ledger"]
+        if entry["pass"] == "attention"
+        for d in entry["decisions"]
+    ]
+    return [d for d in found if applied is None or d["applied"] == applied]
+
+
+def assert_close(got, want):
+    rtol, atol = TOLERANCE[want.dtype]
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+
+
+def qkv(shape=(1, 2, 40, 24), dtype=torch.float32, requires_grad=False):
+    return tuple(torch.randn(shape).to(dtype).requires_grad_(requires_grad) for _ in range(3))
+
+
+def written_out(q, k, v, keep=None, additive=None, scale=None):
+    att = q @ k.transpose(-2, -1)
+    att = att * (scale if scale is not None else 1.0 / math.sqrt(k.size(-1)))
+    if keep is not None:
+        att = att.masked_fill(keep == 0, float("-inf"))
+    if additive is not None:
+        att = att + additive
+    return F.softmax(att, dim=-1) @ v
+
+
+# -- values against eager --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "dtype, causal",
+    [(torch.float32, True), (torch.float16, False), (torch.bfloat16, True)],
+)
+def test_sdpa_runs_as_the_triton_kernel(dtype, causal, tmp_path):
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    inputs = qkv(dtype=dtype)
+    out, graphs = compiled(fn, *inputs, tmp_path=tmp_path)
+    assert_close(out, fn(*inputs))
+    text = graphs["inference"]["graph_text"]
+    assert "memopt.inference_attention_" in text
+    assert "aten._scaled_dot_product_flash_attention_for_cpu" not in text
+    assert len(decisions(graphs["inference"], applied=True)) == 1
+
+
+@pytest.mark.parametrize(
+    "dtype, mask",
+    [(torch.float32, "causal"), (torch.float16, None), (torch.bfloat16, "additive")],
+)
+def test_written_out_attention_is_one_kernel(dtype, mask, tmp_path):
+    q, k, v = qkv((2, 2, 40, 24), dtype)
+    keep = torch.tril(torch.ones(40, 40)) if mask == "causal" else None
+    additive = torch.randn(40, 40).to(dtype) if mask == "additive" else None
+
+    def fn(q, k, v):
+        return written_out(q, k, v, keep=keep, additive=additive)
+
+    out, graphs = compiled(fn, q, k, v, tmp_path=tmp_path)
+    assert_close(out, fn(q, k, v))
+    record = graphs["inference"]
+    rewrite, placed = decisions(record, applied=True)
+    assert "-> scaled_dot_product_attention" in rewrite["what"]
+    assert rewrite["bytes_saved"] == 4 * (2 * 2 * 40 * 40 * dtype.itemsize)  # 4 score passes
+    assert "as the Triton kernel" in placed["what"]
+    assert "bmm" not in record["graph_text"] and "amax" not in record["graph_text"]
+
+
+class TinyBlock(nn.Module):
+    """nanoGPT's attention, written out, with a causal mask buffer (as examples/gpt2_block)."""
+
+    def __init__(self, width=32, heads=2, seq=24):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.register_buffer("bias", torch.tril(torch.ones(seq, seq)).view(1, 1, seq, seq))
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q, k, v = (
+            t.view(B, T, self.heads, C // self.heads).transpose(1, 2)
+            for t in self.qkv(x).split(C, dim=2)
+        )
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf"))
+        y = F.softmax(att, dim=-1) @ v
+        return y.transpose(1, 2).reshape(B, T, C)
+
+
+def test_training_gradients_match_eager_and_the_backward_recomputes(tmp_path):
+    model = TinyBlock()
+    x = torch.randn(2, 21, 32)  # 21 of 24 positions: the mask buffer is sliced
+    x_eager, x_memopt = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, graphs = compiled(model, x_memopt, tmp_path=tmp_path)
+    want = model(x_eager)
+    assert_close(out, want)
+    got_grads = torch.autograd.grad(out.square().sum(), [x_memopt, *model.parameters()])
+    want_grads = torch.autograd.grad(want.square().sum(), [x_eager, *model.parameters()])
+    for got, expected in zip(got_grads, want_grads):
+        assert_close(got, expected)
+    graphs = records(tmp_path)  # the backward graph is compiled when it first runs
+    forward, backward = graphs["forward"], graphs["backward"]
+    assert "memopt.forward_attention_" in forward["graph_text"]
+    # The forward hands the backward the output and the logsumexp [2, 2, 21], not the
+    # probabilities [2, 2, 21, 21]; the fused backward recomputes them blockwise.
+    assert "_scaled_dot_product_flash_attention_for_cpu_backward" in backward["graph_text"]
+    assert "f32[2, 2, 21, 21]" not in forward["graph_text"] + backward["graph_text"]
+    rewrite = decisions(forward, applied=True)[0]
+    assert rewrite["bytes_saved"] == 11 * (2 * 2 * 21 * 21 * 4)  # training: 11 score passes
+
+
+# -- bytes, worked out by hand ----------------------------------------------------------------
+
+
+def test_sequence_1024_moves_qkv_output_and_mask_only():
+    q, k, v = qkv((1, 4, 1024, 64), torch.float16)
+    operand = 1 * 4 * 1024 * 64 * 2  # 512 KiB each: q, k, v and the output
+    scores = 1 * 4 * 1024 * 1024 * 2  # 8 MiB, never written
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    a = memopt.analyze(sdpa, q, k, v, backend="triton")
+    assert [k.kind for k in a.kernels] == ["attention"]
+    assert a.bytes_moved == 4 * operand == 2_097_152
+
+    # Written out with a [1024, 1024] fp32 mask buffer: one kernel reads the buffer and
+    # writes the bool `buffer != 0` (1 B per element), the attention kernel reads that.
+    bias = torch.tril(torch.ones(1024, 1024))
+
+    def written(q, k, v):
+        return written_out(q, k, v, keep=bias)
+
+    a = memopt.analyze(written, q, k, v, backend="triton")
+    assert sorted(k.kind for k in a.kernels) == ["aten", "attention"]
+    mask = 1024 * 1024 * 4 + 2 * 1024 * 1024  # buffer read; bool written and read
+    assert a.bytes_moved == 4 * operand + mask == 8_388_608
+    assert a.eager_bytes > a.bytes_moved + 4 * scores  # eager writes and reads the scores
+
+
+def test_cpu_backends_keep_the_fused_aten_op():
+    q, k, v = qkv((1, 2, 40, 24))
+    a = memopt.analyze(written_out, q, k, v, backend="auto")  # CPU tensors: cpp, no Triton
+    assert [k.ops for k in a.kernels] == [
+        ("aten._scaled_dot_product_flash_attention_for_cpu.default",)
+    ]
+    operand = 1 * 2 * 40 * 24 * 4
+    lse = 1 * 2 * 40 * 4  # the ATen op writes the logsumexp too
+    assert a.bytes_moved == 4 * operand + lse
+    refused = [d for p in a.ledger if p.pass_name == "attention" for d in p.decisions]
+    assert any(not d.applied and "runs no Triton kernel" in d.reason for d in refused)
+
+
+# -- rewrites that must not fire ---------------------------------------------------------------
+
+
+def ledger_attention(a):
+    return [d for p in a.ledger if p.pass_name == "attention" for d in p.decisions]
+
+
+def test_dropout_or_returned_probabilities_are_not_rewritten():
+    q, k, v = qkv()
+
+    def dropout(q, k, v):
+        p = F.softmax((q @ k.transpose(-2, -1)) * 0.2, dim=-1)
+        return F.dropout(p, 0.1, training=True) @ v
+
+    def returned(q, k, v):
+        p = F.softmax((q @ k.transpose(-2, -1)) * 0.2, dim=-1)
+        return p @ v, p
+
+    for fn, reason in ((dropout, "dropout"), (returned, "read elsewhere")):
+        a = memopt.analyze(fn, q, k, v, backend="triton")
+        (decision,) = ledger_attention(a)
+        assert not decision.applied and reason in decision.reason
+        assert decision.bytes_saved == 4 * (2 * 40 * 40 * 4)
+        assert not any(k.kind == "attention" for k in a.kernels)
+
+
+def test_head_dim_over_128_keeps_the_fused_aten_op():
+    q, k, v = qkv((1, 1, 20, 160))
+    a = memopt.analyze(written_out, q, k, v, backend="triton")
+    rewrite, placement = ledger_attention(a)
+    assert rewrite.applied and not placement.applied
+    assert "head dim 160" in placement.reason
+    assert [k.kind for k in a.kernels] == ["extern"]
+
+
+def test_attention_pass_disabled_keeps_the_written_out_form():
+    q, k, v = qkv()
+    a = memopt.analyze(written_out, q, k, v, backend="triton", disable=["attention"])
+    assert not any(k.kind == "attention" for k in a.kernels)
+    assert any("bmm" in op for k in a.kernels for op in k.ops) or any(
+        k.kind == "matmul" for k in a.kernels
+    )
+
+
+def test_a_failing_kernel_falls_back_to_aten_visibly(monkeypatch, tmp_path):
+    import memopt.backends.triton.attention as kernel
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no launch")
+
+    monkeypatch.setattr(kernel, "attention", broken)
+    q, k, v = qkv()
+    keep = torch.tril(torch.ones(40, 40))
+
+    def fn(q, k, v):
+        return written_out(q, k, v, keep=keep)
+
+    with pytest.warns(UserWarning, match="running the fused ATen op"):
+        out, _ = compiled(fn, q, k, v, tmp_path=tmp_path)
+    assert_close(out, fn(q, k, v))
