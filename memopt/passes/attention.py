@@ -276,7 +276,7 @@ class Attention(Pass):
         if len(metas) > 1 and 1 not in used:
             saved = evaluate(metas[1].nbytes, ctx.bindings)
         what = f"attention %{node.name} as the Triton kernel"
-        reason = self._unsupported(parts, used, own_lse) if triton else (
+        reason = self._unsupported(parts, used, own_lse, ctx.bindings) if triton else (
             f"backend {ctx.config.backend!r} on {_graph_device(gm)} runs no Triton kernel: "
             "the fused ATen op runs (q, k, v, mask read; output and logsumexp written)"
         )  # fmt: skip
@@ -319,7 +319,9 @@ class Attention(Pass):
         _erase_dead(gm.graph, bypassed)
 
     @staticmethod
-    def _unsupported(parts: dict[str, object], used: list[int], own_lse: bool) -> str | None:
+    def _unsupported(
+        parts: dict[str, object], used: list[int], own_lse: bool, bindings
+    ) -> str | None:
         q, k, v, mask = (tensor_meta(parts[x]) if parts[x] is not None else None
                          for x in ("q", "k", "v", "mask"))  # fmt: skip
         if parts["dropout"] not in (0, 0.0):
@@ -328,10 +330,10 @@ class Attention(Pass):
             return "operands are not 4-D (batch, heads, seq, head dim)"
         if q.dtype not in FLOAT_DTYPES or not (q.dtype == k.dtype == v.dtype):
             return f"dtypes {q.dtype}, {k.dtype}, {v.dtype}: one of fp32/fp16/bf16"
-        head_dim, v_dim = q.shape[-1], v.shape[-1]
-        if not (head_dim.is_number and v_dim.is_number):
-            return "symbolic head dim"
-        if int(head_dim) > MAX_HEAD_DIM or head_dim != v_dim:
+        # A symbolic head dim is judged at the example sizes; a call with a larger one
+        # fails the kernel's own check and runs the fused ATen op, with a warning.
+        head_dim, v_dim = (evaluate(x, bindings) for x in (q.shape[-1], v.shape[-1]))
+        if head_dim > MAX_HEAD_DIM or head_dim != v_dim:
             return f"head dim {head_dim} (v: {v_dim}): the kernel takes equal dims up to {MAX_HEAD_DIM}"
         if mask is not None and (len(mask.shape) > 4 or mask.dtype not in (torch.bool, q.dtype)):
             return f"mask {mask.dtype}[{len(mask.shape)} dims]: bool or {q.dtype}, at most 4 dims"
