@@ -27,8 +27,8 @@ from collections.abc import Mapping, Sequence
 import sympy
 import torch
 
-from memopt.backends.triton.ops import HALF, HELPERS, Unsupported, tl_dtype
-from memopt.backends.triton.render import RenderedKernel, _Renderer, _Scope
+from memopt.backends.triton.ops import HALF, Unsupported, tl_dtype
+from memopt.backends.triton.render import RenderedKernel, _Renderer, _Scope, module_source
 from memopt.compiler.kernel_ir import DOT, Kernel, evaluate_size, index_var, reduction_var
 from memopt.compiler.templates import matmul_tiles
 
@@ -115,21 +115,8 @@ class _MatmulRenderer(_Renderer):
                 raise Unsupported("a matmul template stores only (m, n) values")
             self.store(store, body)
         fn_name = f"memopt_{kernel.name}"
-        calls = "\n".join(body.lines)
-        helpers = [text.strip("\n") for helper, text in HELPERS.items() if helper in calls]
-        lines = [
-            "import triton",
-            "import triton.language as tl",
-            "",
-            "",
-            *(line for helper in helpers for line in (helper, "", "")),
-            "@triton.jit",
-            f"def {fn_name}({', '.join(args)}):",
-            *body.lines,
-            "",
-        ]
         return RenderedKernel(
-            source="\n".join(lines),
+            source=module_source(fn_name, args, body.lines),
             fn_name=fn_name,
             arg_names=buffers,
             size_names=size_names,

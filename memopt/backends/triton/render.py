@@ -475,21 +475,8 @@ class _Renderer:
         else:
             self.looped(body)
         name = f"memopt_{kernel.name}"
-        calls = "\n".join(body.lines)
-        helpers = [text.strip("\n") for helper, text in HELPERS.items() if helper in calls]
-        lines = [
-            "import triton",
-            "import triton.language as tl",
-            "",
-            "",
-            *(line for helper in helpers for line in (helper, "", "")),
-            "@triton.jit",
-            f"def {name}({', '.join(args)}):",
-            *body.lines,
-            "",
-        ]
         return RenderedKernel(
-            source="\n".join(lines),
+            source=module_source(name, args, body.lines),
             fn_name=name,
             arg_names=buffers,
             size_names=size_names,
@@ -647,6 +634,24 @@ class _Renderer:
             return
         for arg in value.args:
             self._emit_rows(arg, body)
+
+
+def module_source(fn_name: str, args: list[str], body: list[str]) -> str:
+    """A Triton module: imports, the helpers the body calls, then the @triton.jit function."""
+    calls = "\n".join(body)
+    helpers = [text.strip("\n") for helper, text in HELPERS.items() if helper in calls]
+    lines = [
+        "import triton",
+        "import triton.language as tl",
+        "",
+        "",
+        *(line for helper in helpers for line in (helper, "", "")),
+        "@triton.jit",
+        f"def {fn_name}({', '.join(args)}):",
+        *body,
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def render(kernel: Kernel) -> RenderedKernel:
