@@ -17,12 +17,15 @@ Three rewrites, each priced with the cost model and recorded in the ledger:
    whichever moves fewer modelled bytes over the whole graph (after fusion when fusion is in
    the pipeline), counting every conversion either choice needs: inputs converted for a
    convolution, views that need the old layout, graph outputs converted back to eager's
-   strides, and weights the convolution library converts internally. Sizes are evaluated at
-   the example bindings; the symbolic totals are in the decision's reason.
+   strides, and weights the convolution library converts internally. On the CPU it also counts
+   the reorders oneDNN makes of NCHW activations to its blocked layout and back
+   (`compiler/onednn.py`), which channels_last avoids. Sizes are evaluated at the example
+   bindings; the symbolic totals are in the decision's reason.
 
 Graph outputs keep eager's strides: a rewrite that would change them is refused, and the
 channels_last choice converts them back (and pays for it).
-Options: `channels_last` ("auto": by bytes; "never"; "always": whenever legal).
+Options: `channels_last` ("auto": by bytes; "never"; "always": whenever legal);
+`onednn_reorders` (count oneDNN's reorders of NCHW activations on the CPU; default True).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from memopt.compiler.cost import EXTERN_OPS, buffer_users, graph_cost, is_view, view_base
 from memopt.compiler.graph import META_KEY, TensorMeta, evaluate, meta_of_value, tensor_meta
 from memopt.compiler.indexing import contiguous_strides
+from memopt.compiler.onednn import hidden_reorder_bytes, runs_on_onednn
 from memopt.passes.base import Fuel, Pass, PassContext, PassResult
 
 aten = torch.ops.aten
@@ -283,6 +287,9 @@ class Layout(Pass):
     name: ClassVar[str] = "layout"
     # "auto": channels_last when it moves fewer bytes; "never"; "always": whenever legal.
     channels_last: str = "auto"
+    # Count the reorders oneDNN makes of NCHW activations for CPU convolutions (modelled:
+    # `compiler/onednn.py`); False prices both layouts by the graph's own traffic alone.
+    onednn_reorders: bool = True
 
     def __post_init__(self) -> None:
         if self.channels_last not in ("auto", "never", "always"):
@@ -504,7 +511,10 @@ class Layout(Pass):
         if not convs or any(layout_of(tensor_meta(n.args[0])) is None for n in convs):
             return
         names = tuple(n.name for n in convs)
-        estimates: dict[str, tuple[int, sympy.Expr, int, int] | str] = {}
+        estimates: dict[str, tuple[int, sympy.Expr, int, int, int] | str] = {}
+        reorders_apply = self.onednn_reorders and any(
+            runs_on_onednn(n, ctx.bindings) for n in convs
+        )
         for layout in (NCHW, NHWC):
             trial = copy.deepcopy(gm)
             conversions = _apply_layout(trial, layout, eager_outputs, ctx, None)
@@ -512,9 +522,10 @@ class Layout(Pass):
                 estimates[layout] = conversions
                 continue
             library = _library_conversions(trial, layout, ctx)
+            reorders = _library_reorders(trial, ctx) if reorders_apply else 0
             bytes_expr = self._estimate(trial, ctx)
-            total = evaluate(bytes_expr, ctx.bindings) + library
-            estimates[layout] = (total, bytes_expr, len(conversions), library)
+            total = evaluate(bytes_expr, ctx.bindings) + library + reorders
+            estimates[layout] = (total, bytes_expr, len(conversions), library, reorders)
         # The graph as it is: the layout that needs no conversion (None: both need some).
         unchanged = [k for k, v in estimates.items() if not isinstance(v, str) and v[2] == 0]
         current = unchanged[0] if unchanged else None
@@ -532,11 +543,13 @@ class Layout(Pass):
         def describe(layout: str, estimate: tuple | str) -> str:
             if isinstance(estimate, str):
                 return f"{layout}: not possible ({estimate})"
-            total, expr, conversions, library = estimate
+            total, expr, conversions, library, reorders = estimate
             symbolic = "" if sympy.sympify(expr).is_number else f" = {expr}"
+            hidden = f"; activations oneDNN reorders: {reorders} B" if reorders_apply else ""
             return (
-                f"{layout}: {total} B (graph {stage}: {total - library} B{symbolic}, with "
-                f"{conversions} conversion(s) inserted; weights the library converts: {library} B)"
+                f"{layout}: {total} B (graph {stage}: {total - library - reorders} B{symbolic}, "
+                f"with {conversions} conversion(s) inserted; weights the library converts: "
+                f"{library} B{hidden})"
             )
 
         summary = "; ".join(describe(k, v) for k, v in estimates.items())
@@ -574,6 +587,14 @@ def _library_conversions(gm: torch.fx.GraphModule, layout: str, ctx: PassContext
             if layout_of(meta) is not None and not in_layout(meta, layout):
                 total += 2 * evaluate(meta.nbytes, ctx.bindings)
     return total
+
+
+def _library_reorders(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
+    """Bytes oneDNN moves reordering NCHW activations to its blocked layout and back (read +
+    write each; modelled, `compiler/onednn.py`): traffic the graph does not show."""
+    return sum(
+        hidden_reorder_bytes(n, ctx.bindings) for n in gm.graph.nodes if n.target in _CONV_OPERANDS
+    )
 
 
 def _convert(gm, node: torch.fx.Node, before: torch.fx.Node, memory_format) -> torch.fx.Node:
