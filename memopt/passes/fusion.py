@@ -16,7 +16,10 @@ the group would exceed `max_nodes`, or when lowering says the group cannot be on
 no lowering). Refusals are recorded with their reason and the bytes they cost.
 
 Groups of one node stay ATen calls: a generated kernel for a single op moves the same
-bytes.
+bytes. The exception is a layout conversion (`clone` to another memory format) whose
+kernels run on the C++ backend: ATen copies it element by element through strides, while
+the C++ backend transposes in tiles into memory it reuses across calls (a (32, 64, 64, 64)
+NCHW -> channels_last conversion: ~55-75 ms in ATen, ~26 ms generated, measured).
 
 Matmul templates (`matmul_templates`): an mm or bmm may join a group too, which becomes a
 template kernel (kind "matmul"): its epilogue (the pointwise ops that consume the product:
@@ -214,6 +217,29 @@ def _graph_device(gm: torch.fx.GraphModule) -> str:
     return "cpu"
 
 
+def _kernel_backend(backend: str, device_type: str) -> str:
+    """The backend generated kernels run on (`backend="auto"`: by the inputs' device)."""
+    return (
+        {"cuda": "triton", "cpu": "cpp"}.get(device_type, "reference")
+        if backend == "auto"
+        else backend
+    )
+
+
+def _lone_conversion(group: Group, state: _State) -> bool:
+    """A group of one layout-changing clone that lowers (a kernel of its own on the C++ backend)."""
+    (node,) = group if len(group) == 1 else (None,)
+    if node is None or node.target is not aten.clone.default:
+        return False
+    if node.kwargs.get("memory_format") in (None, torch.preserve_format):
+        return False
+    source = node.args[0] if isinstance(node.args[0], torch.fx.Node) else None
+    before, after = tensor_meta(source) if source is not None else None, tensor_meta(node)
+    if before is None or after is None or before.stride == after.stride:
+        return False
+    return state.lowering_error(group) is None
+
+
 def _matmul_of(group: Group) -> torch.fx.Node | None:
     return next((n for n in group if n.target in MATMULS), None)
 
@@ -388,8 +414,10 @@ class Fusion(Pass):
         return state.lowering_error(a | b)
 
     def _rewrite(self, gm: torch.fx.GraphModule, ctx: PassContext, state: _State) -> None:
+        on_cpp = _kernel_backend(ctx.config.backend, _graph_device(gm)) == "cpp"
         groups = sorted(
-            (g for g in state.groups() if len(g) > 1), key=lambda g: min(state.order[n] for n in g)
+            (g for g in state.groups() if len(g) > 1 or (on_cpp and _lone_conversion(g, state))),
+            key=lambda g: min(state.order[n] for n in g),
         )
         if not groups:
             return

@@ -196,6 +196,10 @@ class _Codegen:
         loop_lines = [self._value_line(v, loop) for v in full_values]
         loop_lines += [self._store_line(s, loop) for s in kernel.stores]
 
+        loads = [v.arg[1] for v in kernel.values if v.op == "load" and not v.arg[2]]
+        tile = planning.transposed_var(outer, inner, loads)
+        if tile is not None:
+            return self._tiled_body(inner, outer, tile, ranges, row_lines, loop, loop_lines)
         p = IndexPrinter(self.symbol_names)
         lines = [f"const int64_t n_j = {p(extent)};  // innermost: {_names(inner) or 'one point'}"]
         lines.append(f"const int64_t n_rows = {p(rows)};  // rows: {_names(outer) or 'one'}")
@@ -226,6 +230,40 @@ class _Codegen:
         lines += _indent(body, 1)
         lines.append("}")
         return lines
+
+    def _tiled_body(self, inner, outer, tile, ranges, row_lines, loop, loop_lines) -> list[str]:
+        """A transposition in tiles: MO_TILE values of `tile` (which a load is contiguous in)
+        around MO_TILE_J values of the innermost loop (which the store is contiguous in), so
+        the strided load reads a few sequential streams (prelude.py has the measurements)."""
+        row_vars = [v for v in outer if v is not tile]
+        p = IndexPrinter(self.symbol_names)
+        extent = sympy.Mul(*(ranges[v] for v in inner))
+        rows = sympy.Mul(*(ranges[v] for v in row_vars))
+        t = tile.name
+        lines = [
+            f"const int64_t n_j = {p(extent)};  // innermost: {_names(inner)}",
+            f"const int64_t n_rows = {p(rows)};  // rows: {_names(row_vars) or 'one'}",
+            f"const int64_t n_t = {p(ranges[tile])};  // tiled: {t}",
+            "const int64_t n_tiles = (n_t + MO_TILE - 1) / MO_TILE;",
+            "const int64_t n_chunks = (n_j + MO_TILE_J - 1) / MO_TILE_J;",
+            "#pragma omp parallel for schedule(static) if (n_rows * n_t * n_j >= MO_PARALLEL_WORK)",
+            "for (int64_t task = 0; task < n_rows * n_tiles * n_chunks; ++task) {",
+        ]
+        body = [
+            "const int64_t row = task / (n_tiles * n_chunks);",
+            "const int64_t tile = task / n_chunks - row * n_tiles;",
+            "const int64_t j_begin = (task % n_chunks) * MO_TILE_J;",
+            "const int64_t j_end = mo_imin(j_begin + MO_TILE_J, n_j);",
+            *self._decompose("row", row_vars, ranges),
+            f"const int64_t {t}_end = mo_imin((tile + 1) * MO_TILE, n_t);",
+            f"for (int64_t {t} = tile * MO_TILE; {t} < {t}_end; ++{t}) {{",
+            *_indent([*row_lines, *loop.hoisted, "#pragma omp simd"], 1),
+            "  for (int64_t j = j_begin; j < j_end; ++j) {",
+            *_indent(loop_lines, 2),
+            "  }",
+            "}",
+        ]
+        return lines + _indent(body, 1) + ["}"]
 
     # -- reduction skeleton ----------------------------------------------------------
 
@@ -522,7 +560,7 @@ class _Codegen:
 
 # Names the skeletons declare; a buffer with one of these names is renamed buf<k>.
 _RESERVED = {"j", "r", "l", "rb", "row", "task", "rest", "n_j", "n_r", "n_rows", "n_chunks",
-             "n_blocked"}  # fmt: skip
+             "n_blocked", "n_t", "n_tiles", "tile", "j_begin", "j_end"}  # fmt: skip
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 

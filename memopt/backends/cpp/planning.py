@@ -28,6 +28,28 @@ def innermost_block(
     return merge_block(variables[: position + 1], ranges, exprs)
 
 
+def transposed_var(
+    outer: list[sympy.Symbol], inner: list[sympy.Symbol], loads: list[sympy.Expr]
+) -> sympy.Symbol | None:
+    """An outer variable some load is contiguous in while that load strides along the
+    innermost loop (a transposition: NCHW read, channels_last written); None if none.
+
+    Such a kernel runs in tiles: a block of the outer variable around a short innermost
+    loop, so the strided load's cache lines are used whole before they are evicted.
+    """
+    if not inner:
+        return None
+    last = inner[-1]
+    for index in loads:
+        step = linear_coefficient(index, last)
+        if step is None or step in (0, 1):
+            continue
+        for var in reversed(outer):
+            if linear_coefficient(index, var) == 1:
+                return var
+    return None
+
+
 def merge_block(
     variables: list[sympy.Symbol], ranges: dict[sympy.Symbol, sympy.Expr], exprs: list[sympy.Expr]
 ) -> list[sympy.Symbol]:

@@ -75,6 +75,13 @@ PRELUDE += r"""
 // Pointwise work is split into chunks of this many innermost elements, so a kernel with
 // few long rows still spreads over the threads.
 #define MO_CHUNK 4096
+// Transposing kernels run in tiles: MO_TILE values of the variable a load is contiguous in
+// (outer) by MO_TILE_J of the innermost, store-contiguous loop. The strided load then reads
+// MO_TILE_J sequential streams (which the prefetcher follows) instead of one 4 KiB page per
+// element, and each output line is written whole. Measured on a (32, 64, 64, 64) NCHW ->
+// channels_last copy (best of 25): 16 x 64: 56 ms; 64 x 16: 16 ms; 256 x 16: 14 ms.
+#define MO_TILE 256
+#define MO_TILE_J 16
 // Partial accumulators per reduction: 16 floats fill two AVX2 or one AVX-512 register.
 #define MO_LANES 16
 
