@@ -821,3 +821,39 @@ def test_large_outputs_reuse_memory_nothing_holds():
     assert fourth.data_ptr() != row.data_ptr() - row.storage_offset() * 4  # a view holds it
     for result in (second, row, fourth):
         assert_close(result, want[1] if result is row else want)
+
+
+# --- transpositions in tiles --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, fn, shape, dtype",
+    [
+        ("to channels_last", lambda x: x.contiguous(memory_format=torch.channels_last),
+         (3, 37, 5, 19), f32),
+        ("from channels_last", lambda x: torch.relu(x).contiguous(), (2, 21, 3, 300), f64),
+        ("2-D transpose", lambda x: (x.t() * 2).contiguous(), (300, 97), f16),
+    ],
+)  # fmt: skip
+def test_transposing_kernels_run_in_tiles(name, fn, shape, dtype):
+    """A load contiguous in another variable than the store: tiles (with tails on both sides)."""
+    x = torch.randn(shape, dtype=dtype)
+    if name == "from channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    got, gm = run_fused(fn, (x,), "cpp")
+    (fused,) = fused_kernels(gm)  # a lone layout conversion too runs as a generated kernel
+    assert "// tiled:" in fused._runner("cpp").source
+    want = fn(x)
+    assert got.stride() == want.stride()
+    assert_same(got, want, name)
+
+
+def test_prefetched_build_is_picked_up_and_errors_surface_later(fresh_cache):
+    kernel = examples.softmax()[0]
+    source = codegen.generate(kernel).source
+    build.prefetch(source)
+    library, _ = build.library(source)  # waits for the background build
+    assert getattr(library, codegen.FUNCTION_NAME)
+    build.prefetch("this is not C++")  # no error here...
+    with pytest.raises(CompileError, match="not C"):
+        build.library("this is not C++")  # ...but where the library is needed

@@ -15,7 +15,7 @@ import torch
 import torch.fx
 
 from memopt.compiler.graph import META_KEY, TensorMeta, evaluate, tensor_meta
-from memopt.compiler.kernels import mark_donated_inputs
+from memopt.compiler.kernels import mark_donated_inputs, prefetch_kernels
 
 
 def output_nodes(gm: torch.fx.GraphModule) -> list[object]:
@@ -75,6 +75,7 @@ class CompiledGraph:
         ]
         self.any_restride = any(r is not None for r in self.restride)
         mark_donated_inputs(gm)
+        prefetch_kernels(gm)
 
     def __call__(self, *args: object) -> list[object]:
         # AOTAutograd calls compiled graphs boxed (one list it may free) on most paths and

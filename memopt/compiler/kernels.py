@@ -125,6 +125,14 @@ class FusedKernel:
             return self.backend
         return _DEVICE_BACKENDS.get(device.type, "reference")
 
+    def prefetch(self, device: torch.device) -> None:
+        """Start compiling this kernel for `device` in the background, where the backend can
+        (the C++ backend: its compiler runs in another process); the first call waits for it."""
+        if self._backend_for(device) == "cpp" and "cpp" not in self._compiled:
+            from memopt.backends.cpp import prefetch_kernel
+
+            prefetch_kernel(self.kernel)
+
     def _runner(self, backend: str):
         runner = self._compiled.get(backend)
         if runner is None:
@@ -199,6 +207,23 @@ def _reusable(tensor: torch.Tensor, shape: list[int], stride: list[int], dtype) 
         and list(tensor.stride()) == stride
         and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
     )
+
+
+def prefetch_kernels(gm: torch.fx.GraphModule) -> None:
+    """Start compiling every FusedKernel of `gm` for the device of the graph's inputs, side
+    by side in the background, so that the compiler runs while Dynamo finishes the graph
+    and a graph's kernels build in parallel rather than one by one at their first calls."""
+    device = next(
+        (
+            n.meta["val"].device
+            for n in gm.graph.nodes
+            if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)
+        ),
+        torch.device("cpu"),
+    )
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, FusedKernel):
+            node.target.prefetch(device)
 
 
 def mark_donated_inputs(gm: torch.fx.GraphModule) -> None:

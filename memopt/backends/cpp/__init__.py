@@ -7,6 +7,6 @@ loads them with ctypes; kernel.py binds tensors and calls.
 """
 
 from memopt.backends.cpp.build import CompileError, CompilerNotFound
-from memopt.backends.cpp.kernel import CppKernel, compile_kernel
+from memopt.backends.cpp.kernel import CppKernel, compile_kernel, prefetch_kernel
 
-__all__ = ["CompileError", "CompilerNotFound", "CppKernel", "compile_kernel"]
+__all__ = ["CompileError", "CompilerNotFound", "CppKernel", "compile_kernel", "prefetch_kernel"]

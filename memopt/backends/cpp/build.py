@@ -12,6 +12,7 @@ does not match, or that the loader rejects, is compiled again.
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import functools
 import hashlib
@@ -59,6 +60,11 @@ MVEC_FLAGS = ("-DMO_USE_MVEC", "-lmvec")
 
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL] = {}
+# Builds started ahead of their first call (`prefetch`), by cache key. A graph's kernels
+# compile side by side (one compiler process per core) while Dynamo finishes the graph,
+# instead of one after another at their first calls.
+_pending: dict[str, concurrent.futures.Future[Path]] = {}
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
 
 
 def compiler() -> str:
@@ -168,15 +174,42 @@ def _cpu() -> str:
     return "\n".join(sorted(set(keep)))
 
 
+def prefetch(source: str) -> None:
+    """Start building `source` in the background (a no-op if it is loaded or under way).
+
+    `library(source)` later waits for it. A failed build is not reported here: `library`
+    builds again and raises the compiler's error where the kernel is first needed.
+    """
+    global _pool
+    tools = toolchain()
+    directory = cache_dir()
+    key = cache_key(source, tools)
+    with _lock:
+        if key in _loaded or key in _pending:
+            return
+        if _pool is None:
+            _pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=os.cpu_count() or 1, thread_name_prefix="memopt-cpp-build"
+            )
+        _pending[key] = _pool.submit(ensure_built, source, key, tools, directory)
+
+
 def library(source: str) -> tuple[ctypes.CDLL, Path]:
     """The loaded library built from `source` and the path of its source file.
 
-    Compiles on a cache miss; CompilerNotFound or CompileError if that fails.
+    Compiles on a cache miss (or waits for a `prefetch` of it); CompilerNotFound or
+    CompileError if that fails.
     """
     tools = toolchain()
     directory = cache_dir()
     key = cache_key(source, tools)
     source_path = directory / f"{key}.cpp"
+    with _lock:
+        pending = _pending.pop(key, None)
+    if pending is not None:
+        # Its library is then in the cache (found intact below); a failure is rebuilt below
+        # so that the error is raised here, in the caller's thread.
+        concurrent.futures.wait([pending])
     with _lock:
         loaded = _loaded.get(key)
         if loaded is not None:

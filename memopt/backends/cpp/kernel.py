@@ -213,6 +213,21 @@ def _flat_copy(tensor: torch.Tensor) -> torch.Tensor:
     return torch.as_strided(tensor, (extent,), (1,)).clone()
 
 
+def prefetch_kernel(kernel: Kernel) -> None:
+    """Start compiling `kernel` in the background; `compile_kernel` later picks it up.
+
+    Does nothing for IR the C++ backend cannot express (`compile_kernel` reports that).
+    """
+    try:
+        source = codegen.generate(kernel).source
+    except (NotImplementedError, ValueError):
+        return
+    try:
+        build.prefetch(source)
+    except build.CompilerNotFound:
+        return
+
+
 def compile_kernel(kernel: Kernel) -> CppKernel:
     """The C++ backend's entry point: `kernel` compiled for the CPU.
 
