@@ -12,32 +12,29 @@ Two steps, one decision record each:
    at best, after fusion); in training its backward also reads the saved probabilities and
    writes and reads their gradient and the scores' (7x more).
 2. Where kernels run on Triton (backend "triton", on a GPU or in the interpreter; "auto" on
-   CUDA), each fused ATen attention op becomes the Triton attention kernel
-   (backends/triton/attention.py): q, k, v and the mask read, the output (and, when the
-   backward needs it, the logsumexp) written. Elsewhere (cpp and reference backends) the
-   fused ATen op runs and is counted as an extern op. Refused, with the reason: dropout,
-   head dims over 128 or different for q and v, masks of another dtype or over 4 dims,
-   and CUDA ops whose extra outputs (logsumexp layout, RNG state) the backward reads.
-
-The backward stays the fused ATen backward op (extern): it reads q, k, v, the output, its
-gradient and the logsumexp and writes dq, dk, dv.
+   CUDA), each fused ATen attention op becomes a Triton kernel (compiler/attention_kernel.py):
+   the forward (backends/triton/attention.py) reads q, k, v and the mask and writes the
+   output (and, when the backward needs it, the logsumexp); the backward
+   (backends/triton/attention_backward.py) recomputes the scores blockwise from q, k and
+   the logsumexp and writes dq, dk, dv. A bool mask is read as such (1 byte per element),
+   not as the additive mask SDPA makes of it. Elsewhere (cpp and reference backends) the
+   fused ATen ops run and are counted as extern ops. Refused, with the reason: dropout, head
+   dims over 128 or different for q and v, masks of another dtype or over 4 dims, and CUDA
+   ops in training (their backward reads their own logsumexp layout and RNG state).
 """
 
 from __future__ import annotations
 
 import math
 import operator
-import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.fx
-from torch._guards import active_fake_mode
-from torch._subclasses.fake_tensor import FakeTensor
 
+from memopt.compiler.attention_kernel import AttentionKernel
 from memopt.compiler.attention_pattern import ATTENTION_META_KEY, FLOAT_DTYPES, AttentionMatch
-from memopt.compiler.cost import Cost, attention_flops, read_bytes
 from memopt.compiler.graph import META_KEY, evaluate, meta_of_value, output_metas, tensor_meta
 from memopt.passes.base import Pass, PassContext, PassResult
 
@@ -89,94 +86,50 @@ FUSED_OPS = {
 }
 
 
+def _flash_cpu_backward(node: torch.fx.Node) -> dict[str, object]:
+    grad_out, q, k, v, out, lse, *rest = node.args
+    return {
+        "grad_out": grad_out, "q": q, "k": k, "v": v, "out": out, "lse": lse,
+        "dropout": rest[0] if rest else node.kwargs.get("dropout_p", 0.0),
+        "causal": rest[1] if len(rest) > 1 else node.kwargs.get("is_causal", False),
+        "mask": node.kwargs.get("attn_mask"),
+        "scale": node.kwargs.get("scale"),
+    }  # fmt: skip
+
+
+def _cuda_backward(node: torch.fx.Node) -> dict[str, object]:
+    q, k, v = node.args[1:4]
+    return {"q": q, "k": k, "v": v, "mask": None, "dropout": 0.0, "causal": False, "scale": None}
+
+
+# The fused ATen backward ops; the CUDA ones read their own forward's outputs (refused).
+BACKWARD_OPS = {
+    aten._scaled_dot_product_flash_attention_for_cpu_backward.default: (_flash_cpu_backward, True),
+    aten._scaled_dot_product_flash_attention_backward.default: (_cuda_backward, False),
+    aten._scaled_dot_product_efficient_attention_backward.default: (_cuda_backward, False),
+}
+
+
+def _describe(parts: dict[str, object], backward: bool, lse: bool, bool_mask: bool) -> str:
+    mask = ""
+    if parts["mask"] is not None:
+        mask = (
+            ", the bool mask (1 B per element, not SDPA's additive copy)"
+            if bool_mask
+            else ", the mask"
+        )
+    if backward:
+        return (
+            f"recomputes the scores blockwise: q, k, v, output, its gradient, logsumexp{mask} "
+            "read; dq, dk, dv written"
+        )
+    written = "output and logsumexp" if lse else "output (no backward: no logsumexp)"
+    return f"q, k, v{mask} read; {written} written"
+
+
 def runs_triton(backend: str, device_type: str) -> bool:
     """Whether kernels compiled for `backend` on `device_type` run on Triton."""
     return backend == "triton" or (backend == "auto" and device_type == "cuda")
-
-
-class AttentionKernel:
-    """Call target of an attention node: `(out[, lse]) = kernel(q, k, v[, mask])`."""
-
-    memopt_kind = "attention"
-
-    def __init__(self, name: str, replaced: torch.fx.Node, parts: dict[str, object],
-                 fake_outputs: tuple[object, ...]) -> None:  # fmt: skip
-        self.__name__ = name
-        self.memopt_name = f"memopt.{name}"
-        self.memopt_nodes = (replaced.name,)
-        self.memopt_ops = ("triton attention",)
-        self.memopt_source_path: str | None = None
-        self.causal = bool(parts["causal"])
-        self.scale = parts["scale"]
-        self.mask_drops = bool(parts.get("mask_drops", False))
-        self.fake_outputs = fake_outputs
-
-    def __repr__(self) -> str:
-        return f"AttentionKernel({self.__name__}, causal={self.causal}, scale={self.scale})"
-
-    def memopt_cost(self, node: torch.fx.Node) -> Cost:
-        read = read_bytes(node, node.all_input_nodes)
-        write = sum((m.nbytes for m in output_metas(node)), 0)
-        return Cost(read=read, write=write, flops=attention_flops(node))
-
-    def triton_source_path(self) -> str | None:
-        if self.memopt_source_path is None:
-            from memopt.backends.triton.attention import _source
-            from memopt.backends.triton.runtime import write_source
-
-            self.memopt_source_path = str(write_source(_source()))
-        return self.memopt_source_path
-
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:  # fmt: skip
-        if active_fake_mode() is not None or isinstance(q, FakeTensor):
-            return self.fake_outputs  # verification re-propagating metadata
-        shapes = [(*q.shape[:-1], v.shape[-1]), tuple(q.shape[:-1])]
-        outputs = tuple(
-            _empty_like_layout(fake, shape, q.device)
-            for fake, shape in zip(self.fake_outputs, shapes)
-        )
-        try:
-            from memopt.backends.triton.attention import attention
-
-            out, lse = (*outputs, None)[:2]
-            attention(q, k, v, mask, self.causal, self.scale, out, lse, self.mask_drops)
-        except Exception as error:  # noqa: BLE001 - no Triton, or a launch failure: ATen runs
-            warnings.warn(
-                f"memopt: attention kernel {self.__name__} failed ({type(error).__name__}: "
-                f"{error}); running the fused ATen op",
-                stacklevel=2,
-            )
-            if mask is not None and mask.dtype == torch.bool:
-                keep = ~mask if self.mask_drops else mask
-                mask = torch.zeros(keep.shape, dtype=q.dtype).masked_fill(~keep.cpu(), -math.inf)
-            results = _aten_attention(q, k, v, mask, self.causal, self.scale)
-            for target, value in zip(outputs, results):
-                target.copy_(value)
-        return outputs
-
-
-def _aten_attention(q, k, v, mask, causal, scale) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse) from the CPU fused op (on another device: on CPU copies)."""
-    device = q.device
-    args = [t.cpu() for t in (q, k, v)]
-    out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
-        *args, 0.0, causal, attn_mask=mask.cpu() if mask is not None else None, scale=scale
-    )
-    return out.to(device), lse.to(device)
-
-
-def _hint(size: object) -> int:
-    node = getattr(size, "node", None)
-    return int(node.hint) if node is not None and node.hint is not None else int(size)
-
-
-def _empty_like_layout(fake: torch.Tensor, shape: tuple[int, ...], device) -> torch.Tensor:
-    """An empty tensor of `shape` whose dims are laid out in the order `fake`'s strides give."""
-    strides = [_hint(s) for s in fake.stride()]
-    order = sorted(range(len(shape)), key=lambda d: (-strides[d], d))
-    empty = torch.empty([shape[d] for d in order], dtype=fake.dtype, device=device)
-    return empty.permute([order.index(d) for d in range(len(shape))])
 
 
 def _is_scalar(node: object, value: float) -> bool:
@@ -244,7 +197,9 @@ class Attention(Pass):
                 self._record_rewrite(match, ctx, result)
         triton = runs_triton(ctx.config.backend, _graph_device(gm))
         for node in list(gm.graph.nodes):
-            if node.op == "call_function" and node.target in FUSED_OPS:
+            if node.op == "call_function" and (
+                node.target in FUSED_OPS or node.target in BACKWARD_OPS
+            ):
                 self._place(gm, node, triton, ctx, result)
         return result
 
@@ -265,20 +220,20 @@ class Attention(Pass):
 
     def _place(self, gm: torch.fx.GraphModule, node: torch.fx.Node, triton: bool,
                ctx: PassContext, result: PassResult) -> None:  # fmt: skip
-        read_parts, own_lse = FUSED_OPS[node.target]
+        backward = node.target in BACKWARD_OPS
+        read_parts, own_lse = (BACKWARD_OPS if backward else FUSED_OPS)[node.target]
         parts = read_parts(node)
         used = sorted(
             {u.args[1] for u in node.users if u.target is operator.getitem and u.users}
         )  # fmt: skip
-        fakes = node.meta.get("val")
         metas = output_metas(node)
         saved = 0  # the logsumexp, when nothing reads it (the ATen op always writes it)
-        if len(metas) > 1 and 1 not in used:
+        if not backward and len(metas) > 1 and 1 not in used:
             saved = evaluate(metas[1].nbytes, ctx.bindings)
-        what = f"attention %{node.name} as the Triton kernel"
-        reason = self._unsupported(parts, used, own_lse, ctx.bindings) if triton else (
+        what = f"attention{' backward' if backward else ''} %{node.name} as the Triton kernel"
+        reason = self._unsupported(parts, used, own_lse, backward, ctx.bindings) if triton else (
             f"backend {ctx.config.backend!r} on {_graph_device(gm)} runs no Triton kernel: "
-            "the fused ATen op runs (q, k, v, mask read; output and logsumexp written)"
+            "the fused ATen op runs (inputs read once, outputs written once)"
         )  # fmt: skip
         if reason is not None:
             self.refuse(ctx, result, what, reason, saved, (node.name,))
@@ -293,17 +248,23 @@ class Attention(Pass):
                 tensor_meta(additive).touched_nbytes - tensor_meta(parts["mask"]).touched_nbytes,
                 ctx.bindings,
             )
-        why = "q, k, v" + (", mask" if parts["mask"] is not None else "") + " read"
-        if bypassed:
-            why += " (the bool mask, 1 B per element, not the additive one SDPA makes of it)"
-        why += "; output and logsumexp written" if 1 in used else "; output written (no backward)"
+        why = _describe(parts, backward, 1 in used, bool(bypassed))
         if not self.decide(ctx, result, what, why, saved, (node.name,)):
             return
-        outputs = tuple(fakes[: 2 if 1 in used else 1])
+        fakes = tuple(node.meta.get("val"))
+        outputs = fakes if backward else fakes[: 2 if 1 in used else 1]
         kernel = AttentionKernel(
-            f"{ctx.graph_name.replace('.', '_')}_attention_{node.name}", node, parts, outputs
+            f"{ctx.graph_name.replace('.', '_')}_attention{'_backward' if backward else ''}_"
+            f"{sum(isinstance(n.target, AttentionKernel) for n in gm.graph.nodes)}",
+            node.name,
+            causal=bool(parts["causal"]),
+            scale=parts["scale"],
+            mask_drops=bool(parts.get("mask_drops", False)),
+            fake_outputs=outputs,
+            backward=backward,
         )
-        args = [parts["q"], parts["k"], parts["v"]]
+        names = ("grad_out", "q", "k", "v", "out", "lse") if backward else ("q", "k", "v")
+        args = [parts[name] for name in names]
         if parts["mask"] is not None:
             args.append(parts["mask"])
         with gm.graph.inserting_before(node):
@@ -320,7 +281,7 @@ class Attention(Pass):
 
     @staticmethod
     def _unsupported(
-        parts: dict[str, object], used: list[int], own_lse: bool, bindings
+        parts: dict[str, object], used: list[int], own_lse: bool, backward: bool, bindings
     ) -> str | None:
         q, k, v, mask = (tensor_meta(parts[x]) if parts[x] is not None else None
                          for x in ("q", "k", "v", "mask"))  # fmt: skip
@@ -337,6 +298,9 @@ class Attention(Pass):
             return f"head dim {head_dim} (v: {v_dim}): the kernel takes equal dims up to {MAX_HEAD_DIM}"
         if mask is not None and (len(mask.shape) > 4 or mask.dtype not in (torch.bool, q.dtype)):
             return f"mask {mask.dtype}[{len(mask.shape)} dims]: bool or {q.dtype}, at most 4 dims"
-        if any(i > 1 for i in used) or (1 in used and not own_lse):
-            return "the backward reads this op's own logsumexp layout and RNG state"
+        if not own_lse:
+            if backward:
+                return "CUDA fused backward: it reads its own forward's logsumexp layout"
+            if any(i > 0 for i in used):
+                return "the backward reads this op's own logsumexp layout and RNG state"
         return None
