@@ -129,6 +129,23 @@ def test_run_checks_gradients_when_training():
     )
 
 
+def test_rows_without_recompute_use_the_default_partition():
+    # The partition is chosen at capture: a row without recompute must not keep the one the
+    # recompute pass chose, and each row equals the plain analysis with its passes.
+    torch.manual_seed(0)
+    x, w = torch.randn(8, 32, requires_grad=True), torch.randn(32, 32, requires_grad=True)
+
+    def fn(x, w):
+        return torch.tanh(torch.sigmoid((x @ w).exp() * 0.5).relu() + x).sum(-1)
+
+    result = memopt.ablate(fn, x, w, training=True, disable=["cleanup", "layout"])
+    without = memopt.analyze(fn, x, w, training=True, disable=["cleanup", "layout", "recompute"])
+    full = memopt.analyze(fn, x, w, training=True, disable=["cleanup", "layout"])
+    assert result.row("all but recompute").bytes_moved == without.bytes_moved
+    assert result.row("all passes").bytes_moved == full.bytes_moved
+    assert full.bytes_moved < without.bytes_moved  # recompute is worth something here
+
+
 def test_run_reports_a_wrong_answer(monkeypatch):
     # A compiled program that is off by one: the check says how, and the row still has a time.
     import memopt.compiler.measure as measure

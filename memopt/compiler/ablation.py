@@ -31,6 +31,9 @@ LABELS = {
 }
 CSV_COLUMNS = ("config", "passes", "bytes_moved", "kernels", "predicted_s", "compile_ms",
                "run_ms", "check")  # fmt: skip
+# Passes whose rewrite happens while the program is captured (compiler/capture.py), so
+# turning them off takes another capture, not just another pipeline run.
+CAPTURE_TIME_PASSES = ("attention",)
 
 
 @dataclass(frozen=True)
@@ -233,7 +236,7 @@ def ablate(
     `progress(message)` is told when each configuration starts and ends.
     """
     from memopt.compiler.analysis import _describe, analyze_captured
-    from memopt.compiler.capture import capture
+    from memopt.compiler.capture import CapturedGraph, capture
     from memopt.compiler.eager_count import count_eager_bytes
     from memopt.config import Config
 
@@ -242,8 +245,23 @@ def ablate(
     configs = configurations(base.pass_names())
     say("counting eager bytes and capturing ...")
     eager = count_eager_bytes(fn, tuple(example_inputs), training=training)
-    # The partition (recompute) is chosen once, at capture, under the full configuration.
-    captured = capture(fn, example_inputs, training=training, dynamic=dynamic, config=base)
+    # Two passes act during capture: attention rewrites the traced graph before AOTAutograd,
+    # and recompute chooses the forward/backward partition, costed through the
+    # configuration's other passes. Each configuration gets the capture its passes make:
+    # a training configuration with recompute its own, the others one per attention on/off.
+    captures: dict[tuple[str, ...], list[CapturedGraph]] = {}
+
+    def captured_for(passes: tuple[str, ...], config: Config) -> list[CapturedGraph]:
+        if training and "recompute" in passes:
+            key = passes
+        else:
+            key = tuple(name for name in passes if name in CAPTURE_TIME_PASSES)
+        if key not in captures:
+            captures[key] = capture(
+                fn, example_inputs, training=training, dynamic=dynamic, config=config
+            )
+        return captures[key]
+
     result = Ablation(
         target=_describe(fn),
         training=training,
@@ -271,7 +289,7 @@ def ablate(
         config_options = {**options, "passes": list(passes), "disable": []}
         config = Config.from_options(config_options)
         analysis = analyze_captured(
-            captured,
+            captured_for(passes, config),
             config,
             target=result.target,
             training=training,
