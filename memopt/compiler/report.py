@@ -185,6 +185,7 @@ def kernel_sources(analysis: Analysis) -> list[KernelSource]:
     Read off the optimized graph modules the analysis keeps (`GraphResult.gm`); the
     record name matches the KernelRecord `kernel_records` gives the same node.
     """
+    from memopt.compiler.attention_kernel import AttentionKernel
     from memopt.compiler.cost import is_kernel
     from memopt.compiler.kernels import FusedKernel
 
@@ -195,6 +196,8 @@ def kernel_sources(analysis: Analysis) -> list[KernelSource]:
         kernels = [n for n in graph.gm.graph.nodes if is_kernel(n)]  # type: ignore[attr-defined]
         for index, node in enumerate(kernels):
             target = node.target
+            if isinstance(target, AttentionKernel):
+                sources.append(_attention_source(target, f"{graph.name}.k{index}"))
             if not isinstance(target, FusedKernel):
                 continue
             triton, error = _triton_source(target.kernel)
@@ -210,6 +213,24 @@ def kernel_sources(analysis: Analysis) -> list[KernelSource]:
                 )
             )
     return sources
+
+
+def _attention_source(target: object, record: str) -> KernelSource:
+    """A hand-written Triton template (attention): its source, and no Kernel IR."""
+    triton, error = None, None
+    try:
+        triton = Path(target.triton_source_path()).read_text(encoding="utf-8")
+    except Exception as error_:  # noqa: BLE001 - reported on the page
+        error = f"{type(error_).__name__}: {error_}"
+    return KernelSource(
+        record=record,
+        name=target.__name__,
+        kind=target.memopt_kind,
+        nodes=tuple(target.memopt_nodes),
+        ir=f"{target!r}\n(a hand-written Triton kernel: no Kernel IR)\n",
+        triton=triton,
+        triton_error=error,
+    )
 
 
 def _triton_source(kernel: object) -> tuple[str | None, str | None]:
