@@ -150,6 +150,25 @@ def test_training_gradients_match_eager_and_the_backward_recomputes(tmp_path):
     assert rewrite["bytes_saved"] == 11 * (2 * 2 * 21 * 21 * 4)  # training: 11 score passes
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sdpa_training_in_16_bit(dtype, tmp_path):
+    def fn(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    inputs = qkv((1, 2, 40, 24), dtype, requires_grad=True)
+    out, _ = compiled(fn, *inputs, tmp_path=tmp_path)
+    want = fn(*(t.detach().float().requires_grad_() for t in inputs))  # fp32 reference
+    grad_out = torch.randn_like(want)
+    got = torch.autograd.grad(out, inputs, grad_out.to(dtype))
+    ref_inputs = [t.detach().float().requires_grad_() for t in inputs]
+    expected = torch.autograd.grad(fn(*ref_inputs), ref_inputs, grad_out)
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(out.float(), want.detach(), rtol=rtol, atol=atol)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g.float(), e, rtol=4 * rtol, atol=4 * atol)
+    assert "memopt.backward_attention_" in records(tmp_path)["backward"]["graph_text"]
+
+
 # -- bytes, worked out by hand ----------------------------------------------------------------
 
 
