@@ -33,14 +33,13 @@ from typing import ClassVar
 import torch
 import torch.fx
 
+from memopt.backends.triton.attention import MAX_HEAD_DIM  # imports no Triton
 from memopt.compiler.attention_kernel import AttentionKernel
 from memopt.compiler.attention_pattern import ATTENTION_META_KEY, FLOAT_DTYPES, AttentionMatch
 from memopt.compiler.graph import META_KEY, evaluate, meta_of_value, output_metas, tensor_meta
 from memopt.passes.base import Pass, PassContext, PassResult
 
 aten = torch.ops.aten
-
-MAX_HEAD_DIM = 128  # backends/triton/attention.py: one [BLOCK_M, head dim] register tile
 
 # Score-matrix traffic of the written-out form that the fused op does not have, in score
 # matrices (modelled, best case after fusion). Inference: scores written, read by the
