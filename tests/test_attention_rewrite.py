@@ -169,6 +169,23 @@ def test_sdpa_training_in_16_bit(dtype, tmp_path):
     assert "memopt.backward_attention_" in records(tmp_path)["backward"]["graph_text"]
 
 
+def test_hugging_face_eager_attention_is_rewritten(tmp_path):
+    # transformers' "eager" attention: softmax in fp32, cast back, dropout off in eval.
+    q, k, v = qkv((1, 2, 40, 24), torch.float16)
+    additive = torch.randn(1, 1, 40, 40).to(torch.float16)
+
+    def fn(q, k, v):
+        att = torch.matmul(q, k.transpose(2, 3)) * 0.2 + additive
+        att = F.softmax(att, dim=-1, dtype=torch.float32).to(q.dtype)
+        att = F.dropout(att, p=0.0, training=False)
+        return torch.matmul(att, v)
+
+    out, graphs = compiled(fn, q, k, v, tmp_path=tmp_path)
+    assert_close(out, fn(q, k, v))
+    rewrite, placed = decisions(graphs["inference"], applied=True)
+    assert "-> scaled_dot_product_attention" in rewrite["what"] and "mask" in placed["reason"]
+
+
 # -- bytes, worked out by hand ----------------------------------------------------------------
 
 

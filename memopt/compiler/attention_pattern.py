@@ -2,8 +2,8 @@
 
     s = q @ k.transpose(-2, -1) [* c | / c]      (a Python number)
     s = s.masked_fill(cond, -inf) | s + mask     (optional)
-    p = softmax(s, dim=-1)
-    y = p @ v
+    p = softmax(s, dim=-1[, dtype=float32])   (then, optionally, casts to q's dtype and
+    y = p @ v                                   dropout that is off: HF "eager" attention)
 
 becomes `y = F.scaled_dot_product_attention(q, k, v, attn_mask=~cond | mask, scale=c)`.
 AOTAutograd then traces the fused op (capture keeps it whole): the forward reads q, k, v
@@ -18,7 +18,8 @@ backward is the fused op's own.
 Refused (recorded with the reason and the score-matrix bytes at stake): dropout between
 softmax and the second matmul (its random mask would not be reproduced); an intermediate
 read elsewhere (returned, or read by another op: it must exist); operands that are not
-4-D (batch, heads, seq, dim) of one float dtype; a softmax over another dim or with a dtype;
+4-D (batch, heads, seq, dim) of one float dtype; a softmax over another dim, or in a
+precision other than q's or fp32, or probabilities that reach the matmul in another dtype;
 a scale that is not a number; a masked_fill value other than -inf; an additive mask of
 another dtype.
 """
@@ -80,6 +81,25 @@ def _arg(node: torch.fx.Node, index: int, name: str, default: object = None) -> 
     return node.kwargs.get(name, default)
 
 
+_CAST_METHODS = {"to", "type", "float", "half", "bfloat16"}
+
+
+def _between_softmax_and_matmul(p: object) -> list[torch.fx.Node]:
+    """Dropouts and casts between the softmax and the second matmul, nearest first."""
+    found: list[torch.fx.Node] = []
+    while isinstance(p, torch.fx.Node) and p.args:
+        is_cast = p.op == "call_method" and p.target in _CAST_METHODS
+        if is_cast and any(
+            not isinstance(a, torch.dtype) for a in (*p.args[1:], *p.kwargs.values())
+        ):
+            is_cast = False  # .to(device), .to(other_tensor), .type(str): not a plain cast
+        if not (is_cast or _is(p, _DROPOUTS, "dropout")):
+            break
+        found.append(p)
+        p = p.args[0]
+    return found
+
+
 def _transposed_source(node: object, ndim: int) -> torch.fx.Node | None:
     """k when `node` is k with its last two dims swapped (transpose, permute, mT)."""
     if not isinstance(node, torch.fx.Node) or not node.args:
@@ -124,11 +144,11 @@ def _match(y: torch.fx.Node) -> dict[str, object] | None:
         return None
     p, v = y.args
     chain = [y]
-    dropout = None
-    if _is(p, _DROPOUTS, "dropout"):
-        dropout, p = p, p.args[0]
+    between = _between_softmax_and_matmul(p)
+    p = between[-1].args[0] if between else p
     if not _is(p, _SOFTMAXES, "softmax"):
         return None
+    chain.extend(between)
     chain.append(p)
     s = p.args[0]
     mask = cond = None
@@ -161,11 +181,11 @@ def _match(y: torch.fx.Node) -> dict[str, object] | None:
     parts = {"q": q, "k": k, "v": v, "chain": chain[::-1], "scale": scale, "kt": kt}
     scores = _value(s)
     parts["scores"] = scores
-    if dropout is not None:
-        p_drop, training = _arg(dropout, 1, "p", 0.5), _arg(dropout, 2, "training", True)
-        if training is not False and p_drop != 0:
-            raise _Refused("dropout between softmax and the second matmul (its random mask)")
-        parts["chain"] = [*parts["chain"][:-1], dropout, y]
+    for node in between:
+        if _is(node, _DROPOUTS, "dropout"):
+            p_drop, training = _arg(node, 1, "p", 0.5), _arg(node, 2, "training", True)
+            if training is not False and p_drop != 0:
+                raise _Refused("dropout between softmax and the second matmul (its random mask)")
     for node in parts["chain"][:-1]:
         if len(node.users) != 1:
             raise _Refused(f"%{node.name} is read elsewhere: it must be materialized")
@@ -184,9 +204,15 @@ def _match(y: torch.fx.Node) -> dict[str, object] | None:
     dim = _arg(p, 1, "dim")
     if dim not in (-1, 3):
         raise _Refused(f"softmax over dim {dim}, not the keys' (-1)")
+    # softmax in fp32 and cast back (Hugging Face's eager attention): the fused op
+    # computes its softmax in fp32 too. Any other precision differs from what it computes.
     positional = [a for a in p.args[2:] if isinstance(a, torch.dtype)]
-    if p.kwargs.get("dtype") is not None or positional:
-        raise _Refused("softmax with a dtype (computed in another precision)")
+    softmax_dtype = p.kwargs.get("dtype") or (positional[0] if positional else None)
+    probabilities = _value(y.args[0])
+    if softmax_dtype not in (None, torch.float32, qv.dtype) or not (
+        isinstance(probabilities, torch.Tensor) and probabilities.dtype == qv.dtype
+    ):
+        raise _Refused("softmax or its probabilities in another precision than q, k, v")
     if mask_kind is not None and mask_kind[0] == "fill":
         if not (isinstance(mask_kind[1], float) and mask_kind[1] == -math.inf):
             raise _Refused(f"masked_fill with {mask_kind[1]!r}, not -inf")
@@ -254,8 +280,8 @@ def rewrite_attention(gm: torch.fx.GraphModule) -> list[AttentionMatch]:
 
 def _record(y: torch.fx.Node, parts: dict[str, object] | None, reason: str) -> AttentionMatch:
     if parts is None:
-        p = y.args[0]
-        p = p.args[0] if _is(p, _DROPOUTS, "dropout") else p
+        between = _between_softmax_and_matmul(y.args[0])
+        p = between[-1].args[0] if between else y.args[0]
         scores = _value(p)
         names: tuple[str, ...] = (y.name,)
     else:
