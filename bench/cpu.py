@@ -14,7 +14,7 @@ the compile time of both compilers with fresh caches (Dynamo state, Inductor's F
 C++ caches, memopt's kernel cache), in this process and in a fresh one ("cold"), as the
 first call's time minus a steady-state call's.
 
-Sizes are chosen so each block's working set exceeds the last-level cache (48 MiB L3 on the
+Sizes are chosen so each block's working set exceeds the last-level cache (32 MiB L3 on the
 machine the committed figures come from: `lscpu`), so the memory traffic memopt saves shows.
 """
 
