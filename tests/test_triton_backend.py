@@ -10,6 +10,8 @@ from __future__ import annotations
 import ast
 import importlib
 import os
+import subprocess
+import sys
 
 import pytest
 import sympy
@@ -431,3 +433,23 @@ def test_symbolic_sizes_are_runtime_arguments():
     # The same compiled kernel at other sizes.
     kernel, inputs, expected, sizes = examples.dynamic_scale(rows=3, cols=17)
     torch.testing.assert_close(run(kernel, inputs, sizes)[0], expected[0])
+
+
+def test_interpreter_without_the_variable_in_the_environment():
+    # torch.compile imports triton before any backend runs: with TRITON_INTERPRET unset
+    # then, Triton's own helpers (tl.sum) are compiled-mode functions, which an interpreted
+    # kernel cannot call unless the runtime makes them interpretable.
+    code = """
+import torch
+g = lambda x: (x.exp() + 1).sum(-1)
+x = torch.randn(8, 16)
+got = torch.compile(g, backend="memopt", options={"backend": "triton"})(x)
+torch.testing.assert_close(got, g(x))
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "ok"

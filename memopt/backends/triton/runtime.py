@@ -6,11 +6,12 @@ modules are also kept in a dict for the life of the process.
 
 On CPU tensors the kernels run under Triton's interpreter. TRITON_INTERPRET=1 must be in the
 environment when the generated module's `@triton.jit` runs (it decides between a compiled
-and an interpreted function) and stay there while the kernel runs (the interpreter calls
-Triton's own jitted helpers, such as tl.sum's combine, only while it is set). So the
-runtime sets it, and leaves it set, before importing a module for a launch that has a CPU
-tensor. A module imported for a GPU launch while the variable is set is interpreted too
-(correct, slow): a process that launches on a GPU should not run kernels on CPU tensors.
+and an interpreted function) and stay there while the kernel runs. So the runtime sets it,
+and leaves it set, before importing a module for a launch that has a CPU tensor; Triton's
+own jitted helpers (tl.sum, its combine function, ...), decorated when triton was imported,
+are made interpretable then too (`_interpretable_language`). A module imported for a GPU
+launch while the variable is set is interpreted too (correct, slow): a process that
+launches on a GPU should not run kernels on CPU tensors.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def _load(path: Path, interpret: bool) -> ModuleType:
     if module is None:
         if interpret:
             os.environ["TRITON_INTERPRET"] = "1"  # before @triton.jit runs; see the docstring
+            _interpretable_language()
         name = f"memopt_triton_{path.stem}_{'interpreted' if interpret else 'compiled'}"
         spec = importlib.util.spec_from_file_location(name, path)
         assert spec is not None and spec.loader is not None
@@ -81,6 +83,31 @@ def _load(path: Path, interpret: bool) -> ModuleType:
         spec.loader.exec_module(module)
         _MODULES[key] = module
     return module
+
+
+def _interpretable_language() -> None:
+    """Make triton.language's own @triton.jit helpers (tl.sum and its combine function, ...)
+    callable from an interpreted kernel.
+
+    Triton decides at decoration time: helpers decorated while TRITON_INTERPRET was unset
+    are compiled-mode functions, and an interpreted kernel that calls one fails ("Cannot
+    call @triton.jit'd outside of the scope of a kernel"). torch.compile imports triton
+    before any backend runs, so without the variable in the environment from the start
+    they are. Each such helper is replaced, once, by an interpreted function of the same
+    Python function, in the modules kernels reach them through.
+    """
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    modules = (tl, tl.standard, tl.math, tl.random, tl.core)
+    replaced: dict[int, InterpretedFunction] = {}
+    for module in modules:
+        for name, value in list(vars(module).items()):
+            if isinstance(value, JITFunction):
+                if id(value) not in replaced:
+                    replaced[id(value)] = InterpretedFunction(value.fn)
+                setattr(module, name, replaced[id(value)])
 
 
 def _next_pow2(n: int) -> int:
