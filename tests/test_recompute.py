@@ -118,22 +118,16 @@ def test_no_more_bytes_than_torch_partitioners(name: str, monkeypatch: pytest.Mo
 
     model, x = model_and_input(name)
     model.train()
-    # Partitions are costed without the layout pass (compiler/partition.py), so compare them
-    # with the layout priced by the graph's own bytes: on the CPU, oneDNN's reorders would
-    # make the convnet's backward channels_last, with conversions that depend on what each
-    # partition saves.
-    graph_bytes = {"layout": {"onednn_reorders": False}}
-    ours = memopt.analyze(model, x, training=True, pass_options=graph_bytes)
+    # Each candidate partition is costed through the whole pipeline, layout included (on the
+    # CPU the convnet's backward goes channels_last, with conversions that depend on what
+    # each partition saves).
+    ours = memopt.analyze(model, x, training=True)
     with monkeypatch.context() as patch:
         _with_partitioner(default_partition, patch)
-        default = memopt.analyze(
-            model, x, training=True, disable=["recompute"], pass_options=graph_bytes
-        )
+        default = memopt.analyze(model, x, training=True, disable=["recompute"])
     with monkeypatch.context() as patch:
         _with_partitioner(min_cut_rematerialization_partition, patch)
-        min_cut = memopt.analyze(
-            model, x, training=True, disable=["recompute"], pass_options=graph_bytes
-        )
+        min_cut = memopt.analyze(model, x, training=True, disable=["recompute"])
     assert ours.bytes_moved <= default.bytes_moved
     assert ours.bytes_moved <= min_cut.bytes_moved
     record = ours.graphs[0].gm.meta[META_KEY]

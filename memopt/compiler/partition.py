@@ -385,12 +385,8 @@ def _modelled_bytes(gm: torch.fx.GraphModule, config: Config, name: str) -> int:
     # ever lowers the bytes of the partition chosen (it is applied when it does).
     pass_options = dict(config.pass_options)
     pass_options["recompute"] = {**pass_options.get("recompute", {}), "duplicate": False}
-    # Without the layout pass either: its search costs more than the rest of the pipeline
-    # together, and it picks layouts, not which tensors exist.
-    passes = tuple(name for name in config.pass_names() if name != "layout")
     quiet = config.replace(
         check=False, verbose=False, fuel=None, report_dir=None, pass_options=pass_options,
-        passes=passes, disable=(),
     )  # fmt: skip
     try:
         run_pipeline(gm, quiet, name, bindings)
