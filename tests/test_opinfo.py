@@ -1,0 +1,64 @@
+"""A slice of the OpInfo sweep (bench/opinfo_sweep.py runs all of op_db): torch's own sample
+inputs for the ops memopt lowers most, compiled with the default backend (C++ kernels on this
+CPU) and compared with eager. A mismatch or an error fails; a visible fallback passes
+(never a wrong answer). The known-failure list is checked against op_db.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+pytest.importorskip("expecttest")  # torch.testing._internal imports it
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+
+import opinfo_sweep  # noqa: E402
+
+from opinfo_known_failures import KNOWN_FAILURES  # noqa: E402
+
+# One or two ops of each kind the lowering handles: pointwise (unary, binary, ternary,
+# comparisons, casts), reductions (including var/softmax/norms, which decompose into
+# several), views, gathers, cat, fills, and composites decomposed by capture.
+OPS = (
+    "add", "mul", "div.floor_rounding", "sub", "pow", "maximum", "where", "clamp",
+    "exp", "log1p", "tanh", "sigmoid", "erf", "rsqrt", "abs", "ne", "logical_and",
+    "nn.functional.gelu", "nn.functional.silu", "nn.functional.hardswish",
+    "nn.functional.leaky_relu", "softmax", "log_softmax", "nn.functional.layer_norm",
+    "nn.functional.group_norm", "nn.functional.batch_norm", "sum", "mean", "var",
+    "var_mean", "amax", "argmax", "prod", "any", "transpose", "permute", "expand",
+    "index_select", "gather", "nn.functional.embedding", "cat", "full_like", "arange",
+    "masked_fill", "addcmul", "lerp",
+)  # fmt: skip
+SAMPLES_PER_OP = 2
+
+
+def _ops():
+    ops = opinfo_sweep.float32_ops(OPS)
+    found = {opinfo_sweep.op_label(op) for op in ops} | {op.name for op in ops}
+    missing = [name for name in OPS if name not in found]
+    assert not missing, f"not OpInfo names with float32 CPU samples: {missing}"
+    return ops
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_opinfo_samples_match_eager(name):
+    ops = [op for op in _ops() if name in (op.name, opinfo_sweep.op_label(op))]
+    assert ops
+    results = opinfo_sweep.sweep(ops, max_samples=SAMPLES_PER_OP, backend="auto")
+    compared = [r for r in results if r.outcome in ("pass", "fallback")]
+    bad = [f"{r.op}[{r.sample}] {r.outcome}: {r.detail}" for r in results if r.outcome in ("mismatch", "error")]  # fmt: skip
+    assert not bad, "\n".join(bad)
+    assert compared, [f"{r.outcome}: {r.detail}" for r in results]
+
+
+def test_known_failures_name_real_opinfos_with_a_reason():
+    from torch.testing._internal.common_methods_invocations import op_db
+
+    labels = {opinfo_sweep.op_label(op) for op in op_db}
+    assert set(KNOWN_FAILURES) <= labels, set(KNOWN_FAILURES) - labels
+    for label, reason in KNOWN_FAILURES.items():
+        category, _, why = reason.partition(":")
+        assert category and why.strip(), label
