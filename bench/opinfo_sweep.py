@@ -3,7 +3,7 @@
     python bench/opinfo_sweep.py                          # every OpInfo, every sample
     python bench/opinfo_sweep.py --max-samples 2          # the first 2 samples of each op
     python bench/opinfo_sweep.py --ops softmax,var_mean --verbose
-    python bench/opinfo_sweep.py --backend cpp --json sweep.json
+    python bench/opinfo_sweep.py --backend reference --json sweep.json
 
 Each sample becomes a function of its tensors (the op's other arguments are constants),
 compiled with `torch.compile(fn, backend="memopt")` after a Dynamo reset, and called on
@@ -162,7 +162,7 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}"[:400]
 
 
-def check_sample(op: object, sample: object, backend: str = "reference") -> tuple[str, str]:
+def check_sample(op: object, sample: object, backend: str = "auto") -> tuple[str, str]:
     """(outcome, detail) for one sample (see the module docstring for the outcomes)."""
     tensors, rebuild = _split(sample)
     program = _program(op, rebuild)
@@ -206,7 +206,7 @@ def _blame(program: Callable, tensors: list[torch.Tensor], want: object) -> str:
 def sweep(
     ops: Sequence[object],
     max_samples: int | None = None,
-    backend: str = "reference",
+    backend: str = "auto",
     verbose: bool = False,
     include_known: bool = False,
 ) -> list[SampleResult]:
@@ -286,7 +286,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ops", help="comma-separated op names (op or op.variant)")
     parser.add_argument("--max-samples", type=int, default=None, help="samples per op")
-    parser.add_argument("--backend", default="reference", help="memopt backend option")
+    parser.add_argument(
+        "--backend", default="auto", help="memopt backend option (auto: C++ kernels on CPU tensors)"
+    )
     parser.add_argument("--include-known", action="store_true", help="run known failures too")
     parser.add_argument("--json", help="write every sample's result here")
     parser.add_argument("--verbose", action="store_true")
