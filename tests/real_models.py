@@ -46,7 +46,7 @@ SIZES = {
     ),
     # The traffic benchmark: large enough that activations, not weights, dominate traffic.
     "small": Size(
-        vocab=2048, hidden=256, layers=4, heads=8, seq=128, batch=4, image=64, width=32, stages=4
+        vocab=2048, hidden=256, layers=2, heads=8, seq=128, batch=4, image=64, width=32, stages=4
     ),
 }
 
