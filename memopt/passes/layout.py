@@ -45,6 +45,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from memopt.compiler.cost import EXTERN_OPS, buffer_users, graph_cost, is_view, view_base
 from memopt.compiler.graph import META_KEY, TensorMeta, evaluate, meta_of_value, tensor_meta
 from memopt.compiler.indexing import contiguous_strides
+from memopt.compiler.lower import can_lower
 from memopt.compiler.onednn import hidden_reorder_bytes, runs_on_onednn
 from memopt.passes.base import Fuel, Pass, PassContext, PassResult
 
@@ -117,6 +118,18 @@ def _format_of(meta: TensorMeta) -> torch.memory_format | None:
         return torch.contiguous_format
     name = layout_of(meta)
     return _FORMATS[name] if name is not None else None
+
+
+def _opaque(user: torch.fx.Node) -> bool:
+    """Whether `user` runs as a library or ATen call, not a generated kernel: then only
+    `_readable_by` says which strides it takes. An ATen op with no lowering may assume the
+    layout its caller established (`_embedding_bag_forward_only` reads its indices as
+    contiguous, since `embedding_bag` makes them so), so it is held to contiguity."""
+    if user.target in EXTERN_OPS:
+        return True
+    if user.op != "call_function" or user.target is operator.getitem or is_view(user):
+        return False
+    return not can_lower(user)
 
 
 def _readable_by(user: torch.fx.Node, operand: TensorMeta) -> bool:
@@ -379,7 +392,7 @@ class Layout(Pass):
             readers = [node] + [u for u in node.users if is_view(u)]
             for reader in readers:
                 for user in reader.users:
-                    if user.target in EXTERN_OPS and not _readable_by(user, tensor_meta(reader)):
+                    if _opaque(user) and not _readable_by(user, tensor_meta(reader)):
                         return (
                             f"%{user.name} ({user.target}) cannot read %{reader.name} at "
                             f"strides {list(tensor_meta(reader).stride)} without a copy"
