@@ -30,7 +30,7 @@ OPS = (
     "nn.functional.group_norm", "nn.functional.batch_norm", "sum", "mean", "var",
     "var_mean", "amax", "argmax", "prod", "any", "transpose", "permute", "expand",
     "index_select", "gather", "nn.functional.embedding", "cat", "full_like", "arange",
-    "masked_fill", "addcmul", "lerp",
+    "masked_fill", "addcmul", "lerp", "nn.functional.embedding_bag",
 )  # fmt: skip
 SAMPLES_PER_OP = 2
 
