@@ -206,7 +206,9 @@ def _dims(dims: object, ndim: int) -> tuple[int, ...]:
         return tuple(range(ndim))
     if isinstance(dims, int):
         dims = [dims]
-    return tuple(sorted(d % ndim if ndim else 0 for d in dims))
+    if ndim == 0:  # dim 0 or -1 of a 0-dim tensor: it has no axis to index
+        raise NotLowerable("reduces a 0-dim tensor along a dim")
+    return tuple(sorted(d % ndim for d in dims))
 
 
 @dataclass(frozen=True)
@@ -503,7 +505,10 @@ class _Lowering:
             squares = ir.reduce(
                 "sum", ir.op("mul", centered, centered, dtype=accumulate), accumulate
             )
-            divisor = _count(count - correction, accumulate)
+            divisor_expr = sympy.sympify(count - correction)
+            if divisor_expr.is_number and divisor_expr < 0:  # torch: max(0, N - correction)
+                divisor_expr = sympy.Integer(0)
+            divisor = _count(divisor_expr, accumulate)
             return ir.cast(ir.op("truediv", squares, divisor, dtype=accumulate), dtype)
         return ir.cast(ir.reduce(kind, source, accumulate), dtype)
 
