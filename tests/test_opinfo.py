@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import pytest
+import torch
 
 pytest.importorskip("expecttest")  # torch.testing._internal imports it
 
@@ -62,3 +64,22 @@ def test_known_failures_name_real_opinfos_with_a_reason():
     for label, reason in KNOWN_FAILURES.items():
         category, _, why = reason.partition(":")
         assert category and why.strip(), label
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda x: torch.var(x, dim=0, correction=2),  # N - correction < 0: eager gives nan
+        lambda x: torch.std(x[:1], correction=1),  # 0 / 0
+        lambda x: torch.logsumexp(x[0], 0),  # a 0-dim tensor reduced along dim 0
+    ],
+    ids=["var_correction_past_n", "std_one_element", "logsumexp_0dim"],
+)
+def test_reduction_edge_samples_from_the_sweep(fn):
+    """Samples the full sweep found past the first two of their ops."""
+    x = torch.randn(1, 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = torch.compile(fn, backend="memopt")(x)
+    assert not [w for w in caught if str(w.message).startswith("memopt")]
+    torch.testing.assert_close(got, fn(x), equal_nan=True)
