@@ -83,3 +83,15 @@ def test_reduction_edge_samples_from_the_sweep(fn):
         got = torch.compile(fn, backend="memopt")(x)
     assert not [w for w in caught if str(w.message).startswith("memopt")]
     torch.testing.assert_close(got, fn(x), equal_nan=True)
+
+
+def test_graph_with_a_tensor_constant_is_optimized():
+    """masked.* reductions (found by the sweep) build a tensor constant in the program; the
+    passes copy graphs under AOTAutograd's fake mode, where copying it used to fail."""
+    fn = lambda x: torch.where(x > 0, x, torch.tensor(-1.0)).sum(0)  # noqa: E731
+    x = torch.randn(4, 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = torch.compile(fn, backend="memopt")(x)
+    assert not [w for w in caught if str(w.message).startswith("memopt")]
+    torch.testing.assert_close(got, fn(x))

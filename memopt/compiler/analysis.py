@@ -7,7 +7,6 @@ the optimized program moves.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -25,7 +24,7 @@ from memopt.compiler.cost import (
     node_cost,
 )
 from memopt.compiler.eager_count import count_eager_bytes
-from memopt.compiler.graph import evaluate
+from memopt.compiler.graph import copy_graph, evaluate
 from memopt.compiler.pipeline import run_pipeline
 from memopt.compiler.printer import op_name
 from memopt.compiler.results import Analysis, GraphResult, KernelRecord, NodeCost
@@ -90,7 +89,7 @@ def node_costs(
 
 def optimize_graph(captured: CapturedGraph, config: Config, fuel: Fuel) -> GraphResult:
     """Run the pipeline on a copy of one captured graph and model the result."""
-    gm = copy.deepcopy(captured.gm)
+    gm = copy_graph(captured.gm)
     bindings = captured.bindings
     result = run_pipeline(
         gm, config, captured.name, bindings, fuel=fuel, check_inputs=captured.real_inputs

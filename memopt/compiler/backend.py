@@ -8,7 +8,6 @@ graph runs unoptimized, with a warning naming it: never a wrong answer.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import sys
@@ -22,7 +21,7 @@ import torch.fx
 from memopt.compiler.capture import aot_backend
 from memopt.compiler.cost import graph_cost, lower_bound
 from memopt.compiler.executor import CompiledGraph, output_layouts
-from memopt.compiler.graph import evaluate, shape_bindings
+from memopt.compiler.graph import copy_graph, evaluate, shape_bindings
 from memopt.compiler.pipeline import run_pipeline
 from memopt.config import Config
 from memopt.passes import Fuel
@@ -43,7 +42,7 @@ class CompileSession:
         self.counts[kind] = index + 1
         name = kind if index == 0 else f"{kind}.{index}"
         eager_layouts = output_layouts(gm)
-        reference = copy.deepcopy(gm) if self.config.check else None
+        reference = copy_graph(gm) if self.config.check else None
         bindings = shape_bindings(example_inputs)
         try:
             result = run_pipeline(gm, self.config, name, bindings, fuel=self.fuel)

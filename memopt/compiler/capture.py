@@ -9,7 +9,6 @@ graphs.
 
 from __future__ import annotations
 
-import copy
 import functools
 import itertools
 import types
@@ -22,7 +21,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from memopt.compiler.attention_pattern import ATTENTION_META_KEY, rewrite_attention
-from memopt.compiler.graph import annotate, shape_bindings
+from memopt.compiler.graph import annotate, copy_graph, shape_bindings
 from memopt.config import Config
 from memopt.errors import MemoptError
 
@@ -245,7 +244,7 @@ def capture(
         graphs.append(graph)
         # The capture run executes the unoptimized ATen graph; the pipeline runs afterwards
         # on a copy, so analyses of several option sets share one capture.
-        gm = copy.deepcopy(gm)
+        gm = copy_graph(gm)
 
         def run(args: list[object]) -> object:
             if not graph.real_inputs:

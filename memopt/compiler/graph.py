@@ -8,6 +8,7 @@ environment created (s0, s1, ...) for dynamic ones.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -15,8 +16,17 @@ from dataclasses import dataclass
 import sympy
 import torch
 import torch.fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 META_KEY = "memopt"
+
+
+def copy_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A deep copy of `gm`, made outside any active fake mode: AOTAutograd compiles under
+    one, and copying a real tensor constant inside it fails (its storage would move to the
+    meta device)."""
+    with unset_fake_temporarily():
+        return copy.deepcopy(gm)
 
 
 def to_sympy(value: object) -> sympy.Expr:

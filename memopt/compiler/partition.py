@@ -33,7 +33,6 @@ ledger. If the cut fails on a graph, the default partition is used, with a warni
 
 from __future__ import annotations
 
-import copy
 import math
 import operator
 import warnings
@@ -46,7 +45,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from memopt.compiler.cost import EXTERN_OPS, buffer_users, is_view, view_base
-from memopt.compiler.graph import annotate, evaluate, output_metas, shape_bindings
+from memopt.compiler.graph import annotate, copy_graph, evaluate, output_metas, shape_bindings
 from memopt.config import Config
 
 aten = torch.ops.aten
@@ -179,7 +178,7 @@ def partition(
     bindings = _bindings(joint_inputs)
     joint_names = _forward_region(joint_module, num_fwd_outputs)
     joint_nodes = {n.name: n for n in joint_module.graph.nodes}
-    fw, bw = default_partition(copy.deepcopy(joint_module), joint_inputs,
+    fw, bw = default_partition(copy_graph(joint_module), joint_inputs,
                                num_fwd_outputs=num_fwd_outputs, **kwargs)  # fmt: skip
     if not options.enabled:
         # No recomputation: record the default partition's saved tensors (for reports).
@@ -192,7 +191,7 @@ def partition(
     modules: dict[str, tuple[torch.fx.GraphModule, torch.fx.GraphModule]] = {DEFAULT: (fw, bw)}
     reasons: dict[str, dict[str, str]] = {DEFAULT: {}}
     try:
-        cut = _BytesMinCut(copy.deepcopy(joint_module), num_fwd_outputs, bindings, options)
+        cut = _BytesMinCut(copy_graph(joint_module), num_fwd_outputs, bindings, options)
         modules[MEMOPT] = cut.partition()
         reasons[MEMOPT] = cut.save_reasons
         record.notes.extend(cut.notes)
@@ -204,7 +203,7 @@ def partition(
         from torch._functorch.partitioners import min_cut_rematerialization_partition
 
         modules[TORCH_MIN_CUT] = min_cut_rematerialization_partition(
-            copy.deepcopy(joint_module), joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs
+            copy_graph(joint_module), joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs
         )
         reasons[TORCH_MIN_CUT] = {}
     except Exception as error:  # noqa: BLE001 - only a comparison figure is lost
@@ -377,7 +376,7 @@ def _modelled_bytes(gm: torch.fx.GraphModule, config: Config, name: str) -> int:
     from memopt.compiler.cost import graph_cost
     from memopt.compiler.pipeline import run_pipeline
 
-    gm = copy.deepcopy(gm)
+    gm = copy_graph(gm)
     annotate(gm)
     inputs = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
     bindings = shape_bindings(inputs)
@@ -391,7 +390,7 @@ def _modelled_bytes(gm: torch.fx.GraphModule, config: Config, name: str) -> int:
     try:
         run_pipeline(gm, quiet, name, bindings)
     except Exception:  # noqa: BLE001 - the backend runs such a graph unoptimized
-        gm = copy.deepcopy(gm)
+        gm = copy_graph(gm)
     return graph_cost(gm, bindings).nbytes
 
 

@@ -8,7 +8,6 @@ with `check=True` runs the graph on real inputs against the unoptimized graph.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from memopt.compiler.cost import graph_cost
-from memopt.compiler.graph import META_KEY, TensorMeta, meta_of_value
+from memopt.compiler.graph import META_KEY, TensorMeta, copy_graph, meta_of_value
 from memopt.compiler.printer import format_graph
 from memopt.compiler.results import LedgerEntry
 from memopt.config import Config
@@ -46,7 +45,7 @@ def run_pipeline(
 ) -> PipelineResult:
     """Optimize `gm` in place with the configured passes; return it with the ledger."""
     fuel = fuel if fuel is not None else Fuel(config.fuel)
-    reference = copy.deepcopy(gm) if config.check and check_inputs is not None else None
+    reference = copy_graph(gm) if config.check and check_inputs is not None else None
     expected = _run_reference(reference, check_inputs) if reference is not None else None
     ledger: list[LedgerEntry] = []
     text = format_graph(gm, bindings)

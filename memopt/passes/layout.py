@@ -30,7 +30,6 @@ Options: `channels_last` ("auto": by bytes; "never"; "always": whenever legal);
 
 from __future__ import annotations
 
-import copy
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,7 +42,14 @@ from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from memopt.compiler.cost import EXTERN_OPS, buffer_users, graph_cost, is_view, view_base
-from memopt.compiler.graph import META_KEY, TensorMeta, evaluate, meta_of_value, tensor_meta
+from memopt.compiler.graph import (
+    META_KEY,
+    TensorMeta,
+    copy_graph,
+    evaluate,
+    meta_of_value,
+    tensor_meta,
+)
 from memopt.compiler.indexing import contiguous_strides
 from memopt.compiler.lower import can_lower
 from memopt.compiler.onednn import hidden_reorder_bytes, runs_on_onednn
@@ -529,7 +535,7 @@ class Layout(Pass):
             runs_on_onednn(n, ctx.bindings) for n in convs
         )
         for layout in (NCHW, NHWC):
-            trial = copy.deepcopy(gm)
+            trial = copy_graph(gm)
             conversions = _apply_layout(trial, layout, eager_outputs, ctx, None)
             if isinstance(conversions, str):
                 estimates[layout] = conversions

@@ -28,7 +28,6 @@ Disabling the pass means PyTorch's default partition (nothing recomputed), no du
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
@@ -37,7 +36,7 @@ import torch
 import torch.fx
 
 from memopt.compiler.cost import graph_cost, is_view, read_bytes
-from memopt.compiler.graph import evaluate, tensor_meta
+from memopt.compiler.graph import copy_graph, evaluate, tensor_meta
 from memopt.compiler.lower import can_lower
 from memopt.compiler.partition import DEFAULT, META_KEY, PartitionRecord
 from memopt.errors import OptionError
@@ -172,7 +171,7 @@ class Recompute(Pass):
                             local, (node.name,))  # fmt: skip
                 continue
             trials += 1
-            trial = copy.deepcopy(gm)
+            trial = copy_graph(gm)
             _duplicate(trial, _by_name(trial, node.name))
             trial_bytes, trial_kernels = _fused(trial, ctx)
             saved = baseline - trial_bytes
@@ -264,7 +263,7 @@ def _fused(gm: torch.fx.GraphModule, ctx: PassContext) -> tuple[int, dict[str, i
     index) each fused node ends up in."""
     from memopt.passes.fusion import Fusion
 
-    trial = copy.deepcopy(gm)
+    trial = copy_graph(gm)
     options = ctx.config.pass_options.get("fusion", {})
     trial_ctx = PassContext(ctx.config, ctx.graph_name, ctx.bindings, Fuel())
     Fusion(**options).run(trial, trial_ctx)
