@@ -95,3 +95,20 @@ def test_graph_with_a_tensor_constant_is_optimized():
         got = torch.compile(fn, backend="memopt")(x)
     assert not [w for w in caught if str(w.message).startswith("memopt")]
     torch.testing.assert_close(got, fn(x))
+
+
+def test_group_norm_of_a_small_input_is_optimized():
+    """The sweep's group_norm samples: fusion grouped a member with an as_strided view of
+    another member that the lowering does not fold; the kernel would have read what it
+    computes. Such a group is refused now, and the rest of the graph is still fused."""
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(1, 6, 3), torch.randn(6), torch.randn(6)
+
+    def fn(x, weight, bias):
+        return torch.nn.functional.group_norm(x, 2, weight, bias, eps=0.5)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = torch.compile(fn, backend="memopt")(x, weight, bias)
+    assert not [w for w in caught if str(w.message).startswith("memopt")]
+    torch.testing.assert_close(got, fn(x, weight, bias))

@@ -130,8 +130,17 @@ class _State:
         if group not in self.lower_memo:
             members = sorted(group, key=self.order.__getitem__)
             try:
-                lower_group(members, "probe")
+                lowered = lower_group(members, "probe")
                 self.lower_memo[group] = None
+                for node in lowered.input_nodes:
+                    if _view_root(node) in group:
+                        # A view the lowering could not fold (as_strided, say) of a member:
+                        # the kernel would read what it computes (a cycle).
+                        self.lower_memo[group] = (
+                            f"%{node.name} reads member %{_view_root(node).name} through a "
+                            "view that is not lowered"
+                        )
+                        break
             except NotLowerable as error:
                 self.lower_memo[group] = str(error)
         return self.lower_memo[group]
