@@ -14,6 +14,16 @@ from dataclasses import dataclass, field
 from memopt.errors import OptionError, unknown
 
 BACKENDS = ("auto", "triton", "cpp", "reference")
+# What backend="auto" runs generated kernels on, by the tensors' device type.
+AUTO_BACKENDS = {"cuda": "triton", "cpu": "cpp"}
+
+
+def kernel_backend(backend: str, device_type: str) -> str:
+    """The backend generated kernels run on for the `backend` option on `device_type`:
+    "auto" picks by device (reference elsewhere), and C++ runs on the CPU only."""
+    if backend == "auto" or (backend == "cpp" and device_type != "cpu"):
+        return AUTO_BACKENDS.get(device_type, "reference")
+    return backend
 
 
 @dataclass(frozen=True)

@@ -149,3 +149,17 @@ def test_triton_interpreter_end_to_end(name, training):
             expected.square().mean().backward()
             for p, q in zip(model.parameters(), expected_model.parameters()):
                 torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_backend_resolves_auto_by_device_and_keeps_cpp_on_the_cpu():
+    from memopt.config import kernel_backend
+
+    assert kernel_backend("auto", "cpu") == "cpp"
+    assert kernel_backend("auto", "cuda") == "triton"
+    assert kernel_backend("auto", "mps") == "reference"
+    assert kernel_backend("cpp", "cuda") == "triton"  # C++ kernels run on the CPU only
+    assert [kernel_backend(b, "cpu") for b in ("triton", "cpp", "reference")] == [
+        "triton",
+        "cpp",
+        "reference",
+    ]

@@ -29,6 +29,15 @@ def copy_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         return copy.deepcopy(gm)
 
 
+def graph_device(gm: torch.fx.GraphModule) -> str:
+    """The device type of the graph's tensor inputs (fake tensors carry it); "cpu" if none."""
+    for node in gm.graph.nodes:
+        value = node.meta.get("val") if node.op == "placeholder" else None
+        if isinstance(value, torch.Tensor):
+            return value.device.type
+    return "cpu"
+
+
 def to_sympy(value: object) -> sympy.Expr:
     """An int or SymInt as a sympy expression."""
     if isinstance(value, torch.SymInt):

@@ -23,8 +23,7 @@ from memopt.compiler.cost import Cost, read_bytes
 from memopt.compiler.graph import tensor_meta
 from memopt.compiler.kernel_ir import evaluate_size
 from memopt.compiler.lower import Lowered
-
-_DEVICE_BACKENDS = {"cuda": "triton", "cpu": "cpp"}
+from memopt.config import kernel_backend
 
 
 def _compile(kernel, backend: str):
@@ -119,11 +118,7 @@ class FusedKernel:
         return sizes
 
     def _backend_for(self, device: torch.device) -> str:
-        if self.backend == "cpp" and device.type != "cpu":
-            return _DEVICE_BACKENDS.get(device.type, "reference")  # C++ runs on the CPU only
-        if self.backend in ("triton", "cpp", "reference"):
-            return self.backend
-        return _DEVICE_BACKENDS.get(device.type, "reference")
+        return kernel_backend(self.backend, device.type)
 
     def prefetch(self, device: torch.device) -> None:
         """Start compiling this kernel for `device` in the background, where the backend can

@@ -10,10 +10,11 @@ from L2 in the common case, which the rule leaves out as it does for every kerne
 
 from __future__ import annotations
 
+from memopt.config import kernel_backend
+
 # Backends that run template kernels. The C++ backend renders no matmul: a template there
 # would fall back to the reference backend, so the fusion pass does not form them for it.
 TEMPLATE_BACKENDS = frozenset({"triton", "reference"})
-_DEVICE_BACKENDS = {"cuda": "triton", "cpu": "cpp"}  # what backend="auto" runs (kernels.py)
 
 # Triton's interpreter costs ~1.8 ms per program (/work/shared/environment.md): on the CPU
 # one program takes tiles up to 128 wide. tl.dot needs every block dimension >= 16.
@@ -24,9 +25,7 @@ MIN_TILE = 16
 
 def backend_runs_templates(backend: str, device_type: str) -> bool:
     """Whether kernels compiled for `backend` (auto|triton|cpp|reference) on `device_type` run templates."""
-    if backend == "auto":
-        backend = _DEVICE_BACKENDS.get(device_type, "reference")
-    return backend in TEMPLATE_BACKENDS
+    return kernel_backend(backend, device_type) in TEMPLATE_BACKENDS
 
 
 def _next_pow2(n: int) -> int:

@@ -36,7 +36,15 @@ import torch.fx
 from memopt.backends.triton.attention import MAX_HEAD_DIM  # imports no Triton
 from memopt.compiler.attention_kernel import AttentionKernel
 from memopt.compiler.attention_pattern import ATTENTION_META_KEY, FLOAT_DTYPES, AttentionMatch
-from memopt.compiler.graph import META_KEY, evaluate, meta_of_value, output_metas, tensor_meta
+from memopt.compiler.graph import (
+    META_KEY,
+    evaluate,
+    graph_device,
+    meta_of_value,
+    output_metas,
+    tensor_meta,
+)
+from memopt.config import kernel_backend
 from memopt.passes.base import Pass, PassContext, PassResult
 
 aten = torch.ops.aten
@@ -128,7 +136,7 @@ def _describe(parts: dict[str, object], backward: bool, lse: bool, bool_mask: bo
 
 def runs_triton(backend: str, device_type: str) -> bool:
     """Whether kernels compiled for `backend` on `device_type` run on Triton."""
-    return backend == "triton" or (backend == "auto" and device_type == "cuda")
+    return kernel_backend(backend, device_type) == "triton"
 
 
 def _is_scalar(node: object, value: float) -> bool:
@@ -175,14 +183,6 @@ def _erase_dead(graph: torch.fx.Graph, nodes: list[torch.fx.Node]) -> None:
             graph.erase_node(node)
 
 
-def _graph_device(gm: torch.fx.GraphModule) -> str:
-    for node in gm.graph.nodes:
-        value = node.meta.get("val") if node.op == "placeholder" else None
-        if isinstance(value, torch.Tensor):
-            return value.device.type
-    return "cpu"
-
-
 @dataclass(frozen=True)
 class Attention(Pass):
     """Attention as one kernel: record the capture's rewrites, place the Triton kernel."""
@@ -194,7 +194,7 @@ class Attention(Pass):
         for match in gm.meta.get(ATTENTION_META_KEY, ()):
             if isinstance(match, AttentionMatch):
                 self._record_rewrite(match, ctx, result)
-        triton = runs_triton(ctx.config.backend, _graph_device(gm))
+        triton = runs_triton(ctx.config.backend, graph_device(gm))
         for node in list(gm.graph.nodes):
             if node.op == "call_function" and (
                 node.target in FUSED_OPS or node.target in BACKWARD_OPS
@@ -231,7 +231,7 @@ class Attention(Pass):
             saved = evaluate(metas[1].nbytes, ctx.bindings)
         what = f"attention{' backward' if backward else ''} %{node.name} as the Triton kernel"
         reason = self._unsupported(parts, used, own_lse, backward, ctx.bindings) if triton else (
-            f"backend {ctx.config.backend!r} on {_graph_device(gm)} runs no Triton kernel: "
+            f"backend {ctx.config.backend!r} on {graph_device(gm)} runs no Triton kernel: "
             "the fused ATen op runs (inputs read once, outputs written once)"
         )  # fmt: skip
         if reason is not None:

@@ -43,11 +43,19 @@ import torch.fx
 from torch.fx.passes.tools_common import legalize_graph
 
 from memopt.compiler.cost import buffer_users, is_view, read_bytes
-from memopt.compiler.graph import META_KEY, evaluate, meta_of_value, output_metas, tensor_meta
+from memopt.compiler.graph import (
+    META_KEY,
+    evaluate,
+    graph_device,
+    meta_of_value,
+    output_metas,
+    tensor_meta,
+)
 from memopt.compiler.kernels import FusedKernel
 from memopt.compiler.lower import MATMULS, NotLowerable, can_lower, can_lower_matmul, lower_group
 from memopt.compiler.printer import op_name
 from memopt.compiler.templates import backend_runs_templates, describe_tiles, matmul_tiles
+from memopt.config import kernel_backend
 from memopt.passes.base import Pass, PassContext, PassResult
 
 Group = frozenset[torch.fx.Node]
@@ -217,24 +225,6 @@ def _names(group: Group, order: dict[torch.fx.Node, int]) -> str:
     return ", ".join(f"%{n.name}" for n in sorted(group, key=order.__getitem__))
 
 
-def _graph_device(gm: torch.fx.GraphModule) -> str:
-    """The device type of the graph's tensor inputs (fake tensors carry it)."""
-    for node in gm.graph.nodes:
-        value = node.meta.get("val") if node.op == "placeholder" else None
-        if isinstance(value, torch.Tensor):
-            return value.device.type
-    return "cpu"
-
-
-def _kernel_backend(backend: str, device_type: str) -> str:
-    """The backend generated kernels run on (`backend="auto"`: by the inputs' device)."""
-    return (
-        {"cuda": "triton", "cpu": "cpp"}.get(device_type, "reference")
-        if backend == "auto"
-        else backend
-    )
-
-
 def _lone_conversion(group: Group, state: _State) -> bool:
     """A group of one layout-changing clone that lowers (a kernel of its own on the C++ backend)."""
     (node,) = group if len(group) == 1 else (None,)
@@ -302,7 +292,7 @@ class Fusion(Pass):
             return False, "matmul templates are off (pass option matmul_templates='off')"
         if self.matmul_templates == "on":
             return True, ""
-        device = _graph_device(gm)
+        device = graph_device(gm)
         if backend_runs_templates(ctx.config.backend, device):
             return True, ""
         return False, (
@@ -423,7 +413,7 @@ class Fusion(Pass):
         return state.lowering_error(a | b)
 
     def _rewrite(self, gm: torch.fx.GraphModule, ctx: PassContext, state: _State) -> None:
-        on_cpp = _kernel_backend(ctx.config.backend, _graph_device(gm)) == "cpp"
+        on_cpp = kernel_backend(ctx.config.backend, graph_device(gm)) == "cpp"
         groups = sorted(
             (g for g in state.groups() if len(g) > 1 or (on_cpp and _lone_conversion(g, state))),
             key=lambda g: min(state.order[n] for n in g),
