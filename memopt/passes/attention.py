@@ -57,15 +57,18 @@ aten = torch.ops.aten
 SCORE_PASSES = {"inference": 4, "forward": 11}
 
 
-def _flash_cpu(node: torch.fx.Node) -> dict[str, object]:
-    q, k, v, *rest = node.args
+def _options(node: torch.fx.Node, rest: list[object]) -> dict[str, object]:
+    """dropout_p and is_causal (positional after the operands, or keywords), and scale."""
     return {
-        "q": q, "k": k, "v": v,
         "dropout": rest[0] if rest else node.kwargs.get("dropout_p", 0.0),
         "causal": rest[1] if len(rest) > 1 else node.kwargs.get("is_causal", False),
-        "mask": node.kwargs.get("attn_mask"),
         "scale": node.kwargs.get("scale"),
-    }  # fmt: skip
+    }
+
+
+def _flash_cpu(node: torch.fx.Node) -> dict[str, object]:
+    q, k, v, *rest = node.args
+    return {"q": q, "k": k, "v": v, "mask": node.kwargs.get("attn_mask"), **_options(node, rest)}
 
 
 def _flash_cuda(node: torch.fx.Node) -> dict[str, object]:
@@ -76,12 +79,7 @@ def _flash_cuda(node: torch.fx.Node) -> dict[str, object]:
 
 def _efficient(node: torch.fx.Node) -> dict[str, object]:
     q, k, v, bias, _lse, *rest = node.args
-    return {
-        "q": q, "k": k, "v": v, "mask": bias,
-        "dropout": rest[0] if rest else node.kwargs.get("dropout_p", 0.0),
-        "causal": rest[1] if len(rest) > 1 else node.kwargs.get("is_causal", False),
-        "scale": node.kwargs.get("scale"),
-    }  # fmt: skip
+    return {"q": q, "k": k, "v": v, "mask": bias, **_options(node, rest)}
 
 
 # The fused ATen forward ops: how to read their arguments, and whether the logsumexp they
@@ -97,10 +95,7 @@ def _flash_cpu_backward(node: torch.fx.Node) -> dict[str, object]:
     grad_out, q, k, v, out, lse, *rest = node.args
     return {
         "grad_out": grad_out, "q": q, "k": k, "v": v, "out": out, "lse": lse,
-        "dropout": rest[0] if rest else node.kwargs.get("dropout_p", 0.0),
-        "causal": rest[1] if len(rest) > 1 else node.kwargs.get("is_causal", False),
-        "mask": node.kwargs.get("attn_mask"),
-        "scale": node.kwargs.get("scale"),
+        "mask": node.kwargs.get("attn_mask"), **_options(node, rest),
     }  # fmt: skip
 
 
