@@ -4,6 +4,9 @@
     python bench/opinfo_sweep.py --max-samples 2          # the first 2 samples of each op
     python bench/opinfo_sweep.py --ops softmax,var_mean --verbose
     python bench/opinfo_sweep.py --backend reference --json sweep.json
+    python bench/opinfo_sweep.py --shard 1/2 --json a.jsonl &   # one process per core
+    python bench/opinfo_sweep.py --shard 2/2 --json b.jsonl
+    python bench/opinfo_sweep.py --summarize a.jsonl b.jsonl    # one summary of both
 
 Each sample becomes a function of its tensors (the op's other arguments are constants),
 compiled with `torch.compile(fn, backend="memopt")` after a Dynamo reset, and called on
@@ -209,29 +212,43 @@ def sweep(
     backend: str = "auto",
     verbose: bool = False,
     include_known: bool = False,
+    record: Callable[[SampleResult], None] | None = None,
 ) -> list[SampleResult]:
+    """Every sample's result; `record` sees each one as it ends (to stream them to a file)."""
     results = []
-    for op in ops:
+
+    def add(result: SampleResult) -> None:
+        results.append(result)
+        if record is not None:
+            record(result)
+
+    start = time.perf_counter()
+    for position, op in enumerate(ops, 1):
         label = op_label(op)
+        print(
+            f"[{position}/{len(ops)} ops, {time.perf_counter() - start:.0f} s] {label}",
+            file=sys.stderr,
+            flush=True,
+        )
         reason = known_reason(label)
         if reason is not None and not include_known:
-            results.append(SampleResult(label, -1, "known", reason))
+            add(SampleResult(label, -1, "known", reason))
             continue
         try:
             op_samples = samples(op, max_samples)
         except Exception as error:  # noqa: BLE001 - OpInfo's own sample generator failed
-            results.append(SampleResult(label, -1, "skipped", "samples: " + _first_line(error)))
+            add(SampleResult(label, -1, "skipped", "samples: " + _first_line(error)))
             continue
         for index, sample in enumerate(op_samples):
-            start = time.perf_counter()
+            began = time.perf_counter()
             try:
                 outcome, detail = check_sample(op, sample, backend)
             except Exception as error:  # noqa: BLE001 - the harness itself must keep going
                 outcome, detail = "error", "harness: " + _first_line(error)
                 if verbose:
                     traceback.print_exc()
-            result = SampleResult(label, index, outcome, detail, time.perf_counter() - start)
-            results.append(result)
+            result = SampleResult(label, index, outcome, detail, time.perf_counter() - began)
+            add(result)
             if verbose or outcome in ("mismatch", "error"):
                 print(f"{outcome:8s} {label}[{index}] {detail}", flush=True)
     return results
@@ -282,6 +299,31 @@ def _reason_key(detail: str) -> str:
     return text[:110]
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """'K/N' -> (K, N), 1 <= K <= N."""
+    try:
+        k, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard wants K/N, like 1/2; got {text!r}") from None
+    if not 1 <= k <= n:
+        raise argparse.ArgumentTypeError(f"--shard {text}: K must be between 1 and N")
+    return k, n
+
+
+def read_results(paths: Sequence[str]) -> list[SampleResult]:
+    """Results from files written by --json (a JSON line per sample)."""
+    results = []
+    for path in paths:
+        for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                results.append(SampleResult(**json.loads(line)))
+            except (ValueError, TypeError) as error:
+                raise SystemExit(f"{path}:{number}: not a sweep result line ({error})") from None
+    return results
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ops", help="comma-separated op names (op or op.variant)")
@@ -290,19 +332,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--backend", default="auto", help="memopt backend option (auto: C++ kernels on CPU tensors)"
     )
     parser.add_argument("--include-known", action="store_true", help="run known failures too")
-    parser.add_argument("--json", help="write every sample's result here")
+    parser.add_argument(
+        "--shard", type=parse_shard, default=(1, 1), help="K/N: run every Nth op from the Kth"
+    )
+    parser.add_argument("--json", help="write each sample's result here as it ends (JSON lines)")
+    parser.add_argument(
+        "--summarize", nargs="+", metavar="FILE", help="summarize --json files; run nothing"
+    )
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
+    if args.summarize:
+        results = read_results(args.summarize)
+        print(summarize(results))
+        return 1 if any(r.outcome in ("mismatch", "error") for r in results) else 0
     warnings.filterwarnings("ignore", message="(?!memopt)")
     start = time.perf_counter()
     names = args.ops.split(",") if args.ops else None
-    results = sweep(
-        float32_ops(names), args.max_samples, args.backend, args.verbose, args.include_known
-    )
+    k, n = args.shard
+    ops = float32_ops(names)[k - 1 :: n]
+    if names is not None and not ops:
+        parser.error(f"--ops {args.ops}: no float32 OpInfo has that name")
+    stream = open(args.json, "w") if args.json else None  # noqa: SIM115 - closed below
+
+    def record(result: SampleResult) -> None:
+        if stream is not None:
+            stream.write(json.dumps(asdict(result)) + "\n")
+            stream.flush()
+
+    try:
+        results = sweep(
+            ops, args.max_samples, args.backend, args.verbose, args.include_known, record
+        )
+    finally:
+        if stream is not None:
+            stream.close()
     print(summarize(results))
-    print(f"backend={args.backend}; {time.perf_counter() - start:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=1))
+    shard = f", shard {k}/{n}" if n > 1 else ""
+    print(f"backend={args.backend}{shard}; {time.perf_counter() - start:.0f} s")
     return 1 if any(r.outcome in ("mismatch", "error") for r in results) else 0
 
 
