@@ -251,3 +251,47 @@ def test_gathers_cat_and_factories(backend):
     for k, (g, w) in enumerate(zip(got, fn(*args))):
         torch.testing.assert_close(g, w, msg=lambda m, k=k: f"output {k}: {m}")
     assert len(fused_kernels(gm)) >= 5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scatters_and_cat_of_computed_values(backend):
+    """slice_scatter, select_scatter and cat whose pieces are computed in the same kernel:
+    a piece is read only where it is used (masked), so its shifted index never reads outside
+    a buffer, a gather's included (the rotary-embedding backward's pattern)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, generator=g)
+    base = torch.randn(4, 11, generator=g)
+    table = torch.randn(9, 3, generator=g)
+    idx = torch.tensor([[8, 0], [2, 5], [1, 1], [7, 3]])
+
+    def fn(x, base, table, idx):
+        half = x[:, 3:]
+        return (
+            torch.slice_scatter(base, x.sin() * 2, dim=1, start=3, end=9) + 1,
+            torch.slice_scatter(base, x[:, :4].exp(), dim=1, start=-10, step=3).relu(),
+            torch.select_scatter(base, x[:, 0].cos(), 1, -1) * 3,
+            torch.cat([-half, x[:, :3] * 2, F.embedding(idx, table).flatten(1)], 1) + 1,
+        )
+
+    args = (x, base, table, idx)
+    got, gm = run_fused(fn, args, backend)
+    for k, (a, b) in enumerate(zip(got, fn(*args))):
+        torch.testing.assert_close(a, b, msg=lambda m, k=k: f"output {k}: {m}")
+    assert aten_ops(gm) == []
+    # Outputs of equal size share a kernel: the two scatters of `base`'s shape, the others.
+    assert len(fused_kernels(gm)) == 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_slice_scatter_of_a_reduction_at_another_row_is_not_fused_with_it(backend):
+    """The scatter reads the row sums at shifted rows: a kernel computes its own rows only,
+    so the sum stays out of the scatter's kernel (an ATen call, alone) and is read by it."""
+    x, base = torch.randn(5, 7), torch.randn(9)
+
+    def fn(x, base):
+        return torch.slice_scatter(base, x.sum(1), dim=0, start=2, end=7) * 2
+
+    got, gm = run_fused(fn, (x, base), backend)
+    torch.testing.assert_close(got, fn(x, base))
+    assert aten_ops(gm) == ["aten.sum.dim_IntList"]
+    assert [k.kernel.kind for k in fused_kernels(gm)] == ["pointwise"]

@@ -14,13 +14,14 @@ reason, which the fusion pass records.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import sympy
 import torch
 import torch.fx
-from torch.utils._sympy.functions import ToFloat
+from torch.utils._sympy.functions import FloorDiv, ToFloat
 
 from memopt.compiler import kernel_ir as ir
 from memopt.compiler.cost import buffer_users, is_view
@@ -107,7 +108,8 @@ GATHERS = {aten.index_select.default, aten.index.Tensor, aten._unsafe_index.Tens
            aten.gather.default, aten.embedding.default}  # fmt: skip
 OTHER = {aten.where.self, aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default,
          aten.div.Tensor_mode, aten.arange.start_step, aten.arange.default,
-         aten.arange.start, aten.cat.default, prims.iota.default, prims.where.default, aten.square.default}  # fmt: skip
+         aten.arange.start, aten.cat.default, prims.iota.default, prims.where.default, aten.square.default,
+         aten.slice_scatter.default, aten.select_scatter.default}  # fmt: skip
 # Matmuls a template kernel computes (with the pointwise ops around them), when the fusion
 # pass puts one in a group; alone they stay library calls.
 MATMULS = {aten.mm.default, aten.bmm.default}
@@ -275,7 +277,9 @@ class _Lowering:
         self.inputs: dict[torch.fx.Node, str] = {}
         self.direct_reads: set[torch.fx.Node] = set()
         self.indirect_reads: set[torch.fx.Node] = set()
-        self.memo: dict[tuple[torch.fx.Node, Index], Value] = {}
+        self.memo: dict[tuple[torch.fx.Node, Index, Value | None], Value] = {}
+        # Where the value being built is used: loads outside it read nothing (see `masked`).
+        self.mask: Value | None = None
         self.indirect_count = 0
         self.signature: ReductionSignature | None = None
         self.row_vars: tuple[sympy.Symbol, ...] = ()
@@ -361,7 +365,7 @@ class _Lowering:
         if not isinstance(node, torch.fx.Node):
             return ir.const(node, dtype_hint or _scalar_dtype(node))
         index = tuple(simplify(e, self.ranges) for e in index)
-        key = (node, index)
+        key = (node, index, self.mask)
         if key not in self.memo:
             self.memo[key] = self._value_at(node, index)
         return self.memo[key]
@@ -380,13 +384,25 @@ class _Lowering:
                 return True
         return False
 
-    def load(self, node: torch.fx.Node, index: Index, mask: Value | None = None) -> Value:
+    @contextlib.contextmanager
+    def masked(self, inside: Value) -> Iterator[None]:
+        """Values built inside are used only where `inside` holds (a piece of a cat, the
+        slice a slice_scatter writes): elsewhere their index may fall outside a buffer, so
+        every load made for them is masked, and reads nothing there."""
+        outer = self.mask
+        self.mask = inside if outer is None else _and(outer, inside)
+        try:
+            yield
+        finally:
+            self.mask = outer
+
+    def load(self, node: torch.fx.Node, index: Index) -> Value:
         meta = tensor_meta(node)
         if meta is None:
             raise NotLowerable(f"%{node.name} is not a tensor")
         name = self.inputs.setdefault(node, f"in{len(self.inputs)}")
         self.direct_reads.add(node)
-        return ir.load(name, offset(index, meta.stride), meta.dtype, mask=mask)
+        return ir.load(name, offset(index, meta.stride), meta.dtype, mask=self.mask)
 
     def operand(self, node: torch.fx.Node, arg: object, index: Index, dtype: torch.dtype) -> Value:
         """An operand of a pointwise node at the node's index, broadcast and cast to dtype."""
@@ -592,6 +608,7 @@ class _Lowering:
             offset(full_index, source_meta.stride),
             source_meta.dtype,
             indirect=((symbol, position),),
+            mask=self.mask,
         )
 
 
@@ -803,32 +820,96 @@ def _square(self: _Lowering, node: torch.fx.Node, index: Index) -> Value:
     return ir.cast(ir.op("mul", value, value, dtype=dtype), result)
 
 
+def _and(a: Value, b: Value) -> Value:
+    return ir.op("logical_and", a, b, dtype=torch.bool)
+
+
+def _in_range(position: Value, start: sympy.Expr, end: sympy.Expr) -> Value:
+    """start <= position < end, as a bool Value."""
+    return _and(
+        ir.op("ge", position, ir.index_value(start), dtype=torch.bool),
+        ir.op("lt", position, ir.index_value(end), dtype=torch.bool),
+    )
+
+
+def _static_int(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise NotLowerable(f"{what} {value!r} is not a constant integer")
+    return value
+
+
 def _cat(self: _Lowering, node: torch.fx.Node, index: Index) -> Value:
+    """Each input where the index falls in its range along dim, read there masked."""
     tensors = [t for t in node.args[0] if tensor_meta(t) is not None and tensor_meta(t).numel != 0]
     dim = (node.args[1] if len(node.args) > 1 else 0) % len(index)
     dtype = tensor_meta(node).dtype
-    if any(t in self.member_set or self._reaches_member(t) for t in tensors):
-        # A masked load skips out-of-range elements; a computed input would need every
-        # load inside it masked too.
-        raise NotLowerable("cat of computed values stays its own kernel (inputs must be tensors)")
     start = sympy.Integer(0)
     pieces: list[tuple[Value, Value]] = []
     position = ir.index_value(index[dim])
     for tensor in tensors:
         size = tensor_meta(tensor).shape[dim]
-        inside = ir.op(
-            "logical_and",
-            ir.op("ge", position, ir.index_value(start), dtype=torch.bool),
-            ir.op("lt", position, ir.index_value(start + size), dtype=torch.bool),
-            dtype=torch.bool,
-        )
+        inside = _in_range(position, start, start + size)
         shifted = tuple(e - start if d == dim else e for d, e in enumerate(index))
-        pieces.append((inside, ir.cast(self.load(tensor, shifted, mask=inside), dtype)))
+        with self.masked(inside):
+            pieces.append((inside, ir.cast(self.value_at(tensor, shifted), dtype)))
         start = start + size
     value = pieces[-1][1]
     for inside, piece in reversed(pieces[:-1]):
         value = ir.op("where", inside, piece, value, dtype=dtype)
     return value
+
+
+def _slice_scatter(self: _Lowering, node: torch.fx.Node, index: Index) -> Value:
+    """slice_scatter(base, src, dim, start, end, step): src where the index is in the
+    slice (read there masked), base elsewhere."""
+    base, src = node.args[0], node.args[1]
+    args = list(node.args[2:]) + [None] * (4 - len(node.args[2:]))
+    dim = node.kwargs.get("dim", args[0] if args[0] is not None else 0) % len(index)
+    start = node.kwargs.get("start", args[1])
+    step = _static_int(node.kwargs.get("step", args[3] if args[3] is not None else 1), "step")
+    size = sympy.sympify(tensor_meta(node).shape[dim])
+    start = 0 if start is None else _static_int(start, "start")
+    if start < 0:
+        start = size + start  # counts from the end, as in Python
+    if size.is_number:
+        start = sympy.Integer(max(0, min(int(sympy.sympify(start)), int(size))))
+    count = tensor_meta(src).shape[dim]  # the slice's length, whatever `end` was
+    dtype = tensor_meta(node).dtype
+    position = index[dim]
+    inside = _in_range(ir.index_value(position), start, start + (count - 1) * step + 1)
+    if step != 1:
+        offset_value = ir.index_value(position - start)
+        on_step = ir.op(
+            "eq",
+            ir.op("remainder", offset_value, ir.const(step, offset_value.dtype),
+                  dtype=offset_value.dtype),
+            ir.const(0, offset_value.dtype),
+            dtype=torch.bool,
+        )  # fmt: skip
+        inside = _and(inside, on_step)
+    along = position - start if step == 1 else FloorDiv(position - start, step)
+    source_index = tuple(along if d == dim else e for d, e in enumerate(index))
+    with self.masked(inside):
+        piece = ir.cast(self.value_at(src, source_index), dtype)
+    return ir.op("where", inside, piece, ir.cast(self.value_at(base, index), dtype), dtype=dtype)
+
+
+def _select_scatter(self: _Lowering, node: torch.fx.Node, index: Index) -> Value:
+    """select_scatter(base, src, dim, i): src where the index along dim is i, else base."""
+    base, src, dim, chosen = node.args[:4]
+    dim = dim % len(index)
+    chosen = _static_int(chosen, "index")
+    size = sympy.sympify(tensor_meta(node).shape[dim])
+    if chosen < 0:
+        chosen = size + chosen
+    dtype = tensor_meta(node).dtype
+    inside = ir.op(
+        "eq", ir.index_value(index[dim]), ir.index_value(sympy.sympify(chosen)), dtype=torch.bool
+    )
+    source_index = tuple(e for d, e in enumerate(index) if d != dim)
+    with self.masked(inside):
+        piece = ir.cast(self.value_at(src, source_index), dtype)
+    return ir.op("where", inside, piece, ir.cast(self.value_at(base, index), dtype), dtype=dtype)
 
 
 _OTHER_RULES: Mapping[object, Callable[[_Lowering, torch.fx.Node, Index], Value]] = {
@@ -844,6 +925,8 @@ _OTHER_RULES: Mapping[object, Callable[[_Lowering, torch.fx.Node, Index], Value]
     prims.iota.default: _iota,
     aten.square.default: _square,
     aten.cat.default: _cat,
+    aten.slice_scatter.default: _slice_scatter,
+    aten.select_scatter.default: _select_scatter,
 }
 
 
