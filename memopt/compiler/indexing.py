@@ -108,12 +108,14 @@ def simplify(expr: sympy.Expr, ranges: Mapping[sympy.Symbol, sympy.Expr]) -> sym
     ((8*i0 + i1) // 8) % 4 with i1 < 8 and i0 < 4 becomes i0. A variable whose range is 1
     is 0. Results are cached: fusion's trial lowerings simplify the same indices many times.
     """
-    return _simplify(sympy.sympify(expr), tuple(sorted(ranges.items(), key=str)))
+    # A frozenset is the cache key: sorting the items by their printed form cost more than
+    # the simplification.
+    return _simplify(sympy.sympify(expr), frozenset(ranges.items()))
 
 
 @functools.lru_cache(maxsize=1 << 16)
 def _simplify(
-    expr: sympy.Expr, range_items: tuple[tuple[sympy.Symbol, sympy.Expr], ...]
+    expr: sympy.Expr, range_items: frozenset[tuple[sympy.Symbol, sympy.Expr]]
 ) -> sympy.Expr:
     ranges = dict(range_items)
     units = {v: sympy.Integer(0) for v, size in ranges.items() if size == 1}

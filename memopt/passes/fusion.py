@@ -82,7 +82,16 @@ class _State:
         self.consumers = {
             n: [u for u in buffer_users(n) if u in self.group_of] for n in self.fusible
         }
+        # The graph does not change while groups are searched: users and input roots are
+        # looked up once per node.
+        self.users_memo: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+        self.roots = {
+            n: [r for r in map(_view_root, n.all_input_nodes) if tensor_meta(r) is not None]
+            for n in self.fusible
+        }
+        self.first_memo: dict[Group, int] = {}
         self.cost_memo: dict[Group, int] = {}
+        self.saved_memo: dict[tuple[Group, Group], int] = {}
         self.lower_memo: dict[Group, str | None] = {}
 
     def groups(self) -> set[Group]:
@@ -101,6 +110,17 @@ class _State:
     def stored(self, group: Group) -> list[torch.fx.Node]:
         return [m for m in group if any(u not in group for u in buffer_users(m))]
 
+    def data_users(self, node: torch.fx.Node) -> list[torch.fx.Node]:
+        if node not in self.users_memo:
+            self.users_memo[node] = _data_users(node)
+        return self.users_memo[node]
+
+    def first(self, group: Group) -> int:
+        """The group's first node's position in the graph."""
+        if group not in self.first_memo:
+            self.first_memo[group] = min(self.order[n] for n in group)
+        return self.first_memo[group]
+
     def cost(self, group: Group) -> int:
         """Modelled bytes of a group as one kernel: inputs read once, outputs written once."""
         if group not in self.cost_memo:
@@ -111,7 +131,10 @@ class _State:
         return self.cost_memo[group]
 
     def saved(self, a: Group, b: Group) -> int:
-        return self.cost(a) + self.cost(b) - self.cost(a | b)
+        # Keyed by the pair: a group's hash is cached, a fresh union's is not.
+        if (a, b) not in self.saved_memo:
+            self.saved_memo[(a, b)] = self.cost(a) + self.cost(b) - self.cost(a | b)
+        return self.saved_memo[(a, b)]
 
     def creates_cycle(self, a: Group, b: Group) -> bool:
         """Would a path leave a | b and come back (through an extern op or another group)?
@@ -119,7 +142,7 @@ class _State:
         Views are looked through: a view between two members is folded into indexing.
         """
         merged = a | b
-        pending = [u for n in merged for u in _data_users(n) if u not in merged]
+        pending = [u for n in merged for u in self.data_users(n) if u not in merged]
         seen: set[torch.fx.Node] = set()
         while pending:
             node = pending.pop()
@@ -127,7 +150,7 @@ class _State:
                 continue
             seen.add(node)
             for member in self.group_of.get(node, frozenset([node])):
-                for user in _data_users(member):
+                for user in self.data_users(member):
                     if user in merged:
                         return True
                     if user not in seen:
@@ -162,12 +185,10 @@ class _State:
                     pairs.add((a, b, "vertical"))
         readers: dict[torch.fx.Node, set[Group]] = {}
         for node in self.fusible:
-            for arg in node.all_input_nodes:
-                root = _view_root(arg)
-                if tensor_meta(root) is not None:
-                    readers.setdefault(root, set()).add(self.group_of[node])
+            for root in self.roots[node]:
+                readers.setdefault(root, set()).add(self.group_of[node])
         for groups in readers.values():
-            ordered = sorted(groups, key=lambda g: min(self.order[n] for n in g))
+            ordered = sorted(groups, key=self.first)
             # All pairs of a buffer's readers, or, for a buffer many groups read (a weight,
             # an input), each with the next: linear in the readers, and repeated merges
             # still join them all.
@@ -308,12 +329,16 @@ class Fusion(Pass):
         while True:
             scored = sorted(
                 ((state.saved(a, b), kind, a, b) for a, b, kind in state.candidates()),
-                key=lambda t: (-t[0], t[1], min(state.order[n] for n in t[2] | t[3])),
+                key=lambda t: (-t[0], t[1], min(state.first(t[2]), state.first(t[3]))),
             )
             merged = False
             for saved, kind, a, b in scored:
                 if saved <= 0:
                     break
+                if (a, b) in refused:
+                    # Still refused: merging other groups only adds paths between nodes,
+                    # and the lowering and size limits depend on a | b alone.
+                    continue
                 reason = self._illegal(state, a, b)
                 if reason is not None:
                     refused[(a, b)] = (reason, saved, kind)
