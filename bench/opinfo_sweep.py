@@ -7,6 +7,7 @@
     python bench/opinfo_sweep.py --shard 1/2 --json a.jsonl &   # one process per core
     python bench/opinfo_sweep.py --shard 2/2 --json b.jsonl
     python bench/opinfo_sweep.py --summarize a.jsonl b.jsonl    # one summary of both
+    python bench/opinfo_sweep.py --shard 1/2 --skip-done a.jsonl --json a2.jsonl  # finish a
 
 Each sample becomes a function of its tensors (the op's other arguments are constants),
 compiled with `torch.compile(fn, backend="memopt")` after a Dynamo reset, and called on
@@ -311,17 +312,20 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def read_results(paths: Sequence[str]) -> list[SampleResult]:
-    """Results from files written by --json (a JSON line per sample)."""
-    results = []
+    """Results from files written by --json (a JSON line per sample). A sample found in
+    several files keeps its last result: list a re-run after the run it corrects."""
+    results: dict[tuple[str, int], SampleResult] = {}
     for path in paths:
         for number, line in enumerate(Path(path).read_text().splitlines(), 1):
             if not line.strip():
                 continue
             try:
-                results.append(SampleResult(**json.loads(line)))
+                result = SampleResult(**json.loads(line))
             except (ValueError, TypeError) as error:
                 raise SystemExit(f"{path}:{number}: not a sweep result line ({error})") from None
-    return results
+            results.pop((result.op, result.sample), None)
+            results[(result.op, result.sample)] = result
+    return list(results.values())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -337,6 +341,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--json", help="write each sample's result here as it ends (JSON lines)")
     parser.add_argument(
+        "--skip-done", nargs="+", metavar="FILE", default=(),
+        help="skip the ops that have results in these --json files (to finish a stopped run)",
+    )  # fmt: skip
+    parser.add_argument(
         "--summarize", nargs="+", metavar="FILE", help="summarize --json files; run nothing"
     )
     parser.add_argument("--verbose", action="store_true")
@@ -349,7 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     names = args.ops.split(",") if args.ops else None
     k, n = args.shard
-    ops = float32_ops(names)[k - 1 :: n]
+    done = {r.op for r in read_results(args.skip_done)}
+    ops = [op for op in float32_ops(names)[k - 1 :: n] if op_label(op) not in done]
     if names is not None and not ops:
         parser.error(f"--ops {args.ops}: no float32 OpInfo has that name")
     stream = open(args.json, "w") if args.json else None  # noqa: SIM115 - closed below

@@ -112,3 +112,20 @@ def test_group_norm_of_a_small_input_is_optimized():
         got = torch.compile(fn, backend="memopt")(x, weight, bias)
     assert not [w for w in caught if str(w.message).startswith("memopt")]
     torch.testing.assert_close(got, fn(x, weight, bias))
+
+
+def test_copy_is_kept_for_a_view_its_source_strides_cannot_express():
+    """The sweep's max_unpool2d samples: an input at strides (6, 1, 6, 2) is copied to
+    contiguous and then viewed as a vector. The layout pass removed the copy, because
+    torch's fake tensors accept that view; the real tensor refuses it. The pass now checks
+    every view's strides itself."""
+    from memopt.passes.layout import view_strides
+
+    assert view_strides([1, 2, 1, 3], [6, 1, 6, 2], [6]) is None
+    assert view_strides([1, 2, 1, 3], [6, 3, 3, 1], [6]) == [1]
+    assert view_strides([2, 3], [1, 2], [3, 2]) is None
+    assert view_strides([4, 3], [3, 1], [2, 2, 3]) == [6, 3, 1]
+    x = torch.randn(1, 3, 1, 2).permute(0, 3, 2, 1)  # (1, 2, 1, 3) at strides (6, 1, 6, 2)
+    fn = lambda x: x.contiguous().view(6) * 2  # noqa: E731
+    got = torch.compile(fn, backend="memopt")(x)
+    torch.testing.assert_close(got, fn(x))

@@ -30,8 +30,9 @@ Options: `channels_last` ("auto": by bytes; "never"; "always": whenever legal);
 
 from __future__ import annotations
 
+import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -205,7 +206,62 @@ def _evaluate(interpreter: torch.fx.Interpreter, node: torch.fx.Node) -> object:
             arg.meta["val"] = interpreter.env[arg]
             arg.meta[META_KEY] = meta_of_value(arg.meta["val"])
     args, kwargs = interpreter.fetch_args_kwargs_from_env(node)
+    if node.target in _STRICT_VIEWS and isinstance(args[0], torch.Tensor):
+        _check_viewable(args[0], args[1])
     return getattr(interpreter, node.op)(node.target, args, kwargs)
+
+
+def _check_viewable(source: torch.Tensor, size: Sequence[object]) -> None:
+    """Raise where a real tensor at the source's strides refuses `view(size)`.
+
+    Fake tensors accept some views real ones refuse (torch 2.13: a (1, 2, 1, 3) tensor at
+    strides (6, 1, 6, 2) viewed as (6,)), so the strides are checked here, in plain Python;
+    symbolic sizes are left to the fake tensor.
+    """
+    shape, stride = list(source.shape), list(source.stride())
+    if not all(isinstance(d, int) for d in (*shape, *stride, *size)):
+        return
+    numel = math.prod(shape)
+    known = math.prod(d for d in size if d != -1)
+    target = [numel // known if d == -1 and known else d for d in size]
+    if numel == 0 or view_strides(shape, stride, target) is not None:
+        return
+    raise RuntimeError(
+        f"view of a tensor of shape {shape} at strides {stride} as {list(size)} "
+        "needs a copy (a dimension spans two non-contiguous runs of memory)"
+    )
+
+
+def view_strides(shape: list[int], stride: list[int], target: list[int]) -> list[int] | None:
+    """The strides `view(target)` gives a tensor, or None where no strides can express it.
+
+    The source's dims split into runs that are contiguous with each other (size-1 dims join
+    any run); each run must be covered by whole target dims, strided from the run's base.
+    """
+    result = [0] * len(target)
+    t = len(target) - 1
+    base = stride[-1] if stride else 1
+    run = covered = 1
+    for d in range(len(shape) - 1, -1, -1):
+        run *= shape[d]
+        run_ends = d == 0 or (shape[d - 1] != 1 and stride[d - 1] != run * base)
+        if not run_ends:
+            continue
+        while t >= 0 and (covered < run or target[t] == 1):
+            result[t] = covered * base
+            covered *= target[t]
+            t -= 1
+        if covered != run:
+            return None
+        if d > 0:
+            base, run, covered = stride[d - 1], 1, 1
+    # Leftover size-1 target dims (a 0-dim source) take stride 1.
+    while t >= 0:
+        if target[t] != 1:
+            return None
+        result[t] = 1
+        t -= 1
+    return result
 
 
 def _output_metas(gm: torch.fx.GraphModule) -> list[TensorMeta | None]:
