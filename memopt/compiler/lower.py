@@ -677,14 +677,20 @@ def _slice(node: torch.fx.Node, index: Index) -> Index:
     dim = (node.args[1] if len(node.args) > 1 else 0) % len(index)
     start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
     step = node.args[4] if len(node.args) > 4 else 1
-    size = sympy.sympify(tensor_meta(node.args[0]).shape[dim])
-    if isinstance(start, int) and start < 0:
-        start = size + start  # counts from the end, as in Python
-    if size.is_number:
-        start = max(0, min(int(sympy.sympify(start)), int(size)))
+    start = _slice_start(start, tensor_meta(node.args[0]).shape[dim])
     source = list(index)
     source[dim] = start + index[dim] * step
     return tuple(source)
+
+
+def _slice_start(start: object, size: object) -> object:
+    """A slice's first element: negative counts from the end; clamped to [0, size]."""
+    size = sympy.sympify(size)
+    if isinstance(start, int) and start < 0:
+        start = size + start
+    if size.is_number:
+        start = max(0, min(int(sympy.sympify(start)), int(size)))
+    return start
 
 
 def _select(node: torch.fx.Node, index: Index) -> Index:
@@ -867,12 +873,8 @@ def _slice_scatter(self: _Lowering, node: torch.fx.Node, index: Index) -> Value:
     dim = node.kwargs.get("dim", args[0] if args[0] is not None else 0) % len(index)
     start = node.kwargs.get("start", args[1])
     step = _static_int(node.kwargs.get("step", args[3] if args[3] is not None else 1), "step")
-    size = sympy.sympify(tensor_meta(node).shape[dim])
     start = 0 if start is None else _static_int(start, "start")
-    if start < 0:
-        start = size + start  # counts from the end, as in Python
-    if size.is_number:
-        start = sympy.Integer(max(0, min(int(sympy.sympify(start)), int(size))))
+    start = sympy.sympify(_slice_start(start, tensor_meta(node).shape[dim]))
     count = tensor_meta(src).shape[dim]  # the slice's length, whatever `end` was
     dtype = tensor_meta(node).dtype
     position = index[dim]

@@ -40,6 +40,7 @@ import sympy
 import torch
 import torch.fx
 from torch._guards import detect_fake_mode
+from torch._prims_common import infer_size
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from memopt.compiler.cost import EXTERN_OPS, buffer_users, graph_cost, is_view, view_base
@@ -222,9 +223,7 @@ def _check_viewable(source: torch.Tensor, size: Sequence[object]) -> None:
     if not all(isinstance(d, int) for d in (*shape, *stride, *size)):
         return
     numel = math.prod(shape)
-    known = math.prod(d for d in size if d != -1)
-    target = [numel // known if d == -1 and known else d for d in size]
-    if numel == 0 or view_strides(shape, stride, target) is not None:
+    if numel == 0 or view_strides(shape, stride, list(infer_size(size, numel))) is not None:
         return
     raise RuntimeError(
         f"view of a tensor of shape {shape} at strides {stride} as {list(size)} "
