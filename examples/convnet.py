@@ -46,7 +46,7 @@ def example() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
 
 if __name__ == "__main__":
     import memopt
-    from memopt.compiler.summary import format_analysis
+    from memopt.reports.summary import format_analysis
 
     model, inputs = example()
     print(format_analysis(memopt.analyze(model, *inputs)))

@@ -34,7 +34,7 @@ def example() -> tuple[Callable[..., torch.Tensor], tuple[torch.Tensor, ...]]:
 
 if __name__ == "__main__":
     import memopt
-    from memopt.compiler.summary import format_analysis
+    from memopt.reports.summary import format_analysis
 
     fn, inputs = example()
     print(format_analysis(memopt.analyze(fn, *inputs)))

@@ -20,10 +20,10 @@ __version__ = "0.1.0"
 # The analysis entry points pull in Dynamo; import them on first use so that
 # `import memopt.compiler.kernel_ir` (and the CLI's --help) stay light.
 _LAZY = {
-    "analyze": "memopt.compiler.analysis",
-    "Analysis": "memopt.compiler.results",
-    "report": "memopt.compiler.report",
-    "ablate": "memopt.compiler.ablation",
+    "analyze": "memopt.driver.analyze",
+    "Analysis": "memopt.driver.results",
+    "report": "memopt.reports.writer",
+    "ablate": "memopt.tools.ablate",
 }
 
 

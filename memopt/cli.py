@@ -203,8 +203,8 @@ def _backend_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from memopt.compiler.summary import analysis_json, format_analysis
     from memopt.config import Config
+    from memopt.reports.summary import analysis_json, format_analysis
 
     options = _options(args)
     # Validate options before the slow part, so a typo fails in a second, not after analysis;
@@ -229,7 +229,7 @@ def _report(args: argparse.Namespace) -> int:
         data = analysis_json(analysis, [device])
         _write(args.json, json.dumps(data, indent=2, sort_keys=True) + "\n")
     if args.out:
-        from memopt.compiler.report import write_report
+        from memopt.reports.writer import write_report
 
         _progress(f"writing the report to {args.out} ...")
         try:
@@ -246,10 +246,10 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _diff(args: argparse.Namespace) -> int:
-    from memopt.compiler.analysis import analyze_captured
     from memopt.compiler.capture import capture
-    from memopt.compiler.diff import analysis_diff, pass_diffs, pipeline_diff
     from memopt.config import Config
+    from memopt.driver.analyze import analyze_captured
+    from memopt.reports.diff import analysis_diff, pass_diffs, pipeline_diff
 
     if (args.from_options is None) != (args.to_options is None):
         raise _UsageError("--from and --to go together: give both, or neither")
@@ -305,8 +305,8 @@ def _diff(args: argparse.Namespace) -> int:
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    from memopt.compiler.ablation import require_matplotlib
     from memopt.config import Config
+    from memopt.tools.ablate import require_matplotlib
 
     options = _options(args)
     Config.from_options(options)
@@ -347,8 +347,8 @@ def _ablate(args: argparse.Namespace) -> int:
 
 
 def _bisect(args: argparse.Namespace) -> int:
-    from memopt.compiler.bisect import bisect
     from memopt.config import Config
+    from memopt.tools.bisect import bisect
 
     options = _options(args)
     Config.from_options(options)
@@ -373,7 +373,7 @@ def _load(args: argparse.Namespace):
     """The target, loaded; a module put in train mode for --train."""
     import torch
 
-    from memopt.compiler.targets import load_target
+    from memopt.driver.targets import load_target
     from memopt.examples import DEFAULT_EXAMPLE
 
     _progress(f"loading {args.target or DEFAULT_EXAMPLE} ...")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from memopt.backends.runtime.kernels import FusedKernel
 from memopt.compiler.capture import decompositions
 from memopt.compiler.graph import annotate
-from memopt.compiler.kernels import FusedKernel
-from memopt.compiler.pipeline import run_pipeline
 from memopt.config import Config
+from memopt.passes.pipeline import run_pipeline
 
 
 def run_fused(fn, inputs, backend="reference", **options):

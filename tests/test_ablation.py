@@ -11,9 +11,9 @@ import torch
 
 import memopt
 from memopt.cli import main
-from memopt.compiler.ablation import configurations
-from memopt.compiler.summary import MAX_WIDTH
 from memopt.passes import DEFAULT_PIPELINE
+from memopt.reports.summary import MAX_WIDTH
+from memopt.tools.ablate import configurations
 
 from models import MLP
 
@@ -148,7 +148,7 @@ def test_rows_without_recompute_use_the_default_partition():
 
 def test_run_reports_a_wrong_answer(monkeypatch):
     # A compiled program that is off by one: the check says how, and the row still has a time.
-    import memopt.compiler.measure as measure
+    import memopt.driver.measure as measure
 
     real = measure.compile_program
 

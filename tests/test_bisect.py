@@ -10,8 +10,8 @@ import torch
 
 import memopt
 from memopt.cli import main
-from memopt.compiler.bisect import applied_decisions, bisect
 from memopt.passes import PASSES, Pass, PassResult
+from memopt.tools.bisect import applied_decisions, bisect
 
 aten = torch.ops.aten
 PIPELINE = ["cleanup", "planted", "fusion"]

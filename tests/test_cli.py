@@ -16,9 +16,9 @@ import torch
 import memopt
 from memopt import examples
 from memopt.cli import main
-from memopt.compiler.summary import MAX_WIDTH, format_bytes
-from memopt.compiler.targets import load_target
+from memopt.driver.targets import load_target
 from memopt.errors import TargetError
+from memopt.reports.summary import MAX_WIDTH, format_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -243,7 +243,7 @@ def test_keyboard_interrupt_exits_130(monkeypatch, capsys):
     def interrupt(spec):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("memopt.compiler.targets.load_target", interrupt)
+    monkeypatch.setattr("memopt.driver.targets.load_target", interrupt)
     assert main(["report", "mlp"]) == 130
 
 

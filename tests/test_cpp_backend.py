@@ -19,9 +19,9 @@ from torch.testing import assert_close
 
 from memopt.backends import reference
 from memopt.backends.cpp import CompileError, CompilerNotFound, build, codegen, compile_kernel
+from memopt.backends.runtime.kernels import FusedKernel
 from memopt.compiler import kernel_ir as ir
 from memopt.compiler.kernel_ir import Kernel, Store, indirect_var, reduction_var
-from memopt.compiler.kernels import FusedKernel
 
 import kernel_examples as examples
 from kernel_examples import S, buf, i0, i1

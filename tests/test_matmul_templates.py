@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import memopt
-from memopt.compiler.templates import backend_runs_templates, matmul_tiles
+from memopt.backends.triton.tiles import backend_runs_templates, matmul_tiles
 from memopt.errors import OptionError
 
 pytest.importorskip("triton")

@@ -9,15 +9,15 @@ from torch.nn import functional as F
 
 import memopt
 from memopt.compiler import capture as capture_module
-from memopt.compiler.partition import (
+from memopt.config import Config
+from memopt.errors import OptionError
+from memopt.passes.partition import (
     DEFAULT,
     MEMOPT,
     META_KEY,
     TORCH_MIN_CUT,
     saved_activation_bytes,
 )
-from memopt.config import Config
-from memopt.errors import OptionError
 
 from models import MLP, model_and_input
 
@@ -32,7 +32,7 @@ def activations(x: torch.Tensor) -> torch.Tensor:
     return torch.tanh(torch.sigmoid(x.exp() * 0.5).relu() + x).sum(-1)
 
 
-def recompute_decisions(analysis: memopt.compiler.results.Analysis) -> list:
+def recompute_decisions(analysis: memopt.driver.results.Analysis) -> list:
     return [d for p in analysis.ledger if p.pass_name == "recompute" for d in p.decisions]
 
 

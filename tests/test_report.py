@@ -16,9 +16,9 @@ import torch
 
 import memopt
 from memopt.cli import main
-from memopt.compiler.diff import parse_line, side_by_side, unified_diff
-from memopt.compiler.report import write_report
 from memopt.passes import DEFAULT_PIPELINE
+from memopt.reports.diff import parse_line, side_by_side, unified_diff
+from memopt.reports.writer import write_report
 
 from models import Block
 

@@ -3,7 +3,7 @@
 Dynamo traces Python to an fx graph of torch calls; AOTAutograd functionalizes it,
 decomposes it with the table below and, when training, splits the joint graph into a
 forward and a backward graph. The same plumbing serves `torch.compile(backend="memopt")`
-(compiler/backend.py) and `memopt.analyze` (compiler/analysis.py), so both see the same
+(driver/dynamo.py) and `memopt.analyze` (driver/analyze.py), so both see the same
 graphs.
 """
 
@@ -20,10 +20,10 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from memopt.compiler.attention_pattern import ATTENTION_META_KEY, rewrite_attention
 from memopt.compiler.graph import annotate, copy_graph, shape_bindings
 from memopt.config import Config
 from memopt.errors import MemoptError
+from memopt.passes.attention_pattern import ATTENTION_META_KEY, rewrite_attention
 
 aten = torch.ops.aten
 
@@ -89,10 +89,10 @@ def partition_fn(
     """How the joint graph splits into forward and backward: which tensors are saved.
 
     With the recompute pass in the configured pipeline: the partition that moves the
-    fewest bytes (compiler/partition.py); without it, PyTorch's default partitioner, which
+    fewest bytes (passes/partition.py); without it, PyTorch's default partitioner, which
     saves what the backward needs and recomputes nothing.
     """
-    from memopt.compiler.partition import partition
+    from memopt.passes.partition import partition
 
     config = config if config is not None else Config.from_options()
     return partition(joint_module, joint_inputs, config, **kwargs)
@@ -110,7 +110,7 @@ def aot_backend(compile_graph: GraphCompiler, config: Config | None = None) -> C
     from torch._dynamo.backends.common import aot_autograd
 
     if config is None:
-        # A CompileSession's method carries the session's config (compiler/backend.py).
+        # A CompileSession's method carries the session's config (driver/dynamo.py).
         config = getattr(getattr(compile_graph, "__self__", None), "config", None)
 
     # Attention rewrites found in a Dynamo graph, handed to the first ATen graph compiled
@@ -231,7 +231,7 @@ def capture(
     """
     import torch._dynamo
 
-    from memopt.compiler.partition import SavedTensorCounter, attach_counted_saved_bytes
+    from memopt.passes.partition import SavedTensorCounter, attach_counted_saved_bytes
 
     graphs: list[CapturedGraph] = []
     counts: dict[str, int] = {}

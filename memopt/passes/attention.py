@@ -4,7 +4,7 @@ Two steps, one decision record each:
 
 1. Written-out attention (`q @ k^T -> scale -> mask -> softmax -> @ v`) is rewritten into
    `F.scaled_dot_product_attention` on Dynamo's graph, before AOTAutograd differentiates it
-   (compiler/attention_pattern.py: in training the backward reads the probabilities, so no
+   (passes/attention_pattern.py: in training the backward reads the probabilities, so no
    per-graph rewrite could remove them). Capture keeps the fused op whole; its backward
    recomputes the scores blockwise. This pass writes those rewrites (and the refusals, with
    their reasons) into the ledger, with the bytes of score-matrix traffic they save: the
@@ -12,7 +12,7 @@ Two steps, one decision record each:
    at best, after fusion); in training its backward also reads the saved probabilities and
    writes and reads their gradient and the scores' (7x more).
 2. Where kernels run on Triton (backend "triton", on a GPU or in the interpreter; "auto" on
-   CUDA), each fused ATen attention op becomes a Triton kernel (compiler/attention_kernel.py):
+   CUDA), each fused ATen attention op becomes a Triton kernel (backends/triton/attention_call.py):
    the forward (backends/triton/attention.py) reads q, k, v and the mask and writes the
    output (and, when the backward needs it, the logsumexp); the backward
    (backends/triton/attention_backward.py) recomputes the scores blockwise from q, k and
@@ -34,8 +34,7 @@ import torch
 import torch.fx
 
 from memopt.backends.triton.attention import MAX_HEAD_DIM  # imports no Triton
-from memopt.compiler.attention_kernel import AttentionKernel
-from memopt.compiler.attention_pattern import ATTENTION_META_KEY, FLOAT_DTYPES, AttentionMatch
+from memopt.backends.triton.attention_call import AttentionKernel
 from memopt.compiler.graph import (
     META_KEY,
     evaluate,
@@ -45,6 +44,7 @@ from memopt.compiler.graph import (
     tensor_meta,
 )
 from memopt.config import kernel_backend
+from memopt.passes.attention_pattern import ATTENTION_META_KEY, FLOAT_DTYPES, AttentionMatch
 from memopt.passes.base import Pass, PassContext, PassResult
 
 aten = torch.ops.aten

@@ -16,8 +16,8 @@ import torch.fx
 
 from memopt.compiler.cost import node_cost
 from memopt.compiler.graph import evaluate
-from memopt.compiler.results import Decision
 from memopt.config import Config
+from memopt.passes.ledger import Decision
 
 
 @dataclass

@@ -42,6 +42,8 @@ import torch
 import torch.fx
 from torch.fx.passes.tools_common import legalize_graph
 
+from memopt.backends.runtime.kernels import FusedKernel
+from memopt.backends.triton.tiles import backend_runs_templates, describe_tiles, matmul_tiles
 from memopt.compiler.cost import buffer_users, is_view, read_bytes
 from memopt.compiler.graph import (
     META_KEY,
@@ -51,10 +53,8 @@ from memopt.compiler.graph import (
     output_metas,
     tensor_meta,
 )
-from memopt.compiler.kernels import FusedKernel
 from memopt.compiler.lower import MATMULS, NotLowerable, can_lower, can_lower_matmul, lower_group
 from memopt.compiler.printer import op_name
-from memopt.compiler.templates import backend_runs_templates, describe_tiles, matmul_tiles
 from memopt.config import kernel_backend
 from memopt.passes.base import Pass, PassContext, PassResult
 

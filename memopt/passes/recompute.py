@@ -4,7 +4,7 @@ Two decisions, both by bytes:
 
 1. Forward/backward partition (training). Which tensors the forward saves for the backward
    is decided before the graphs exist, when AOTAutograd splits the joint graph: the
-   partitioner (compiler/partition.py) takes a bytes min-cut, costs it against PyTorch's
+   partitioner (passes/partition.py) takes a bytes min-cut, costs it against PyTorch's
    default and min-cut partitions through this pipeline, and keeps the cheapest that
    honours the options. It leaves its record on the forward graph; this pass writes it
    into the ledger: the partition chosen (applied, with the bytes it saves against the
@@ -38,9 +38,9 @@ import torch.fx
 from memopt.compiler.cost import graph_cost, is_view, read_bytes
 from memopt.compiler.graph import copy_graph, evaluate, tensor_meta
 from memopt.compiler.lower import can_lower
-from memopt.compiler.partition import DEFAULT, META_KEY, PartitionRecord
 from memopt.errors import OptionError
 from memopt.passes.base import Fuel, Pass, PassContext, PassResult
+from memopt.passes.partition import DEFAULT, META_KEY, PartitionRecord
 
 # Fusion trials per graph: each costs one fusion run on a copy of the graph.
 MAX_DUPLICATION_TRIALS = 16

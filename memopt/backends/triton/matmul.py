@@ -29,8 +29,8 @@ import torch
 
 from memopt.backends.triton.ops import HALF, Unsupported, tl_dtype
 from memopt.backends.triton.render import RenderedKernel, _Renderer, _Scope, module_source
+from memopt.backends.triton.tiles import matmul_tiles
 from memopt.compiler.kernel_ir import DOT, Kernel, evaluate_size, index_var, reduction_var
-from memopt.compiler.templates import matmul_tiles
 
 
 class _MatmulRenderer(_Renderer):

@@ -23,9 +23,9 @@ from memopt.compiler.capture import backward_seeds, clone_inputs
 
 def compile_program(fn: Callable, options: Mapping[str, object], dynamic: bool = False) -> Callable:
     """`fn` compiled by memopt with `options`, as a fresh Dynamo entry (no shared cache)."""
-    from memopt.compiler.backend import CompileSession
     from memopt.compiler.capture import _fresh_entry, aot_backend
     from memopt.config import Config
+    from memopt.driver.dynamo import CompileSession
 
     session = CompileSession(Config.from_options(options))
     return torch.compile(

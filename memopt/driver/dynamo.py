@@ -18,13 +18,13 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 import torch.fx
 
+from memopt.backends.runtime.executor import CompiledGraph, output_layouts
 from memopt.compiler.capture import aot_backend
 from memopt.compiler.cost import graph_cost, lower_bound
-from memopt.compiler.executor import CompiledGraph, output_layouts
 from memopt.compiler.graph import copy_graph, evaluate, shape_bindings
-from memopt.compiler.pipeline import run_pipeline
 from memopt.config import Config
 from memopt.passes import Fuel
+from memopt.passes.pipeline import run_pipeline
 
 
 class CompileSession:

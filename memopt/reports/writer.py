@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memopt.compiler.devices import DEVICES, get_device
-from memopt.compiler.diff import pass_diff, pipeline_steps
-from memopt.compiler.results import Analysis
-from memopt.compiler.summary import analysis_json
+from memopt.driver.results import Analysis
+from memopt.reports.diff import pass_diff, pipeline_steps
+from memopt.reports.summary import analysis_json
 
 INDEX = "index.html"
 ANALYSIS_JSON = "analysis.json"
@@ -71,8 +71,8 @@ def report(
     Takes what `memopt.analyze` takes. The page classifies kernels as memory- or
     compute-bound on `options["device"]` (default h100) and predicts time on every device.
     """
-    from memopt.compiler.analysis import analyze
     from memopt.config import Config
+    from memopt.driver.analyze import analyze
 
     device = Config.from_options(options).device
     analysis = analyze(fn, *example_inputs, training=training, dynamic=dynamic, **options)
@@ -115,7 +115,7 @@ def write_report(analysis: Analysis, out: str | Path, device: str = "h100") -> R
     json_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     # Imported here: the page imports this module's file layout (DIFFS, KERNELS, names).
-    from memopt.compiler.html import render_page
+    from memopt.reports.html import render_page
 
     index = out / INDEX
     index.write_text(render_page(analysis, device, sources), encoding="utf-8")
@@ -185,9 +185,9 @@ def kernel_sources(analysis: Analysis) -> list[KernelSource]:
     Read off the optimized graph modules the analysis keeps (`GraphResult.gm`); the
     record name matches the KernelRecord `kernel_records` gives the same node.
     """
-    from memopt.compiler.attention_kernel import AttentionKernel
+    from memopt.backends.runtime.kernels import FusedKernel
+    from memopt.backends.triton.attention_call import AttentionKernel
     from memopt.compiler.cost import is_kernel
-    from memopt.compiler.kernels import FusedKernel
 
     sources = []
     for graph in analysis.graphs:

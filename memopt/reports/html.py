@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from memopt.compiler.devices import DEVICES, get_device
-from memopt.compiler.diff import (
+from memopt.reports.diff import (
     ROW_KINDS,
     DiffRow,
     PrintedNode,
@@ -22,11 +22,12 @@ from memopt.compiler.diff import (
     pipeline_steps,
     side_by_side,
 )
-from memopt.compiler.report import DIFFS, KERNELS, KernelSource, diff_file_name
-from memopt.compiler.summary import format_bytes
+from memopt.reports.summary import format_bytes
+from memopt.reports.writer import DIFFS, KERNELS, KernelSource, diff_file_name
 
 if TYPE_CHECKING:
-    from memopt.compiler.results import Analysis, Decision, KernelRecord, LedgerEntry
+    from memopt.driver.results import Analysis, KernelRecord
+    from memopt.passes.ledger import Decision, LedgerEntry
 
 CONTEXT_ROWS = 2  # unchanged rows kept around each change in a side-by-side diff
 MISSED_ROWS = 100  # missed opportunities listed (the rest are counted)
@@ -473,7 +474,7 @@ def _sources(sources: Sequence[KernelSource]) -> list[str]:
 
 def fused_members(analysis: Analysis) -> dict[str, dict[str, tuple[str, ...]]]:
     """Per graph: fused node name -> names of the nodes it computes (for diff notes)."""
-    from memopt.compiler.kernels import FusedKernel
+    from memopt.backends.runtime.kernels import FusedKernel
 
     members: dict[str, dict[str, tuple[str, ...]]] = {}
     for graph in analysis.graphs:

@@ -21,10 +21,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from memopt.compiler.cost import graph_cost
 from memopt.compiler.graph import META_KEY, TensorMeta, copy_graph, meta_of_value
 from memopt.compiler.printer import format_graph
-from memopt.compiler.results import LedgerEntry
 from memopt.config import Config
 from memopt.errors import CheckError, VerificationError
 from memopt.passes import PASSES, Fuel, PassContext
+from memopt.passes.ledger import LedgerEntry
 
 
 @dataclass

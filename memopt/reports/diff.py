@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from memopt.compiler.results import Analysis, Decision, LedgerEntry
+    from memopt.driver.results import Analysis
+    from memopt.passes.ledger import Decision, LedgerEntry
 
 # `%name: meta = expression  # note`; placeholders print `= input`, views `# view`.
 _NODE_LINE = re.compile(r"^%(?P<name>[^:\s]+): (?P<meta>.*?) = (?P<expr>.*?)(?:  # (?P<note>.*))?$")

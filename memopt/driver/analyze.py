@@ -25,11 +25,11 @@ from memopt.compiler.cost import (
 )
 from memopt.compiler.eager_count import count_eager_bytes
 from memopt.compiler.graph import copy_graph, evaluate
-from memopt.compiler.pipeline import run_pipeline
 from memopt.compiler.printer import op_name
-from memopt.compiler.results import Analysis, GraphResult, KernelRecord, NodeCost
 from memopt.config import Config
+from memopt.driver.results import Analysis, GraphResult, KernelRecord, NodeCost
 from memopt.passes import Fuel
+from memopt.passes.pipeline import run_pipeline
 
 
 def kernel_records(

@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from memopt.compiler.summary import format_bytes, format_table
 from memopt.errors import MemoptError
+from memopt.reports.summary import format_bytes, format_table
 
 # Where each column's figure comes from; never mixed within a column.
 LABELS = {
@@ -235,10 +235,10 @@ def ablate(
     with eager (`check`), then timed over `repeats` steps (`run_ms`, the median).
     `progress(message)` is told when each configuration starts and ends.
     """
-    from memopt.compiler.analysis import _describe, analyze_captured
     from memopt.compiler.capture import CapturedGraph, capture
     from memopt.compiler.eager_count import count_eager_bytes
     from memopt.config import Config
+    from memopt.driver.analyze import _describe, analyze_captured
 
     say = progress or (lambda message: None)
     base = Config.from_options(options)
@@ -272,7 +272,7 @@ def ablate(
     )
     expected = None
     if run:
-        from memopt.compiler.measure import median_ms, run_step
+        from memopt.driver.measure import median_ms, run_step
 
         say("running eager ...")
         expected, _ = run_step(fn, fn, example_inputs, training)
@@ -326,7 +326,7 @@ def _measured(
     repeats: int,
     expected: list,
 ) -> AblationRow:
-    from memopt.compiler.measure import compile_program, median_ms, run_and_check
+    from memopt.driver.measure import compile_program, median_ms, run_and_check
 
     program = compile_program(fn, {**options, "check": False}, dynamic=dynamic)
     problem = run_and_check(program, fn, inputs, training, expected)  # compiles on this call

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 from memopt.compiler.devices import get_device
 
 if TYPE_CHECKING:
-    from memopt.compiler.results import Analysis, Decision, PassSummary
+    from memopt.driver.results import Analysis
+    from memopt.passes.ledger import Decision, PassSummary
 
 MAX_WIDTH = 110  # no line of the report is longer
 DECISIONS_PER_PASS = 5

@@ -17,8 +17,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from memopt.compiler.diff import analysis_diff
-from memopt.compiler.results import Analysis, Decision
+from memopt.driver.results import Analysis
+from memopt.passes.ledger import Decision
+from memopt.reports.diff import analysis_diff
 
 
 @dataclass(frozen=True)
@@ -111,10 +112,10 @@ def bisect(
     options: memopt's options (passes, disable, backend, pass_options, ...); `fuel` and
     `check` are set by the search. Runs the program once eagerly, once per probe compiled.
     """
-    from memopt.compiler.analysis import _describe, analyze_captured
     from memopt.compiler.capture import capture
-    from memopt.compiler.measure import compile_program, run_and_check, run_step
     from memopt.config import Config
+    from memopt.driver.analyze import _describe, analyze_captured
+    from memopt.driver.measure import compile_program, run_and_check, run_step
 
     say = progress or (lambda message: None)
     base = {k: v for k, v in options.items() if k not in ("fuel", "check")}

@@ -374,7 +374,7 @@ def _is_random(node: torch.fx.Node) -> bool:
 def _modelled_bytes(gm: torch.fx.GraphModule, config: Config, name: str) -> int:
     """Bytes the graph moves after the configured pipeline (modelled at the example sizes)."""
     from memopt.compiler.cost import graph_cost
-    from memopt.compiler.pipeline import run_pipeline
+    from memopt.passes.pipeline import run_pipeline
 
     gm = copy_graph(gm)
     annotate(gm)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import sympy
 
 from memopt.compiler.devices import get_device
+from memopt.passes.ledger import LedgerEntry, PassSummary
 
 
 @dataclass(frozen=True)
@@ -54,92 +55,6 @@ class KernelRecord:
             "flops_expr": str(self.flops_expr),
             "low_precision": self.low_precision,
             "source_path": self.source_path,
-        }
-
-
-@dataclass(frozen=True)
-class Decision:
-    """One decision a pass made: a rewrite it applied, or one it refused and why.
-
-    `bytes_saved` is what the rewrite saved (applied) or what refusing it costs (refused),
-    modelled at the example sizes.
-    """
-
-    pass_name: str
-    applied: bool
-    what: str  # "removed no-op clone %clone_3", "fused %add, %mul"
-    reason: str  # why applied or refused
-    bytes_saved: int = 0
-    nodes: tuple[str, ...] = ()
-    graph: str = ""
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "pass": self.pass_name,
-            "applied": self.applied,
-            "what": self.what,
-            "reason": self.reason,
-            "bytes_saved": self.bytes_saved,
-            "nodes": list(self.nodes),
-            "graph": self.graph,
-        }
-
-
-@dataclass(frozen=True)
-class LedgerEntry:
-    """What one pass did to one graph, measured by the pipeline (not by the pass)."""
-
-    pass_name: str
-    graph: str
-    bytes_before: int
-    bytes_after: int
-    kernels_before: int
-    kernels_after: int
-    elapsed_ms: float
-    decisions: tuple[Decision, ...]
-    text_before: str  # the printed graph, for diffs
-    text_after: str
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "pass": self.pass_name,
-            "graph": self.graph,
-            "bytes_before": self.bytes_before,
-            "bytes_after": self.bytes_after,
-            "kernels_before": self.kernels_before,
-            "kernels_after": self.kernels_after,
-            "elapsed_ms": round(self.elapsed_ms, 3),
-            "decisions": [d.to_dict() for d in self.decisions],
-        }
-
-
-@dataclass(frozen=True)
-class PassSummary:
-    """One pass over all graphs of a program: the design's "one record per pass"."""
-
-    pass_name: str
-    bytes_before: int
-    bytes_after: int
-    kernels_before: int
-    kernels_after: int
-    elapsed_ms: float
-    decisions: tuple[Decision, ...]
-
-    @property
-    def bytes_saved(self) -> int:
-        return self.bytes_before - self.bytes_after
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "pass": self.pass_name,
-            "bytes_before": self.bytes_before,
-            "bytes_after": self.bytes_after,
-            "kernels_before": self.kernels_before,
-            "kernels_after": self.kernels_after,
-            "elapsed_ms": round(self.elapsed_ms, 3),
-            "applied": sum(d.applied for d in self.decisions),
-            "refused": sum(not d.applied for d in self.decisions),
-            "decisions": [d.to_dict() for d in self.decisions],
         }
 
 

@@ -14,8 +14,8 @@ import sympy
 import torch
 import torch.fx
 
+from memopt.backends.runtime.kernels import mark_donated_inputs, prefetch_kernels
 from memopt.compiler.graph import META_KEY, TensorMeta, evaluate, tensor_meta
-from memopt.compiler.kernels import mark_donated_inputs, prefetch_kernels
 
 
 def output_nodes(gm: torch.fx.GraphModule) -> list[object]:
