@@ -378,23 +378,15 @@ def _load(args: argparse.Namespace):
 
     _progress(f"loading {args.target or DEFAULT_EXAMPLE} ...")
     target = load_target(args.target)
-    if args.train and isinstance(target.fn, torch.nn.Module):
-        # Examples return eval-mode models for inference; a training step means train mode
-        # (batchnorm with batch statistics, dropout on).
-        target.fn.train()
-    if args.train and not isinstance(target.fn, torch.nn.Module):
-        tensors = [t for t in target.inputs if isinstance(t, torch.Tensor)]
-        if not any(t.requires_grad for t in tensors):
-            # A plain function has no parameters: a training step of it differentiates
-            # with respect to its floating-point inputs.
-            names = []
-            for index, tensor in enumerate(target.inputs):
-                if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
-                    tensor.requires_grad_(True)
-                    names.append(str(index))
+    if args.train:
+        plain_function = not isinstance(target.fn, torch.nn.Module)
+        already = target.differentiated_inputs()
+        target.for_training()
+        if plain_function and not already:
+            names = ", ".join(map(str, target.differentiated_inputs())) or "(none)"
             _progress(
                 "--train: no input requires grad; differentiating with respect to "
-                f"floating-point inputs {', '.join(names) or '(none)'}"
+                f"floating-point inputs {names}"
             )
     return target
 

@@ -24,6 +24,14 @@ import sympy
 import torch
 import torch.fx
 
+from memopt.compiler.aten_ops import (
+    ATTENTION_BACKWARD,
+    ATTENTION_FORWARD,
+    EXTERN_OPS,
+    FILL_OPS,
+    FREE_OPS,
+    GATHERS,
+)
 from memopt.compiler.graph import TensorMeta, evaluate, numel, output_metas, tensor_meta
 
 aten = torch.ops.aten
@@ -41,67 +49,12 @@ class Cost:
         return self.read + self.write
 
 
-# Ops that move no bytes although torch does not mark them as views.
-_FREE_OPS = {
-    aten._unsafe_view.default,
-    aten.empty.memory_format,
-    aten.empty_strided.default,
-    aten.empty_like.default,
-    aten.sym_size.int,
-    aten.sym_stride.int,
-    aten.sym_numel.default,
-    aten.sym_storage_offset.default,
-    operator.getitem,
-}
-
-# Fused attention (kept whole by capture): reads q, k, v (and a mask), writes the output and
-# the logsumexp; its backward recomputes the scores blockwise. No score matrix in memory.
-ATTENTION_FORWARD = frozenset(
-    {
-        aten._scaled_dot_product_flash_attention_for_cpu.default,
-        aten._scaled_dot_product_efficient_attention.default,
-        aten._scaled_dot_product_flash_attention.default,
-    }
-)
-ATTENTION_BACKWARD = frozenset(
-    {
-        aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
-        aten._scaled_dot_product_efficient_attention_backward.default,
-        aten._scaled_dot_product_flash_attention_backward.default,
-    }
-)
-
-# Matmul and convolution run as library calls; they are never lowered to generated kernels.
-EXTERN_OPS = {
-    aten.mm.default,
-    aten.addmm.default,
-    aten.bmm.default,
-    aten.baddbmm.default,
-    aten.mm.out,  # a matmul writing into a strided buffer (the layout pass)
-    aten.bmm.out,
-    aten.convolution.default,
-    aten.convolution_backward.default,
-    *ATTENTION_FORWARD,
-    *ATTENTION_BACKWARD,
-}
-
-# Gathers: the indexed source (argument 0) is read at most once per output element.
-_GATHER_OPS = {
-    aten.index_select.default,
-    aten.index.Tensor,
-    aten._unsafe_index.Tensor,
-    aten.gather.default,
-    aten.embedding.default,
-}
-_GATHER_SOURCE_ARG = {aten.embedding.default: 0}
-
-
 def is_view(node: torch.fx.Node) -> bool:
     """True for nodes that only reinterpret an existing buffer (no kernel, no bytes)."""
     if node.op != "call_function":
         return False
     target = node.target
-    if target in _FREE_OPS:
+    if target in FREE_OPS:
         return True
     if isinstance(target, torch._ops.OpOverload) and target.is_view:
         if target in (aten.reshape.default, aten._reshape_alias.default):
@@ -135,6 +88,11 @@ def buffer_users(node: torch.fx.Node) -> list[torch.fx.Node]:
         else:
             found.append(user)
     return found
+
+
+def reaches_output(node: torch.fx.Node) -> bool:
+    """The node's buffer is a graph output, directly or through views."""
+    return any(user.op == "output" for user in buffer_users(node))
 
 
 def view_base(node: torch.fx.Node) -> torch.fx.Node:
@@ -201,16 +159,15 @@ def node_cost(node: torch.fx.Node) -> Cost:
     target = node.target
     if target is aten.copy_.default:
         read = read_bytes(node, [node.args[1]])
-    elif target in _GATHER_OPS:
-        source_index = _GATHER_SOURCE_ARG.get(target, 0)
+    elif target in GATHERS:
         args = _tensor_args(node)
-        source = node.args[source_index] if source_index < len(node.args) else None
+        source = node.args[0] if node.args else None  # the table
         others = [a for a in args if a is not source]
         read = read_bytes(node, others)
         source_meta = tensor_meta(source) if isinstance(source, torch.fx.Node) else None
         if source_meta is not None:
             read += sympy.Min(source_meta.touched_nbytes, write)
-    elif target in (aten.empty.memory_format, aten.full.default, aten.zeros.default):
+    elif target in FILL_OPS:
         read = ZERO
     else:
         read = read_bytes(node, _tensor_args(node))

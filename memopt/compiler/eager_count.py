@@ -17,38 +17,11 @@ import torch
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from memopt.compiler.aten_ops import EAGER_FREE_OPS, GATHERS, WRITE_ONLY_OPS
 from memopt.compiler.capture import backward_seeds, clone_inputs, restore_grads, saved_grads
 from memopt.compiler.graph import touched_elements
 
 aten = torch.ops.aten
-
-# Ops that move no bytes although torch does not mark them as views: allocations,
-# metadata queries, and view-like ops.
-_FREE = {
-    aten.detach.default,
-    aten.alias.default,
-    aten._unsafe_view.default,
-    aten.lift_fresh.default,
-    aten.empty.memory_format,
-    aten.empty_like.default,
-    aten.empty_strided.default,
-    aten.new_empty.default,
-    aten.new_empty_strided.default,
-    aten.sym_size.int,
-    aten.sym_stride.int,
-    aten.sym_numel.default,
-    aten.sym_storage_offset.default,
-    aten.is_same_size.default,
-    aten.set_.source_Storage_storage_offset,
-}
-_GATHERS = {
-    aten.index_select.default,
-    aten.index.Tensor,
-    aten._unsafe_index.Tensor,
-    aten.gather.default,
-    aten.embedding.default,
-}
-_WRITE_ONLY = {aten.fill_.Scalar, aten.fill_.Tensor, aten.zero_.default}
 
 
 def _read_nbytes(tensor: torch.Tensor) -> int:
@@ -88,7 +61,7 @@ class ByteCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func in _FREE or func.is_view:
+        if func in EAGER_FREE_OPS or func.is_view:
             return out
         read, write = self._count(func, args, kwargs, out)
         name = str(func)
@@ -109,9 +82,9 @@ class ByteCounter(TorchDispatchMode):
         inputs = _tensors((args, kwargs))
         if func is aten.copy_.default:
             return _read_nbytes(args[1]), args[0].numel() * args[0].element_size()
-        if func in _WRITE_ONLY:
+        if func in WRITE_ONLY_OPS:
             inputs = [t for t in inputs if _key(t) not in {_key(m) for m in mutated}]
-        if func in _GATHERS:
+        if func in GATHERS:
             source = args[1] if func is aten.embedding.default else args[0]
             outputs = _tensors(out)
             written = sum(t.numel() for t in outputs)

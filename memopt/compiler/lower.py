@@ -24,6 +24,7 @@ import torch.fx
 from torch.utils._sympy.functions import FloorDiv, ToFloat
 
 from memopt.compiler import kernel_ir as ir
+from memopt.compiler.aten_ops import GATHERS, TEMPLATE_MATMULS
 from memopt.compiler.cost import buffer_users, is_view
 from memopt.compiler.graph import TensorMeta, tensor_meta
 from memopt.compiler.indexing import offset, recombine, reshape_index, simplify
@@ -104,15 +105,12 @@ CASTS = {aten._to_copy.default, prims.convert_element_type.default}
 FILLS = {aten.full.default, aten.full_like.default, aten.zeros_like.default,
          aten.ones_like.default, aten.scalar_tensor.default, aten.zeros.default,
          aten.ones.default}  # fmt: skip
-GATHERS = {aten.index_select.default, aten.index.Tensor, aten._unsafe_index.Tensor,
-           aten.gather.default, aten.embedding.default}  # fmt: skip
 OTHER = {aten.where.self, aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default,
          aten.div.Tensor_mode, aten.arange.start_step, aten.arange.default,
          aten.arange.start, aten.cat.default, prims.iota.default, prims.where.default, aten.square.default,
          aten.slice_scatter.default, aten.select_scatter.default}  # fmt: skip
 # Matmuls a template kernel computes (with the pointwise ops around them), when the fusion
 # pass puts one in a group; alone they stay library calls.
-MATMULS = {aten.mm.default, aten.bmm.default}
 TEMPLATE_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 SUPPORTED_DTYPES = {
     torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
@@ -138,7 +136,7 @@ def can_lower(node: torch.fx.Node) -> bool:
 
 def can_lower_matmul(node: torch.fx.Node) -> bool:
     """Whether a matmul may anchor a template kernel (a float mm or bmm of one dtype)."""
-    if node.op != "call_function" or node.target not in MATMULS:
+    if node.op != "call_function" or node.target not in TEMPLATE_MATMULS:
         return False
     metas = [tensor_meta(node), *(tensor_meta(a) for a in node.args[:2])]
     return all(m is not None and m.dtype in TEMPLATE_DTYPES for m in metas) and (
@@ -294,7 +292,7 @@ class _Lowering:
         self, outputs: list[torch.fx.Node]
     ) -> tuple[tuple[sympy.Expr, ...], tuple[sympy.Expr, ...]]:
         signatures = {reduction_signature(n) for n in self.members if n.target in REDUCTIONS}
-        matmuls = [n for n in self.members if n.target in MATMULS]
+        matmuls = [n for n in self.members if n.target in TEMPLATE_MATMULS]
         if matmuls:
             return self.matmul_domain(matmuls, signatures)
         if len(signatures) > 1:
@@ -439,7 +437,7 @@ class _Lowering:
             return self.binary(node, BINARY[target], index)
         if target in REDUCTIONS:
             return self.reduction(node, index)
-        if target in MATMULS:
+        if target in TEMPLATE_MATMULS:
             return self.matmul(node, index)
         if target in IDENTITY:
             return self.value_at(node.args[0], index)

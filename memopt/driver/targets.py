@@ -23,6 +23,7 @@ from types import ModuleType
 import torch
 
 from memopt.errors import TargetError
+from memopt.examples import DEFAULT_EXAMPLE, EXAMPLES
 
 DEFAULT_FACTORY = "example"
 
@@ -38,6 +39,27 @@ class Target:
     fn: object
     inputs: tuple
 
+    def for_training(self) -> Target:
+        """This target set up for a training step, in place: a module in train mode (the
+        examples return eval-mode models: batch norm then uses batch statistics, dropout is
+        on); a plain function, which has no parameters, differentiated with respect to its
+        floating-point inputs when none of its inputs requires grad."""
+        if isinstance(self.fn, torch.nn.Module):
+            self.fn.train()
+            return self
+        tensors = [t for t in self.inputs if isinstance(t, torch.Tensor)]
+        if not any(t.requires_grad for t in tensors):
+            for tensor in tensors:
+                if tensor.is_floating_point():
+                    tensor.requires_grad_(True)
+        return self
+
+    def differentiated_inputs(self) -> list[int]:
+        """Positions of the inputs that require grad."""
+        return [
+            k for k, t in enumerate(self.inputs) if isinstance(t, torch.Tensor) and t.requires_grad
+        ]
+
 
 def load_target(spec: str | None) -> Target:
     """Load `spec` (None, an example name, `path.py` or `path.py:factory`) into a Target.
@@ -45,8 +67,6 @@ def load_target(spec: str | None) -> Target:
     Raises TargetError naming the problem: unknown example, missing file, a file that
     fails to import, a missing factory, a factory that raised or returned the wrong shape.
     """
-    from memopt.examples import DEFAULT_EXAMPLE
-
     if spec is None or spec == "":
         spec = DEFAULT_EXAMPLE
     path, factory = _split(spec)
@@ -69,8 +89,6 @@ def _split(spec: str) -> tuple[Path | None, str]:
 
 
 def _load_example(name: str) -> Target:
-    from memopt.examples import EXAMPLES
-
     if name not in EXAMPLES:
         raise TargetError(
             f"unknown example {name!r}; built-in examples: {', '.join(EXAMPLES)} "

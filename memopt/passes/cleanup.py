@@ -11,14 +11,14 @@ Refuses to:
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.fx
 
-from memopt.compiler.cost import is_view
+from memopt.compiler.aten_ops import is_mutating, is_random
+from memopt.compiler.cost import reaches_output
 from memopt.compiler.graph import tensor_meta
 from memopt.passes.base import Pass, PassContext, PassResult
 
@@ -54,19 +54,6 @@ _IDENTITY_VIEW_OPS = {
 }
 
 
-def _is_random(node: torch.fx.Node) -> bool:
-    target = node.target
-    return (
-        isinstance(target, torch._ops.OpOverload)
-        and torch.Tag.nondeterministic_seeded in target.tags
-    )
-
-
-def _is_mutating(node: torch.fx.Node) -> bool:
-    target = node.target
-    return isinstance(target, torch._ops.OpOverload) and target._schema.is_mutable
-
-
 def _same_layout(a: torch.fx.Node, b: torch.fx.Node) -> bool:
     ma, mb = tensor_meta(a), tensor_meta(b)
     return (
@@ -79,19 +66,6 @@ def _same_layout(a: torch.fx.Node, b: torch.fx.Node) -> bool:
             mb.dtype,
         )
     )
-
-
-def _reaches_output(node: torch.fx.Node) -> bool:
-    """Whether the node's buffer is returned, directly or through views."""
-    pending = [node]
-    while pending:
-        current = pending.pop()
-        for user in current.users:
-            if user.op == "output":
-                return True
-            if is_view(user) and user.target is not operator.getitem:
-                pending.append(user)
-    return False
 
 
 def _noop_source(node: torch.fx.Node) -> torch.fx.Node | None:
@@ -128,7 +102,7 @@ def _noop_source(node: torch.fx.Node) -> torch.fx.Node | None:
 
 
 def _cse_key(node: torch.fx.Node) -> tuple | None:
-    if node.op != "call_function" or _is_random(node) or _is_mutating(node):
+    if node.op != "call_function" or is_random(node) or is_mutating(node):
         return None
 
     def freeze(value: object) -> object:
@@ -168,7 +142,7 @@ class Cleanup(Pass):
             label = f"no-op {node.target} %{node.name}"
             nbytes = ctx.nbytes(node)
             copies = node.target in _COPY_OPS or node.target in _NEUTRAL_SCALAR
-            if copies and _reaches_output(node):
+            if copies and reaches_output(node):
                 self.refuse(
                     ctx,
                     result,
@@ -213,7 +187,7 @@ class Cleanup(Pass):
         for node in reversed(list(gm.graph.nodes)):
             if node.op != "call_function" or node.users or node.is_impure():
                 continue
-            if _is_random(node):
+            if is_random(node):
                 # Dropping a draw would shift every later draw from the generator.
                 continue
             what = f"removed dead %{node.name} ({node.target})"

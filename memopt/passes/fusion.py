@@ -44,6 +44,7 @@ from torch.fx.passes.tools_common import legalize_graph
 
 from memopt.backends.runtime.kernels import FusedKernel
 from memopt.backends.triton.tiles import backend_runs_templates, describe_tiles, matmul_tiles
+from memopt.compiler.aten_ops import SHAPE_QUERIES, TEMPLATE_MATMULS
 from memopt.compiler.cost import buffer_users, is_view, read_bytes
 from memopt.compiler.graph import (
     META_KEY,
@@ -53,7 +54,7 @@ from memopt.compiler.graph import (
     output_metas,
     tensor_meta,
 )
-from memopt.compiler.lower import MATMULS, NotLowerable, can_lower, can_lower_matmul, lower_group
+from memopt.compiler.lower import NotLowerable, can_lower, can_lower_matmul, lower_group
 from memopt.compiler.printer import op_name
 from memopt.config import kernel_backend
 from memopt.passes.base import Pass, PassContext, PassResult
@@ -206,12 +207,9 @@ class _State:
         return merged
 
 
-_SHAPE_QUERIES = {aten.sym_size.int, aten.sym_stride.int, aten.sym_numel.default}
-
-
 def _data_users(node: torch.fx.Node) -> list[torch.fx.Node]:
     """Users that need the node's data: not shape queries (lowering reads sizes as symbols)."""
-    return [u for u in buffer_users(node) if u.target not in _SHAPE_QUERIES]
+    return [u for u in buffer_users(node) if u.target not in SHAPE_QUERIES]
 
 
 def _bias_add(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
@@ -261,7 +259,7 @@ def _lone_conversion(group: Group, state: _State) -> bool:
 
 
 def _matmul_of(group: Group) -> torch.fx.Node | None:
-    return next((n for n in group if n.target in MATMULS), None)
+    return next((n for n in group if n.target in TEMPLATE_MATMULS), None)
 
 
 def _tiles(matmul: torch.fx.Node, ctx: PassContext) -> dict[str, int]:

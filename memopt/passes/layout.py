@@ -43,7 +43,13 @@ from torch._guards import detect_fake_mode
 from torch._prims_common import infer_size
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from memopt.compiler.cost import EXTERN_OPS, buffer_users, graph_cost, is_view, view_base
+from memopt.compiler.aten_ops import (
+    CONVOLUTIONS,
+    EXTERN_OPS,
+    MATMUL_OUT_VARIANTS,
+    MATMULS,
+)
+from memopt.compiler.cost import buffer_users, graph_cost, is_view, reaches_output, view_base
 from memopt.compiler.graph import (
     META_KEY,
     TensorMeta,
@@ -76,11 +82,6 @@ _INVERTIBLE_VIEWS = {
 }
 # Views that fail on a source whose strides cannot express them.
 _STRICT_VIEWS = {aten.view.default, aten._unsafe_view.default}
-# Matmuls that can write into a strided buffer, and the out= overload that does it.
-_OUT_VARIANTS = {aten.mm.default: aten.mm.out, aten.bmm.default: aten.bmm.out}
-_MATMULS = {aten.mm.default, aten.bmm.default, aten.addmm.default, aten.baddbmm.default,
-            aten.mm.out, aten.bmm.out}  # fmt: skip
-_CONVOLUTIONS = {aten.convolution.default, aten.convolution_backward.default}
 # Per convolution op: the activation operands (converted to the chosen layout by the graph)
 # and the weight (converted by the library when its layout differs).
 _CONV_OPERANDS = {
@@ -142,10 +143,10 @@ def _opaque(user: torch.fx.Node) -> bool:
 
 def _readable_by(user: torch.fx.Node, operand: TensorMeta) -> bool:
     """Whether an extern op reads `operand` as it is, without copying it first."""
-    if user.target in _MATMULS:
+    if user.target in MATMULS or user.target in MATMUL_OUT_VARIANTS.values():
         # BLAS takes a matrix with unit stride along either of its two dims.
         return len(operand.shape) < 2 or 1 in (operand.stride[-1], operand.stride[-2])
-    if user.target in _CONVOLUTIONS:
+    if user.target in CONVOLUTIONS:
         return layout_of(operand) is not None or operand.is_contiguous()
     return operand.is_contiguous()
 
@@ -344,10 +345,6 @@ def _copy_source(node: torch.fx.Node) -> torch.fx.Node | None:
     return None
 
 
-def _reaches_output(node: torch.fx.Node) -> bool:
-    return any(u.op == "output" for u in buffer_users(node))
-
-
 def _mutated(node: torch.fx.Node) -> bool:
     base = view_base(node)
     return any(u.target is aten.copy_.default and u.args[0] is base for u in base.users)
@@ -390,7 +387,7 @@ class Layout(Pass):
                 continue
             label = f"copy %{node.name} ({node.target})"
             nbytes = ctx.nbytes(node)
-            if _reaches_output(node):
+            if reaches_output(node):
                 why = "its result is a graph output; without the copy it would alias its input"
                 self.refuse(ctx, result, f"kept {label}", why, nbytes, (node.name,))
                 continue
@@ -464,7 +461,7 @@ class Layout(Pass):
 
     def _order_matmul_outputs(self, gm, ctx, result, eager_outputs) -> None:
         for node in list(gm.graph.nodes):
-            if node.target not in _OUT_VARIANTS or node.graph is not gm.graph:
+            if node.target not in MATMUL_OUT_VARIANTS or node.graph is not gm.graph:
                 continue
             readers = buffer_users(node)
             if len(readers) != 1 or _copy_source(readers[0]) is None:
@@ -557,7 +554,7 @@ class Layout(Pass):
                 {"dtype": meta.dtype, "device": value.device},
             )
             written = gm.graph.call_function(
-                _OUT_VARIANTS[node.target], tuple(node.args), {"out": buffer}
+                MATMUL_OUT_VARIANTS[node.target], tuple(node.args), {"out": buffer}
             )
         written.meta.update(node.meta)
         node.replace_all_uses_with(written)

@@ -44,7 +44,8 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from memopt.compiler.cost import EXTERN_OPS, buffer_users, is_view, view_base
+from memopt.compiler.aten_ops import CONVOLUTIONS, EXTERN_OPS, MATMULS, is_random
+from memopt.compiler.cost import buffer_users, is_view, view_base
 from memopt.compiler.graph import annotate, copy_graph, evaluate, output_metas, shape_bindings
 from memopt.config import Config
 
@@ -55,9 +56,6 @@ META_KEY = "memopt_partition"
 DEFAULT = "torch default"  # PyTorch's default_partition: saves, never recomputes
 TORCH_MIN_CUT = "torch min-cut"  # PyTorch's min_cut_rematerialization_partition
 MEMOPT = "memopt min-cut"  # this module's bytes min-cut
-
-_MATMUL_OPS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
-_CONV_OPS = {aten.convolution.default, aten.convolution_backward.default}
 
 
 @dataclass(frozen=True)
@@ -354,21 +352,13 @@ def _matches(node: torch.fx.Node, names: Sequence[str]) -> bool:
 
 
 def _banned_kind(node: torch.fx.Node, options: PartitionOptions) -> str | None:
-    if node.target in _MATMUL_OPS and not options.recompute_matmul:
+    if node.target in MATMULS and not options.recompute_matmul:
         return "matmul; recompute_matmul=False"
-    if node.target in _CONV_OPS and not options.recompute_conv:
+    if node.target in CONVOLUTIONS and not options.recompute_conv:
         return "convolution; recompute_conv=False"
-    if _is_random(node) and not options.recompute_random:
+    if is_random(node) and not options.recompute_random:
         return "random op; recompute_random=False"
     return None
-
-
-def _is_random(node: torch.fx.Node) -> bool:
-    target = node.target
-    return (
-        isinstance(target, torch._ops.OpOverload)
-        and torch.Tag.nondeterministic_seeded in target.tags
-    )
 
 
 def _modelled_bytes(gm: torch.fx.GraphModule, config: Config, name: str) -> int:
@@ -581,8 +571,8 @@ class _BytesMinCut:
         )  # fmt: skip
         fw.graph.eliminate_dead_code(is_impure_node=is_not_collective)
         bw.graph.eliminate_dead_code(is_impure_node=is_not_collective)
-        forward_random = {n.name for n in fw.graph.nodes if _is_random(n)}
-        if any(_is_random(n) and n.name in forward_random for n in bw.graph.nodes):
+        forward_random = {n.name for n in fw.graph.nodes if is_random(n)}
+        if any(is_random(n) and n.name in forward_random for n in bw.graph.nodes):
             # A recomputed random op must draw what the forward drew: both run it from the
             # same saved generator state.
             fw, bw = functionalize_rng_ops(self.joint, fw, bw, len(saved_sym))

@@ -35,6 +35,7 @@ from typing import ClassVar
 import torch
 import torch.fx
 
+from memopt.compiler.aten_ops import is_pointwise, is_random
 from memopt.compiler.cost import graph_cost, is_view, read_bytes
 from memopt.compiler.graph import copy_graph, evaluate, tensor_meta
 from memopt.compiler.lower import can_lower
@@ -193,12 +194,10 @@ class Recompute(Pass):
 
 def _duplicable(node: torch.fx.Node) -> bool:
     """A pointwise op a generated kernel can compute (not random: a copy would redraw)."""
-    target = node.target
     return (
         node.op == "call_function"
-        and isinstance(target, torch._ops.OpOverload)
-        and torch.Tag.pointwise in target.tags
-        and torch.Tag.nondeterministic_seeded not in target.tags
+        and is_pointwise(node)
+        and not is_random(node)
         and tensor_meta(node) is not None
         and can_lower(node)
     )

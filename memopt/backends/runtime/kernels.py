@@ -19,6 +19,7 @@ import torch.fx
 from torch._guards import active_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor
 
+from memopt.compiler.aten_ops import returns_fresh_memory
 from memopt.compiler.cost import Cost, read_bytes
 from memopt.compiler.graph import tensor_meta
 from memopt.compiler.kernel_ir import evaluate_size
@@ -248,8 +249,4 @@ def _owns_fresh_memory(node: torch.fx.Node) -> bool:
     if node.target is operator.getitem:
         source = node.args[0]
         return isinstance(source, torch.fx.Node) and isinstance(source.target, FusedKernel)
-    target = node.target
-    if not isinstance(target, torch._ops.OpOverload) or target.is_view:
-        return False
-    schema = target._schema
-    return not schema.is_mutable and all(r.alias_info is None for r in schema.returns)
+    return returns_fresh_memory(node)
