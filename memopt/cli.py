@@ -246,9 +246,8 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _diff(args: argparse.Namespace) -> int:
-    from memopt.compiler.capture import capture
     from memopt.config import Config
-    from memopt.driver.analyze import analyze_captured
+    from memopt.driver.analyze import Captures, analyze_captured
     from memopt.reports.diff import analysis_diff, pass_diffs, pipeline_diff
 
     if (args.from_options is None) != (args.to_options is None):
@@ -277,16 +276,15 @@ def _diff(args: argparse.Namespace) -> int:
 
     target = _load(args)
     _progress("capturing and running passes ...")
-    captured = capture(
-        target.fn, target.inputs, training=args.train, dynamic=args.dynamic, config=config
-    )
-    if args.graph is not None and args.graph not in {g.name for g in captured}:
-        names = ", ".join(g.name for g in captured)
+    captures = Captures(target.fn, target.inputs, training=args.train, dynamic=args.dynamic)
+    graphs = captures.for_config(config).graphs
+    if args.graph is not None and args.graph not in {g.name for g in graphs}:
+        names = ", ".join(g.name for g in graphs)
         raise _UsageError(f"no graph {args.graph!r}; this program has: {names}")
 
     def analyze(config: Config):
         analysis = analyze_captured(
-            captured, config, target=target.name, training=args.train, eager_bytes=0, eager_ops=0
+            captures.for_config(config), config, target=target.name, eager_bytes=0, eager_ops=0
         )
         if args.graph is not None:
             analysis.graphs = [g for g in analysis.graphs if g.name == args.graph]

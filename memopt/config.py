@@ -11,19 +11,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from memopt.backends.registry import backend_names
+from memopt.compiler.devices import get_device
 from memopt.errors import OptionError, unknown
-
-BACKENDS = ("auto", "triton", "cpp", "reference")
-# What backend="auto" runs generated kernels on, by the tensors' device type.
-AUTO_BACKENDS = {"cuda": "triton", "cpu": "cpp"}
-
-
-def kernel_backend(backend: str, device_type: str) -> str:
-    """The backend generated kernels run on for the `backend` option on `device_type`:
-    "auto" picks by device (reference elsewhere), and C++ runs on the CPU only."""
-    if backend == "auto" or (backend == "cpp" and device_type != "cpu"):
-        return AUTO_BACKENDS.get(device_type, "reference")
-    return backend
+from memopt.passes import DEFAULT_PIPELINE, PASSES, Pipeline, make_pass
 
 
 @dataclass(frozen=True)
@@ -77,36 +68,32 @@ class Config:
         return config
 
     def validate(self) -> None:
-        # Imported here: the pass registry imports passes, which import the compiler.
-        from memopt.compiler.devices import get_device
-        from memopt.passes import PASSES
-
+        """Raise OptionError for anything a compilation would trip on later: an unknown
+        pass, backend or device, a pass option of the wrong name, type or range."""
         for name in (*(self.passes or ()), *self.disable, *self.pass_options):
             if name not in PASSES:
                 raise unknown("pass", name, tuple(PASSES))
-        for name, values in self.pass_options.items():
-            fields = {f.name: f for f in dataclasses.fields(PASSES[name])}
-            for key in values:
-                if key not in fields:
-                    valid = ", ".join(sorted(fields)) or "none"
-                    raise OptionError(
-                        f"unknown option {key!r} of pass {name!r}; valid options: {valid}"
-                    )
-            check = getattr(PASSES[name], "check_options", None)
-            if check is not None:
-                check(values)  # a pass may type-check its option values
-        if self.backend not in BACKENDS:
-            raise unknown("backend", self.backend, BACKENDS)
+        if self.backend not in backend_names():
+            raise unknown("backend", self.backend, backend_names())
         if self.fuel is not None and self.fuel < 0:
             raise OptionError(f"fuel must be a non-negative integer, got {self.fuel}")
         get_device(self.device)
+        self.pipeline()  # every pass built with its options, each checked by its type
 
     def pass_names(self) -> tuple[str, ...]:
         """The passes to run, in order: the pipeline minus the disabled ones."""
-        from memopt.passes import DEFAULT_PIPELINE
-
         order = self.passes if self.passes is not None else DEFAULT_PIPELINE
         return tuple(name for name in order if name not in self.disable)
+
+    def pipeline(self) -> Pipeline:
+        """What the passes layer runs: each pass built with its options, in order."""
+        configured = {name: make_pass(name, self.pass_options.get(name)) for name in PASSES}
+        return Pipeline(
+            passes=tuple(configured[name] for name in self.pass_names()),
+            configured=configured,
+            backend=self.backend,
+            check=self.check,
+        )
 
     def replace(self, **changes: object) -> Config:
         config = dataclasses.replace(self, **{k: _coerce(k, v) for k, v in changes.items()})

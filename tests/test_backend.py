@@ -151,14 +151,17 @@ def test_triton_interpreter_end_to_end(name, training):
                 torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4)
 
 
-def test_kernel_backend_resolves_auto_by_device_and_keeps_cpp_on_the_cpu():
-    from memopt.config import kernel_backend
+def test_backend_for_resolves_auto_by_device_and_keeps_cpp_on_the_cpu():
+    from memopt.backends.registry import backend_for
 
-    assert kernel_backend("auto", "cpu") == "cpp"
-    assert kernel_backend("auto", "cuda") == "triton"
-    assert kernel_backend("auto", "mps") == "reference"
-    assert kernel_backend("cpp", "cuda") == "triton"  # C++ kernels run on the CPU only
-    assert [kernel_backend(b, "cpu") for b in ("triton", "cpp", "reference")] == [
+    def name(option, device):
+        return backend_for(option, device).name
+
+    assert name("auto", "cpu") == "cpp"
+    assert name("auto", "cuda") == "triton"
+    assert name("auto", "mps") == "reference"
+    assert name("cpp", "cuda") == "triton"  # C++ kernels run on the CPU only
+    assert [name(b, "cpu") for b in ("triton", "cpp", "reference")] == [
         "triton",
         "cpp",
         "reference",

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import memopt
-from memopt.backends.triton.tiles import backend_runs_templates, matmul_tiles
+from memopt.backends.registry import Feature, backend_for
+from memopt.backends.triton.tiles import matmul_tiles
 from memopt.errors import OptionError
 
 pytest.importorskip("triton")
@@ -177,7 +178,8 @@ def test_tiles_are_recorded_and_bounded():
     assert matmul_tiles(130, 40, 150, on_gpu=False) == {
         "BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 128,
     }  # fmt: skip
-    assert backend_runs_templates("auto", "cuda") and not backend_runs_templates("auto", "cpu")
+    assert backend_for("auto", "cuda").supports(Feature.MATMUL_TEMPLATES)
+    assert not backend_for("auto", "cpu").supports(Feature.MATMUL_TEMPLATES)
     x, w, b = torch.randn(6, 20), torch.randn(24, 20), torch.randn(24)
     a = analyze(linear_gelu, x, w, b)
     assert any("GPU tiles 16x32x32" in d.reason for d in fusion(a).decisions if d.applied)

@@ -41,6 +41,7 @@ import sympy
 import torch
 from torch.utils._sympy import functions as torch_sympy
 
+from memopt.backends.registry import Backend, Feature, register_backend
 from memopt.compiler.kernel_ir import Buffer, Kernel, Store, Value
 
 # --- dtypes ----------------------------------------------------------------------------
@@ -493,3 +494,12 @@ class ReferenceKernel:
 def compile_kernel(kernel: Kernel) -> ReferenceKernel:
     """The reference backend's entry point: a callable that runs `kernel` with torch ops."""
     return ReferenceKernel(kernel)
+
+
+REFERENCE = register_backend(
+    Backend(
+        name="reference",
+        compile=compile_kernel,
+        features=frozenset({Feature.MATMUL_TEMPLATES}),
+    )
+)

@@ -17,13 +17,16 @@ from dataclasses import dataclass, field
 
 import sympy
 import torch
+import torch._dynamo
 import torch.fx
 import torch.utils._pytree as pytree
+from torch._decomp import core_aten_decompositions, get_decompositions
+from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.partitioners import default_partition
+from torch._subclasses.fake_tensor import FakeTensor
 
 from memopt.compiler.graph import annotate, copy_graph, shape_bindings
-from memopt.config import Config
 from memopt.errors import MemoptError
-from memopt.passes.attention_pattern import ATTENTION_META_KEY, rewrite_attention
 
 aten = torch.ops.aten
 
@@ -70,8 +73,6 @@ _KEEP_WHOLE = [
 @functools.cache
 def decompositions() -> dict[object, Callable]:
     """The decomposition table memopt traces with: core ATen plus the composites above."""
-    from torch._decomp import core_aten_decompositions, get_decompositions
-
     table = dict(core_aten_decompositions())
     table.update(get_decompositions(_EXTRA_DECOMPOSITIONS))
     for op in _KEEP_WHOLE:
@@ -79,49 +80,46 @@ def decompositions() -> dict[object, Callable]:
     return table
 
 
-def partition_fn(
-    joint_module: torch.fx.GraphModule,
-    joint_inputs: Sequence[object],
-    *,
-    config: Config | None = None,
-    **kwargs: object,
-) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
-    """How the joint graph splits into forward and backward: which tensors are saved.
-
-    With the recompute pass in the configured pipeline: the partition that moves the
-    fewest bytes (passes/partition.py); without it, PyTorch's default partitioner, which
-    saves what the backward needs and recomputes nothing.
-    """
-    from memopt.passes.partition import partition
-
-    config = config if config is not None else Config.from_options()
-    return partition(joint_module, joint_inputs, config, **kwargs)
-
-
 GraphCompiler = Callable[[torch.fx.GraphModule, Sequence[object], str], Callable]
+PartitionFn = Callable[..., tuple[torch.fx.GraphModule, torch.fx.GraphModule]]
+
+# What the capture-time stages decided about a Dynamo graph (or a joint graph), handed to
+# the ATen graphs compiled from it: a list under this key of their graph modules' meta.
+STAGE_RECORDS_KEY = "memopt_stage_records"
+# Bytes of the tensors a capture run saved for the backward (counted), on the forward graph.
+COUNTED_SAVED_BYTES_KEY = "memopt_counted_saved_bytes"
 
 
-def aot_backend(compile_graph: GraphCompiler, config: Config | None = None) -> Callable:
+@dataclass(frozen=True)
+class CaptureHooks:
+    """What passes do while a program is captured, handed in by the caller.
+
+    `rewrite_dynamo_graph(gm, training)` rewrites Dynamo's torch-level graph before
+    AOTAutograd differentiates it and returns records of what it decided; they go to the
+    first ATen graph compiled from it (the forward, or the inference graph), under
+    STAGE_RECORDS_KEY. `partition` is AOTAutograd's partition_fn: it splits the joint graph
+    into the forward and backward graphs (and may leave records on the forward's meta).
+    Without hooks: no rewrite, and PyTorch's default partition.
+    """
+
+    rewrite_dynamo_graph: Callable[[torch.fx.GraphModule, bool], list[object]] | None = None
+    partition: PartitionFn | None = None
+
+
+def aot_backend(compile_graph: GraphCompiler, hooks: CaptureHooks | None = None) -> Callable:
     """A Dynamo backend that hands each ATen graph to `compile_graph(gm, inputs, kind)`.
 
-    kind is "inference" (no gradients needed), "forward" or "backward". `config` steers the
-    forward/backward partition (recomputation); None reads the environment and defaults.
+    kind is "inference" (no gradients needed), "forward" or "backward".
     """
-    from torch._dynamo.backends.common import aot_autograd
-
-    if config is None:
-        # A CompileSession's method carries the session's config (driver/dynamo.py).
-        config = getattr(getattr(compile_graph, "__self__", None), "config", None)
-
-    # Attention rewrites found in a Dynamo graph, handed to the first ATen graph compiled
-    # from it (the forward, or the inference graph): the attention pass records them.
+    hooks = hooks or CaptureHooks()
+    # Records of a Dynamo graph's rewrites, handed to the first ATen graph compiled from it.
     pending: list[object] = []
 
     def compiler(kind: str) -> Callable:
         def compile_one(gm: torch.fx.GraphModule, example_inputs: Sequence[object]) -> Callable:
             annotate(gm)
             if pending and kind != "backward":
-                gm.meta[ATTENTION_META_KEY] = list(pending)
+                gm.meta[STAGE_RECORDS_KEY] = [*pending, *gm.meta.get(STAGE_RECORDS_KEY, ())]
                 pending.clear()
             return compile_graph(gm, example_inputs, kind)
 
@@ -132,17 +130,23 @@ def aot_backend(compile_graph: GraphCompiler, config: Config | None = None) -> C
         bw_compiler=compiler("backward"),
         inference_compiler=compiler("inference"),
         decompositions=decompositions(),
-        partition_fn=functools.partial(partition_fn, config=config),
+        partition_fn=hooks.partition or default_partition,
         keep_inference_input_mutations=True,
     )
-    rewrite = config is None or ("attention" in config.pass_names() and config.fuel != 0)
 
     def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[object]) -> Callable:
-        if rewrite:
-            pending[:] = rewrite_attention(gm)
+        if hooks.rewrite_dynamo_graph is not None:
+            pending[:] = hooks.rewrite_dynamo_graph(gm, _needs_autograd(example_inputs))
         return aot(gm, example_inputs)
 
     return backend
+
+
+def _needs_autograd(example_inputs: Sequence[object]) -> bool:
+    """Whether AOTAutograd will make a forward and a backward graph (as it decides it)."""
+    return torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs
+    )
 
 
 @dataclass
@@ -214,25 +218,59 @@ def restore_grads(saved: list[tuple[torch.Tensor, torch.Tensor | None]]) -> None
         param.grad = grad
 
 
+class SavedTensorCounter:
+    """Counts the bytes of the distinct tensors autograd saves for backward during a run.
+
+    A `saved_tensors_hooks` context: every tensor saved (by eager autograd or a compiled
+    graph's `save_for_backward`) is packed through it. Storages of the given inputs and
+    parameters are not counted: they are alive anyway. All saved tensors are alive together
+    at the end of the forward, so the count is the peak of saved-activation memory.
+    """
+
+    def __init__(self, alive: Sequence[object] = ()) -> None:
+        self.excluded = {
+            t.untyped_storage().data_ptr() for t in alive if isinstance(t, torch.Tensor)
+        }
+        self.seen: set[int] = set()
+        self.nbytes = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        if isinstance(tensor, FakeTensor) or tensor.device.type == "meta":
+            return tensor  # tracing, not running
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key not in self.excluded and key not in self.seen:
+            self.seen.add(key)
+            self.nbytes += storage.nbytes()
+        return tensor
+
+    def __enter__(self) -> SavedTensorCounter:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def _unpack(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 def capture(
     fn: Callable,
     example_inputs: Sequence[object],
     training: bool = False,
     dynamic: bool = False,
-    config: Config | None = None,
+    hooks: CaptureHooks | None = None,
 ) -> list[CapturedGraph]:
     """Trace `fn(*example_inputs)` into the ATen graphs the memopt backend would compile.
 
     Runs the program once (and its backward when training) on copies of the inputs; the
-    model's parameters and gradients are left as they were. `config` steers the
-    forward/backward partition (None: environment and defaults). When training, the bytes
-    of the tensors saved for backward in that run are counted onto the forward graph's
-    partition record.
+    model's parameters and gradients are left as they were. `hooks` are what the passes
+    do during capture (CaptureHooks). When training, the bytes of the tensors saved for
+    backward in that run are counted onto the forward graph (COUNTED_SAVED_BYTES_KEY).
     """
-    import torch._dynamo
-
-    from memopt.passes.partition import SavedTensorCounter, attach_counted_saved_bytes
-
     graphs: list[CapturedGraph] = []
     counts: dict[str, int] = {}
 
@@ -256,7 +294,7 @@ def capture(
 
     inputs = clone_inputs(example_inputs)
     saved = saved_grads(fn)
-    entry = torch.compile(_fresh_entry(fn), backend=aot_backend(record, config), dynamic=dynamic)
+    entry = torch.compile(_fresh_entry(fn), backend=aot_backend(record, hooks), dynamic=dynamic)
     alive = [*inputs, *(fn.parameters() if isinstance(fn, torch.nn.Module) else ())]
     alive += list(fn.buffers()) if isinstance(fn, torch.nn.Module) else []
     counter = SavedTensorCounter(alive)
@@ -273,8 +311,10 @@ def capture(
                     entry(*inputs)
     finally:
         restore_grads(saved)
-    if training:
-        attach_counted_saved_bytes(graphs, counter.nbytes)
+    forwards = [g for g in graphs if g.name.startswith("forward")]
+    if training and len(forwards) == 1:
+        # Only with one forward graph: a run with graph breaks cannot say which saved what.
+        forwards[0].gm.meta[COUNTED_SAVED_BYTES_KEY] = counter.nbytes
     if not graphs:
         raise MemoptError(
             "torch.compile captured no graph: the program ran no tensor operations, or Dynamo "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import sympy
 import torch
@@ -28,8 +29,8 @@ from memopt.compiler.graph import copy_graph, evaluate
 from memopt.compiler.printer import op_name
 from memopt.config import Config
 from memopt.driver.results import Analysis, GraphResult, KernelRecord, NodeCost
-from memopt.passes import Fuel
-from memopt.passes.pipeline import run_pipeline
+from memopt.passes import Fuel, Pipeline
+from memopt.passes.pipeline import capture_hooks, capture_key, run_pipeline
 
 
 def kernel_records(
@@ -87,12 +88,63 @@ def node_costs(
     return costs
 
 
-def optimize_graph(captured: CapturedGraph, config: Config, fuel: Fuel) -> GraphResult:
+@dataclass
+class Captured:
+    """A program's ATen graphs as one configuration's capture-time stages left them."""
+
+    graphs: list[CapturedGraph]
+    training: bool
+    fuel_used: int  # rewrite decisions the capture-time stages took
+    key: tuple  # what the capture depends on (passes.pipeline.capture_key)
+
+
+def capture_program(
+    fn: Callable,
+    example_inputs: Sequence[object],
+    config: Config,
+    training: bool = False,
+    dynamic: bool = False,
+) -> Captured:
+    """Capture `fn` with the capture-time stages of `config`'s pipeline."""
+    pipeline = config.pipeline()
+    fuel = Fuel(config.fuel)
+    graphs = capture(
+        fn, example_inputs, training=training, dynamic=dynamic, hooks=capture_hooks(pipeline, fuel)
+    )
+    return Captured(graphs, training, fuel.used, capture_key(pipeline, training, config.fuel))
+
+
+class Captures:
+    """Captures of one program, made on demand, one per capture key: configurations whose
+    capture-time stages would make the same capture share it (ablations, bisecting,
+    diffs of two option sets)."""
+
+    def __init__(
+        self,
+        fn: Callable,
+        example_inputs: Sequence[object],
+        training: bool = False,
+        dynamic: bool = False,
+    ) -> None:
+        self.fn, self.example_inputs = fn, example_inputs
+        self.training, self.dynamic = training, dynamic
+        self._made: dict[tuple, Captured] = {}
+
+    def for_config(self, config: Config) -> Captured:
+        key = capture_key(config.pipeline(), self.training, config.fuel)
+        if key not in self._made:
+            self._made[key] = capture_program(
+                self.fn, self.example_inputs, config, self.training, self.dynamic
+            )
+        return self._made[key]
+
+
+def optimize_graph(captured: CapturedGraph, pipeline: Pipeline, fuel: Fuel) -> GraphResult:
     """Run the pipeline on a copy of one captured graph and model the result."""
     gm = copy_graph(captured.gm)
     bindings = captured.bindings
     result = run_pipeline(
-        gm, config, captured.name, bindings, fuel=fuel, check_inputs=captured.real_inputs
+        gm, pipeline, captured.name, bindings, fuel=fuel, check_inputs=captured.real_inputs
     )
     cost = graph_cost(result.gm, bindings)
     bound = lower_bound(result.gm)
@@ -111,7 +163,7 @@ def optimize_graph(captured: CapturedGraph, config: Config, fuel: Fuel) -> Graph
     )
 
 
-def _describe(fn: object) -> str:
+def describe_target(fn: object) -> str:
     if isinstance(fn, torch.nn.Module):
         return type(fn).__name__
     return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
@@ -134,13 +186,12 @@ def analyze(
     config = Config.from_options(options)
     start = time.perf_counter()
     eager = count_eager_bytes(fn, tuple(example_inputs), training=training)
-    captured = capture(fn, example_inputs, training=training, dynamic=dynamic, config=config)
+    captured = capture_program(fn, example_inputs, config, training=training, dynamic=dynamic)
     capture_ms = (time.perf_counter() - start) * 1e3
     return analyze_captured(
         captured,
         config,
-        target=_describe(fn),
-        training=training,
+        target=describe_target(fn),
         eager_bytes=eager.total_bytes,
         eager_ops=eager.ops,
         capture_ms=capture_ms,
@@ -148,22 +199,29 @@ def analyze(
 
 
 def analyze_captured(
-    captured: Sequence[CapturedGraph],
+    captured: Captured,
     config: Config,
     *,
     target: str,
-    training: bool,
     eager_bytes: int,
     eager_ops: int,
     capture_ms: float = 0.0,
 ) -> Analysis:
-    """The pipeline over already-captured graphs (one capture serves many option sets)."""
+    """The pipeline over already-captured graphs: one capture serves every configuration
+    whose capture-time stages would have made the same one (the same `capture_key`)."""
+    pipeline = config.pipeline()
+    if capture_key(pipeline, captured.training, config.fuel) != captured.key:
+        raise ValueError(
+            "the capture was made with other capture-time passes or fuel than this "
+            "configuration's (attention rewrites, the partition): capture it again"
+        )
     start = time.perf_counter()
-    fuel = Fuel(config.fuel)
-    graphs = [optimize_graph(graph, config, fuel) for graph in captured]
+    # The ATen stage continues the fuel count of the capture-time stages.
+    fuel = Fuel(config.fuel, used=captured.fuel_used)
+    graphs = [optimize_graph(graph, pipeline, fuel) for graph in captured.graphs]
     return Analysis(
         target=target,
-        training=training,
+        training=captured.training,
         eager_bytes=eager_bytes,
         eager_ops=eager_ops,
         graphs=graphs,

@@ -24,15 +24,19 @@ from memopt.compiler.cost import graph_cost, lower_bound
 from memopt.compiler.graph import copy_graph, evaluate, shape_bindings
 from memopt.config import Config
 from memopt.passes import Fuel
-from memopt.passes.pipeline import run_pipeline
+from memopt.passes.pipeline import capture_hooks, run_pipeline
 
 
 class CompileSession:
-    """State shared by the graphs of one torch.compile call: config, fuel, graph names."""
+    """State shared by the graphs of one torch.compile call: config, pipeline, fuel, graph
+    names. Its capture-time stages (`hooks`) and its graphs' pipelines take decisions from
+    one fuel, in compile order."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.pipeline = config.pipeline()
         self.fuel = Fuel(config.fuel)
+        self.hooks = capture_hooks(self.pipeline, self.fuel)
         self.counts: dict[str, int] = {}
 
     def compile_graph(
@@ -45,7 +49,7 @@ class CompileSession:
         reference = copy_graph(gm) if self.config.check else None
         bindings = shape_bindings(example_inputs)
         try:
-            result = run_pipeline(gm, self.config, name, bindings, fuel=self.fuel)
+            result = run_pipeline(gm, self.pipeline, name, bindings, fuel=self.fuel)
         except Exception as error:  # noqa: BLE001 - any pipeline bug falls back, visibly
             warnings.warn(
                 f"memopt: optimizing the {name} graph failed ({type(error).__name__}: {error}); "
@@ -97,4 +101,4 @@ def memopt_backend(
     """The Dynamo backend. `options` are memopt's options (see memopt.config.Config)."""
     config = Config.from_options(options)
     session = CompileSession(config)
-    return aot_backend(session.compile_graph, config)(gm, example_inputs)
+    return aot_backend(session.compile_graph, session.hooks)(gm, example_inputs)

@@ -18,18 +18,16 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 import torch.utils._pytree as pytree
 
-from memopt.compiler.capture import backward_seeds, clone_inputs
+from memopt.compiler.capture import _fresh_entry, aot_backend, backward_seeds, clone_inputs
+from memopt.config import Config
+from memopt.driver.dynamo import CompileSession
 
 
 def compile_program(fn: Callable, options: Mapping[str, object], dynamic: bool = False) -> Callable:
     """`fn` compiled by memopt with `options`, as a fresh Dynamo entry (no shared cache)."""
-    from memopt.compiler.capture import _fresh_entry, aot_backend
-    from memopt.config import Config
-    from memopt.driver.dynamo import CompileSession
-
     session = CompileSession(Config.from_options(options))
     return torch.compile(
-        _fresh_entry(fn), backend=aot_backend(session.compile_graph), dynamic=dynamic
+        _fresh_entry(fn), backend=aot_backend(session.compile_graph, session.hooks), dynamic=dynamic
     )
 
 

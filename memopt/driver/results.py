@@ -126,21 +126,30 @@ class Analysis:
 
     @property
     def ledger(self) -> list[PassSummary]:
-        """One record per pass, summed over the program's graphs, in pipeline order."""
+        """One record per pass, summed over the program's graphs, in pipeline order.
+
+        Bytes and kernels are those of the ATen stage (the capture-time stages change no
+        ATen graph); decisions and time are of every stage.
+        """
         order: list[str] = []
         entries: dict[str, list[LedgerEntry]] = {}
         for graph in self.graphs:
             for entry in graph.ledger:
-                if entry.pass_name not in entries:
+                if entry.stage == "aten" and entry.pass_name not in order:
                     order.append(entry.pass_name)
                 entries.setdefault(entry.pass_name, []).append(entry)
+        order += [name for name in entries if name not in order]
+
+        def total(name: str, field: str) -> int:
+            return sum(getattr(e, field) for e in entries[name] if e.stage == "aten")
+
         return [
             PassSummary(
                 pass_name=name,
-                bytes_before=sum(e.bytes_before for e in entries[name]),
-                bytes_after=sum(e.bytes_after for e in entries[name]),
-                kernels_before=sum(e.kernels_before for e in entries[name]),
-                kernels_after=sum(e.kernels_after for e in entries[name]),
+                bytes_before=total(name, "bytes_before"),
+                bytes_after=total(name, "bytes_after"),
+                kernels_before=total(name, "kernels_before"),
+                kernels_after=total(name, "kernels_after"),
                 elapsed_ms=sum(e.elapsed_ms for e in entries[name]),
                 decisions=tuple(d for e in entries[name] for d in e.decisions),
             )

@@ -2,17 +2,18 @@
 
 Two steps, one decision record each:
 
-1. Written-out attention (`q @ k^T -> scale -> mask -> softmax -> @ v`) is rewritten into
-   `F.scaled_dot_product_attention` on Dynamo's graph, before AOTAutograd differentiates it
-   (passes/attention_pattern.py: in training the backward reads the probabilities, so no
-   per-graph rewrite could remove them). Capture keeps the fused op whole; its backward
-   recomputes the scores blockwise. This pass writes those rewrites (and the refusals, with
-   their reasons) into the ledger, with the bytes of score-matrix traffic they save: the
+1. Dynamo stage: written-out attention (`q @ k^T -> scale -> mask -> softmax -> @ v`) is
+   rewritten into `F.scaled_dot_product_attention` on Dynamo's graph, before AOTAutograd
+   differentiates it (passes/attention_pattern.py: in training the backward reads the
+   probabilities, so no per-graph rewrite could remove them). Capture keeps the fused op
+   whole; its backward recomputes the scores blockwise. Each rewrite is a decision (it
+   takes fuel) with the bytes of score-matrix traffic it saves: the
    written-out form writes and reads the scores and the probabilities (4x the score matrix
    at best, after fusion); in training its backward also reads the saved probabilities and
    writes and reads their gradient and the scores' (7x more).
-2. Where kernels run on Triton (backend "triton", on a GPU or in the interpreter; "auto" on
-   CUDA), each fused ATen attention op becomes a Triton kernel (backends/triton/attention_call.py):
+2. ATen stage: where the backend kernels run on has an attention kernel (Triton, on a GPU
+   or in the interpreter; "auto" on CUDA), each fused ATen attention op becomes that kernel
+   (backends/triton/attention_call.py):
    the forward (backends/triton/attention.py) reads q, k, v and the mask and writes the
    output (and, when the backward needs it, the logsumexp); the backward
    (backends/triton/attention_backward.py) recomputes the scores blockwise from q, k and
@@ -28,13 +29,11 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.fx
 
-from memopt.backends.triton.attention import MAX_HEAD_DIM  # imports no Triton
-from memopt.backends.triton.attention_call import AttentionKernel
+from memopt.backends.registry import AttentionKernels
 from memopt.compiler.graph import (
     META_KEY,
     evaluate,
@@ -43,9 +42,9 @@ from memopt.compiler.graph import (
     output_metas,
     tensor_meta,
 )
-from memopt.config import kernel_backend
-from memopt.passes.attention_pattern import ATTENTION_META_KEY, FLOAT_DTYPES, AttentionMatch
-from memopt.passes.base import Pass, PassContext, PassResult
+from memopt.passes.attention_pattern import FLOAT_DTYPES, AttentionMatch, rewrite_attention
+from memopt.passes.base import Pass, PassContext, Stage
+from memopt.passes.registry import register_pass
 
 aten = torch.ops.aten
 
@@ -129,11 +128,6 @@ def _describe(parts: dict[str, object], backward: bool, lse: bool, bool_mask: bo
     return f"q, k, v{mask} read; {written} written"
 
 
-def runs_triton(backend: str, device_type: str) -> bool:
-    """Whether kernels compiled for `backend` on `device_type` run on Triton."""
-    return kernel_backend(backend, device_type) == "triton"
-
-
 def _is_scalar(node: object, value: float) -> bool:
     return (
         isinstance(node, torch.fx.Node)
@@ -178,42 +172,55 @@ def _erase_dead(graph: torch.fx.Graph, nodes: list[torch.fx.Node]) -> None:
             graph.erase_node(node)
 
 
+@register_pass(
+    "attention",
+    stages=(Stage.DYNAMO, Stage.ATEN),
+    codes=(
+        "rewritten",  # written-out attention -> scaled_dot_product_attention (Dynamo stage)
+        "not_rewritten",  # ... refused, with the reason and the score bytes at stake
+        "kernel",  # a fused ATen attention op -> the backend's attention kernel (ATen stage)
+        "no_kernel",  # ... refused: the fused ATen op runs
+    ),
+)
 @dataclass(frozen=True)
 class Attention(Pass):
-    """Attention as one kernel: record the capture's rewrites, place the Triton kernel."""
+    """Attention as one kernel: written-out attention rewritten to the fused op before
+    AOTAutograd, and the fused ATen ops placed as the backend's attention kernels."""
 
-    name: ClassVar[str] = "attention"
+    def rewrite_dynamo_graph(self, gm: torch.fx.GraphModule, ctx: PassContext) -> None:
+        passes = SCORE_PASSES.get(ctx.graph_name, 4)
 
-    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-        result = PassResult()
-        for match in gm.meta.get(ATTENTION_META_KEY, ()):
-            if isinstance(match, AttentionMatch):
-                self._record_rewrite(match, ctx, result)
-        triton = runs_triton(ctx.config.backend, graph_device(gm))
-        for node in list(gm.graph.nodes):
-            if node.op == "call_function" and (
-                node.target in FUSED_OPS or node.target in BACKWARD_OPS
-            ):
-                self._place(gm, node, triton, ctx, result)
-        return result
-
-    def _record_rewrite(self, match: AttentionMatch, ctx: PassContext, result: PassResult) -> None:
-        passes = SCORE_PASSES.get(ctx.graph_name.split(".")[0], 4)
-        saved = passes * match.score_nbytes
-        names = ", ".join(f"%{n}" for n in match.nodes)
-        if match.applied:
+        def decide(match: AttentionMatch) -> bool:
+            saved = passes * match.score_nbytes
+            names = ", ".join(f"%{n}" for n in match.nodes)
+            if not match.rewritable:
+                what = f"not rewritten (attention): {names}"
+                ctx.refuse("not_rewritten", what, match.reason, saved, match.nodes)
+                return False
             what = f"attention: {names} -> scaled_dot_product_attention"
             reason = (
                 f"{match.describe()} never written: saves {passes} x {match.score_nbytes} B "
                 "of score traffic (modelled, best case of the written-out form after fusion)"
             )
-            self.decide(ctx, result, what, reason, saved, match.nodes)
-        else:
-            what = f"not rewritten (attention): {names}"
-            self.refuse(ctx, result, what, match.reason, saved, match.nodes)
+            return ctx.decide("rewritten", what, reason, saved, match.nodes)
 
-    def _place(self, gm: torch.fx.GraphModule, node: torch.fx.Node, triton: bool,
-               ctx: PassContext, result: PassResult) -> None:  # fmt: skip
+        rewrite_attention(gm, decide)
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> None:
+        kernels = ctx.kernel_backend(graph_device(gm)).attention
+        for node in list(gm.graph.nodes):
+            if node.op == "call_function" and (
+                node.target in FUSED_OPS or node.target in BACKWARD_OPS
+            ):
+                self._place(gm, node, kernels, ctx)
+
+    def _place(
+        self,
+        gm: torch.fx.GraphModule,
+        node: torch.fx.Node,
+        kernels: AttentionKernels | None,
+        ctx: PassContext,
+    ) -> None:
         backward = node.target in BACKWARD_OPS
         read_parts, own_lse = (BACKWARD_OPS if backward else FUSED_OPS)[node.target]
         parts = read_parts(node)
@@ -224,13 +231,15 @@ class Attention(Pass):
         saved = 0  # the logsumexp, when nothing reads it (the ATen op always writes it)
         if not backward and len(metas) > 1 and 1 not in used:
             saved = evaluate(metas[1].nbytes, ctx.bindings)
-        what = f"attention{' backward' if backward else ''} %{node.name} as the Triton kernel"
-        reason = self._unsupported(parts, used, own_lse, backward, ctx.bindings) if triton else (
-            f"backend {ctx.config.backend!r} on {graph_device(gm)} runs no Triton kernel: "
-            "the fused ATen op runs (inputs read once, outputs written once)"
-        )  # fmt: skip
+        what = f"attention{' backward' if backward else ''} %{node.name} as one generated kernel"
+        reason = (
+            self._unsupported(parts, used, own_lse, backward, ctx.bindings, kernels.max_head_dim)
+            if kernels is not None
+            else f"backend {ctx.backend!r} on {graph_device(gm)} has no attention "
+            "kernel: the fused ATen op runs (inputs read once, outputs written once)"
+        )
         if reason is not None:
-            self.refuse(ctx, result, what, reason, saved, (node.name,))
+            ctx.refuse("no_kernel", what, reason, saved, (node.name,))
             return
         additive = parts["mask"]
         bypassed = _read_bool_mask(parts)
@@ -243,13 +252,13 @@ class Attention(Pass):
                 ctx.bindings,
             )
         why = _describe(parts, backward, 1 in used, bool(bypassed))
-        if not self.decide(ctx, result, what, why, saved, (node.name,)):
+        if not ctx.decide("kernel", what, why, saved, (node.name,)):
             return
         fakes = tuple(node.meta.get("val"))
         outputs = fakes if backward else fakes[: 2 if 1 in used else 1]
-        kernel = AttentionKernel(
+        kernel = kernels.make_target(
             f"{ctx.graph_name.replace('.', '_')}_attention{'_backward' if backward else ''}_"
-            f"{sum(isinstance(n.target, AttentionKernel) for n in gm.graph.nodes)}",
+            f"{sum(getattr(n.target, 'memopt_kind', None) == 'attention' for n in gm.graph.nodes)}",
             node.name,
             causal=bool(parts["causal"]),
             scale=parts["scale"],
@@ -275,7 +284,12 @@ class Attention(Pass):
 
     @staticmethod
     def _unsupported(
-        parts: dict[str, object], used: list[int], own_lse: bool, backward: bool, bindings
+        parts: dict[str, object],
+        used: list[int],
+        own_lse: bool,
+        backward: bool,
+        bindings,
+        max_head_dim: int,
     ) -> str | None:
         q, k, v, mask = (tensor_meta(parts[x]) if parts[x] is not None else None
                          for x in ("q", "k", "v", "mask"))  # fmt: skip
@@ -288,8 +302,8 @@ class Attention(Pass):
         # A symbolic head dim is judged at the example sizes; a call with a larger one
         # fails the kernel's own check and runs the fused ATen op, with a warning.
         head_dim, v_dim = (evaluate(x, bindings) for x in (q.shape[-1], v.shape[-1]))
-        if head_dim > MAX_HEAD_DIM or head_dim != v_dim:
-            return f"head dim {head_dim} (v: {v_dim}): the kernel takes equal dims up to {MAX_HEAD_DIM}"
+        if head_dim > max_head_dim or head_dim != v_dim:
+            return f"head dim {head_dim} (v: {v_dim}): the kernel takes equal dims up to {max_head_dim}"
         if mask is not None and (len(mask.shape) > 4 or mask.dtype not in (torch.bool, q.dtype)):
             return f"mask {mask.dtype}[{len(mask.shape)} dims]: bool or {q.dtype}, at most 4 dims"
         if not own_lse:

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 
-ATTENTION_META_KEY = "memopt_attention"  # AttentionMatch records on an ATen graph module
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _MATMULS = {operator.matmul, torch.matmul}
@@ -47,8 +47,8 @@ class AttentionMatch:
     """One written-out attention found in a Dynamo graph: rewritten, or why not."""
 
     nodes: tuple[str, ...]  # Dynamo graph names, first matmul to second
-    applied: bool
-    reason: str
+    rewritable: bool
+    reason: str  # why not, when it is not rewritable
     score_shape: tuple[int, ...]  # (batch, heads, seq_q, seq_k)
     score_nbytes: int  # one score matrix, at the example sizes
     masked: bool = False
@@ -257,9 +257,13 @@ def _rewrite(gm: torch.fx.GraphModule, parts: dict[str, object]) -> None:
             graph.erase_node(node)
 
 
-def rewrite_attention(gm: torch.fx.GraphModule) -> list[AttentionMatch]:
-    """Rewrite every written-out attention in a Dynamo graph; what was found, in order."""
+def rewrite_attention(
+    gm: torch.fx.GraphModule, decide: Callable[[AttentionMatch], bool]
+) -> list[AttentionMatch]:
+    """Find every written-out attention in a Dynamo graph, in order, and rewrite those that
+    can be rewritten and that `decide(match)` accepts (it is told every match)."""
     found: list[AttentionMatch] = []
+    rewritten = False
     for node in list(gm.graph.nodes):
         if node.graph is not gm.graph or node.op not in ("call_function", "call_method"):
             continue
@@ -267,12 +271,15 @@ def rewrite_attention(gm: torch.fx.GraphModule) -> list[AttentionMatch]:
             parts = _match(node)
         except _Refused as refusal:
             found.append(_record(node, None, str(refusal)))
+            decide(found[-1])
             continue
         if parts is None:
             continue
         found.append(_record(node, parts, ""))
-        _rewrite(gm, parts)
-    if any(m.applied for m in found):
+        if decide(found[-1]):
+            _rewrite(gm, parts)
+            rewritten = True
+    if rewritten:
         gm.graph.lint()
         gm.recompile()
     return found
@@ -291,7 +298,7 @@ def _record(y: torch.fx.Node, parts: dict[str, object] | None, reason: str) -> A
     nbytes = scores.numel() * scores.element_size() if isinstance(scores, torch.Tensor) else 0
     return AttentionMatch(
         nodes=names,
-        applied=parts is not None,
+        rewritable=parts is not None,
         reason=reason,
         score_shape=tuple(int(s) for s in shape),
         score_nbytes=int(nbytes),

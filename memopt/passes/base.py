@@ -1,12 +1,27 @@
-"""The pass contract: a frozen dataclass with a `name` and one `run(gm, ctx) -> PassResult`.
+"""The pass contract: a registered frozen dataclass that decides through its context.
 
-A pass reads nothing global: the PassContext hands it the config, the cost model's
-example-size bindings and the fuel. It returns its decisions; the pipeline measures bytes,
-snapshots the graph, times the pass and verifies the result.
+A pass is a frozen dataclass whose fields are its typed options (checked when the Config
+is built, passes/registry.py). It acts at one or more stages of a compilation:
+
+- `Stage.DYNAMO`: `rewrite_dynamo_graph(gm, ctx)` on Dynamo's torch-level graph, before
+  AOTAutograd differentiates it (a rewrite the backward must see, like attention);
+- `Stage.PARTITION`: `partition(joint, joint_inputs, ctx, **kwargs)` splits the joint
+  graph into the forward and backward graphs (which tensors are saved for the backward);
+- `Stage.ATEN`: `run(gm, ctx)` rewrites one ATen graph in place.
+
+A pass reads nothing global: the PassContext hands it the example-size bindings, the
+pipeline it is part of (the other passes' options, the backend option) and the decision
+record, which owns the fuel. Every rewrite goes through `ctx.decide` (it takes one unit of
+fuel; with none left the rewrite is refused, "out of fuel") and every rewrite not made
+through `ctx.refuse`, with the bytes that costs. Each decision carries a code from the
+pass's declared `codes`, which tools and tests match on. The pipeline, not the pass,
+measures bytes before and after, snapshots the graph, times the pass and verifies it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -14,45 +29,99 @@ from typing import ClassVar
 import sympy
 import torch.fx
 
+from memopt.backends.registry import Backend, backend_for
 from memopt.compiler.cost import node_cost
 from memopt.compiler.graph import evaluate
-from memopt.config import Config
 from memopt.passes.ledger import Decision
+
+
+class Stage(enum.Enum):
+    """Where in a compilation a pass acts (see the module doc)."""
+
+    DYNAMO = "dynamo"
+    PARTITION = "partition"
+    ATEN = "aten"
+
+
+# The method a pass implements for each stage it registers.
+STAGE_METHODS = {
+    Stage.DYNAMO: "rewrite_dynamo_graph",
+    Stage.PARTITION: "partition",
+    Stage.ATEN: "run",
+}
 
 
 @dataclass
 class Fuel:
-    """A cap on rewrite decisions across every pass of one compilation (for bisecting).
-
-    `limit=None` is unlimited. Each applied rewrite takes one unit; once none is left,
-    passes refuse further rewrites with the reason "out of fuel".
-    """
+    """A cap on rewrite decisions across every pass and stage of one compilation (for
+    bisecting): `limit=None` is unlimited; each applied rewrite takes one unit."""
 
     limit: int | None = None
     used: int = 0
 
     def take(self) -> bool:
-        if self.limit is not None and self.used >= self.limit:
+        if self.exhausted:
             return False
         self.used += 1
         return True
 
-
-@dataclass
-class PassContext:
-    config: Config
-    graph_name: str
-    bindings: Mapping[sympy.Symbol, int]
-    fuel: Fuel = field(default_factory=Fuel)
-
-    def nbytes(self, node: torch.fx.Node) -> int:
-        """Modelled bytes one node moves, at the example sizes."""
-        return evaluate(node_cost(node).nbytes, self.bindings)
+    @property
+    def exhausted(self) -> bool:
+        return self.limit is not None and self.used >= self.limit
 
 
 @dataclass
-class PassResult:
+class DecisionRecord:
+    """The decisions one pass took at one stage on one graph, in the order it took them."""
+
+    pass_name: str
+    graph: str
+    fuel: Fuel
+    codes: frozenset[str]
     decisions: list[Decision] = field(default_factory=list)
+
+    def decide(
+        self, code: str, what: str, reason: str, bytes_saved: int, nodes: tuple[str, ...] = ()
+    ) -> bool:
+        """Take one unit of fuel for a rewrite and record it; False: do not rewrite."""
+        applied = self.fuel.take()
+        if not applied:
+            reason = f"out of fuel ({self.fuel.limit}); would: {reason}"
+        self._add(code, applied, what, reason, bytes_saved, nodes)
+        return applied
+
+    def refuse(
+        self, code: str, what: str, reason: str, bytes_at_stake: int, nodes: tuple[str, ...] = ()
+    ) -> None:
+        """Record a rewrite the pass chose not to make, with the bytes that costs."""
+        self._add(code, False, what, reason, bytes_at_stake, nodes)
+
+    def _add(
+        self,
+        code: str,
+        applied: bool,
+        what: str,
+        reason: str,
+        nbytes: int,
+        nodes: tuple[str, ...],
+    ) -> None:
+        if code not in self.codes:
+            raise ValueError(
+                f"pass {self.pass_name!r} decided with code {code!r}, which it does not "
+                f"declare; its codes: {', '.join(sorted(self.codes))}"
+            )
+        self.decisions.append(
+            Decision(
+                pass_name=self.pass_name,
+                code=f"{self.pass_name}.{code}",
+                applied=applied,
+                what=what,
+                reason=reason,
+                bytes_saved=nbytes,
+                nodes=tuple(nodes),
+                graph=self.graph,
+            )
+        )
 
     @property
     def changed(self) -> bool:
@@ -61,55 +130,100 @@ class PassResult:
 
 @dataclass(frozen=True)
 class Pass:
-    """Base of every pass. Subclasses set `name` and implement `run`."""
+    """Base of every pass; `register_pass` sets the class variables."""
 
     name: ClassVar[str] = ""
+    stages: ClassVar[frozenset[Stage]] = frozenset()
+    # Decision codes the pass uses (without its name: "vertical" is "fusion.vertical").
+    codes: ClassVar[frozenset[str]] = frozenset()
 
-    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> None:
         raise NotImplementedError
 
-    def decide(
-        self,
-        ctx: PassContext,
-        result: PassResult,
-        what: str,
-        reason: str,
-        bytes_saved: int,
-        nodes: tuple[str, ...] = (),
-    ) -> bool:
-        """Take one unit of fuel for a rewrite and record the decision; False: do not rewrite."""
-        applied = ctx.fuel.take()
-        result.decisions.append(
-            Decision(
-                pass_name=self.name,
-                applied=applied,
-                what=what,
-                reason=reason if applied else f"out of fuel ({ctx.fuel.limit}); would: {reason}",
-                bytes_saved=bytes_saved,
-                nodes=nodes,
-                graph=ctx.graph_name,
-            )
+
+@dataclass(frozen=True)
+class Pipeline:
+    """What one compilation runs, as the Config built it: the passes in order with their
+    options, every registered pass with its options (run or not: a pass may use another
+    as an estimator), the backend option, and whether to check each pass against eager."""
+
+    passes: tuple[Pass, ...]
+    configured: Mapping[str, Pass]
+    backend: str = "auto"
+    check: bool = False
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.passes)
+
+    def runs(self, name: str) -> bool:
+        return name in self.names
+
+    def instance(self, name: str) -> Pass:
+        """The pass `name` with its configured options (whether or not this pipeline runs it)."""
+        return self.configured[name]
+
+    def at(self, stage: Stage) -> tuple[Pass, ...]:
+        return tuple(p for p in self.passes if stage in p.stages)
+
+    def with_options(self, name: str, **changes: object) -> Pipeline:
+        """The same pipeline with some options of pass `name` changed."""
+        changed = dataclasses.replace(self.configured[name], **changes)
+        return dataclasses.replace(
+            self,
+            passes=tuple(changed if p.name == name else p for p in self.passes),
+            configured={**self.configured, name: changed},
         )
-        return applied
+
+    def without_check(self) -> Pipeline:
+        return dataclasses.replace(self, check=False)
+
+
+@dataclass
+class PassContext:
+    """What a pass sees of the compilation: one graph, its sizes, its pipeline, its record."""
+
+    graph_name: str
+    bindings: Mapping[sympy.Symbol, int]
+    pipeline: Pipeline
+    record: DecisionRecord
+
+    @classmethod
+    def for_pass(
+        cls,
+        pass_: Pass,
+        graph_name: str,
+        bindings: Mapping[sympy.Symbol, int],
+        pipeline: Pipeline,
+        fuel: Fuel,
+    ) -> PassContext:
+        record = DecisionRecord(pass_.name, graph_name, fuel, pass_.codes)
+        return cls(graph_name, bindings, pipeline, record)
+
+    def scratch(self, pass_: Pass) -> PassContext:
+        """A context for running `pass_` as an estimator on a trial graph: unlimited fuel,
+        and its decisions go nowhere."""
+        return PassContext.for_pass(pass_, self.graph_name, self.bindings, self.pipeline, Fuel())
+
+    @property
+    def backend(self) -> str:
+        """The `backend` option (auto, triton, cpp, reference)."""
+        return self.pipeline.backend
+
+    def kernel_backend(self, device_type: str) -> Backend:
+        """The backend generated kernels of a graph on `device_type` run on."""
+        return backend_for(self.pipeline.backend, device_type)
+
+    def nbytes(self, node: torch.fx.Node) -> int:
+        """Modelled bytes one node moves, at the example sizes."""
+        return evaluate(node_cost(node).nbytes, self.bindings)
+
+    def decide(
+        self, code: str, what: str, reason: str, bytes_saved: int, nodes: tuple[str, ...] = ()
+    ) -> bool:
+        return self.record.decide(code, what, reason, bytes_saved, nodes)
 
     def refuse(
-        self,
-        ctx: PassContext,
-        result: PassResult,
-        what: str,
-        reason: str,
-        bytes_at_stake: int,
-        nodes: tuple[str, ...] = (),
+        self, code: str, what: str, reason: str, bytes_at_stake: int, nodes: tuple[str, ...] = ()
     ) -> None:
-        """Record a rewrite the pass chose not to make, with the bytes that costs."""
-        result.decisions.append(
-            Decision(
-                pass_name=self.name,
-                applied=False,
-                what=what,
-                reason=reason,
-                bytes_saved=bytes_at_stake,
-                nodes=nodes,
-                graph=ctx.graph_name,
-            )
-        )
+        self.record.refuse(code, what, reason, bytes_at_stake, nodes)

@@ -12,7 +12,6 @@ Refuses to:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.fx
@@ -20,7 +19,8 @@ import torch.fx
 from memopt.compiler.aten_ops import is_mutating, is_random
 from memopt.compiler.cost import reaches_output
 from memopt.compiler.graph import tensor_meta
-from memopt.passes.base import Pass, PassContext, PassResult
+from memopt.passes.base import Pass, PassContext
+from memopt.passes.registry import register_pass
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -59,12 +59,7 @@ def _same_layout(a: torch.fx.Node, b: torch.fx.Node) -> bool:
     return (
         ma is not None
         and mb is not None
-        and (ma.shape, ma.stride, ma.dtype)
-        == (
-            mb.shape,
-            mb.stride,
-            mb.dtype,
-        )
+        and (ma.shape, ma.stride, ma.dtype) == (mb.shape, mb.stride, mb.dtype)
     )
 
 
@@ -123,18 +118,23 @@ def _cse_key(node: torch.fx.Node) -> tuple | None:
     return key
 
 
+@register_pass(
+    "cleanup",
+    codes=(
+        "noop_removed",  # a copy, cast, view or neutral arithmetic that changes nothing
+        "noop_kept_output",  # such a copy kept: its result is a graph output
+        "cse",  # a node merged into an identical earlier one
+        "dead_code",  # a node whose result nothing uses
+    ),
+)
 @dataclass(frozen=True)
 class Cleanup(Pass):
-    name: ClassVar[str] = "cleanup"
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> None:
+        self._remove_noops(gm, ctx)
+        self._merge_common_subexpressions(gm, ctx)
+        self._remove_dead_code(gm, ctx)
 
-    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-        result = PassResult()
-        self._remove_noops(gm, ctx, result)
-        self._merge_common_subexpressions(gm, ctx, result)
-        self._remove_dead_code(gm, ctx, result)
-        return result
-
-    def _remove_noops(self, gm: torch.fx.GraphModule, ctx: PassContext, result: PassResult) -> None:
+    def _remove_noops(self, gm: torch.fx.GraphModule, ctx: PassContext) -> None:
         for node in list(gm.graph.nodes):
             source = _noop_source(node)
             if source is None:
@@ -143,9 +143,8 @@ class Cleanup(Pass):
             nbytes = ctx.nbytes(node)
             copies = node.target in _COPY_OPS or node.target in _NEUTRAL_SCALAR
             if copies and reaches_output(node):
-                self.refuse(
-                    ctx,
-                    result,
+                ctx.refuse(
+                    "noop_kept_output",
                     f"keep {label}",
                     "its result is a graph output; without the copy it would alias its input",
                     nbytes,
@@ -158,13 +157,11 @@ class Cleanup(Pass):
                 reason = "copies nothing: same shape, strides and dtype"
             else:
                 reason = "identity view"
-            if self.decide(ctx, result, f"removed {label}", reason, nbytes, (node.name,)):
+            if ctx.decide("noop_removed", f"removed {label}", reason, nbytes, (node.name,)):
                 node.replace_all_uses_with(source)
                 gm.graph.erase_node(node)
 
-    def _merge_common_subexpressions(
-        self, gm: torch.fx.GraphModule, ctx: PassContext, result: PassResult
-    ) -> None:
+    def _merge_common_subexpressions(self, gm: torch.fx.GraphModule, ctx: PassContext) -> None:
         seen: dict[tuple, torch.fx.Node] = {}
         for node in list(gm.graph.nodes):
             key = _cse_key(node)
@@ -176,13 +173,11 @@ class Cleanup(Pass):
                 continue
             what = f"merged %{node.name} into %{first.name} ({node.target})"
             reason = "same op on the same inputs"
-            if self.decide(ctx, result, what, reason, ctx.nbytes(node), (node.name, first.name)):
+            if ctx.decide("cse", what, reason, ctx.nbytes(node), (node.name, first.name)):
                 node.replace_all_uses_with(first)
                 gm.graph.erase_node(node)
 
-    def _remove_dead_code(
-        self, gm: torch.fx.GraphModule, ctx: PassContext, result: PassResult
-    ) -> None:
+    def _remove_dead_code(self, gm: torch.fx.GraphModule, ctx: PassContext) -> None:
         # Users before producers, so a whole dead chain goes in one sweep.
         for node in reversed(list(gm.graph.nodes)):
             if node.op != "call_function" or node.users or node.is_impure():
@@ -191,5 +186,5 @@ class Cleanup(Pass):
                 # Dropping a draw would shift every later draw from the generator.
                 continue
             what = f"removed dead %{node.name} ({node.target})"
-            if self.decide(ctx, result, what, "result unused", ctx.nbytes(node), (node.name,)):
+            if ctx.decide("dead_code", what, "result unused", ctx.nbytes(node), (node.name,)):
                 gm.graph.erase_node(node)

@@ -35,15 +35,15 @@ merges they would have made are then recorded as refusals with the bytes at stak
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.fx
 from torch.fx.passes.tools_common import legalize_graph
 
+from memopt.backends.registry import Feature
 from memopt.backends.runtime.kernels import FusedKernel
-from memopt.backends.triton.tiles import backend_runs_templates, describe_tiles, matmul_tiles
 from memopt.compiler.aten_ops import SHAPE_QUERIES, TEMPLATE_MATMULS
 from memopt.compiler.cost import buffer_users, is_view, read_bytes
 from memopt.compiler.graph import (
@@ -56,8 +56,8 @@ from memopt.compiler.graph import (
 )
 from memopt.compiler.lower import NotLowerable, can_lower, can_lower_matmul, lower_group
 from memopt.compiler.printer import op_name
-from memopt.config import kernel_backend
-from memopt.passes.base import Pass, PassContext, PassResult
+from memopt.passes.base import Pass, PassContext
+from memopt.passes.registry import register_pass
 
 Group = frozenset[torch.fx.Node]
 aten = torch.ops.aten
@@ -262,12 +262,15 @@ def _matmul_of(group: Group) -> torch.fx.Node | None:
     return next((n for n in group if n.target in TEMPLATE_MATMULS), None)
 
 
-def _tiles(matmul: torch.fx.Node, ctx: PassContext) -> dict[str, int]:
-    """The tiles a GPU launch of this template uses, at the example sizes."""
+def _schedule(matmul: torch.fx.Node, ctx: PassContext, device: str) -> str:
+    """How the backend running the template schedules it (tiles), at the example sizes."""
+    describe = ctx.kernel_backend(device).describe_template
+    if describe is None:
+        return ""
     *_, m, n = tensor_meta(matmul).shape
     k = tensor_meta(matmul.args[0]).shape[-1]
     m, n, k = (evaluate(x, ctx.bindings) for x in (m, n, k))
-    return matmul_tiles(m, n, k, on_gpu=True)
+    return f"; {describe(m, n, k)}"
 
 
 def _side(matmul: torch.fx.Node, other: Group) -> str:
@@ -276,34 +279,26 @@ def _side(matmul: torch.fx.Node, other: Group) -> str:
     return "prologue" if operands & other else "epilogue"
 
 
-MATMUL_TEMPLATE_MODES = ("auto", "on", "off")
-
-
+@register_pass(
+    "fusion",
+    codes=(
+        "vertical",  # a producer and its consumer in one kernel
+        "horizontal",  # two groups that read the same buffer in one kernel
+        "refused_size",  # the group would be over max_nodes
+        "refused_cycle",  # a path between the two leaves the group
+        "refused_lowering",  # the group cannot be one kernel (NotLowerable's reason)
+        "refused_template",  # a matmul's prologue/epilogue merge, where templates are off
+        "bias_folded",  # a bias add that fused with nothing, back into the GEMM (addmm)
+    ),
+)
 @dataclass(frozen=True)
 class Fusion(Pass):
-    name: ClassVar[str] = "fusion"
     # Largest number of nodes in one kernel (long kernels spill registers on a GPU).
-    max_nodes: int = 64
+    max_nodes: int = field(default=64, metadata={"min": 1})
     # Matmul template kernels: "auto" where the backend that runs them has templates
     # (triton, reference), "on" always (elsewhere they fall back to the reference backend),
     # "off" never.
-    matmul_templates: str = "auto"
-
-    @classmethod
-    def check_options(cls, values: dict[str, object]) -> None:
-        from memopt.errors import OptionError
-
-        mode = values.get("matmul_templates", "auto")
-        if mode not in MATMUL_TEMPLATE_MODES:
-            raise OptionError(
-                f"option 'matmul_templates' of pass 'fusion' takes one of "
-                f"{', '.join(MATMUL_TEMPLATE_MODES)}; got {mode!r}"
-            )
-        nodes = values.get("max_nodes", 64)
-        if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
-            raise OptionError(
-                f"option 'max_nodes' of pass 'fusion' takes an integer >= 1, got {nodes!r}"
-            )
+    matmul_templates: Literal["auto", "on", "off"] = "auto"
 
     def templates(self, gm: torch.fx.GraphModule, ctx: PassContext) -> tuple[bool, str]:
         """Whether to form matmul templates here, and why not when not."""
@@ -312,18 +307,17 @@ class Fusion(Pass):
         if self.matmul_templates == "on":
             return True, ""
         device = graph_device(gm)
-        if backend_runs_templates(ctx.config.backend, device):
+        if ctx.kernel_backend(device).supports(Feature.MATMUL_TEMPLATES):
             return True, ""
         return False, (
-            f"backend {ctx.config.backend!r} on {device} runs no matmul templates "
+            f"backend {ctx.backend!r} on {device} runs no matmul templates "
             "(the matmul stays a library call)"
         )
 
-    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-        result = PassResult()
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> None:
         templates, no_templates = self.templates(gm, ctx)
         state = _State(gm, ctx, templates)
-        refused: dict[tuple[Group, Group], tuple[str, int, str]] = {}
+        refused: dict[tuple[Group, Group], tuple[str, str, int, str]] = {}
         while True:
             scored = sorted(
                 ((state.saved(a, b), kind, a, b) for a, b, kind in state.candidates()),
@@ -337,20 +331,18 @@ class Fusion(Pass):
                     # Still refused: merging other groups only adds paths between nodes,
                     # and the lowering and size limits depend on a | b alone.
                     continue
-                reason = self._illegal(state, a, b)
-                if reason is not None:
-                    refused[(a, b)] = (reason, saved, kind)
+                illegal = self._illegal(state, a, b)
+                if illegal is not None:
+                    refused[(a, b)] = (*illegal, saved, kind)
                     continue
                 what = f"fused {_names(a, state.order)} + {_names(b, state.order)}"
                 why = f"{kind}: saves {saved} B of traffic"
                 matmul = _matmul_of(a | b)
                 if matmul is not None:
                     side = _side(matmul, a if matmul in b else b)
-                    tiles = describe_tiles(_tiles(matmul, ctx))
-                    why += f" (matmul template {side}; GPU tiles {tiles})"
-                if not self.decide(
-                    ctx, result, what, why, saved, _ordered_names(a | b, state.order)
-                ):
+                    schedule = _schedule(matmul, ctx, graph_device(gm))
+                    why += f" (matmul template {side}{schedule})"
+                if not ctx.decide(kind, what, why, saved, _ordered_names(a | b, state.order)):
                     break
                 state.merge(a, b)
                 merged = True
@@ -358,22 +350,19 @@ class Fusion(Pass):
             if not merged:
                 break
         groups = state.groups()
-        for (a, b), (reason, saved, kind) in sorted(
+        for (a, b), (code, reason, saved, kind) in sorted(
             refused.items(),
-            key=lambda item: (-item[1][1], _names(item[0][0] | item[0][1], state.order)),
+            key=lambda item: (-item[1][2], _names(item[0][0] | item[0][1], state.order)),
         ):
             if a in groups and b in groups:
                 what = f"not fused ({kind}): {_names(a, state.order)} + {_names(b, state.order)}"
-                self.refuse(ctx, result, what, reason, saved, _ordered_names(a | b, state.order))
+                ctx.refuse(code, what, reason, saved, _ordered_names(a | b, state.order))
         if not templates:
-            self._refuse_templates(state, ctx, result, no_templates)
-        self._fold_bias_adds(gm, ctx, state, result)
+            self._refuse_templates(state, ctx, no_templates)
+        self._fold_bias_adds(gm, ctx, state)
         self._rewrite(gm, ctx, state)
-        return result
 
-    def _refuse_templates(
-        self, state: _State, ctx: PassContext, result: PassResult, reason: str
-    ) -> None:
+    def _refuse_templates(self, state: _State, ctx: PassContext, reason: str) -> None:
         """Record, for each matmul, the epilogue and prologue merges templates would make."""
         for matmul in state.nodes:
             if not can_lower_matmul(matmul):
@@ -393,11 +382,9 @@ class Fusion(Pass):
                         f"not fused (matmul {side}): %{matmul.name} + {_names(group, state.order)}"
                     )
                     names = _ordered_names(group | alone, state.order)
-                    self.refuse(ctx, result, what, reason, saved, names)
+                    ctx.refuse("refused_template", what, reason, saved, names)
 
-    def _fold_bias_adds(
-        self, gm: torch.fx.GraphModule, ctx: PassContext, state: _State, result: PassResult
-    ) -> None:
+    def _fold_bias_adds(self, gm: torch.fx.GraphModule, ctx: PassContext, state: _State) -> None:
         """A bias add that fused with nothing goes back into the library matmul (addmm).
 
         The decomposition table splits addmm into mm + add so the add can fuse with what
@@ -416,7 +403,7 @@ class Fusion(Pass):
             saved = 2 * evaluate(tensor_meta(mm).nbytes, ctx.bindings)
             what = f"folded bias add %{node.name} into %{mm.name} (addmm)"
             reason = "the add fused with nothing; the library GEMM adds the bias in its epilogue"
-            if not self.decide(ctx, result, what, reason, saved, (node.name, mm.name)):
+            if not ctx.decide("bias_folded", what, reason, saved, (node.name, mm.name)):
                 return
             with gm.graph.inserting_before(mm):
                 addmm = gm.graph.call_function(aten.addmm.default, (bias, *mm.args[:2]))
@@ -428,17 +415,28 @@ class Fusion(Pass):
             gm.graph.erase_node(node)
             del state.group_of[node]
 
-    def _illegal(self, state: _State, a: Group, b: Group) -> str | None:
+    def _illegal(self, state: _State, a: Group, b: Group) -> tuple[str, str] | None:
+        """(code, reason) when a and b cannot be one kernel; None when they can."""
         if len(a) + len(b) > self.max_nodes:
-            return f"group would have {len(a) + len(b)} nodes, over max_nodes={self.max_nodes}"
+            size = len(a) + len(b)
+            return "refused_size", f"group would have {size} nodes, over max_nodes={self.max_nodes}"
         if state.creates_cycle(a, b):
-            return "a path from one to the other leaves the group (through an extern op or another kernel)"
-        return state.lowering_error(a | b)
+            return "refused_cycle", (
+                "a path from one to the other leaves the group "
+                "(through an extern op or another kernel)"
+            )
+        error = state.lowering_error(a | b)
+        return None if error is None else ("refused_lowering", error)
 
     def _rewrite(self, gm: torch.fx.GraphModule, ctx: PassContext, state: _State) -> None:
-        on_cpp = kernel_backend(ctx.config.backend, graph_device(gm)) == "cpp"
+        backend = ctx.kernel_backend(graph_device(gm))
+        conversions = backend.supports(Feature.LAYOUT_CONVERSION)
         groups = sorted(
-            (g for g in state.groups() if len(g) > 1 or (on_cpp and _lone_conversion(g, state))),
+            (
+                g
+                for g in state.groups()
+                if len(g) > 1 or (conversions and _lone_conversion(g, state))
+            ),
             key=lambda g: min(state.order[n] for n in g),
         )
         if not groups:
@@ -449,14 +447,11 @@ class Fusion(Pass):
             lowered = lower_group(members, f"{ctx.graph_name.replace('.', '_')}_fused_{number}")
             fused = FusedKernel(
                 lowered,
-                backend=ctx.config.backend,
+                backend=ctx.backend,
                 member_names=[m.name for m in members],
                 member_ops=[op_name(m) for m in members],
                 fake_outputs=[n.meta.get("val") for n in lowered.output_nodes],
             )
-            matmul = _matmul_of(group)
-            if matmul is not None:
-                fused.memopt_tiles = _tiles(matmul, ctx)  # for reports: how a GPU tiles it
             with graph.inserting_after(members[-1]):
                 call = graph.call_function(fused, tuple(lowered.input_nodes))
             call.meta["val"] = fused.fake_outputs

@@ -34,7 +34,7 @@ import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Literal
 
 import sympy
 import torch
@@ -61,7 +61,8 @@ from memopt.compiler.graph import (
 from memopt.compiler.indexing import contiguous_strides
 from memopt.compiler.lower import can_lower
 from memopt.compiler.onednn import hidden_reorder_bytes, runs_on_onednn
-from memopt.passes.base import Fuel, Pass, PassContext, PassResult
+from memopt.passes.base import Pass, PassContext
+from memopt.passes.registry import register_pass
 
 aten = torch.ops.aten
 ONE = sympy.Integer(1)
@@ -350,37 +351,41 @@ def _mutated(node: torch.fx.Node) -> bool:
     return any(u.target is aten.copy_.default and u.args[0] is base for u in base.users)
 
 
+@register_pass(
+    "layout",
+    codes=(
+        "copy_removed",  # a copy whose consumers read its source through strides
+        "copy_kept_output",  # kept: its result is a graph output
+        "copy_kept_mutated",  # kept: its source is mutated in place later
+        "copy_kept",  # kept: a consumer needs the layout, or nothing is saved
+        "matmul_out_order",  # a matmul writes in its reader's order (out= into strides)
+        "matmul_out_kept",  # ... refused: no strides give the copy's layout
+        "conv_layout",  # channels_last or NCHW chosen for the convolutions
+        "conv_layout_kept",  # the convolutions' layout kept (the other moves more)
+        "conversion",  # a layout conversion inserted for the chosen layout
+    ),
+)
 @dataclass(frozen=True)
 class Layout(Pass):
     """Folds copies into strided reads, orders matmul outputs for their readers, picks
     channels_last by bytes. Refusals say why and what the kept copy costs."""
 
-    name: ClassVar[str] = "layout"
     # "auto": channels_last when it moves fewer bytes; "never"; "always": whenever legal.
-    channels_last: str = "auto"
+    channels_last: Literal["auto", "never", "always"] = "auto"
     # Count the reorders oneDNN makes of NCHW activations for CPU convolutions (modelled:
     # `compiler/onednn.py`); False prices both layouts by the graph's own traffic alone.
     onednn_reorders: bool = True
 
-    def __post_init__(self) -> None:
-        if self.channels_last not in ("auto", "never", "always"):
-            raise ValueError(
-                f"layout: channels_last must be 'auto', 'never' or 'always', "
-                f"not {self.channels_last!r}"
-            )
-
-    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-        result = PassResult()
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> None:
         eager_outputs = _output_metas(gm)
-        self._order_matmul_outputs(gm, ctx, result, eager_outputs)
-        self._remove_copies(gm, ctx, result, eager_outputs)
+        self._order_matmul_outputs(gm, ctx, eager_outputs)
+        self._remove_copies(gm, ctx, eager_outputs)
         if self.channels_last != "never":
-            self._choose_conv_layout(gm, ctx, result, eager_outputs)
-        return result
+            self._choose_conv_layout(gm, ctx, eager_outputs)
 
     # -- 1. copies --------------------------------------------------------------------
 
-    def _remove_copies(self, gm, ctx, result, eager_outputs) -> None:
+    def _remove_copies(self, gm, ctx, eager_outputs) -> None:
         for node in list(gm.graph.nodes):
             source = _copy_source(node)
             if source is None or node.graph is not gm.graph:
@@ -389,15 +394,15 @@ class Layout(Pass):
             nbytes = ctx.nbytes(node)
             if reaches_output(node):
                 why = "its result is a graph output; without the copy it would alias its input"
-                self.refuse(ctx, result, f"kept {label}", why, nbytes, (node.name,))
+                ctx.refuse("copy_kept_output", f"kept {label}", why, nbytes, (node.name,))
                 continue
             if _mutated(source):
                 why = "its source is mutated in place later in the graph"
-                self.refuse(ctx, result, f"kept {label}", why, nbytes, (node.name,))
+                ctx.refuse("copy_kept_mutated", f"kept {label}", why, nbytes, (node.name,))
                 continue
             reason = self._try_remove(gm, ctx, node, source, eager_outputs)
             if isinstance(reason, str):
-                self.refuse(ctx, result, f"kept {label}", reason, nbytes, (node.name,))
+                ctx.refuse("copy_kept", f"kept {label}", reason, nbytes, (node.name,))
                 continue
             saved, undo = reason
             what = f"removed {label}"
@@ -405,7 +410,7 @@ class Layout(Pass):
                 f"every consumer reads %{source.name} through its strides "
                 f"(copy kernel: {nbytes} B); graph moves {saved} B less"
             )
-            if self.decide(ctx, result, what, why, saved, (node.name,)):
+            if ctx.decide("copy_removed", what, why, saved, (node.name,)):
                 gm.graph.erase_node(node)
             else:
                 undo()
@@ -459,7 +464,7 @@ class Layout(Pass):
 
     # -- 2. matmul outputs in their reader's order --------------------------------------
 
-    def _order_matmul_outputs(self, gm, ctx, result, eager_outputs) -> None:
+    def _order_matmul_outputs(self, gm, ctx, eager_outputs) -> None:
         for node in list(gm.graph.nodes):
             if node.target not in MATMUL_OUT_VARIANTS or node.graph is not gm.graph:
                 continue
@@ -481,8 +486,13 @@ class Layout(Pass):
             nbytes = ctx.nbytes(copy_node)
             strides = self._wanted_strides(node, chain, copy_node)
             if isinstance(strides, str):
-                self.refuse(ctx, result, f"kept layout of {label}", strides, nbytes,
-                            (node.name, copy_node.name))  # fmt: skip
+                ctx.refuse(
+                    "matmul_out_kept",
+                    f"kept layout of {label}",
+                    strides,
+                    nbytes,
+                    (node.name, copy_node.name),
+                )
                 continue
             meta = tensor_meta(node)
             if _same_strides(
@@ -491,21 +501,25 @@ class Layout(Pass):
                 continue  # already in that order: the copy is an identity (cleanup's business)
             sizes = _Sizes(gm)
             if not all(sizes.buildable(e) for e in (*meta.shape, *strides)):
-                self.refuse(ctx, result, f"kept layout of {label}",
-                            "a size of the wanted layout cannot be read off the graph inputs",
-                            nbytes, (node.name, copy_node.name))  # fmt: skip
+                ctx.refuse(
+                    "matmul_out_kept",
+                    f"kept layout of {label}",
+                    "a size of the wanted layout cannot be read off the graph inputs",
+                    nbytes,
+                    (node.name, copy_node.name),
+                )
                 continue
             what = f"{label}: writes strides {list(strides)}, the copy's order"
             why = (
                 f"the copy then reads its result in order, so the {nbytes} B copy kernel can "
                 f"go (counted where it is removed); the library writes a matmul at any row stride"
             )
-            if not self.decide(ctx, result, what, why, 0, (node.name, copy_node.name)):
+            if not ctx.decide("matmul_out_order", what, why, 0, (node.name, copy_node.name)):
                 return
             self._rewrite_matmul(gm, node, strides, sizes)
             failure = propagate(gm)
             assert failure is None, failure
-            self._drop_identity_copy(gm, ctx, result, copy_node, eager_outputs)
+            self._drop_identity_copy(gm, ctx, copy_node, eager_outputs)
 
     def _wanted_strides(self, node, chain, copy_node):
         """Strides of the matmul output that make the view chain land on the copy's layout."""
@@ -560,7 +574,7 @@ class Layout(Pass):
         node.replace_all_uses_with(written)
         gm.graph.erase_node(node)
 
-    def _drop_identity_copy(self, gm, ctx, result, copy_node, eager_outputs) -> None:
+    def _drop_identity_copy(self, gm, ctx, copy_node, eager_outputs) -> None:
         # The copy may be a graph output: its source is then a view of the matmul's own
         # buffer, which nothing else reads, so the output aliases no input and no other output.
         source = _copy_source(copy_node)
@@ -571,13 +585,13 @@ class Layout(Pass):
         nbytes = ctx.nbytes(copy_node)
         what = f"removed copy %{copy_node.name} ({copy_node.target})"
         why = f"its source %{source.name} is already in the copy's layout"
-        if self.decide(ctx, result, what, why, nbytes, (copy_node.name,)):
+        if ctx.decide("copy_removed", what, why, nbytes, (copy_node.name,)):
             copy_node.replace_all_uses_with(source)
             gm.graph.erase_node(copy_node)
 
     # -- 3. channels_last ---------------------------------------------------------------
 
-    def _choose_conv_layout(self, gm, ctx, result, eager_outputs) -> None:
+    def _choose_conv_layout(self, gm, ctx, eager_outputs) -> None:
         convs = [n for n in gm.graph.nodes if n.target in _CONV_OPERANDS]
         if not convs or any(layout_of(tensor_meta(n.args[0])) is None for n in convs):
             return
@@ -588,7 +602,7 @@ class Layout(Pass):
         )
         for layout in (NCHW, NHWC):
             trial = copy_graph(gm)
-            conversions = _apply_layout(trial, layout, eager_outputs, ctx, None)
+            conversions = _apply_layout(trial, layout, eager_outputs, ctx, record=False)
             if isinstance(conversions, str):
                 estimates[layout] = conversions
                 continue
@@ -628,23 +642,21 @@ class Layout(Pass):
         margin = alternative[0] - legal[chosen][0] if alternative is not None else 0
         if chosen == current:
             what = f"kept {current} for {len(convs)} convolution(s); {other} refused"
-            self.refuse(ctx, result, what, summary, -margin, names)
+            ctx.refuse("conv_layout_kept", what, summary, -margin, names)
             return
         what = f"chose {chosen} for {len(convs)} convolution(s) (was {was})"
-        if not self.decide(ctx, result, what, summary, margin, names):
+        if not ctx.decide("conv_layout", what, summary, margin, names):
             return
-        _apply_layout(gm, chosen, eager_outputs, ctx, (self, result))
+        _apply_layout(gm, chosen, eager_outputs, ctx, record=True)
 
     def _fuses(self, ctx: PassContext) -> bool:
-        return "fusion" in ctx.config.pass_names()
+        return ctx.pipeline.runs("fusion")
 
     def _estimate(self, gm: torch.fx.GraphModule, ctx: PassContext) -> sympy.Expr:
         """Modelled bytes of the graph, after fusion when the pipeline fuses (a dry run)."""
         if self._fuses(ctx):
-            from memopt.passes.fusion import Fusion  # a sibling pass, used as an estimator
-
-            dry = PassContext(ctx.config, ctx.graph_name, ctx.bindings, Fuel())
-            Fusion(**ctx.config.pass_options.get("fusion", {})).run(gm, dry)
+            fusion = ctx.pipeline.instance("fusion")  # a sibling pass, used as an estimator
+            fusion.run(gm, ctx.scratch(fusion))
         return graph_cost(gm, ctx.bindings).bytes_expr
 
 
@@ -673,23 +685,22 @@ def _convert(gm, node: torch.fx.Node, before: torch.fx.Node, memory_format) -> t
         return gm.graph.call_function(aten.clone.default, (node,), {"memory_format": memory_format})
 
 
-def _apply_layout(gm, layout, eager_outputs, ctx, recorder):
+def _apply_layout(gm, layout, eager_outputs, ctx, record: bool):
     """Run every convolution in `layout`; return the conversions inserted, or why it cannot.
 
-    With a recorder (pass, result) each conversion is a decision (and takes fuel); without,
-    it is a dry run on a copy.
+    With `record` each conversion is a decision (and takes fuel); without, it is a dry run
+    on a copy.
     """
     inserted: list[torch.fx.Node] = []
 
     def note(node: torch.fx.Node, what: str) -> bool:
-        if recorder is None:
+        if not record:
             inserted.append(node)
             return True
-        pass_, result = recorder
         nbytes = ctx.nbytes(node)
         why = f"part of the {layout} choice; the conversion moves {nbytes} B"
-        if pass_.decide(ctx, result, f"inserted conversion %{node.name}: {what}", why, -nbytes,
-                        (node.name,)):  # fmt: skip
+        what = f"inserted conversion %{node.name}: {what}"
+        if ctx.decide("conversion", what, why, -nbytes, (node.name,)):
             inserted.append(node)
             return True
         node.replace_all_uses_with(node.args[0])

@@ -25,10 +25,13 @@ class Decision:
     bytes_saved: int = 0
     nodes: tuple[str, ...] = ()
     graph: str = ""
+    # Machine-readable: "<pass>.<kind>", e.g. "fusion.vertical", "layout.copy_kept_output".
+    code: str = ""
 
     def to_dict(self) -> dict[str, object]:
         return {
             "pass": self.pass_name,
+            "code": self.code,
             "applied": self.applied,
             "what": self.what,
             "reason": self.reason,
@@ -52,10 +55,14 @@ class LedgerEntry:
     decisions: tuple[Decision, ...]
     text_before: str  # the printed graph, for diffs
     text_after: str
+    # Where the pass acted: "aten" (on this graph), or "dynamo" / "partition" (while the
+    # graph was captured: the graph before and after is the captured one).
+    stage: str = "aten"
 
     def to_dict(self) -> dict[str, object]:
         return {
             "pass": self.pass_name,
+            "stage": self.stage,
             "graph": self.graph,
             "bytes_before": self.bytes_before,
             "bytes_after": self.bytes_after,

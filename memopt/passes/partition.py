@@ -3,7 +3,8 @@
 AOTAutograd traces one joint graph (forward and backward together) and asks a partitioner
 which forward values to hand to the backward. Every saved tensor is written by the forward
 (unless it is written anyway) and read again by the backward; a value that is not saved is
-recomputed in the backward from values that are. `partition` decides that by bytes:
+recomputed in the backward from values that are. The recompute pass decides that by bytes,
+at the partition stage, from the candidates this module makes (`candidates`):
 
 1. A minimum s-t cut over the joint graph (networkx), as PyTorch's min-cut partitioner
    builds it (each node split into `in -> out`), but with capacities that are the bytes
@@ -22,13 +23,13 @@ recomputed in the backward from values that are. `partition` decides that by byt
      activation and searching the smallest `lam` whose cut fits (parametric min-cut).
 2. The cut, PyTorch's default partition (save, never recompute) and PyTorch's min-cut
    partition are then each run through the configured pass pipeline and costed, and the
-   one that moves the fewest bytes, among those that honour the options, is returned. The
+   one that moves the fewest bytes, among those that honour the options, is chosen. The
    cut's model is exact only when every recomputed chain fuses into one backward kernel;
    costing the optimized graphs makes the choice exact where the model is not.
 
-The decision, with every candidate's figures, is stored on the forward graph module
-(`gm.meta["memopt_partition"]`, a PartitionRecord); the recompute pass puts it in the
-ledger. If the cut fails on a graph, the default partition is used, with a warning.
+The record of every candidate's figures is stored on the forward graph module
+(`gm.meta["memopt_partition"]`, a PartitionRecord), where reports read the saved
+activations. If the cut fails on a graph, it is left out, with a warning.
 """
 
 from __future__ import annotations
@@ -36,18 +37,42 @@ from __future__ import annotations
 import math
 import operator
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+import networkx as nx
 import sympy
 import torch
 import torch.fx
 import torch.utils._pytree as pytree
+from torch._functorch.compile_utils import raise_getitems
+from torch._functorch.partitioners import (
+    _extract_fwd_bwd_modules,
+    classify_nodes,
+    default_partition,
+    functionalize_rng_ops,
+    is_not_collective,
+    min_cut_rematerialization_partition,
+    reordering_to_mimic_autograd_engine,
+)
+from torch.fx.experimental.proxy_tensor import is_sym_node
 
 from memopt.compiler.aten_ops import CONVOLUTIONS, EXTERN_OPS, MATMULS, is_random
+from memopt.compiler.capture import COUNTED_SAVED_BYTES_KEY
 from memopt.compiler.cost import buffer_users, is_view, view_base
-from memopt.compiler.graph import annotate, copy_graph, evaluate, output_metas, shape_bindings
-from memopt.config import Config
+from memopt.compiler.graph import (
+    annotate,
+    copy_graph,
+    evaluate,
+    output_metas,
+    shape_bindings,
+    to_sympy,
+)
+from memopt.compiler.lower import can_lower
+
+if TYPE_CHECKING:
+    from memopt.passes.recompute import Recompute
 
 aten = torch.ops.aten
 
@@ -56,29 +81,6 @@ META_KEY = "memopt_partition"
 DEFAULT = "torch default"  # PyTorch's default_partition: saves, never recomputes
 TORCH_MIN_CUT = "torch min-cut"  # PyTorch's min_cut_rematerialization_partition
 MEMOPT = "memopt min-cut"  # this module's bytes min-cut
-
-
-@dataclass(frozen=True)
-class PartitionOptions:
-    """The recompute pass's options that steer the partition (see passes/recompute.py)."""
-
-    enabled: bool = True
-    max_saved_bytes: int | None = None
-    must_recompute: tuple[str, ...] = ()
-    never_recompute: tuple[str, ...] = ()
-    recompute_matmul: bool = False
-    recompute_conv: bool = False
-    recompute_random: bool = False
-
-    @classmethod
-    def from_config(cls, config: Config) -> PartitionOptions:
-        values = dict(config.pass_options.get("recompute", {}))
-        values.pop("duplicate", None)  # producer duplication: the pass's own option
-        for key in ("must_recompute", "never_recompute"):
-            if key in values:
-                values[key] = tuple(values[key])
-        enabled = "recompute" in config.pass_names() and config.fuel != 0
-        return cls(enabled=enabled, **values)
 
 
 @dataclass(frozen=True)
@@ -126,8 +128,6 @@ class PartitionRecord:
     candidates: dict[str, Candidate]
     notes: list[str] = field(default_factory=list)
     budget: int | None = None
-    # Bytes of the distinct tensors (not inputs) saved for backward in a real run: counted.
-    counted_saved_bytes: int | None = None
 
     @property
     def choice(self) -> Candidate:
@@ -153,40 +153,58 @@ def saved_activation_bytes(analysis: object) -> dict[str, int]:
         for label, candidate in record.candidates.items():
             totals[label] = totals.get(label, 0) + candidate.saved_activation_bytes
         totals["chosen"] = totals.get("chosen", 0) + record.modelled_peak_bytes
-        if record.counted_saved_bytes is not None:
-            totals["counted"] = totals.get("counted", 0) + record.counted_saved_bytes
+        counted = graph.gm.meta.get(COUNTED_SAVED_BYTES_KEY)
+        if counted is not None:
+            totals["counted"] = totals.get("counted", 0) + counted
     return totals
 
 
 # --- the partition_fn ---------------------------------------------------------------------
 
 
-def partition(
+def default(
     joint_module: torch.fx.GraphModule,
     joint_inputs: Sequence[object],
-    config: Config,
     *,
     num_fwd_outputs: int,
     **kwargs: object,
 ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
-    """AOTAutograd's partition_fn: the forward and backward graph modules (see module doc)."""
-    from torch._functorch.partitioners import default_partition
+    """PyTorch's default partition (save, never recompute), with a record of what it saves
+    on the forward graph (for the saved-activation figures of reports)."""
+    fw, bw = default_partition(
+        copy_graph(joint_module), joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs
+    )
+    bindings = _bindings(joint_inputs)
+    saved = _saved_tensors(fw, num_fwd_outputs, bindings, {}, DEFAULT)
+    fw.meta[META_KEY] = PartitionRecord(DEFAULT, {DEFAULT: Candidate(DEFAULT, saved, (), 0, 0)})
+    return fw, bw
 
-    options = PartitionOptions.from_config(config)
+
+# What a candidate partition costs: the forward or backward graph, named, after the
+# pipeline (modelled bytes at the example sizes).
+GraphCost = Callable[[torch.fx.GraphModule, str], int]
+
+Modules = tuple[torch.fx.GraphModule, torch.fx.GraphModule]
+
+
+def candidates(
+    joint_module: torch.fx.GraphModule,
+    joint_inputs: Sequence[object],
+    options: Recompute,
+    cost: GraphCost,
+    *,
+    num_fwd_outputs: int,
+    **kwargs: object,
+) -> tuple[PartitionRecord, dict[str, Modules]]:
+    """Every candidate partition, costed through the pipeline (`cost`), and the record of
+    them with the cheapest one that honours the options chosen (see the module doc)."""
     bindings = _bindings(joint_inputs)
     joint_names = _forward_region(joint_module, num_fwd_outputs)
     joint_nodes = {n.name: n for n in joint_module.graph.nodes}
     fw, bw = default_partition(copy_graph(joint_module), joint_inputs,
                                num_fwd_outputs=num_fwd_outputs, **kwargs)  # fmt: skip
-    if not options.enabled:
-        # No recomputation: record the default partition's saved tensors (for reports).
-        saved = _saved_tensors(fw, num_fwd_outputs, bindings, {}, DEFAULT)
-        candidate = Candidate(DEFAULT, saved, (), 0, 0)
-        fw.meta[META_KEY] = PartitionRecord(DEFAULT, {DEFAULT: candidate})
-        return fw, bw
-
     record = PartitionRecord(chosen=DEFAULT, candidates={}, budget=options.max_saved_bytes)
-    modules: dict[str, tuple[torch.fx.GraphModule, torch.fx.GraphModule]] = {DEFAULT: (fw, bw)}
+    modules: dict[str, Modules] = {DEFAULT: (fw, bw)}
     reasons: dict[str, dict[str, str]] = {DEFAULT: {}}
     try:
         cut = _BytesMinCut(copy_graph(joint_module), num_fwd_outputs, bindings, options)
@@ -198,8 +216,6 @@ def partition(
         warnings.warn(f"memopt: {message}; using PyTorch's default partitioner", stacklevel=2)
         record.notes.append(message)
     try:
-        from torch._functorch.partitioners import min_cut_rematerialization_partition
-
         modules[TORCH_MIN_CUT] = min_cut_rematerialization_partition(
             copy_graph(joint_module), joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs
         )
@@ -213,8 +229,7 @@ def partition(
         recomputed = _recomputed(bw_c, joint_names)
         key = tuple(s.name for s in saved) + ("|",) + recomputed
         if key not in costed:
-            costed[key] = (_modelled_bytes(fw_c, config, "forward"),
-                           _modelled_bytes(bw_c, config, "backward"))  # fmt: skip
+            costed[key] = (_cost(cost, fw_c, "forward"), _cost(cost, bw_c, "backward"))
         forward_bytes, backward_bytes = costed[key]
         candidate = Candidate(label, saved, recomputed, forward_bytes, backward_bytes)
         why_not = _violates(candidate, bw_c, joint_names, options, joint_nodes)
@@ -228,9 +243,7 @@ def partition(
     preference = {MEMOPT: 0, DEFAULT: 1, TORCH_MIN_CUT: 2}
     best = min(allowed, key=lambda c: (c.bytes_moved, preference[c.label]))
     record.chosen = best.label
-    fw, bw = modules[best.label]
-    fw.meta[META_KEY] = record
-    return fw, bw
+    return record, modules
 
 
 def _bindings(joint_inputs: Sequence[object]) -> dict[sympy.Symbol, int]:
@@ -240,8 +253,6 @@ def _bindings(joint_inputs: Sequence[object]) -> dict[sympy.Symbol, int]:
 def _forward_region(joint_module: torch.fx.GraphModule, num_fwd_outputs: int) -> set[str]:
     """Names of the joint nodes the forward outputs need: a backward that computes one of
     them recomputes it."""
-    from torch._functorch.partitioners import classify_nodes
-
     info = classify_nodes(joint_module, [], num_fwd_outputs)
     return {n.name for n in info.required_fw_nodes if n.op == "call_function"}
 
@@ -274,8 +285,6 @@ def _saved_tensors(
 
 
 def _value_nbytes(value: torch.Tensor, bindings: Mapping[sympy.Symbol, int]) -> int:
-    from memopt.compiler.graph import to_sympy
-
     numel = sympy.Mul(*(to_sympy(s) for s in value.shape))
     return evaluate(numel * value.dtype.itemsize, bindings)
 
@@ -318,7 +327,7 @@ def _violates(
     candidate: Candidate,
     bw: torch.fx.GraphModule,
     forward_names: set[str],
-    options: PartitionOptions,
+    options: Recompute,
     joint_nodes: Mapping[str, torch.fx.Node],
 ) -> str | None:
     """Why a candidate breaks the options (budget, must/never lists, op kinds), or None."""
@@ -351,7 +360,7 @@ def _matches(node: torch.fx.Node, names: Sequence[str]) -> bool:
     return any(name in candidates for name in names)
 
 
-def _banned_kind(node: torch.fx.Node, options: PartitionOptions) -> str | None:
+def _banned_kind(node: torch.fx.Node, options: Recompute) -> str | None:
     if node.target in MATMULS and not options.recompute_matmul:
         return "matmul; recompute_matmul=False"
     if node.target in CONVOLUTIONS and not options.recompute_conv:
@@ -361,27 +370,10 @@ def _banned_kind(node: torch.fx.Node, options: PartitionOptions) -> str | None:
     return None
 
 
-def _modelled_bytes(gm: torch.fx.GraphModule, config: Config, name: str) -> int:
-    """Bytes the graph moves after the configured pipeline (modelled at the example sizes)."""
-    from memopt.compiler.cost import graph_cost
-    from memopt.passes.pipeline import run_pipeline
-
+def _cost(cost: GraphCost, gm: torch.fx.GraphModule, name: str) -> int:
     gm = copy_graph(gm)
     annotate(gm)
-    inputs = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
-    bindings = shape_bindings(inputs)
-    # Without producer duplication: it is costed by fusion runs of its own, and it only
-    # ever lowers the bytes of the partition chosen (it is applied when it does).
-    pass_options = dict(config.pass_options)
-    pass_options["recompute"] = {**pass_options.get("recompute", {}), "duplicate": False}
-    quiet = config.replace(
-        check=False, verbose=False, fuel=None, report_dir=None, pass_options=pass_options,
-    )  # fmt: skip
-    try:
-        run_pipeline(gm, quiet, name, bindings)
-    except Exception:  # noqa: BLE001 - the backend runs such a graph unoptimized
-        gm = copy_graph(gm)
-    return graph_cost(gm, bindings).nbytes
+    return cost(gm, name)
 
 
 # --- the bytes min-cut ----------------------------------------------------------------------
@@ -395,10 +387,8 @@ class _BytesMinCut:
         joint_module: torch.fx.GraphModule,
         num_fwd_outputs: int,
         bindings: Mapping[sympy.Symbol, int],
-        options: PartitionOptions,
+        options: Recompute,
     ) -> None:
-        from torch._functorch.partitioners import classify_nodes
-
         joint_module.graph.eliminate_dead_code()
         joint_module.recompile()
         annotate(joint_module)
@@ -425,8 +415,6 @@ class _BytesMinCut:
         return view_base(node).op != "placeholder"
 
     def fusible(self, node: torch.fx.Node) -> bool:
-        from memopt.compiler.lower import can_lower
-
         return can_lower(node)
 
     def written_in_forward(self, node: torch.fx.Node) -> bool:
@@ -459,8 +447,6 @@ class _BytesMinCut:
         return _banned_kind(node, self.options)
 
     def network(self, lam: float):
-        import networkx as nx
-
         graph = nx.DiGraph()
         inf = math.inf
         for node in self.joint.graph.nodes:
@@ -501,8 +487,6 @@ class _BytesMinCut:
         return write + nbytes + penalty
 
     def cut(self, lam: float) -> list[torch.fx.Node]:
-        import networkx as nx
-
         _, (reachable, _) = nx.minimum_cut(self.network(lam), "source", "sink")
         by_name = {n.name: n for n in self.joint.graph.nodes}
         saved = []
@@ -547,15 +531,6 @@ class _BytesMinCut:
         return self.cut(high)
 
     def partition(self) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
-        from torch._functorch.compile_utils import raise_getitems
-        from torch._functorch.partitioners import (
-            _extract_fwd_bwd_modules,
-            functionalize_rng_ops,
-            is_not_collective,
-            reordering_to_mimic_autograd_engine,
-        )
-        from torch.fx.experimental.proxy_tensor import is_sym_node
-
         saved = self.choose()
         for node in saved:
             if isinstance(node.meta.get("val"), torch.Tensor):
@@ -578,57 +553,3 @@ class _BytesMinCut:
             fw, bw = functionalize_rng_ops(self.joint, fw, bw, len(saved_sym))
         bw = reordering_to_mimic_autograd_engine(bw)
         return raise_getitems(fw), raise_getitems(bw)
-
-
-# --- counting saved tensors in a run --------------------------------------------------------
-
-
-class SavedTensorCounter:
-    """Counts the bytes of the distinct tensors autograd saves for backward during a run.
-
-    A `saved_tensors_hooks` context: every tensor saved (by eager autograd or a compiled
-    graph's `save_for_backward`) is packed through it. Storages of the given inputs and
-    parameters are not counted: they are alive anyway. All saved tensors are alive together
-    at the end of the forward, so the count is the peak of saved-activation memory.
-    """
-
-    def __init__(self, alive: Sequence[object] = ()) -> None:
-        self.excluded = {
-            t.untyped_storage().data_ptr() for t in alive if isinstance(t, torch.Tensor)
-        }
-        self.seen: set[int] = set()
-        self.nbytes = 0
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
-
-    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        from torch._subclasses.fake_tensor import FakeTensor
-
-        if isinstance(tensor, FakeTensor) or tensor.device.type == "meta":
-            return tensor  # tracing, not running
-        storage = tensor.untyped_storage()
-        key = storage.data_ptr()
-        if key not in self.excluded and key not in self.seen:
-            self.seen.add(key)
-            self.nbytes += storage.nbytes()
-        return tensor
-
-    def __enter__(self) -> SavedTensorCounter:
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._hooks.__exit__(*exc)
-
-
-def _unpack(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor
-
-
-def attach_counted_saved_bytes(graphs: Sequence[object], nbytes: int) -> None:
-    """Put a run's counted saved bytes on the forward graph's PartitionRecord.
-
-    Only with one forward graph: a run with graph breaks cannot say which graph saved what.
-    """
-    records = [g.gm.meta.get(META_KEY) for g in graphs if g.name.startswith("forward")]
-    if len(records) == 1 and records[0] is not None:
-        records[0].counted_saved_bytes = nbytes

@@ -1,30 +1,36 @@
-"""The pass pipeline: runs the configured passes in order on one graph.
+"""The pass pipeline: every stage of a compilation, running the configured passes in order.
 
-Before and after every pass it prints the graph (kept for diffs), measures bytes and
-kernels with the cost model and times the pass; after every pass it lints the graph,
-re-propagates metadata with fake tensors and compares it with what the nodes claim, and
-with `check=True` runs the graph on real inputs against the unoptimized graph.
+At the ATen stage (`run_pipeline`), for each pass on one graph: it prints the graph (kept
+for diffs), measures bytes and kernels with the cost model and times the pass; after the
+pass it lints the graph, re-propagates metadata with fake tensors and compares it with what
+the nodes claim, and with `check` runs the graph on real inputs against the unoptimized
+graph. The capture-time stages (`capture_hooks`) run while the program is captured: the
+Dynamo stage on Dynamo's graph, the partition stage on the joint graph. Their decisions are
+kept on the ATen graph they concern and come first in its ledger, so the ledger lists the
+decisions of a graph in the order fuel counted them.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import sympy
 import torch
 import torch.fx
+import torch.utils._pytree as pytree
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from memopt.compiler.capture import STAGE_RECORDS_KEY, CaptureHooks
 from memopt.compiler.cost import graph_cost
-from memopt.compiler.graph import META_KEY, TensorMeta, copy_graph, meta_of_value
+from memopt.compiler.graph import META_KEY, TensorMeta, copy_graph, meta_of_value, shape_bindings
 from memopt.compiler.printer import format_graph
-from memopt.config import Config
 from memopt.errors import CheckError, VerificationError
-from memopt.passes import PASSES, Fuel, PassContext
-from memopt.passes.ledger import LedgerEntry
+from memopt.passes import partition
+from memopt.passes.base import Fuel, PassContext, Pipeline, Stage
+from memopt.passes.ledger import Decision, LedgerEntry
 
 
 @dataclass
@@ -35,51 +41,156 @@ class PipelineResult:
     text_after: str
 
 
+@dataclass(frozen=True)
+class StageRecord:
+    """What one pass decided at a capture-time stage, kept for the ATen graph it concerns."""
+
+    pass_name: str
+    stage: Stage
+    decisions: tuple[Decision, ...]
+    elapsed_ms: float
+
+
 def run_pipeline(
     gm: torch.fx.GraphModule,
-    config: Config,
+    pipeline: Pipeline,
     graph_name: str,
     bindings: Mapping[sympy.Symbol, int],
     fuel: Fuel | None = None,
     check_inputs: Sequence[object] | None = None,
 ) -> PipelineResult:
-    """Optimize `gm` in place with the configured passes; return it with the ledger."""
-    fuel = fuel if fuel is not None else Fuel(config.fuel)
-    reference = copy_graph(gm) if config.check and check_inputs is not None else None
+    """Optimize `gm` in place with the pipeline's passes; return it with the ledger."""
+    fuel = fuel if fuel is not None else Fuel()
+    reference = copy_graph(gm) if pipeline.check and check_inputs is not None else None
     expected = _run_reference(reference, check_inputs) if reference is not None else None
-    ledger: list[LedgerEntry] = []
     text = format_graph(gm, bindings)
     text_before_all = text
     cost = graph_cost(gm, bindings)
-    for name in config.pass_names():
-        ctx = PassContext(config=config, graph_name=graph_name, bindings=bindings, fuel=fuel)
+    ledger = [
+        LedgerEntry(
+            pass_name=record.pass_name,
+            graph=graph_name,
+            bytes_before=cost.nbytes,
+            bytes_after=cost.nbytes,
+            kernels_before=cost.kernels,
+            kernels_after=cost.kernels,
+            elapsed_ms=record.elapsed_ms,
+            decisions=tuple(replace(d, graph=graph_name) for d in record.decisions),
+            text_before=text,
+            text_after=text,
+            stage=record.stage.value,
+        )
+        for record in gm.meta.pop(STAGE_RECORDS_KEY, ())
+    ]
+    for pass_ in pipeline.at(Stage.ATEN):
+        ctx = PassContext.for_pass(pass_, graph_name, bindings, pipeline, fuel)
         start = time.perf_counter()
-        result = PASSES[name](**config.pass_options.get(name, {})).run(gm, ctx)
+        pass_.run(gm, ctx)
         elapsed_ms = (time.perf_counter() - start) * 1e3
-        if result.changed:
+        changed = ctx.record.changed
+        if changed:
             gm.graph.lint()
             gm.recompile()
-            verify_metadata(gm, after=name)
+            verify_metadata(gm, after=pass_.name)
         if expected is not None:
-            _compare(gm, check_inputs, expected, after=name)
-        text_after = format_graph(gm, bindings) if result.changed else text
-        cost_after = graph_cost(gm, bindings) if result.changed else cost
+            _compare(gm, check_inputs, expected, after=pass_.name)
+        text_after = format_graph(gm, bindings) if changed else text
+        cost_after = graph_cost(gm, bindings) if changed else cost
         ledger.append(
             LedgerEntry(
-                pass_name=name,
+                pass_name=pass_.name,
                 graph=graph_name,
                 bytes_before=cost.nbytes,
                 bytes_after=cost_after.nbytes,
                 kernels_before=cost.kernels,
                 kernels_after=cost_after.kernels,
                 elapsed_ms=elapsed_ms,
-                decisions=tuple(result.decisions),
+                decisions=tuple(ctx.record.decisions),
                 text_before=text,
                 text_after=text_after,
             )
         )
         text, cost = text_after, cost_after
     return PipelineResult(gm=gm, ledger=ledger, text_before=text_before_all, text_after=text)
+
+
+def modelled_bytes(gm: torch.fx.GraphModule, pipeline: Pipeline, graph_name: str) -> int:
+    """Bytes a graph moves after `pipeline` (modelled at its example sizes): a probe, with
+    unlimited fuel and no check; a pipeline failure leaves the graph unoptimized, as the
+    backend would run it."""
+    inputs = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    bindings = shape_bindings(inputs)
+    probe = copy_graph(gm)
+    try:
+        run_pipeline(probe, pipeline.without_check(), graph_name, bindings)
+    except Exception:  # noqa: BLE001 - the backend runs such a graph unoptimized
+        probe = copy_graph(gm)
+    return graph_cost(probe, bindings).nbytes
+
+
+# -- the capture-time stages ---------------------------------------------------------------
+
+
+def capture_hooks(pipeline: Pipeline, fuel: Fuel) -> CaptureHooks:
+    """The capture-time stages of `pipeline`, taking rewrite decisions from `fuel`."""
+
+    def rewrite_dynamo_graph(gm: torch.fx.GraphModule, training: bool) -> list[StageRecord]:
+        records = []
+        graph_name = "forward" if training else "inference"
+        for pass_ in pipeline.at(Stage.DYNAMO):
+            ctx = PassContext.for_pass(pass_, graph_name, {}, pipeline, fuel)
+            start = time.perf_counter()
+            pass_.rewrite_dynamo_graph(gm, ctx)
+            elapsed_ms = (time.perf_counter() - start) * 1e3
+            if ctx.record.decisions:
+                records.append(
+                    StageRecord(pass_.name, Stage.DYNAMO, tuple(ctx.record.decisions), elapsed_ms)
+                )
+        return records
+
+    (partitioner, *others) = (*pipeline.at(Stage.PARTITION), None)
+    if others != [None]:
+        names = ", ".join(p.name for p in pipeline.at(Stage.PARTITION))
+        raise ValueError(f"one pass may partition a joint graph; the pipeline has {names}")
+
+    def partition_joint(
+        joint: torch.fx.GraphModule, joint_inputs: Sequence[object], **kwargs: object
+    ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+        if partitioner is None:
+            return partition.default(joint, joint_inputs, **kwargs)
+        bindings = shape_bindings(pytree.tree_leaves(list(joint_inputs)))
+        ctx = PassContext.for_pass(partitioner, "forward", bindings, pipeline, fuel)
+        start = time.perf_counter()
+        forward, backward = partitioner.partition(
+            joint, joint_inputs, ctx, cost=modelled_bytes, **kwargs
+        )
+        elapsed_ms = (time.perf_counter() - start) * 1e3
+        record = StageRecord(
+            partitioner.name, Stage.PARTITION, tuple(ctx.record.decisions), elapsed_ms
+        )
+        forward.meta[STAGE_RECORDS_KEY] = [*forward.meta.get(STAGE_RECORDS_KEY, ()), record]
+        return forward, backward
+
+    return CaptureHooks(
+        rewrite_dynamo_graph=rewrite_dynamo_graph if pipeline.at(Stage.DYNAMO) else None,
+        partition=partition_joint,
+    )
+
+
+def capture_key(pipeline: Pipeline, training: bool, fuel_limit: int | None) -> tuple:
+    """What a capture made with `capture_hooks(pipeline, ...)` depends on: two pipelines
+    with one key can share a capture. The Dynamo stage's passes and their options; in
+    training, when a pass partitions (costing candidates through every pass), the whole
+    pipeline; and the fuel, when any of these stages runs (they take decisions)."""
+    key: tuple = (pipeline.at(Stage.DYNAMO),)
+    if training and pipeline.at(Stage.PARTITION):
+        key += (pipeline.passes, pipeline.backend)
+    if any(key[0]) or len(key) > 1:
+        key += (fuel_limit,)
+    return key
+
+
+# -- verification ----------------------------------------------------------------------
 
 
 def _fake_inputs(gm: torch.fx.GraphModule) -> list[object]:

@@ -2,14 +2,14 @@
 
 Two decisions, both by bytes:
 
-1. Forward/backward partition (training). Which tensors the forward saves for the backward
-   is decided before the graphs exist, when AOTAutograd splits the joint graph: the
-   partitioner (passes/partition.py) takes a bytes min-cut, costs it against PyTorch's
-   default and min-cut partitions through this pipeline, and keeps the cheapest that
-   honours the options. It leaves its record on the forward graph; this pass writes it
-   into the ledger: the partition chosen (applied, with the bytes it saves against the
-   default partition), the alternatives (refused, with what they would cost), every saved
-   activation and why it is saved, and the modelled and counted peak of saved activations.
+1. Forward/backward partition (training; the partition stage). Which tensors the forward
+   saves for the backward is decided before the graphs exist, when AOTAutograd splits the
+   joint graph: passes/partition.py takes a bytes min-cut and costs it against PyTorch's
+   default and min-cut partitions through this pipeline; this pass keeps the cheapest that
+   honours the options. Its decisions open the forward graph's ledger: the partition chosen
+   (applied, with the bytes it saves against the default partition; it takes fuel), the
+   alternatives (refused, with what they would cost), every saved activation and why it is
+   saved. The record of every candidate stays on the forward graph (`PartitionRecord`).
 
 2. Producer duplication (every graph). A pointwise producer that feeds several kernels is
    written once and read by each. Copying it into each consumer instead lets fusion
@@ -28,9 +28,8 @@ Disabling the pass means PyTorch's default partition (nothing recomputed), no du
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import ClassVar
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx
@@ -39,19 +38,32 @@ from memopt.compiler.aten_ops import is_pointwise, is_random
 from memopt.compiler.cost import graph_cost, is_view, read_bytes
 from memopt.compiler.graph import copy_graph, evaluate, tensor_meta
 from memopt.compiler.lower import can_lower
-from memopt.errors import OptionError
-from memopt.passes.base import Fuel, Pass, PassContext, PassResult
-from memopt.passes.partition import DEFAULT, META_KEY, PartitionRecord
+from memopt.passes import partition
+from memopt.passes.base import Pass, PassContext, Pipeline, Stage
+from memopt.passes.partition import PartitionRecord
+from memopt.passes.registry import register_pass
 
 # Fusion trials per graph: each costs one fusion run on a copy of the graph.
 MAX_DUPLICATION_TRIALS = 16
 
 
+@register_pass(
+    "recompute",
+    stages=(Stage.PARTITION, Stage.ATEN),
+    codes=(
+        "partition",  # a partition that recomputes, chosen over PyTorch's default
+        "partition_kept",  # PyTorch's default partition kept
+        "partition_other",  # another candidate partition, not chosen (its figures)
+        "saved",  # a tensor the chosen partition saves for the backward, and why
+        "partition_note",  # what the partitioner could not do (an unreachable budget, ...)
+        "duplicated",  # a producer copied into each consumer's kernel
+        "not_duplicated",  # ... refused, with what it would cost
+    ),
+)
 @dataclass(frozen=True)
 class Recompute(Pass):
-    name: ClassVar[str] = "recompute"
     # Most bytes of activations (not graph inputs) the forward may save; None: no budget.
-    max_saved_bytes: int | None = None
+    max_saved_bytes: int | None = field(default=None, metadata={"min": 0})
     # Forward nodes (fx names or ops) the backward must compute again / must never.
     must_recompute: tuple[str, ...] = ()
     never_recompute: tuple[str, ...] = ()
@@ -62,63 +74,69 @@ class Recompute(Pass):
     # Copy cheap pointwise producers into each consumer kernel when that moves fewer bytes.
     duplicate: bool = True
 
-    @classmethod
-    def check_options(cls, values: Mapping[str, object]) -> None:
-        """Raise OptionError for an option value of the wrong type."""
-        for key, value in values.items():
-            if key == "max_saved_bytes":
-                if value is not None and (
-                    isinstance(value, bool) or not isinstance(value, int) or value < 0
-                ):
-                    raise OptionError(
-                        f"recompute option 'max_saved_bytes' takes a non-negative integer "
-                        f"or None, got {value!r}"
-                    )
-            elif key in ("must_recompute", "never_recompute"):
-                if isinstance(value, str) or not (
-                    isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
-                ):
-                    raise OptionError(
-                        f"recompute option {key!r} takes a list of node or op names, got {value!r}"
-                    )
-            elif not isinstance(value, bool):
-                raise OptionError(f"recompute option {key!r} takes True or False, got {value!r}")
+    def partition(
+        self,
+        joint: torch.fx.GraphModule,
+        joint_inputs: Sequence[object],
+        ctx: PassContext,
+        cost: Callable[[torch.fx.GraphModule, Pipeline, str], int],
+        **kwargs: object,
+    ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+        """The partition stage: the candidate that moves the fewest bytes after the
+        pipeline (costed without producer duplication: it is costed by fusion runs of its
+        own, and only ever lowers the bytes of the partition chosen)."""
+        if ctx.record.fuel.exhausted:
+            ctx.refuse(
+                "partition_kept",
+                "kept PyTorch's default partition",
+                f"out of fuel ({ctx.record.fuel.limit}): no partition is costed",
+                0,
+            )
+            return partition.default(joint, joint_inputs, **kwargs)
+        probe = ctx.pipeline.with_options(self.name, duplicate=False)
+        record, modules = partition.candidates(
+            joint, joint_inputs, self, lambda gm, name: cost(gm, probe, name), **kwargs
+        )
+        if not self._record_partition(record, ctx):
+            record.chosen = partition.DEFAULT
+        forward, backward = modules[record.chosen]
+        forward.meta[partition.META_KEY] = record
+        return forward, backward
 
-    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-        result = PassResult()
-        record = gm.meta.get(META_KEY)
-        if isinstance(record, PartitionRecord) and len(record.candidates) > 1:
-            self._record_partition(record, ctx, result)
-        if self.duplicate and "fusion" in ctx.config.pass_names():
-            self._duplicate_producers(gm, ctx, result)
-        return result
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> None:
+        if self.duplicate and ctx.pipeline.runs("fusion"):
+            self._duplicate_producers(gm, ctx)
 
     # -- 1. the partition, into the ledger -------------------------------------------------
 
-    def _record_partition(
-        self, record: PartitionRecord, ctx: PassContext, result: PassResult
-    ) -> None:
-        chosen, default = record.choice, record.candidates[DEFAULT]
-        peak = f"saved activations: modelled peak {record.modelled_peak_bytes} B"
-        if record.counted_saved_bytes is not None:
-            peak += f", counted {record.counted_saved_bytes} B in the capture run"
-        summary = (
-            f"saves {len(chosen.saved)} tensors ({chosen.saved_activation_bytes} B of "
-            f"activations, {chosen.saved_bytes} B in all), recomputes {len(chosen.recomputed)} "
-            "ops in the backward"
-        )
-        recomputed = tuple(r.split(":")[0] for r in chosen.recomputed)
-        if chosen.label != DEFAULT:
+    def _record_partition(self, record: PartitionRecord, ctx: PassContext) -> bool:
+        """Decide the partition chosen (it takes fuel) and record the alternatives and every
+        saved activation; False when no fuel was left for the choice (the default stays)."""
+        chosen, default = record.choice, record.candidates[partition.DEFAULT]
+        applied = True
+        if chosen.label != partition.DEFAULT:
             reason = (
                 f"moves {chosen.bytes_moved} B against {default.bytes_moved} B with PyTorch's "
-                f"default partition (modelled, forward + backward after the pipeline); {peak}"
+                f"default partition (modelled, forward + backward after the pipeline); "
+                f"saved activations: modelled peak {chosen.saved_activation_bytes} B"
             )
-            saved = default.bytes_moved - chosen.bytes_moved
-            self.decide(ctx, result, f"partition by {chosen.label}: {summary}", reason, saved,
-                        recomputed)  # fmt: skip
+            applied = ctx.decide(
+                "partition",
+                f"partition by {chosen.label}: {_summary(chosen)}",
+                reason,
+                default.bytes_moved - chosen.bytes_moved,
+                tuple(r.split(":")[0] for r in chosen.recomputed),
+            )
+            if not applied:
+                chosen = default
         else:
-            self.refuse(ctx, result, f"kept PyTorch's default partition: {summary}",
-                        f"no partition that recomputes moves fewer bytes; {peak}", 0)  # fmt: skip
+            ctx.refuse(
+                "partition_kept",
+                f"kept PyTorch's default partition: {_summary(chosen)}",
+                "no partition that recomputes moves fewer bytes; saved activations: "
+                f"modelled peak {chosen.saved_activation_bytes} B",
+                0,
+            )
         for label, other in record.candidates.items():
             if label == chosen.label:
                 continue
@@ -129,21 +147,21 @@ class Recompute(Pass):
                 f"partition by {label}: saves {other.saved_activation_bytes} B of activations, "
                 f"recomputes {len(other.recomputed)} ops, moves {other.bytes_moved} B"
             )
-            self.refuse(ctx, result, what, why, chosen.bytes_moved - other.bytes_moved,
-                        tuple(r.split(":")[0] for r in other.recomputed))  # fmt: skip
+            recomputed = tuple(r.split(":")[0] for r in other.recomputed)
+            ctx.refuse(
+                "partition_other", what, why, chosen.bytes_moved - other.bytes_moved, recomputed
+            )
         for tensor in chosen.saved:
-            if tensor.is_input:
-                continue
-            self.refuse(ctx, result, f"saved %{tensor.name} for the backward ({tensor.nbytes} B)",
-                        tensor.reason, -tensor.nbytes, (tensor.name,))  # fmt: skip
+            if not tensor.is_input:
+                what = f"saved %{tensor.name} for the backward ({tensor.nbytes} B)"
+                ctx.refuse("saved", what, tensor.reason, -tensor.nbytes, (tensor.name,))
         for note in record.notes:
-            self.refuse(ctx, result, "partition note", note, 0)
+            ctx.refuse("partition_note", "partition note", note, 0)
+        return applied
 
     # -- 2. producer duplication -----------------------------------------------------------
 
-    def _duplicate_producers(
-        self, gm: torch.fx.GraphModule, ctx: PassContext, result: PassResult
-    ) -> None:
+    def _duplicate_producers(self, gm: torch.fx.GraphModule, ctx: PassContext) -> None:
         candidates = [n for n in reversed(gm.graph.nodes) if _duplicable(n)]
         if not candidates:
             return
@@ -156,20 +174,17 @@ class Recompute(Pass):
             local = _local_gain(node, consumers, ctx)
             what = f"duplicate %{node.name} ({node.target}) into {len(consumers)} consumers"
             if local <= 0:
-                self.refuse(ctx, result, what,
-                            f"each copy reads its inputs: {-local} B more than storing it once",
-                            local, (node.name,))  # fmt: skip
+                why = f"each copy reads its inputs: {-local} B more than storing it once"
+                ctx.refuse("not_duplicated", what, why, local, (node.name,))
                 continue
             kernels = {kernel_of.get(u.name) for u in [node, *_kernel_users(consumers)]}
             if len(kernels) == 1 and None not in kernels:
-                self.refuse(ctx, result, what,
-                            "fusion computes it in one kernel with all its consumers", 0,
-                            (node.name,))  # fmt: skip
+                why = "fusion computes it in one kernel with all its consumers"
+                ctx.refuse("not_duplicated", what, why, 0, (node.name,))
                 continue
             if trials == MAX_DUPLICATION_TRIALS:
-                self.refuse(ctx, result, what,
-                            f"not costed: over {MAX_DUPLICATION_TRIALS} fusion trials per graph",
-                            local, (node.name,))  # fmt: skip
+                why = f"not costed: over {MAX_DUPLICATION_TRIALS} fusion trials per graph"
+                ctx.refuse("not_duplicated", what, why, local, (node.name,))
                 continue
             trials += 1
             trial = copy_graph(gm)
@@ -182,14 +197,22 @@ class Recompute(Pass):
                     if saved < 0
                     else "after fusion the graph moves the same bytes (fusion already shares it)"
                 )
-                self.refuse(ctx, result, what, why, saved, (node.name,))
+                ctx.refuse("not_duplicated", what, why, saved, (node.name,))
                 continue
             reason = f"each consumer's kernel computes it: saves {saved} B after fusion"
             copies = tuple(u.name for u in consumers)
-            if not self.decide(ctx, result, what, reason, saved, (node.name, *copies)):
+            if not ctx.decide("duplicated", what, reason, saved, (node.name, *copies)):
                 return
             _duplicate(gm, node)
             baseline, kernel_of = trial_bytes, trial_kernels
+
+
+def _summary(candidate: partition.Candidate) -> str:
+    return (
+        f"saves {len(candidate.saved)} tensors ({candidate.saved_activation_bytes} B of "
+        f"activations, {candidate.saved_bytes} B in all), recomputes "
+        f"{len(candidate.recomputed)} ops in the backward"
+    )
 
 
 def _duplicable(node: torch.fx.Node) -> bool:
@@ -260,12 +283,9 @@ def _kernel_users(consumers: list[torch.fx.Node]) -> list[torch.fx.Node]:
 def _fused(gm: torch.fx.GraphModule, ctx: PassContext) -> tuple[int, dict[str, int]]:
     """Modelled bytes of the graph after the fusion pass (on a copy), and the kernel (an
     index) each fused node ends up in."""
-    from memopt.passes.fusion import Fusion
-
     trial = copy_graph(gm)
-    options = ctx.config.pass_options.get("fusion", {})
-    trial_ctx = PassContext(ctx.config, ctx.graph_name, ctx.bindings, Fuel())
-    Fusion(**options).run(trial, trial_ctx)
+    fusion = ctx.pipeline.instance("fusion")  # a sibling pass, used as an estimator
+    fusion.run(trial, ctx.scratch(fusion))
     kernel_of = {}
     for index, node in enumerate(trial.graph.nodes):
         for name in getattr(node.target, "memopt_nodes", ()):

@@ -97,10 +97,12 @@ def pipeline_steps(analysis: Analysis) -> list[list[LedgerEntry]]:
     """Ledger entries per pipeline step: step k holds the k-th pass's entry of every graph.
 
     Unlike `Analysis.ledger` (one record per pass *name*), a pass listed twice in the
-    pipeline gives two steps here, in the order they ran.
+    pipeline gives two steps here, in the order they ran. Entries of the capture-time
+    stages change no ATen graph (they acted before it existed) and are no step.
     """
-    count = max((len(g.ledger) for g in analysis.graphs), default=0)
-    return [[g.ledger[k] for g in analysis.graphs if k < len(g.ledger)] for k in range(count)]
+    ledgers = [[e for e in g.ledger if e.stage == "aten"] for g in analysis.graphs]
+    count = max((len(ledger) for ledger in ledgers), default=0)
+    return [[ledger[k] for ledger in ledgers if k < len(ledger)] for k in range(count)]
 
 
 def unoptimized_text(graph_ledger: Sequence[LedgerEntry], final_text: str) -> str:

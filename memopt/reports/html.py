@@ -12,6 +12,7 @@ import html
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from memopt.backends.runtime.kernels import FusedKernel
 from memopt.compiler.devices import DEVICES, get_device
 from memopt.reports.diff import (
     ROW_KINDS,
@@ -22,8 +23,8 @@ from memopt.reports.diff import (
     pipeline_steps,
     side_by_side,
 )
+from memopt.reports.files import DIFFS, KERNELS, KernelSource, diff_file_name
 from memopt.reports.summary import format_bytes
-from memopt.reports.writer import DIFFS, KERNELS, KernelSource, diff_file_name
 
 if TYPE_CHECKING:
     from memopt.driver.results import Analysis, KernelRecord
@@ -474,8 +475,6 @@ def _sources(sources: Sequence[KernelSource]) -> list[str]:
 
 def fused_members(analysis: Analysis) -> dict[str, dict[str, tuple[str, ...]]]:
     """Per graph: fused node name -> names of the nodes it computes (for diff notes)."""
-    from memopt.backends.runtime.kernels import FusedKernel
-
     members: dict[str, dict[str, tuple[str, ...]]] = {}
     for graph in analysis.graphs:
         found = members.setdefault(graph.name, {})

@@ -18,6 +18,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from memopt.compiler.eager_count import count_eager_bytes
+from memopt.config import Config
+from memopt.driver.analyze import Captures, analyze_captured, describe_target
+from memopt.driver.measure import compile_program, median_ms, run_and_check, run_step
 from memopt.errors import MemoptError
 from memopt.reports.summary import format_bytes, format_table
 
@@ -31,9 +35,6 @@ LABELS = {
 }
 CSV_COLUMNS = ("config", "passes", "bytes_moved", "kernels", "predicted_s", "compile_ms",
                "run_ms", "check")  # fmt: skip
-# Passes whose rewrite happens while the program is captured (compiler/capture.py), so
-# turning them off takes another capture, not just another pipeline run.
-CAPTURE_TIME_PASSES = ("attention",)
 
 
 @dataclass(frozen=True)
@@ -235,35 +236,18 @@ def ablate(
     with eager (`check`), then timed over `repeats` steps (`run_ms`, the median).
     `progress(message)` is told when each configuration starts and ends.
     """
-    from memopt.compiler.capture import CapturedGraph, capture
-    from memopt.compiler.eager_count import count_eager_bytes
-    from memopt.config import Config
-    from memopt.driver.analyze import _describe, analyze_captured
-
     say = progress or (lambda message: None)
     base = Config.from_options(options)
     configs = configurations(base.pass_names())
     say("counting eager bytes and capturing ...")
     eager = count_eager_bytes(fn, tuple(example_inputs), training=training)
-    # Two passes act during capture: attention rewrites the traced graph before AOTAutograd,
-    # and recompute chooses the forward/backward partition, costed through the
-    # configuration's other passes. Each configuration gets the capture its passes make:
-    # a training configuration with recompute its own, the others one per attention on/off.
-    captures: dict[tuple[str, ...], list[CapturedGraph]] = {}
-
-    def captured_for(passes: tuple[str, ...], config: Config) -> list[CapturedGraph]:
-        if training and "recompute" in passes:
-            key = passes
-        else:
-            key = tuple(name for name in passes if name in CAPTURE_TIME_PASSES)
-        if key not in captures:
-            captures[key] = capture(
-                fn, example_inputs, training=training, dynamic=dynamic, config=config
-            )
-        return captures[key]
+    # Passes that act during capture (attention rewrites the traced graph before
+    # AOTAutograd; recompute chooses the forward/backward partition, costed through the
+    # configuration's other passes) make configurations need captures of their own.
+    captures = Captures(fn, example_inputs, training=training, dynamic=dynamic)
 
     result = Ablation(
-        target=_describe(fn),
+        target=describe_target(fn),
         training=training,
         device=base.device,
         eager_bytes=eager.total_bytes,
@@ -272,8 +256,6 @@ def ablate(
     )
     expected = None
     if run:
-        from memopt.driver.measure import median_ms, run_step
-
         say("running eager ...")
         expected, _ = run_step(fn, fn, example_inputs, training)
         result.eager_run_ms = median_ms(fn, fn, example_inputs, training, repeats)
@@ -289,10 +271,9 @@ def ablate(
         config_options = {**options, "passes": list(passes), "disable": []}
         config = Config.from_options(config_options)
         analysis = analyze_captured(
-            captured_for(passes, config),
+            captures.for_config(config),
             config,
             target=result.target,
-            training=training,
             eager_bytes=eager.total_bytes,
             eager_ops=eager.ops,
         )
@@ -326,8 +307,6 @@ def _measured(
     repeats: int,
     expected: list,
 ) -> AblationRow:
-    from memopt.driver.measure import compile_program, median_ms, run_and_check
-
     program = compile_program(fn, {**options, "check": False}, dynamic=dynamic)
     problem = run_and_check(program, fn, inputs, training, expected)  # compiles on this call
     if problem is not None and problem.startswith("raised"):

@@ -17,6 +17,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from memopt.config import Config
+from memopt.driver.analyze import Captures, analyze_captured, describe_target
+from memopt.driver.measure import compile_program, run_and_check, run_step
 from memopt.driver.results import Analysis
 from memopt.passes.ledger import Decision
 from memopt.reports.diff import analysis_diff
@@ -112,24 +115,20 @@ def bisect(
     options: memopt's options (passes, disable, backend, pass_options, ...); `fuel` and
     `check` are set by the search. Runs the program once eagerly, once per probe compiled.
     """
-    from memopt.compiler.capture import capture
-    from memopt.config import Config
-    from memopt.driver.analyze import _describe, analyze_captured
-    from memopt.driver.measure import compile_program, run_and_check, run_step
-
     say = progress or (lambda message: None)
     base = {k: v for k, v in options.items() if k not in ("fuel", "check")}
-    base_config = Config.from_options(base)  # a bad option fails before the slow part
+    Config.from_options(base)  # a bad option fails before the slow part
+
+    captures = Captures(fn, example_inputs, training=training, dynamic=dynamic)
 
     def analysis_at(fuel: int | None) -> Analysis:
+        # Capture-time stages take decisions too: each fuel gets the capture it makes.
         config = Config.from_options({**base, "fuel": fuel, "check": False})
-        return analyze_captured(
-            captured, config, target=target, training=training, eager_bytes=0, eager_ops=0
-        )
+        captured = captures.for_config(config)
+        return analyze_captured(captured, config, target=target, eager_bytes=0, eager_ops=0)
 
-    target = _describe(fn)
+    target = describe_target(fn)
     say("capturing and counting decisions ...")
-    captured = capture(fn, example_inputs, training=training, dynamic=dynamic, config=base_config)
     total = len(applied_decisions(analysis_at(None)))
     say("running eagerly ...")
     expected, _ = run_step(fn, fn, example_inputs, training)

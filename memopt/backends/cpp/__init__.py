@@ -8,5 +8,19 @@ loads them with ctypes; kernel.py binds tensors and calls.
 
 from memopt.backends.cpp.build import CompileError, CompilerNotFound
 from memopt.backends.cpp.kernel import CppKernel, compile_kernel, prefetch_kernel
+from memopt.backends.registry import Backend, Feature, register_backend
+
+CPP = register_backend(
+    Backend(
+        name="cpp",
+        compile=compile_kernel,
+        device_types=frozenset({"cpu"}),
+        default_for=frozenset({"cpu"}),
+        # No matmul template: the library GEMM runs the matmul, the epilogue fuses into the
+        # next kernel. A lone layout conversion transposes in tiles into reused memory.
+        features=frozenset({Feature.LAYOUT_CONVERSION}),
+        prefetch=prefetch_kernel,
+    )
+)
 
 __all__ = ["CompileError", "CompilerNotFound", "CppKernel", "compile_kernel", "prefetch_kernel"]

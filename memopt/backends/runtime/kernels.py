@@ -19,24 +19,12 @@ import torch.fx
 from torch._guards import active_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor
 
+from memopt.backends.registry import FALLBACK, backend_for, get_backend
 from memopt.compiler.aten_ops import returns_fresh_memory
 from memopt.compiler.cost import Cost, read_bytes
 from memopt.compiler.graph import tensor_meta
 from memopt.compiler.kernel_ir import evaluate_size
 from memopt.compiler.lower import Lowered
-from memopt.config import kernel_backend
-
-
-def _compile(kernel, backend: str):
-    if backend == "triton":
-        from memopt.backends.triton import compile_kernel
-    elif backend == "cpp":
-        # Raises CompilerNotFound / CompileError when no working C++ compiler: _runner then
-        # falls back to the reference backend with a warning naming the kernel.
-        from memopt.backends.cpp import compile_kernel
-    else:
-        from memopt.backends.reference import compile_kernel
-    return compile_kernel(kernel)
 
 
 class FusedKernel:
@@ -90,10 +78,7 @@ class FusedKernel:
         """
         if self.memopt_source_path is None:
             try:
-                from memopt.backends.triton.render import render
-                from memopt.backends.triton.runtime import write_source
-
-                self.memopt_source_path = str(write_source(render(self.kernel).source))
+                self.memopt_source_path = str(get_backend("triton").source_file(self.kernel))
             except Exception:  # noqa: BLE001 - no triton, or an op it cannot render
                 return None
         return self.memopt_source_path
@@ -119,30 +104,29 @@ class FusedKernel:
         return sizes
 
     def _backend_for(self, device: torch.device) -> str:
-        return kernel_backend(self.backend, device.type)
+        return backend_for(self.backend, device.type).name
 
     def prefetch(self, device: torch.device) -> None:
         """Start compiling this kernel for `device` in the background, where the backend can
         (the C++ backend: its compiler runs in another process); the first call waits for it."""
-        if self._backend_for(device) == "cpp" and "cpp" not in self._compiled:
-            from memopt.backends.cpp import prefetch_kernel
-
-            prefetch_kernel(self.kernel)
+        backend = backend_for(self.backend, device.type)
+        if backend.prefetch is not None and backend.name not in self._compiled:
+            backend.prefetch(self.kernel)
 
     def _runner(self, backend: str):
         runner = self._compiled.get(backend)
         if runner is None:
             try:
-                runner = _compile(self.kernel, backend)
+                runner = get_backend(backend).compile(self.kernel)
             except Exception as error:  # noqa: BLE001 - any compiler failure falls back, visibly
-                if backend == "reference":
+                if backend == FALLBACK:
                     raise
                 warnings.warn(
                     f"memopt: kernel {self.kernel.name} failed to compile for {backend} "
                     f"({type(error).__name__}: {error}); running it on the reference backend",
                     stacklevel=3,
                 )
-                runner = _compile(self.kernel, "reference")
+                runner = get_backend(FALLBACK).compile(self.kernel)
             self._compiled[backend] = runner
             path = getattr(runner, "source_path", None)
             if path:

@@ -23,6 +23,9 @@ import math
 
 import torch
 
+from memopt.backends.triton.ops import bf16_round
+from memopt.backends.triton.runtime import load_module, write_source
+
 MAX_HEAD_DIM = 128
 _SOURCE = """
 import triton
@@ -107,9 +110,8 @@ def memopt_attention_fwd(
 """
 
 
-def _source() -> str:
-    from memopt.backends.triton.ops import bf16_round
-
+def source() -> str:
+    """The forward kernel's Triton module."""
     # The interpreter's fp32 -> bf16 conversion truncates; round to nearest even first
     # (a no-op for other output dtypes: the rounded value converts exactly).
     rounding = f"if out.dtype.element_ty == tl.bfloat16:\n        result = {bf16_round('result')}"
@@ -157,7 +159,6 @@ def attention(
     strides), when given, receives each query row's logsumexp of its scaled, masked scores:
     what the fused attention backward recomputes the probabilities from. `mask_drops`: a
     bool mask marks the keys to drop (masked_fill's convention) instead of those to keep."""
-    from memopt.backends.triton.runtime import _load, write_source
 
     batch, heads, seq_q, head_dim = q.shape
     seq_k = k.shape[2]
@@ -169,7 +170,7 @@ def attention(
     if attn_mask is not None:
         attn_mask = attn_mask.expand(batch, heads, seq_q, seq_k)
     on_gpu = q.device.type != "cpu"
-    fn = _load(write_source(_source()), interpret=not on_gpu).memopt_attention_fwd
+    fn = load_module(write_source(source()), interpret=not on_gpu).memopt_attention_fwd
     tiles = attention_tiles(seq_q, seq_k, head_dim, on_gpu)
     grid = (batch * heads * -(-seq_q // tiles["BLOCK_M"]),)
     mask = attn_mask if attn_mask is not None else q

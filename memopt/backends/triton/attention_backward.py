@@ -24,6 +24,8 @@ import textwrap
 import torch
 
 from memopt.backends.triton.attention import MAX_HEAD_DIM, _mask_mode, attention_tiles
+from memopt.backends.triton.ops import bf16_round
+from memopt.backends.triton.runtime import load_module, write_source
 
 _MASKED_PROBABILITIES = """
         s = tl.dot(q_tile * scale, tl.trans(k_tile))
@@ -151,9 +153,8 @@ def memopt_attention_bwd_dq(
 """
 
 
-def _source() -> str:
-    from memopt.backends.triton.ops import bf16_round
-
+def source() -> str:
+    """The backward kernels' Triton module (dK and dV; dQ)."""
     source = _SOURCE.replace("ARGS", _ARGS.strip())
     for name, snippet in (
         ("LOAD_KEY_ROWS", _LOAD_KEY_ROWS),
@@ -194,8 +195,6 @@ def attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of `attention(q, k, v, attn_mask, is_causal, scale)` given its output,
     logsumexp and the output's gradient; written into `grads` when given (any strides)."""
-    from memopt.backends.triton.runtime import _load, write_source
-
     batch, heads, seq_q, head_dim = q.shape
     seq_k = k.shape[2]
     if head_dim > MAX_HEAD_DIM or v.shape[-1] != head_dim:
@@ -207,7 +206,7 @@ def attention_backward(
     mask = attn_mask if attn_mask is not None else q
     mask_strides = attn_mask.stride() if attn_mask is not None else (0, 0, 0, 0)
     on_gpu = q.device.type != "cpu"
-    module = _load(write_source(_source()), interpret=not on_gpu)
+    module = load_module(write_source(source()), interpret=not on_gpu)
     tiles = attention_tiles(seq_q, seq_k, head_dim, on_gpu)
     common = (
         q, k, v, grad_out, out, lse, mask, heads, seq_q, seq_k, head_dim, scale,

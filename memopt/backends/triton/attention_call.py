@@ -20,6 +20,11 @@ import torch.fx
 from torch._guards import active_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor
 
+from memopt.backends.triton.attention import attention
+from memopt.backends.triton.attention import source as forward_source
+from memopt.backends.triton.attention_backward import attention_backward
+from memopt.backends.triton.attention_backward import source as backward_source
+from memopt.backends.triton.runtime import write_source
 from memopt.compiler.cost import Cost, read_bytes
 from memopt.compiler.graph import numel, output_metas, tensor_meta
 
@@ -62,13 +67,8 @@ class AttentionKernel:
 
     def triton_source_path(self) -> str | None:
         if self.memopt_source_path is None:
-            from memopt.backends.triton.runtime import write_source
-
-            if self.backward:
-                from memopt.backends.triton.attention_backward import _source
-            else:
-                from memopt.backends.triton.attention import _source
-            self.memopt_source_path = str(write_source(_source()))
+            source = backward_source() if self.backward else forward_source()
+            self.memopt_source_path = str(write_source(source))
         return self.memopt_source_path
 
     def __call__(self, *inputs: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
@@ -86,13 +86,9 @@ class AttentionKernel:
         )
         try:
             if self.backward:
-                from memopt.backends.triton.attention_backward import attention_backward
-
                 attention_backward(grad_out, q, k, v, out, lse, mask, self.causal, self.scale,
                                    outputs, self.mask_drops)  # fmt: skip
             else:
-                from memopt.backends.triton.attention import attention
-
                 out, lse = (*outputs, None)[:2]
                 attention(q, k, v, mask, self.causal, self.scale, out, lse, self.mask_drops)
         except Exception as error:  # noqa: BLE001 - no Triton, or a launch failure: ATen runs

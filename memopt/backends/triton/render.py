@@ -654,10 +654,7 @@ def module_source(fn_name: str, args: list[str], body: list[str]) -> str:
     return "\n".join(lines)
 
 
-def render(kernel: Kernel) -> RenderedKernel:
-    """Triton source for a Kernel IR kernel; raises Unsupported for ops it cannot render."""
-    if kernel.kind == "matmul":
-        from memopt.backends.triton.matmul import render_matmul
-
-        return render_matmul(kernel)
+def render_elementwise(kernel: Kernel) -> RenderedKernel:
+    """Triton source for a pointwise or reduction kernel; Unsupported for what it cannot
+    render (matmul templates render in matmul.py)."""
     return _Renderer(kernel).render()

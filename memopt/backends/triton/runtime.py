@@ -28,8 +28,8 @@ from types import ModuleType
 import sympy
 import torch
 
-from memopt.backends.triton.matmul import launch_matmul
-from memopt.backends.triton.render import PERSISTENT_MAX, RenderedKernel, render
+from memopt.backends.triton.matmul import launch_matmul, render_matmul
+from memopt.backends.triton.render import PERSISTENT_MAX, RenderedKernel, render_elementwise
 from memopt.compiler.kernel_ir import Kernel, evaluate_size
 
 # (source digest, interpreted) -> the imported module: the in-process cache.
@@ -68,7 +68,8 @@ def clear_memory_cache() -> None:
     _MODULES.clear()
 
 
-def _load(path: Path, interpret: bool) -> ModuleType:
+def load_module(path: Path, interpret: bool) -> ModuleType:
+    """The generated module at `path`, imported once per process (see the module doc)."""
     key = (path.stem, interpret)
     module = _MODULES.get(key)
     if module is None:
@@ -146,6 +147,18 @@ def block_sizes(
     return {"XBLOCK": max(1, min(_next_pow2(numels["xnumel"]), rows)), "RBLOCK": rblock}
 
 
+def render(kernel: Kernel) -> RenderedKernel:
+    """Triton source for a Kernel IR kernel; raises Unsupported for ops it cannot render."""
+    if kernel.kind == "matmul":
+        return render_matmul(kernel)
+    return render_elementwise(kernel)
+
+
+def source_file(kernel: Kernel) -> Path:
+    """The kernel's Triton source written into the cache (no compile, no GPU needed)."""
+    return write_source(render(kernel).source)
+
+
 class TritonKernel:
     """A Kernel rendered to Triton, its source cached on disk; call it to launch.
 
@@ -176,7 +189,7 @@ class TritonKernel:
         if rendered.template == "matmul":
             tensors = [*inputs, *outputs]
             on_gpu = bool(tensors) and not any(t.device.type == "cpu" for t in tensors)
-            fn = getattr(_load(self.source_path, interpret=not on_gpu), rendered.fn_name)
+            fn = getattr(load_module(self.source_path, interpret=not on_gpu), rendered.fn_name)
             self.tiles = launch_matmul(fn, kernel, rendered, tensors, sizes, on_gpu)
             return
         xnumel = evaluate_size(sympy.Mul(*kernel.ranges), sizes)
@@ -190,7 +203,7 @@ class TritonKernel:
             return  # no row, no point: nothing to store
         tensors = [*inputs, *outputs]
         on_gpu = bool(tensors) and not any(t.device.type == "cpu" for t in tensors)
-        fn = getattr(_load(self.source_path, interpret=not on_gpu), rendered.fn_name)
+        fn = getattr(load_module(self.source_path, interpret=not on_gpu), rendered.fn_name)
         blocks = block_sizes(rendered, numels, on_gpu)
         if rendered.tile is not None:
             # One program per [YBLOCK, XBLOCK] tile, on a 1D grid (the kernel splits its id).
@@ -217,5 +230,8 @@ __all__ = [
     "cache_dir",
     "clear_memory_cache",
     "compile_kernel",
+    "load_module",
+    "render",
+    "source_file",
     "write_source",
 ]

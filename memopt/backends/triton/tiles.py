@@ -1,4 +1,4 @@
-"""Template kernels: which backends have them, and the tile sizes a matmul template uses.
+"""The tile sizes a matmul template launches with.
 
 A matmul template is a Kernel IR kernel holding one `dot` (kernel kind "matmul"): the
 matmul, the pointwise ops that feed its operands (prologue) and those that consume its
@@ -10,22 +10,11 @@ from L2 in the common case, which the rule leaves out as it does for every kerne
 
 from __future__ import annotations
 
-from memopt.config import kernel_backend
-
-# Backends that run template kernels. The C++ backend renders no matmul: a template there
-# would fall back to the reference backend, so the fusion pass does not form them for it.
-TEMPLATE_BACKENDS = frozenset({"triton", "reference"})
-
 # Triton's interpreter costs ~1.8 ms per program (/work/shared/environment.md): on the CPU
 # one program takes tiles up to 128 wide. tl.dot needs every block dimension >= 16.
 INTERPRETER_TILE_MAX = 128
 GPU_TILES = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}  # fp32 acc: 16 KiB of registers
 MIN_TILE = 16
-
-
-def backend_runs_templates(backend: str, device_type: str) -> bool:
-    """Whether kernels compiled for `backend` (auto|triton|cpp|reference) on `device_type` run templates."""
-    return kernel_backend(backend, device_type) in TEMPLATE_BACKENDS
 
 
 def _next_pow2(n: int) -> int:

@@ -1,0 +1,127 @@
+"""The backends generated kernels run on, each registered with what it can do.
+
+A backend turns a Kernel IR kernel into a callable, `compile(kernel)`, called as
+`compiled(inputs, outputs, sizes)`: it reads `inputs`, writes `outputs` (allocated by the
+caller in the kernel's output layouts) and takes the value of each size symbol by name.
+Callers ask a backend for a capability (`Feature`) instead of comparing its name: the
+fusion pass asks "does the backend these kernels run on take matmul templates?", the
+attention pass "does it have an attention kernel, and up to which head dim?".
+
+The `backend` option names one of them or "auto": on each device the backend registered
+as that device's default (`default_for`), else the reference backend. A named backend
+that does not run on the tensors' device (C++ on a GPU) gives way to auto's choice.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from memopt.compiler.kernel_ir import Kernel
+
+AUTO = "auto"
+# The backend "auto" falls back to on a device no backend claims as its default.
+FALLBACK = "reference"
+
+
+class Feature(enum.Enum):
+    """What a backend can do beyond running pointwise and reduction kernels."""
+
+    # Template kernels holding one matmul (`dot`) with its prologue and epilogue.
+    MATMUL_TEMPLATES = "matmul templates"
+    # A kernel for a lone layout-changing copy that beats ATen's strided copy (the C++
+    # backend transposes in cache-sized tiles into memory it reuses).
+    LAYOUT_CONVERSION = "layout conversion"
+
+
+class CompiledKernel(Protocol):
+    """What `Backend.compile` returns: a kernel ready to launch."""
+
+    def __call__(
+        self,
+        inputs: Sequence[torch.Tensor],
+        outputs: Sequence[torch.Tensor],
+        sizes: Mapping[str, int],
+    ) -> None:
+        """Read `inputs`, write `outputs` in place.
+
+        inputs[k] / outputs[k] have the shape and strides of kernel.inputs[k] /
+        kernel.outputs[k] at `sizes` (size symbol name -> int); element 0 is at the tensor's
+        data pointer. Outputs are allocated by the caller.
+        """
+
+
+@dataclass(frozen=True)
+class AttentionKernels:
+    """A backend's fused attention: the largest head dim it takes, and a factory for the
+    graph call target that runs it (the attention pass places one per fused ATen op)."""
+
+    max_head_dim: int
+    make_target: Callable[..., object]
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    # Kernel IR -> a CompiledKernel; raises for a kernel it cannot express (the caller falls
+    # back to the reference backend, with a warning naming the kernel).
+    compile: Callable[[Kernel], CompiledKernel]
+    # Device types its kernels run on; None: any.
+    device_types: frozenset[str] | None = None
+    # Device types on which `backend="auto"` picks it.
+    default_for: frozenset[str] = frozenset()
+    features: frozenset[Feature] = frozenset()
+    # Start compiling in the background (the first call waits for it).
+    prefetch: Callable[[Kernel], None] | None = None
+    # Write the kernel's source into the cache without compiling it, for reports.
+    source_file: Callable[[Kernel], Path] | None = None
+    attention: AttentionKernels | None = None
+    # How the backend schedules a matmul template of (M, N, K), for decision records.
+    describe_template: Callable[[int, int, int], str] | None = None
+    notes: tuple[str, ...] = field(default=(), compare=False)
+
+    def supports(self, feature: Feature) -> bool:
+        return feature in self.features
+
+    def runs_on(self, device_type: str) -> bool:
+        return self.device_types is None or device_type in self.device_types
+
+
+_BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> Backend:
+    """Add a backend to the registry (each backend package registers itself on import)."""
+    if backend.name in _BACKENDS or backend.name == AUTO:
+        raise ValueError(f"backend {backend.name!r} is registered twice")
+    _BACKENDS[backend.name] = backend
+    return backend
+
+
+def backend_names() -> tuple[str, ...]:
+    """The values the `backend` option takes: "auto" and every registered backend."""
+    return (AUTO, *_BACKENDS)
+
+
+def get_backend(name: str) -> Backend:
+    if name not in _BACKENDS:
+        raise KeyError(f"no backend {name!r}; registered: {', '.join(_BACKENDS)}")
+    return _BACKENDS[name]
+
+
+def backend_for(option: str, device_type: str) -> Backend:
+    """The backend generated kernels run on, for the `backend` option and the device type
+    of the graph's tensors."""
+    if option != AUTO:
+        backend = get_backend(option)
+        if backend.runs_on(device_type):
+            return backend
+    for backend in _BACKENDS.values():
+        if device_type in backend.default_for:
+            return backend
+    return get_backend(FALLBACK)
