@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import importlib
 
-from memopt.config import Config
 from memopt.errors import CheckError, MemoptError, OptionError, TargetError, VerificationError
 
 __version__ = "0.1.0"
 
-# The analysis entry points pull in Dynamo; import them on first use so that
-# `import memopt.compiler.kernel_ir` (and the CLI's --help) stay light.
+# The entry points pull in the compiler and Dynamo; import them on first use so that
+# `import memopt.compiler.kernel_ir` (and the CLI's --help) stay light, and importing one
+# layer of the package loads nothing above it.
 _LAZY = {
+    "Config": "memopt.config",
     "analyze": "memopt.driver.analyze",
     "Analysis": "memopt.driver.results",
     "report": "memopt.reports.writer",

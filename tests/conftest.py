@@ -27,3 +27,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def temporary_pass(monkeypatch):
+    """`temporary_pass(name, cls, codes)` registers a pass for this test only."""
+    from memopt.passes import PASSES, register_pass
+
+    def register(name: str, cls: type, codes: tuple[str, ...] = ()) -> type:
+        monkeypatch.setitem(PASSES, name, None)  # monkeypatch removes the key afterwards
+        del PASSES[name]
+        return register_pass(name, codes=codes)(cls)
+
+    return register

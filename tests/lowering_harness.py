@@ -16,7 +16,7 @@ def run_fused(fn, inputs, backend="reference", **options):
     gm = make_fx(fn, decomposition_table=decompositions(), tracing_mode="fake")(*inputs)
     annotate(gm)
     config = Config.from_options({"backend": backend, **options})
-    result = run_pipeline(gm, config, "test", {})
+    result = run_pipeline(gm, config.pipeline(), "test", {})
     outputs = result.gm(*inputs)
     return outputs, result.gm
 

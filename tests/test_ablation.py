@@ -148,15 +148,15 @@ def test_rows_without_recompute_use_the_default_partition():
 
 def test_run_reports_a_wrong_answer(monkeypatch):
     # A compiled program that is off by one: the check says how, and the row still has a time.
-    import memopt.driver.measure as measure
+    import memopt.tools.ablate as ablate_module
 
-    real = measure.compile_program
+    real = ablate_module.compile_program
 
     def off_by_one(fn, options, dynamic=False):
         program = real(fn, options, dynamic)
         return lambda *args: program(*args) + 1
 
-    monkeypatch.setattr(measure, "compile_program", off_by_one)
+    monkeypatch.setattr(ablate_module, "compile_program", off_by_one)
     result = memopt.ablate(program, x48(), run=True, repeats=1, passes=["cleanup"])
     assert all(r.check.startswith("differs: tensor 0") for r in result)
     assert all(r.run_ms is not None for r in result)

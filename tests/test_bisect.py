@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import pytest
 import torch
 
 import memopt
 from memopt.cli import main
-from memopt.passes import PASSES, Pass, PassResult
+from memopt.passes import Pass
 from memopt.tools.bisect import applied_decisions, bisect
 
 aten = torch.ops.aten
@@ -21,25 +20,21 @@ PIPELINE = ["cleanup", "planted", "fusion"]
 class Planted(Pass):
     """Test helper: one harmless rewrite (x * 2 -> x + x) and one miscompile (x * 3 -> x * 4)."""
 
-    name: ClassVar[str] = "planted"
-
     def run(self, gm, ctx):
-        result = PassResult()
         for node in list(gm.graph.nodes):
             if node.target is not aten.mul.Tensor or node.args[1] not in (2, 3):
                 continue
             if node.args[1] == 2:
-                if self.decide(ctx, result, f"%{node.name}: x*2 -> x+x", "harmless", 0):
+                if ctx.decide("harmless", f"%{node.name}: x*2 -> x+x", "harmless", 0):
                     node.target = aten.add.Tensor
                     node.args = (node.args[0], node.args[0])
-            elif self.decide(ctx, result, f"%{node.name}: x*3 -> x*4", "planted bug", 0):
+            elif ctx.decide("bug", f"%{node.name}: x*3 -> x*4", "planted bug", 0):
                 node.args = (node.args[0], 4)
-        return result
 
 
 @pytest.fixture
-def planted(monkeypatch):
-    monkeypatch.setitem(PASSES, Planted.name, Planted)
+def planted(temporary_pass):
+    temporary_pass("planted", Planted, ("harmless", "bug"))
 
 
 def program(x):

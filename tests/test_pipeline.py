@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch
 import memopt
 from memopt.compiler.graph import annotate
 from memopt.errors import CheckError, OptionError, VerificationError
-from memopt.passes import DEFAULT_PIPELINE, PASSES, Pass, PassResult
+from memopt.passes import DEFAULT_PIPELINE, Pass
 
 aten = torch.ops.aten
 F32 = 4  # bytes per float32 element
@@ -66,52 +65,41 @@ def test_copy_that_is_returned_is_kept_and_the_refusal_recorded():
 class AddDeadNode(Pass):
     """Test helper: plants an unused exp so that a later cleanup has dead code to remove."""
 
-    name: ClassVar[str] = "add_dead_node"
-
     def run(self, gm, ctx):
         first = next(n for n in gm.graph.nodes if n.op == "placeholder")
         output = next(n for n in gm.graph.nodes if n.op == "output")
         with gm.graph.inserting_before(output):
             gm.graph.call_function(aten.exp.default, (first,))
         annotate(gm)
-        result = PassResult()
-        self.decide(ctx, result, "planted %exp", "test", 0)
-        return result
+        ctx.decide("planted", "planted %exp", "test", 0)
 
 
 @dataclass(frozen=True)
 class ChangeShape(Pass):
     """Test helper: sums over the wrong axis, leaving the node's recorded shape stale."""
 
-    name: ClassVar[str] = "change_shape"
-
     def run(self, gm, ctx):
         node = next(n for n in gm.graph.nodes if n.target is aten.sum.dim_IntList)
         node.args = (node.args[0], [0])
-        result = PassResult()
-        self.decide(ctx, result, "wrong axis", "test", 0)
-        return result
+        ctx.decide("wrong_axis", "wrong axis", "test", 0)
 
 
 @dataclass(frozen=True)
 class WrongConstant(Pass):
     """Test helper: a miscompile that keeps every shape: multiplies by 3 instead of 2."""
 
-    name: ClassVar[str] = "wrong_constant"
-
     def run(self, gm, ctx):
-        result = PassResult()
         for node in gm.graph.nodes:
             if node.target is aten.mul.Tensor and node.args[1] == 2:
-                if self.decide(ctx, result, "times 3", "test", 0):
+                if ctx.decide("times_3", "times 3", "test", 0):
                     node.args = (node.args[0], 3)
-        return result
 
 
 @pytest.fixture
-def test_passes(monkeypatch):
-    for cls in (AddDeadNode, ChangeShape, WrongConstant):
-        monkeypatch.setitem(PASSES, cls.name, cls)
+def test_passes(temporary_pass):
+    temporary_pass("add_dead_node", AddDeadNode, ("planted",))
+    temporary_pass("change_shape", ChangeShape, ("wrong_axis",))
+    temporary_pass("wrong_constant", WrongConstant, ("times_3",))
 
 
 def test_dead_code_is_removed(test_passes):

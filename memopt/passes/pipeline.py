@@ -148,10 +148,11 @@ def capture_hooks(pipeline: Pipeline, fuel: Fuel) -> CaptureHooks:
                 )
         return records
 
-    (partitioner, *others) = (*pipeline.at(Stage.PARTITION), None)
-    if others != [None]:
-        names = ", ".join(p.name for p in pipeline.at(Stage.PARTITION))
+    partitioners = pipeline.at(Stage.PARTITION)
+    if len(partitioners) > 1:
+        names = ", ".join(p.name for p in partitioners)
         raise ValueError(f"one pass may partition a joint graph; the pipeline has {names}")
+    partitioner = partitioners[0] if partitioners else None
 
     def partition_joint(
         joint: torch.fx.GraphModule, joint_inputs: Sequence[object], **kwargs: object
