@@ -740,7 +740,7 @@ def test_inline_float_math_accuracy(op, bound_ulp):
 def test_in_place_outputs_need_same_element_reads():
     """An output may reuse an input's memory only when each element is read by the
     iteration that writes it (same layout, same index), and the kernel never reads it."""
-    from memopt.backends.cpp.planning import in_place_outputs
+    from memopt.backends.codegen.planning import in_place_outputs
 
     assert in_place_outputs(examples.layer_norm()[0]) == {0: 0}  # rows read, then stored
     assert in_place_outputs(examples.softmax()[0]) == {0: 0}

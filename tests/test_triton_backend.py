@@ -376,12 +376,12 @@ def test_rendering_is_deterministic_and_reads_like_the_kernel():
         "    xmask = xindex < xnumel",
         "    i0 = xindex // 5",
         "    i1 = xindex % 5",
-        "    tmp0 = tl.load(in0 + (5*i0 + i1), xmask, other=0)",
+        "    tmp0 = tl.load(in0 + (5 * i0 + i1), xmask, other=0)",
         "    tmp1 = tl.load(in1 + (i1), xmask, other=0)",
         "    tmp2 = tl.full([1], 2.0, tl.float32)",
         "    tmp3 = (tmp1 * tmp2)",
         "    tmp4 = (tmp0 + tmp3)",
-        "    tl.store(out0 + (5*i0 + i1), tmp4, xmask)",
+        "    tl.store(out0 + (5 * i0 + i1), tmp4, xmask)",
     ]
 
 

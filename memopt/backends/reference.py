@@ -18,8 +18,8 @@ Semantics the IR docstrings leave open, settled here:
   in Value.dtype); comparisons and logical ops meet in the operands' promoted dtype.
 - Every Value is evaluated before the first store, so a kernel that reads an output buffer
   (an in-place update) sees the buffer as it was when the kernel started.
-- Stores run in kernel order (a later store to the same element wins). Within one store,
-  two lanes writing different values to one element is a race and raises ValueError.
+- One store per output buffer (Kernel.verify); stores run in kernel order. Within one
+  store, two lanes writing different values to one element is a race and raises ValueError.
 - A row store (no reduction variable in its index) of a full Value raises ValueError: it
   has no single value per row. A row store runs once per row even when the reduction
   domain is empty.
@@ -41,17 +41,18 @@ import sympy
 import torch
 from torch.utils._sympy import functions as torch_sympy
 
-from memopt.backends.registry import Backend, Feature, register_backend
-from memopt.compiler.kernel_ir import Buffer, Kernel, Store, Value
+from memopt.backends.registry import Backend, Feature, Sizes, Tensors, register_backend
+from memopt.compiler.kernel_ir import (
+    Buffer,
+    Kernel,
+    Store,
+    Value,
+    compute_dtype,
+    operand_dtypes,
+    reduction_identity,
+)
 
 # --- dtypes ----------------------------------------------------------------------------
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a Value of `dtype` is held in between casts: floats under 32 bits widen to fp32."""
-    if dtype.is_floating_point and dtype.itemsize < 4:
-        return torch.float32
-    return dtype
 
 
 def _round_to(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -193,15 +194,6 @@ POINTWISE_FUNCTIONS: dict[str, Callable[..., torch.Tensor]] = {
 }
 """Kernel IR pointwise op -> the torch function that defines it."""
 
-# Ops whose result (bool) is not the dtype they compute in: their operands meet in the
-# promoted dtype of the operands, as torch does. Every other op computes in its result dtype.
-_PREDICATES = frozenset(
-    {
-        "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_xor",
-        "logical_not", "isnan", "isinf",
-    }
-)  # fmt: skip
-
 REDUCTION_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     # Operands arrive in their compute dtype, so a 16-bit sum accumulates in float32.
     "sum": lambda x: x.sum(-1, keepdim=True),
@@ -216,19 +208,10 @@ REDUCTION_FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 """Reduction name -> the torch reduction over the last axis (the flattened reduction axes)."""
 
 
-def _extreme(dtype: torch.dtype, highest: bool) -> float | int | bool:
-    if dtype == torch.bool:
-        return highest
-    if dtype.is_floating_point:
-        return math.inf if highest else -math.inf
-    info = torch.iinfo(dtype)
-    return info.max if highest else info.min
-
-
 # torch refuses these over an empty axis; a kernel's accumulator starts at the identity.
 _EMPTY_REDUCTION: dict[str, Callable[[torch.dtype], float | int | bool]] = {
-    "max": lambda dtype: _extreme(dtype, highest=False),
-    "min": lambda dtype: _extreme(dtype, highest=True),
+    "max": lambda dtype: reduction_identity("max", dtype),
+    "min": lambda dtype: reduction_identity("min", dtype),
     "argmax": lambda dtype: 0,
     "argmin": lambda dtype: 0,
 }
@@ -339,14 +322,7 @@ def _dot(value: Value, operands: list[torch.Tensor], frame: _Frame) -> torch.Ten
 
 def _pointwise(value: Value, operands: list[torch.Tensor], frame: _Frame) -> torch.Tensor:
     result_dtype = compute_dtype(value.dtype)
-    if value.op == "where":
-        dtypes = (torch.bool, result_dtype, result_dtype)
-    elif value.op in _PREDICATES:
-        promoted = functools.reduce(torch.promote_types, (arg.dtype for arg in value.args))
-        dtypes = (compute_dtype(promoted),) * len(operands)
-    else:
-        dtypes = (result_dtype,) * len(operands)
-    converted = [operand.to(dtype) for operand, dtype in zip(operands, dtypes)]
+    converted = [operand.to(dtype) for operand, dtype in zip(operands, operand_dtypes(value))]
     return POINTWISE_FUNCTIONS[value.op](*converted).to(result_dtype)
 
 
@@ -432,31 +408,12 @@ class ReferenceKernel:
     """A Kernel made callable by evaluating its IR with torch ops (the semantic oracle)."""
 
     def __init__(self, kernel: Kernel) -> None:
-        """Check that every op, reduction and buffer of `kernel` is known; raise if not."""
-        for value in kernel.values:
-            if value.op not in _VALUE_RULES:
-                raise NotImplementedError(f"kernel {kernel.name}: unknown op {value.op!r}")
-            if value.op == "reduce" and value.arg not in REDUCTION_FUNCTIONS:
-                raise NotImplementedError(f"kernel {kernel.name}: unknown reduction {value.arg!r}")
-            if value.op == "load" and value.arg[0] not in kernel.buffers:
-                raise ValueError(f"kernel {kernel.name}: load from unknown buffer {value.arg[0]}")
-        outputs = {buffer.name for buffer in kernel.outputs}
-        for store in kernel.stores:
-            if store.buffer not in outputs:
-                raise ValueError(f"kernel {kernel.name}: store to {store.buffer}, not an output")
+        """Check that `kernel` is well formed (Kernel.verify); raise if not."""
+        kernel.verify()
         self.kernel = kernel
 
-    def __call__(
-        self,
-        inputs: Sequence[torch.Tensor],
-        outputs: Sequence[torch.Tensor],
-        sizes: Mapping[str, int],
-    ) -> None:
-        """Run the kernel: read `inputs`, write `outputs` in place.
-
-        inputs[k] / outputs[k] have the shape and strides of kernel.inputs[k] /
-        kernel.outputs[k] at `sizes` (symbol name -> int); element 0 is at the data pointer.
-        """
+    def __call__(self, inputs: Tensors, outputs: Tensors, sizes: Sizes) -> None:
+        """Run the kernel (the CompiledKernel contract, backends/registry.py)."""
         kernel = self.kernel
         missing = [s.name for s in kernel.size_symbols if s.name not in sizes]
         if missing:

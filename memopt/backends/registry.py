@@ -39,15 +39,14 @@ class Feature(enum.Enum):
     LAYOUT_CONVERSION = "layout conversion"
 
 
+Tensors = Sequence[torch.Tensor]
+Sizes = Mapping[str, int]  # each size symbol's value, by name
+
+
 class CompiledKernel(Protocol):
     """What `Backend.compile` returns: a kernel ready to launch."""
 
-    def __call__(
-        self,
-        inputs: Sequence[torch.Tensor],
-        outputs: Sequence[torch.Tensor],
-        sizes: Mapping[str, int],
-    ) -> None:
+    def __call__(self, inputs: Tensors, outputs: Tensors, sizes: Sizes) -> None:
         """Read `inputs`, write `outputs` in place.
 
         inputs[k] / outputs[k] have the shape and strides of kernel.inputs[k] /

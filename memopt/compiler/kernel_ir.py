@@ -15,6 +15,7 @@ contains no r variable.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -46,6 +47,56 @@ REDUCTIONS = frozenset({"sum", "prod", "max", "min", "argmax", "argmin", "any", 
 # ranges, the second-to-last range (M) and the reduction; `b` on the batch ranges, the
 # reduction and the last range (N). A kernel holds at most one; its stores are row stores.
 DOT = "dot"
+# Ops whose operands meet in their promoted dtype (torch's type promotion), not in their
+# result's (bool) dtype: comparisons, logical ops and the predicates on floats.
+PREDICATES = frozenset(
+    {
+        "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_xor",
+        "logical_not", "isnan", "isinf",
+    }
+)  # fmt: skip
+_ARITY = {**dict.fromkeys(UNARY_OPS, 1), **dict.fromkeys(BINARY_OPS, 2), "where": 3}
+_STRUCTURAL = frozenset({"load", "const", "index", "cast", "reduce", DOT})
+
+
+# -- semantics every backend implements ---------------------------------------------------
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a Value of `dtype` is held in between casts: floats under 32 bits widen to
+    fp32 (rounding happens at casts, constants, index values and stores, never per op)."""
+    if dtype.is_floating_point and dtype.itemsize < 4:
+        return torch.float32
+    return dtype
+
+
+def operand_dtypes(value: Value) -> tuple[torch.dtype, ...]:
+    """The dtypes a pointwise Value's operands are converted to before its op: the result's
+    compute dtype, or the operands' promoted one for a predicate (where's condition: bool)."""
+    result = compute_dtype(value.dtype)
+    if value.op == "where":
+        return (torch.bool, result, result)
+    if value.op in PREDICATES:
+        promoted = functools.reduce(torch.promote_types, (a.dtype for a in value.args))
+        return (compute_dtype(promoted),) * len(value.args)
+    return (result,) * len(value.args)
+
+
+def reduction_identity(name: str, dtype: torch.dtype) -> float | int | bool:
+    """Where a reduction's accumulator of `dtype` starts (what lanes outside the domain hold):
+    0 for sums and any, 1 for products and all, the lowest value for max and argmax, the
+    highest for min and argmin."""
+    if name in ("sum", "any"):
+        return False if dtype == torch.bool else 0
+    if name in ("prod", "all"):
+        return True if dtype == torch.bool else 1
+    highest = name in ("min", "argmin")
+    if dtype == torch.bool:
+        return highest
+    if dtype.is_floating_point:
+        return math.inf if highest else -math.inf
+    info = torch.iinfo(dtype)
+    return info.max if highest else info.min
 
 
 def index_var(k: int) -> sympy.Symbol:
@@ -269,6 +320,34 @@ class Kernel:
         domain |= {reduction_var(k) for k in range(len(self.reduction_ranges))}
         indirect = {s for v in self.values if v.op == "load" for s in v.arg[2]}
         return tuple(sorted(found - domain - indirect, key=lambda s: s.name))
+
+    def verify(self) -> None:
+        """Raise ValueError unless the kernel is well formed: known ops of the right arity,
+        loads from its buffers, one store to each output and none elsewhere, no row store
+        (one per row) of a value that varies along the reduction, at most one dot."""
+        buffers = self.buffers
+        outputs = {b.name for b in self.outputs}
+        for value in self.values:
+            if value.op not in _STRUCTURAL and _ARITY.get(value.op) != len(value.args):
+                raise ValueError(f"kernel {self.name}: unknown op {value.op!r}/{len(value.args)}")
+            if value.op == "reduce" and value.arg not in REDUCTIONS:
+                raise ValueError(f"kernel {self.name}: unknown reduction {value.arg!r}")
+            if value.op == "load" and value.arg[0] not in buffers:
+                raise ValueError(f"kernel {self.name}: load from unknown buffer {value.arg[0]}")
+        if sum(value.op == DOT for value in self.values) > 1:
+            raise ValueError(f"kernel {self.name}: more than one dot")
+        stored: set[str] = set()
+        for store in self.stores:
+            if store.buffer not in outputs:
+                raise ValueError(f"kernel {self.name}: store to {store.buffer}, not an output")
+            if store.buffer in stored:
+                raise ValueError(f"kernel {self.name}: two stores to {store.buffer}")
+            stored.add(store.buffer)
+            if store.is_row and not store.value.is_row:
+                raise ValueError(
+                    f"store {store.buffer}[{store.index}]: a row store (no reduction variable "
+                    "in its index) of a value that varies along the reduction"
+                )
 
     def __str__(self) -> str:
         names = {value: f"%{k}" for k, value in enumerate(self.values)}

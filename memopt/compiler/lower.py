@@ -78,11 +78,6 @@ BINARY = {
     prims.div.default: "truediv", prims.maximum.default: "maximum",
     prims.minimum.default: "minimum", prims.pow.default: "pow",
 }  # fmt: skip
-# Comparisons and logical ops compute in their operands' promoted dtype, not their result's.
-_PROMOTE_OPERANDS = {
-    "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_xor",
-    "bitwise_and", "bitwise_or", "bitwise_xor",
-}  # fmt: skip
 # reduction op -> (Kernel IR reduction, argument layout)
 REDUCTIONS = {
     aten.sum.dim_IntList: "sum", aten.sum.default: "sum", prims.sum.default: "sum",
@@ -170,11 +165,6 @@ def _operand_dtype(arg: object) -> torch.dtype:
 
 def _index_dtype(expr: sympy.Expr) -> torch.dtype:
     return torch.int64 if expr.is_integer is not False else torch.float32
-
-
-def _upcast(dtype: torch.dtype) -> torch.dtype:
-    """16-bit floats compute in fp32 (as ATen's own kernels do) and round once per node."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _scalar_dtype(value: object) -> torch.dtype:
@@ -428,7 +418,9 @@ class _Lowering:
         dtype = meta.dtype
         if target in UNARY:
             # isnan, isinf, logical_not: a bool result of an operand in its own dtype
-            compute = _upcast(dtype if dtype != torch.bool else _operand_dtype(node.args[0]))
+            compute = ir.compute_dtype(
+                dtype if dtype != torch.bool else _operand_dtype(node.args[0])
+            )
             value = ir.op(
                 UNARY[target], self.operand(node, node.args[0], index, compute), dtype=compute
             )
@@ -456,13 +448,13 @@ class _Lowering:
         a, b = node.args[0], node.args[1]
         dtype = tensor_meta(node).dtype
         compute = dtype
-        if name in _PROMOTE_OPERANDS:
+        if name in ir.PREDICATES:
             compute = _promote(
                 [tensor_meta(x) if isinstance(x, torch.fx.Node) else x for x in (a, b)]
             )
         if name == "truediv" and not compute.is_floating_point:
             compute = torch.float32
-        compute = _upcast(compute)
+        compute = ir.compute_dtype(compute)
         left = self.operand(node, a, index, compute)
         right = self.operand(node, b, index, compute)
         alpha = node.kwargs.get("alpha")
@@ -539,7 +531,7 @@ class _Lowering:
         a = self.value_at(node.args[0], (*batch, m, k))
         b = self.value_at(node.args[1], (*batch, k, n))
         dtype = tensor_meta(node).dtype
-        return ir.cast(ir.dot(a, b, _upcast(dtype)), dtype)
+        return ir.cast(ir.dot(a, b, ir.compute_dtype(dtype)), dtype)
 
     def view_source_index(self, node: torch.fx.Node, index: Index) -> Index:
         rule = _VIEW_RULES.get(node.target)
@@ -770,7 +762,7 @@ def _where(self: _Lowering, node: torch.fx.Node, index: Index) -> Value:
 
 def _clamp(self: _Lowering, node: torch.fx.Node, index: Index) -> Value:
     result = tensor_meta(node).dtype
-    dtype = _upcast(result)
+    dtype = ir.compute_dtype(result)
     value = self.operand(node, node.args[0], index, dtype)
     if node.target is aten.clamp_min.default:
         low, high = node.args[1], None
@@ -789,7 +781,7 @@ def _clamp(self: _Lowering, node: torch.fx.Node, index: Index) -> Value:
 def _div_mode(self: _Lowering, node: torch.fx.Node, index: Index) -> Value:
     mode = node.kwargs.get("rounding_mode")
     result = tensor_meta(node).dtype
-    dtype = _upcast(result)
+    dtype = ir.compute_dtype(result)
     name = {"floor": "floordiv", "trunc": "truncdiv", None: "truediv"}[mode]
     a = self.operand(node, node.args[0], index, dtype)
     b = self.operand(node, node.args[1], index, dtype)
@@ -819,7 +811,7 @@ def _iota(self: _Lowering, node: torch.fx.Node, index: Index) -> Value:
 
 def _square(self: _Lowering, node: torch.fx.Node, index: Index) -> Value:
     result = tensor_meta(node).dtype
-    dtype = _upcast(result)
+    dtype = ir.compute_dtype(result)
     value = self.operand(node, node.args[0], index, dtype)
     return ir.cast(ir.op("mul", value, value, dtype=dtype), result)
 

@@ -25,6 +25,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from memopt.backends.cache import cache_dir as backend_cache_dir
+from memopt.backends.cache import write_atomically
 from memopt.backends.cpp.prelude import MVEC_BINARY_FUNCTIONS, MVEC_FUNCTIONS, PRELUDE
 
 
@@ -78,11 +80,7 @@ def compiler() -> str:
 
 def cache_dir() -> Path:
     """`$MEMOPT_CACHE_DIR/cpp`, else `~/.cache/memopt/cpp`; created on first use."""
-    root = os.environ.get("MEMOPT_CACHE_DIR")
-    base = Path(root) if root else Path.home() / ".cache" / "memopt"
-    path = base / "cpp"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return backend_cache_dir("cpp")
 
 
 @dataclass(frozen=True)
@@ -123,7 +121,7 @@ def _toolchain(path: str, directory: Path) -> Toolchain:
         flags = tuple(json.loads(record.read_text())["flags"])
     except (OSError, ValueError, KeyError, TypeError):
         flags = _probe_flags(path, directory)
-        _write_atomic(record, json.dumps({"compiler": path, "flags": list(flags)}).encode())
+        write_atomically(record, json.dumps({"compiler": path, "flags": list(flags)}).encode())
     return Toolchain(path, version_text, flags)
 
 
@@ -239,13 +237,13 @@ def ensure_built(source: str, key: str, tools: Toolchain, directory: Path) -> Pa
     source_path = directory / f"{key}.cpp"
     if _intact(library_path, checksum_path):
         if not source_path.exists():
-            _write_atomic(source_path, source.encode())
+            write_atomically(source_path, source.encode())
         return library_path
-    _write_atomic(source_path, source.encode())
+    write_atomically(source_path, source.encode())
     built = _compile_to(tools.path, tools.flags, source, directory)
     checksum = _file_digest(built)
     os.replace(built, library_path)
-    _write_atomic(checksum_path, checksum.encode())
+    write_atomically(checksum_path, checksum.encode())
     return library_path
 
 
@@ -284,17 +282,6 @@ def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
         return subprocess.run(command, capture_output=True, text=True, check=False)
     except OSError as error:  # the compiler vanished or is not executable
         raise CompilerNotFound(f"cannot run {command[0]}: {error}") from error
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(Path(tmp))
-        raise
 
 
 def _remove(path: Path) -> None:

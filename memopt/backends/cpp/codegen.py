@@ -29,10 +29,12 @@ from dataclasses import dataclass, field
 import sympy
 import torch
 
-from memopt.backends.cpp import ops, planning
-from memopt.backends.cpp.index import IndexPrinter, linear_coefficient
+from memopt.backends.codegen import planning
+from memopt.backends.codegen.index import ATOM, Unsupported, linear_coefficient, row_major
+from memopt.backends.cpp import ops
+from memopt.backends.cpp.index import CppIndexPrinter
 from memopt.backends.cpp.prelude import PRELUDE
-from memopt.compiler.kernel_ir import Kernel, Store, Value, index_var, reduction_var
+from memopt.compiler.kernel_ir import DOT, Kernel, Store, Value, index_var, reduction_var
 
 FUNCTION_NAME = "memopt_kernel"
 
@@ -79,13 +81,13 @@ class _Loop:
 class _Codegen:
     def __init__(self, kernel: Kernel) -> None:
         self.kernel = kernel
+        kernel.verify()
         for value in kernel.values:
-            if value.op not in ("load", "const", "index", "cast", "reduce"):
-                if value.op not in ops.POINTWISE_TEMPLATES:
-                    raise NotImplementedError(f"kernel {kernel.name}: unknown op {value.op!r}")
+            if value.op == DOT:
+                raise Unsupported(f"kernel {kernel.name}: the C++ backend renders no matmul")
             for dtype in (value.dtype, *(a.dtype for a in value.args)):
                 if dtype not in ops.STORAGE_TYPES:
-                    raise NotImplementedError(f"kernel {kernel.name}: dtype {dtype}")
+                    raise Unsupported(f"kernel {kernel.name}: dtype {dtype}")
         self.names = {value: f"v{k}" for k, value in enumerate(kernel.values)}
         self.buffers = kernel.buffers
         self.c_names = _c_names([b.name for b in (*kernel.inputs, *kernel.outputs)])
@@ -95,28 +97,8 @@ class _Codegen:
         indirect = {v.arg[0] for v in kernel.values if v.op == "load" and v.arg[2]}
         self.extent_buffers = tuple(name for name in self.c_names if name in indirect)
         self.size_names = {s: _size_name(s.name) for s in kernel.size_symbols}
-        self._check_stores()
         self.substitution: dict[sympy.Symbol, sympy.Expr] = {}
         self.symbol_names: dict[sympy.Symbol, str] = dict(self.size_names)
-
-    def _check_stores(self) -> None:
-        outputs = {b.name for b in self.kernel.outputs}
-        seen: set[str] = set()
-        for store in self.kernel.stores:
-            if store.buffer not in outputs:
-                raise ValueError(f"kernel {self.kernel.name}: store to {store.buffer}")
-            if store.buffer in seen:
-                # Two stores to one buffer run in kernel order in the reference backend; one
-                # loop interleaves them. Lowering never emits this.
-                raise NotImplementedError(
-                    f"kernel {self.kernel.name}: two stores to {store.buffer}"
-                )
-            seen.add(store.buffer)
-            if store.is_row and not store.value.is_row:
-                raise ValueError(
-                    f"store {store.buffer}[{store.index}]: a row store (no reduction variable "
-                    "in its index) of a value that varies along the reduction"
-                )
 
     # -- the whole source ------------------------------------------------------------
 
@@ -200,7 +182,7 @@ class _Codegen:
         tile = planning.transposed_var(outer, inner, loads)
         if tile is not None:
             return self._tiled_body(inner, outer, tile, ranges, row_lines, loop, loop_lines)
-        p = IndexPrinter(self.symbol_names)
+        p = CppIndexPrinter(self.symbol_names)
         lines = [f"const int64_t n_j = {p(extent)};  // innermost: {_names(inner) or 'one point'}"]
         lines.append(f"const int64_t n_rows = {p(rows)};  // rows: {_names(outer) or 'one'}")
         chunked = not (extent.is_Integer and int(extent) <= 4096)
@@ -236,7 +218,7 @@ class _Codegen:
         around MO_TILE_J values of the innermost loop (which the store is contiguous in), so
         the strided load reads a few sequential streams (prelude.py has the measurements)."""
         row_vars = [v for v in outer if v is not tile]
-        p = IndexPrinter(self.symbol_names)
+        p = CppIndexPrinter(self.symbol_names)
         extent = sympy.Mul(*(ranges[v] for v in inner))
         rows = sympy.Mul(*(ranges[v] for v in row_vars))
         t = tile.name
@@ -279,7 +261,7 @@ class _Codegen:
         self.substitution[inner[-1]] = _R
         self.symbol_names.update({v: v.name for v in (*row_vars, *outer_red)})
         self.symbol_names[_R] = "r"
-        p = IndexPrinter(self.symbol_names)
+        p = CppIndexPrinter(self.symbol_names)
         extent = sympy.Mul(*(red_ranges[v] for v in inner))
         rows = sympy.Mul(*kernel.ranges)
         work = sympy.Mul(*kernel.reduction_ranges)
@@ -291,7 +273,7 @@ class _Codegen:
         lines = [f"const int64_t n_rows = {p(rows)};  // rows: {_names(row_vars) or 'one'}"]
         lines.append(f"const int64_t n_r = {p(extent)};  // innermost: {_names(inner)}")
         lines.append("const int64_t n_blocked = n_r - n_r % MO_LANES;  // whole lane blocks")
-        parallel = f"if (n_rows * {p.atom(work)} >= MO_PARALLEL_WORK)"
+        parallel = f"if (n_rows * {p.at(work, ATOM)} >= MO_PARALLEL_WORK)"
         body = self._decompose("row", row_vars, ranges)
         computed: set[Value] = set()
         for level, ((reductions, stores), plan) in enumerate(zip(passes, plans)):
@@ -342,7 +324,7 @@ class _Codegen:
         what += [f"store {s.buffer}" for s in stores]
         lines = [f"// pass {level}: {', '.join(what)}"]
         loop = _Loop(_R, f"o{level}_")
-        p = IndexPrinter(self.symbol_names)
+        p = CppIndexPrinter(self.symbol_names)
         flat = sympy.Integer(0)
         step = sympy.Integer(1)
         for var in reversed(self.kernel_red_vars()):
@@ -412,7 +394,7 @@ class _Codegen:
             loop_lines.append("}")
         loop_lines = loop.hoisted + loop_lines
         for var in reversed(outer_red):
-            bound = p.atom(red_ranges[var])
+            bound = p.at(red_ranges[var], ATOM)
             loop_lines = [
                 f"for (int64_t {var.name} = 0; {var.name} < {bound}; ++{var.name}) {{",
                 *_indent(loop_lines, 1),
@@ -520,7 +502,7 @@ class _Codegen:
         """Print an index inside `loop`: a linear one as hoisted offset + stride * var."""
         expr = sympy.sympify(expr).xreplace(self.substitution)
         names = {**self.symbol_names, **bound}
-        p = IndexPrinter(names)
+        p = CppIndexPrinter(names)
         var = loop.var
         if var is None or var not in expr.free_symbols or bound:
             return p(expr)
@@ -543,17 +525,10 @@ class _Codegen:
         self, flat: str, variables: list[sympy.Symbol], ranges: dict[sympy.Symbol, sympy.Expr]
     ) -> list[str]:
         """Row-major index variables from a flat row number (once per row, not per element)."""
-        if not variables:
-            return []
-        if len(variables) == 1:
-            return [f"const int64_t {variables[0].name} = {flat};"]
-        p = IndexPrinter(self.symbol_names)
-        lines = [f"int64_t rest = {flat};"]
-        for var in reversed(variables[1:]):
-            size = p.atom(ranges[var])
-            lines.append(f"const int64_t {var.name} = rest % {size}; rest /= {size};")
-        lines.append(f"const int64_t {variables[0].name} = rest;")
-        return lines
+        position = sympy.Symbol(flat, integer=True, nonnegative=True)
+        p = CppIndexPrinter({**self.symbol_names, position: flat})
+        exprs = row_major(position, [ranges[v] for v in variables])
+        return [f"const int64_t {var.name} = {p(expr)};" for var, expr in zip(variables, exprs)]
 
 
 # -- names -------------------------------------------------------------------------------

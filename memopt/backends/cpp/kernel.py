@@ -12,7 +12,9 @@ from pathlib import Path
 import sympy
 import torch
 
-from memopt.backends.cpp import build, codegen, planning
+from memopt.backends.codegen import planning
+from memopt.backends.cpp import build, codegen
+from memopt.backends.registry import Sizes, Tensors
 from memopt.compiler.kernel_ir import Buffer, Kernel
 
 # Ask Linux for transparent huge pages on large outputs before the kernel first touches
@@ -89,17 +91,8 @@ class CppKernel:
             self._kept[position] = tensor.untyped_storage()
             return tensor
 
-    def __call__(
-        self,
-        inputs: Sequence[torch.Tensor],
-        outputs: Sequence[torch.Tensor],
-        sizes: Mapping[str, int],
-    ) -> None:
-        """Run the kernel: read `inputs`, write `outputs` in place.
-
-        inputs[k] / outputs[k] have the shape and strides of kernel.inputs[k] /
-        kernel.outputs[k] at `sizes` (symbol name -> int); element 0 is at the data pointer.
-        """
+    def __call__(self, inputs: Tensors, outputs: Tensors, sizes: Sizes) -> None:
+        """Run the kernel (the CompiledKernel contract, backends/registry.py)."""
         kernel = self.kernel
         if len(inputs) != len(kernel.inputs) or len(outputs) != len(kernel.outputs):
             raise ValueError(

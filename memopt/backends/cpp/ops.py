@@ -13,8 +13,17 @@ import math
 
 import torch
 
-from memopt.backends.reference import compute_dtype
-from memopt.compiler.kernel_ir import BINARY_OPS, REDUCTIONS, TERNARY_OPS, UNARY_OPS, Value
+from memopt.compiler import kernel_ir
+from memopt.compiler.kernel_ir import (
+    BINARY_OPS,
+    PREDICATES,
+    REDUCTIONS,
+    TERNARY_OPS,
+    UNARY_OPS,
+    Value,
+    compute_dtype,
+    operand_dtypes,
+)
 
 # dtype -> the C++ type a Value of that dtype is held in.
 COMPUTE_TYPES: dict[torch.dtype, str] = {
@@ -196,25 +205,6 @@ POINTWISE_TEMPLATES: dict[str, str] = {
 }
 assert set(POINTWISE_TEMPLATES) == UNARY_OPS | BINARY_OPS | TERNARY_OPS
 
-# Ops whose operands meet in their promoted dtype rather than the result's (bool) dtype.
-PREDICATES = frozenset(
-    {
-        "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_xor",
-        "logical_not", "isnan", "isinf",
-    }
-)  # fmt: skip
-
-
-def operand_dtypes(value: Value) -> tuple[torch.dtype, ...]:
-    """The dtypes the reference backend converts a pointwise Value's operands to."""
-    result = compute_dtype(value.dtype)
-    if value.op == "where":
-        return (torch.bool, result, result)
-    if value.op in PREDICATES:
-        promoted = functools.reduce(torch.promote_types, (a.dtype for a in value.args))
-        return (compute_dtype(promoted),) * len(value.args)
-    return (result,) * len(value.args)
-
 
 def pointwise_expr(value: Value, operands: list[str]) -> str:
     """C++ expression of a pointwise Value from its operands' variable names."""
@@ -256,21 +246,7 @@ def accumulator_dtype(name: str, operand: torch.dtype) -> torch.dtype:
 def reduction_identity(name: str, operand: torch.dtype) -> str:
     """The accumulator's start (and an empty reduction's result), as a C++ literal."""
     acc = accumulator_dtype(name, operand)
-    if name == "sum":
-        return literal(0, acc)
-    if name == "prod":
-        return literal(1, acc)
-    if name == "any":
-        return "false"
-    if name == "all":
-        return "true"
-    highest = name in ("min", "argmin")
-    if acc == torch.bool:
-        return literal(highest, acc)
-    if acc.is_floating_point:
-        return literal(math.inf if highest else -math.inf, acc)
-    info = torch.iinfo(acc)
-    return literal(info.max if highest else info.min, acc)
+    return literal(kernel_ir.reduction_identity(name, acc), acc)
 
 
 # reduction -> (per-lane update statement, lane-combine statement). {acc} is the lane's

@@ -13,7 +13,9 @@ import math
 import sympy
 import torch
 
-from memopt.compiler.kernel_ir import Value
+from memopt.backends.codegen.index import Unsupported
+from memopt.compiler import kernel_ir
+from memopt.compiler.kernel_ir import Value, compute_dtype
 
 _TL_DTYPES = {
     torch.float32: "tl.float32",
@@ -35,15 +37,6 @@ def tl_dtype(dtype: torch.dtype) -> str:
     if dtype not in _TL_DTYPES:
         raise Unsupported(f"no Triton dtype for {dtype}")
     return _TL_DTYPES[dtype]
-
-
-def held_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a value is computed in: 16-bit floats are held in fp32."""
-    return torch.float32 if dtype in HALF else dtype
-
-
-class Unsupported(Exception):
-    """An op this backend cannot render; the runtime falls back to the reference backend."""
 
 
 # -- op templates: {a}, {b}, {c} are operand names, already converted to the dtype the op
@@ -265,15 +258,6 @@ def _mul_combine(a, b):
 }
 
 
-# Ops whose operands meet in their promoted dtype rather than the result's (bool) one.
-PREDICATES = frozenset(
-    {
-        "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_xor",
-        "logical_not", "isnan", "isinf",
-    }
-)  # fmt: skip
-
-
 def convert(name: str, held: torch.dtype, target: torch.dtype) -> str:
     """A value held as `held` converted to the held dtype `target` (no 16-bit rounding)."""
     if held == target:
@@ -317,15 +301,7 @@ def literal(value: object, dtype: torch.dtype) -> str:
 
 def reduction_identity(kind: str, acc: torch.dtype) -> str:
     """The accumulator's start, and what masked-off lanes hold, as a literal of `acc`."""
-    if kind in ("sum", "any"):
-        return "0"
-    if kind in ("prod", "all"):
-        return "1"
-    highest = kind in ("min", "argmin")
-    if acc.is_floating_point:
-        return literal(math.inf if highest else -math.inf, acc)
-    info = torch.iinfo(acc)
-    return str(info.max if highest else info.min)
+    return literal(kernel_ir.reduction_identity(kind, acc), acc)
 
 
 def reduction_result(value: Value, result: str, acc: torch.dtype) -> str:
@@ -333,9 +309,9 @@ def reduction_result(value: Value, result: str, acc: torch.dtype) -> str:
     produced = {"argmax": None, "argmin": None, "any": torch.bool, "all": torch.bool}.get(
         value.arg, acc
     )  # argmax/argmin: the index's dtype (int32 or int64)
-    if produced == held_dtype(value.dtype):
+    if produced == compute_dtype(value.dtype):
         return result
-    return f"({result}).to({tl_dtype(held_dtype(value.dtype))})"
+    return f"({result}).to({tl_dtype(compute_dtype(value.dtype))})"
 
 
 # (reduction, floating) -> one loop step of a looped reduction: the accumulator {acc} and the

@@ -24,22 +24,20 @@ int64 when a buffer's extent or the domain may pass 2**31 - 1 (or is symbolic).
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import sympy
 import torch
-from torch.utils._sympy.functions import (
-    FloorDiv,
-    Identity,
-    ModularIndexing,
-    PowByNatural,
-    PythonMod,
-)
-from torch.utils._sympy.functions import Max as TorchMax
-from torch.utils._sympy.functions import Min as TorchMin
-from torch.utils._sympy.functions import Mod as TorchMod
 
+from memopt.backends.codegen.index import (
+    ATOM,
+    PRODUCT,
+    IndexPrinter,
+    Printed,
+    row_major,
+)
+from memopt.backends.codegen.planning import reduction_depths, unit_stride_var
 from memopt.backends.triton.ops import (
     BOOL_BINARY,
     BOOL_UNARY,
@@ -53,11 +51,9 @@ from memopt.backends.triton.ops import (
     INT_UNARY,
     LOOP_UPDATES,
     POW_BY_CONSTANT,
-    PREDICATES,
     Unsupported,
     bf16_round,
     convert,
-    held_dtype,
     literal,
     number,
     reduction_identity,
@@ -68,8 +64,10 @@ from memopt.compiler.kernel_ir import (
     Kernel,
     Store,
     Value,
+    compute_dtype,
     index_var,
     is_reduction_var,
+    operand_dtypes,
     reduction_var,
 )
 
@@ -78,77 +76,35 @@ PERSISTENT_MAX = 4096
 # Block of the reduced extent per loop iteration (looped reduction).
 LOOP_RBLOCK = 1024
 
-_ATOM, _PRODUCT, _SUM = 3, 2, 1  # precedence of printed index expressions
 
-
-def _print_index(expr: sympy.Expr, names: dict[sympy.Symbol, str]) -> str:
-    """A sympy index expression as Triton integer arithmetic (`1000*i0 + r0`).
+class TritonIndexPrinter(IndexPrinter):
+    """Index expressions as Triton integer arithmetic (`1024 * i0 + r0`): the Triton dialect.
 
     Symbols print as `names` maps them (indirect t<k> -> the loaded value), else by name.
     Triton's `//` and `%` truncate toward zero on ints where sympy's FloorDiv and Mod round
     down: they agree because index expressions divide non-negative numbers by positive ones
     (an index variable, size or offset is never negative in a lane that reads or writes).
     """
-    return _index_text(sympy.sympify(expr), names)[0]
+
+    minimum = "tl.minimum"
+    maximum = "tl.maximum"
+    absolute = "tl.abs"
+
+    def symbol(self, symbol: sympy.Symbol) -> str:
+        return self.names.get(symbol, symbol.name)
+
+    def floordiv(self, a: sympy.Expr, b: sympy.Expr) -> Printed:
+        return f"{self.at(a, PRODUCT)} // {self.at(b, ATOM)}", PRODUCT
+
+    def mod(self, a: sympy.Expr, b: sympy.Expr) -> Printed:
+        return f"{self.at(a, PRODUCT)} % {self.at(b, ATOM)}", PRODUCT
+
+    def ceil_div(self, numerator: sympy.Expr, denominator: sympy.Expr) -> Printed:
+        return self.floordiv(numerator + denominator - 1, denominator)  # numerator >= 0
 
 
-def _index_text(expr: sympy.Expr, names: dict[sympy.Symbol, str]) -> tuple[str, int]:
-    """(text, precedence) of an index expression."""
-
-    def wrapped(arg: sympy.Expr, level: int) -> str:
-        text, own = _index_text(arg, names)
-        return text if own >= level else f"({text})"
-
-    if isinstance(expr, sympy.Symbol):
-        return names.get(expr, expr.name), _ATOM
-    if isinstance(expr, sympy.Integer):
-        return str(int(expr)), _ATOM if expr >= 0 else _SUM
-    if isinstance(expr, sympy.Rational):
-        raise Unsupported(f"non-integer index {expr}")
-    if isinstance(expr, sympy.Add):
-        parts = []
-        for term in expr.as_ordered_terms():
-            negative = term.as_coeff_Mul()[0] < 0
-            text = wrapped(-term if negative else term, _PRODUCT)
-            parts.append(("-" if negative else "+", text))
-        sign, first = parts[0]
-        text = ("-" if sign == "-" else "") + first
-        return text + "".join(f" {s} {t}" for s, t in parts[1:]), _SUM
-    if isinstance(expr, sympy.Mul):
-        coeff, rest = expr.as_coeff_Mul()
-        if coeff == -1:
-            return "-" + wrapped(rest, _ATOM), _SUM
-        factors = ([] if coeff == 1 else [coeff]) + list(sympy.Mul.make_args(rest))
-        return "*".join(wrapped(f, _ATOM) for f in factors), _PRODUCT
-    if isinstance(expr, sympy.Pow | PowByNatural) and expr.args[1].is_Integer and expr.args[1] > 0:
-        return "*".join([wrapped(expr.args[0], _ATOM)] * int(expr.args[1])), _PRODUCT
-    if isinstance(expr, FloorDiv):
-        return f"({wrapped(expr.args[0], _PRODUCT)} // {wrapped(expr.args[1], _ATOM)})", _ATOM
-    if isinstance(expr, ModularIndexing):
-        base, divisor, modulus = expr.args
-        if divisor != 1:
-            base = FloorDiv(base, divisor)
-        return f"({wrapped(base, _PRODUCT)} % {wrapped(modulus, _ATOM)})", _ATOM
-    if isinstance(expr, sympy.Mod | TorchMod | PythonMod):
-        return f"({wrapped(expr.args[0], _PRODUCT)} % {wrapped(expr.args[1], _ATOM)})", _ATOM
-    if isinstance(expr, sympy.floor | sympy.ceiling):
-        numerator, denominator = sympy.fraction(sympy.together(expr.args[0]))
-        if isinstance(expr, sympy.ceiling):  # non-negative numerator, as above
-            numerator = numerator + denominator - 1
-        return _index_text(FloorDiv(numerator, denominator), names)
-    if isinstance(expr, sympy.Min | sympy.Max | TorchMin | TorchMax):
-        fn = "tl.minimum" if isinstance(expr, sympy.Min | TorchMin) else "tl.maximum"
-        return _fold(fn, [_index_text(a, names)[0] for a in expr.args]), _ATOM
-    if isinstance(expr, Identity):
-        return _index_text(expr.args[0], names)
-    raise Unsupported(f"cannot print index expression {expr} ({type(expr).__name__})")
-
-
-def _fold(fn: str, args: list[str]) -> str:
-    text = args[0]
-    for arg in args[1:]:
-        text = f"{fn}({text}, {arg})"
-    return text
+def _print_index(expr: sympy.Expr, names: Mapping[sympy.Symbol, str]) -> str:
+    return TritonIndexPrinter(names)(expr)
 
 
 @dataclass
@@ -192,12 +148,11 @@ class RenderedKernel:
         return [*self.arg_names, *self.size_names, "xnumel", "rnumel", *blocks]
 
 
-def _fastest_axis(index: sympy.Expr) -> int | None:
-    """The domain range whose variable steps the index by exactly 1 element, if any."""
-    for term in sympy.Add.make_args(sympy.expand(index)):
-        if isinstance(term, sympy.Symbol) and term.name.startswith("i") and term.name[1:].isdigit():
-            return int(term.name[1:])
-    return None
+def _fastest_axis(index: sympy.Expr, count: int) -> int | None:
+    """The domain range (of `count`) whose variable steps the index by exactly 1 element."""
+    variables = [index_var(k) for k in range(count)]
+    var = unit_stride_var(index, variables)
+    return None if var is None else variables.index(var)
 
 
 @dataclass
@@ -212,6 +167,7 @@ class _Scope:
 
 class _Renderer:
     def __init__(self, kernel: Kernel) -> None:
+        kernel.verify()
         self.kernel = kernel
         self.reduction = bool(kernel.reduction_ranges)
         rnumel = sympy.Mul(*kernel.reduction_ranges) if self.reduction else sympy.Integer(1)
@@ -268,7 +224,7 @@ class _Renderer:
             return self.load(value, scope)
         if op == "const" or (op == "index" and not value.arg.free_symbols):
             # The number rounded to the Value's dtype (a 16-bit constant is not fp32's).
-            held = held_dtype(value.dtype)
+            held = compute_dtype(value.dtype)
             rounded = torch.tensor(number(value.arg), dtype=value.dtype).to(held).item()
             return f"tl.full([1], {literal(rounded, held)}, {tl_dtype(held)})"
         if op == "index":
@@ -283,7 +239,7 @@ class _Renderer:
 
     def cast(self, source: str, from_dtype: torch.dtype, to_dtype: torch.dtype) -> str:
         """`source`, held as `from_dtype` holds, rounded to `to_dtype` and held as it holds."""
-        if held_dtype(from_dtype) == to_dtype:
+        if compute_dtype(from_dtype) == to_dtype:
             return source
         if to_dtype == torch.bfloat16:
             return bf16_round(f"{source}.to(tl.float32)")
@@ -324,16 +280,10 @@ class _Renderer:
         result's held dtype, or for comparisons and logical ops the operands' promoted one.
         """
         op = value.op
-        result = held_dtype(value.dtype)
-        if op == "where":
-            targets = [torch.bool, result, result]
-        elif op in PREDICATES:
-            promoted = functools.reduce(torch.promote_types, (a.dtype for a in value.args))
-            targets = [held_dtype(promoted)] * len(value.args)
-        else:
-            targets = [result] * len(value.args)
+        result = compute_dtype(value.dtype)
+        targets = operand_dtypes(value)
         names = [
-            convert(self.value(arg, scope), held_dtype(arg.dtype), target)
+            convert(self.value(arg, scope), compute_dtype(arg.dtype), target)
             for arg, target in zip(value.args, targets)
         ]
         if op == "where":
@@ -366,9 +316,9 @@ class _Renderer:
         past xnumel) hold the identity.
         """
         kind = value.arg
-        operand = held_dtype(value.args[0].dtype)
+        operand = compute_dtype(value.args[0].dtype)
         if kind in ("sum", "prod"):
-            acc = held_dtype(value.dtype)
+            acc = compute_dtype(value.dtype)
         elif kind in ("any", "all") or operand == torch.bool:
             acc = torch.int8
         else:
@@ -421,25 +371,10 @@ class _Renderer:
 
     def decompose(self, flat: str, ranges, prefix: str, scope: _Scope) -> None:
         """Recover each domain variable from a flat index (innermost range fastest)."""
-        n = len(ranges)
-        stride = sympy.Integer(1)
-        strides = []
-        for size in reversed(ranges):
-            strides.append(stride)
-            stride = stride * size
-        strides.reverse()
-        for k, (size, step) in enumerate(zip(ranges, strides)):
-            step_text = _print_index(sympy.sympify(step), {})
-            size_text = _print_index(sympy.sympify(size), {})
-            if k == 0 and n == 1:
-                text = flat
-            elif k == 0:
-                text = f"{flat} // {step_text}"
-            elif step == 1:
-                text = f"{flat} % {size_text}"
-            else:
-                text = f"({flat} // {step_text}) % {size_text}"
-            scope.emit(f"{prefix}{k} = {text}")
+        position = sympy.Symbol(flat, integer=True, nonnegative=True)
+        printer = TritonIndexPrinter({position: flat})
+        for k, expr in enumerate(row_major(position, list(ranges))):
+            scope.emit(f"{prefix}{k} = {printer(expr)}")
 
     def render(self) -> RenderedKernel:
         kernel = self.kernel
@@ -496,9 +431,12 @@ class _Renderer:
         """
         if len(self.kernel.ranges) < 2:
             return None
-        store_axes = {_fastest_axis(s.index) for s in self.kernel.stores} - {None}
+        count = len(self.kernel.ranges)
+        store_axes = {_fastest_axis(s.index, count) for s in self.kernel.stores} - {None}
         load_axes = {
-            _fastest_axis(v.arg[1]) for v in self.kernel.values if v.op == "load" and not v.arg[2]
+            _fastest_axis(v.arg[1], count)
+            for v in self.kernel.values
+            if v.op == "load" and not v.arg[2]
         } - {None}
         if len(store_axes) != 1:
             return None
@@ -552,7 +490,7 @@ class _Renderer:
         if not store.index.free_symbols:
             offset = f"{offset} + {self.zero_block}"
         mask = self.mask_for(set(store.index.free_symbols))
-        held = held_dtype(store.value.dtype)
+        held = compute_dtype(store.value.dtype)
         if buffer.dtype == torch.bfloat16:
             # Rounded with integer ops first: the interpreter's conversion truncates.
             value = f"{bf16_round(convert(value, held, torch.float32))}.to(tl.bfloat16)"
@@ -562,16 +500,10 @@ class _Renderer:
 
     def looped(self, body: _Scope) -> None:
         """One loop per level of dependent reductions, then one for full stores."""
+        depth = reduction_depths(self.kernel)
         reduces = [v for v in self.kernel.values if v.op == "reduce"]
-        level: dict[Value, int] = {}
-        for value in self.kernel.values:  # operands come first
-            below = [level[a] for a in value.args if a in level]
-            own = max(below, default=-1)
-            level[value] = own + 1 if value.op == "reduce" else max(own, 0) if below else 0
-        depth = {r: max((level[a] for a in r.args), default=0) for r in reduces}
-        for stage in sorted(set(depth.values())):
-            group = [r for r in reduces if depth[r] == stage]
-            self.reduction_loop(group, body)
+        for level in sorted({depth[r] for r in reduces}):
+            self.reduction_loop([r for r in reduces if depth[r] == level], body)
         full_stores = [s for s in self.kernel.stores if not s.is_row]
         if full_stores:
             loop = self.open_loop(body)

@@ -20,14 +20,15 @@ import hashlib
 import importlib.util
 import os
 import sys
-import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 
 import sympy
-import torch
 
+from memopt.backends.cache import cache_dir as backend_cache_dir
+from memopt.backends.cache import write_atomically
+from memopt.backends.registry import Sizes, Tensors
 from memopt.backends.triton.matmul import launch_matmul, render_matmul
 from memopt.backends.triton.render import PERSISTENT_MAX, RenderedKernel, render_elementwise
 from memopt.compiler.kernel_ir import Kernel, evaluate_size
@@ -38,11 +39,7 @@ _MODULES: dict[tuple[str, bool], ModuleType] = {}
 
 def cache_dir() -> Path:
     """`$MEMOPT_CACHE_DIR/triton`, else `~/.cache/memopt/triton`; created on first use."""
-    root = os.environ.get("MEMOPT_CACHE_DIR")
-    base = Path(root) if root else Path.home() / ".cache" / "memopt"
-    path = base / "triton"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return backend_cache_dir("triton")
 
 
 def write_source(source: str) -> Path:
@@ -50,16 +47,7 @@ def write_source(source: str) -> Path:
     digest = hashlib.sha256(source.encode()).hexdigest()[:16]
     path = cache_dir() / f"{digest}.py"
     if not path.exists() or path.read_text() != source:
-        # A temporary name in the same directory, then an atomic rename: a process that
-        # imports the file concurrently sees the old file or the whole new one.
-        handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{digest}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "w") as out:
-                out.write(source)
-            os.replace(temp, path)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
+        write_atomically(path, source.encode())
     return path
 
 
@@ -173,18 +161,8 @@ class TritonKernel:
         self.source_path = write_source(self.source)
         self.tiles: dict[str, int] | None = None  # a matmul template's last launch
 
-    def __call__(
-        self,
-        inputs: Sequence[torch.Tensor],
-        outputs: Sequence[torch.Tensor],
-        sizes: Mapping[str, int],
-    ) -> None:
-        """Run the kernel: read `inputs`, write `outputs` in place.
-
-        inputs[k] / outputs[k] have the shape and strides of kernel.inputs[k] /
-        kernel.outputs[k] at `sizes` (size symbol name -> int); element 0 is at the tensor's
-        data pointer. Outputs are allocated by the caller.
-        """
+    def __call__(self, inputs: Tensors, outputs: Tensors, sizes: Sizes) -> None:
+        """Run the kernel (the CompiledKernel contract, backends/registry.py)."""
         kernel, rendered = self.kernel, self.rendered
         if rendered.template == "matmul":
             tensors = [*inputs, *outputs]

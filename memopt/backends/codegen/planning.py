@@ -1,7 +1,9 @@
-"""Loop planning for the C++ skeletons: which variables form the innermost loop, how many
-passes a reduction row needs, and which values a row caches between passes.
+"""Loop and reduction planning, shared by the C++ and Triton skeletons: which variables form
+the innermost loop, which variable a transposing kernel tiles, how many passes (loops) a
+reduction row needs and which values each computes, which values a row caches between
+passes, and which outputs may take an input's memory.
 
-Pure functions of the Kernel IR; codegen.py turns their answers into loops.
+Pure functions of the Kernel IR; each backend's renderer turns their answers into loops.
 """
 
 from __future__ import annotations
@@ -11,8 +13,16 @@ from dataclasses import dataclass
 
 import sympy
 
-from memopt.backends.cpp.index import linear_coefficient
+from memopt.backends.codegen.index import linear_coefficient
 from memopt.compiler.kernel_ir import Kernel, Store, Value
+
+
+def unit_stride_var(index: sympy.Expr, variables: list[sympy.Symbol]) -> sympy.Symbol | None:
+    """The variable that steps `index` by exactly one element (innermost first), if any."""
+    for var in reversed(variables):
+        if linear_coefficient(index, var) == 1:
+            return var
+    return None
 
 
 def innermost_block(
@@ -22,8 +32,7 @@ def innermost_block(
     store: Store,
 ) -> list[sympy.Symbol]:
     """The variable the store is contiguous in (else the last), merged with outer ones."""
-    candidates = [v for v in variables if linear_coefficient(store.index, v) == 1]
-    inner = candidates[-1] if candidates else variables[-1]
+    inner = unit_stride_var(store.index, variables) or variables[-1]
     position = variables.index(inner)
     return merge_block(variables[: position + 1], ranges, exprs)
 
@@ -44,9 +53,9 @@ def transposed_var(
         step = linear_coefficient(index, last)
         if step is None or step in (0, 1):
             continue
-        for var in reversed(outer):
-            if linear_coefficient(index, var) == 1:
-                return var
+        var = unit_stride_var(index, outer)
+        if var is not None:
+            return var
     return None
 
 
