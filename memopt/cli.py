@@ -391,7 +391,7 @@ def _load(args: argparse.Namespace):
 
 def _parse_options(text: str) -> dict[str, object]:
     """`--from`/`--to`: space-separated key=value (passes and disable take comma lists)."""
-    from memopt.config import Config, _parse_env
+    from memopt.config import Config, parse_env_value
 
     options: dict[str, object] = {}
     for item in text.split():
@@ -403,7 +403,7 @@ def _parse_options(text: str) -> dict[str, object]:
                 f"unknown option {key!r} in {text!r}; valid choices: {', '.join(Config.keys())}"
             )
         # The environment's parser: the same strings MEMOPT_<KEY> takes.
-        options[key] = _parse_env(key, value)
+        options[key] = parse_env_value(key, value)
     return options
 
 

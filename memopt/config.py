@@ -56,7 +56,7 @@ class Config:
         for key in valid:
             raw = env.get(f"MEMOPT_{key.upper()}")
             if raw is not None and raw != "":
-                values[key] = _parse_env(key, raw)
+                values[key] = parse_env_value(key, raw)
                 sources[key] = f"MEMOPT_{key.upper()}"
         for key, value in (options or {}).items():
             if key not in valid:
@@ -140,7 +140,7 @@ def _coerce(key: str, value: object) -> object:
     return value
 
 
-def _parse_env(key: str, raw: str) -> object:
+def parse_env_value(key: str, raw: str) -> object:
     if key == "pass_options":
         import json
 

@@ -182,7 +182,7 @@ def clone_inputs(inputs: Sequence[object]) -> tuple[object, ...]:
 _capture_ids = itertools.count()
 
 
-def _fresh_entry(fn: Callable) -> Callable:
+def fresh_entry(fn: Callable) -> Callable:
     """A new function object with its own code object around `fn`.
 
     Dynamo caches compiled code per code object. A fresh code object per capture keeps
@@ -294,7 +294,7 @@ def capture(
 
     inputs = clone_inputs(example_inputs)
     saved = saved_grads(fn)
-    entry = torch.compile(_fresh_entry(fn), backend=aot_backend(record, hooks), dynamic=dynamic)
+    entry = torch.compile(fresh_entry(fn), backend=aot_backend(record, hooks), dynamic=dynamic)
     alive = [*inputs, *(fn.parameters() if isinstance(fn, torch.nn.Module) else ())]
     alive += list(fn.buffers()) if isinstance(fn, torch.nn.Module) else []
     counter = SavedTensorCounter(alive)

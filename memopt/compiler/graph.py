@@ -123,13 +123,13 @@ class TensorMeta:
     def short(self) -> str:
         """`f32[s0, 768]`, plus strides when they are not contiguous."""
         dims = ", ".join(str(s) for s in self.shape)
-        text = f"{_DTYPE_NAMES.get(self.dtype, str(self.dtype))}[{dims}]"
+        text = f"{DTYPE_NAMES.get(self.dtype, str(self.dtype))}[{dims}]"
         if not self.is_contiguous():
             text += "(" + ", ".join(str(s) for s in self.stride) + ")"
         return text
 
 
-_DTYPE_NAMES = {
+DTYPE_NAMES = {
     torch.float64: "f64",
     torch.float32: "f32",
     torch.float16: "f16",

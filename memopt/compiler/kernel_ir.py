@@ -18,28 +18,74 @@ import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import sympy
 import torch
 
-from memopt.compiler.graph import _DTYPE_NAMES
+from memopt.compiler.graph import DTYPE_NAMES
 
 # Pointwise ops every backend implements, by arity. Names follow torch where one exists.
 UNARY_OPS = frozenset(
     {
-        "neg", "abs", "exp", "exp2", "expm1", "log", "log2", "log1p", "sqrt", "rsqrt",
-        "sin", "cos", "tan", "tanh", "sigmoid", "erf", "relu", "reciprocal", "sign",
-        "floor", "ceil", "trunc", "round", "logical_not", "bitwise_not", "isnan", "isinf",
+        "neg",
+        "abs",
+        "exp",
+        "exp2",
+        "expm1",
+        "log",
+        "log2",
+        "log1p",
+        "sqrt",
+        "rsqrt",
+        "sin",
+        "cos",
+        "tan",
+        "tanh",
+        "sigmoid",
+        "erf",
+        "relu",
+        "reciprocal",
+        "sign",
+        "floor",
+        "ceil",
+        "trunc",
+        "round",
+        "logical_not",
+        "bitwise_not",
+        "isnan",
+        "isinf",
         "square",
     }
-)  # fmt: skip
+)
 BINARY_OPS = frozenset(
     {
-        "add", "sub", "mul", "truediv", "floordiv", "truncdiv", "remainder", "fmod", "pow",
-        "maximum", "minimum", "eq", "ne", "lt", "le", "gt", "ge", "logical_and",
-        "logical_or", "logical_xor", "bitwise_and", "bitwise_or", "bitwise_xor", "atan2",
+        "add",
+        "sub",
+        "mul",
+        "truediv",
+        "floordiv",
+        "truncdiv",
+        "remainder",
+        "fmod",
+        "pow",
+        "maximum",
+        "minimum",
+        "eq",
+        "ne",
+        "lt",
+        "le",
+        "gt",
+        "ge",
+        "logical_and",
+        "logical_or",
+        "logical_xor",
+        "bitwise_and",
+        "bitwise_or",
+        "bitwise_xor",
+        "atan2",
     }
-)  # fmt: skip
+)
 TERNARY_OPS = frozenset({"where"})
 REDUCTIONS = frozenset({"sum", "prod", "max", "min", "argmax", "argmin", "any", "all"})
 # A matmul template's contraction: dot(a, b) = sum over the reduction variables of a * b,
@@ -51,10 +97,20 @@ DOT = "dot"
 # result's (bool) dtype: comparisons, logical ops and the predicates on floats.
 PREDICATES = frozenset(
     {
-        "eq", "ne", "lt", "le", "gt", "ge", "logical_and", "logical_or", "logical_xor",
-        "logical_not", "isnan", "isinf",
+        "eq",
+        "ne",
+        "lt",
+        "le",
+        "gt",
+        "ge",
+        "logical_and",
+        "logical_or",
+        "logical_xor",
+        "logical_not",
+        "isnan",
+        "isinf",
     }
-)  # fmt: skip
+)
 _ARITY = {**dict.fromkeys(UNARY_OPS, 1), **dict.fromkeys(BINARY_OPS, 2), "where": 3}
 _STRUCTURAL = frozenset({"load", "const", "index", "cast", "reduce", DOT})
 
@@ -134,7 +190,17 @@ class Buffer:
     def __str__(self) -> str:
         dims = ", ".join(map(str, self.shape))
         strides = ", ".join(map(str, self.stride))
-        return f"{self.name}: {_DTYPE_NAMES.get(self.dtype, self.dtype)}[{dims}]({strides})"
+        return f"{self.name}: {DTYPE_NAMES.get(self.dtype, self.dtype)}[{dims}]({strides})"
+
+
+class LoadArg(NamedTuple):
+    """What a load reads: `buffer[index]`, the symbols t<k> in the index that its indirect
+    operands bind (in order), and whether its last operand is a mask."""
+
+    buffer: str
+    index: sympy.Expr
+    indirect: tuple[sympy.Symbol, ...]
+    masked: bool
 
 
 @dataclass(frozen=True, eq=False)
@@ -144,8 +210,8 @@ class Value:
     op:   "load", "const", "index", "cast", a pointwise op name, or "reduce".
     args: operand Values (for "load": the Values its indirect symbols t<k> stand for).
     dtype: the dtype torch gives the result.
-    arg:  op-specific data: load -> (buffer name, index expression, indirect symbols,
-          masked); a masked load's last operand is a bool Value: where it is False the
+    arg:  op-specific data: load -> a LoadArg (buffer name, index expression, indirect
+          symbols, masked); a masked load's last operand is a bool Value: where it is False the
           load reads nothing and yields 0 (cat, padding: indices outside the buffer);
           const -> a Python number; index -> a sympy expression of the index variables;
           reduce -> the reduction name (REDUCTIONS); cast -> None (dtype says the target);
@@ -217,7 +283,9 @@ def load(
     """Read buffer[index]. `indirect` binds symbols t<k> in index to loaded Values."""
     symbols = tuple(s for s, _ in indirect)
     args = tuple(v for _, v in indirect) + ((mask,) if mask is not None else ())
-    return Value("load", args, dtype, (buffer, sympy.sympify(index), symbols, mask is not None))
+    return Value(
+        "load", args, dtype, LoadArg(buffer, sympy.sympify(index), symbols, mask is not None)
+    )
 
 
 def const(value: float | int | bool, dtype: torch.dtype) -> Value:
@@ -311,14 +379,14 @@ class Kernel:
                 found |= sympy.sympify(expr).free_symbols
         for value in self.values:
             if value.op == "load":
-                found |= value.arg[1].free_symbols
+                found |= value.arg.index.free_symbols
             elif value.op == "index":
                 found |= value.arg.free_symbols
         for store in self.stores:
             found |= store.index.free_symbols
         domain = {index_var(k) for k in range(len(self.ranges))}
         domain |= {reduction_var(k) for k in range(len(self.reduction_ranges))}
-        indirect = {s for v in self.values if v.op == "load" for s in v.arg[2]}
+        indirect = {s for v in self.values if v.op == "load" for s in v.arg.indirect}
         return tuple(sorted(found - domain - indirect, key=lambda s: s.name))
 
     def verify(self) -> None:
@@ -332,8 +400,8 @@ class Kernel:
                 raise ValueError(f"kernel {self.name}: unknown op {value.op!r}/{len(value.args)}")
             if value.op == "reduce" and value.arg not in REDUCTIONS:
                 raise ValueError(f"kernel {self.name}: unknown reduction {value.arg!r}")
-            if value.op == "load" and value.arg[0] not in buffers:
-                raise ValueError(f"kernel {self.name}: load from unknown buffer {value.arg[0]}")
+            if value.op == "load" and value.arg.buffer not in buffers:
+                raise ValueError(f"kernel {self.name}: load from unknown buffer {value.arg.buffer}")
         if sum(value.op == DOT for value in self.values) > 1:
             raise ValueError(f"kernel {self.name}: more than one dot")
         stored: set[str] = set()
@@ -365,7 +433,7 @@ class Kernel:
 
 
 def _describe(value: Value, names: dict[Value, str]) -> str:
-    dtype = _DTYPE_NAMES.get(value.dtype, str(value.dtype))
+    dtype = DTYPE_NAMES.get(value.dtype, str(value.dtype))
     args = ", ".join(names[a] for a in value.args)
     if value.op == "load":
         buffer, index, indirect, masked = value.arg

@@ -9,108 +9,57 @@ tensor, through its own strides (so a view of an input is read in place, with no
 
 A group lowers to a kernel whose domain is its reduction's (rows x reduced elements) or, for
 a pointwise group, its outputs' shape. What does not fit raises NotLowerable with the
-reason, which the fusion pass records.
+reason, which the fusion pass records. The op tables and the rules of views and of the
+remaining ops are in lowering_rules.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import sympy
 import torch
 import torch.fx
-from torch.utils._sympy.functions import FloorDiv, ToFloat
 
 from memopt.compiler import kernel_ir as ir
 from memopt.compiler.aten_ops import GATHERS, TEMPLATE_MATMULS
 from memopt.compiler.cost import buffer_users, is_view
-from memopt.compiler.graph import TensorMeta, tensor_meta
+from memopt.compiler.graph import tensor_meta
 from memopt.compiler.indexing import offset, recombine, reshape_index, simplify
 from memopt.compiler.kernel_ir import Buffer, Kernel, Store, Value
+from memopt.compiler.lowering_rules import (
+    BINARY,
+    CASTS,
+    FILLS,
+    IDENTITY,
+    OP_RULES,
+    OTHER,
+    REDUCTIONS,
+    SUPPORTED_DTYPES,
+    TEMPLATE_DTYPES,
+    UNARY,
+    VIEW_RULES,
+    VIEWS,
+    ZERO,
+    Index,
+    NotLowerable,
+    ReductionSignature,
+    both,
+    count_value,
+    index_dtype,
+    keeps_dims,
+    operand_dtype,
+    promote,
+    reduction_signature,
+    scalar_dtype,
+    symbolic_scalar,
+    var_correction,
+)
 
 aten = torch.ops.aten
 prims = torch.ops.prims
-
-Index = tuple[sympy.Expr, ...]
-ZERO = sympy.Integer(0)
-
-
-class NotLowerable(Exception):
-    """The group cannot be one kernel; the message says why (recorded as a refusal)."""
-
-
-# -- op tables ---------------------------------------------------------------------------
-
-# aten/prims op -> Kernel IR op, for ops whose tensor/scalar operands are args[0..n).
-UNARY = {
-    aten.neg.default: "neg", aten.abs.default: "abs", aten.exp.default: "exp",
-    aten.exp2.default: "exp2", aten.expm1.default: "expm1", aten.log.default: "log",
-    aten.log2.default: "log2", aten.log1p.default: "log1p", aten.sqrt.default: "sqrt",
-    aten.rsqrt.default: "rsqrt", aten.sin.default: "sin", aten.cos.default: "cos",
-    aten.tan.default: "tan", aten.tanh.default: "tanh", aten.sigmoid.default: "sigmoid",
-    aten.erf.default: "erf", aten.relu.default: "relu", aten.reciprocal.default: "reciprocal",
-    aten.sign.default: "sign", aten.floor.default: "floor", aten.ceil.default: "ceil",
-    aten.trunc.default: "trunc", aten.round.default: "round",
-    aten.logical_not.default: "logical_not", aten.bitwise_not.default: "bitwise_not",
-    aten.isnan.default: "isnan", aten.isinf.default: "isinf",
-    prims.exp.default: "exp", prims.log.default: "log", prims.sqrt.default: "sqrt",
-    prims.rsqrt.default: "rsqrt", prims.neg.default: "neg", prims.abs.default: "abs",
-    prims.tanh.default: "tanh", prims.sin.default: "sin", prims.cos.default: "cos",
-}  # fmt: skip
-BINARY = {
-    aten.add.Tensor: "add", aten.sub.Tensor: "sub", aten.mul.Tensor: "mul",
-    aten.div.Tensor: "truediv", aten.pow.Tensor_Tensor: "pow", aten.pow.Tensor_Scalar: "pow",
-    aten.pow.Scalar: "pow", aten.maximum.default: "maximum", aten.minimum.default: "minimum",
-    aten.remainder.Tensor: "remainder", aten.remainder.Scalar: "remainder",
-    aten.fmod.Tensor: "fmod", aten.fmod.Scalar: "fmod", aten.atan2.default: "atan2",
-    aten.eq.Tensor: "eq", aten.eq.Scalar: "eq", aten.ne.Tensor: "ne", aten.ne.Scalar: "ne",
-    aten.lt.Tensor: "lt", aten.lt.Scalar: "lt", aten.le.Tensor: "le", aten.le.Scalar: "le",
-    aten.gt.Tensor: "gt", aten.gt.Scalar: "gt", aten.ge.Tensor: "ge", aten.ge.Scalar: "ge",
-    aten.logical_and.default: "logical_and", aten.logical_or.default: "logical_or",
-    aten.logical_xor.default: "logical_xor", aten.bitwise_and.Tensor: "bitwise_and",
-    aten.bitwise_or.Tensor: "bitwise_or", aten.bitwise_xor.Tensor: "bitwise_xor",
-    aten.bitwise_and.Scalar: "bitwise_and", aten.bitwise_or.Scalar: "bitwise_or",
-    aten.bitwise_xor.Scalar: "bitwise_xor", aten.add.Scalar: "add", aten.sub.Scalar: "sub",
-    aten.mul.Scalar: "mul", aten.div.Scalar: "truediv",
-    prims.add.default: "add", prims.sub.default: "sub", prims.mul.default: "mul",
-    prims.div.default: "truediv", prims.maximum.default: "maximum",
-    prims.minimum.default: "minimum", prims.pow.default: "pow",
-}  # fmt: skip
-# reduction op -> (Kernel IR reduction, argument layout)
-REDUCTIONS = {
-    aten.sum.dim_IntList: "sum", aten.sum.default: "sum", prims.sum.default: "sum",
-    aten.amax.default: "max", aten.amin.default: "min", aten.prod.dim_int: "prod",
-    aten.prod.default: "prod", aten.argmax.default: "argmax", aten.argmin.default: "argmin",
-    aten.any.dim: "any", aten.any.dims: "any", aten.any.default: "any",
-    aten.all.dim: "all", aten.all.dims: "all", aten.all.default: "all",
-    prims.amax.default: "max", prims.amin.default: "min", prims.prod.default: "prod",
-    aten.mean.dim: "mean", aten.mean.default: "mean",
-    prims.var.default: "var", aten.var.correction: "var", aten.var.dim: "var",
-}  # fmt: skip
-VIEWS = {
-    aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.permute.default,
-    aten.expand.default, aten.slice.Tensor, aten.select.int, aten.squeeze.dim,
-    aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default, aten.t.default,
-    aten.transpose.int, aten.alias.default, prims.broadcast_in_dim.default,
-}  # fmt: skip
-IDENTITY = {aten.clone.default, aten.lift_fresh_copy.default, aten.alias.default}
-CASTS = {aten._to_copy.default, prims.convert_element_type.default}
-FILLS = {aten.full.default, aten.full_like.default, aten.zeros_like.default,
-         aten.ones_like.default, aten.scalar_tensor.default, aten.zeros.default,
-         aten.ones.default}  # fmt: skip
-OTHER = {aten.where.self, aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default,
-         aten.div.Tensor_mode, aten.arange.start_step, aten.arange.default,
-         aten.arange.start, aten.cat.default, prims.iota.default, prims.where.default, aten.square.default,
-         aten.slice_scatter.default, aten.select_scatter.default}  # fmt: skip
-# Matmuls a template kernel computes (with the pointwise ops around them), when the fusion
-# pass puts one in a group; alone they stay library calls.
-TEMPLATE_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
-SUPPORTED_DTYPES = {
-    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
-    torch.int16, torch.int8, torch.uint8, torch.bool,
-}  # fmt: skip
 
 
 def can_lower(node: torch.fx.Node) -> bool:
@@ -119,9 +68,15 @@ def can_lower(node: torch.fx.Node) -> bool:
         return False
     target = node.target
     known = (
-        target in UNARY or target in BINARY or target in REDUCTIONS or target in IDENTITY
-        or target in CASTS or target in FILLS or target in GATHERS or target in OTHER
-    )  # fmt: skip
+        target in UNARY
+        or target in BINARY
+        or target in REDUCTIONS
+        or target in IDENTITY
+        or target in CASTS
+        or target in FILLS
+        or target in GATHERS
+        or target in OTHER
+    )
     meta = tensor_meta(node)
     if not known or meta is None or meta.dtype not in SUPPORTED_DTYPES:
         return False
@@ -139,113 +94,6 @@ def can_lower_matmul(node: torch.fx.Node) -> bool:
     )
 
 
-def symbolic_scalar(node: object) -> sympy.Expr | None:
-    """The sympy expression of an fx node that computes a size (a SymInt/SymFloat), or None."""
-    if not isinstance(node, torch.fx.Node):
-        return None
-    value = node.meta.get("val")
-    if not isinstance(value, (torch.SymInt, torch.SymFloat)):
-        return None
-    expr = sympy.sympify(value.node.expr)
-    if isinstance(expr, ToFloat):
-        expr = expr.args[0]  # the operand's cast makes it a float
-    # Only integer arithmetic of sizes is an index expression every backend evaluates.
-    if any(
-        not isinstance(a, (sympy.Symbol, sympy.Number, sympy.Add, sympy.Mul))
-        for a in sympy.preorder_traversal(expr)
-    ):
-        return None
-    return expr
-
-
-def _operand_dtype(arg: object) -> torch.dtype:
-    meta = tensor_meta(arg) if isinstance(arg, torch.fx.Node) else None
-    return meta.dtype if meta is not None else _scalar_dtype(arg)
-
-
-def _index_dtype(expr: sympy.Expr) -> torch.dtype:
-    return torch.int64 if expr.is_integer is not False else torch.float32
-
-
-def _scalar_dtype(value: object) -> torch.dtype:
-    if isinstance(value, bool):
-        return torch.bool
-    if isinstance(value, int):
-        return torch.int64
-    return torch.float32
-
-
-def _promote(operands: Sequence[object]) -> torch.dtype:
-    """torch's type promotion over tensor metas and Python scalars."""
-    probes: list[object] = []
-    for operand in operands:
-        if isinstance(operand, TensorMeta):
-            probes.append(torch.empty((1,) if operand.shape else (), dtype=operand.dtype))
-        else:
-            probes.append(operand)
-    result = probes[0] if isinstance(probes[0], torch.Tensor) else torch.tensor(probes[0])
-    dtype = result.dtype
-    for other in probes[1:]:
-        dtype = torch.result_type(result, other)
-        result = torch.empty(result.shape, dtype=dtype)
-    return dtype
-
-
-def _dims(dims: object, ndim: int) -> tuple[int, ...]:
-    if dims is None:
-        return tuple(range(ndim))
-    if isinstance(dims, int):
-        dims = [dims]
-    if ndim == 0:  # dim 0 or -1 of a 0-dim tensor: it has no axis to index
-        raise NotLowerable("reduces a 0-dim tensor along a dim")
-    return tuple(sorted(d % ndim for d in dims))
-
-
-@dataclass(frozen=True)
-class ReductionSignature:
-    """The domain a reduction defines: the shape it reads and the axes it reduces."""
-
-    shape: tuple[sympy.Expr, ...]
-    axes: tuple[int, ...]
-
-
-def reduction_signature(node: torch.fx.Node) -> ReductionSignature:
-    source = tensor_meta(node.args[0])
-    if source is None:
-        raise NotLowerable(f"%{node.name} reduces a non-tensor")
-    ndim = len(source.shape)
-    target = node.target
-    if target in (aten.argmax.default, aten.argmin.default):
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        if dim is None:
-            return ReductionSignature(source.shape, tuple(range(ndim)))
-        return ReductionSignature(source.shape, _dims(dim, ndim))
-    if target in (aten.sum.default, aten.prod.default, aten.any.default, aten.all.default,
-                  aten.mean.default):  # fmt: skip
-        return ReductionSignature(source.shape, tuple(range(ndim)))
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    return ReductionSignature(source.shape, _dims(dims, ndim))
-
-
-def _keepdim(node: torch.fx.Node) -> bool:
-    target = node.target
-    if target.namespace == "prims":
-        return False  # prims reductions drop the reduced dims
-    if target is aten.var.correction:
-        return bool(node.kwargs.get("keepdim", False))
-    return bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
-
-
-def _correction(node: torch.fx.Node) -> float:
-    if node.target is prims.var.default:
-        return node.args[2]
-    if node.target is aten.var.dim:
-        unbiased = node.args[2] if len(node.args) > 2 else node.kwargs.get("unbiased", True)
-        return 1 if unbiased else 0
-    correction = node.kwargs.get("correction")
-    return 1 if correction is None else correction
-
-
 @dataclass
 class Lowered:
     """A lowered group: the kernel, and which fx nodes its buffers are."""
@@ -257,7 +105,7 @@ class Lowered:
     flops: sympy.Expr
 
 
-class _Lowering:
+class Lowering:
     def __init__(self, members: Sequence[torch.fx.Node], name: str) -> None:
         self.members = list(members)
         self.member_set = set(members)
@@ -351,7 +199,7 @@ class _Lowering:
 
     def value_at(self, node: object, index: Index, dtype_hint: torch.dtype | None = None) -> Value:
         if not isinstance(node, torch.fx.Node):
-            return ir.const(node, dtype_hint or _scalar_dtype(node))
+            return ir.const(node, dtype_hint or scalar_dtype(node))
         index = tuple(simplify(e, self.ranges) for e in index)
         key = (node, index, self.mask)
         if key not in self.memo:
@@ -378,7 +226,7 @@ class _Lowering:
         slice a slice_scatter writes): elsewhere their index may fall outside a buffer, so
         every load made for them is masked, and reads nothing there."""
         outer = self.mask
-        self.mask = inside if outer is None else _and(outer, inside)
+        self.mask = inside if outer is None else both(outer, inside)
         try:
             yield
         finally:
@@ -398,7 +246,7 @@ class _Lowering:
         if size is not None:
             # A size computed on the host (sym_size, arithmetic on it): an index expression
             # of the size symbols, which the kernel reads off its inputs' shapes.
-            return ir.cast(ir.index_value(size, _index_dtype(size)), dtype)
+            return ir.cast(ir.index_value(size, index_dtype(size)), dtype)
         if isinstance(arg, torch.fx.Node):
             meta = tensor_meta(arg)
             if meta is None:
@@ -419,7 +267,7 @@ class _Lowering:
         if target in UNARY:
             # isnan, isinf, logical_not: a bool result of an operand in its own dtype
             compute = ir.compute_dtype(
-                dtype if dtype != torch.bool else _operand_dtype(node.args[0])
+                dtype if dtype != torch.bool else operand_dtype(node.args[0])
             )
             value = ir.op(
                 UNARY[target], self.operand(node, node.args[0], index, compute), dtype=compute
@@ -439,7 +287,7 @@ class _Lowering:
             return self.fill(node, dtype)
         if target in GATHERS:
             return self.gather(node, index)
-        rule = _OTHER_RULES.get(target)
+        rule = OP_RULES.get(target)
         if rule is None:
             raise NotLowerable(f"no lowering for {target}")
         return rule(self, node, index)
@@ -449,7 +297,7 @@ class _Lowering:
         dtype = tensor_meta(node).dtype
         compute = dtype
         if name in ir.PREDICATES:
-            compute = _promote(
+            compute = promote(
                 [tensor_meta(x) if isinstance(x, torch.fx.Node) else x for x in (a, b)]
             )
         if name == "truediv" and not compute.is_floating_point:
@@ -480,7 +328,7 @@ class _Lowering:
         ndim = len(signature.shape)
         # With keepdim the reduced dims are still in the index (as 0); drop them.
         out_rows = (
-            [e for d, e in enumerate(index) if d not in axes] if _keepdim(node) else list(index)
+            [e for d, e in enumerate(index) if d not in axes] if keeps_dims(node) else list(index)
         )
         rows_here = tuple(simplify(v, self.ranges) for v in self.row_vars)
         if tuple(simplify(e, self.ranges) for e in out_rows) != rows_here:
@@ -500,12 +348,12 @@ class _Lowering:
         if kind == "mean":
             total = ir.reduce("sum", source, accumulate)
             return ir.cast(
-                ir.op("truediv", total, _count(count, accumulate), dtype=accumulate),
+                ir.op("truediv", total, count_value(count, accumulate), dtype=accumulate),
                 dtype,
             )
         if kind == "var":
-            correction = _correction(node)
-            n = _count(count, accumulate)
+            correction = var_correction(node)
+            n = count_value(count, accumulate)
             mean = ir.op("truediv", ir.reduce("sum", source, accumulate), n, dtype=accumulate)
             centered = ir.op("sub", source, mean, dtype=accumulate)
             squares = ir.reduce(
@@ -514,7 +362,7 @@ class _Lowering:
             divisor_expr = sympy.sympify(count - correction)
             if divisor_expr.is_number and divisor_expr < 0:  # torch: max(0, N - correction)
                 divisor_expr = sympy.Integer(0)
-            divisor = _count(divisor_expr, accumulate)
+            divisor = count_value(divisor_expr, accumulate)
             return ir.cast(ir.op("truediv", squares, divisor, dtype=accumulate), dtype)
         return ir.cast(ir.reduce(kind, source, accumulate), dtype)
 
@@ -534,7 +382,7 @@ class _Lowering:
         return ir.cast(ir.dot(a, b, ir.compute_dtype(dtype)), dtype)
 
     def view_source_index(self, node: torch.fx.Node, index: Index) -> Index:
-        rule = _VIEW_RULES.get(node.target)
+        rule = VIEW_RULES.get(node.target)
         if rule is None:
             raise NotLowerable(f"no index rule for view {node.target}")
         return rule(node, index)
@@ -586,7 +434,7 @@ class _Lowering:
         position = ir.op(
             "where",
             ir.op("lt", idx_value, ir.const(0, idx_value.dtype), dtype=torch.bool),
-            ir.op("add", idx_value, _count(size, idx_value.dtype), dtype=idx_value.dtype),
+            ir.op("add", idx_value, count_value(size, idx_value.dtype), dtype=idx_value.dtype),
             idx_value,
             dtype=idx_value.dtype,
         )
@@ -613,315 +461,6 @@ def _reshaped(index: Index, shape: Sequence[sympy.Expr], target: Sequence[sympy.
     return reshape_index(index, shape, target)
 
 
-def _number(expr: object) -> object:
-    value = sympy.sympify(expr)
-    return int(value) if value.is_integer else float(value)
-
-
-def _count(expr: object, dtype: torch.dtype) -> Value:
-    """A number of elements as a value: a constant, or computed from sizes at run time."""
-    value = sympy.sympify(expr)
-    if value.is_number:
-        return ir.const(_number(value), dtype)
-    return ir.cast(ir.index_value(value), dtype)
-
-
-# -- view rules: the source index of the element at `index` of the view -------------------
-
-
-def _permute(node: torch.fx.Node, index: Index) -> Index:
-    dims = [d % len(index) for d in node.args[1]]
-    source = [ZERO] * len(index)
-    for out_dim, src_dim in enumerate(dims):
-        source[src_dim] = index[out_dim]
-    return tuple(source)
-
-
-def _transpose(node: torch.fx.Node, index: Index) -> Index:
-    ndim = len(index)
-    if node.target is aten.t.default:
-        return tuple(reversed(index)) if ndim == 2 else index
-    a, b = node.args[1] % ndim, node.args[2] % ndim
-    source = list(index)
-    source[a], source[b] = index[b], index[a]
-    return tuple(source)
-
-
-def _expand(node: torch.fx.Node, index: Index) -> Index:
-    source_shape = tensor_meta(node.args[0]).shape
-    shift = len(index) - len(source_shape)
-    return tuple(ZERO if size == 1 else index[d + shift] for d, size in enumerate(source_shape))
-
-
-def _broadcast_in_dim(node: torch.fx.Node, index: Index) -> Index:
-    source_shape = tensor_meta(node.args[0]).shape
-    dims = node.args[2]
-    return tuple(ZERO if size == 1 else index[d] for size, d in zip(source_shape, dims))
-
-
-def _reshape(node: torch.fx.Node, index: Index) -> Index:
-    return reshape_index(index, tensor_meta(node).shape, tensor_meta(node.args[0]).shape)
-
-
-def _slice(node: torch.fx.Node, index: Index) -> Index:
-    dim = (node.args[1] if len(node.args) > 1 else 0) % len(index)
-    start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
-    step = node.args[4] if len(node.args) > 4 else 1
-    start = _slice_start(start, tensor_meta(node.args[0]).shape[dim])
-    source = list(index)
-    source[dim] = start + index[dim] * step
-    return tuple(source)
-
-
-def _slice_start(start: object, size: object) -> object:
-    """A slice's first element: negative counts from the end; clamped to [0, size]."""
-    size = sympy.sympify(size)
-    if isinstance(start, int) and start < 0:
-        start = size + start
-    if size.is_number:
-        start = max(0, min(int(sympy.sympify(start)), int(size)))
-    return start
-
-
-def _select(node: torch.fx.Node, index: Index) -> Index:
-    source_shape = tensor_meta(node.args[0]).shape
-    dim = node.args[1] % len(source_shape)
-    position = node.args[2]
-    if isinstance(position, int) and position < 0:
-        position = source_shape[dim] + position
-    return tuple(index[:dim]) + (sympy.sympify(position),) + tuple(index[dim:])
-
-
-def _squeeze(node: torch.fx.Node, index: Index) -> Index:
-    source_shape = tensor_meta(node.args[0]).shape
-    out_shape = tensor_meta(node).shape
-    if len(out_shape) == len(source_shape):
-        return index
-    it = iter(index)
-    # Squeezed dims are the size-1 dims of the source that are gone from the output.
-    result, out_dim = [], 0
-    for size in source_shape:
-        if (
-            out_dim < len(out_shape)
-            and size == out_shape[out_dim]
-            and (size != 1 or _kept(node, len(result), source_shape))
-        ):
-            result.append(next(it))
-            out_dim += 1
-        else:
-            result.append(ZERO)
-    return tuple(result)
-
-
-def _kept(node: torch.fx.Node, dim: int, source_shape: Sequence[sympy.Expr]) -> bool:
-    if node.target is aten.squeeze.default:
-        return False
-    dims = node.args[1] if len(node.args) > 1 else ()
-    dims = [dims] if isinstance(dims, int) else list(dims)
-    return dim not in [d % len(source_shape) for d in dims]
-
-
-def _unsqueeze(node: torch.fx.Node, index: Index) -> Index:
-    dim = node.args[1] % len(index)
-    return tuple(index[:dim]) + tuple(index[dim + 1 :])
-
-
-_VIEW_RULES: Mapping[object, Callable[[torch.fx.Node, Index], Index]] = {
-    aten.permute.default: _permute,
-    aten.t.default: _transpose,
-    aten.transpose.int: _transpose,
-    aten.expand.default: _expand,
-    prims.broadcast_in_dim.default: _broadcast_in_dim,
-    aten.view.default: _reshape,
-    aten._unsafe_view.default: _reshape,
-    aten.reshape.default: _reshape,
-    aten.slice.Tensor: _slice,
-    aten.select.int: _select,
-    aten.squeeze.dim: _squeeze,
-    aten.squeeze.dims: _squeeze,
-    aten.squeeze.default: _squeeze,
-    aten.unsqueeze.default: _unsqueeze,
-    aten.alias.default: lambda node, index: index,
-}
-
-
-# -- rules for the remaining ops ---------------------------------------------------------
-
-
-def _where(self: _Lowering, node: torch.fx.Node, index: Index) -> Value:
-    dtype = tensor_meta(node).dtype
-    cond = self.operand(node, node.args[0], index, torch.bool)
-    return ir.op(
-        "where",
-        cond,
-        self.operand(node, node.args[1], index, dtype),
-        self.operand(node, node.args[2], index, dtype),
-        dtype=dtype,
-    )
-
-
-def _clamp(self: _Lowering, node: torch.fx.Node, index: Index) -> Value:
-    result = tensor_meta(node).dtype
-    dtype = ir.compute_dtype(result)
-    value = self.operand(node, node.args[0], index, dtype)
-    if node.target is aten.clamp_min.default:
-        low, high = node.args[1], None
-    elif node.target is aten.clamp_max.default:
-        low, high = None, node.args[1]
-    else:
-        low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
-        high = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
-    if low is not None:
-        value = ir.op("maximum", value, self.operand(node, low, index, dtype), dtype=dtype)
-    if high is not None:
-        value = ir.op("minimum", value, self.operand(node, high, index, dtype), dtype=dtype)
-    return ir.cast(value, result)
-
-
-def _div_mode(self: _Lowering, node: torch.fx.Node, index: Index) -> Value:
-    mode = node.kwargs.get("rounding_mode")
-    result = tensor_meta(node).dtype
-    dtype = ir.compute_dtype(result)
-    name = {"floor": "floordiv", "trunc": "truncdiv", None: "truediv"}[mode]
-    a = self.operand(node, node.args[0], index, dtype)
-    b = self.operand(node, node.args[1], index, dtype)
-    return ir.cast(ir.op(name, a, b, dtype=dtype), result)
-
-
-def _arange(self: _Lowering, node: torch.fx.Node, index: Index) -> Value:
-    dtype = tensor_meta(node).dtype
-    args = list(node.args)
-    if node.target is aten.arange.default:
-        start, step = 0, 1
-    else:
-        start = args[0]
-        step = args[2] if len(args) > 2 else node.kwargs.get("step", 1)
-    if isinstance(start, float) or isinstance(step, float):
-        base = ir.cast(ir.index_value(index[0]), dtype)
-        scaled = ir.op("mul", base, ir.const(step, dtype), dtype=dtype)
-        return ir.op("add", scaled, ir.const(start, dtype), dtype=dtype)
-    return ir.cast(ir.index_value(start + index[0] * step), dtype)
-
-
-def _iota(self: _Lowering, node: torch.fx.Node, index: Index) -> Value:
-    dtype = tensor_meta(node).dtype
-    start, step = node.kwargs.get("start", 0), node.kwargs.get("step", 1)
-    return ir.cast(ir.index_value(start + index[0] * step), dtype)
-
-
-def _square(self: _Lowering, node: torch.fx.Node, index: Index) -> Value:
-    result = tensor_meta(node).dtype
-    dtype = ir.compute_dtype(result)
-    value = self.operand(node, node.args[0], index, dtype)
-    return ir.cast(ir.op("mul", value, value, dtype=dtype), result)
-
-
-def _and(a: Value, b: Value) -> Value:
-    return ir.op("logical_and", a, b, dtype=torch.bool)
-
-
-def _in_range(position: Value, start: sympy.Expr, end: sympy.Expr) -> Value:
-    """start <= position < end, as a bool Value."""
-    return _and(
-        ir.op("ge", position, ir.index_value(start), dtype=torch.bool),
-        ir.op("lt", position, ir.index_value(end), dtype=torch.bool),
-    )
-
-
-def _static_int(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise NotLowerable(f"{what} {value!r} is not a constant integer")
-    return value
-
-
-def _cat(self: _Lowering, node: torch.fx.Node, index: Index) -> Value:
-    """Each input where the index falls in its range along dim, read there masked."""
-    tensors = [t for t in node.args[0] if tensor_meta(t) is not None and tensor_meta(t).numel != 0]
-    dim = (node.args[1] if len(node.args) > 1 else 0) % len(index)
-    dtype = tensor_meta(node).dtype
-    start = sympy.Integer(0)
-    pieces: list[tuple[Value, Value]] = []
-    position = ir.index_value(index[dim])
-    for tensor in tensors:
-        size = tensor_meta(tensor).shape[dim]
-        inside = _in_range(position, start, start + size)
-        shifted = tuple(e - start if d == dim else e for d, e in enumerate(index))
-        with self.masked(inside):
-            pieces.append((inside, ir.cast(self.value_at(tensor, shifted), dtype)))
-        start = start + size
-    value = pieces[-1][1]
-    for inside, piece in reversed(pieces[:-1]):
-        value = ir.op("where", inside, piece, value, dtype=dtype)
-    return value
-
-
-def _slice_scatter(self: _Lowering, node: torch.fx.Node, index: Index) -> Value:
-    """slice_scatter(base, src, dim, start, end, step): src where the index is in the
-    slice (read there masked), base elsewhere."""
-    base, src = node.args[0], node.args[1]
-    args = list(node.args[2:]) + [None] * (4 - len(node.args[2:]))
-    dim = node.kwargs.get("dim", args[0] if args[0] is not None else 0) % len(index)
-    start = node.kwargs.get("start", args[1])
-    step = _static_int(node.kwargs.get("step", args[3] if args[3] is not None else 1), "step")
-    start = 0 if start is None else _static_int(start, "start")
-    start = sympy.sympify(_slice_start(start, tensor_meta(node).shape[dim]))
-    count = tensor_meta(src).shape[dim]  # the slice's length, whatever `end` was
-    dtype = tensor_meta(node).dtype
-    position = index[dim]
-    inside = _in_range(ir.index_value(position), start, start + (count - 1) * step + 1)
-    if step != 1:
-        offset_value = ir.index_value(position - start)
-        on_step = ir.op(
-            "eq",
-            ir.op("remainder", offset_value, ir.const(step, offset_value.dtype),
-                  dtype=offset_value.dtype),
-            ir.const(0, offset_value.dtype),
-            dtype=torch.bool,
-        )  # fmt: skip
-        inside = _and(inside, on_step)
-    along = position - start if step == 1 else FloorDiv(position - start, step)
-    source_index = tuple(along if d == dim else e for d, e in enumerate(index))
-    with self.masked(inside):
-        piece = ir.cast(self.value_at(src, source_index), dtype)
-    return ir.op("where", inside, piece, ir.cast(self.value_at(base, index), dtype), dtype=dtype)
-
-
-def _select_scatter(self: _Lowering, node: torch.fx.Node, index: Index) -> Value:
-    """select_scatter(base, src, dim, i): src where the index along dim is i, else base."""
-    base, src, dim, chosen = node.args[:4]
-    dim = dim % len(index)
-    chosen = _static_int(chosen, "index")
-    size = sympy.sympify(tensor_meta(node).shape[dim])
-    if chosen < 0:
-        chosen = size + chosen
-    dtype = tensor_meta(node).dtype
-    inside = ir.op(
-        "eq", ir.index_value(index[dim]), ir.index_value(sympy.sympify(chosen)), dtype=torch.bool
-    )
-    source_index = tuple(e for d, e in enumerate(index) if d != dim)
-    with self.masked(inside):
-        piece = ir.cast(self.value_at(src, source_index), dtype)
-    return ir.op("where", inside, piece, ir.cast(self.value_at(base, index), dtype), dtype=dtype)
-
-
-_OTHER_RULES: Mapping[object, Callable[[_Lowering, torch.fx.Node, Index], Value]] = {
-    aten.where.self: _where,
-    prims.where.default: _where,
-    aten.clamp.default: _clamp,
-    aten.clamp_min.default: _clamp,
-    aten.clamp_max.default: _clamp,
-    aten.div.Tensor_mode: _div_mode,
-    aten.arange.start_step: _arange,
-    aten.arange.start: _arange,
-    aten.arange.default: _arange,
-    prims.iota.default: _iota,
-    aten.square.default: _square,
-    aten.cat.default: _cat,
-    aten.slice_scatter.default: _slice_scatter,
-    aten.select_scatter.default: _select_scatter,
-}
-
-
 def _count_flops(kernel: Kernel) -> sympy.Expr:
     rows = sympy.Mul(*kernel.ranges)
     full = rows * sympy.Mul(*kernel.reduction_ranges)
@@ -944,7 +483,7 @@ def _count_flops(kernel: Kernel) -> sympy.Expr:
 
 def lower_group(members: Sequence[torch.fx.Node], name: str) -> Lowered:
     """Lower fx nodes (in graph order) to one kernel; NotLowerable says why it cannot be."""
-    lowering = _Lowering(members, name)
+    lowering = Lowering(members, name)
     for node in members:
         if not (can_lower(node) or can_lower_matmul(node)):
             raise NotLowerable(f"%{node.name} ({node.target}) has no lowering")

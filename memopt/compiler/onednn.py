@@ -66,12 +66,22 @@ def runs_on_onednn(node: torch.fx.Node, bindings: Mapping[sympy.Symbol, int]) ->
     """Whether ATen runs this convolution (forward or backward) through oneDNN."""
     if node.target is aten.convolution.default:
         activation, weight, stride, dilation, transposed, groups = (
-            node.args[0], node.args[1], node.args[3], node.args[5], node.args[6], node.args[8],
-        )  # fmt: skip
+            node.args[0],
+            node.args[1],
+            node.args[3],
+            node.args[5],
+            node.args[6],
+            node.args[8],
+        )
     elif node.target is aten.convolution_backward.default:
         activation, weight, stride, dilation, transposed, groups = (
-            node.args[1], node.args[2], node.args[4], node.args[6], node.args[7], node.args[9],
-        )  # fmt: skip
+            node.args[1],
+            node.args[2],
+            node.args[4],
+            node.args[6],
+            node.args[7],
+            node.args[9],
+        )
     else:
         return False
     value = activation.meta.get("val") if isinstance(activation, torch.fx.Node) else None

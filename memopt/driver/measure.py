@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 import torch.utils._pytree as pytree
 
-from memopt.compiler.capture import _fresh_entry, aot_backend, backward_seeds, clone_inputs
+from memopt.compiler.capture import aot_backend, backward_seeds, clone_inputs, fresh_entry
 from memopt.config import Config
 from memopt.driver.dynamo import CompileSession
 
@@ -27,7 +27,7 @@ def compile_program(fn: Callable, options: Mapping[str, object], dynamic: bool =
     """`fn` compiled by memopt with `options`, as a fresh Dynamo entry (no shared cache)."""
     session = CompileSession(Config.from_options(options))
     return torch.compile(
-        _fresh_entry(fn), backend=aot_backend(session.compile_graph, session.hooks), dynamic=dynamic
+        fresh_entry(fn), backend=aot_backend(session.compile_graph, session.hooks), dynamic=dynamic
     )
 
 

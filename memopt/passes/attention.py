@@ -93,9 +93,15 @@ FUSED_OPS = {
 def _flash_cpu_backward(node: torch.fx.Node) -> dict[str, object]:
     grad_out, q, k, v, out, lse, *rest = node.args
     return {
-        "grad_out": grad_out, "q": q, "k": k, "v": v, "out": out, "lse": lse,
-        "mask": node.kwargs.get("attn_mask"), **_options(node, rest),
-    }  # fmt: skip
+        "grad_out": grad_out,
+        "q": q,
+        "k": k,
+        "v": v,
+        "out": out,
+        "lse": lse,
+        "mask": node.kwargs.get("attn_mask"),
+        **_options(node, rest),
+    }
 
 
 def _cuda_backward(node: torch.fx.Node) -> dict[str, object]:
@@ -224,9 +230,7 @@ class Attention(Pass):
         backward = node.target in BACKWARD_OPS
         read_parts, own_lse = (BACKWARD_OPS if backward else FUSED_OPS)[node.target]
         parts = read_parts(node)
-        used = sorted(
-            {u.args[1] for u in node.users if u.target is operator.getitem and u.users}
-        )  # fmt: skip
+        used = sorted({u.args[1] for u in node.users if u.target is operator.getitem and u.users})
         metas = output_metas(node)
         saved = 0  # the logsumexp, when nothing reads it (the ATen op always writes it)
         if not backward and len(metas) > 1 and 1 not in used:
@@ -291,8 +295,9 @@ class Attention(Pass):
         bindings,
         max_head_dim: int,
     ) -> str | None:
-        q, k, v, mask = (tensor_meta(parts[x]) if parts[x] is not None else None
-                         for x in ("q", "k", "v", "mask"))  # fmt: skip
+        q, k, v, mask = (
+            tensor_meta(parts[x]) if parts[x] is not None else None for x in ("q", "k", "v", "mask")
+        )
         if parts["dropout"] not in (0, 0.0):
             return f"dropout {parts['dropout']} (the Triton kernel draws no random mask)"
         if any(x is None or len(x.shape) != 4 for x in (q, k, v)):

@@ -34,7 +34,7 @@ import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import sympy
 import torch
@@ -91,6 +91,16 @@ _CONV_OPERANDS = {
 }
 NCHW, NHWC = "NCHW", "channels_last"
 _FORMATS = {NCHW: torch.contiguous_format, NHWC: torch.channels_last}
+
+
+class LayoutEstimate(NamedTuple):
+    """What running every convolution in one layout costs (modelled, at the example sizes)."""
+
+    total: int  # bytes: the graph's, plus the library's conversions and reorders
+    bytes_expr: sympy.Expr  # the graph's bytes, symbolic
+    conversions: int  # layout conversions the graph needs
+    library: int  # bytes the convolution library moves converting weights
+    reorders: int  # bytes oneDNN moves reordering NCHW activations (CPU)
 
 
 # -- layouts ------------------------------------------------------------------------------
@@ -449,8 +459,9 @@ class Layout(Pass):
         for node in gm.graph.nodes:
             old = snapshot.get(node, (None, None))[1]
             meta = tensor_meta(node)
-            if meta is None or (node is not source and isinstance(old, TensorMeta)
-                                and _same_strides(old, meta)):  # fmt: skip
+            if meta is None or (
+                node is not source and isinstance(old, TensorMeta) and _same_strides(old, meta)
+            ):
                 continue
             readers = [node] + [u for u in node.users if is_view(u)]
             for reader in readers:
@@ -596,7 +607,7 @@ class Layout(Pass):
         if not convs or any(layout_of(tensor_meta(n.args[0])) is None for n in convs):
             return
         names = tuple(n.name for n in convs)
-        estimates: dict[str, tuple[int, sympy.Expr, int, int, int] | str] = {}
+        estimates: dict[str, LayoutEstimate | str] = {}
         reorders_apply = self.onednn_reorders and any(
             runs_on_onednn(n, ctx.bindings) for n in convs
         )
@@ -610,9 +621,13 @@ class Layout(Pass):
             reorders = _library_reorders(trial, ctx) if reorders_apply else 0
             bytes_expr = self._estimate(trial, ctx)
             total = evaluate(bytes_expr, ctx.bindings) + library + reorders
-            estimates[layout] = (total, bytes_expr, len(conversions), library, reorders)
+            estimates[layout] = LayoutEstimate(
+                total, bytes_expr, len(conversions), library, reorders
+            )
         # The graph as it is: the layout that needs no conversion (None: both need some).
-        unchanged = [k for k, v in estimates.items() if not isinstance(v, str) and v[2] == 0]
+        unchanged = [
+            k for k, v in estimates.items() if not isinstance(v, str) and v.conversions == 0
+        ]
         current = unchanged[0] if unchanged else None
         legal = {k: v for k, v in estimates.items() if not isinstance(v, str)}
         if not legal:
@@ -620,12 +635,12 @@ class Layout(Pass):
         if self.channels_last == "always" and NHWC in legal:
             chosen = NHWC
         else:
-            chosen = min(legal, key=lambda k: (legal[k][0], k != current))
+            chosen = min(legal, key=lambda k: (legal[k].total, k != current))
         other = NHWC if chosen == NCHW else NCHW
         was = current or f"mixed: {layout_of(tensor_meta(convs[0])) or 'strided'} output"
         stage = "after fusion" if self._fuses(ctx) else "before fusion"
 
-        def describe(layout: str, estimate: tuple | str) -> str:
+        def describe(layout: str, estimate: LayoutEstimate | str) -> str:
             if isinstance(estimate, str):
                 return f"{layout}: not possible ({estimate})"
             total, expr, conversions, library, reorders = estimate
@@ -639,7 +654,7 @@ class Layout(Pass):
 
         summary = "; ".join(describe(k, v) for k, v in estimates.items())
         alternative = legal.get(other)
-        margin = alternative[0] - legal[chosen][0] if alternative is not None else 0
+        margin = alternative.total - legal[chosen].total if alternative is not None else 0
         if chosen == current:
             what = f"kept {current} for {len(convs)} convolution(s); {other} refused"
             ctx.refuse("conv_layout_kept", what, summary, -margin, names)

@@ -111,8 +111,9 @@ class Candidate:
     @property
     def saved_activation_bytes(self) -> int:
         """Memory the saved activations hold: each distinct buffer once (not inputs)."""
-        buffers = {s.storage or s.name: s.storage_nbytes or s.nbytes for s in self.saved
-                   if not s.is_input}  # fmt: skip
+        buffers = {
+            s.storage or s.name: s.storage_nbytes or s.nbytes for s in self.saved if not s.is_input
+        }
         return sum(buffers.values())
 
     @property
@@ -201,8 +202,9 @@ def candidates(
     bindings = _bindings(joint_inputs)
     joint_names = _forward_region(joint_module, num_fwd_outputs)
     joint_nodes = {n.name: n for n in joint_module.graph.nodes}
-    fw, bw = default_partition(copy_graph(joint_module), joint_inputs,
-                               num_fwd_outputs=num_fwd_outputs, **kwargs)  # fmt: skip
+    fw, bw = default_partition(
+        copy_graph(joint_module), joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs
+    )
     record = PartitionRecord(chosen=DEFAULT, candidates={}, budget=options.max_saved_bytes)
     modules: dict[str, Modules] = {DEFAULT: (fw, bw)}
     reasons: dict[str, dict[str, str]] = {DEFAULT: {}}
@@ -541,9 +543,11 @@ class _BytesMinCut:
         saved_sym = [n for n in saved if is_sym_node(n)]
         saved_values = [n for n in saved if not is_sym_node(n)]
         fw, bw = _extract_fwd_bwd_modules(
-            self.joint, saved_values, saved_sym_nodes=saved_sym,
+            self.joint,
+            saved_values,
+            saved_sym_nodes=saved_sym,
             num_fwd_outputs=self.num_fwd_outputs,
-        )  # fmt: skip
+        )
         fw.graph.eliminate_dead_code(is_impure_node=is_not_collective)
         bw.graph.eliminate_dead_code(is_impure_node=is_not_collective)
         forward_random = {n.name for n in fw.graph.nodes if is_random(n)}

@@ -187,7 +187,7 @@ def _predictions(a: Analysis, device: str) -> list[str]:
                 "optimized bytes at bandwidth",
                 "eager bytes at bandwidth",
                 "description",
-            ],  # fmt: skip
+            ],
             numeric={1, 2, 3},
         ),
     ]
@@ -227,7 +227,7 @@ def _ledger(a: Analysis) -> list[str]:
                 "applied",
                 "refused",
                 "ms (measured)",
-            ],  # fmt: skip
+            ],
             numeric={0, 2, 3, 4, 6, 7, 8, 9},
         ),
     ]
@@ -273,7 +273,7 @@ def _kernel_table(a: Analysis, device: str, sources: Sequence[KernelSource]) -> 
                 "bound",
                 "predicted",
                 "source",
-            ],  # fmt: skip
+            ],
             numeric={3, 4, 5, 6, 7, 9},
         ),
         "<tbody>",

@@ -33,8 +33,16 @@ LABELS = {
     "compile_ms": "measured",
     "run_ms": "measured",
 }
-CSV_COLUMNS = ("config", "passes", "bytes_moved", "kernels", "predicted_s", "compile_ms",
-               "run_ms", "check")  # fmt: skip
+CSV_COLUMNS = (
+    "config",
+    "passes",
+    "bytes_moved",
+    "kernels",
+    "predicted_s",
+    "compile_ms",
+    "run_ms",
+    "check",
+)
 
 
 @dataclass(frozen=True)
@@ -108,8 +116,15 @@ class Ablation(Sequence[AblationRow]):
             )
         baseline = self.rows[0].bytes_moved if self.rows else 0
         run = any(r.run_ms is not None for r in self.rows)
-        header = ["configuration", "passes", "bytes", "vs none", "kernels",
-                  f"{self.device} us", "compile ms"]  # fmt: skip
+        header = [
+            "configuration",
+            "passes",
+            "bytes",
+            "vs none",
+            "kernels",
+            f"{self.device} us",
+            "compile ms",
+        ]
         if run:
             header += ["run ms", "check"]
         table = []
@@ -287,8 +302,9 @@ def ablate(
             compile_ms=analysis.pipeline_ms,
         )
         if run:
-            row = _measured(row, fn, example_inputs, training, dynamic, config_options, repeats,
-                            expected)  # fmt: skip
+            row = _measured(
+                row, fn, example_inputs, training, dynamic, config_options, repeats, expected
+            )
         done[passes] = row
         result.rows.append(row)
         timing = f", run {row.run_ms:,.3f} ms, {row.check}" if row.run_ms is not None else ""

@@ -130,10 +130,25 @@ def full_closure(
 # Ops that cost more to recompute in a later pass than a store and a load from L1/L2.
 _COSTLY_OPS = frozenset(
     {
-        "exp", "exp2", "expm1", "log", "log2", "log1p", "sin", "cos", "tan", "tanh", "erf",
-        "sigmoid", "pow", "atan2", "fmod", "remainder", "floordiv",
+        "exp",
+        "exp2",
+        "expm1",
+        "log",
+        "log2",
+        "log1p",
+        "sin",
+        "cos",
+        "tan",
+        "tanh",
+        "erf",
+        "sigmoid",
+        "pow",
+        "atan2",
+        "fmod",
+        "remainder",
+        "floordiv",
     }
-)  # fmt: skip
+)
 
 
 @dataclass(frozen=True)
@@ -149,7 +164,9 @@ class PassPlan:
 def plan_row_caches(
     kernel: Kernel, passes: list[tuple[list[Value], list[Store]]]
 ) -> list[PassPlan]:
-    needed = [[v.args[0] for v in reductions] + [s.value for s in stores] for reductions, stores in passes]  # fmt: skip
+    needed = [
+        [v.args[0] for v in reductions] + [s.value for s in stores] for reductions, stores in passes
+    ]
     naive = [set(full_closure(kernel, n)) for n in needed]
     saved_in: dict[Value, int] = {}
     for level, values in enumerate(naive):
@@ -188,7 +205,7 @@ def in_place_outputs(kernel: Kernel) -> dict[int, int]:
     loads: dict[str, list[Value]] = {}
     for value in kernel.values:
         if value.op == "load":
-            loads.setdefault(value.arg[0], []).append(value)
+            loads.setdefault(value.arg.buffer, []).append(value)
     stores = {store.buffer: store for store in kernel.stores}
     pairs: dict[int, int] = {}
     taken: set[int] = set()
@@ -204,7 +221,9 @@ def in_place_outputs(kernel: Kernel) -> dict[int, int]:
             if (inp.dtype, inp.shape, inp.stride) != (out.dtype, out.shape, out.stride):
                 continue
             same_element = all(
-                not v.arg[2] and not v.arg[3] and sympy.expand(v.arg[1] - store.index) == 0
+                not v.arg.indirect
+                and not v.arg.masked
+                and sympy.expand(v.arg.index - store.index) == 0
                 for v in loads[inp.name]
             )
             if same_element:

@@ -92,9 +92,9 @@ class _Codegen:
         self.buffers = kernel.buffers
         self.c_names = _c_names([b.name for b in (*kernel.inputs, *kernel.outputs)])
         output_names = [b.name for b in kernel.outputs]
-        loaded = {v.arg[0] for v in kernel.values if v.op == "load"}
+        loaded = {v.arg.buffer for v in kernel.values if v.op == "load"}
         self.snapshots = tuple(k for k, name in enumerate(output_names) if name in loaded)
-        indirect = {v.arg[0] for v in kernel.values if v.op == "load" and v.arg[2]}
+        indirect = {v.arg.buffer for v in kernel.values if v.op == "load" and v.arg.indirect}
         self.extent_buffers = tuple(name for name in self.c_names if name in indirect)
         self.size_names = {s: _size_name(s.name) for s in kernel.size_symbols}
         self.substitution: dict[sympy.Symbol, sympy.Expr] = {}
@@ -178,7 +178,7 @@ class _Codegen:
         loop_lines = [self._value_line(v, loop) for v in full_values]
         loop_lines += [self._store_line(s, loop) for s in kernel.stores]
 
-        loads = [v.arg[1] for v in kernel.values if v.op == "load" and not v.arg[2]]
+        loads = [v.arg.index for v in kernel.values if v.op == "load" and not v.arg.indirect]
         tile = planning.transposed_var(outer, inner, loads)
         if tile is not None:
             return self._tiled_body(inner, outer, tile, ranges, row_lines, loop, loop_lines)
@@ -279,9 +279,10 @@ class _Codegen:
         for level, ((reductions, stores), plan) in enumerate(zip(passes, plans)):
             # Row values whose reductions are all done: once per row, before the next pass.
             ready = [
-                v for v in kernel.values
+                v
+                for v in kernel.values
                 if v.is_row and v.op != "reduce" and v not in computed and depth[v] <= level
-            ]  # fmt: skip
+            ]
             body += [self._value_line(v, _Loop(None, "o")) for v in ready]
             computed.update(ready)
             body += self._reduction_pass(level + 1, reductions, stores, plan, outer_red, red_ranges)
@@ -435,7 +436,7 @@ class _Codegen:
 
     def _expressions(self) -> list[sympy.Expr]:
         """Every index expression of the kernel: loads, index values, stores."""
-        exprs = [v.arg[1] for v in self.kernel.values if v.op == "load"]
+        exprs = [v.arg.index for v in self.kernel.values if v.op == "load"]
         exprs += [v.arg for v in self.kernel.values if v.op == "index"]
         exprs += [s.index for s in self.kernel.stores]
         return exprs
@@ -534,8 +535,25 @@ class _Codegen:
 # -- names -------------------------------------------------------------------------------
 
 # Names the skeletons declare; a buffer with one of these names is renamed buf<k>.
-_RESERVED = {"j", "r", "l", "rb", "row", "task", "rest", "n_j", "n_r", "n_rows", "n_chunks",
-             "n_blocked", "n_t", "n_tiles", "tile", "j_begin", "j_end"}  # fmt: skip
+_RESERVED = {
+    "j",
+    "r",
+    "l",
+    "rb",
+    "row",
+    "task",
+    "rest",
+    "n_j",
+    "n_r",
+    "n_rows",
+    "n_chunks",
+    "n_blocked",
+    "n_t",
+    "n_tiles",
+    "tile",
+    "j_begin",
+    "j_end",
+}
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 

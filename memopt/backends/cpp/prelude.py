@@ -18,8 +18,18 @@ from __future__ import annotations
 # would also drop NaN and infinity semantics, so the declarations below add the SIMD
 # attribute themselves when the build found that libmvec links (build.py: MO_USE_MVEC).
 MVEC_FUNCTIONS = (
-    "exp", "exp2", "expm1", "log", "log2", "log1p", "sin", "cos", "tan", "tanh", "erf",
-)  # fmt: skip
+    "exp",
+    "exp2",
+    "expm1",
+    "log",
+    "log2",
+    "log1p",
+    "sin",
+    "cos",
+    "tan",
+    "tanh",
+    "erf",
+)
 MVEC_BINARY_FUNCTIONS = ("pow", "atan2")
 
 

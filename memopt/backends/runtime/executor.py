@@ -1,7 +1,12 @@
 """The executor: runs an optimized graph and keeps eager's contract on its outputs.
 
-Today every node runs as its ATen op (one kernel per node). Generated kernels plug in as
-nodes whose targets are compiled kernels; nothing here changes when they do.
+The optimized graph's nodes are ATen ops and library calls (matmul, convolution, the
+fused ATen attention ops) and the passes' call targets: FusedKernel (a generated kernel,
+compiled on first call by the backend it runs on, runtime/kernels.py) and the backends'
+attention kernels. The graph module's own code calls them in order; the executor adds
+what eager's contract needs around it (outputs in eager's layouts, the check against
+the unoptimized graph) and, once per graph, tells each FusedKernel which inputs it may
+write over and starts its compile in the background.
 """
 
 from __future__ import annotations

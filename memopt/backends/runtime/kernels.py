@@ -30,8 +30,14 @@ from memopt.compiler.lower import Lowered
 class FusedKernel:
     """Callable target of a fused node: `outputs = fused(*inputs)` (a tuple of tensors)."""
 
-    def __init__(self, lowered: Lowered, backend: str, member_names: Sequence[str],
-                 member_ops: Sequence[str], fake_outputs: Sequence[object]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        lowered: Lowered,
+        backend: str,
+        member_names: Sequence[str],
+        member_ops: Sequence[str],
+        fake_outputs: Sequence[object],
+    ) -> None:
         self.kernel = lowered.kernel
         self.backend = backend
         self.__name__ = lowered.kernel.name

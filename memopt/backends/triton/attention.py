@@ -132,7 +132,7 @@ def attention_tiles(seq_q: int, seq_k: int, head_dim: int, on_gpu: bool) -> dict
     }
 
 
-def _mask_mode(mask: torch.Tensor | None, drops: bool) -> int:
+def mask_mode(mask: torch.Tensor | None, drops: bool) -> int:
     """0: no mask; 1: additive; 2: bool, keep where true; 3: bool, drop where true."""
     if mask is None:
         return 0
@@ -178,11 +178,28 @@ def attention(
     lse_strides = lse.stride() if lse is not None else (0, 0, 0)
     if out.numel():
         fn[grid](
-            q, k, v, mask, out, lse if lse is not None else out, heads, seq_q, seq_k,
-            head_dim, scale, *q.stride(), *k.stride(), *v.stride(), *mask_strides,
-            *out.stride(), *lse_strides, MASK_MODE=_mask_mode(attn_mask, mask_drops),
-            CAUSAL=is_causal, STORE_LSE=lse is not None, **tiles,
-        )  # fmt: skip
+            q,
+            k,
+            v,
+            mask,
+            out,
+            lse if lse is not None else out,
+            heads,
+            seq_q,
+            seq_k,
+            head_dim,
+            scale,
+            *q.stride(),
+            *k.stride(),
+            *v.stride(),
+            *mask_strides,
+            *out.stride(),
+            *lse_strides,
+            MASK_MODE=mask_mode(attn_mask, mask_drops),
+            CAUSAL=is_causal,
+            STORE_LSE=lse is not None,
+            **tiles,
+        )
     return out
 
 

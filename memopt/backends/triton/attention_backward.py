@@ -23,7 +23,7 @@ import textwrap
 
 import torch
 
-from memopt.backends.triton.attention import MAX_HEAD_DIM, _mask_mode, attention_tiles
+from memopt.backends.triton.attention import MAX_HEAD_DIM, attention_tiles, mask_mode
 from memopt.backends.triton.ops import bf16_round
 from memopt.backends.triton.runtime import load_module, write_source
 
@@ -209,11 +209,27 @@ def attention_backward(
     module = load_module(write_source(source()), interpret=not on_gpu)
     tiles = attention_tiles(seq_q, seq_k, head_dim, on_gpu)
     common = (
-        q, k, v, grad_out, out, lse, mask, heads, seq_q, seq_k, head_dim, scale,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *out.stride(),
-        *lse.stride(), *mask_strides,
-    )  # fmt: skip
-    flags = {"MASK_MODE": _mask_mode(attn_mask, mask_drops), "CAUSAL": is_causal, **tiles}
+        q,
+        k,
+        v,
+        grad_out,
+        out,
+        lse,
+        mask,
+        heads,
+        seq_q,
+        seq_k,
+        head_dim,
+        scale,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *grad_out.stride(),
+        *out.stride(),
+        *lse.stride(),
+        *mask_strides,
+    )
+    flags = {"MASK_MODE": mask_mode(attn_mask, mask_drops), "CAUSAL": is_causal, **tiles}
     if dk.numel():
         grid = (batch * heads * -(-seq_k // tiles["BLOCK_N"]),)
         module.memopt_attention_bwd_dkdv[grid](*common, dk, dv, *dk.stride(), *dv.stride(), **flags)

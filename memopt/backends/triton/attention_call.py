@@ -36,9 +36,16 @@ class AttentionKernel:
 
     memopt_kind = "attention"
 
-    def __init__(self, name: str, replaced: str, causal: bool, scale: float | None,
-                 mask_drops: bool, fake_outputs: tuple[object, ...],
-                 backward: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        name: str,
+        replaced: str,
+        causal: bool,
+        scale: float | None,
+        mask_drops: bool,
+        fake_outputs: tuple[object, ...],
+        backward: bool = False,
+    ) -> None:
         self.__name__ = name
         self.memopt_name = f"memopt.{name}"
         self.memopt_nodes = (replaced,)
@@ -86,8 +93,19 @@ class AttentionKernel:
         )
         try:
             if self.backward:
-                attention_backward(grad_out, q, k, v, out, lse, mask, self.causal, self.scale,
-                                   outputs, self.mask_drops)  # fmt: skip
+                attention_backward(
+                    grad_out,
+                    q,
+                    k,
+                    v,
+                    out,
+                    lse,
+                    mask,
+                    self.causal,
+                    self.scale,
+                    outputs,
+                    self.mask_drops,
+                )
             else:
                 out, lse = (*outputs, None)[:2]
                 attention(q, k, v, mask, self.causal, self.scale, out, lse, self.mask_drops)
@@ -99,8 +117,9 @@ class AttentionKernel:
             )
             mask = self._additive(mask, q.dtype)
             if self.backward:
-                results = _aten_attention_backward(grad_out, q, k, v, out, lse, mask,
-                                                   self.causal, self.scale)  # fmt: skip
+                results = _aten_attention_backward(
+                    grad_out, q, k, v, out, lse, mask, self.causal, self.scale
+                )
             else:
                 results = _aten_attention(q, k, v, mask, self.causal, self.scale)
             for target, value in zip(outputs, results):
@@ -131,9 +150,12 @@ def _aten_attention(q, k, v, mask, causal, scale) -> tuple[torch.Tensor, torch.T
 
 def _aten_attention_backward(grad_out, q, k, v, out, lse, mask, causal, scale):
     grads = aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        *(_cpu(t) for t in (grad_out, q, k, v, out, lse)), 0.0, causal,
-        attn_mask=_cpu(mask), scale=scale,
-    )  # fmt: skip
+        *(_cpu(t) for t in (grad_out, q, k, v, out, lse)),
+        0.0,
+        causal,
+        attn_mask=_cpu(mask),
+        scale=scale,
+    )
     return tuple(g.to(q.device) for g in grads)
 
 

@@ -28,12 +28,12 @@ import sympy
 import torch
 
 from memopt.backends.triton.ops import HALF, Unsupported, tl_dtype
-from memopt.backends.triton.render import RenderedKernel, _Renderer, _Scope, module_source
+from memopt.backends.triton.render import RenderedKernel, Renderer, Scope, module_source
 from memopt.backends.triton.tiles import matmul_tiles
 from memopt.compiler.kernel_ir import DOT, Kernel, evaluate_size, index_var, reduction_var
 
 
-class _MatmulRenderer(_Renderer):
+class MatmulRenderer(Renderer):
     def __init__(self, kernel: Kernel) -> None:
         super().__init__(kernel)
         dots = [v for v in kernel.values if v.op == DOT]
@@ -57,8 +57,8 @@ class _MatmulRenderer(_Renderer):
         ]
         return " & ".join(parts) if parts else "one_mask"
 
-    def operand(self, value, k_axis: str, shape: str, body: _Scope) -> str:
-        scope = _Scope(indent="        ")
+    def operand(self, value, k_axis: str, shape: str, body: Scope) -> str:
+        scope = Scope(indent="        ")
         scope.emit(f"r0 = k0 + tl.arange(0, BLOCK_K){k_axis}")
         scope.emit("kmask = r0 < knumel")
         name = self.value(value, scope)
@@ -92,7 +92,7 @@ class _MatmulRenderer(_Renderer):
         body.emit("zero = tl.full([1, 1], 0, tl.int32)")
         body.emit("one_mask = zero == 0")
         body.emit("acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)")
-        loop = _Scope(indent="        ")
+        loop = Scope(indent="        ")
         a, b = self.dot.args
         a_tile = self.operand(a, "[None, :]", "[BLOCK_M, BLOCK_K]", loop)
         b_tile = self.operand(b, "[:, None]", "[BLOCK_K, BLOCK_N]", loop)
@@ -131,13 +131,17 @@ class _MatmulRenderer(_Renderer):
 
 def render_matmul(kernel: Kernel) -> RenderedKernel:
     """Triton source for a matmul template kernel; raises Unsupported if it is not one."""
-    return _MatmulRenderer(kernel).render()
+    return MatmulRenderer(kernel).render()
 
 
 def launch_matmul(
-    fn, kernel: Kernel, rendered: RenderedKernel, tensors: Sequence[torch.Tensor],
-    sizes: Mapping[str, int], on_gpu: bool,
-) -> dict[str, int]:  # fmt: skip
+    fn,
+    kernel: Kernel,
+    rendered: RenderedKernel,
+    tensors: Sequence[torch.Tensor],
+    sizes: Mapping[str, int],
+    on_gpu: bool,
+) -> dict[str, int]:
     """Launch a rendered matmul template; returns the tiles used."""
     *batch, m, n = (evaluate_size(r, sizes) for r in kernel.ranges)
     k = evaluate_size(kernel.reduction_ranges[0], sizes)

@@ -156,7 +156,7 @@ def _fastest_axis(index: sympy.Expr, count: int) -> int | None:
 
 
 @dataclass
-class _Scope:
+class Scope:
     lines: list[str] = field(default_factory=list)
     names: dict[Value, str] = field(default_factory=dict)
     indent: str = "    "
@@ -165,7 +165,7 @@ class _Scope:
         self.lines.append(self.indent + line)
 
 
-class _Renderer:
+class Renderer:
     def __init__(self, kernel: Kernel) -> None:
         kernel.verify()
         self.kernel = kernel
@@ -181,7 +181,7 @@ class _Renderer:
         )
         self.var_names = {index_var(k): f"i{k}" for k in range(len(kernel.ranges))}
         self.var_names |= {reduction_var(k): f"r{k}" for k in range(len(kernel.reduction_ranges))}
-        self.outer = _Scope()
+        self.outer = Scope()
         self.positions = {value: k for k, value in enumerate(kernel.values)}
         # Zeros shaped like the block's offsets, for an index without any variable.
         self.zero_block = "0 * xindex"
@@ -192,7 +192,7 @@ class _Renderer:
 
     # -- expressions ------------------------------------------------------------------
 
-    def index(self, expr: sympy.Expr, scope: _Scope, indirect: dict[sympy.Symbol, str]) -> str:
+    def index(self, expr: sympy.Expr, scope: Scope, indirect: dict[sympy.Symbol, str]) -> str:
         return _print_index(sympy.sympify(expr), {**self.var_names, **indirect})
 
     def mask_for(self, symbols: set[sympy.Symbol]) -> str:
@@ -201,7 +201,7 @@ class _Renderer:
             return "xmask & rmask"
         return "xmask"
 
-    def value(self, value: Value, scope: _Scope) -> str:
+    def value(self, value: Value, scope: Scope) -> str:
         """The name of `value` in `scope`, emitting it (and its operands) if needed."""
         if value in scope.names:
             return scope.names[value]
@@ -218,7 +218,7 @@ class _Renderer:
         scope.names[value] = name
         return name
 
-    def expression(self, value: Value, scope: _Scope) -> str:
+    def expression(self, value: Value, scope: Scope) -> str:
         op = value.op
         if op == "load":
             return self.load(value, scope)
@@ -250,7 +250,7 @@ class _Renderer:
             return f"({source} != 0)"
         return f"{source}.to({tl_dtype(to_dtype)})"
 
-    def load(self, value: Value, scope: _Scope) -> str:
+    def load(self, value: Value, scope: Scope) -> str:
         buffer, index, indirect, masked = value.arg
         operands = list(value.args)
         extra_mask = self.value(operands.pop(), scope) if masked else None
@@ -273,7 +273,7 @@ class _Renderer:
             text = self.cast(text, buffer_dtype, value.dtype)
         return text
 
-    def pointwise(self, value: Value, scope: _Scope) -> str:
+    def pointwise(self, value: Value, scope: Scope) -> str:
         """A pointwise op from the template tables, on operands converted as torch does.
 
         Operands meet in the dtype the op computes in (as the reference backend): the
@@ -331,7 +331,7 @@ class _Renderer:
         return f"tl.where(xmask & rmask, {source}, {identity})", identity, acc
 
     def reduce_block(
-        self, kind: str, block: str, index: str, missing: str, acc: torch.dtype, scope: _Scope
+        self, kind: str, block: str, index: str, missing: str, acc: torch.dtype, scope: Scope
     ) -> str:
         """The [XBLOCK, 1] reduction over axis 1 of a masked block.
 
@@ -359,7 +359,7 @@ class _Renderer:
             hit = f"({hit}) | (({block} != {block}) & {block}_nan)"
         return f"tl.min(tl.where({hit}, {index}, {missing}), 1)[:, None]"
 
-    def persistent_reduce(self, value: Value, scope: _Scope) -> str:
+    def persistent_reduce(self, value: Value, scope: Scope) -> str:
         source = self.value(value.args[0], scope)
         masked, _, acc = self.reduce_inputs(value, source)
         block = f"{self.name(value)}_block"
@@ -369,7 +369,7 @@ class _Renderer:
 
     # -- skeletons ---------------------------------------------------------------------
 
-    def decompose(self, flat: str, ranges, prefix: str, scope: _Scope) -> None:
+    def decompose(self, flat: str, ranges, prefix: str, scope: Scope) -> None:
         """Recover each domain variable from a flat index (innermost range fastest)."""
         position = sympy.Symbol(flat, integer=True, nonnegative=True)
         printer = TritonIndexPrinter({position: flat})
@@ -434,9 +434,9 @@ class _Renderer:
         count = len(self.kernel.ranges)
         store_axes = {_fastest_axis(s.index, count) for s in self.kernel.stores} - {None}
         load_axes = {
-            _fastest_axis(v.arg[1], count)
+            _fastest_axis(v.arg.index, count)
             for v in self.kernel.values
-            if v.op == "load" and not v.arg[2]
+            if v.op == "load" and not v.arg.indirect
         } - {None}
         if len(store_axes) != 1:
             return None
@@ -444,7 +444,7 @@ class _Renderer:
         others = sorted(load_axes - {x_axis})
         return (others[0], x_axis) if others else None
 
-    def tiled_prologue(self, tile: tuple[int, int], wide: bool, body: _Scope) -> None:
+    def tiled_prologue(self, tile: tuple[int, int], wide: bool, body: Scope) -> None:
         """A [YBLOCK, XBLOCK] tile: x along the stores' fastest range, y along the others.
 
         The ranges other than the two fold into y with the load's fastest range innermost,
@@ -463,7 +463,7 @@ class _Renderer:
         body.emit(f"xmask = (xindex < {x_size}) & (yindex < {y_size})")
         body.emit(f"i{x_axis} = xindex")
         self.zero_block = "0 * (xindex + yindex)"
-        inner = _Scope()
+        inner = Scope()
         self.decompose("yindex", [ranges[k] for k in y_ranges], "y", inner)
         body.lines.extend(inner.lines)
         for position, k in enumerate(y_ranges):
@@ -481,7 +481,7 @@ class _Renderer:
         total = sympy.Mul(*self.kernel.ranges) * sympy.Mul(*self.kernel.reduction_ranges)
         return not total.is_number or int(total) > limit
 
-    def store(self, store: Store, scope: _Scope) -> None:
+    def store(self, store: Store, scope: Scope) -> None:
         """tl.store of the value converted straight to the buffer's dtype (tl.store
         broadcasts a row value over the reduction axis of a full store)."""
         value = self.value(store.value, scope)
@@ -498,7 +498,7 @@ class _Renderer:
             value = convert(value, held, buffer.dtype)
         scope.emit(f"tl.store({store.buffer} + ({offset}), {value}, {mask})")
 
-    def looped(self, body: _Scope) -> None:
+    def looped(self, body: Scope) -> None:
         """One loop per level of dependent reductions, then one for full stores."""
         depth = reduction_depths(self.kernel)
         reduces = [v for v in self.kernel.values if v.op == "reduce"]
@@ -514,8 +514,8 @@ class _Renderer:
             if store.is_row:
                 self.store(store, body)
 
-    def open_loop(self, body: _Scope) -> _Scope:
-        loop = _Scope(indent="        ")
+    def open_loop(self, body: Scope) -> Scope:
+        loop = Scope(indent="        ")
         loop.lines.append("    for roffset in range(0, rnumel, RBLOCK):")
         lanes = "tl.arange(0, RBLOCK)[None, :]" + (".to(tl.int64)" if self.needs_int64() else "")
         loop.emit(f"rindex = roffset + {lanes}")
@@ -523,7 +523,7 @@ class _Renderer:
         self.decompose("rindex", self.kernel.reduction_ranges, "r", loop)
         return loop
 
-    def reduction_loop(self, group: list[Value], body: _Scope) -> None:
+    def reduction_loop(self, group: list[Value], body: Scope) -> None:
         accumulators = {}
         for value in group:
             # Row operands needed inside the loop are emitted before it.
@@ -557,7 +557,7 @@ class _Renderer:
             body.emit(f"{name} = {reduction_result(value, result, acc_dtype)}")
             body.names[value] = name
 
-    def _emit_rows(self, value: Value, body: _Scope) -> None:
+    def _emit_rows(self, value: Value, body: Scope) -> None:
         """Emit, before a loop, the row values its body needs (they don't change per lane)."""
         if value in body.names:
             return
@@ -589,4 +589,4 @@ def module_source(fn_name: str, args: list[str], body: list[str]) -> str:
 def render_elementwise(kernel: Kernel) -> RenderedKernel:
     """Triton source for a pointwise or reduction kernel; Unsupported for what it cannot
     render (matmul templates render in matmul.py)."""
-    return _Renderer(kernel).render()
+    return Renderer(kernel).render()

@@ -104,7 +104,7 @@ def _next_pow2(n: int) -> int:
 
 
 # Triton's interpreter costs ~1.8 ms per program instance whatever its block size
-# (measured, /work/shared/environment.md), so on the CPU one program covers up to 64Ki
+# (measured on the 2-core development VM), so on the CPU one program covers up to 64Ki
 # elements. On a GPU blocks are sized for registers and occupancy instead.
 INTERPRETER_TILE_ELEMENTS = 1 << 16
 GPU_POINTWISE_XBLOCK = 1024

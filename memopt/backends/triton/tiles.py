@@ -10,8 +10,8 @@ from L2 in the common case, which the rule leaves out as it does for every kerne
 
 from __future__ import annotations
 
-# Triton's interpreter costs ~1.8 ms per program (/work/shared/environment.md): on the CPU
-# one program takes tiles up to 128 wide. tl.dot needs every block dimension >= 16.
+# Triton's interpreter costs ~1.8 ms per program (measured on the 2-core development VM):
+# on the CPU one program takes tiles up to 128 wide. tl.dot needs every block dimension >= 16.
 INTERPRETER_TILE_MAX = 128
 GPU_TILES = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}  # fp32 acc: 16 KiB of registers
 MIN_TILE = 16
