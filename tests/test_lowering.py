@@ -172,8 +172,20 @@ FAMILIES = {
 
 # Ops whose result jumps at rounding boundaries: in 16-bit, eager and a fused kernel may
 # round an intermediate differently and land on the other side of a step.
-STEP_OPS = {"floor", "ceil", "trunc", "round", "floor_divide", "trunc_divide", "remainder",
-            "fmod", "to_i32", "sign", "argmax", "argmin"}  # fmt: skip
+STEP_OPS = {
+    "floor",
+    "ceil",
+    "trunc",
+    "round",
+    "floor_divide",
+    "trunc_divide",
+    "remainder",
+    "fmod",
+    "to_i32",
+    "sign",
+    "argmax",
+    "argmin",
+}
 
 
 def tolerance(dtype):
@@ -203,9 +215,13 @@ def test_family_against_eager(family, dtype, backend):
             stepped = names[k] in STEP_OPS and dtype != torch.float32
             if g.dtype.is_floating_point and not stepped:
                 torch.testing.assert_close(
-                    g, w, rtol=rtol, atol=atol, equal_nan=True,
+                    g,
+                    w,
+                    rtol=rtol,
+                    atol=atol,
+                    equal_nan=True,
                     msg=lambda m, k=k, layout=layout: f"{names[k]} {layout}: {m}",
-                )  # fmt: skip
+                )
             else:
                 # Rounding-sensitive integer results (floor/argmax on ties) may differ on
                 # values within one rounding step; require near-total agreement.

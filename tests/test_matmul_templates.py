@@ -163,8 +163,12 @@ def test_a_lone_matmul_stays_a_library_call():
 
 def test_matmul_templates_option_is_validated():
     with pytest.raises(OptionError, match="matmul_templates"):
-        analyze(linear_gelu, *(torch.randn(2, 2),) * 2, torch.randn(2),
-                pass_options={"fusion": {"matmul_templates": "maybe"}})  # fmt: skip
+        analyze(
+            linear_gelu,
+            *(torch.randn(2, 2),) * 2,
+            torch.randn(2),
+            pass_options={"fusion": {"matmul_templates": "maybe"}},
+        )
 
 
 # -- tiles ----------------------------------------------------------------------------------
@@ -173,11 +177,15 @@ def test_matmul_templates_option_is_validated():
 def test_tiles_are_recorded_and_bounded():
     assert matmul_tiles(6, 24, 20, on_gpu=True) == {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}
     assert matmul_tiles(4096, 4096, 4096, on_gpu=True) == {
-        "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32,
-    }  # fmt: skip
+        "BLOCK_M": 64,
+        "BLOCK_N": 64,
+        "BLOCK_K": 32,
+    }
     assert matmul_tiles(130, 40, 150, on_gpu=False) == {
-        "BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 128,
-    }  # fmt: skip
+        "BLOCK_M": 128,
+        "BLOCK_N": 64,
+        "BLOCK_K": 128,
+    }
     assert backend_for("auto", "cuda").supports(Feature.MATMUL_TEMPLATES)
     assert not backend_for("auto", "cpu").supports(Feature.MATMUL_TEMPLATES)
     x, w, b = torch.randn(6, 20), torch.randn(24, 20), torch.randn(24)

@@ -25,15 +25,54 @@ from opinfo_known_failures import KNOWN_FAILURES  # noqa: E402
 # comparisons, casts), reductions (including var/softmax/norms, which decompose into
 # several), views, gathers, cat, fills, and composites decomposed by capture.
 OPS = (
-    "add", "mul", "div.floor_rounding", "sub", "pow", "maximum", "where", "clamp",
-    "exp", "log1p", "tanh", "sigmoid", "erf", "rsqrt", "abs", "ne", "logical_and",
-    "nn.functional.gelu", "nn.functional.silu", "nn.functional.hardswish",
-    "nn.functional.leaky_relu", "softmax", "log_softmax", "nn.functional.layer_norm",
-    "nn.functional.group_norm", "nn.functional.batch_norm", "sum", "mean", "var",
-    "var_mean", "amax", "argmax", "prod", "any", "transpose", "permute", "expand",
-    "index_select", "gather", "nn.functional.embedding", "cat", "full_like", "arange",
-    "masked_fill", "addcmul", "lerp", "nn.functional.embedding_bag",
-)  # fmt: skip
+    "add",
+    "mul",
+    "div.floor_rounding",
+    "sub",
+    "pow",
+    "maximum",
+    "where",
+    "clamp",
+    "exp",
+    "log1p",
+    "tanh",
+    "sigmoid",
+    "erf",
+    "rsqrt",
+    "abs",
+    "ne",
+    "logical_and",
+    "nn.functional.gelu",
+    "nn.functional.silu",
+    "nn.functional.hardswish",
+    "nn.functional.leaky_relu",
+    "softmax",
+    "log_softmax",
+    "nn.functional.layer_norm",
+    "nn.functional.group_norm",
+    "nn.functional.batch_norm",
+    "sum",
+    "mean",
+    "var",
+    "var_mean",
+    "amax",
+    "argmax",
+    "prod",
+    "any",
+    "transpose",
+    "permute",
+    "expand",
+    "index_select",
+    "gather",
+    "nn.functional.embedding",
+    "cat",
+    "full_like",
+    "arange",
+    "masked_fill",
+    "addcmul",
+    "lerp",
+    "nn.functional.embedding_bag",
+)
 SAMPLES_PER_OP = 2
 
 
@@ -51,7 +90,11 @@ def test_opinfo_samples_match_eager(name):
     assert ops
     results = opinfo_sweep.sweep(ops, max_samples=SAMPLES_PER_OP, backend="auto")
     compared = [r for r in results if r.outcome in ("pass", "fallback")]
-    bad = [f"{r.op}[{r.sample}] {r.outcome}: {r.detail}" for r in results if r.outcome in ("mismatch", "error")]  # fmt: skip
+    bad = [
+        f"{r.op}[{r.sample}] {r.outcome}: {r.detail}"
+        for r in results
+        if r.outcome in ("mismatch", "error")
+    ]
     assert not bad, "\n".join(bad)
     assert compared, [f"{r.outcome}: {r.detail}" for r in results]
 

@@ -312,7 +312,7 @@ def test_page_renders_in_headless_chromium(written):
             "--disable-gpu",
             "--dump-dom",
             written.index.as_uri(),
-        ],  # fmt: skip
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -358,8 +358,10 @@ def test_parse_line():
 
 def test_side_by_side_marks_each_kind():
     rows = side_by_side(BEFORE, AFTER, merged={"mul", "exp"}, members={"fused_0": ("mul", "exp")})
-    kinds = {(r.before.name if r.before else None, r.after.name if r.after else None): r.kind
-             for r in rows}  # fmt: skip
+    kinds = {
+        (r.before.name if r.before else None, r.after.name if r.after else None): r.kind
+        for r in rows
+    }
     assert kinds[("x", "x")] == "same"
     assert kinds[("mul", "fused_0")] == "merged"  # the fused node shares its first member's row
     assert kinds[("exp", "exp")] == "changed"  # same name, now a getitem of the kernel

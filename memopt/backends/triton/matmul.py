@@ -28,7 +28,13 @@ import sympy
 import torch
 
 from memopt.backends.triton.ops import HALF, Unsupported, tl_dtype
-from memopt.backends.triton.render import RenderedKernel, Renderer, Scope, module_source
+from memopt.backends.triton.render import (
+    RenderedKernel,
+    Renderer,
+    Scope,
+    function_name,
+    module_source,
+)
 from memopt.backends.triton.tiles import matmul_tiles
 from memopt.compiler.kernel_ir import DOT, Kernel, evaluate_size, index_var, reduction_var
 
@@ -114,7 +120,7 @@ class MatmulRenderer(Renderer):
             if not store.is_row:
                 raise Unsupported("a matmul template stores only (m, n) values")
             self.store(store, body)
-        fn_name = f"memopt_{kernel.name}"
+        fn_name = function_name(kernel)
         return RenderedKernel(
             source=module_source(fn_name, args, body.lines),
             fn_name=fn_name,

@@ -64,6 +64,31 @@ _TANH_SMALL = (
     + ")"
 )
 
+# fp64 needs more terms for the same: the series above stop near fp32's precision.
+_EXPM1_SMALL_64 = "{a} * (" + _horner("{a}", [1 / math.factorial(k) for k in range(1, 19)]) + ")"
+_TANH_SMALL_64 = (
+    "{a} + {a} * {a} * {a} * ("
+    + _horner(
+        "({a} * {a})",
+        [
+            -1 / 3, 2 / 15, -17 / 315, 62 / 2835, -1382 / 155925, 21844 / 6081075,
+            -929569 / 638512875, 6404582 / 10854718875, -443861162 / 1856156927625,
+            18888466084 / 194896477400625,
+        ],
+    )
+    + ")"
+)  # fmt: skip
+# fp64 variants of FLOAT_UNARY's templates, where the fp32 ones would lose digits.
+FLOAT64_UNARY = {
+    "expm1": f"tl.where(tl.abs({{a}}) < 0.5, {_EXPM1_SMALL_64}, tl.exp({{a}}) - 1.0)",
+    "tanh": (
+        f"tl.where(tl.abs({{a}}) < 0.25, {_TANH_SMALL_64}, 2.0 * tl.sigmoid(2.0 * {{a}}) - 1.0)"
+    ),
+}
+
+FLOAT64_BINARY = {"atan2": "_atan2_64({a}, {b})"}
+UINT_BINARY = {"pow": "_pow_uint({a}, {b})"}  # unsigned: no negative exponent
+
 FLOAT_UNARY = {
     "neg": "-{a}",
     "abs": "tl.abs({a})",
@@ -181,6 +206,34 @@ FLOAT_POW_BY_CONSTANT = {
     -2.0: "(1.0 / ({a} * {a}))",
 }
 
+# (operand kind, arity) -> the template tables an op is looked up in, the first that has it.
+_TABLES = {
+    ("bool", 1): (BOOL_UNARY,),
+    ("bool", 2): (BOOL_BINARY, COMMON_BINARY),
+    ("float64", 1): (FLOAT64_UNARY, FLOAT_UNARY),
+    ("float64", 2): (COMMON_BINARY, FLOAT64_BINARY, FLOAT_BINARY),
+    ("float", 1): (FLOAT_UNARY,),
+    ("float", 2): (COMMON_BINARY, FLOAT_BINARY),
+    ("unsigned", 1): (INT_UNARY,),
+    ("unsigned", 2): (COMMON_BINARY, UINT_BINARY, INT_BINARY),
+    ("int", 1): (INT_UNARY,),
+    ("int", 2): (COMMON_BINARY, INT_BINARY),
+}
+
+
+def op_tables(dtype: torch.dtype, arity: int) -> tuple[dict[str, str], ...]:
+    """The template tables of an op of `arity` on operands of the (held) `dtype`."""
+    if dtype == torch.bool:
+        kind = "bool"
+    elif dtype == torch.float64:
+        kind = "float64"
+    elif dtype.is_floating_point:
+        kind = "float"
+    else:
+        kind = "int" if dtype.is_signed else "unsigned"
+    return _TABLES[kind, arity]
+
+
 # Helper @triton.jit functions, by name; a source includes the ones its kernel calls.
 HELPERS = {
     "_round_half_even": """
@@ -238,9 +291,35 @@ def _atan2(y, x):
     angle = tl.where(y < 0, -angle, angle)
     return tl.where((x != x) | (y != y), x + y, angle)
 """,
-    "_pow_int": """
+    "_atan2_64": """
 @triton.jit
-def _pow_int(a, b):
+def _atan2_64(y, x):
+    # As _atan2, in fp64: the ratio's atan from the rational approximation of Cephes' atan
+    # (double), valid for |w| <= 0.66, to ~1e-16.
+    ax = tl.abs(x)
+    ay = tl.abs(y)
+    high = tl.maximum(ax, ay)
+    low = tl.minimum(ax, ay)
+    ratio = tl.where(high == 0, 0.0, tl.where(low == high, 1.0, low / tl.where(high == 0, 1.0, high)))
+    upper = ratio > 0.41421356237309503
+    w = tl.where(upper, (ratio - 1.0) / (ratio + 1.0), ratio)
+    z = w * w
+    p = (((-8.750608600031904122785e-1 * z - 1.615753718733365076637e1) * z
+          - 7.500855792314704667340e1) * z - 1.228866684490136173410e2) * z - 6.485021904942025371773e1
+    q = ((((z + 2.485846490142306297962e1) * z + 1.650270098316988542046e2) * z
+          + 4.328810604912902668951e2) * z + 4.853903996359136964868e2) * z + 1.945506571482613964425e2
+    # pi/4 added to the fp64 tensor, not picked by tl.where: a where of two Python floats
+    # is an fp32 constant.
+    angle = w + w * z * p / q
+    angle = tl.where(upper, angle + 0.7853981633974483, angle)
+    angle = tl.where(ay > ax, 1.5707963267948966 - angle, angle)
+    angle = tl.where(x < 0, 3.141592653589793 - angle, angle)
+    angle = tl.where(y < 0, -angle, angle)
+    return tl.where((x != x) | (y != y), x + y, angle)
+""",
+    "_pow_uint": """
+@triton.jit
+def _pow_uint(a, b):
     result = a * 0 + 1
     base = a
     e = b
@@ -249,6 +328,22 @@ def _pow_int(a, b):
         base = base * base
         e = e >> 1
     return result
+""",
+    "_pow_int": """
+@triton.jit
+def _pow_int(a, b):
+    # ATen's powi: exact, wrapping on overflow; a negative exponent gives 1 for a == 1,
+    # -1 or 1 for a == -1 (by the exponent's parity), 0 otherwise.
+    result = a * 0 + 1
+    base = a
+    e = tl.where(b < 0, 0, b)
+    for _ in tl.static_range(63):
+        result = tl.where((e & 1) != 0, result * base, result)
+        base = base * base
+        e = e >> 1
+    odd = (b & 1) != 0
+    negative = tl.where(a == 1, 1, tl.where(a == -1, tl.where(odd, -1, 1), 0))
+    return tl.where(b < 0, negative.to(result.dtype), result)
 """,
     "_mul_combine": """
 @triton.jit

@@ -24,6 +24,7 @@ int64 when a buffer's extent or the domain may pass 2**31 - 1 (or is symbolic).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -39,16 +40,9 @@ from memopt.backends.codegen.index import (
 )
 from memopt.backends.codegen.planning import reduction_depths, unit_stride_var
 from memopt.backends.triton.ops import (
-    BOOL_BINARY,
-    BOOL_UNARY,
-    COMMON_BINARY,
-    FLOAT_BINARY,
     FLOAT_POW_BY_CONSTANT,
-    FLOAT_UNARY,
     HALF,
     HELPERS,
-    INT_BINARY,
-    INT_UNARY,
     LOOP_UPDATES,
     POW_BY_CONSTANT,
     Unsupported,
@@ -56,10 +50,12 @@ from memopt.backends.triton.ops import (
     convert,
     literal,
     number,
+    op_tables,
     reduction_identity,
     reduction_result,
     tl_dtype,
 )
+from memopt.compiler import kernel_ir
 from memopt.compiler.kernel_ir import (
     Kernel,
     Store,
@@ -288,13 +284,7 @@ class Renderer:
         ]
         if op == "where":
             return f"tl.where({names[0]}, {names[1]}, {names[2]})"
-        operand_dtype = targets[-1]
-        if operand_dtype == torch.bool:
-            tables = (BOOL_UNARY,) if len(names) == 1 else (BOOL_BINARY, COMMON_BINARY)
-        elif operand_dtype.is_floating_point:
-            tables = (FLOAT_UNARY,) if len(names) == 1 else (COMMON_BINARY, FLOAT_BINARY)
-        else:
-            tables = (INT_UNARY,) if len(names) == 1 else (COMMON_BINARY, INT_BINARY)
+        tables = op_tables(targets[-1], len(names))
         if op == "pow" and value.args[1].op == "const":
             exponent = float(value.args[1].arg)
             special = {
@@ -304,7 +294,7 @@ class Renderer:
             tables = ({op: special[exponent]}, *tables) if exponent in special else tables
         template = next((t[op] for t in tables if op in t), None)
         if template is None:
-            raise Unsupported(f"{op} on {operand_dtype}")
+            raise Unsupported(f"{op} on {targets[-1]}")
         return template.format(a=names[0], b=names[-1])
 
     def reduce_inputs(self, value: Value, source: str) -> tuple[str, str, torch.dtype]:
@@ -327,7 +317,12 @@ class Renderer:
             source = f"({source} != 0).to(tl.int8)"
         elif acc != operand:
             source = f"{source}.to({tl_dtype(acc)})"
-        identity = reduction_identity(kind, acc)
+        # A bool operand is held as int8: its identity is a bool's (False for max, True for
+        # min), not int8's extremes, which read back as True.
+        if operand == torch.bool:
+            identity = "1" if kernel_ir.reduction_identity(kind, torch.bool) else "0"
+        else:
+            identity = reduction_identity(kind, acc)
         return f"tl.where(xmask & rmask, {source}, {identity})", identity, acc
 
     def reduce_block(
@@ -409,7 +404,7 @@ class Renderer:
                 self.store(store, body)
         else:
             self.looped(body)
-        name = f"memopt_{kernel.name}"
+        name = function_name(kernel)
         return RenderedKernel(
             source=module_source(name, args, body.lines),
             fn_name=name,
@@ -566,6 +561,11 @@ class Renderer:
             return
         for arg in value.args:
             self._emit_rows(arg, body)
+
+
+def function_name(kernel: Kernel) -> str:
+    """The @triton.jit function's name: `memopt_` and the kernel's name as an identifier."""
+    return "memopt_" + re.sub(r"\W", "_", kernel.name)
 
 
 def module_source(fn_name: str, args: list[str], body: list[str]) -> str:
