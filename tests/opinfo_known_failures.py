@@ -1,4 +1,4 @@
-"""OpInfos the sweep (bench/opinfo_sweep.py, tests/test_opinfo.py) does not compare, each with
+"""OpInfos the sweep (bench/opinfo_sweep.py, tests/compiler/test_opinfo.py) does not compare, each with
 the reason. A reason starts with its category, then a colon; the sweep groups by category.
 
 Only two kinds of reason belong here:

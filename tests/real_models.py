@@ -1,7 +1,7 @@
 """Models nobody wrote for memopt: Hugging Face transformers built from config objects
 (random weights, no download) and torchvision-style convolutional nets written with torch.nn.
 
-Shared by tests/test_models.py (at the "tiny" size) and bench/traffic.py (at "small").
+Shared by tests/driver/test_models.py (at the "tiny" size) and bench/traffic.py (at "small").
 torchvision's wheels for torch 2.13 are CUDA builds whose extension fails to load beside
 the CPU build of torch, so the convolutional nets are written out here, layer for layer in
 the shape of torchvision's ResNet BasicBlock and MobileNetV3 inverted residual.

@@ -179,7 +179,7 @@ template <typename T> constexpr bool mo_is_signed = T(-1) < T(0);  // false for 
   template <typename T> static inline float name(T i) { float x = (float)i; return expr32; }
 // exp, tanh and erf in float are the hot functions of softmax and GELU: inline polynomials
 // the vectorizer inlines whole (a libmvec call spills every live vector register). Their
-// error against the exact value is <= 1, 5 and 6 ulp (tests/test_cpp_backend.py measures
+// error against the exact value is <= 1, 5 and 6 ulp (tests/backends/test_cpp_backend.py measures
 // it); double precision keeps libm.
 static inline float mo_bits_float(uint32_t u) { float f; __builtin_memcpy(&f, &u, 4); return f; }
 static inline float mo_expf(float x) {

@@ -5,7 +5,7 @@ kernel's kind and bytes. A change that moves any of them shows here, by how much
 The expected figures are in tests/golden/example_figures.json. After a change that is meant
 to move them, regenerate the file and review its diff:
 
-    python tests/test_example_figures.py --write
+    python tests/driver/test_example_figures.py --write
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import memopt
 from memopt.driver.targets import load_target
 from memopt.examples import EXAMPLES
 
-GOLDEN = Path(__file__).parent / "golden" / "example_figures.json"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "example_figures.json"
 CASES = [
     (name, mode, backend)
     for name in EXAMPLES
@@ -58,7 +58,7 @@ def test_figures_are_unchanged(name: str, mode: str, backend: str) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["--write"]:
-        raise SystemExit("usage: python tests/test_example_figures.py --write")
+        raise SystemExit("usage: python tests/driver/test_example_figures.py --write")
     table = {}
     for case in CASES:
         table["/".join(case)] = figures(*case)

@@ -196,7 +196,7 @@ def _choice(analysis):
 
 
 # The graph's own bytes only: on the CPU, oneDNN's reorders of NCHW activations would also
-# count (and favour channels_last here); tests/test_cpu_layout.py covers that rule.
+# count (and favour channels_last here); tests/passes/test_cpu_layout.py covers that rule.
 GRAPH_BYTES_ONLY = {"layout": {"onednn_reorders": False}}
 
 

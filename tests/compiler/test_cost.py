@@ -1,6 +1,6 @@
 """Exact byte counts, worked out by hand: modelled (analyze) and counted (eager dispatch).
 
-These test the cost model one ATen node at a time, so fusion is disabled; tests/test_fusion.py
+These test the cost model one ATen node at a time, so fusion is disabled; tests/passes/test_fusion.py
 has the fused counts.
 """
 

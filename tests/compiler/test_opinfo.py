@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("expecttest")  # torch.testing._internal imports it
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
 
 import opinfo_sweep  # noqa: E402
 

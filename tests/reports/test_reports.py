@@ -21,7 +21,7 @@ from memopt.reports.writer import write_report
 
 from models import Block
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = json.loads((ROOT / "docs" / "analysis-schema.json").read_text())
 TIMING_KEYS = {"elapsed_ms", "capture_ms", "pipeline_ms"}
 # Each pass's step name in reports: its place in the pipeline, then its name.
