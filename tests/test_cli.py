@@ -173,6 +173,7 @@ def test_every_example_reports(name, capsys):
     assert capsys.readouterr().out.startswith(f"memopt report: {name}")
 
 
+@pytest.mark.slow
 def test_convnet_trains(capsys):
     # --train puts the eval-mode example into train mode: batchnorm with batch statistics.
     assert main(["report", "convnet", "--train", "--top", "3"]) == 0
@@ -195,6 +196,7 @@ def test_examples_lists_every_example(capsys):
         assert f"{name}  " in out and description in out
 
 
+@pytest.mark.slow
 def test_python_dash_m_memopt():
     result = subprocess.run(
         [sys.executable, "-m", "memopt", "report", "mlp", "--top", "3"],

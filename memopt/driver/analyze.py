@@ -228,4 +228,5 @@ def analyze_captured(
         options={k: v for k, v in config.as_dict().items() if k in config.sources},
         capture_ms=capture_ms,
         pipeline_ms=(time.perf_counter() - start) * 1e3,
+        device=config.device,
     )

@@ -103,6 +103,7 @@ class Analysis:
     options: dict[str, object]
     capture_ms: float
     pipeline_ms: float
+    device: str = "h100"  # the `device` option: the device model predictions default to
 
     @property
     def bytes_moved(self) -> int:
@@ -156,9 +157,10 @@ class Analysis:
             for name in order
         ]
 
-    def predict(self, device: str = "h100") -> float:
-        """Roofline-predicted seconds on a named device: max(bytes/bw, flops/peak) per kernel."""
-        return sum(k.seconds(device) for k in self.kernels)
+    def predict(self, device: str | None = None) -> float:
+        """Roofline-predicted seconds on a named device (default: the `device` option) as
+        the sum over kernels of max(bytes / bandwidth, flops / peak)."""
+        return sum(k.seconds(device or self.device) for k in self.kernels)
 
     def top_nodes(self, n: int = 10) -> list[NodeCost]:
         nodes = [c for g in self.graphs for c in g.node_costs]

@@ -44,7 +44,7 @@ def register_pass(
     """Register a pass class under `name`, acting at `stages`, deciding with `codes`."""
 
     def register(cls: type[Pass]) -> type[Pass]:
-        params = getattr(cls, "__dataclass_params__", None)
+        params = cls.__dict__.get("__dataclass_params__")  # its own, not a base's
         if params is None or not params.frozen or not issubclass(cls, Pass):
             raise TypeError(f"pass {name!r}: {cls.__name__} must be a frozen dataclass Pass")
         if name in PASSES:
@@ -52,7 +52,7 @@ def register_pass(
         stage_set = frozenset(stages)
         for stage in stage_set:
             method = STAGE_METHODS[stage]
-            if getattr(cls, method) is getattr(Pass, method, None):
+            if getattr(cls, method, None) is getattr(Pass, method, None):
                 raise TypeError(f"pass {name!r} acts at {stage.value} but defines no {method}()")
         cls.name = name
         cls.stages = stage_set

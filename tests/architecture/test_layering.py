@@ -162,6 +162,7 @@ def test_no_import_cycles() -> None:
             pytest.fail("import cycle: " + " -> ".join(cycle))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layer", LAYERS[:-1])
 def test_a_layer_imports_alone(layer: str) -> None:
     """Importing every module of a layer loads nothing from the layers above it."""

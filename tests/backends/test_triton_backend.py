@@ -62,6 +62,7 @@ def assert_matches(got, want, name=""):
 # -- the shared examples ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["softmax", "layer_norm", "column_sum", "argmax", "softmax_bf16"])
 def test_looped_reductions_match_eager(name, monkeypatch):
     """Rows longer than one block: one loop per level of dependent reductions."""
@@ -461,6 +462,7 @@ def test_symbolic_sizes_are_runtime_arguments():
     torch.testing.assert_close(run(kernel, inputs, sizes)[0], expected[0])
 
 
+@pytest.mark.slow
 def test_interpreter_without_the_variable_in_the_environment():
     # torch.compile imports triton before any backend runs: with TRITON_INTERPRET unset
     # then, Triton's own helpers (tl.sum) are compiled-mode functions, which an interpreted

@@ -25,6 +25,14 @@ if shutil.which(os.environ.get("CXX") or "g++"):
     BACKENDS.append("cpp")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# The fast tier lowers the families in fp32 on the reference backend; the full suite on
+# every backend and dtype (the conformance suite covers each op on each backend quickly).
+FAMILY_BACKENDS = [
+    b if b == "reference" else pytest.param(b, marks=pytest.mark.slow) for b in BACKENDS
+]
+FAMILY_DTYPES = [
+    d if d == torch.float32 else pytest.param(d, marks=pytest.mark.slow) for d in DTYPES
+]
 
 
 def layouts(dtype):
@@ -196,9 +204,9 @@ def tolerance(dtype):
     }[dtype]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", FAMILY_BACKENDS)
 @pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", FAMILY_DTYPES, ids=str)
 def test_family_against_eager(family, dtype, backend):
     fn, table = FAMILIES[family]
     names = list(table) if table else ["softmax", "log_softmax", "layer_norm", "rms_norm"]

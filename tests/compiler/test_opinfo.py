@@ -21,6 +21,8 @@ import opinfo_sweep  # noqa: E402
 
 from opinfo_known_failures import KNOWN_FAILURES  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the full suite only
+
 # One or two ops of each kind the lowering handles: pointwise (unary, binary, ternary,
 # comparisons, casts), reductions (including var/softmax/norms, which decompose into
 # several), views, gathers, cat, fills, and composites decomposed by capture.

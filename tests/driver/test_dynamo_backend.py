@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -10,11 +11,14 @@ import warnings
 import pytest
 import torch
 
+import memopt
+
 from models import model_and_input
 
 MODELS = ["mlp", "block", "convnet"]
 
 
+@pytest.mark.slow
 def test_backend_found_through_entry_point_in_fresh_interpreter():
     script = textwrap.dedent(
         """
@@ -43,6 +47,7 @@ def test_inference_matches_eager(name):
         torch.testing.assert_close(compiled(x), model(x))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_training_gradients_match_eager(name):
     model, x = model_and_input(name)
@@ -64,14 +69,24 @@ def test_training_gradients_match_eager(name):
         torch.testing.assert_close(b, c)
 
 
-def test_options_are_accepted():
-    f = torch.compile(
-        lambda x: x.exp() + 1,
-        backend="memopt",
-        options={"disable": ["cleanup"], "check": True, "device": "a100", "fuel": 3},
-    )
+def test_options_reach_the_compilation(tmp_path):
+    """disable, fuel and report_dir shape what torch.compile runs; device, what analyze predicts."""
+
+    def fn(x):
+        return x.exp() + x.exp() + torch.cat([x.clone()])  # three cleanup rewrites
+
     x = torch.randn(5)
-    torch.testing.assert_close(f(x), x.exp() + 1)
+    options = {"disable": ["layout"], "check": True, "fuel": 1, "report_dir": str(tmp_path)}
+    f = torch.compile(fn, backend="memopt", options=options)
+    torch.testing.assert_close(f(x), fn(x))
+    (record,) = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
+    passes = [entry["pass"] for entry in record["ledger"]]
+    assert "layout" not in passes and passes[0] == "cleanup"
+    decisions = [d for entry in record["ledger"] for d in entry["decisions"]]
+    assert sum(d["applied"] for d in decisions) == 1  # fuel=1: the first rewrite only
+    assert all("out of fuel" in d["reason"] for d in decisions if not d["applied"])
+    a100 = memopt.analyze(fn, x, device="a100")
+    assert a100.predict() == a100.predict("a100") != a100.predict("h100")
 
 
 @pytest.mark.parametrize(
@@ -93,6 +108,7 @@ def test_bad_options_are_clear_errors(options, names):
         assert name in message
 
 
+@pytest.mark.slow
 def test_dynamic_shapes_compile_once_and_run_at_new_sizes():
     model, _ = model_and_input("block")
     model.eval()
@@ -127,6 +143,7 @@ def _has_triton_backend() -> bool:
     return True
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _has_triton_backend(), reason="triton is not installed")
 @pytest.mark.parametrize("name", ["block", "convnet"])
 @pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])

@@ -17,6 +17,8 @@ from torch.nn import functional as F
 
 import real_models
 
+pytestmark = pytest.mark.slow  # the full suite only
+
 # float32: fused kernels reassociate sums (layer norm's mean and variance, softmax), so
 # values differ from eager's in the last bits, amplified through a few layers.
 RTOL = 1e-4

@@ -98,9 +98,9 @@ def test_written_out_attention_is_one_kernel(dtype, mask, tmp_path):
     assert_close(out, fn(q, k, v))
     record = graphs["inference"]
     rewrite, placed = decisions(record, applied=True)
-    assert "-> scaled_dot_product_attention" in rewrite["what"]
+    assert rewrite["code"] == "attention.rewritten"
     assert rewrite["bytes_saved"] == 4 * (2 * 2 * 40 * 40 * dtype.itemsize)  # 4 score passes
-    assert "as one generated kernel" in placed["what"]
+    assert placed["code"] == "attention.kernel"
     assert "bmm" not in record["graph_text"] and "amax" not in record["graph_text"]
 
 
@@ -145,7 +145,7 @@ def test_training_gradients_match_eager_and_the_backward_recomputes(tmp_path):
     assert "_scaled_dot_product" not in forward["graph_text"] + backward["graph_text"]
     assert "f32[2, 2, 21, 21]" not in forward["graph_text"] + backward["graph_text"]
     (placed,) = decisions(backward, applied=True)
-    assert "recomputes the scores blockwise" in placed["reason"]
+    assert placed["code"] == "attention.kernel" and "blockwise" in placed["reason"]
     rewrite = decisions(forward, applied=True)[0]
     assert rewrite["bytes_saved"] == 11 * (2 * 2 * 21 * 21 * 4)  # training: 11 score passes
 
@@ -183,7 +183,8 @@ def test_hugging_face_eager_attention_is_rewritten(tmp_path):
     out, graphs = compiled(fn, q, k, v, tmp_path=tmp_path)
     assert_close(out, fn(q, k, v))
     rewrite, placed = decisions(graphs["inference"], applied=True)
-    assert "-> scaled_dot_product_attention" in rewrite["what"] and "mask" in placed["reason"]
+    assert rewrite["code"] == "attention.rewritten" and placed["code"] == "attention.kernel"
+    assert "mask" in placed["reason"]
 
 
 # -- bytes, worked out by hand ----------------------------------------------------------------
@@ -225,7 +226,7 @@ def test_cpu_backends_keep_the_fused_aten_op():
     lse = 1 * 2 * 40 * 4  # the ATen op writes the logsumexp too
     assert a.bytes_moved == 4 * operand + lse
     refused = [d for p in a.ledger if p.pass_name == "attention" for d in p.decisions]
-    assert any(not d.applied and "has no attention kernel" in d.reason for d in refused)
+    assert any(d.code == "attention.no_kernel" for d in refused)
 
 
 # -- rewrites that must not fire ---------------------------------------------------------------
@@ -249,7 +250,7 @@ def test_dropout_or_returned_probabilities_are_not_rewritten():
     for fn, reason in ((dropout, "dropout"), (returned, "read elsewhere")):
         a = memopt.analyze(fn, q, k, v, backend="triton")
         (decision,) = ledger_attention(a)
-        assert not decision.applied and reason in decision.reason
+        assert decision.code == "attention.not_rewritten" and reason in decision.reason
         assert decision.bytes_saved == 4 * (2 * 40 * 40 * 4)
         assert not any(k.kind == "attention" for k in a.kernels)
 
@@ -288,3 +289,36 @@ def test_a_failing_kernel_falls_back_to_aten_visibly(monkeypatch, tmp_path):
     with pytest.warns(UserWarning, match="running the fused ATen op"):
         out, _ = compiled(fn, q, k, v, tmp_path=tmp_path)
     assert_close(out, fn(q, k, v))
+
+
+# -- the Dynamo stage: a decision like any other ----------------------------------------------
+
+
+def test_the_capture_time_rewrite_obeys_fuel_and_disable():
+    q, k, v = qkv()
+
+    def fn(q, k, v):
+        return written_out(q, k, v)
+
+    def matmuls(a):
+        return sum(op.startswith("aten.bmm") for k in a.kernels for op in k.ops)
+
+    full = memopt.analyze(fn, q, k, v, backend="triton")
+    first = full.graphs[0].ledger[0]
+    assert first.stage == "dynamo" and first.pass_name == "attention"
+    applied = [d for g in full.graphs for e in g.ledger for d in e.decisions if d.applied]
+    assert applied[0].code == "attention.rewritten"  # decision 1: taken while capturing
+    assert matmuls(full) == 0
+
+    none = memopt.analyze(fn, q, k, v, backend="triton", fuel=0)
+    (refused,) = [d for d in ledger_attention(none) if d.code == "attention.rewritten"]
+    assert not refused.applied and "out of fuel (0)" in refused.reason
+    assert matmuls(none) == 2  # the scores are written and read
+
+    one = memopt.analyze(fn, q, k, v, backend="triton", fuel=1)
+    decisions = [d for g in one.graphs for e in g.ledger for d in e.decisions]
+    assert [d.code for d in decisions if d.applied] == ["attention.rewritten"]
+    assert all("out of fuel" in d.reason for d in decisions if d.code == "attention.kernel")
+
+    disabled = memopt.analyze(fn, q, k, v, backend="triton", disable=["attention"])
+    assert not ledger_attention(disabled) and matmuls(disabled) == 2

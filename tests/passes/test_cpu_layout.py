@@ -30,9 +30,13 @@ class ConvBnRelu(nn.Module):
         return torch.relu(self.bn(self.conv(x)))
 
 
+# The decision on the convolutions' layout: changed, or kept.
+CONV_LAYOUT = ("layout.conv_layout", "layout.conv_layout_kept")
+
+
 def _choice(analysis):
     decisions = [d for e in analysis.ledger if e.pass_name == "layout" for d in e.decisions]
-    (choice,) = [d for d in decisions if "convolution(s)" in d.what]
+    (choice,) = [d for d in decisions if d.code in CONV_LAYOUT]
     return choice
 
 
@@ -61,7 +65,7 @@ def test_channels_last_chosen_for_onednn_reorders() -> None:
     nchw = conv + bn_relu + 4 * act
     channels_last = 2 * act + conv + bn_relu + 2 * weight
     choice = _choice(a)
-    assert choice.applied and choice.what.startswith("chose channels_last")
+    assert choice.code == "layout.conv_layout" and "channels_last" in choice.what
     assert f"NCHW: {nchw} B" in choice.reason
     assert f"activations oneDNN reorders: {4 * act} B" in choice.reason
     assert f"channels_last: {channels_last} B" in choice.reason
@@ -79,7 +83,7 @@ def test_channels_last_refused_when_weights_outweigh_reorders() -> None:
     a = memopt.analyze(model, x)
     act, weight = 2 * 64 * 2 * 2 * F32, 64 * 64 * 9 * F32
     choice = _choice(a)
-    assert not choice.applied and choice.what.startswith("kept NCHW")
+    assert choice.code == "layout.conv_layout_kept" and "NCHW" in choice.what
     assert f"activations oneDNN reorders: {4 * act} B" in choice.reason
     assert choice.bytes_saved == -((2 * act + 2 * weight) - 4 * act)
     _compiled_matches(model, x)
@@ -90,7 +94,7 @@ def test_no_reorders_counted_where_aten_runs_the_convolution() -> None:
     # (ConvParams::use_mkldnn), so NCHW costs nothing extra and is kept.
     model, x = ConvBnRelu(16, 16, 3).eval(), torch.randn(1, 16, 8, 8)
     choice = _choice(memopt.analyze(model, x))
-    assert not choice.applied and choice.what.startswith("kept NCHW")
+    assert choice.code == "layout.conv_layout_kept" and "NCHW" in choice.what
     assert "oneDNN" not in choice.reason
 
 
@@ -98,7 +102,7 @@ def test_option_off_prices_the_graph_alone() -> None:
     model, x = ConvBnRelu(16, 16, 3).eval(), torch.randn(2, 16, 16, 16)
     a = memopt.analyze(model, x, pass_options={"layout": {"onednn_reorders": False}})
     choice = _choice(a)
-    assert not choice.applied and choice.what.startswith("kept NCHW")
+    assert choice.code == "layout.conv_layout_kept" and "NCHW" in choice.what
     assert "oneDNN" not in choice.reason
 
 

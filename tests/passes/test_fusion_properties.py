@@ -82,6 +82,7 @@ SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], der
     rows=st.sampled_from([1, 3, 7]),
     cols=st.sampled_from([1, 5, 16]),
 )
+@pytest.mark.slow
 def test_random_graphs_reference(program, rows, cols):
     torch._dynamo.reset()
     fn = build(program)

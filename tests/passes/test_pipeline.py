@@ -35,7 +35,7 @@ def test_cse_merges_identical_ops():
     assert entry.bytes_after == (X + X) + (X + X)
     assert (entry.kernels_before, entry.kernels_after) == (3, 2)
     (decision,) = entry.decisions
-    assert decision.applied and "merged" in decision.what and decision.bytes_saved == 2 * X
+    assert decision.applied and decision.code == "cleanup.cse" and decision.bytes_saved == 2 * X
     assert a.bytes_moved == entry.bytes_after
 
 
@@ -46,6 +46,7 @@ def test_noop_copies_are_removed():
     a = memopt.analyze(fn, x48())
     entry = only(a)
     removed = [d for d in entry.decisions if d.applied]
+    assert {d.code for d in removed} == {"cleanup.noop_removed"}
     assert {d.what.split()[2] for d in removed} == {"aten.clone.default", "aten.cat.default"}
     assert all(d.bytes_saved == 2 * X for d in removed)
     assert entry.bytes_after == 2 * X  # just the multiply
@@ -56,7 +57,7 @@ def test_copy_that_is_returned_is_kept_and_the_refusal_recorded():
     a = memopt.analyze(lambda x: x.clone(), x48())
     (decision,) = only(a).decisions
     assert not decision.applied
-    assert "alias" in decision.reason
+    assert decision.code == "cleanup.noop_kept_output" and "alias" in decision.reason
     assert decision.bytes_saved == 2 * X  # what keeping the copy costs
     assert a.bytes_moved == 2 * X
 
@@ -106,7 +107,7 @@ def test_dead_code_is_removed(test_passes):
     a = memopt.analyze(lambda x: x * 2, x48(), passes=["add_dead_node", "cleanup"])
     planted, cleanup = a.ledger
     assert planted.bytes_after == planted.bytes_before + 2 * X
-    dead = [d for d in cleanup.decisions if "dead" in d.what]
+    dead = [d for d in cleanup.decisions if d.code == "cleanup.dead_code"]
     assert len(dead) == 1 and dead[0].bytes_saved == 2 * X
     assert cleanup.bytes_after == 2 * X
 
@@ -122,9 +123,23 @@ def test_check_catches_a_miscompile(test_passes):
         memopt.analyze(lambda x: x * 2, x48(), passes=["wrong_constant"], check=True)
 
 
-def test_check_passes_on_a_correct_pipeline():
-    a = memopt.analyze(lambda x: torch.cat([x.clone()]).exp() + x.exp(), x48(), check=True)
-    assert a.ledger[0].decisions
+def test_check_runs_the_graph_after_every_pass(monkeypatch):
+    from memopt.passes import pipeline
+
+    compared = []
+    real = pipeline._compare
+
+    def spy(gm, inputs, expected, after):
+        compared.append(after)
+        return real(gm, inputs, expected, after)
+
+    monkeypatch.setattr(pipeline, "_compare", spy)
+    fn = lambda x: torch.cat([x.clone()]).exp() + x.exp()  # noqa: E731
+    memopt.analyze(fn, x48())
+    assert compared == []  # check is off by default
+    a = memopt.analyze(fn, x48(), check=True)
+    assert compared == list(DEFAULT_PIPELINE)  # one comparison after each pass, in order
+    assert any(d.applied for d in a.ledger[0].decisions)
 
 
 def test_backend_check_falls_back_visibly_on_a_miscompile(test_passes):
@@ -180,8 +195,16 @@ def test_ledger_keeps_printed_graphs_for_diffs():
 
 
 def test_random_ops_are_never_merged():
-    a = memopt.analyze(lambda x: torch.rand_like(x) + torch.rand_like(x), x48())
-    assert not any(d.applied for d in only(a).decisions)
+    # Two identical draws and two identical exps: only the exps merge.
+    a = memopt.analyze(
+        lambda x: torch.rand_like(x) + torch.rand_like(x) + x.exp() + x.exp(),
+        x48(),
+        passes=["cleanup"],
+    )
+    (merged,) = [d for d in only(a).decisions if d.applied]
+    assert merged.code == "cleanup.cse" and "exp" in merged.what
+    ops = [op for k in a.kernels for op in k.ops]
+    assert ops.count("aten.rand_like.default") == 2 and ops.count("aten.exp.default") == 1
 
 
 def test_neutral_arithmetic_is_removed_but_not_plus_zero():

@@ -44,6 +44,7 @@ def _grads(module: nn.Module, x: torch.Tensor, compiled: object) -> list[torch.T
     return [x.grad, *(p.grad for p in module.parameters())]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mlp", "block", "convnet"])
 def test_gradients_match_eager(name: str) -> None:
     model, x = model_and_input(name)
@@ -111,6 +112,7 @@ def _with_partitioner(partitioner: object, monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(partition_module, "default", partition_fn)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mlp", "block", "convnet"])
 def test_no_more_bytes_than_torch_partitioners(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from torch._functorch.partitioners import (
@@ -136,7 +138,7 @@ def test_no_more_bytes_than_torch_partitioners(name: str, monkeypatch: pytest.Mo
     assert set(record.candidates) == {DEFAULT, TORCH_MIN_CUT, MEMOPT}
     assert record.modelled_peak_bytes == ours.graphs[0].gm.meta[COUNTED_SAVED_BYTES_KEY]
     # The ledger lists every saved activation with its bytes.
-    listed = {d.nodes[0] for d in recompute_decisions(ours) if d.what.startswith("saved %")}
+    listed = {d.nodes[0] for d in recompute_decisions(ours) if d.code == "recompute.saved"}
     assert listed == {s.name for s in record.choice.saved if not s.is_input}
 
 
@@ -162,7 +164,8 @@ def test_budget_is_honoured() -> None:
     # a note in the ledger.
     unreachable = {"recompute": {"max_saved_bytes": 0}}
     result = memopt.analyze(model, x, training=True, pass_options=unreachable)
-    assert any("unreachable" in d.reason for d in recompute_decisions(result))
+    notes = [d for d in recompute_decisions(result) if d.code == "recompute.partition_note"]
+    assert any("unreachable" in d.reason for d in notes)
 
 
 def test_must_and_never_recompute() -> None:
@@ -221,5 +224,33 @@ def test_refused_duplication_is_recorded_with_bytes() -> None:
         return p * 2 + p.relu()  # both consumers fuse with p into one kernel
 
     result = memopt.analyze(shared, torch.randn(16, 32))
-    refused = [d for d in recompute_decisions(result) if not d.applied]
-    assert refused and all(d.bytes_saved <= 0 for d in refused)
+    (refused,) = [d for d in recompute_decisions(result) if not d.applied]
+    assert refused.code == "recompute.not_duplicated" and refused.bytes_saved == 0
+    assert "one kernel with all its consumers" in refused.reason
+
+    def four_consumers(a, b):
+        p = a * b  # read by four reductions over different axes: three or four kernels
+        return p.sum(0), p.sum(1), p.sum(2), p.amax(2)
+
+    n = 4 * 8 * 16 * F32
+    result = memopt.analyze(four_consumers, torch.randn(4, 8, 16), torch.randn(4, 8, 16))
+    (refused,) = [d for d in recompute_decisions(result) if not d.applied]
+    # Stored: p written once and read four times (5n), its kernel reads a and b (2n): 7n.
+    # Copied into each consumer: four times a and b (8n): n more.
+    assert refused.code == "recompute.not_duplicated" and refused.bytes_saved == -n
+    assert f"{n} B more than storing it once" in refused.reason
+
+
+def test_the_partition_stage_obeys_fuel() -> None:
+    x = torch.randn(16, 32, requires_grad=True)
+    full = memopt.analyze(sin_cos_sum, x, training=True)
+    first = full.graphs[0].ledger[0]
+    assert first.stage == "partition" and first.pass_name == "recompute"
+    assert first.decisions[0].code == "recompute.partition" and first.decisions[0].applied
+    assert full.graphs[0].gm.meta[META_KEY].chosen == MEMOPT
+
+    none = memopt.analyze(sin_cos_sum, x, training=True, fuel=0)
+    (kept,) = [d for d in recompute_decisions(none) if d.code == "recompute.partition_kept"]
+    assert not kept.applied and "out of fuel (0)" in kept.reason
+    assert none.graphs[0].gm.meta[META_KEY].chosen == DEFAULT
+    assert none.bytes_moved > full.bytes_moved

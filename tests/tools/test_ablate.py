@@ -117,6 +117,7 @@ def test_run_times_and_checks_every_configuration():
     assert "run ms" in result.format()
 
 
+@pytest.mark.slow
 def test_run_checks_gradients_when_training():
     torch.manual_seed(0)
     model = MLP(8, 16).train()

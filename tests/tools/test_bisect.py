@@ -49,7 +49,7 @@ def x48():
 def test_bisect_finds_the_planted_decision(planted):
     x = x48()
     applied = applied_decisions(memopt.analyze(program, x, passes=PIPELINE))
-    planted_at = next(k for k, d in enumerate(applied, start=1) if "x*4" in d.what)
+    planted_at = next(k for k, d in enumerate(applied, start=1) if d.code == "planted.bug")
     assert 1 < planted_at < len(applied)  # decisions before it (cleanup) and after (fusion)
 
     messages: list[str] = []
