@@ -27,64 +27,12 @@ from memopt.compiler.graph import DTYPE_NAMES
 
 # Pointwise ops every backend implements, by arity. Names follow torch where one exists.
 UNARY_OPS = frozenset(
-    {
-        "neg",
-        "abs",
-        "exp",
-        "exp2",
-        "expm1",
-        "log",
-        "log2",
-        "log1p",
-        "sqrt",
-        "rsqrt",
-        "sin",
-        "cos",
-        "tan",
-        "tanh",
-        "sigmoid",
-        "erf",
-        "relu",
-        "reciprocal",
-        "sign",
-        "floor",
-        "ceil",
-        "trunc",
-        "round",
-        "logical_not",
-        "bitwise_not",
-        "isnan",
-        "isinf",
-        "square",
-    }
+    "neg abs exp exp2 expm1 log log2 log1p sqrt rsqrt sin cos tan tanh sigmoid erf relu "
+    "reciprocal sign floor ceil trunc round logical_not bitwise_not isnan isinf square".split()
 )
 BINARY_OPS = frozenset(
-    {
-        "add",
-        "sub",
-        "mul",
-        "truediv",
-        "floordiv",
-        "truncdiv",
-        "remainder",
-        "fmod",
-        "pow",
-        "maximum",
-        "minimum",
-        "eq",
-        "ne",
-        "lt",
-        "le",
-        "gt",
-        "ge",
-        "logical_and",
-        "logical_or",
-        "logical_xor",
-        "bitwise_and",
-        "bitwise_or",
-        "bitwise_xor",
-        "atan2",
-    }
+    "add sub mul truediv floordiv truncdiv remainder fmod pow maximum minimum eq ne lt le "
+    "gt ge logical_and logical_or logical_xor bitwise_and bitwise_or bitwise_xor atan2".split()
 )
 TERNARY_OPS = frozenset({"where"})
 REDUCTIONS = frozenset({"sum", "prod", "max", "min", "argmax", "argmin", "any", "all"})
@@ -96,20 +44,7 @@ DOT = "dot"
 # Ops whose operands meet in their promoted dtype (torch's type promotion), not in their
 # result's (bool) dtype: comparisons, logical ops and the predicates on floats.
 PREDICATES = frozenset(
-    {
-        "eq",
-        "ne",
-        "lt",
-        "le",
-        "gt",
-        "ge",
-        "logical_and",
-        "logical_or",
-        "logical_xor",
-        "logical_not",
-        "isnan",
-        "isinf",
-    }
+    "eq ne lt le gt ge logical_and logical_or logical_xor logical_not isnan isinf".split()
 )
 _ARITY = {**dict.fromkeys(UNARY_OPS, 1), **dict.fromkeys(BINARY_OPS, 2), "where": 3}
 _STRUCTURAL = frozenset({"load", "const", "index", "cast", "reduce", DOT})

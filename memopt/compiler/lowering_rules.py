@@ -135,18 +135,8 @@ OTHER = {
 # Matmuls a template kernel computes (with the pointwise ops around them), when the fusion
 # pass puts one in a group; alone they stay library calls.
 TEMPLATE_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
-SUPPORTED_DTYPES = {
-    torch.float32,
-    torch.float16,
-    torch.bfloat16,
-    torch.float64,
-    torch.int64,
-    torch.int32,
-    torch.int16,
-    torch.int8,
-    torch.uint8,
-    torch.bool,
-}
+SUPPORTED_DTYPES = {torch.float32, torch.float16, torch.bfloat16, torch.float64}
+SUPPORTED_DTYPES |= {torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool}
 
 
 def symbolic_scalar(node: object) -> sympy.Expr | None:

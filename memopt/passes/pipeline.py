@@ -24,7 +24,7 @@ from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from memopt.compiler.capture import STAGE_RECORDS_KEY, CaptureHooks
-from memopt.compiler.cost import graph_cost
+from memopt.compiler.cost import GraphCost, graph_cost
 from memopt.compiler.graph import META_KEY, TensorMeta, copy_graph, meta_of_value, shape_bindings
 from memopt.compiler.printer import format_graph
 from memopt.errors import CheckError, VerificationError
@@ -66,19 +66,16 @@ def run_pipeline(
     text = format_graph(gm, bindings)
     text_before_all = text
     cost = graph_cost(gm, bindings)
+    # The capture-time stages acted before this graph existed: before and after are it.
     ledger = [
-        LedgerEntry(
-            pass_name=record.pass_name,
-            graph=graph_name,
-            bytes_before=cost.nbytes,
-            bytes_after=cost.nbytes,
-            kernels_before=cost.kernels,
-            kernels_after=cost.kernels,
-            elapsed_ms=record.elapsed_ms,
-            decisions=tuple(replace(d, graph=graph_name) for d in record.decisions),
-            text_before=text,
-            text_after=text,
-            stage=record.stage.value,
+        _entry(
+            record.pass_name,
+            graph_name,
+            (cost, cost),
+            (text, text),
+            record.elapsed_ms,
+            tuple(replace(d, graph=graph_name) for d in record.decisions),
+            record.stage,
         )
         for record in gm.meta.pop(STAGE_RECORDS_KEY, ())
     ]
@@ -97,21 +94,43 @@ def run_pipeline(
         text_after = format_graph(gm, bindings) if changed else text
         cost_after = graph_cost(gm, bindings) if changed else cost
         ledger.append(
-            LedgerEntry(
-                pass_name=pass_.name,
-                graph=graph_name,
-                bytes_before=cost.nbytes,
-                bytes_after=cost_after.nbytes,
-                kernels_before=cost.kernels,
-                kernels_after=cost_after.kernels,
-                elapsed_ms=elapsed_ms,
-                decisions=tuple(ctx.record.decisions),
-                text_before=text,
-                text_after=text_after,
+            _entry(
+                pass_.name,
+                graph_name,
+                (cost, cost_after),
+                (text, text_after),
+                elapsed_ms,
+                tuple(ctx.record.decisions),
+                Stage.ATEN,
             )
         )
         text, cost = text_after, cost_after
     return PipelineResult(gm=gm, ledger=ledger, text_before=text_before_all, text_after=text)
+
+
+def _entry(
+    pass_name: str,
+    graph_name: str,
+    costs: tuple[GraphCost, GraphCost],
+    texts: tuple[str, str],
+    elapsed_ms: float,
+    decisions: tuple[Decision, ...],
+    stage: Stage,
+) -> LedgerEntry:
+    before, after = costs
+    return LedgerEntry(
+        pass_name=pass_name,
+        graph=graph_name,
+        bytes_before=before.nbytes,
+        bytes_after=after.nbytes,
+        kernels_before=before.kernels,
+        kernels_after=after.kernels,
+        elapsed_ms=elapsed_ms,
+        decisions=decisions,
+        text_before=texts[0],
+        text_after=texts[1],
+        stage=stage.value,
+    )
 
 
 def modelled_bytes(gm: torch.fx.GraphModule, pipeline: Pipeline, graph_name: str) -> int:

@@ -261,24 +261,10 @@ BOOL_OPS = {
     "bitwise_xor": 2,
     "where": 3,
 }
-PREDICATES = {
-    "eq",
-    "ne",
-    "lt",
-    "le",
-    "gt",
-    "ge",
-    "logical_and",
-    "logical_or",
-    "logical_xor",
-    "logical_not",
-    "isnan",
-    "isinf",
-}
 
 
 def _result(op: str, dtype: torch.dtype) -> torch.dtype:
-    return b8 if op in PREDICATES else dtype
+    return b8 if op in ir.PREDICATES else dtype
 
 
 def test_tables_cover_every_op():

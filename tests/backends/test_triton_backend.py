@@ -19,6 +19,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from memopt.backends.reference import POINTWISE_FUNCTIONS  # noqa: E402
 from memopt.backends.triton import compile_kernel, render  # noqa: E402
 from memopt.backends.triton import runtime as triton_runtime  # noqa: E402
 from memopt.backends.triton.runtime import cache_dir  # noqa: E402
@@ -108,45 +109,16 @@ def test_persistent_reduction_when_the_row_fits():
 SPECIAL = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 0.5, -0.5, 1.5, 2.5, -2.5]
 SPECIAL += [1e-6, -1e-6, 3.0, -3.0, 1.0, -1.0]
 
+# The ops against the torch functions that define them (the reference backend's table).
 FLOAT_UNARY = {
-    "neg": torch.neg,
-    "abs": torch.abs,
-    "exp": torch.exp,
-    "exp2": torch.exp2,
-    "expm1": torch.expm1,
-    "log": torch.log,
-    "log2": torch.log2,
-    "log1p": torch.log1p,
-    "sqrt": torch.sqrt,
-    "rsqrt": torch.rsqrt,
-    "sin": torch.sin,
-    "cos": torch.cos,
-    "tan": torch.tan,
-    "tanh": torch.tanh,
-    "sigmoid": torch.sigmoid,
-    "erf": torch.erf,
-    "relu": torch.relu,
-    "reciprocal": torch.reciprocal,
-    "sign": torch.sign,
-    "floor": torch.floor,
-    "ceil": torch.ceil,
-    "trunc": torch.trunc,
-    "round": torch.round,
-    "square": torch.square,
+    op: POINTWISE_FUNCTIONS[op]
+    for op in "neg abs exp exp2 expm1 log log2 log1p sqrt rsqrt sin cos tan tanh sigmoid "
+    "erf relu reciprocal sign floor ceil trunc round square".split()
 }
 FLOAT_BINARY = {
-    "add": torch.add,
-    "sub": torch.sub,
-    "mul": torch.mul,
-    "truediv": torch.true_divide,
-    "floordiv": lambda a, b: torch.div(a, b, rounding_mode="floor"),
-    "truncdiv": lambda a, b: torch.div(a, b, rounding_mode="trunc"),
-    "remainder": torch.remainder,
-    "fmod": torch.fmod,
-    "pow": torch.pow,
-    "maximum": torch.maximum,
-    "minimum": torch.minimum,
-    "atan2": torch.atan2,
+    op: POINTWISE_FUNCTIONS[op]
+    for op in "add sub mul truediv floordiv truncdiv remainder fmod pow maximum minimum "
+    "atan2".split()
 }
 
 

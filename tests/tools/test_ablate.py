@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 
 import pytest
 import torch
@@ -213,8 +214,8 @@ def _has_matplotlib() -> bool:
     return True
 
 
-@pytest.mark.skipif(_has_matplotlib(), reason="matplotlib is installed")
-def test_cli_plot_without_matplotlib_is_a_clear_error(target_file, tmp_path, capsys):
+def test_cli_plot_without_matplotlib_is_a_clear_error(target_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     assert main(["ablate", str(target_file), "--out", str(tmp_path), "--plot", "x.png"]) == 2
     captured = capsys.readouterr()
     assert captured.err.strip() == (

@@ -129,25 +129,8 @@ def full_closure(
 
 # Ops that cost more to recompute in a later pass than a store and a load from L1/L2.
 _COSTLY_OPS = frozenset(
-    {
-        "exp",
-        "exp2",
-        "expm1",
-        "log",
-        "log2",
-        "log1p",
-        "sin",
-        "cos",
-        "tan",
-        "tanh",
-        "erf",
-        "sigmoid",
-        "pow",
-        "atan2",
-        "fmod",
-        "remainder",
-        "floordiv",
-    }
+    "exp exp2 expm1 log log2 log1p sin cos tan tanh erf sigmoid pow atan2 fmod remainder "
+    "floordiv".split()
 )
 
 

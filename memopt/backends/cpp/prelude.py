@@ -17,19 +17,7 @@ from __future__ import annotations
 # all of them (glibc >= 2.35 for most); math.h declares those only under -ffast-math, which
 # would also drop NaN and infinity semantics, so the declarations below add the SIMD
 # attribute themselves when the build found that libmvec links (build.py: MO_USE_MVEC).
-MVEC_FUNCTIONS = (
-    "exp",
-    "exp2",
-    "expm1",
-    "log",
-    "log2",
-    "log1p",
-    "sin",
-    "cos",
-    "tan",
-    "tanh",
-    "erf",
-)
+MVEC_FUNCTIONS = tuple("exp exp2 expm1 log log2 log1p sin cos tan tanh erf".split())
 MVEC_BINARY_FUNCTIONS = ("pow", "atan2")
 
 

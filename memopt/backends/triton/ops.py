@@ -320,6 +320,7 @@ def _atan2_64(y, x):
     "_pow_uint": """
 @triton.jit
 def _pow_uint(a, b):
+    # Exact, wrapping on overflow (ATen's powi), for exponents >= 0.
     result = a * 0 + 1
     base = a
     e = b
@@ -332,15 +333,9 @@ def _pow_uint(a, b):
     "_pow_int": """
 @triton.jit
 def _pow_int(a, b):
-    # ATen's powi: exact, wrapping on overflow; a negative exponent gives 1 for a == 1,
-    # -1 or 1 for a == -1 (by the exponent's parity), 0 otherwise.
-    result = a * 0 + 1
-    base = a
-    e = tl.where(b < 0, 0, b)
-    for _ in tl.static_range(63):
-        result = tl.where((e & 1) != 0, result * base, result)
-        base = base * base
-        e = e >> 1
+    # ATen's powi: a negative exponent gives 1 for a == 1, -1 or 1 for a == -1 (by the
+    # exponent's parity), 0 otherwise.
+    result = _pow_uint(a, tl.where(b < 0, 0, b))
     odd = (b & 1) != 0
     negative = tl.where(a == 1, 1, tl.where(a == -1, tl.where(odd, -1, 1), 0))
     return tl.where(b < 0, negative.to(result.dtype), result)

@@ -568,10 +568,23 @@ def function_name(kernel: Kernel) -> str:
     return "memopt_" + re.sub(r"\W", "_", kernel.name)
 
 
+def _helpers_called(text: str) -> list[str]:
+    """The sources of the helpers `text` calls, and of the helpers they call, in HELPERS'
+    order (a helper before its callers)."""
+    called: set[str] = set()
+    pending = [text]
+    while pending:
+        source = pending.pop()
+        for name, helper in HELPERS.items():
+            if name not in called and re.search(rf"\b{name}\b", source):
+                called.add(name)
+                pending.append(helper)
+    return [HELPERS[name].strip("\n") for name in HELPERS if name in called]
+
+
 def module_source(fn_name: str, args: list[str], body: list[str]) -> str:
     """A Triton module: imports, the helpers the body calls, then the @triton.jit function."""
-    calls = "\n".join(body)
-    helpers = [text.strip("\n") for helper, text in HELPERS.items() if helper in calls]
+    helpers = _helpers_called("\n".join(body))
     lines = [
         "import triton",
         "import triton.language as tl",
