@@ -1,13 +1,20 @@
 """The passes, their registry and the default pipeline: one ordered list, in one place.
 
-Each pass registers itself (passes/registry.py) when its module is imported here.
+Every module of this package is imported here, so a pass registers itself
+(passes/registry.py) by being a file in it: writing a pass is one file with one decorated
+class.
 """
 
 from __future__ import annotations
 
-from memopt.passes import attention, cleanup, fusion, layout, recompute
+import importlib
+import pkgutil
+
 from memopt.passes.base import Fuel, Pass, PassContext, Pipeline, Stage
 from memopt.passes.registry import PASSES, make_pass, register_pass
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 # The order passes run in by default.
 DEFAULT_PIPELINE: tuple[str, ...] = ("cleanup", "layout", "attention", "recompute", "fusion")
@@ -20,11 +27,6 @@ __all__ = [
     "PassContext",
     "Pipeline",
     "Stage",
-    "attention",
-    "cleanup",
-    "fusion",
-    "layout",
     "make_pass",
-    "recompute",
     "register_pass",
 ]

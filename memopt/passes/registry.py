@@ -10,8 +10,8 @@ The dataclass fields are the pass's options, typed: `make_pass` checks a value a
 its field's annotation (bool, int, float, str, a Literal of choices, `tuple[str, ...]`,
 any of those `| None`) and the field's `min`, and raises OptionError naming the pass, the
 option and what it takes. The Config builds every pass this way, so a bad option fails
-before anything compiles. Writing a pass is one file with one decorated class, plus an
-import in passes/__init__.py.
+before anything compiles. Writing a pass is one file in this package with one decorated
+class: passes/__init__.py imports every module of the package.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ import torch
 
 from memopt.backends.codegen import planning
 from memopt.backends.codegen.index import ATOM, Unsupported, linear_coefficient, row_major
+from memopt.backends.codegen.walk import ValueRenderer
 from memopt.backends.cpp import ops
 from memopt.backends.cpp.index import CppIndexPrinter
 from memopt.backends.cpp.prelude import PRELUDE
@@ -78,7 +79,7 @@ class _Loop:
     offsets: dict[sympy.Expr, str] = field(default_factory=dict)
 
 
-class _Codegen:
+class _Codegen(ValueRenderer):
     def __init__(self, kernel: Kernel) -> None:
         self.kernel = kernel
         kernel.verify()
@@ -443,25 +444,24 @@ class _Codegen:
 
     def _value_line(self, value: Value, loop: _Loop) -> str:
         ctype = ops.compute_type(value.dtype)
-        return f"const {ctype} {self.names[value]} = {self._value_expr(value, loop)};"
+        return f"const {ctype} {self.names[value]} = {self.expression(value, loop)};"
 
-    def _value_expr(self, value: Value, loop: _Loop) -> str:
-        if value.op == "load":
-            return self._load_expr(value, loop)
-        if value.op == "const":
-            return ops.constant(value.arg, value.dtype)
-        if value.op == "index":
-            index = self._index(value.arg, loop, {})
-            return ops.cast_expr(index, torch.int64, value.dtype)
-        if value.op == "cast":
-            (arg,) = value.args
-            return ops.cast_expr(self.names[arg], arg.dtype, value.dtype)
-        if value.op == "reduce":
-            return self._single_element_reduction(value)
+    def const_expr(self, value: Value, loop: _Loop) -> str:
+        return ops.constant(value.arg, value.dtype)
+
+    def index_expr(self, value: Value, loop: _Loop) -> str:
+        return ops.cast_expr(self._index(value.arg, loop, {}), torch.int64, value.dtype)
+
+    def cast_expr(self, value: Value, loop: _Loop) -> str:
+        (arg,) = value.args
+        return ops.cast_expr(self.names[arg], arg.dtype, value.dtype)
+
+    def pointwise_expr(self, value: Value, loop: _Loop) -> str:
         return ops.pointwise_expr(value, [self.names[a] for a in value.args])
 
-    def _single_element_reduction(self, value: Value) -> str:
-        """A reduction in a kernel without reduction variables reduces one element."""
+    def reduce_expr(self, value: Value, loop: _Loop) -> str:
+        """A reduction in a kernel without reduction variables reduces one element (the
+        skeleton computes every other reduction in its pass)."""
         if self.kernel.reduction_ranges:
             raise AssertionError("reductions are computed by their pass")
         (operand,) = value.args
@@ -474,7 +474,7 @@ class _Codegen:
             )
         return ops.convert(name, operand.dtype, value.dtype)
 
-    def _load_expr(self, value: Value, loop: _Loop) -> str:
+    def load_expr(self, value: Value, loop: _Loop) -> str:
         buffer_name, index, indirect, masked = value.arg
         dtype = self.buffers[buffer_name].dtype
         pointer = self.c_names[buffer_name]

@@ -86,7 +86,6 @@ FLOAT64_UNARY = {
     ),
 }
 
-FLOAT64_BINARY = {"atan2": "_atan2_64({a}, {b})"}
 UINT_BINARY = {"pow": "_pow_uint({a}, {b})"}  # unsigned: no negative exponent
 
 FLOAT_UNARY = {
@@ -211,7 +210,7 @@ _TABLES = {
     ("bool", 1): (BOOL_UNARY,),
     ("bool", 2): (BOOL_BINARY, COMMON_BINARY),
     ("float64", 1): (FLOAT64_UNARY, FLOAT_UNARY),
-    ("float64", 2): (COMMON_BINARY, FLOAT64_BINARY, FLOAT_BINARY),
+    ("float64", 2): (COMMON_BINARY, FLOAT_BINARY),
     ("float", 1): (FLOAT_UNARY,),
     ("float", 2): (COMMON_BINARY, FLOAT_BINARY),
     ("unsigned", 1): (INT_UNARY,),
@@ -274,8 +273,9 @@ def _pow(base, exponent):
     "_atan2": """
 @triton.jit
 def _atan2(y, x):
-    # atan of the ratio in [0, 1], reduced around pi/4 (Cephes atanf: ~1 ulp), then moved
-    # to its octant and quadrant.
+    # atan of the ratio in [0, 1], reduced around pi/4, then moved to its octant and
+    # quadrant. The ratio's atan: Cephes' atanf polynomial (~1 ulp) in fp32; in fp64 the
+    # rational approximation of Cephes' atan (double), valid for |w| <= 0.66 (~1e-16).
     ax = tl.abs(x)
     ay = tl.abs(y)
     high = tl.maximum(ax, ay)
@@ -284,33 +284,17 @@ def _atan2(y, x):
     upper = ratio > 0.41421356237309503
     w = tl.where(upper, (ratio - 1.0) / (ratio + 1.0), ratio)
     z = w * w
-    poly = ((8.05374449538e-2 * z - 1.38776856032e-1) * z + 1.99777106478e-1) * z - 3.33329491539e-1
-    angle = tl.where(upper, 0.7853981633974483, 0.0) + (w + w * z * poly)
-    angle = tl.where(ay > ax, 1.5707963267948966 - angle, angle)
-    angle = tl.where(x < 0, 3.141592653589793 - angle, angle)
-    angle = tl.where(y < 0, -angle, angle)
-    return tl.where((x != x) | (y != y), x + y, angle)
-""",
-    "_atan2_64": """
-@triton.jit
-def _atan2_64(y, x):
-    # As _atan2, in fp64: the ratio's atan from the rational approximation of Cephes' atan
-    # (double), valid for |w| <= 0.66, to ~1e-16.
-    ax = tl.abs(x)
-    ay = tl.abs(y)
-    high = tl.maximum(ax, ay)
-    low = tl.minimum(ax, ay)
-    ratio = tl.where(high == 0, 0.0, tl.where(low == high, 1.0, low / tl.where(high == 0, 1.0, high)))
-    upper = ratio > 0.41421356237309503
-    w = tl.where(upper, (ratio - 1.0) / (ratio + 1.0), ratio)
-    z = w * w
-    p = (((-8.750608600031904122785e-1 * z - 1.615753718733365076637e1) * z
-          - 7.500855792314704667340e1) * z - 1.228866684490136173410e2) * z - 6.485021904942025371773e1
-    q = ((((z + 2.485846490142306297962e1) * z + 1.650270098316988542046e2) * z
-          + 4.328810604912902668951e2) * z + 4.853903996359136964868e2) * z + 1.945506571482613964425e2
-    # pi/4 added to the fp64 tensor, not picked by tl.where: a where of two Python floats
-    # is an fp32 constant.
-    angle = w + w * z * p / q
+    if x.dtype == tl.float64:
+        p = (((-8.750608600031904122785e-1 * z - 1.615753718733365076637e1) * z
+              - 7.500855792314704667340e1) * z - 1.228866684490136173410e2) * z - 6.485021904942025371773e1
+        q = ((((z + 2.485846490142306297962e1) * z + 1.650270098316988542046e2) * z
+              + 4.328810604912902668951e2) * z + 4.853903996359136964868e2) * z + 1.945506571482613964425e2
+        angle = w + w * z * p / q
+    else:
+        poly = ((8.05374449538e-2 * z - 1.38776856032e-1) * z + 1.99777106478e-1) * z - 3.33329491539e-1
+        angle = w + w * z * poly
+    # pi/4 added to the tensor, not picked by tl.where: a where of two Python floats is
+    # an fp32 constant.
     angle = tl.where(upper, angle + 0.7853981633974483, angle)
     angle = tl.where(ay > ax, 1.5707963267948966 - angle, angle)
     angle = tl.where(x < 0, 3.141592653589793 - angle, angle)

@@ -39,6 +39,7 @@ from memopt.backends.codegen.index import (
     row_major,
 )
 from memopt.backends.codegen.planning import reduction_depths, unit_stride_var
+from memopt.backends.codegen.walk import ValueRenderer
 from memopt.backends.triton.ops import (
     FLOAT_POW_BY_CONSTANT,
     HALF,
@@ -161,7 +162,7 @@ class Scope:
         self.lines.append(self.indent + line)
 
 
-class Renderer:
+class Renderer(ValueRenderer):
     def __init__(self, kernel: Kernel) -> None:
         kernel.verify()
         self.kernel = kernel
@@ -214,24 +215,24 @@ class Renderer:
         scope.names[value] = name
         return name
 
-    def expression(self, value: Value, scope: Scope) -> str:
-        op = value.op
-        if op == "load":
-            return self.load(value, scope)
-        if op == "const" or (op == "index" and not value.arg.free_symbols):
-            # The number rounded to the Value's dtype (a 16-bit constant is not fp32's).
-            held = compute_dtype(value.dtype)
-            rounded = torch.tensor(number(value.arg), dtype=value.dtype).to(held).item()
-            return f"tl.full([1], {literal(rounded, held)}, {tl_dtype(held)})"
-        if op == "index":
-            text = self.index(value.arg, scope, {})
-            return self.cast(f"({text}).to(tl.int64)", torch.int64, value.dtype)
-        if op == "cast":
-            source = self.value(value.args[0], scope)
-            return self.cast(source, value.args[0].dtype, value.dtype)
-        if op == "reduce":
-            return self.persistent_reduce(value, scope)
-        return self.pointwise(value, scope)
+    def const_expr(self, value: Value, scope: Scope) -> str:
+        # The number rounded to the Value's dtype (a 16-bit constant is not fp32's).
+        held = compute_dtype(value.dtype)
+        rounded = torch.tensor(number(value.arg), dtype=value.dtype).to(held).item()
+        return f"tl.full([1], {literal(rounded, held)}, {tl_dtype(held)})"
+
+    def index_expr(self, value: Value, scope: Scope) -> str:
+        if not value.arg.free_symbols:
+            return self.const_expr(value, scope)
+        text = self.index(value.arg, scope, {})
+        return self.cast(f"({text}).to(tl.int64)", torch.int64, value.dtype)
+
+    def cast_expr(self, value: Value, scope: Scope) -> str:
+        source = self.value(value.args[0], scope)
+        return self.cast(source, value.args[0].dtype, value.dtype)
+
+    def reduce_expr(self, value: Value, scope: Scope) -> str:
+        return self.persistent_reduce(value, scope)
 
     def cast(self, source: str, from_dtype: torch.dtype, to_dtype: torch.dtype) -> str:
         """`source`, held as `from_dtype` holds, rounded to `to_dtype` and held as it holds."""
@@ -246,7 +247,7 @@ class Renderer:
             return f"({source} != 0)"
         return f"{source}.to({tl_dtype(to_dtype)})"
 
-    def load(self, value: Value, scope: Scope) -> str:
+    def load_expr(self, value: Value, scope: Scope) -> str:
         buffer, index, indirect, masked = value.arg
         operands = list(value.args)
         extra_mask = self.value(operands.pop(), scope) if masked else None
@@ -269,7 +270,7 @@ class Renderer:
             text = self.cast(text, buffer_dtype, value.dtype)
         return text
 
-    def pointwise(self, value: Value, scope: Scope) -> str:
+    def pointwise_expr(self, value: Value, scope: Scope) -> str:
         """A pointwise op from the template tables, on operands converted as torch does.
 
         Operands meet in the dtype the op computes in (as the reference backend): the
