@@ -85,7 +85,7 @@ class ByteCounter(TorchDispatchMode):
         if func in WRITE_ONLY_OPS:
             inputs = [t for t in inputs if _key(t) not in {_key(m) for m in mutated}]
         if func in GATHERS:
-            source = args[1] if func is aten.embedding.default else args[0]
+            source = args[0]  # the table (embedding's weight is its first argument too)
             outputs = _tensors(out)
             written = sum(t.numel() for t in outputs)
             others = [t for t in inputs if _key(t) != _key(source)]

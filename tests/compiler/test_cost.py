@@ -75,6 +75,16 @@ CASES = {
         2 * I64 + 10 * 8 * F32 + 2 * 8 * F32,
         (2 * I64 + 2 * 8 * F32) + 2 * 8 * F32,
     ),
+    # An embedding lookup of 3 rows in a (1000, 8) table: the table is the weight (argument
+    # 0): 3 rows read, not 1000.
+    "embedding": (
+        lambda t, i: torch.nn.functional.embedding(i, t),
+        (torch.randn(1000, 8), torch.tensor([1, 5, 7])),
+        (3 * I64 + 3 * 8 * F32) + 3 * 8 * F32,
+        1,
+        3 * I64 + 1000 * 8 * F32 + 3 * 8 * F32,
+        (3 * I64 + 3 * 8 * F32) + 3 * 8 * F32,
+    ),
 }
 
 
