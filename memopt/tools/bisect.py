@@ -84,7 +84,7 @@ class BisectResult:
             lines += [
                 f"First bad decision: #{self.first_bad} of {self.decisions} "
                 f"(fuel={self.first_bad - 1} matches eager, fuel={self.first_bad} does not)",
-                f"  pass    {d.pass_name}",
+                f"  pass    {d.pass_name} ({d.code})",
                 f"  graph   {d.graph}",
                 f"  what    {d.what}",
                 f"  reason  {d.reason}",
