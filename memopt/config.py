@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from memopt.backends.registry import backend_names
 from memopt.compiler.devices import get_device
 from memopt.errors import OptionError, unknown
-from memopt.passes import DEFAULT_PIPELINE, PASSES, Pipeline, make_pass
+from memopt.passes import DEFAULT_PIPELINE, PASSES, Pipeline, Stage, make_pass
 
 
 @dataclass(frozen=True)
@@ -88,12 +88,18 @@ class Config:
     def pipeline(self) -> Pipeline:
         """What the passes layer runs: each pass built with its options, in order."""
         configured = {name: make_pass(name, self.pass_options.get(name)) for name in PASSES}
-        return Pipeline(
+        pipeline = Pipeline(
             passes=tuple(configured[name] for name in self.pass_names()),
             configured=configured,
             backend=self.backend,
             check=self.check,
         )
+        partitioners = [p.name for p in pipeline.at(Stage.PARTITION)]
+        if len(partitioners) > 1:
+            raise OptionError(
+                f"passes {', '.join(partitioners)} both partition the joint graph; run one"
+            )
+        return pipeline
 
     def replace(self, **changes: object) -> Config:
         config = dataclasses.replace(self, **{k: _coerce(k, v) for k, v in changes.items()})

@@ -167,11 +167,7 @@ def capture_hooks(pipeline: Pipeline, fuel: Fuel) -> CaptureHooks:
                 )
         return records
 
-    partitioners = pipeline.at(Stage.PARTITION)
-    if len(partitioners) > 1:
-        names = ", ".join(p.name for p in partitioners)
-        raise ValueError(f"one pass may partition a joint graph; the pipeline has {names}")
-    partitioner = partitioners[0] if partitioners else None
+    partitioner = next(iter(pipeline.at(Stage.PARTITION)), None)  # at most one (Config)
 
     def partition_joint(
         joint: torch.fx.GraphModule, joint_inputs: Sequence[object], **kwargs: object
