@@ -6,6 +6,7 @@ a = memopt.analyze(model, x)                            # eager vs optimized byt
 print(a.eager_bytes, a.bytes_moved, a.lower_bound_bytes, a.predict("h100"))
 memopt.report(model, x, out="memopt-report")            # HTML, JSON, graph diffs, kernels
 memopt.ablate(model, x)                                 # passes on/off -> bytes, kernels, time
+memopt.profile(model, x)                                # measured time per kernel vs its bytes
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ _LAZY = {
     "Analysis": "memopt.driver.results",
     "report": "memopt.reports.writer",
     "ablate": "memopt.tools.ablate",
+    "profile": "memopt.tools.profile",
 }
 
 
@@ -48,5 +50,6 @@ __all__ = [
     "__version__",
     "ablate",
     "analyze",
+    "profile",
     "report",
 ]

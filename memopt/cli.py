@@ -4,6 +4,7 @@
                   [--top N] [--passes a,b] [--disable NAME] [--fuel N] [--check]
     memopt diff [TARGET] [--pass NAME | --from OPTIONS --to OPTIONS] [--graph NAME] ...
     memopt ablate [TARGET] [--device NAME] [--run] [--repeats N] [--out DIR] [--plot PNG] ...
+    memopt profile [TARGET] [--rounds N] [--no-inductor] [--top N] [--json PATH] ...
     memopt bisect [TARGET] [--backend NAME] ...
     memopt examples
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             return exc.code if isinstance(exc.code, int) else 0
         if args.command is None:
             raise _UsageError(
-                "missing command; choose one of: report, diff, ablate, bisect, examples "
+                "missing command; choose one of: report, diff, ablate, profile, bisect, examples "
                 "(see --help)"
             )
         return args.run(args)
@@ -165,6 +166,29 @@ def _parser() -> argparse.ArgumentParser:
     _pass_arguments(bisect)
     _backend_argument(bisect)
     bisect.set_defaults(run=_bisect)
+
+    profile = commands.add_parser(
+        "profile",
+        help="run the compiled program and time every kernel against its modelled bytes",
+        description="Compile TARGET with memopt (and TorchInductor), run it next to eager in "
+        "interleaved rounds, then time every kernel: measured time, achieved bandwidth from "
+        "the modelled bytes, and the fraction of this machine's measured bandwidth and "
+        "compute peak it reaches.",
+    )
+    _target_arguments(profile)
+    profile.add_argument(
+        "--rounds", type=_positive, default=10, metavar="N", help="timed rounds (default 10)"
+    )
+    profile.add_argument(
+        "--no-inductor", action="store_true", help="do not compile and time TorchInductor"
+    )
+    profile.add_argument(
+        "--top", type=_non_negative, default=0, metavar="N", help="list the N slowest kernels"
+    )
+    profile.add_argument("--json", metavar="PATH", help="also write the profile as JSON")
+    _pass_arguments(profile)
+    _backend_argument(profile)
+    profile.set_defaults(run=_profile)
 
     examples = commands.add_parser("examples", help="list the built-in examples")
     examples.set_defaults(run=_examples)
@@ -341,6 +365,34 @@ def _ablate(args: argparse.Namespace) -> int:
     for path in (csv_path, json_path, args.plot):
         if path:
             _progress(f"wrote {path}")
+    return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from memopt.config import Config
+    from memopt.tools.profile import profile
+
+    options = _options(args)
+    Config.from_options(options)
+    if args.json:
+        _check_writable_file(args.json)
+    target = _load(args)
+    result = profile(
+        target.fn,
+        *target.inputs,
+        training=args.train,
+        dynamic=args.dynamic,
+        rounds=args.rounds,
+        compare=not args.no_inductor,
+        progress=_progress,
+        **options,
+    )
+    result.target = target.name
+    sys.stdout.write(result.format(top=args.top or None))
+    sys.stdout.flush()
+    if args.json:
+        _write(args.json, json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n")
+        _progress(f"wrote {args.json}")
     return 0
 
 

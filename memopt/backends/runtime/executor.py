@@ -20,6 +20,7 @@ import torch
 import torch.fx
 
 from memopt.backends.runtime.kernels import mark_donated_inputs, prefetch_kernels
+from memopt.backends.runtime.timing import active_timer
 from memopt.compiler.graph import META_KEY, TensorMeta, evaluate, tensor_meta
 
 
@@ -92,10 +93,16 @@ class CompiledGraph:
     def _run(self, args: list[object]) -> list[object]:
         if self.reference is not None:
             return self._checked_call(args)
-        if not self.any_restride:
+        timer = active_timer()
+        if timer is not None:  # memopt.profile: every kernel timed, node by node
+            outputs = list(timer.run(self.gm, self.name, args))
+        elif not self.any_restride:
             return self.gm(*args)
+        else:
+            outputs = list(self.gm(*args))
+        if not self.any_restride:
+            return outputs
         bindings = bind_symbols(self.gm, args)
-        outputs = list(self.gm(*args))
         for index, layout in enumerate(self.restride):
             if layout is not None and isinstance(outputs[index], torch.Tensor):
                 outputs[index] = _in_layout(outputs[index], layout, bindings)

@@ -1,0 +1,97 @@
+"""The machine the program runs on, measured: memory bandwidth and compute peak (CPU).
+
+`measured_machine()` times, with torch on this process's threads:
+- read bandwidth: `torch.sum` over a 256 MiB float32 tensor (bytes read / time);
+- copy bandwidth: `dst.copy_(src)` of 256 MiB (bytes read + bytes written / time);
+- compute peak: a 2048 x 2048 x 2048 float32 matmul (2*M*N*K / time);
+each the best of several runs after a warm-up (best, not median: the machine's capability,
+not its noise). The result is cached in `$MEMOPT_CACHE_DIR/machine-<key>.json`, keyed by the
+processor, the thread count and the torch version, so it is measured once per machine.
+Every figure is *measured*.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from memopt.backends.cache import cache_dir, write_atomically
+
+_BUFFER_NBYTES = 256 * 2**20  # far past any last-level cache of this class of machine
+_MATMUL_SIZE = 2048
+_RUNS = 7
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What this machine sustains (measured), and what it is."""
+
+    description: str
+    threads: int
+    read_bytes_per_s: float
+    copy_bytes_per_s: float  # read + write
+    fp32_flops_per_s: float
+
+    def to_dict(self) -> dict[str, object]:
+        return {**asdict(self), "label": "measured"}
+
+
+def _processor() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _best_seconds(run: Callable[[], object]) -> float:
+    run()  # warm-up: first touch of fresh memory, thread pool start
+    best = float("inf")
+    for _ in range(_RUNS):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _bandwidths() -> tuple[float, float]:
+    """(read, copy) bytes per second over buffers no cache holds."""
+    source = torch.ones(_BUFFER_NBYTES // 4)
+    target = torch.empty(_BUFFER_NBYTES // 4)
+    read = _BUFFER_NBYTES / _best_seconds(lambda: source.sum())
+    copy = 2 * _BUFFER_NBYTES / _best_seconds(lambda: target.copy_(source))
+    return read, copy
+
+
+def measure_machine() -> Machine:
+    """Measure this machine now (about a second)."""
+    read, copy = _bandwidths()
+    a = torch.randn(_MATMUL_SIZE, _MATMUL_SIZE)
+    b = torch.randn(_MATMUL_SIZE, _MATMUL_SIZE)
+    flops = 2 * _MATMUL_SIZE**3 / _best_seconds(lambda: a @ b)
+    return Machine(_processor(), torch.get_num_threads(), read, copy, flops)
+
+
+def measured_machine(refresh: bool = False) -> Machine:
+    """This machine's figures, from the cache where it has them (else measured and cached)."""
+    identity = f"{_processor()}|{torch.get_num_threads()}|{torch.__version__}"
+    key = hashlib.sha256(identity.encode()).hexdigest()[:16]
+    path = cache_dir("machine") / f"{key}.json"
+    if not refresh:
+        try:
+            data = json.loads(path.read_text())
+            return Machine(**{k: v for k, v in data.items() if k != "label"})
+        except (OSError, ValueError, TypeError):
+            pass
+    machine = measure_machine()
+    write_atomically(path, json.dumps(machine.to_dict(), indent=1).encode())
+    return machine
