@@ -26,7 +26,7 @@ _LAZY = {
     "Analysis": "memopt.driver.results",
     "report": "memopt.reports.writer",
     "ablate": "memopt.tools.ablate",
-    "profile": "memopt.tools.profile",
+    "profile": "memopt.driver.profile",
 }
 
 

@@ -2,6 +2,7 @@
 
     memopt report [TARGET] [--device NAME] [--json PATH] [--out DIR] [--train] [--dynamic]
                   [--top N] [--passes a,b] [--disable NAME] [--fuel N] [--check]
+                  [--measure [--rounds N] [--no-inductor]]
     memopt diff [TARGET] [--pass NAME | --from OPTIONS --to OPTIONS] [--graph NAME] ...
     memopt ablate [TARGET] [--device NAME] [--run] [--repeats N] [--out DIR] [--plot PNG] ...
     memopt profile [TARGET] [--rounds N] [--no-inductor] [--top N] [--json PATH] ...
@@ -89,6 +90,12 @@ def _parser() -> argparse.ArgumentParser:
         "--fuel", type=_non_negative, metavar="N", help="stop after N rewrite decisions"
     )
     report.add_argument("--check", action="store_true", help="compare each graph against eager")
+    report.add_argument(
+        "--measure",
+        action="store_true",
+        help="also run the program here and time every kernel (as `memopt profile` does)",
+    )
+    _timing_arguments(report)
     report.set_defaults(run=_report)
 
     diff = commands.add_parser(
@@ -176,12 +183,7 @@ def _parser() -> argparse.ArgumentParser:
         "compute peak it reaches.",
     )
     _target_arguments(profile)
-    profile.add_argument(
-        "--rounds", type=_positive, default=10, metavar="N", help="timed rounds (default 10)"
-    )
-    profile.add_argument(
-        "--no-inductor", action="store_true", help="do not compile and time TorchInductor"
-    )
+    _timing_arguments(profile)
     profile.add_argument(
         "--top", type=_non_negative, default=0, metavar="N", help="list the N slowest kernels"
     )
@@ -220,6 +222,15 @@ def _pass_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _timing_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--rounds", type=_positive, default=10, metavar="N", help="timed rounds (default 10)"
+    )
+    parser.add_argument(
+        "--no-inductor", action="store_true", help="do not compile and time TorchInductor"
+    )
+
+
 def _backend_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend", metavar="NAME", help="kernel backend: auto, triton, cpp or reference"
@@ -240,24 +251,44 @@ def _report(args: argparse.Namespace) -> int:
         _check_writable_dir(args.out)
 
     target = _load(args)
-    _progress("analyzing (counting eager bytes, capturing, running passes) ...")
     import memopt  # Dynamo and the compiler load here, after the cheap checks
+    from memopt.reports.measured import format_profile
 
-    analysis = memopt.analyze(
-        target.fn, *target.inputs, training=args.train, dynamic=args.dynamic, **options
-    )
+    measured = None
+    if args.measure:
+        measured = memopt.profile(
+            target.fn,
+            *target.inputs,
+            training=args.train,
+            dynamic=args.dynamic,
+            rounds=args.rounds,
+            compare=not args.no_inductor,
+            progress=_progress,
+            **options,
+        )
+        measured.target = target.name
+        analysis = measured.analysis
+    else:
+        _progress("analyzing (counting eager bytes, capturing, running passes) ...")
+        analysis = memopt.analyze(
+            target.fn, *target.inputs, training=args.train, dynamic=args.dynamic, **options
+        )
     if analysis.target != target.name:
         analysis.target = f"{target.name} ({analysis.target})"
     report = format_analysis(analysis, device=device, top=args.top)
+    if measured is not None:
+        report += "\n" + format_profile(measured, top=args.top or None)
     if args.json:
         data = analysis_json(analysis, [device])
+        if measured is not None:
+            data["measured"] = measured.to_dict()
         _write(args.json, json.dumps(data, indent=2, sort_keys=True) + "\n")
     if args.out:
         from memopt.reports.writer import write_report
 
         _progress(f"writing the report to {args.out} ...")
         try:
-            written = write_report(analysis, args.out, device=device)
+            written = write_report(analysis, args.out, device=device, measured=measured)
         except OSError as exc:
             raise _UsageError(f"cannot write {args.out!r}: {exc.strerror or exc}") from exc
     sys.stdout.write(report)
@@ -370,7 +401,8 @@ def _ablate(args: argparse.Namespace) -> int:
 
 def _profile(args: argparse.Namespace) -> int:
     from memopt.config import Config
-    from memopt.tools.profile import profile
+    from memopt.driver.profile import profile
+    from memopt.reports.measured import format_profile
 
     options = _options(args)
     Config.from_options(options)
@@ -388,7 +420,7 @@ def _profile(args: argparse.Namespace) -> int:
         **options,
     )
     result.target = target.name
-    sys.stdout.write(result.format(top=args.top or None))
+    sys.stdout.write(format_profile(result, top=args.top or None))
     sys.stdout.flush()
     if args.json:
         _write(args.json, json.dumps(result.to_dict(), indent=2, sort_keys=True) + "\n")

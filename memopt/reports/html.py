@@ -1,8 +1,9 @@
 """The report page: one self-contained HTML file (inline CSS and a few lines of JS, no network).
 
-Sections, in order: totals, predicted time per device, the pass ledger, the kernel table
-(sortable), one side-by-side graph diff per pipeline step, missed opportunities, and each
-generated kernel's source. Every figure carries its label (counted, modelled, measured);
+Sections, in order: totals, predicted time per device, what was measured on this machine
+(with `memopt.report(..., measure=True)`: program and kernel times, a roofline), the pass
+ledger, the kernel table (sortable), one side-by-side graph diff per pipeline step, missed
+opportunities, and each generated kernel's source. Every figure carries its label (counted, modelled, measured);
 every piece of text from the program is escaped.
 """
 
@@ -24,9 +25,11 @@ from memopt.reports.diff import (
     side_by_side,
 )
 from memopt.reports.files import DIFFS, KERNELS, KernelSource, diff_file_name
+from memopt.reports.measured import measured_section
 from memopt.reports.summary import format_bytes
 
 if TYPE_CHECKING:
+    from memopt.driver.profile import Profile
     from memopt.driver.results import Analysis, KernelRecord
     from memopt.passes.ledger import Decision, LedgerEntry
 
@@ -87,13 +90,20 @@ def esc(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
-def render_page(analysis: Analysis, device: str, sources: Sequence[KernelSource]) -> str:
-    """The whole page for one analysis; `device` decides memory- vs compute-bound."""
+def render_page(
+    analysis: Analysis,
+    device: str,
+    sources: Sequence[KernelSource],
+    profile: Profile | None = None,
+) -> str:
+    """The whole page for one analysis; `device` decides memory- vs compute-bound. With a
+    `profile` (`memopt.profile` of the same program), the page has a "measured" section."""
     title = f"memopt report: {analysis.target}"
     sections = [
-        _header(analysis, device),
+        _header(analysis, device, measured=profile is not None),
         _totals(analysis),
         _predictions(analysis, device),
+        measured_section(profile) if profile is not None else [],
         _ledger(analysis),
         _kernel_table(analysis, device, sources),
         _diffs(analysis),
@@ -101,7 +111,8 @@ def render_page(analysis: Analysis, device: str, sources: Sequence[KernelSource]
         _sources(sources),
         [
             '<p class="label">counted: from running the program eagerly; modelled: from the '
-            "graph and the device model. Bytes are exact integers; sizes are binary units.</p>"
+            "graph and the device model; measured: timed on this machine; derived: computed from "
+            "measured and modelled figures. Bytes are exact integers; sizes are binary units.</p>"
         ],
     ]
     body = "\n".join(line for section in sections for line in section)
@@ -116,7 +127,7 @@ def render_page(analysis: Analysis, device: str, sources: Sequence[KernelSource]
 # --- sections ----------------------------------------------------------------------------
 
 
-def _header(a: Analysis, device: str) -> list[str]:
+def _header(a: Analysis, device: str, measured: bool) -> list[str]:
     mode = "training (forward + backward)" if a.training else "inference"
     options = ", ".join(f"{k}={_option(v)}" for k, v in sorted(a.options.items())) or "defaults"
     graphs = ", ".join(g.name for g in a.graphs) or "none"
@@ -124,6 +135,7 @@ def _header(a: Analysis, device: str) -> list[str]:
         f'<a href="#{anchor}">{name}</a>'
         for anchor, name in [
             ("totals", "totals"),
+            *([("measured", "measured")] if measured else []),
             ("ledger", "pass ledger"),
             ("kernels", "kernels"),
             ("diffs", "graph diffs"),

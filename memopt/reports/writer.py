@@ -17,6 +17,7 @@ from pathlib import Path
 from memopt.compiler.devices import DEVICES, get_device
 from memopt.config import Config
 from memopt.driver.analyze import analyze
+from memopt.driver.profile import Profile, profile
 from memopt.driver.results import Analysis
 from memopt.reports.diff import pass_diff, pipeline_steps
 from memopt.reports.files import (
@@ -50,20 +51,42 @@ def report(
     out: str | Path = "memopt-report",
     training: bool = False,
     dynamic: bool = False,
+    measure: bool = False,
+    rounds: int = 10,
+    inductor: bool = True,
+    progress: Callable[[str], None] | None = None,
     **options: object,
 ) -> Report:
     """Analyze `fn(*example_inputs)` and write the report files to the directory `out`.
 
     Takes what `memopt.analyze` takes. The page classifies kernels as memory- or
     compute-bound on `options["device"]` (default h100) and predicts time on every device.
+    `measure=True` also runs the program on this machine (`memopt.profile`, `rounds` timed
+    rounds, against TorchInductor unless `inductor=False`) and adds the measured section.
     """
     device = Config.from_options(options).device
-    analysis = analyze(fn, *example_inputs, training=training, dynamic=dynamic, **options)
-    return write_report(analysis, out, device=device)
+    if not measure:
+        analysis = analyze(fn, *example_inputs, training=training, dynamic=dynamic, **options)
+        return write_report(analysis, out, device=device)
+    measured = profile(
+        fn,
+        *example_inputs,
+        training=training,
+        dynamic=dynamic,
+        rounds=rounds,
+        compare=inductor,
+        progress=progress,
+        **options,
+    )
+    assert measured.analysis is not None
+    return write_report(measured.analysis, out, device=device, measured=measured)
 
 
-def write_report(analysis: Analysis, out: str | Path, device: str = "h100") -> Report:
-    """Write the report files for an existing analysis into `out` (created if missing).
+def write_report(
+    analysis: Analysis, out: str | Path, device: str = "h100", measured: Profile | None = None
+) -> Report:
+    """Write the report files for an existing analysis into `out` (created if missing), with
+    the measured section and `analysis.json`'s "measured" key where `measured` is given.
 
     Files this function owns that a previous report left in `out` (`diffs/*.diff`,
     `kernels/*.ir`, `kernels/*.py`) are removed first, so the directory holds one report.
@@ -94,11 +117,13 @@ def write_report(analysis: Analysis, out: str | Path, device: str = "h100") -> R
             kernel_paths.append(path)
 
     data = report_json(analysis, device, sources)
+    if measured is not None:
+        data["measured"] = measured.to_dict()
     json_path = out / ANALYSIS_JSON
     json_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     index = out / INDEX
-    index.write_text(render_page(analysis, device, sources), encoding="utf-8")
+    index.write_text(render_page(analysis, device, sources, measured), encoding="utf-8")
     return Report(
         analysis=analysis,
         out=out,

@@ -31,7 +31,6 @@ from memopt.driver.analyze import analyze, describe_target
 from memopt.driver.machine import Machine, measured_machine
 from memopt.driver.measure import compile_program, run_step
 from memopt.driver.results import Analysis, KernelRecord
-from memopt.reports.summary import format_bytes, format_table
 
 
 @dataclass(frozen=True)
@@ -85,52 +84,6 @@ class Profile:
     def kernel_seconds(self) -> float:
         return sum(k.seconds for k in self.kernels)
 
-    def format(self, top: int | None = None) -> str:
-        """The text `memopt profile` prints."""
-        m = self.machine
-        lines = [
-            f"memopt profile: {self.target}",
-            f"  mode      {'training (forward + backward)' if self.training else 'inference'}",
-            f"  machine   {m.description}, {m.threads} threads: read "
-            f"{m.read_bytes_per_s / 1e9:.1f} GB/s, copy {m.copy_bytes_per_s / 1e9:.1f} GB/s, "
-            f"fp32 {m.fp32_flops_per_s / 1e9:.0f} GFLOP/s (measured)",
-            "",
-            f"Program (measured, median of {self.rounds} interleaved rounds):",
-        ]
-        rows = [["eager", _ms(self.eager_seconds), "", ""]]
-        if self.inductor_seconds is not None:
-            rows.append(["inductor", _ms(self.inductor_seconds), "", ""])
-        ratio_eager = f"{self.speedup_vs_eager:.2f}x"
-        ratio_inductor = (
-            f"{self.speedup_vs_inductor:.2f}x" if self.speedup_vs_inductor is not None else "-"
-        )
-        rows.append(["memopt", _ms(self.memopt_seconds), ratio_eager, ratio_inductor])
-        lines += format_table(["program", "ms", "vs eager", "vs inductor"], rows, "lrrr")
-        lines += [
-            "",
-            f"Kernels: {len(self.kernels)}, {_ms(self.kernel_seconds)} ms in all (measured, "
-            "node by node); bytes and FLOPs modelled; GB/s and fractions derived",
-        ]
-        ordered = sorted(self.kernels, key=lambda k: -k.seconds)
-        header = ["kernel", "kind", "ms", "bytes", "GB/s", "of bw", "of peak", "bound", "ops"]
-        rows = [
-            [
-                k.record.name,
-                k.record.kind,
-                _ms(k.seconds),
-                format_bytes(k.record.nbytes),
-                f"{k.achieved_bytes_per_s / 1e9:.1f}",
-                f"{k.bandwidth_fraction(m):.0%}",
-                f"{k.compute_fraction(m):.0%}",
-                k.bound(m),
-                ", ".join(op.removeprefix("aten.") for op in k.record.ops),
-            ]
-            for k in (ordered[:top] if top else ordered)
-        ]
-        widths = [24, 10, 10, 10, 8, 6, 7, 7, 48]
-        lines += format_table(header, rows, "llrrrrrll", max_widths=widths)
-        return "\n".join(lines) + "\n"
-
     def to_dict(self) -> dict[str, object]:
         m = self.machine
         return {
@@ -165,10 +118,6 @@ class Profile:
                 for k in self.kernels
             ],
         }
-
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.3f}"
 
 
 def profile(

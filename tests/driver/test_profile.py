@@ -10,8 +10,9 @@ import torch
 import memopt
 from memopt.cli import main
 from memopt.driver import machine as machine_module
+from memopt.driver import profile as profile_module
 from memopt.driver.machine import Machine
-from memopt.tools import profile as profile_module
+from memopt.reports.measured import format_profile
 
 # A fixed machine, so a test does not spend seconds measuring one: 10 GB/s read, 8 GB/s
 # copied (4 GB/s written), 100 GFLOP/s.
@@ -42,7 +43,7 @@ def test_every_kernel_is_timed_and_named_as_the_analysis_names_it(fixed_machine)
         assert kernel.compute_fraction(MACHINE) == pytest.approx(flops / 100e9)
     assert result.inductor_seconds is None and result.memopt_seconds > 0
     assert result.speedup_vs_eager > 0
-    text = result.format()
+    text = format_profile(result)
     assert "inference.k0" in text and "(measured" in text
     data = result.to_dict()
     assert data["program"]["label"] == "measured"
