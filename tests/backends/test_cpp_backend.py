@@ -74,6 +74,54 @@ def test_integer_pow_with_negative_exponents():
     assert torch.equal(got[0], want[0])
 
 
+POW_SPECIALS = [
+    -float("inf"),
+    -2.5,
+    -1.0,
+    -0.0,
+    0.0,
+    1e-30,
+    0.3,
+    3.7,
+    1e20,
+    float("inf"),
+    float("nan"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, i64])
+@pytest.mark.parametrize("exponent", [1.0, 2.0, 3.0, 0.5, -0.5, -1.0, -2.0, 2.5])
+def test_pow_by_a_constant_is_exact_like_aten(exponent, dtype):
+    """x ** c for the constants ATen's CPU kernel computes by multiplication, sqrt or a
+    reciprocal is rendered so (no libm pow per element) and equals eager bit for bit,
+    special values included; other exponents keep the pow call."""
+    if not dtype.is_floating_point and (exponent < 0 or exponent != int(exponent)):
+        pytest.skip("integer pow with this exponent is not an ATen op")
+    x = torch.tensor(POW_SPECIALS).to(dtype) if dtype.is_floating_point else torch.arange(-6, 7)
+    c = exponent if dtype.is_floating_point else int(exponent)
+    value = ir.op("pow", ir.load("in0", i0, dtype), ir.const(c, dtype), dtype=dtype)
+    n = len(x)
+    kernel = Kernel(
+        "pow_c",
+        (buf("in0", dtype, (n,)),),
+        (buf("out0", dtype, (n,)),),
+        (S(n),),
+        (),
+        (Store("out0", i0, value),),
+    )
+    compiled = compile_kernel(kernel)
+    out = torch.empty_like(x)
+    compiled([x], [out], {})
+    want = torch.pow(x, c)
+    generic = exponent == 2.5  # a vector libm pow: within an ulp, not exact
+    assert ("mo_pow(" in compiled.source.split("memopt_kernel")[-1]) == generic
+    assert torch.equal(out.isnan(), want.isnan())
+    if generic:
+        assert_close(out, want, equal_nan=True)
+    else:
+        assert torch.equal(out[~out.isnan()], want[~want.isnan()]), (out, want)
+
+
 def examples_pointwise(op: str, in_dtypes, out_dtype, n: int) -> Kernel:
     loads = [ir.load(f"in{k}", i0, dtype) for k, dtype in enumerate(in_dtypes)]
     return Kernel(

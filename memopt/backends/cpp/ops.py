@@ -206,6 +206,21 @@ POINTWISE_TEMPLATES: dict[str, str] = {
 assert set(POINTWISE_TEMPLATES) == UNARY_OPS | BINARY_OPS | TERNARY_OPS
 
 
+# x ** c for the constant exponents ATen's CPU pow computes without `pow` (multiplications,
+# sqrt, reciprocal: exact as it is), and which powf would make a libm call per element.
+POW_BY_CONSTANT = {
+    1.0: "{0}",
+    2.0: "({0} * {0})",
+    3.0: "({0} * {0} * {0})",
+}
+FLOAT_POW_BY_CONSTANT = {
+    0.5: "mo_sqrt({0})",  # ATen's too: pow(-inf, 0.5) is nan, not powf's inf
+    -0.5: "mo_rsqrt({0})",
+    -1.0: "mo_reciprocal({0})",
+    -2.0: "mo_reciprocal({0} * {0})",
+}
+
+
 def pointwise_expr(value: Value, operands: list[str]) -> str:
     """C++ expression of a pointwise Value from its operands' variable names."""
     targets = operand_dtypes(value)
@@ -213,6 +228,13 @@ def pointwise_expr(value: Value, operands: list[str]) -> str:
         convert(name, arg.dtype, target) for name, arg, target in zip(operands, value.args, targets)
     ]
     body = POINTWISE_TEMPLATES[value.op].format(*converted)
+    if value.op == "pow" and value.args[1].op == "const":
+        special = {**POW_BY_CONSTANT}
+        if targets[0].is_floating_point:
+            special.update(FLOAT_POW_BY_CONSTANT)
+        exponent = float(value.args[1].arg)
+        if exponent in special:
+            body = special[exponent].format(converted[0])
     result = compute_dtype(value.dtype)
     # float op float stays float; integer arithmetic promotes to int and mixed helpers
     # (int truediv, math of ints) return float, so those convert back to the result type.
