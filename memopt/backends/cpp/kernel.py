@@ -69,14 +69,18 @@ class CppKernel:
         self.in_place: dict[int, int] = planning.in_place_outputs(kernel)
         self._kept: dict[int, torch.UntypedStorage] = {}  # output position -> its memory
         self._kept_lock = threading.Lock()
+        self._output_nbytes: dict[tuple[object, ...], int] = {}  # by (shape, stride, dtype)
 
     def allocate(
         self, position: int, shape: Sequence[int], stride: Sequence[int], dtype: torch.dtype
     ) -> torch.Tensor:
         """A CPU tensor for output `position`: the memory of an earlier call's output when
         nothing else holds it any more (REUSE_OUTPUTS), else fresh memory."""
-        extent = 1 + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape) else 0
-        nbytes = extent * dtype.itemsize
+        key = (tuple(shape), tuple(stride), dtype)
+        nbytes = self._output_nbytes.get(key)
+        if nbytes is None:
+            extent = 1 + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape) else 0
+            nbytes = self._output_nbytes[key] = extent * dtype.itemsize
         if not REUSE_OUTPUTS or nbytes < _REUSE_MIN_NBYTES:
             return torch.empty_strided(shape, stride, dtype=dtype)
         with self._kept_lock:  # two threads must not both take the same memory
@@ -99,34 +103,41 @@ class CppKernel:
                 f"kernel {kernel.name}: expected {len(kernel.inputs)} inputs and "
                 f"{len(kernel.outputs)} outputs, got {len(inputs)} and {len(outputs)}"
             )
+        names = self.signature.size_names
         try:
-            size_values = tuple(int(sizes[name]) for name in self.signature.size_names)
+            size_values = tuple(int(sizes[name]) for name in names) if names else ()
         except KeyError as error:
-            missing = [n for n in self.signature.size_names if n not in sizes]
+            missing = [n for n in names if n not in sizes]
             raise ValueError(
                 f"kernel {kernel.name}: no value for size symbols {missing}"
             ) from error
         layout = self._layouts.get(size_values)
         if layout is None:
-            sizes_by_name = dict(zip(self.signature.size_names, size_values))
-            layout = _Layout(self._buffers, sizes_by_name, self.signature.extent_buffers)
+            sizes_by_name = dict(zip(names, size_values))
+            layout = _Layout(
+                self._buffers, len(kernel.inputs), sizes_by_name, self.signature.extent_buffers
+            )
             self._layouts[size_values] = layout
         tensors = (*inputs, *outputs)
         pointers = []
         for tensor, (dtype, shape, stride), buffer in zip(tensors, layout.expected, self._buffers):
             # The common case in one comparison; the full rule (size-1 and empty dims
             # may have any stride) only when it fails.
-            if not (tensor.dtype == dtype and tensor.is_cpu and tensor.shape == shape):
-                _check(buffer, tensor, shape, stride)
-            elif tensor.stride() != stride:
+            if not (
+                tensor.dtype == dtype
+                and tensor.is_cpu
+                and tensor.shape == shape
+                and tensor.stride() == stride
+            ):
                 _check(buffer, tensor, shape, stride)
             pointers.append(tensor.data_ptr())
         if HUGE_PAGE_OUTPUTS:
-            for output in outputs:
-                _advise_huge_pages(output.data_ptr(), output.nbytes)
+            for k in layout.large_outputs:
+                _advise_huge_pages(pointers[len(inputs) + k], outputs[k].nbytes)
         # A kernel that reads an output sees it as it was before the kernel: read a copy.
-        snapshots = [_flat_copy(outputs[k]) for k in self.signature.snapshot_outputs]
-        pointers += [s.data_ptr() for s in snapshots]
+        if self.signature.snapshot_outputs:
+            snapshots = [_flat_copy(outputs[k]) for k in self.signature.snapshot_outputs]
+            pointers += [s.data_ptr() for s in snapshots]
         code = self._function(*pointers, *layout.extent_args, *size_values)
         if code:
             error, message = _ERRORS.get(code, (RuntimeError, f"error code {code}"))
@@ -137,7 +148,11 @@ class _Layout:
     """Buffer shapes, strides and extents (elements from the data pointer) at given sizes."""
 
     def __init__(
-        self, buffers: Sequence[Buffer], sizes: Mapping[str, int], extent_buffers: Sequence[str]
+        self,
+        buffers: Sequence[Buffer],
+        first_output: int,
+        sizes: Mapping[str, int],
+        extent_buffers: Sequence[str],
     ) -> None:
         def ev(expr: sympy.Expr) -> int:
             expr = sympy.sympify(expr)
@@ -155,6 +170,12 @@ class _Layout:
             (buffer.dtype, torch.Size(shape), stride)
             for buffer, shape, stride in zip(buffers, self.shapes, self.strides)
         ]
+        # Outputs large enough for a huge-page hint, by output position.
+        self.large_outputs = tuple(
+            k
+            for k, buffer in enumerate(buffers[first_output:])
+            if self.extents[buffer.name] * buffer.dtype.itemsize >= _HUGE_PAGE_MIN_NBYTES
+        )
 
 
 def _check(buffer: Buffer, tensor: torch.Tensor, shape: tuple[int, ...], stride: tuple[int, ...]):

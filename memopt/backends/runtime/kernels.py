@@ -12,6 +12,7 @@ from __future__ import annotations
 import operator
 import warnings
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import sympy
 import torch
@@ -25,6 +26,19 @@ from memopt.compiler.cost import Cost, read_bytes
 from memopt.compiler.graph import tensor_meta
 from memopt.compiler.kernel_ir import evaluate_size
 from memopt.compiler.lower import Lowered
+
+_FAKE = torch._C._TorchDispatchModeKey.FAKE
+_CPU = torch.device("cpu")
+
+
+class _Launch(NamedTuple):
+    """A FusedKernel's calls on one device at one set of sizes: its outputs' layouts, the
+    compiled kernel (None when every output is empty), and the backend's memory hooks."""
+
+    outputs: tuple[tuple[tuple[int, ...], tuple[int, ...], torch.dtype], ...]
+    runner: object | None
+    in_place: dict[int, int]
+    allocate: object | None
 
 
 class FusedKernel:
@@ -54,6 +68,7 @@ class FusedKernel:
         self._compiled: dict[str, object] = {}
         self._symbol_slots = self._find_symbol_slots()
         self._layouts: dict[tuple[int, ...], list[tuple[list[int], list[int]]]] = {}
+        self._launches: dict[tuple[object, ...], _Launch] = {}  # by (device, *sizes)
         # Input positions whose tensors nothing reads after this kernel (set by the executor,
         # which sees the whole graph): an output may be written over one of them instead of
         # into fresh memory, when the backend says that is safe (its `in_place` map).
@@ -140,32 +155,52 @@ class FusedKernel:
         return runner
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if active_fake_mode() is not None or any(isinstance(t, FakeTensor) for t in inputs):
-            return self.fake_outputs  # verification re-propagating metadata
-        device = inputs[0].device if inputs else torch.device("cpu")
-        sizes = self._sizes(inputs)
-        layouts = self._output_layouts(sizes)
-        backend = self._backend_for(device)
-        runner = None
-        if any(0 not in shape for shape, _ in layouts):
-            runner = self._runner(backend)
+        # Plain tensors outside a fake mode take the fast path: two C-level checks, not
+        # `active_fake_mode()` (microseconds, on every call of every kernel).
+        if torch._C._get_dispatch_mode(_FAKE) is not None or any(
+            type(t) is not torch.Tensor for t in inputs
+        ):
+            if active_fake_mode() is not None or any(isinstance(t, FakeTensor) for t in inputs):
+                return self.fake_outputs  # verification re-propagating metadata
+        device = inputs[0].device if inputs else _CPU
+        sizes = self._sizes(inputs) if self._symbol_slots else {}
+        launch = self._launches.get((device, *sizes.values()))
+        if launch is None:
+            launch = self._launch(device, sizes)
         # An input nothing reads afterwards may take an output in place of fresh memory,
         # which costs page faults on first touch (more than a pointwise kernel's own time);
         # a backend may also hand out memory of its own (CppKernel.allocate).
-        reuse = getattr(runner, "in_place", None) if self.donated_inputs else None
-        allocate = getattr(runner, "allocate", None) if device.type == "cpu" else None
+        reuse = launch.in_place if self.donated_inputs else None
         outputs = []
-        for k, (b, (shape, stride)) in enumerate(zip(self.kernel.outputs, layouts)):
+        for k, (shape, stride, dtype) in enumerate(launch.outputs):
             donor = reuse.get(k) if reuse else None
-            if donor in self.donated_inputs and _reusable(inputs[donor], shape, stride, b.dtype):
+            if donor in self.donated_inputs and _reusable(inputs[donor], shape, stride, dtype):
                 outputs.append(inputs[donor])
-            elif allocate is not None:
-                outputs.append(allocate(k, shape, stride, b.dtype))
+            elif launch.allocate is not None:
+                outputs.append(launch.allocate(k, shape, stride, dtype))
             else:
-                outputs.append(torch.empty_strided(shape, stride, dtype=b.dtype, device=device))
-        if runner is not None:
-            runner(list(inputs), outputs, sizes)
+                outputs.append(torch.empty_strided(shape, stride, dtype=dtype, device=device))
+        if launch.runner is not None:
+            launch.runner(inputs, outputs, sizes)
         return tuple(outputs)
+
+    def _launch(self, device: torch.device, sizes: dict[str, int]) -> _Launch:
+        """What every call on `device` at `sizes` does alike, worked out on the first."""
+        layouts = self._output_layouts(sizes)
+        runner = None
+        if any(0 not in shape for shape, _ in layouts):  # an empty output needs no kernel
+            runner = self._runner(self._backend_for(device))
+        launch = _Launch(
+            outputs=tuple(
+                (tuple(shape), tuple(stride), b.dtype)
+                for b, (shape, stride) in zip(self.kernel.outputs, layouts)
+            ),
+            runner=runner,
+            in_place=getattr(runner, "in_place", None) or {},
+            allocate=getattr(runner, "allocate", None) if device.type == "cpu" else None,
+        )
+        self._launches[(device, *sizes.values())] = launch
+        return launch
 
     def _output_layouts(self, sizes: dict[str, int]) -> list[tuple[list[int], list[int]]]:
         """Each output's (shape, strides) at `sizes`, evaluated once per distinct sizes."""
@@ -183,14 +218,16 @@ class FusedKernel:
         return layouts
 
 
-def _reusable(tensor: torch.Tensor, shape: list[int], stride: list[int], dtype) -> bool:
+def _reusable(
+    tensor: torch.Tensor, shape: tuple[int, ...], stride: tuple[int, ...], dtype: torch.dtype
+) -> bool:
     """The tensor owns its whole storage and has exactly the output's layout."""
     return (
         tensor.dtype == dtype
         and tensor._base is None
         and tensor.storage_offset() == 0
-        and list(tensor.shape) == shape
-        and list(tensor.stride()) == stride
+        and tuple(tensor.shape) == shape
+        and tensor.stride() == stride
         and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
     )
 
