@@ -387,11 +387,11 @@ MARK_START = "<!-- bench/cpu.py: start -->"
 MARK_END = "<!-- bench/cpu.py: end -->"
 
 
-def write_results(path: Path, text: str) -> None:
+def write_results(path: Path, text: str, start: str = MARK_START, end: str = MARK_END) -> None:
     """Replace the generated section of `path` (between the markers); keep the prose."""
-    block = f"{MARK_START}\n{text}\n{MARK_END}"
-    old = path.read_text() if path.exists() else f"# Benchmarks\n\n{MARK_START}\n{MARK_END}\n"
-    pattern = re.compile(re.escape(MARK_START) + ".*?" + re.escape(MARK_END), re.S)
+    block = f"{start}\n{text}\n{end}"
+    old = path.read_text() if path.exists() else f"# Benchmarks\n\n{start}\n{end}\n"
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     new = pattern.sub(lambda _: block, old) if pattern.search(old) else old + "\n" + block + "\n"
     path.write_text(new)
 

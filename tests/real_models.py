@@ -1,7 +1,8 @@
 """Models nobody wrote for memopt: Hugging Face transformers built from config objects
 (random weights, no download) and torchvision-style convolutional nets written with torch.nn.
 
-Shared by tests/driver/test_models.py (at the "tiny" size) and bench/traffic.py (at "small").
+Shared by tests/driver/test_models.py (at the "tiny" size), bench/traffic.py (at "small") and
+bench/models.py (at "bench").
 torchvision's wheels for torch 2.13 are CUDA builds whose extension fails to load beside
 the CPU build of torch, so the convolutional nets are written out here, layer for layer in
 the shape of torchvision's ResNet BasicBlock and MobileNetV3 inverted residual.
@@ -47,6 +48,11 @@ SIZES = {
     # The traffic benchmark: large enough that activations, not weights, dominate traffic.
     "small": Size(
         vocab=2048, hidden=256, layers=2, heads=8, seq=128, batch=4, image=64, width=32, stages=4
+    ),
+    # The speed benchmark (bench/models.py): 4 layers, 512 wide, 8 heads, 256 tokens, batch 4;
+    # activations of 2-8 MiB per tensor, past this class of machine's L2 and near its L3.
+    "bench": Size(
+        vocab=8192, hidden=512, layers=4, heads=8, seq=256, batch=4, image=128, width=64, stages=4
     ),
 }
 

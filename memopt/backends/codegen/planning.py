@@ -59,6 +59,38 @@ def transposed_var(
     return None
 
 
+def column_reduction(
+    kernel: Kernel, row_vars: list[sympy.Symbol], red_vars: list[sympy.Symbol]
+) -> bool:
+    """Whether the kernel reduces down columns: every load that varies along the reduction
+    is contiguous along the last row variable and strided along the innermost reduction
+    variable (a bias gradient: sum over tokens of a (tokens, features) tensor).
+
+    Reducing one row at a time would then read one element per cache line and move on; a
+    block of adjacent rows reduced together, the rows in the vector lanes, reads every
+    cache line whole. Only single-pass reductions without argmax/argmin or gathers qualify.
+    """
+    if not row_vars or not red_vars:
+        return False
+    if any(v.op == "reduce" and v.arg in ("argmax", "argmin") for v in kernel.values):
+        return False
+    if len(plan_passes(kernel, reduction_depths(kernel))) != 1:
+        return False
+    loads = [v.arg for v in kernel.values if v.op == "load"]
+    if any(load.indirect for load in loads):
+        return False
+    varying = [
+        load.index
+        for load in loads
+        if any(linear_coefficient(load.index, r) != 0 for r in red_vars)
+    ]
+    return bool(varying) and all(
+        linear_coefficient(index, row_vars[-1]) == 1
+        and linear_coefficient(index, red_vars[-1]) != 1
+        for index in varying
+    )
+
+
 def merge_block(
     variables: list[sympy.Symbol], ranges: dict[sympy.Symbol, sympy.Expr], exprs: list[sympy.Expr]
 ) -> list[sympy.Symbol]:

@@ -17,6 +17,9 @@ Skeletons:
   reduction domain per dependency level of the reductions (layer_norm: mean, then
   variance, then the normalized stores), each with MO_LANES partial accumulators per
   reduction (a vectorizable loop whose NaN and tie rules are exact), then the row stores.
+- column reduction: a single-pass reduction whose loads are contiguous across rows and
+  strided along the reduction (a bias gradient) reduces MO_COLUMNS adjacent rows at once,
+  one per vector lane, so each load reads consecutive elements.
 """
 
 from __future__ import annotations
@@ -267,6 +270,8 @@ class _Codegen(ValueRenderer):
         rows = sympy.Mul(*kernel.ranges)
         work = sympy.Mul(*kernel.reduction_ranges)
 
+        if planning.column_reduction(kernel, row_vars, red_vars):
+            return self._column_body(row_vars, ranges, outer_red, red_ranges, p(extent))
         depth = planning.reduction_depths(kernel)
         passes = planning.plan_passes(kernel, depth)
         plans = planning.plan_row_caches(kernel, passes)
@@ -311,6 +316,86 @@ class _Codegen(ValueRenderer):
         lines += _indent(row_loop, 1)
         lines += [f"  free({self.names[value]}_row);" for value in cached]
         lines.append("}")
+        return lines
+
+    def _column_body(
+        self,
+        row_vars: list[sympy.Symbol],
+        ranges: dict[sympy.Symbol, sympy.Expr],
+        outer_red: list[sympy.Symbol],
+        red_ranges: dict[sympy.Symbol, sympy.Expr],
+        extent: str,
+    ) -> list[str]:
+        """A reduction down columns (planning.column_reduction): MO_COLUMNS adjacent rows
+        at a time, one row per vector lane, each with its own accumulator, so every load
+        along the reduction reads consecutive elements; then each row's result and stores.
+
+        A row accumulates its elements in order, in the accumulator type of the row skeleton
+        (double for float sums), so the result is as accurate as the row skeleton's."""
+        kernel = self.kernel
+        p = CppIndexPrinter(self.symbol_names)
+        rows = sympy.Mul(*kernel.ranges)
+        work = sympy.Mul(*kernel.reduction_ranges)
+        reductions = [v for v in kernel.values if v.op == "reduce"]
+        depth = planning.reduction_depths(kernel)
+        before = [v for v in kernel.values if v.op != "reduce" and depth[v] == 0]
+        after = [v for v in kernel.values if v.op != "reduce" and depth[v] > 0]
+        loop = _Loop(None, "o")
+        lane = ["const int64_t row = rb + l;", *self._decompose("row", row_vars, ranges)]
+
+        inits, updates, results = [], [], []
+        lines = [
+            f"const int64_t n_rows = {p(rows)};  // rows: {_names(row_vars)}",
+            f"const int64_t n_r = {extent};  // the reduction, rows in the lanes",
+            f"#pragma omp parallel for schedule(static) "
+            f"if (n_rows * {p.at(work, ATOM)} >= MO_PARALLEL_WORK)",
+            "for (int64_t rb = 0; rb < n_rows; rb += MO_COLUMNS) {",
+            "  const int64_t n_l = n_rows - rb < MO_COLUMNS ? n_rows - rb : MO_COLUMNS;",
+        ]
+        for value in reductions:
+            name, operand = self.names[value], value.args[0]
+            acc = ops.accumulator_dtype(value.arg, operand.dtype)
+            identity = ops.reduction_identity(value.arg, operand.dtype)
+            lines.append(f"  {ops.COMPUTE_TYPES[acc]} {name}_acc[MO_COLUMNS];")
+            inits.append(f"{name}_acc[l] = {identity};")
+            updates.append(
+                ops.REDUCTION_UPDATES[value.arg][0].format(
+                    acc=f"{name}_acc[l]", v=ops.convert(self.names[operand], operand.dtype, acc)
+                )
+            )
+            ctype = ops.compute_type(value.dtype)
+            results.append(
+                f"const {ctype} {name} = {ops.convert(f'{name}_acc[l]', acc, value.dtype)};"
+            )
+        lines.append(f"  for (int l = 0; l < MO_COLUMNS; ++l) {{ {' '.join(inits)} }}")
+        element = [self._value_line(v, loop) for v in before]
+        element += [self._store_line(st, loop) for st in kernel.stores if not st.is_row]
+        inner = [
+            "for (int64_t r = 0; r < n_r; ++r) {",
+            "  #pragma omp simd",
+            "  for (int64_t l = 0; l < n_l; ++l) {",
+            *_indent([*lane, *element, *updates], 2),
+            "  }",
+            "}",
+        ]
+        for var in reversed(outer_red):
+            bound = p.at(red_ranges[var], ATOM)
+            inner = [
+                f"for (int64_t {var.name} = 0; {var.name} < {bound}; ++{var.name}) {{",
+                *_indent(inner, 1),
+                "}",
+            ]
+        lines += _indent(inner, 1)
+        row_inputs = [v for v in before if v.is_row]  # what the results are combined with
+        finish = [*lane, *(self._value_line(v, loop) for v in row_inputs), *results]
+        finish += [self._value_line(v, loop) for v in after]
+        finish += [self._store_line(st, loop) for st in kernel.stores if st.is_row]
+        lines += [
+            "  for (int64_t l = 0; l < n_l; ++l) {",
+            *_indent(finish, 2),
+            "  }",
+            "}",
+        ]
         return lines
 
     def _reduction_pass(
@@ -548,6 +633,7 @@ _RESERVED = {
     "n_rows",
     "n_chunks",
     "n_blocked",
+    "n_l",
     "n_t",
     "n_tiles",
     "tile",

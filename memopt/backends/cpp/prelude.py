@@ -81,6 +81,8 @@ PRELUDE += r"""
 #define MO_TILE_J 16
 // Partial accumulators per reduction: 16 floats fill two AVX2 or one AVX-512 register.
 #define MO_LANES 16
+// Rows a column reduction reduces side by side: four 64-byte cache lines of floats.
+#define MO_COLUMNS 64
 
 // -- errors: raised in Python after the call -------------------------------------------
 #define MO_ERR_ZERO_DIVISION 1
