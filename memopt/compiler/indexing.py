@@ -106,7 +106,9 @@ def simplify(expr: sympy.Expr, ranges: Mapping[sympy.Symbol, sympy.Expr]) -> sym
     """Remove div/mod that the variables' ranges make redundant.
 
     ((8*i0 + i1) // 8) % 4 with i1 < 8 and i0 < 4 becomes i0. A variable whose range is 1
-    is 0. Results are cached: fusion's trial lowerings simplify the same indices many times.
+    is 0. A split into div and mod that adds back up is one term again (`recombine`):
+    4096*((i0 + 256*r0) // 4096) + 256*(r0 % 16) with i0 < 256 is 256*r0, which a
+    backend sees as a stride along r0 rather than a division per element. Results are cached: fusion's trial lowerings simplify the same indices many times.
     """
     # A frozenset is the cache key: sorting the items by their printed form cost more than
     # the simplification.
@@ -144,7 +146,10 @@ def _simplify(
             return quotient + FloorDiv(rest, divisor)
         return FloorDiv(base, divisor)
 
-    return sympy.expand(visit(sympy.sympify(expr)))
+    simplified = sympy.expand(visit(sympy.sympify(expr)))
+    if simplified.has(FloorDiv) and simplified.has(ModularIndexing):
+        return recombine(simplified, ranges)
+    return simplified
 
 
 def _reduce_floordiv(node: sympy.Expr, ranges: Mapping[sympy.Symbol, sympy.Expr]) -> sympy.Expr:

@@ -238,7 +238,8 @@ class Lowering:
             raise NotLowerable(f"%{node.name} is not a tensor")
         name = self.inputs.setdefault(node, f"in{len(self.inputs)}")
         self.direct_reads.add(node)
-        return ir.load(name, offset(index, meta.stride), meta.dtype, mask=self.mask)
+        flat = simplify(offset(index, meta.stride), self.ranges)
+        return ir.load(name, flat, meta.dtype, mask=self.mask)
 
     def operand(self, node: torch.fx.Node, arg: object, index: Index, dtype: torch.dtype) -> Value:
         """An operand of a pointwise node at the node's index, broadcast and cast to dtype."""
