@@ -146,10 +146,16 @@ def _simplify(
             return quotient + FloorDiv(rest, divisor)
         return FloorDiv(base, divisor)
 
-    simplified = sympy.expand(visit(sympy.sympify(expr)))
-    if simplified.has(FloorDiv) and simplified.has(ModularIndexing):
-        return recombine(simplified, ranges)
-    return simplified
+    # Each round can expose more (a recombined term is a plain variable the next round's
+    # div/mod rules see); two or three rounds reach the fixed point on real indices.
+    for _ in range(4):
+        simplified = sympy.expand(visit(expr))
+        if simplified.has(FloorDiv):
+            simplified = recombine(simplified, ranges)
+        if simplified == expr:
+            break
+        expr = simplified
+    return expr
 
 
 def _reduce_floordiv(node: sympy.Expr, ranges: Mapping[sympy.Symbol, sympy.Expr]) -> sympy.Expr:

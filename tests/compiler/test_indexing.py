@@ -28,6 +28,26 @@ def test_a_split_that_adds_back_up_is_one_stride():
     assert simplify(split, {i0: 512, r0: 32}).has(FloorDiv)  # i0 may carry into the div
 
 
+def test_simplification_reaches_its_fixed_point():
+    """The store of Llama's rotated keys, (4, 4, 2, 256, 64) written from a (4, 8, 256, 64)
+    domain: one round leaves (256*i1 + i2)//512 and i1 % 2, which add back up to i1 once
+    the division is reduced; the result is the plain row-major offset."""
+    i2, i3 = index_var(2), index_var(3)
+    ranges = {i0: 4, i1: 8, i2: 256, i3: 64}
+    store = (
+        ModularIndexing(i3, 1, 64)
+        + 64 * ModularIndexing(64 * i2 + i3, 64, 256)
+        + 16384 * ModularIndexing(16384 * i1 + 64 * i2 + i3, 16384, 2)
+        + 32768 * ModularIndexing(16384 * i1 + 64 * i2 + i3, 32768, 4)
+        + 131072 * ModularIndexing(131072 * i0 + 16384 * i1 + 64 * i2 + i3, 131072, 4)
+    )
+    assert simplify(store, ranges) == 131072 * i0 + 16384 * i1 + 64 * i2 + i3
+    # The grouped-query read of the same kernel: key head i1 // 2, not a division of the
+    # whole offset.
+    kv = 65536 * i0 + 256 * i2 + i3 + 64 * FloorDiv(16384 * i1 + 64 * i2 + i3, 32768)
+    assert simplify(kv, ranges) == 65536 * i0 + 256 * i2 + i3 + 64 * FloorDiv(i1, 2)
+
+
 def test_a_reduction_over_a_reshaped_batch_loads_with_a_stride():
     """The bias gradient of a (batch, tokens, features) activation, summed over a (tokens,
     features) view of it: every load and store of the fused kernel is linear in the
