@@ -820,3 +820,19 @@ def test_column_reductions_reduce_adjacent_rows_in_the_lanes(name):
     sources = [k._compiled["cpp"].source for k in fused_kernels(gm) if k.kernel.reduction_ranges]
     assert sources, "no reduction kernel"
     assert any("MO_COLUMNS) {" in s for s in sources) == columns
+
+
+@pytest.mark.parametrize(
+    ("width", "accumulator"), [(256, "float"), (1024, "float"), (1025, "double"), (4096, "double")]
+)  # noqa: E501
+def test_short_float_rows_sum_in_float_lanes(width, accumulator):
+    """A float32 sum over a row of at most SHORT_ROW elements accumulates in float lanes,
+    a longer one (or one of unknown length) in double; either way the row sums stay within
+    a few ulp of the exact sum of the float32 inputs."""
+    x = torch.rand(64, width) + 0.5  # positive: no cancellation to hide the error in
+    got, gm = run_fused(lambda x: (x * 3).sum(1), (x,), "cpp")
+    (kernel,) = fused_kernels(gm)
+    assert re.search(rf"\b{accumulator} v\d+_acc\[MO_LANES\]", kernel._compiled["cpp"].source)
+    exact = (x.double() * 3).sum(1)
+    ulp = torch.finfo(torch.float32).eps * exact
+    assert ((got.double() - exact).abs() <= 16 * ulp).all()

@@ -38,9 +38,11 @@ from memopt.backends.codegen.walk import ValueRenderer
 from memopt.backends.cpp import ops
 from memopt.backends.cpp.index import CppIndexPrinter
 from memopt.backends.cpp.prelude import PRELUDE
+from memopt.compiler import kernel_ir
 from memopt.compiler.kernel_ir import DOT, Kernel, Store, Value, index_var, reduction_var
 
 FUNCTION_NAME = "memopt_kernel"
+SHORT_ROW = 1024  # float32 sums over rows up to this long accumulate in float32 lanes
 
 _J = sympy.Symbol("j", integer=True, nonnegative=True)  # the pointwise innermost variable
 _R = sympy.Symbol("r", integer=True, nonnegative=True)  # the innermost reduction variable
@@ -434,9 +436,9 @@ class _Codegen(ValueRenderer):
 
         accumulators = []
         for value in reductions:
-            name, operand = self.names[value], value.args[0]
-            acc = ops.accumulator_dtype(value.arg, operand.dtype)
-            identity = ops.reduction_identity(value.arg, operand.dtype)
+            name = self.names[value]
+            acc = self._lane_accumulator(value)
+            identity = ops.literal(kernel_ir.reduction_identity(value.arg, acc), acc)
             ctype = ops.COMPUTE_TYPES[acc]
             lines.append(f"{ctype} {name}_acc[MO_LANES];")
             if value.arg in ("argmax", "argmin"):
@@ -452,7 +454,7 @@ class _Codegen(ValueRenderer):
             result = []
             for value in reductions:
                 name, operand = self.names[value], value.args[0]
-                acc = ops.accumulator_dtype(value.arg, operand.dtype)
+                acc = self._lane_accumulator(value)
                 update = ops.REDUCTION_UPDATES[value.arg][0].format(
                     acc=f"{name}_acc[{lane}]",
                     idx=f"{name}_idx[{lane}]",
@@ -490,8 +492,8 @@ class _Codegen(ValueRenderer):
         lines += loop_lines
 
         for value in reductions:
-            name, operand = self.names[value], value.args[0]
-            acc = ops.accumulator_dtype(value.arg, operand.dtype)
+            name = self.names[value]
+            acc = self._lane_accumulator(value)
             ctype = ops.COMPUTE_TYPES[acc]
             combine = ops.REDUCTION_UPDATES[value.arg][1].format(
                 out=f"{name}_total",
@@ -506,7 +508,7 @@ class _Codegen(ValueRenderer):
                 result = f"{name}_total_idx"
                 held = torch.int64
             else:
-                identity = ops.reduction_identity(value.arg, operand.dtype)
+                identity = ops.literal(kernel_ir.reduction_identity(value.arg, acc), acc)
                 lines.append(f"{ctype} {name}_total = {identity};")
                 lines.append(f"for (int l = 0; l < MO_LANES; ++l) {combine}")
                 result = f"{name}_total"
@@ -514,6 +516,25 @@ class _Codegen(ValueRenderer):
             ctype_out = ops.compute_type(value.dtype)
             lines.append(f"const {ctype_out} {name} = {ops.convert(result, held, value.dtype)};")
         return lines
+
+    def _lane_accumulator(self, value: Value) -> torch.dtype:
+        """What a reduction of the row skeleton accumulates in: `ops.accumulator_dtype`,
+        except that a float32 sum over a short row of known length (at most SHORT_ROW
+        elements, so at most SHORT_ROW / MO_LANES per lane accumulator) stays in float32,
+        as ATen's vectorized softmax and layer norm sum. Converting every element to double
+        cost a fifth of a 256-wide softmax's time (measured); over 64 terms a float lane
+        loses at most 64 ulp, typically 8, then the lanes are summed."""
+        operand = value.args[0]
+        acc = ops.accumulator_dtype(value.arg, operand.dtype)
+        work = sympy.Mul(*self.kernel.reduction_ranges)
+        if (
+            acc == torch.float64
+            and kernel_ir.compute_dtype(operand.dtype) == torch.float32
+            and work.is_Integer
+            and int(work) <= SHORT_ROW
+        ):
+            return torch.float32
+        return acc
 
     def kernel_red_vars(self) -> list[sympy.Symbol]:
         return [reduction_var(k) for k in range(len(self.kernel.reduction_ranges))]
