@@ -201,15 +201,15 @@ def _with_fresh_memory(compiled: Callable) -> Callable:
     advice, reuse of an earlier call's output memory): what the kernels gain apart from the
     operating system's page faults. Outputs written over dead inputs stay (a compile-time
     plan, as Inductor's in-place kernels)."""
-    from memopt.backends.cpp import kernel
+    from memopt.backends import memory
 
     def run(*args):
-        saved = kernel.HUGE_PAGE_OUTPUTS, kernel.REUSE_OUTPUTS
-        kernel.HUGE_PAGE_OUTPUTS = kernel.REUSE_OUTPUTS = False
+        saved = memory.HUGE_PAGE_OUTPUTS, memory.REUSE_OUTPUTS
+        memory.HUGE_PAGE_OUTPUTS = memory.REUSE_OUTPUTS = False
         try:
             return compiled(*args)
         finally:
-            kernel.HUGE_PAGE_OUTPUTS, kernel.REUSE_OUTPUTS = saved
+            memory.HUGE_PAGE_OUTPUTS, memory.REUSE_OUTPUTS = saved
 
     return run
 
@@ -353,7 +353,7 @@ def report(results: list[Result], command: str, repeats: int, load: str = "") ->
         *([f"Load average (1 min) at the start and end of the run: {load}.", ""] if load else []),
         "Run time: median over rounds (min-max in parentheses), measured. `memopt, fresh "
         "memory`: the same compiled memopt program with fresh memory for every output, as "
-        "eager and Inductor get (`memopt.backends.cpp.kernel.HUGE_PAGE_OUTPUTS` and "
+        "eager and Inductor get (`memopt.backends.memory.HUGE_PAGE_OUTPUTS` and "
         "`REUSE_OUTPUTS` off: no huge-page advice, no reuse of an earlier call's output "
         "memory once nothing holds it); writing outputs over dead inputs stays on. Speedups: median over "
         "rounds of (eager or Inductor time / memopt time) within the same round, so that "

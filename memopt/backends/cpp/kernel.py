@@ -3,37 +3,17 @@
 from __future__ import annotations
 
 import ctypes
-import functools
-import sys
-import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import sympy
 import torch
 
+from memopt.backends import memory
 from memopt.backends.codegen import planning
 from memopt.backends.cpp import build, codegen
 from memopt.backends.registry import Sizes, Tensors
 from memopt.compiler.kernel_ir import Buffer, Kernel
-
-# Ask Linux for transparent huge pages on large outputs before the kernel first touches
-# them. A fresh output is mapped but not yet faulted in; faulting in 4 KiB pages costs more
-# than the kernel's own memory traffic (128 MiB: ~60 ms in 4 KiB pages, ~25 ms in 2 MiB
-# pages, measured on the benchmark machine). A hint only: no effect where THP is off or
-# the memory is already touched. Set to False to measure without it.
-HUGE_PAGE_OUTPUTS = sys.platform.startswith("linux")
-_HUGE_PAGE = 1 << 21  # x86-64 and arm64 transparent huge pages: 2 MiB
-_HUGE_PAGE_MIN_NBYTES = 4 * _HUGE_PAGE
-_MADV_HUGEPAGE = 14  # <sys/mman.h>
-# A kernel keeps the memory of its large outputs and hands it out again on a later call
-# once nothing else holds it (no tensor, view or NumPy array of it is left): fresh memory
-# costs a page fault on first touch, more than a memory-bound kernel's own traffic (see
-# above). PyTorch's CUDA caching allocator makes the same trade: memory stays mapped
-# between calls (at most one set of large outputs per kernel). Set to False to measure
-# without it.
-REUSE_OUTPUTS = True
-_REUSE_MIN_NBYTES = _HUGE_PAGE_MIN_NBYTES
 
 # Error codes the generated code returns (prelude.py: MO_ERR_*).
 _ERRORS = {
@@ -67,33 +47,20 @@ class CppKernel:
         # Output position -> input position whose memory that output may reuse, when the
         # caller knows nothing reads the input afterwards (FusedKernel.donated_inputs).
         self.in_place: dict[int, int] = planning.in_place_outputs(kernel)
-        self._kept: dict[int, torch.UntypedStorage] = {}  # output position -> its memory
-        self._kept_lock = threading.Lock()
+        self._memory = memory.KeptMemory()  # large outputs' memory, kept between calls
         self._output_nbytes: dict[tuple[object, ...], int] = {}  # by (shape, stride, dtype)
 
     def allocate(
         self, position: int, shape: Sequence[int], stride: Sequence[int], dtype: torch.dtype
     ) -> torch.Tensor:
-        """A CPU tensor for output `position`: the memory of an earlier call's output when
-        nothing else holds it any more (REUSE_OUTPUTS), else fresh memory."""
+        """A CPU tensor for output `position`: kept memory of an earlier call's output when
+        nothing else holds it any more, else fresh memory (backends/memory.py)."""
         key = (tuple(shape), tuple(stride), dtype)
         nbytes = self._output_nbytes.get(key)
         if nbytes is None:
             extent = 1 + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape) else 0
             nbytes = self._output_nbytes[key] = extent * dtype.itemsize
-        if not REUSE_OUTPUTS or nbytes < _REUSE_MIN_NBYTES:
-            return torch.empty_strided(shape, stride, dtype=dtype)
-        with self._kept_lock:  # two threads must not both take the same memory
-            kept = self._kept.get(position)
-            if (
-                kept is not None
-                and kept.nbytes() == nbytes
-                and torch._C._storage_Use_Count(kept._cdata) == 1  # only this reference
-            ):
-                return torch.empty(0, dtype=dtype).set_(kept, 0, shape, stride)
-            tensor = torch.empty_strided(shape, stride, dtype=dtype)
-            self._kept[position] = tensor.untyped_storage()
-            return tensor
+        return self._memory.empty(position, shape, stride, dtype, nbytes)
 
     def __call__(self, inputs: Tensors, outputs: Tensors, sizes: Sizes) -> None:
         """Run the kernel (the CompiledKernel contract, backends/registry.py)."""
@@ -114,9 +81,7 @@ class CppKernel:
         layout = self._layouts.get(size_values)
         if layout is None:
             sizes_by_name = dict(zip(names, size_values))
-            layout = _Layout(
-                self._buffers, len(kernel.inputs), sizes_by_name, self.signature.extent_buffers
-            )
+            layout = _Layout(self._buffers, sizes_by_name, self.signature.extent_buffers)
             self._layouts[size_values] = layout
         tensors = (*inputs, *outputs)
         pointers = []
@@ -131,9 +96,6 @@ class CppKernel:
             ):
                 _check(buffer, tensor, shape, stride)
             pointers.append(tensor.data_ptr())
-        if HUGE_PAGE_OUTPUTS:
-            for k in layout.large_outputs:
-                _advise_huge_pages(pointers[len(inputs) + k], outputs[k].nbytes)
         # A kernel that reads an output sees it as it was before the kernel: read a copy.
         if self.signature.snapshot_outputs:
             snapshots = [_flat_copy(outputs[k]) for k in self.signature.snapshot_outputs]
@@ -150,7 +112,6 @@ class _Layout:
     def __init__(
         self,
         buffers: Sequence[Buffer],
-        first_output: int,
         sizes: Mapping[str, int],
         extent_buffers: Sequence[str],
     ) -> None:
@@ -170,12 +131,6 @@ class _Layout:
             (buffer.dtype, torch.Size(shape), stride)
             for buffer, shape, stride in zip(buffers, self.shapes, self.strides)
         ]
-        # Outputs large enough for a huge-page hint, by output position.
-        self.large_outputs = tuple(
-            k
-            for k, buffer in enumerate(buffers[first_output:])
-            if self.extents[buffer.name] * buffer.dtype.itemsize >= _HUGE_PAGE_MIN_NBYTES
-        )
 
 
 def _check(buffer: Buffer, tensor: torch.Tensor, shape: tuple[int, ...], stride: tuple[int, ...]):
@@ -195,28 +150,6 @@ def _check(buffer: Buffer, tensor: torch.Tensor, shape: tuple[int, ...], stride:
             f"{tuple(tensor.shape)} and strides {tensor.stride()}, expected a cpu tensor of "
             f"shape {shape} and strides {stride}"
         )
-
-
-def _advise_huge_pages(address: int, nbytes: int) -> None:
-    """madvise(MADV_HUGEPAGE) on the whole 2 MiB pages inside [address, address + nbytes)."""
-    if nbytes < _HUGE_PAGE_MIN_NBYTES:
-        return
-    start = -(-address // _HUGE_PAGE) * _HUGE_PAGE
-    end = (address + nbytes) // _HUGE_PAGE * _HUGE_PAGE
-    madvise = _madvise()
-    if madvise is not None and end > start:
-        madvise(start, end - start, _MADV_HUGEPAGE)  # a hint: its result does not matter
-
-
-@functools.cache
-def _madvise():
-    try:
-        function = ctypes.CDLL(None).madvise
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    function.restype = ctypes.c_int
-    return function
 
 
 def _flat_copy(tensor: torch.Tensor) -> torch.Tensor:
