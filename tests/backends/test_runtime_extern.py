@@ -4,14 +4,14 @@ import pytest
 import torch
 
 from memopt.backends import memory
-from memopt.backends.runtime.extern import KeptOutputMatmul, keep_matmul_outputs
+from memopt.backends.runtime.extern import KeptOutputMatmul, RowScatterAdd, plan_library_calls
 from memopt.compiler.capture import capture
 
 aten = torch.ops.aten
 
 
-def _matmul_targets(gm):
-    return [n.target for n in gm.graph.nodes if isinstance(n.target, KeptOutputMatmul)]
+def _targets(gm, kind):
+    return [n.target for n in gm.graph.nodes if isinstance(n.target, kind)]
 
 
 @pytest.mark.parametrize(
@@ -69,8 +69,8 @@ def test_only_matmuls_that_can_be_large_are_pointed_at_kept_memory():
     x, w_big, w_small = torch.randn(1024, 64), torch.randn(64, 2048), torch.randn(64, 1024)
     (graph,) = capture(fn, (x, w_big, w_small))
     gm = graph.gm
-    assert keep_matmul_outputs(gm) == 1
-    (target,) = _matmul_targets(gm)
+    assert plan_library_calls(gm) == 1
+    (target,) = _targets(gm, KeptOutputMatmul)
     assert target.op is aten.mm.default
     assert memory.LARGE_NBYTES == 8 * 2**20
     for got, want in zip(gm(x, w_big, w_small), fn(x, w_big, w_small)):
@@ -90,3 +90,74 @@ def test_compiled_model_matmul_keeps_its_logits_memory():
     address = first.data_ptr()
     del first
     assert compiled(x, w).data_ptr() == address
+
+
+# --- row scatter-adds ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["rows", "repeated rows", "int32 rows", "3-D table", "negative rows", "float64"],
+)
+def test_row_scatter_add_matches_index_put(case):
+    """Same values as ATen's accumulating index_put (up to the order of float sums)."""
+    dtype = torch.float64 if case == "float64" else torch.float32
+    table = torch.randn(6, 3, 2) if case == "3-D table" else torch.randn(50, 8, dtype=dtype)
+    high = table.shape[0]
+    rows = torch.randint(0, high, (4, 5))
+    if case == "repeated rows":
+        rows = torch.zeros(4, 5, dtype=torch.int64)
+    if case == "int32 rows":
+        rows = rows.int()
+    if case == "negative rows":  # index_put wraps them; index_add refuses: ATen's call runs
+        rows = -rows - 1
+    values = torch.randn(*rows.shape, *table.shape[1:], dtype=dtype)
+    want = aten.index_put.default(table, [rows], values, True)
+    got = RowScatterAdd()(table, [rows], values, True)
+    torch.testing.assert_close(got, want)
+    assert got.data_ptr() != table.data_ptr()  # functional: the input is left as it was
+
+
+def test_row_scatter_add_errors_like_index_put():
+    table, values = torch.zeros(10, 3), torch.ones(2, 3)
+    with pytest.raises(IndexError, match="out of bounds"):
+        RowScatterAdd()(table, [torch.tensor([10, 2])], values, True)
+
+
+def test_only_accumulating_single_index_puts_run_as_index_add():
+    """Must: index_put(x, [rows], v, accumulate=True). Must not: without accumulate, or with
+    two index tensors (an element scatter, not rows)."""
+
+    def fn(x, rows, cols, v, w):
+        added = torch.ops.aten.index_put(x, [rows], v, True)
+        replaced = torch.ops.aten.index_put(x, [rows], v, False)
+        pointwise = torch.ops.aten.index_put(x, [rows, cols], w, True)
+        return added, replaced, pointwise
+
+    args = (
+        torch.randn(20, 4),
+        torch.randint(0, 20, (6,)),
+        torch.randint(0, 4, (6,)),
+        torch.randn(6, 4),
+        torch.randn(6),
+    )
+    (graph,) = capture(fn, args)
+    gm = graph.gm
+    puts = [n for n in gm.graph.nodes if n.target is aten.index_put.default]
+    assert len(puts) == 3
+    plan_library_calls(gm)
+    assert len(_targets(gm, RowScatterAdd)) == 1
+    assert [n.args[3] for n in gm.graph.nodes if isinstance(n.target, RowScatterAdd)] == [True]
+    for got, want in zip(gm(*graph.real_inputs), fn(*args)):
+        torch.testing.assert_close(got, want)
+
+
+def test_embedding_backward_through_torch_compile_matches_eager():
+    emb = torch.nn.Embedding(300, 16)
+    rows = torch.randint(0, 300, (4, 32))
+    compiled = torch.compile(lambda r: emb(r).square().sum(), backend="memopt")
+    compiled(rows).backward()
+    got = emb.weight.grad.clone()
+    emb.weight.grad = None
+    emb(rows).square().sum().backward()
+    torch.testing.assert_close(got, emb.weight.grad)

@@ -19,7 +19,7 @@ import sympy
 import torch
 import torch.fx
 
-from memopt.backends.runtime.extern import keep_matmul_outputs
+from memopt.backends.runtime.extern import plan_library_calls
 from memopt.backends.runtime.kernels import mark_donated_inputs, prefetch_kernels
 from memopt.backends.runtime.timing import active_timer
 from memopt.compiler.graph import META_KEY, TensorMeta, evaluate, tensor_meta
@@ -83,7 +83,7 @@ class CompiledGraph:
         self.any_restride = any(r is not None for r in self.restride)
         mark_donated_inputs(gm)
         prefetch_kernels(gm)
-        keep_matmul_outputs(gm)
+        plan_library_calls(gm)
 
     def __call__(self, *args: object) -> list[object]:
         # AOTAutograd calls compiled graphs boxed (one list it may free) on most paths and

@@ -1,4 +1,6 @@
-"""Library matmuls whose large outputs go into kept, huge-page memory (on the CPU).
+"""Faster ways to run two kinds of ATen call on the CPU, with the same results.
+
+Matmuls whose large outputs go into kept, huge-page memory:
 
 ATen's `mm`, `bmm`, `addmm` and `baddbmm` allocate their result in fresh memory on every
 call. For a large result, faulting that memory in costs a tenth of the matmul (GPT-2's LM
@@ -7,10 +9,19 @@ BLAS call ATen's functional op makes, so the same values) into memory from
 `memory.KeptMemory`: the previous call's result once nothing holds it, else fresh memory
 with the huge-page hint.
 
-`keep_matmul_outputs(gm)` points the graph's matmul nodes whose result can reach
-`memory.LARGE_NBYTES` at one each. The node keeps its metadata, so it stays a kernel, the
-same kernel, to the cost model and the timer. Anything but plain CPU tensors of one dtype
-(fake tensors, a GPU, autograd recording, mixed dtypes) takes the functional op.
+Row scatter-adds as `index_add`: AOTAutograd decomposes an embedding's backward into
+`index_put(zeros, [indices], grad, accumulate=True)`, which ATen's CPU kernel runs one
+element at a time (8192x512 table, 1024 rows added: 3.5 ms; `index_add` 0.6 ms, eager's
+`embedding_dense_backward` 0.7 ms, measured). `RowScatterAdd` runs an index_put that adds
+whole rows along the first dimension as the functional `index_add` (the same sums, each
+row's in index order). Negative or out-of-range indices, which index_add refuses, go to
+index_put, which wraps or raises as eager does.
+
+`plan_library_calls(gm)` points the graph's matmul nodes whose result can reach
+`memory.LARGE_NBYTES`, and its accumulating single-index index_puts, at one each. A node
+keeps its metadata, so it stays a kernel, the same kernel, to the cost model and the timer.
+Anything but plain CPU tensors of one dtype (fake tensors, a GPU, autograd recording, mixed
+dtypes) takes the ATen op as it was.
 """
 
 from __future__ import annotations
@@ -81,25 +92,80 @@ def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(stride))
 
 
-def keep_matmul_outputs(gm: torch.fx.GraphModule) -> int:
-    """Point the CPU matmul nodes of `gm` whose result can be large at a KeptOutputMatmul;
-    returns how many. Call after the graph's other runtime planning (it changes targets)."""
+class RowScatterAdd:
+    """Callable target standing for `index_put(x, [rows], values, accumulate=True)`."""
+
+    memopt_kind = "extern"
+    __name__ = "index_put.default"
+    memopt_name = "aten.index_put.default"
+
+    def __repr__(self) -> str:
+        return "RowScatterAdd(aten.index_put.default)"
+
+    def __call__(
+        self, x: torch.Tensor, indices: list, values: torch.Tensor, accumulate: bool = False
+    ) -> torch.Tensor:
+        rows = indices[0] if len(indices) == 1 else None
+        if (
+            accumulate
+            and type(x) is torch.Tensor
+            and type(rows) is torch.Tensor
+            and type(values) is torch.Tensor
+            and x.is_cpu
+            and x.dim() >= 1
+            and x.is_floating_point()
+            and values.dtype == x.dtype
+            and rows.dtype in (torch.int64, torch.int32)
+            and values.shape == (*rows.shape, *x.shape[1:])
+            and not (torch.is_grad_enabled() and (x.requires_grad or values.requires_grad))
+        ):
+            try:
+                return torch.index_add(x, 0, rows.reshape(-1), values.reshape(-1, *x.shape[1:]))
+            except (RuntimeError, IndexError):
+                pass  # a negative or out-of-range index: index_put wraps it or raises
+        return aten.index_put.default(x, indices, values, accumulate)
+
+
+def plan_library_calls(gm: torch.fx.GraphModule) -> int:
+    """Point `gm`'s CPU matmuls whose result can be large at a KeptOutputMatmul and its
+    accumulating single-index index_puts at a RowScatterAdd; returns how many nodes changed.
+    Call after the graph's other runtime planning (it changes targets)."""
     changed = 0
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in _MATMULS:
+        if node.op != "call_function":
             continue
-        meta = tensor_meta(node)
         device = getattr(node.meta.get("val"), "device", None)
-        if meta is None or (device is not None and device.type != "cpu"):
+        if device is not None and device.type != "cpu":
             continue
-        try:
-            nbytes = evaluate(meta.nbytes, {})
-        except ValueError:
-            nbytes = None  # a symbolic size: decided at run time
-        if nbytes is not None and nbytes < memory.LARGE_NBYTES:
+        if node.target in _MATMULS and _can_be_large(node):
+            node.target = KeptOutputMatmul(node.target)
+        elif node.target is aten.index_put.default and _adds_rows(node):
+            node.target = RowScatterAdd()
+        else:
             continue
-        node.target = KeptOutputMatmul(node.target)
         changed += 1
     if changed:
         gm.recompile()
     return changed
+
+
+def _can_be_large(node: torch.fx.Node) -> bool:
+    meta = tensor_meta(node)
+    if meta is None:
+        return False
+    try:
+        return evaluate(meta.nbytes, {}) >= memory.LARGE_NBYTES
+    except ValueError:
+        return True  # a symbolic size: decided at run time
+
+
+def _adds_rows(node: torch.fx.Node) -> bool:
+    """index_put(x, [one index tensor], values, True): the call RowScatterAdd may run."""
+    args = list(node.args) + [node.kwargs.get("accumulate", False)] * (4 - len(node.args))
+    indices, accumulate = args[1], args[3]
+    return (
+        accumulate is True
+        and isinstance(indices, (list, tuple))
+        and len(indices) == 1
+        and isinstance(indices[0], torch.fx.Node)
+    )
