@@ -52,6 +52,10 @@ class CompiledKernel(Protocol):
         inputs[k] / outputs[k] have the shape and strides of kernel.inputs[k] /
         kernel.outputs[k] at `sizes` (size symbol name -> int); element 0 is at the tensor's
         data pointer. Outputs are allocated by the caller.
+
+        A kernel may also offer `bind(sizes)`: a callable `run(inputs, outputs)` for every
+        call at those sizes, with what they share worked out once (runtime/kernels.py uses
+        it where present).
         """
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import sympy
@@ -43,7 +43,7 @@ class CppKernel:
         function.restype = ctypes.c_int32
         self._function = function
         self._buffers = (*kernel.inputs, *kernel.outputs)
-        self._layouts: dict[tuple[int, ...], _Layout] = {}
+        self._bound: dict[tuple[int, ...], Callable[[Tensors, Tensors], None]] = {}
         # Output position -> input position whose memory that output may reuse, when the
         # caller knows nothing reads the input afterwards (FusedKernel.donated_inputs).
         self.in_place: dict[int, int] = planning.in_place_outputs(kernel)
@@ -70,40 +70,60 @@ class CppKernel:
                 f"kernel {kernel.name}: expected {len(kernel.inputs)} inputs and "
                 f"{len(kernel.outputs)} outputs, got {len(inputs)} and {len(outputs)}"
             )
+        self.bind(sizes)(inputs, outputs)
+
+    def bind(self, sizes: Sizes) -> Callable[[Tensors, Tensors], None]:
+        """`run(inputs, outputs)` at `sizes`: the layouts to check and the size and extent
+        arguments worked out once per distinct sizes; per call only the checks, the data
+        pointers and the C call."""
         names = self.signature.size_names
         try:
             size_values = tuple(int(sizes[name]) for name in names) if names else ()
         except KeyError as error:
             missing = [n for n in names if n not in sizes]
             raise ValueError(
-                f"kernel {kernel.name}: no value for size symbols {missing}"
+                f"kernel {self.kernel.name}: no value for size symbols {missing}"
             ) from error
-        layout = self._layouts.get(size_values)
-        if layout is None:
-            sizes_by_name = dict(zip(names, size_values))
-            layout = _Layout(self._buffers, sizes_by_name, self.signature.extent_buffers)
-            self._layouts[size_values] = layout
-        tensors = (*inputs, *outputs)
-        pointers = []
-        for tensor, (dtype, shape, stride), buffer in zip(tensors, layout.expected, self._buffers):
-            # The common case in one comparison; the full rule (size-1 and empty dims
-            # may have any stride) only when it fails.
-            if not (
-                tensor.dtype == dtype
-                and tensor.is_cpu
-                and tensor.shape == shape
-                and tensor.stride() == stride
-            ):
-                _check(buffer, tensor, shape, stride)
-            pointers.append(tensor.data_ptr())
-        # A kernel that reads an output sees it as it was before the kernel: read a copy.
-        if self.signature.snapshot_outputs:
-            snapshots = [_flat_copy(outputs[k]) for k in self.signature.snapshot_outputs]
-            pointers += [s.data_ptr() for s in snapshots]
-        code = self._function(*pointers, *layout.extent_args, *size_values)
-        if code:
-            error, message = _ERRORS.get(code, (RuntimeError, f"error code {code}"))
-            raise error(f"kernel {kernel.name}: {message}")
+        run = self._bound.get(size_values)
+        if run is None:
+            layout = _Layout(
+                self._buffers, dict(zip(names, size_values)), self.signature.extent_buffers
+            )
+            run = self._bound[size_values] = self._runner(
+                layout, (*layout.extent_args, *size_values)
+            )
+        return run
+
+    def _runner(
+        self, layout: _Layout, scalars: tuple[int, ...]
+    ) -> Callable[[Tensors, Tensors], None]:
+        function, name = self._function, self.kernel.name
+        checks = tuple(zip(layout.expected, self._buffers))
+        snapshot_outputs = self.signature.snapshot_outputs
+
+        def run(inputs: Tensors, outputs: Tensors) -> None:
+            pointers = []
+            for tensor, ((dtype, shape, stride), buffer) in zip((*inputs, *outputs), checks):
+                # The common case in one comparison; the full rule (size-1 and empty dims
+                # may have any stride) only when it fails.
+                if not (
+                    tensor.dtype == dtype
+                    and tensor.is_cpu
+                    and tensor.shape == shape
+                    and tensor.stride() == stride
+                ):
+                    _check(buffer, tensor, shape, stride)
+                pointers.append(tensor.data_ptr())
+            # A kernel that reads an output sees it as it was before the kernel: read a copy.
+            if snapshot_outputs:
+                snapshots = [_flat_copy(outputs[k]) for k in snapshot_outputs]
+                pointers += [s.data_ptr() for s in snapshots]
+            code = function(*pointers, *scalars)
+            if code:
+                error, message = _ERRORS.get(code, (RuntimeError, f"error code {code}"))
+                raise error(f"kernel {name}: {message}")
+
+        return run
 
 
 class _Layout:

@@ -9,9 +9,10 @@ would give them and runs the kernel on the configured backend.
 
 from __future__ import annotations
 
+import functools
 import operator
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import sympy
@@ -20,6 +21,7 @@ import torch.fx
 from torch._guards import active_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor
 
+from memopt.backends.memory import LARGE_NBYTES
 from memopt.backends.registry import FALLBACK, backend_for, get_backend
 from memopt.compiler.aten_ops import returns_fresh_memory
 from memopt.compiler.cost import Cost, read_bytes
@@ -28,17 +30,25 @@ from memopt.compiler.kernel_ir import evaluate_size
 from memopt.compiler.lower import Lowered
 
 _FAKE = torch._C._TorchDispatchModeKey.FAKE
+# torch.empty_strided for the CPU without the Python argument parsing (0.5 us, not 1.1 us a
+# call); TorchInductor's generated code allocates with it too. Absent: torch.empty_strided.
+_EMPTY_STRIDED_CPU = getattr(torch._C._dynamo.guards, "_empty_strided_cpu", None)
 _CPU = torch.device("cpu")
 
 
 class _Launch(NamedTuple):
-    """A FusedKernel's calls on one device at one set of sizes: its outputs' layouts, the
-    compiled kernel (None when every output is empty), and the backend's memory hooks."""
+    """A FusedKernel's calls on one device at one set of sizes, worked out on the first:
+    how to get each output, and the compiled kernel bound to the sizes (None when every
+    output is empty)."""
 
-    outputs: tuple[tuple[tuple[int, ...], tuple[int, ...], torch.dtype], ...]
-    runner: object | None
-    in_place: dict[int, int]
-    allocate: object | None
+    # Per output: shape, strides, dtype, the input whose memory it may take when that input
+    # is donated (or None), and a call that allocates it: the backend's allocator for a
+    # large CPU output, else fresh memory.
+    outputs: tuple[
+        tuple[tuple[int, ...], tuple[int, ...], torch.dtype, int | None, Callable[[], object]],
+        ...,
+    ]
+    run: Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor]], None] | None
 
 
 class FusedKernel:
@@ -155,51 +165,64 @@ class FusedKernel:
         return runner
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        # Plain tensors outside a fake mode take the fast path: two C-level checks, not
+        # Plain tensors outside a fake mode take the fast path: C-level checks, not
         # `active_fake_mode()` (microseconds, on every call of every kernel).
-        if torch._C._get_dispatch_mode(_FAKE) is not None or any(
-            type(t) is not torch.Tensor for t in inputs
+        plain = torch._C._get_dispatch_mode(_FAKE) is None
+        for t in inputs:
+            if type(t) is not torch.Tensor:
+                plain = False
+        if not plain and (
+            active_fake_mode() is not None or any(isinstance(t, FakeTensor) for t in inputs)
         ):
-            if active_fake_mode() is not None or any(isinstance(t, FakeTensor) for t in inputs):
-                return self.fake_outputs  # verification re-propagating metadata
+            return self.fake_outputs  # verification re-propagating metadata
         device = inputs[0].device if inputs else _CPU
-        sizes = self._sizes(inputs) if self._symbol_slots else {}
-        launch = self._launches.get((device, *sizes.values()))
+        if self._symbol_slots:
+            sizes = self._sizes(inputs)
+            launch = self._launches.get((device, *sizes.values()))
+        else:
+            sizes = {}
+            launch = self._launches.get(device)
         if launch is None:
             launch = self._launch(device, sizes)
         # An input nothing reads afterwards may take an output in place of fresh memory,
         # which costs page faults on first touch (more than a pointwise kernel's own time);
         # a backend may also hand out memory of its own (CppKernel.allocate).
-        reuse = launch.in_place if self.donated_inputs else None
+        donated = self.donated_inputs
         outputs = []
-        for k, (shape, stride, dtype) in enumerate(launch.outputs):
-            donor = reuse.get(k) if reuse else None
-            if donor in self.donated_inputs and _reusable(inputs[donor], shape, stride, dtype):
+        for shape, stride, dtype, donor, allocate in launch.outputs:
+            if donor in donated and _reusable(inputs[donor], shape, stride, dtype):
                 outputs.append(inputs[donor])
-            elif launch.allocate is not None:
-                outputs.append(launch.allocate(k, shape, stride, dtype))
             else:
-                outputs.append(torch.empty_strided(shape, stride, dtype=dtype, device=device))
-        if launch.runner is not None:
-            launch.runner(inputs, outputs, sizes)
+                outputs.append(allocate())
+        if launch.run is not None:
+            launch.run(inputs, outputs)
         return tuple(outputs)
 
     def _launch(self, device: torch.device, sizes: dict[str, int]) -> _Launch:
         """What every call on `device` at `sizes` does alike, worked out on the first."""
         layouts = self._output_layouts(sizes)
-        runner = None
+        runner = run = None
         if any(0 not in shape for shape, _ in layouts):  # an empty output needs no kernel
             runner = self._runner(self._backend_for(device))
-        launch = _Launch(
-            outputs=tuple(
-                (tuple(shape), tuple(stride), b.dtype)
-                for b, (shape, stride) in zip(self.kernel.outputs, layouts)
-            ),
-            runner=runner,
-            in_place=getattr(runner, "in_place", None) or {},
-            allocate=getattr(runner, "allocate", None) if device.type == "cpu" else None,
-        )
-        self._launches[(device, *sizes.values())] = launch
+            bind = getattr(runner, "bind", None)
+            run = bind(sizes) if bind is not None else functools.partial(_run, runner, sizes)
+        in_place = getattr(runner, "in_place", None) or {}
+        allocate = getattr(runner, "allocate", None) if device.type == "cpu" else None
+        outputs = []
+        for k, (b, (shape, stride)) in enumerate(zip(self.kernel.outputs, layouts)):
+            shape, stride, dtype = tuple(shape), tuple(stride), b.dtype
+            extent = 1 + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape) else 0
+            if allocate is not None and extent * dtype.itemsize >= LARGE_NBYTES:
+                fresh = functools.partial(allocate, k, shape, stride, dtype)
+            elif device.type == "cpu" and _EMPTY_STRIDED_CPU is not None:
+                fresh = functools.partial(_EMPTY_STRIDED_CPU, shape, stride, dtype)
+            else:
+                fresh = functools.partial(
+                    torch.empty_strided, shape, stride, dtype=dtype, device=device
+                )
+            outputs.append((shape, stride, dtype, in_place.get(k), fresh))
+        launch = _Launch(outputs=tuple(outputs), run=run)
+        self._launches[(device, *sizes.values()) if self._symbol_slots else device] = launch
         return launch
 
     def _output_layouts(self, sizes: dict[str, int]) -> list[tuple[list[int], list[int]]]:
@@ -216,6 +239,10 @@ class FusedKernel:
             ]
             self._layouts[key] = layouts
         return layouts
+
+
+def _run(runner: object, sizes: dict[str, int], inputs, outputs) -> None:
+    runner(inputs, outputs, sizes)
 
 
 def _reusable(
