@@ -19,7 +19,9 @@ Groups of one node stay ATen calls: a generated kernel for a single op moves the
 bytes. The exception is a layout conversion (`clone` to another memory format) whose
 kernels run on the C++ backend: ATen copies it element by element through strides, while
 the C++ backend transposes in tiles into memory it reuses across calls (a (32, 64, 64, 64)
-NCHW -> channels_last conversion: ~55-75 ms in ATen, ~26 ms generated, measured).
+NCHW -> channels_last conversion: ~55-75 ms in ATen, ~26 ms generated, measured). And a
+group that is exactly one softmax goes back to ATen's `_softmax` where the backend says
+ATen's is faster (Feature.LIBRARY_SOFTMAX): the same bytes, eager's own kernel.
 
 Matmul templates (`matmul_templates`): an mm or bmm may join a group too, which becomes a
 template kernel (kind "matmul"): its epilogue (the pointwise ops that consume the product:
@@ -289,6 +291,7 @@ def _side(matmul: torch.fx.Node, other: Group) -> str:
         "refused_lowering",  # the group cannot be one kernel (NotLowerable's reason)
         "refused_template",  # a matmul's prologue/epilogue merge, where templates are off
         "bias_folded",  # a bias add that fused with nothing, back into the GEMM (addmm)
+        "library_softmax",  # a kernel that is exactly one softmax, as ATen's _softmax
     ),
 )
 @dataclass(frozen=True)
@@ -431,6 +434,7 @@ class Fusion(Pass):
     def _rewrite(self, gm: torch.fx.GraphModule, ctx: PassContext, state: _State) -> None:
         backend = ctx.kernel_backend(graph_device(gm))
         conversions = backend.supports(Feature.LAYOUT_CONVERSION)
+        library_softmax = backend.supports(Feature.LIBRARY_SOFTMAX)
         groups = sorted(
             (
                 g
@@ -444,6 +448,8 @@ class Fusion(Pass):
         graph = gm.graph
         for number, group in enumerate(groups):
             members = sorted(group, key=state.order.__getitem__)
+            if library_softmax and _library_softmax(graph, members, ctx):
+                continue
             lowered = lower_group(members, f"{ctx.graph_name.replace('.', '_')}_fused_{number}")
             fused = FusedKernel(
                 lowered,
@@ -471,6 +477,68 @@ class Fusion(Pass):
             if is_view(node) and not node.users:
                 graph.erase_node(node)  # views that only members read
         legalize_graph(gm)
+
+
+def _library_softmax(graph: torch.fx.Graph, members: list[torch.fx.Node], ctx: PassContext) -> bool:
+    """Replace a group that is exactly softmax's decomposition with ATen's `_softmax`
+    (Feature.LIBRARY_SOFTMAX); False, changing nothing, for any other group."""
+    match = _softmax_of(members)
+    if match is None:
+        return False
+    source, dim = match
+    out = members[-1]
+    what = f"kept the softmax %{out.name} an ATen call (_softmax)"
+    reason = (
+        "the kernel would be exactly one softmax: ATen's vectorized softmax is faster on "
+        "this backend's device and moves the same bytes"
+    )
+    if not ctx.decide("library_softmax", what, reason, 0, tuple(m.name for m in members)):
+        return False
+    with graph.inserting_after(out):
+        call = graph.call_function(aten._softmax.default, (source, dim, False))
+    call.meta.update({"val": out.meta.get("val"), META_KEY: out.meta.get(META_KEY)})
+    out.replace_all_uses_with(call)
+    for member in reversed(members):
+        _erase_with_dead_views(graph, member)
+    return True
+
+
+def _softmax_of(members: list[torch.fx.Node]) -> tuple[torch.fx.Node, int] | None:
+    """(x, dim) when the members are amax, sub, exp, sum, div computing softmax(x, dim) of
+    a float32/float64 x, only the last read outside the group; else None."""
+    targets = [aten.amax.default, aten.sub.Tensor, aten.exp.default]
+    targets += [aten.sum.dim_IntList, aten.div.Tensor]
+    if [m.target for m in members] != targets:
+        return None
+    amax, sub, exp, total, div = members
+    if len(amax.args) < 3 or len(total.args) < 3 or amax.kwargs or total.kwargs:
+        return None
+    source, dims, keepdim = amax.args[:3]
+    meta = tensor_meta(source) if isinstance(source, torch.fx.Node) else None
+    if meta is None or meta.dtype not in (torch.float32, torch.float64) or not keepdim:
+        return None
+    if not (isinstance(dims, (list, tuple)) and len(dims) == 1):
+        return None
+    rank = len(meta.shape)
+    dim = dims[0] % rank if rank else 0
+    other = total.args[1]
+    if not (
+        isinstance(other, (list, tuple)) and len(other) == 1 and other[0] % max(rank, 1) == dim
+    ):
+        return None
+    if not (
+        total.args[2] is True
+        and sub.args == (source, amax)
+        and exp.args == (sub,)
+        and total.args[0] is exp
+        and div.args == (exp, total)
+        and not (sub.kwargs or exp.kwargs or div.kwargs)
+    ):
+        return None
+    inside = set(members)
+    if any(set(buffer_users(m)) - inside for m in members[:-1]):
+        return None  # an intermediate is read outside the group
+    return source, dim
 
 
 def _erase_with_dead_views(graph: torch.fx.Graph, node: torch.fx.Node) -> None:

@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from memopt.backends import memory
-from memopt.backends.runtime.extern import KeptOutputMatmul, RowScatterAdd, plan_library_calls
+from memopt.backends.runtime.extern import (
+    KeptOutputMatmul,
+    KeptOutputSoftmax,
+    RowScatterAdd,
+    plan_library_calls,
+)
 from memopt.compiler.capture import capture
 
 aten = torch.ops.aten
@@ -45,6 +50,22 @@ def test_kept_output_matmul_is_the_library_call(op, args):
     third = call(*inputs)  # `again` is held: fresh memory
     assert third.data_ptr() != again.data_ptr()
     assert torch.equal(again, want) and torch.equal(third, want)
+
+
+@pytest.mark.parametrize("dim", [1, 0, -1])
+def test_kept_output_softmax_is_atens_softmax(dim):
+    """A lone softmax left to ATen, its 8 MiB result in kept memory: eager's bits; a strided
+    input still gives a contiguous result, as ATen's does."""
+    call = KeptOutputSoftmax()
+    for x in (torch.randn(8192, 256), torch.randn(256, 8192).t()):
+        want = aten._softmax.default(x, dim, False)
+        got = call(x, dim, False)
+        assert got.stride() == want.stride() and torch.equal(got, want)
+        address = got.data_ptr()
+        del got
+        assert call(x, dim, False).data_ptr() == address
+    small = torch.randn(16, 16)
+    assert torch.equal(call(small, dim, False), torch.softmax(small, dim))
 
 
 def test_small_results_and_recorded_grads_take_the_functional_op():

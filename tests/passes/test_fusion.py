@@ -206,6 +206,28 @@ def test_bias_add_that_fuses_with_nothing_goes_back_into_addmm():
     assert folded and folded[0].bytes_saved == 2 * 4 * 16 * F32
 
 
+def test_lone_softmax_stays_atens_softmax_on_the_cpu():
+    """Must: a kernel that would be exactly one softmax runs as ATen's _softmax on the C++
+    backend (eager's own kernel: the same bits). Must not: a softmax fused with its scaling,
+    or on a backend without Feature.LIBRARY_SOFTMAX (reference)."""
+    x = x48()
+    a = check(lambda x: torch.softmax(x, -1), x)
+    assert [k.ops for k in a.kernels] == [("aten._softmax.default",)]
+    assert a.bytes_moved == 2 * X
+    kept = [d for d in fusion(a).decisions if d.code == "fusion.library_softmax"]
+    assert [d.applied for d in kept] == [True]
+    compiled = torch.compile(lambda x: torch.softmax(x, 0), backend="memopt")
+    assert torch.equal(compiled(x), torch.softmax(x, 0))
+
+    scaled = check(lambda x: torch.softmax(x * 0.5, -1), x)
+    assert [k.kind for k in scaled.kernels] == ["reduction"]
+    assert scaled.bytes_moved == 2 * X
+    assert not [d for d in fusion(scaled).decisions if d.code == "fusion.library_softmax"]
+
+    reference = check(lambda x: torch.softmax(x, -1), x, backend="reference")
+    assert [k.kind for k in reference.kernels] == ["reduction"]
+
+
 def test_bias_add_that_fuses_stays_in_the_generated_kernel():
     linear = torch.nn.Linear(8, 16)
     a = check(lambda x: torch.relu(linear(x)), x48())

@@ -18,7 +18,7 @@ CPP = register_backend(
         default_for=frozenset({"cpu"}),
         # No matmul template: the library GEMM runs the matmul, the epilogue fuses into the
         # next kernel. A lone layout conversion transposes in tiles into reused memory.
-        features=frozenset({Feature.LAYOUT_CONVERSION}),
+        features=frozenset({Feature.LAYOUT_CONVERSION, Feature.LIBRARY_SOFTMAX}),
         prefetch=prefetch_kernel,
     )
 )

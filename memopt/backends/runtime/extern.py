@@ -1,13 +1,14 @@
-"""Faster ways to run two kinds of ATen call on the CPU, with the same results.
+"""Faster ways to run some ATen calls on the CPU, with the same results.
 
-Matmuls whose large outputs go into kept, huge-page memory:
+Matmuls and softmaxes whose large outputs go into kept, huge-page memory:
 
 ATen's `mm`, `bmm`, `addmm` and `baddbmm` allocate their result in fresh memory on every
 call. For a large result, faulting that memory in costs a tenth of the matmul (GPT-2's LM
 head, backends/memory.py). `KeptOutputMatmul` calls the op's `out=` overload (the same
 BLAS call ATen's functional op makes, so the same values) into memory from
 `memory.KeptMemory`: the previous call's result once nothing holds it, else fresh memory
-with the huge-page hint.
+with the huge-page hint. `KeptOutputSoftmax` does the same for `_softmax` (a lone softmax
+the fusion pass left to ATen, Feature.LIBRARY_SOFTMAX).
 
 Row scatter-adds as `index_add`: AOTAutograd decomposes an embedding's backward into
 `index_put(zeros, [indices], grad, accumulate=True)`, which ATen's CPU kernel runs one
@@ -17,7 +18,7 @@ whole rows along the first dimension as the functional `index_add` (the same sum
 row's in index order). Negative or out-of-range indices, which index_add refuses, go to
 index_put, which wraps or raises as eager does.
 
-`plan_library_calls(gm)` points the graph's matmul nodes whose result can reach
+`plan_library_calls(gm)` points the graph's matmul and softmax nodes whose result can reach
 `memory.LARGE_NBYTES`, and its accumulating single-index index_puts, at one each. A node
 keeps its metadata, so it stays a kernel, the same kernel, to the cost model and the timer.
 Anything but plain CPU tensors of one dtype (fake tensors, a GPU, autograd recording, mixed
@@ -84,6 +85,35 @@ class KeptOutputMatmul:
         return self.out_op(*args, **kwargs, out=out)
 
 
+class KeptOutputSoftmax:
+    """Callable target standing for `_softmax(x, dim, half_to_float)` (module doc)."""
+
+    memopt_kind = "extern"
+    __name__ = "_softmax.default"
+    memopt_name = "aten._softmax.default"
+
+    def __init__(self) -> None:
+        self._memory = memory.KeptMemory()
+
+    def __repr__(self) -> str:
+        return "KeptOutputSoftmax(aten._softmax.default)"
+
+    def __call__(self, x: torch.Tensor, dim: int, half_to_float: bool) -> torch.Tensor:
+        if (
+            type(x) is torch.Tensor
+            and x.is_cpu
+            and not half_to_float
+            and x.dtype in (torch.float32, torch.float64)
+            and not (torch.is_grad_enabled() and x.requires_grad)
+        ):
+            nbytes = x.numel() * x.dtype.itemsize
+            if nbytes >= memory.LARGE_NBYTES:  # ATen's result: contiguous, x's shape
+                shape = tuple(x.shape)
+                out = self._memory.empty(0, shape, _contiguous(shape), x.dtype, nbytes)
+                return aten._softmax.out(x, dim, half_to_float, out=out)
+        return aten._softmax.default(x, dim, half_to_float)
+
+
 def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
     stride, step = [], 1
     for n in reversed(shape):
@@ -127,8 +157,9 @@ class RowScatterAdd:
 
 
 def plan_library_calls(gm: torch.fx.GraphModule) -> int:
-    """Point `gm`'s CPU matmuls whose result can be large at a KeptOutputMatmul and its
-    accumulating single-index index_puts at a RowScatterAdd; returns how many nodes changed.
+    """Point `gm`'s CPU matmuls and softmaxes whose result can be large at a KeptOutputMatmul
+    or KeptOutputSoftmax, and its accumulating single-index index_puts at a RowScatterAdd;
+    returns how many nodes changed.
     Call after the graph's other runtime planning (it changes targets)."""
     changed = 0
     for node in gm.graph.nodes:
@@ -139,6 +170,8 @@ def plan_library_calls(gm: torch.fx.GraphModule) -> int:
             continue
         if node.target in _MATMULS and _can_be_large(node):
             node.target = KeptOutputMatmul(node.target)
+        elif node.target is aten._softmax.default and _can_be_large(node):
+            node.target = KeptOutputSoftmax()
         elif node.target is aten.index_put.default and _adds_rows(node):
             node.target = RowScatterAdd()
         else:
