@@ -57,9 +57,10 @@ class CompiledKernel(Protocol):
         kernel.outputs[k] at `sizes` (size symbol name -> int); element 0 is at the tensor's
         data pointer. Outputs are allocated by the caller.
 
-        A kernel may also offer `bind(sizes)`: a callable `run(inputs, outputs)` for every
-        call at those sizes, with what they share worked out once (runtime/kernels.py uses
-        it where present).
+        A kernel may also offer `bind(sizes, outputs_checked)`: a callable
+        `run(inputs, outputs)` for every call at those sizes, with what they share worked
+        out once (runtime/kernels.py uses it where present, with outputs it allocated in
+        the kernel's layouts: outputs_checked=True).
         """
 
 

@@ -43,7 +43,7 @@ class CppKernel:
         function.restype = ctypes.c_int32
         self._function = function
         self._buffers = (*kernel.inputs, *kernel.outputs)
-        self._bound: dict[tuple[int, ...], Callable[[Tensors, Tensors], None]] = {}
+        self._bound: dict[tuple[object, ...], Callable[[Tensors, Tensors], None]] = {}
         # Output position -> input position whose memory that output may reuse, when the
         # caller knows nothing reads the input afterwards (FusedKernel.donated_inputs).
         self.in_place: dict[int, int] = planning.in_place_outputs(kernel)
@@ -72,10 +72,13 @@ class CppKernel:
             )
         self.bind(sizes)(inputs, outputs)
 
-    def bind(self, sizes: Sizes) -> Callable[[Tensors, Tensors], None]:
+    def bind(
+        self, sizes: Sizes, outputs_checked: bool = False
+    ) -> Callable[[Tensors, Tensors], None]:
         """`run(inputs, outputs)` at `sizes`: the layouts to check and the size and extent
         arguments worked out once per distinct sizes; per call only the checks, the data
-        pointers and the C call."""
+        pointers and the C call. `outputs_checked`: the caller allocates every output in
+        the kernel's layouts (FusedKernel does), so only the inputs are checked."""
         names = self.signature.size_names
         try:
             size_values = tuple(int(sizes[name]) for name in names) if names else ()
@@ -84,26 +87,28 @@ class CppKernel:
             raise ValueError(
                 f"kernel {self.kernel.name}: no value for size symbols {missing}"
             ) from error
-        run = self._bound.get(size_values)
+        key = (*size_values, outputs_checked)
+        run = self._bound.get(key)
         if run is None:
             layout = _Layout(
                 self._buffers, dict(zip(names, size_values)), self.signature.extent_buffers
             )
-            run = self._bound[size_values] = self._runner(
-                layout, (*layout.extent_args, *size_values)
+            checked = len(self.kernel.inputs) if outputs_checked else len(self._buffers)
+            run = self._bound[key] = self._runner(
+                layout, (*layout.extent_args, *size_values), checked
             )
         return run
 
     def _runner(
-        self, layout: _Layout, scalars: tuple[int, ...]
+        self, layout: _Layout, scalars: tuple[int, ...], checked: int
     ) -> Callable[[Tensors, Tensors], None]:
         function, name = self._function, self.kernel.name
-        checks = tuple(zip(layout.expected, self._buffers))
+        checks = tuple(zip(layout.expected, self._buffers))[:checked]
         snapshot_outputs = self.signature.snapshot_outputs
 
         def run(inputs: Tensors, outputs: Tensors) -> None:
-            pointers = []
-            for tensor, ((dtype, shape, stride), buffer) in zip((*inputs, *outputs), checks):
+            tensors = (*inputs, *outputs)
+            for tensor, ((dtype, shape, stride), buffer) in zip(tensors, checks):
                 # The common case in one comparison; the full rule (size-1 and empty dims
                 # may have any stride) only when it fails.
                 if not (
@@ -113,7 +118,7 @@ class CppKernel:
                     and tensor.stride() == stride
                 ):
                     _check(buffer, tensor, shape, stride)
-                pointers.append(tensor.data_ptr())
+            pointers = [tensor.data_ptr() for tensor in tensors]
             # A kernel that reads an output sees it as it was before the kernel: read a copy.
             if snapshot_outputs:
                 snapshots = [_flat_copy(outputs[k]) for k in snapshot_outputs]

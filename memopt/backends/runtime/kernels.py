@@ -205,7 +205,13 @@ class FusedKernel:
         if any(0 not in shape for shape, _ in layouts):  # an empty output needs no kernel
             runner = self._runner(self._backend_for(device))
             bind = getattr(runner, "bind", None)
-            run = bind(sizes) if bind is not None else functools.partial(_run, runner, sizes)
+            # Outputs come from the launch's own allocations (or donated inputs checked by
+            # _reusable) in the kernel's layouts: the kernel need not check them again.
+            run = (
+                bind(sizes, outputs_checked=True)
+                if bind is not None
+                else functools.partial(_run, runner, sizes)
+            )
         in_place = getattr(runner, "in_place", None) or {}
         allocate = getattr(runner, "allocate", None) if device.type == "cpu" else None
         outputs = []
