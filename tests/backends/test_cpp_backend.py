@@ -777,40 +777,48 @@ def _with_nans(shape):
     return x
 
 
+SPLIT, BLOCKS = "split", "blocks"  # the two column skeletons
 COLUMN_CASES = {
-    # name: (fn, inputs, reduces down columns)
+    # name: (fn, inputs, the column skeleton it takes, or None: the row skeleton)
     "bias_grad": (
         lambda g, x: ((g * x).tanh(), (g * x).sum(0)),
         (torch.randn(1000, 100), torch.randn(1000, 100)),
-        True,
+        SPLIT,
     ),
-    "two_dims": (lambda x: x.exp().sum((0, 1)), (torch.randn(4, 50, 70),), True),
-    "middle_dim": (lambda x: (x * 2).sum(1), (torch.randn(3, 40, 70),), True),
+    "two_dims": (lambda x: x.exp().sum((0, 1)), (torch.randn(4, 50, 70),), SPLIT),
+    "middle_dim": (lambda x: (x * 2).sum(1), (torch.randn(3, 40, 70),), SPLIT),
     "row_values": (
         lambda x, b, w: ((x + b).sum(0) * w + 1, (x + b).amax(0)),
         (torch.randn(129, 65), torch.randn(65), torch.randn(65)),
-        True,
+        SPLIT,
     ),
-    "nan_max_min": (lambda x: ((x * 1).amax(0), (x * 1).amin(0)), (_with_nans((300, 50)),), True),
-    "int_sum": (lambda x: (x * 3).sum(0), (torch.randint(-9, 9, (77, 130)),), True),
-    "bool_any": (lambda x: (x > 1.5).any(0), (torch.randn(500, 70),), True),
-    "row_sum": (lambda x: (x * 2).sum(1), (torch.randn(100, 1000),), False),
-    "two_passes": (lambda x: torch.softmax(x * 2, 0), (torch.randn(200, 64),), False),
+    "nan_max_min": (lambda x: ((x * 1).amax(0), (x * 1).amin(0)), (_with_nans((300, 50)),), SPLIT),
+    "int_sum": (lambda x: (x * 3).sum(0), (torch.randint(-9, 9, (77, 130)),), SPLIT),
+    "bool_any": (lambda x: (x > 1.5).any(0), (torch.randn(500, 70),), SPLIT),
+    "two_rows": (lambda x: (x * 2).sum(0), (torch.randn(2, 300),), SPLIT),
+    "threads": (lambda x: (x * 2).sum(0), (torch.randn(33, 3000),), SPLIT),  # 2 threads, odd rows
+    # More columns than MO_SPLIT_COLUMNS: blocks of MO_COLUMNS columns, a ragged last one.
+    "wide": (lambda x: (x * 2).sum(0), (torch.randn(5, 8200),), BLOCKS),
+    "wide_max": (lambda x: (x - 1).amax(0), (_with_nans((3, 8250)),), BLOCKS),
+    "row_sum": (lambda x: (x * 2).sum(1), (torch.randn(100, 1000),), None),
+    "two_passes": (lambda x: torch.softmax(x * 2, 0), (torch.randn(200, 64),), None),
 }
 
 
 @pytest.mark.parametrize("name", list(COLUMN_CASES))
 def test_column_reductions_reduce_adjacent_rows_in_the_lanes(name):
     """A single-pass reduction strided along the reduction and contiguous across rows (a bias
-    gradient) runs rows side by side (MO_COLUMNS); a row reduction and a two-pass one keep
-    the row skeleton. Either way the values are eager's: exact for max, min, integer and
-    bool reductions (NaN and -inf included), to rounding for float sums."""
-    fn, inputs, columns = COLUMN_CASES[name]
+    gradient) runs rows side by side: split between the threads along the reduction, each
+    streaming whole rows (up to MO_SPLIT_COLUMNS columns), or in blocks of MO_COLUMNS columns
+    (wider); a row reduction and a two-pass one keep the row skeleton. Either way the values
+    are eager's: exact for max, min, integer and bool reductions (NaN and -inf included), to
+    rounding for float sums."""
+    fn, inputs, skeleton = COLUMN_CASES[name]
     got, gm = run_fused(fn, inputs, "cpp")
     want = fn(*inputs)
     got, want = [(v,) if isinstance(v, torch.Tensor) else tuple(v) for v in (got, want)]
     for g, w in zip(got, want):
-        if w.is_floating_point() and name != "nan_max_min":
+        if w.is_floating_point() and name not in ("nan_max_min", "wide_max"):
             assert_close(g, w, rtol=1e-5, atol=1e-4)
         elif w.is_floating_point():
             assert torch.equal(g.isnan(), w.isnan())
@@ -819,7 +827,11 @@ def test_column_reductions_reduce_adjacent_rows_in_the_lanes(name):
             assert torch.equal(g, w)
     sources = [k._compiled["cpp"].source for k in fused_kernels(gm) if k.kernel.reduction_ranges]
     assert sources, "no reduction kernel"
-    assert any("MO_COLUMNS) {" in s for s in sources) == columns
+    found = {
+        SPLIT: any("split between threads" in s for s in sources),
+        BLOCKS: any("MO_COLUMNS) {" in s for s in sources),
+    }
+    assert found == {SPLIT: skeleton == SPLIT, BLOCKS: skeleton == BLOCKS}
 
 
 @pytest.mark.parametrize(

@@ -43,6 +43,7 @@ from memopt.compiler.kernel_ir import DOT, Kernel, Store, Value, index_var, redu
 
 FUNCTION_NAME = "memopt_kernel"
 SHORT_ROW = 1024  # float32 sums over rows up to this long accumulate in float32 lanes
+SPLIT_COLUMNS = 8192  # column reductions over at most this many columns: MO_SPLIT_COLUMNS
 
 _J = sympy.Symbol("j", integer=True, nonnegative=True)  # the pointwise innermost variable
 _R = sympy.Symbol("r", integer=True, nonnegative=True)  # the innermost reduction variable
@@ -273,6 +274,8 @@ class _Codegen(ValueRenderer):
         work = sympy.Mul(*kernel.reduction_ranges)
 
         if planning.column_reduction(kernel, row_vars, red_vars):
+            if rows.is_Integer and int(rows) <= SPLIT_COLUMNS:
+                return self._split_column_body(row_vars, ranges, outer_red, red_ranges, extent)
             return self._column_body(row_vars, ranges, outer_red, red_ranges, p(extent))
         depth = planning.reduction_depths(kernel)
         passes = planning.plan_passes(kernel, depth)
@@ -398,6 +401,116 @@ class _Codegen(ValueRenderer):
             "  }",
             "}",
         ]
+        return lines
+
+    def _split_column_body(
+        self,
+        row_vars: list[sympy.Symbol],
+        ranges: dict[sympy.Symbol, sympy.Expr],
+        outer_red: list[sympy.Symbol],
+        red_ranges: dict[sympy.Symbol, sympy.Expr],
+        extent: sympy.Expr,
+    ) -> list[str]:
+        """A column reduction over few columns (at most MO_SPLIT_COLUMNS), split along the
+        reduction: each thread takes a run of the reduction's rows and streams them whole,
+        every column in the vector lanes with its own accumulator (per-thread scratch);
+        after a barrier the threads combine the partial results, in thread order, column
+        by column, and compute and store each column's results.
+
+        Blocks of MO_COLUMNS columns down all rows (`_column_body`) read one short run per
+        row, a page apart when rows are long: on data that is not in cache every run waits
+        for memory on its own, with a TLB miss (GELU backward + bias gradient over 1024 x
+        2048 floats, cold: see docs/architecture.md). Here each thread reads memory in
+        order. The same accumulator type as the other skeletons (double for float sums); a
+        column's sum is its threads' partial sums, each in order, added in thread order."""
+        kernel = self.kernel
+        p = CppIndexPrinter(self.symbol_names)
+        rows = sympy.Mul(*kernel.ranges)
+        work = sympy.Mul(*kernel.reduction_ranges)
+        reductions = [v for v in kernel.values if v.op == "reduce"]
+        depth = planning.reduction_depths(kernel)
+        before = [v for v in kernel.values if v.op != "reduce" and depth[v] == 0]
+        after = [v for v in kernel.values if v.op != "reduce" and depth[v] > 0]
+        loop = _Loop(None, "o")
+        lane = self._decompose("row", row_vars, ranges)
+        flat = extent * sympy.Mul(*(red_ranges[v] for v in outer_red))
+        lines = [
+            f"const int64_t n_rows = {p(rows)};  // columns: {_names(row_vars)}",
+            f"const int64_t n_r = {p(extent)};  // innermost reduction",
+            f"const int64_t n_q = {p(flat)};  // the whole reduction, split between threads",
+            f"int n_threads = n_rows * {p.at(work, ATOM)} >= MO_PARALLEL_WORK "
+            "? omp_get_max_threads() : 1;",
+            "if (n_threads > n_q) n_threads = n_q > 0 ? (int)n_q : 1;",
+        ]
+        scratch, inits, updates, combines, results = [], [], [], [], []
+        for value in reductions:
+            name, operand = self.names[value], value.args[0]
+            acc = ops.accumulator_dtype(value.arg, operand.dtype)
+            ctype = ops.COMPUTE_TYPES[acc]
+            identity = ops.reduction_identity(value.arg, operand.dtype)
+            update, combine = ops.REDUCTION_UPDATES[value.arg]
+            lines.append(
+                f"{ctype}* __restrict__ {name}_part = "
+                f"({ctype}*)malloc(sizeof({ctype}) * n_threads * n_rows);"
+            )
+            scratch.append(f"{ctype}* __restrict__ {name}_acc = {name}_part + t * n_rows;")
+            inits.append(f"{name}_acc[row] = {identity};")
+            updates.append(
+                update.format(
+                    acc=f"{name}_acc[row]",
+                    v=ops.convert(self.names[operand], operand.dtype, acc),
+                )
+            )
+            combines += [
+                f"{ctype} {name}_all = {name}_part[row];",
+                "for (int u = 1; u < nt; ++u) {",
+                "  " + combine.format(out=f"{name}_all", acc=f"{name}_part[u * n_rows + row]"),
+                "}",
+            ]
+            results.append(
+                f"const {ops.compute_type(value.dtype)} {name} = "
+                f"{ops.convert(f'{name}_all', acc, value.dtype)};"
+            )
+        # The flat reduction row q as the outer reduction variables and the innermost r.
+        position = ["const int64_t r = q % n_r;"]
+        if outer_red:
+            position.append("int64_t rest = q / n_r;")
+        for var in reversed(outer_red):
+            bound = p.at(red_ranges[var], ATOM)
+            position += [
+                f"const int64_t {var.name} = rest % {bound};",
+                f"rest = rest / {bound};",
+            ]
+        element = [self._value_line(v, loop) for v in before]
+        element += [self._store_line(st, loop) for st in kernel.stores if not st.is_row]
+        row_inputs = [v for v in before if v.is_row]  # what the results are combined with
+        finish = [*lane, *(self._value_line(v, loop) for v in row_inputs), *combines, *results]
+        finish += [self._value_line(v, loop) for v in after]
+        finish += [self._store_line(st, loop) for st in kernel.stores if st.is_row]
+        body = [
+            "const int t = omp_get_thread_num();",
+            "const int nt = omp_get_num_threads();  // the team may be smaller than asked",
+            *scratch,
+            "#pragma omp simd",
+            "for (int64_t row = 0; row < n_rows; ++row) {",
+            *_indent(inits, 1),
+            "}",
+            "const int64_t q_end = n_q * (t + 1) / nt;",
+            "for (int64_t q = n_q * t / nt; q < q_end; ++q) {",
+            *_indent(position, 1),
+            "  #pragma omp simd",
+            "  for (int64_t row = 0; row < n_rows; ++row) {",
+            *_indent([*lane, *element, *updates], 2),
+            "  }",
+            "}",
+            "#pragma omp barrier",
+            "#pragma omp for schedule(static)",
+            "for (int64_t row = 0; row < n_rows; ++row) {",
+            *_indent(finish, 1),
+            "}",
+        ]
+        lines += ["#pragma omp parallel num_threads(n_threads)", "{", *_indent(body, 1), "}"]
+        lines += [f"free({self.names[value]}_part);" for value in reductions]
         return lines
 
     def _reduction_pass(

@@ -83,6 +83,22 @@ PRELUDE += r"""
 #define MO_LANES 16
 // Rows a column reduction reduces side by side: four 64-byte cache lines of floats.
 #define MO_COLUMNS 64
+// A column reduction over at most this many columns splits the reduction between the
+// threads instead: each thread streams its own run of whole rows (sequential reads the
+// prefetcher follows, one page after the other, the columns' accumulators in L1/L2), then
+// the partial results are combined column by column.
+#define MO_SPLIT_COLUMNS 8192
+
+// -- OpenMP's thread queries (one thread where the compiler has no OpenMP) ---------------
+#ifdef _OPENMP
+extern "C" int omp_get_thread_num(void) noexcept;
+extern "C" int omp_get_num_threads(void) noexcept;
+extern "C" int omp_get_max_threads(void) noexcept;
+#else
+static inline int omp_get_thread_num(void) { return 0; }
+static inline int omp_get_num_threads(void) { return 1; }
+static inline int omp_get_max_threads(void) { return 1; }
+#endif
 
 // -- errors: raised in Python after the call -------------------------------------------
 #define MO_ERR_ZERO_DIVISION 1
