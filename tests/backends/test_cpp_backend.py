@@ -394,6 +394,36 @@ def test_masked_and_indirect_loads_never_read_out_of_bounds():
         compile_kernel(bad)([table, torch.tensor([0, 1, 2, 3, 6])], [torch.empty(5, n)], {})
 
 
+def test_row_gathers_are_checked_once_per_row():
+    """Must: an embedding lookup fused with LayerNorm reads each table row with plain
+    contiguous loads, its index checked once per row (`_ok`). Must not: a gather whose
+    index changes along the innermost loop (torch.gather along it) checks each element.
+    Both raise IndexError for an index outside the table, as ATen does."""
+    table, weight, bias = torch.randn(50, 32), torch.randn(32), torch.randn(32)
+    ids = torch.randint(0, 50, (3, 7))
+
+    def lookup(ids, table, weight, bias):
+        return torch.nn.functional.layer_norm(table[ids], (32,), weight, bias)
+
+    got, gm = run_fused(lookup, (ids, table, weight, bias), "cpp")
+    assert_close(got, lookup(ids, table, weight, bias))
+    (kernel,) = fused_kernels(gm)
+    source = kernel._compiled["cpp"].source
+    body = source[source.index(f'extern "C" int32_t {codegen.FUNCTION_NAME}') :]
+    assert "_ok = " in body and "mo_checked(" not in body
+    bad = ids.clone()
+    bad[1, 4] = 50
+    with pytest.raises(IndexError):
+        gm(bad, table, weight, bias)
+
+    x, index = torch.randn(6, 40), torch.randint(0, 40, (6, 40))
+    got, gm = run_fused(lambda x, i: torch.gather(x * 2, 1, i) + 1, (x, index), "cpp")
+    assert_close(got, torch.gather(x * 2, 1, index) + 1)
+    sources = [k._compiled["cpp"].source for k in fused_kernels(gm)]
+    start = f'extern "C" int32_t {codegen.FUNCTION_NAME}'
+    assert any("mo_checked(" in s[s.index(start) :] for s in sources)
+
+
 def test_kernel_reads_outputs_as_they_were_before_it():
     n = 7
     kernel = Kernel(
