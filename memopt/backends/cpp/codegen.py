@@ -346,10 +346,7 @@ class _Codegen(ValueRenderer):
         p = CppIndexPrinter(self.symbol_names)
         rows = sympy.Mul(*kernel.ranges)
         work = sympy.Mul(*kernel.reduction_ranges)
-        reductions = [v for v in kernel.values if v.op == "reduce"]
-        depth = planning.reduction_depths(kernel)
-        before = [v for v in kernel.values if v.op != "reduce" and depth[v] == 0]
-        after = [v for v in kernel.values if v.op != "reduce" and depth[v] > 0]
+        reductions, before, after = self._single_pass_values()
         loop = _Loop(None, "o")
         lane = ["const int64_t row = rb + l;", *self._decompose("row", row_vars, ranges)]
 
@@ -408,6 +405,16 @@ class _Codegen(ValueRenderer):
         ]
         return lines
 
+    def _single_pass_values(self) -> tuple[list[Value], list[Value], list[Value]]:
+        """A single-pass reduction's values: the reductions, what they read (depth 0), and
+        what is computed from their results."""
+        values = self.kernel.values
+        depth = planning.reduction_depths(self.kernel)
+        reductions = [v for v in values if v.op == "reduce"]
+        before = [v for v in values if v.op != "reduce" and depth[v] == 0]
+        after = [v for v in values if v.op != "reduce" and depth[v] > 0]
+        return reductions, before, after
+
     def _split_column_body(
         self,
         row_vars: list[sympy.Symbol],
@@ -432,10 +439,7 @@ class _Codegen(ValueRenderer):
         p = CppIndexPrinter(self.symbol_names)
         rows = sympy.Mul(*kernel.ranges)
         work = sympy.Mul(*kernel.reduction_ranges)
-        reductions = [v for v in kernel.values if v.op == "reduce"]
-        depth = planning.reduction_depths(kernel)
-        before = [v for v in kernel.values if v.op != "reduce" and depth[v] == 0]
-        after = [v for v in kernel.values if v.op != "reduce" and depth[v] > 0]
+        reductions, before, after = self._single_pass_values()
         loop = _Loop(None, "o")
         lane = self._decompose("row", row_vars, ranges)
         flat = extent * sympy.Mul(*(red_ranges[v] for v in outer_red))
