@@ -285,7 +285,7 @@ def report(
     models: list[ModelResult], blocks: list[BlockResult], command: str, rounds: int, load: str
 ) -> str:
     lines = [
-        "## Speed: eager, TorchInductor, memopt on this CPU (bench/models.py)",
+        "### This run: eager, TorchInductor, memopt on this CPU",
         "",
         f"Command: `{command}` ({rounds} interleaved rounds). Machine: {machine()}. "
         f"Load average (1 min) at the start and end: {load}.",
