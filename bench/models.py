@@ -47,11 +47,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import real_models  # noqa: E402
 from cpu import _fresh_caches, _load_average, _with_fresh_memory, machine, write_results  # noqa: E402
 
 from memopt.compiler.capture import fresh_entry  # noqa: E402
 from memopt.driver.measure import run_step  # noqa: E402
+
+import real_models  # noqa: E402
 
 MODELS = real_models.HF_MODELS
 MODES = ("inference", "training")
