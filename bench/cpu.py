@@ -263,18 +263,29 @@ def run_case(case: Case, repeats: int, cold: bool) -> Result:
         }
         for variant in variants.values():  # warm up: page in the outputs, settle threads
             variant(*inputs)
-        times: dict[str, list[float]] = {name: [] for name in variants}
-        order = list(variants)
-        for round_index in range(repeats):
-            # Rotate who goes first: a call can leave the next one freed memory to fault
-            # in, or caches to warm, so a fixed order would bias the paired ratios.
-            shift = round_index % len(order)
-            for name in order[shift:] + order[:shift]:
-                variant = variants[name]
-                start = time.perf_counter()
-                variant(*inputs)
-                times[name].append((time.perf_counter() - start) * 1e3)
+        calls = {name: (lambda v=variant: v(*inputs)) for name, variant in variants.items()}
+        seconds = interleaved(calls, repeats)
+    times = {name: [t * 1e3 for t in ts] for name, ts in seconds.items()}
     return Result(case, times, compile_s, cold_compile_s, max_error, notes)
+
+
+def interleaved(
+    variants: dict[str, Callable[[], object]], rounds: int, calls: int = 1
+) -> dict[str, list[float]]:
+    """Seconds per call of each variant, one measurement of each per round (`calls` calls
+    long). Who goes first rotates: a call can leave the next one freed memory to fault in,
+    or caches to warm, so a fixed order would bias the paired ratios."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    order = list(variants)
+    for index in range(rounds):
+        shift = index % len(order)
+        for name in order[shift:] + order[:shift]:
+            run = variants[name]
+            start = time.perf_counter()
+            for _ in range(calls):
+                run()
+            times[name].append((time.perf_counter() - start) / calls)
+    return times
 
 
 def _spread(values: list[float]) -> str:

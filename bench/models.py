@@ -47,7 +47,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from cpu import _fresh_caches, _load_average, _with_fresh_memory, machine, write_results  # noqa: E402
+from cpu import (  # noqa: E402
+    _fresh_caches,
+    _load_average,
+    _with_fresh_memory,
+    interleaved,
+    machine,
+    write_results,
+)
 
 from memopt.compiler.capture import fresh_entry  # noqa: E402
 from memopt.driver.measure import run_step  # noqa: E402
@@ -72,24 +79,6 @@ def paired(times: dict[str, list[float]], baseline: str, variant: str) -> str:
         return f"{statistics.median(ratios):.2f}x"
     low, _, high = statistics.quantiles(ratios, n=4)
     return f"{statistics.median(ratios):.2f}x ({low:.2f}-{high:.2f})"
-
-
-def interleaved(
-    variants: dict[str, Callable[[], object]], rounds: int, calls: int = 1
-) -> dict[str, list[float]]:
-    """Seconds per call of each variant, one measurement of each per round, the order
-    rotating (a call can leave the next one freed memory or warm caches)."""
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    order = list(variants)
-    for index in range(rounds):
-        shift = index % len(order)
-        for name in order[shift:] + order[:shift]:
-            run = variants[name]
-            start = time.perf_counter()
-            for _ in range(calls):
-                run()
-            times[name].append((time.perf_counter() - start) / calls)
-    return times
 
 
 # --- models -------------------------------------------------------------------------------

@@ -256,17 +256,7 @@ def _report(args: argparse.Namespace) -> int:
 
     measured = None
     if args.measure:
-        measured = memopt.profile(
-            target.fn,
-            *target.inputs,
-            training=args.train,
-            dynamic=args.dynamic,
-            rounds=args.rounds,
-            compare=not args.no_inductor,
-            progress=_progress,
-            **options,
-        )
-        measured.target = target.name
+        measured = _measure(target, args, options)
         analysis = measured.analysis
     else:
         _progress("analyzing (counting eager bytes, capturing, running passes) ...")
@@ -399,16 +389,11 @@ def _ablate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _profile(args: argparse.Namespace) -> int:
-    from memopt.config import Config
+def _measure(target, args: argparse.Namespace, options: dict):
+    """memopt.profile of a loaded target with the command's --train, --dynamic, --rounds
+    and --no-inductor (`report --measure` and `profile`), named as the user named it."""
     from memopt.driver.profile import profile
-    from memopt.reports.measured import format_profile
 
-    options = _options(args)
-    Config.from_options(options)
-    if args.json:
-        _check_writable_file(args.json)
-    target = _load(args)
     result = profile(
         target.fn,
         *target.inputs,
@@ -420,6 +405,18 @@ def _profile(args: argparse.Namespace) -> int:
         **options,
     )
     result.target = target.name
+    return result
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from memopt.config import Config
+    from memopt.reports.measured import format_profile
+
+    options = _options(args)
+    Config.from_options(options)
+    if args.json:
+        _check_writable_file(args.json)
+    result = _measure(_load(args), args, options)
     sys.stdout.write(format_profile(result, top=args.top or None))
     sys.stdout.flush()
     if args.json:

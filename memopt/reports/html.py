@@ -3,8 +3,8 @@
 Sections, in order: totals, predicted time per device, what was measured on this machine
 (with `memopt.report(..., measure=True)`: program and kernel times, a roofline), the pass
 ledger, the kernel table (sortable), one side-by-side graph diff per pipeline step, missed
-opportunities, and each generated kernel's source. Every figure carries its label (counted, modelled, measured);
-every piece of text from the program is escaped.
+opportunities, and each generated kernel's source. Every figure carries its label
+(counted, modelled, measured, derived); every piece of text from the program is escaped.
 """
 
 from __future__ import annotations

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 
 import pytest
 import sympy
@@ -18,7 +17,7 @@ from memopt.driver.profile import KernelTiming, Profile
 from memopt.driver.results import KernelRecord
 from memopt.reports import measured as measured_module
 from memopt.reports.measured import roofline_svg
-from tests.reports.test_reports import _chromium, validate
+from tests.reports.test_reports import _chromium, rendered_dom, validate
 
 # A fixed machine, so no test spends seconds measuring one: 10 GB/s read, 8 GB/s copied,
 # 100 GFLOP/s; the ridge is at 10 FLOPs per byte.
@@ -143,21 +142,7 @@ def test_cli_report_measure_writes_the_section(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.skipif(_chromium() is None, reason="no headless Chromium installed")
 def test_the_measured_section_renders_in_headless_chromium(written):
-    result = subprocess.run(
-        [
-            _chromium(),
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--dump-dom",
-            written.index.as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    dom = result.stdout
+    dom = rendered_dom(written.index)
     assert "Measured on this machine" in dom and 'id="measured-kernels"' in dom
     svg = dom[dom.index('<svg id="roofline"') : dom.index("</svg>")]
     assert svg.count('<circle class="kernel"') == len(written.analysis.kernels)

@@ -302,24 +302,19 @@ def _chromium() -> str | None:
     return None
 
 
+def rendered_dom(page: Path) -> str:
+    """The DOM headless Chromium builds from `page` (scripts run), as HTML text."""
+    command = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom"]
+    result = subprocess.run([*command, page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 @pytest.mark.skipif(_chromium() is None, reason="no headless Chromium installed")
 def test_page_renders_in_headless_chromium(written):
-    result = subprocess.run(
-        [
-            _chromium(),
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--dump-dom",
-            written.index.as_uri(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "Totals" in result.stdout and 'id="kernel-table"' in result.stdout
-    assert f"{written.analysis.bytes_moved:,}" in result.stdout
+    dom = rendered_dom(written.index)
+    assert "Totals" in dom and 'id="kernel-table"' in dom
+    assert f"{written.analysis.bytes_moved:,}" in dom
 
 
 # --- diffs -----------------------------------------------------------------------------------
