@@ -8,6 +8,8 @@ output?"); they ask them here, so that adding an op to a class changes every ans
 from __future__ import annotations
 
 import operator
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.fx
@@ -56,6 +58,22 @@ EAGER_FREE_OPS = frozenset(
 )
 # Ops that write their output without reading it (fill, zero).
 WRITE_ONLY_OPS = frozenset({aten.fill_.Scalar, aten.fill_.Tensor, aten.zero_.default})
+# Ops that take a tensor argument only for its size, dtype and device: they read none of
+# its elements (autograd's seed `ones_like(output)`, a backward's `new_zeros(grad, size)`).
+SHAPE_ONLY_OPS = frozenset(
+    {
+        aten.ones_like.default,
+        aten.zeros_like.default,
+        aten.full_like.default,
+        aten.new_zeros.default,
+        aten.new_ones.default,
+        aten.new_full.default,
+        aten.rand_like.default,
+        aten.randn_like.default,
+        aten.randint_like.default,
+        aten.randint_like.low_dtype,
+    }
+)
 # Ops that make a tensor from nothing but sizes and a value.
 FILL_OPS = frozenset({aten.empty.memory_format, aten.full.default, aten.zeros.default})
 
@@ -107,6 +125,97 @@ GATHERS = frozenset(
         aten.embedding.default,
     }
 )
+
+# -- partial updates ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PartialUpdate:
+    """An op whose result is its argument 0 with some elements replaced (or accumulated
+    into); every other element passes through unchanged.
+
+    updated_arg: the argument with as many elements as the op updates (scatter's index,
+    index_add's source, slice_scatter's src; functional copy's self, all of which it
+    replaces by its broadcast src); None for index_put, whose updated elements
+    are the region its index list (argument 1) selects: `indexed_numel`.
+    accumulates: the update reads the elements it writes (add or reduce into them);
+    index_put says so in its argument 3, `accumulate`.
+    """
+
+    updated_arg: int | None
+    accumulates: bool = False
+
+
+_INDEX_PUT = PartialUpdate(updated_arg=None)
+_SCATTER = PartialUpdate(updated_arg=2)
+_SCATTER_REDUCE = PartialUpdate(updated_arg=2, accumulates=True)
+_INTO_VIEW = PartialUpdate(updated_arg=1)
+PARTIAL_UPDATES: dict[torch._ops.OpOverload, PartialUpdate] = {
+    aten.copy.default: PartialUpdate(updated_arg=0),
+    aten.index_put.default: _INDEX_PUT,
+    aten.index_put_.default: _INDEX_PUT,
+    aten._index_put_impl_.default: _INDEX_PUT,
+    aten._unsafe_index_put.default: _INDEX_PUT,
+    aten.scatter.src: _SCATTER,
+    aten.scatter.value: _SCATTER,
+    aten.scatter_.src: _SCATTER,
+    aten.scatter_.value: _SCATTER,
+    aten.scatter.reduce: _SCATTER_REDUCE,
+    aten.scatter.value_reduce: _SCATTER_REDUCE,
+    aten.scatter_.reduce: _SCATTER_REDUCE,
+    aten.scatter_.value_reduce: _SCATTER_REDUCE,
+    aten.scatter_add.default: _SCATTER_REDUCE,
+    aten.scatter_add_.default: _SCATTER_REDUCE,
+    aten.scatter_reduce.two: _SCATTER_REDUCE,
+    aten.scatter_reduce_.two: _SCATTER_REDUCE,
+    aten.index_add.default: PartialUpdate(updated_arg=3, accumulates=True),
+    aten.index_add_.default: PartialUpdate(updated_arg=3, accumulates=True),
+    aten.index_copy.default: PartialUpdate(updated_arg=3),
+    aten.index_copy_.default: PartialUpdate(updated_arg=3),
+    aten.slice_scatter.default: _INTO_VIEW,
+    aten.select_scatter.default: _INTO_VIEW,
+    aten.diagonal_scatter.default: _INTO_VIEW,
+    aten.as_strided_scatter.default: _INTO_VIEW,
+}
+# The view whose elements each *_scatter op replaces, taking the scatter's arguments after
+# src: slice_scatter(x, src, dim, start, end, step) writes slice(x, dim, start, end, step).
+SCATTER_VIEWS = {
+    aten.slice_scatter.default: aten.slice.Tensor,
+    aten.select_scatter.default: aten.select.int,
+    aten.diagonal_scatter.default: aten.diagonal.default,
+    aten.as_strided_scatter.default: aten.as_strided.default,
+}
+
+
+def update_accumulates(target: object, args: Sequence[object], kwargs: Mapping) -> bool:
+    """The partial update `target(*args, **kwargs)` reads the elements it updates."""
+    spec = PARTIAL_UPDATES[target]
+    if spec.updated_arg is None:  # index_put: (self, indices, values, accumulate=False)
+        return bool(args[3] if len(args) > 3 else kwargs.get("accumulate", False))
+    return spec.accumulates
+
+
+def indexed_numel(base_shape: Sequence, index_shapes: Sequence[Sequence | None]):  # noqa: ANN201
+    """Elements of `base[indices]`: the broadcast shape of the index tensors times the
+    dimensions no index covers (a None index, or past the last). Integer indices only: a
+    boolean mask covers as many dimensions as it has, with a data-dependent count.
+    Works on ints and on sympy sizes (a size that is not the literal 1 wins a broadcast)."""
+    covered = [k for k, shape in enumerate(index_shapes) if shape is not None]
+    rank = max((len(index_shapes[k]) for k in covered), default=0)
+    broadcast = [1] * rank
+    for k in covered:
+        shape = list(index_shapes[k])
+        for dim, size in enumerate(shape, start=rank - len(shape)):
+            if broadcast[dim] == 1:
+                broadcast[dim] = size
+    count = 1
+    for size in broadcast:
+        count = count * size
+    for dim, size in enumerate(base_shape):
+        if dim not in covered:
+            count = count * size
+    return count
+
 
 # -- properties of one node --------------------------------------------------------------
 

@@ -273,33 +273,3 @@ def graph_cost(gm: torch.fx.GraphModule, bindings: Mapping[sympy.Symbol, int]) -
     nodes = [n for n in gm.graph.nodes if is_kernel(n)]
     total = sympy.Add(*(node_cost(n).nbytes for n in nodes))
     return GraphCost(bytes_expr=sympy.simplify(total), kernels=len(nodes), bindings=bindings)
-
-
-def lower_bound(gm: torch.fx.GraphModule) -> sympy.Expr:
-    """Compulsory traffic: every used graph input read once, every graph output written once.
-
-    Outputs that are graph inputs or views of them need no write; a mutated input
-    (`copy_` into a placeholder) is written once.
-    """
-    total = ZERO
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for node in placeholders:
-        meta = tensor_meta(node)
-        if meta is not None and node.users:
-            total += meta.touched_nbytes
-    written: set[torch.fx.Node] = set()
-    output_node = next(n for n in gm.graph.nodes if n.op == "output")
-    flat: list[torch.fx.Node] = []
-    torch.fx.node.map_arg(output_node.args, flat.append)
-    for node in flat:
-        base = view_base(node)
-        if base.op == "placeholder" or base in written or tensor_meta(base) is None:
-            continue
-        written.add(base)
-        total += sum((m.nbytes for m in output_metas(base)), ZERO)
-    for node in gm.graph.nodes:
-        if node.target is aten.copy_.default and view_base(node.args[0]).op == "placeholder":
-            meta = tensor_meta(node.args[0])
-            if meta is not None:
-                total += meta.nbytes
-    return sympy.simplify(total)

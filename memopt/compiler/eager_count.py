@@ -4,8 +4,12 @@ A TorchDispatchMode sees every ATen op eager executes (after autograd, so the ba
 ops too). For each it adds the bytes of its tensor inputs and outputs by the rules of the
 cost model (docs/architecture.md): each distinct input's touched elements once (a broadcast
 input counts its real elements), each output once; views and allocations move nothing;
-gathers read at most one table element per output element; `copy_` reads only its source;
-an in-place op reads and writes its mutated argument once.
+gathers read at most one table element per output element (an embedding's table is its
+argument 0, `weight`, as for every gather); `copy_` reads only its source; ops that take a
+tensor only for its shape (ones_like, new_zeros, ...) read nothing; an in-place partial
+update (index_put_, scatter_, index_add_, ... from `x[idx] = v`) reads its indices and
+values and writes only the elements it updates (reading them too when it accumulates);
+any other in-place op reads and writes its mutated argument once.
 """
 
 from __future__ import annotations
@@ -17,7 +21,15 @@ import torch
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from memopt.compiler.aten_ops import EAGER_FREE_OPS, GATHERS, WRITE_ONLY_OPS
+from memopt.compiler.aten_ops import (
+    EAGER_FREE_OPS,
+    GATHERS,
+    PARTIAL_UPDATES,
+    SHAPE_ONLY_OPS,
+    WRITE_ONLY_OPS,
+    indexed_numel,
+    update_accumulates,
+)
 from memopt.compiler.capture import backward_seeds, clone_inputs, restore_grads, saved_grads
 from memopt.compiler.graph import touched_elements
 
@@ -82,6 +94,15 @@ class ByteCounter(TorchDispatchMode):
         inputs = _tensors((args, kwargs))
         if func is aten.copy_.default:
             return _read_nbytes(args[1]), args[0].numel() * args[0].element_size()
+        if func in SHAPE_ONLY_OPS:
+            return 0, sum(t.numel() * t.element_size() for t in _tensors(out))
+        if func in PARTIAL_UPDATES and func._schema.is_mutable:
+            target = args[0]
+            updated = _updated_elements(func, args) * target.element_size()
+            read = sum(_read_nbytes(t) for t in inputs if _key(t) != _key(target))
+            if update_accumulates(func, args, kwargs):
+                read += updated
+            return read, updated
         if func in WRITE_ONLY_OPS:
             inputs = [t for t in inputs if _key(t) not in {_key(m) for m in mutated}]
         if func in GATHERS:
@@ -112,6 +133,23 @@ class ByteCounter(TorchDispatchMode):
                 value = args[position]
             mutated.extend(_tensors(value))
         return mutated
+
+
+def _updated_elements(func, args) -> int:  # noqa: ANN001
+    """Elements an in-place partial update writes (every index counts, repeated or not)."""
+    spec = PARTIAL_UPDATES[func]
+    if spec.updated_arg is not None:
+        return args[spec.updated_arg].numel()
+    shapes: list[tuple[int, ...] | None] = []
+    for index in args[1]:
+        if index is None:
+            shapes.append(None)
+        elif index.dtype in (torch.bool, torch.uint8):  # a mask: its true elements, its dims
+            shapes.append((int(index.count_nonzero()),))
+            shapes.extend([()] * (index.dim() - 1))
+        else:
+            shapes.append(tuple(index.shape))
+    return int(indexed_numel(args[0].shape, shapes))
 
 
 @dataclass(frozen=True)

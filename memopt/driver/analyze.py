@@ -15,13 +15,13 @@ import sympy
 import torch
 import torch.fx
 
+from memopt.compiler.bound import lower_bound
 from memopt.compiler.capture import CapturedGraph, capture
 from memopt.compiler.cost import (
     graph_cost,
     is_kernel,
     is_low_precision,
     kernel_kind,
-    lower_bound,
     node_cost,
 )
 from memopt.compiler.eager_count import count_eager_bytes
@@ -147,7 +147,8 @@ def optimize_graph(captured: CapturedGraph, pipeline: Pipeline, fuel: Fuel) -> G
         gm, pipeline, captured.name, bindings, fuel=fuel, check_inputs=captured.real_inputs
     )
     cost = graph_cost(result.gm, bindings)
-    bound = lower_bound(result.gm)
+    # The bound is the program's, not the optimization's: the graph as captured.
+    bound = lower_bound(captured.gm)
     return GraphResult(
         name=captured.name,
         text=result.text_after,

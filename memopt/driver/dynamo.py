@@ -19,8 +19,9 @@ import torch
 import torch.fx
 
 from memopt.backends.runtime.executor import CompiledGraph, output_layouts
+from memopt.compiler.bound import lower_bound
 from memopt.compiler.capture import aot_backend
-from memopt.compiler.cost import graph_cost, lower_bound
+from memopt.compiler.cost import graph_cost
 from memopt.compiler.graph import copy_graph, evaluate, shape_bindings
 from memopt.config import Config
 from memopt.passes import Fuel
@@ -48,6 +49,8 @@ class CompileSession:
         eager_layouts = output_layouts(gm)
         reference = copy_graph(gm) if self.config.check else None
         bindings = shape_bindings(example_inputs)
+        # The bound is the program's, not the optimization's: the graph as captured.
+        bound = lower_bound(gm) if self.config.report_dir else None
         try:
             result = run_pipeline(gm, self.pipeline, name, bindings, fuel=self.fuel)
         except Exception as error:  # noqa: BLE001 - any pipeline bug falls back, visibly
@@ -67,10 +70,10 @@ class CompileSession:
                 file=sys.stderr,
             )
         if self.config.report_dir:
-            self._write_report(name, result, bindings)
+            self._write_report(name, result, bindings, bound)
         return CompiledGraph(result.gm, name, eager_layouts, reference=reference)
 
-    def _write_report(self, name: str, result, bindings) -> None:
+    def _write_report(self, name: str, result, bindings, bound) -> None:
         os.makedirs(self.config.report_dir, exist_ok=True)
         cost = graph_cost(result.gm, bindings)
         record = {
@@ -81,7 +84,7 @@ class CompileSession:
                 "label": "modelled",
             },
             "lower_bound_bytes": {
-                "value": evaluate(lower_bound(result.gm), bindings),
+                "value": evaluate(bound, bindings),
                 "label": "modelled",
             },
             "kernels": cost.kernels,
