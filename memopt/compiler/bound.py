@@ -20,6 +20,7 @@ from memopt.compiler.aten_ops import (
     SHAPE_ONLY_OPS,
     indexed_numel,
     is_mutating,
+    is_random,
     update_accumulates,
 )
 from memopt.compiler.cost import ZERO, buffer_users, is_view, view_base
@@ -49,8 +50,10 @@ def lower_bound(gm: torch.fx.GraphModule) -> sympy.Expr:
     P then reads min(touched bytes, the sum of those).
 
     Writes:
-    - every graph output once (all outputs of its node), except an output that is an input
-      or a view of one, and an output that is a `copy_` into an input (or a view of one, or
+    - every graph output once (all outputs of its node; outputs computing the same op on
+      the same values, up to views that change nothing, once together: what common-
+      subexpression elimination makes of them), except an output that is an input or a
+      view of one, and an output that is a `copy_` into an input (or a view of one, or
       a view of such a copy_): the mutated input, written below;
     - every `copy_(D, value)` with D an input or a view of one writes D once, except when
       `value` is a partial update of D: the updated elements only;
@@ -103,16 +106,55 @@ def lower_bound(gm: torch.fx.GraphModule) -> sympy.Expr:
     output_node = next(n for n in gm.graph.nodes if n.op == "output")
     flat: list[torch.fx.Node] = []
     torch.fx.node.map_arg(output_node.args, flat.append)
-    written: set[torch.fx.Node] = set()
+    values = _value_numbers(gm)
+    written: set[int] = set()
     for node in flat:
         base = view_base(node)
-        if base.op == "placeholder" or base in written or tensor_meta(base) is None:
+        if base.op == "placeholder" or values[base] in written or tensor_meta(base) is None:
             continue
         if _mutated_input(base) is not None:
             continue
-        written.add(base)
+        written.add(values[base])
         total += sum((m.nbytes for m in output_metas(base)), ZERO)
     return sympy.simplify(total)
+
+
+def _value_numbers(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, int]:
+    """Nodes that compute the same op on the same values (up to views that change nothing)
+    share a number: the outputs common-subexpression elimination makes one tensor."""
+    numbers: dict[torch.fx.Node, int] = {}
+    interned: dict[tuple, int] = {}
+
+    def freeze(value: object) -> object:
+        if isinstance(value, torch.fx.Node):
+            return ("node", numbers[value])
+        if isinstance(value, (list, tuple)):
+            return (type(value).__name__, tuple(freeze(v) for v in value))
+        if isinstance(value, dict):
+            return tuple(sorted((k, freeze(v)) for k, v in value.items()))
+        if isinstance(value, float):
+            return ("float", repr(value))  # 0.0 and -0.0 differ; so do two nans
+        return value
+
+    for node in gm.graph.nodes:
+        source = node.args[0] if node.args else None
+        if node.op != "call_function" or is_random(node) or is_mutating(node):
+            key: tuple = ("unique", node.name)
+        elif is_view(node) and isinstance(source, torch.fx.Node) and _same_view(node, source):
+            numbers[node] = numbers[source]
+            continue
+        else:
+            key = (node.target, freeze(node.args), freeze(node.kwargs))
+        try:
+            numbers[node] = interned.setdefault(key, len(interned))
+        except TypeError:  # an unhashable argument: a value of its own
+            numbers[node] = interned.setdefault(("unique", node.name), len(interned))
+    return numbers
+
+
+def _same_view(view: torch.fx.Node, source: torch.fx.Node) -> bool:
+    a, b = tensor_meta(view), tensor_meta(source)
+    return a is not None and b is not None and a == b
 
 
 @dataclass(frozen=True)

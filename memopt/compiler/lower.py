@@ -16,7 +16,7 @@ remaining ops are in lowering_rules.py.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import sympy
@@ -102,6 +102,8 @@ class Lowered:
     input_nodes: list[torch.fx.Node]
     output_nodes: list[torch.fx.Node]
     gather_sources: frozenset[torch.fx.Node]  # inputs read only through indirect loads
+    # Per gathered input: how many gather nodes read it (each one lookup per element).
+    gathers_per_source: Mapping[torch.fx.Node, int]
     flops: sympy.Expr
 
 
@@ -113,6 +115,7 @@ class Lowering:
         self.inputs: dict[torch.fx.Node, str] = {}
         self.direct_reads: set[torch.fx.Node] = set()
         self.indirect_reads: set[torch.fx.Node] = set()
+        self.gather_nodes: dict[torch.fx.Node, set[torch.fx.Node]] = {}
         self.memo: dict[tuple[torch.fx.Node, Index, Value | None], Value] = {}
         # Where the value being built is used: loads outside it read nothing (see `masked`).
         self.mask: Value | None = None
@@ -442,6 +445,7 @@ class Lowering:
         full_index = tuple(symbol if e is None else e for e in table_index)
         name = self.inputs.setdefault(source, f"in{len(self.inputs)}")
         self.indirect_reads.add(source)
+        self.gather_nodes.setdefault(source, set()).add(node)
         return ir.load(
             name,
             offset(full_index, source_meta.stride),
@@ -528,6 +532,7 @@ def lower_group(members: Sequence[torch.fx.Node], name: str) -> Lowered:
         input_nodes=input_nodes,
         output_nodes=outputs,
         gather_sources=frozenset(lowering.indirect_reads - lowering.direct_reads),
+        gathers_per_source={k: len(v) for k, v in lowering.gather_nodes.items()},
         flops=_count_flops(kernel),
     )
 

@@ -74,6 +74,10 @@ class FusedKernel:
         self.gather_positions = frozenset(
             k for k, node in enumerate(lowered.input_nodes) if node in lowered.gather_sources
         )
+        # Gathers of one table in the kernel: each looks up its own elements.
+        self.gathers_at = {
+            k: lowered.gathers_per_source[lowered.input_nodes[k]] for k in self.gather_positions
+        }
         self.fake_outputs = tuple(fake_outputs)
         self._compiled: dict[str, object] = {}
         self._symbol_slots = self._find_symbol_slots()
@@ -98,7 +102,7 @@ class FusedKernel:
         lookups = sympy.Mul(*self.kernel.ranges) * sympy.Mul(*self.kernel.reduction_ranges)
         for k in self.gather_positions:
             meta = tensor_meta(node.args[k])
-            read += sympy.Min(meta.touched_nbytes, lookups * meta.itemsize)
+            read += sympy.Min(meta.touched_nbytes, self.gathers_at[k] * lookups * meta.itemsize)
         write = sympy.Add(*(sympy.Mul(*b.shape) * b.dtype.itemsize for b in self.kernel.outputs))
         return Cost(read=read, write=write, flops=self.flops)
 
