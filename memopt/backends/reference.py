@@ -457,6 +457,6 @@ REFERENCE = register_backend(
     Backend(
         name="reference",
         compile=compile_kernel,
-        features=frozenset({Feature.MATMUL_TEMPLATES}),
+        features=frozenset({Feature.MATMUL_TEMPLATES, Feature.IN_PLACE_OUTPUTS}),
     )
 )

@@ -41,6 +41,11 @@ class Feature(enum.Enum):
     # vectorized kernel beats the generated one there (4096 rows of 256 fp32 on the C++
     # backend's CPU: 374 us vs 454 us, measured) and is eager's own.
     LIBRARY_SOFTMAX = "library softmax"
+    # A kernel may write an output over an input it reads where every load of that input
+    # reads the element the store writes (`planning.may_overwrite`): the C++ skeletons read
+    # each element before they write it; the reference backend evaluates every value before
+    # its first store.
+    IN_PLACE_OUTPUTS = "in-place outputs"
 
 
 Tensors = Sequence[torch.Tensor]

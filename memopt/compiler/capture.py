@@ -67,6 +67,9 @@ _KEEP_WHOLE = [
     aten._scaled_dot_product_flash_attention_for_cpu.default,
     aten._scaled_dot_product_flash_attention.default,
     aten._scaled_dot_product_efficient_attention.default,
+    # Whole, the updates pass can make it in place (a copy into the view); its lowering
+    # (lowering_rules._select_scatter) fuses it otherwise, as the decomposition would.
+    aten.select_scatter.default,
 ]
 
 

@@ -59,6 +59,7 @@ from memopt.compiler.graph import (
 from memopt.compiler.lower import NotLowerable, can_lower, can_lower_matmul, lower_group
 from memopt.compiler.printer import op_name
 from memopt.passes.base import Pass, PassContext
+from memopt.passes.inplace import updated_in_place
 from memopt.passes.registry import register_pass
 
 Group = frozenset[torch.fx.Node]
@@ -78,8 +79,14 @@ class _State:
         self.ctx = ctx
         self.nodes = list(gm.graph.nodes)
         self.order = {n: k for k, n in enumerate(self.nodes)}
+        # Updates of some elements the inplace pass will make in place stay out of kernels,
+        # which would write the whole buffer.
+        in_place = ctx.pipeline.runs("inplace")
         self.fusible = [
-            n for n in self.nodes if can_lower(n) or (templates and can_lower_matmul(n))
+            n
+            for n in self.nodes
+            if (can_lower(n) or (templates and can_lower_matmul(n)))
+            and not (in_place and updated_in_place(n) is not None)
         ]
         self.group_of: dict[torch.fx.Node, Group] = {n: frozenset([n]) for n in self.fusible}
         self.consumers = {
