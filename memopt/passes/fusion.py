@@ -96,6 +96,15 @@ class _State:
         self.cost_memo: dict[Group, int] = {}
         self.saved_memo: dict[tuple[Group, Group], int] = {}
         self.lower_memo: dict[Group, str | None] = {}
+        self.nested: set[Group] = set()  # groups that lower to nested reductions
+        device = graph_device(gm)
+        backend = ctx.kernel_backend(device)
+        self.no_nested = None
+        if not backend.supports(Feature.NESTED_REDUCTIONS):
+            self.no_nested = (
+                f"backend {backend.name!r} on {device} runs no nested reductions (a "
+                "reduction of a reduction's results over another axis)"
+            )
 
     def groups(self) -> set[Group]:
         return set(self.group_of.values())
@@ -166,6 +175,8 @@ class _State:
             try:
                 lowered = lower_group(members, "probe")
                 self.lower_memo[group] = None
+                if lowered.kernel.inner_ranges:
+                    self.nested.add(group)
                 for node in lowered.input_nodes:
                     if _view_root(node) in group:
                         # A view the lowering could not fold (as_strided, say) of a member:
@@ -289,6 +300,7 @@ def _side(matmul: torch.fx.Node, other: Group) -> str:
         "refused_size",  # the group would be over max_nodes
         "refused_cycle",  # a path between the two leaves the group
         "refused_lowering",  # the group cannot be one kernel (NotLowerable's reason)
+        "refused_nested",  # nested reductions, where the backend runs none
         "refused_template",  # a matmul's prologue/epilogue merge, where templates are off
         "bias_folded",  # a bias add that fused with nothing, back into the GEMM (addmm)
         "library_softmax",  # a kernel that is exactly one softmax, as ATen's _softmax
@@ -429,7 +441,11 @@ class Fusion(Pass):
                 "(through an extern op or another kernel)"
             )
         error = state.lowering_error(a | b)
-        return None if error is None else ("refused_lowering", error)
+        if error is not None:
+            return "refused_lowering", error
+        if state.no_nested is not None and a | b in state.nested:
+            return "refused_nested", state.no_nested
+        return None
 
     def _rewrite(self, gm: torch.fx.GraphModule, ctx: PassContext, state: _State) -> None:
         backend = ctx.kernel_backend(graph_device(gm))
