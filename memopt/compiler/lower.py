@@ -495,15 +495,17 @@ def _nesting(
 
 
 def _nesting_error(kernel: Kernel) -> str | None:
-    """Why the backends cannot run a nested kernel in one pass per level (None if they can):
-    each inner reduction reads no reduction's result, each outer one no outer one's."""
+    """Why the backends cannot run a nested kernel (None if they can): the outer level is
+    one pass (no reduction reads an outer reduction's result); the inner level may take
+    several (a logsumexp, a variance per outer element), as a row does."""
     for value in kernel.values:
         if value.op in ("reduce", ir.INNER_REDUCE):
-            below = _reductions_below(value.args[0])
-            if value.op == ir.INNER_REDUCE and below:
-                return "an inner reduction reads another reduction's result (two passes)"
-            if value.op == "reduce" and any(v.op == "reduce" for v in below):
-                return "an outer reduction reads another outer reduction's result (two passes)"
+            if any(v.op == "reduce" for v in _reductions_below(value.args[0])):
+                level = "an outer" if value.op == "reduce" else "an inner"
+                return (
+                    f"{level} reduction reads an outer reduction's result (two passes over "
+                    "the outer reduction)"
+                )
     if any(v.op == "load" and v.arg.indirect for v in kernel.values):
         return "a gather in a kernel with nested reductions"
     return None

@@ -662,14 +662,15 @@ class _Codegen(ValueRenderer):
 
     def _nested_body(self) -> list[str]:
         """A kernel with nested reductions: per row, loops over the outer reduction
-        variables; per outer element, the values that vary with it, one lane pass over the
-        inner variables (`_reduction_pass`: the inner reductions, MO_LANES partial
-        accumulators each), the values computed from their results, and an update of each
-        outer reduction's scalar accumulator (in order of the flat outer index, so argmin's
-        first index wins a tie). Then the row values and the row stores.
+        variables; per outer element, the values that vary with it and one lane pass over
+        the inner variables per dependency level of the inner reductions (`_reduction_pass`,
+        as a row of the reduction skeleton: a logsumexp takes two), then the values computed
+        from their results and an update of each outer reduction's scalar accumulator (in
+        order of the flat outer index, so argmin's first index wins a tie). Then the row
+        values and the row stores.
 
-        One pass per level (lower.py forms no other nested kernel): an inner reduction reads
-        no reduction's result, an outer one no outer one's."""
+        The outer level is one pass (lower.py forms no other nested kernel): no reduction
+        reads an outer reduction's result."""
         kernel = self.kernel
         row_vars = [index_var(k) for k in range(len(kernel.ranges))]
         red_vars = [reduction_var(k) for k in range(len(kernel.reduction_ranges))]
@@ -691,13 +692,13 @@ class _Codegen(ValueRenderer):
         depth = planning.reduction_depths(kernel)
         inner_reductions = [v for v in kernel.values if v.op == INNER_REDUCE]
         outer_reductions = [v for v in kernel.values if v.op == "reduce"]
-        if any(depth[v.args[0]] for v in inner_reductions) or any(
-            depth[v.args[0]] > 1 for v in outer_reductions
-        ):
-            raise Unsupported(f"kernel {kernel.name}: a nested level needs two passes")
-        q_set = set(q_vars)
         structural = ("reduce", INNER_REDUCE)
-        varies_q = [v for v in kernel.values if v.symbols & q_set and v.op not in structural]
+        after_outer: dict[Value, bool] = {}  # whether a value reads an outer reduction
+        for value in kernel.values:
+            if value.op in structural and after_outer[value.args[0]]:
+                raise Unsupported(f"kernel {kernel.name}: the outer reduction needs two passes")
+            after_outer[value] = value.op == "reduce" or any(after_outer[a] for a in value.args)
+        q_set = set(q_vars)
         outer_level = [
             v
             for v in kernel.values
@@ -727,10 +728,28 @@ class _Codegen(ValueRenderer):
         for var in reversed(red_vars):
             flat += var * step
             step *= red_ranges[var]
-        per_element = [self._value_line(v, row) for v in outer_level if not depth[v]]
-        plan = planning.PassPlan(varies_q, frozenset(), ())
-        per_element += self._reduction_pass(1, inner_reductions, [], plan, outer_q, q_ranges)
-        per_element += [self._value_line(v, row) for v in outer_level if depth[v]]
+        per_element: list[str] = []
+        done = 0  # the inner levels computed so far
+        for level in range(1, max((depth[v] for v in inner_reductions), default=0) + 1):
+            per_element += [
+                self._value_line(v, row) for v in outer_level if done <= depth[v] < level
+            ]
+            reductions = [v for v in inner_reductions if depth[v] == level]
+            # The values varying along q that this pass's reductions read (an earlier
+            # pass's values are computed again: no row cache here).
+            needed: set[Value] = set()
+            stack = [v.args[0] for v in reductions]
+            while stack:
+                value = stack.pop()
+                if value in needed or not value.symbols & q_set:
+                    continue
+                needed.add(value)
+                stack.extend(value.args)
+            values = [v for v in kernel.values if v in needed]
+            plan = planning.PassPlan(values, frozenset(), ())
+            per_element += self._reduction_pass(level, reductions, [], plan, outer_q, q_ranges)
+            done = level
+        per_element += [self._value_line(v, row) for v in outer_level if depth[v] >= done]
         for value in outer_reductions:
             name, operand = self.names[value], value.args[0]
             acc = ops.accumulator_dtype(value.arg, operand.dtype)
