@@ -927,12 +927,20 @@ def test_nested_reduction_kernel_matches_the_reference(sizes):
     for g, w in zip(got, want):
         assert_close(g, w, equal_nan=True, rtol=1e-6, atol=1e-5)
     source = codegen.generate(kernel).source
-    assert "for (int64_t r0 = 0; r0 < s1; ++r0) {" in source
+    assert "for (int64_t f = n_outer * chunk / n_chunks; f < f_end; ++f) {" in source
 
 
 def _spread(*shape, dtype=torch.float32):
     """Integer-valued floats: every sum is exact, so argmin/argmax see eager's values."""
     return torch.randint(-6, 7, shape).to(dtype)
+
+
+def _tied_rows():
+    """Integer-valued (300, 200) rows whose smallest row sum (all -6) is at rows 10 and 250:
+    in the first and the second thread's chunk of the outer reduction. argmin: 10."""
+    x = _spread(300, 200)
+    x[10] = x[250] = -6
+    return x
 
 
 NESTED_CASES = {
@@ -945,6 +953,10 @@ NESTED_CASES = {
         (torch.randn(7, 40, dtype=f64), torch.randn(11, 40, dtype=f64)),
     ),
     "all_rows_one_outer": (lambda x: x.exp().sum(-1).max(), (torch.randn(37, 50),)),
+    # One row, enough work for threads: the outer reduction is split between them, and
+    # the chunks' argmin combined in order (integer sums: ties, the first index wins).
+    "one_row_split": (lambda x: x.exp().sum(-1).max(), (torch.randn(300, 200),)),
+    "one_row_split_argmin": (lambda x: x.sum(-1).argmin(), (_tied_rows(),)),
     "outer_over_two_dims": (lambda x: (x * 2).sum(-1).amin((0, 1)), (torch.randn(3, 5, 19),)),
     "inner_not_last": (lambda x: x.exp().sum(1).amax(-1), (torch.randn(5, 7, 9),)),
     "two_inner_dims": (lambda x: (x * 2).sum((2, 3)).amax(1), (torch.randn(3, 4, 5, 6),)),

@@ -661,13 +661,19 @@ class _Codegen(ValueRenderer):
     # -- nested reduction skeleton ---------------------------------------------------
 
     def _nested_body(self) -> list[str]:
-        """A kernel with nested reductions: per row, loops over the outer reduction
-        variables; per outer element, the values that vary with it and one lane pass over
-        the inner variables per dependency level of the inner reductions (`_reduction_pass`,
-        as a row of the reduction skeleton: a logsumexp takes two), then the values computed
-        from their results and an update of each outer reduction's scalar accumulator (in
-        order of the flat outer index, so argmin's first index wins a tie). Then the row
-        values and the row stores.
+        """A kernel with nested reductions, in two phases.
+
+        Phase 1, one task per (row, chunk of the outer reduction): for each outer element
+        of the chunk (in order of the flat outer index f), the values that vary with it, one
+        lane pass over the inner variables per dependency level of the inner reductions
+        (`_reduction_pass`, as a row of the reduction skeleton: a logsumexp takes two), the
+        values computed from their results, and an update of each outer reduction's scalar
+        accumulator; the chunk's partial results go to per-task scratch. A row is one chunk
+        unless there are fewer rows than threads (`x.exp().sum(-1).max()`: one row), where
+        each row is split into one chunk per thread.
+
+        Phase 2, per row: the chunks' partial results combined in order (so argmin's first
+        index wins a tie), the row values and the row stores.
 
         The outer level is one pass (lower.py forms no other nested kernel): no reduction
         reads an outer reduction's result."""
@@ -706,29 +712,11 @@ class _Codegen(ValueRenderer):
         ]
         rows_before = [v for v in kernel.values if v.is_row and v.op != "reduce" and not depth[v]]
         rows_after = [v for v in kernel.values if v.is_row and v.op != "reduce" and depth[v]]
-
         row = _Loop(None, "o")
-        body = self._decompose("row", row_vars, ranges)
-        body += [self._value_line(v, row) for v in rows_before]
-        finals = []
-        for value in outer_reductions:
-            name, operand = self.names[value], value.args[0]
-            acc = ops.accumulator_dtype(value.arg, operand.dtype)
-            identity = ops.literal(kernel_ir.reduction_identity(value.arg, acc), acc)
-            body.append(f"{ops.COMPUTE_TYPES[acc]} {name}_acc = {identity};")
-            result, held = f"{name}_acc", acc
-            if value.arg in ("argmax", "argmin"):
-                body.append(f"int64_t {name}_idx = 0;")
-                result, held = f"{name}_idx", torch.int64
-            ctype = ops.compute_type(value.dtype)
-            finals.append(f"const {ctype} {name} = {ops.convert(result, held, value.dtype)};")
+        row_lines = [self._value_line(v, row) for v in rows_before]
 
-        # The flat outer reduction index (argmax/argmin's result), row-major.
-        flat, step = sympy.Integer(0), sympy.Integer(1)
-        for var in reversed(red_vars):
-            flat += var * step
-            step *= red_ranges[var]
-        per_element: list[str] = []
+        # Per outer element of a chunk.
+        per_element = self._decompose("f", red_vars, red_ranges)
         done = 0  # the inner levels computed so far
         for level in range(1, max((depth[v] for v in inner_reductions), default=0) + 1):
             per_element += [
@@ -750,40 +738,91 @@ class _Codegen(ValueRenderer):
             per_element += self._reduction_pass(level, reductions, [], plan, outer_q, q_ranges)
             done = level
         per_element += [self._value_line(v, row) for v in outer_level if depth[v] >= done]
+
+        # Each outer reduction: a scalar accumulator per chunk, its partial result in
+        # scratch (`_part`, and `_part_idx` for argmax/argmin), combined per row.
+        scratch: list[tuple[str, str]] = []  # (name, C++ type)
+        inits, chunk_ends, totals, finals = [], [], [], []
         for value in outer_reductions:
             name, operand = self.names[value], value.args[0]
             acc = ops.accumulator_dtype(value.arg, operand.dtype)
+            ctype = ops.COMPUTE_TYPES[acc]
+            identity = ops.literal(kernel_ir.reduction_identity(value.arg, acc), acc)
+            update, combine = ops.REDUCTION_UPDATES[value.arg]
             per_element.append(
-                ops.REDUCTION_UPDATES[value.arg][0].format(
+                update.format(
                     acc=f"{name}_acc",
                     idx=f"{name}_idx",
                     v=ops.convert(self.names[operand], operand.dtype, acc),
-                    i=p(flat),
+                    i="f",
                 )
             )
-        for var in reversed(red_vars):
-            bound = p.at(red_ranges[var], ATOM)
-            per_element = [
-                f"for (int64_t {var.name} = 0; {var.name} < {bound}; ++{var.name}) {{",
-                *_indent(per_element, 1),
-                "}",
-            ]
-        body += per_element + finals
-        body += [self._value_line(v, row) for v in rows_after]
-        body += [self._store_line(s, row) for s in kernel.stores]
+            inits.append(f"{ctype} {name}_acc = {identity};")
+            chunk_ends.append(f"{name}_part[task] = {name}_acc;")
+            scratch.append((f"{name}_part", ctype))
+            totals.append(f"{ctype} {name}_total = {name}_part[row * n_chunks];")
+            result, held = f"{name}_total", acc
+            if value.arg in ("argmax", "argmin"):
+                inits.append(f"int64_t {name}_idx = 0;")
+                chunk_ends.append(f"{name}_part_idx[task] = {name}_idx;")
+                scratch.append((f"{name}_part_idx", "int64_t"))
+                totals.append(f"int64_t {name}_total_idx = {name}_part_idx[row * n_chunks];")
+                result, held = f"{name}_total_idx", torch.int64
+            combined = combine.format(
+                out=f"{name}_total",
+                out_idx=f"{name}_total_idx",
+                acc=f"{name}_part[row * n_chunks + c]",
+                acc_idx=f"{name}_part_idx[row * n_chunks + c]",
+            )
+            totals.append(f"for (int64_t c = 1; c < n_chunks; ++c) {combined}")
+            ctype_out = ops.compute_type(value.dtype)
+            finals.append(f"const {ctype_out} {name} = {ops.convert(result, held, value.dtype)};")
+
+        phase1 = [
+            "const int64_t row = task / n_chunks;",
+            "const int64_t chunk = task - row * n_chunks;",
+            *self._decompose("row", row_vars, ranges),
+            *row_lines,
+            *inits,
+            "const int64_t f_end = n_outer * (chunk + 1) / n_chunks;",
+            "for (int64_t f = n_outer * chunk / n_chunks; f < f_end; ++f) {",
+            *_indent(per_element, 1),
+            "}",
+            *chunk_ends,
+        ]
+        phase2 = [*self._decompose("row", row_vars, ranges), *row_lines, *totals, *finals]
+        phase2 += [self._value_line(v, row) for v in rows_after]
+        phase2 += [self._store_line(s, row) for s in kernel.stores]
 
         rows = sympy.Mul(*kernel.ranges)
-        work = sympy.Mul(*kernel.reduction_ranges) * self.lane_work
-        return [
+        outer = sympy.Mul(*kernel.reduction_ranges)
+        work = outer * self.lane_work
+        lines = [
             f"const int64_t n_rows = {p(rows)};  // rows: {_names(row_vars) or 'one'}",
+            f"const int64_t n_outer = {p(outer)};  // the outer reduction: {_names(red_vars)}",
             f"const int64_t n_r = {p(self.inner_extent)};  // innermost: {_names(inner)}",
             "const int64_t n_blocked = n_r - n_r % MO_LANES;  // whole lane blocks",
-            f"#pragma omp parallel for schedule(static) if (n_rows * {p.at(work, ATOM)} "
-            ">= MO_PARALLEL_WORK)",
+            f"const bool threaded = n_rows * {p.at(work, ATOM)} >= MO_PARALLEL_WORK;",
+            "int64_t n_chunks = threaded && n_rows < omp_get_max_threads() "
+            "? omp_get_max_threads() : 1;",
+            "if (n_chunks > n_outer) n_chunks = n_outer > 0 ? n_outer : 1;",
+        ]
+        lines += [
+            f"{ctype}* __restrict__ {name} = ({ctype}*)malloc(sizeof({ctype}) * n_rows * n_chunks);"
+            for name, ctype in scratch
+        ]
+        lines += [
+            "#pragma omp parallel for schedule(static) if (threaded)",
+            "for (int64_t task = 0; task < n_rows * n_chunks; ++task) {",
+            *_indent(phase1, 1),
+            "}",
+            "#pragma omp parallel for schedule(static) if (threaded)",
             "for (int64_t row = 0; row < n_rows; ++row) {",
-            *_indent(body, 1),
+            *_indent(phase2, 1),
             "}",
         ]
+        lines += [f"free({name});" for name, _ in scratch]
+        return lines
 
     def _lane_accumulator(self, value: Value) -> torch.dtype:
         """What a reduction of the row skeleton accumulates in: `ops.accumulator_dtype`,
@@ -977,6 +1016,12 @@ _RESERVED = {
     "tile",
     "j_begin",
     "j_end",
+    "f",
+    "f_end",
+    "c",
+    "chunk",
+    "n_outer",
+    "threaded",
 }
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
