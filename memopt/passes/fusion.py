@@ -2,8 +2,9 @@
 
 Kinds of fusion, all found by one greedy loop over candidate pairs of groups:
 - vertical: a producer and a consumer (pointwise chains; pointwise into a reduction's input;
-  a reduction into the pointwise ops that read its result), so the intermediate never
-  touches memory;
+  a reduction into the pointwise ops that read its result; a reduction into a reduction of
+  its results over another axis, a nested kernel where the backend runs one), so the
+  intermediate never touches memory;
 - horizontal: independent groups that read the same buffer (two reductions over the same
   axis of one input, a value and its square), so the buffer is read once;
 - multi-output: a group whose values are needed outside it stores each of them.
