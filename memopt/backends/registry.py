@@ -46,6 +46,9 @@ class Feature(enum.Enum):
     # each element before they write it; the reference backend evaluates every value before
     # its first store.
     IN_PLACE_OUTPUTS = "in-place outputs"
+    # Kernels with nested reductions (Kernel.inner_ranges: a reduction over another axis of
+    # a reduction's results, `d.sum(-1).amin(1)`), the inner results never in memory.
+    NESTED_REDUCTIONS = "nested reductions"
 
 
 Tensors = Sequence[torch.Tensor]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import sympy
 
 from memopt.backends.codegen.index import linear_coefficient
-from memopt.compiler.kernel_ir import Kernel, Store, Value
+from memopt.compiler.kernel_ir import INNER_REDUCE, Kernel, Store, Value
 
 
 def unit_stride_var(index: sympy.Expr, variables: list[sympy.Symbol]) -> sympy.Symbol | None:
@@ -134,11 +134,12 @@ def plan_passes(kernel: Kernel, depth: dict[Value, int]) -> list[tuple[list[Valu
 
 
 def reduction_depths(kernel: Kernel) -> dict[Value, int]:
-    """How many nested reductions a Value waits for: max 1, then sum of x - max: 2."""
+    """How many nested reductions a Value waits for: max 1, then sum of x - max: 2 (an
+    inner reduction counts as one: the min over r of a sum over q is 2)."""
     depth: dict[Value, int] = {}
     for value in kernel.values:  # operands first
         below = max((depth[a] for a in value.args), default=0)
-        depth[value] = below + 1 if value.op == "reduce" else below
+        depth[value] = below + 1 if value.op in ("reduce", INNER_REDUCE) else below
     return depth
 
 
