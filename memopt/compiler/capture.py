@@ -56,6 +56,7 @@ _EXTRA_DECOMPOSITIONS = [
     aten.native_batch_norm_backward,
     aten.mean,
     aten.var_mean,
+    aten.linalg_vector_norm,  # abs, pow, sum: fuses with what reads it (a max of row norms)
 ]
 
 # Fused attention stays one op: core ATen decomposes it into matmul -> softmax -> matmul,
