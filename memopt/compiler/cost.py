@@ -266,6 +266,13 @@ _UPDATES: Mapping[object, Callable[[torch.fx.Node], Cost]] = {
 }
 
 
+def op_flops(node: torch.fx.Node, op: object) -> sympy.Expr:
+    """FLOPs of `node` had its target been `op` (same arguments): for call targets that run
+    an ATen op another way (into a slice of a bigger buffer, say)."""
+    rule = _FLOP_RULES.get(op)
+    return sympy.sympify(rule(node)) if rule is not None else _flops(node, output_metas(node))
+
+
 def _shape(arg: object) -> tuple[sympy.Expr, ...]:
     meta = tensor_meta(arg) if isinstance(arg, torch.fx.Node) else None
     return meta.shape if meta is not None else ()

@@ -22,6 +22,7 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "layout",
     "attention",
     "recompute",
+    "concat",
     "fusion",
     "inplace",
 )

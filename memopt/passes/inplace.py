@@ -37,7 +37,7 @@ import torch.fx
 from memopt.backends.codegen.planning import may_overwrite
 from memopt.backends.registry import Feature
 from memopt.backends.runtime.kernels import FusedKernel, owns_fresh_memory
-from memopt.compiler.aten_ops import is_pointwise
+from memopt.compiler.aten_ops import is_mutating, is_pointwise
 from memopt.compiler.cost import node_cost, reaches_output, readers_between, view_base
 from memopt.compiler.graph import META_KEY, evaluate, graph_device, meta_of_value, tensor_meta
 from memopt.passes.base import Pass, PassContext
@@ -161,7 +161,12 @@ class InPlace(Pass):
             )
             ctx.refuse("refused_alias", f"not in place: {what}", reason, stake, names)
             return
-        if _layout(value) != _layout(dst):
+        # A pointwise library op writes an out= tensor of any strides element by element
+        # (TensorIterator); anything else must write the layout it would have allocated.
+        strided = _layout(value)[:2] != _layout(dst)[:2] and not (
+            is_pointwise(value) and _out_overload(value.target) is not None
+        )
+        if _layout(value)[::2] != _layout(dst)[::2] or strided:
             reason = f"%{value.name} and %{dst.name} differ in dtype, shape or strides"
             ctx.refuse("refused_layout", f"not in place: {what}", reason, stake, names)
             return
@@ -236,9 +241,14 @@ class InPlace(Pass):
                 return
         else:
             position = len(call.args)
+        order = {n: i for i, n in enumerate(copy.graph.nodes)}
+        move = order[dst] > order[call]  # the destination is made after the kernel
         late = readers_between(buffer, call, copy)
+        if move:
+            late += _moved_past(call, copy, order)
         if late:
-            reason = f"%{late[0].name} reads %{dst.name} after %{call.name} would write it"
+            reason = f"%{late[0].name} is between %{call.name} and %{copy.name}, which "
+            reason += "the kernel's write into the destination would have to move past"
             ctx.refuse("refused_order", what, reason, stake, names)
             return
         reason = (
@@ -247,6 +257,10 @@ class InPlace(Pass):
         )
         if not ctx.decide("kernel_destination", what, reason, stake, names):
             return
+        if move:
+            copy.prepend(call)  # after the destination, still before anything reads it
+            for out in sorted(call.users, key=order.__getitem__):
+                copy.prepend(out)
         if position == len(call.args):
             call.args = (*call.args, dst)
         fused.destinations = {**fused.destinations, k: position}
@@ -306,6 +320,20 @@ class InPlace(Pass):
         for node in replaced[::-1]:
             node.replace_all_uses_with(result)
             graph.erase_node(node)
+
+
+def _moved_past(call: Node, copy: Node, order: dict[Node, int]) -> list[Node]:
+    """What keeps `call` from moving to just before `copy`: a reader of its outputs before
+    `copy`, or a node between them that writes memory (it might write what `call` reads)."""
+    outputs = [u for u in call.users if u.target is operator.getitem]
+    readers = [r for o in outputs for r in o.users if r is not copy and order[r] < order[copy]]
+    writers = [
+        n
+        for n in copy.graph.nodes
+        if order[call] < order[n] < order[copy]
+        and (is_mutating(n) or isinstance(n.target, FusedKernel) and n.target.destinations)
+    ]
+    return readers + writers
 
 
 def _writable(destination: Node) -> bool:

@@ -343,10 +343,12 @@ def mark_donated_inputs(gm: torch.fx.GraphModule) -> None:
 
 def owns_fresh_memory(node: torch.fx.Node) -> bool:
     """The node's tensor is memory of its own that no other value aliases: an output of a
-    FusedKernel, or of an ATen op that returns new tensors (no view, no alias annotation,
-    no mutation)."""
+    FusedKernel, of a call target that says so (`memopt_fresh`), or of an ATen op that
+    returns new tensors (no view, no alias annotation, no mutation)."""
     if node.op != "call_function":
         return False
+    if getattr(node.target, "memopt_fresh", False):
+        return True
     if node.target is operator.getitem:
         source = node.args[0]
         return isinstance(source, torch.fx.Node) and isinstance(source.target, FusedKernel)
