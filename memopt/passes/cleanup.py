@@ -30,7 +30,7 @@ from torch._guards import detect_fake_mode
 
 from memopt.compiler.aten_ops import is_mutating, is_random, returns_fresh_memory
 from memopt.compiler.cost import buffer_users, reaches_output, view_base
-from memopt.compiler.graph import META_KEY, meta_of_value, tensor_meta
+from memopt.compiler.graph import META_KEY, evaluate, meta_of_value, tensor_meta
 from memopt.passes.base import Pass, PassContext
 from memopt.passes.registry import register_pass
 
@@ -227,14 +227,17 @@ def _constant(node: object) -> int | None:
     return None
 
 
-def _overwriting_source(node: torch.fx.Node) -> tuple[torch.fx.Node, list[tuple]] | None:
+def _overwriting_source(
+    node: torch.fx.Node,
+) -> tuple[torch.fx.Node, torch.fx.Node, list[tuple]] | None:
     """For a node whose result holds its source's values in every element (the destination
-    it scatters or copies into is entirely overwritten): the source, and the views (target,
-    args after the tensor) that give it the result's shape."""
+    it scatters or copies into is entirely overwritten): the source, the destination, and the
+    views (target, args after the tensor) that give the source the result's shape."""
     if node.op != "call_function" or tensor_meta(node) is None:
         return None
     target, args = node.target, node.args
     views: list[tuple] = []
+    destination = args[0] if args else None
     if target is aten.copy.default:
         # copy(dst, src): src broadcast to dst's shape and cast to its dtype, at dst's strides.
         source = args[1]
@@ -254,7 +257,7 @@ def _overwriting_source(node: torch.fx.Node) -> tuple[torch.fx.Node, list[tuple]
         condition = _constant(args[0])
         if condition is None:
             return None
-        source = args[1] if condition else args[2]
+        source, destination = (args[1], args[2]) if condition else (args[2], args[1])
     else:
         return None
     if not isinstance(source, torch.fx.Node) or tensor_meta(source) is None:
@@ -264,10 +267,16 @@ def _overwriting_source(node: torch.fx.Node) -> tuple[torch.fx.Node, list[tuple]
     if views:
         source_shape = shape
     if source_shape != shape:
-        if not all(isinstance(size, int) or size.is_Integer for size in shape):
-            return None  # an expand to symbolic sizes would need them as graph values
-        views.append((aten.expand.default, ([int(size) for size in shape],)))
-    return source, views
+        if all(isinstance(size, int) or size.is_Integer for size in shape):
+            views.append((aten.expand.default, ([int(size) for size in shape],)))
+        else:
+            views.append((aten.expand.default, None))  # symbolic sizes: not built here
+    return source, destination, views
+
+
+def _read_nbytes(node: object, ctx: PassContext) -> int:
+    meta = tensor_meta(node) if isinstance(node, torch.fx.Node) else None
+    return evaluate(meta.touched_nbytes, ctx.bindings) if meta is not None else 0
 
 
 def _insert(
@@ -289,26 +298,40 @@ def _insert(
     return node
 
 
-def _copy_as(gm: torch.fx.GraphModule, value: torch.fx.Node, like: torch.fx.Node):
-    """A copy of `value` with `like`'s dtype and layout (preserving value's strides where
-    they are like's, contiguous where like is), or None."""
+def _copy_as(
+    gm: torch.fx.GraphModule, value: torch.fx.Node, like: torch.fx.Node
+) -> list[torch.fx.Node] | None:
+    """The nodes of a copy of `value` with `like`'s dtype and layout, the copy last: a clone
+    (a cast where the dtype differs) that keeps value's strides, or one written in the order
+    of like's strides (permuted, copied row-major, permuted back). None if neither has them."""
     want = tensor_meta(like)
-    device = like.meta["val"].device
-    if value.meta["val"].device != device:
+    if value.meta["val"].device != like.meta["val"].device:
         return None
-    dtype = tensor_meta(value).dtype
-    for memory_format in (None, torch.contiguous_format):
-        kwargs = {} if memory_format is None else {"memory_format": memory_format}
-        if dtype == want.dtype:
-            copy = _insert(gm, aten.clone.default, (value,), kwargs)
-        else:
-            copy = _insert(gm, aten._to_copy.default, (value,), {"dtype": want.dtype, **kwargs})
-        if copy is not None and _same_layout(copy, like):
-            return copy
-        if copy is not None:
-            gm.graph.erase_node(copy)
-        if not want.is_contiguous():
-            return None
+    strides = [int(s) if s.is_Integer else None for s in want.stride]
+    orders: list[list[int] | None] = [None]
+    if None not in strides:
+        orders.append(sorted(range(len(strides)), key=lambda d: -strides[d]))
+    for order in orders:
+        nodes: list[torch.fx.Node | None] = []
+        source = value
+        if order is not None and order != sorted(order):
+            nodes.append(_insert(gm, aten.permute.default, (source, order)))
+            source = nodes[-1]
+        if source is not None:
+            kwargs = {} if order is None else {"memory_format": torch.contiguous_format}
+            if tensor_meta(source).dtype == want.dtype:
+                nodes.append(_insert(gm, aten.clone.default, (source,), kwargs))
+            else:
+                kwargs["dtype"] = want.dtype
+                nodes.append(_insert(gm, aten._to_copy.default, (source,), kwargs))
+        if nodes[-1] is not None and order is not None and order != sorted(order):
+            inverse = sorted(range(len(order)), key=order.__getitem__)
+            nodes.append(_insert(gm, aten.permute.default, (nodes[-1], inverse)))
+        if nodes[-1] is not None and _same_layout(nodes[-1], like):
+            return nodes
+        for node in reversed(nodes):
+            if node is not None:
+                gm.graph.erase_node(node)
     return None
 
 
@@ -338,6 +361,7 @@ def _cse_key(node: torch.fx.Node) -> tuple | None:
     "cleanup",
     codes=(
         "overwritten",  # a scatter or copy whose destination is all overwritten: a copy
+        "overwritten_kept",  # such a node kept: no copy of its source has its layout
         "noop_removed",  # a copy, cast, view, rounding or neutral arithmetic that changes nothing
         "noop_kept_output",  # such a copy kept: without it an output would alias
         "noop_kept_mutated",  # such a copy kept: its source is an input written back later
@@ -360,28 +384,41 @@ class Cleanup(Pass):
             found = _overwriting_source(node)
             if found is None:
                 continue
-            source, views = found
+            source, destination, views = found
             inserted: list[torch.fx.Node] = []
             with gm.graph.inserting_before(node):
                 value = source
                 for target, args in views:
-                    value = _insert(gm, target, (value, *args))
+                    value = None if args is None else _insert(gm, target, (value, *args))
                     if value is None:
                         break
                     inserted.append(value)
                 copy = _copy_as(gm, value, node) if value is not None else None
-            saved = ctx.nbytes(node) - ctx.nbytes(copy) if copy is not None else 0
-            if copy is not None and saved > 0:
+            if copy is None:
+                for unused in inserted[::-1]:
+                    gm.graph.erase_node(unused)
+                ctx.refuse(
+                    "overwritten_kept",
+                    f"keep %{node.name} ({node.target}) reading its destination",
+                    f"%{source.name} overwrites all of it, but no copy of %{source.name} with "
+                    "the result's shape, layout and device is built (a broadcast to symbolic "
+                    "sizes, a layout no permutation gives, another device)",
+                    _read_nbytes(destination, ctx),
+                    (node.name,),
+                )
+                continue
+            saved = ctx.nbytes(node) - sum(ctx.nbytes(n) for n in copy)
+            if saved > 0:
                 what = f"%{node.name} ({node.target}) reads only %{source.name}"
                 reason = (
                     f"%{source.name} overwrites every element of the destination, "
                     "which is no longer read: a copy of the source"
                 )
                 if ctx.decide("overwritten", what, reason, saved, (node.name,)):
-                    node.replace_all_uses_with(copy)
+                    node.replace_all_uses_with(copy[-1])
                     gm.graph.erase_node(node)
                     continue
-            for unused in ([copy] if copy is not None else []) + inserted[::-1]:
+            for unused in [*copy[::-1], *inserted[::-1]]:
                 gm.graph.erase_node(unused)
 
     def _remove_noops(self, gm: torch.fx.GraphModule, ctx: PassContext) -> None:
