@@ -267,11 +267,17 @@ def _overwriting_source(
     if views:
         source_shape = shape
     if source_shape != shape:
-        if all(isinstance(size, int) or size.is_Integer for size in shape):
-            views.append((aten.expand.default, ([int(size) for size in shape],)))
-        else:
-            views.append((aten.expand.default, None))  # symbolic sizes: not built here
+        sizes = [_concrete(size) for size in shape]
+        # Symbolic sizes would have to come from the graph's size values: not built here.
+        views.append((aten.expand.default, None if None in sizes else (sizes,)))
     return source, destination, views
+
+
+def _concrete(expr: object) -> int | None:
+    """The integer a size or stride is at every binding, or None if it is symbolic."""
+    if isinstance(expr, int):
+        return expr
+    return int(expr) if getattr(expr, "is_Integer", False) else None
 
 
 def _read_nbytes(node: object, ctx: PassContext) -> int:
@@ -287,6 +293,9 @@ def _insert(
     node = gm.graph.call_function(target, args, kwargs or {})
     values = torch.fx.node.map_arg((args, kwargs or {}), lambda n: n.meta.get("val"))
     mode = detect_fake_mode([n.meta.get("val") for n in node.all_input_nodes])
+    if mode is None:
+        gm.graph.erase_node(node)
+        return None
     try:
         with mode:
             value = target(*values[0], **values[1])
@@ -307,7 +316,7 @@ def _copy_as(
     want = tensor_meta(like)
     if value.meta["val"].device != like.meta["val"].device:
         return None
-    strides = [int(s) if s.is_Integer else None for s in want.stride]
+    strides = [_concrete(stride) for stride in want.stride]
     orders: list[list[int] | None] = [None]
     if None not in strides:
         orders.append(sorted(range(len(strides)), key=lambda d: -strides[d]))
