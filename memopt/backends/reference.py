@@ -2,7 +2,7 @@
 
 It is the executable definition of the IR and the oracle every other backend is tested
 against, so it favours exactness and clarity over speed. The domain is one broadcast grid
-of int64 index tensors, shaped (*ranges, *reduction_ranges); every Value of the body
+of int64 index tensors, shaped (*ranges, *reduction_ranges, *inner_ranges); every Value of the body
 becomes one tensor over the part of that grid it depends on (a row Value, which depends on
 no reduction variable, has size 1 on the reduction axes), and stores scatter through flat
 views of the output tensors.
@@ -43,6 +43,7 @@ from torch.utils._sympy import functions as torch_sympy
 
 from memopt.backends.registry import Backend, Feature, Sizes, Tensors, register_backend
 from memopt.compiler.kernel_ir import (
+    INNER_REDUCE,
     Buffer,
     Kernel,
     Store,
@@ -229,14 +230,15 @@ class _Frame:
     pointwise_shape: tuple[int, ...]
     reduction_shape: tuple[int, ...]
     device: torch.device
+    inner_shape: tuple[int, ...] = ()  # a nested kernel's inner reduction
 
     @property
     def full_shape(self) -> tuple[int, ...]:
-        return (*self.pointwise_shape, *self.reduction_shape)
+        return (*self.pointwise_shape, *self.reduction_shape, *self.inner_shape)
 
     @property
     def row_shape(self) -> tuple[int, ...]:
-        return (*self.pointwise_shape, *(1 for _ in self.reduction_shape))
+        return (*self.pointwise_shape, *(1 for _ in (*self.reduction_shape, *self.inner_shape)))
 
     def index(
         self, expr: sympy.Expr, extra: Mapping[str, torch.Tensor] | None = None
@@ -289,13 +291,25 @@ def _cast(value: Value, operands: list[torch.Tensor], frame: _Frame) -> torch.Te
 def _reduce(value: Value, operands: list[torch.Tensor], frame: _Frame) -> torch.Tensor:
     # Flatten the reduction axes into one, so every reduction (argmax's flat index included)
     # is one torch call over the last axis; keep size-1 axes so the result stays a row.
-    count = math.prod(frame.reduction_shape)
-    operand = operands[0].expand(frame.full_shape).reshape(*frame.pointwise_shape, count)
+    # A `reduce` reduces the (outer) reduction axes, its operand constant along inner ones;
+    # an `inner_reduce` the inner axes, its result one per row and outer reduced element.
+    inner_ones = tuple(1 for _ in frame.inner_shape)
+    if value.op == INNER_REDUCE:
+        kept = (*frame.pointwise_shape, *frame.reduction_shape)
+        reduced = frame.inner_shape
+        operand = operands[0].expand(frame.full_shape)
+    else:
+        kept = frame.pointwise_shape
+        reduced = frame.reduction_shape
+        operand = operands[0].expand((*kept, *reduced, *inner_ones))
+    count = math.prod(reduced)
+    operand = operand.reshape(*kept, count)
+    result_shape = (*kept, *(1 for _ in reduced), *(() if value.op == INNER_REDUCE else inner_ones))
     dtype = compute_dtype(value.dtype)
     if count == 0 and value.arg in _EMPTY_REDUCTION:
         fill = _EMPTY_REDUCTION[value.arg](operand.dtype)
-        return torch.full(frame.row_shape, fill, dtype=dtype, device=frame.device)
-    return REDUCTION_FUNCTIONS[value.arg](operand).to(dtype).reshape(frame.row_shape)
+        return torch.full(result_shape, fill, dtype=dtype, device=frame.device)
+    return REDUCTION_FUNCTIONS[value.arg](operand).to(dtype).reshape(result_shape)
 
 
 def _dot(value: Value, operands: list[torch.Tensor], frame: _Frame) -> torch.Tensor:
@@ -332,6 +346,7 @@ _VALUE_RULES: dict[str, Callable[[Value, list[torch.Tensor], _Frame], torch.Tens
     "index": _index,
     "cast": _cast,
     "reduce": _reduce,
+    INNER_REDUCE: _reduce,
     "dot": _dot,
     **{name: _pointwise for name in POINTWISE_FUNCTIONS},
 }
@@ -429,15 +444,17 @@ class ReferenceKernel:
         }
         pointwise_shape = tuple(int(evaluate_index(n, symbols)) for n in kernel.ranges)
         reduction_shape = tuple(int(evaluate_index(n, symbols)) for n in kernel.reduction_ranges)
+        inner_shape = tuple(int(evaluate_index(n, symbols)) for n in kernel.inner_ranges)
         # Each index variable is an arange along its own axis of the grid, size 1 elsewhere.
-        full_shape = (*pointwise_shape, *reduction_shape)
+        full_shape = (*pointwise_shape, *reduction_shape, *inner_shape)
         names = [f"i{k}" for k in range(len(pointwise_shape))]
         names += [f"r{k}" for k in range(len(reduction_shape))]
+        names += [f"q{k}" for k in range(len(inner_shape))]
         for axis, (name, size) in enumerate(zip(names, full_shape)):
             view = [1] * len(full_shape)
             view[axis] = size
             symbols[name] = torch.arange(size, dtype=torch.int64, device=device).view(view)
-        frame = _Frame(symbols, flat, pointwise_shape, reduction_shape, device)
+        frame = _Frame(symbols, flat, pointwise_shape, reduction_shape, device, inner_shape)
 
         # Memoized on the Value (structural equality): a shared subexpression runs once.
         results: dict[Value, torch.Tensor] = {}
@@ -457,6 +474,8 @@ REFERENCE = register_backend(
     Backend(
         name="reference",
         compile=compile_kernel,
-        features=frozenset({Feature.MATMUL_TEMPLATES}),
+        features=frozenset(
+            {Feature.MATMUL_TEMPLATES, Feature.IN_PLACE_OUTPUTS, Feature.NESTED_REDUCTIONS}
+        ),
     )
 )

@@ -41,6 +41,14 @@ class Feature(enum.Enum):
     # vectorized kernel beats the generated one there (4096 rows of 256 fp32 on the C++
     # backend's CPU: 374 us vs 454 us, measured) and is eager's own.
     LIBRARY_SOFTMAX = "library softmax"
+    # A kernel may write an output over an input it reads where every load of that input
+    # reads the element the store writes (`planning.may_overwrite`): the C++ skeletons read
+    # each element before they write it; the reference backend evaluates every value before
+    # its first store.
+    IN_PLACE_OUTPUTS = "in-place outputs"
+    # Kernels with nested reductions (Kernel.inner_ranges: a reduction over another axis of
+    # a reduction's results, `d.sum(-1).amin(1)`), the inner results never in memory.
+    NESTED_REDUCTIONS = "nested reductions"
 
 
 Tensors = Sequence[torch.Tensor]

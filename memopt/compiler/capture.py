@@ -56,6 +56,7 @@ _EXTRA_DECOMPOSITIONS = [
     aten.native_batch_norm_backward,
     aten.mean,
     aten.var_mean,
+    aten.linalg_vector_norm,  # abs, pow, sum: fuses with what reads it (a max of row norms)
 ]
 
 # Fused attention stays one op: core ATen decomposes it into matmul -> softmax -> matmul,
@@ -67,6 +68,9 @@ _KEEP_WHOLE = [
     aten._scaled_dot_product_flash_attention_for_cpu.default,
     aten._scaled_dot_product_flash_attention.default,
     aten._scaled_dot_product_efficient_attention.default,
+    # Whole, the updates pass can make it in place (a copy into the view); its lowering
+    # (lowering_rules._select_scatter) fuses it otherwise, as the decomposition would.
+    aten.select_scatter.default,
 ]
 
 

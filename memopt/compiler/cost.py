@@ -7,7 +7,12 @@ Rules (docs/architecture.md, "How bytes are counted"):
   (a broadcast input counts its real elements once; several views of one buffer together
   count at most the buffer), and writes each output once.
 - Gathers (index_select, embedding, ...) read at most as many source elements as they write.
-- `copy_` (an input mutation at the end of a functional graph) reads only its source.
+- `copy_` (an input mutation at the end of a functional graph) and `copy` (its functional
+  form: the destination gives only the layout) read only their source.
+- In-place updates of some elements (`index_put_`, `scatter_`, `scatter_add_`,
+  `index_add_`) write only the elements they update and read their indices, the values
+  they write (at most one per updated element) and, when they accumulate, the updated
+  elements; the rest of the buffer is neither read nor written.
 - A node whose target brings its own cost (a fused kernel) is asked for it: `target.memopt_cost(node)`.
 
 FLOPs are modelled: 2*M*N*K for matmuls, 2*out*(in_channels/groups)*prod(kernel) for
@@ -95,6 +100,22 @@ def reaches_output(node: torch.fx.Node) -> bool:
     return any(user.op == "output" for user in buffer_users(node))
 
 
+def readers_between(
+    buffer: torch.fx.Node, start: torch.fx.Node, end: torch.fx.Node
+) -> list[torch.fx.Node]:
+    """Nodes strictly between `start` and `end` in the graph that read `buffer` (through
+    views too): what sees other values of it when a write moves from `end` to `start`."""
+    inside, found = False, []
+    readers = set(buffer_users(buffer))
+    for node in buffer.graph.nodes:
+        if node is end:
+            break
+        if inside and node in readers:
+            found.append(node)
+        inside = inside or node is start
+    return found
+
+
 def view_base(node: torch.fx.Node) -> torch.fx.Node:
     """The node that owns the buffer a chain of views reads from."""
     # operator.getitem picks one output of a multi-output node: that output is its own buffer.
@@ -157,7 +178,10 @@ def node_cost(node: torch.fx.Node) -> Cost:
     outputs = output_metas(node)
     write = sympy.Add(*(m.nbytes for m in outputs))
     target = node.target
-    if target is aten.copy_.default:
+    update = _UPDATES.get(target)
+    if update is not None:
+        return update(node)
+    if target in (aten.copy_.default, aten.copy.default, aten.copy.out):
         read = read_bytes(node, [node.args[1]])
     elif target in GATHERS:
         args = _tensor_args(node)
@@ -172,6 +196,81 @@ def node_cost(node: torch.fx.Node) -> Cost:
     else:
         read = read_bytes(node, _tensor_args(node))
     return Cost(read=read, write=write, flops=_flops(node, outputs))
+
+
+def _indexed_elements(base: TensorMeta, indices: list[object]) -> sympy.Expr:
+    """Elements `base[indices]` selects (index_put's indices: None for a whole dim). A
+    boolean mask selects an unknown number of the elements it covers: all are counted."""
+    dims = list(base.shape)
+    count, position, index_shapes = sympy.Integer(1), 0, []
+    for index in indices:
+        meta = tensor_meta(index) if isinstance(index, torch.fx.Node) else None
+        if meta is None:  # None: a whole dimension
+            count *= dims[position] if position < len(dims) else 1
+            position += 1
+        elif meta.dtype in (torch.bool, torch.uint8):
+            count *= numel(dims[position : position + len(meta.shape)])
+            position += len(meta.shape)
+        else:
+            index_shapes.append(meta.shape)
+            position += 1
+    if index_shapes:
+        rank = max(len(shape) for shape in index_shapes)
+        padded = [(1,) * (rank - len(shape)) + tuple(shape) for shape in index_shapes]
+        count *= numel(sympy.Max(*sizes) for sizes in zip(*padded))
+    return count * numel(dims[position:])
+
+
+def _update_cost(node: torch.fx.Node, written: sympy.Expr, values: object) -> Cost:
+    base = tensor_meta(node.args[0])
+    index_args = [a for a in _tensor_args(node)[1:] if a is not values]
+    read = read_bytes(node, index_args)
+    values_meta = tensor_meta(values) if isinstance(values, torch.fx.Node) else None
+    if values_meta is not None:
+        read += sympy.Min(values_meta.touched_nbytes, written * values_meta.itemsize)
+    accumulates = node.target in (aten.scatter_add_.default, aten.index_add_.default) or (
+        node.target is aten.index_put_.default and len(node.args) > 3 and bool(node.args[3])
+    )
+    if accumulates:
+        read += written * base.itemsize
+    return Cost(read=read, write=written * base.itemsize, flops=written)
+
+
+def _index_put_cost(node: torch.fx.Node) -> Cost:
+    base, indices, values = tensor_meta(node.args[0]), node.args[1], node.args[2]
+    return _update_cost(node, _indexed_elements(base, list(indices)), values)
+
+
+def _scatter_cost(node: torch.fx.Node) -> Cost:
+    # scatter_(self, dim, index, src | value): one element per index entry.
+    values = node.args[3] if len(node.args) > 3 else None
+    return _update_cost(node, tensor_meta(node.args[2]).numel, values)
+
+
+def _index_add_cost(node: torch.fx.Node) -> Cost:
+    # index_add_(self, dim, index, source): whole slices of self along dim, one per index.
+    base, dim = tensor_meta(node.args[0]), node.args[1]
+    dim = dim % len(base.shape) if base.shape else 0
+    written = tensor_meta(node.args[2]).numel * numel(
+        s for k, s in enumerate(base.shape) if k != dim
+    )
+    return _update_cost(node, written, node.args[3])
+
+
+_UPDATES: Mapping[object, Callable[[torch.fx.Node], Cost]] = {
+    aten.index_put_.default: _index_put_cost,
+    aten.scatter_.src: _scatter_cost,
+    aten.scatter_.value: _scatter_cost,
+    aten.scatter_add_.default: _scatter_cost,
+    aten.index_add_.default: _index_add_cost,
+}
+
+
+def op_flops(node: torch.fx.Node, op: object) -> sympy.Expr:
+    """FLOPs of `node` had its target been `op` (same arguments): for call targets that run
+    an ATen op another way (into a slice of a bigger buffer, say)."""
+    rule = _FLOP_RULES.get(op)
+    return sympy.sympify(rule(node)) if rule is not None else _flops(node, output_metas(node))
 
 
 def _shape(arg: object) -> tuple[sympy.Expr, ...]:

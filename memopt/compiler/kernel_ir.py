@@ -10,6 +10,13 @@ A Value that depends on a reduction variable is "full" (one per domain point); o
 does not is a "row" value (one per point of the pointwise domain). A Store of a row value
 happens once per row; the backends derive this from the index expression, which then
 contains no r variable.
+
+Nested reductions (a reduction of a reduction's result over another axis: the minimum over
+r of the sum over q): a kernel may have a second, inner level of reduction variables
+q0..qk (`inner_ranges`). An `inner_reduce` reduces over all of them, and its result varies
+with the rows and the outer reduction variables; a `reduce` then reduces over the outer
+ones (r) and must not read a value that varies along q. Every store of such a kernel is a
+row store: the inner results live only inside the kernel.
 """
 
 from __future__ import annotations
@@ -36,6 +43,9 @@ BINARY_OPS = frozenset(
 )
 TERNARY_OPS = frozenset({"where"})
 REDUCTIONS = frozenset({"sum", "prod", "max", "min", "argmax", "argmin", "any", "all"})
+# A reduction over the inner reduction variables q<k> of a nested kernel (see the module
+# docstring); its arg is a name from REDUCTIONS, as a `reduce`'s.
+INNER_REDUCE = "inner_reduce"
 # A matmul template's contraction: dot(a, b) = sum over the reduction variables of a * b,
 # accumulated in its dtype (fp32 for 16-bit and fp32 operands). `a` depends on the batch
 # ranges, the second-to-last range (M) and the reduction; `b` on the batch ranges, the
@@ -47,7 +57,7 @@ PREDICATES = frozenset(
     "eq ne lt le gt ge logical_and logical_or logical_xor logical_not isnan isinf".split()
 )
 _ARITY = {**dict.fromkeys(UNARY_OPS, 1), **dict.fromkeys(BINARY_OPS, 2), "where": 3}
-_STRUCTURAL = frozenset({"load", "const", "index", "cast", "reduce", DOT})
+_STRUCTURAL = frozenset({"load", "const", "index", "cast", "reduce", INNER_REDUCE, DOT})
 
 
 # -- semantics every backend implements ---------------------------------------------------
@@ -98,6 +108,11 @@ def reduction_var(k: int) -> sympy.Symbol:
     return sympy.Symbol(f"r{k}", integer=True, nonnegative=True)
 
 
+def inner_var(k: int) -> sympy.Symbol:
+    """The k-th inner reduction variable of a nested kernel (reduced by `inner_reduce`)."""
+    return sympy.Symbol(f"q{k}", integer=True, nonnegative=True)
+
+
 def indirect_var(k: int) -> sympy.Symbol:
     """Stands for a loaded value inside an index expression (an indirect load)."""
     return sympy.Symbol(f"t{k}", integer=True)
@@ -110,7 +125,12 @@ def evaluate_size(expr: object, sizes: Mapping[str, int]) -> int:
 
 
 def is_reduction_var(symbol: sympy.Symbol) -> bool:
-    return symbol.name.startswith("r") and symbol.name[1:].isdigit()
+    """r<k>, or an inner reduction variable q<k> (a value depending on either is not a row)."""
+    return symbol.name[:1] in ("r", "q") and symbol.name[1:].isdigit()
+
+
+def is_inner_var(symbol: sympy.Symbol) -> bool:
+    return symbol.name.startswith("q") and symbol.name[1:].isdigit()
 
 
 @dataclass(frozen=True)
@@ -142,14 +162,15 @@ class LoadArg(NamedTuple):
 class Value:
     """One node of the kernel body.
 
-    op:   "load", "const", "index", "cast", a pointwise op name, or "reduce".
+    op:   "load", "const", "index", "cast", a pointwise op name, "reduce" or "inner_reduce".
     args: operand Values (for "load": the Values its indirect symbols t<k> stand for).
     dtype: the dtype torch gives the result.
     arg:  op-specific data: load -> a LoadArg (buffer name, index expression, indirect
           symbols, masked); a masked load's last operand is a bool Value: where it is False the
           load reads nothing and yields 0 (cat, padding: indices outside the buffer);
           const -> a Python number; index -> a sympy expression of the index variables;
-          reduce -> the reduction name (REDUCTIONS); cast -> None (dtype says the target);
+          reduce, inner_reduce -> the reduction name (REDUCTIONS); cast -> None (dtype says
+          the target);
           dot -> None (a matmul's contraction over the reduction variables, see DOT).
     """
 
@@ -191,6 +212,8 @@ class Value:
             found |= arg.symbols
         if self.op in ("reduce", DOT):
             found = {s for s in found if not is_reduction_var(s)}
+        elif self.op == INNER_REDUCE:
+            found = {s for s in found if not is_inner_var(s)}
         return frozenset(found)
 
     @property
@@ -250,6 +273,14 @@ def reduce(name: str, value: Value, dtype: torch.dtype) -> Value:
     return Value("reduce", (value,), dtype, name)
 
 
+def inner_reduce(name: str, value: Value, dtype: torch.dtype) -> Value:
+    """Reduce over a nested kernel's inner reduction variables q<k> (one result per row and
+    outer reduction element)."""
+    if name not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {name!r}")
+    return Value(INNER_REDUCE, (value,), dtype, name)
+
+
 def dot(a: Value, b: Value, dtype: torch.dtype) -> Value:
     """sum over the reduction variables of a * b (a matmul), accumulated in `dtype`."""
     return Value(DOT, (a, b), dtype)
@@ -274,6 +305,8 @@ class Kernel:
     ranges: tuple[sympy.Expr, ...]
     reduction_ranges: tuple[sympy.Expr, ...]
     stores: tuple[Store, ...]
+    # The inner reduction variables q<k> of a nested kernel; () for every other kernel.
+    inner_ranges: tuple[sympy.Expr, ...] = ()
 
     @property
     def kind(self) -> str:
@@ -307,7 +340,7 @@ class Kernel:
     def size_symbols(self) -> tuple[sympy.Symbol, ...]:
         """Symbolic sizes the kernel needs at run time (dynamic shapes), sorted by name."""
         found: set[sympy.Symbol] = set()
-        for expr in (*self.ranges, *self.reduction_ranges):
+        for expr in (*self.ranges, *self.reduction_ranges, *self.inner_ranges):
             found |= sympy.sympify(expr).free_symbols
         for buffer in (*self.inputs, *self.outputs):
             for expr in (*buffer.shape, *buffer.stride):
@@ -321,24 +354,38 @@ class Kernel:
             found |= store.index.free_symbols
         domain = {index_var(k) for k in range(len(self.ranges))}
         domain |= {reduction_var(k) for k in range(len(self.reduction_ranges))}
+        domain |= {inner_var(k) for k in range(len(self.inner_ranges))}
         indirect = {s for v in self.values if v.op == "load" for s in v.arg.indirect}
         return tuple(sorted(found - domain - indirect, key=lambda s: s.name))
 
     def verify(self) -> None:
         """Raise ValueError unless the kernel is well formed: known ops of the right arity,
         loads from its buffers, one store to each output and none elsewhere, no row store
-        (one per row) of a value that varies along the reduction, at most one dot."""
+        (one per row) of a value that varies along the reduction, at most one dot; in a
+        nested kernel, only row stores, no dot, and no `reduce` of a value that varies
+        along an inner variable."""
         buffers = self.buffers
         outputs = {b.name for b in self.outputs}
         for value in self.values:
             if value.op not in _STRUCTURAL and _ARITY.get(value.op) != len(value.args):
                 raise ValueError(f"kernel {self.name}: unknown op {value.op!r}/{len(value.args)}")
-            if value.op == "reduce" and value.arg not in REDUCTIONS:
+            if value.op in ("reduce", INNER_REDUCE) and value.arg not in REDUCTIONS:
                 raise ValueError(f"kernel {self.name}: unknown reduction {value.arg!r}")
+            if value.op == INNER_REDUCE and not self.inner_ranges:
+                raise ValueError(f"kernel {self.name}: inner_reduce without inner_ranges")
+            if value.op == "reduce" and any(map(is_inner_var, value.args[0].symbols)):
+                raise ValueError(
+                    f"kernel {self.name}: a reduce over a value that varies along an inner "
+                    "reduction variable (reduce it with inner_reduce first)"
+                )
             if value.op == "load" and value.arg.buffer not in buffers:
                 raise ValueError(f"kernel {self.name}: load from unknown buffer {value.arg.buffer}")
         if sum(value.op == DOT for value in self.values) > 1:
             raise ValueError(f"kernel {self.name}: more than one dot")
+        if self.inner_ranges and not self.reduction_ranges:
+            raise ValueError(f"kernel {self.name}: inner_ranges without reduction_ranges")
+        if self.inner_ranges and any(value.op == DOT for value in self.values):
+            raise ValueError(f"kernel {self.name}: a dot in a nested kernel")
         stored: set[str] = set()
         for store in self.stores:
             if store.buffer not in outputs:
@@ -351,6 +398,10 @@ class Kernel:
                     f"store {store.buffer}[{store.index}]: a row store (no reduction variable "
                     "in its index) of a value that varies along the reduction"
                 )
+            if self.inner_ranges and not store.is_row:
+                raise ValueError(
+                    f"store {store.buffer}[{store.index}]: a nested kernel stores rows only"
+                )
 
     def __str__(self) -> str:
         names = {value: f"%{k}" for k, value in enumerate(self.values)}
@@ -360,6 +411,8 @@ class Kernel:
         lines.append(f"  ranges [{', '.join(map(str, self.ranges))}]")
         if self.reduction_ranges:
             lines.append(f"  reduce [{', '.join(map(str, self.reduction_ranges))}]")
+        if self.inner_ranges:
+            lines.append(f"  inner [{', '.join(map(str, self.inner_ranges))}]")
         for value in self.values:
             lines.append(f"  {names[value]} = {_describe(value, names)}")
         for store in self.stores:
@@ -379,6 +432,6 @@ def _describe(value: Value, names: dict[Value, str]) -> str:
         return f"const {value.arg!r} : {dtype}"
     if value.op == "index":
         return f"index {value.arg} : {dtype}"
-    if value.op == "reduce":
-        return f"reduce.{value.arg}({args}) : {dtype}"
+    if value.op in ("reduce", INNER_REDUCE):
+        return f"{value.op}.{value.arg}({args}) : {dtype}"
     return f"{value.op}({args}) : {dtype}"

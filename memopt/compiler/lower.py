@@ -8,7 +8,9 @@ extended with the reduction variables; nodes outside the group are loads from th
 tensor, through its own strides (so a view of an input is read in place, with no copy).
 
 A group lowers to a kernel whose domain is its reduction's (rows x reduced elements) or, for
-a pointwise group, its outputs' shape. What does not fit raises NotLowerable with the
+a pointwise group, its outputs' shape. A group with two reductions, one over the result of
+the other along another axis (`d.sum(-1).amin(1)`), lowers to a nested kernel: rows x outer
+reduced elements x inner reduced elements, the inner results never stored. What does not fit raises NotLowerable with the
 reason, which the fusion pass records. The op tables and the rules of views and of the
 remaining ops are in lowering_rules.py.
 """
@@ -121,6 +123,10 @@ class Lowering:
         self.mask: Value | None = None
         self.indirect_count = 0
         self.signature: ReductionSignature | None = None
+        # A nested kernel's inner reduction, and the index (in the coordinates of its kept
+        # dims) at which the outer level reads its results: the outer full index.
+        self.inner_signature: ReductionSignature | None = None
+        self.inner_rows: Index = ()
         self.row_vars: tuple[sympy.Symbol, ...] = ()
         self.ranges: dict[sympy.Symbol, sympy.Expr] = {}
 
@@ -136,6 +142,11 @@ class Lowering:
         matmuls = [n for n in self.members if n.target in TEMPLATE_MATMULS]
         if matmuls:
             return self.matmul_domain(matmuls, signatures)
+        if len(signatures) == 2:
+            nested = _nesting(*signatures) or _nesting(*reversed(list(signatures)))
+            if nested is not None:
+                self.inner_signature = nested[0]
+                signatures = {nested[1]}
         if len(signatures) > 1:
             raise NotLowerable("reductions over different shapes or axes cannot share a kernel")
         if signatures:
@@ -168,6 +179,12 @@ class Lowering:
         self.signature = ReductionSignature((*shape, depth), (len(shape),))
         return shape, (depth,)
 
+    def inner_ranges(self) -> tuple[sympy.Expr, ...]:
+        if self.inner_signature is None:
+            return ()
+        shape, axes = self.inner_signature.shape, self.inner_signature.axes
+        return tuple(shape[d] for d in axes)
+
     def store_index(self, node: torch.fx.Node) -> Index:
         """The index at which an output node's elements are computed, in domain variables."""
         shape = tensor_meta(node).shape
@@ -176,6 +193,14 @@ class Lowering:
             domain_shape = tuple(self.ranges[v] for v in rows)
             return _reshaped(rows, domain_shape, shape)
         full_shape, axes = self.signature.shape, self.signature.axes
+        if self.inner_signature is not None and not _same_numel(
+            shape, [s for d, s in enumerate(full_shape) if d not in axes]
+        ):
+            raise NotLowerable(
+                f"%{node.name} of shape {list(shape)} is needed outside the kernel, but a "
+                "kernel with nested reductions stores only the outer reduction's rows (the "
+                "inner results stay inside it)"
+            )
         if _same_numel(shape, full_shape):
             return _reshaped(self.full_index(), full_shape, shape)
         kept = tuple(s for d, s in enumerate(full_shape) if d not in axes)
@@ -326,7 +351,8 @@ class Lowering:
 
     def reduction(self, node: torch.fx.Node, index: Index) -> Value:
         signature = reduction_signature(node)
-        assert signature == self.signature
+        inner = signature == self.inner_signature and signature != self.signature
+        assert inner or signature == self.signature
         kind = REDUCTIONS[node.target]
         axes = signature.axes
         ndim = len(signature.shape)
@@ -334,23 +360,28 @@ class Lowering:
         out_rows = (
             [e for d, e in enumerate(index) if d not in axes] if keeps_dims(node) else list(index)
         )
-        rows_here = tuple(simplify(v, self.ranges) for v in self.row_vars)
+        # An inner reduction is computed per row and outer reduced element.
+        expected = self.inner_rows if inner else self.row_vars
+        rows_here = tuple(simplify(v, self.ranges) for v in expected)
         if tuple(simplify(e, self.ranges) for e in out_rows) != rows_here:
             raise NotLowerable(
                 f"%{node.name} is read at another row than the one the kernel computes"
+                + (" (a nested kernel computes each inner result once)" if inner else "")
             )
         rows = iter(out_rows)
-        reduced = iter(ir.reduction_var(k) for k in range(len(axes)))
+        variable = ir.inner_var if inner else ir.reduction_var
+        reduced = iter(variable(k) for k in range(len(axes)))
+        make = ir.inner_reduce if inner else ir.reduce
         source_index = tuple(next(reduced) if d in axes else next(rows) for d in range(ndim))
         dtype = tensor_meta(node).dtype
         count = sympy.Mul(*(signature.shape[d] for d in axes))
         if kind in ("argmax", "argmin", "any", "all"):
             source = self.value_at(node.args[0], source_index)
-            return ir.reduce(kind, source, dtype)
+            return make(kind, source, dtype)
         accumulate = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
         source = ir.cast(self.value_at(node.args[0], source_index), accumulate)
         if kind == "mean":
-            total = ir.reduce("sum", source, accumulate)
+            total = make("sum", source, accumulate)
             return ir.cast(
                 ir.op("truediv", total, count_value(count, accumulate), dtype=accumulate),
                 dtype,
@@ -358,17 +389,15 @@ class Lowering:
         if kind == "var":
             correction = var_correction(node)
             n = count_value(count, accumulate)
-            mean = ir.op("truediv", ir.reduce("sum", source, accumulate), n, dtype=accumulate)
+            mean = ir.op("truediv", make("sum", source, accumulate), n, dtype=accumulate)
             centered = ir.op("sub", source, mean, dtype=accumulate)
-            squares = ir.reduce(
-                "sum", ir.op("mul", centered, centered, dtype=accumulate), accumulate
-            )
+            squares = make("sum", ir.op("mul", centered, centered, dtype=accumulate), accumulate)
             divisor_expr = sympy.sympify(count - correction)
             if divisor_expr.is_number and divisor_expr < 0:  # torch: max(0, N - correction)
                 divisor_expr = sympy.Integer(0)
             divisor = count_value(divisor_expr, accumulate)
             return ir.cast(ir.op("truediv", squares, divisor, dtype=accumulate), dtype)
-        return ir.cast(ir.reduce(kind, source, accumulate), dtype)
+        return ir.cast(make(kind, source, accumulate), dtype)
 
     def matmul(self, node: torch.fx.Node, index: Index) -> Value:
         """dot(A[*batch, m, r0], B[*batch, r0, n]): operands through their own strides (a
@@ -455,6 +484,50 @@ class Lowering:
         )
 
 
+def _nesting(
+    inner: ReductionSignature, outer: ReductionSignature
+) -> tuple[ReductionSignature, ReductionSignature] | None:
+    """(inner, outer) when `outer` reduces the results of `inner` along other axes: it reads
+    inner's kept dims (keepdim or not) as its shape; else None."""
+    kept = tuple(s for d, s in enumerate(inner.shape) if d not in inner.axes)
+    if outer.shape == kept:
+        return inner, outer
+    keepdim = tuple(1 if d in inner.axes else s for d, s in enumerate(inner.shape))
+    if outer.shape == keepdim and not set(outer.axes) & set(inner.axes):
+        return inner, outer
+    return None
+
+
+def _nesting_error(kernel: Kernel) -> str | None:
+    """Why the backends cannot run a nested kernel (None if they can): the outer level is
+    one pass (no reduction reads an outer reduction's result); the inner level may take
+    several (a logsumexp, a variance per outer element), as a row does."""
+    for value in kernel.values:
+        if value.op in ("reduce", ir.INNER_REDUCE):
+            if any(v.op == "reduce" for v in _reductions_below(value.args[0])):
+                level = "an outer" if value.op == "reduce" else "an inner"
+                return (
+                    f"{level} reduction reads an outer reduction's result (two passes over "
+                    "the outer reduction)"
+                )
+    if any(v.op == "load" and v.arg.indirect for v in kernel.values):
+        return "a gather in a kernel with nested reductions"
+    return None
+
+
+def _reductions_below(value: Value) -> list[Value]:
+    found, stack, seen = [], [value], set()
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        if v.op in ("reduce", ir.INNER_REDUCE):
+            found.append(v)
+        stack.extend(v.args)
+    return found
+
+
 def _same_numel(a: Sequence[sympy.Expr], b: Sequence[sympy.Expr]) -> bool:
     return sympy.simplify(sympy.Mul(*a) - sympy.Mul(*b)) == 0
 
@@ -469,6 +542,22 @@ def _reshaped(index: Index, shape: Sequence[sympy.Expr], target: Sequence[sympy.
 def _count_flops(kernel: Kernel) -> sympy.Expr:
     rows = sympy.Mul(*kernel.ranges)
     full = rows * sympy.Mul(*kernel.reduction_ranges)
+    if kernel.inner_ranges:
+        # One per point of each value's level: inner (rows x r x q), outer (rows x r), row.
+        inner = full * sympy.Mul(*kernel.inner_ranges)
+        total = sympy.Integer(0)
+        for value in kernel.values:
+            if value.op in ("load", "const", "index", "cast"):
+                continue
+            level = value.args[0].symbols if value.op in ("reduce", ir.INNER_REDUCE) else None
+            symbols = value.symbols if level is None else level
+            if any(map(ir.is_inner_var, symbols)):
+                total += inner
+            elif any(map(ir.is_reduction_var, symbols)):
+                total += full
+            else:
+                total += rows
+        return total
     total = sympy.Integer(0)
     extents = {ir.index_var(k): r for k, r in enumerate(kernel.ranges)}
     extents |= {ir.reduction_var(k): r for k, r in enumerate(kernel.reduction_ranges)}
@@ -496,9 +585,16 @@ def lower_group(members: Sequence[torch.fx.Node], name: str) -> Lowered:
     if not outputs:
         raise NotLowerable("the group has no outputs")
     ranges, reduced = lowering.domain(outputs)
+    inner = lowering.inner_ranges()
     lowering.row_vars = tuple(ir.index_var(k) for k in range(len(ranges)))
     lowering.ranges = {ir.index_var(k): s for k, s in enumerate(ranges)}
     lowering.ranges |= {ir.reduction_var(k): s for k, s in enumerate(reduced)}
+    lowering.ranges |= {ir.inner_var(k): s for k, s in enumerate(inner)}
+    if lowering.inner_signature is not None:
+        full = lowering.full_index()
+        if len(full) == len(lowering.inner_signature.shape):  # the inner reduction keeps dims
+            full = tuple(e for d, e in enumerate(full) if d not in lowering.inner_signature.axes)
+        lowering.inner_rows = full
     stores, output_buffers = [], []
     for k, node in enumerate(outputs):
         meta = tensor_meta(node)
@@ -515,8 +611,18 @@ def lower_group(members: Sequence[torch.fx.Node], name: str) -> Lowered:
         for n in input_nodes
     )
     kernel = Kernel(
-        name, input_buffers, tuple(output_buffers), tuple(ranges), tuple(reduced), tuple(stores)
+        name,
+        input_buffers,
+        tuple(output_buffers),
+        tuple(ranges),
+        tuple(reduced),
+        tuple(stores),
+        inner,
     )
+    if inner:
+        error = _nesting_error(kernel)
+        if error is not None:
+            raise NotLowerable(error)
     bindable = set()
     for buffer in (*input_buffers,):
         for expr in (*buffer.shape, *buffer.stride):

@@ -85,8 +85,9 @@ REDUCTIONS = {
     **_overloads(aten, "mean", "dim default"),
     **_overloads(aten, "var", "correction dim"),
     **_overloads(prims, "sum prod var"),
-    **dict.fromkeys([aten.amax.default, prims.amax.default], "max"),
-    **dict.fromkeys([aten.amin.default, prims.amin.default], "min"),
+    # x.max() and x.min() (no dim): over every axis, as amax/amin with no dims.
+    **dict.fromkeys([aten.amax.default, prims.amax.default, aten.max.default], "max"),
+    **dict.fromkeys([aten.amin.default, prims.amin.default, aten.min.default], "min"),
 }
 VIEWS = {
     aten.view.default,

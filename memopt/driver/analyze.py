@@ -147,8 +147,7 @@ def optimize_graph(captured: CapturedGraph, pipeline: Pipeline, fuel: Fuel) -> G
         gm, pipeline, captured.name, bindings, fuel=fuel, check_inputs=captured.real_inputs
     )
     cost = graph_cost(result.gm, bindings)
-    # The bound is the program's, not the optimization's: the graph as captured.
-    bound = lower_bound(captured.gm)
+    bound = lower_bound(captured.gm)  # the program's bound, whatever the passes make of it
     return GraphResult(
         name=captured.name,
         text=result.text_after,

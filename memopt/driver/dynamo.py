@@ -49,7 +49,7 @@ class CompileSession:
         eager_layouts = output_layouts(gm)
         reference = copy_graph(gm) if self.config.check else None
         bindings = shape_bindings(example_inputs)
-        # The bound is the program's, not the optimization's: the graph as captured.
+        # The bound is the program's, whatever the passes make of it: taken before them.
         bound = lower_bound(gm) if self.config.report_dir else None
         try:
             result = run_pipeline(gm, self.pipeline, name, bindings, fuel=self.fuel)

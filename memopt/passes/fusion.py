@@ -2,8 +2,9 @@
 
 Kinds of fusion, all found by one greedy loop over candidate pairs of groups:
 - vertical: a producer and a consumer (pointwise chains; pointwise into a reduction's input;
-  a reduction into the pointwise ops that read its result), so the intermediate never
-  touches memory;
+  a reduction into the pointwise ops that read its result; a reduction into a reduction of
+  its results over another axis, a nested kernel where the backend runs one), so the
+  intermediate never touches memory;
 - horizontal: independent groups that read the same buffer (two reductions over the same
   axis of one input, a value and its square), so the buffer is read once;
 - multi-output: a group whose values are needed outside it stores each of them.
@@ -59,6 +60,7 @@ from memopt.compiler.graph import (
 from memopt.compiler.lower import NotLowerable, can_lower, can_lower_matmul, lower_group
 from memopt.compiler.printer import op_name
 from memopt.passes.base import Pass, PassContext
+from memopt.passes.inplace import updated_in_place
 from memopt.passes.registry import register_pass
 
 Group = frozenset[torch.fx.Node]
@@ -78,8 +80,14 @@ class _State:
         self.ctx = ctx
         self.nodes = list(gm.graph.nodes)
         self.order = {n: k for k, n in enumerate(self.nodes)}
+        # Updates of some elements the inplace pass will make in place stay out of kernels,
+        # which would write the whole buffer.
+        in_place = ctx.pipeline.runs("inplace")
         self.fusible = [
-            n for n in self.nodes if can_lower(n) or (templates and can_lower_matmul(n))
+            n
+            for n in self.nodes
+            if (can_lower(n) or (templates and can_lower_matmul(n)))
+            and not (in_place and updated_in_place(n) is not None)
         ]
         self.group_of: dict[torch.fx.Node, Group] = {n: frozenset([n]) for n in self.fusible}
         self.consumers = {
@@ -96,6 +104,15 @@ class _State:
         self.cost_memo: dict[Group, int] = {}
         self.saved_memo: dict[tuple[Group, Group], int] = {}
         self.lower_memo: dict[Group, str | None] = {}
+        self.nested: set[Group] = set()  # groups that lower to nested reductions
+        device = graph_device(gm)
+        backend = ctx.kernel_backend(device)
+        self.no_nested = None
+        if not backend.supports(Feature.NESTED_REDUCTIONS):
+            self.no_nested = (
+                f"backend {backend.name!r} on {device} runs no nested reductions (a "
+                "reduction of a reduction's results over another axis)"
+            )
 
     def groups(self) -> set[Group]:
         return set(self.group_of.values())
@@ -166,6 +183,8 @@ class _State:
             try:
                 lowered = lower_group(members, "probe")
                 self.lower_memo[group] = None
+                if lowered.kernel.inner_ranges:
+                    self.nested.add(group)
                 for node in lowered.input_nodes:
                     if _view_root(node) in group:
                         # A view the lowering could not fold (as_strided, say) of a member:
@@ -289,6 +308,7 @@ def _side(matmul: torch.fx.Node, other: Group) -> str:
         "refused_size",  # the group would be over max_nodes
         "refused_cycle",  # a path between the two leaves the group
         "refused_lowering",  # the group cannot be one kernel (NotLowerable's reason)
+        "refused_nested",  # nested reductions, where the backend runs none
         "refused_template",  # a matmul's prologue/epilogue merge, where templates are off
         "bias_folded",  # a bias add that fused with nothing, back into the GEMM (addmm)
         "library_softmax",  # a kernel that is exactly one softmax, as ATen's _softmax
@@ -429,7 +449,11 @@ class Fusion(Pass):
                 "(through an extern op or another kernel)"
             )
         error = state.lowering_error(a | b)
-        return None if error is None else ("refused_lowering", error)
+        if error is not None:
+            return "refused_lowering", error
+        if state.no_nested is not None and a | b in state.nested:
+            return "refused_nested", state.no_nested
+        return None
 
     def _rewrite(self, gm: torch.fx.GraphModule, ctx: PassContext, state: _State) -> None:
         backend = ctx.kernel_backend(graph_device(gm))

@@ -878,3 +878,132 @@ def test_short_float_rows_sum_in_float_lanes(width, accumulator):
     exact = (x.double() * 3).sum(1)
     ulp = torch.finfo(torch.float32).eps * exact
     assert ((got.double() - exact).abs() <= 16 * ulp).all()
+
+
+# --- nested reductions (a reduction of a reduction's results over another axis) ------------
+
+
+def _nested_kernel():
+    """Over rows i0 < s0, outer r0 < s1, inner q0 < s2, with x: (s0, s2) and y: (s1, s2):
+    d = x[i0, q0] - y[r0, q0]; per (i0, r0): s = sum |d|, m = max d, a = argmin d;
+    per row: min of s + m, argmax of s, sum of a (an int), and any of (m > 1)."""
+    s0, s1, s2 = sympy.symbols("s0 s1 s2", integer=True, positive=True)
+    q0 = ir.inner_var(0)
+    x = ir.load("in0", i0 * s2 + q0, f32)
+    y = ir.load("in1", r0 * s2 + q0, f32)
+    d = ir.op("sub", x, y, dtype=f32)
+    total = ir.inner_reduce("sum", ir.op("abs", d, dtype=f32), f32)
+    high = ir.inner_reduce("max", d, f32)
+    lowest = ir.inner_reduce("argmin", d, i64)
+    stores = (
+        Store("out0", i0, ir.reduce("min", ir.op("add", total, high, dtype=f32), f32)),
+        Store("out1", i0, ir.reduce("argmax", total, i64)),
+        Store("out2", i0, ir.reduce("sum", lowest, i64)),
+        Store("out3", i0, ir.reduce("any", ir.op("gt", high, ir.const(1.0, f32), dtype=b8), b8)),
+    )
+    return Kernel(
+        "nested",
+        (buf("in0", f32, (s0, s2)), buf("in1", f32, (s1, s2))),
+        tuple(buf(f"out{k}", t, (s0,)) for k, t in enumerate((f32, i64, i64, b8))),
+        (s0,),
+        (s1,),
+        stores,
+        (s2,),
+    )
+
+
+@pytest.mark.parametrize("sizes", [(3, 5, 97), (1, 1, 1), (4, 33, 16), (2, 3, 0), (2, 0, 3)])
+def test_nested_reduction_kernel_matches_the_reference(sizes):
+    """One compile runs at every size: lane tails, one element, empty inner and outer
+    reductions (their identities; argmin's 0); NaNs propagate through max and sum and win
+    argmin/argmax as in torch; the first index wins a tie."""
+    kernel = _nested_kernel()
+    a, r, q = sizes
+    x, y = torch.randn(a, q), torch.randn(r, q).round()
+    if x.numel() > 2:
+        x.view(-1)[1] = float("nan")
+    names = {"s0": a, "s1": r, "s2": q}
+    got, want = run_both(kernel, [x, y], names)
+    for g, w in zip(got, want):
+        assert_close(g, w, equal_nan=True, rtol=1e-6, atol=1e-5)
+    source = codegen.generate(kernel).source
+    assert "for (int64_t f = n_outer * chunk / n_chunks; f < f_end; ++f) {" in source
+
+
+def _spread(*shape, dtype=torch.float32):
+    """Integer-valued floats: every sum is exact, so argmin/argmax see eager's values."""
+    return torch.randint(-6, 7, shape).to(dtype)
+
+
+def _tied_rows():
+    """Integer-valued (300, 200) rows whose smallest row sum (all -6) is at rows 10 and 250:
+    in the first and the second thread's chunk of the outer reduction. argmin: 10."""
+    x = _spread(300, 200)
+    x[10] = x[250] = -6
+    return x
+
+
+NESTED_CASES = {
+    "knn_argmin": (
+        lambda x, y: ((x[:, None, :] - y[None, :, :]) ** 2).sum(-1).argmin(1),
+        (_spread(9, 21), _spread(13, 21)),
+    ),
+    "l1_min_f64": (
+        lambda x, y: (x[:, None, :] - y[None, :, :]).abs().sum(-1).amin(1),
+        (torch.randn(7, 40, dtype=f64), torch.randn(11, 40, dtype=f64)),
+    ),
+    "all_rows_one_outer": (lambda x: x.exp().sum(-1).max(), (torch.randn(37, 50),)),
+    # One row, enough work for threads: the outer reduction is split between them, and
+    # the chunks' argmin combined in order (integer sums: ties, the first index wins).
+    "one_row_split": (lambda x: x.exp().sum(-1).max(), (torch.randn(300, 200),)),
+    "one_row_split_argmin": (lambda x: x.sum(-1).argmin(), (_tied_rows(),)),
+    "outer_over_two_dims": (lambda x: (x * 2).sum(-1).amin((0, 1)), (torch.randn(3, 5, 19),)),
+    "inner_not_last": (lambda x: x.exp().sum(1).amax(-1), (torch.randn(5, 7, 9),)),
+    "two_inner_dims": (lambda x: (x * 2).sum((2, 3)).amax(1), (torch.randn(3, 4, 5, 6),)),
+    "two_inner_strided": (lambda x: (x * 2).sum((1, 3)).amax(1), (torch.randn(3, 4, 5, 6),)),
+    "logsumexp_inner": (lambda x: torch.logsumexp(x, -1).amax(1), (torch.randn(4, 6, 33),)),
+    "var_inner": (lambda x: x.var(-1).amin(1), (torch.randn(4, 6, 33),)),
+    "mean_of_means": (lambda x: x.mean(-1).mean(1), (torch.randn(4, 6, 33),)),
+    "keepdim_epilogue": (
+        lambda x: (lambda s: (s.amin(1) * 2 + 1, s.amax(1)))(x.abs().sum(-1, keepdim=True)),
+        (torch.randn(4, 6, 17),),
+    ),
+    "outer_reads_a_row_input": (
+        lambda x, w: ((x * x).sum(-1).sqrt() * w).sum(1),
+        (torch.randn(4, 6, 17), torch.randn(6)),
+    ),
+    "int_products": (
+        lambda a, b: (a[:, None, :] * b[None, :, :]).sum(-1).amax(1),
+        (torch.randint(-9, 9, (6, 20)), torch.randint(-9, 9, (5, 20))),
+    ),
+    "bool_row_in_table": (
+        lambda x, y: (x[:, None, :] == y[None, :, :]).all(-1).any(1),
+        (torch.randint(0, 2, (8, 3)), torch.randint(0, 2, (5, 3))),
+    ),
+    "argmax_inner_summed": (lambda x: x.argmax(-1).sum(1), (torch.randn(4, 6, 33),)),
+    "nan_max_min": (lambda x: (x * 1).amax(-1).amin(1), (_with_nans((4, 7, 33)),)),
+    "half_inner": (lambda x: x.exp().sum(-1).amax(1), (torch.randn(4, 6, 40).half(),)),
+}
+
+
+@pytest.mark.parametrize("name", list(NESTED_CASES))
+def test_nested_reductions_run_as_one_kernel(name):
+    """Each program is one nested kernel (Kernel.inner_ranges) on the C++ backend and on the
+    reference backend, with eager's values: exact for max, min, argmin/argmax, integer and
+    bool reductions and sums of integer-valued floats, to rounding for other float sums."""
+    fn, inputs = NESTED_CASES[name]
+    want = fn(*inputs)
+    want = want if isinstance(want, tuple) else (want,)
+    for backend in ("cpp", "reference"):
+        got, gm = run_fused(fn, inputs, backend)
+        got = got if isinstance(got, tuple) else (got,)
+        kernels = fused_kernels(gm)
+        assert len(kernels) == 1 and kernels[0].kernel.inner_ranges, backend
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype and g.shape == w.shape
+            if w.is_floating_point() and name not in ("nan_max_min", "knn_argmin"):
+                tolerance = {"rtol": 1e-3, "atol": 1e-3} if w.dtype == f16 else {}
+                assert_close(g, w, equal_nan=True, **tolerance)
+            else:
+                assert torch.equal(g.isnan(), w.isnan()) if w.is_floating_point() else True
+                assert torch.equal(g.nan_to_num(), w.nan_to_num()), (backend, g, w)

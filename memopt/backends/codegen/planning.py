@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import sympy
 
 from memopt.backends.codegen.index import linear_coefficient
-from memopt.compiler.kernel_ir import Kernel, Store, Value
+from memopt.compiler.kernel_ir import INNER_REDUCE, Kernel, Store, Value
 
 
 def unit_stride_var(index: sympy.Expr, variables: list[sympy.Symbol]) -> sympy.Symbol | None:
@@ -134,11 +134,12 @@ def plan_passes(kernel: Kernel, depth: dict[Value, int]) -> list[tuple[list[Valu
 
 
 def reduction_depths(kernel: Kernel) -> dict[Value, int]:
-    """How many nested reductions a Value waits for: max 1, then sum of x - max: 2."""
+    """How many nested reductions a Value waits for: max 1, then sum of x - max: 2 (an
+    inner reduction counts as one: the min over r of a sum over q is 2)."""
     depth: dict[Value, int] = {}
     for value in kernel.values:  # operands first
         below = max((depth[a] for a in value.args), default=0)
-        depth[value] = below + 1 if value.op == "reduce" else below
+        depth[value] = below + 1 if value.op in ("reduce", INNER_REDUCE) else below
     return depth
 
 
@@ -199,50 +200,60 @@ def plan_row_caches(
 
 
 def in_place_outputs(kernel: Kernel) -> dict[int, int]:
-    """Outputs the kernel may write over one of its inputs: output position -> input position.
-
-    Output k may share input i's memory when both have the same dtype, shape and strides,
-    every load of input i reads exactly the element the store to output k writes (same
-    index, no indirection, no mask), and the kernel never reads output k. Then each element
-    of the shared memory is read only by the loop iteration that writes it, and every read
-    of it comes before that write in both skeletons (pointwise: the load feeds the store in
-    one iteration; reduction: only a full store in the row's last pass qualifies, since
-    every pass re-reads the row and a store in an earlier pass would overwrite what a later
-    pass still loads: `h = x + y` stored beside `layer_norm(h)`), so the result is the
-    one separate buffers give. Whether an input may be overwritten at all (no later reader)
-    is the caller's to know.
-    """
-    last_pass_stores = None
-    if kernel.reduction_ranges:
-        depth = reduction_depths(kernel)
-        passes = plan_passes(kernel, depth)
-        last_pass_stores = {id(s) for s in passes[-1][1]} if passes else set()
-    loads: dict[str, list[Value]] = {}
-    for value in kernel.values:
-        if value.op == "load":
-            loads.setdefault(value.arg.buffer, []).append(value)
-    stores = {store.buffer: store for store in kernel.stores}
+    """Outputs the kernel may write over one of its inputs: output position -> input position
+    (each input taken by at most one output; `may_overwrite` says when a pair qualifies).
+    Whether an input may be overwritten at all (no later reader) is the caller's to know."""
     pairs: dict[int, int] = {}
     taken: set[int] = set()
-    for k, out in enumerate(kernel.outputs):
-        store = stores.get(out.name)
-        if store is None or out.name in loads:
-            continue
-        if last_pass_stores is not None and id(store) not in last_pass_stores:
-            continue
-        for i, inp in enumerate(kernel.inputs):
-            if i in taken or inp.name not in loads:
-                continue
-            if (inp.dtype, inp.shape, inp.stride) != (out.dtype, out.shape, out.stride):
-                continue
-            same_element = all(
-                not v.arg.indirect
-                and not v.arg.masked
-                and sympy.expand(v.arg.index - store.index) == 0
-                for v in loads[inp.name]
-            )
-            if same_element:
+    final = _final_stores(kernel)
+    for k in range(len(kernel.outputs)):
+        for i in range(len(kernel.inputs)):
+            if i not in taken and _may_overwrite(kernel, k, i, final):
                 pairs[k] = i
                 taken.add(i)
                 break
     return pairs
+
+
+def may_overwrite(kernel: Kernel, output: int, input: int) -> bool:
+    """Whether output `output` may share input `input`'s memory, the result being the one
+    separate buffers give.
+
+    They need the same dtype, shape and strides; every load of the input must read exactly
+    the element the store to the output writes (same index, no indirection, no mask), and
+    the kernel must never read the output. Then each element of the shared memory is read
+    only by the loop iteration that writes it, and every read of it comes before that
+    write in both skeletons (pointwise: the load feeds the store in one iteration;
+    reduction: only a full store in the row's last pass qualifies, since every pass
+    re-reads the row and a store in an earlier pass would overwrite what a later pass
+    still loads: `h = x + y` stored beside `layer_norm(h)`). An input the kernel never
+    loads does not qualify: nothing here knows what else reads it.
+    """
+    return _may_overwrite(kernel, output, input, _final_stores(kernel))
+
+
+def _final_stores(kernel: Kernel) -> set[int] | None:
+    """ids of the stores in a reduction kernel's last pass over its rows (None: pointwise)."""
+    if not kernel.reduction_ranges:
+        return None
+    passes = plan_passes(kernel, reduction_depths(kernel))
+    return {id(s) for s in passes[-1][1]} if passes else set()
+
+
+def _may_overwrite(kernel: Kernel, output: int, input: int, final: set[int] | None) -> bool:
+    out, inp = kernel.outputs[output], kernel.inputs[input]
+    if (inp.dtype, inp.shape, inp.stride) != (out.dtype, out.shape, out.stride):
+        return False
+    loads = [v for v in kernel.values if v.op == "load"]
+    if any(v.arg.buffer == out.name for v in loads):
+        return False
+    store = next((s for s in kernel.stores if s.buffer == out.name), None)
+    own = [v for v in loads if v.arg.buffer == inp.name]
+    if store is None or not own:
+        return False
+    if final is not None and id(store) not in final:
+        return False
+    return all(
+        not v.arg.indirect and not v.arg.masked and sympy.expand(v.arg.index - store.index) == 0
+        for v in own
+    )

@@ -8,7 +8,7 @@ The loop skeleton, which decides where each line goes, is the renderer's own.
 
 from __future__ import annotations
 
-from memopt.compiler.kernel_ir import DOT, Value
+from memopt.compiler.kernel_ir import DOT, INNER_REDUCE, Value
 
 
 class ValueRenderer:
@@ -45,5 +45,6 @@ _METHODS = {
     "index": "index_expr",
     "cast": "cast_expr",
     "reduce": "reduce_expr",
+    INNER_REDUCE: "reduce_expr",
     DOT: "dot_expr",
 }

@@ -18,7 +18,14 @@ CPP = register_backend(
         default_for=frozenset({"cpu"}),
         # No matmul template: the library GEMM runs the matmul, the epilogue fuses into the
         # next kernel. A lone layout conversion transposes in tiles into reused memory.
-        features=frozenset({Feature.LAYOUT_CONVERSION, Feature.LIBRARY_SOFTMAX}),
+        features=frozenset(
+            {
+                Feature.LAYOUT_CONVERSION,
+                Feature.LIBRARY_SOFTMAX,
+                Feature.IN_PLACE_OUTPUTS,
+                Feature.NESTED_REDUCTIONS,
+            }
+        ),
         prefetch=prefetch_kernel,
     )
 )

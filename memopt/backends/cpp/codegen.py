@@ -20,6 +20,10 @@ Skeletons:
 - column reduction: a single-pass reduction whose loads are contiguous across rows and
   strided along the reduction (a bias gradient) reduces MO_COLUMNS adjacent rows at once,
   one per vector lane, so each load reads consecutive elements.
+- nested reduction (Kernel.inner_ranges: `d.sum(-1).amin(1)`): per row, a loop over the
+  outer reduction; per outer element, one lane pass over the inner reduction (as a row
+  pass), whose results feed the outer reductions' scalar accumulators. The inner results
+  never leave registers.
 """
 
 from __future__ import annotations
@@ -39,7 +43,16 @@ from memopt.backends.cpp import ops
 from memopt.backends.cpp.index import CppIndexPrinter
 from memopt.backends.cpp.prelude import PRELUDE
 from memopt.compiler import kernel_ir
-from memopt.compiler.kernel_ir import DOT, Kernel, Store, Value, index_var, reduction_var
+from memopt.compiler.kernel_ir import (
+    DOT,
+    INNER_REDUCE,
+    Kernel,
+    Store,
+    Value,
+    index_var,
+    inner_var,
+    reduction_var,
+)
 
 FUNCTION_NAME = "memopt_kernel"
 SHORT_ROW = 1024  # float32 sums over rows up to this long accumulate in float32 lanes
@@ -110,12 +123,18 @@ class _Codegen(ValueRenderer):
         self.size_names = {s: _size_name(s.name) for s in kernel.size_symbols}
         self.substitution: dict[sympy.Symbol, sympy.Expr] = {}
         self.symbol_names: dict[sympy.Symbol, str] = dict(self.size_names)
+        # The variables a lane pass (`_reduction_pass`) reduces over, and their extent: the
+        # reduction's, or a nested kernel's inner ones.
+        self.lane_vars = [reduction_var(k) for k in range(len(kernel.reduction_ranges))]
+        self.lane_work = sympy.Mul(*kernel.reduction_ranges)
 
     # -- the whole source ------------------------------------------------------------
 
     def generate(self) -> Generated:
         kernel = self.kernel
-        if kernel.reduction_ranges:
+        if kernel.inner_ranges:
+            body = self._nested_body()
+        elif kernel.reduction_ranges:
             body = self._reduction_body()
         else:
             body = self._pointwise_body()
@@ -534,13 +553,11 @@ class _Codegen(ValueRenderer):
         what = [f"{self.names[v]} = {v.arg}" for v in reductions]
         what += [f"store {s.buffer}" for s in stores]
         lines = [f"// pass {level}: {', '.join(what)}"]
-        loop = _Loop(
-            _R, f"o{level}_", extent=self.inner_extent, varying=frozenset(self.kernel_red_vars())
-        )
+        loop = _Loop(_R, f"o{level}_", extent=self.inner_extent, varying=frozenset(self.lane_vars))
         p = CppIndexPrinter(self.symbol_names)
         flat = sympy.Integer(0)
         step = sympy.Integer(1)
-        for var in reversed(self.kernel_red_vars()):
+        for var in reversed(self.lane_vars):
             if var in outer_red:
                 flat += var * step
             step *= red_ranges[var]
@@ -641,6 +658,172 @@ class _Codegen(ValueRenderer):
             lines.append(f"const {ctype_out} {name} = {ops.convert(result, held, value.dtype)};")
         return lines
 
+    # -- nested reduction skeleton ---------------------------------------------------
+
+    def _nested_body(self) -> list[str]:
+        """A kernel with nested reductions, in two phases.
+
+        Phase 1, one task per (row, chunk of the outer reduction): for each outer element
+        of the chunk (in order of the flat outer index f), the values that vary with it, one
+        lane pass over the inner variables per dependency level of the inner reductions
+        (`_reduction_pass`, as a row of the reduction skeleton: a logsumexp takes two), the
+        values computed from their results, and an update of each outer reduction's scalar
+        accumulator; the chunk's partial results go to per-task scratch. A row is one chunk
+        unless there are fewer rows than threads (`x.exp().sum(-1).max()`: one row), where
+        each row is split into one chunk per thread.
+
+        Phase 2, per row: the chunks' partial results combined in order (so argmin's first
+        index wins a tie), the row values and the row stores.
+
+        The outer level is one pass (lower.py forms no other nested kernel): no reduction
+        reads an outer reduction's result."""
+        kernel = self.kernel
+        row_vars = [index_var(k) for k in range(len(kernel.ranges))]
+        red_vars = [reduction_var(k) for k in range(len(kernel.reduction_ranges))]
+        q_vars = [inner_var(k) for k in range(len(kernel.inner_ranges))]
+        ranges = dict(zip(row_vars, kernel.ranges))
+        red_ranges = dict(zip(red_vars, kernel.reduction_ranges))
+        q_ranges = dict(zip(q_vars, kernel.inner_ranges))
+        inner = planning.merge_block(q_vars, q_ranges, self._expressions())
+        outer_q = [v for v in q_vars if v not in inner]
+        self.substitution = {v: sympy.Integer(0) for v in inner[:-1]}
+        self.substitution[inner[-1]] = _R
+        self.symbol_names.update({v: v.name for v in (*row_vars, *red_vars, *outer_q)})
+        self.symbol_names[_R] = "r"
+        self.lane_vars = q_vars
+        self.lane_work = sympy.Mul(*kernel.inner_ranges)
+        self.inner_extent = sympy.Mul(*(q_ranges[v] for v in inner))
+        p = CppIndexPrinter(self.symbol_names)
+
+        depth = planning.reduction_depths(kernel)
+        inner_reductions = [v for v in kernel.values if v.op == INNER_REDUCE]
+        outer_reductions = [v for v in kernel.values if v.op == "reduce"]
+        structural = ("reduce", INNER_REDUCE)
+        after_outer: dict[Value, bool] = {}  # whether a value reads an outer reduction
+        for value in kernel.values:
+            if value.op in structural and after_outer[value.args[0]]:
+                raise Unsupported(f"kernel {kernel.name}: the outer reduction needs two passes")
+            after_outer[value] = value.op == "reduce" or any(after_outer[a] for a in value.args)
+        q_set = set(q_vars)
+        outer_level = [
+            v
+            for v in kernel.values
+            if not v.is_row and not v.symbols & q_set and v.op not in structural
+        ]
+        rows_before = [v for v in kernel.values if v.is_row and v.op != "reduce" and not depth[v]]
+        rows_after = [v for v in kernel.values if v.is_row and v.op != "reduce" and depth[v]]
+        row = _Loop(None, "o")
+        row_lines = [self._value_line(v, row) for v in rows_before]
+
+        # Per outer element of a chunk.
+        per_element = self._decompose("f", red_vars, red_ranges)
+        done = 0  # the inner levels computed so far
+        for level in range(1, max((depth[v] for v in inner_reductions), default=0) + 1):
+            per_element += [
+                self._value_line(v, row) for v in outer_level if done <= depth[v] < level
+            ]
+            reductions = [v for v in inner_reductions if depth[v] == level]
+            # The values varying along q that this pass's reductions read (an earlier
+            # pass's values are computed again: no row cache here).
+            needed: set[Value] = set()
+            stack = [v.args[0] for v in reductions]
+            while stack:
+                value = stack.pop()
+                if value in needed or not value.symbols & q_set:
+                    continue
+                needed.add(value)
+                stack.extend(value.args)
+            values = [v for v in kernel.values if v in needed]
+            plan = planning.PassPlan(values, frozenset(), ())
+            per_element += self._reduction_pass(level, reductions, [], plan, outer_q, q_ranges)
+            done = level
+        per_element += [self._value_line(v, row) for v in outer_level if depth[v] >= done]
+
+        # Each outer reduction: a scalar accumulator per chunk, its partial result in
+        # scratch (`_part`, and `_part_idx` for argmax/argmin), combined per row.
+        scratch: list[tuple[str, str]] = []  # (name, C++ type)
+        inits, chunk_ends, totals, finals = [], [], [], []
+        for value in outer_reductions:
+            name, operand = self.names[value], value.args[0]
+            acc = ops.accumulator_dtype(value.arg, operand.dtype)
+            ctype = ops.COMPUTE_TYPES[acc]
+            identity = ops.literal(kernel_ir.reduction_identity(value.arg, acc), acc)
+            update, combine = ops.REDUCTION_UPDATES[value.arg]
+            per_element.append(
+                update.format(
+                    acc=f"{name}_acc",
+                    idx=f"{name}_idx",
+                    v=ops.convert(self.names[operand], operand.dtype, acc),
+                    i="f",
+                )
+            )
+            inits.append(f"{ctype} {name}_acc = {identity};")
+            chunk_ends.append(f"{name}_part[task] = {name}_acc;")
+            scratch.append((f"{name}_part", ctype))
+            totals.append(f"{ctype} {name}_total = {name}_part[row * n_chunks];")
+            result, held = f"{name}_total", acc
+            if value.arg in ("argmax", "argmin"):
+                inits.append(f"int64_t {name}_idx = 0;")
+                chunk_ends.append(f"{name}_part_idx[task] = {name}_idx;")
+                scratch.append((f"{name}_part_idx", "int64_t"))
+                totals.append(f"int64_t {name}_total_idx = {name}_part_idx[row * n_chunks];")
+                result, held = f"{name}_total_idx", torch.int64
+            combined = combine.format(
+                out=f"{name}_total",
+                out_idx=f"{name}_total_idx",
+                acc=f"{name}_part[row * n_chunks + c]",
+                acc_idx=f"{name}_part_idx[row * n_chunks + c]",
+            )
+            totals.append(f"for (int64_t c = 1; c < n_chunks; ++c) {combined}")
+            ctype_out = ops.compute_type(value.dtype)
+            finals.append(f"const {ctype_out} {name} = {ops.convert(result, held, value.dtype)};")
+
+        phase1 = [
+            "const int64_t row = task / n_chunks;",
+            "const int64_t chunk = task - row * n_chunks;",
+            *self._decompose("row", row_vars, ranges),
+            *row_lines,
+            *inits,
+            "const int64_t f_end = n_outer * (chunk + 1) / n_chunks;",
+            "for (int64_t f = n_outer * chunk / n_chunks; f < f_end; ++f) {",
+            *_indent(per_element, 1),
+            "}",
+            *chunk_ends,
+        ]
+        phase2 = [*self._decompose("row", row_vars, ranges), *row_lines, *totals, *finals]
+        phase2 += [self._value_line(v, row) for v in rows_after]
+        phase2 += [self._store_line(s, row) for s in kernel.stores]
+
+        rows = sympy.Mul(*kernel.ranges)
+        outer = sympy.Mul(*kernel.reduction_ranges)
+        work = outer * self.lane_work
+        lines = [
+            f"const int64_t n_rows = {p(rows)};  // rows: {_names(row_vars) or 'one'}",
+            f"const int64_t n_outer = {p(outer)};  // the outer reduction: {_names(red_vars)}",
+            f"const int64_t n_r = {p(self.inner_extent)};  // innermost: {_names(inner)}",
+            "const int64_t n_blocked = n_r - n_r % MO_LANES;  // whole lane blocks",
+            f"const bool threaded = n_rows * {p.at(work, ATOM)} >= MO_PARALLEL_WORK;",
+            "int64_t n_chunks = threaded && n_rows < omp_get_max_threads() "
+            "? omp_get_max_threads() : 1;",
+            "if (n_chunks > n_outer) n_chunks = n_outer > 0 ? n_outer : 1;",
+        ]
+        lines += [
+            f"{ctype}* __restrict__ {name} = ({ctype}*)malloc(sizeof({ctype}) * n_rows * n_chunks);"
+            for name, ctype in scratch
+        ]
+        lines += [
+            "#pragma omp parallel for schedule(static) if (threaded)",
+            "for (int64_t task = 0; task < n_rows * n_chunks; ++task) {",
+            *_indent(phase1, 1),
+            "}",
+            "#pragma omp parallel for schedule(static) if (threaded)",
+            "for (int64_t row = 0; row < n_rows; ++row) {",
+            *_indent(phase2, 1),
+            "}",
+        ]
+        lines += [f"free({name});" for name, _ in scratch]
+        return lines
+
     def _lane_accumulator(self, value: Value) -> torch.dtype:
         """What a reduction of the row skeleton accumulates in: `ops.accumulator_dtype`,
         except that a float32 sum over a short row of known length (at most SHORT_ROW
@@ -650,7 +833,7 @@ class _Codegen(ValueRenderer):
         loses at most 64 ulp, typically 8, then the lanes are summed."""
         operand = value.args[0]
         acc = ops.accumulator_dtype(value.arg, operand.dtype)
-        work = sympy.Mul(*self.kernel.reduction_ranges)
+        work = self.lane_work
         if (
             acc == torch.float64
             and kernel_ir.compute_dtype(operand.dtype) == torch.float32
@@ -659,9 +842,6 @@ class _Codegen(ValueRenderer):
         ):
             return torch.float32
         return acc
-
-    def kernel_red_vars(self) -> list[sympy.Symbol]:
-        return [reduction_var(k) for k in range(len(self.kernel.reduction_ranges))]
 
     # -- the walk: one line per Value ------------------------------------------------
 
@@ -745,8 +925,7 @@ class _Codegen(ValueRenderer):
         if coefficient is None or not coefficient.is_Integer or coefficient < 0:
             return None
         base = sympy.expand(expr - coefficient * var)
-        reduction_vars = {reduction_var(k) for k in range(len(self.kernel.reduction_ranges))}
-        allowed = (set(indirect) | set(self.symbol_names)) - {var, _R} - reduction_vars
+        allowed = (set(indirect) | set(self.symbol_names)) - {var, _R} - set(self.lane_vars)
         if not base.free_symbols <= allowed:
             return None  # it varies inside the pass (an outer reduction variable)
         buffer = self.buffers[buffer_name]
@@ -837,6 +1016,12 @@ _RESERVED = {
     "tile",
     "j_begin",
     "j_end",
+    "f",
+    "f_end",
+    "c",
+    "chunk",
+    "n_outer",
+    "threaded",
 }
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -845,8 +1030,8 @@ def _c_names(names: list[str]) -> dict[str, str]:
     """Buffer name -> a C++ parameter name (the IR's name when it is a safe identifier)."""
     result = {}
     for k, name in enumerate(names):
-        # Generated names: v<k> values, o<k> offsets, i<k>/r<k> variables, s<k> sizes.
-        clash = name in _RESERVED or re.fullmatch(r"[vioru]\d.*|s\d+|mo_.*|buf\d+", name)
+        # Generated names: v<k> values, o<k> offsets, i<k>/r<k>/q<k> variables, s<k> sizes.
+        clash = name in _RESERVED or re.fullmatch(r"[viorqu]\d.*|s\d+|mo_.*|buf\d+", name)
         safe = _IDENTIFIER.fullmatch(name) and not keyword.iskeyword(name) and not clash
         result[name] = name if safe else f"buf{k}"
     return result

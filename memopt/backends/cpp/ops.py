@@ -129,9 +129,15 @@ def literal(value: float | int | bool, dtype: torch.dtype) -> str:
     return f"({COMPUTE_TYPES[dtype]}){value}"
 
 
-@functools.lru_cache(maxsize=4096)
 def _float32_literal(value: float) -> str:
     """The shortest decimal that reads back as the same float32 (`0.1f`, not 0.100000001)."""
+    # 0.0 == -0.0 and they hash alike: keyed by value alone, the cache would hand one the
+    # other's literal.
+    return _shortest_float32_literal(value, repr(value))
+
+
+@functools.lru_cache(maxsize=4096)
+def _shortest_float32_literal(value: float, _spelling: str) -> str:
     exact = torch.tensor(value, dtype=torch.float32)
     for digits in range(1, 10):
         text = f"{value:.{digits}g}"

@@ -31,6 +31,7 @@ import torch
 import torch.fx
 
 from memopt.backends import memory
+from memopt.compiler.cost import Cost, op_flops, read_bytes
 from memopt.compiler.graph import evaluate, tensor_meta
 
 aten = torch.ops.aten
@@ -83,6 +84,51 @@ class KeptOutputMatmul:
                 return self.op(*args, **kwargs)
         out = self._memory.empty(0, shape, _contiguous(shape), a.dtype, nbytes)
         return self.out_op(*args, **kwargs, out=out)
+
+
+class IntoSlice:
+    """Callable target for a library call that writes its result straight into its slice of
+    a concatenation (the concat pass): `into(*args, **kwargs)` allocates the concatenation's
+    buffer (static, contiguous `shape`), calls `out_op(*args, **kwargs, out=<the slice
+    [start, start + length) along dim>)` and returns the whole buffer, whose other elements
+    the graph writes next (a slice_scatter the inplace pass makes a write into the view)."""
+
+    memopt_kind = "extern"
+    memopt_fresh = True  # the buffer is new memory no other value aliases
+
+    def __init__(
+        self,
+        op: torch._ops.OpOverload,
+        out_op: torch._ops.OpOverload,
+        shape: tuple[int, ...],
+        dim: int,
+        start: int,
+        length: int,
+    ) -> None:
+        self.op, self.out_op = op, out_op
+        self.shape, self.dim, self.start, self.length = shape, dim, start, length
+        self.__name__ = f"{op.__name__}_into_slice"
+        self.memopt_name = f"{op} into a slice"
+
+    def __repr__(self) -> str:
+        return f"IntoSlice({self.op}, dim={self.dim}, [{self.start}:{self.start + self.length}])"
+
+    def memopt_cost(self, node: torch.fx.Node) -> Cost:
+        """The library call's own cost: its inputs read once, its result (the slice)
+        written once."""
+        meta = tensor_meta(node)
+        written = meta.numel / meta.shape[self.dim] * self.length
+        return Cost(
+            read=read_bytes(node, [a for a in node.all_input_nodes if tensor_meta(a) is not None]),
+            write=written * meta.itemsize,
+            flops=op_flops(node, self.op),
+        )
+
+    def __call__(self, *args: object, **kwargs: object) -> torch.Tensor:
+        first = next(a for a in args if isinstance(a, torch.Tensor))
+        buffer = first.new_empty(self.shape)
+        self.out_op(*args, **kwargs, out=buffer.narrow(self.dim, self.start, self.length))
+        return buffer
 
 
 class KeptOutputSoftmax:

@@ -87,6 +87,11 @@ class FusedKernel:
         # which sees the whole graph): an output may be written over one of them instead of
         # into fresh memory, when the backend says that is safe (its `in_place` map).
         self.donated_inputs: frozenset[int] = frozenset()
+        # Outputs stored into a tensor the caller passes (the inplace pass: an input the
+        # graph updates): output position -> argument position. An argument past the
+        # kernel's inputs is a destination only, never read. The call returns the
+        # destination itself for such an output.
+        self.destinations: dict[int, int] = {}
 
     def __repr__(self) -> str:
         return (
@@ -97,7 +102,8 @@ class FusedKernel:
 
     def memopt_cost(self, node: torch.fx.Node) -> Cost:
         """Inputs read once (gathered tables: at most one element per lookup), outputs written once."""
-        direct = [a for k, a in enumerate(node.args) if k not in self.gather_positions]
+        inputs = node.args[: len(self.kernel.inputs)]  # past them: destinations, not read
+        direct = [a for k, a in enumerate(inputs) if k not in self.gather_positions]
         read = read_bytes(node, direct)
         lookups = sympy.Mul(*self.kernel.ranges) * sympy.Mul(*self.kernel.reduction_ranges)
         for k in self.gather_positions:
@@ -188,6 +194,8 @@ class FusedKernel:
             launch = self._launches.get(device)
         if launch is None:
             launch = self._launch(device, sizes)
+        if self.destinations:
+            return self._run_into_destinations(inputs, launch)
         # An input nothing reads afterwards may take an output in place of fresh memory,
         # which costs page faults on first touch (more than a pointwise kernel's own time);
         # a backend may also hand out memory of its own (CppKernel.allocate).
@@ -201,6 +209,36 @@ class FusedKernel:
         if launch.run is not None:
             launch.run(inputs, outputs)
         return tuple(outputs)
+
+    def _run_into_destinations(
+        self, args: Sequence[torch.Tensor], launch: _Launch
+    ) -> tuple[torch.Tensor, ...]:
+        """A call whose outputs go (some of them) into tensors it was given. A destination
+        in another layout than the kernel's gets the result through a copy."""
+        inputs = args[: len(self.kernel.inputs)]
+        outputs, copies = [], []
+        for k, (shape, stride, dtype, donor, allocate) in enumerate(launch.outputs):
+            position = self.destinations.get(k)
+            if position is None:
+                reuse = donor in self.donated_inputs and _reusable(
+                    inputs[donor], *launch.outputs[k][:3]
+                )
+                outputs.append(inputs[donor] if reuse else allocate())
+                continue
+            target = args[position]
+            if target.dtype == dtype and tuple(target.shape) == shape and target.stride() == stride:
+                outputs.append(target)
+            else:
+                outputs.append(allocate())
+                copies.append((target, outputs[-1]))
+        if launch.run is not None:
+            launch.run(inputs, outputs)
+        for target, result in copies:
+            target.copy_(result)
+        return tuple(
+            args[self.destinations[k]] if k in self.destinations else out
+            for k, out in enumerate(outputs)
+        )
 
     def _launch(self, device: torch.device, sizes: dict[str, int]) -> _Launch:
         """What every call on `device` at `sizes` does alike, worked out on the first."""
@@ -303,13 +341,18 @@ def mark_donated_inputs(gm: torch.fx.GraphModule) -> None:
                 and set(arg.users) == {node}
                 and node.args.count(arg) == 1
                 and arg not in node.kwargs.values()
-                and _owns_fresh_memory(arg)
+                and owns_fresh_memory(arg)
             )
 
 
-def _owns_fresh_memory(node: torch.fx.Node) -> bool:
+def owns_fresh_memory(node: torch.fx.Node) -> bool:
+    """The node's tensor is memory of its own that no other value aliases: an output of a
+    FusedKernel, of a call target that says so (`memopt_fresh`), or of an ATen op that
+    returns new tensors (no view, no alias annotation, no mutation)."""
     if node.op != "call_function":
         return False
+    if getattr(node.target, "memopt_fresh", False):
+        return True
     if node.target is operator.getitem:
         source = node.args[0]
         return isinstance(source, torch.fx.Node) and isinstance(source.target, FusedKernel)

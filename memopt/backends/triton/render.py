@@ -603,4 +603,6 @@ def module_source(fn_name: str, args: list[str], body: list[str]) -> str:
 def render_elementwise(kernel: Kernel) -> RenderedKernel:
     """Triton source for a pointwise or reduction kernel; Unsupported for what it cannot
     render (matmul templates render in matmul.py)."""
+    if kernel.inner_ranges:
+        raise Unsupported(f"kernel {kernel.name}: nested reductions (Feature.NESTED_REDUCTIONS)")
     return Renderer(kernel).render()
