@@ -19,15 +19,16 @@ Two decisions, both by bytes:
    duplications are recorded with the bytes they would have added. Producers run
    consumers-first, so a pointwise chain feeding several kernels is copied whole.
 
-   A producer is also tried with the whole pointwise chain it is computed from
+   A producer is first tried with the whole pointwise chain it is computed from
    (`duplicated_chain`), back to the values a kernel must read (graph inputs, reductions,
-   extern results), when those inputs are far smaller than the value: all the copies
-   together read fewer bytes than storing the value once costs. That is a broadcast
-   product (an outer product `a * b` of an (N, 1) and a (1, N) tensor, and what is computed
-   from it): in its backward, two reductions over different axes each recompute the
-   N x N values from the vectors instead of one of them writing them for the other. Copied
-   alone, such a producer still shares the rest of the chain, which is then written
-   instead: only the whole chain removes the N x N store. Same test by fusion trial.
+   extern results), when its consumers reading the chain's inputs would read fewer bytes
+   than one of them writing the value and the others reading it: the chain's inputs are
+   smaller than the value. The extreme is a broadcast product (an outer product `a * b` of
+   an (N, 1) and a (1, N) tensor, and what is computed from it): in its backward, two
+   reductions over different axes each recompute the N x N values from the vectors
+   instead of one of them writing them for the other. Copied alone, such a producer still
+   shares the rest of the chain, which is then written instead: only the whole chain
+   removes the N x N store. The same fusion trial decides.
 
 Options (`pass_options={"recompute": {...}}`): `max_saved_bytes` (a budget on saved
 activation bytes), `must_recompute` / `never_recompute` (node names, e.g. "mul_3", or ops,
@@ -189,7 +190,7 @@ class Recompute(Pass):
             # alone (each consumer reads its inputs).
             plans = []
             chain = _chain(gm, node)
-            if len(chain) > 1 and _far_smaller_inputs(chain, consumers, ctx):
+            if len(chain) > 1:
                 plans.append(("chain", chain, _chain_gain(chain, consumers, ctx)))
             plans.append(("alone", [node], _local_gain(node, consumers, ctx)))
             what = f"duplicate %{node.name} ({node.target}) into {len(consumers)} consumers"
@@ -230,8 +231,8 @@ class Recompute(Pass):
                 reason = f"each consumer's kernel computes it: saves {saved} B after fusion"
                 if kind == "chain":
                     reason += (
-                        f"; it is recomputed from {_leaf_bytes(chain, ctx)} B of inputs "
-                        f"instead of storing {_nbytes(node, ctx)} B"
+                        f"; each recomputes it from {_leaf_bytes(chain, ctx)} B of inputs "
+                        f"instead of one writing its {_nbytes(node, ctx)} B for the others"
                     )
                 copies = tuple(u.name for u in consumers)
                 names = (*(n.name for n in copied), *copies)
@@ -354,27 +355,21 @@ def _leaf_bytes(chain: list[torch.fx.Node], ctx: PassContext) -> int:
     return evaluate(read_bytes(chain[0], _leaves(chain)), ctx.bindings)
 
 
-def _far_smaller_inputs(
-    chain: list[torch.fx.Node], consumers: list[torch.fx.Node], ctx: PassContext
-) -> bool:
-    """Whether every consumer together reads fewer bytes recomputing the chain from its
-    inputs than storing its value costs once: a broadcast product of vectors, a value
-    computed from a few rows or columns. Only such chains are costed by a fusion trial."""
-    return _leaf_bytes(chain, ctx) * len(consumers) < _nbytes(chain[0], ctx)
-
-
 def _chain_gain(
     chain: list[torch.fx.Node], consumers: list[torch.fx.Node], ctx: PassContext
 ) -> int:
     """Bytes copying the whole chain into every consumer saves, if every copy fuses into
-    its consumer (an upper bound): no consumer reads the stored value, and each reads the
-    chain's inputs instead. Positive when those inputs are far smaller than the value."""
+    its consumer. Stored, the chain reads its inputs once, fused with one consumer, and
+    writes the value the other consumers read; copied, every consumer reads the chain's
+    inputs (those it does not read already). Positive when the inputs are much smaller than
+    the value: a broadcast product of vectors, a value computed from a few rows."""
     node = chain[0]
     nbytes = _nbytes(node, ctx)
     leaves = _leaves(chain)
-    gain = len(consumers) * nbytes
-    if not _keeps_original(node):
-        gain += nbytes + _leaf_bytes(chain, ctx)  # the chain's own kernel is gone
+    leaf_bytes = _leaf_bytes(chain, ctx)
+    gain = len(consumers) * nbytes + leaf_bytes
+    if _keeps_original(node):
+        gain -= nbytes + leaf_bytes  # the chain's own kernel stays, for its other readers
     for user in consumers:
         own = set(user.all_input_nodes)
         extra = [a for a in leaves if a not in own]
