@@ -186,8 +186,8 @@ class Recompute(Pass):
                 continue  # an earlier duplication took its other consumers
             # Two ways to copy it, tried in this order: with the whole pointwise chain it is
             # computed from (each consumer recomputes it from the chain's inputs), worth it
-            # when those inputs are far smaller than the value (a broadcast product); and
-            # alone (each consumer reads its inputs).
+            # when those inputs are smaller than the value (a broadcast product: far
+            # smaller); and alone (each consumer reads its inputs).
             plans = []
             chain = _chain(gm, node)
             if len(chain) > 1:
