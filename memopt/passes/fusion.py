@@ -354,7 +354,15 @@ class Fusion(Pass):
         while True:
             scored = sorted(
                 ((state.saved(a, b), kind, a, b) for a, b, kind in state.candidates()),
-                key=lambda t: (-t[0], t[1], min(state.first(t[2]), state.first(t[3]))),
+                # Ties go to the pair that starts first, then by both positions: never by
+                # set order (object ids), so a graph fuses the same way on every run.
+                key=lambda t: (
+                    -t[0],
+                    t[1],
+                    min(state.first(t[2]), state.first(t[3])),
+                    state.first(t[2]),
+                    state.first(t[3]),
+                ),
             )
             merged = False
             for saved, kind, a, b in scored:
