@@ -7,8 +7,8 @@ Rules (docs/architecture.md, "How bytes are counted"):
   (a broadcast input counts its real elements once; several views of one buffer together
   count at most the buffer), and writes each output once.
 - Gathers (index_select, embedding, ...) read at most as many source elements as they write.
-- `copy_` (an input mutation at the end of a functional graph) and `copy` (its functional
-  form: the destination gives only the layout) read only their source.
+- `copy_` (an input mutation at the end of a functional graph) reads only its source
+  (its functional form, `copy`, clones the destination first: it reads both).
 - In-place updates of some elements (`index_put_`, `scatter_`, `scatter_add_`,
   `index_add_`) write only the elements they update and read their indices, the values
   they write (at most one per updated element) and, when they accumulate, the updated
@@ -181,7 +181,7 @@ def node_cost(node: torch.fx.Node) -> Cost:
     update = _UPDATES.get(target)
     if update is not None:
         return update(node)
-    if target in (aten.copy_.default, aten.copy.default, aten.copy.out):
+    if target is aten.copy_.default:
         read = read_bytes(node, [node.args[1]])
     elif target in GATHERS:
         args = _tensor_args(node)

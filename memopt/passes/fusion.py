@@ -80,14 +80,15 @@ class _State:
         self.ctx = ctx
         self.nodes = list(gm.graph.nodes)
         self.order = {n: k for k, n in enumerate(self.nodes)}
-        # Updates of some elements the inplace pass will make in place stay out of kernels,
-        # which would write the whole buffer.
+        # Updates of some elements of a graph input (or of a buffer a library call wrote a
+        # slice of) stay out of kernels, which would read and write the whole buffer: the
+        # inplace pass writes only those elements.
         in_place = ctx.pipeline.runs("inplace")
         self.fusible = [
             n
             for n in self.nodes
             if (can_lower(n) or (templates and can_lower_matmul(n)))
-            and not (in_place and updated_in_place(n) is not None)
+            and not (in_place and _updates_an_input(n))
         ]
         self.group_of: dict[torch.fx.Node, Group] = {n: frozenset([n]) for n in self.fusible}
         self.consumers = {
@@ -228,6 +229,15 @@ class _State:
         return merged
 
 
+def _updates_an_input(node: torch.fx.Node) -> bool:
+    """An update the inplace pass makes of a buffer that already holds values a kernel
+    would have to read back: a graph input, or a library call's slice of a concatenation."""
+    base = updated_in_place(node)
+    return base is not None and (
+        base.op == "placeholder" or getattr(base.target, "memopt_fresh", False)
+    )
+
+
 def _data_users(node: torch.fx.Node) -> list[torch.fx.Node]:
     """Users that need the node's data: not shape queries (lowering reads sizes as symbols)."""
     return [u for u in buffer_users(node) if u.target not in SHAPE_QUERIES]
@@ -344,7 +354,15 @@ class Fusion(Pass):
         while True:
             scored = sorted(
                 ((state.saved(a, b), kind, a, b) for a, b, kind in state.candidates()),
-                key=lambda t: (-t[0], t[1], min(state.first(t[2]), state.first(t[3]))),
+                # Ties go to the pair that starts first, then by both positions: never by
+                # set order (object ids), so a graph fuses the same way on every run.
+                key=lambda t: (
+                    -t[0],
+                    t[1],
+                    min(state.first(t[2]), state.first(t[3])),
+                    state.first(t[2]),
+                    state.first(t[3]),
+                ),
             )
             merged = False
             for saved, kind, a, b in scored:

@@ -65,7 +65,11 @@ _INTO_VIEW = {
 def updated_in_place(node: Node) -> Node | None:
     """The buffer `node` (an update of some of its elements) can be updated in place: a
     graph input it is copied back into, or fresh memory nothing else reads; else None.
-    Fusion leaves such updates to this pass."""
+
+    Fusion leaves the updates of graph inputs to this pass (`base.op == "placeholder"`):
+    in a kernel they would read and write the whole input. An update of fresh memory it
+    may still fuse, with the producer of that memory and its readers, so that the buffer
+    is never written at all; what fusion leaves alone, this pass makes in place."""
     if node.op != "call_function" or (
         node.target not in _IN_PLACE and node.target not in _INTO_VIEW
     ):
@@ -81,6 +85,21 @@ def updated_in_place(node: Node) -> Node | None:
     if owns_fresh_memory(base) and list(base.users) == [node] and not reaches_output(base):
         return base
     return None
+
+
+def _writers_between(start: Node, end: Node) -> list[Node]:
+    """Nodes strictly between `start` and `end` that write memory (in-place ops, out=
+    overloads, kernels with destinations): what a read may not move past."""
+    found, inside = [], False
+    for node in start.graph.nodes:
+        if node is end:
+            break
+        if inside and (
+            is_mutating(node) or isinstance(node.target, FusedKernel) and node.target.destinations
+        ):
+            found.append(node)
+        inside = inside or node is start
+    return found
 
 
 def _layout(node: Node) -> tuple[object, ...] | None:
@@ -191,9 +210,9 @@ class InPlace(Pass):
             )
             ctx.refuse("refused_overlap", f"not in place: {what}", reason, stake, names)
             return
-        # Alone, the op can run where the copy was; read by others, where it is, once
-        # nothing reads the input's old values any more.
-        anchor = value if others else copy
+        # Alone, and with nothing between that writes memory it might read, the op can run
+        # where the copy was; else where it is, once nothing reads the old values any more.
+        anchor = value if others or _writers_between(value, copy) else copy
         late = readers_between(buffer, anchor, copy)
         if late:
             reason = f"%{late[0].name} reads %{dst.name} after %{value.name} would write it"
@@ -287,7 +306,8 @@ class InPlace(Pass):
             return
         # Copied back and read by nothing else, the update runs where the copy was; else
         # where it is, once nothing reads the old values any more.
-        anchor = copy if copy is not None and len(update.users) == 1 else update
+        movable = copy is not None and len(update.users) == 1
+        anchor = copy if movable and not _writers_between(update, copy) else update
         late = readers_between(base, anchor, copy) if copy is not None else []
         if late:
             reason = f"%{late[0].name} reads %{base.name} after %{update.name} would write it"
@@ -327,13 +347,7 @@ def _moved_past(call: Node, copy: Node, order: dict[Node, int]) -> list[Node]:
     `copy`, or a node between them that writes memory (it might write what `call` reads)."""
     outputs = [u for u in call.users if u.target is operator.getitem]
     readers = [r for o in outputs for r in o.users if r is not copy and order[r] < order[copy]]
-    writers = [
-        n
-        for n in copy.graph.nodes
-        if order[call] < order[n] < order[copy]
-        and (is_mutating(n) or isinstance(n.target, FusedKernel) and n.target.destinations)
-    ]
-    return readers + writers
+    return readers + _writers_between(call, copy)
 
 
 def _writable(destination: Node) -> bool:

@@ -16,7 +16,9 @@ at the partition stage, from the candidates this module makes (`candidates`):
      chain fuses into the backward kernel that consumes it, so its outputs are never
      written (those reads are the capacities of the saved nodes the cut goes through);
    - recomputing a node the backward must materialize (an extern op's result, or a value
-     an extern op of the backward reads) costs writing and reading it again there;
+     an extern op of the backward reads) costs writing and reading it again there; a view
+     (the alias through which tanh's and sigmoid's backwards read their output) is
+     recomputed for free;
    - matmuls, convolutions and random ops are never recomputed unless allowed;
      `never_recompute` nodes are saved, `must_recompute` nodes recomputed;
    - a budget on saved activation bytes is met by adding `lam * bytes` to every saved
@@ -465,8 +467,10 @@ class _BytesMinCut:
             ban = self.ban_reason(node)
             if ban is not None:
                 graph.add_edge("source", name_in, capacity=inf)
-            elif node.op == "call_function" and (
-                not self.fusible(node) or self.read_from_memory_in_backward(node)
+            elif (
+                node.op == "call_function"
+                and not is_view(node)  # a view is recomputed for free (tanh's alias)
+                and (not self.fusible(node) or self.read_from_memory_in_backward(node))
             ):
                 # Recomputed, it is written and read again in the backward.
                 graph.add_edge("source", name_in, capacity=2 * self.nbytes(node))

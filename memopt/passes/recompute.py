@@ -19,6 +19,17 @@ Two decisions, both by bytes:
    duplications are recorded with the bytes they would have added. Producers run
    consumers-first, so a pointwise chain feeding several kernels is copied whole.
 
+   A producer is first tried with the whole pointwise chain it is computed from
+   (`duplicated_chain`), back to the values a kernel must read (graph inputs, reductions,
+   extern results), when its consumers reading the chain's inputs would read fewer bytes
+   than one of them writing the value and the others reading it: the chain's inputs are
+   smaller than the value. The extreme is a broadcast product (an outer product `a * b` of
+   an (N, 1) and a (1, N) tensor, and what is computed from it): in its backward, two
+   reductions over different axes each recompute the N x N values from the vectors
+   instead of one of them writing them for the other. Copied alone, such a producer still
+   shares the rest of the chain, which is then written instead: only the whole chain
+   removes the N x N store. The same fusion trial decides.
+
 Options (`pass_options={"recompute": {...}}`): `max_saved_bytes` (a budget on saved
 activation bytes), `must_recompute` / `never_recompute` (node names, e.g. "mul_3", or ops,
 e.g. "aten.sin"), `recompute_matmul`, `recompute_conv`, `recompute_random` (off by default:
@@ -58,6 +69,8 @@ MAX_DUPLICATION_TRIALS = 16
         "partition_note",  # what the partitioner could not do (an unreachable budget, ...)
         "duplicated",  # a producer copied into each consumer's kernel
         "not_duplicated",  # ... refused, with what it would cost
+        "duplicated_chain",  # a producer copied with the pointwise chain it comes from
+        "not_duplicated_chain",  # ... refused, with what it would cost
     ),
 )
 @dataclass(frozen=True)
@@ -171,9 +184,18 @@ class Recompute(Pass):
             consumers = _consumers(node)
             if len(consumers) < 2:
                 continue  # an earlier duplication took its other consumers
-            local = _local_gain(node, consumers, ctx)
+            # Two ways to copy it, tried in this order: with the whole pointwise chain it is
+            # computed from (each consumer recomputes it from the chain's inputs), worth it
+            # when those inputs are smaller than the value (a broadcast product: far
+            # smaller); and alone (each consumer reads its inputs).
+            plans = []
+            chain = _chain(gm, node)
+            if len(chain) > 1:
+                plans.append(("chain", chain, _chain_gain(chain, consumers, ctx)))
+            plans.append(("alone", [node], _local_gain(node, consumers, ctx)))
             what = f"duplicate %{node.name} ({node.target}) into {len(consumers)} consumers"
-            if local <= 0:
+            if all(gain <= 0 for _, _, gain in plans):
+                local = max(gain for _, _, gain in plans)
                 why = f"each copy reads its inputs: {-local} B more than storing it once"
                 ctx.refuse("not_duplicated", what, why, local, (node.name,))
                 continue
@@ -182,29 +204,43 @@ class Recompute(Pass):
                 why = "fusion computes it in one kernel with all its consumers"
                 ctx.refuse("not_duplicated", what, why, 0, (node.name,))
                 continue
-            if trials == MAX_DUPLICATION_TRIALS:
-                why = f"not costed: over {MAX_DUPLICATION_TRIALS} fusion trials per graph"
-                ctx.refuse("not_duplicated", what, why, local, (node.name,))
-                continue
-            trials += 1
-            trial = copy_graph(gm)
-            _duplicate(trial, _by_name(trial, node.name))
-            trial_bytes, trial_kernels = _fused(trial, ctx)
-            saved = baseline - trial_bytes
-            if saved <= 0:
-                why = (
-                    f"after fusion the graph would move {-saved} B more"
-                    if saved < 0
-                    else "after fusion the graph moves the same bytes (fusion already shares it)"
-                )
-                ctx.refuse("not_duplicated", what, why, saved, (node.name,))
-                continue
-            reason = f"each consumer's kernel computes it: saves {saved} B after fusion"
-            copies = tuple(u.name for u in consumers)
-            if not ctx.decide("duplicated", what, reason, saved, (node.name, *copies)):
-                return
-            _duplicate(gm, node)
-            baseline, kernel_of = trial_bytes, trial_kernels
+            for kind, copied, local in plans:
+                if local <= 0:
+                    continue
+                plan_what = what if kind == "alone" else _chain_what(node, chain, consumers)
+                code = "duplicated" if kind == "alone" else "duplicated_chain"
+                refusal = "not_duplicated" if kind == "alone" else "not_duplicated_chain"
+                if trials == MAX_DUPLICATION_TRIALS:
+                    why = f"not costed: over {MAX_DUPLICATION_TRIALS} fusion trials per graph"
+                    ctx.refuse(refusal, plan_what, why, local, (node.name,))
+                    continue
+                trials += 1
+                trial = copy_graph(gm)
+                _duplicate_all(trial, [n.name for n in copied])
+                trial_bytes, trial_kernels = _fused(trial, ctx)
+                saved = baseline - trial_bytes
+                if saved <= 0:
+                    why = (
+                        f"after fusion the graph would move {-saved} B more"
+                        if saved < 0
+                        else "after fusion the graph moves the same bytes (fusion already "
+                        "shares it)"
+                    )
+                    ctx.refuse(refusal, plan_what, why, saved, tuple(n.name for n in copied))
+                    continue
+                reason = f"each consumer's kernel computes it: saves {saved} B after fusion"
+                if kind == "chain":
+                    reason += (
+                        f"; each recomputes it from {_leaf_bytes(chain, ctx)} B of inputs "
+                        f"instead of one writing its {_nbytes(node, ctx)} B for the others"
+                    )
+                copies = tuple(u.name for u in consumers)
+                names = (*(n.name for n in copied), *copies)
+                if not ctx.decide(code, plan_what, reason, saved, names):
+                    return
+                _duplicate_all(gm, [n.name for n in copied])
+                baseline, kernel_of = trial_bytes, trial_kernels
+                break
 
 
 def _summary(candidate: partition.Candidate) -> str:
@@ -266,6 +302,89 @@ def _duplicate(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
         with gm.graph.inserting_before(user):
             clone = gm.graph.node_copy(node)
         user.replace_input_with(node, clone)
+
+
+def _duplicate_all(gm: torch.fx.GraphModule, names: list[str]) -> None:
+    """Duplicate the named nodes, consumers first: a producer's copies then go to every copy
+    of its consumers too, so each consumer's kernel gets a whole chain of its own."""
+    for name in names:
+        node = _by_name(gm, name)
+        if len(_consumers(node)) >= 2:
+            _duplicate(gm, node)
+
+
+def _recomputable(node: torch.fx.Node) -> bool:
+    """A value a consumer's kernel can compute from the inputs of its producers: a
+    duplicable op, or a view of one."""
+    if _duplicable(node):
+        return True
+    source = node.args[0] if is_view(node) and node.args else None
+    return isinstance(source, torch.fx.Node) and _recomputable(source)
+
+
+def _chain(gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The node and the pointwise values it is computed from, up to the values a kernel must
+    read (graph inputs, reductions, extern results, random ops); consumers first."""
+    chain = {node}
+    work = [node]
+    while work:
+        for arg in work.pop().all_input_nodes:
+            if arg not in chain and _recomputable(arg):
+                chain.add(arg)
+                work.append(arg)
+    order = {n: k for k, n in enumerate(gm.graph.nodes)}
+    return sorted(chain, key=order.__getitem__, reverse=True)
+
+
+def _leaves(chain: list[torch.fx.Node]) -> list[torch.fx.Node]:
+    """The tensors a chain reads from outside it."""
+    members = set(chain)
+    found: list[torch.fx.Node] = []
+    for member in chain:
+        for arg in member.all_input_nodes:
+            if arg not in members and arg not in found and tensor_meta(arg) is not None:
+                found.append(arg)
+    return found
+
+
+def _nbytes(node: torch.fx.Node, ctx: PassContext) -> int:
+    return evaluate(tensor_meta(node).nbytes, ctx.bindings)
+
+
+def _leaf_bytes(chain: list[torch.fx.Node], ctx: PassContext) -> int:
+    return evaluate(read_bytes(chain[0], _leaves(chain)), ctx.bindings)
+
+
+def _chain_gain(
+    chain: list[torch.fx.Node], consumers: list[torch.fx.Node], ctx: PassContext
+) -> int:
+    """Bytes copying the whole chain into every consumer saves, if every copy fuses into
+    its consumer. Stored, the chain reads its inputs once, fused with one consumer, and
+    writes the value the other consumers read; copied, every consumer reads the chain's
+    inputs (those it does not read already). Positive when the inputs are much smaller than
+    the value: a broadcast product of vectors, a value computed from a few rows."""
+    node = chain[0]
+    nbytes = _nbytes(node, ctx)
+    leaves = _leaves(chain)
+    leaf_bytes = _leaf_bytes(chain, ctx)
+    gain = len(consumers) * nbytes + leaf_bytes
+    if _keeps_original(node):
+        gain -= nbytes + leaf_bytes  # the chain's own kernel stays, for its other readers
+    for user in consumers:
+        own = set(user.all_input_nodes)
+        extra = [a for a in leaves if a not in own]
+        gain -= evaluate(read_bytes(node, extra), ctx.bindings)
+    return gain
+
+
+def _chain_what(
+    node: torch.fx.Node, chain: list[torch.fx.Node], consumers: list[torch.fx.Node]
+) -> str:
+    members = ", ".join(f"%{n.name}" for n in reversed(chain))
+    return (
+        f"duplicate %{node.name} ({node.target}) with the chain it is computed from "
+        f"({members}) into {len(consumers)} consumers"
+    )
 
 
 def _by_name(gm: torch.fx.GraphModule, name: str) -> torch.fx.Node:

@@ -312,3 +312,21 @@ def test_nested_reductions_refused_where_the_backend_runs_none():
     assert len(a.kernels) == 2 and a.bytes_moved == 528
     (refused,) = [d for d in refusals(a) if d.code == "fusion.refused_nested"]
     assert refused.bytes_saved == 2 * 4 * 6 * F32 and "'triton'" in refused.reason
+
+
+def test_equal_merges_go_to_the_earlier_consumer_on_every_run():
+    def shared_by_two_reductions(x):
+        p = x.exp()
+        return p.sum(0), p.sum(1)
+
+    x = torch.randn(16, 32)
+    n = 16 * 32 * F32
+    # exp fuses with either reduction for the same bytes: with the first in the graph,
+    # never by the set order of the candidates (object ids, which differ between runs).
+    # read x, write p and 32 sums; read p, write 16 sums (recompute off: no copy of exp).
+    for _ in range(8):
+        a = check(shared_by_two_reductions, x, disable=["recompute"])
+        assert a.bytes_moved == n + n + 32 * F32 + n + 16 * F32
+        assert len(a.kernels) == 2
+        applied = [d.what for d in fusion(a).decisions if d.applied]
+        assert applied == ["fused %exp + %sum_1"]

@@ -254,3 +254,149 @@ def test_the_partition_stage_obeys_fuel() -> None:
     assert not kept.applied and "out of fuel (0)" in kept.reason
     assert none.graphs[0].gm.meta[META_KEY].chosen == DEFAULT
     assert none.bytes_moved > full.bytes_moved
+
+
+# -- broadcast products: each consumer recomputes them from the small inputs ---------------
+
+
+def outer_cos_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).cos().sum(1)
+
+
+def outer_tanh_mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(a * b).mean(1)
+
+
+def batched_outer_exp(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.exp(a * b).sum(-1)
+
+
+def _trains_like_eager(fn, *inputs: torch.Tensor) -> None:
+    """Values and gradients of the compiled program (default backend) against eager."""
+    results = []
+    grad_out = None
+    for run in (fn, torch.compile(fn, backend="memopt")):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        out = run(*leaves)
+        if grad_out is None:
+            grad_out = torch.randn_like(out)
+        out.backward(grad_out)
+        results.append([out.detach(), *(t.grad for t in leaves)])
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("fn", "a_shape", "b_shape"),
+    [
+        (outer_cos_rows, (256, 1), (1, 256)),
+        (outer_tanh_mean, (64, 1), (1, 48)),
+        (batched_outer_exp, (4, 32, 1), (4, 1, 24)),
+    ],
+)
+def test_broadcast_product_is_recomputed_by_each_gradient_reduction(
+    fn, a_shape: tuple, b_shape: tuple
+) -> None:
+    torch.manual_seed(0)
+    a = torch.randn(a_shape, requires_grad=True)
+    b = torch.randn(b_shape, requires_grad=True)
+    rows, cols = a.numel(), b.numel()  # the output has `rows` elements
+    product = torch.broadcast_shapes(a_shape, b_shape).numel() * F32
+    # forward   one reduction: read a and b, write the output          = (2 rows + cols)
+    # backward  two reductions over different axes, each reading the incoming gradient,
+    #           a and b and writing one gradient: nothing of the product's size is saved
+    #           or written                                              = 2 (2 rows + cols)
+    #                                                                   + rows + cols
+    result = memopt.analyze(fn, a, b, training=True)
+    assert result.bytes_moved == (3 * (2 * rows + cols) + rows + cols) * F32
+    assert [len(g.kernels) for g in result.graphs] == [1, 2]
+    assert {k.kind for k in result.kernels} == {"reduction"}
+    assert max(k.write_bytes for k in result.kernels) == max(rows, cols) * F32
+    figures = saved_activation_bytes(result)
+    assert figures["chosen"] == 0
+    # Without copies the backward's first reduction writes the product's gradient for the
+    # other one to read: the copies save that write and read, less their reads of a and b.
+    stored = memopt.analyze(
+        fn, a, b, training=True, pass_options={"recompute": {"duplicate": False}}
+    )
+    assert [len(g.kernels) for g in stored.graphs] == [1, 2]
+    (chain,) = [d for d in recompute_decisions(result) if d.applied and d.graph == "backward"]
+    assert chain.code == "recompute.duplicated_chain"
+    assert chain.bytes_saved == stored.bytes_moved - result.bytes_moved
+    assert chain.bytes_saved > product
+    assert f"from {(2 * rows + cols) * F32} B of inputs" in chain.reason
+    _trains_like_eager(fn, a, b)
+
+
+def test_product_of_full_inputs_is_not_copied() -> None:
+    x = torch.randn(64, 48, requires_grad=True)
+    y = torch.randn(64, 48, requires_grad=True)
+    n = 64 * 48 * F32
+    # forward   read x and y, write 64 sums                                = 2n + 64
+    # backward  one kernel: read the gradient, x and y; write both gradients: each gradient
+    #           is pointwise, there is no product to share                 = 64 + 2n + 2n
+    result = memopt.analyze(outer_cos_rows, x, y, training=True)
+    assert result.bytes_moved == (2 * n + 64 * F32) + (64 * F32 + 4 * n)
+    assert [len(g.kernels) for g in result.graphs] == [1, 1]
+    copied = [d for d in recompute_decisions(result) if d.code.startswith("recompute.dup")]
+    assert copied == []
+    _trains_like_eager(outer_cos_rows, x, y)
+
+
+def sin_product_by_rows_and_columns(
+    a: torch.Tensor, b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    p = (a * b).sin()
+    return p.sum(0), p.sum(1)
+
+
+N_SUMS = (16 + 32) * F32  # the two reductions' outputs
+
+
+@pytest.mark.parametrize(
+    ("a_shape", "b_shape", "nbytes", "code"),
+    [
+        # Stored: one kernel reads a and b and writes p (n) for the other, which reads it:
+        # the copies each read the vectors instead.
+        ((16, 1), (1, 32), 2 * (16 + 32) * F32 + N_SUMS, "recompute.duplicated_chain"),
+        # One full input (n): the copies read it twice (2n) instead of writing p and reading
+        # it again (2n) after reading it once (n).
+        ((16, 1), (16, 32), 2 * (16 + 16 * 32) * F32 + N_SUMS, "recompute.duplicated_chain"),
+        # Two full inputs: the copies would read 4n, as much as storing p moves (2n + n + n):
+        # the chain is not tried; sin alone, tried, moves the same bytes.
+        ((16, 32), (16, 32), 4 * 16 * 32 * F32 + N_SUMS, "recompute.not_duplicated"),
+    ],
+)
+def test_chain_copy_by_the_bytes_of_its_inputs(
+    a_shape: tuple, b_shape: tuple, nbytes: int, code: str
+) -> None:
+    a, b = torch.randn(a_shape), torch.randn(b_shape)
+    result = memopt.analyze(sin_product_by_rows_and_columns, a, b, check=True)
+    assert result.bytes_moved == nbytes
+    assert len(result.kernels) == 2
+    (decision,) = recompute_decisions(result)
+    assert decision.code == code
+    assert decision.applied == (code == "recompute.duplicated_chain")
+    compiled = torch.compile(sin_product_by_rows_and_columns, backend="memopt")
+    for got, want in zip(compiled(a, b), sin_product_by_rows_and_columns(a, b)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_the_bytes_min_cut_recomputes_through_views() -> None:
+    # tanh's backward reads its output through an alias (a view): recomputing the view is
+    # free, so the bytes min-cut recomputes tanh(x * b) from x and b (which the backward
+    # reads anyway) instead of saving it.
+    x = torch.randn(64, 48, requires_grad=True)
+    b = torch.randn(1, 48, requires_grad=True)
+    n = 64 * 48 * F32
+    result = memopt.analyze(outer_tanh_mean, x, b, training=True)
+    record = result.graphs[0].gm.meta[META_KEY]
+    assert record.candidates[MEMOPT].saved_activation_bytes == 0
+    assert record.candidates[DEFAULT].saved_activation_bytes == n
+    assert record.chosen == MEMOPT
+    # forward   read x and b, write 64 means                               = n + 48 + 64
+    # backward  one kernel: read the gradient, x and b; write both gradients = 64 + n + 48
+    #                                                                         + n + 48
+    assert result.bytes_moved == (n + 112 * F32) + (2 * n + 160 * F32)
+    assert [len(g.kernels) for g in result.graphs] == [1, 1]
+    _trains_like_eager(outer_tanh_mean, x, b)
