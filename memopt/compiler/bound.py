@@ -41,10 +41,13 @@ def lower_bound(gm: torch.fx.GraphModule) -> sympy.Expr:
     Reads, per input P with uses (its touched bytes, unless every use is one of these):
     - an output: P, or a view of it, returned as is, reads nothing;
     - argument 0 of an op that takes it only for its shape (functional `copy(P, src)`,
-      SHAPE_ONLY_OPS: ones_like, new_zeros, ...): nothing;
+      SHAPE_ONLY_OPS: ones_like, new_zeros, ...), or of a scatter whose source covers it
+      all (`slice_scatter` with a source of the result's shape, `select_scatter` along a
+      dim of size 1): nothing;
     - the destination of `copy_(P or a view of P, value)`: written, not read;
     - the table of a gather (argument 0 of a GATHERS op, through views, P in no other
       argument): the gather's output elements;
+    - an op that reads P only through views (a slice, say): the views' touched bytes;
     - a node of an exclusive partial update of P (below): nothing, or the updated elements
       when the update accumulates (index_put(accumulate=True), scatter_add, index_add, ...).
     P then reads min(touched bytes, the sum of those).
@@ -395,10 +398,14 @@ def _input_read(
     for user in dict.fromkeys(buffer_users(node)):
         if user not in live or user.op == "output" or user in free_uses:
             continue
-        if user.target in _SHAPE_OF_FIRST and _only_first(user, node):
+        if (user.target in _SHAPE_OF_FIRST or _overwrites_first(user)) and _only_first(user, node):
             continue
         if user.target in GATHERS and _only_first(user, node):
             partial += sum((m.numel for m in output_metas(user)), ZERO) * meta.itemsize
+            continue
+        views = [a for a in user.all_input_nodes if a is not node and view_base(a) is node]
+        if views and node not in user.all_input_nodes:  # reads only views (slices) of P
+            partial += sum((tensor_meta(v).touched_nbytes for v in views), ZERO)
             continue
         return meta.touched_nbytes
     return ZERO if partial == ZERO else sympy.Min(meta.touched_nbytes, partial)
@@ -407,6 +414,20 @@ def _input_read(
 # Ops that take their argument 0 only for its size, dtype and device: functional copy
 # (`copy(x, src)` is src broadcast to x's shape), ones_like, new_zeros, ...
 _SHAPE_OF_FIRST = SHAPE_ONLY_OPS | {aten.copy.default}
+
+
+def _overwrites_first(user: torch.fx.Node) -> bool:
+    """A scatter whose source covers all of argument 0: `slice_scatter` of a source of the
+    result's shape, `select_scatter` along a dim of size 1."""
+    meta = tensor_meta(user)
+    if meta is None or len(user.args) < 3:
+        return False
+    if user.target is aten.slice_scatter.default:
+        source = tensor_meta(user.args[1]) if isinstance(user.args[1], torch.fx.Node) else None
+        return source is not None and tuple(source.shape) == tuple(meta.shape)
+    if user.target is aten.select_scatter.default:
+        return meta.shape[user.args[2] % len(meta.shape)] == 1
+    return False
 
 
 def _only_first(user: torch.fx.Node, node: torch.fx.Node) -> bool:

@@ -163,6 +163,18 @@ def put_rows_then_scale(a, idx, v):
     return a * 2
 
 
+def overwrite_slice(x, y):
+    return torch.slice_scatter(x, y, 0, 0, x.shape[0]) * 2  # y covers all of x
+
+
+def overwrite_select(x, y):
+    return torch.select_scatter(x[None], y, 0, 0) * 2  # dim 0 has size 1: all of x
+
+
+def overwrite_part(x, y):
+    return torch.slice_scatter(x, y[:4], 0, 0, 4) * 2  # rows 4.. of x are still read
+
+
 def idx8():
     return torch.tensor([0, 3, 9, 27, 81, 100, 200, 255])
 
@@ -211,6 +223,16 @@ MUTATION_CASES = {
         put_rows_then_scale,
         (torch.randn(256, 256), idx8(), torch.randn(8, 256)),
         A + 8 * I64 + 8 * 256 * F32 + 8 * 256 * F32 + A,
+    ),
+    # A destination every element of which the source overwrites is not read. Before: 3 A.
+    "slice_scatter_covering": (overwrite_slice, (torch.randn(256, 256),) * 2, 2 * A),
+    "select_scatter_covering": (overwrite_select, (torch.randn(256, 256),) * 2, 2 * A),
+    # x is read (not all overwritten), y's 4 rows only (it is read through a slice:
+    # before, y whole, 3 A, above bytes_moved), the output written.
+    "slice_scatter_partial": (
+        overwrite_part,
+        (torch.randn(256, 256), torch.randn(256, 256)),
+        A + 4 * 256 * F32 + A,
     ),
 }
 
