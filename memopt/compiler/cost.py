@@ -36,6 +36,8 @@ from memopt.compiler.aten_ops import (
     FILL_OPS,
     FREE_OPS,
     GATHERS,
+    PARTIAL_UPDATES,
+    update_accumulates,
 )
 from memopt.compiler.graph import TensorMeta, evaluate, numel, output_metas, tensor_meta
 
@@ -178,9 +180,8 @@ def node_cost(node: torch.fx.Node) -> Cost:
     outputs = output_metas(node)
     write = sympy.Add(*(m.nbytes for m in outputs))
     target = node.target
-    update = _UPDATES.get(target)
-    if update is not None:
-        return update(node)
+    if target in _UPDATES:
+        return _update_cost(node)
     if target is aten.copy_.default:
         read = read_bytes(node, [node.args[1]])
     elif target in GATHERS:
@@ -221,49 +222,28 @@ def _indexed_elements(base: TensorMeta, indices: list[object]) -> sympy.Expr:
     return count * numel(dims[position:])
 
 
-def _update_cost(node: torch.fx.Node, written: sympy.Expr, values: object) -> Cost:
+def _update_cost(node: torch.fx.Node) -> Cost:
+    """An in-place partial update (PARTIAL_UPDATES): the updated elements written (read too
+    when it accumulates), its indices read, its values read at most once per element."""
+    spec = PARTIAL_UPDATES[node.target]
     base = tensor_meta(node.args[0])
+    if spec.updated_arg is None:  # index_put_(self, indices, values, accumulate)
+        written, values = _indexed_elements(base, list(node.args[1])), node.args[2]
+    else:  # scatter_(self, dim, index, src), index_add_(self, dim, index, source), ...
+        written = tensor_meta(node.args[spec.updated_arg]).numel
+        values = node.args[3] if len(node.args) > 3 else None
     index_args = [a for a in _tensor_args(node)[1:] if a is not values]
     read = read_bytes(node, index_args)
     values_meta = tensor_meta(values) if isinstance(values, torch.fx.Node) else None
     if values_meta is not None:
         read += sympy.Min(values_meta.touched_nbytes, written * values_meta.itemsize)
-    accumulates = node.target in (aten.scatter_add_.default, aten.index_add_.default) or (
-        node.target is aten.index_put_.default and len(node.args) > 3 and bool(node.args[3])
-    )
-    if accumulates:
+    if update_accumulates(node.target, node.args, node.kwargs):
         read += written * base.itemsize
     return Cost(read=read, write=written * base.itemsize, flops=written)
 
 
-def _index_put_cost(node: torch.fx.Node) -> Cost:
-    base, indices, values = tensor_meta(node.args[0]), node.args[1], node.args[2]
-    return _update_cost(node, _indexed_elements(base, list(indices)), values)
-
-
-def _scatter_cost(node: torch.fx.Node) -> Cost:
-    # scatter_(self, dim, index, src | value): one element per index entry.
-    values = node.args[3] if len(node.args) > 3 else None
-    return _update_cost(node, tensor_meta(node.args[2]).numel, values)
-
-
-def _index_add_cost(node: torch.fx.Node) -> Cost:
-    # index_add_(self, dim, index, source): whole slices of self along dim, one per index.
-    base, dim = tensor_meta(node.args[0]), node.args[1]
-    dim = dim % len(base.shape) if base.shape else 0
-    written = tensor_meta(node.args[2]).numel * numel(
-        s for k, s in enumerate(base.shape) if k != dim
-    )
-    return _update_cost(node, written, node.args[3])
-
-
-_UPDATES: Mapping[object, Callable[[torch.fx.Node], Cost]] = {
-    aten.index_put_.default: _index_put_cost,
-    aten.scatter_.src: _scatter_cost,
-    aten.scatter_.value: _scatter_cost,
-    aten.scatter_add_.default: _scatter_cost,
-    aten.index_add_.default: _index_add_cost,
-}
+# In-place partial updates (a pass makes them: capture is functional) cost what they update.
+_UPDATES = {t for t in PARTIAL_UPDATES if t._schema.is_mutable}
 
 
 def op_flops(node: torch.fx.Node, op: object) -> sympy.Expr:

@@ -37,7 +37,7 @@ import torch.fx
 from memopt.backends.codegen.planning import may_overwrite
 from memopt.backends.registry import Feature
 from memopt.backends.runtime.kernels import FusedKernel, owns_fresh_memory
-from memopt.compiler.aten_ops import is_mutating, is_pointwise
+from memopt.compiler.aten_ops import SCATTER_VIEWS, is_mutating, is_pointwise
 from memopt.compiler.cost import node_cost, reaches_output, readers_between, view_base
 from memopt.compiler.graph import META_KEY, evaluate, graph_device, meta_of_value, tensor_meta
 from memopt.passes.base import Pass, PassContext
@@ -48,7 +48,7 @@ Node = torch.fx.Node
 
 
 # Functional updates of some elements of argument 0 -> the op that makes them in place.
-# slice_scatter and select_scatter have no in-place op: they become a copy into the view.
+# The *_scatter ops have no in-place op: they become a copy into the view they replace.
 _IN_PLACE = {
     aten.index_put.default: aten.index_put_.default,
     aten.scatter.src: aten.scatter_.src,
@@ -56,10 +56,7 @@ _IN_PLACE = {
     aten.scatter_add.default: aten.scatter_add_.default,
     aten.index_add.default: aten.index_add_.default,
 }
-_INTO_VIEW = {
-    aten.slice_scatter.default: aten.slice.Tensor,
-    aten.select_scatter.default: aten.select.int,
-}
+_INTO_VIEW = SCATTER_VIEWS  # slice_scatter -> slice, select_scatter -> select, ...
 
 
 def updated_in_place(node: Node) -> Node | None:
