@@ -56,7 +56,11 @@ _IN_PLACE = {
     aten.scatter_add.default: aten.scatter_add_.default,
     aten.index_add.default: aten.index_add_.default,
 }
-_INTO_VIEW = SCATTER_VIEWS  # slice_scatter -> slice, select_scatter -> select, ...
+# Not as_strided_scatter: its offset is relative to the clone it makes of argument 0, an
+# as_strided of the argument itself would be relative to the argument's storage.
+_INTO_VIEW = {
+    op: view for op, view in SCATTER_VIEWS.items() if op is not aten.as_strided_scatter.default
+}
 
 
 def updated_in_place(node: Node) -> Node | None:
