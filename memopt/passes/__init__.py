@@ -17,7 +17,14 @@ for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
 # The order passes run in by default.
-DEFAULT_PIPELINE: tuple[str, ...] = ("cleanup", "layout", "attention", "recompute", "fusion")
+DEFAULT_PIPELINE: tuple[str, ...] = (
+    "cleanup",
+    "layout",
+    "attention",
+    "recompute",
+    "epilogue",
+    "fusion",
+)
 
 __all__ = [
     "DEFAULT_PIPELINE",
