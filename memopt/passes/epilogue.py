@@ -37,6 +37,7 @@ import operator
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import sympy
 import torch
 import torch.fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
@@ -251,7 +252,7 @@ def _unsupported(match: _Match) -> tuple[str, str] | None:
     dtypes = {k: m.dtype for k, m in metas.items()}
     if any(d != torch.float32 for d in dtypes.values()):
         return "refused_dtype", f"the library call computes float32 only ({dtypes})"
-    if any(not s.is_integer for m in metas.values() for s in (*m.shape, *m.stride)):
+    if any(sympy.sympify(s).free_symbols for m in metas.values() for s in (*m.shape, *m.stride)):
         return "refused_layout", "symbolic sizes (the call's views are built at fixed sizes)"
     (k, n), out = metas["w"].shape, metas["result"]
     if not metas["x"].is_contiguous():

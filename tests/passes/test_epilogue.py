@@ -217,3 +217,13 @@ def test_call_without_onednn_computes_the_same(monkeypatch, activation):
     fused = call(x, w, b, other)
     monkeypatch.setattr(linear, "onednn_available", lambda: False)
     torch.testing.assert_close(fused, call(x, w, b, other))
+
+
+def test_symbolic_sizes_are_refused():
+    x, w, b, _ = inputs()
+    fn = lambda x, w, b: torch.relu(x @ w + b)  # noqa: E731
+    a = memopt.analyze(fn, x, w, b, dynamic=True)
+    assert len(a.kernels) == 2
+    assert a.bytes_moved == (X + W + Y) + (Y + B + Y)
+    ((code, applied, _),) = decisions(a)
+    assert (code, applied) == ("epilogue.refused_layout", False)
