@@ -227,3 +227,19 @@ def test_symbolic_sizes_are_refused():
     assert a.bytes_moved == (X + W + Y) + (Y + B + Y)
     ((code, applied, _),) = decisions(a)
     assert (code, applied) == ("epilogue.refused_layout", False)
+
+
+def test_row_major_weights_can_be_refused():
+    """transposed_weights='refuse': a (K, N) row-major weight (GPT-2's Conv1D) stays with
+    fusion; an (N, K) one (nn.Linear's) is still one call."""
+    x, w, b, _ = inputs()
+    options = {"pass_options": {"epilogue": {"transposed_weights": "refuse"}}}
+    fn = lambda x, w, b: F.gelu(x @ w + b)  # noqa: E731
+    a = memopt.analyze(fn, x, w, b, **options)
+    assert len(a.kernels) == 2
+    assert a.bytes_moved == (X + W + Y) + (Y + B + Y)
+    assert decisions(a) == [("epilogue.refused_layout", False, 2 * Y)]
+    linear_fn = lambda x, weight, b: F.gelu(F.linear(x, weight, b))  # noqa: E731
+    a = check(linear_fn, x, w.t().contiguous(), b, **options)
+    assert ops(a) == [("mkldnn._linear_pointwise(gelu_erf)",)]
+    assert a.bytes_moved == X + W + B + Y
