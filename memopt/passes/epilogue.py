@@ -290,9 +290,10 @@ def _unsupported(match: _Match, transposed_weights: bool) -> tuple[str, str] | N
 class Epilogue(Pass):
     # mm's weight as a row-major (K, N) tensor (GPT-2's Conv1D) reaches oneDNN transposed
     # ("ba"). Measured on this project's CPU (GPT-2 at the bench size, inference): with
-    # such weights the model runs at 0.82x the speed of the plan without this pass, with
-    # the same weights as (N, K) copies ("ab", nn.Linear's layout) at 1.08x. "call" takes
-    # them (fewer bytes, slower here), "refuse" leaves those GEMMs to fusion.
+    # such weights the model ran at 0.82x the speed of the plan without this pass, with
+    # the same weights as (N, K) copies ("ab", nn.Linear's layout) at 1.08x
+    # (docs/architecture.md, Epilogue). "call" takes them (fewer bytes), "refuse" leaves
+    # those GEMMs to fusion.
     transposed_weights: Literal["call", "refuse"] = "call"
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> None:
