@@ -23,6 +23,7 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "attention",
     "recompute",
     "concat",
+    "epilogue",
     "fusion",
     "inplace",
 )
