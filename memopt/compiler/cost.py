@@ -250,7 +250,7 @@ def op_flops(node: torch.fx.Node, op: object) -> sympy.Expr:
     """FLOPs of `node` had its target been `op` (same arguments): for call targets that run
     an ATen op another way (into a slice of a bigger buffer, say)."""
     rule = _FLOP_RULES.get(op)
-    return sympy.sympify(rule(node)) if rule is not None else _flops(node, output_metas(node))
+    return sympy.sympify(rule(node, op)) if rule is not None else _flops(node, output_metas(node))
 
 
 def _shape(arg: object) -> tuple[sympy.Expr, ...]:
@@ -258,19 +258,19 @@ def _shape(arg: object) -> tuple[sympy.Expr, ...]:
     return meta.shape if meta is not None else ()
 
 
-def _mm_flops(node: torch.fx.Node) -> sympy.Expr:
-    a, b = (node.args[1], node.args[2]) if node.target is aten.addmm.default else node.args[:2]
+def _mm_flops(node: torch.fx.Node, op: object) -> sympy.Expr:
+    a, b = (node.args[1], node.args[2]) if op is aten.addmm.default else node.args[:2]
     (m, k), (_, n) = _shape(a), _shape(b)
     return 2 * m * n * k
 
 
-def _bmm_flops(node: torch.fx.Node) -> sympy.Expr:
-    a, b = (node.args[1], node.args[2]) if node.target is aten.baddbmm.default else node.args[:2]
+def _bmm_flops(node: torch.fx.Node, op: object) -> sympy.Expr:
+    a, b = (node.args[1], node.args[2]) if op is aten.baddbmm.default else node.args[:2]
     (batch, m, k), (_, _, n) = _shape(a), _shape(b)
     return 2 * batch * m * n * k
 
 
-def _conv_flops(node: torch.fx.Node) -> sympy.Expr:
+def _conv_flops(node: torch.fx.Node, op: object) -> sympy.Expr:
     weight = _shape(node.args[1])
     groups = node.args[8] if len(node.args) > 8 else 1
     out = output_metas(node)[0]
@@ -280,7 +280,7 @@ def _conv_flops(node: torch.fx.Node) -> sympy.Expr:
     return 2 * out.numel * per_output * numel(weight[2:])
 
 
-def _conv_backward_flops(node: torch.fx.Node) -> sympy.Expr:
+def _conv_backward_flops(node: torch.fx.Node, op: object) -> sympy.Expr:
     # Each gradient (input, weight) costs as much as the forward convolution; weight[1] is
     # already in_channels / groups.
     grad_out, weight = _shape(node.args[0]), _shape(node.args[2])
@@ -289,7 +289,7 @@ def _conv_backward_flops(node: torch.fx.Node) -> sympy.Expr:
     return forward * (int(bool(mask[0])) + int(bool(mask[1])))
 
 
-def attention_flops(node: torch.fx.Node) -> sympy.Expr:
+def attention_flops(node: torch.fx.Node, op: object = None) -> sympy.Expr:
     # Forward: two matmuls over (batch, heads, Sq, Sk, D). Backward (flash): the scores
     # recomputed, then dV, dP, dQ, dK: five. Causal masks skip about half; not modelled.
     query, key = node.args[1:3] if node.target in ATTENTION_BACKWARD else node.args[:2]
@@ -299,7 +299,9 @@ def attention_flops(node: torch.fx.Node) -> sympy.Expr:
     return 2 * matmuls * numel(batch) * seq_q * seq_k * head_dim
 
 
-_FLOP_RULES: Mapping[object, Callable[[torch.fx.Node], sympy.Expr]] = {
+# op -> its FLOPs, from a node with that op's arguments (the node's target may run the op
+# another way: extern.IntoSlice).
+_FLOP_RULES: Mapping[object, Callable[[torch.fx.Node, object], sympy.Expr]] = {
     aten.mm.default: _mm_flops,
     aten.mm.out: _mm_flops,
     aten.addmm.default: _mm_flops,
@@ -315,7 +317,7 @@ _FLOP_RULES: Mapping[object, Callable[[torch.fx.Node], sympy.Expr]] = {
 def _flops(node: torch.fx.Node, outputs: list[TensorMeta]) -> sympy.Expr:
     rule = _FLOP_RULES.get(node.target)
     if rule is not None:
-        return sympy.sympify(rule(node))
+        return sympy.sympify(rule(node, node.target))
     # Reductions read more elements than they write: one op per input element.
     inputs = [tensor_meta(a) for a in _tensor_args(node)]
     largest_input = max((m.numel for m in inputs if m is not None), default=ZERO, key=_size_key)

@@ -2,8 +2,8 @@
 
 `torch.cat([x @ w, y.relu()])` runs the matmul into a buffer of its own, then a kernel
 reads that buffer and writes it again into the concatenation. A library call with an
-out= overload can write its slice of the concatenation itself: the matmul at the start or
-the end of the concatenation becomes `IntoSlice` (backends/runtime/extern.py: the whole
+out= overload can write its slice of the concatenation itself: the matmul (or an mm under
+a bias add, as addmm) at the start or the end of the concatenation becomes `IntoSlice` (backends/runtime/extern.py: the whole
 buffer allocated, the matmul's out= overload run into its slice), and the other parts are
 written into the rest by a `slice_scatter`, which the inplace pass turns into a write
 into the view (by the kernel that computes them, where it can). The matmul's result is
@@ -32,6 +32,7 @@ from memopt.backends.runtime.extern import IntoSlice
 from memopt.compiler.aten_ops import MATMULS
 from memopt.compiler.graph import META_KEY, TensorMeta, evaluate, meta_of_value, tensor_meta
 from memopt.passes.base import Pass, PassContext
+from memopt.passes.fusion import bias_add
 from memopt.passes.registry import register_pass
 
 aten = torch.ops.aten
@@ -69,13 +70,14 @@ class Concat(Pass):
             (k, p)
             for k, p in enumerate(parts)
             if isinstance(p, Node)
-            and p.target in _OUT_OVERLOADS
+            and _library_call(p) is not None
             and list(p.users) == [cat]
             and parts.count(p) == 1
         ]
         if not calls:
             return
         k, call = calls[0] if calls[0][0] == 0 else calls[-1]
+        op, args, kwargs, consumed = _library_call(call)
         part = tensor_meta(call)
         stake = 2 * evaluate(part.nbytes, ctx.bindings)  # the cat's read and write of it
         what = f"%{call.name} into its slice of %{cat.name}"
@@ -99,16 +101,16 @@ class Concat(Pass):
         length = int(part.shape[dim])
         start = 0 if k == 0 else shape[dim] - length
         reason = (
-            f"{call.target}'s out= overload writes its slice of the concatenation: its result "
+            f"{op}'s out= overload writes its slice of the concatenation: its result "
             f"is not written, read and written again ({stake} B)"
         )
         if not ctx.decide("library_into_slice", what, reason, stake, names):
             return
         graph = gm.graph
         rest = parts[1:] if k == 0 else parts[:-1]
-        target = IntoSlice(call.target, _OUT_OVERLOADS[call.target], shape, dim, start, length)
+        target = IntoSlice(op, _OUT_OVERLOADS[op], shape, dim, start, length)
         with graph.inserting_before(cat):
-            into = graph.call_function(target, call.args, call.kwargs)
+            into = graph.call_function(target, args, kwargs)
             into.meta.update(cat.meta)
             source = rest[0]
             if len(rest) > 1:
@@ -119,7 +121,21 @@ class Concat(Pass):
             written.meta.update(cat.meta)
         cat.replace_all_uses_with(written)
         graph.erase_node(cat)
-        graph.erase_node(call)
+        for node in consumed:  # the call, then what it is made of (an mm under a bias add)
+            graph.erase_node(node)
+
+
+def _library_call(part: Node) -> tuple[object, tuple, dict, list[Node]] | None:
+    """(op, args, kwargs, the nodes it replaces) when a part of a concatenation is a library
+    call with an out= overload: a matmul, or an mm under a bias add (capture splits addmm
+    into the two; as addmm the GEMM adds the bias while writing its slice)."""
+    if part.target in _OUT_OVERLOADS:
+        return part.target, part.args, dict(part.kwargs), [part]
+    match = bias_add(part) if part.target is aten.add.Tensor else None
+    if match is None or list(match[0].users) != [part]:
+        return None  # not a bias add, or the mm reaches it through a view
+    mm, bias = match
+    return aten.addmm.default, (bias, *mm.args[:2]), {}, [part, mm]
 
 
 def _writes_into(call: Node, part: TensorMeta, whole: TensorMeta) -> bool:
@@ -132,7 +148,7 @@ def _writes_into(call: Node, part: TensorMeta, whole: TensorMeta) -> bool:
     if all(a == b for n, a, b in zip(part.shape, part.stride, whole.stride) if n != 1):
         return True
     return (
-        call.target in (aten.mm.default, aten.addmm.default)
+        _library_call(call)[0] in (aten.mm.default, aten.addmm.default)
         and whole.stride[-1] == 1
         and whole.stride[-2] >= part.shape[-1]
     )

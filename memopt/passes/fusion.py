@@ -243,7 +243,7 @@ def _data_users(node: torch.fx.Node) -> list[torch.fx.Node]:
     return [u for u in buffer_users(node) if u.target not in SHAPE_QUERIES]
 
 
-def _bias_add(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
+def bias_add(node: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
     """(mm, bias) when `node` adds a vector to the only use of an mm (possibly via views)."""
     if node.kwargs.get("alpha", 1) != 1 or len(node.args) != 2:
         return None
@@ -435,7 +435,7 @@ class Fusion(Pass):
         for node in list(gm.graph.nodes):
             if node.target is not aten.add.Tensor or len(state.group_of.get(node, ())) != 1:
                 continue
-            match = _bias_add(node)
+            match = bias_add(node)
             if match is None:
                 continue
             mm, bias = match

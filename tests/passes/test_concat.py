@@ -77,3 +77,12 @@ def test_batched_matmul_along_its_last_dim_is_refused():
     out = 4 * 8 * 8 * F32
     assert a.bytes_moved == (2 * X + out) + (out + X + (out + X))
     assert len(a.kernels) == 2
+
+
+def test_linear_with_bias_writes_its_slice_as_addmm():
+    bias = torch.randn(N)
+    a = run(lambda x, w, y: torch.cat([torch.nn.functional.linear(x, w, bias), y]), *mats())
+    # addmm reads x, w and the bias and writes its half; y is copied into the other half.
+    assert a.bytes_moved == (2 * X + N * F32 + X) + (X + X)
+    assert [k.ops for k in a.kernels][0] == ("aten.addmm.default into a slice",)
+    assert decisions(a) == [("concat.library_into_slice", True)]
