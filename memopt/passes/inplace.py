@@ -95,9 +95,10 @@ def _writers_between(start: Node, end: Node) -> list[Node]:
     for node in start.graph.nodes:
         if node is end:
             break
-        if inside and (
-            is_mutating(node) or isinstance(node.target, FusedKernel) and node.target.destinations
-        ):
+        writes = is_mutating(node) or (
+            isinstance(node.target, FusedKernel) and bool(node.target.destinations)
+        )
+        if inside and writes:
             found.append(node)
         inside = inside or node is start
     return found
@@ -110,7 +111,7 @@ def _layout(node: Node) -> tuple[object, ...] | None:
 
 def _out_overload(target: object) -> torch._ops.OpOverload | None:
     """The out= overload of a functional ATen op: same arguments, plus `out`."""
-    if not isinstance(target, torch._ops.OpOverload) or not returns_fresh_memory_target(target):
+    if not isinstance(target, torch._ops.OpOverload) or not _one_fresh_result(target):
         return None
     names = [a.name for a in target._schema.arguments]
     packet = target.overloadpacket
@@ -122,7 +123,8 @@ def _out_overload(target: object) -> torch._ops.OpOverload | None:
     return None
 
 
-def returns_fresh_memory_target(target: torch._ops.OpOverload) -> bool:
+def _one_fresh_result(target: torch._ops.OpOverload) -> bool:
+    """The op returns one new tensor: no view, no alias annotation, no mutation."""
     schema = target._schema
     return (
         not target.is_view
@@ -183,10 +185,14 @@ class InPlace(Pass):
             return
         # A pointwise library op writes an out= tensor of any strides element by element
         # (TensorIterator); anything else must write the layout it would have allocated.
-        strided = _layout(value)[:2] != _layout(dst)[:2] and not (
+        have, want = _layout(value), _layout(dst)
+        if have is None or want is None:
+            return
+        (shape, stride, dtype), (dst_shape, dst_stride, dst_dtype) = have, want
+        strided = stride != dst_stride and not (
             is_pointwise(value) and _out_overload(value.target) is not None
         )
-        if _layout(value)[::2] != _layout(dst)[::2] or strided:
+        if shape != dst_shape or dtype != dst_dtype or strided:
             reason = f"%{value.name} and %{dst.name} differ in dtype, shape or strides"
             ctx.refuse("refused_layout", f"not in place: {what}", reason, stake, names)
             return
