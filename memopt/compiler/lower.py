@@ -512,6 +512,9 @@ def _nesting_error(kernel: Kernel) -> str | None:
                 )
     if any(v.op == "load" and v.arg.indirect for v in kernel.values):
         return "a gather in a kernel with nested reductions"
+    if any(v.op == ir.INNER_REDUCE and v.is_row for v in kernel.values):
+        # The C++ skeleton computes inner results per outer element, inside the outer loop.
+        return "an inner reduction that does not vary along the outer reduction"
     return None
 
 

@@ -1007,3 +1007,25 @@ def test_nested_reductions_run_as_one_kernel(name):
             else:
                 assert torch.equal(g.isnan(), w.isnan()) if w.is_floating_point() else True
                 assert torch.equal(g.nan_to_num(), w.nan_to_num()), (backend, g, w)
+
+
+def test_kernels_over_empty_dims_compile_and_run():
+    """A zero-size dim before the last makes a row-major stride of 0: the row index is 0
+    (there is no row), not a division by zero at code generation."""
+
+    def masked_cumsum(x, mask):
+        return torch.where(mask, x, 0).cumsum(-1) * 2
+
+    x, mask = torch.randn(5, 0, 0), torch.ones(5, 0, 0, dtype=torch.bool)
+    got = torch.compile(masked_cumsum, backend="memopt")(x, mask)
+    torch.testing.assert_close(got, masked_cumsum(x, mask))
+
+
+def test_inner_reduction_constant_along_the_outer_one_is_not_nested():
+    """multilabel_margin_loss reduces, per row, a value that does not vary along the outer
+    reduction: that inner result is not computed per outer element, so no nested kernel."""
+    x = torch.randn(5)
+    target = torch.tensor([3, 0, 4, -1, 2])  # labels up to the first -1
+    fn = torch.nn.functional.multilabel_margin_loss
+    got = torch.compile(fn, backend="memopt")(x, target)
+    torch.testing.assert_close(got, fn(x, target))

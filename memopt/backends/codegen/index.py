@@ -193,7 +193,9 @@ def row_major(flat: sympy.Symbol, ranges: Sequence[sympy.Expr]) -> list[sympy.Ex
     strides.reverse()
     exprs: list[sympy.Expr] = []
     for k, (size, step) in enumerate(zip(ranges, strides)):
-        if k == 0:
+        if step == 0:  # a later range is empty: so is the domain, no element to index
+            exprs.append(sympy.Integer(0))
+        elif k == 0:
             exprs.append(flat if step == 1 else torch_sympy.FloorDiv(flat, step))
         else:
             exprs.append(torch_sympy.ModularIndexing(flat, step, size))

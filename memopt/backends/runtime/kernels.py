@@ -152,7 +152,10 @@ class FusedKernel:
         (the C++ backend: its compiler runs in another process); the first call waits for it."""
         backend = backend_for(self.backend, device.type)
         if backend.prefetch is not None and backend.name not in self._compiled:
-            backend.prefetch(self.kernel)
+            try:
+                backend.prefetch(self.kernel)
+            except Exception:  # noqa: BLE001 - the first call compiles again, and falls back
+                pass  # to the reference backend with a warning if that fails too (_runner)
 
     def _runner(self, backend: str):
         runner = self._compiled.get(backend)
