@@ -37,6 +37,7 @@ from memopt.compiler.aten_ops import (
     FREE_OPS,
     GATHERS,
     PARTIAL_UPDATES,
+    indexed_numel,
     update_accumulates,
 )
 from memopt.compiler.graph import TensorMeta, evaluate, numel, output_metas, tensor_meta
@@ -201,25 +202,11 @@ def node_cost(node: torch.fx.Node) -> Cost:
 
 def _indexed_elements(base: TensorMeta, indices: list[object]) -> sympy.Expr:
     """Elements `base[indices]` selects (index_put's indices: None for a whole dim). A
-    boolean mask selects an unknown number of the elements it covers: all are counted."""
-    dims = list(base.shape)
-    count, position, index_shapes = sympy.Integer(1), 0, []
-    for index in indices:
-        meta = tensor_meta(index) if isinstance(index, torch.fx.Node) else None
-        if meta is None:  # None: a whole dimension
-            count *= dims[position] if position < len(dims) else 1
-            position += 1
-        elif meta.dtype in (torch.bool, torch.uint8):
-            count *= numel(dims[position : position + len(meta.shape)])
-            position += len(meta.shape)
-        else:
-            index_shapes.append(meta.shape)
-            position += 1
-    if index_shapes:
-        rank = max(len(shape) for shape in index_shapes)
-        padded = [(1,) * (rank - len(shape)) + tuple(shape) for shape in index_shapes]
-        count *= numel(sympy.Max(*sizes) for sizes in zip(*padded))
-    return count * numel(dims[position:])
+    boolean mask selects an unknown number of elements: the whole buffer is counted."""
+    metas = [tensor_meta(i) if isinstance(i, torch.fx.Node) else None for i in indices]
+    if any(m is not None and m.dtype in (torch.bool, torch.uint8) for m in metas):
+        return base.numel
+    return sympy.sympify(indexed_numel(base.shape, [m.shape if m else None for m in metas]))
 
 
 def _update_cost(node: torch.fx.Node) -> Cost:

@@ -37,7 +37,12 @@ import torch.fx
 from memopt.backends.codegen.planning import may_overwrite
 from memopt.backends.registry import Feature
 from memopt.backends.runtime.kernels import FusedKernel, owns_fresh_memory
-from memopt.compiler.aten_ops import SCATTER_VIEWS, is_mutating, is_pointwise
+from memopt.compiler.aten_ops import (
+    SCATTER_VIEWS,
+    is_mutating,
+    is_pointwise,
+    returns_fresh_memory,
+)
 from memopt.compiler.cost import node_cost, reaches_output, readers_between, view_base
 from memopt.compiler.graph import META_KEY, evaluate, graph_device, meta_of_value, tensor_meta
 from memopt.passes.base import Pass, PassContext
@@ -109,29 +114,18 @@ def _layout(node: Node) -> tuple[object, ...] | None:
     return None if meta is None else (meta.shape, meta.stride, meta.dtype)
 
 
-def _out_overload(target: object) -> torch._ops.OpOverload | None:
-    """The out= overload of a functional ATen op: same arguments, plus `out`."""
-    if not isinstance(target, torch._ops.OpOverload) or not _one_fresh_result(target):
+def _out_overload(node: Node) -> torch._ops.OpOverload | None:
+    """The out= overload of a functional ATen op returning one new tensor: the same
+    arguments, plus `out`."""
+    if not returns_fresh_memory(node) or len(node.target._schema.returns) != 1:
         return None
-    names = [a.name for a in target._schema.arguments]
-    packet = target.overloadpacket
+    names = [a.name for a in node.target._schema.arguments]
+    packet = node.target.overloadpacket
     for overload_name in packet.overloads():
         candidate = getattr(packet, overload_name)
-        arguments = candidate._schema.arguments
-        if [a.name for a in arguments] == [*names, "out"] and len(candidate._schema.returns) == 1:
+        if [a.name for a in candidate._schema.arguments] == [*names, "out"]:
             return candidate
     return None
-
-
-def _one_fresh_result(target: torch._ops.OpOverload) -> bool:
-    """The op returns one new tensor: no view, no alias annotation, no mutation."""
-    schema = target._schema
-    return (
-        not target.is_view
-        and not schema.is_mutable
-        and len(schema.returns) == 1
-        and schema.returns[0].alias_info is None
-    )
 
 
 @register_pass(
@@ -190,7 +184,7 @@ class InPlace(Pass):
             return
         (shape, stride, dtype), (dst_shape, dst_stride, dst_dtype) = have, want
         strided = stride != dst_stride and not (
-            is_pointwise(value) and _out_overload(value.target) is not None
+            is_pointwise(value) and _out_overload(value) is not None
         )
         if shape != dst_shape or dtype != dst_dtype or strided:
             reason = f"%{value.name} and %{dst.name} differ in dtype, shape or strides"
@@ -199,7 +193,7 @@ class InPlace(Pass):
         if value.target is operator.getitem and isinstance(value.args[0].target, FusedKernel):
             self._kernel_destination(ctx, copy, dst, value, stake)
             return
-        out = _out_overload(value.target)
+        out = _out_overload(value)
         if out is None:
             return
         buffer = view_base(dst)
