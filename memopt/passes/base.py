@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -79,6 +80,9 @@ class DecisionRecord:
     fuel: Fuel
     codes: frozenset[str]
     decisions: list[Decision] = field(default_factory=list)
+    # Units of work the pass did ("fusion.cycle_checks": 120, ...), counted, not timed:
+    # what the compile-time tests bound, independent of the machine's speed.
+    work: Counter[str] = field(default_factory=Counter)
 
     def decide(
         self, code: str, what: str, reason: str, bytes_saved: int, nodes: tuple[str, ...] = ()
@@ -202,8 +206,10 @@ class PassContext:
 
     def scratch(self, pass_: Pass) -> PassContext:
         """A context for running `pass_` as an estimator on a trial graph: unlimited fuel,
-        and its decisions go nowhere."""
-        return PassContext.for_pass(pass_, self.graph_name, self.bindings, self.pipeline, Fuel())
+        and its decisions go nowhere; its work counts as this pass's."""
+        ctx = PassContext.for_pass(pass_, self.graph_name, self.bindings, self.pipeline, Fuel())
+        ctx.record.work = self.record.work
+        return ctx
 
     @property
     def backend(self) -> str:

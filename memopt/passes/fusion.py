@@ -37,6 +37,7 @@ merges they would have made are then recorded as refusals with the bytes at stak
 
 from __future__ import annotations
 
+import heapq
 import operator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -105,6 +106,17 @@ class _State:
         self.cost_memo: dict[Group, int] = {}
         self.saved_memo: dict[tuple[Group, Group], int] = {}
         self.lower_memo: dict[Group, str | None] = {}
+        self.work = ctx.record.work
+        self._condense()
+        # The groups that read each buffer (horizontal candidates), and the fusible
+        # producers of each node (vertical candidates into a merged group).
+        self.readers: dict[torch.fx.Node, set[Group]] = {}
+        self.producers: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+        for node in self.fusible:
+            for root in self.roots[node]:
+                self.readers.setdefault(root, set()).add(self.group_of[node])
+            for consumer in self.consumers[node]:
+                self.producers.setdefault(consumer, []).append(node)
         self.nested: set[Group] = set()  # groups that lower to nested reductions
         device = graph_device(gm)
         backend = ctx.kernel_backend(device)
@@ -157,27 +169,52 @@ class _State:
             self.saved_memo[(a, b)] = self.cost(a) + self.cost(b) - self.cost(a | b)
         return self.saved_memo[(a, b)]
 
+    def _condense(self) -> None:
+        """The condensed graph: a vertex per group (a node in no group is a vertex alone),
+        an edge where a member's value is data another vertex's member reads (views looked
+        through: a view between two members is folded into indexing), and a topological
+        number per vertex, kept valid under merges. Groups stay a DAG: that is what the
+        cycle check keeps true."""
+        self.vertex: dict[torch.fx.Node, Group] = {}
+        for node in self.nodes:
+            self.vertex[node] = self.group_of.get(node) or frozenset([node])
+        self.succ: dict[Group, set[Group]] = {v: set() for v in self.vertex.values()}
+        self.pred: dict[Group, set[Group]] = {v: set() for v in self.vertex.values()}
+        for node in self.nodes:
+            source = self.vertex[node]
+            for user in self.data_users(node):
+                target = self.vertex[user]
+                if target is not source:
+                    self.succ[source].add(target)
+                    self.pred[target].add(source)
+        self.topo: dict[Group, int] = {self.vertex[n]: self.order[n] for n in self.nodes}
+
+    def _between(self, low: Group, high: Group, edges: dict, ahead: bool) -> set[Group]:
+        """Vertices strictly between `low` and `high` in topological number that `low`
+        reaches (ahead) or that reach `high` (not ahead): only they can lie on a path
+        between the two."""
+        lo, hi = self.topo[low], self.topo[high]
+        start = low if ahead else high
+        pending = [v for v in edges[start] if lo < self.topo[v] < hi]
+        seen: set[Group] = set()
+        while pending:
+            vertex = pending.pop()
+            if vertex in seen:
+                continue
+            seen.add(vertex)
+            self.work["fusion.vertices_visited"] += 1
+            pending.extend(v for v in edges[vertex] if lo < self.topo[v] < hi and v not in seen)
+        return seen
+
     def creates_cycle(self, a: Group, b: Group) -> bool:
         """Would a path leave a | b and come back (through an extern op or another group)?
 
-        Views are looked through: a view between two members is folded into indexing.
+        Only a path from the earlier of the two (topologically) through other vertices to
+        the later one can: the search visits only vertices numbered between them.
         """
-        merged = a | b
-        pending = [u for n in merged for u in self.data_users(n) if u not in merged]
-        seen: set[torch.fx.Node] = set()
-        while pending:
-            node = pending.pop()
-            if node in seen:
-                continue
-            seen.add(node)
-            for member in self.group_of.get(node, frozenset([node])):
-                for user in self.data_users(member):
-                    if user in merged:
-                        return True
-                    if user not in seen:
-                        pending.append(user)
-        return False
-
+        self.work["fusion.cycle_checks"] += 1
+        low, high = sorted((a, b), key=self.topo.__getitem__)
+        return any(high in self.succ[v] for v in self._between(low, high, self.succ, True))
     def lowering_error(self, group: Group) -> str | None:
         if group not in self.lower_memo:
             members = sorted(group, key=self.order.__getitem__)
@@ -200,33 +237,99 @@ class _State:
         return self.lower_memo[group]
 
     def candidates(self) -> set[tuple[Group, Group, str]]:
+        """Every candidate pair of the current grouping: (a, b, kind)."""
         pairs: set[tuple[Group, Group, str]] = set()
         for node in self.fusible:
             for consumer in self.consumers[node]:
                 a, b = self.group_of[node], self.group_of[consumer]
                 if a != b:
                     pairs.add((a, b, "vertical"))
-        readers: dict[torch.fx.Node, set[Group]] = {}
-        for node in self.fusible:
-            for root in self.roots[node]:
-                readers.setdefault(root, set()).add(self.group_of[node])
-        for groups in readers.values():
-            ordered = sorted(groups, key=self.first)
-            # All pairs of a buffer's readers, or, for a buffer many groups read (a weight,
-            # an input), each with the next: linear in the readers, and repeated merges
-            # still join them all.
-            window = len(ordered) if len(ordered) <= 8 else 2
-            for k, a in enumerate(ordered):
-                for b in ordered[k + 1 : k + window]:
-                    if (a, b, "vertical") not in pairs and (b, a, "vertical") not in pairs:
-                        pairs.add((a, b, "horizontal"))
-        return pairs
+        for root in self.readers:
+            pairs.update(self.horizontal(root))
+        return {p for p in pairs if p[2] == "vertical" or not self.vertical(p[0], p[1])}
+
+    def horizontal(self, root: torch.fx.Node) -> list[tuple[Group, Group, str]]:
+        """Pairs of groups that read `root`: all pairs, or, for a buffer many groups read (a
+        weight, an input), each with the next: linear in the readers, and repeated merges
+        still join them all."""
+        ordered = sorted(self.readers[root], key=self.first)
+        window = len(ordered) if len(ordered) <= 8 else 2
+        return [
+            (a, b, "horizontal") for k, a in enumerate(ordered) for b in ordered[k + 1 : k + window]
+        ]
+
+    def vertical(self, a: Group, b: Group) -> bool:
+        """Whether a member of either group produces a value the other's members read."""
+        return any(
+            self.group_of.get(c) in (a, b) and self.group_of[c] != self.group_of[n]
+            for n in (a if len(a) <= len(b) else b)
+            for c in (*self.consumers.get(n, ()), *self.producers.get(n, ()))
+        )
+
+    def is_candidate(self, a: Group, b: Group, kind: str) -> bool:
+        """Whether (a, b, kind) is still in `candidates()`, checked on its own."""
+        if self.group_of.get(next(iter(a))) != a or self.group_of.get(next(iter(b))) != b:
+            return False  # one of them was merged since
+        if kind == "vertical":
+            return True  # its edge is still there
+        if self.vertical(a, b):
+            return False
+        shared = {r for n in a for r in self.roots[n]} & {r for n in b for r in self.roots[n]}
+        return any((a, b, kind) in self.horizontal(root) for root in shared)
 
     def merge(self, a: Group, b: Group) -> Group:
         merged = a | b
         for node in merged:
             self.group_of[node] = merged
+            self.vertex[node] = merged
+        # Number the condensed graph anew between the two: the vertices that reach the
+        # later one, then the merged group, then those the earlier one reaches (no vertex
+        # is both: the merge is legal); every other vertex keeps its number.
+        low, high = sorted((a, b), key=self.topo.__getitem__)
+        behind = sorted(self._between(low, high, self.pred, False), key=self.topo.__getitem__)
+        ahead = sorted(self._between(low, high, self.succ, True), key=self.topo.__getitem__)
+        slots = sorted(self.topo[v] for v in (low, high, *behind, *ahead))
+        for vertex, slot in zip((*behind, merged, *ahead), slots):
+            self.topo[vertex] = slot
+        for old in (a, b):
+            del self.topo[old]
+        self.succ[merged] = (self.succ.pop(a) | self.succ.pop(b)) - {a, b}
+        self.pred[merged] = (self.pred.pop(a) | self.pred.pop(b)) - {a, b}
+        for vertex in self.succ[merged]:
+            self.pred[vertex] -= {a, b}
+            self.pred[vertex].add(merged)
+        for vertex in self.pred[merged]:
+            self.succ[vertex] -= {a, b}
+            self.succ[vertex].add(merged)
+        for root in {r for n in merged for r in self.roots.get(n, ())}:
+            self.readers[root] -= {a, b}
+            self.readers[root].add(merged)
         return merged
+
+    def new_candidates(self, merged: Group) -> set[tuple[Group, Group, str]]:
+        """The candidates a merge can have made: the merged group's vertical pairs, and the
+        horizontal pairs of every buffer it reads (a merge can make two other readers of a
+        buffer neighbours)."""
+        pairs: set[tuple[Group, Group, str]] = set()
+        for node in merged:
+            for consumer in self.consumers.get(node, ()):
+                if self.group_of[consumer] != merged:
+                    pairs.add((merged, self.group_of[consumer], "vertical"))
+            for producer in self.producers.get(node, ()):
+                if self.group_of[producer] != merged:
+                    pairs.add((self.group_of[producer], merged, "vertical"))
+        for root in {r for n in merged for r in self.roots.get(n, ())}:
+            pairs.update(p for p in self.horizontal(root) if not self.vertical(p[0], p[1]))
+        return pairs
+
+    def key(self, pair: tuple[Group, Group, str]) -> tuple:
+        """Best first: most bytes saved, then kind, then the pair that starts first, then
+        both positions: never set order (object ids), so a graph fuses the same way on
+        every run."""
+        a, b, kind = pair
+        self.work["fusion.pairs_scored"] += 1
+        first_a, first_b = self.first(a), self.first(b)
+        return (-self.saved(a, b), kind, min(first_a, first_b), first_a, first_b)
 
 
 def _updates_an_input(node: torch.fx.Node) -> bool:
@@ -351,45 +454,42 @@ class Fusion(Pass):
         templates, no_templates = self.templates(gm, ctx)
         state = _State(gm, ctx, templates)
         refused: dict[tuple[Group, Group], tuple[str, str, int, str]] = {}
-        while True:
-            scored = sorted(
-                ((state.saved(a, b), kind, a, b) for a, b, kind in state.candidates()),
-                # Ties go to the pair that starts first, then by both positions: never by
-                # set order (object ids), so a graph fuses the same way on every run.
-                key=lambda t: (
-                    -t[0],
-                    t[1],
-                    min(state.first(t[2]), state.first(t[3])),
-                    state.first(t[2]),
-                    state.first(t[3]),
-                ),
-            )
-            merged = False
-            for saved, kind, a, b in scored:
-                if saved <= 0:
-                    break
-                if (a, b) in refused:
-                    # Still refused: merging other groups only adds paths between nodes,
-                    # and the lowering and size limits depend on a | b alone.
-                    continue
-                illegal = self._illegal(state, a, b)
-                if illegal is not None:
-                    refused[(a, b)] = (*illegal, saved, kind)
-                    continue
-                what = f"fused {_names(a, state.order)} + {_names(b, state.order)}"
-                why = f"{kind}: saves {saved} B of traffic"
-                matmul = _matmul_of(a | b)
-                if matmul is not None:
-                    side = _side(matmul, a if matmul in b else b)
-                    schedule = _schedule(matmul, ctx, graph_device(gm))
-                    why += f" (matmul template {side}{schedule})"
-                if not ctx.decide(kind, what, why, saved, _ordered_names(a | b, state.order)):
-                    break
-                state.merge(a, b)
-                merged = True
+        # The candidates in a heap, best first (State.key). A merge adds the pairs it makes;
+        # pairs it ends are dropped when they come up (State.is_candidate). Each round
+        # merges the best legal candidate: the same choices as scoring every pair anew.
+        heap = [(state.key(p), p) for p in state.candidates()]
+        heapq.heapify(heap)
+        queued = {p for _, p in heap}
+        while heap:
+            (negative_saved, *_), pair = heapq.heappop(heap)
+            queued.discard(pair)
+            a, b, kind = pair
+            if not state.is_candidate(a, b, kind):
+                continue
+            saved = -negative_saved
+            if saved <= 0:
                 break
-            if not merged:
+            if (a, b) in refused:
+                # Still refused: merging other groups only adds paths between nodes,
+                # and the lowering and size limits depend on a | b alone.
+                continue
+            illegal = self._illegal(state, a, b)
+            if illegal is not None:
+                refused[(a, b)] = (*illegal, saved, kind)
+                continue
+            what = f"fused {_names(a, state.order)} + {_names(b, state.order)}"
+            why = f"{kind}: saves {saved} B of traffic"
+            matmul = _matmul_of(a | b)
+            if matmul is not None:
+                side = _side(matmul, a if matmul in b else b)
+                schedule = _schedule(matmul, ctx, graph_device(gm))
+                why += f" (matmul template {side}{schedule})"
+            if not ctx.decide(kind, what, why, saved, _ordered_names(a | b, state.order)):
                 break
+            merged = state.merge(a, b)
+            for new in state.new_candidates(merged) - queued:
+                heapq.heappush(heap, (state.key(new), new))
+                queued.add(new)
         groups = state.groups()
         for (a, b), (code, reason, saved, kind) in sorted(
             refused.items(),

@@ -7,7 +7,8 @@ is one pass over every graph of a program. Bytes are *modelled* at the example s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ class LedgerEntry:
     # Where the pass acted: "aten" (on this graph), or "dynamo" / "partition" (while the
     # graph was captured: the graph before and after is the captured one).
     stage: str = "aten"
+    # Units of work the pass counted (DecisionRecord.work), estimator runs included.
+    work: Mapping[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -69,6 +72,7 @@ class LedgerEntry:
             "kernels_before": self.kernels_before,
             "kernels_after": self.kernels_after,
             "elapsed_ms": round(self.elapsed_ms, 3),
+            "work": dict(self.work),
             "decisions": [d.to_dict() for d in self.decisions],
         }
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import sympy
 import torch
@@ -49,6 +49,7 @@ class StageRecord:
     stage: Stage
     decisions: tuple[Decision, ...]
     elapsed_ms: float
+    work: Mapping[str, int] = field(default_factory=dict)
 
 
 def run_pipeline(
@@ -76,6 +77,7 @@ def run_pipeline(
             record.elapsed_ms,
             tuple(replace(d, graph=graph_name) for d in record.decisions),
             record.stage,
+            record.work,
         )
         for record in gm.meta.pop(STAGE_RECORDS_KEY, ())
     ]
@@ -102,6 +104,7 @@ def run_pipeline(
                 elapsed_ms,
                 tuple(ctx.record.decisions),
                 Stage.ATEN,
+                ctx.record.work,
             )
         )
         text, cost = text_after, cost_after
@@ -116,6 +119,7 @@ def _entry(
     elapsed_ms: float,
     decisions: tuple[Decision, ...],
     stage: Stage,
+    work: Mapping[str, int],
 ) -> LedgerEntry:
     before, after = costs
     return LedgerEntry(
@@ -130,6 +134,7 @@ def _entry(
         text_before=texts[0],
         text_after=texts[1],
         stage=stage.value,
+        work=dict(work),
     )
 
 
@@ -162,8 +167,9 @@ def capture_hooks(pipeline: Pipeline, fuel: Fuel) -> CaptureHooks:
             pass_.rewrite_dynamo_graph(gm, ctx)
             elapsed_ms = (time.perf_counter() - start) * 1e3
             if ctx.record.decisions:
+                decisions = tuple(ctx.record.decisions)
                 records.append(
-                    StageRecord(pass_.name, Stage.DYNAMO, tuple(ctx.record.decisions), elapsed_ms)
+                    StageRecord(pass_.name, Stage.DYNAMO, decisions, elapsed_ms, ctx.record.work)
                 )
         return records
 
@@ -182,7 +188,11 @@ def capture_hooks(pipeline: Pipeline, fuel: Fuel) -> CaptureHooks:
         )
         elapsed_ms = (time.perf_counter() - start) * 1e3
         record = StageRecord(
-            partitioner.name, Stage.PARTITION, tuple(ctx.record.decisions), elapsed_ms
+            partitioner.name,
+            Stage.PARTITION,
+            tuple(ctx.record.decisions),
+            elapsed_ms,
+            ctx.record.work,
         )
         forward.meta[STAGE_RECORDS_KEY] = [*forward.meta.get(STAGE_RECORDS_KEY, ()), record]
         return forward, backward
