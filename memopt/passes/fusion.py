@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import heapq
 import operator
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -49,9 +50,10 @@ from torch.fx.passes.tools_common import legalize_graph
 from memopt.backends.registry import Feature
 from memopt.backends.runtime.kernels import FusedKernel
 from memopt.compiler.aten_ops import SHAPE_QUERIES, TEMPLATE_MATMULS
-from memopt.compiler.cost import buffer_users, is_view, read_bytes
+from memopt.compiler.cost import buffer_users, is_view, view_base
 from memopt.compiler.graph import (
     META_KEY,
+    TensorMeta,
     evaluate,
     graph_device,
     meta_of_value,
@@ -104,6 +106,8 @@ class _State:
         }
         self.first_memo: dict[Group, int] = {}
         self.cost_memo: dict[Group, int] = {}
+        self.touched_memo: dict[torch.fx.Node, int] = {}
+        self.written_memo: dict[torch.fx.Node, int] = {}
         self.saved_memo: dict[tuple[Group, Group], int] = {}
         self.lower_memo: dict[Group, str | None] = {}
         self.work = ctx.record.work
@@ -155,13 +159,35 @@ class _State:
         return self.first_memo[group]
 
     def cost(self, group: Group) -> int:
-        """Modelled bytes of a group as one kernel: inputs read once, outputs written once."""
+        """Modelled bytes of a group as one kernel: inputs read once, outputs written once
+        (cost.read_bytes and the outputs' bytes, on per-node figures evaluated once)."""
         if group not in self.cost_memo:
-            anchor = next(iter(group))
-            reads = read_bytes(anchor, self.external_inputs(group))
-            writes = sum(m.nbytes for n in self.stored(group) for m in output_metas(n))
-            self.cost_memo[group] = evaluate(reads + writes, self.ctx.bindings)
+            per_base: dict[torch.fx.Node, list[int]] = {}
+            for arg in self.external_inputs(group):
+                per_base.setdefault(view_base(arg), []).append(self.touched(arg))
+            reads = 0
+            for base, touched in per_base.items():
+                total = sum(touched)
+                if len(touched) > 1 and tensor_meta(base) is not None:
+                    total = min(total, self.written(base))  # each element read once
+                reads += total
+            writes = sum(self.written(n) for n in self.stored(group))
+            self.cost_memo[group] = reads + writes
         return self.cost_memo[group]
+
+    def touched(self, node: torch.fx.Node) -> int:
+        """Bytes reading a tensor costs: its distinct elements."""
+        if node not in self.touched_memo:
+            meta = tensor_meta(node)
+            self.touched_memo[node] = evaluate(meta.touched_nbytes, self.ctx.bindings)
+        return self.touched_memo[node]
+
+    def written(self, node: torch.fx.Node) -> int:
+        """Bytes of every tensor a node produces: what storing it costs."""
+        if node not in self.written_memo:
+            total = sum(m.nbytes for m in output_metas(node))
+            self.written_memo[node] = evaluate(total, self.ctx.bindings)
+        return self.written_memo[node]
 
     def saved(self, a: Group, b: Group) -> int:
         # Keyed by the pair: a group's hash is cached, a fresh union's is not.
@@ -218,23 +244,36 @@ class _State:
     def lowering_error(self, group: Group) -> str | None:
         if group not in self.lower_memo:
             members = sorted(group, key=self.order.__getitem__)
-            try:
-                lowered = lower_group(members, "probe")
-                self.lower_memo[group] = None
-                if lowered.kernel.inner_ranges:
-                    self.nested.add(group)
-                for node in lowered.input_nodes:
-                    if _view_root(node) in group:
-                        # A view the lowering could not fold (as_strided, say) of a member:
-                        # the kernel would read what it computes (a cycle).
-                        self.lower_memo[group] = (
-                            f"%{node.name} reads member %{_view_root(node).name} through a "
-                            "view that is not lowered"
-                        )
-                        break
-            except NotLowerable as error:
-                self.lower_memo[group] = str(error)
+            key, names = _structure(members)
+            probe = _PROBES.get(key)
+            if probe is None:
+                self.work["fusion.lowerings"] += 1
+                error, nested = self._lower(group, members)
+                probe = (_template(error, names), nested)
+                if len(_PROBES) < MAX_PROBES and (error is None or probe[0] is not None):
+                    _PROBES[key] = probe
+                self.lower_memo[group] = error
+            else:
+                self.work["fusion.lowerings_reused"] += 1
+                self.lower_memo[group] = _filled(probe[0], names)
+            if probe[1]:
+                self.nested.add(group)
         return self.lower_memo[group]
+
+    def _lower(self, group: Group, members: list[torch.fx.Node]) -> tuple[str | None, bool]:
+        """(why the group cannot be one kernel or None, whether it nests reductions)."""
+        try:
+            lowered = lower_group(members, "probe")
+        except NotLowerable as error:
+            return str(error), False
+        for node in lowered.input_nodes:
+            if _view_root(node) in group:
+                # A view the lowering could not fold (as_strided, say) of a member: the
+                # kernel would read what it computes (a cycle).
+                root = _view_root(node)
+                why = f"%{node.name} reads member %{root.name} through a view that is not lowered"
+                return why, bool(lowered.kernel.inner_ranges)
+        return None, bool(lowered.kernel.inner_ranges)
 
     def candidates(self) -> set[tuple[Group, Group, str]]:
         """Every candidate pair of the current grouping: (a, b, kind)."""
@@ -330,6 +369,79 @@ class _State:
         self.work["fusion.pairs_scored"] += 1
         first_a, first_b = self.first(a), self.first(b)
         return (-self.saved(a, b), kind, min(first_a, first_b), first_a, first_b)
+
+
+# Lowering probes, shared by every fusion run in the process (the recompute pass's trials,
+# the partition's candidates, each repeated layer of a model): keyed by a group's
+# structure (`_structure`), the error with its node names as placeholders (`_template`).
+_PROBES: dict[tuple, tuple[str | None, bool]] = {}
+MAX_PROBES = 100_000
+_NAME = re.compile(r"%([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _structure(members: list[torch.fx.Node]) -> tuple[tuple, list[torch.fx.Node]]:
+    """What lowering a group depends on, with node identities replaced by positions: each
+    member's op, arguments, metadata and whether the kernel stores it; each input's
+    metadata (a view outside the group, with its own arguments: lowering folds it). And
+    the nodes in the order their positions number them."""
+    member_set = set(members)
+    refs = {node: k for k, node in enumerate(members)}
+    nodes = list(members)
+
+    def canon(value: object) -> object:
+        if isinstance(value, torch.fx.Node):
+            if value in refs:
+                return ("node", refs[value])
+            refs[value] = len(nodes)
+            nodes.append(value)
+            if is_view(value) and value.target is not operator.getitem:
+                return ("view", refs[value], value.target, canon(value.args), _meta(value))
+            return ("input", refs[value], _meta(value))
+        if isinstance(value, (list, tuple)):
+            return tuple(canon(v) for v in value)
+        if isinstance(value, dict):
+            return tuple((k, canon(v)) for k, v in value.items())
+        if isinstance(value, float):
+            return ("float", repr(value))  # -0.0 and 0.0 are equal, and differ
+        try:
+            hash(value)
+        except TypeError:
+            return ("repr", repr(value))
+        return (type(value).__name__, value)
+
+    key = tuple(
+        (
+            member.target,
+            canon(member.args),
+            canon(member.kwargs),
+            _meta(member),
+            any(u not in member_set for u in buffer_users(member)),
+        )
+        for member in members
+    )
+    return key, nodes
+
+
+def _meta(node: torch.fx.Node) -> object:
+    meta = node.meta.get(META_KEY)
+    return meta if isinstance(meta, (TensorMeta, tuple)) or meta is None else repr(meta)
+
+
+def _template(error: str | None, nodes: list[torch.fx.Node]) -> str | None:
+    """The error with each node's name replaced by its position; None when it names a
+    node the structure does not number (then it is not shared)."""
+    if error is None:
+        return None
+    position = {node.name: k for k, node in enumerate(nodes)}
+    if any(name not in position for name in _NAME.findall(error)):
+        return None
+    return _NAME.sub(lambda m: "%\x00" + str(position[m.group(1)]) + "\x00", error)
+
+
+def _filled(template: str | None, nodes: list[torch.fx.Node]) -> str | None:
+    if template is None:
+        return None
+    return re.sub("%\x00([0-9]+)\x00", lambda m: "%" + nodes[int(m.group(1))].name, template)
 
 
 def _updates_an_input(node: torch.fx.Node) -> bool:
