@@ -106,6 +106,9 @@ class _State:
         }
         self.first_memo: dict[Group, int] = {}
         self.cost_memo: dict[Group, int] = {}
+        self.parts_memo: dict[Group, tuple[set[torch.fx.Node], list[torch.fx.Node]]] = {}
+        self.root_memo: dict[torch.fx.Node, torch.fx.Node] = {}
+        self.buffer_users_memo: dict[torch.fx.Node, list[torch.fx.Node]] = {}
         self.touched_memo: dict[torch.fx.Node, int] = {}
         self.written_memo: dict[torch.fx.Node, int] = {}
         self.saved_memo: dict[tuple[Group, Group], int] = {}
@@ -134,18 +137,44 @@ class _State:
     def groups(self) -> set[Group]:
         return set(self.group_of.values())
 
-    def external_inputs(self, group: Group) -> list[torch.fx.Node]:
-        found: list[torch.fx.Node] = []
-        for member in group:
-            for arg in member.all_input_nodes:
-                if arg in group or _view_root(arg) in group or tensor_meta(arg) is None:
-                    continue
-                if arg not in found:
-                    found.append(arg)
-        return found
+    def external_inputs(self, group: Group) -> set[torch.fx.Node]:
+        """The tensors the group's kernel reads (not members, nor views of members)."""
+        return self.parts(group)[0]
 
     def stored(self, group: Group) -> list[torch.fx.Node]:
-        return [m for m in group if any(u not in group for u in buffer_users(m))]
+        """The members the kernel stores: read outside the group."""
+        return self.parts(group)[1]
+
+    def parts(
+        self, group: Group, halves: tuple[Group, Group] | None = None
+    ) -> tuple[set[torch.fx.Node], list[torch.fx.Node]]:
+        """(external inputs, stored members) of a group; of a union, from its halves'."""
+        if group not in self.parts_memo:
+            if halves is not None:
+                inputs = set().union(*(self.parts(h)[0] for h in halves))
+                candidates = [m for h in halves for m in self.parts(h)[1]]
+            else:
+                inputs = {a for m in group for a in m.all_input_nodes}
+                candidates = list(group)
+            inputs = {
+                a
+                for a in inputs
+                if a not in group and self.root(a) not in group and tensor_meta(a) is not None
+            }
+            stored = [m for m in candidates if any(u not in group for u in self.users(m))]
+            self.parts_memo[group] = (inputs, stored)
+        return self.parts_memo[group]
+
+    def root(self, node: torch.fx.Node) -> torch.fx.Node:
+        if node not in self.root_memo:
+            self.root_memo[node] = _view_root(node)
+        return self.root_memo[node]
+
+    def users(self, node: torch.fx.Node) -> list[torch.fx.Node]:
+        """buffer_users, looked up once per node."""
+        if node not in self.buffer_users_memo:
+            self.buffer_users_memo[node] = buffer_users(node)
+        return self.buffer_users_memo[node]
 
     def data_users(self, node: torch.fx.Node) -> list[torch.fx.Node]:
         if node not in self.users_memo:
@@ -192,7 +221,9 @@ class _State:
     def saved(self, a: Group, b: Group) -> int:
         # Keyed by the pair: a group's hash is cached, a fresh union's is not.
         if (a, b) not in self.saved_memo:
-            self.saved_memo[(a, b)] = self.cost(a) + self.cost(b) - self.cost(a | b)
+            union = a | b
+            self.parts(union, (a, b))
+            self.saved_memo[(a, b)] = self.cost(a) + self.cost(b) - self.cost(union)
         return self.saved_memo[(a, b)]
 
     def _condense(self) -> None:
