@@ -21,6 +21,7 @@ convolutions, one per output element for everything else.
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -173,6 +174,22 @@ def _custom_cost(node: torch.fx.Node) -> Cost | None:
 
 def node_cost(node: torch.fx.Node) -> Cost:
     """Modelled traffic and FLOPs of one node; zero for views, placeholders and outputs."""
+    traffic = _traffic(node)
+    if isinstance(traffic, Cost):
+        return traffic
+    read, write = traffic
+    return Cost(read=read, write=write, flops=_flops(node, output_metas(node)))
+
+
+def node_bytes(node: torch.fx.Node) -> sympy.Expr:
+    """node_cost(node).nbytes, without counting FLOPs."""
+    traffic = _traffic(node)
+    return traffic.nbytes if isinstance(traffic, Cost) else traffic[0] + traffic[1]
+
+
+def _traffic(node: torch.fx.Node) -> Cost | tuple[sympy.Expr, sympy.Expr]:
+    """(bytes read, bytes written) of one node, or its whole Cost where an op or an update
+    rule gives one."""
     custom = _custom_cost(node)
     if custom is not None:
         return custom
@@ -197,7 +214,7 @@ def node_cost(node: torch.fx.Node) -> Cost:
         read = ZERO
     else:
         read = read_bytes(node, _tensor_args(node))
-    return Cost(read=read, write=write, flops=_flops(node, outputs))
+    return read, write
 
 
 def _indexed_elements(base: TensorMeta, indices: list[object]) -> sympy.Expr:
@@ -328,16 +345,22 @@ def is_low_precision(node: torch.fx.Node) -> bool:
 class GraphCost:
     """Totals of one graph: symbolic and at the example sizes."""
 
-    bytes_expr: sympy.Expr
+    total: sympy.Expr  # the sum of the nodes' bytes, as added up
     kernels: int
     bindings: Mapping[sympy.Symbol, int]
 
+    @functools.cached_property
+    def bytes_expr(self) -> sympy.Expr:
+        """The bytes, symbolic and simplified (simplifying a large sum takes a while: only
+        when asked for)."""
+        return sympy.simplify(self.total)
+
     @property
     def nbytes(self) -> int:
-        return evaluate(self.bytes_expr, self.bindings)
+        return evaluate(self.total, self.bindings)
 
 
 def graph_cost(gm: torch.fx.GraphModule, bindings: Mapping[sympy.Symbol, int]) -> GraphCost:
     nodes = [n for n in gm.graph.nodes if is_kernel(n)]
-    total = sympy.Add(*(node_cost(n).nbytes for n in nodes))
-    return GraphCost(bytes_expr=sympy.simplify(total), kernels=len(nodes), bindings=bindings)
+    total = sympy.Add(*(node_bytes(n) for n in nodes))
+    return GraphCost(total=total, kernels=len(nodes), bindings=bindings)

@@ -272,6 +272,7 @@ class _State:
         self.work["fusion.cycle_checks"] += 1
         low, high = sorted((a, b), key=self.topo.__getitem__)
         return any(high in self.succ[v] for v in self._between(low, high, self.succ, True))
+
     def lowering_error(self, group: Group) -> str | None:
         if group not in self.lower_memo:
             members = sorted(group, key=self.order.__getitem__)

@@ -59,14 +59,22 @@ def run_pipeline(
     bindings: Mapping[sympy.Symbol, int],
     fuel: Fuel | None = None,
     check_inputs: Sequence[object] | None = None,
+    probe: bool = False,
 ) -> PipelineResult:
-    """Optimize `gm` in place with the pipeline's passes; return it with the ledger."""
+    """Optimize `gm` in place with the pipeline's passes; return it with the ledger.
+
+    probe: only the optimized graph is wanted (an estimate of its bytes): the graph is not
+    printed and its bytes are not measured between passes (the ledger's figures are 0).
+    """
     fuel = fuel if fuel is not None else Fuel()
     reference = copy_graph(gm) if pipeline.check and check_inputs is not None else None
     expected = _run_reference(reference, check_inputs) if reference is not None else None
-    text = format_graph(gm, bindings)
+    measure = (
+        (lambda g: GraphCost(0, 0, bindings)) if probe else (lambda g: graph_cost(g, bindings))
+    )
+    text = "" if probe else format_graph(gm, bindings)
     text_before_all = text
-    cost = graph_cost(gm, bindings)
+    cost = measure(gm)
     # The capture-time stages acted before this graph existed: before and after are it.
     ledger = [
         _entry(
@@ -93,8 +101,8 @@ def run_pipeline(
             verify_metadata(gm, after=pass_.name)
         if expected is not None:
             _compare(gm, check_inputs, expected, after=pass_.name)
-        text_after = format_graph(gm, bindings) if changed else text
-        cost_after = graph_cost(gm, bindings) if changed else cost
+        text_after = format_graph(gm, bindings) if changed and not probe else text
+        cost_after = measure(gm) if changed else cost
         ledger.append(
             _entry(
                 pass_.name,
@@ -146,7 +154,7 @@ def modelled_bytes(gm: torch.fx.GraphModule, pipeline: Pipeline, graph_name: str
     bindings = shape_bindings(inputs)
     probe = copy_graph(gm)
     try:
-        run_pipeline(probe, pipeline.without_check(), graph_name, bindings)
+        run_pipeline(probe, pipeline.without_check(), graph_name, bindings, probe=True)
     except Exception:  # noqa: BLE001 - the backend runs such a graph unoptimized
         probe = copy_graph(gm)
     return graph_cost(probe, bindings).nbytes
