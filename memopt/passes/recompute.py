@@ -47,7 +47,7 @@ import torch.fx
 
 from memopt.compiler.aten_ops import is_pointwise, is_random
 from memopt.compiler.cost import graph_cost, is_view, read_bytes
-from memopt.compiler.graph import copy_graph, evaluate, tensor_meta
+from memopt.compiler.graph import META_KEY, copy_graph, evaluate, tensor_meta
 from memopt.compiler.lower import can_lower
 from memopt.passes import partition
 from memopt.passes.base import Pass, PassContext, Pipeline, Stage
@@ -179,7 +179,12 @@ class Recompute(Pass):
         if not candidates:
             return
         baseline, kernel_of = _fused(gm, ctx)
+        stale = False  # the graph changed since `baseline` was costed (a reused decision)
+        positions = _positions(gm)
         trials = 0
+        # Trial outcomes by the structure around what was copied: a repeated layer's
+        # producer gets the decision its first copy's trial made (`_neighbourhood`).
+        tried: dict[tuple, tuple[str, int, str]] = {}
         for node in candidates:
             consumers = _consumers(node)
             if len(consumers) < 2:
@@ -210,13 +215,32 @@ class Recompute(Pass):
                 plan_what = what if kind == "alone" else _chain_what(node, chain, consumers)
                 code = "duplicated" if kind == "alone" else "duplicated_chain"
                 refusal = "not_duplicated" if kind == "alone" else "not_duplicated_chain"
+                names = tuple(n.name for n in copied)
+                shape = (kind, _neighbourhood(positions, copied))
+                if shape in tried:
+                    first, saved, why = tried[shape]
+                    self.work(ctx, "recompute.trials_reused")
+                    why = f"as for %{first}, whose surroundings have the same structure: {why}"
+                    if saved <= 0:
+                        ctx.refuse(refusal, plan_what, why, saved, names)
+                        continue
+                    copies = tuple(u.name for u in consumers)
+                    if not ctx.decide(code, plan_what, why, saved, (*names, *copies)):
+                        return
+                    _duplicate_all(gm, list(names))
+                    stale, positions = True, _positions(gm)
+                    break
                 if trials == MAX_DUPLICATION_TRIALS:
                     why = f"not costed: over {MAX_DUPLICATION_TRIALS} fusion trials per graph"
-                    ctx.refuse(refusal, plan_what, why, local, (node.name,))
+                    ctx.refuse(refusal, plan_what, why, local, names)
                     continue
                 trials += 1
+                self.work(ctx, "recompute.trials")
+                if stale:
+                    baseline, kernel_of = _fused(gm, ctx)
+                    stale = False
                 trial = copy_graph(gm)
-                _duplicate_all(trial, [n.name for n in copied])
+                _duplicate_all(trial, list(names))
                 trial_bytes, trial_kernels = _fused(trial, ctx)
                 saved = baseline - trial_bytes
                 if saved <= 0:
@@ -226,7 +250,8 @@ class Recompute(Pass):
                         else "after fusion the graph moves the same bytes (fusion already "
                         "shares it)"
                     )
-                    ctx.refuse(refusal, plan_what, why, saved, tuple(n.name for n in copied))
+                    tried[shape] = (node.name, saved, why)
+                    ctx.refuse(refusal, plan_what, why, saved, names)
                     continue
                 reason = f"each consumer's kernel computes it: saves {saved} B after fusion"
                 if kind == "chain":
@@ -234,13 +259,18 @@ class Recompute(Pass):
                         f"; each recomputes it from {_leaf_bytes(chain, ctx)} B of inputs "
                         f"instead of one writing its {_nbytes(node, ctx)} B for the others"
                     )
+                tried[shape] = (node.name, saved, reason)
                 copies = tuple(u.name for u in consumers)
-                names = (*(n.name for n in copied), *copies)
-                if not ctx.decide(code, plan_what, reason, saved, names):
+                if not ctx.decide(code, plan_what, reason, saved, (*names, *copies)):
                     return
-                _duplicate_all(gm, [n.name for n in copied])
+                _duplicate_all(gm, list(names))
                 baseline, kernel_of = trial_bytes, trial_kernels
+                positions = _positions(gm)
                 break
+
+    @staticmethod
+    def work(ctx: PassContext, unit: str) -> None:
+        ctx.record.work[unit] += 1
 
 
 def _summary(candidate: partition.Candidate) -> str:
@@ -385,6 +415,66 @@ def _chain_what(
         f"duplicate %{node.name} ({node.target}) with the chain it is computed from "
         f"({members}) into {len(consumers)} consumers"
     )
+
+
+# How far around the copied nodes two duplication trials must look alike to share an
+# outcome: the producers and consumers fusion would weigh against a copy.
+NEIGHBOURHOOD_STEPS = 3
+
+
+def _neighbourhood(positions: dict[torch.fx.Node, int], copied: list[torch.fx.Node]) -> tuple:
+    """The structure of the graph within NEIGHBOURHOOD_STEPS edges (either way) of the
+    copied nodes, without node names: each node's op, metadata, which of the others its
+    arguments are, how many users it has and whether it is copied. A repeated layer's
+    producer has the same one as the first layer's."""
+    around = set(copied)
+    frontier = list(copied)
+    for _ in range(NEIGHBOURHOOD_STEPS):
+        step = []
+        for node in frontier:
+            for other in (*node.all_input_nodes, *node.users):
+                if other not in around:
+                    around.add(other)
+                    step.append(other)
+        frontier = step
+    ordered = sorted(around, key=positions.__getitem__)
+    refs = {node: k for k, node in enumerate(ordered)}
+    copied_set = set(copied)
+
+    def canon(value: object) -> object:
+        if isinstance(value, torch.fx.Node):
+            return ("node", refs[value]) if value in refs else ("outside", _meta(value))
+        if isinstance(value, (list, tuple)):
+            return tuple(canon(v) for v in value)
+        if isinstance(value, dict):
+            return tuple((k, canon(v)) for k, v in value.items())
+        return repr(value)
+
+    return tuple(
+        (
+            node.op,
+            node.target if node.op == "call_function" else "",  # not placeholder names
+            _meta(node),
+            canon(node.args) if node.op == "call_function" else (),
+            canon(node.kwargs) if node.op == "call_function" else (),
+            len(node.users),
+            node in copied_set,
+        )
+        for node in ordered
+    )
+
+
+def _positions(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, int]:
+    return {n: k for k, n in enumerate(gm.graph.nodes)}
+
+
+def _meta(node: torch.fx.Node) -> object:
+    meta = node.meta.get(META_KEY)
+    try:
+        hash(meta)
+    except TypeError:
+        return repr(meta)
+    return meta
 
 
 def _by_name(gm: torch.fx.GraphModule, name: str) -> torch.fx.Node:
