@@ -11,7 +11,7 @@ import sympy
 import torch
 import torch.fx
 
-from memopt.compiler.cost import is_kernel, is_view, node_cost
+from memopt.compiler.cost import is_kernel, is_view, node_bytes
 from memopt.compiler.graph import META_KEY, TensorMeta, evaluate
 
 
@@ -66,7 +66,7 @@ def format_node(node: torch.fx.Node, bindings: Mapping[sympy.Symbol, int]) -> st
     args = [_arg(a) for a in node.args] + [f"{k}={_arg(v)}" for k, v in node.kwargs.items()]
     line = f"%{node.name}: {meta} = {op_name(node)}({', '.join(args)})"
     if is_kernel(node):
-        line += f"  # {evaluate(node_cost(node).nbytes, bindings)} B"
+        line += f"  # {evaluate(node_bytes(node), bindings)} B"
     elif is_view(node):
         line += "  # view"
     return line

@@ -107,9 +107,12 @@ class Recompute(Pass):
             )
             return partition.default(joint, joint_inputs, **kwargs)
         probe = ctx.pipeline.with_options(self.name, duplicate=False)
-        record, modules = partition.candidates(
-            joint, joint_inputs, self, lambda gm, name: cost(gm, probe, name), **kwargs
-        )
+
+        def probe_cost(gm: torch.fx.GraphModule, name: str) -> int:
+            ctx.record.work["partition.graphs_costed"] += 1
+            return cost(gm, probe, name)
+
+        record, modules = partition.candidates(joint, joint_inputs, self, probe_cost, **kwargs)
         if not self._record_partition(record, ctx):
             record.chosen = partition.DEFAULT
         forward, backward = modules[record.chosen]
@@ -194,7 +197,7 @@ class Recompute(Pass):
             # when those inputs are smaller than the value (a broadcast product: far
             # smaller); and alone (each consumer reads its inputs).
             plans = []
-            chain = _chain(gm, node)
+            chain = _chain(positions, node, ctx.pipeline.instance("fusion").max_nodes)
             if len(chain) > 1:
                 plans.append(("chain", chain, _chain_gain(chain, consumers, ctx)))
             plans.append(("alone", [node], _local_gain(node, consumers, ctx)))
@@ -352,9 +355,13 @@ def _recomputable(node: torch.fx.Node) -> bool:
     return isinstance(source, torch.fx.Node) and _recomputable(source)
 
 
-def _chain(gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[torch.fx.Node]:
+def _chain(
+    positions: dict[torch.fx.Node, int], node: torch.fx.Node, limit: int
+) -> list[torch.fx.Node]:
     """The node and the pointwise values it is computed from, up to the values a kernel must
-    read (graph inputs, reductions, extern results, random ops); consumers first."""
+    read (graph inputs, reductions, extern results, random ops); consumers first. Only the
+    node, when the chain has more than `limit` nodes: fusion puts no more in one kernel
+    (and a residual stream's chain of adds would run back through every layer)."""
     chain = {node}
     work = [node]
     while work:
@@ -362,8 +369,9 @@ def _chain(gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[torch.fx.Node]
             if arg not in chain and _recomputable(arg):
                 chain.add(arg)
                 work.append(arg)
-    order = {n: k for k, n in enumerate(gm.graph.nodes)}
-    return sorted(chain, key=order.__getitem__, reverse=True)
+                if len(chain) > limit:
+                    return [node]
+    return sorted(chain, key=positions.__getitem__, reverse=True)
 
 
 def _leaves(chain: list[torch.fx.Node]) -> list[torch.fx.Node]:
