@@ -91,6 +91,7 @@ def run_pipeline(
     ]
     for pass_ in pipeline.at(Stage.ATEN):
         ctx = PassContext.for_pass(pass_, graph_name, bindings, pipeline, fuel)
+        before = None if probe else _signatures(gm)
         start = time.perf_counter()
         pass_.run(gm, ctx)
         elapsed_ms = (time.perf_counter() - start) * 1e3
@@ -101,7 +102,7 @@ def run_pipeline(
             if probe:
                 fill_metadata(gm, after=pass_.name)
             else:
-                verify_metadata(gm, after=pass_.name)
+                verify_metadata(gm, after=pass_.name, before=before)
         if expected is not None:
             _compare(gm, check_inputs, expected, after=pass_.name)
         text_after = format_graph(gm, bindings) if changed and not probe else text
@@ -234,21 +235,54 @@ def _fake_inputs(gm: torch.fx.GraphModule) -> list[object]:
     return [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
 
 
-def verify_metadata(gm: torch.fx.GraphModule, after: str) -> None:
+def _signatures(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, tuple]:
+    """What each node computes from what, and its value's metadata: a pass that leaves a
+    node's signature alone and changes none of its inputs' values leaves its value alone."""
+    return {n: (_signature(n), n.meta.get(META_KEY)) for n in gm.graph.nodes}
+
+
+def _signature(node: torch.fx.Node) -> tuple:
+    # The value object too: a pass that gives a node a new value (a layout) replaces it.
+    return (node.op, node.target, node.args, node.kwargs, id(node.meta.get("val")))
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - an argument without a plain equality (a tensor)
+        return False
+
+
+def verify_metadata(
+    gm: torch.fx.GraphModule, after: str, before: Mapping[torch.fx.Node, tuple] | None = None
+) -> None:
     """Re-propagate fake values through the graph; every node must match its recorded metadata.
 
-    Nodes a pass created without metadata get it here.
+    Nodes a pass created without metadata get it here. With `before` (the signatures of
+    the graph before the pass), only the nodes the pass created or changed, and those
+    reading a value that changed, are propagated again: the rest keep their values.
     """
     inputs = _fake_inputs(gm)
     mode = detect_fake_mode(inputs) or FakeTensorMode(allow_non_fake_inputs=True)
     interpreter = torch.fx.Interpreter(gm)
     env_values: dict[torch.fx.Node, object] = {}
+    changed: set[torch.fx.Node] = set()  # nodes whose value is not what it was
     with mode:
         placeholder_values = iter(inputs)
         for node in gm.graph.nodes:
             if node.op == "placeholder":
                 value = next(placeholder_values)
             elif node.op == "output":
+                continue
+            elif (
+                before is not None
+                and node in before
+                and _same(before[node][0], _signature(node))
+                and "val" in node.meta
+                and META_KEY in node.meta
+                and not any(a in changed for a in node.all_input_nodes)
+            ):
+                interpreter.env[node] = env_values[node] = node.meta["val"]
                 continue
             else:
                 args, kwargs = interpreter.fetch_args_kwargs_from_env(node)
@@ -268,6 +302,8 @@ def verify_metadata(gm: torch.fx.GraphModule, after: str) -> None:
                     f"after pass {after!r}: %{node.name} ({node.target}) claims "
                     f"{_describe(recorded)} but computes {_describe(fresh)}"
                 )
+            if before is None or node not in before or before[node][1] != fresh:
+                changed.add(node)
             node.meta[META_KEY] = fresh
             node.meta["val"] = value
 

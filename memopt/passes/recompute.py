@@ -181,7 +181,9 @@ class Recompute(Pass):
         candidates = [n for n in reversed(gm.graph.nodes) if _duplicable(n)]
         if not candidates:
             return
-        baseline, kernel_of = _fused(gm, ctx)
+        # The graph after fusion, costed when a candidate first needs it (None: not yet).
+        baseline: int | None = None
+        kernel_of: dict[str, int] = {}
         stale = False  # the graph changed since `baseline` was costed (a reused decision)
         positions = _positions(gm)
         trials = 0
@@ -207,6 +209,8 @@ class Recompute(Pass):
                 why = f"each copy reads its inputs: {-local} B more than storing it once"
                 ctx.refuse("not_duplicated", what, why, local, (node.name,))
                 continue
+            if baseline is None:
+                baseline, kernel_of = _fused(gm, ctx)
             kernels = {kernel_of.get(u.name) for u in [node, *_kernel_users(consumers)]}
             if len(kernels) == 1 and None not in kernels:
                 why = "fusion computes it in one kernel with all its consumers"
