@@ -9,8 +9,11 @@ Kinds of fusion, all found by one greedy loop over candidate pairs of groups:
   axis of one input, a value and its square), so the buffer is read once;
 - multi-output: a group whose values are needed outside it stores each of them.
 
-Each round scores every candidate pair by bytes saved (modelled: cost(a) + cost(b) -
-cost(a + b)) and merges the best legal one. A merge is refused when it would create a cycle
+Each round merges the legal candidate pair that saves the most bytes (modelled: cost(a) +
+cost(b) - cost(a + b)). The pairs wait in a heap that each merge updates with the pairs it
+creates, and the cycle check searches only between the two groups in a topological
+numbering of the grouped graph kept under merges: work near-linear in the graph, the same
+choices as rescoring every pair each round. A merge is refused when it would create a cycle
 through a node outside the group (an extern matmul between producer and consumer), when
 the group would exceed `max_nodes`, or when lowering says the group cannot be one kernel
 (different domains, different reduction axes, a reduction read at another row, an op with
