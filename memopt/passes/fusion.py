@@ -40,9 +40,11 @@ merges they would have made are then recorded as refusals with the bytes at stak
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import operator
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -63,7 +65,13 @@ from memopt.compiler.graph import (
     output_metas,
     tensor_meta,
 )
-from memopt.compiler.lower import NotLowerable, can_lower, can_lower_matmul, lower_group
+from memopt.compiler.lower import (
+    Lowered,
+    NotLowerable,
+    can_lower,
+    can_lower_matmul,
+    lower_group,
+)
 from memopt.compiler.printer import op_name
 from memopt.passes.base import Pass, PassContext
 from memopt.passes.inplace import updated_in_place
@@ -283,7 +291,7 @@ class _State:
             probe = _PROBES.get(key)
             if probe is None:
                 self.work["fusion.lowerings"] += 1
-                error, nested = self._lower(group, members)
+                error, nested = self._lower(group, members, key, names)
                 probe = (_template(error, names), nested)
                 if len(_PROBES) < MAX_PROBES and (error is None or probe[0] is not None):
                     _PROBES[key] = probe
@@ -295,12 +303,15 @@ class _State:
                 self.nested.add(group)
         return self.lower_memo[group]
 
-    def _lower(self, group: Group, members: list[torch.fx.Node]) -> tuple[str | None, bool]:
+    def _lower(
+        self, group: Group, members: list[torch.fx.Node], key: tuple, names: list[torch.fx.Node]
+    ) -> tuple[str | None, bool]:
         """(why the group cannot be one kernel or None, whether it nests reductions)."""
         try:
             lowered = lower_group(members, "probe")
         except NotLowerable as error:
             return str(error), False
+        _remember(key, names, lowered)
         for node in lowered.input_nodes:
             if _view_root(node) in group:
                 # A view the lowering could not fold (as_strided, say) of a member: the
@@ -455,6 +466,47 @@ def _structure(members: list[torch.fx.Node]) -> tuple[tuple, list[torch.fx.Node]
         for member in members
     )
     return key, nodes
+
+
+# Lowered groups by structure (`_structure`), their nodes as positions: a group of a
+# repeated layer, or one a probe lowered, is not lowered again when it is rewritten.
+_LOWERINGS: dict[tuple, tuple] = {}
+
+
+def _remember(key: tuple, nodes: list[torch.fx.Node], lowered: Lowered) -> None:
+    position = {node: k for k, node in enumerate(nodes)}
+    named = [*lowered.input_nodes, *lowered.output_nodes, *lowered.gather_sources]
+    named += list(lowered.gathers_per_source)
+    if len(_LOWERINGS) >= MAX_PROBES or any(n not in position for n in named):
+        return
+    _LOWERINGS[key] = (
+        lowered.kernel,
+        tuple(position[n] for n in lowered.input_nodes),
+        tuple(position[n] for n in lowered.output_nodes),
+        frozenset(position[n] for n in lowered.gather_sources),
+        {position[n]: count for n, count in lowered.gathers_per_source.items()},
+        lowered.flops,
+    )
+
+
+def _lowered(members: list[torch.fx.Node], name: str, work: Counter) -> Lowered:
+    """lower_group(members, name), from a group of the same structure when one was lowered."""
+    key, nodes = _structure(members)
+    known = _LOWERINGS.get(key)
+    if known is None:
+        lowered = lower_group(members, name)
+        _remember(key, nodes, lowered)
+        return lowered
+    work["fusion.kernels_reused"] += 1
+    kernel, inputs, outputs, gathers, per_gather, flops = known
+    return Lowered(
+        kernel=dataclasses.replace(kernel, name=name),
+        input_nodes=[nodes[k] for k in inputs],
+        output_nodes=[nodes[k] for k in outputs],
+        gather_sources=frozenset(nodes[k] for k in gathers),
+        gathers_per_source={nodes[k]: count for k, count in per_gather.items()},
+        flops=flops,
+    )
 
 
 def _meta(node: torch.fx.Node) -> object:
@@ -739,7 +791,8 @@ class Fusion(Pass):
             members = sorted(group, key=state.order.__getitem__)
             if library_softmax and _library_softmax(graph, members, ctx):
                 continue
-            lowered = lower_group(members, f"{ctx.graph_name.replace('.', '_')}_fused_{number}")
+            name = f"{ctx.graph_name.replace('.', '_')}_fused_{number}"
+            lowered = _lowered(members, name, state.work)
             fused = FusedKernel(
                 lowered,
                 backend=ctx.backend,

@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch.fx._lazy_graph_module import _use_lazy_graph_module
 
 from memopt.compiler.aten_ops import is_pointwise, is_random
 from memopt.compiler.cost import graph_cost, is_view, read_bytes
@@ -182,9 +184,7 @@ class Recompute(Pass):
         if not candidates:
             return
         # The graph after fusion, costed when a candidate first needs it (None: not yet).
-        baseline: int | None = None
-        kernel_of: dict[str, int] = {}
-        stale = False  # the graph changed since `baseline` was costed (a reused decision)
+        kernel_of: dict[str, int] | None = None  # each node's kernel after fusion, if costed
         positions = _positions(gm)
         trials = 0
         # Trial outcomes by the structure around what was copied: a repeated layer's
@@ -209,8 +209,8 @@ class Recompute(Pass):
                 why = f"each copy reads its inputs: {-local} B more than storing it once"
                 ctx.refuse("not_duplicated", what, why, local, (node.name,))
                 continue
-            if baseline is None:
-                baseline, kernel_of = _fused(gm, ctx)
+            if kernel_of is None:
+                kernel_of = _fused(gm, ctx)[1]
             kernels = {kernel_of.get(u.name) for u in [node, *_kernel_users(consumers)]}
             if len(kernels) == 1 and None not in kernels:
                 why = "fusion computes it in one kernel with all its consumers"
@@ -235,7 +235,7 @@ class Recompute(Pass):
                     if not ctx.decide(code, plan_what, why, saved, (*names, *copies)):
                         return
                     _duplicate_all(gm, list(names))
-                    stale, positions = True, _positions(gm)
+                    kernel_of, positions = None, _positions(gm)
                     break
                 if trials == MAX_DUPLICATION_TRIALS:
                     why = f"not costed: over {MAX_DUPLICATION_TRIALS} fusion trials per graph"
@@ -243,13 +243,13 @@ class Recompute(Pass):
                     continue
                 trials += 1
                 self.work(ctx, "recompute.trials")
-                if stale:
-                    baseline, kernel_of = _fused(gm, ctx)
-                    stale = False
-                trial = copy_graph(gm)
-                _duplicate_all(trial, list(names))
-                trial_bytes, trial_kernels = _fused(trial, ctx)
-                saved = baseline - trial_bytes
+                # Costed on the region around the copies: the rest of the graph fuses
+                # the same way with or without them.
+                centre = [*copied, *consumers]
+                baseline = _fused(_region(gm, centre, positions), ctx, copy=False)[0]
+                region = _region(gm, centre, positions)
+                _duplicate_all(region, list(names))
+                saved = baseline - _fused(region, ctx, copy=False)[0]
                 if saved <= 0:
                     why = (
                         f"after fusion the graph would move {-saved} B more"
@@ -271,8 +271,7 @@ class Recompute(Pass):
                 if not ctx.decide(code, plan_what, reason, saved, (*names, *copies)):
                     return
                 _duplicate_all(gm, list(names))
-                baseline, kernel_of = trial_bytes, trial_kernels
-                positions = _positions(gm)
+                kernel_of, positions = None, _positions(gm)
                 break
 
     @staticmethod
@@ -476,6 +475,46 @@ def _neighbourhood(positions: dict[torch.fx.Node, int], copied: list[torch.fx.No
     )
 
 
+# How far around the copied nodes and their consumers a duplication trial runs fusion.
+TRIAL_RADIUS = 12
+
+
+def _region(
+    gm: torch.fx.GraphModule, centre: list[torch.fx.Node], positions: dict[torch.fx.Node, int]
+) -> torch.fx.GraphModule:
+    """A copy of the graph within TRIAL_RADIUS edges (either way) of `centre`: what it reads
+    from outside becomes inputs (with their metadata), what is read outside it becomes
+    outputs. Fusion far from the centre decides the same with or without a duplication, so
+    a trial on the region sees the difference a trial on the graph sees, in a time that does
+    not grow with the graph. A region of most of the graph is the graph (a copy)."""
+    around = set(centre)
+    frontier = list(centre)
+    for _ in range(TRIAL_RADIUS):
+        step = []
+        for node in frontier:
+            for other in (*node.all_input_nodes, *node.users):
+                if other not in around and other.op not in ("placeholder", "output"):
+                    around.add(other)
+                    step.append(other)
+        frontier = step
+    if 2 * len(around) >= len(positions):
+        return copy_graph(gm)
+    members = sorted(around, key=positions.__getitem__)
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in members:  # inputs first: fx wants its placeholders ahead of the nodes
+        for arg in node.all_input_nodes:
+            if arg not in around and arg not in env:
+                env[arg] = graph.placeholder(arg.name)
+                env[arg].meta = dict(arg.meta)
+    for node in members:
+        env[node] = graph.node_copy(node, env.__getitem__)
+    read_outside = [n for n in members if any(u not in around for u in n.users)]
+    graph.output(tuple(env[n] for n in read_outside))
+    with unset_fake_temporarily(), _use_lazy_graph_module(True):
+        return torch.fx.GraphModule(gm, graph)
+
+
 def _positions(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, int]:
     return {n: k for k, n in enumerate(gm.graph.nodes)}
 
@@ -501,12 +540,17 @@ def _kernel_users(consumers: list[torch.fx.Node]) -> list[torch.fx.Node]:
     return found
 
 
-def _fused(gm: torch.fx.GraphModule, ctx: PassContext) -> tuple[int, dict[str, int]]:
-    """Modelled bytes of the graph after the fusion pass (on a copy), and the kernel (an
-    index) each fused node ends up in."""
-    trial = copy_graph(gm)
-    fusion = ctx.pipeline.instance("fusion")  # a sibling pass, used as an estimator
-    fusion.run(trial, ctx.scratch(fusion))
+def _fused(
+    gm: torch.fx.GraphModule, ctx: PassContext, copy: bool = True
+) -> tuple[int, dict[str, int]]:
+    """Modelled bytes of the graph after the fusion pass (on a copy, unless `copy` is False:
+    a throwaway region), and the kernel (an index) each fused node ends up in."""
+    # Estimator graphs never run: their Python code is generated only if something calls
+    # them (lazy recompilation).
+    with _use_lazy_graph_module(True):
+        trial = copy_graph(gm) if copy else gm
+        fusion = ctx.pipeline.instance("fusion")  # a sibling pass, used as an estimator
+        fusion.run(trial, ctx.scratch(fusion))
     kernel_of = {}
     for index, node in enumerate(trial.graph.nodes):
         for name in getattr(node.target, "memopt_nodes", ()):
