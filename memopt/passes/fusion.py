@@ -44,7 +44,7 @@ import dataclasses
 import heapq
 import operator
 import re
-from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -124,6 +124,7 @@ class _State:
         self.written_memo: dict[torch.fx.Node, int] = {}
         self.saved_memo: dict[tuple[Group, Group], int] = {}
         self.lower_memo: dict[Group, str | None] = {}
+        self.shapes = _Shapes()
         self.work = ctx.record.work
         self._condense()
         # The groups that read each buffer (horizontal candidates), and the fusible
@@ -287,7 +288,7 @@ class _State:
     def lowering_error(self, group: Group) -> str | None:
         if group not in self.lower_memo:
             members = sorted(group, key=self.order.__getitem__)
-            key, names = _structure(members)
+            key, names = _structure(members, self.shapes, self.users)
             probe = _PROBES.get(key)
             if probe is None:
                 self.work["fusion.lowerings"] += 1
@@ -425,28 +426,38 @@ MAX_PROBES = 100_000
 _NAME = re.compile(r"%([A-Za-z_][A-Za-z0-9_]*)")
 
 
-def _structure(members: list[torch.fx.Node]) -> tuple[tuple, list[torch.fx.Node]]:
-    """What lowering a group depends on, with node identities replaced by positions: each
-    member's op, arguments, metadata and whether the kernel stores it; each input's
-    metadata (a view outside the group, with its own arguments: lowering folds it). And
-    the nodes in the order their positions number them."""
-    member_set = set(members)
-    refs = {node: k for k, node in enumerate(members)}
-    nodes = list(members)
+class _Shapes:
+    """Each node's op, arguments and metadata with its argument nodes taken out (slots), and
+    those nodes in slot order: looked up once per node while its arguments stay the same."""
 
-    def canon(value: object) -> object:
+    SLOT = "<node>"
+
+    def __init__(self) -> None:
+        self.memo: dict[torch.fx.Node, tuple] = {}
+
+    def __call__(self, node: torch.fx.Node) -> tuple[tuple, tuple[torch.fx.Node, ...], bool]:
+        entry = self.memo.get(node)
+        if entry is None or entry[3] is not node.args or entry[4] is not node.kwargs:
+            found: list[torch.fx.Node] = []
+            skeleton = (
+                node.target,
+                self._canon(node.args, found),
+                self._canon(node.kwargs, found),
+                _meta(node),
+            )
+            folded = is_view(node) and node.target is not operator.getitem
+            entry = (skeleton, tuple(found), folded, node.args, node.kwargs)
+            self.memo[node] = entry
+        return entry[0], entry[1], entry[2]
+
+    def _canon(self, value: object, found: list[torch.fx.Node]) -> object:
         if isinstance(value, torch.fx.Node):
-            if value in refs:
-                return ("node", refs[value])
-            refs[value] = len(nodes)
-            nodes.append(value)
-            if is_view(value) and value.target is not operator.getitem:
-                return ("view", refs[value], value.target, canon(value.args), _meta(value))
-            return ("input", refs[value], _meta(value))
+            found.append(value)
+            return self.SLOT
         if isinstance(value, (list, tuple)):
-            return tuple(canon(v) for v in value)
+            return tuple(self._canon(v, found) for v in value)
         if isinstance(value, dict):
-            return tuple((k, canon(v)) for k, v in value.items())
+            return tuple((k, self._canon(v, found)) for k, v in value.items())
         if isinstance(value, float):
             return ("float", repr(value))  # -0.0 and 0.0 are equal, and differ
         try:
@@ -455,17 +466,37 @@ def _structure(members: list[torch.fx.Node]) -> tuple[tuple, list[torch.fx.Node]
             return ("repr", repr(value))
         return (type(value).__name__, value)
 
-    key = tuple(
-        (
-            member.target,
-            canon(member.args),
-            canon(member.kwargs),
-            _meta(member),
-            any(u not in member_set for u in buffer_users(member)),
-        )
-        for member in members
-    )
-    return key, nodes
+
+def _structure(
+    members: list[torch.fx.Node], shapes: _Shapes, users: Callable
+) -> tuple[tuple, list[torch.fx.Node]]:
+    """What lowering a group depends on, with node identities replaced by positions: each
+    member's op, arguments, metadata and whether the kernel stores it (`users`: a node's
+    buffer users); each input's metadata (a view outside the group, with its own
+    arguments: lowering folds it). And the nodes in the order their positions number them."""
+    member_set = set(members)
+    refs = {node: k for k, node in enumerate(members)}
+    nodes = list(members)
+    inputs: list[tuple] = []
+
+    def ref(node: torch.fx.Node) -> int:
+        position = refs.get(node)
+        if position is None:
+            position = refs[node] = len(nodes)
+            nodes.append(node)
+            skeleton, args, folded = shapes(node)
+            if folded:
+                inputs.append(("view", position, skeleton, tuple(ref(a) for a in args)))
+            else:
+                inputs.append(("input", position, _meta(node)))
+        return position
+
+    key = []
+    for member in members:
+        skeleton, args, _ = shapes(member)
+        stored = any(u not in member_set for u in users(member))
+        key.append((skeleton, tuple(ref(a) for a in args), stored))
+    return (tuple(key), tuple(inputs)), nodes
 
 
 # Lowered groups by structure (`_structure`), their nodes as positions: a group of a
@@ -489,15 +520,15 @@ def _remember(key: tuple, nodes: list[torch.fx.Node], lowered: Lowered) -> None:
     )
 
 
-def _lowered(members: list[torch.fx.Node], name: str, work: Counter) -> Lowered:
+def _lowered(members: list[torch.fx.Node], name: str, state: _State) -> Lowered:
     """lower_group(members, name), from a group of the same structure when one was lowered."""
-    key, nodes = _structure(members)
+    key, nodes = _structure(members, state.shapes, buffer_users)
     known = _LOWERINGS.get(key)
     if known is None:
         lowered = lower_group(members, name)
         _remember(key, nodes, lowered)
         return lowered
-    work["fusion.kernels_reused"] += 1
+    state.work["fusion.kernels_reused"] += 1
     kernel, inputs, outputs, gathers, per_gather, flops = known
     return Lowered(
         kernel=dataclasses.replace(kernel, name=name),
@@ -792,7 +823,7 @@ class Fusion(Pass):
             if library_softmax and _library_softmax(graph, members, ctx):
                 continue
             name = f"{ctx.graph_name.replace('.', '_')}_fused_{number}"
-            lowered = _lowered(members, name, state.work)
+            lowered = _lowered(members, name, state)
             fused = FusedKernel(
                 lowered,
                 backend=ctx.backend,

@@ -184,7 +184,8 @@ def default(
 
 
 # What a candidate partition costs: the forward or backward graph, named, after the
-# pipeline (modelled bytes at the example sizes).
+# pipeline (modelled bytes at the example sizes). It must leave the graph as it is (the
+# candidate may be chosen): it optimizes a copy.
 GraphCost = Callable[[torch.fx.GraphModule, str], int]
 
 Modules = tuple[torch.fx.GraphModule, torch.fx.GraphModule]
@@ -375,9 +376,7 @@ def _banned_kind(node: torch.fx.Node, options: Recompute) -> str | None:
 
 
 def _cost(cost: GraphCost, gm: torch.fx.GraphModule, name: str) -> int:
-    gm = copy_graph(gm)
-    annotate(gm)
-    return cost(gm, name)
+    return cost(gm, name)  # the cost function works on a copy: `gm` may be chosen
 
 
 # --- the bytes min-cut ----------------------------------------------------------------------

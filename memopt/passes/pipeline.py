@@ -25,7 +25,14 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from memopt.compiler.capture import STAGE_RECORDS_KEY, CaptureHooks
 from memopt.compiler.cost import GraphCost, graph_cost
-from memopt.compiler.graph import META_KEY, TensorMeta, copy_graph, meta_of_value, shape_bindings
+from memopt.compiler.graph import (
+    META_KEY,
+    TensorMeta,
+    annotate,
+    copy_graph,
+    meta_of_value,
+    shape_bindings,
+)
 from memopt.compiler.printer import format_graph
 from memopt.errors import CheckError, VerificationError
 from memopt.passes import partition
@@ -151,16 +158,18 @@ def _entry(
 
 
 def modelled_bytes(gm: torch.fx.GraphModule, pipeline: Pipeline, graph_name: str) -> int:
-    """Bytes a graph moves after `pipeline` (modelled at its example sizes): a probe, with
-    unlimited fuel and no check; a pipeline failure leaves the graph unoptimized, as the
-    backend would run it."""
+    """Bytes a graph moves after `pipeline` (modelled at its example sizes): a probe, on an
+    annotated copy, with unlimited fuel and no check; a pipeline failure leaves the graph
+    unoptimized, as the backend would run it. `gm` itself is left as it is."""
     inputs = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
     bindings = shape_bindings(inputs)
     probe = copy_graph(gm)
+    annotate(probe)
     try:
         run_pipeline(probe, pipeline.without_check(), graph_name, bindings, probe=True)
     except Exception:  # noqa: BLE001 - the backend runs such a graph unoptimized
         probe = copy_graph(gm)
+        annotate(probe)
     return graph_cost(probe, bindings).nbytes
 
 
