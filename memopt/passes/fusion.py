@@ -119,6 +119,7 @@ class _State:
         self.cost_memo: dict[Group, int] = {}
         self.parts_memo: dict[Group, tuple[set[torch.fx.Node], list[torch.fx.Node]]] = {}
         self.root_memo: dict[torch.fx.Node, torch.fx.Node] = {}
+        self.base_memo: dict[torch.fx.Node, torch.fx.Node] = {}
         self.buffer_users_memo: dict[torch.fx.Node, list[torch.fx.Node]] = {}
         self.touched_memo: dict[torch.fx.Node, int] = {}
         self.written_memo: dict[torch.fx.Node, int] = {}
@@ -163,16 +164,13 @@ class _State:
         """(external inputs, stored members) of a group; of a union, from its halves'."""
         if group not in self.parts_memo:
             if halves is not None:
+                # The halves' inputs are tensors already.
                 inputs = set().union(*(self.parts(h)[0] for h in halves))
                 candidates = [m for h in halves for m in self.parts(h)[1]]
             else:
-                inputs = {a for m in group for a in m.all_input_nodes}
+                inputs = {a for m in group for a in m.all_input_nodes if tensor_meta(a) is not None}
                 candidates = list(group)
-            inputs = {
-                a
-                for a in inputs
-                if a not in group and self.root(a) not in group and tensor_meta(a) is not None
-            }
+            inputs = {a for a in inputs if a not in group and self.root(a) not in group}
             stored = [m for m in candidates if any(u not in group for u in self.users(m))]
             self.parts_memo[group] = (inputs, stored)
         return self.parts_memo[group]
@@ -205,7 +203,7 @@ class _State:
         if group not in self.cost_memo:
             per_base: dict[torch.fx.Node, list[int]] = {}
             for arg in self.external_inputs(group):
-                per_base.setdefault(view_base(arg), []).append(self.touched(arg))
+                per_base.setdefault(self.base(arg), []).append(self.touched(arg))
             reads = 0
             for base, touched in per_base.items():
                 total = sum(touched)
@@ -215,6 +213,12 @@ class _State:
             writes = sum(self.written(n) for n in self.stored(group))
             self.cost_memo[group] = reads + writes
         return self.cost_memo[group]
+
+    def base(self, node: torch.fx.Node) -> torch.fx.Node:
+        """view_base, looked up once per node."""
+        if node not in self.base_memo:
+            self.base_memo[node] = view_base(node)
+        return self.base_memo[node]
 
     def touched(self, node: torch.fx.Node) -> int:
         """Bytes reading a tensor costs: its distinct elements."""
