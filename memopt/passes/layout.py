@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -182,19 +182,32 @@ def _restore(snapshot: dict[torch.fx.Node, tuple[object, object]]) -> None:
 def propagate(
     gm: torch.fx.GraphModule,
     repair: Callable[[torch.fx.Node], bool] | None = None,
+    changed: Iterable[torch.fx.Node] | None = None,
 ) -> str | None:
     """Recompute every node's fake value and metadata; None, or why a node fails.
 
     `repair(node)` may rewrite the graph around a node that fails and return True to retry it.
+    `changed`: only these nodes (whose arguments a rewrite changed) and the nodes downstream
+    whose inputs' metadata comes out different are recomputed; the rest keep their values.
     """
     mode = _fake_mode(gm)
     interpreter = torch.fx.Interpreter(gm)
     inputs = iter(n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder")
+    dirty = set(changed) if changed is not None else None
+    moved: set[torch.fx.Node] = set()  # recomputed to different metadata
     with mode:
         for node in list(gm.graph.nodes):
             if node.op == "placeholder":
                 value = next(inputs)
             elif node.op == "output":
+                continue
+            elif (
+                dirty is not None
+                and node not in dirty
+                and "val" in node.meta
+                and not any(a in moved for a in node.all_input_nodes)
+            ):
+                interpreter.env[node] = node.meta["val"]
                 continue
             else:
                 while True:
@@ -206,8 +219,11 @@ def propagate(
                             first = str(error).splitlines()[0] if str(error) else ""
                             return f"%{node.name} ({node.target}) fails: {first}"
             interpreter.env[node] = value
+            before = node.meta.get(META_KEY)
             node.meta["val"] = value
             node.meta[META_KEY] = meta_of_value(value)
+            if before != node.meta[META_KEY]:
+                moved.add(node)
     return None
 
 
@@ -437,7 +453,7 @@ class Layout(Pass):
             _restore(snapshot)
 
         node.replace_all_uses_with(source)
-        failure = propagate(gm)
+        failure = propagate(gm, changed=users)
         if failure is None:
             failure = self._unreadable(gm, snapshot, source, eager_outputs)
         if failure is None:
