@@ -72,9 +72,46 @@ def format_node(node: torch.fx.Node, bindings: Mapping[sympy.Symbol, int]) -> st
     return line
 
 
+_LINE_KEY = "memopt_line"  # node.meta: (what the line depends on, the line)
+
+
 def format_graph(
     gm: torch.fx.GraphModule, bindings: Mapping[sympy.Symbol, int], title: str = ""
 ) -> str:
+    """The graph, a line per node. A node's line is kept on the node with what it depends
+    on (its op, arguments, metadata, its inputs' metadata, the sizes): the pipeline prints
+    the graph after every pass that changes it, and most lines do not change."""
+    sizes = tuple(sorted((str(k), v) for k, v in bindings.items()))
     lines = [f"# {title}"] if title else []
-    lines.extend(format_node(n, bindings) for n in gm.graph.nodes)
+    for node in gm.graph.nodes:
+        key = (
+            node.name,
+            node.op,
+            node.target,
+            node.args,
+            node.kwargs,
+            node.meta.get(META_KEY),
+            _symbol(node.meta.get("val")),
+            tuple(a.meta.get(META_KEY) for a in node.all_input_nodes),
+            sizes,
+        )
+        cached = node.meta.get(_LINE_KEY)
+        if cached is None or not _same(cached[0], key):
+            cached = (key, format_node(node, bindings))
+            node.meta[_LINE_KEY] = cached
+        lines.append(cached[1])
     return "\n".join(lines) + "\n"
+
+
+def _symbol(value: object) -> object:
+    """What a line shows of a size value (a SymInt's expression); None for tensors."""
+    if isinstance(value, torch.SymInt):
+        return str(value.node.expr)
+    return value if isinstance(value, int) else None
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - an argument without a plain equality (a tensor)
+        return False

@@ -83,8 +83,12 @@ class Generated:
     signature: Signature
 
 
+@functools.lru_cache(maxsize=4096)
 def generate(kernel: Kernel) -> Generated:
-    """C++ source of `kernel`; NotImplementedError/ValueError for what it cannot express."""
+    """C++ source of `kernel`; NotImplementedError/ValueError for what it cannot express.
+
+    Cached: a kernel's source is asked for when it is prefetched and again when it is
+    built (an error is not cached: it is raised again)."""
     return _Codegen(kernel).generate()
 
 
