@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from cpu import _fresh_caches, _load_average, machine, write_results  # noqa: E402
 
 from memopt.driver.measure import run_step  # noqa: E402
+from memopt.passes import DEFAULT_PIPELINE  # noqa: E402
 
 MARK_START = "<!-- bench/compile.py: start -->"
 MARK_END = "<!-- bench/compile.py: end -->"
@@ -56,16 +57,7 @@ LAYERS = (2, 6, 12, 24)
 MODES = ("inference", "training")
 BACKENDS = ("inductor", "memopt")
 BLOCKS = 270  # synthetic blocks: about 10,000 ATen nodes
-PASS_ORDER = (
-    "cleanup",
-    "layout",
-    "attention",
-    "recompute",
-    "concat",
-    "epilogue",
-    "fusion",
-    "inplace",
-)
+PASS_ORDER = DEFAULT_PIPELINE
 
 
 # --- one compile, in a fresh process -----------------------------------------------------

@@ -231,10 +231,8 @@ class Recompute(Pass):
                     if saved <= 0:
                         ctx.refuse(refusal, plan_what, why, saved, names)
                         continue
-                    copies = tuple(u.name for u in consumers)
-                    if not ctx.decide(code, plan_what, why, saved, (*names, *copies)):
+                    if not _apply(gm, ctx, (code, plan_what, why, saved), names, consumers):
                         return
-                    _duplicate_all(gm, list(names))
                     kernel_of, positions = None, _positions(gm)
                     break
                 if trials == MAX_DUPLICATION_TRIALS:
@@ -267,16 +265,31 @@ class Recompute(Pass):
                         f"instead of one writing its {_nbytes(node, ctx)} B for the others"
                     )
                 tried[shape] = (node.name, saved, reason)
-                copies = tuple(u.name for u in consumers)
-                if not ctx.decide(code, plan_what, reason, saved, (*names, *copies)):
+                if not _apply(gm, ctx, (code, plan_what, reason, saved), names, consumers):
                     return
-                _duplicate_all(gm, list(names))
                 kernel_of, positions = None, _positions(gm)
                 break
 
     @staticmethod
     def work(ctx: PassContext, unit: str) -> None:
         ctx.record.work[unit] += 1
+
+
+def _apply(
+    gm: torch.fx.GraphModule,
+    ctx: PassContext,
+    decision: tuple[str, str, str, int],
+    names: tuple[str, ...],
+    consumers: list[torch.fx.Node],
+) -> bool:
+    """Take the duplication decision (code, what, why, bytes saved) and make the copies;
+    False when no fuel was left."""
+    code, what, why, saved = decision
+    copies = tuple(u.name for u in consumers)
+    if not ctx.decide(code, what, why, saved, (*names, *copies)):
+        return False
+    _duplicate_all(gm, list(names))
+    return True
 
 
 def _summary(candidate: partition.Candidate) -> str:
@@ -438,16 +451,7 @@ def _neighbourhood(positions: dict[torch.fx.Node, int], copied: list[torch.fx.No
     copied nodes, without node names: each node's op, metadata, which of the others its
     arguments are, how many users it has and whether it is copied. A repeated layer's
     producer has the same one as the first layer's."""
-    around = set(copied)
-    frontier = list(copied)
-    for _ in range(NEIGHBOURHOOD_STEPS):
-        step = []
-        for node in frontier:
-            for other in (*node.all_input_nodes, *node.users):
-                if other not in around:
-                    around.add(other)
-                    step.append(other)
-        frontier = step
+    around = _within(copied, NEIGHBOURHOOD_STEPS, lambda node: True)
     ordered = sorted(around, key=positions.__getitem__)
     refs = {node: k for k, node in enumerate(ordered)}
     copied_set = set(copied)
@@ -487,16 +491,7 @@ def _region(
     outputs. Fusion far from the centre decides the same with or without a duplication, so
     a trial on the region sees the difference a trial on the graph sees, in a time that does
     not grow with the graph. A region of most of the graph is the graph (a copy)."""
-    around = set(centre)
-    frontier = list(centre)
-    for _ in range(TRIAL_RADIUS):
-        step = []
-        for node in frontier:
-            for other in (*node.all_input_nodes, *node.users):
-                if other not in around and other.op not in ("placeholder", "output"):
-                    around.add(other)
-                    step.append(other)
-        frontier = step
+    around = _within(centre, TRIAL_RADIUS, lambda n: n.op not in ("placeholder", "output"))
     if 2 * len(around) >= len(positions):
         return copy_graph(gm)
     members = sorted(around, key=positions.__getitem__)
@@ -513,6 +508,24 @@ def _region(
     graph.output(tuple(env[n] for n in read_outside))
     with unset_fake_temporarily(), _use_lazy_graph_module(True):
         return torch.fx.GraphModule(gm, graph)
+
+
+def _within(
+    start: list[torch.fx.Node], steps: int, admit: Callable[[torch.fx.Node], bool]
+) -> set[torch.fx.Node]:
+    """The nodes at most `steps` edges (inputs or users) from `start`, among those `admit`
+    lets in (and through)."""
+    around = set(start)
+    frontier = list(start)
+    for _ in range(steps):
+        step = []
+        for node in frontier:
+            for other in (*node.all_input_nodes, *node.users):
+                if other not in around and admit(other):
+                    around.add(other)
+                    step.append(other)
+        frontier = step
+    return around
 
 
 def _positions(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, int]:
