@@ -19,7 +19,12 @@ def run(fn, *inputs):
 
 
 def decisions(a):
-    return [(d.code, d.applied) for p in a.graphs[0].ledger if p.pass_name == "concat" for d in p.decisions]
+    return [
+        (d.code, d.applied)
+        for p in a.graphs[0].ledger
+        if p.pass_name == "concat"
+        for d in p.decisions
+    ]
 
 
 def mats(k=3):
