@@ -50,6 +50,8 @@ from cpu import _fresh_caches, _load_average, machine, write_results  # noqa: E4
 from memopt.driver.measure import run_step  # noqa: E402
 from memopt.passes import DEFAULT_PIPELINE  # noqa: E402
 
+import real_models  # noqa: E402
+
 MARK_START = "<!-- bench/compile.py: start -->"
 MARK_END = "<!-- bench/compile.py: end -->"
 PLOT = ROOT / "docs" / "compile-time.svg"
@@ -64,24 +66,21 @@ PASS_ORDER = DEFAULT_PIPELINE
 
 
 def gpt2(layers: int, training: bool):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from real_models import LanguageModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(
-        n_embd=768,
-        n_layer=layers,
-        n_head=12,
-        n_positions=128,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
+    """GPT-2 small's width (768, 12 heads) at `layers` layers, 128 tokens, batch 1."""
+    size = real_models.Size(
+        vocab=50257,
+        hidden=768,
+        layers=layers,
+        heads=12,
+        seq=128,
+        batch=1,
+        image=0,
+        width=0,
+        stages=0,
     )
-    model = LanguageModel(GPT2LMHeadModel(config), "logits")
+    model, inputs = real_models.build("gpt2", size)
     model.train(training)
-    ids = torch.randint(0, config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(1))
-    return model, (ids,)
+    return model, inputs
 
 
 class Block(torch.nn.Module):

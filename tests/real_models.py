@@ -270,9 +270,10 @@ _BUILDERS: dict[str, Callable[[Size, str], nn.Module]] = {
 
 
 def build(
-    name: str, size: str = "tiny", *, attention: str = "sdpa", seed: int = 0
+    name: str, size: str | Size = "tiny", *, attention: str = "sdpa", seed: int = 0
 ) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
-    """The model (random weights from `seed`, float32, train mode) and example inputs.
+    """The model (random weights from `seed`, float32, train mode) and example inputs, at
+    one of SIZES or at a Size of the caller's.
 
     Dropout is off (probability 0) in every model, so training runs are deterministic and
     compiled gradients can be compared with eager ones.
@@ -282,7 +283,7 @@ def build(
     """
     if name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
-    dims = SIZES[size]
+    dims = SIZES[size] if isinstance(size, str) else size
     torch.manual_seed(seed)
     model = _BUILDERS[name](dims, attention)
     generator = torch.Generator().manual_seed(seed + 1)

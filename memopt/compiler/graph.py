@@ -196,3 +196,52 @@ def shape_bindings(values: Iterable[object]) -> dict[sympy.Symbol, int]:
                     hints = shape_env.var_to_val
                 return {sym: int(val) for sym, val in hints.items()}
     return {}
+
+
+# -- structure without identity (caches keyed by what a node computes, not which node) --
+
+SLOT = "<node>"  # where a node stood in a skeleton's arguments
+
+
+def hashable_meta(node: torch.fx.Node) -> object:
+    """A node's metadata in a form a dict key can hold (its repr when not hashable)."""
+    meta = node.meta.get(META_KEY)
+    try:
+        hash(meta)
+    except TypeError:
+        return repr(meta)
+    return meta
+
+
+def node_skeleton(node: torch.fx.Node) -> tuple[tuple, tuple[torch.fx.Node, ...]]:
+    """What a node computes without which nodes it reads: its op, its arguments with every
+    node replaced by SLOT, and its metadata; and the nodes read, in slot order."""
+    found: list[torch.fx.Node] = []
+
+    def canon(value: object) -> object:
+        if isinstance(value, torch.fx.Node):
+            found.append(value)
+            return SLOT
+        if isinstance(value, (list, tuple)):
+            return tuple(canon(v) for v in value)
+        if isinstance(value, dict):
+            return tuple((k, canon(v)) for k, v in value.items())
+        if isinstance(value, float):
+            return ("float", repr(value))  # -0.0 and 0.0 are equal, and differ
+        try:
+            hash(value)
+        except TypeError:
+            return ("repr", repr(value))
+        return (type(value).__name__, value)
+
+    skeleton = (node.target, canon(node.args), canon(node.kwargs), hashable_meta(node))
+    return skeleton, tuple(found)
+
+
+def plain_equal(a: object, b: object) -> bool:
+    """a == b, and False where equality is not plain (a tensor argument compares
+    elementwise)."""
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - any comparison that is not a plain bool
+        return False

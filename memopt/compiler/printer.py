@@ -12,7 +12,7 @@ import torch
 import torch.fx
 
 from memopt.compiler.cost import is_kernel, is_view, node_bytes
-from memopt.compiler.graph import META_KEY, TensorMeta, evaluate
+from memopt.compiler.graph import META_KEY, TensorMeta, evaluate, plain_equal
 
 
 def _op_name(target: object) -> str:
@@ -96,7 +96,7 @@ def format_graph(
             sizes,
         )
         cached = node.meta.get(_LINE_KEY)
-        if cached is None or not _same(cached[0], key):
+        if cached is None or not plain_equal(cached[0], key):
             cached = (key, format_node(node, bindings))
             node.meta[_LINE_KEY] = cached
         lines.append(cached[1])
@@ -108,10 +108,3 @@ def _symbol(value: object) -> object:
     if isinstance(value, torch.SymInt):
         return str(value.node.expr)
     return value if isinstance(value, int) else None
-
-
-def _same(a: tuple, b: tuple) -> bool:
-    try:
-        return bool(a == b)
-    except Exception:  # noqa: BLE001 - an argument without a plain equality (a tensor)
-        return False

@@ -41,6 +41,7 @@ merges they would have made are then recorded as refusals with the bytes at stak
 from __future__ import annotations
 
 import dataclasses
+import functools
 import heapq
 import operator
 import re
@@ -58,10 +59,11 @@ from memopt.compiler.aten_ops import SHAPE_QUERIES, TEMPLATE_MATMULS
 from memopt.compiler.cost import buffer_users, is_view, view_base
 from memopt.compiler.graph import (
     META_KEY,
-    TensorMeta,
     evaluate,
     graph_device,
+    hashable_meta,
     meta_of_value,
+    node_skeleton,
     output_metas,
     tensor_meta,
 )
@@ -108,19 +110,19 @@ class _State:
         self.consumers = {
             n: [u for u in buffer_users(n) if u in self.group_of] for n in self.fusible
         }
-        # The graph does not change while groups are searched: users and input roots are
-        # looked up once per node.
-        self.users_memo: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+        # The graph does not change while groups are searched: users, view roots and bases
+        # are looked up once per node.
+        self.users = functools.cache(buffer_users)
+        self.data_users = functools.cache(_data_users)
+        self.root = functools.cache(_view_root)
+        self.base = functools.cache(view_base)
         self.roots = {
-            n: [r for r in map(_view_root, n.all_input_nodes) if tensor_meta(r) is not None]
+            n: [r for r in map(self.root, n.all_input_nodes) if tensor_meta(r) is not None]
             for n in self.fusible
         }
         self.first_memo: dict[Group, int] = {}
         self.cost_memo: dict[Group, int] = {}
         self.parts_memo: dict[Group, tuple[set[torch.fx.Node], list[torch.fx.Node]]] = {}
-        self.root_memo: dict[torch.fx.Node, torch.fx.Node] = {}
-        self.base_memo: dict[torch.fx.Node, torch.fx.Node] = {}
-        self.buffer_users_memo: dict[torch.fx.Node, list[torch.fx.Node]] = {}
         self.touched_memo: dict[torch.fx.Node, int] = {}
         self.written_memo: dict[torch.fx.Node, int] = {}
         self.saved_memo: dict[tuple[Group, Group], int] = {}
@@ -175,22 +177,6 @@ class _State:
             self.parts_memo[group] = (inputs, stored)
         return self.parts_memo[group]
 
-    def root(self, node: torch.fx.Node) -> torch.fx.Node:
-        if node not in self.root_memo:
-            self.root_memo[node] = _view_root(node)
-        return self.root_memo[node]
-
-    def users(self, node: torch.fx.Node) -> list[torch.fx.Node]:
-        """buffer_users, looked up once per node."""
-        if node not in self.buffer_users_memo:
-            self.buffer_users_memo[node] = buffer_users(node)
-        return self.buffer_users_memo[node]
-
-    def data_users(self, node: torch.fx.Node) -> list[torch.fx.Node]:
-        if node not in self.users_memo:
-            self.users_memo[node] = _data_users(node)
-        return self.users_memo[node]
-
     def first(self, group: Group) -> int:
         """The group's first node's position in the graph."""
         if group not in self.first_memo:
@@ -213,12 +199,6 @@ class _State:
             writes = sum(self.written(n) for n in self.stored(group))
             self.cost_memo[group] = reads + writes
         return self.cost_memo[group]
-
-    def base(self, node: torch.fx.Node) -> torch.fx.Node:
-        """view_base, looked up once per node."""
-        if node not in self.base_memo:
-            self.base_memo[node] = view_base(node)
-        return self.base_memo[node]
 
     def touched(self, node: torch.fx.Node) -> int:
         """Bytes reading a tensor costs: its distinct elements."""
@@ -248,19 +228,15 @@ class _State:
         through: a view between two members is folded into indexing), and a topological
         number per vertex, kept valid under merges. Groups stay a DAG: that is what the
         cycle check keeps true."""
-        self.vertex: dict[torch.fx.Node, Group] = {}
+        vertex = {node: self.group_of.get(node) or frozenset([node]) for node in self.nodes}
+        self.succ: dict[Group, set[Group]] = {v: set() for v in vertex.values()}
+        self.pred: dict[Group, set[Group]] = {v: set() for v in vertex.values()}
         for node in self.nodes:
-            self.vertex[node] = self.group_of.get(node) or frozenset([node])
-        self.succ: dict[Group, set[Group]] = {v: set() for v in self.vertex.values()}
-        self.pred: dict[Group, set[Group]] = {v: set() for v in self.vertex.values()}
-        for node in self.nodes:
-            source = self.vertex[node]
             for user in self.data_users(node):
-                target = self.vertex[user]
-                if target is not source:
-                    self.succ[source].add(target)
-                    self.pred[target].add(source)
-        self.topo: dict[Group, int] = {self.vertex[n]: self.order[n] for n in self.nodes}
+                if vertex[user] is not vertex[node]:
+                    self.succ[vertex[node]].add(vertex[user])
+                    self.pred[vertex[user]].add(vertex[node])
+        self.topo: dict[Group, int] = {vertex[n]: self.order[n] for n in self.nodes}
 
     def _between(self, low: Group, high: Group, edges: dict, ahead: bool) -> set[Group]:
         """Vertices strictly between `low` and `high` in topological number that `low`
@@ -371,7 +347,6 @@ class _State:
         merged = a | b
         for node in merged:
             self.group_of[node] = merged
-            self.vertex[node] = merged
         # Number the condensed graph anew between the two: the vertices that reach the
         # later one, then the merged group, then those the earlier one reaches (no vertex
         # is both: the merge is legal); every other vertex keeps its number.
@@ -431,10 +406,8 @@ _NAME = re.compile(r"%([A-Za-z_][A-Za-z0-9_]*)")
 
 
 class _Shapes:
-    """Each node's op, arguments and metadata with its argument nodes taken out (slots), and
-    those nodes in slot order: looked up once per node while its arguments stay the same."""
-
-    SLOT = "<node>"
+    """graph.node_skeleton of each node, and whether lowering folds it (a view), looked up
+    once per node while its arguments stay the same objects."""
 
     def __init__(self) -> None:
         self.memo: dict[torch.fx.Node, tuple] = {}
@@ -442,33 +415,11 @@ class _Shapes:
     def __call__(self, node: torch.fx.Node) -> tuple[tuple, tuple[torch.fx.Node, ...], bool]:
         entry = self.memo.get(node)
         if entry is None or entry[3] is not node.args or entry[4] is not node.kwargs:
-            found: list[torch.fx.Node] = []
-            skeleton = (
-                node.target,
-                self._canon(node.args, found),
-                self._canon(node.kwargs, found),
-                _meta(node),
-            )
+            skeleton, args = node_skeleton(node)
             folded = is_view(node) and node.target is not operator.getitem
-            entry = (skeleton, tuple(found), folded, node.args, node.kwargs)
+            entry = (skeleton, args, folded, node.args, node.kwargs)
             self.memo[node] = entry
         return entry[0], entry[1], entry[2]
-
-    def _canon(self, value: object, found: list[torch.fx.Node]) -> object:
-        if isinstance(value, torch.fx.Node):
-            found.append(value)
-            return self.SLOT
-        if isinstance(value, (list, tuple)):
-            return tuple(self._canon(v, found) for v in value)
-        if isinstance(value, dict):
-            return tuple((k, self._canon(v, found)) for k, v in value.items())
-        if isinstance(value, float):
-            return ("float", repr(value))  # -0.0 and 0.0 are equal, and differ
-        try:
-            hash(value)
-        except TypeError:
-            return ("repr", repr(value))
-        return (type(value).__name__, value)
 
 
 def _structure(
@@ -492,7 +443,7 @@ def _structure(
             if folded:
                 inputs.append(("view", position, skeleton, tuple(ref(a) for a in args)))
             else:
-                inputs.append(("input", position, _meta(node)))
+                inputs.append(("input", position, hashable_meta(node)))
         return position
 
     key = []
@@ -526,6 +477,8 @@ def _remember(key: tuple, nodes: list[torch.fx.Node], lowered: Lowered) -> None:
 
 def _lowered(members: list[torch.fx.Node], name: str, state: _State) -> Lowered:
     """lower_group(members, name), from a group of the same structure when one was lowered."""
+    # The graph is being rewritten: users are looked up now (earlier groups' members are
+    # kernel calls already), not from the search's memo.
     key, nodes = _structure(members, state.shapes, buffer_users)
     known = _LOWERINGS.get(key)
     if known is None:
@@ -542,11 +495,6 @@ def _lowered(members: list[torch.fx.Node], name: str, state: _State) -> Lowered:
         gathers_per_source={nodes[k]: count for k, count in per_gather.items()},
         flops=flops,
     )
-
-
-def _meta(node: torch.fx.Node) -> object:
-    meta = node.meta.get(META_KEY)
-    return meta if isinstance(meta, (TensorMeta, tuple)) or meta is None else repr(meta)
 
 
 def _template(error: str | None, nodes: list[torch.fx.Node]) -> str | None:

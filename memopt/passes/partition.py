@@ -234,7 +234,7 @@ def candidates(
         recomputed = _recomputed(bw_c, joint_names)
         key = tuple(s.name for s in saved) + ("|",) + recomputed
         if key not in costed:
-            costed[key] = (_cost(cost, fw_c, "forward"), _cost(cost, bw_c, "backward"))
+            costed[key] = (cost(fw_c, "forward"), cost(bw_c, "backward"))
         forward_bytes, backward_bytes = costed[key]
         candidate = Candidate(label, saved, recomputed, forward_bytes, backward_bytes)
         why_not = _violates(candidate, bw_c, joint_names, options, joint_nodes)
@@ -373,10 +373,6 @@ def _banned_kind(node: torch.fx.Node, options: Recompute) -> str | None:
     if is_random(node) and not options.recompute_random:
         return "random op; recompute_random=False"
     return None
-
-
-def _cost(cost: GraphCost, gm: torch.fx.GraphModule, name: str) -> int:
-    return cost(gm, name)  # the cost function works on a copy: `gm` may be chosen
 
 
 # --- the bytes min-cut ----------------------------------------------------------------------

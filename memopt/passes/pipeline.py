@@ -31,6 +31,7 @@ from memopt.compiler.graph import (
     annotate,
     copy_graph,
     meta_of_value,
+    plain_equal,
     shape_bindings,
 )
 from memopt.compiler.printer import format_graph
@@ -255,13 +256,6 @@ def _signature(node: torch.fx.Node) -> tuple:
     return (node.op, node.target, node.args, node.kwargs, id(node.meta.get("val")))
 
 
-def _same(a: tuple, b: tuple) -> bool:
-    try:
-        return bool(a == b)
-    except Exception:  # noqa: BLE001 - an argument without a plain equality (a tensor)
-        return False
-
-
 def verify_metadata(
     gm: torch.fx.GraphModule, after: str, before: Mapping[torch.fx.Node, tuple] | None = None
 ) -> None:
@@ -286,7 +280,7 @@ def verify_metadata(
             elif (
                 before is not None
                 and node in before
-                and _same(before[node][0], _signature(node))
+                and plain_equal(before[node][0], _signature(node))
                 and "val" in node.meta
                 and META_KEY in node.meta
                 and not any(a in changed for a in node.all_input_nodes)

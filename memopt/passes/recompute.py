@@ -49,7 +49,13 @@ from torch.fx._lazy_graph_module import _use_lazy_graph_module
 
 from memopt.compiler.aten_ops import is_pointwise, is_random
 from memopt.compiler.cost import graph_cost, is_view, read_bytes
-from memopt.compiler.graph import META_KEY, copy_graph, evaluate, tensor_meta
+from memopt.compiler.graph import (
+    copy_graph,
+    evaluate,
+    hashable_meta,
+    node_skeleton,
+    tensor_meta,
+)
 from memopt.compiler.lower import can_lower
 from memopt.passes import partition
 from memopt.passes.base import Pass, PassContext, Pipeline, Stage
@@ -226,7 +232,7 @@ class Recompute(Pass):
                 shape = (kind, _neighbourhood(positions, copied))
                 if shape in tried:
                     first, saved, why = tried[shape]
-                    self.work(ctx, "recompute.trials_reused")
+                    ctx.record.work["recompute.trials_reused"] += 1
                     why = f"as for %{first}, whose surroundings have the same structure: {why}"
                     if saved <= 0:
                         ctx.refuse(refusal, plan_what, why, saved, names)
@@ -240,7 +246,7 @@ class Recompute(Pass):
                     ctx.refuse(refusal, plan_what, why, local, names)
                     continue
                 trials += 1
-                self.work(ctx, "recompute.trials")
+                ctx.record.work["recompute.trials"] += 1
                 # Costed on the region around the copies: the rest of the graph fuses
                 # the same way with or without them.
                 centre = [*copied, *consumers]
@@ -269,10 +275,6 @@ class Recompute(Pass):
                     return
                 kernel_of, positions = None, _positions(gm)
                 break
-
-    @staticmethod
-    def work(ctx: PassContext, unit: str) -> None:
-        ctx.record.work[unit] += 1
 
 
 def _apply(
@@ -456,27 +458,14 @@ def _neighbourhood(positions: dict[torch.fx.Node, int], copied: list[torch.fx.No
     refs = {node: k for k, node in enumerate(ordered)}
     copied_set = set(copied)
 
-    def canon(value: object) -> object:
-        if isinstance(value, torch.fx.Node):
-            return ("node", refs[value]) if value in refs else ("outside", _meta(value))
-        if isinstance(value, (list, tuple)):
-            return tuple(canon(v) for v in value)
-        if isinstance(value, dict):
-            return tuple((k, canon(v)) for k, v in value.items())
-        return repr(value)
+    def shape(node: torch.fx.Node) -> tuple:
+        if node.op != "call_function":  # an input: its metadata, not its name
+            return (node.op, hashable_meta(node), len(node.users), node in copied_set)
+        skeleton, args = node_skeleton(node)
+        reads = tuple(refs[a] if a in refs else ("outside", hashable_meta(a)) for a in args)
+        return (skeleton, reads, len(node.users), node in copied_set)
 
-    return tuple(
-        (
-            node.op,
-            node.target if node.op == "call_function" else "",  # not placeholder names
-            _meta(node),
-            canon(node.args) if node.op == "call_function" else (),
-            canon(node.kwargs) if node.op == "call_function" else (),
-            len(node.users),
-            node in copied_set,
-        )
-        for node in ordered
-    )
+    return tuple(shape(node) for node in ordered)
 
 
 # How far around the copied nodes and their consumers a duplication trial runs fusion.
@@ -530,15 +519,6 @@ def _within(
 
 def _positions(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, int]:
     return {n: k for k, n in enumerate(gm.graph.nodes)}
-
-
-def _meta(node: torch.fx.Node) -> object:
-    meta = node.meta.get(META_KEY)
-    try:
-        hash(meta)
-    except TypeError:
-        return repr(meta)
-    return meta
 
 
 def _by_name(gm: torch.fx.GraphModule, name: str) -> torch.fx.Node:

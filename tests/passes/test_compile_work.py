@@ -76,3 +76,30 @@ def test_training_work_is_linear_in_depth():
     assert deep["recompute.trials"] == shallow["recompute.trials"]
     assert deep["recompute.trials_reused"] > shallow["recompute.trials_reused"]
     assert deep["fusion.lowerings"] == shallow["fusion.lowerings"]
+
+
+def test_kernels_lowered_once_for_repeated_blocks_compute_what_eager_does():
+    """Blocks of one structure share one lowering: the later blocks' kernels are rebuilt
+    from the first's (their own inputs and outputs), and must compute the same as eager."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[Block(16) for _ in range(4)]).eval()
+    x = torch.randn(2, 4, 16)
+    fusion._PROBES.clear()
+    fusion._LOWERINGS.clear()
+    analysis = memopt.analyze(model, x)
+    reused = sum(e.work.get("fusion.kernels_reused", 0) for g in analysis.graphs for e in g.ledger)
+    assert reused >= 3  # at least one kernel of each later block
+    with torch.no_grad():
+        got = torch.compile(model, backend="memopt")(x)
+        torch.testing.assert_close(got, model(x))
+
+
+def test_a_shared_lowering_refusal_names_the_nodes_of_its_own_group():
+    """A refusal reason shared by structure keeps node names as positions and gets the
+    names of the group it is used for; one naming a node outside the structure is not
+    shared."""
+    gm = torch.fx.symbolic_trace(lambda a, b: (a + 1, b + 1))
+    a, b, add, add_1, _ = gm.graph.nodes
+    template = fusion._template("%add reads %a at another row", [add, a])
+    assert fusion._filled(template, [add_1, b]) == "%add_1 reads %b at another row"
+    assert fusion._template("%add reads %b", [add, a]) is None
