@@ -55,6 +55,10 @@ from memopt.compiler.kernel_ir import (
 )
 
 FUNCTION_NAME = "memopt_kernel"
+# The same kernel with its arguments packed: `int32_t f(void* const* pointers, const
+# int64_t* scalars)`, the data pointers in argument order, then the integers. What the
+# native launcher calls (launcher.py): one signature for every kernel.
+PACKED_NAME = "memopt_kernel_packed"
 SHORT_ROW = 1024  # float32 sums over rows up to this long accumulate in float32 lanes
 SPLIT_COLUMNS = 8192  # column reductions over at most this many columns: MO_SPLIT_COLUMNS
 
@@ -155,6 +159,7 @@ class _Codegen(ValueRenderer):
                 "  return mo_take_error();",
                 "}",
                 "",
+                *self._packed_entry(),
             ]
         )
         signature = Signature(
@@ -163,6 +168,25 @@ class _Codegen(ValueRenderer):
             size_names=tuple(s.name for s in self.kernel.size_symbols),
         )
         return Generated(source, signature)
+
+    def _packed_entry(self) -> list[str]:
+        """FUNCTION_NAME called with its arguments unpacked from two arrays."""
+        pointers = []
+        for buffer in self.kernel.inputs:
+            pointers.append(f"const {ops.STORAGE_TYPES[buffer.dtype]}*")
+        for buffer in self.kernel.outputs:
+            pointers.append(f"{ops.STORAGE_TYPES[buffer.dtype]}*")
+        for k in self.snapshots:
+            pointers.append(f"const {ops.STORAGE_TYPES[self.kernel.outputs[k].dtype]}*")
+        arguments = [f"({kind})p[{k}]" for k, kind in enumerate(pointers)]
+        integers = len(self.extent_buffers) + len(self.kernel.size_symbols)
+        arguments += [f"s[{k}]" for k in range(integers)]
+        return [
+            f'extern "C" int32_t {PACKED_NAME}(void* const* p, const int64_t* s) {{',
+            f"  (void)p; (void)s; return {FUNCTION_NAME}({', '.join(arguments)});",
+            "}",
+            "",
+        ]
 
     def _parameters(self) -> str:
         params = []

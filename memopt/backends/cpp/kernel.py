@@ -1,4 +1,5 @@
-"""CppKernel: a Kernel compiled to C++ and called through ctypes."""
+"""CppKernel: a Kernel compiled to C++, called through the native launcher (launcher.py)
+or, where that is not available, through ctypes."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from memopt.backends import memory
 from memopt.backends.codegen import planning
-from memopt.backends.cpp import build, codegen
+from memopt.backends.cpp import build, codegen, launcher
 from memopt.backends.registry import Sizes, Tensors
 from memopt.compiler.kernel_ir import Buffer, Kernel
 
@@ -42,6 +43,8 @@ class CppKernel:
         function.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int64] * integers
         function.restype = ctypes.c_int32
         self._function = function
+        packed = getattr(library, codegen.PACKED_NAME)
+        self._packed_address = ctypes.cast(packed, ctypes.c_void_p).value
         self._buffers = (*kernel.inputs, *kernel.outputs)
         self._bound: dict[tuple[object, ...], Callable[[Tensors, Tensors], None]] = {}
         # Output position -> input position whose memory that output may reuse, when the
@@ -105,6 +108,26 @@ class CppKernel:
         function, name = self._function, self.kernel.name
         checks = tuple(zip(layout.expected, self._buffers))[:checked]
         snapshot_outputs = self.signature.snapshot_outputs
+        native = launcher.module()
+        if native is not None and not snapshot_outputs and len(checks) <= launcher.MAX_TENSORS:
+            count = len(self._buffers)
+            expected = tuple(layout_check for layout_check, _ in checks)
+            checked_launch = native.bind(self._packed_address, count, scalars, expected)
+            unchecked_launch = native.bind(self._packed_address, count, scalars, ())
+
+            def run_native(inputs: Tensors, outputs: Tensors) -> None:
+                code = checked_launch(*inputs, *outputs)
+                if code == launcher.LAYOUT_MISMATCH:
+                    # The full rule: size-1 and empty dims may have any stride.
+                    for tensor, ((_, shape, stride), buffer) in zip((*inputs, *outputs), checks):
+                        _check(buffer, tensor, shape, stride)
+                    code = unchecked_launch(*inputs, *outputs)
+                if code:
+                    error, message = _ERRORS.get(code, (RuntimeError, f"error code {code}"))
+                    raise error(f"kernel {name}: {message}")
+
+            run_native.launch = checked_launch
+            return run_native
 
         def run(inputs: Tensors, outputs: Tensors) -> None:
             tensors = (*inputs, *outputs)

@@ -18,10 +18,11 @@ from collections.abc import Sequence
 import sympy
 import torch
 import torch.fx
+from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from memopt.backends.runtime.extern import plan_library_calls
 from memopt.backends.runtime.kernels import mark_donated_inputs, prefetch_kernels
-from memopt.backends.runtime.timing import active_timer
+from memopt.backends.runtime.timing import _ACTIVE, active_timer
 from memopt.compiler.graph import META_KEY, TensorMeta, evaluate, tensor_meta
 
 
@@ -85,17 +86,18 @@ class CompiledGraph:
         self._plain = reference is None and not self.any_restride
         mark_donated_inputs(gm)
         prefetch_kernels(gm)
-        plan_library_calls(gm)
+        plan_library_calls(gm)  # recompiles the graph's code: its forward is read after
+        self._forward = _compiled_forward(gm)
 
     def __call__(self, *args: object) -> list[object]:
         # AOTAutograd calls compiled graphs boxed (one list it may free) on most paths and
         # unboxed on some; graph inputs are tensors and ints, never lists, so both are clear.
         if len(args) == 1 and type(args[0]) is list:
             args = args[0]
-        if self._plain and active_timer() is None:
+        if self._plain and not _ACTIVE:  # no check pending, no restride, no timer
             # forward, not __call__: a graph module has no hooks, and nn.Module's call
             # machinery costs microseconds on every call.
-            return self.gm.forward(*args)
+            return self._forward(*args)
         return self._run(list(args))
 
     def _run(self, args: list[object]) -> list[object]:
@@ -134,10 +136,18 @@ class CompiledGraph:
                     )
                     print(f"memopt: check failed on {self.name} graph: {first}", file=sys.stderr)
                     self.gm = reference
+                    self._forward = _compiled_forward(reference)
                     self.any_restride = False
                     self._plain = True
                     return list(expected)
         return actual
+
+
+def _compiled_forward(gm: torch.fx.GraphModule):
+    """The graph's generated forward, bound: a lazy graph module's code generated now (its
+    stand-in forward goes through nn.Module's call machinery on every call)."""
+    _LazyGraphModule.force_recompile(gm)
+    return gm.forward
 
 
 def _copy(value: object) -> object:

@@ -34,6 +34,7 @@ _FAKE = torch._C._TorchDispatchModeKey.FAKE
 # call); TorchInductor's generated code allocates with it too. Absent: torch.empty_strided.
 _EMPTY_STRIDED_CPU = getattr(torch._C._dynamo.guards, "_empty_strided_cpu", None)
 _CPU = torch.device("cpu")
+_PARAMETER = torch.nn.Parameter
 
 
 class _Launch(NamedTuple):
@@ -83,6 +84,10 @@ class FusedKernel:
         self._symbol_slots = self._find_symbol_slots()
         self._layouts: dict[tuple[int, ...], list[tuple[list[int], list[int]]]] = {}
         self._launches: dict[tuple[object, ...], _Launch] = {}  # by (device, *sizes)
+        # What a call of plain CPU tensors runs, once the first such call has worked it
+        # out (`_fast_call`); None until then, and for kernels with size symbols or
+        # destinations. Setting either attribute below resets it.
+        self._fast: Callable[[Sequence[torch.Tensor]], tuple[torch.Tensor, ...]] | None = None
         # Input positions whose tensors nothing reads after this kernel (set by the executor,
         # which sees the whole graph): an output may be written over one of them instead of
         # into fresh memory, when the backend says that is safe (its `in_place` map).
@@ -92,6 +97,11 @@ class FusedKernel:
         # kernel's inputs is a destination only, never read. The call returns the
         # destination itself for such an output.
         self.destinations: dict[int, int] = {}
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in ("donated_inputs", "destinations"):
+            object.__setattr__(self, "_fast", None)
+        object.__setattr__(self, name, value)
 
     def __repr__(self) -> str:
         return (
@@ -178,8 +188,20 @@ class FusedKernel:
         return runner
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        # Plain tensors outside a fake mode take the fast path: C-level checks, not
-        # `active_fake_mode()` (microseconds, on every call of every kernel).
+        # The common call (plain CPU tensors, outside a fake mode, at the one set of sizes a
+        # kernel without size symbols has) goes straight to the launch worked out on the
+        # first (`_fast_call`); the checks are C-level calls, not `active_fake_mode()`.
+        fast = self._fast
+        if fast is not None and torch._C._get_dispatch_mode(_FAKE) is None:
+            for t in inputs:
+                if type(t) is not torch.Tensor and type(t) is not _PARAMETER:
+                    break
+            else:
+                if not inputs or inputs[0].is_cpu:
+                    return fast(inputs)
+        return self._call(inputs)
+
+    def _call(self, inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         plain = torch._C._get_dispatch_mode(_FAKE) is None
         for t in inputs:
             if type(t) is not torch.Tensor:
@@ -197,21 +219,12 @@ class FusedKernel:
             launch = self._launches.get(device)
         if launch is None:
             launch = self._launch(device, sizes)
+        if self._fast is None and device.type == "cpu" and not self._symbol_slots:
+            if not self.destinations:
+                self._fast = _fast_call(launch, self.donated_inputs)
         if self.destinations:
             return self._run_into_destinations(inputs, launch)
-        # An input nothing reads afterwards may take an output in place of fresh memory,
-        # which costs page faults on first touch (more than a pointwise kernel's own time);
-        # a backend may also hand out memory of its own (CppKernel.allocate).
-        donated = self.donated_inputs
-        outputs = []
-        for shape, stride, dtype, donor, allocate in launch.outputs:
-            if donor in donated and _reusable(inputs[donor], shape, stride, dtype):
-                outputs.append(inputs[donor])
-            else:
-                outputs.append(allocate())
-        if launch.run is not None:
-            launch.run(inputs, outputs)
-        return tuple(outputs)
+        return _outputs(launch, inputs, self.donated_inputs)
 
     def _run_into_destinations(
         self, args: Sequence[torch.Tensor], launch: _Launch
@@ -290,6 +303,53 @@ class FusedKernel:
             ]
             self._layouts[key] = layouts
         return layouts
+
+
+def _outputs(
+    launch: _Launch, inputs: Sequence[torch.Tensor], donated: frozenset[int]
+) -> tuple[torch.Tensor, ...]:
+    """Allocate the outputs and run the launch. An input nothing reads afterwards may take
+    an output in place of fresh memory, which costs page faults on first touch (more than a
+    pointwise kernel's own time); a backend may also hand out memory of its own
+    (CppKernel.allocate)."""
+    outputs = []
+    for shape, stride, dtype, donor, allocate in launch.outputs:
+        if donor in donated and _reusable(inputs[donor], shape, stride, dtype):
+            outputs.append(inputs[donor])
+        else:
+            outputs.append(allocate())
+    if launch.run is not None:
+        launch.run(inputs, outputs)
+    return tuple(outputs)
+
+
+def _fast_call(
+    launch: _Launch, donated: frozenset[int]
+) -> Callable[[Sequence[torch.Tensor]], tuple[torch.Tensor, ...]]:
+    """`_outputs` for one launch, specialised: a single output with no input to take over
+    (the usual kernel) is one allocation and one run."""
+    run = launch.run
+    if run is not None and len(launch.outputs) == 1:
+        shape, stride, dtype, donor, allocate = launch.outputs[0]
+        native = getattr(run, "launch", None)  # the C++ backend's native launch
+        if native is not None and (donor is None or donor not in donated):
+
+            def single(inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+                output = allocate()
+                if native(*inputs, output):  # a layout to check in full, or an error:
+                    run(inputs, (output,))  # run's own path raises or runs it
+                return (output,)
+
+            return single
+        if donor is None or donor not in donated:
+
+            def single_run(inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+                output = allocate()
+                run(inputs, (output,))
+                return (output,)
+
+            return single_run
+    return functools.partial(_outputs, launch, donated=donated)
 
 
 def _run(runner: object, sizes: dict[str, int], inputs, outputs) -> None:

@@ -1,0 +1,263 @@
+"""A native launcher for compiled kernels: one C call from Python to the kernel.
+
+Through ctypes a kernel call costs about 1 us of argument conversion, plus a Python
+`data_ptr()` call per tensor. The launcher is a small CPython extension, built once per
+machine and Python (cached like the kernels), whose `bind(address, tensors, scalars)`
+returns a callable: called with the kernel's tensors, it reads their data pointers in C
+(through the function torch exports for this, `_torchinductor_pyobject_tensor_data_ptr`)
+and calls the kernel's packed entry point (`codegen.PACKED_NAME`:
+`int32_t f(void* const* pointers, const int64_t* scalars)`) with the scalars bound once.
+Before that it checks the first tensors' dtype, device, shape and strides against those
+bound (the layouts the kernel was generated for). It returns the kernel's error code, or
+LAYOUT_MISMATCH without running when a check fails (the caller applies the full rule).
+
+Where the extension cannot be built (no Python headers, no compiler) or torch lacks the
+data-pointer function, `available()` is False and kernels are called through ctypes.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.machinery
+import importlib.util
+import os
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from memopt.backends.cache import write_atomically
+from memopt.backends.cpp import build
+
+# The most tensors one call passes (inputs, outputs and output snapshots); a kernel with
+# more is called through ctypes.
+MAX_TENSORS = 64
+LAYOUT_MISMATCH = -1  # the launch's return when a checked tensor's layout differs
+
+SOURCE = r"""
+// memopt's kernel launcher: a CPython extension (see memopt/backends/cpp/launcher.py).
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <cstdint>
+#include <exception>
+
+#define MAX_TENSORS @MAX_TENSORS@
+
+typedef int32_t (*packed_fn)(void* const*, const int64_t*);
+typedef void* (*data_ptr_fn)(PyObject*);
+static data_ptr_fn tensor_data_ptr = nullptr;
+
+// Returned when a checked tensor's layout is not the expected one (the kernel did not
+// run): the caller applies the full rule and, if the tensor passes, calls unchecked.
+#define LAYOUT_MISMATCH (-1)
+
+static PyObject *dtype_name, *is_cpu_name, *shape_name, *stride_name;
+
+typedef struct {
+  PyObject_HEAD
+  vectorcallfunc vectorcall;
+  packed_fn fn;
+  Py_ssize_t tensors;
+  Py_ssize_t scalar_count;
+  int64_t* scalars;
+  PyObject* checks;  // a tuple of (dtype, shape, strides) for the first tensors
+} Launch;
+
+// 1 when the tensor has the dtype, is on the CPU and has the shape and strides; 0 when
+// not; -1 with an exception set when an attribute cannot be read.
+static int matches(PyObject* tensor, PyObject* check) {
+  PyObject* value = PyObject_GetAttr(tensor, dtype_name);
+  if (value == nullptr) return -1;
+  int same = value == PyTuple_GET_ITEM(check, 0);
+  Py_DECREF(value);
+  if (!same) return 0;
+  value = PyObject_GetAttr(tensor, is_cpu_name);
+  if (value == nullptr) return -1;
+  same = value == Py_True;
+  Py_DECREF(value);
+  if (!same) return 0;
+  value = PyObject_GetAttr(tensor, shape_name);
+  if (value == nullptr) return -1;
+  same = PyObject_RichCompareBool(value, PyTuple_GET_ITEM(check, 1), Py_EQ);
+  Py_DECREF(value);
+  if (same != 1) return same;
+  value = PyObject_CallMethodNoArgs(tensor, stride_name);
+  if (value == nullptr) return -1;
+  same = PyObject_RichCompareBool(value, PyTuple_GET_ITEM(check, 2), Py_EQ);
+  Py_DECREF(value);
+  return same;
+}
+
+static void* pointer_of(PyObject* tensor) {
+  try {
+    return tensor_data_ptr(tensor);
+  } catch (...) {
+    PyErr_SetString(PyExc_TypeError, "memopt launcher: an argument is not a tensor");
+    return nullptr;
+  }
+}
+
+static PyObject* launch_call(PyObject* self, PyObject* const* args, size_t nargsf,
+                             PyObject* kwnames) {
+  Launch* launch = (Launch*)self;
+  Py_ssize_t n = PyVectorcall_NARGS(nargsf);
+  if (n != launch->tensors || (kwnames && PyTuple_GET_SIZE(kwnames))) {
+    PyErr_Format(PyExc_TypeError, "memopt launcher: expected %zd tensors, got %zd",
+                 launch->tensors, n);
+    return nullptr;
+  }
+  Py_ssize_t checked = PyTuple_GET_SIZE(launch->checks);
+  for (Py_ssize_t k = 0; k < checked && k < n; ++k) {
+    int same = matches(args[k], PyTuple_GET_ITEM(launch->checks, k));
+    if (same < 0) return nullptr;
+    if (!same) return PyLong_FromLong(LAYOUT_MISMATCH);
+  }
+  void* pointers[MAX_TENSORS];
+  for (Py_ssize_t k = 0; k < n; ++k) {
+    pointers[k] = pointer_of(args[k]);
+    if (pointers[k] == nullptr && PyErr_Occurred()) return nullptr;
+  }
+  int32_t code = launch->fn(pointers, launch->scalars);
+  return PyLong_FromLong(code);
+}
+
+static void launch_dealloc(PyObject* self) {
+  PyMem_Free(((Launch*)self)->scalars);
+  Py_XDECREF(((Launch*)self)->checks);
+  Py_TYPE(self)->tp_free(self);
+}
+
+static PyTypeObject LaunchType = {PyVarObject_HEAD_INIT(nullptr, 0)};
+
+static PyObject* bind(PyObject* module, PyObject* args) {
+  unsigned long long address;
+  Py_ssize_t tensors;
+  PyObject* scalars;
+  PyObject* checks;
+  if (!PyArg_ParseTuple(args, "KnO!O!", &address, &tensors, &PyTuple_Type, &scalars,
+                        &PyTuple_Type, &checks))
+    return nullptr;
+  for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(checks); ++k) {
+    PyObject* check = PyTuple_GET_ITEM(checks, k);
+    if (!PyTuple_Check(check) || PyTuple_GET_SIZE(check) != 3) {
+      PyErr_SetString(PyExc_TypeError, "memopt launcher: a check is (dtype, shape, strides)");
+      return nullptr;
+    }
+  }
+  if (tensors < 0 || tensors > MAX_TENSORS) {
+    PyErr_SetString(PyExc_ValueError, "memopt launcher: too many tensors");
+    return nullptr;
+  }
+  Launch* launch = PyObject_New(Launch, &LaunchType);
+  if (launch == nullptr) return nullptr;
+  launch->vectorcall = launch_call;
+  launch->scalars = nullptr;
+  Py_INCREF(checks);
+  launch->checks = checks;
+  launch->fn = (packed_fn)(uintptr_t)address;
+  launch->tensors = tensors;
+  launch->scalar_count = PyTuple_GET_SIZE(scalars);
+  launch->scalars = (int64_t*)PyMem_Malloc(sizeof(int64_t) * (launch->scalar_count + 1));
+  if (launch->scalars == nullptr) {
+    Py_DECREF(launch);
+    return PyErr_NoMemory();
+  }
+  for (Py_ssize_t k = 0; k < launch->scalar_count; ++k) {
+    launch->scalars[k] = PyLong_AsLongLong(PyTuple_GET_ITEM(scalars, k));
+    if (launch->scalars[k] == -1 && PyErr_Occurred()) {
+      Py_DECREF(launch);
+      return nullptr;
+    }
+  }
+  return (PyObject*)launch;
+}
+
+static PyMethodDef methods[] = {
+    {"bind", bind, METH_VARARGS, "bind(address, tensors, scalars, checks) -> launch"},
+    {nullptr, nullptr, 0, nullptr}};
+
+static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "launcher", nullptr, -1,
+                                        methods};
+
+PyMODINIT_FUNC PyInit_launcher(void) {
+  const char* address = getenv("MEMOPT_TENSOR_DATA_PTR");
+  if (address == nullptr) {
+    PyErr_SetString(PyExc_RuntimeError, "MEMOPT_TENSOR_DATA_PTR is not set");
+    return nullptr;
+  }
+  tensor_data_ptr = (data_ptr_fn)(uintptr_t)strtoull(address, nullptr, 10);
+  dtype_name = PyUnicode_InternFromString("dtype");
+  is_cpu_name = PyUnicode_InternFromString("is_cpu");
+  shape_name = PyUnicode_InternFromString("shape");
+  stride_name = PyUnicode_InternFromString("stride");
+  if (!dtype_name || !is_cpu_name || !shape_name || !stride_name) return nullptr;
+  LaunchType.tp_name = "memopt_launcher.Launch";
+  LaunchType.tp_basicsize = sizeof(Launch);
+  LaunchType.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL;
+  LaunchType.tp_vectorcall_offset = offsetof(Launch, vectorcall);
+  LaunchType.tp_call = PyVectorcall_Call;
+  LaunchType.tp_dealloc = launch_dealloc;
+  if (PyType_Ready(&LaunchType) < 0) return nullptr;
+  return PyModule_Create(&module_def);
+}
+""".replace("@MAX_TENSORS@", str(MAX_TENSORS))
+
+_lock = threading.Lock()
+
+
+def available() -> bool:
+    """Whether the launcher is built and loaded (it is built on the first call)."""
+    return module() is not None
+
+
+@functools.cache
+def module() -> ModuleType | None:
+    """The loaded launcher extension, or None where it cannot be built or loaded."""
+    address = getattr(torch._C._dynamo.guards, "_torchinductor_pyobject_tensor_data_ptr", None)
+    include = sysconfig.get_paths().get("include")
+    if not address or not include or not Path(include, "Python.h").exists():
+        return None
+    try:
+        path = _built(include)
+        os.environ["MEMOPT_TENSOR_DATA_PTR"] = str(int(address))
+        loader = importlib.machinery.ExtensionFileLoader("memopt_launcher.launcher", str(path))
+        spec = importlib.util.spec_from_loader(loader.name, loader)
+        loaded = importlib.util.module_from_spec(spec)
+        loader.exec_module(loaded)
+        return loaded
+    except (OSError, ImportError, build.CompileError, build.CompilerNotFound, RuntimeError):
+        return None
+
+
+def _built(include: str) -> Path:
+    """The extension's library in the cache, compiled unless an intact one is there."""
+    compiler = build.compiler()
+    identity = "\0".join([SOURCE, compiler, sys.version, include, sysconfig.get_platform()])
+    key = build._digest(identity)[:32]
+    directory = build.cache_dir()
+    path = directory / f"launcher-{key}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
+    with _lock:
+        if path.exists():
+            return path
+        fd, source = tempfile.mkstemp(suffix=".cpp", prefix=".launcher-", dir=directory)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(SOURCE)
+        fd, output = tempfile.mkstemp(suffix=".so", prefix=".launcher-", dir=directory)
+        os.close(fd)
+        command = [compiler, "-shared", "-fPIC", "-O2", "-std=c++17", f"-I{include}"]
+        command += [source, "-o", output]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, check=False)
+        finally:
+            Path(source).unlink(missing_ok=True)
+        if result.returncode != 0:
+            Path(output).unlink(missing_ok=True)
+            raise build.CompileError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
+        write_atomically(path, Path(output).read_bytes())
+        Path(output).unlink(missing_ok=True)
+    return path

@@ -1,0 +1,126 @@
+"""The native launcher (backends/cpp/launcher.py) and a FusedKernel's fast call path.
+
+A generated C++ kernel is called through one C call that checks its tensors' layouts and
+reads their data pointers; a FusedKernel called with plain CPU tensors at its one set of
+sizes goes straight to that launch. Every path must give eager's values and refuse what
+the slow path refuses.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from memopt.backends.cpp import compile_kernel, launcher
+
+from lowering_harness import fused_kernels, run_fused
+
+pytestmark = pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX") or "g++") is None, reason="needs a C++ compiler"
+)
+
+
+def _scale_shift(x, y):
+    return (x * 2 + y).relu()
+
+
+def test_the_launcher_builds_here():
+    """This machine has a compiler and Python's headers: kernels take the native launch."""
+    assert launcher.available()
+
+
+def test_fast_path_matches_eager_and_is_taken():
+    x, y = torch.randn(5, 33), torch.randn(33)
+    got, gm = run_fused(_scale_shift, (x, y), "cpp")
+    assert_close(got, _scale_shift(x, y))
+    (kernel,) = fused_kernels(gm)
+    assert kernel._fast is not None  # worked out by the first call
+    for _ in range(3):  # later calls, on new values, through the fast path
+        x2 = torch.randn(5, 33)
+        assert_close(gm(x2, y), _scale_shift(x2, y))
+
+
+def test_fast_path_checks_layouts_like_the_slow_path():
+    """Must run: a size-1 dim with another stride (the full rule allows any). Must refuse:
+    another dtype or another shape, with the error the slow path gives."""
+    x, y = torch.randn(1, 33), torch.randn(33)
+    _, gm = run_fused(_scale_shift, (x, y), "cpp")
+    (kernel,) = fused_kernels(gm)
+    gm(x, y)
+    odd = torch.empty_strided((1, 33), (999, 1)).copy_(x)
+    assert odd.stride() != x.stride()
+    assert_close(kernel(odd, y)[0], _scale_shift(x, y))
+    with pytest.raises(ValueError, match="expected a cpu tensor of shape"):
+        kernel(x.double(), y)
+    with pytest.raises(ValueError, match="expected a cpu tensor of shape"):
+        kernel(torch.randn(1, 34), torch.randn(34))
+
+
+def test_parameters_take_the_fast_path():
+    x, y = torch.randn(4, 16), torch.nn.Parameter(torch.randn(16))
+    with torch.no_grad():
+        got, gm = run_fused(_scale_shift, (x, y), "cpp")
+        (kernel,) = fused_kernels(gm)
+        calls = []
+        slow = kernel._call
+        kernel._call = lambda inputs: calls.append(1) or slow(inputs)
+        assert_close(gm(x, y), _scale_shift(x, y))
+    assert not calls
+
+
+def test_setting_donated_inputs_or_destinations_resets_the_fast_path():
+    x, y = torch.randn(4, 16), torch.randn(16)
+    _, gm = run_fused(_scale_shift, (x, y), "cpp")
+    (kernel,) = fused_kernels(gm)
+    assert kernel._fast is not None
+    kernel.donated_inputs = frozenset({0})
+    assert kernel._fast is None
+    gm(x, y)
+    assert kernel._fast is not None
+    kernel.destinations = {}
+    assert kernel._fast is None
+
+
+def test_an_index_outside_the_table_raises_on_every_call():
+    table, ids = torch.randn(50, 32), torch.randint(0, 50, (3, 7))
+
+    def lookup(ids, table):
+        return table[ids] * 2
+
+    got, gm = run_fused(lookup, (ids, table), "cpp")
+    assert_close(got, lookup(ids, table))
+    bad = ids.clone()
+    bad[1, 4] = 50
+    for _ in range(2):
+        with pytest.raises(IndexError):
+            gm(bad, table)
+
+
+def test_a_launch_refuses_what_is_not_a_tensor():
+    x, y = torch.randn(3, 8), torch.randn(8)
+    _, gm = run_fused(_scale_shift, (x, y), "cpp")
+    kernel = fused_kernels(gm)[0].kernel
+    run = compile_kernel(kernel).bind({})
+    native = run.launch
+    count = len(kernel.inputs) + len(kernel.outputs)
+    with pytest.raises(TypeError, match=f"expected {count} tensors"):
+        native(x)
+    with pytest.raises(AttributeError):  # checked: its dtype is read first
+        run([object(), y], [torch.empty(3, 8)])
+    unchecked = launcher.module().bind(compile_kernel(kernel)._packed_address, count, (), ())
+    with pytest.raises(TypeError, match="not a tensor"):
+        unchecked(object(), y, torch.empty(3, 8))
+
+
+def test_without_the_launcher_kernels_run_through_ctypes(monkeypatch):
+    monkeypatch.setattr(launcher, "module", lambda: None)
+    x, y = torch.randn(6, 20), torch.randn(20)
+    got, gm = run_fused(_scale_shift, (x, y), "cpp")
+    (kernel,) = fused_kernels(gm)
+    assert getattr(kernel._compiled["cpp"].bind({}), "launch", None) is None
+    assert_close(got, _scale_shift(x, y))
+    assert_close(gm(x, y), _scale_shift(x, y))
