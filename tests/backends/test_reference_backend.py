@@ -501,10 +501,12 @@ def _index_exprs() -> st.SearchStrategy[sympy.Expr]:
     return st.recursive(leaves, grow, max_leaves=6)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(_index_exprs())
 def test_evaluate_index_matches_sympy(expr):
     x = sympy.Symbol("x", integer=True)
     got = evaluate_index(expr, {"x": torch.tensor(_POINTS)}).expand(len(_POINTS))
-    want = [int(expr.subs(x, point)) for point in _POINTS]
+    # doit(): every function re-evaluated bottom-up on the number (subs can leave a
+    # FloorDiv of an evaluated Min unevaluated).
+    want = [int(expr.xreplace({x: sympy.Integer(point)}).doit()) for point in _POINTS]
     assert got.tolist() == want
