@@ -124,3 +124,12 @@ def test_without_the_launcher_kernels_run_through_ctypes(monkeypatch):
     assert getattr(kernel._compiled["cpp"].bind({}), "launch", None) is None
     assert_close(got, _scale_shift(x, y))
     assert_close(gm(x, y), _scale_shift(x, y))
+
+
+def test_a_kernel_with_more_tensors_than_the_launcher_takes_runs_through_ctypes(monkeypatch):
+    monkeypatch.setattr(launcher, "MAX_TENSORS", 2)  # the kernel below has three
+    x, y = torch.randn(6, 21), torch.randn(21)
+    got, gm = run_fused(_scale_shift, (x, y), "cpp")
+    (kernel,) = fused_kernels(gm)
+    assert getattr(kernel._compiled["cpp"].bind({}), "launch", None) is None
+    assert_close(got, _scale_shift(x, y))

@@ -109,8 +109,8 @@ class CppKernel:
         checks = tuple(zip(layout.expected, self._buffers))[:checked]
         snapshot_outputs = self.signature.snapshot_outputs
         native = launcher.module()
-        if native is not None and not snapshot_outputs and len(checks) <= launcher.MAX_TENSORS:
-            count = len(self._buffers)
+        count = len(self._buffers)
+        if native is not None and not snapshot_outputs and count <= launcher.MAX_TENSORS:
             expected = tuple(layout_check for layout_check, _ in checks)
             checked_launch = native.bind(self._packed_address, count, scalars, expected)
             unchecked_launch = native.bind(self._packed_address, count, scalars, ())
