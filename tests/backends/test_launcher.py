@@ -30,7 +30,7 @@ def _scale_shift(x, y):
 
 def test_the_launcher_builds_here():
     """This machine has a compiler and Python's headers: kernels take the native launch."""
-    assert launcher.available()
+    assert launcher.module() is not None
 
 
 def test_fast_path_matches_eager_and_is_taken():
@@ -39,6 +39,7 @@ def test_fast_path_matches_eager_and_is_taken():
     assert_close(got, _scale_shift(x, y))
     (kernel,) = fused_kernels(gm)
     assert kernel._fast is not None  # worked out by the first call
+    assert kernel._compiled["cpp"].bind({}).__name__ == "run_native"
     for _ in range(3):  # later calls, on new values, through the fast path
         x2 = torch.randn(5, 33)
         assert_close(gm(x2, y), _scale_shift(x2, y))
@@ -104,16 +105,21 @@ def test_a_launch_refuses_what_is_not_a_tensor():
     x, y = torch.randn(3, 8), torch.randn(8)
     _, gm = run_fused(_scale_shift, (x, y), "cpp")
     kernel = fused_kernels(gm)[0].kernel
-    run = compile_kernel(kernel).bind({})
-    native = run.launch
+    compiled = compile_kernel(kernel)
     count = len(kernel.inputs) + len(kernel.outputs)
+    checks = tuple((t.dtype, t.shape, t.stride()) for t in (x, y))
+    checked = launcher.module().bind(compiled._packed_address, count, (), checks)
+    unchecked = launcher.module().bind(compiled._packed_address, count, (), ())
+    out = torch.empty(3, 8)
+    assert checked(x, y, out) == 0
+    assert_close(out, _scale_shift(x, y))
+    assert checked(x.double(), y, out) == launcher.LAYOUT_MISMATCH
     with pytest.raises(TypeError, match=f"expected {count} tensors"):
-        native(x)
+        checked(x)
     with pytest.raises(AttributeError):  # checked: its dtype is read first
-        run([object(), y], [torch.empty(3, 8)])
-    unchecked = launcher.module().bind(compile_kernel(kernel)._packed_address, count, (), ())
+        checked(object(), y, out)
     with pytest.raises(TypeError, match="not a tensor"):
-        unchecked(object(), y, torch.empty(3, 8))
+        unchecked(object(), y, out)
 
 
 def test_without_the_launcher_kernels_run_through_ctypes(monkeypatch):
@@ -121,7 +127,7 @@ def test_without_the_launcher_kernels_run_through_ctypes(monkeypatch):
     x, y = torch.randn(6, 20), torch.randn(20)
     got, gm = run_fused(_scale_shift, (x, y), "cpp")
     (kernel,) = fused_kernels(gm)
-    assert getattr(kernel._compiled["cpp"].bind({}), "launch", None) is None
+    assert kernel._compiled["cpp"].bind({}).__name__ == "run"  # the ctypes call
     assert_close(got, _scale_shift(x, y))
     assert_close(gm(x, y), _scale_shift(x, y))
 
@@ -131,5 +137,5 @@ def test_a_kernel_with_more_tensors_than_the_launcher_takes_runs_through_ctypes(
     x, y = torch.randn(6, 21), torch.randn(21)
     got, gm = run_fused(_scale_shift, (x, y), "cpp")
     (kernel,) = fused_kernels(gm)
-    assert getattr(kernel._compiled["cpp"].bind({}), "launch", None) is None
+    assert kernel._compiled["cpp"].bind({}).__name__ == "run"  # the ctypes call
     assert_close(got, _scale_shift(x, y))

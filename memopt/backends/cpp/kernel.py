@@ -126,7 +126,6 @@ class CppKernel:
                     error, message = _ERRORS.get(code, (RuntimeError, f"error code {code}"))
                     raise error(f"kernel {name}: {message}")
 
-            run_native.launch = checked_launch
             return run_native
 
         def run(inputs: Tensors, outputs: Tensors) -> None:

@@ -12,7 +12,7 @@ bound (the layouts the kernel was generated for). It returns the kernel's error 
 LAYOUT_MISMATCH without running when a check fails (the caller applies the full rule).
 
 Where the extension cannot be built (no Python headers, no compiler) or torch lacks the
-data-pointer function, `available()` is False and kernels are called through ctypes.
+data-pointer function, `module()` is None and kernels are called through ctypes.
 """
 
 from __future__ import annotations
@@ -21,17 +21,13 @@ import functools
 import importlib.machinery
 import importlib.util
 import os
-import subprocess
 import sys
 import sysconfig
-import tempfile
-import threading
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-from memopt.backends.cache import write_atomically
 from memopt.backends.cpp import build
 
 # The most tensors one call passes (inputs, outputs and output snapshots); a kernel with
@@ -207,17 +203,11 @@ PyMODINIT_FUNC PyInit_launcher(void) {
 }
 """.replace("@MAX_TENSORS@", str(MAX_TENSORS))
 
-_lock = threading.Lock()
-
-
-def available() -> bool:
-    """Whether the launcher is built and loaded (it is built on the first call)."""
-    return module() is not None
-
 
 @functools.cache
 def module() -> ModuleType | None:
-    """The loaded launcher extension, or None where it cannot be built or loaded."""
+    """The loaded launcher extension (built on the first call), or None where it cannot be
+    built or loaded."""
     address = getattr(torch._C._dynamo.guards, "_torchinductor_pyobject_tensor_data_ptr", None)
     include = sysconfig.get_paths().get("include")
     if not address or not include or not Path(include, "Python.h").exists():
@@ -235,29 +225,16 @@ def module() -> ModuleType | None:
 
 
 def _built(include: str) -> Path:
-    """The extension's library in the cache, compiled unless an intact one is there."""
+    """The extension's library in the cache, compiled unless it is there. Built as the
+    kernels are (`build._compile_to`: a temporary file in the cache directory), without
+    the kernels' optional flags (`--no-undefined` would reject Python's symbols), and
+    renamed into place atomically."""
     compiler = build.compiler()
     identity = "\0".join([SOURCE, compiler, sys.version, include, sysconfig.get_platform()])
-    key = build._digest(identity)[:32]
     directory = build.cache_dir()
-    path = directory / f"launcher-{key}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
-    with _lock:
-        if path.exists():
-            return path
-        fd, source = tempfile.mkstemp(suffix=".cpp", prefix=".launcher-", dir=directory)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(SOURCE)
-        fd, output = tempfile.mkstemp(suffix=".so", prefix=".launcher-", dir=directory)
-        os.close(fd)
-        command = [compiler, "-shared", "-fPIC", "-O2", "-std=c++17", f"-I{include}"]
-        command += [source, "-o", output]
-        try:
-            result = subprocess.run(command, capture_output=True, text=True, check=False)
-        finally:
-            Path(source).unlink(missing_ok=True)
-        if result.returncode != 0:
-            Path(output).unlink(missing_ok=True)
-            raise build.CompileError(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
-        write_atomically(path, Path(output).read_bytes())
-        Path(output).unlink(missing_ok=True)
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    path = directory / f"launcher-{build._digest(identity)[:32]}{suffix}"
+    if not path.exists():
+        flags = ("-O2", "-std=c++17", f"-I{include}")
+        os.replace(build._compile_to(compiler, flags, SOURCE, directory), path)
     return path
