@@ -23,10 +23,19 @@ import math
 
 import torch
 
+from memopt.backends.triton.launching import (
+    Launch,
+    dot_precision,
+    launch,
+    on_gpu,
+    write_source,
+)
 from memopt.backends.triton.ops import bf16_round
-from memopt.backends.triton.runtime import load_module, write_source
 
 MAX_HEAD_DIM = 128
+# GPU warps of a forward program: 4 for 64x64 tiles; 8 for IEEE fp32 dots, which hold their
+# operands in registers (32x32 tiles with 4 warps spilled on sm_90).
+ATTENTION_WARPS = {"tf32": 4, "ieee": 8}
 _SOURCE = """
 import triton
 import triton.language as tl
@@ -39,6 +48,7 @@ def memopt_attention_fwd(
     smb, smh, smm, smn, sob, soh, som, sod, slb, slh, slm,
     MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr, STORE_LSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     m_tiles = (seq_q + BLOCK_M - 1) // BLOCK_M
     pid = tl.program_id(0)
@@ -69,7 +79,7 @@ def memopt_attention_fwd(
             k + b * skb + h * skh + rn[None, :] * skn + rd[:, None] * skd,
             dmask[:, None] & nmask[None, :], other=0,
         ).to(tl.float32)
-        scores = tl.dot(q_tile, k_tile)
+        scores = tl.dot(q_tile, k_tile, input_precision=DOT_PRECISION)
         keep = mmask[:, None] & nmask[None, :]
         if CAUSAL:
             keep = keep & (rn[None, :] <= rm[:, None])
@@ -95,7 +105,7 @@ def memopt_attention_fwd(
             v + b * svb + h * svh + rn[:, None] * svn + rd[None, :] * svd,
             nmask[:, None] & dmask[None, :], other=0,
         ).to(tl.float32)
-        acc = acc * rescale[:, None] + tl.dot(p, v_tile)
+        acc = acc * rescale[:, None] + tl.dot(p, v_tile, input_precision=DOT_PRECISION)
         row_max = new_max
     result = acc / tl.where(mmask, row_sum, 1.0)[:, None]  # padded rows: no 0/0
     if STORE_LSE:
@@ -122,14 +132,24 @@ def _next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-def attention_tiles(seq_q: int, seq_k: int, head_dim: int, on_gpu: bool) -> dict[str, int]:
-    """BLOCK_M, BLOCK_N, BLOCK_D of one launch (tl.dot needs every dimension >= 16)."""
-    cap = 64 if on_gpu else 128  # the interpreter costs per program: few, large ones
+def attention_tiles(
+    seq_q: int, seq_k: int, head_dim: int, on_gpu: bool, precision: str = "tf32"
+) -> dict[str, int]:
+    """BLOCK_M, BLOCK_N, BLOCK_D of one launch (tl.dot needs every dimension >= 16).
+
+    The interpreter costs per program: few, large tiles. On a GPU, 64x64 tiles; 32x32 when
+    the dots are IEEE fp32 (`precision`), which are FMA loops whose operands and results
+    all sit in registers: at 64x64 they spilled kilobytes a thread on sm_90.
+    """
+    cap = (32 if precision == "ieee" else 64) if on_gpu else 128
     return {
         "BLOCK_M": max(16, min(_next_pow2(seq_q), cap)),
         "BLOCK_N": max(16, min(_next_pow2(seq_k), cap)),
         "BLOCK_D": max(16, _next_pow2(head_dim)),
     }
+
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def mask_mode(mask: torch.Tensor | None, drops: bool) -> int:
@@ -169,15 +189,15 @@ def attention(
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if attn_mask is not None:
         attn_mask = attn_mask.expand(batch, heads, seq_q, seq_k)
-    on_gpu = q.device.type != "cpu"
-    fn = load_module(write_source(source()), interpret=not on_gpu).memopt_attention_fwd
-    tiles = attention_tiles(seq_q, seq_k, head_dim, on_gpu)
-    grid = (batch * heads * -(-seq_q // tiles["BLOCK_M"]),)
+    gpu = on_gpu([q])
+    precision = dot_precision(gpu, q.dtype in HALF_DTYPES)
+    tiles = attention_tiles(seq_q, seq_k, head_dim, gpu, precision)
+    grid = batch * heads * -(-seq_q // tiles["BLOCK_M"])
     mask = attn_mask if attn_mask is not None else q
     mask_strides = attn_mask.stride() if attn_mask is not None else (0, 0, 0, 0)
     lse_strides = lse.stride() if lse is not None else (0, 0, 0)
     if out.numel():
-        fn[grid](
+        args = (
             q,
             k,
             v,
@@ -195,11 +215,17 @@ def attention(
             *mask_strides,
             *out.stride(),
             *lse_strides,
-            MASK_MODE=mask_mode(attn_mask, mask_drops),
-            CAUSAL=is_causal,
-            STORE_LSE=lse is not None,
-            **tiles,
         )
+        flags = {
+            "MASK_MODE": mask_mode(attn_mask, mask_drops),
+            "CAUSAL": is_causal,
+            "STORE_LSE": lse is not None,
+            **tiles,
+            "DOT_PRECISION": precision,
+        }
+        path = str(write_source(source()))
+        warps = ATTENTION_WARPS[precision]
+        launch(Launch(path, "memopt_attention_fwd", grid, args, flags, warps), gpu)
     return out
 
 

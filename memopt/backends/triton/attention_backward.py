@@ -23,12 +23,32 @@ import textwrap
 
 import torch
 
-from memopt.backends.triton.attention import MAX_HEAD_DIM, attention_tiles, mask_mode
+from memopt.backends.triton.attention import (
+    HALF_DTYPES,
+    MAX_HEAD_DIM,
+    attention_tiles,
+    mask_mode,
+)
+from memopt.backends.triton.launching import (
+    Launch,
+    dot_precision,
+    launch,
+    on_gpu,
+    write_source,
+)
 from memopt.backends.triton.ops import bf16_round
-from memopt.backends.triton.runtime import load_module, write_source
+
+# GPU programs of the backward: (BLOCK_M, BLOCK_N) caps and warps by dot precision. With
+# the forward's 64x64 tiles and 4 warps, dK/dV held 255 registers a thread and spilled on
+# sm_90 and gfx942 (the accumulators, the key and value tiles and a step's query tiles are
+# all live at once); IEEE fp32 dots hold their operands in registers and need smaller
+# tiles and more warps still (with 8 warps ptxas spilled 8 bytes to 6 KiB a thread,
+# depending on the mask). These compile without spills (tests/backends/test_triton_offline.py).
+BACKWARD_TILE_CAPS = {"tf32": (32, 32), "ieee": (16, 16)}
+BACKWARD_WARPS = {"tf32": 8, "ieee": 16}
 
 _MASKED_PROBABILITIES = """
-        s = tl.dot(q_tile * scale, tl.trans(k_tile))
+        s = tl.dot(q_tile * scale, tl.trans(k_tile), input_precision=DOT_PRECISION)
         keep = mmask[:, None] & nmask[None, :]
         if CAUSAL:
             keep = keep & (rn[None, :] <= rm[:, None])
@@ -46,7 +66,7 @@ _MASKED_PROBABILITIES = """
         # A row with every key masked has L = -inf and no gradient (not nan).
         live = keep & (row_lse[:, None] != float("-inf"))
         p = tl.where(live, tl.exp(s - tl.where(live, row_lse[:, None], 0.0)), 0.0)
-        dp = tl.dot(do_tile, tl.trans(v_tile))
+        dp = tl.dot(do_tile, tl.trans(v_tile), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
 """
 
@@ -85,6 +105,7 @@ def memopt_attention_bwd_dkdv(
     dk, dv, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
     MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     n_tiles = (seq_k + BLOCK_N - 1) // BLOCK_N
     pid = tl.program_id(0)
@@ -107,8 +128,8 @@ def memopt_attention_bwd_dkdv(
         mmask = rm < seq_q
         LOAD_QUERY_ROWS
         MASKED_PROBABILITIES
-        dv_acc += tl.dot(tl.trans(p), do_tile)
-        dk_acc += tl.dot(tl.trans(ds), q_tile)
+        dv_acc += tl.dot(tl.trans(p), do_tile, input_precision=DOT_PRECISION)
+        dk_acc += tl.dot(tl.trans(ds), q_tile, input_precision=DOT_PRECISION)
     dk_acc = dk_acc * scale
     ROUND_BF16_DK
     ROUND_BF16_DV
@@ -125,6 +146,7 @@ def memopt_attention_bwd_dq(
     dq, sdqb, sdqh, sdqm, sdqd,
     MASK_MODE: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     m_tiles = (seq_q + BLOCK_M - 1) // BLOCK_M
     pid = tl.program_id(0)
@@ -145,7 +167,7 @@ def memopt_attention_bwd_dq(
         nmask = rn < seq_k
         LOAD_KEY_ROWS
         MASKED_PROBABILITIES
-        dq_acc += tl.dot(ds, k_tile)
+        dq_acc += tl.dot(ds, k_tile, input_precision=DOT_PRECISION)
     dq_acc = dq_acc * scale
     ROUND_BF16_DQ
     tl.store(dq + b * sdqb + h * sdqh + rm[:, None] * sdqm + rd[None, :] * sdqd,
@@ -205,9 +227,14 @@ def attention_backward(
         attn_mask = attn_mask.expand(batch, heads, seq_q, seq_k)
     mask = attn_mask if attn_mask is not None else q
     mask_strides = attn_mask.stride() if attn_mask is not None else (0, 0, 0, 0)
-    on_gpu = q.device.type != "cpu"
-    module = load_module(write_source(source()), interpret=not on_gpu)
-    tiles = attention_tiles(seq_q, seq_k, head_dim, on_gpu)
+    gpu = on_gpu([q])
+    path = str(write_source(source()))
+    precision = dot_precision(gpu, q.dtype in HALF_DTYPES)
+    tiles = attention_tiles(seq_q, seq_k, head_dim, gpu, precision)
+    if gpu:
+        cap_m, cap_n = BACKWARD_TILE_CAPS[precision]
+        tiles["BLOCK_M"] = max(16, min(tiles["BLOCK_M"], cap_m))
+        tiles["BLOCK_N"] = max(16, min(tiles["BLOCK_N"], cap_n))
     common = (
         q,
         k,
@@ -229,13 +256,26 @@ def attention_backward(
         *lse.stride(),
         *mask_strides,
     )
-    flags = {"MASK_MODE": mask_mode(attn_mask, mask_drops), "CAUSAL": is_causal, **tiles}
+    flags = {
+        "MASK_MODE": mask_mode(attn_mask, mask_drops),
+        "CAUSAL": is_causal,
+        **tiles,
+        "DOT_PRECISION": precision,
+    }
     if dk.numel():
-        grid = (batch * heads * -(-seq_k // tiles["BLOCK_N"]),)
-        module.memopt_attention_bwd_dkdv[grid](*common, dk, dv, *dk.stride(), *dv.stride(), **flags)
+        grid = batch * heads * -(-seq_k // tiles["BLOCK_N"])
+        args = (*common, dk, dv, *dk.stride(), *dv.stride())
+        launch(
+            Launch(path, "memopt_attention_bwd_dkdv", grid, args, flags, BACKWARD_WARPS[precision]),
+            gpu,
+        )
     if dq.numel():
-        grid = (batch * heads * -(-seq_q // tiles["BLOCK_M"]),)
-        module.memopt_attention_bwd_dq[grid](*common, dq, *dq.stride(), **flags)
+        grid = batch * heads * -(-seq_q // tiles["BLOCK_M"])
+        args = (*common, dq, *dq.stride())
+        launch(
+            Launch(path, "memopt_attention_bwd_dq", grid, args, flags, BACKWARD_WARPS[precision]),
+            gpu,
+        )
     return dq, dk, dv
 
 

@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 import sympy
 import torch
 
+from memopt.backends.triton.launching import Launch, dot_precision
 from memopt.backends.triton.ops import HALF, Unsupported, tl_dtype
 from memopt.backends.triton.render import (
     RenderedKernel,
@@ -35,7 +36,7 @@ from memopt.backends.triton.render import (
     function_name,
     module_source,
 )
-from memopt.backends.triton.tiles import matmul_tiles
+from memopt.backends.triton.tiles import MATMUL_WARPS, matmul_tiles
 from memopt.compiler.kernel_ir import DOT, Kernel, evaluate_size, index_var, reduction_var
 
 
@@ -76,7 +77,7 @@ class MatmulRenderer(Renderer):
         kernel = self.kernel
         size_names = [s.name for s in kernel.size_symbols]
         buffers = [b.name for b in (*kernel.inputs, *kernel.outputs)]
-        blocks = ["BLOCK_M", "BLOCK_N", "BLOCK_K", "LOW_PRECISION_DOT"]
+        blocks = ["BLOCK_M", "BLOCK_N", "BLOCK_K", "LOW_PRECISION_DOT", "DOT_PRECISION"]
         args = [*buffers, *size_names, "bnumel", "mnumel", "nnumel", "knumel"]
         args += [f"{b}: tl.constexpr" for b in blocks]
         wide = self.needs_int64()
@@ -108,9 +109,9 @@ class MatmulRenderer(Renderer):
             loop.emit("if LOW_PRECISION_DOT:")
             loop.emit(f"    acc += tl.dot({a_tile}.to({target}), {b_tile}.to({target}))")
             loop.emit("else:")
-            loop.emit(f"    acc += tl.dot({a_tile}, {b_tile})")
+            loop.emit(f"    acc += tl.dot({a_tile}, {b_tile}, input_precision=DOT_PRECISION)")
         else:
-            loop.emit(f"acc += tl.dot({a_tile}, {b_tile})")
+            loop.emit(f"acc += tl.dot({a_tile}, {b_tile}, input_precision=DOT_PRECISION)")
         body.lines.append("    for k0 in range(0, knumel, BLOCK_K):")
         body.lines.extend(loop.lines)
         name = self.name(self.dot)
@@ -140,15 +141,15 @@ def render_matmul(kernel: Kernel) -> RenderedKernel:
     return MatmulRenderer(kernel).render()
 
 
-def launch_matmul(
-    fn,
+def plan_matmul(
     kernel: Kernel,
     rendered: RenderedKernel,
+    source_path: str,
     tensors: Sequence[torch.Tensor],
     sizes: Mapping[str, int],
     on_gpu: bool,
-) -> dict[str, int]:
-    """Launch a rendered matmul template; returns the tiles used."""
+) -> Launch | None:
+    """The launch of a rendered matmul template (None when its result is empty)."""
     *batch, m, n = (evaluate_size(r, sizes) for r in kernel.ranges)
     k = evaluate_size(kernel.reduction_ranges[0], sizes)
     bnumel = 1
@@ -156,11 +157,12 @@ def launch_matmul(
         bnumel *= size
     tiles = matmul_tiles(m, n, k, on_gpu)
     if bnumel * m * n == 0:
-        return tiles
-    grid = (bnumel * -(-m // tiles["BLOCK_M"]) * -(-n // tiles["BLOCK_N"]),)
+        return None
+    grid = bnumel * -(-m // tiles["BLOCK_M"]) * -(-n // tiles["BLOCK_N"])
     size_args = [int(sizes[name]) for name in rendered.size_names]
-    fn[grid](*tensors, *size_args, bnumel, m, n, k, **tiles, LOW_PRECISION_DOT=on_gpu)
-    return tiles
+    args = (*tensors, *size_args, bnumel, m, n, k)
+    constexprs = {**tiles, "LOW_PRECISION_DOT": on_gpu, "DOT_PRECISION": dot_precision(on_gpu)}
+    return Launch(source_path, rendered.fn_name, grid, args, constexprs, MATMUL_WARPS)
 
 
-__all__ = ["launch_matmul", "render_matmul"]
+__all__ = ["plan_matmul", "render_matmul"]

@@ -138,7 +138,7 @@ class RenderedKernel:
         """The kernel function's parameters, in order."""
         if self.template == "matmul":
             sizes = ["bnumel", "mnumel", "nnumel", "knumel"]
-            blocks = ["BLOCK_M", "BLOCK_N", "BLOCK_K", "LOW_PRECISION_DOT"]
+            blocks = ["BLOCK_M", "BLOCK_N", "BLOCK_K", "LOW_PRECISION_DOT", "DOT_PRECISION"]
             return [*self.arg_names, *self.size_names, *sizes, *blocks]
         blocks = ["XBLOCK"] + (["RBLOCK"] if self.reduction else [])
         blocks += ["YBLOCK"] if self.tile is not None else []
@@ -260,7 +260,10 @@ class Renderer(ValueRenderer):
             offset = f"{offset} + {self.zero_block}"  # a block of offsets, not one scalar
         if extra_mask is not None:
             mask = f"{mask} & {extra_mask}"
-            # A masked-off lane may compute a wild offset: clamp it to 0.
+        if extra_mask is not None and indirect:
+            # A masked-off lane may gather a wild offset: clamp it to 0. (An affine offset
+            # is only out of range there, and a masked lane never reads: no clamp, which
+            # would hide the offset's contiguity from the compiler and cost vector loads.)
             offset = f"tl.where({extra_mask}, {offset}, 0)"
         buffer_dtype = self.kernel.buffers[buffer].dtype
         text = f"tl.load({buffer} + ({offset}), {mask}, other=0)"
@@ -392,14 +395,14 @@ class Renderer(ValueRenderer):
             lanes = "tl.arange(0, XBLOCK)[:, None]" if self.reduction else "tl.arange(0, XBLOCK)"
             body.emit(f"xindex = {pid} * XBLOCK + {lanes}")
         if tile is None:
-            body.emit("xmask = xindex < xnumel")
+            body.emit(f"xmask = xindex < {self.extent(kernel.ranges, 'xnumel')}")
             self.decompose("xindex", kernel.ranges, "i", body)
         if not self.reduction:
             for store in kernel.stores:
                 self.store(store, body)
         elif self.persistent:
             body.emit(f"rindex = tl.arange(0, RBLOCK)[None, :]{'.to(tl.int64)' if wide else ''}")
-            body.emit("rmask = rindex < rnumel")
+            body.emit(f"rmask = rindex < {self.extent(kernel.reduction_ranges, 'rnumel')}")
             self.decompose("rindex", kernel.reduction_ranges, "r", body)
             for store in kernel.stores:
                 self.store(store, body)
@@ -465,6 +468,17 @@ class Renderer(ValueRenderer):
         for position, k in enumerate(y_ranges):
             body.emit(f"i{k} = y{position}")
 
+    @staticmethod
+    def extent(ranges: tuple[sympy.Expr, ...], name: str) -> str:
+        """A mask's bound: the literal extent when it is static, else the `name` argument.
+
+        A literal's power-of-two factor tells Triton's compiler that the mask is constant
+        over runs of lanes (1000 = 8 x 125: runs of 8), which lets contiguous accesses be
+        vectorized; a runtime int is only known divisible by 16, or not at all.
+        """
+        extent = sympy.Mul(*ranges)
+        return str(int(extent)) if extent.is_number else name
+
     def needs_int64(self) -> bool:
         limit = 2**31 - 1
         for buffer in (*self.kernel.inputs, *self.kernel.outputs):
@@ -515,7 +529,7 @@ class Renderer(ValueRenderer):
         loop.lines.append("    for roffset in range(0, rnumel, RBLOCK):")
         lanes = "tl.arange(0, RBLOCK)[None, :]" + (".to(tl.int64)" if self.needs_int64() else "")
         loop.emit(f"rindex = roffset + {lanes}")
-        loop.emit("rmask = rindex < rnumel")
+        loop.emit(f"rmask = rindex < {self.extent(self.kernel.reduction_ranges, 'rnumel')}")
         self.decompose("rindex", self.kernel.reduction_ranges, "r", loop)
         return loop
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 # on the CPU one program takes tiles up to 128 wide. tl.dot needs every block dimension >= 16.
 INTERPRETER_TILE_MAX = 128
 GPU_TILES = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}  # fp32 acc: 16 KiB of registers
+MATMUL_WARPS = 4  # a 64x64 fp32 accumulator is 32 registers a thread
 MIN_TILE = 16
 
 

@@ -1,0 +1,168 @@
+"""An analysis's Triton kernels as a GPU would get them, compiled offline for a device.
+
+Each generated kernel (and attention kernel) of the optimized graphs is launched on meta
+tensors of its buffers' shapes and strides inside `recording_launches()`: the launch code
+chooses the block sizes and warps of a GPU launch, which are recorded instead of run, then
+compiled by Triton's real compiler for the device's target (backends/triton/offline.py).
+Analyze with `backend="triton"` to get the kernels a GPU run would have (with the default
+backend and CPU inputs the fusion decisions are the C++ backend's).
+
+Figures are *compiled* (from the machine code), next to the kernel's *modelled* bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from memopt.backends.runtime.kernels import FusedKernel
+from memopt.backends.triton.attention_call import AttentionKernel
+from memopt.backends.triton.launching import Launch, recording_launches
+from memopt.backends.triton.offline import CompiledKernel, compile_launches, traffic_ratio
+from memopt.backends.triton.ops import Unsupported
+from memopt.backends.triton.runtime import TritonKernel
+from memopt.compiler.cost import is_kernel
+from memopt.compiler.kernel_ir import Buffer, evaluate_size
+from memopt.driver.results import Analysis, GraphResult
+
+
+@dataclass(frozen=True)
+class GpuKernel:
+    """One launch of one kernel of an analysis, compiled for a GPU target."""
+
+    kernel: str  # the KernelRecord's name, e.g. "forward.k3"
+    kind: str
+    launch: Launch
+    compiled: CompiledKernel
+    modelled_bytes: int | None  # the kernel's; None when it makes several launches
+
+    @property
+    def traffic_ratio(self) -> float | None:
+        return (
+            None
+            if self.modelled_bytes is None
+            else traffic_ratio(self.compiled, self.modelled_bytes)
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "kernel": self.kernel,
+            "kind": self.kind,
+            "constexprs": dict(self.launch.constexprs),
+            **self.compiled.to_dict(),
+            "modelled_bytes": self.modelled_bytes,
+            "static_over_modelled": self.traffic_ratio,
+        }
+
+
+def _meta(buffer: Buffer, sizes: dict[str, int]) -> torch.Tensor:
+    shape = [evaluate_size(s, sizes) for s in buffer.shape]
+    stride = [evaluate_size(s, sizes) for s in buffer.stride]
+    return torch.empty_strided(shape, stride, dtype=buffer.dtype, device="meta")
+
+
+def _meta_like(value: object) -> object:
+    if isinstance(value, torch.Tensor):
+        shape = [int(s) for s in value.shape]
+        stride = [int(s) for s in value.stride()]
+        return torch.empty_strided(shape, stride, dtype=value.dtype, device="meta")
+    return value
+
+
+def _launches(target: object, node: torch.fx.Node, sizes: dict[str, int]) -> list[Launch] | None:
+    """The GPU launches of one kernel node (None: not a Triton kernel)."""
+    with recording_launches() as launches:
+        if isinstance(target, FusedKernel):
+            try:
+                compiled = TritonKernel(target.kernel)
+            except Unsupported:
+                return None
+            kernel = target.kernel
+            inputs = [_meta(b, sizes) for b in kernel.inputs]
+            outputs = [_meta(b, sizes) for b in kernel.outputs]
+            compiled(inputs, outputs, sizes)
+        elif isinstance(target, AttentionKernel):
+            args = [
+                _meta_like(a.meta.get("val")) if isinstance(a, torch.fx.Node) else a
+                for a in node.args
+            ]
+            target(*args)
+        else:
+            return None
+    return launches
+
+
+def graph_launches(graph: GraphResult) -> list[tuple[str, str, int, list[Launch]]]:
+    """(kernel name, kind, modelled bytes, launches) for each Triton kernel of one graph."""
+    sizes = {str(name): int(value) for name, value in graph.symbols.items()}
+    records = {record.name: record for record in graph.kernels}
+    found = []
+    index = 0
+    for node in graph.gm.graph.nodes:
+        if not is_kernel(node):
+            continue
+        name = f"{graph.name}.k{index}"
+        index += 1
+        launches = _launches(node.target, node, sizes)
+        if launches:
+            record = records[name]
+            found.append((name, record.kind, record.nbytes, launches))
+    return found
+
+
+def compile_for_gpu(
+    analysis: Analysis, device: str | None = None, timeout_s: float = 600.0
+) -> list[GpuKernel]:
+    """Every Triton launch of `analysis` compiled for `device` (default: the analysis's)."""
+    device = device or analysis.device
+    entries = [entry for graph in analysis.graphs for entry in graph_launches(graph)]
+    launches = [planned for *_, planned_list in entries for planned in planned_list]
+    compiled = iter(compile_launches(launches, device, timeout_s=timeout_s))
+    rows = []
+    for name, kind, nbytes, planned_list in entries:
+        for planned in planned_list:
+            modelled = nbytes if len(planned_list) == 1 else None
+            rows.append(GpuKernel(name, kind, planned, next(compiled), modelled))
+    return rows
+
+
+def _loads(compiled: CompiledKernel) -> str:
+    return " ".join(f"{n}x{bits}b" for bits, n in sorted(compiled.loads.items(), reverse=True))
+
+
+def format_gpu_table(rows: Sequence[GpuKernel], device: str) -> str:
+    """A text table of compiled figures, one line a launch."""
+    header = (
+        f"Triton kernels compiled for {device} ({rows[0].compiled.arch if rows else '-'}); "
+        "figures are compiled (machine code), bytes modelled"
+    )
+    lines = [
+        header,
+        f"{'kernel':<14} {'function':<34} {'blocks':<22} {'warps':>5} {'regs':>4} "
+        f"{'stack':>5} {'smem':>6} {'occ':>5}  {'loads':<16} {'static/modelled':>15}",
+    ]
+    for row in rows:
+        c = row.compiled
+        blocks = ",".join(
+            f"{k.removeprefix('BLOCK_')}={v}"
+            for k, v in row.launch.constexprs.items()
+            if "BLOCK" in k
+        )
+        if c.error:
+            lines.append(f"{row.kernel:<14} {c.fn_name:<34} {blocks:<22} failed: {c.error}")
+            continue
+        ratio = row.traffic_ratio
+        shown = "loop" if c.has_loop else "-" if ratio is None else f"{ratio:.2f}"
+        lines.append(
+            f"{row.kernel:<14} {c.fn_name[:34]:<34} {blocks[:22]:<22} {c.num_warps:>5} "
+            f"{c.registers:>4} {c.stack_bytes:>5} {c.shared_bytes:>6} {c.occupancy:>5.2f}  "
+            f"{_loads(c)[:16]:<16} {shown:>15}"
+        )
+    spilled = sum(1 for r in rows if r.compiled.spills)
+    lines.append(f"{len(rows)} launches, {spilled} with stack or spilled registers")
+    return "\n".join(lines)
+
+
+__all__ = ["GpuKernel", "compile_for_gpu", "format_gpu_table", "graph_launches"]

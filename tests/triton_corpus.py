@@ -1,0 +1,123 @@
+"""The Triton kernels the test suite renders, as GPU launches: what the offline compile test
+builds for real targets (tests/backends/test_triton_offline.py, bench/gpu_compile.py).
+
+Three sources, each at sizes where a GPU launch has full blocks:
+- every hand-built Kernel IR example (kernel_examples.py) the backend tests run, in fp32,
+  fp16 and bf16 where the example takes a dtype: pointwise, transposed (2D tiles), inner
+  reductions (persistent and looped), an outer (column) reduction, argmax, gathers,
+  symbolic sizes;
+- the attention kernels (forward with and without masks, causal; backward) in each dtype;
+- every kernel the pipeline generates for the GPT-2 block with backend="triton", inference
+  and training, in each dtype: matmul templates with epilogues, LayerNorm and GELU forward
+  and backward, bias-gradient column sums, softmax, attention.
+
+Each entry is (name, Launch, contiguous): `contiguous` marks launches whose every load
+and store walks its buffer contiguously in runs a 128-bit access can take.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+import memopt
+from memopt.backends.triton.attention import attention
+from memopt.backends.triton.attention_backward import attention_backward
+from memopt.backends.triton.launching import Launch, recording_launches
+from memopt.backends.triton.runtime import TritonKernel
+from memopt.compiler.kernel_ir import evaluate_size
+from memopt.driver.gpu import graph_launches
+from memopt.examples.gpt2_block import Block
+
+import kernel_examples as examples
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _meta(buffers, sizes):
+    return [
+        torch.empty_strided(
+            [evaluate_size(s, sizes) for s in b.shape],
+            [evaluate_size(s, sizes) for s in b.stride],
+            dtype=b.dtype,
+            device="meta",
+        )
+        for b in buffers
+    ]
+
+
+def _kernel_launches(build) -> list[Launch]:
+    kernel, _inputs, _expected, sizes = build()
+    with recording_launches() as launches:
+        TritonKernel(kernel)(_meta(kernel.inputs, sizes), _meta(kernel.outputs, sizes), sizes)
+    return launches
+
+
+# (name, builder, contiguous) for the Kernel IR examples, at GPU-sized shapes.
+def _examples():
+    for tag, dtype in DTYPES.items():
+        yield f"add_broadcast_{tag}", lambda d=dtype: examples.add_broadcast(512, 768, d), True
+        yield f"softmax_{tag}", lambda d=dtype: examples.softmax(64, 1024, d), True
+        yield f"softmax_tail_{tag}", lambda d=dtype: examples.softmax(64, 1000, d), True
+        yield f"softmax_looped_{tag}", lambda d=dtype: examples.softmax(8, 8192, d), True
+        yield f"mixed_precision_{tag}", lambda d=dtype: examples.mixed_precision(65536, d), True
+    yield "transposed_read", lambda: examples.transposed_read(512, 256), True
+    yield "layer_norm", lambda: examples.layer_norm(64, 768), True
+    yield "column_sum", lambda: examples.column_sum(1024, 768), True
+    yield "argmax_rows", lambda: examples.argmax_rows(64, 1024), True
+    yield "cat_rows", lambda: examples.cat_rows(256, 256, 768), True
+    yield "gather_rows", lambda: examples.gather_rows(1000, 768, 64), False
+    yield "dynamic_scale", lambda: examples.dynamic_scale(512, 768), False
+
+
+def _attention_launches(dtype: torch.dtype) -> list[tuple[str, Launch]]:
+    batch, heads, seq, head_dim = 2, 4, 256, 64
+
+    def meta(*shape, d=dtype):
+        return torch.empty(shape, dtype=d, device="meta")
+
+    q, k, v = (meta(batch, heads, seq, head_dim) for _ in range(3))
+    out, lse = meta(batch, heads, seq, head_dim), meta(batch, heads, seq, d=torch.float32)
+    found = []
+    cases = [
+        ("attention_causal", None, True),
+        ("attention_additive_mask", meta(1, 1, seq, seq), False),
+        ("attention_bool_mask", meta(1, 1, seq, seq, d=torch.bool), False),
+    ]
+    for name, mask, causal in cases:
+        with recording_launches() as launches:
+            attention(q, k, v, mask, causal, None, out, lse)
+            attention_backward(out, q, k, v, out, lse, mask, causal, None, (q, k, v))
+        found += [(f"{name}_{p.fn_name.removeprefix('memopt_attention_')}", p) for p in launches]
+    return found
+
+
+def _gpt2_launches(dtype: torch.dtype, training: bool) -> list[tuple[str, Launch]]:
+    torch.manual_seed(0)
+    seq = 128
+    model = Block(block_size=seq).to(dtype)
+    if not training:
+        model.eval()
+    x = torch.randn(2, seq, 768, dtype=dtype, requires_grad=training)
+    analysis = memopt.analyze(model, x, training=training, backend="triton", device="h100")
+    found = []
+    for graph in analysis.graphs:
+        for name, _kind, _nbytes, launches in graph_launches(graph):
+            found += [(f"gpt2_{name}_{p.fn_name.removeprefix('memopt_')}", p) for p in launches]
+    return found
+
+
+@functools.cache
+def corpus() -> list[tuple[str, Launch, bool]]:
+    """Every launch of the corpus, named uniquely."""
+    entries = []
+    for name, build, contiguous in _examples():
+        for planned in _kernel_launches(build):
+            entries.append((name, planned, contiguous))
+    for tag, dtype in DTYPES.items():
+        entries += [(f"{n}_{tag}", p, False) for n, p in _attention_launches(dtype)]
+        for training in (False, True):
+            mode = "training" if training else "inference"
+            entries += [(f"{n}_{mode}_{tag}", p, False) for n, p in _gpt2_launches(dtype, training)]
+    return entries
