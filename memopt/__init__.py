@@ -7,6 +7,7 @@ print(a.eager_bytes, a.bytes_moved, a.lower_bound_bytes, a.predict("h100"))
 memopt.report(model, x, out="memopt-report")            # HTML, JSON, graph diffs, kernels
 memopt.ablate(model, x)                                 # passes on/off -> bytes, kernels, time
 memopt.profile(model, x)                                # measured time per kernel vs its bytes
+memopt.compile_for_gpu(memopt.analyze(model, x, backend="triton"), "h100")  # registers, spills
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ _LAZY = {
     "report": "memopt.reports.writer",
     "ablate": "memopt.tools.ablate",
     "profile": "memopt.driver.profile",
+    "compile_for_gpu": "memopt.driver.gpu",
 }
 
 
@@ -50,6 +52,7 @@ __all__ = [
     "__version__",
     "ablate",
     "analyze",
+    "compile_for_gpu",
     "profile",
     "report",
 ]

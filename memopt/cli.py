@@ -95,6 +95,14 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also run the program here and time every kernel (as `memopt profile` does)",
     )
+    report.add_argument(
+        "--compile-for",
+        metavar="GPU",
+        help="compile the Triton kernels for this GPU (h100, a100, mi300x, ...) with Triton's "
+        "own compiler, offline, and list registers, spills, occupancy and load widths; "
+        "analyzes with the Triton backend's decisions unless --backend is given",
+    )
+    _backend_argument(report)
     _timing_arguments(report)
     report.set_defaults(run=_report)
 
@@ -242,6 +250,15 @@ def _report(args: argparse.Namespace) -> int:
     from memopt.reports.summary import analysis_json, format_analysis
 
     options = _options(args)
+    if args.compile_for is not None:
+        from memopt.backends.triton.offline import ARCHS
+
+        if args.compile_for not in ARCHS:
+            raise _UsageError(
+                f"unknown GPU {args.compile_for!r} for --compile-for; valid choices: "
+                f"{', '.join(sorted(ARCHS))}"
+            )
+        options.setdefault("backend", "triton")  # the kernels a GPU run would have
     # Validate options before the slow part, so a typo fails in a second, not after analysis;
     # it also resolves the device from MEMOPT_DEVICE when --device is not given.
     device = Config.from_options(options).device
@@ -268,17 +285,28 @@ def _report(args: argparse.Namespace) -> int:
     report = format_analysis(analysis, device=device, top=args.top)
     if measured is not None:
         report += "\n" + format_profile(measured, top=args.top or None)
+    compiled = None
+    if args.compile_for is not None:
+        from memopt.reports.compiled import format_compiled
+
+        _progress(f"compiling the Triton kernels for {args.compile_for} (cached by source) ...")
+        compiled = memopt.compile_for_gpu(analysis, args.compile_for)
+        report += "\n" + format_compiled(compiled)
     if args.json:
         data = analysis_json(analysis, [device])
         if measured is not None:
             data["measured"] = measured.to_dict()
+        if compiled is not None:
+            data["compiled"] = [row.to_dict() for row in compiled]
         _write(args.json, json.dumps(data, indent=2, sort_keys=True) + "\n")
     if args.out:
         from memopt.reports.writer import write_report
 
         _progress(f"writing the report to {args.out} ...")
         try:
-            written = write_report(analysis, args.out, device=device, measured=measured)
+            written = write_report(
+                analysis, args.out, device=device, measured=measured, compiled=compiled
+            )
         except OSError as exc:
             raise _UsageError(f"cannot write {args.out!r}: {exc.strerror or exc}") from exc
     sys.stdout.write(report)

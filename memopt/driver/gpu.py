@@ -12,7 +12,6 @@ Figures are *compiled* (from the machine code), next to the kernel's *modelled* 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +51,7 @@ class GpuKernel:
             "kind": self.kind,
             "constexprs": dict(self.launch.constexprs),
             **self.compiled.to_dict(),
+            "label": "compiled",
             "modelled_bytes": self.modelled_bytes,
             "static_over_modelled": self.traffic_ratio,
         }
@@ -128,41 +128,4 @@ def compile_for_gpu(
     return rows
 
 
-def _loads(compiled: CompiledKernel) -> str:
-    return " ".join(f"{n}x{bits}b" for bits, n in sorted(compiled.loads.items(), reverse=True))
-
-
-def format_gpu_table(rows: Sequence[GpuKernel], device: str) -> str:
-    """A text table of compiled figures, one line a launch."""
-    header = (
-        f"Triton kernels compiled for {device} ({rows[0].compiled.arch if rows else '-'}); "
-        "figures are compiled (machine code), bytes modelled"
-    )
-    lines = [
-        header,
-        f"{'kernel':<14} {'function':<34} {'blocks':<22} {'warps':>5} {'regs':>4} "
-        f"{'stack':>5} {'smem':>6} {'occ':>5}  {'loads':<16} {'static/modelled':>15}",
-    ]
-    for row in rows:
-        c = row.compiled
-        blocks = ",".join(
-            f"{k.removeprefix('BLOCK_')}={v}"
-            for k, v in row.launch.constexprs.items()
-            if "BLOCK" in k
-        )
-        if c.error:
-            lines.append(f"{row.kernel:<14} {c.fn_name:<34} {blocks:<22} failed: {c.error}")
-            continue
-        ratio = row.traffic_ratio
-        shown = "loop" if c.has_loop else "-" if ratio is None else f"{ratio:.2f}"
-        lines.append(
-            f"{row.kernel:<14} {c.fn_name[:34]:<34} {blocks[:22]:<22} {c.num_warps:>5} "
-            f"{c.registers:>4} {c.stack_bytes:>5} {c.shared_bytes:>6} {c.occupancy:>5.2f}  "
-            f"{_loads(c)[:16]:<16} {shown:>15}"
-        )
-    spilled = sum(1 for r in rows if r.compiled.spills)
-    lines.append(f"{len(rows)} launches, {spilled} with stack or spilled registers")
-    return "\n".join(lines)
-
-
-__all__ = ["GpuKernel", "compile_for_gpu", "format_gpu_table", "graph_launches"]
+__all__ = ["GpuKernel", "compile_for_gpu", "graph_launches"]

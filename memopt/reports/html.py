@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from memopt.backends.runtime.kernels import FusedKernel
 from memopt.compiler.devices import DEVICES, get_device
+from memopt.reports.compiled import compiled_section
 from memopt.reports.diff import (
     ROW_KINDS,
     DiffRow,
@@ -29,6 +30,7 @@ from memopt.reports.measured import measured_section
 from memopt.reports.summary import format_bytes
 
 if TYPE_CHECKING:
+    from memopt.driver.gpu import GpuKernel
     from memopt.driver.profile import Profile
     from memopt.driver.results import Analysis, KernelRecord
     from memopt.passes.ledger import Decision, LedgerEntry
@@ -95,15 +97,18 @@ def render_page(
     device: str,
     sources: Sequence[KernelSource],
     profile: Profile | None = None,
+    compiled: Sequence[GpuKernel] | None = None,
 ) -> str:
     """The whole page for one analysis; `device` decides memory- vs compute-bound. With a
-    `profile` (`memopt.profile` of the same program), the page has a "measured" section."""
+    `profile` (`memopt.profile` of the same program), the page has a "measured" section;
+    with `compiled` (`memopt.compile_for_gpu` of the analysis), a "compiled" one."""
     title = f"memopt report: {analysis.target}"
     sections = [
-        _header(analysis, device, measured=profile is not None),
+        _header(analysis, device, measured=profile is not None, compiled=bool(compiled)),
         _totals(analysis),
         _predictions(analysis, device),
         measured_section(profile) if profile is not None else [],
+        compiled_section(compiled) if compiled else [],
         _ledger(analysis),
         _kernel_table(analysis, device, sources),
         _diffs(analysis),
@@ -127,7 +132,7 @@ def render_page(
 # --- sections ----------------------------------------------------------------------------
 
 
-def _header(a: Analysis, device: str, measured: bool) -> list[str]:
+def _header(a: Analysis, device: str, measured: bool, compiled: bool = False) -> list[str]:
     mode = "training (forward + backward)" if a.training else "inference"
     options = ", ".join(f"{k}={_option(v)}" for k, v in sorted(a.options.items())) or "defaults"
     graphs = ", ".join(g.name for g in a.graphs) or "none"
@@ -136,6 +141,7 @@ def _header(a: Analysis, device: str, measured: bool) -> list[str]:
         for anchor, name in [
             ("totals", "totals"),
             *([("measured", "measured")] if measured else []),
+            *([("compiled", "compiled")] if compiled else []),
             ("ledger", "pass ledger"),
             ("kernels", "kernels"),
             ("diffs", "graph diffs"),

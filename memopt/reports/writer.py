@@ -14,9 +14,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from memopt.backends.triton.offline import arch_for
 from memopt.compiler.devices import DEVICES, get_device
 from memopt.config import Config
 from memopt.driver.analyze import analyze
+from memopt.driver.gpu import GpuKernel, compile_for_gpu
 from memopt.driver.profile import Profile, profile
 from memopt.driver.results import Analysis
 from memopt.reports.diff import pass_diff, pipeline_steps
@@ -55,6 +57,7 @@ def report(
     rounds: int = 10,
     inductor: bool = True,
     progress: Callable[[str], None] | None = None,
+    compile_for: str | None = None,
     **options: object,
 ) -> Report:
     """Analyze `fn(*example_inputs)` and write the report files to the directory `out`.
@@ -63,11 +66,17 @@ def report(
     compute-bound on `options["device"]` (default h100) and predicts time on every device.
     `measure=True` also runs the program on this machine (`memopt.profile`, `rounds` timed
     rounds, against TorchInductor unless `inductor=False`) and adds the measured section.
+    `compile_for="h100"` compiles the Triton kernels for that GPU with Triton's own compiler
+    (`memopt.compile_for_gpu`) and adds the compiled section; analyze with
+    `backend="triton"` for the kernels a GPU run would have.
     """
     device = Config.from_options(options).device
+    if compile_for is not None:
+        arch_for(compile_for)  # an unknown device fails before the analysis
     if not measure:
         analysis = analyze(fn, *example_inputs, training=training, dynamic=dynamic, **options)
-        return write_report(analysis, out, device=device)
+        compiled = compile_for_gpu(analysis, compile_for) if compile_for else None
+        return write_report(analysis, out, device=device, compiled=compiled)
     measured = profile(
         fn,
         *example_inputs,
@@ -79,14 +88,20 @@ def report(
         **options,
     )
     assert measured.analysis is not None
-    return write_report(measured.analysis, out, device=device, measured=measured)
+    compiled = compile_for_gpu(measured.analysis, compile_for) if compile_for else None
+    return write_report(measured.analysis, out, device=device, measured=measured, compiled=compiled)
 
 
 def write_report(
-    analysis: Analysis, out: str | Path, device: str = "h100", measured: Profile | None = None
+    analysis: Analysis,
+    out: str | Path,
+    device: str = "h100",
+    measured: Profile | None = None,
+    compiled: Sequence[GpuKernel] | None = None,
 ) -> Report:
     """Write the report files for an existing analysis into `out` (created if missing), with
-    the measured section and `analysis.json`'s "measured" key where `measured` is given.
+    the measured section and `analysis.json`'s "measured" key where `measured` is given, and
+    the compiled section and "compiled" key where `compiled` is.
 
     Files this function owns that a previous report left in `out` (`diffs/*.diff`,
     `kernels/*.ir`, `kernels/*.py`) are removed first, so the directory holds one report.
@@ -119,11 +134,13 @@ def write_report(
     data = report_json(analysis, device, sources)
     if measured is not None:
         data["measured"] = measured.to_dict()
+    if compiled is not None:
+        data["compiled"] = [row.to_dict() for row in compiled]
     json_path = out / ANALYSIS_JSON
     json_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     index = out / INDEX
-    index.write_text(render_page(analysis, device, sources, measured), encoding="utf-8")
+    index.write_text(render_page(analysis, device, sources, measured, compiled), encoding="utf-8")
     return Report(
         analysis=analysis,
         out=out,

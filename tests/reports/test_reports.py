@@ -430,3 +430,37 @@ def test_cli_errors_are_one_line(args, message, tmp_path, capsys):
     errors = [line for line in captured.err.splitlines() if line.startswith("memopt: error: ")]
     assert len(errors) == 1 and message in errors[0], captured.err
     assert captured.out == ""
+
+
+# --- the compiled section (memopt report --compile-for) ---------------------------------
+
+
+def test_report_compiled_for_a_gpu_lists_each_launch(tmp_path):
+    written = memopt.report(program, x48(), out=tmp_path, compile_for="h100", backend="triton")
+    data = json.loads(written.json.read_text())
+    validate(data)
+    rows = data["compiled"]
+    generated = [k.name for k in written.analysis.kernels if k.kind != "aten"]
+    assert [row["kernel"] for row in rows] == generated and rows
+    for row in rows:
+        assert row["arch"] == "sm_90" and row["label"] == "compiled" and row["error"] is None
+        assert row["registers"] > 0 and row["spill_bytes"] == 0
+    page = written.index.read_text()
+    assert '<h2 id="compiled">' in page and 'href="#compiled"' in page
+    assert page.count("<tr><td>inference.k") >= len(rows)
+    parser = _TagBalance()
+    parser.feed(page)
+    assert parser.problems == [] and parser.stack == []
+
+
+def test_cli_report_compile_for(capsys):
+    assert main(["report", "mlp", "--compile-for", "mi300x", "--top", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "Triton kernels compiled for mi300x (gfx942)" in out
+    assert "0 failed to compile, 0 spill registers" in out
+
+
+def test_cli_report_compile_for_an_unknown_gpu_is_one_line(capsys):
+    assert main(["report", "mlp", "--compile-for", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown GPU 'cpu' for --compile-for; valid choices: a100, h100" in err

@@ -102,6 +102,7 @@ class CompiledKernel:
     has_loop: bool
     error: str | None = None
     compile_s: float = 0.0  # the compile's own time, when it was not cached
+    device: str = ""  # the device model it was compiled for ("h100")
 
     @property
     def spills(self) -> bool:
@@ -125,6 +126,7 @@ class CompiledKernel:
     def to_dict(self) -> dict[str, object]:
         return {
             "fn_name": self.fn_name,
+            "device": self.device,
             "arch": self.arch,
             "grid": self.grid,
             "num_warps": self.num_warps,
@@ -289,12 +291,14 @@ def compile_launches(
             if result.get("error") is None:  # failures are retried: they may be transient
                 write_atomically(_cache_path(key), json.dumps(result).encode())
     return [
-        _compiled(planned, job, results[key], arch)
+        _compiled(planned, job, results[key], arch, device)
         for planned, job, key in zip(launches, jobs, keys)
     ]
 
 
-def _compiled(planned: Launch, job: dict, result: dict, arch: GpuArch) -> CompiledKernel:
+def _compiled(
+    planned: Launch, job: dict, result: dict, arch: GpuArch, device: str
+) -> CompiledKernel:
     num_warps = job["num_warps"]
     threads = num_warps * arch.warp_size
     if result.get("error"):
@@ -313,6 +317,7 @@ def _compiled(planned: Launch, job: dict, result: dict, arch: GpuArch) -> Compil
             {},
             False,
             result["error"],
+            device=device,
         )
     accesses = result["accesses"]
     return CompiledKernel(
@@ -332,6 +337,7 @@ def _compiled(planned: Launch, job: dict, result: dict, arch: GpuArch) -> Compil
         stores={int(k): v for k, v in accesses["store"].items()},
         has_loop=result["has_loop"],
         compile_s=result.get("compile_s", 0.0),
+        device=device,
     )
 
 

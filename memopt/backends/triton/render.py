@@ -128,6 +128,7 @@ class RenderedKernel:
     reduction_ranges: tuple[sympy.Expr, ...]
     tile: tuple[int, int] | None = None  # (y, x) ranges of a 2D tile, else a 1D block
     template: str | None = None  # "matmul": a template kernel (matmul.py), launched its own way
+    across_rows: bool = False  # a reduction whose loads are contiguous along a kept range
 
     @property
     def looped(self) -> bool:
@@ -143,6 +144,20 @@ class RenderedKernel:
         blocks = ["XBLOCK"] + (["RBLOCK"] if self.reduction else [])
         blocks += ["YBLOCK"] if self.tile is not None else []
         return [*self.arg_names, *self.size_names, "xnumel", "rnumel", *blocks]
+
+
+def reduces_across_rows(kernel: Kernel) -> bool:
+    """Whether the kernel reduces across rows: its loads step by one element along a kept
+    range and none along the reduced one (the bias gradient's column sum)."""
+    kept = [index_var(k) for k in range(len(kernel.ranges))]
+    reduced = [reduction_var(k) for k in range(len(kernel.reduction_ranges))]
+    along_kept = along_reduced = False
+    for value in kernel.values:
+        if value.op == "load":
+            var = unit_stride_var(value.arg[1], [*kept, *reduced])
+            along_kept |= var in kept
+            along_reduced |= var in reduced
+    return along_kept and not along_reduced
 
 
 def _fastest_axis(index: sympy.Expr, count: int) -> int | None:
@@ -168,7 +183,15 @@ class Renderer(ValueRenderer):
         self.kernel = kernel
         self.reduction = bool(kernel.reduction_ranges)
         rnumel = sympy.Mul(*kernel.reduction_ranges) if self.reduction else sympy.Integer(1)
-        self.persistent = self.reduction and rnumel.is_number and int(rnumel) <= PERSISTENT_MAX
+        self.across_rows = self.reduction and reduces_across_rows(kernel)
+        # A reduction across rows (a column sum) loops: its block is wide along the
+        # contiguous kept range and short along the reduced one (chosen at launch).
+        self.persistent = (
+            self.reduction
+            and not self.across_rows
+            and rnumel.is_number
+            and int(rnumel) <= PERSISTENT_MAX
+        )
         self.rblock = (
             max(1, 1 << max(0, int(rnumel) - 1).bit_length())
             if self.persistent
@@ -420,6 +443,7 @@ class Renderer(ValueRenderer):
             ranges=kernel.ranges,
             reduction_ranges=kernel.reduction_ranges,
             tile=tile,
+            across_rows=self.across_rows,
         )
 
     def tile_axes(self) -> tuple[int, int] | None:

@@ -42,6 +42,7 @@ INTERPRETER_TILE_ELEMENTS = 1 << 16
 GPU_POINTWISE_XBLOCK = 1024
 GPU_REDUCTION_TILE_ELEMENTS = 4096
 GPU_TILE_2D = 64
+GPU_ACROSS_ROWS_XBLOCK = 128  # columns a program of a column reduction covers
 GPU_ELEMENTS_PER_THREAD = 8
 GPU_MAX_WARPS = 16
 WARP_THREADS = 32  # threads per warp on NVIDIA; an AMD wavefront holds 64 (num_warps counts them)
@@ -65,6 +66,11 @@ def block_sizes(
     if not rendered.reduction:
         cap = GPU_POINTWISE_XBLOCK if on_gpu else budget
         return {"XBLOCK": min(_next_pow2(numels["xnumel"]), cap)}
+    if on_gpu and rendered.across_rows:
+        # Contiguous along the rows: wide in x for full-width accesses, short in r (looped).
+        xblock = min(_next_pow2(numels["xnumel"]), GPU_ACROSS_ROWS_XBLOCK)
+        rblock = min(_next_pow2(numels["rnumel"]), GPU_REDUCTION_TILE_ELEMENTS // xblock)
+        return {"XBLOCK": xblock, "RBLOCK": rblock}
     rblock = rendered.rblock or 1
     rows = (GPU_REDUCTION_TILE_ELEMENTS if on_gpu else budget) // rblock
     return {"XBLOCK": max(1, min(_next_pow2(numels["xnumel"]), rows)), "RBLOCK": rblock}
