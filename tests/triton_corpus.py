@@ -6,10 +6,11 @@ Three sources, each at sizes where a GPU launch has full blocks:
   fp16 and bf16 where the example takes a dtype: pointwise, transposed (2D tiles), inner
   reductions (persistent and looped), an outer (column) reduction, argmax, gathers,
   symbolic sizes;
-- the attention kernels (forward with and without masks, causal; backward) in each dtype;
-- every kernel the pipeline generates for the GPT-2 block with backend="triton", inference
-  and training, in each dtype: matmul templates with epilogues, LayerNorm and GELU forward
-  and backward, bias-gradient column sums, softmax, attention.
+- the attention kernels (forward with and without masks, causal; backward) in each dtype at
+  head dim 64, and at head dims 32 and 128 (`ATTENTION_CASES`);
+- every kernel the pipeline generates for the GPT-2 block with backend="triton"
+  (`GPT2_CASES`): matmul templates with epilogues, LayerNorm and GELU forward and backward,
+  bias-gradient column sums, softmax, attention.
 
 Each entry is (name, Launch, contiguous): `contiguous` marks launches with a stream that
 walks its buffer contiguously in runs a 128-bit access can take (every launch but a
@@ -73,8 +74,8 @@ def _examples():
     yield "dynamic_scale", lambda: examples.dynamic_scale(512, 768), False
 
 
-def _attention_launches(dtype: torch.dtype) -> list[tuple[str, Launch]]:
-    batch, heads, seq, head_dim = 2, 4, 256, 64
+def _attention_launches(dtype: torch.dtype, head_dim: int = 64) -> list[tuple[str, Launch]]:
+    batch, heads, seq = 2, 4, 256
 
     def meta(*shape, d=dtype):
         return torch.empty(shape, dtype=d, device="meta")
@@ -91,7 +92,10 @@ def _attention_launches(dtype: torch.dtype) -> list[tuple[str, Launch]]:
         with recording_launches() as launches:
             attention(q, k, v, mask, causal, None, out, lse)
             attention_backward(out, q, k, v, out, lse, mask, causal, None, (q, k, v))
-        found += [(f"{name}_{p.fn_name.removeprefix('memopt_attention_')}", p) for p in launches]
+        suffix = "" if head_dim == 64 else f"_d{head_dim}"
+        found += [
+            (f"{name}{suffix}_{p.fn_name.removeprefix('memopt_attention_')}", p) for p in launches
+        ]
     return found
 
 
@@ -117,6 +121,19 @@ def _vectorized(name: str, tag: str) -> bool:
     return not (tag == "fp32" and "attention" in name and "bwd" in name)
 
 
+# What the corpus compiles beyond the examples: (dtype, head dim, masks) of attention, and
+# (dtype, training) of the GPT-2 block. Everything at the main configurations (head dim 64,
+# fp16); enough beside them that every kind of kernel is compiled in fp32, fp16 and bf16
+# within the suite's time (about two minutes cold on 2 cores for both targets).
+ATTENTION_CASES = [
+    *((tag, 64, None) for tag in DTYPES),
+    ("fp16", 128, ("attention_additive_mask",)),
+    ("fp32", 128, ("attention_additive_mask",)),
+    ("fp16", 32, ("attention_causal",)),
+]
+GPT2_CASES = [("fp16", False), ("fp16", True), ("fp32", False), ("bf16", False)]
+
+
 @functools.cache
 def corpus() -> list[tuple[str, Launch, bool]]:
     """Every launch of the corpus, named uniquely."""
@@ -124,12 +141,16 @@ def corpus() -> list[tuple[str, Launch, bool]]:
     for name, build, contiguous in _examples():
         for planned in _kernel_launches(build):
             entries.append((name, planned, contiguous))
-    for tag, dtype in DTYPES.items():
-        entries += [(f"{n}_{tag}", p, _vectorized(n, tag)) for n, p in _attention_launches(dtype)]
-        for training in (False, True):
-            mode = "training" if training else "inference"
-            entries += [
-                (f"{n}_{mode}_{tag}", p, _vectorized(n, tag))
-                for n, p in _gpt2_launches(dtype, training)
-            ]
+    for tag, head_dim, cases in ATTENTION_CASES:
+        entries += [
+            (f"{n}_{tag}", p, _vectorized(n, tag))
+            for n, p in _attention_launches(DTYPES[tag], head_dim)
+            if cases is None or n.startswith(cases)
+        ]
+    for tag, training in GPT2_CASES:
+        mode = "training" if training else "inference"
+        entries += [
+            (f"{n}_{mode}_{tag}", p, _vectorized(n, tag))
+            for n, p in _gpt2_launches(DTYPES[tag], training)
+        ]
     return entries

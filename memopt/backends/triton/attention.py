@@ -33,9 +33,21 @@ from memopt.backends.triton.launching import (
 from memopt.backends.triton.ops import bf16_round
 
 MAX_HEAD_DIM = 128
-# GPU warps of a forward program: 4 for 64x64 tiles; 8 for IEEE fp32 dots, which hold their
-# operands in registers (32x32 tiles with 4 warps spilled on sm_90).
-ATTENTION_WARPS = {"tf32": 4, "ieee": 8}
+# GPU launch shapes, (warps, BLOCK_M, BLOCK_N), by tl.dot precision ("tf32": 16-bit inputs,
+# "ieee": fp32), BLOCK_D and direction: the largest of a list of candidates that compile
+# with no spills and no stack for sm_80, sm_90 and gfx942, over causal, additive and bool
+# masks, fp16 and bf16, sequences 256 and 512 (found by compiling the candidates offline;
+# test_triton_offline.py keeps it so).
+# IEEE fp32 dots are FMA loops holding their operands in registers: smaller tiles. In the
+# backward, BLOCK_M is the query rows of a step and BLOCK_N the keys of a dK/dV program.
+GPU_ATTENTION_SHAPES: dict[tuple[str, int], dict[str, tuple[int, int, int]]] = {
+    ("tf32", 32): {"fwd": (4, 64, 64), "bwd": (8, 64, 32)},
+    ("tf32", 64): {"fwd": (4, 64, 64), "bwd": (8, 64, 32)},
+    ("tf32", 128): {"fwd": (8, 64, 64), "bwd": (8, 16, 32)},
+    ("ieee", 32): {"fwd": (8, 64, 32), "bwd": (8, 32, 16)},
+    ("ieee", 64): {"fwd": (8, 32, 32), "bwd": (16, 16, 16)},
+    ("ieee", 128): {"fwd": (8, 32, 16), "bwd": (8, 16, 16)},
+}
 _SOURCE = """
 import triton
 import triton.language as tl
@@ -132,21 +144,28 @@ def _next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-def attention_tiles(
-    seq_q: int, seq_k: int, head_dim: int, on_gpu: bool, precision: str = "tf32"
-) -> dict[str, int]:
-    """BLOCK_M, BLOCK_N, BLOCK_D of one launch (tl.dot needs every dimension >= 16).
-
-    The interpreter costs per program: few, large tiles. On a GPU, 64x64 tiles; 32x32 when
-    the dots are IEEE fp32 (`precision`), which are FMA loops whose operands and results
-    all sit in registers: at 64x64 they spilled kilobytes a thread on sm_90.
-    """
-    cap = (32 if precision == "ieee" else 64) if on_gpu else 128
-    return {
-        "BLOCK_M": max(16, min(_next_pow2(seq_q), cap)),
-        "BLOCK_N": max(16, min(_next_pow2(seq_k), cap)),
-        "BLOCK_D": max(16, _next_pow2(head_dim)),
+def attention_shape(
+    seq_q: int,
+    seq_k: int,
+    head_dim: int,
+    on_gpu: bool,
+    precision: str = "tf32",
+    direction: str = "fwd",
+) -> tuple[dict[str, int], int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D tiles, warps) of one launch (tl.dot needs every dimension
+    >= 16). The interpreter costs per program: few, large tiles (warps unused). On a GPU,
+    GPU_ATTENTION_SHAPES."""
+    block_d = max(16, _next_pow2(head_dim))
+    if on_gpu:
+        warps, cap_m, cap_n = GPU_ATTENTION_SHAPES[(precision, max(32, block_d))][direction]
+    else:
+        warps, cap_m, cap_n = 4, 128, 128
+    tiles = {
+        "BLOCK_M": max(16, min(_next_pow2(seq_q), cap_m)),
+        "BLOCK_N": max(16, min(_next_pow2(seq_k), cap_n)),
+        "BLOCK_D": block_d,
     }
+    return tiles, warps
 
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -191,7 +210,7 @@ def attention(
         attn_mask = attn_mask.expand(batch, heads, seq_q, seq_k)
     gpu = on_gpu([q])
     precision = dot_precision(gpu, q.dtype in HALF_DTYPES)
-    tiles = attention_tiles(seq_q, seq_k, head_dim, gpu, precision)
+    tiles, warps = attention_shape(seq_q, seq_k, head_dim, gpu, precision)
     grid = batch * heads * -(-seq_q // tiles["BLOCK_M"])
     mask = attn_mask if attn_mask is not None else q
     mask_strides = attn_mask.stride() if attn_mask is not None else (0, 0, 0, 0)
@@ -224,9 +243,8 @@ def attention(
             "DOT_PRECISION": precision,
         }
         path = str(write_source(source()))
-        warps = ATTENTION_WARPS[precision]
         launch(Launch(path, "memopt_attention_fwd", grid, args, flags, warps), gpu)
     return out
 
 
-__all__ = ["MAX_HEAD_DIM", "attention", "attention_tiles"]
+__all__ = ["MAX_HEAD_DIM", "attention", "attention_shape"]

@@ -26,7 +26,7 @@ import torch
 from memopt.backends.triton.attention import (
     HALF_DTYPES,
     MAX_HEAD_DIM,
-    attention_tiles,
+    attention_shape,
     mask_mode,
 )
 from memopt.backends.triton.launching import (
@@ -37,15 +37,6 @@ from memopt.backends.triton.launching import (
     write_source,
 )
 from memopt.backends.triton.ops import bf16_round
-
-# GPU programs of the backward: (BLOCK_M, BLOCK_N) caps and warps by dot precision. With
-# the forward's 64x64 tiles and 4 warps, dK/dV held 255 registers a thread and spilled on
-# sm_90 and gfx942 (the accumulators, the key and value tiles and a step's query tiles are
-# all live at once); IEEE fp32 dots hold their operands in registers and need smaller
-# tiles and more warps still (with 8 warps ptxas spilled 8 bytes to 6 KiB a thread,
-# depending on the mask). These compile without spills (tests/backends/test_triton_offline.py).
-BACKWARD_TILE_CAPS = {"tf32": (32, 32), "ieee": (16, 16)}
-BACKWARD_WARPS = {"tf32": 8, "ieee": 16}
 
 _MASKED_PROBABILITIES = """
         s = tl.dot(q_tile * scale, tl.trans(k_tile), input_precision=DOT_PRECISION)
@@ -230,11 +221,7 @@ def attention_backward(
     gpu = on_gpu([q])
     path = str(write_source(source()))
     precision = dot_precision(gpu, q.dtype in HALF_DTYPES)
-    tiles = attention_tiles(seq_q, seq_k, head_dim, gpu, precision)
-    if gpu:
-        cap_m, cap_n = BACKWARD_TILE_CAPS[precision]
-        tiles["BLOCK_M"] = max(16, min(tiles["BLOCK_M"], cap_m))
-        tiles["BLOCK_N"] = max(16, min(tiles["BLOCK_N"], cap_n))
+    tiles, warps = attention_shape(seq_q, seq_k, head_dim, gpu, precision, "bwd")
     common = (
         q,
         k,
@@ -266,14 +253,14 @@ def attention_backward(
         grid = batch * heads * -(-seq_k // tiles["BLOCK_N"])
         args = (*common, dk, dv, *dk.stride(), *dv.stride())
         launch(
-            Launch(path, "memopt_attention_bwd_dkdv", grid, args, flags, BACKWARD_WARPS[precision]),
+            Launch(path, "memopt_attention_bwd_dkdv", grid, args, flags, warps),
             gpu,
         )
     if dq.numel():
         grid = batch * heads * -(-seq_q // tiles["BLOCK_M"])
         args = (*common, dq, *dq.stride())
         launch(
-            Launch(path, "memopt_attention_bwd_dq", grid, args, flags, BACKWARD_WARPS[precision]),
+            Launch(path, "memopt_attention_bwd_dq", grid, args, flags, warps),
             gpu,
         )
     return dq, dk, dv

@@ -202,7 +202,7 @@ def _triton_version() -> str:
 
 
 # The worker's result format: part of every cache key, so older results are not misread.
-RESULT_FORMAT = 2
+RESULT_FORMAT = 3
 
 
 def _key(job: dict) -> str:
@@ -222,6 +222,9 @@ def _start_worker(jobs: list[dict]) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated
     env["TRITON_DUMP_PTXAS_LOG"] = "1"  # ptxas's spill figures (the worker reads them)
+    # Past Triton's own cache: a cached binary comes without ptxas's log, and two launches
+    # that specialize alike (head dims 80 and 128 are both "divisible by 16") would share it.
+    env["TRITON_ALWAYS_COMPILE"] = "1"
     with tempfile.TemporaryFile("w+") as jobs_file:  # the worker keeps its own handle
         json.dump(jobs, jobs_file)
         jobs_file.seek(0)
