@@ -109,7 +109,7 @@ def _gpt2_launches(dtype: torch.dtype, training: bool) -> list[tuple[str, Launch
     analysis = memopt.analyze(model, x, training=training, backend="triton", device="h100")
     found = []
     for graph in analysis.graphs:
-        for name, _kind, _nbytes, launches in graph_launches(graph):
+        for name, _kind, _nbytes, launches, _sectors in graph_launches(graph):
             found += [(f"gpt2_{name}_{p.fn_name.removeprefix('memopt_')}", p) for p in launches]
     return found
 

@@ -22,6 +22,7 @@ from memopt.backends.triton.launching import Launch, recording_launches
 from memopt.backends.triton.offline import CompiledKernel, compile_launches, traffic_ratio
 from memopt.backends.triton.ops import Unsupported
 from memopt.backends.triton.runtime import TritonKernel
+from memopt.backends.triton.sectors import sector_bytes
 from memopt.compiler.cost import is_kernel
 from memopt.compiler.kernel_ir import Buffer, evaluate_size
 from memopt.driver.results import Analysis, GraphResult
@@ -36,6 +37,7 @@ class GpuKernel:
     launch: Launch
     compiled: CompiledKernel
     modelled_bytes: int | None  # the kernel's; None when it makes several launches
+    sector_bytes: int | None = None  # modelled in 32-byte sectors (generated kernels only)
 
     @property
     def traffic_ratio(self) -> float | None:
@@ -53,6 +55,7 @@ class GpuKernel:
             **self.compiled.to_dict(),
             "label": "compiled",
             "modelled_bytes": self.modelled_bytes,
+            "sector_bytes": self.sector_bytes,
             "static_over_modelled": self.traffic_ratio,
         }
 
@@ -71,8 +74,11 @@ def _meta_like(value: object) -> object:
     return value
 
 
-def _launches(target: object, node: torch.fx.Node, sizes: dict[str, int]) -> list[Launch] | None:
-    """The GPU launches of one kernel node (None: not a Triton kernel)."""
+def _launches(
+    target: object, node: torch.fx.Node, sizes: dict[str, int]
+) -> tuple[list[Launch], int | None] | None:
+    """The GPU launches of one kernel node and its sector bytes (None: not a Triton kernel)."""
+    sectors = None
     with recording_launches() as launches:
         if isinstance(target, FusedKernel):
             try:
@@ -83,6 +89,8 @@ def _launches(target: object, node: torch.fx.Node, sizes: dict[str, int]) -> lis
             inputs = [_meta(b, sizes) for b in kernel.inputs]
             outputs = [_meta(b, sizes) for b in kernel.outputs]
             compiled(inputs, outputs, sizes)
+            if compiled.rendered.template is None:
+                sectors = sector_bytes(kernel, compiled.rendered, sizes)
         elif isinstance(target, AttentionKernel):
             args = [
                 _meta_like(a.meta.get("val")) if isinstance(a, torch.fx.Node) else a
@@ -91,11 +99,14 @@ def _launches(target: object, node: torch.fx.Node, sizes: dict[str, int]) -> lis
             target(*args)
         else:
             return None
-    return launches
+    return launches, sectors
 
 
-def graph_launches(graph: GraphResult) -> list[tuple[str, str, int, list[Launch]]]:
-    """(kernel name, kind, modelled bytes, launches) for each Triton kernel of one graph."""
+def graph_launches(
+    graph: GraphResult,
+) -> list[tuple[str, str, int, list[Launch], int | None]]:
+    """(kernel name, kind, modelled bytes, launches, sector bytes) for each Triton kernel of
+    one graph."""
     sizes = {str(name): int(value) for name, value in graph.symbols.items()}
     records = {record.name: record for record in graph.kernels}
     found = []
@@ -105,10 +116,11 @@ def graph_launches(graph: GraphResult) -> list[tuple[str, str, int, list[Launch]
             continue
         name = f"{graph.name}.k{index}"
         index += 1
-        launches = _launches(node.target, node, sizes)
-        if launches:
+        made = _launches(node.target, node, sizes)
+        if made is not None and made[0]:
+            launches, sectors = made
             record = records[name]
-            found.append((name, record.kind, record.nbytes, launches))
+            found.append((name, record.kind, record.nbytes, launches, sectors))
     return found
 
 
@@ -118,13 +130,22 @@ def compile_for_gpu(
     """Every Triton launch of `analysis` compiled for `device` (default: the analysis's)."""
     device = device or analysis.device
     entries = [entry for graph in analysis.graphs for entry in graph_launches(graph)]
-    launches = [planned for *_, planned_list in entries for planned in planned_list]
+    launches = [planned for entry in entries for planned in entry[3]]
     compiled = iter(compile_launches(launches, device, timeout_s=timeout_s))
     rows = []
-    for name, kind, nbytes, planned_list in entries:
+    for name, kind, nbytes, planned_list, sectors in entries:
         for planned in planned_list:
-            modelled = nbytes if len(planned_list) == 1 else None
-            rows.append(GpuKernel(name, kind, planned, next(compiled), modelled))
+            single = len(planned_list) == 1
+            rows.append(
+                GpuKernel(
+                    name,
+                    kind,
+                    planned,
+                    next(compiled),
+                    nbytes if single else None,
+                    sectors if single else None,
+                )
+            )
     return rows
 
 

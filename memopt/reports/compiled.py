@@ -6,7 +6,9 @@ Labels: registers, stack, spills, shared memory, warps and memory instructions a
 and the device's limits; bytes are *modelled*. Static bytes: what the code's global memory
 instructions move when every lane of every program runs each once (no figure for a kernel
 that loops); their ratio to the modelled bytes is above 1 by masked tails and by operands
-that every row re-reads (served by the caches, not by memory).
+that every row re-reads (served by the caches, not by memory). Sector bytes: the modelled
+bytes when memory moves in 32-byte sectors (backends/triton/sectors.py); above 1 only for a
+strided access the kernel could not make contiguous.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ HEADER = [
     "loads",
     "stores",
     "static/modelled",
+    "sectors/modelled",
 ]
 
 
@@ -51,9 +54,14 @@ def _cells(row: GpuKernel) -> list[str]:
     c = row.compiled
     function = c.fn_name.removeprefix("memopt_")
     if c.error:
-        return [row.kernel, function, _blocks(row), "failed: " + c.error, *[""] * 8]
+        return [row.kernel, function, _blocks(row), "failed: " + c.error, *[""] * 9]
     ratio = row.traffic_ratio
     shown = "loops" if c.has_loop else "-" if ratio is None else f"{ratio:.2f}"
+    sectors = (
+        f"{row.sector_bytes / row.modelled_bytes:.2f}"
+        if row.sector_bytes is not None and row.modelled_bytes
+        else "-"
+    )
     return [
         row.kernel,
         function,
@@ -67,6 +75,7 @@ def _cells(row: GpuKernel) -> list[str]:
         _widths(c.loads),
         _widths(c.stores),
         shown,
+        sectors,
     ]
 
 
@@ -92,17 +101,18 @@ def format_compiled(rows: Sequence[GpuKernel]) -> str:
     lines = [
         _title(rows),
         "  (compiled: from the machine code; occupancy derived; bytes modelled; "
-        "static/modelled: the code's per-lane accesses x the grid, over the modelled bytes)",
+        "static/modelled: the code's per-lane accesses x the grid, over the modelled bytes; "
+        "sectors/modelled: the modelled bytes in 32-byte sectors, over the modelled bytes)",
     ]
-    widths = [16, 28, 24, 5, 4, 7, 7, 7, 9, 16, 16, 15]
-    lines += format_table(HEADER, [_cells(r) for r in rows], "lllrrrrrrllr", max_widths=widths)
+    widths = [16, 28, 24, 5, 4, 7, 7, 7, 9, 16, 16, 15, 16]
+    lines += format_table(HEADER, [_cells(r) for r in rows], "lllrrrrrrllrr", max_widths=widths)
     lines.append("  " + _summary(rows))
     return "\n".join(lines) + "\n"
 
 
 def compiled_section(rows: Sequence[GpuKernel]) -> list[str]:
     """The report page's "compiled" section."""
-    numeric = {3, 4, 5, 6, 7, 8, 11}
+    numeric = {3, 4, 5, 6, 7, 8, 11, 12}
     lines = [
         '<h2 id="compiled">Compiled for a GPU</h2>',
         f"<p>{_esc(_title(rows))}. Registers, stack, spills, shared memory and memory "

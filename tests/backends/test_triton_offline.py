@@ -33,7 +33,10 @@ from memopt.backends.triton.offline_worker import (
     _SASS_LABEL,
     has_loop,
 )
-from memopt.backends.triton.runtime import TritonKernel, block_sizes, num_warps
+from memopt.backends.triton.runtime import TritonKernel, block_sizes, num_warps, render
+from memopt.backends.triton.sectors import kernel_sectors
+from memopt.compiler import kernel_ir as ir
+from memopt.compiler.kernel_ir import Kernel, Store
 from memopt.errors import OptionError
 
 import kernel_examples as examples
@@ -233,3 +236,45 @@ def test_static_bytes_count_every_lane_of_every_program():
     )  # fmt: skip
     assert result.static_bytes == (2 * 16 + 4 + 16) * 128 * 10
     assert dataclasses.replace(result, has_loop=True).static_bytes is None
+
+
+# -- coalescing: 32-byte sectors --------------------------------------------------------
+
+
+def _strided_copy(rows: int, cols: int, step: int):
+    """out[i, j] = x[i, step * j]: a strided view read by a pointwise kernel (no tile can
+    make it contiguous: the lanes' stride is `step` elements in the only block dimension)."""
+    i0, i1 = examples.i0, examples.i1
+    value = ir.load("in0", cols * step * i0 + step * i1, torch.float32)
+    kernel = Kernel(
+        "strided_copy",
+        (examples.buf("in0", torch.float32, (rows, cols), (cols * step, step)),),
+        (examples.buf("out0", torch.float32, (rows, cols)),),
+        (examples.S(rows), examples.S(cols)),
+        (),
+        (Store("out0", cols * i0 + i1, value),),
+    )
+    return kernel, [torch.randn(rows, cols * step)[:, ::step]], [], {}
+
+
+@pytest.mark.parametrize(
+    "build, read_factor",
+    [
+        (lambda: examples.transposed_read(512, 256), 1),  # tiled: both sides contiguous
+        (lambda: _strided_copy(256, 512, 2), 2),  # every other element: 8 of each 32 B used
+        (lambda: _strided_copy(256, 64, 16), 8),  # a 64 B stride: one element a sector
+    ],
+    ids=["transposed", "stride2", "stride16"],
+)
+def test_sector_bytes_follow_the_lanes_stride_and_agree_with_the_compiled_loads(build, read_factor):
+    kernel, *_rest, sizes = build()
+    rendered = render(kernel)
+    (read, write) = kernel_sectors(kernel, rendered, sizes)
+    assert read.sector_bytes == read_factor * read.nbytes
+    assert write.sector_bytes == write.nbytes
+    (planned,) = triton_corpus._kernel_launches(build)
+    (compiled,) = compile_launches([planned], "h100")
+    if read_factor == 1:
+        assert compiled.widest_load_bits == 128  # coalesced: full-width loads
+    else:
+        assert compiled.widest_load_bits == 32  # a lane's element is not next to its neighbour's
