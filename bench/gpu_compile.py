@@ -69,7 +69,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         command = "python bench/gpu_compile.py " + " ".join(sys.argv[1:] if argv is None else argv)
         lines = [
-            MARK_START,
             "### This run",
             "",
             f"Command: `{command.strip()}`. GPT-2 block (nanoGPT's, 768 wide, 12 heads), batch "
@@ -79,7 +78,6 @@ def main(argv: list[str] | None = None) -> int:
         ]
         for device, mode, text in blocks:
             lines += [f"{mode}, {device}:", "", "```", text.rstrip(), "```", ""]
-        lines.append(MARK_END)
         write_results(Path(args.write), "\n".join(lines), MARK_START, MARK_END)
     return 0
 
