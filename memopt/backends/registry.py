@@ -97,8 +97,9 @@ class Backend:
     # Write the kernel's source into the cache without compiling it, for reports.
     source_file: Callable[[Kernel], Path] | None = None
     attention: AttentionKernels | None = None
-    # How the backend schedules a matmul template of (M, N, K), for decision records.
-    describe_template: Callable[[int, int, int], str] | None = None
+    # How the backend schedules a matmul template of (M, N, K; 16-bit operands), for decision
+    # records.
+    describe_template: Callable[[int, int, int, bool], str] | None = None
     notes: tuple[str, ...] = field(default=(), compare=False)
 
     def supports(self, feature: Feature) -> bool:

@@ -586,7 +586,26 @@ def _schedule(matmul: torch.fx.Node, ctx: PassContext, device: str) -> str:
     *_, m, n = tensor_meta(matmul).shape
     k = tensor_meta(matmul.args[0]).shape[-1]
     m, n, k = (evaluate(x, ctx.bindings) for x in (m, n, k))
-    return f"; {describe(m, n, k)}"
+    widths = {_exact_width(a) for a in matmul.args[:2]}
+    return f"; {describe(m, n, k, None not in widths and len(widths) == 1)}"
+
+
+_WIDENING = (torch.ops.prims.convert_element_type.default, aten._to_copy.default)
+
+
+def _exact_width(node: object) -> torch.dtype | None:
+    """The 16-bit float type that holds a matmul operand exactly (its own, or its source's
+    when it is a cast to fp32 of a 16-bit tensor), as the template kernel decides it."""
+    half = (torch.float16, torch.bfloat16)
+    if not isinstance(node, torch.fx.Node):
+        return None
+    dtype = tensor_meta(node).dtype
+    if dtype in half:
+        return dtype
+    source = node.args[0] if node.target in _WIDENING and node.args else None
+    if dtype == torch.float32 and isinstance(source, torch.fx.Node):
+        return tensor_meta(source).dtype if tensor_meta(source).dtype in half else None
+    return None
 
 
 def _side(matmul: torch.fx.Node, other: Group) -> str:

@@ -191,3 +191,43 @@ def test_tiles_are_recorded_and_bounded():
     x, w, b = torch.randn(6, 20), torch.randn(24, 20), torch.randn(24)
     a = analyze(linear_gelu, x, w, b)
     assert any("GPU tiles 16x32x32" in d.reason for d in fusion(a).decisions if d.applied)
+
+
+def test_16_bit_operands_get_wider_gpu_tiles_and_more_warps():
+    assert matmul_tiles(4096, 4096, 4096, on_gpu=True, half=True) == {
+        "BLOCK_M": 128,
+        "BLOCK_N": 128,
+        "BLOCK_K": 32,
+    }
+    assert matmul_tiles(4096, 4096, 4096, on_gpu=False, half=True) == matmul_tiles(
+        4096, 4096, 4096, on_gpu=False
+    )  # the interpreter's tiles do not depend on the dtype
+
+
+def _template(a):
+    from memopt.backends.runtime.kernels import FusedKernel
+
+    (kernel,) = [
+        node.target.kernel
+        for graph in a.graphs
+        for node in graph.gm.graph.nodes
+        if isinstance(node.target, FusedKernel) and node.target.kernel.kind == "matmul"
+    ]
+    return kernel
+
+
+def test_fp32_casts_of_16_bit_operands_take_the_16_bit_dot_on_a_gpu():
+    from memopt.backends.triton.matmul import half_operands
+    from memopt.backends.triton.runtime import render
+
+    x, w = torch.randn(256, 64).half(), torch.randn(64, 256).half()
+    widened = analyze(lambda x, w: torch.relu(x.float() @ w.float()), x, w)
+    kernel = _template(widened)
+    assert half_operands(kernel) == torch.float16  # products exact in fp32: same sums
+    assert "if LOW_PRECISION_DOT:" in render(kernel).source
+    assert any("GPU tiles 128x128x32" in d.reason for d in fusion(widened).decisions if d.applied)
+    fp32 = analyze(lambda x, w: torch.relu(x @ w), x.float(), w.float())
+    assert half_operands(_template(fp32)) is None
+    assert "if LOW_PRECISION_DOT:" not in render(_template(fp32)).source
+    assert any("GPU tiles 64x64x32" in d.reason for d in fusion(fp32).decisions if d.applied)
+    compiled_matches(lambda x, w: torch.relu(x.float() @ w.float()), x, w)

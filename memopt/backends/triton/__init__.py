@@ -9,8 +9,8 @@ from memopt.backends.triton.runtime import TritonKernel, compile_kernel, render,
 from memopt.backends.triton.tiles import describe_tiles, matmul_tiles
 
 
-def _describe_template(m: int, n: int, k: int) -> str:
-    return f"GPU tiles {describe_tiles(matmul_tiles(m, n, k, on_gpu=True))}"
+def _describe_template(m: int, n: int, k: int, half: bool) -> str:
+    return f"GPU tiles {describe_tiles(matmul_tiles(m, n, k, on_gpu=True, half=half))}"
 
 
 TRITON = register_backend(

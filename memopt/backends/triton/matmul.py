@@ -15,8 +15,9 @@ reduces K; its one `dot(a, b)` value is the contraction. The skeleton:
 
 Values that do not depend on K (a row scale of the prologue) are computed once per tile,
 before the loop. 16-bit operands: their values are held in fp32 as everywhere else; with
-LOW_PRECISION_DOT (set on a GPU) two fp16 or two bf16 operands go to tl.dot in that dtype
-(exact: the held values are already rounded), for the tensor cores; in Triton's
+LOW_PRECISION_DOT (set on a GPU) two fp16 or two bf16 operands, or fp32 casts of them
+(`half_operands`), go to tl.dot in that dtype (exact: the held values are already rounded),
+for the tensor cores, with 128x128 tiles and 8 warps (`tiles.py`); in Triton's
 interpreter the dot runs in fp32 (its bf16 arithmetic is wrong).
 """
 
@@ -37,7 +38,33 @@ from memopt.backends.triton.render import (
     module_source,
 )
 from memopt.backends.triton.tiles import MATMUL_WARPS, matmul_tiles
-from memopt.compiler.kernel_ir import DOT, Kernel, evaluate_size, index_var, reduction_var
+from memopt.compiler.kernel_ir import (
+    DOT,
+    Kernel,
+    Value,
+    evaluate_size,
+    index_var,
+    reduction_var,
+)
+
+
+def _exact_width(value: Value) -> torch.dtype | None:
+    """The 16-bit float type that holds `value` exactly: its own, or its source's when it is
+    a cast of a 16-bit value to fp32 (a widened operand); None otherwise."""
+    if value.dtype in HALF:
+        return value.dtype
+    if value.op == "cast" and value.dtype == torch.float32 and value.args[0].dtype in HALF:
+        return value.args[0].dtype
+    return None
+
+
+def half_operands(kernel: Kernel) -> torch.dtype | None:
+    """The 16-bit type both operands of the kernel's dot hold exactly, else None. Such a dot
+    runs in that type on a GPU with fp32 accumulation: the products of two 16-bit values
+    are exact in fp32, so only the order of the sum can differ from an fp32 dot."""
+    (dot,) = [v for v in kernel.values if v.op == DOT]
+    a, b = (_exact_width(v) for v in dot.args)
+    return a if a is not None and a == b else None
 
 
 class MatmulRenderer(Renderer):
@@ -103,9 +130,9 @@ class MatmulRenderer(Renderer):
         a, b = self.dot.args
         a_tile = self.operand(a, "[None, :]", "[BLOCK_M, BLOCK_K]", loop)
         b_tile = self.operand(b, "[:, None]", "[BLOCK_K, BLOCK_N]", loop)
-        low = a.dtype == b.dtype and a.dtype in HALF
-        if low:
-            target = tl_dtype(a.dtype)
+        low = half_operands(self.kernel)
+        if low is not None:
+            target = tl_dtype(low)
             loop.emit("if LOW_PRECISION_DOT:")
             loop.emit(f"    acc += tl.dot({a_tile}.to({target}), {b_tile}.to({target}))")
             loop.emit("else:")
@@ -155,14 +182,15 @@ def plan_matmul(
     bnumel = 1
     for size in batch:
         bnumel *= size
-    tiles = matmul_tiles(m, n, k, on_gpu)
+    half = half_operands(kernel) is not None
+    tiles = matmul_tiles(m, n, k, on_gpu, half)
     if bnumel * m * n == 0:
         return None
     grid = bnumel * -(-m // tiles["BLOCK_M"]) * -(-n // tiles["BLOCK_N"])
     size_args = [int(sizes[name]) for name in rendered.size_names]
     args = (*tensors, *size_args, bnumel, m, n, k)
     constexprs = {**tiles, "LOW_PRECISION_DOT": on_gpu, "DOT_PRECISION": dot_precision(on_gpu)}
-    return Launch(source_path, rendered.fn_name, grid, args, constexprs, MATMUL_WARPS)
+    return Launch(source_path, rendered.fn_name, grid, args, constexprs, MATMUL_WARPS[half])
 
 
 __all__ = ["plan_matmul", "render_matmul"]
