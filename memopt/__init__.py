@@ -7,7 +7,8 @@ print(a.eager_bytes, a.bytes_moved, a.lower_bound_bytes, a.predict("h100"))
 memopt.report(model, x, out="memopt-report")            # HTML, JSON, graph diffs, kernels
 memopt.ablate(model, x)                                 # passes on/off -> bytes, kernels, time
 memopt.profile(model, x)                                # measured time per kernel vs its bytes
-memopt.compile_for_gpu(memopt.analyze(model, x, backend="triton"), "h100")  # registers, spills
+memopt.analyze(model, x, backend="triton", compile_for="h100").compiled  # Triton kernels
+                                                        # compiled for sm_90: regs, spills
 """
 
 from __future__ import annotations

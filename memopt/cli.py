@@ -291,22 +291,19 @@ def _report(args: argparse.Namespace) -> int:
 
         _progress(f"compiling the Triton kernels for {args.compile_for} (cached by source) ...")
         compiled = memopt.compile_for_gpu(analysis, args.compile_for)
+        analysis.compiled = compiled  # in analysis.json too
         report += "\n" + format_compiled(compiled)
     if args.json:
         data = analysis_json(analysis, [device])
         if measured is not None:
             data["measured"] = measured.to_dict()
-        if compiled is not None:
-            data["compiled"] = [row.to_dict() for row in compiled]
         _write(args.json, json.dumps(data, indent=2, sort_keys=True) + "\n")
     if args.out:
         from memopt.reports.writer import write_report
 
         _progress(f"writing the report to {args.out} ...")
         try:
-            written = write_report(
-                analysis, args.out, device=device, measured=measured, compiled=compiled
-            )
+            written = write_report(analysis, args.out, device=device, measured=measured)
         except OSError as exc:
             raise _UsageError(f"cannot write {args.out!r}: {exc.strerror or exc}") from exc
     sys.stdout.write(report)

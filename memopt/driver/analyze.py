@@ -15,6 +15,7 @@ import sympy
 import torch
 import torch.fx
 
+from memopt.backends.triton.offline import arch_for
 from memopt.compiler.bound import lower_bound
 from memopt.compiler.capture import CapturedGraph, capture
 from memopt.compiler.cost import (
@@ -28,6 +29,7 @@ from memopt.compiler.eager_count import count_eager_bytes
 from memopt.compiler.graph import copy_graph, evaluate
 from memopt.compiler.printer import op_name
 from memopt.config import Config
+from memopt.driver.gpu import compile_for_gpu
 from memopt.driver.results import Analysis, GraphResult, KernelRecord, NodeCost
 from memopt.passes import Fuel, Pipeline
 from memopt.passes.pipeline import capture_hooks, capture_key, run_pipeline
@@ -174,21 +176,27 @@ def analyze(
     *example_inputs: object,
     training: bool = False,
     dynamic: bool = False,
+    compile_for: str | None = None,
     **options: object,
 ) -> Analysis:
     """Analyze `fn(*example_inputs)`: eager bytes (counted), optimized bytes (modelled), why.
 
     fn: a function or nn.Module. training=True analyzes forward and backward (the backward
     of every output that requires grad, seeded with ones). dynamic=True captures with
-    symbolic sizes, so byte figures are also sympy expressions of them. options: memopt's
-    options (passes, disable, fuel, device, check, ...).
+    symbolic sizes, so byte figures are also sympy expressions of them. compile_for="h100"
+    (any GPU device model with a Triton target) also compiles every Triton kernel for that
+    GPU with Triton's own compiler, offline, into `Analysis.compiled` (registers, spills,
+    occupancy, load widths; analyze with backend="triton" for a GPU run's kernels).
+    options: memopt's options (passes, disable, fuel, device, check, backend, ...).
     """
     config = Config.from_options(options)
+    if compile_for is not None:
+        arch_for(compile_for)  # an unknown GPU fails before the analysis
     start = time.perf_counter()
     eager = count_eager_bytes(fn, tuple(example_inputs), training=training)
     captured = capture_program(fn, example_inputs, config, training=training, dynamic=dynamic)
     capture_ms = (time.perf_counter() - start) * 1e3
-    return analyze_captured(
+    analysis = analyze_captured(
         captured,
         config,
         target=describe_target(fn),
@@ -196,6 +204,9 @@ def analyze(
         eager_ops=eager.ops,
         capture_ms=capture_ms,
     )
+    if compile_for is not None:
+        analysis.compiled = compile_for_gpu(analysis, compile_for)
+    return analysis
 
 
 def analyze_captured(

@@ -8,11 +8,15 @@ Each integer figure has a sympy twin (`*_expr`) in the symbolic sizes of dynamic
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import sympy
 
 from memopt.compiler.devices import get_device
 from memopt.passes.ledger import LedgerEntry, PassSummary
+
+if TYPE_CHECKING:
+    from memopt.driver.gpu import GpuKernel
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,9 @@ class Analysis:
     capture_ms: float
     pipeline_ms: float
     device: str = "h100"  # the `device` option: the device model predictions default to
+    # With analyze(..., compile_for=GPU): each Triton launch compiled for that GPU
+    # (driver/gpu.py's GpuKernel rows; figures compiled). None when not asked for.
+    compiled: list[GpuKernel] | None = None
 
     @property
     def bytes_moved(self) -> int:
@@ -202,4 +209,5 @@ class Analysis:
                 for g in self.graphs
             ],
             "ledger": [p.to_dict() for p in self.ledger],
+            **({"compiled": [row.to_dict() for row in self.compiled]} if self.compiled else {}),
         }

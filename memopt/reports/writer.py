@@ -74,9 +74,15 @@ def report(
     if compile_for is not None:
         arch_for(compile_for)  # an unknown device fails before the analysis
     if not measure:
-        analysis = analyze(fn, *example_inputs, training=training, dynamic=dynamic, **options)
-        compiled = compile_for_gpu(analysis, compile_for) if compile_for else None
-        return write_report(analysis, out, device=device, compiled=compiled)
+        analysis = analyze(
+            fn,
+            *example_inputs,
+            training=training,
+            dynamic=dynamic,
+            compile_for=compile_for,
+            **options,
+        )
+        return write_report(analysis, out, device=device)
     measured = profile(
         fn,
         *example_inputs,
@@ -88,8 +94,9 @@ def report(
         **options,
     )
     assert measured.analysis is not None
-    compiled = compile_for_gpu(measured.analysis, compile_for) if compile_for else None
-    return write_report(measured.analysis, out, device=device, measured=measured, compiled=compiled)
+    if compile_for:
+        measured.analysis.compiled = compile_for_gpu(measured.analysis, compile_for)
+    return write_report(measured.analysis, out, device=device, measured=measured)
 
 
 def write_report(
@@ -101,12 +108,15 @@ def write_report(
 ) -> Report:
     """Write the report files for an existing analysis into `out` (created if missing), with
     the measured section and `analysis.json`'s "measured" key where `measured` is given, and
-    the compiled section and "compiled" key where `compiled` is.
+    the compiled section and "compiled" key where `compiled` (or `analysis.compiled`) is.
 
     Files this function owns that a previous report left in `out` (`diffs/*.diff`,
     `kernels/*.ir`, `kernels/*.py`) are removed first, so the directory holds one report.
     """
     get_device(device)  # an unknown name fails before anything is written
+    if compiled is not None:
+        analysis.compiled = list(compiled)
+    compiled = analysis.compiled
     out = Path(out)
     diffs_dir, kernels_dir = out / DIFFS, out / KERNELS
     for directory in (out, diffs_dir, kernels_dir):
@@ -134,8 +144,6 @@ def write_report(
     data = report_json(analysis, device, sources)
     if measured is not None:
         data["measured"] = measured.to_dict()
-    if compiled is not None:
-        data["compiled"] = [row.to_dict() for row in compiled]
     json_path = out / ANALYSIS_JSON
     json_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 

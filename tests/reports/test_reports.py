@@ -464,3 +464,12 @@ def test_cli_report_compile_for_an_unknown_gpu_is_one_line(capsys):
     assert main(["report", "mlp", "--compile-for", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "unknown GPU 'cpu' for --compile-for; valid choices: a100, h100" in err
+
+
+def test_analyze_compile_for_keeps_the_rows_on_the_analysis():
+    a = memopt.analyze(program, x48(), backend="triton", compile_for="mi300x")
+    assert a.compiled and {row.compiled.arch for row in a.compiled} == {"gfx942"}
+    assert [row["kernel"] for row in a.to_dict()["compiled"]] == [r.kernel for r in a.compiled]
+    assert "compiled" not in memopt.analyze(program, x48()).to_dict()
+    with pytest.raises(memopt.OptionError, match="unknown GPU device.*'tpu'"):
+        memopt.analyze(program, x48(), compile_for="tpu")
