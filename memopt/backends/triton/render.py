@@ -199,6 +199,7 @@ class Renderer(ValueRenderer):
             if self.reduction
             else None
         )
+        self.kept_vars = frozenset(index_var(k) for k in range(len(kernel.ranges)))
         self.var_names = {index_var(k): f"i{k}" for k in range(len(kernel.ranges))}
         self.var_names |= {reduction_var(k): f"r{k}" for k in range(len(kernel.reduction_ranges))}
         self.outer = Scope()
@@ -217,8 +218,12 @@ class Renderer(ValueRenderer):
 
     def mask_for(self, symbols: set[sympy.Symbol]) -> str:
         uses_r = any(is_reduction_var(s) for s in symbols)
+        uses_x = any(s in self.kept_vars for s in symbols)
         if self.reduction and uses_r:
-            return "xmask & rmask"
+            # A value along the reduced range only (LayerNorm's weight) is the same for every
+            # row: masked by rmask alone it is one [1, RBLOCK] load a program, broadcast,
+            # not one per row. Its address is in range whatever the row.
+            return "xmask & rmask" if uses_x or self.across_rows else "rmask"
         return "xmask"
 
     def value(self, value: Value, scope: Scope) -> str:
