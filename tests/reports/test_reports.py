@@ -451,6 +451,9 @@ def test_report_compiled_for_a_gpu_lists_each_launch(tmp_path):
     parser = _TagBalance()
     parser.feed(page)
     assert parser.problems == [] and parser.stack == []
+    if _chromium() is not None:  # the section survives a browser's parse (and sorting script)
+        dom = rendered_dom(written.index)
+        assert 'id="compiled-kernels"' in dom and "sm_90" in dom
 
 
 def test_cli_report_compile_for(capsys):
