@@ -251,13 +251,9 @@ def _report(args: argparse.Namespace) -> int:
 
     options = _options(args)
     if args.compile_for is not None:
-        from memopt.backends.triton.offline import ARCHS
+        from memopt.backends.triton.offline import arch_for
 
-        if args.compile_for not in ARCHS:
-            raise _UsageError(
-                f"unknown GPU {args.compile_for!r} for --compile-for; valid choices: "
-                f"{', '.join(sorted(ARCHS))}"
-            )
+        arch_for(args.compile_for)  # an unknown GPU fails here, in a second
         options.setdefault("backend", "triton")  # the kernels a GPU run would have
     # Validate options before the slow part, so a typo fails in a second, not after analysis;
     # it also resolves the device from MEMOPT_DEVICE when --device is not given.

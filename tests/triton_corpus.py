@@ -28,9 +28,7 @@ import memopt
 from memopt.backends.triton.attention import attention
 from memopt.backends.triton.attention_backward import attention_backward
 from memopt.backends.triton.launching import Launch, recording_launches
-from memopt.backends.triton.runtime import TritonKernel
-from memopt.compiler.kernel_ir import evaluate_size
-from memopt.driver.gpu import graph_launches
+from memopt.driver.gpu import graph_launches, kernel_launches
 from memopt.examples.gpt2_block import Block
 
 import kernel_examples as examples
@@ -38,23 +36,9 @@ import kernel_examples as examples
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _meta(buffers, sizes):
-    return [
-        torch.empty_strided(
-            [evaluate_size(s, sizes) for s in b.shape],
-            [evaluate_size(s, sizes) for s in b.stride],
-            dtype=b.dtype,
-            device="meta",
-        )
-        for b in buffers
-    ]
-
-
 def _kernel_launches(build) -> list[Launch]:
     kernel, _inputs, _expected, sizes = build()
-    with recording_launches() as launches:
-        TritonKernel(kernel)(_meta(kernel.inputs, sizes), _meta(kernel.outputs, sizes), sizes)
-    return launches
+    return kernel_launches(kernel, sizes)[1]
 
 
 # (name, builder, contiguous) for the Kernel IR examples, at GPU-sized shapes.

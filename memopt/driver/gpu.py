@@ -12,6 +12,7 @@ Figures are *compiled* (from the machine code), next to the kernel's *modelled* 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,7 @@ from memopt.backends.triton.ops import Unsupported
 from memopt.backends.triton.runtime import TritonKernel
 from memopt.backends.triton.sectors import sector_bytes
 from memopt.compiler.cost import is_kernel
-from memopt.compiler.kernel_ir import Buffer, evaluate_size
+from memopt.compiler.kernel_ir import Buffer, Kernel, evaluate_size
 from memopt.driver.results import Analysis, GraphResult
 
 
@@ -60,10 +61,21 @@ class GpuKernel:
         }
 
 
-def _meta(buffer: Buffer, sizes: dict[str, int]) -> torch.Tensor:
+def _meta(buffer: Buffer, sizes: Mapping[str, int]) -> torch.Tensor:
     shape = [evaluate_size(s, sizes) for s in buffer.shape]
     stride = [evaluate_size(s, sizes) for s in buffer.stride]
     return torch.empty_strided(shape, stride, dtype=buffer.dtype, device="meta")
+
+
+def kernel_launches(kernel: Kernel, sizes: Mapping[str, int]) -> tuple[TritonKernel, list[Launch]]:
+    """A Kernel IR kernel rendered to Triton, and its GPU launches at `sizes` (recorded on
+    meta tensors of its buffers). Raises Unsupported for a kernel Triton cannot express."""
+    compiled = TritonKernel(kernel)
+    inputs = [_meta(b, sizes) for b in kernel.inputs]
+    outputs = [_meta(b, sizes) for b in kernel.outputs]
+    with recording_launches() as launches:
+        compiled(inputs, outputs, sizes)
+    return compiled, launches
 
 
 def _meta_like(value: object) -> object:
@@ -78,28 +90,22 @@ def _launches(
     target: object, node: torch.fx.Node, sizes: dict[str, int]
 ) -> tuple[list[Launch], int | None] | None:
     """The GPU launches of one kernel node and its sector bytes (None: not a Triton kernel)."""
-    sectors = None
-    with recording_launches() as launches:
-        if isinstance(target, FusedKernel):
-            try:
-                compiled = TritonKernel(target.kernel)
-            except Unsupported:
-                return None
-            kernel = target.kernel
-            inputs = [_meta(b, sizes) for b in kernel.inputs]
-            outputs = [_meta(b, sizes) for b in kernel.outputs]
-            compiled(inputs, outputs, sizes)
-            if compiled.rendered.template is None:
-                sectors = sector_bytes(kernel, compiled.rendered, sizes)
-        elif isinstance(target, AttentionKernel):
-            args = [
-                _meta_like(a.meta.get("val")) if isinstance(a, torch.fx.Node) else a
-                for a in node.args
-            ]
-            target(*args)
-        else:
+    if isinstance(target, FusedKernel):
+        try:
+            compiled, launches = kernel_launches(target.kernel, sizes)
+        except Unsupported:
             return None
-    return launches, sectors
+        if compiled.rendered.template is not None:
+            return launches, None
+        return launches, sector_bytes(target.kernel, compiled.rendered, sizes)
+    if isinstance(target, AttentionKernel):
+        args = [
+            _meta_like(a.meta.get("val")) if isinstance(a, torch.fx.Node) else a for a in node.args
+        ]
+        with recording_launches() as launches:
+            target(*args)
+        return launches, None
+    return None
 
 
 def graph_launches(
@@ -149,4 +155,4 @@ def compile_for_gpu(
     return rows
 
 
-__all__ = ["GpuKernel", "compile_for_gpu", "graph_launches"]
+__all__ = ["GpuKernel", "compile_for_gpu", "graph_launches", "kernel_launches"]

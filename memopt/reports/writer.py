@@ -18,7 +18,7 @@ from memopt.backends.triton.offline import arch_for
 from memopt.compiler.devices import DEVICES, get_device
 from memopt.config import Config
 from memopt.driver.analyze import analyze
-from memopt.driver.gpu import GpuKernel, compile_for_gpu
+from memopt.driver.gpu import compile_for_gpu
 from memopt.driver.profile import Profile, profile
 from memopt.driver.results import Analysis
 from memopt.reports.diff import pass_diff, pipeline_steps
@@ -104,19 +104,15 @@ def write_report(
     out: str | Path,
     device: str = "h100",
     measured: Profile | None = None,
-    compiled: Sequence[GpuKernel] | None = None,
 ) -> Report:
     """Write the report files for an existing analysis into `out` (created if missing), with
     the measured section and `analysis.json`'s "measured" key where `measured` is given, and
-    the compiled section and "compiled" key where `compiled` (or `analysis.compiled`) is.
+    the compiled section and "compiled" key where `analysis.compiled` is.
 
     Files this function owns that a previous report left in `out` (`diffs/*.diff`,
     `kernels/*.ir`, `kernels/*.py`) are removed first, so the directory holds one report.
     """
     get_device(device)  # an unknown name fails before anything is written
-    if compiled is not None:
-        analysis.compiled = list(compiled)
-    compiled = analysis.compiled
     out = Path(out)
     diffs_dir, kernels_dir = out / DIFFS, out / KERNELS
     for directory in (out, diffs_dir, kernels_dir):
@@ -148,7 +144,9 @@ def write_report(
     json_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     index = out / INDEX
-    index.write_text(render_page(analysis, device, sources, measured, compiled), encoding="utf-8")
+    index.write_text(
+        render_page(analysis, device, sources, measured, analysis.compiled), encoding="utf-8"
+    )
     return Report(
         analysis=analysis,
         out=out,

@@ -466,7 +466,7 @@ def test_cli_report_compile_for(capsys):
 def test_cli_report_compile_for_an_unknown_gpu_is_one_line(capsys):
     assert main(["report", "mlp", "--compile-for", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert "unknown GPU 'cpu' for --compile-for; valid choices: a100, h100" in err
+    assert "unknown GPU device for offline compilation 'cpu'; valid choices: a100, h100" in err
 
 
 def test_analyze_compile_for_keeps_the_rows_on_the_analysis():

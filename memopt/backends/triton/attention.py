@@ -30,7 +30,7 @@ from memopt.backends.triton.launching import (
     on_gpu,
     write_source,
 )
-from memopt.backends.triton.ops import bf16_round
+from memopt.backends.triton.ops import HALF, bf16_round
 
 MAX_HEAD_DIM = 128
 # GPU launch shapes, (warps, BLOCK_M, BLOCK_N), by tl.dot precision ("tf32": 16-bit inputs,
@@ -168,9 +168,6 @@ def attention_shape(
     return tiles, warps
 
 
-HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-
 def mask_mode(mask: torch.Tensor | None, drops: bool) -> int:
     """0: no mask; 1: additive; 2: bool, keep where true; 3: bool, drop where true."""
     if mask is None:
@@ -209,7 +206,7 @@ def attention(
     if attn_mask is not None:
         attn_mask = attn_mask.expand(batch, heads, seq_q, seq_k)
     gpu = on_gpu([q])
-    precision = dot_precision(gpu, q.dtype in HALF_DTYPES)
+    precision = dot_precision(gpu, q.dtype in HALF)
     tiles, warps = attention_shape(seq_q, seq_k, head_dim, gpu, precision)
     grid = batch * heads * -(-seq_q // tiles["BLOCK_M"])
     mask = attn_mask if attn_mask is not None else q

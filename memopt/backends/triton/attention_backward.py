@@ -24,7 +24,6 @@ import textwrap
 import torch
 
 from memopt.backends.triton.attention import (
-    HALF_DTYPES,
     MAX_HEAD_DIM,
     attention_shape,
     mask_mode,
@@ -36,7 +35,7 @@ from memopt.backends.triton.launching import (
     on_gpu,
     write_source,
 )
-from memopt.backends.triton.ops import bf16_round
+from memopt.backends.triton.ops import HALF, bf16_round
 
 _MASKED_PROBABILITIES = """
         s = tl.dot(q_tile * scale, tl.trans(k_tile), input_precision=DOT_PRECISION)
@@ -220,7 +219,7 @@ def attention_backward(
     mask_strides = attn_mask.stride() if attn_mask is not None else (0, 0, 0, 0)
     gpu = on_gpu([q])
     path = str(write_source(source()))
-    precision = dot_precision(gpu, q.dtype in HALF_DTYPES)
+    precision = dot_precision(gpu, q.dtype in HALF)
     tiles, warps = attention_shape(seq_q, seq_k, head_dim, gpu, precision, "bwd")
     common = (
         q,

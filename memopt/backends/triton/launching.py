@@ -166,10 +166,13 @@ def dot_precision(on_gpu: bool, half_inputs: bool = False) -> str:
     return "tf32" if half_inputs or torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
+WARP_THREADS = 32  # lanes of the warps `num_warps` counts (NVIDIA's; an AMD wavefront: 64)
+
+
 def wavefronts(num_warps: int, warp_size: int) -> int:
     """The num_warps option that gives `num_warps` 32-lane warps' threads on a target whose
     warps (wavefronts) are `warp_size` lanes wide."""
-    return max(1, num_warps * 32 // warp_size)
+    return max(1, num_warps * WARP_THREADS // warp_size)
 
 
 def on_gpu(tensors: Sequence[torch.Tensor]) -> bool:

@@ -303,32 +303,30 @@ def _compiled(
     planned: Launch, job: dict, result: dict, arch: GpuArch, device: str
 ) -> CompiledKernel:
     num_warps = job["num_warps"]
-    threads = num_warps * arch.warp_size
+    launch = {
+        "fn_name": planned.fn_name,
+        "arch": arch.label,
+        "grid": planned.grid,
+        "num_warps": num_warps,
+        "threads": num_warps * arch.warp_size,
+        "device": device,
+    }
     if result.get("error"):
         return CompiledKernel(
-            planned.fn_name,
-            arch.label,
-            planned.grid,
-            num_warps,
-            threads,
-            0,
-            0,
-            0,
-            0,
-            0.0,
-            {},
-            {},
-            False,
-            result["error"],
-            device=device,
+            **launch,
+            registers=0,
+            stack_bytes=0,
+            spill_bytes=0,
+            shared_bytes=0,
+            occupancy=0.0,
+            loads={},
+            stores={},
+            has_loop=False,
+            error=result["error"],
         )
     accesses = result["accesses"]
     return CompiledKernel(
-        fn_name=planned.fn_name,
-        arch=arch.label,
-        grid=planned.grid,
-        num_warps=num_warps,
-        threads=threads,
+        **launch,
         registers=result["registers"],
         stack_bytes=result["stack_bytes"],
         spill_bytes=result["spill_bytes"],
@@ -340,7 +338,6 @@ def _compiled(
         stores={int(k): v for k, v in accesses["store"].items()},
         has_loop=result["has_loop"],
         compile_s=result.get("compile_s", 0.0),
-        device=device,
     )
 
 

@@ -13,6 +13,7 @@ import sympy
 
 from memopt.backends.registry import Sizes, Tensors
 from memopt.backends.triton.launching import (
+    WARP_THREADS,
     Launch,
     cache_dir,
     clear_memory_cache,
@@ -45,7 +46,6 @@ GPU_TILE_2D = 64
 GPU_ACROSS_ROWS_XBLOCK = 128  # columns a program of a column reduction covers
 GPU_ELEMENTS_PER_THREAD = 8
 GPU_MAX_WARPS = 16
-WARP_THREADS = 32  # threads per warp on NVIDIA; an AMD wavefront holds 64 (num_warps counts them)
 
 
 def block_sizes(
@@ -55,7 +55,8 @@ def block_sizes(
 
     `numels`: "xnumel" (rows of a reduction, points of a 1D pointwise kernel), "rnumel",
     and for a 2D tile "tile_x"/"tile_y" (its extents). RBLOCK was fixed when rendering: a
-    persistent reduction holds a whole row, a looped one steps by LOOP_RBLOCK.
+    persistent reduction holds a whole row, a looped one steps by LOOP_RBLOCK; except that
+    on a GPU a column reduction (`across_rows`) steps by a short RBLOCK under wide columns.
     """
     budget = INTERPRETER_TILE_ELEMENTS
     if rendered.tile is not None:
