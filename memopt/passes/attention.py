@@ -22,16 +22,26 @@ Two steps, one decision record each:
    fused ATen ops run and are counted as extern ops. Refused, with the reason: dropout, head
    dims over 128 or different for q and v, masks of another dtype or over 4 dims, and CUDA
    ops in training (their backward reads their own logsumexp layout and RNG state).
+3. ATen stage, grouped keys and values: where the fused CPU op stays (no backend kernel)
+   and no backward reads it, keys and values that are grouped-query heads repeated
+   (`kv[:, :, None].expand(b, h_kv, n_rep, s, d).reshape(b, h_kv * n_rep, s, d)`, Llama's
+   `repeat_kv`) are handed to the op unrepeated: ATen's CPU flash attention reads query
+   head h's keys from head h // n_rep itself (checked once a process, `_groups_heads`).
+   The repeated copies are never written, and the op reads the cache once instead of
+   n_rep times: in a decode step with a KV cache that is most of attention's traffic.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from dataclasses import dataclass
 
+import sympy
 import torch
 import torch.fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from memopt.backends.registry import AttentionKernels
 from memopt.compiler.graph import (
@@ -172,6 +182,67 @@ def _read_bool_mask(parts: dict[str, object]) -> list[torch.fx.Node]:
     return bypassed
 
 
+_FLASH_CPU = aten._scaled_dot_product_flash_attention_for_cpu.default
+_RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+
+
+def _repeated_heads(
+    node: object, heads: object
+) -> tuple[torch.fx.Node, int, list[torch.fx.Node]] | None:
+    """(source, n_rep, the nodes that repeat it) where `node` is `source` [b, h_kv, s, d]
+    with each head repeated n_rep times in a row to `heads` heads: a reshape of a
+    contiguous copy of `source.unsqueeze(2).expand(b, h_kv, n_rep, s, d)`."""
+    chain = []
+    for targets in (_RESHAPES, (aten.clone.default,), (aten.expand.default,)):
+        if not (isinstance(node, torch.fx.Node) and node.target in targets):
+            return None
+        chain.append(node)
+        node = node.args[0]
+    if not (
+        isinstance(node, torch.fx.Node)
+        and node.target is aten.unsqueeze.default
+        and node.args[1] == 2
+        and isinstance(node.args[0], torch.fx.Node)
+    ):
+        return None
+    chain.append(node)
+    source = node.args[0]
+    metas = [tensor_meta(n) for n in (chain[0], chain[2], source)]
+    if None in metas or any(len(m.shape) != n for m, n in zip(metas, (4, 5, 4))):
+        return None
+    reshaped, expanded, kv = metas
+    b, h_kv, n_rep, s, d = expanded.shape
+    if (
+        not isinstance(n_rep, (int, sympy.Integer))
+        or (b, h_kv, s, d) != tuple(kv.shape)
+        or tuple(reshaped.shape) != (b, h_kv * n_rep, s, d)
+        or heads != h_kv * n_rep
+        or kv.stride[-1] != 1
+    ):
+        return None
+    return source, int(n_rep), chain
+
+
+@functools.cache
+def _groups_heads() -> bool:
+    """ATen's CPU flash attention takes fewer key/value heads than query heads, each serving
+    a run of query heads, with the results of repeating them (checked once, on 4 heads)."""
+    with unset_fake_temporarily():  # the pass runs under capture's fake mode
+        return _groups_heads_on_real_tensors()
+
+
+def _groups_heads_on_real_tensors() -> bool:
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 3, 8, generator=generator)
+    kv = torch.randn(2, 1, 2, 5, 8, generator=generator)
+    repeated = kv[:, :, :, None].expand(2, 1, 2, 2, 5, 8).reshape(2, 1, 4, 5, 8)
+    try:
+        grouped = _FLASH_CPU(q, kv[0], kv[1])[0]
+    except RuntimeError:
+        return False
+    return torch.equal(grouped, _FLASH_CPU(q, repeated[0], repeated[1])[0])
+
+
 def _erase_dead(graph: torch.fx.Graph, nodes: list[torch.fx.Node]) -> None:
     for node in nodes:
         if not node.users:
@@ -186,6 +257,7 @@ def _erase_dead(graph: torch.fx.Graph, nodes: list[torch.fx.Node]) -> None:
         "not_rewritten",  # ... refused, with the reason and the score bytes at stake
         "kernel",  # a fused ATen attention op -> the backend's attention kernel (ATen stage)
         "no_kernel",  # ... refused: the fused ATen op runs
+        "grouped_kv",  # repeated grouped-query keys/values -> read unrepeated (ATen stage)
     ),
 )
 @dataclass(frozen=True)
@@ -218,6 +290,8 @@ class Attention(Pass):
             if node.op == "call_function" and (
                 node.target in FUSED_OPS or node.target in BACKWARD_OPS
             ):
+                if kernels is None and node.target is _FLASH_CPU:
+                    self._ungroup(gm, node, ctx)
                 self._place(gm, node, kernels, ctx)
 
     def _place(
@@ -285,6 +359,32 @@ class Attention(Pass):
             gm.graph.erase_node(user)  # getitems nothing reads
         gm.graph.erase_node(node)
         _erase_dead(gm.graph, bypassed)
+
+    def _ungroup(self, gm: torch.fx.GraphModule, node: torch.fx.Node, ctx: PassContext) -> None:
+        """Keys and values repeated over query-head groups, read unrepeated (module doc, 3)."""
+        if any(u.target is operator.getitem and u.args[1] > 0 and u.users for u in node.users):
+            return  # a backward reads this op's outputs and takes the repeated operands
+        q, k, v = node.args[:3]
+        heads = len(tensor_meta(q).shape) == 4 and tensor_meta(q).shape[1]
+        sources = [_repeated_heads(x, heads) for x in (k, v)]
+        if None in sources or sources[0][1] != sources[1][1] or not _groups_heads():
+            return
+        (k_source, n_rep, k_chain), (v_source, _, v_chain) = sources
+        saved = sum(ctx.nbytes(n) for n in (*k_chain, *v_chain) if n.op == "call_function")
+        saved += sum(
+            evaluate(tensor_meta(a).nbytes - tensor_meta(b).nbytes, ctx.bindings)
+            for a, b in ((k, k_source), (v, v_source))
+        )
+        what = f"attention %{node.name}: keys %{k.name} and values %{v.name} read unrepeated"
+        reason = (
+            f"{n_rep} query heads share each key/value head; the CPU op reads head h's keys "
+            f"from head h // {n_rep} itself: the repeated copies are neither written nor read"
+        )
+        if not ctx.decide("grouped_kv", what, reason, saved, (node.name, k.name, v.name)):
+            return
+        node.args = (q, k_source, v_source, *node.args[3:])
+        for chain in (k_chain, v_chain):
+            _erase_dead(gm.graph, chain)
 
     @staticmethod
     def _unsupported(

@@ -322,3 +322,70 @@ def test_the_capture_time_rewrite_obeys_fuel_and_disable():
 
     disabled = memopt.analyze(fn, q, k, v, backend="triton", disable=["attention"])
     assert not ledger_attention(disabled) and matmuls(disabled) == 2
+
+
+# -- grouped-query keys and values on the CPU ------------------------------------------------
+
+
+def _repeat_kv(x, n_rep):
+    """Llama's repeat_kv: each key/value head repeated n_rep times in a row."""
+    b, h, s, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+
+
+def _grouped(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, _repeat_kv(k, 4), _repeat_kv(v, 4), attn_mask=mask)
+
+
+def _gqa_inputs(requires_grad=False):
+    torch.manual_seed(0)
+    q = torch.randn(1, 8, 1, 64, requires_grad=requires_grad)
+    k, v = torch.randn(1, 2, 40, 64), torch.randn(1, 2, 40, 64)
+    return q, k, v, torch.randn(1, 1, 1, 40)
+
+
+def test_repeated_grouped_kv_heads_are_read_unrepeated_on_the_cpu():
+    """Must: Llama's repeat_kv before SDPA. The copies are not written and the op reads
+    the 2 key/value heads, not 8: bytes are q, k, v, mask read and output + lse written."""
+    q, k, v, mask = _gqa_inputs()
+    a = memopt.analyze(_grouped, q, k, v, mask)
+    assert [k.ops for k in a.kernels] == [
+        ("aten._scaled_dot_product_flash_attention_for_cpu.default",)
+    ]
+    assert a.bytes_moved == 4 * (8 * 64 + 2 * 2 * 40 * 64 + 40) + 4 * (8 * 64 + 8)
+    (decision,) = [d for d in ledger_attention(a) if d.code == "attention.grouped_kv"]
+    repeated = 4 * 8 * 40 * 64  # one repeated copy (k or v), in bytes
+    unrepeated = 4 * 2 * 40 * 64
+    # Per operand: the copy read once and written once, and the op's 6 extra heads.
+    assert decision.applied and decision.bytes_saved == 2 * (unrepeated + 2 * repeated - unrepeated)
+    compiled = torch.compile(_grouped, backend="memopt")
+    torch.testing.assert_close(compiled(q, k, v, mask), _grouped(q, k, v, mask))
+
+
+def test_heads_tiled_rather_than_repeated_are_not_read_unrepeated():
+    """Must not: `k.repeat(1, 4, 1, 1)` tiles the heads (query head h reads head h % 2),
+    which the op's grouping (h // 4) does not compute."""
+
+    def tiled(q, k, v, mask):
+        return F.scaled_dot_product_attention(
+            q, k.repeat(1, 4, 1, 1), v.repeat(1, 4, 1, 1), attn_mask=mask
+        )
+
+    q, k, v, mask = _gqa_inputs()
+    a = memopt.analyze(tiled, q, k, v, mask)
+    assert not [d for d in ledger_attention(a) if d.code == "attention.grouped_kv"]
+    compiled = torch.compile(tiled, backend="memopt")
+    torch.testing.assert_close(compiled(q, k, v, mask), tiled(q, k, v, mask))
+
+
+def test_grouped_kv_with_a_backward_keeps_the_repeated_operands():
+    """Must not: in training the backward op reads the forward's operands."""
+    q, k, v, mask = _gqa_inputs(requires_grad=True)
+    a = memopt.analyze(_grouped, q, k, v, mask, training=True)
+    assert not [d for d in ledger_attention(a) if d.code == "attention.grouped_kv"]
+    compiled = torch.compile(_grouped, backend="memopt")
+    compiled(q, k, v, mask).sum().backward()
+    got = q.grad.clone()
+    q.grad = None
+    _grouped(q, k, v, mask).sum().backward()
+    torch.testing.assert_close(got, q.grad)

@@ -22,6 +22,7 @@ from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from memopt.backends.runtime.extern import plan_library_calls
 from memopt.backends.runtime.kernels import mark_donated_inputs, prefetch_kernels
+from memopt.backends.runtime.program import straight_line
 from memopt.backends.runtime.timing import _ACTIVE, active_timer
 from memopt.compiler.graph import META_KEY, TensorMeta, evaluate, tensor_meta
 
@@ -107,7 +108,7 @@ class CompiledGraph:
         if timer is not None:  # memopt.profile: every kernel timed, node by node
             outputs = list(timer.run(self.gm, self.name, args))
         else:
-            outputs = list(self.gm.forward(*args))
+            outputs = list(self._forward(*args))
         if not self.any_restride:
             return outputs
         bindings = bind_symbols(self.gm, args)
@@ -144,10 +145,11 @@ class CompiledGraph:
 
 
 def _compiled_forward(gm: torch.fx.GraphModule):
-    """The graph's generated forward, bound: a lazy graph module's code generated now (its
-    stand-in forward goes through nn.Module's call machinery on every call)."""
+    """The graph as straight-line Python (runtime/program.py), or where that cannot run it,
+    fx's generated forward, bound: a lazy graph module's code generated now (its stand-in
+    forward goes through nn.Module's call machinery on every call)."""
     _LazyGraphModule.force_recompile(gm)
-    return gm.forward
+    return straight_line(gm) or gm.forward
 
 
 def _copy(value: object) -> object:

@@ -1,0 +1,221 @@
+"""The executor's program: an optimized graph as straight-line Python that calls each node
+by its cheapest equivalent.
+
+torch.fx's generated forward calls every ATen op as `torch.ops.aten.<op>.<overload>(...)`:
+three attribute lookups and a Python frame (`OpOverload.__call__`) before the dispatcher.
+A decode step of a small language model is a few hundred such calls around 30 matmuls of
+one row each, so the Python around the kernels is a third of the step (measured: 5.8 us a
+`view` through `torch.ops`, 2.6 us through the overload's C++ callable, 0.8 us as an alias
+made without the dispatcher; a 512x512 one-row matmul takes 18 us). The program differs
+from fx's forward in three ways only, each with the same results:
+
+- **ATen ops** are called through `OpOverload._op`, the C++ callable `OpOverload.__call__`
+  itself calls.
+- **Views of static layout** (every size, stride and offset of the view and of the tensor
+  it views known when the graph was compiled) are made as aliases of the first non-view
+  tensor up their chain, with the view's sizes and strides and its offset from that tensor
+  (`_reinterpret_tensor`, which Inductor's generated code uses for the same reason), after
+  checking that tensor's strides are those the graph was compiled for. Where they are not,
+  the chain of view ops runs as the graph has it. A view the graph returns stays an ATen
+  view: AOTAutograd regenerates outputs that alias inputs from their `_base`.
+- **Views nothing reads** any more, once their users alias further up, are not made.
+
+Graphs with nodes other than placeholders, ATen or Python calls, constants read with
+`get_attr` and the output run fx's forward instead (`straight_line` returns None).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable
+
+import sympy
+import torch
+import torch.fx
+from torch._C._dynamo.guards import _reinterpret_tensor
+
+from memopt.compiler.aten_ops import is_view_op
+from memopt.compiler.graph import tensor_meta
+
+_SUPPORTED = {"placeholder", "call_function", "get_attr", "output"}
+_LITERALS = (bool, int, str, type(None))
+
+
+def straight_line(gm: torch.fx.GraphModule) -> Callable[..., object] | None:
+    """The program for `gm`, called as `gm.forward` is; None where fx's forward must run."""
+    if any(node.op not in _SUPPORTED for node in gm.graph.nodes):
+        return None
+    return _Emitter(gm).program()
+
+
+def _static(values: tuple[sympy.Expr, ...]) -> tuple[int, ...] | None:
+    if all(isinstance(v, (int, sympy.Integer)) for v in values):
+        return tuple(int(v) for v in values)
+    return None
+
+
+class _Alias:
+    """How a view of static layout is made from its root (the first non-view up its chain)."""
+
+    def __init__(self, root: torch.fx.Node, chain: list[torch.fx.Node]) -> None:
+        view, base = tensor_meta(chain[-1]), tensor_meta(root)
+        self.root = root
+        self.size = _static(view.shape)
+        self.stride = _static(view.stride)
+        self.offset = int(view.storage_offset - base.storage_offset)
+        self.root_stride = _static(base.stride)
+        # The chain as the graph has it, for a root whose strides differ from the compiled ones.
+        steps = [(n.target, n.args[1:], dict(n.kwargs)) for n in chain]
+
+        def replay(tensor: torch.Tensor) -> torch.Tensor:
+            for op, rest, kwargs in steps:
+                tensor = op(tensor, *rest, **kwargs)
+            return tensor
+
+        self.replay = replay
+
+
+def _alias_of(node: torch.fx.Node, returned: set[torch.fx.Node]) -> _Alias | None:
+    """The alias that makes `node`, a view, from its root; None where it must stay a view op."""
+    if node in returned or not is_view_op(node):
+        return None
+    chain = []
+    current = node
+    while current.op == "call_function" and is_view_op(current):
+        if (
+            not current.args
+            or not isinstance(current.args[0], torch.fx.Node)
+            or _has_node((current.args[1:], current.kwargs))
+        ):
+            return None  # a view whose sizes come from the graph's values at run time
+        chain.append(current)
+        current = current.args[0]
+    view, base = tensor_meta(node), tensor_meta(current)
+    if view is None or base is None or view.dtype != base.dtype:
+        return None
+    layouts = (view.shape, view.stride, base.stride, (view.storage_offset, base.storage_offset))
+    if any(_static(tuple(values)) is None for values in layouts):
+        return None
+    return _Alias(current, chain[::-1])
+
+
+def _has_node(value: object) -> bool:
+    found = []
+    torch.fx.node.map_arg(value, found.append)
+    return bool(found)
+
+
+class _Emitter:
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        self.gm = gm
+        self.globals: dict[str, object] = {"_reinterpret": _reinterpret_tensor}
+        self._names: dict[int, str] = {}
+
+    def program(self) -> Callable[..., object]:
+        nodes = list(self.gm.graph.nodes)
+        output = nodes[-1]
+        returned = {n for n in output.all_input_nodes}
+        aliases = {}
+        for node in nodes:
+            if node.op == "call_function":
+                alias = _alias_of(node, returned)
+                if alias is not None:
+                    aliases[node] = alias
+        inputs = {
+            node: [aliases[node].root] if node in aliases else node.all_input_nodes
+            for node in nodes
+        }
+        live = self._live(nodes, inputs, aliases)
+        last_use: dict[torch.fx.Node, torch.fx.Node] = {}
+        for node in nodes:
+            if node in live:
+                for source in inputs[node]:
+                    last_use[source] = node
+        freed_after: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+        for source, user in last_use.items():
+            if user.op != "output":
+                freed_after.setdefault(user, []).append(source)
+
+        params = [self.name(n) for n in nodes if n.op == "placeholder"]
+        body = []
+        for node in nodes:
+            if node.op == "placeholder" or node not in live:
+                continue
+            if node.op == "output":
+                body.append(f"return {self.expr(node.args[0])}")
+                break
+            body.append(f"{self.name(node)} = {self.call(node, aliases.get(node))}")
+            dead = [self.name(n) for n in freed_after.get(node, ()) if n.op != "placeholder"]
+            if dead:
+                body.append(" = ".join(dead) + " = None")
+        source = f"def program({', '.join(params)}):\n" + "".join(f"    {s}\n" for s in body)
+        namespace = dict(self.globals)
+        exec(compile(source, f"<memopt program {id(self.gm):x}>", "exec"), namespace)  # noqa: S102
+        program = namespace["program"]
+        program.memopt_source = source
+        return program
+
+    @staticmethod
+    def _live(nodes, inputs, aliases) -> set[torch.fx.Node]:
+        """Nodes the program runs: the output, whatever it reads, and every node that is not
+        a view (a view nothing reads is free to leave out; any other op may have effects)."""
+        live: set[torch.fx.Node] = set()
+        for node in reversed(nodes):
+            needed = (
+                node.op in ("output", "placeholder")
+                or not (node.op == "call_function" and is_view_op(node))
+                or any(user in live and node in inputs[user] for user in node.users)
+            )
+            if needed:
+                live.add(node)
+        return live
+
+    def name(self, node: torch.fx.Node) -> str:
+        return f"v_{node.name}"
+
+    def constant(self, value: object) -> str:
+        key = f"_c{len(self.globals)}"
+        self.globals[key] = value
+        return key
+
+    def callable(self, target: object) -> str:
+        name = self._names.get(id(target))
+        if name is None:
+            name = self._names[id(target)] = f"_f{len(self._names)}"
+            self.globals[name] = target
+        return name
+
+    def expr(self, value: object) -> str:
+        if isinstance(value, torch.fx.Node):
+            return self.name(value)
+        if isinstance(value, tuple):
+            items = ", ".join(self.expr(v) for v in value)
+            return f"({items},)" if len(value) == 1 else f"({items})"
+        if isinstance(value, list):
+            return "[" + ", ".join(self.expr(v) for v in value) + "]"
+        if isinstance(value, _LITERALS) or (isinstance(value, float) and math.isfinite(value)):
+            return repr(value)
+        return self.constant(value)  # dtypes, devices, infinities, slices, anything else
+
+    def call(self, node: torch.fx.Node, alias: _Alias | None) -> str:
+        if node.op == "get_attr":
+            value = self.gm
+            for part in node.target.split("."):
+                value = getattr(value, part)
+            return self.constant(value)
+        if alias is not None:
+            root = self.name(alias.root)
+            return (
+                f"_reinterpret({root}, {alias.size}, {alias.stride}, {alias.offset}) "
+                f"if {root}.stride() == {alias.root_stride} "
+                f"else {self.callable(alias.replay)}({root})"
+            )
+        target = node.target
+        if target is operator.getitem and isinstance(node.args[1], int) and not node.kwargs:
+            return f"{self.expr(node.args[0])}[{node.args[1]}]"
+        if isinstance(target, torch._ops.OpOverload):
+            target = target._op  # what OpOverload.__call__ calls, without its frame
+        args = [self.expr(a) for a in node.args]
+        args += [f"{k}={self.expr(v)}" for k, v in node.kwargs.items()]
+        return f"{self.callable(target)}({', '.join(args)})"

@@ -1,0 +1,85 @@
+"""The executor's straight-line program (backends/runtime/program.py): the same values as
+fx's forward, views made as aliases of their root, and the graph's own view ops wherever
+an alias could be wrong."""
+
+import torch
+import torch.nn.functional as F
+
+from memopt.backends.runtime.program import straight_line
+from memopt.compiler.capture import capture
+
+
+def _program(fn, *inputs):
+    (graph,) = capture(fn, inputs)
+    program = straight_line(graph.gm)
+    assert program is not None
+    return graph.gm, program
+
+
+def _chain(x, w):
+    # view -> permute -> slice -> unsqueeze: one alias of x; x @ w.t() reads a view of w.
+    y = x.view(4, 8, 6).permute(1, 0, 2)[:, 1:3].unsqueeze(0)
+    return (y * 2).sum(-1), x @ w.t()
+
+
+def test_views_of_static_layout_are_aliases_of_their_root():
+    x, w = torch.randn(4, 48), torch.randn(5, 48)
+    gm, program = _program(_chain, x, w)
+    source = program.memopt_source
+    # Every view of x is one alias of x; the intermediate views are not made.
+    aliases = [line for line in source.splitlines() if "_reinterpret(v_arg0_1" in line]
+    assert len(aliases) == 1 and "(1, 8, 2, 6), (48, 6, 48, 1), 48" in aliases[0]
+    assert "v_view =" not in source and "v_permute =" not in source
+    assert "torch.ops" not in source
+    for got, want in zip(program(x, w), gm(x, w)):
+        assert torch.equal(got, want)
+    for got, want in zip(program(x, w), _chain(x, w)):
+        torch.testing.assert_close(got, want)
+
+
+def test_a_root_in_other_strides_runs_the_graphs_view_ops():
+    """The graph was compiled for a contiguous x; a transposed copy with the same sizes
+    must not be read through the compiled strides."""
+    x, w = torch.randn(4, 48), torch.randn(5, 48)
+    _, program = _program(_chain, x, w)
+    other = torch.randn(48, 4).t()
+    assert other.shape == x.shape and other.stride() != x.stride()
+    for got, want in zip(program(other, w), _chain(other, w)):
+        torch.testing.assert_close(got, want)
+
+
+def test_a_view_at_a_storage_offset_keeps_its_offset():
+    base = torch.randn(4 * 48 + 7)
+    x = base[7:].view(4, 48)
+    w = torch.randn(5, 48)
+    _, program = _program(_chain, x.clone(), w)
+    for got, want in zip(program(x, w), _chain(x, w)):
+        torch.testing.assert_close(got, want)
+
+
+def test_returned_views_stay_views_of_their_input():
+    def fn(x):
+        return x.t(), x.sum()
+
+    x = torch.randn(3, 5)
+    _, program = _program(fn, x)
+    assert "_reinterpret" not in program.memopt_source
+    t, _ = program(x)
+    assert t._base is x and torch.equal(t, x.t())
+
+
+def test_compiled_models_match_eager_through_the_program():
+    torch.manual_seed(0)
+    model = torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0).eval()
+    x = torch.randn(2, 7, 32)
+    compiled = torch.compile(model, backend="memopt")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+
+    def attention(q, k, v):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v).sum(1)
+
+    q = torch.randn(2, 6, 4, 8)
+    k, v = torch.randn(2, 6, 4, 8), torch.randn(2, 4, 6, 8)
+    got = torch.compile(attention, backend="memopt")(q, k, v)
+    torch.testing.assert_close(got, attention(q, k, v))
