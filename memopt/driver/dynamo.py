@@ -77,7 +77,7 @@ class CompileSession:
         os.makedirs(self.config.report_dir, exist_ok=True)
         cost = graph_cost(result.gm, bindings)
         record = {
-            "graph": name,
+            "graph": _file_name(self.config.report_dir, name),
             "bytes_moved": {
                 "value": cost.nbytes,
                 "expr": str(cost.bytes_expr),
@@ -91,9 +91,25 @@ class CompileSession:
             "ledger": [entry.to_dict() for entry in result.ledger],
             "graph_text": result.text_after,
         }
-        path = os.path.join(self.config.report_dir, f"{name}.json")
+        path = os.path.join(self.config.report_dir, f"{record['graph']}.json")
         with open(path, "w") as handle:
             json.dump(record, handle, indent=2, sort_keys=True)
+
+
+# Report files written by this process, per report directory. Each torch.compile'd frame
+# (and each recompile of it) compiles its graphs in a session of its own, so two sessions
+# name their first graphs alike ("inference"): the later file takes the next free suffix.
+_WRITTEN: dict[str, set[str]] = {}
+
+
+def _file_name(report_dir: str, name: str) -> str:
+    written = _WRITTEN.setdefault(os.path.abspath(report_dir), set())
+    unique, index = name, 0
+    while unique in written:
+        index += 1
+        unique = f"{name}.{index}"
+    written.add(unique)
+    return unique
 
 
 def memopt_backend(

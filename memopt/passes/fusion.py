@@ -51,7 +51,6 @@ from typing import Literal
 
 import torch
 import torch.fx
-from torch.fx.passes.tools_common import legalize_graph
 
 from memopt.backends.registry import Feature
 from memopt.backends.runtime.kernels import FusedKernel
@@ -74,6 +73,7 @@ from memopt.compiler.lower import (
     can_lower_matmul,
     lower_group,
 )
+from memopt.compiler.order import legalize, written_buffer
 from memopt.compiler.printer import op_name
 from memopt.passes.base import Pass, PassContext
 from memopt.passes.inplace import updated_in_place
@@ -120,6 +120,14 @@ class _State:
             n: [r for r in map(self.root, n.all_input_nodes) if tensor_meta(r) is not None]
             for n in self.fusible
         }
+        # Writes to memory in graph order (copy_ into an input, in-place and out= ops): a
+        # kernel runs where its last member was, so an earlier member that reads what one
+        # of these writes would read it after the write (`read_moved_past_write`).
+        self.writes = [
+            (k, written)
+            for k, n in enumerate(self.nodes)
+            if (written := written_buffer(n)) is not None
+        ]
         self.first_memo: dict[Group, int] = {}
         self.cost_memo: dict[Group, int] = {}
         self.parts_memo: dict[Group, tuple[set[torch.fx.Node], list[torch.fx.Node]]] = {}
@@ -254,6 +262,23 @@ class _State:
             self.work["fusion.vertices_visited"] += 1
             pending.extend(v for v in edges[vertex] if lo < self.topo[v] < hi and v not in seen)
         return seen
+
+    def read_moved_past_write(self, group: Group) -> str | None:
+        """Why `group` cannot run at its last member: a member before a write to memory
+        (strictly between the group's first and last members) reads what it writes."""
+        first, last = self.first(group), max(self.order[n] for n in group)
+        for k, buffer in self.writes:
+            if not first < k < last:
+                continue
+            for member in group:
+                if self.order[member] < k and any(
+                    self.base(a) is buffer for a in member.all_input_nodes
+                ):
+                    return (
+                        f"%{member.name} reads %{buffer.name} before %{self.nodes[k].name} "
+                        "writes it; the kernel would run after the write"
+                    )
+        return None
 
     def creates_cycle(self, a: Group, b: Group) -> bool:
         """Would a path leave a | b and come back (through an extern op or another group)?
@@ -621,6 +646,7 @@ def _side(matmul: torch.fx.Node, other: Group) -> str:
         "horizontal",  # two groups that read the same buffer in one kernel
         "refused_size",  # the group would be over max_nodes
         "refused_cycle",  # a path between the two leaves the group
+        "refused_order",  # a member would read memory after a write it ran before
         "refused_lowering",  # the group cannot be one kernel (NotLowerable's reason)
         "refused_nested",  # nested reductions, where the backend runs none
         "refused_template",  # a matmul's prologue/epilogue merge, where templates are off
@@ -767,6 +793,9 @@ class Fusion(Pass):
                 "a path from one to the other leaves the group "
                 "(through an extern op or another kernel)"
             )
+        moved = state.read_moved_past_write(a | b)
+        if moved is not None:
+            return "refused_order", moved
         error = state.lowering_error(a | b)
         if error is not None:
             return "refused_lowering", error
@@ -820,7 +849,7 @@ class Fusion(Pass):
         for node in reversed(list(graph.nodes)):
             if is_view(node) and not node.users:
                 graph.erase_node(node)  # views that only members read
-        legalize_graph(gm)
+        legalize(gm.graph)
 
 
 def _library_softmax(graph: torch.fx.Graph, members: list[torch.fx.Node], ctx: PassContext) -> bool:

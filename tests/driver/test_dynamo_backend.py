@@ -183,3 +183,25 @@ def test_backend_for_resolves_auto_by_device_and_keeps_cpp_on_the_cpu():
         "cpp",
         "reference",
     ]
+
+
+def test_report_dir_keeps_every_graph_of_every_compiled_frame(tmp_path):
+    """A recompile (new sizes) compiles in a session of its own: its graph is written
+    beside the first, not over it."""
+    import json
+
+    f = torch.compile(
+        lambda x: (x * 2).sum(),
+        backend="memopt",
+        dynamic=False,
+        options={"report_dir": str(tmp_path)},
+    )
+    for n in (4, 6):
+        x = torch.randn(n)
+        torch.testing.assert_close(f(x), (x * 2).sum())
+    names = sorted(p.name for p in tmp_path.glob("*.json"))
+    assert names == ["inference.1.json", "inference.json"]
+    records = [json.loads((tmp_path / n).read_text()) for n in names]
+    assert [r["graph"] for r in records] == ["inference.1", "inference"]
+    first, second = (r["bytes_moved"]["value"] for r in records[::-1])
+    assert second > first  # the 6-element graph's, not the 4-element one's twice

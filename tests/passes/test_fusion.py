@@ -331,3 +331,50 @@ def test_equal_merges_go_to_the_earlier_consumer_on_every_run():
         assert len(a.kernels) == 2
         applied = [d.what for d in fusion(a).decisions if d.applied]
         assert applied == ["fused %exp + %sum_1"]
+
+
+# -- a write to memory between the members ------------------------------------------------
+
+
+def _mid_graph_write(mutate: bool):
+    """p reads the counter c, then c is bumped in place (make_fx keeps the in-place op where
+    it was, as a graph with its input updates in the middle has it), then q; p and q both
+    read x, a horizontal pair."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from memopt.compiler.capture import decompositions
+    from memopt.compiler.graph import annotate
+
+    def fn(x, c):
+        p = (x + c) * 3
+        if mutate:
+            c.add_(1)
+        return p, (x * 2).exp()
+
+    x, c = torch.randn(4, 8), torch.tensor(5.0)
+    gm = make_fx(fn, decomposition_table=decompositions(), tracing_mode="fake")(x, c.clone())
+    annotate(gm)
+    return gm, fn, x, c
+
+
+@pytest.mark.parametrize("mutate", [False, True])
+def test_a_kernel_never_moves_a_read_past_a_write(mutate):
+    """Must fuse: p and q, with nothing written between them. Must not: with c bumped
+    between, one kernel placed at q would read the bumped c for p."""
+    from memopt.config import Config
+    from memopt.passes.pipeline import run_pipeline
+
+    gm, fn, x, c = _mid_graph_write(mutate)
+    config = Config.from_options({"backend": "reference"})
+    result = run_pipeline(gm, config.pipeline(), "test", {})
+    kernels = [n for n in result.gm.graph.nodes if type(n.target).__name__ == "FusedKernel"]
+    decisions = [d for p in result.ledger if p.pass_name == "fusion" for d in p.decisions]
+    refused = [d for d in decisions if d.code == "fusion.refused_order"]
+    assert len(kernels) == (2 if mutate else 1)
+    assert bool(refused) == mutate
+    if mutate:
+        assert refused[0].reason.startswith("%add reads %c_1 before %add_ writes it")
+    mine, theirs = c.clone(), c.clone()
+    for got, want in zip(result.gm(x, mine), fn(x, theirs)):
+        torch.testing.assert_close(got, want)
+    assert torch.equal(mine, theirs)

@@ -1,0 +1,360 @@
+"""LLM decoding on this CPU: eager vs TorchInductor vs memopt, token by token.
+
+    python bench/decode.py                               # every model, cache and context
+    python bench/decode.py --write BENCHMARKS.md         # and replaces its section
+    python bench/decode.py --models llama --caches static --contexts 128 --rounds 3
+
+Models: Hugging Face decoders built from configs (random weights, float32, no download):
+"llama" (4 layers, 512 wide, grouped-query attention with 8 query and 2 key/value heads,
+vocabulary 8000: 19.3 M parameters, 77 MB), "llama-large" (8 layers, 1024 wide, 16 and 4
+heads, vocabulary 32000: 155 M parameters, 620 MB, past this machine's L3) and "gpt2" (4
+layers, 512 wide, 8 heads, vocabulary 8000, tied output embedding).
+
+Each runs `generate()` with batch 1, greedy decoding, a prompt of `context` tokens and
+`--new-tokens` new ones, with the static KV cache (`cache_implementation="static"`) and the
+default dynamic one, with `model.forward` compiled by each backend the way a user compiles
+it. The three run in interleaved rounds (one `generate()` of each per round, the order
+rotating). Reported, medians over rounds:
+
+- prefill: the first forward of a `generate()` (the prompt), ms;
+- step: the median decode forward (one token), ms, timed around the compiled forward;
+- tokens/s: new tokens / the whole `generate()`, as a user meets it (Hugging Face's own
+  work between steps included);
+- MBU (model bandwidth utilization): (weight bytes + KV bytes read + KV bytes written) of
+  one step / step time / the read bandwidth of this machine measured on a buffer of the
+  step's size (`torch.sum`, best of 5). Weight bytes count every parameter once, and an
+  embedding table not shared with the output layer as the one row a token reads; KV bytes
+  read count the valid positions at the middle step (context + new tokens / 2), not a static
+  cache's unused tail. Both bandwidths are printed: the step's working set and 256 MiB
+  (memory, past L3);
+- bytes: memopt's modelled `bytes_moved` of its decode graph over the step's weight and KV
+  bytes (its report directory's record of that graph);
+- graphs: graphs memopt compiled in the run (a prefill graph and a decode graph are two; a
+  dynamic cache's first decode compiles for its sizes and the second recompiles with
+  dynamic sizes, Dynamo's default).
+
+Every backend's tokens are checked against eager's: the script stops if any differs. A
+separate check counts memopt's compiled graphs over `--long-tokens` new tokens (512) for
+both caches: no graph may be compiled after the second decode step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cpu import _load_average, machine, write_results  # noqa: E402
+
+BACKENDS = ("eager", "inductor", "memopt")
+CACHES = ("static", "dynamic")
+MARK_START = "<!-- bench/decode.py: start -->"
+MARK_END = "<!-- bench/decode.py: end -->"
+
+
+# --- models -------------------------------------------------------------------------------
+
+
+def build(name: str) -> torch.nn.Module:
+    import transformers
+
+    torch.manual_seed(0)
+    if name == "gpt2":
+        config = transformers.GPT2Config(
+            vocab_size=8000, n_embd=512, n_layer=4, n_head=8, n_positions=2048
+        )
+        model = transformers.GPT2LMHeadModel(config)
+    else:
+        large = name == "llama-large"
+        config = transformers.LlamaConfig(
+            vocab_size=32000 if large else 8000,
+            hidden_size=1024 if large else 512,
+            intermediate_size=2816 if large else 1376,
+            num_hidden_layers=8 if large else 4,
+            num_attention_heads=16 if large else 8,
+            num_key_value_heads=4 if large else 2,
+            max_position_embeddings=4096,
+        )
+        model = transformers.LlamaForCausalLM(config)
+    return model.eval()
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Compulsory bytes of one decode step (module doc)."""
+
+    weight_nbytes: int
+    kv_read_nbytes: int
+    kv_write_nbytes: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.weight_nbytes + self.kv_read_nbytes + self.kv_write_nbytes
+
+
+def step_traffic(model: torch.nn.Module, context: int) -> Traffic:
+    output = model.get_output_embeddings().weight
+    weights = 0
+    seen = set()
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if param.data_ptr() in seen:
+                continue
+            seen.add(param.data_ptr())
+            rows_read = (
+                isinstance(module, torch.nn.Embedding) and param.data_ptr() != output.data_ptr()
+            )
+            weights += (param[0] if rows_read else param).nbytes
+    config = model.config
+    layers = config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = config.hidden_size // heads
+    per_position = 2 * layers * kv_heads * head_dim * output.element_size()  # keys and values
+    return Traffic(weights, context * per_position, per_position)
+
+
+def read_bandwidth_gbps(nbytes: int) -> float:
+    """`torch.sum` over a float32 buffer of `nbytes`, best of 5 repeats, in GB/s."""
+    buffer = torch.ones(max(nbytes // 4, 1024))
+    repeats = max(3, int(2e8 // buffer.nbytes))
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            buffer.sum()
+        best = min(best, (time.perf_counter() - start) / repeats)
+    return buffer.nbytes / best / 1e9
+
+
+# --- runs ---------------------------------------------------------------------------------
+
+
+class TimedForward:
+    """`model.forward` as compiled by one backend, every call timed."""
+
+    def __init__(self, forward, backend: str, report_dir: str | None = None) -> None:
+        if backend == "eager":
+            self.compiled = forward
+        else:
+            options = {"report_dir": report_dir} if backend == "memopt" else None
+            self.compiled = torch.compile(forward, backend=backend, options=options)
+        self.seconds: list[float] = []
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        out = self.compiled(*args, **kwargs)
+        self.seconds.append(time.perf_counter() - start)
+        return out
+
+
+@dataclass
+class Row:
+    model: str
+    cache: str
+    context: int
+    new_tokens: int
+    traffic: Traffic
+    bandwidth_gbps: float
+    prefill_s: dict[str, list[float]] = field(default_factory=dict)
+    step_s: dict[str, list[float]] = field(default_factory=dict)
+    tokens_per_s: dict[str, list[float]] = field(default_factory=dict)
+    graphs: int = 0
+    modelled_nbytes: int | None = None
+    error: str | None = None
+
+    def median(self, table: dict[str, list[float]], backend: str) -> float:
+        return statistics.median(table[backend])
+
+    def mbu(self, backend: str) -> float:
+        step = self.median(self.step_s, backend)
+        return self.traffic.nbytes / step / (self.bandwidth_gbps * 1e9)
+
+
+def generate_kwargs(cache: str, new_tokens: int) -> dict[str, object]:
+    kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
+    if cache == "static":
+        kwargs["cache_implementation"] = "static"
+    return kwargs
+
+
+def graphs_compiled() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def run(name: str, cache: str, context: int, new_tokens: int, rounds: int) -> Row:
+    model = build(name)
+    traffic = step_traffic(model, context + new_tokens // 2)
+    row = Row(name, cache, context, new_tokens, traffic, read_bandwidth_gbps(traffic.nbytes))
+    prompt = torch.randint(0, model.config.vocab_size, (1, context))
+    kwargs = generate_kwargs(cache, new_tokens)
+    torch._dynamo.reset()
+    report_dir = tempfile.mkdtemp(prefix="memopt-decode-")
+    models, forwards, tokens = {}, {}, {}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for backend in BACKENDS:  # compile (first generate), one backend at a time
+            models[backend] = copy.deepcopy(model)
+            forwards[backend] = TimedForward(models[backend].forward, backend, report_dir)
+            models[backend].forward = forwards[backend]
+            before = graphs_compiled()
+            try:
+                tokens[backend] = models[backend].generate(prompt, **kwargs)
+            except Exception as error:  # noqa: BLE001 - reported in the table, not hidden
+                row.error = f"{backend}: {type(error).__name__}: {str(error)[:120]}"
+                return row
+            if backend == "memopt":
+                row.graphs = graphs_compiled() - before
+        for r in range(rounds):
+            order = BACKENDS[r % 3 :] + BACKENDS[: r % 3]
+            for backend in order:
+                forward = forwards[backend]
+                forward.seconds.clear()
+                start = time.perf_counter()
+                out = models[backend].generate(prompt, **kwargs)
+                elapsed = time.perf_counter() - start
+                tokens[backend] = out
+                row.prefill_s.setdefault(backend, []).append(forward.seconds[0])
+                row.step_s.setdefault(backend, []).append(statistics.median(forward.seconds[1:]))
+                row.tokens_per_s.setdefault(backend, []).append(new_tokens / elapsed)
+    for backend in BACKENDS[1:]:
+        if not torch.equal(tokens[backend], tokens["eager"]):
+            raise SystemExit(f"{name} {cache} {context}: {backend}'s tokens differ from eager's")
+    records = [json.loads(p.read_text()) for p in Path(report_dir).glob("inference.*.json")]
+    if records:  # "inference" is the prefill graph; the decode graph is the last compiled
+        last = max(records, key=lambda r: int(r["graph"].rsplit(".", 1)[1]))
+        row.modelled_nbytes = last["bytes_moved"]["value"]
+    return row
+
+
+def long_run_graphs(cache: str, new_tokens: int) -> int:
+    """Graphs memopt compiles for `generate()` of `new_tokens` on the small Llama."""
+    model = build("llama")
+    prompt = torch.randint(0, model.config.vocab_size, (1, 16))
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, backend="memopt")
+    before = graphs_compiled()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.generate(prompt, **generate_kwargs(cache, new_tokens))
+    return graphs_compiled() - before
+
+
+# --- tables -------------------------------------------------------------------------------
+
+
+def table(rows: list[Row]) -> str:
+    lines = [
+        "| model | cache | context | backend | prefill ms | step ms | tokens/s | "
+        "vs eager | vs Inductor | MBU |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        head = f"| {row.model} | {row.cache} | {row.context} "
+        if row.error:
+            lines.append(head + f"| failed: {row.error} | | | | | | |")
+            continue
+        for backend in BACKENDS:
+            tps = row.median(row.tokens_per_s, backend)
+            ratios = [
+                tps / row.median(row.tokens_per_s, base) if backend != base else None
+                for base in ("eager", "inductor")
+            ]
+            shown = [f"{r:.2f}x" if r is not None else "" for r in ratios]
+            lines.append(
+                head + f"| {backend} | {row.median(row.prefill_s, backend) * 1e3:.1f} "
+                f"| {row.median(row.step_s, backend) * 1e3:.2f} | {tps:.0f} "
+                f"| {shown[0]} | {shown[1]} | {row.mbu(backend):.2f} |"
+            )
+    return "\n".join(lines)
+
+
+def traffic_table(rows: list[Row]) -> str:
+    lines = [
+        "| model | cache | context | weights MB | KV read MB | read GB/s at this size "
+        "| memopt bytes_moved MB (modelled) | / (weights + KV) | memopt graphs |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if row.error:
+            continue
+        t = row.traffic
+        modelled = row.modelled_nbytes
+        ratio = f"{modelled / t.nbytes:.2f}x" if modelled else "n/a"
+        shown = f"{modelled / 1e6:.1f}" if modelled else "n/a"
+        lines.append(
+            f"| {row.model} | {row.cache} | {row.context} | {t.weight_nbytes / 1e6:.1f} "
+            f"| {t.kv_read_nbytes / 1e6:.2f} | {row.bandwidth_gbps:.1f} | {shown} | {ratio} "
+            f"| {row.graphs} |"
+        )
+    return "\n".join(lines)
+
+
+def report(rows: list[Row], long_graphs: dict[str, int], command: str, load: str) -> str:
+    dram = read_bandwidth_gbps(256 * 2**20)
+    long = ", ".join(f"{cache} cache: {n} graphs" for cache, n in long_graphs.items())
+    return "\n".join(
+        [
+            "### LLM decoding (bench/decode.py)",
+            "",
+            f"Machine: {machine()}. Read bandwidth at 256 MiB: {dram:.1f} GB/s. {load}",
+            f"Command: `{command}`. Medians over rounds; tokens identical to eager's in every "
+            "run (checked).",
+            "",
+            table(rows),
+            "",
+            "Traffic of one decode step (at the middle step's context):",
+            "",
+            traffic_table(rows),
+            "",
+            f"Graphs memopt compiles over {args_long_tokens[0]} new tokens (small Llama): {long}.",
+        ]
+    )
+
+
+args_long_tokens = [512]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=["llama", "llama-large", "gpt2"])
+    parser.add_argument("--caches", nargs="*", default=list(CACHES), choices=CACHES)
+    parser.add_argument("--contexts", nargs="*", type=int, default=[128, 1024])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--long-tokens", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--write", type=Path, help="write the results into this Markdown file")
+    args = parser.parse_args(argv)
+    torch._dynamo.config.cache_size_limit = 64  # three backends' graphs on one forward
+    args_long_tokens[0] = args.long_tokens
+    load = _load_average()
+    rows = []
+    for name in args.models:
+        for context in args.contexts:
+            for cache in args.caches:
+                row = run(name, cache, context, args.new_tokens, args.rounds)
+                print(table([row]).splitlines()[-3:] if not row.error else row.error, flush=True)
+                rows.append(row)
+    long_graphs = {cache: long_run_graphs(cache, args.long_tokens) for cache in args.caches}
+    command = "python bench/decode.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = report(rows, long_graphs, command.strip(), load)
+    print(text)
+    if args.write:
+        write_results(args.write, text, MARK_START, MARK_END)
+
+
+if __name__ == "__main__":
+    main()
