@@ -13,6 +13,7 @@ EXAMPLES: dict[str, str] = {
     "mlp": "2-layer MLP 1024 -> 4096 -> 1024 with GELU, batch 64",
     "convnet": "3 x (conv 3x3 -> batchnorm -> relu), 3->16->32->32 channels, pool, linear to 10",
     "layernorm_gelu": "memory-bound gelu(layer_norm(x + residual)) at (4096, 1024) float32",
+    "llama_decode": "one decode step of a 4-layer Llama (512 wide, GQA 8/2, KV cache 1024)",
 }
 
 DEFAULT_EXAMPLE = "gpt2_block"
