@@ -288,6 +288,11 @@ def interleaved(
     return times
 
 
+def table_header(*columns: str, align: str = "---") -> list[str]:
+    """A Markdown table's header and rule lines."""
+    return ["| " + " | ".join(columns) + " |", "|" + "|".join([align] * len(columns)) + "|"]
+
+
 def _spread(values: list[float]) -> str:
     return f"{min(values):.1f}-{max(values):.1f}"
 

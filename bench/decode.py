@@ -59,7 +59,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cpu import _load_average, machine, write_results  # noqa: E402
+from cpu import _load_average, machine, table_header, write_results  # noqa: E402
 
 BACKENDS = ("eager", "inductor", "memopt")
 CACHES = ("static", "dynamic")
@@ -275,11 +275,10 @@ def long_run_graphs(cache: str, new_tokens: int) -> int:
 
 
 def table(rows: list[Row]) -> str:
-    lines = [
-        "| model | cache | context | backend | prefill ms | step ms | tokens/s | "
-        "vs eager | vs Inductor | MBU |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = table_header(
+        *("model", "cache", "context", "backend", "prefill ms", "step ms", "tokens/s"),
+        *("vs eager", "vs Inductor", "MBU"),
+    )
     for row in rows:
         head = f"| {row.model} | {row.cache} | {row.context} "
         if row.error:
@@ -301,11 +300,10 @@ def table(rows: list[Row]) -> str:
 
 
 def traffic_table(rows: list[Row]) -> str:
-    lines = [
-        "| model | cache | context | weights MB | KV read MB | read GB/s at this size "
-        "| memopt bytes_moved MB (modelled) | / (weights + KV) | memopt graphs |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    lines = table_header(
+        *("model", "cache", "context", "weights MB", "KV read MB", "read GB/s at this size"),
+        *("memopt bytes_moved MB (modelled)", "/ (weights + KV)", "memopt graphs"),
+    )
     for row in rows:
         if row.error:
             continue

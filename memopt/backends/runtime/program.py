@@ -15,8 +15,10 @@ from fx's forward in three ways only, each with the same results:
   it views known when the graph was compiled) are made as aliases of the first non-view
   tensor up their chain, with the view's sizes and strides and its offset from that tensor
   (`_reinterpret_tensor`, which Inductor's generated code uses for the same reason), after
-  checking that tensor's strides are those the graph was compiled for. Where they are not,
-  the chain of view ops runs as the graph has it. A view the graph returns stays an ATen
+  checking that tensor's strides are those the graph was compiled for (along its dims of
+  more than one element: the stride of a dim of size 1 moves nothing, and ATen's and the
+  fake tensors' may differ there). Where they are not, the chain of view ops runs as the
+  graph has it. A view the graph returns stays an ATen
   view: AOTAutograd regenerates outputs that alias inputs from their `_base`.
 - **Views nothing reads** any more, once their users alias further up, are not made.
 
@@ -64,7 +66,14 @@ class _Alias:
         self.size = _static(view.shape)
         self.stride = _static(view.stride)
         self.offset = int(view.storage_offset - base.storage_offset)
-        self.root_stride = _static(base.stride)
+        # The root's strides that matter: a dim of size 1 is only ever indexed at 0, so its
+        # stride (which torch leaves free: ATen and fake tensors may differ there) moves no
+        # element; an empty root has none to move.
+        shape, stride = _static(base.shape), _static(base.stride)
+        self.checked_dims = tuple(k for k, n in enumerate(shape) if n > 1)
+        self.root_stride = tuple(stride[k] for k in self.checked_dims)
+        if 0 in shape:
+            self.checked_dims = self.root_stride = ()
         # The chain as the graph has it, for a root whose strides differ from the compiled ones.
         steps = [(n.target, n.args[1:], dict(n.kwargs)) for n in chain]
 
@@ -94,7 +103,13 @@ def _alias_of(node: torch.fx.Node, returned: set[torch.fx.Node]) -> _Alias | Non
     view, base = tensor_meta(node), tensor_meta(current)
     if view is None or base is None or view.dtype != base.dtype:
         return None
-    layouts = (view.shape, view.stride, base.stride, (view.storage_offset, base.storage_offset))
+    layouts = (
+        view.shape,
+        view.stride,
+        base.shape,
+        base.stride,
+        (view.storage_offset, base.storage_offset),
+    )
     if any(_static(tuple(values)) is None for values in layouts):
         return None
     return _Alias(current, chain[::-1])
@@ -206,11 +221,19 @@ class _Emitter:
             return self.constant(value)
         if alias is not None:
             root = self.name(alias.root)
-            return (
-                f"_reinterpret({root}, {alias.size}, {alias.stride}, {alias.offset}) "
-                f"if {root}.stride() == {alias.root_stride} "
-                f"else {self.callable(alias.replay)}({root})"
-            )
+            made = f"_reinterpret({root}, {alias.size}, {alias.stride}, {alias.offset})"
+            if not alias.checked_dims:
+                return made
+            if len(alias.checked_dims) == len(tensor_meta(alias.root).shape):
+                strides = f"{root}.stride()"
+                expected = alias.root_stride
+            else:  # only the dims of size > 1, picked by a C-level itemgetter
+                pick = self.constant(operator.itemgetter(*alias.checked_dims))
+                strides = f"{pick}({root}.stride())"
+                expected = (
+                    alias.root_stride if len(alias.checked_dims) > 1 else alias.root_stride[0]
+                )
+            return f"{made} if {strides} == {expected} else {self.callable(alias.replay)}({root})"
         target = node.target
         if target is operator.getitem and isinstance(node.args[1], int) and not node.kwargs:
             return f"{self.expr(node.args[0])}[{node.args[1]}]"
