@@ -14,19 +14,70 @@ nodes that read its buffer before it and before those that read it after.
 from __future__ import annotations
 
 import heapq
+import operator
 
 import torch.fx
 
-from memopt.compiler.aten_ops import is_mutating
 from memopt.compiler.cost import view_base
 
 
-def written_buffer(node: torch.fx.Node) -> torch.fx.Node | None:
-    """The buffer a mutating node writes (its out= argument, else its first), through views."""
-    if not is_mutating(node):
+def written_buffers(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The buffers a node writes: the arguments its ATen schema marks written (`self` of an
+    in-place op, `out=`, ...), and the arguments a generated kernel stores outputs into
+    (a target's `destinations`: output -> argument position)."""
+    target, written = node.target, []
+    if isinstance(target, torch._ops.OpOverload):
+        for k, arg in enumerate(target._schema.arguments):
+            if arg.alias_info is None or not arg.alias_info.is_write:
+                continue
+            if arg.name in node.kwargs:
+                written.append(node.kwargs[arg.name])
+            elif not arg.kwarg_only and k < len(node.args):
+                written.append(node.args[k])
+    destinations = getattr(target, "destinations", None)
+    if isinstance(destinations, dict):
+        written += [node.args[p] for p in destinations.values() if p < len(node.args)]
+    flat: list[torch.fx.Node] = []
+    torch.fx.node.map_arg(written, flat.append)
+    return [buffer_of(w) for w in flat]
+
+
+def buffer_of(node: torch.fx.Node) -> torch.fx.Node:
+    """The node that owns the memory `node`'s tensor lives in: up through views, through
+    the pieces of an op returning views (`split`, `unbind`: `getitem` of them), and through
+    the result of an op that writes a buffer and returns it (`copy_`, `add_`, `out=`)."""
+    while True:
+        node = view_base(node)
+        if node.op != "call_function":
+            return node
+        source = node.args[0] if node.args else None
+        if node.target is operator.getitem and isinstance(source, torch.fx.Node):
+            if isinstance(source.target, torch._ops.OpOverload) and source.target.is_view:
+                node = source.args[0]
+                continue
+            return node
+        returned = _returned_written(node)
+        if returned is None:
+            return node
+        node = returned
+
+
+def _returned_written(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The written argument a mutating op returns (its result aliases it), if exactly one."""
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
         return None
-    written = node.kwargs.get("out", node.args[0] if node.args else None)
-    return view_base(written) if isinstance(written, torch.fx.Node) else None
+    returns = target._schema.returns
+    if len(returns) != 1 or returns[0].alias_info is None or not returns[0].alias_info.is_write:
+        return None
+    written = []
+    for k, arg in enumerate(target._schema.arguments):
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            value = node.kwargs.get(arg.name, node.args[k] if k < len(node.args) else None)
+            written.append(value)
+    if len(written) == 1 and isinstance(written[0], torch.fx.Node):
+        return written[0]
+    return None
 
 
 def legalize(graph: torch.fx.Graph) -> None:
@@ -35,13 +86,13 @@ def legalize(graph: torch.fx.Graph) -> None:
     nodes = list(graph.nodes)
     index = {n: k for k, n in enumerate(nodes)}
     after: dict[torch.fx.Node, set[torch.fx.Node]] = {n: set(n.all_input_nodes) for n in nodes}
-    writes = [(w, b) for w in nodes if (b := written_buffer(w)) is not None]
+    writes = [(w, b) for w in nodes for b in written_buffers(w)]
     if writes:
         bases = {b for _, b in writes}
         readers: dict[torch.fx.Node, list[torch.fx.Node]] = {b: [] for b in bases}
         for node in nodes:
             for source in node.all_input_nodes:
-                base = view_base(source)
+                base = buffer_of(source)
                 if base in readers:
                     readers[base].append(node)
         for write, base in writes:

@@ -365,7 +365,10 @@ class Attention(Pass):
         if any(u.target is operator.getitem and u.args[1] > 0 and u.users for u in node.users):
             return  # a backward reads this op's outputs and takes the repeated operands
         q, k, v = node.args[:3]
-        heads = len(tensor_meta(q).shape) == 4 and tensor_meta(q).shape[1]
+        q_meta = tensor_meta(q) if isinstance(q, torch.fx.Node) else None
+        if q_meta is None or len(q_meta.shape) != 4:
+            return
+        heads = q_meta.shape[1]
         sources = [_repeated_heads(x, heads) for x in (k, v)]
         if None in sources or sources[0][1] != sources[1][1] or not _groups_heads():
             return

@@ -73,7 +73,7 @@ from memopt.compiler.lower import (
     can_lower_matmul,
     lower_group,
 )
-from memopt.compiler.order import legalize, written_buffer
+from memopt.compiler.order import buffer_of, legalize, written_buffers
 from memopt.compiler.printer import op_name
 from memopt.passes.base import Pass, PassContext
 from memopt.passes.inplace import updated_in_place
@@ -123,11 +123,8 @@ class _State:
         # Writes to memory in graph order (copy_ into an input, in-place and out= ops): a
         # kernel runs where its last member was, so an earlier member that reads what one
         # of these writes would read it after the write (`read_moved_past_write`).
-        self.writes = [
-            (k, written)
-            for k, n in enumerate(self.nodes)
-            if (written := written_buffer(n)) is not None
-        ]
+        self.writes = [(k, b) for k, n in enumerate(self.nodes) for b in written_buffers(n)]
+        self.buffer = functools.cache(buffer_of)
         self.first_memo: dict[Group, int] = {}
         self.cost_memo: dict[Group, int] = {}
         self.parts_memo: dict[Group, tuple[set[torch.fx.Node], list[torch.fx.Node]]] = {}
@@ -272,7 +269,7 @@ class _State:
                 continue
             for member in group:
                 if self.order[member] < k and any(
-                    self.base(a) is buffer for a in member.all_input_nodes
+                    self.buffer(a) is buffer for a in member.all_input_nodes
                 ):
                     return (
                         f"%{member.name} reads %{buffer.name} before %{self.nodes[k].name} "

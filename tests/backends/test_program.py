@@ -104,3 +104,34 @@ def test_a_size_one_dim_of_the_root_may_have_any_stride():
     other = torch.empty_strided((1, 8), (99, 1)).copy_(torch.randn(1, 8))
     (got,) = program(other)
     torch.testing.assert_close(got, other.view(2, 4).t())
+
+
+def test_views_that_are_more_than_strides_run_as_the_graph_has_them():
+    """`_conj` sets a bit an alias would lose; `reshape` copies a transposed input."""
+    import torch.fx
+
+    aten = torch.ops.aten
+    graph = torch.fx.Graph()
+    z, x = graph.placeholder("z"), graph.placeholder("x")
+    conj = graph.call_function(aten._conj.default, (z,))
+    flat = graph.call_function(
+        aten.reshape.default, (graph.call_function(aten.t.default, (x,)), [6])
+    )
+    graph.output(
+        (
+            graph.call_function(aten.mul.Tensor, (conj, 1)),
+            graph.call_function(aten.mul.Tensor, (flat, 1)),
+        )
+    )
+    gm = torch.fx.GraphModule(torch.nn.Module(), graph)
+    from memopt.compiler.graph import annotate
+
+    z_value = torch.tensor([1 + 2j, 3 - 1j])
+    x_value = torch.arange(6.0).reshape(2, 3)
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    traced = make_fx(gm, tracing_mode="fake")(z_value, x_value)
+    annotate(traced)
+    program = straight_line(traced)
+    for got, want in zip(program(z_value, x_value), gm(z_value, x_value)):
+        assert torch.equal(got, want)

@@ -72,3 +72,23 @@ def test_no_order_keeps_a_read_before_a_write_it_depends_on():
     write.prepend(r)  # r now reads c before the write, and depends on it: impossible
     with pytest.raises(ValueError, match=f"no order runs %{r.name} after its inputs"):
         legalize(graph)
+
+
+def test_reads_through_the_pieces_of_a_split_stay_before_the_write():
+    """r reads a piece of b (split returns views of it) before copy_ writes b, and its other
+    input is placed after the write (as a fused kernel is): the write must follow r."""
+    import operator
+
+    graph = torch.fx.Graph()
+    b, src = graph.placeholder("b"), graph.placeholder("src")
+    piece = graph.call_function(
+        operator.getitem, (graph.call_function(aten.split.Tensor, (b, 2)), 0)
+    )
+    late = graph.call_function(aten.neg.default, (src,))
+    r = graph.call_function(aten.add.Tensor, (piece, late))
+    write = graph.call_function(aten.copy_.default, (b, src))
+    graph.output(r)
+    write.append(late)  # order now: ..., r, copy_, neg (r before its input)
+    legalize(graph)
+    nodes = list(graph.nodes)
+    assert nodes.index(late) < nodes.index(r) < nodes.index(write)

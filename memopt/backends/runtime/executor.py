@@ -137,19 +137,20 @@ class CompiledGraph:
                     )
                     print(f"memopt: check failed on {self.name} graph: {first}", file=sys.stderr)
                     self.gm = reference
-                    self._forward = _compiled_forward(reference)
+                    # fx's own forward: nothing of the optimized path runs any more
+                    self._forward = _compiled_forward(reference, program=False)
                     self.any_restride = False
                     self._plain = True
                     return list(expected)
         return actual
 
 
-def _compiled_forward(gm: torch.fx.GraphModule):
+def _compiled_forward(gm: torch.fx.GraphModule, program: bool = True):
     """The graph as straight-line Python (runtime/program.py), or where that cannot run it,
     fx's generated forward, bound: a lazy graph module's code generated now (its stand-in
     forward goes through nn.Module's call machinery on every call)."""
     _LazyGraphModule.force_recompile(gm)
-    return straight_line(gm) or gm.forward
+    return (straight_line(gm) if program else None) or gm.forward
 
 
 def _copy(value: object) -> object:

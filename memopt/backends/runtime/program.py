@@ -11,7 +11,7 @@ from fx's forward in three ways only, each with the same results:
 
 - **ATen ops** are called through `OpOverload._op`, the C++ callable `OpOverload.__call__`
   itself calls.
-- **Views of static layout** (every size, stride and offset of the view and of the tensor
+- **Strided views of static layout** (`STRIDED_VIEWS`; every size, stride and offset of the view and of the tensor
   it views known when the graph was compiled) are made as aliases of the first non-view
   tensor up their chain, with the view's sizes and strides and its offset from that tensor
   (`_reinterpret_tensor`, which Inductor's generated code uses for the same reason), after
@@ -23,7 +23,8 @@ from fx's forward in three ways only, each with the same results:
 - **Views nothing reads** any more, once their users alias further up, are not made.
 
 Graphs with nodes other than placeholders, ATen or Python calls, constants read with
-`get_attr` and the output run fx's forward instead (`straight_line` returns None).
+`get_attr` and the output, or with graph values inside an argument other than a list or
+tuple, run fx's forward instead (`straight_line` returns None).
 """
 
 from __future__ import annotations
@@ -41,6 +42,39 @@ from memopt.compiler.aten_ops import is_view_op
 from memopt.compiler.graph import tensor_meta
 
 _SUPPORTED = {"placeholder", "call_function", "get_attr", "output"}
+aten = torch.ops.aten
+# Ops whose result is exactly the input's elements at other sizes, strides and offset.
+# Not every op torch marks a view: `_conj` and `_neg_view` set a bit an alias would lose,
+# `reshape`-like ops copy when the input does not fit, and `as_strided`'s offset is
+# absolute where an alias's is relative to its root.
+STRIDED_VIEWS = {
+    aten.view,
+    aten._unsafe_view,
+    aten.slice,
+    aten.select,
+    aten.narrow,
+    aten.permute,
+    aten.t,
+    aten.transpose,
+    aten.expand,
+    aten.squeeze,
+    aten.unsqueeze,
+    aten.alias,
+    aten.detach,
+    aten.diagonal,
+    aten.unfold,
+}
+
+
+def _strided_view(node: torch.fx.Node) -> bool:
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and target.overloadpacket in STRIDED_VIEWS
+
+
+class _Unsupported(Exception):
+    """An argument the program cannot spell (a slice or dict holding graph values)."""
+
+
 _LITERALS = (bool, int, str, type(None))
 
 
@@ -48,7 +82,10 @@ def straight_line(gm: torch.fx.GraphModule) -> Callable[..., object] | None:
     """The program for `gm`, called as `gm.forward` is; None where fx's forward must run."""
     if any(node.op not in _SUPPORTED for node in gm.graph.nodes):
         return None
-    return _Emitter(gm).program()
+    try:
+        return _Emitter(gm).program()
+    except _Unsupported:
+        return None
 
 
 def _static(values: tuple[sympy.Expr, ...]) -> tuple[int, ...] | None:
@@ -87,11 +124,11 @@ class _Alias:
 
 def _alias_of(node: torch.fx.Node, returned: set[torch.fx.Node]) -> _Alias | None:
     """The alias that makes `node`, a view, from its root; None where it must stay a view op."""
-    if node in returned or not is_view_op(node):
+    if node in returned or not _strided_view(node):
         return None
     chain = []
     current = node
-    while current.op == "call_function" and is_view_op(current):
+    while current.op == "call_function" and _strided_view(current):
         if (
             not current.args
             or not isinstance(current.args[0], torch.fx.Node)
@@ -211,6 +248,8 @@ class _Emitter:
             return "[" + ", ".join(self.expr(v) for v in value) + "]"
         if isinstance(value, _LITERALS) or (isinstance(value, float) and math.isfinite(value)):
             return repr(value)
+        if _has_node(value):
+            raise _Unsupported(type(value).__name__)
         return self.constant(value)  # dtypes, devices, infinities, slices, anything else
 
     def call(self, node: torch.fx.Node, alias: _Alias | None) -> str:
