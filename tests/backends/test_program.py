@@ -135,3 +135,28 @@ def test_views_that_are_more_than_strides_run_as_the_graph_has_them():
     program = straight_line(traced)
     for got, want in zip(program(z_value, x_value), gm(z_value, x_value)):
         assert torch.equal(got, want)
+
+
+def test_kernels_run_without_per_call_checks_and_fake_tensors_take_fx_forward():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memopt.backends.runtime.kernels import FusedKernel
+    from memopt.config import Config
+    from memopt.passes.pipeline import run_pipeline
+
+    def fn(x, w):
+        return (x.t() * w).exp().sum(0)
+
+    x, w = torch.randn(6, 4), torch.randn(4, 6)
+    (graph,) = capture(fn, (x, w))
+    gm = run_pipeline(graph.gm, Config.from_options({}).pipeline(), "test", {}).gm
+    program = straight_line(gm)
+    calls = [
+        v for v in program.__globals__.values() if getattr(v, "__name__", "") == "program_call"
+    ]
+    assert len(calls) == 1 and isinstance(calls[0].__self__, FusedKernel)
+    for _ in range(2):  # the first call works out the launch, the second takes it
+        torch.testing.assert_close(program(x, w)[0], fn(x, w))
+    with FakeTensorMode() as mode:
+        (fake,) = program(mode.from_tensor(x), mode.from_tensor(w))
+    assert fake.shape == (6,) and type(fake).__name__ == "FakeTensor"

@@ -21,6 +21,9 @@ from fx's forward in three ways only, each with the same results:
   graph has it. A view the graph returns stays an ATen
   view: AOTAutograd regenerates outputs that alias inputs from their `_base`.
 - **Views nothing reads** any more, once their users alias further up, are not made.
+- **Generated kernels** are called through `FusedKernel.program_call`, without the checks
+  each call of a kernel makes (plain tensors, no fake mode: 3 us a call); the program
+  checks once a call that no fake mode is active, and under one runs fx's forward.
 
 Graphs with nodes other than placeholders, ATen or Python calls, constants read with
 `get_attr` and the output, or with graph values inside an argument other than a list or
@@ -38,10 +41,12 @@ import torch
 import torch.fx
 from torch._C._dynamo.guards import _reinterpret_tensor
 
+from memopt.backends.runtime.kernels import FusedKernel
 from memopt.compiler.aten_ops import is_view_op
 from memopt.compiler.graph import tensor_meta
 
 _SUPPORTED = {"placeholder", "call_function", "get_attr", "output"}
+_FAKE = torch._C._TorchDispatchModeKey.FAKE
 aten = torch.ops.aten
 # Ops whose result is exactly the input's elements at other sizes, strides and offset.
 # Not every op torch marks a view: `_conj` and `_neg_view` set a bit an alias would lose,
@@ -201,6 +206,13 @@ class _Emitter:
             dead = [self.name(n) for n in freed_after.get(node, ()) if n.op != "placeholder"]
             if dead:
                 body.append(" = ".join(dead) + " = None")
+        # Under a fake mode (metadata propagated through the graph) fx's forward runs:
+        # the program's kernels skip the checks that would send fake tensors elsewhere.
+        self.globals.update(
+            _dispatch_mode=torch._C._get_dispatch_mode, _FAKE=_FAKE, _fx=self.gm.forward
+        )
+        guard = f"if _dispatch_mode(_FAKE) is not None: return _fx({', '.join(params)})"
+        body.insert(0, guard)
         source = f"def program({', '.join(params)}):\n" + "".join(f"    {s}\n" for s in body)
         namespace = dict(self.globals)
         exec(compile(source, f"<memopt program {id(self.gm):x}>", "exec"), namespace)  # noqa: S102
@@ -278,6 +290,8 @@ class _Emitter:
             return f"{self.expr(node.args[0])}[{node.args[1]}]"
         if isinstance(target, torch._ops.OpOverload):
             target = target._op  # what OpOverload.__call__ calls, without its frame
+        elif isinstance(target, FusedKernel):
+            target = target.program_call  # no per-call checks: the program made them
         args = [self.expr(a) for a in node.args]
         args += [f"{k}={self.expr(v)}" for k, v in node.kwargs.items()]
         return f"{self.callable(target)}({', '.join(args)})"
