@@ -150,6 +150,11 @@ def _tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:
     return found
 
 
+def kernel_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The tensors a kernel reads: its tensor arguments, not an out= buffer it writes."""
+    return _tensor_args(node)
+
+
 def read_bytes(node: torch.fx.Node, inputs: Iterable[torch.fx.Node]) -> sympy.Expr:
     """Bytes read from the given input nodes: distinct touched elements, per distinct buffer."""
     per_base: dict[torch.fx.Node, list[TensorMeta]] = {}

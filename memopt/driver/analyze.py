@@ -22,11 +22,14 @@ from memopt.compiler.cost import (
     graph_cost,
     is_kernel,
     is_low_precision,
+    kernel_inputs,
     kernel_kind,
     node_cost,
+    read_bytes,
 )
 from memopt.compiler.eager_count import count_eager_bytes
 from memopt.compiler.graph import copy_graph, evaluate
+from memopt.compiler.order import buffer_of, written_buffers
 from memopt.compiler.printer import op_name
 from memopt.config import Config
 from memopt.driver.gpu import compile_for_gpu
@@ -73,18 +76,31 @@ def _source_path(target: object) -> str | None:
 def node_costs(
     gm: torch.fx.GraphModule, graph: str, bindings: Mapping[sympy.Symbol, int]
 ) -> list[NodeCost]:
+    placeholders = {n for n in gm.graph.nodes if n.op == "placeholder"}
+    updated = {b for n in gm.graph.nodes for b in written_buffers(n)} & placeholders
     costs = []
     for node in gm.graph.nodes:
         if is_kernel(node):
             cost = node_cost(node)
+            read = evaluate(cost.read, bindings)
+            inputs = kernel_inputs(node)
+            by_role = {
+                role: min(read, evaluate(read_bytes(node, members), bindings))
+                for role, members in (
+                    ("input", [a for a in inputs if buffer_of(a) in placeholders - updated]),
+                    ("state", [a for a in inputs if buffer_of(a) in updated]),
+                )
+            }
             costs.append(
                 NodeCost(
                     graph=graph,
                     node=node.name,
                     op=op_name(node),
-                    read_bytes=evaluate(cost.read, bindings),
+                    read_bytes=read,
                     write_bytes=evaluate(cost.write, bindings),
                     flops=evaluate(cost.flops, bindings),
+                    input_read_bytes=by_role["input"],
+                    state_read_bytes=by_role["state"],
                 )
             )
     return costs

@@ -72,6 +72,10 @@ class NodeCost:
     read_bytes: int
     write_bytes: int
     flops: int
+    # Of read_bytes, read from graph inputs: those the graph only reads (weights, token
+    # ids) and those it updates (state: a KV cache, running statistics).
+    input_read_bytes: int = 0
+    state_read_bytes: int = 0
 
     @property
     def nbytes(self) -> int:

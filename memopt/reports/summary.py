@@ -133,22 +133,41 @@ def _top_nodes(a: Analysis, top: int) -> list[str]:
     if not nodes:
         return []
     total = a.bytes_moved
+    # A program that updates some of its inputs (a decode step's KV cache) gets the split of
+    # each node's reads: from inputs it only reads (weights), from inputs it updates (state).
+    state = any(c.state_read_bytes for g in a.graphs for c in g.node_costs)
     rows = [
         [
             c.graph,
             c.node,
             c.op,
             format_bytes(c.read_bytes),
+            *(
+                [format_bytes(c.input_read_bytes), format_bytes(c.state_read_bytes)]
+                if state
+                else []
+            ),
             format_bytes(c.write_bytes),
             _percent(c.nbytes, total),
         ]
         for c in nodes
     ]
-    header = ["graph", "node", "op", "read", "write", "share"]
-    return [
+    header = ["graph", "node", "op", "read", *(["of inputs", "of state"] if state else [])]
+    header += ["write", "share"]
+    lines = [
         f"Top {len(nodes)} nodes by bytes (modelled)",
-        *format_table(header, rows, "lllrrr", max_widths=[12, 28, 36]),
+        *format_table(header, rows, "lll" + "r" * (len(header) - 3), max_widths=[12, 28, 36]),
     ]
+    if state:
+        costs = [c for g in a.graphs for c in g.node_costs]
+        inputs = sum(c.input_read_bytes for c in costs)
+        updated = sum(c.state_read_bytes for c in costs)
+        computed = sum(c.read_bytes for c in costs) - inputs - updated
+        lines.append(
+            f"  reads: {format_bytes(inputs)} of read-only inputs (weights), "
+            f"{format_bytes(updated)} of updated inputs (state), {format_bytes(computed)} computed"
+        )
+    return lines
 
 
 def _ledger(a: Analysis) -> list[str]:

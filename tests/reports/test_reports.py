@@ -476,3 +476,28 @@ def test_analyze_compile_for_keeps_the_rows_on_the_analysis():
     assert "compiled" not in memopt.analyze(program, x48()).to_dict()
     with pytest.raises(memopt.OptionError, match="unknown GPU device.*'tpu'"):
         memopt.analyze(program, x48(), compile_for="tpu")
+
+
+def test_a_program_that_updates_an_input_gets_its_reads_split_by_source():
+    """A decode-like step: a weight read, a cache updated at one row and read whole. Each
+    node's reads are split into read-only inputs and updated inputs (state), exactly."""
+    from memopt.reports.summary import format_analysis
+
+    def step(x, w, cache, position):
+        row = x @ w  # reads w: 64 x 32 floats
+        cache.index_copy_(0, position, row)  # writes one row of the cache
+        return (cache * 2).sum(0)  # reads the whole cache: 16 x 32 floats
+
+    x, w = torch.randn(1, 64), torch.randn(64, 32)
+    cache, position = torch.randn(16, 32), torch.tensor([3])
+    a = memopt.analyze(step, x, w, cache, position)
+    costs = {c.node: c for g in a.graphs for c in g.node_costs}
+    mm = next(c for c in costs.values() if c.op == "aten.mm.default")
+    assert (mm.input_read_bytes, mm.state_read_bytes) == (4 * (64 + 64 * 32), 0)
+    reader = max(costs.values(), key=lambda c: c.state_read_bytes)
+    assert reader.state_read_bytes == 4 * 16 * 32
+    text = format_analysis(a)
+    assert "of inputs" in text and "of state" in text
+    assert "of updated inputs (state)" in text
+    plain = format_analysis(memopt.analyze(lambda x, w: x @ w, x, w))
+    assert "of state" not in plain
