@@ -366,6 +366,7 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(row)
     long_graphs = {cache: long_run_graphs(cache, args.long_tokens) for cache in args.caches}
     command = "python bench/decode.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    load = f"Load average (1 min) at the start and end: {load} and {_load_average()}."
     text = report(rows, long_graphs, command.strip(), load)
     print(text)
     if args.write:
