@@ -52,7 +52,12 @@ def buffer_of(node: torch.fx.Node) -> torch.fx.Node:
             return node
         source = node.args[0] if node.args else None
         if node.target is operator.getitem and isinstance(source, torch.fx.Node):
-            if isinstance(source.target, torch._ops.OpOverload) and source.target.is_view:
+            if (
+                isinstance(source.target, torch._ops.OpOverload)
+                and source.target.is_view
+                and source.args
+                and isinstance(source.args[0], torch.fx.Node)
+            ):
                 node = source.args[0]
                 continue
             return node

@@ -83,13 +83,22 @@ def node_costs(
         if is_kernel(node):
             cost = node_cost(node)
             read = evaluate(cost.read, bindings)
-            inputs = kernel_inputs(node)
+            # What the node writes is not among its reads (an in-place update's buffer, a
+            # kernel's destinations); each role is capped so that the roles never add up to
+            # more than the node's reads (a gathered table counts whole in read_bytes, only
+            # its looked-up rows in a kernel's own cost).
+            writes = set(written_buffers(node))
+            inputs = [a for a in kernel_inputs(node) if buffer_of(a) not in writes]
+            state = min(
+                read,
+                evaluate(
+                    read_bytes(node, [a for a in inputs if buffer_of(a) in updated]), bindings
+                ),
+            )
+            read_only = [a for a in inputs if buffer_of(a) in placeholders - updated]
             by_role = {
-                role: min(read, evaluate(read_bytes(node, members), bindings))
-                for role, members in (
-                    ("input", [a for a in inputs if buffer_of(a) in placeholders - updated]),
-                    ("state", [a for a in inputs if buffer_of(a) in updated]),
-                )
+                "state": state,
+                "input": min(read - state, evaluate(read_bytes(node, read_only), bindings)),
             }
             costs.append(
                 NodeCost(

@@ -160,3 +160,6 @@ def test_kernels_run_without_per_call_checks_and_fake_tensors_take_fx_forward():
     with FakeTensorMode() as mode:
         (fake,) = program(mode.from_tensor(x), mode.from_tensor(w))
     assert fake.shape == (6,) and type(fake).__name__ == "FakeTensor"
+    mode = FakeTensorMode()  # fake tensors passed in outside their mode take fx's forward too
+    (fake,) = program(mode.from_tensor(x), mode.from_tensor(w))
+    assert fake.shape == (6,) and type(fake).__name__ == "FakeTensor"

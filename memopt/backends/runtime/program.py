@@ -40,6 +40,7 @@ import sympy
 import torch
 import torch.fx
 from torch._C._dynamo.guards import _reinterpret_tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 from memopt.backends.runtime.kernels import FusedKernel
 from memopt.compiler.aten_ops import is_view_op
@@ -209,9 +210,16 @@ class _Emitter:
         # Under a fake mode (metadata propagated through the graph) fx's forward runs:
         # the program's kernels skip the checks that would send fake tensors elsewhere.
         self.globals.update(
-            _dispatch_mode=torch._C._get_dispatch_mode, _FAKE=_FAKE, _fx=self.gm.forward
+            _dispatch_mode=torch._C._get_dispatch_mode,
+            _FAKE=_FAKE,
+            _FakeTensor=FakeTensor,
+            _fx=self.gm.forward,
         )
-        guard = f"if _dispatch_mode(_FAKE) is not None: return _fx({', '.join(params)})"
+        fake = "_dispatch_mode(_FAKE) is not None"
+        tensors = [n for n in nodes if n.op == "placeholder" and tensor_meta(n) is not None]
+        if tensors:  # fake tensors passed in outside their mode
+            fake += f" or type({self.name(tensors[0])}) is _FakeTensor"
+        guard = f"if {fake}: return _fx({', '.join(params)})"
         body.insert(0, guard)
         source = f"def program({', '.join(params)}):\n" + "".join(f"    {s}\n" for s in body)
         namespace = dict(self.globals)
