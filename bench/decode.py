@@ -319,7 +319,9 @@ def traffic_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def report(rows: list[Row], long_graphs: dict[str, int], command: str, load: str) -> str:
+def report(
+    rows: list[Row], long_graphs: dict[str, int], long_tokens: int, command: str, load: str
+) -> str:
     dram = read_bandwidth_gbps(256 * 2**20)
     long = ", ".join(f"{cache} cache: {n} graphs" for cache, n in long_graphs.items())
     return "\n".join(
@@ -336,12 +338,9 @@ def report(rows: list[Row], long_graphs: dict[str, int], command: str, load: str
             "",
             traffic_table(rows),
             "",
-            f"Graphs memopt compiles over {args_long_tokens[0]} new tokens (small Llama): {long}.",
+            f"Graphs memopt compiles over {long_tokens} new tokens (small Llama): {long}.",
         ]
     )
-
-
-args_long_tokens = [512]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -355,7 +354,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--write", type=Path, help="write the results into this Markdown file")
     args = parser.parse_args(argv)
     torch._dynamo.config.cache_size_limit = 64  # three backends' graphs on one forward
-    args_long_tokens[0] = args.long_tokens
     load = _load_average()
     rows = []
     for name in args.models:
@@ -367,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
     long_graphs = {cache: long_run_graphs(cache, args.long_tokens) for cache in args.caches}
     command = "python bench/decode.py " + " ".join(argv if argv is not None else sys.argv[1:])
     load = f"Load average (1 min) at the start and end: {load} and {_load_average()}."
-    text = report(rows, long_graphs, command.strip(), load)
+    text = report(rows, long_graphs, args.long_tokens, command.strip(), load)
     print(text)
     if args.write:
         write_results(args.write, text, MARK_START, MARK_END)

@@ -133,7 +133,8 @@ def view_base(node: torch.fx.Node) -> torch.fx.Node:
     return node
 
 
-def _tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:
+def kernel_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The tensors a kernel reads: its tensor arguments, not an out= buffer it writes."""
     found: list[torch.fx.Node] = []
 
     def visit(arg: object) -> None:
@@ -148,11 +149,6 @@ def _tensor_args(node: torch.fx.Node) -> list[torch.fx.Node]:
     # An out= buffer is written, not read.
     visit(tuple(v for k, v in node.kwargs.items() if k != "out"))
     return found
-
-
-def kernel_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
-    """The tensors a kernel reads: its tensor arguments, not an out= buffer it writes."""
-    return _tensor_args(node)
 
 
 def read_bytes(node: torch.fx.Node, inputs: Iterable[torch.fx.Node]) -> sympy.Expr:
@@ -208,7 +204,7 @@ def _traffic(node: torch.fx.Node) -> Cost | tuple[sympy.Expr, sympy.Expr]:
     if target is aten.copy_.default:
         read = read_bytes(node, [node.args[1]])
     elif target in GATHERS:
-        args = _tensor_args(node)
+        args = kernel_inputs(node)
         source = node.args[0] if node.args else None  # the table
         others = [a for a in args if a is not source]
         read = read_bytes(node, others)
@@ -218,7 +214,7 @@ def _traffic(node: torch.fx.Node) -> Cost | tuple[sympy.Expr, sympy.Expr]:
     elif target in FILL_OPS:
         read = ZERO
     else:
-        read = read_bytes(node, _tensor_args(node))
+        read = read_bytes(node, kernel_inputs(node))
     return read, write
 
 
@@ -241,7 +237,7 @@ def _update_cost(node: torch.fx.Node) -> Cost:
     else:  # scatter_(self, dim, index, src), index_add_(self, dim, index, source), ...
         written = tensor_meta(node.args[spec.updated_arg]).numel
         values = node.args[3] if len(node.args) > 3 else None
-    index_args = [a for a in _tensor_args(node)[1:] if a is not values]
+    index_args = [a for a in kernel_inputs(node)[1:] if a is not values]
     read = read_bytes(node, index_args)
     values_meta = tensor_meta(values) if isinstance(values, torch.fx.Node) else None
     if values_meta is not None:
@@ -328,7 +324,7 @@ def _flops(node: torch.fx.Node, outputs: list[TensorMeta]) -> sympy.Expr:
     if rule is not None:
         return sympy.sympify(rule(node, node.target))
     # Reductions read more elements than they write: one op per input element.
-    inputs = [tensor_meta(a) for a in _tensor_args(node)]
+    inputs = [tensor_meta(a) for a in kernel_inputs(node)]
     largest_input = max((m.numel for m in inputs if m is not None), default=ZERO, key=_size_key)
     largest_output = max((m.numel for m in outputs), default=ZERO, key=_size_key)
     return sympy.Max(largest_input, largest_output) if largest_input != ZERO else largest_output

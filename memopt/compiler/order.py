@@ -25,6 +25,17 @@ def written_buffers(node: torch.fx.Node) -> list[torch.fx.Node]:
     """The buffers a node writes: the arguments its ATen schema marks written (`self` of an
     in-place op, `out=`, ...), and the arguments a generated kernel stores outputs into
     (a target's `destinations`: output -> argument position)."""
+    written = _schema_written(node)
+    destinations = getattr(node.target, "destinations", None)
+    if isinstance(destinations, dict):
+        written += [node.args[p] for p in destinations.values() if p < len(node.args)]
+    flat: list[torch.fx.Node] = []
+    torch.fx.node.map_arg(written, flat.append)
+    return [buffer_of(w) for w in flat]
+
+
+def _schema_written(node: torch.fx.Node) -> list[object]:
+    """The values a node passes for the arguments its ATen schema marks written."""
     target, written = node.target, []
     if isinstance(target, torch._ops.OpOverload):
         for k, arg in enumerate(target._schema.arguments):
@@ -34,12 +45,7 @@ def written_buffers(node: torch.fx.Node) -> list[torch.fx.Node]:
                 written.append(node.kwargs[arg.name])
             elif not arg.kwarg_only and k < len(node.args):
                 written.append(node.args[k])
-    destinations = getattr(target, "destinations", None)
-    if isinstance(destinations, dict):
-        written += [node.args[p] for p in destinations.values() if p < len(node.args)]
-    flat: list[torch.fx.Node] = []
-    torch.fx.node.map_arg(written, flat.append)
-    return [buffer_of(w) for w in flat]
+    return written
 
 
 def buffer_of(node: torch.fx.Node) -> torch.fx.Node:
@@ -75,11 +81,7 @@ def _returned_written(node: torch.fx.Node) -> torch.fx.Node | None:
     returns = target._schema.returns
     if len(returns) != 1 or returns[0].alias_info is None or not returns[0].alias_info.is_write:
         return None
-    written = []
-    for k, arg in enumerate(target._schema.arguments):
-        if arg.alias_info is not None and arg.alias_info.is_write:
-            value = node.kwargs.get(arg.name, node.args[k] if k < len(node.args) else None)
-            written.append(value)
+    written = _schema_written(node)
     if len(written) == 1 and isinstance(written[0], torch.fx.Node):
         return written[0]
     return None
@@ -113,18 +115,18 @@ def legalize(graph: torch.fx.Graph) -> None:
     for node, deps in after.items():
         for dep in deps:
             unblocks[dep].append(node)
-    ready = [(index[n], n.name) for n in nodes if waiting[n] == 0]
+    # Ready nodes by original position: each placed as early as its inputs allow, never
+    # ahead of an earlier ready node.
+    ready = [index[n] for n in nodes if waiting[n] == 0]
     heapq.heapify(ready)
-    by_name = {n.name: n for n in nodes}
     order = []
     while ready:
-        _, name = heapq.heappop(ready)
-        node = by_name[name]
+        node = nodes[heapq.heappop(ready)]
         order.append(node)
         for user in unblocks[node]:
             waiting[user] -= 1
             if waiting[user] == 0:
-                heapq.heappush(ready, (index[user], user.name))
+                heapq.heappush(ready, index[user])
     if len(order) != len(nodes):
         stuck = sorted((n for n in nodes if waiting[n]), key=index.__getitem__)
         raise ValueError(

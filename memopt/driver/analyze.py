@@ -89,17 +89,10 @@ def node_costs(
             # its looked-up rows in a kernel's own cost).
             writes = set(written_buffers(node))
             inputs = [a for a in kernel_inputs(node) if buffer_of(a) not in writes]
-            state = min(
-                read,
-                evaluate(
-                    read_bytes(node, [a for a in inputs if buffer_of(a) in updated]), bindings
-                ),
-            )
+            state = [a for a in inputs if buffer_of(a) in updated]
             read_only = [a for a in inputs if buffer_of(a) in placeholders - updated]
-            by_role = {
-                "state": state,
-                "input": min(read - state, evaluate(read_bytes(node, read_only), bindings)),
-            }
+            state_read = min(read, evaluate(read_bytes(node, state), bindings))
+            input_read = min(read - state_read, evaluate(read_bytes(node, read_only), bindings))
             costs.append(
                 NodeCost(
                     graph=graph,
@@ -108,8 +101,8 @@ def node_costs(
                     read_bytes=read,
                     write_bytes=evaluate(cost.write, bindings),
                     flops=evaluate(cost.flops, bindings),
-                    input_read_bytes=by_role["input"],
-                    state_read_bytes=by_role["state"],
+                    input_read_bytes=input_read,
+                    state_read_bytes=state_read,
                 )
             )
     return costs

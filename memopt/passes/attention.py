@@ -228,19 +228,15 @@ def _groups_heads() -> bool:
     """ATen's CPU flash attention takes fewer key/value heads than query heads, each serving
     a run of query heads, with the results of repeating them (checked once, on 4 heads)."""
     with unset_fake_temporarily():  # the pass runs under capture's fake mode
-        return _groups_heads_on_real_tensors()
-
-
-def _groups_heads_on_real_tensors() -> bool:
-    generator = torch.Generator().manual_seed(0)
-    q = torch.randn(1, 4, 3, 8, generator=generator)
-    kv = torch.randn(2, 1, 2, 5, 8, generator=generator)
-    repeated = kv[:, :, :, None].expand(2, 1, 2, 2, 5, 8).reshape(2, 1, 4, 5, 8)
-    try:
-        grouped = _FLASH_CPU(q, kv[0], kv[1])[0]
-    except RuntimeError:
-        return False
-    return torch.equal(grouped, _FLASH_CPU(q, repeated[0], repeated[1])[0])
+        generator = torch.Generator().manual_seed(0)
+        q = torch.randn(1, 4, 3, 8, generator=generator)
+        kv = torch.randn(2, 1, 2, 5, 8, generator=generator)
+        repeated = kv[:, :, :, None].expand(2, 1, 2, 2, 5, 8).reshape(2, 1, 4, 5, 8)
+        try:
+            grouped = _FLASH_CPU(q, kv[0], kv[1])[0]
+        except RuntimeError:
+            return False
+        return torch.equal(grouped, _FLASH_CPU(q, repeated[0], repeated[1])[0])
 
 
 def _erase_dead(graph: torch.fx.Graph, nodes: list[torch.fx.Node]) -> None:

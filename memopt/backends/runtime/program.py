@@ -7,18 +7,18 @@ A decode step of a small language model is a few hundred such calls around 30 ma
 one row each, so the Python around the kernels is a third of the step (measured: 5.8 us a
 `view` through `torch.ops`, 2.6 us through the overload's C++ callable, 0.8 us as an alias
 made without the dispatcher; a 512x512 one-row matmul takes 18 us). The program differs
-from fx's forward in three ways only, each with the same results:
+from fx's forward in these ways only, each with the same results:
 
 - **ATen ops** are called through `OpOverload._op`, the C++ callable `OpOverload.__call__`
   itself calls.
-- **Strided views of static layout** (`STRIDED_VIEWS`; every size, stride and offset of the view and of the tensor
-  it views known when the graph was compiled) are made as aliases of the first non-view
-  tensor up their chain, with the view's sizes and strides and its offset from that tensor
-  (`_reinterpret_tensor`, which Inductor's generated code uses for the same reason), after
-  checking that tensor's strides are those the graph was compiled for (along its dims of
-  more than one element: the stride of a dim of size 1 moves nothing, and ATen's and the
-  fake tensors' may differ there). Where they are not, the chain of view ops runs as the
-  graph has it. A view the graph returns stays an ATen
+- **Strided views of static layout** (`STRIDED_VIEWS`; every size, stride and offset of
+  the view and of the tensor it views known when the graph was compiled) are made as
+  aliases of the first non-view tensor up their chain, with the view's sizes and strides
+  and its offset from that tensor (`_reinterpret_tensor`, which Inductor's generated code
+  uses for the same reason), after checking that tensor's strides are those the graph was
+  compiled for (along its dims of more than one element: the stride of a dim of size 1
+  moves nothing, and ATen's and the fake tensors' may differ there). Where they are not,
+  the chain of view ops runs as the graph has it. A view the graph returns stays an ATen
   view: AOTAutograd regenerates outputs that alias inputs from their `_base`.
 - **Views nothing reads** any more, once their users alias further up, are not made.
 - **Generated kernels** are called through `FusedKernel.program_call`, without the checks
@@ -173,7 +173,7 @@ class _Emitter:
     def program(self) -> Callable[..., object]:
         nodes = list(self.gm.graph.nodes)
         output = nodes[-1]
-        returned = {n for n in output.all_input_nodes}
+        returned = set(output.all_input_nodes)
         aliases = {}
         for node in nodes:
             if node.op == "call_function":
@@ -184,7 +184,7 @@ class _Emitter:
             node: [aliases[node].root] if node in aliases else node.all_input_nodes
             for node in nodes
         }
-        live = self._live(nodes, inputs, aliases)
+        live = self._live(nodes, inputs)
         last_use: dict[torch.fx.Node, torch.fx.Node] = {}
         for node in nodes:
             if node in live:
@@ -229,7 +229,7 @@ class _Emitter:
         return program
 
     @staticmethod
-    def _live(nodes, inputs, aliases) -> set[torch.fx.Node]:
+    def _live(nodes, inputs) -> set[torch.fx.Node]:
         """Nodes the program runs: the output, whatever it reads, and every node that is not
         a view (a view nothing reads is free to leave out; any other op may have effects)."""
         live: set[torch.fx.Node] = set()
