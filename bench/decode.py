@@ -107,6 +107,28 @@ class Traffic:
         return self.weight_nbytes + self.kv_read_nbytes + self.kv_write_nbytes
 
 
+def narrow_weight_nbytes(model: torch.nn.Module, weights: str, group: int = 128) -> int:
+    """Compulsory weight bytes of a step with the precision pass's `weights` format: every
+    2-D weight narrowed (an embedding table not shared with the output layer: one row),
+    the rest float32."""
+    from memopt.backends.narrow import quantize
+
+    output = model.get_output_embeddings().weight
+    total = 0
+    seen = set()
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            if param.data_ptr() in seen:
+                continue
+            seen.add(param.data_ptr())
+            nbytes = quantize(param, weights, group).nbytes if param.dim() == 2 else param.nbytes
+            rows_read = (
+                isinstance(module, torch.nn.Embedding) and param.data_ptr() != output.data_ptr()
+            )
+            total += nbytes // param.shape[0] if rows_read else nbytes
+    return total
+
+
 def step_traffic(model: torch.nn.Module, context: int) -> Traffic:
     output = model.get_output_embeddings().weight
     weights = 0
@@ -158,16 +180,39 @@ def own_entry(forward, name: str):
     return types.FunctionType(code, entry.__globals__, name, None, entry.__closure__)
 
 
+PRECISIONS = ("int8", "int4", "bf16", "int8-a8", "int4-a8")
+
+
+def precision_of(backend: str) -> str | None:
+    """The weight format of a "memopt-int8"-style backend ("-a8": int8 activations in the
+    dot products); None for the others."""
+    return backend.split("-", 1)[1] if backend.startswith("memopt-") else None
+
+
+def precision_options(precision: str) -> dict[str, object]:
+    weights, _, activations = precision.partition("-")
+    return {"weights": weights, **({"activations": "int8"} if activations == "a8" else {})}
+
+
 class TimedForward:
-    """`model.forward` as compiled by one backend, every call timed."""
+    """`model.forward` as compiled by one backend, every call timed. "memopt-int8" is memopt
+    with the precision pass narrowing weights to int8 (likewise int4, bf16)."""
 
     def __init__(self, forward, backend: str, report_dir: str | None = None) -> None:
         if backend == "eager":
             self.compiled = forward
         else:
-            options = {"report_dir": report_dir} if backend == "memopt" else None
-            entry = own_entry(forward, f"decode_{backend}")
-            self.compiled = torch.compile(entry, backend=backend, options=options)
+            options = None
+            if backend.startswith("memopt"):
+                options = {"report_dir": os.path.join(report_dir, backend)}
+                if precision_of(backend):
+                    options["pass_options"] = {
+                        "precision": precision_options(precision_of(backend))
+                    }
+            entry = own_entry(forward, f"decode_{backend.replace('-', '_')}")
+            self.compiled = torch.compile(
+                entry, backend="memopt" if options else backend, options=options
+            )
         self.seconds: list[float] = []
 
     def __call__(self, *args, **kwargs):
@@ -185,19 +230,29 @@ class Row:
     new_tokens: int
     traffic: Traffic
     bandwidth_gbps: float
+    backends: tuple[str, ...] = BACKENDS
     prefill_s: dict[str, list[float]] = field(default_factory=dict)
     step_s: dict[str, list[float]] = field(default_factory=dict)
     tokens_per_s: dict[str, list[float]] = field(default_factory=dict)
     graphs: int = 0
-    modelled_nbytes: int | None = None
+    # memopt's modelled bytes_moved of its decode graph, per memopt backend
+    modelled_nbytes: dict[str, int] = field(default_factory=dict)
+    # narrowed backends: the step's compulsory bytes with their weights, and how their
+    # tokens and their decode graph's outputs compare with eager's
+    narrow_traffic: dict[str, Traffic] = field(default_factory=dict)
+    agreement: dict[str, str] = field(default_factory=dict)
+    measured_error: dict[str, str] = field(default_factory=dict)
     error: str | None = None
 
     def median(self, table: dict[str, list[float]], backend: str) -> float:
         return statistics.median(table[backend])
 
+    def traffic_of(self, backend: str) -> Traffic:
+        return self.narrow_traffic.get(backend, self.traffic)
+
     def mbu(self, backend: str) -> float:
         step = self.median(self.step_s, backend)
-        return self.traffic.nbytes / step / (self.bandwidth_gbps * 1e9)
+        return self.traffic_of(backend).nbytes / step / (self.bandwidth_gbps * 1e9)
 
 
 def generate_kwargs(cache: str, new_tokens: int) -> dict[str, object]:
@@ -211,10 +266,19 @@ def graphs_compiled() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
-def run(name: str, cache: str, context: int, new_tokens: int, rounds: int) -> Row:
+def run(
+    name: str, cache: str, context: int, new_tokens: int, rounds: int, backends: tuple[str, ...]
+) -> Row:
     model = build(name)
     traffic = step_traffic(model, context + new_tokens // 2)
     row = Row(name, cache, context, new_tokens, traffic, read_bandwidth_gbps(traffic.nbytes))
+    row.backends = backends
+    for backend in backends:
+        if precision_of(backend):
+            weights = narrow_weight_nbytes(model, precision_of(backend).split("-")[0])
+            row.narrow_traffic[backend] = Traffic(
+                weights, traffic.kv_read_nbytes, traffic.kv_write_nbytes
+            )
     prompt = torch.randint(0, model.config.vocab_size, (1, context))
     kwargs = generate_kwargs(cache, new_tokens)
     torch._dynamo.reset()
@@ -222,7 +286,7 @@ def run(name: str, cache: str, context: int, new_tokens: int, rounds: int) -> Ro
     models, forwards, tokens = {}, {}, {}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for backend in BACKENDS:  # compile (first generate), one backend at a time
+        for backend in backends:  # compile (first generate), one backend at a time
             models[backend] = copy.deepcopy(model)
             forwards[backend] = TimedForward(models[backend].forward, backend, report_dir)
             models[backend].forward = forwards[backend]
@@ -235,8 +299,8 @@ def run(name: str, cache: str, context: int, new_tokens: int, rounds: int) -> Ro
             if backend == "memopt":
                 row.graphs = graphs_compiled() - before
         for r in range(rounds):
-            order = BACKENDS[r % 3 :] + BACKENDS[: r % 3]
-            for backend in order:
+            shift = r % len(backends)
+            for backend in backends[shift:] + backends[:shift]:
                 forward = forwards[backend]
                 forward.seconds.clear()
                 start = time.perf_counter()
@@ -248,14 +312,38 @@ def run(name: str, cache: str, context: int, new_tokens: int, rounds: int) -> Ro
                 row.tokens_per_s.setdefault(backend, []).append(new_tokens / elapsed)
     # Measured again after the rounds: the better of the two (the machine is shared).
     row.bandwidth_gbps = max(row.bandwidth_gbps, read_bandwidth_gbps(traffic.nbytes))
-    for backend in BACKENDS[1:]:
-        if not torch.equal(tokens[backend], tokens["eager"]):
+    for backend in backends[1:]:
+        if precision_of(backend):
+            row.agreement[backend] = agreement(tokens[backend], tokens["eager"], context)
+        elif not torch.equal(tokens[backend], tokens["eager"]):
             raise SystemExit(f"{name} {cache} {context}: {backend}'s tokens differ from eager's")
-    records = [json.loads(p.read_text()) for p in Path(report_dir).glob("inference.*.json")]
-    if records:  # "inference" is the prefill graph; the decode graph is the last compiled
-        last = max(records, key=lambda r: int(r["graph"].rsplit(".", 1)[1]))
-        row.modelled_nbytes = last["bytes_moved"]["value"]
+    for backend in backends:
+        records = [
+            json.loads(p.read_text()) for p in Path(report_dir, backend).glob("inference.*.json")
+        ]
+        if records:  # "inference" is the prefill graph; the decode graph is the last compiled
+            last = max(records, key=lambda r: int(r["graph"].rsplit(".", 1)[1]))
+            row.modelled_nbytes[backend] = last["bytes_moved"]["value"]
+            if precision_of(backend):
+                row.measured_error[backend] = measured_error(last)
     return row
+
+
+def agreement(tokens: torch.Tensor, eager: torch.Tensor, context: int) -> str:
+    """New tokens equal to eager's before the first that differs, of all new tokens."""
+    new, reference = tokens[0, context:], eager[0, context:]
+    differs = (new != reference).nonzero()
+    same = int(differs[0, 0]) if len(differs) else len(reference)
+    return f"{same}/{len(reference)}"
+
+
+def measured_error(record: dict) -> str:
+    """The precision pass's measured error of a graph, as its ledger states it."""
+    for entry in record["ledger"]:
+        for decision in entry["decisions"]:
+            if decision["code"].startswith("precision.") and decision["applied"]:
+                return decision["reason"].split("with every narrowed weight ", 1)[-1]
+    return "no weight narrowed"
 
 
 def long_run_graphs(cache: str, new_tokens: int) -> int:
@@ -284,7 +372,7 @@ def table(rows: list[Row]) -> str:
         if row.error:
             lines.append(head + f"| failed: {row.error} | | | | | | |")
             continue
-        for backend in BACKENDS:
+        for backend in row.backends:
             tps = row.median(row.tokens_per_s, backend)
             ratios = [
                 tps / row.median(row.tokens_per_s, base) if backend != base else None
@@ -301,21 +389,35 @@ def table(rows: list[Row]) -> str:
 
 def traffic_table(rows: list[Row]) -> str:
     lines = table_header(
-        *("model", "cache", "context", "weights MB", "KV read MB", "read GB/s at this size"),
-        *("memopt bytes_moved MB (modelled)", "/ (weights + KV)", "memopt graphs"),
+        *("model", "cache", "context", "backend", "weights MB", "KV read MB"),
+        *("read GB/s at this size", "bytes_moved MB (modelled)", "/ (weights + KV)"),
     )
     for row in rows:
         if row.error:
             continue
-        t = row.traffic
-        modelled = row.modelled_nbytes
-        ratio = f"{modelled / t.nbytes:.2f}x" if modelled else "n/a"
-        shown = f"{modelled / 1e6:.1f}" if modelled else "n/a"
-        lines.append(
-            f"| {row.model} | {row.cache} | {row.context} | {t.weight_nbytes / 1e6:.1f} "
-            f"| {t.kv_read_nbytes / 1e6:.2f} | {row.bandwidth_gbps:.1f} | {shown} | {ratio} "
-            f"| {row.graphs} |"
-        )
+        for backend in (b for b in row.backends if b.startswith("memopt")):
+            t = row.traffic_of(backend)
+            modelled = row.modelled_nbytes.get(backend)
+            ratio = f"{modelled / t.nbytes:.2f}x" if modelled else "n/a"
+            shown = f"{modelled / 1e6:.1f}" if modelled else "n/a"
+            lines.append(
+                f"| {row.model} | {row.cache} | {row.context} | {backend} "
+                f"| {t.weight_nbytes / 1e6:.1f} | {t.kv_read_nbytes / 1e6:.2f} "
+                f"| {row.bandwidth_gbps:.1f} | {shown} | {ratio} |"
+            )
+    return "\n".join(lines)
+
+
+def error_table(rows: list[Row]) -> str:
+    lines = table_header(
+        "model", "cache", "context", "backend", "tokens as eager's", "decode graph's error"
+    )
+    for row in rows:
+        for backend, same in row.agreement.items():
+            lines.append(
+                f"| {row.model} | {row.cache} | {row.context} | {backend} | {same} "
+                f"| {row.measured_error.get(backend, 'n/a')} |"
+            )
     return "\n".join(lines)
 
 
@@ -338,6 +440,18 @@ def report(
             "",
             traffic_table(rows),
             "",
+            *(
+                [
+                    "Narrowed weights (the precision pass): new tokens equal to eager's "
+                    "before the first that differs, and the error the pass measured on the "
+                    "decode graph's example inputs (all narrowed weights together):",
+                    "",
+                    error_table(rows),
+                    "",
+                ]
+                if any(row.agreement for row in rows)
+                else []
+            ),
             f"Graphs memopt compiles over {long_tokens} new tokens (small Llama): {long}.",
         ]
     )
@@ -351,16 +465,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--long-tokens", type=int, default=512)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--precision",
+        nargs="*",
+        default=[],
+        choices=PRECISIONS,
+        help="also run memopt with its precision pass narrowing weights to these formats",
+    )
     parser.add_argument("--write", type=Path, help="write the results into this Markdown file")
     args = parser.parse_args(argv)
     torch._dynamo.config.cache_size_limit = 64  # three backends' graphs on one forward
     load = _load_average()
     rows = []
+    backends = (*BACKENDS, *(f"memopt-{p}" for p in args.precision))
     for name in args.models:
         for context in args.contexts:
             for cache in args.caches:
-                row = run(name, cache, context, args.new_tokens, args.rounds)
-                print(table([row]).splitlines()[-3:] if not row.error else row.error, flush=True)
+                row = run(name, cache, context, args.new_tokens, args.rounds, backends)
+                shown = table([row]).splitlines()[-len(backends) :]
+                print("\n".join(shown) if not row.error else row.error, flush=True)
                 rows.append(row)
     long_graphs = {cache: long_run_graphs(cache, args.long_tokens) for cache in args.caches}
     command = "python bench/decode.py " + " ".join(argv if argv is not None else sys.argv[1:])

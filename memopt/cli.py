@@ -4,7 +4,8 @@
                   [--top N] [--passes a,b] [--disable NAME] [--fuel N] [--check]
                   [--measure [--rounds N] [--no-inductor]]
     memopt diff [TARGET] [--pass NAME | --from OPTIONS --to OPTIONS] [--graph NAME] ...
-    memopt ablate [TARGET] [--device NAME] [--run] [--repeats N] [--out DIR] [--plot PNG] ...
+    memopt ablate [TARGET] [--device NAME] [--run] [--repeats N] [--out DIR] [--plot PNG]
+                  [--precision FORMAT ...] ...
     memopt profile [TARGET] [--rounds N] [--no-inductor] [--top N] [--json PATH] ...
     memopt bisect [TARGET] [--backend NAME] ...
     memopt examples
@@ -165,6 +166,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     ablate.add_argument(
         "--plot", metavar="PNG", help="draw bytes per configuration (needs matplotlib)"
+    )
+    ablate.add_argument(
+        "--precision",
+        nargs="+",
+        default=[],
+        choices=("int8", "int4", "bf16"),
+        metavar="FORMAT",
+        help="add a row of all passes with weights narrowed to each FORMAT (int8, int4, bf16; "
+        "the precision pass: results differ from eager's by the error it reports)",
     )
     _pass_arguments(ablate)
     _backend_argument(ablate)
@@ -389,6 +399,7 @@ def _ablate(args: argparse.Namespace) -> int:
         run=args.measure,
         repeats=args.repeats,
         progress=_progress,
+        precision=args.precision,
         **options,
     )
     ablation.target = target.name

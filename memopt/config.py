@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from memopt.backends.registry import backend_names
 from memopt.compiler.devices import get_device
 from memopt.errors import OptionError, unknown
-from memopt.passes import DEFAULT_PIPELINE, PASSES, Pipeline, Stage, make_pass
+from memopt.passes import DEFAULT_PIPELINE, OPT_IN_PASSES, PASSES, Pipeline, Stage, make_pass
 
 
 @dataclass(frozen=True)
@@ -81,8 +81,15 @@ class Config:
         self.pipeline()  # every pass built with its options, each checked by its type
 
     def pass_names(self) -> tuple[str, ...]:
-        """The passes to run, in order: the pipeline minus the disabled ones."""
+        """The passes to run, in order: the pipeline minus the disabled ones. An opt-in
+        pass (OPT_IN_PASSES) joins the default pipeline, at its place, when its options
+        are given."""
         order = self.passes if self.passes is not None else DEFAULT_PIPELINE
+        if self.passes is None:
+            for name, after in OPT_IN_PASSES.items():
+                if name in self.pass_options and name not in order:
+                    at = order.index(after) + 1 if after in order else 0
+                    order = (*order[:at], name, *order[at:])
         return tuple(name for name in order if name not in self.disable)
 
     def pipeline(self) -> Pipeline:

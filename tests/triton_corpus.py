@@ -98,6 +98,39 @@ def _gpt2_launches(dtype: torch.dtype, training: bool) -> list[tuple[str, Launch
     return found
 
 
+def quantized_launches() -> list[tuple[str, Launch]]:
+    """The precision pass's dequantizing matmul for each weight format, at a decode step
+    (M = 1) and a prefill (M = 256) of a 4096-wide layer."""
+    from memopt.backends.narrow import QuantizedWeight
+    from memopt.backends.triton.quantized import dequant_matmul
+
+    n = k = 4096
+    group = 128
+
+    def meta(*shape, d):
+        return torch.empty(shape, dtype=d, device="meta")
+
+    weights = {
+        "int8": QuantizedWeight("int8", n, k, meta(n, k, d=torch.int8), meta(n, d=torch.float32)),
+        "int4": QuantizedWeight(
+            "int4",
+            n,
+            k,
+            meta(n, k // 2, d=torch.uint8),
+            meta(n, k // group, d=torch.float32),
+            group,
+        ),
+        "bf16": QuantizedWeight("bf16", n, k, meta(n, k, d=torch.bfloat16), None),
+    }
+    found = []
+    for kind, weight in weights.items():
+        for m in (1, 256):
+            with recording_launches() as launches:
+                dequant_matmul(meta(m, k, d=torch.float32), weight, meta(m, n, d=torch.float32))
+            found += [(f"dequant_matmul_{kind}_m{m}", p) for p in launches]
+    return found
+
+
 def _vectorized(name: str, tag: str) -> bool:
     """Whether a launch's contiguous streams get 128-bit accesses: all but the fp32
     attention backward, whose IEEE dots are spill-free only in 16x16 tiles over 16 warps,

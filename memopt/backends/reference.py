@@ -41,6 +41,7 @@ import sympy
 import torch
 from torch.utils._sympy import functions as torch_sympy
 
+from memopt.backends.narrow import QuantizedWeight
 from memopt.backends.registry import Backend, Feature, Sizes, Tensors, register_backend
 from memopt.compiler.kernel_ir import (
     INNER_REDUCE,
@@ -470,6 +471,17 @@ def compile_kernel(kernel: Kernel) -> ReferenceKernel:
     return ReferenceKernel(kernel)
 
 
+def quantized_matmul(
+    x: torch.Tensor,
+    weight: QuantizedWeight,
+    int8_activations: bool = False,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`x @ W^T (+ bias)` as its definition: W dequantized (written out), then `mm`. Float x."""
+    y = x @ weight.dequantize().to(x.device).t()
+    return y if bias is None else y + bias
+
+
 REFERENCE = register_backend(
     Backend(
         name="reference",
@@ -477,5 +489,6 @@ REFERENCE = register_backend(
         features=frozenset(
             {Feature.MATMUL_TEMPLATES, Feature.IN_PLACE_OUTPUTS, Feature.NESTED_REDUCTIONS}
         ),
+        quantized_matmul=quantized_matmul,
     )
 )

@@ -97,6 +97,10 @@ class Backend:
     # Write the kernel's source into the cache without compiling it, for reports.
     source_file: Callable[[Kernel], Path] | None = None
     attention: AttentionKernels | None = None
+    # `x @ W^T` for float32 x (M, K) over a narrow weight (backends/narrow.py), never
+    # writing W out as float32, with int8 activations where the backend has them: the
+    # precision pass's matmuls. None: the pass leaves the graph's weights alone.
+    quantized_matmul: Callable[..., object] | None = None
     # How the backend schedules a matmul template of (M, N, K; 16-bit operands), for decision
     # records.
     describe_template: Callable[[int, int, int, bool], str] | None = None

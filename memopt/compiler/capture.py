@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import re
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -92,6 +93,87 @@ PartitionFn = Callable[..., tuple[torch.fx.GraphModule, torch.fx.GraphModule]]
 STAGE_RECORDS_KEY = "memopt_stage_records"
 # Bytes of the tensors a capture run saved for the backward (counted), on the forward graph.
 COUNTED_SAVED_BYTES_KEY = "memopt_counted_saved_bytes"
+# The real values a forward or inference graph was compiled for (GraphValues), where they
+# are known: what a pass that reads parameters' values (precision) needs.
+GRAPH_VALUES_KEY = "memopt_graph_values"
+
+
+class GraphValues:
+    """The real example inputs of an ATen graph, in placeholder order, and which of them
+    are the model's parameters (placeholder name -> the parameter's name in the model).
+
+    Dynamo hands its backend real tensors (AOTAutograd's compilers see fake ones): the
+    parameters as the model holds them, the other inputs as the first call passes them.
+    Copies of a graph share one GraphValues (deepcopy returns it): the tensors are the
+    model's and the caller's, never copied.
+    """
+
+    def __init__(self, inputs: Sequence[object], parameters: dict[str, str]) -> None:
+        self.inputs = list(inputs)
+        self.parameters = parameters
+
+    def __deepcopy__(self, memo: dict) -> GraphValues:
+        return self
+
+
+def release_values(gm: torch.fx.GraphModule) -> None:
+    """Let go of the real tensors a graph was compiled for (a compiled graph must not keep
+    the caller's activations alive)."""
+    values = gm.meta.pop(GRAPH_VALUES_KEY, None)
+    if values is not None:
+        values.inputs.clear()
+
+
+def _parameter_label(node: torch.fx.Node) -> str:
+    """A parameter's name in the model ("model.layers.0.mlp.up_proj.weight"), read off the
+    Dynamo placeholder's source; the placeholder's name if it has none."""
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    parts = re.findall(r"_(?:modules|parameters|buffers)\['([^']+)'\]", getattr(source, "name", ""))
+    return ".".join(parts) or node.name
+
+
+def _graph_values(
+    dynamo_gm: torch.fx.GraphModule, example_inputs: Sequence[object]
+) -> tuple[list[object], list[str | None]]:
+    """The real inputs AOTAutograd's graphs take, in order (the Dynamo graph's own
+    parameters and buffers first, as AOTAutograd lifts them, then Dynamo's inputs), and
+    each one's parameter name (None: not a parameter)."""
+    lifted = [*dynamo_gm.named_parameters(), *dynamo_gm.named_buffers()]
+    placeholders = [n for n in dynamo_gm.graph.nodes if n.op == "placeholder"]
+    inputs = [value for _, value in lifted] + list(example_inputs)
+    labels: list[str | None] = [
+        name if isinstance(value, torch.nn.Parameter) else None for name, value in lifted
+    ]
+    for index, value in enumerate(example_inputs):
+        node = placeholders[index] if index < len(placeholders) else None
+        is_parameter = isinstance(value, torch.nn.Parameter) and node is not None
+        labels.append(_parameter_label(node) if is_parameter else None)
+    return inputs, labels
+
+
+def _attach_values(
+    gm: torch.fx.GraphModule,
+    example_inputs: Sequence[object],
+    real: tuple[list[object], list[str | None]] | None,
+) -> None:
+    """Put GraphValues on an ATen graph when its inputs are, one for one, the real ones
+    (AOTAutograd drops duplicated arguments: then the values are not attached)."""
+    if real is None:
+        return
+    inputs, labels = real
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(inputs) or len(example_inputs) != len(inputs):
+        return
+    for value, fake in zip(inputs, example_inputs):
+        if isinstance(value, torch.Tensor) != isinstance(fake, torch.Tensor):
+            return
+        if isinstance(value, torch.Tensor) and (value.dtype, value.dim()) != (
+            fake.dtype,
+            fake.dim(),
+        ):
+            return
+    parameters = {p.name: label for p, label in zip(placeholders, labels) if label is not None}
+    gm.meta[GRAPH_VALUES_KEY] = GraphValues(inputs, parameters)
 
 
 @dataclass(frozen=True)
@@ -118,6 +200,8 @@ def aot_backend(compile_graph: GraphCompiler, hooks: CaptureHooks | None = None)
     hooks = hooks or CaptureHooks()
     # Records of a Dynamo graph's rewrites, handed to the first ATen graph compiled from it.
     pending: list[object] = []
+    # The Dynamo graph's real inputs, for the forward or inference graph compiled from it.
+    real: list[tuple[list[object], list[str | None]]] = []
 
     def compiler(kind: str) -> Callable:
         def compile_one(gm: torch.fx.GraphModule, example_inputs: Sequence[object]) -> Callable:
@@ -125,6 +209,8 @@ def aot_backend(compile_graph: GraphCompiler, hooks: CaptureHooks | None = None)
             if pending and kind != "backward":
                 gm.meta[STAGE_RECORDS_KEY] = [*pending, *gm.meta.get(STAGE_RECORDS_KEY, ())]
                 pending.clear()
+            if real and kind != "backward":
+                _attach_values(gm, example_inputs, real.pop())
             return compile_graph(gm, example_inputs, kind)
 
         return compile_one
@@ -141,7 +227,11 @@ def aot_backend(compile_graph: GraphCompiler, hooks: CaptureHooks | None = None)
     def backend(gm: torch.fx.GraphModule, example_inputs: Sequence[object]) -> Callable:
         if hooks.rewrite_dynamo_graph is not None:
             pending[:] = hooks.rewrite_dynamo_graph(gm, _needs_autograd(example_inputs))
-        return aot(gm, example_inputs)
+        real[:] = [_graph_values(gm, example_inputs)]
+        try:
+            return aot(gm, example_inputs)
+        finally:
+            real.clear()  # the caller's tensors are not kept past the compile
 
     return backend
 

@@ -20,7 +20,7 @@ import torch.fx
 
 from memopt.backends.runtime.executor import CompiledGraph, output_layouts
 from memopt.compiler.bound import lower_bound
-from memopt.compiler.capture import aot_backend
+from memopt.compiler.capture import aot_backend, release_values
 from memopt.compiler.cost import graph_cost
 from memopt.compiler.graph import copy_graph, evaluate, shape_bindings
 from memopt.config import Config
@@ -54,6 +54,7 @@ class CompileSession:
         try:
             result = run_pipeline(gm, self.pipeline, name, bindings, fuel=self.fuel)
         except Exception as error:  # noqa: BLE001 - any pipeline bug falls back, visibly
+            release_values(gm)
             warnings.warn(
                 f"memopt: optimizing the {name} graph failed ({type(error).__name__}: {error}); "
                 "running it unoptimized (ATen)",
@@ -71,6 +72,9 @@ class CompileSession:
             )
         if self.config.report_dir:
             self._write_report(name, result, bindings, bound)
+        release_values(gm)
+        if reference is not None and result.reference is not None:
+            reference = result.reference  # a pass changed values by design (precision)
         return CompiledGraph(result.gm, name, eager_layouts, reference=reference)
 
     def _write_report(self, name: str, result, bindings, bound) -> None:

@@ -93,6 +93,20 @@ def mismatch(
     return None
 
 
+def relative_error(
+    expected: Sequence[torch.Tensor | None], actual: Sequence[torch.Tensor | None]
+) -> float:
+    """The largest `max |actual - expected| / max |expected|` over the floating tensors."""
+    worst = 0.0
+    for want, got in zip(expected, actual):
+        if want is None or got is None or not want.is_floating_point() or want.numel() == 0:
+            continue
+        scale = want.abs().max().item()
+        diff = (got.float() - want.float()).abs().max().item()
+        worst = max(worst, diff / scale if scale else (0.0 if diff == 0 else float("inf")))
+    return worst
+
+
 def run_and_check(
     program: Callable,
     fn: object,

@@ -28,8 +28,13 @@ DEFAULT_PIPELINE: tuple[str, ...] = (
     "inplace",
 )
 
+# Passes that change results, run only when asked for: giving one's options puts it in the
+# default pipeline, after the pass named here.
+OPT_IN_PASSES: dict[str, str] = {"precision": "cleanup"}
+
 __all__ = [
     "DEFAULT_PIPELINE",
+    "OPT_IN_PASSES",
     "PASSES",
     "Fuel",
     "Pass",

@@ -140,6 +140,9 @@ class Pass:
     stages: ClassVar[frozenset[Stage]] = frozenset()
     # Decision codes the pass uses (without its name: "vertical" is "fusion.vertical").
     codes: ClassVar[frozenset[str]] = frozenset()
+    # Whether the pass's rewrites change results by design (precision): the pipeline's
+    # check then compares later passes against its result, not against the graph before.
+    changes_values: ClassVar[bool] = False
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> None:
         raise NotImplementedError

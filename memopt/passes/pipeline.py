@@ -47,6 +47,10 @@ class PipelineResult:
     ledger: list[LedgerEntry]
     text_before: str
     text_after: str
+    # A copy of the graph right after the last pass that changes values by design
+    # (Pass.changes_values) changed it: what a check compares the result against. None
+    # when no such pass changed anything (the graph before the passes is the reference).
+    reference: torch.fx.GraphModule | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,7 @@ def run_pipeline(
     printed and its bytes are not measured between passes (the ledger's figures are 0).
     """
     fuel = fuel if fuel is not None else Fuel()
+    changed_values: torch.fx.GraphModule | None = None  # the graph after a pass changed values
     reference = copy_graph(gm) if pipeline.check and check_inputs is not None else None
     expected = _run_reference(reference, check_inputs) if reference is not None else None
     measure = (
@@ -111,6 +116,12 @@ def run_pipeline(
                 fill_metadata(gm, after=pass_.name)
             else:
                 verify_metadata(gm, after=pass_.name, before=before)
+        if changed and pass_.changes_values:
+            # What the program computes from here on: the check's and the executor's
+            # reference (this pass measured and reported its own error).
+            changed_values = copy_graph(gm)
+            if expected is not None:
+                expected = _run_reference(changed_values, check_inputs)
         if expected is not None:
             _compare(gm, check_inputs, expected, after=pass_.name)
         text_after = format_graph(gm, bindings) if changed and not probe else text
@@ -128,7 +139,13 @@ def run_pipeline(
             )
         )
         text, cost = text_after, cost_after
-    return PipelineResult(gm=gm, ledger=ledger, text_before=text_before_all, text_after=text)
+    return PipelineResult(
+        gm=gm,
+        ledger=ledger,
+        text_before=text_before_all,
+        text_after=text,
+        reference=changed_values,
+    )
 
 
 def _entry(

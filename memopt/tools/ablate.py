@@ -1,6 +1,8 @@
 """memopt.ablate: the pipeline with passes switched on and off, one row per configuration.
 
-Configurations: no passes, each pass alone, all passes but each one, and all passes. One
+Configurations: no passes, each pass alone, all passes but each one, and all passes; and,
+when asked, all passes with the precision pass narrowing weights to each format asked
+for (int8, int4, bf16: rows whose results differ from eager's by design). One
 capture and one eager byte count serve every configuration (`analysis.analyze_captured`);
 a pass list that two configurations share (with two passes, "only cleanup" is "all but
 fusion") is run once.
@@ -21,7 +23,13 @@ from pathlib import Path
 from memopt.compiler.eager_count import count_eager_bytes
 from memopt.config import Config
 from memopt.driver.analyze import Captures, analyze_captured, describe_target
-from memopt.driver.measure import compile_program, median_ms, run_and_check, run_step
+from memopt.driver.measure import (
+    compile_program,
+    median_ms,
+    relative_error,
+    run_and_check,
+    run_step,
+)
 from memopt.errors import MemoptError
 from memopt.reports.summary import format_bytes, format_table
 
@@ -42,6 +50,7 @@ CSV_COLUMNS = (
     "compile_ms",
     "run_ms",
     "check",
+    "weights",
 )
 
 
@@ -57,6 +66,9 @@ class AblationRow:
     compile_ms: float  # measured: the pass pipeline over every graph (no capture, no codegen)
     run_ms: float | None = None  # measured: median step time of the compiled program
     check: str | None = None  # "ok", or how the compiled program's output differs from eager
+    # The precision pass's weight format ("int8", ...) in this configuration, else None: its
+    # check is the error against eager (measured), not a pass/fail.
+    weights: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -68,6 +80,7 @@ class AblationRow:
             "compile_ms": round(self.compile_ms, 3),
             "run_ms": None if self.run_ms is None else round(self.run_ms, 4),
             "check": self.check,
+            "weights": self.weights,
         }
 
 
@@ -241,9 +254,13 @@ def ablate(
     run: bool = False,
     repeats: int = 10,
     progress: Callable[[str], None] | None = None,
+    precision: Sequence[str] = (),
     **options: object,
 ) -> Ablation:
     """Run the pipeline on `fn(*example_inputs)` with passes on and off; one row each.
+
+    `precision`: weight formats of the precision pass ("int8", "int4", "bf16"); each adds
+    a row "all passes, <format> weights" (the pass's other options, if given, kept).
 
     The passes ablated are the configured ones (`passes` minus `disable`, default the
     default pipeline); other options (device, fuel, pass_options, backend) apply to every
@@ -253,7 +270,12 @@ def ablate(
     """
     say = progress or (lambda message: None)
     base = Config.from_options(options)
-    configs = configurations(base.pass_names())
+    configs = [(name, passes, options) for name, passes in configurations(base.pass_names())]
+    for kind in precision:
+        narrowed = _with_weights(options, kind)  # an OptionError for a bad format, now
+        configs.append(
+            (f"all passes, {kind} weights", Config.from_options(narrowed).pass_names(), narrowed)
+        )
     say("counting eager bytes and capturing ...")
     eager = count_eager_bytes(fn, tuple(example_inputs), training=training)
     # Passes that act during capture (attention rewrites the traced graph before
@@ -276,14 +298,16 @@ def ablate(
         result.eager_run_ms = median_ms(fn, fn, example_inputs, training, repeats)
 
     done: dict[tuple[str, ...], AblationRow] = {}
-    for index, (name, passes) in enumerate(configs, start=1):
+    for index, (name, passes, row_options) in enumerate(configs, start=1):
         prefix = f"[{index}/{len(configs)}] {name}"
-        if passes in done:
-            result.rows.append(replace(done[passes], config=name))
-            say(f"{prefix}: same passes as {done[passes].config}")
+        weights = _weights(row_options) if "precision" in passes else None
+        key = (*passes, weights or "")
+        if key in done:
+            result.rows.append(replace(done[key], config=name))
+            say(f"{prefix}: same passes as {done[key].config}")
             continue
         say(f"{prefix} ...")
-        config_options = {**options, "passes": list(passes), "disable": []}
+        config_options = {**row_options, "passes": list(passes), "disable": []}
         config = Config.from_options(config_options)
         analysis = analyze_captured(
             captures.for_config(config),
@@ -300,12 +324,13 @@ def ablate(
             kernels=len(analysis.kernels),
             predicted_s=analysis.predict(base.device),
             compile_ms=analysis.pipeline_ms,
+            weights=weights,
         )
         if run:
             row = _measured(
                 row, fn, example_inputs, training, dynamic, config_options, repeats, expected
             )
-        done[passes] = row
+        done[key] = row
         result.rows.append(row)
         timing = f", run {row.run_ms:,.3f} ms, {row.check}" if row.run_ms is not None else ""
         kernels = f"{row.kernels} kernel{'' if row.kernels == 1 else 's'}"
@@ -328,7 +353,22 @@ def _measured(
     if problem is not None and problem.startswith("raised"):
         return replace(row, check=problem)
     check = "ok" if problem is None else f"differs: {problem}"
+    if row.weights is not None:  # differs by design: how much is the figure
+        actual, _ = run_step(program, fn, inputs, training)
+        check = f"error {relative_error(expected, actual):.1e} (by design)"
     return replace(row, run_ms=median_ms(program, fn, inputs, training, repeats), check=check)
+
+
+def _with_weights(options: dict[str, object], kind: str) -> dict[str, object]:
+    """`options` with the precision pass narrowing weights to `kind`."""
+    passes = dict(options.get("pass_options") or {})
+    passes["precision"] = {**passes.get("precision", {}), "weights": kind}
+    return {**options, "pass_options": passes}
+
+
+def _weights(options: dict[str, object]) -> str | None:
+    weights = (options.get("pass_options") or {}).get("precision", {}).get("weights")
+    return None if weights in (None, "none") else weights
 
 
 def _percent(change: int, whole: int) -> str:

@@ -78,6 +78,18 @@ def test_every_rendered_kernel_compiles_without_spills_and_with_vector_loads(dev
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_dequantizing_matmuls_compile_without_spills(device):
+    """The precision pass's Triton kernel, every weight format, decode and prefill shapes."""
+    corpus = triton_corpus.quantized_launches()
+    assert len(corpus) == 6
+    compiled = compile_launches([planned for _, planned in corpus], device, timeout_s=600)
+    for (name, planned), result in zip(corpus, compiled):
+        assert not result.error, f"{name}: {result.error}"
+        assert result.spill_bytes == 0 and result.stack_bytes == 0, (name, result.registers)
+        assert result.has_loop  # the K loop
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_static_traffic_of_streaming_kernels_is_the_modelled_traffic(device):
     # Full blocks, no broadcast operand: each lane loads and stores its own elements once.
     cases = {

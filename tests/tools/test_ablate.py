@@ -247,3 +247,29 @@ def test_cli_errors_are_one_line(args, message, tmp_path, capsys):
     captured = capsys.readouterr()
     errors = [line for line in captured.err.splitlines() if line.startswith("memopt: error: ")]
     assert len(errors) == 1 and message in errors[0], captured.err
+
+
+def test_a_row_per_precision_choice():
+    """Each weight format asked for adds a row of all passes with the precision pass; its
+    bytes are the narrowed weights', and its check is the error against eager (by design
+    not zero), not a pass/fail."""
+    torch.manual_seed(0)
+    model = MLP(64, 128).eval()
+    x = torch.randn(2, 64)
+    with torch.no_grad():  # without the epilogue pass, which takes float32 matmuls only
+        result = memopt.ablate(
+            model, x, run=True, repeats=1, precision=("int8", "bf16"), disable=["epilogue"]
+        )
+    full = result.row("all passes")
+    int8, bf16 = result.row("all passes, int8 weights"), result.row("all passes, bf16 weights")
+    assert (int8.weights, bf16.weights, full.weights) == ("int8", "bf16", None)
+    assert "precision" in int8.passes and "precision" not in full.passes
+    # fp32 weights 64x128 twice (32 KiB each) become int8 with a float32 scale per row
+    w = 64 * 128
+    assert full.bytes_moved - int8.bytes_moved == 2 * (4 * w - w) - 4 * (128 + 64)
+    assert full.bytes_moved - bf16.bytes_moved == 2 * (4 * w - 2 * w)
+    assert full.check == "ok"
+    for row in (int8, bf16):
+        error = float(row.check.split()[1])
+        assert 0 < error < 0.05 and row.check.endswith("(by design)")
+    assert json.loads(json.dumps(result.to_dict()))["rows"][-1]["weights"] == "bf16"

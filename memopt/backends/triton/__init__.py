@@ -4,6 +4,7 @@ from memopt.backends.registry import AttentionKernels, Backend, Feature, registe
 from memopt.backends.triton.attention import MAX_HEAD_DIM
 from memopt.backends.triton.attention_call import AttentionKernel
 from memopt.backends.triton.ops import Unsupported
+from memopt.backends.triton.quantized import matmul as quantized_matmul
 from memopt.backends.triton.render import RenderedKernel
 from memopt.backends.triton.runtime import TritonKernel, compile_kernel, render, source_file
 from memopt.backends.triton.tiles import describe_tiles, matmul_tiles
@@ -24,6 +25,7 @@ TRITON = register_backend(
         source_file=source_file,
         attention=AttentionKernels(max_head_dim=MAX_HEAD_DIM, make_target=AttentionKernel),
         describe_template=_describe_template,
+        quantized_matmul=quantized_matmul,
     )
 )
 

@@ -1,0 +1,558 @@
+"""Matmuls over narrow weights for the CPU: the dequantization fused into the GEMV.
+
+A decode step multiplies one activation row by every weight matrix: each weight element
+is read once and used once, so the step's time is the weight bytes over the bandwidth.
+These kernels read the weights as they are stored (int8, packed int4 or bfloat16),
+widen them to float32 in registers and accumulate in float32; the float32 weight is never
+written anywhere. `y[m, n] = sum_k x[m, k] * W[n, k]`, W (N, K) stored row by row:
+
+- int8: `W[n, k] = q[n, k] * scale[n]` (one scale per output channel);
+- int4: groups of `group` consecutive k per row (the last one shorter when `group` does
+  not divide K; K even), `W[n, k] = (nibble - 8) * scale[n, g]`. A group of L elements is
+  L / 2 bytes: element j in the low nibble of byte j for j < L/2, in the high nibble of
+  byte j - L/2 otherwise. The two halves are two
+  contiguous runs of x, so the inner loop vectorizes without shuffles;
+- bf16: `W[n, k]` the high 16 bits of a float32.
+
+Rows of W are split across the OpenMP threads; each row is read once for all `M` rows of
+x (x stays in L1/L2: decode has M = 1). For larger M the caller dequantizes tiles of rows
+(`*_rows`) into a cache-resident buffer and hands them to the BLAS (runtime/quantized.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from memopt.backends.cpp import build
+from memopt.backends.narrow import QuantizedWeight
+
+# Rows of x at most this many: the fused GEMV (it reads each weight row once and uses it for
+# every row of x, so its work grows with M while the BLAS's blocked GEMM does not).
+GEMV_ROWS = 4
+# int8 activations with int8 weights: elements of x per scale.
+ACTIVATION_BLOCK = 128
+# Weight rows dequantized per BLAS call for larger M: 4 MiB of float32 (measured: 1 MiB
+# tiles cost 1.2-1.8x the float32 GEMM at M = 128, 4 MiB 1.0-1.2x; 16 MiB no better).
+TILE_BYTES = 4 << 20
+
+SOURCE = r"""
+// memopt's dequantizing matmuls (memopt/backends/cpp/quantized.py).
+#include <cstdint>
+#include <cmath>
+#include <cstring>
+#include <vector>
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+#endif
+
+static inline float bf16_to_float(uint16_t h) {
+  uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// Weights stream from memory once a step: a row is 0.5-3 KiB, too short for the hardware
+// prefetchers to run ahead of two threads (measured: 14.7 GB/s from memory for an int8
+// GEMV without, 36 with software prefetches 4 KiB ahead, 38 at 8 KiB; torch.sum 25). Past
+// the last row the hint is dropped: prefetches do not fault.
+static inline void prefetch(const void* p) {
+  __builtin_prefetch(static_cast<const char*>(p) + 4096, 0, 3);
+}
+
+// Dot products of float32 x with one narrow weight row, widened in registers. The
+// compiler does not vectorize the widening well (GCC 12: 4-wide SLP, 6 GB/s a core), so
+// x86 gets intrinsics; other CPUs the plain loops.
+#if defined(__AVX512F__)
+static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+static inline float dot_q8(const float* x, const int8_t* q, int64_t K) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    prefetch(q + k);
+    __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + k))));
+    __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + k + 16))));
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), w0, a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), w1, a1);
+  }
+  float acc = hsum(_mm512_add_ps(a0, a1));
+  for (; k < K; ++k) acc += x[k] * static_cast<float>(q[k]);
+  return acc;
+}
+// One row of x times one int4 row: per group, sum_j x * nibble with the nibbles' offset of 8
+// not taken off (`xsum` holds 8 * each group's sum of x, subtracted once a group), scaled.
+// Vector accumulators run across groups; one horizontal sum a row.
+static inline float row_q4(const float* x, const uint8_t* b, const float* scale,
+                           const float* xsum, int64_t K, int64_t group) {
+  const int64_t groups = (K + group - 1) / group;
+  const __m512i low = _mm512_set1_epi32(15);
+  __m512 total = _mm512_setzero_ps();
+  float tail = 0.0f;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t half = (g + 1 < groups ? group : K - g * group) / 2;
+    const float* lo = x + g * group;
+    const float* hi = lo + half;
+    const uint8_t* bytes = b + g * (group / 2);
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= half; j += 16) {
+      prefetch(bytes + j);
+      __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(bytes + j)));
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(lo + j), _mm512_cvtepi32_ps(_mm512_and_si512(v, low)), a0);
+      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(hi + j), _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), a1);
+    }
+    float rest = -xsum[g];
+    for (; j < half; ++j) {
+      const int32_t v = bytes[j];
+      rest += lo[j] * static_cast<float>(v & 15) + hi[j] * static_cast<float>(v >> 4);
+    }
+    total = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(scale[g]), total);
+    tail += rest * scale[g];
+  }
+  return hsum(total) + tail;
+}
+static inline float dot_bf16(const float* x, const uint16_t* w, int64_t K) {
+  __m512 a0 = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    prefetch(w + k);
+    __m512i v = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(w + k)));
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), a0);
+  }
+  float acc = hsum(a0);
+  for (; k < K; ++k) acc += x[k] * bf16_to_float(w[k]);
+  return acc;
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+static inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+static inline float dot_q8(const float* x, const int8_t* q, int64_t K) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    prefetch(q + k);
+    __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(q + k))));
+    __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(q + k + 8))));
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), w0, a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), w1, a1);
+  }
+  float acc = hsum(_mm256_add_ps(a0, a1));
+  for (; k < K; ++k) acc += x[k] * static_cast<float>(q[k]);
+  return acc;
+}
+static inline float row_q4(const float* x, const uint8_t* b, const float* scale,
+                           const float* xsum, int64_t K, int64_t group) {
+  const int64_t groups = (K + group - 1) / group;
+  const __m256i low = _mm256_set1_epi32(15);
+  __m256 total = _mm256_setzero_ps();
+  float tail = 0.0f;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t half = (g + 1 < groups ? group : K - g * group) / 2;
+    const float* lo = x + g * group;
+    const float* hi = lo + half;
+    const uint8_t* bytes = b + g * (group / 2);
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= half; j += 8) {
+      prefetch(bytes + j);
+      __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(bytes + j)));
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(lo + j), _mm256_cvtepi32_ps(_mm256_and_si256(v, low)), a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(hi + j), _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), a1);
+    }
+    float rest = -xsum[g];
+    for (; j < half; ++j) {
+      const int32_t v = bytes[j];
+      rest += lo[j] * static_cast<float>(v & 15) + hi[j] * static_cast<float>(v >> 4);
+    }
+    total = _mm256_fmadd_ps(_mm256_add_ps(a0, a1), _mm256_set1_ps(scale[g]), total);
+    tail += rest * scale[g];
+  }
+  return hsum(total) + tail;
+}
+static inline float dot_bf16(const float* x, const uint16_t* w, int64_t K) {
+  __m256 a0 = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    prefetch(w + k);
+    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(w + k)));
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), a0);
+  }
+  float acc = hsum(a0);
+  for (; k < K; ++k) acc += x[k] * bf16_to_float(w[k]);
+  return acc;
+}
+#else
+static inline float dot_q8(const float* x, const int8_t* q, int64_t K) {
+  float acc = 0.0f;
+  for (int64_t k = 0; k < K; ++k) acc += x[k] * static_cast<float>(q[k]);
+  return acc;
+}
+static inline float row_q4(const float* x, const uint8_t* b, const float* scale,
+                           const float* xsum, int64_t K, int64_t group) {
+  const int64_t groups = (K + group - 1) / group;
+  float total = 0.0f;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t half = (g + 1 < groups ? group : K - g * group) / 2;
+    const float* lo = x + g * group;
+    const float* hi = lo + half;
+    float acc = -xsum[g];
+    for (int64_t j = 0; j < half; ++j) {
+      const int32_t v = b[g * (group / 2) + j];
+      acc += lo[j] * static_cast<float>(v & 15) + hi[j] * static_cast<float>(v >> 4);
+    }
+    total += acc * scale[g];
+  }
+  return total;
+}
+static inline float dot_bf16(const float* x, const uint16_t* w, int64_t K) {
+  float acc = 0.0f;
+  for (int64_t k = 0; k < K; ++k) acc += x[k] * bf16_to_float(w[k]);
+  return acc;
+}
+#endif
+
+extern "C" void memopt_q8_matmul(const float* x, const int8_t* q, const float* scale,
+                                 const float* bias, float* y, int64_t M, int64_t N, int64_t K) {
+  #pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t m = 0; m < M; ++m) y[m * N + n] = dot_q8(x + m * K, q + n * K, K) * scale[n] + (bias ? bias[n] : 0.0f);
+}
+
+extern "C" void memopt_q4_matmul(const float* x, const uint8_t* packed, const float* scale,
+                                 const float* bias, float* y, int64_t M, int64_t N, int64_t K,
+                                 int64_t group) {
+  const int64_t groups = (K + group - 1) / group;  // the last one shorter if group does not divide K
+  std::vector<float> xsum(M * groups);  // 8 * each group's sum of x: the nibbles' offset
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < groups; ++g) {
+      float s = 0.0f;
+      for (int64_t k = g * group; k < K && k < (g + 1) * group; ++k) s += x[m * K + k];
+      xsum[m * groups + g] = 8.0f * s;
+    }
+  #pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t m = 0; m < M; ++m)
+      y[m * N + n] = row_q4(x + m * K, packed + n * (K / 2), scale + n * groups,
+                            xsum.data() + m * groups, K, group) + (bias ? bias[n] : 0.0f);
+}
+
+extern "C" void memopt_bf16_matmul(const float* x, const uint16_t* w, const float* bias,
+                                   float* y, int64_t M,
+                                   int64_t N, int64_t K) {
+  #pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t m = 0; m < M; ++m) y[m * N + n] = dot_bf16(x + m * K, w + n * K, K) + (bias ? bias[n] : 0.0f);
+}
+
+// --- int8 activations: x quantized a block at a time, integer dot products -------------
+//
+// x (M, K) becomes int8 values `xq` with one float scale per block of B elements of a row
+// (`sx = max|block| / 127`, round to nearest even) and each block's sum of values. With
+// VNNI (`vpdpbusd`: 64 unsigned x signed byte products a instruction, summed in int32) the
+// product needs one unsigned operand: int4's nibbles are (q + 8), unsigned already; int8
+// weights are made unsigned by flipping their sign bit (q + 128), and 128 * sum(xq) is taken
+// off again. Without VNNI the same integers are multiplied in plain loops.
+
+static void quantize_x(const float* x, int64_t M, int64_t K, int64_t B, int8_t* xq,
+                       float* sx, int32_t* xsum) {
+  const int64_t blocks = (K + B - 1) / B;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t start = b * B, end = start + B < K ? start + B : K;
+      float amax = 0.0f;
+      for (int64_t k = start; k < end; ++k) amax = std::fmax(amax, std::fabs(x[m * K + k]));
+      const float s = amax > 0.0f ? amax / 127.0f : 1.0f;
+      int32_t sum = 0;
+      for (int64_t k = start; k < end; ++k) {
+        const int32_t v = static_cast<int32_t>(std::nearbyint(x[m * K + k] / s));
+        xq[m * K + k] = static_cast<int8_t>(v);
+        sum += v;
+      }
+      sx[m * blocks + b] = s;
+      xsum[m * blocks + b] = sum;
+    }
+}
+
+// x as the int8 path sees it, back in float32 (xq * sx): the tiled path for many rows
+// multiplies this, so every M gets the same numbers.
+extern "C" void memopt_quantize_x(const float* x, float* out, int64_t M, int64_t K, int64_t B) {
+  const int64_t blocks = (K + B - 1) / B;
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> sx(M * blocks);
+  std::vector<int32_t> xsum(M * blocks);
+  quantize_x(x, M, K, B, xq.data(), sx.data(), xsum.data());
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) out[m * K + k] = xq[m * K + k] * sx[m * blocks + k / B];
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+static inline float row_q8_a8(const int8_t* xq, const float* sx, const int32_t* xsum,
+                              const int8_t* q, int64_t K, int64_t B) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  __m512 total = _mm512_setzero_ps();
+  float tail = 0.0f;
+  for (int64_t b = 0, start = 0; start < K; ++b, start += B) {
+    const int64_t len = start + B < K ? B : K - start;
+    __m512i acc = _mm512_setzero_si512();
+    int64_t j = 0;
+    int32_t covered = 0;  // sum of xq over the vector part: the sign flip's 128 * it
+    for (; j + 64 <= len; j += 64) {
+      prefetch(q + start + j);
+      const __m512i w = _mm512_xor_si512(_mm512_loadu_si512(q + start + j), flip);
+      acc = _mm512_dpbusd_epi32(acc, w, _mm512_loadu_si512(xq + start + j));
+    }
+    int32_t rest = 0;
+    for (int64_t k = j; k < len; ++k) {
+      rest += static_cast<int32_t>(xq[start + k]) * q[start + k];
+      covered -= xq[start + k];
+    }
+    covered += xsum[b];
+    total = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(sx[b]), total);
+    tail += sx[b] * static_cast<float>(rest - 128 * covered);
+  }
+  return hsum(total) + tail;
+}
+static inline float row_q4_a8(const int8_t* xq, const float* sx, const int32_t* xsum,
+                              const uint8_t* b, const float* scale, int64_t K, int64_t group) {
+  const __m512i low = _mm512_set1_epi8(15);
+  __m512 total = _mm512_setzero_ps();
+  float tail = 0.0f;
+  for (int64_t g = 0, start = 0; start < K; ++g, start += group) {
+    const int64_t half = (start + group < K ? group : K - start) / 2;
+    const uint8_t* bytes = b + g * (group / 2);
+    __m512i acc = _mm512_setzero_si512();
+    int64_t j = 0;
+    for (; j + 64 <= half; j += 64) {
+      prefetch(bytes + j);
+      const __m512i v = _mm512_loadu_si512(bytes + j);
+      const __m512i lo = _mm512_and_si512(v, low);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      acc = _mm512_dpbusd_epi32(acc, lo, _mm512_loadu_si512(xq + start + j));
+      acc = _mm512_dpbusd_epi32(acc, hi, _mm512_loadu_si512(xq + start + half + j));
+    }
+    int32_t rest = 0;
+    for (; j < half; ++j) {
+      const int32_t v = bytes[j];
+      rest += (v & 15) * xq[start + j] + (v >> 4) * xq[start + half + j];
+    }
+    const float f = scale[g] * sx[g];
+    total = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_set1_ps(f), total);
+    tail += f * static_cast<float>(rest - 8 * xsum[g]);
+  }
+  return hsum(total) + tail;
+}
+#else
+static inline float row_q8_a8(const int8_t* xq, const float* sx, const int32_t* xsum,
+                              const int8_t* q, int64_t K, int64_t B) {
+  (void)xsum;
+  float total = 0.0f;
+  for (int64_t b = 0, start = 0; start < K; ++b, start += B) {
+    const int64_t end = start + B < K ? start + B : K;
+    int32_t acc = 0;
+    for (int64_t k = start; k < end; ++k) acc += static_cast<int32_t>(xq[k]) * q[k];
+    total += sx[b] * static_cast<float>(acc);
+  }
+  return total;
+}
+static inline float row_q4_a8(const int8_t* xq, const float* sx, const int32_t* xsum,
+                              const uint8_t* b, const float* scale, int64_t K, int64_t group) {
+  float total = 0.0f;
+  for (int64_t g = 0, start = 0; start < K; ++g, start += group) {
+    const int64_t half = (start + group < K ? group : K - start) / 2;
+    const uint8_t* bytes = b + g * (group / 2);
+    int32_t acc = -8 * xsum[g];
+    for (int64_t j = 0; j < half; ++j) {
+      const int32_t v = bytes[j];
+      acc += (v & 15) * xq[start + j] + (v >> 4) * xq[start + half + j];
+    }
+    total += scale[g] * sx[g] * static_cast<float>(acc);
+  }
+  return total;
+}
+#endif
+
+extern "C" void memopt_q8_matmul_a8(const float* x, const int8_t* q, const float* scale,
+                                    const float* bias, float* y, int64_t M, int64_t N, int64_t K,
+                                    int64_t B) {
+  const int64_t blocks = (K + B - 1) / B;
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> sx(M * blocks);
+  std::vector<int32_t> xsum(M * blocks);
+  quantize_x(x, M, K, B, xq.data(), sx.data(), xsum.data());
+  #pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t m = 0; m < M; ++m)
+      y[m * N + n] = scale[n] * row_q8_a8(xq.data() + m * K, sx.data() + m * blocks,
+                                          xsum.data() + m * blocks, q + n * K, K, B) +
+                     (bias ? bias[n] : 0.0f);
+}
+
+extern "C" void memopt_q4_matmul_a8(const float* x, const uint8_t* packed, const float* scale,
+                                    const float* bias, float* y, int64_t M, int64_t N, int64_t K,
+                                    int64_t group) {
+  const int64_t groups = (K + group - 1) / group;
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> sx(M * groups);
+  std::vector<int32_t> xsum(M * groups);
+  quantize_x(x, M, K, group, xq.data(), sx.data(), xsum.data());
+  #pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t m = 0; m < M; ++m)
+      y[m * N + n] = row_q4_a8(xq.data() + m * K, sx.data() + m * groups,
+                               xsum.data() + m * groups, packed + n * (K / 2),
+                               scale + n * groups, K, group) +
+                     (bias ? bias[n] : 0.0f);
+}
+
+// Rows [n0, n0 + rows) of W as float32, row-major, into out (rows x K).
+extern "C" void memopt_q8_rows(const int8_t* q, const float* scale, float* out, int64_t n0,
+                               int64_t rows, int64_t K) {
+  #pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const int8_t* src = q + (n0 + r) * K;
+    const float s = scale[n0 + r];
+    #pragma omp simd
+    for (int64_t k = 0; k < K; ++k) out[r * K + k] = static_cast<float>(src[k]) * s;
+  }
+}
+
+extern "C" void memopt_q4_rows(const uint8_t* packed, const float* scale, float* out,
+                               int64_t n0, int64_t rows, int64_t K, int64_t group) {
+  const int64_t groups = (K + group - 1) / group;
+  #pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* src = packed + (n0 + r) * (K / 2);
+    const float* row_scale = scale + (n0 + r) * groups;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t half = (g + 1 < groups ? group : K - g * group) / 2;
+      const uint8_t* bytes = src + g * (group / 2);
+      const float s = row_scale[g];
+      float* dst = out + r * K + g * group;
+      #pragma omp simd
+      for (int64_t j = 0; j < half; ++j) {
+        const int32_t b = bytes[j];
+        dst[j] = static_cast<float>((b & 15) - 8) * s;
+        dst[half + j] = static_cast<float>((b >> 4) - 8) * s;
+      }
+    }
+  }
+}
+
+extern "C" void memopt_bf16_rows(const uint16_t* w, float* out, int64_t n0, int64_t rows,
+                                 int64_t K) {
+  #pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* src = w + (n0 + r) * K;
+    #pragma omp simd
+    for (int64_t k = 0; k < K; ++k) out[r * K + k] = bf16_to_float(src[k]);
+  }
+}
+"""
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+# entry point -> argument types (pointers first, then sizes)
+SIGNATURES = {
+    "memopt_q8_matmul": (_P, _P, _P, _P, _P, _I, _I, _I),
+    "memopt_q4_matmul": (_P, _P, _P, _P, _P, _I, _I, _I, _I),
+    "memopt_bf16_matmul": (_P, _P, _P, _P, _I, _I, _I),
+    "memopt_q8_rows": (_P, _P, _P, _I, _I, _I),
+    "memopt_q4_rows": (_P, _P, _P, _I, _I, _I, _I),
+    "memopt_bf16_rows": (_P, _P, _I, _I, _I),
+    "memopt_q8_matmul_a8": (_P, _P, _P, _P, _P, _I, _I, _I, _I),
+    "memopt_q4_matmul_a8": (_P, _P, _P, _P, _P, _I, _I, _I, _I),
+    "memopt_quantize_x": (_P, _P, _I, _I, _I),
+}
+
+
+@functools.cache
+def functions() -> dict[str, ctypes._CFuncPtr]:
+    """The kernels by name, built on first use (CompilerNotFound / CompileError if not)."""
+    library, _ = build.library(SOURCE)
+    found = {}
+    for name, argtypes in SIGNATURES.items():
+        function = getattr(library, name)
+        function.argtypes = argtypes
+        function.restype = None
+        found[name] = function
+    return found
+
+
+def matmul(
+    x: torch.Tensor,
+    weight: QuantizedWeight,
+    int8_activations: bool = False,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`x @ W^T (+ bias)` for float32 x (M, K) on the CPU, W never written out as float32.
+
+    int8_activations (int8 and int4 weights): x is quantized too, a block at a time (int4:
+    the weight's groups; int8: `ACTIVATION_BLOCK` elements), and the dot products are
+    integer. Many rows multiply the same quantized x in float32. A bias (N,) float32 is
+    added as each output is stored.
+    """
+    x = x.contiguous()
+    m, n, k = x.shape[0], weight.rows, weight.cols
+    out = torch.empty((m, n), dtype=torch.float32)
+    kernels = functions()
+    integer = int8_activations and weight.kind in ("int8", "int4")
+    block = weight.group if weight.kind == "int4" else ACTIVATION_BLOCK
+    bias = bias.contiguous() if bias is not None else None
+    if m <= GEMV_ROWS:
+        scale = () if weight.kind == "bf16" else (weight.scale.data_ptr(),)
+        head = (x.data_ptr(), weight.data.data_ptr(), *scale, bias_pointer(bias), out.data_ptr())
+        if integer:
+            kernels[f"memopt_q{weight.kind[3]}_matmul_a8"](*head, m, n, k, block)
+        elif weight.kind == "int4":
+            kernels["memopt_q4_matmul"](*head, m, n, k, weight.group)
+        else:
+            kernels[f"memopt_{'q8' if weight.kind == 'int8' else 'bf16'}_matmul"](*head, m, n, k)
+        return out
+    if integer:
+        quantized_x = torch.empty_like(x)
+        kernels["memopt_quantize_x"](x.data_ptr(), quantized_x.data_ptr(), m, k, block)
+        x = quantized_x
+    tile_rows = max(16, TILE_BYTES // (4 * k))
+    tile = torch.empty((min(tile_rows, n), k), dtype=torch.float32)
+    for n0 in range(0, n, tile_rows):
+        rows = min(tile_rows, n - n0)
+        _dequantize_rows(kernels, weight, tile, n0, rows)
+        columns = out[:, n0 : n0 + rows]
+        if bias is None:
+            torch.mm(x, tile[:rows].t(), out=columns)
+        else:
+            torch.addmm(bias[n0 : n0 + rows], x, tile[:rows].t(), out=columns)
+    return out
+
+
+def bias_pointer(bias: torch.Tensor | None) -> int | None:
+    """A bias's address, or None (a null pointer: no bias) for the kernels."""
+    return None if bias is None else bias.data_ptr()
+
+
+def _dequantize_rows(
+    kernels, weight: QuantizedWeight, tile: torch.Tensor, n0: int, rows: int
+) -> None:
+    if weight.kind == "int8":
+        kernels["memopt_q8_rows"](
+            weight.data.data_ptr(), weight.scale.data_ptr(), tile.data_ptr(), n0, rows, weight.cols
+        )
+    elif weight.kind == "int4":
+        kernels["memopt_q4_rows"](
+            weight.data.data_ptr(),
+            weight.scale.data_ptr(),
+            tile.data_ptr(),
+            n0,
+            rows,
+            weight.cols,
+            weight.group,
+        )
+    else:
+        kernels["memopt_bf16_rows"](weight.data.data_ptr(), tile.data_ptr(), n0, rows, weight.cols)

@@ -1,0 +1,110 @@
+"""Weights stored narrow: the formats, as the precision pass stores them and kernels read them.
+
+`quantize` turns a float weight matrix W (N, K), one row per output channel, into a
+`QuantizedWeight`:
+
+- "int8": symmetric, one scale per row: `q = round(W / s)`, `s = max|W[n]| / 127`, so
+  `|W - dequantize(q)| <= s / 2` element by element;
+- "int4": symmetric, one scale per group of `group` consecutive elements of a row (the
+  last group shorter when `group` does not divide the row), `s = max|group| / 7`, values in
+  [-7, 7] stored as nibbles `q + 8`, two to a byte: a group of L elements is L / 2 bytes,
+  element j in the low nibble of byte j for j < L/2, in the high nibble of byte j - L/2
+  otherwise (two contiguous runs of x meet the two nibbles: no shuffles in a kernel);
+  error at most `s / 2`;
+- "bf16": the weight rounded to bfloat16 (error at most 2^-9 relative).
+
+Each backend multiplies by them with its own kernel (`Backend.quantized_matmul`: the C++
+GEMV, the Triton tile loop, the reference's dequantize-then-mm), which reads these bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+KINDS = ("int8", "int4", "bf16")
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """W (N, K) stored narrow: `data` and `scale` as the kernels read them (module doc)."""
+
+    kind: str
+    rows: int
+    cols: int
+    data: torch.Tensor
+    scale: torch.Tensor | None
+    group: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + (self.scale.nbytes if self.scale is not None else 0)
+
+    @property
+    def row_nbytes(self) -> int:
+        return self.nbytes // self.rows
+
+    def dequantize(self) -> torch.Tensor:
+        """W as float32 (N, K): the reference the kernels are tested against."""
+        if self.kind == "bf16":
+            return self.data.float()
+        if self.kind == "int8":
+            return self.data.float() * self.scale[:, None]
+        return unpack_int4(self.data, self.group) * _per_element(self.scale, self.cols, self.group)
+
+    def gather_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Rows `index` of W as float32, shaped `index.shape + (K,)`: an embedding lookup."""
+        flat = index.reshape(-1)
+        if self.kind == "bf16":
+            rows = self.data[flat].float()
+        elif self.kind == "int8":
+            rows = self.data[flat].float() * self.scale[flat][:, None]
+        else:
+            scale = _per_element(self.scale[flat], self.cols, self.group)
+            rows = unpack_int4(self.data[flat], self.group) * scale
+        return rows.view(*index.shape, self.cols)
+
+
+def quantize(weight: torch.Tensor, kind: str, group: int = 128) -> QuantizedWeight:
+    """`weight` (N, K), float, as `kind` (module doc). ValueError for a shape `kind` cannot
+    store: int4 needs an even K and an even `group` (the last group is shorter when `group`
+    does not divide K)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown weight format {kind!r}; formats: {', '.join(KINDS)}")
+    w = weight.detach().float().contiguous()
+    rows, cols = w.shape
+    if kind == "bf16":
+        return QuantizedWeight(kind, rows, cols, w.to(torch.bfloat16), None)
+    if kind == "int8":
+        scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        return QuantizedWeight(kind, rows, cols, q, scale.contiguous())
+    if group % 2 or cols % 2:
+        raise ValueError(f"int4 needs an even group and an even row length, got {group} and {cols}")
+    q_parts, scale_parts = [], []
+    for start in range(0, cols, group):
+        part = w[:, start : start + group]
+        scale = part.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / 7
+        q = (torch.round(part / scale).clamp(-7, 7) + 8).to(torch.uint8)
+        half = part.shape[1] // 2
+        q_parts.append(q[:, :half] | (q[:, half:] << 4))
+        scale_parts.append(scale)
+    packed = torch.cat(q_parts, dim=1).contiguous()
+    return QuantizedWeight(
+        kind, rows, cols, packed, torch.cat(scale_parts, dim=1).contiguous(), group
+    )
+
+
+def unpack_int4(packed: torch.Tensor, group: int) -> torch.Tensor:
+    """Packed int4 rows (R, K/2) as float values in [-8, 7], (R, K)."""
+    parts = []
+    for start in range(0, packed.shape[1], group // 2):
+        b = packed[:, start : start + group // 2].to(torch.int32)
+        parts += [(b & 15) - 8, (b >> 4) - 8]
+    return torch.cat(parts, dim=1).float()
+
+
+def _per_element(scale: torch.Tensor, cols: int, group: int) -> torch.Tensor:
+    """Group scales (R, groups) repeated over their groups' elements: (R, cols)."""
+    return scale.repeat_interleave(group, dim=1)[:, :cols]

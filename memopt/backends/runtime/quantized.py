@@ -1,0 +1,134 @@
+"""The precision pass's call targets: matmuls and embedding lookups over narrow weights.
+
+`QuantizedMatmul` (`x @ W^T` for an `mm` whose weight operand is a parameter) and
+`QuantizedEmbedding` (rows of a table gathered by index) read a `QuantizedParameter`: the
+narrow copy of one parameter (backends/narrow.py has the formats), shared by every node
+that reads it. They take the original parameter as an argument but do not read it: they
+check that it is the tensor they quantized, unchanged (its identity and version counter),
+and quantize it again if not, so a changed weight is never served stale. Fake tensors
+(shape propagation) get a result of the right shape; `exact = True` computes with the
+original weight (the precision pass measures each weight's share of the error that way).
+
+The matmul runs the dequantizing kernel of the backend the pass chose for the graph's
+device (`Backend.quantized_matmul`): on the CPU the C++ GEMV (backends/cpp/quantized.py),
+on GPUs (and under Triton's interpreter) the Triton tile loop (backends/triton/quantized.py).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.fx
+from torch._subclasses.fake_tensor import FakeTensor
+
+from memopt.backends.narrow import QuantizedWeight, quantize
+from memopt.backends.registry import Backend
+from memopt.compiler.cost import Cost, read_bytes
+from memopt.compiler.graph import numel, tensor_meta
+
+
+class QuantizedParameter:
+    """One parameter's narrow copy, shared by every node that reads the parameter (a tied
+    embedding and output layer), quantized again if the parameter changes."""
+
+    def __init__(
+        self,
+        parameter: torch.Tensor,
+        kind: str,
+        group: int,
+        transposed: bool,
+        label: str,
+        int8_activations: bool = False,
+    ) -> None:
+        self.kind, self.group, self.label = kind, group, label
+        self.int8_activations = int8_activations  # how matmuls multiply it (`matmul`)
+        # The parameter is (K, N) as mm takes it when `transposed`; W is (N, K) either way.
+        self.transposed = transposed
+        self._quantize(parameter)
+
+    def _quantize(self, parameter: torch.Tensor) -> None:
+        matrix = parameter.t() if self.transposed else parameter
+        self.weight = quantize(matrix, self.kind, self.group)
+        self._source = weakref.ref(parameter)
+        self._version = parameter._version
+
+    def current(self, parameter: torch.Tensor) -> QuantizedWeight:
+        """The narrow weight of `parameter` as it is now."""
+        if parameter is not self._source() or parameter._version != self._version:
+            self._quantize(parameter)
+        return self.weight
+
+
+def _fake(value: torch.Tensor) -> bool:
+    return isinstance(value, FakeTensor) or value.device.type == "meta"
+
+
+class QuantizedMatmul:
+    """Callable target: `qmm(x, w[, bias])` = `mm(x, w.t()) (+ bias)` (or `mm(x, w)` for a
+    (K, N) parameter), x (M, K) float32, with w read as its narrow copy; the bias (N,), when
+    the pass folded the add after the mm in, added as the kernel stores each output."""
+
+    memopt_kind = "extern"
+
+    def __init__(self, parameter: QuantizedParameter, backend: Backend) -> None:
+        self.parameter = parameter
+        self.backend = backend
+        self.exact = False
+        self.__name__ = f"{parameter.kind}_matmul"
+        self.memopt_name = f"memopt.{parameter.kind}_matmul"
+        self.memopt_ops = (self.memopt_name,)
+
+    def __repr__(self) -> str:
+        return f"QuantizedMatmul({self.parameter.kind}, {self.parameter.label})"
+
+    def memopt_cost(self, node: torch.fx.Node) -> Cost:
+        """x (and the bias) read once, the narrow weight once, the output written once."""
+        x, out = node.args[0], tensor_meta(node)
+        m = tensor_meta(x).shape[0]
+        weight = self.parameter.weight
+        return Cost(
+            read=read_bytes(node, [x, *node.args[2:]]) + weight.nbytes,
+            write=out.nbytes,
+            flops=2 * m * weight.rows * weight.cols,
+        )
+
+    def __call__(
+        self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if _fake(x) or self.exact:
+            y = torch.mm(x, w if self.parameter.transposed else w.t())
+            return y if bias is None else y + bias
+        weight = self.parameter.current(w)
+        return self.backend.quantized_matmul(x, weight, self.parameter.int8_activations, bias)
+
+
+class QuantizedEmbedding:
+    """Callable target: `qembedding(w, index)` = `w[index]`, read from w's narrow copy."""
+
+    memopt_kind = "extern"
+
+    def __init__(self, parameter: QuantizedParameter) -> None:
+        self.parameter = parameter
+        self.exact = False
+        self.__name__ = f"{parameter.kind}_embedding"
+        self.memopt_name = f"memopt.{parameter.kind}_embedding"
+        self.memopt_ops = (self.memopt_name,)
+
+    def __repr__(self) -> str:
+        return f"QuantizedEmbedding({self.parameter.kind}, {self.parameter.label})"
+
+    def memopt_cost(self, node: torch.fx.Node) -> Cost:
+        """The index read, one narrow row per index, the output written once."""
+        index, out = node.args[1], tensor_meta(node)
+        count = numel(tensor_meta(index).shape)
+        return Cost(
+            read=read_bytes(node, [index]) + count * self.parameter.weight.row_nbytes,
+            write=out.nbytes,
+            flops=out.numel,
+        )
+
+    def __call__(self, w: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        if _fake(w) or _fake(index) or self.exact:
+            return w[index]
+        return self.parameter.current(w).gather_rows(index)

@@ -1,0 +1,417 @@
+"""precision: weights read narrow (int8, int4, bfloat16), with the error that costs. Opt-in.
+
+A decode step reads every weight once; storing a weight in fewer bytes is the largest cut
+left after fusion. This pass changes results, so it never runs unless asked for: giving
+its options (`pass_options={"precision": {"weights": "int8"}}`) puts it in the pipeline,
+right after cleanup.
+
+What it rewrites, in inference graphs whose weights' values are known at compile time
+(capture.GraphValues: Dynamo hands the backend the model's parameters), on a backend with
+a dequantizing matmul (`Backend.quantized_matmul`: the C++ GEMV on the CPU, the Triton
+tile loop on GPUs):
+
+- `mm(x, w.t())` and `mm(x, w)` (a linear layer; GPT-2's (in, out) Conv1D weight), w a
+  float32 parameter and x float32, become `QuantizedMatmul(x, w)` (`weight` decisions);
+  a bias added to the product alone (an (N,) input) is added by the kernel as it stores;
+- `w[index]` (an embedding lookup as capture decomposes it) becomes
+  `QuantizedEmbedding(w, index)` (`embedding` decisions).
+
+Each parameter is quantized once, here (backends/runtime/quantized.py has the formats and
+the kernels, which widen weights in registers and never write the float32 weight out).
+A parameter read by several nodes (a tied embedding and output layer) has one narrow copy.
+
+The error is measured, not assumed: the graph runs on its example inputs as compiled and
+with every chosen weight narrowed, and once with each weight alone narrowed (its share).
+The error of a run is the largest `max |out - ref| / max |ref|` over the graph's floating
+outputs (relative to each output's scale, so logits and hidden states compare alike);
+for an output whose last dimension is an embedding table's row count (a language model's
+logits) the mean KL divergence of the next-token distributions is reported too. With a
+`max_error` budget, weights are given back to float32, the largest share first, until
+the error is within it (`over_budget`, each with its share).
+
+Refused, visibly: graphs that train (`training`: a narrow copy would not get the
+parameter's gradient), inputs whose values are not known at compile time (`no_values`:
+the weights cannot be quantized, nor the error measured), backends without a dequantizing
+matmul, weights that are not float32, or rows int4 cannot pack (odd lengths; `unsupported`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+import torch.fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from memopt.backends.registry import Backend
+from memopt.backends.runtime.quantized import (
+    QuantizedEmbedding,
+    QuantizedMatmul,
+    QuantizedParameter,
+)
+from memopt.compiler.capture import GRAPH_VALUES_KEY, GraphValues
+from memopt.compiler.graph import copy_graph, evaluate, graph_device, tensor_meta
+from memopt.passes.base import Pass, PassContext
+from memopt.passes.registry import register_pass
+
+aten = torch.ops.aten
+_TRANSPOSES = (aten.permute.default, aten.t.default)
+
+
+@dataclass
+class _Use:
+    """One node reading a candidate parameter: an mm or an embedding lookup."""
+
+    node: torch.fx.Node
+    embedding: bool
+    transposed: bool  # the parameter is (K, N) as mm takes it (no transpose in between)
+    original: tuple[object, tuple, dict]  # target, args, kwargs before the rewrite
+
+
+@dataclass
+class _Candidate:
+    placeholder: torch.fx.Node
+    label: str
+    uses: list[_Use] = field(default_factory=list)
+    quantized: QuantizedParameter | None = None
+    share: float = 0.0  # the output error with this weight alone narrowed
+
+    @property
+    def fp32_nbytes(self) -> int:
+        return int(tensor_meta(self.placeholder).nbytes)
+
+
+@dataclass(frozen=True)
+class Error:
+    """How far outputs moved: the largest max |diff| / max |ref| and max |diff| over the
+    floating outputs, and the logits' mean next-token KL divergence (nats) if any."""
+
+    relative: float
+    absolute: float
+    kl: float | None
+
+    def __str__(self) -> str:
+        kl = "" if self.kl is None else f", next-token KL {self.kl:.2e} nats"
+        return f"max |error| {self.absolute:.2e} ({self.relative:.2e} of the output's scale){kl}"
+
+
+@register_pass(
+    "precision",
+    codes=("weight", "embedding", "over_budget", "training", "no_values", "unsupported"),
+)
+@dataclass(frozen=True)
+class Precision(Pass):
+    """Weights stored and read narrow (module doc). Off unless its options are given."""
+
+    # The storage of every weight the pass narrows; "none" leaves weights as they are.
+    weights: Literal["none", "int8", "int4", "bf16"] = "none"
+    # int4: elements per scale along a row (an even divisor of the row's length).
+    group_size: int = field(default=128, metadata={"min": 2})
+    # How the CPU kernels multiply int8 and int4 weights: "float32" widens the weights and
+    # reads x as it is; "int8" also quantizes x, a block at a time, and multiplies in
+    # integers (VNNI where the CPU has it): faster, and a second source of error.
+    activations: Literal["float32", "int8"] = "float32"
+    # The largest output error allowed, relative to each output's scale (module doc); None:
+    # no budget (the error is still measured and reported).
+    max_error: float | None = field(default=None, metadata={"min": 0})
+
+    # The pass changes values: the pipeline's check compares later passes against its result.
+    changes_values: ClassVar[bool] = True
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> None:
+        if self.weights == "none":
+            return
+        values = gm.meta.get(GRAPH_VALUES_KEY)
+        candidates = _candidates(gm, values)
+        if not candidates:
+            return
+        if not ctx.graph_name.startswith("inference"):
+            for c in candidates:
+                ctx.refuse(
+                    "training",
+                    f"{self.weights} {c.label}",
+                    "the graph trains this weight: a narrow copy would not get its gradient",
+                    c.fp32_nbytes,
+                    (c.placeholder.name,),
+                )
+            return
+        backend = ctx.kernel_backend(graph_device(gm))
+        if values is None or backend.quantized_matmul is None:
+            reason = (
+                "the weights' values are not known at compile time (no real example inputs)"
+                if values is None
+                else f"backend {backend.name!r} has no dequantizing matmul"
+            )
+            for c in candidates:
+                code = "no_values" if values is None else "unsupported"
+                ctx.refuse(code, f"{self.weights} {c.label}", reason, c.fp32_nbytes)
+            return
+        chosen = self._quantize(gm, candidates, values, ctx)
+        if not chosen:
+            return
+        reference = copy_graph(gm)
+        for c in chosen:
+            _rewrite(c, backend)
+        gm.recompile()
+        measure = _Measure(reference, gm, values, chosen)
+        total = measure.error(chosen)
+        for c in chosen:
+            c.share = measure.error([c]).relative
+        kept = list(chosen)
+        refused: list[tuple[_Candidate, Error]] = []
+        if self.max_error is not None:
+            for c in sorted(chosen, key=lambda c: c.share, reverse=True):
+                if total.relative <= self.max_error:
+                    break
+                kept.remove(c)
+                refused.append((c, total))
+                total = measure.error(kept)
+        for c, before in refused:
+            _restore(c)
+            ctx.refuse(
+                "over_budget",
+                f"{self.weights} {c.label}",
+                f"with it the error is {before.relative:.2e} of the output's scale, over "
+                f"max_error {self.max_error:g}; its share alone {c.share:.2e}",
+                c.fp32_nbytes - c.quantized.weight.nbytes,
+                (c.placeholder.name,),
+            )
+        for c in kept:
+            narrow = c.quantized.weight.nbytes
+            code = "embedding" if all(u.embedding for u in c.uses) else "weight"
+            adds = _bias_adds(c)
+            folded = sum(ctx.nbytes(add) - int(_bytes(bias, ctx)) for _, add, bias in adds)
+            applied = ctx.decide(
+                code,
+                f"{self.weights} {c.label} {list(tensor_meta(c.placeholder).shape)}",
+                f"{_mib(c.fp32_nbytes)} -> {_mib(narrow)} a read"
+                + (f", bias added in the kernel ({len(adds)})" if adds else "")
+                + f"; error with it alone {c.share:.2e} of the output's scale; with every "
+                f"narrowed weight {total}",
+                _saved_nbytes(c, ctx) + folded,
+                (c.placeholder.name, *(u.node.name for u in c.uses)),
+            )
+            if not applied:
+                _restore(c)
+                continue
+            for node, add, bias in adds:
+                node.args = (*node.args, bias)
+                add.replace_all_uses_with(node)
+                gm.graph.erase_node(add)
+        for c in kept:
+            for u in c.uses:
+                if isinstance(u.node.target, (QuantizedMatmul, QuantizedEmbedding)):
+                    u.node.target.exact = False
+        gm.graph.eliminate_dead_code()
+
+    def _quantize(
+        self,
+        gm: torch.fx.GraphModule,
+        candidates: list[_Candidate],
+        values: GraphValues,
+        ctx: PassContext,
+    ) -> list[_Candidate]:
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        real = dict(zip(placeholders, values.inputs))
+        chosen = []
+        for c in candidates:
+            reason = _unsupported(c, self.weights, self.group_size)
+            if reason is not None:
+                ctx.refuse("unsupported", f"{self.weights} {c.label}", reason, c.fp32_nbytes)
+                continue
+            transposed = any(u.transposed for u in c.uses)
+            with unset_fake_temporarily():
+                c.quantized = QuantizedParameter(
+                    real[c.placeholder],
+                    self.weights,
+                    self.group_size,
+                    transposed,
+                    c.label,
+                    int8_activations=self.activations == "int8",
+                )
+            chosen.append(c)
+        return chosen
+
+
+def _candidates(gm: torch.fx.GraphModule, values: GraphValues | None) -> list[_Candidate]:
+    """Parameters read by an mm or an embedding lookup, with those reads, in graph order."""
+    found: dict[torch.fx.Node, _Candidate] = {}
+    parameters = values.parameters if values is not None else {}
+
+    def candidate(node: object) -> _Candidate | None:
+        if not isinstance(node, torch.fx.Node) or node.op != "placeholder":
+            return None
+        if values is not None and node.name not in parameters:
+            return None  # an activation or a cache, not a weight
+        meta = tensor_meta(node)
+        if meta is None or len(meta.shape) != 2:
+            return None
+        if node not in found:
+            found[node] = _Candidate(node, parameters.get(node.name, node.name))
+        return found[node]
+
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        original = (node.target, node.args, dict(node.kwargs))
+        if node.target is aten.mm.default:
+            b = node.args[1]
+            transposed = isinstance(b, torch.fx.Node) and b.op == "placeholder"
+            if not transposed and not (
+                isinstance(b, torch.fx.Node)
+                and b.target in _TRANSPOSES
+                and (b.target is aten.t.default or list(b.args[1]) == [1, 0])
+            ):
+                continue
+            c = candidate(b if transposed else b.args[0])
+            if c is not None:
+                c.uses.append(_Use(node, False, transposed, original))
+        elif node.target is aten.index.Tensor:
+            indices = node.args[1]
+            if len(indices) == 1 and isinstance(indices[0], torch.fx.Node):
+                c = candidate(node.args[0])
+                if c is not None:
+                    c.uses.append(_Use(node, True, False, original))
+    return list(found.values())
+
+
+def _unsupported(c: _Candidate, kind: str, group: int) -> str | None:
+    meta = tensor_meta(c.placeholder)
+    if meta.dtype != torch.float32:
+        return f"the weight is {meta.dtype}; the dequantizing kernels widen to float32"
+    for u in c.uses:
+        x = u.node.args[0] if not u.embedding else None
+        if x is not None and tensor_meta(x).dtype != torch.float32:
+            return f"%{u.node.name} multiplies {tensor_meta(x).dtype} activations"
+    orientations = {u.transposed for u in c.uses}
+    if len(orientations) > 1 or (any(u.embedding for u in c.uses) and True in orientations):
+        return "read both as (N, K) and as (K, N): one narrow copy serves one orientation"
+    rows, cols = (int(s) for s in meta.shape)
+    k = rows if True in orientations else cols
+    if kind == "int4" and (group % 2 or k % 2):
+        return f"int4 packs pairs: rows of {k} elements, groups of {group}"
+    return None
+
+
+def _rewrite(c: _Candidate, backend: Backend) -> None:
+    for u in c.uses:
+        if u.embedding:
+            u.node.target = QuantizedEmbedding(c.quantized)
+            u.node.args = (c.placeholder, u.node.args[1][0])
+        else:
+            u.node.target = QuantizedMatmul(c.quantized, backend)
+            u.node.args = (u.node.args[0], c.placeholder)
+
+
+def _restore(c: _Candidate) -> None:
+    for u in c.uses:
+        u.node.target, u.node.args, u.node.kwargs = u.original[0], u.original[1], u.original[2]
+
+
+def _bias_adds(c: _Candidate) -> list[tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node]]:
+    """(matmul, add, bias) for each matmul of `c` whose one user adds a float32 (N,) input to
+    it: the kernel adds it as it stores (no (M, N) result written and read back)."""
+    found = []
+    for u in c.uses:
+        if u.embedding or len(u.node.users) != 1:
+            continue
+        (add,) = u.node.users
+        if add.target is not aten.add.Tensor or add.kwargs or len(add.args) != 2:
+            continue
+        bias = add.args[1] if add.args[0] is u.node else add.args[0]
+        meta, out = tensor_meta(bias), tensor_meta(u.node)
+        if (
+            isinstance(bias, torch.fx.Node)
+            and bias.op == "placeholder"
+            and meta is not None
+            and meta.dtype == torch.float32
+            and list(meta.shape) == [out.shape[1]]
+            and meta.stride[0] == 1
+            and tensor_meta(add).shape == out.shape
+        ):
+            found.append((u.node, add, bias))
+    return found
+
+
+def _bytes(node: torch.fx.Node, ctx: PassContext) -> int:
+    return evaluate(tensor_meta(node).nbytes, ctx.bindings)
+
+
+def _saved_nbytes(c: _Candidate, ctx: PassContext) -> int:
+    """Bytes one run saves: each use's modelled reads of the float32 weight less the narrow."""
+    narrow = c.quantized.weight
+    saved = 0
+    for u in c.uses:
+        if u.embedding:
+            count = evaluate(tensor_meta(u.node.args[1]).numel, ctx.bindings)
+            saved += count * (narrow.cols * 4 - narrow.row_nbytes)
+        else:
+            saved += c.fp32_nbytes - narrow.nbytes
+    return saved
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.2f} MiB"
+
+
+class _Measure:
+    """Runs of the graph on its example inputs: as compiled (the reference), and with a
+    chosen set of weights narrowed (the others computed exactly)."""
+
+    def __init__(
+        self,
+        reference: torch.fx.GraphModule,
+        gm: torch.fx.GraphModule,
+        values: GraphValues,
+        chosen: list[_Candidate],
+    ) -> None:
+        self.gm, self.values, self.chosen = gm, values, chosen
+        self.vocabulary = {
+            int(tensor_meta(c.placeholder).shape[0])
+            for c in chosen
+            if any(u.embedding for u in c.uses)
+        }
+        self.expected = self._run(reference)
+
+    def error(self, narrowed: Sequence[_Candidate]) -> Error:
+        for c in self.chosen:
+            for u in c.uses:
+                u.node.target.exact = c not in narrowed
+        actual = self._run(self.gm)
+        with unset_fake_temporarily():
+            return _compare(self.expected, actual, self.vocabulary)
+
+    def _run(self, gm: torch.fx.GraphModule) -> list[object]:
+        parameters = set(self.values.parameters)
+        names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        with unset_fake_temporarily(), torch.no_grad(), torch.random.fork_rng(devices=[]):
+            # Everything but the parameters is copied: the graph may update its inputs (a
+            # cache).
+            inputs = [
+                v if name in parameters or not isinstance(v, torch.Tensor) else v.clone()
+                for name, v in zip(names, self.values.inputs)
+            ]
+            torch.manual_seed(0)
+            out = gm(*inputs)
+        return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+def _compare(expected: list[object], actual: list[object], vocabulary: set[int]) -> Error:
+    relative = absolute = 0.0
+    kls = []
+    for want, got in zip(expected, actual):
+        if not isinstance(want, torch.Tensor) or not want.is_floating_point() or want.numel() == 0:
+            continue
+        want, got = want.float(), got.float()
+        diff = (got - want).abs().max().item()
+        scale = want.abs().max().item()
+        absolute = max(absolute, diff)
+        relative = max(relative, diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf))
+        if want.dim() >= 2 and want.shape[-1] in vocabulary:
+            p = torch.log_softmax(want, dim=-1)
+            q = torch.log_softmax(got, dim=-1)
+            kls.append((p.exp() * (p - q)).sum(-1).mean().item())
+    return Error(relative, absolute, max(kls) if kls else None)

@@ -1,0 +1,341 @@
+"""The precision pass: weights stored narrow (int8, int4, bf16), opt-in, with its error.
+
+- the formats' round-trip error bounds, element by element;
+- the dequantizing kernels against dequantize-then-matmul (GEMV and the tiled path);
+- the pass on a small model with a tied embedding and output layer: which nodes it
+  rewrites, the bytes each rewritten kernel reads (exact), values against eager within the
+  error it measured;
+- refusal over a `max_error` budget, in training graphs, and for a shape int4 cannot pack;
+- nothing changes when the pass is off, which is the default.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import memopt
+from memopt.backends.cpp import quantized as cpp_quantized
+from memopt.backends.narrow import quantize
+from memopt.backends.registry import get_backend
+from memopt.backends.runtime.quantized import QuantizedMatmul
+from memopt.config import Config
+from memopt.errors import OptionError
+
+V, D, H = 64, 32, 96  # vocabulary, width, hidden width
+
+
+class Tiny(nn.Module):
+    """An embedding, an MLP with a residual, and an output layer tied to the embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(V, D)
+        self.up = nn.Linear(D, H, bias=False)
+        self.down = nn.Linear(H, D, bias=False)
+        self.head = nn.Linear(D, V, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        h = h + self.down(torch.relu(self.up(h)))
+        return self.head(h)
+
+
+def model() -> Tiny:
+    torch.manual_seed(0)
+    return Tiny().eval()
+
+
+def ids(tokens: int) -> torch.Tensor:
+    return torch.randint(0, V, (1, tokens), generator=torch.Generator().manual_seed(1))
+
+
+def precision(weights: str, **options: object) -> dict[str, object]:
+    return {"pass_options": {"precision": {"weights": weights, **options}}}
+
+
+def analyze(m: nn.Module, tokens: int, **options: object) -> memopt.Analysis:
+    with torch.no_grad():
+        return memopt.analyze(m, ids(tokens), **options)
+
+
+def precision_decisions(a: memopt.Analysis) -> list[tuple[str, bool, str]]:
+    return [
+        (d.code, d.applied, d.what.split()[1])
+        for p in a.ledger
+        if p.pass_name == "precision"
+        for d in p.decisions
+    ]
+
+
+# -- formats and kernels ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cols,group", [(64, 16), (40, 16), (10, 4)])
+def test_round_trip_error_is_within_half_a_step(cols: int, group: int) -> None:
+    w = torch.randn(24, cols, generator=torch.Generator().manual_seed(0))
+    q8 = quantize(w, "int8")
+    step8 = w.abs().amax(dim=1, keepdim=True) / 127
+    assert ((q8.dequantize() - w).abs() <= step8 / 2 + 1e-7).all()
+    assert q8.nbytes == 24 * cols + 24 * 4
+    q4 = quantize(w, "int4", group)
+    groups = -(-cols // group)
+    assert q4.data.shape == (24, cols // 2) and q4.scale.shape == (24, groups)
+    for g in range(groups):
+        part = w[:, g * group : (g + 1) * group]
+        step4 = part.abs().amax(dim=1, keepdim=True) / 7
+        err = (q4.dequantize()[:, g * group : (g + 1) * group] - part).abs()
+        assert (err <= step4 / 2 + 1e-7).all()
+    bf = quantize(w, "bf16")
+    assert ((bf.dequantize() - w).abs() <= w.abs() * 2**-8).all()
+    assert bf.nbytes == 24 * cols * 2
+
+
+def test_int4_needs_even_rows_and_groups() -> None:
+    with pytest.raises(ValueError, match="even"):
+        quantize(torch.randn(4, 9), "int4", 4)
+    with pytest.raises(ValueError, match="even"):
+        quantize(torch.randn(4, 8), "int4", 3)
+    with pytest.raises(ValueError, match="unknown weight format"):
+        quantize(torch.randn(4, 8), "int3")
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
+@pytest.mark.parametrize("kind", ["int8", "int4", "bf16"])
+@pytest.mark.parametrize("m", [1, 3, cpp_quantized.GEMV_ROWS + 5])
+def test_kernels_match_dequantize_then_matmul(backend: str, kind: str, m: int) -> None:
+    """Every backend's dequantizing matmul (Triton's under its interpreter)."""
+    matmul = get_backend(backend).quantized_matmul
+    g = torch.Generator().manual_seed(0)
+    for n, k in ((37, 200), (8, 1376)):  # odd N; a row int4's groups of 128 do not divide
+        w, x = torch.randn(n, k, generator=g), torch.randn(m, k, generator=g)
+        bias = torch.randn(n, generator=g)
+        qw = quantize(w, kind, 128)
+        expected = x @ qw.dequantize().t()
+        torch.testing.assert_close(matmul(x, qw), expected, rtol=1e-4, atol=1e-4)
+        got = matmul(x, qw, False, bias)
+        torch.testing.assert_close(got, expected + bias, rtol=1e-4, atol=1e-4)
+        index = torch.tensor([[3, 0], [n - 1, 3]])
+        torch.testing.assert_close(qw.gather_rows(index), qw.dequantize()[index])
+
+
+def _quantized_x(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x as the int8-activation kernels see it: blocks rounded to 127 steps of their max."""
+    out = torch.empty_like(x)
+    for start in range(0, x.shape[1], block):
+        part = x[:, start : start + block]
+        scale = (part.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-30)
+        out[:, start : start + block] = torch.round(part / scale) * scale
+    return out
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("m", [1, 2, cpp_quantized.GEMV_ROWS + 3])
+def test_int8_activation_kernels_match_quantized_x_then_matmul(kind: str, m: int) -> None:
+    """The integer (VNNI where present) dot products compute exactly what x quantized per
+    block times the dequantized weight gives, at any M (the tiled path quantizes x too)."""
+    g = torch.Generator().manual_seed(0)
+    for n, k in ((37, 200), (9, 1376), (5, 64)):
+        w, x = torch.randn(n, k, generator=g), torch.randn(m, k, generator=g)
+        qw = quantize(w, kind, 128)
+        block = 128 if kind == "int4" else cpp_quantized.ACTIVATION_BLOCK
+        expected = _quantized_x(x, block) @ qw.dequantize().t()
+        got = cpp_quantized.matmul(x, qw, int8_activations=True)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        bias = torch.randn(n, generator=g)
+        got = cpp_quantized.matmul(x, qw, int8_activations=True, bias=bias)
+        torch.testing.assert_close(got, expected + bias, rtol=1e-4, atol=1e-4)
+
+
+# -- the pass ---------------------------------------------------------------------------------
+
+
+def test_off_by_default_and_on_when_its_options_are_given() -> None:
+    assert "precision" not in Config().pass_names()
+    on = Config.from_options(precision("int8"))
+    assert on.pass_names()[:2] == ("cleanup", "precision")
+    assert (
+        "precision"
+        not in Config.from_options({**precision("int8"), "disable": ["precision"]}).pass_names()
+    )
+
+
+def test_off_changes_nothing() -> None:
+    m, x = model(), ids(3)
+    with torch.no_grad():
+        want = m(x)
+        plain = torch.compile(m, backend="memopt")(x)
+        torch._dynamo.reset()
+        # weights "none" runs the pass (named in the options) and rewrites nothing
+        none = torch.compile(m, backend="memopt", options=precision("none"))(x)
+    assert torch.equal(plain, none)
+    torch.testing.assert_close(plain, want)
+
+
+@pytest.mark.parametrize("tokens", [3, cpp_quantized.GEMV_ROWS + 4])
+def test_int8_rewrites_every_weight_read_and_reads_it_narrow(tokens: int) -> None:
+    m = model()
+    a = analyze(m, tokens, **precision("int8"))
+    assert precision_decisions(a) == [
+        # one narrow copy for the lookup and the tied head ("embedding": a table only looked up)
+        ("precision.weight", True, "embed.weight"),
+        ("precision.weight", True, "up.weight"),
+        ("precision.weight", True, "down.weight"),
+    ]
+    matmuls = {k.ops[0]: k for k in a.kernels if k.ops[0] == "memopt.int8_matmul"}
+    assert len([k for k in a.kernels if k.ops[0] == "memopt.int8_matmul"]) == 3
+    reads = sorted(k.read_bytes for k in a.kernels if k.ops[0] == "memopt.int8_matmul")
+    # x (tokens x K float32) once and the weight as int8 rows with one float32 scale each
+    assert reads == sorted(
+        [
+            tokens * D * 4 + H * D + H * 4,  # up: x (tokens, D), W (H, D)
+            tokens * H * 4 + D * H + D * 4,  # down: x (tokens, H), W (D, H)
+            tokens * D * 4 + V * D + V * 4,  # head: x (tokens, D), W (V, D)
+        ]
+    )
+    assert matmuls
+    lookup = next(k for k in a.kernels if k.ops[0] == "memopt.int8_embedding")
+    assert lookup.read_bytes == tokens * 8 + tokens * (D + 4)  # int64 ids, int8 rows + scales
+    # The pass's own bytes: what the pipeline measured is what its decisions claim.
+    entry = next(p for p in a.ledger if p.pass_name == "precision")
+    assert entry.bytes_saved == sum(d.bytes_saved for d in entry.decisions)
+    assert entry.bytes_saved == (
+        (H * D * 4 - H * D - H * 4)
+        + (D * H * 4 - D * H - D * 4)
+        + (V * D * 4 - V * D - V * 4)
+        + tokens * (D * 4 - D - 4)
+    )
+
+
+@pytest.mark.parametrize("kind,tolerance", [("int8", 0.05), ("int4", 0.5), ("bf16", 0.01)])
+def test_compiled_values_are_within_the_error_it_reports(kind: str, tolerance: float) -> None:
+    m, x = model(), ids(5)
+    with torch.no_grad():
+        want = m(x)
+        got = torch.compile(m, backend="memopt", options=precision(kind))(x)
+    error = (got - want).abs().max() / want.abs().max()
+    assert 0 < error < tolerance
+    a = analyze(m, 5, **precision(kind))
+    reason = next(d.reason for p in a.ledger if p.pass_name == "precision" for d in p.decisions)
+    reported = float(reason.split("(")[-1].split(" of the output's scale")[0])
+    assert reported == pytest.approx(error.item(), rel=0.03)  # printed to 3 digits
+    assert "next-token KL" in reason  # the head's outputs span the embedding's rows
+
+
+def test_a_changed_weight_is_quantized_again() -> None:
+    m, x = model(), ids(2)
+    compiled = torch.compile(m, backend="memopt", options=precision("bf16"))
+    with torch.no_grad():
+        before = m(x)
+        compiled(x)
+        m.up.weight.mul_(-2.0)  # in place: same tensor, new version
+        got, want = compiled(x), m(x)
+    # within bf16's error of the new weights, far from the stale ones' result
+    assert (got - want).abs().max() < 0.05 * (want - before).abs().max()
+
+
+def test_budget_gives_weights_back_largest_share_first() -> None:
+    m = model()
+    a = analyze(m, 3, **precision("int4", group_size=8, max_error=0.0))
+    assert {(code, applied) for code, applied, _ in precision_decisions(a)} == {
+        ("precision.over_budget", False)
+    }
+    off = analyze(m, 3)
+    assert a.bytes_moved == off.bytes_moved
+    # A budget between the smallest and the largest share keeps only some weights narrow.
+    loose = analyze(m, 3, **precision("int4", group_size=8))
+    reasons = [d.reason for p in loose.ledger if p.pass_name == "precision" for d in p.decisions]
+    shares = sorted(float(r.split("error with it alone ")[1].split()[0]) for r in reasons)
+    some = analyze(m, 3, **precision("int4", group_size=8, max_error=shares[-1] * 0.999))
+    codes = [code for code, _, _ in precision_decisions(some)]
+    assert "precision.over_budget" in codes and (
+        "precision.weight" in codes or "precision.embedding" in codes
+    )
+    assert off.bytes_moved > some.bytes_moved > loose.bytes_moved
+
+
+def test_training_graphs_are_refused() -> None:
+    m = model().train()
+    a = memopt.analyze(m, ids(3), training=True, **precision("int8"))
+    codes = {code for code, _, _ in precision_decisions(a)}
+    assert codes == {"precision.training"}
+    assert not any("int8" in k.ops[0] for k in a.kernels)
+
+
+def test_bad_options_name_the_problem() -> None:
+    with pytest.raises(OptionError, match="option 'weights' of pass 'precision' takes one of"):
+        Config.from_options(precision("int3"))
+    with pytest.raises(OptionError, match="group_size"):
+        Config.from_options(precision("int4", group_size=0))
+
+
+def test_matmul_target_is_exact_when_asked() -> None:
+    m = model()
+    a = analyze(m, 3, **precision("int8"))
+    target = next(
+        n.target
+        for g in a.graphs
+        for n in g.gm.graph.nodes
+        if isinstance(n.target, QuantizedMatmul)
+    )
+    assert target.exact is False
+    assert "up.weight" in repr(target) or "down.weight" in repr(target) or "embed" in repr(target)
+
+
+def test_triton_backend_reads_the_weights_through_its_dequantizing_kernel() -> None:
+    """With backend="triton" (its interpreter on this CPU) the matmuls are the Triton tile
+    loop, with the same bytes as the C++ GEMV's."""
+    m = model()
+    cpp = analyze(m, 3, **precision("int4", group_size=16))
+    triton = analyze(m, 3, backend="triton", **precision("int4", group_size=16))
+    targets = [
+        n.target
+        for g in triton.graphs
+        for n in g.gm.graph.nodes
+        if isinstance(n.target, QuantizedMatmul)
+    ]
+    assert len(targets) == 3 and {t.backend.name for t in targets} == {"triton"}
+    narrow = [k.read_bytes for k in cpp.kernels if k.ops[0] == "memopt.int4_matmul"]
+    assert narrow == [k.read_bytes for k in triton.kernels if k.ops[0] == "memopt.int4_matmul"]
+    x = ids(3)
+    with torch.no_grad():
+        want = m(x)
+        got = torch.compile(
+            m, backend="memopt", options={"backend": "triton", **precision("int4", group_size=16)}
+        )(x)
+    assert (got - want).abs().max() / want.abs().max() < 0.5
+
+
+class _Biased(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(D, H)
+        self.plain = nn.Linear(D, H, bias=False)
+        self.b = nn.Parameter(torch.randn(H))
+
+    def forward(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        y = self.plain(x)  # read twice: its add cannot go into the kernel
+        return self.fc(x) + r, y + self.b, y * 2
+
+
+def test_a_bias_add_goes_into_the_matmul_and_a_shared_product_keeps_its_add() -> None:
+    torch.manual_seed(0)
+    m = _Biased().eval()
+    x, r = torch.randn(3, D), torch.randn(3, H)
+    with torch.no_grad():
+        a = memopt.analyze(m, x, r, **precision("int8"))
+        off = memopt.analyze(m, x, r)
+        want = m(x, r)
+        got = torch.compile(m, backend="memopt", options=precision("int8"))(x, r)
+    matmuls = sorted(k.read_bytes for k in a.kernels if k.ops[0] == "memopt.int8_matmul")
+    narrow = H * D + H * 4
+    # fc: x, its weight narrow and its bias (folded); plain: x and its weight
+    assert matmuls == sorted([3 * D * 4 + narrow + H * 4, 3 * D * 4 + narrow])
+    reasons = [d.reason for p in a.ledger if p.pass_name == "precision" for d in p.decisions]
+    assert sum("bias added in the kernel" in r for r in reasons) == 1
+    # The folded add is gone; the residual add and the shared product's two uses remain.
+    assert len(a.kernels) == len(off.kernels)
+    for g, w in zip(got, want):
+        assert (g - w).abs().max() / w.abs().max() < 0.02
