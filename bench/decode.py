@@ -65,6 +65,9 @@ BACKENDS = ("eager", "inductor", "memopt")
 CACHES = ("static", "dynamic")
 MARK_START = "<!-- bench/decode.py: start -->"
 MARK_END = "<!-- bench/decode.py: end -->"
+# A run with --precision writes its own section (the narrowed weights' figures).
+PRECISION_START = "<!-- bench/decode.py --precision: start -->"
+PRECISION_END = "<!-- bench/decode.py --precision: end -->"
 
 
 # --- models -------------------------------------------------------------------------------
@@ -491,7 +494,8 @@ def main(argv: list[str] | None = None) -> None:
     text = report(rows, long_graphs, args.long_tokens, command.strip(), load)
     print(text)
     if args.write:
-        write_results(args.write, text, MARK_START, MARK_END)
+        marks = (PRECISION_START, PRECISION_END) if args.precision else (MARK_START, MARK_END)
+        write_results(args.write, text, *marks)
 
 
 if __name__ == "__main__":

@@ -85,20 +85,32 @@ class DecisionRecord:
     work: Counter[str] = field(default_factory=Counter)
 
     def decide(
-        self, code: str, what: str, reason: str, bytes_saved: int, nodes: tuple[str, ...] = ()
+        self,
+        code: str,
+        what: str,
+        reason: str,
+        bytes_saved: int,
+        nodes: tuple[str, ...] = (),
+        figures: Mapping[str, float] | None = None,
     ) -> bool:
         """Take one unit of fuel for a rewrite and record it; False: do not rewrite."""
         applied = self.fuel.take()
         if not applied:
             reason = f"out of fuel ({self.fuel.limit}); would: {reason}"
-        self._add(code, applied, what, reason, bytes_saved, nodes)
+        self._add(code, applied, what, reason, bytes_saved, nodes, figures)
         return applied
 
     def refuse(
-        self, code: str, what: str, reason: str, bytes_at_stake: int, nodes: tuple[str, ...] = ()
+        self,
+        code: str,
+        what: str,
+        reason: str,
+        bytes_at_stake: int,
+        nodes: tuple[str, ...] = (),
+        figures: Mapping[str, float] | None = None,
     ) -> None:
         """Record a rewrite the pass chose not to make, with the bytes that costs."""
-        self._add(code, False, what, reason, bytes_at_stake, nodes)
+        self._add(code, False, what, reason, bytes_at_stake, nodes, figures)
 
     def _add(
         self,
@@ -108,6 +120,7 @@ class DecisionRecord:
         reason: str,
         nbytes: int,
         nodes: tuple[str, ...],
+        figures: Mapping[str, float] | None = None,
     ) -> None:
         if code not in self.codes:
             raise ValueError(
@@ -124,6 +137,7 @@ class DecisionRecord:
                 bytes_saved=nbytes,
                 nodes=tuple(nodes),
                 graph=self.graph,
+                figures=dict(figures or {}),
             )
         )
 
@@ -228,11 +242,23 @@ class PassContext:
         return evaluate(node_cost(node).nbytes, self.bindings)
 
     def decide(
-        self, code: str, what: str, reason: str, bytes_saved: int, nodes: tuple[str, ...] = ()
+        self,
+        code: str,
+        what: str,
+        reason: str,
+        bytes_saved: int,
+        nodes: tuple[str, ...] = (),
+        figures: Mapping[str, float] | None = None,
     ) -> bool:
-        return self.record.decide(code, what, reason, bytes_saved, nodes)
+        return self.record.decide(code, what, reason, bytes_saved, nodes, figures)
 
     def refuse(
-        self, code: str, what: str, reason: str, bytes_at_stake: int, nodes: tuple[str, ...] = ()
+        self,
+        code: str,
+        what: str,
+        reason: str,
+        bytes_at_stake: int,
+        nodes: tuple[str, ...] = (),
+        figures: Mapping[str, float] | None = None,
     ) -> None:
-        self.record.refuse(code, what, reason, bytes_at_stake, nodes)
+        self.record.refuse(code, what, reason, bytes_at_stake, nodes, figures)

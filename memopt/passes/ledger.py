@@ -28,8 +28,12 @@ class Decision:
     graph: str = ""
     # Machine-readable: "<pass>.<kind>", e.g. "fusion.vertical", "layout.copy_kept_output".
     code: str = ""
+    # Figures beyond the bytes, by name, for reports: the precision pass's bytes before and
+    # after each weight and the errors it measured ("weight_error", "share", ...).
+    figures: Mapping[str, float] = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict[str, object]:
+        figures = {"figures": dict(self.figures)} if self.figures else {}
         return {
             "pass": self.pass_name,
             "code": self.code,
@@ -39,6 +43,7 @@ class Decision:
             "bytes_saved": self.bytes_saved,
             "nodes": list(self.nodes),
             "graph": self.graph,
+            **figures,
         }
 
 

@@ -16,17 +16,20 @@ tile loop on GPUs):
 - `w[index]` (an embedding lookup as capture decomposes it) becomes
   `QuantizedEmbedding(w, index)` (`embedding` decisions).
 
-Each parameter is quantized once, here (backends/runtime/quantized.py has the formats and
-the kernels, which widen weights in registers and never write the float32 weight out).
+Each parameter is quantized once, here (backends/narrow.py has the formats; each backend's
+kernel widens weights in registers and never writes the float32 weight out).
 A parameter read by several nodes (a tied embedding and output layer) has one narrow copy.
 
 The error is measured, not assumed: the graph runs on its example inputs as compiled and
-with every chosen weight narrowed, and once with each weight alone narrowed (its share).
+with every chosen weight narrowed, and once with each weight alone narrowed (its share;
+when those runs would take over SHARE_RUNS_S, the weight's own relative error stands in,
+and the record says so).
 The error of a run is the largest `max |out - ref| / max |ref|` over the graph's floating
 outputs (relative to each output's scale, so logits and hidden states compare alike);
 for an output whose last dimension is an embedding table's row count (a language model's
 logits) the mean KL divergence of the next-token distributions is reported too. With a
-`max_error` budget, weights are given back to float32, the largest share first, until
+`max_error` budget, weights are given back to float32, the largest share (or own error)
+first, until
 the error is within it (`over_budget`, each with its share).
 
 Refused, visibly: graphs that train (`training`: a narrow copy would not get the
@@ -38,6 +41,7 @@ matmul, weights that are not float32, or rows int4 cannot pack (odd lengths; `un
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
@@ -58,6 +62,10 @@ from memopt.passes.base import Pass, PassContext
 from memopt.passes.registry import register_pass
 
 aten = torch.ops.aten
+# Each weight's share of the output error takes a run of the graph: measured when the runs
+# take at most this long together (a decode step's graph: milliseconds a run; a long
+# prompt's prefill graph on a large model: seconds), else the weight's own error stands in.
+SHARE_RUNS_S = 2.0
 _TRANSPOSES = (aten.permute.default, aten.t.default)
 
 
@@ -77,7 +85,19 @@ class _Candidate:
     label: str
     uses: list[_Use] = field(default_factory=list)
     quantized: QuantizedParameter | None = None
-    share: float = 0.0  # the output error with this weight alone narrowed
+    share: float | None = None  # the output error with this weight alone narrowed
+    weight_error: float = 0.0  # ||W - dequantize(W)|| / ||W|| (Frobenius)
+
+    @property
+    def order(self) -> float:
+        """What the budget gives back first: the measured share, else the weight's error."""
+        return self.share if self.share is not None else self.weight_error
+
+    def describe_share(self) -> str:
+        weight = f"the weight's own error {self.weight_error:.2e} (RMS, relative)"
+        if self.share is None:
+            return f"{weight}; its share of the output error not measured (see the record)"
+        return f"error with it alone {self.share:.2e} of the output's scale; {weight}"
 
     @property
     def fp32_nbytes(self) -> int:
@@ -158,12 +178,14 @@ class Precision(Pass):
         gm.recompile()
         measure = _Measure(reference, gm, values, chosen)
         total = measure.error(chosen)
-        for c in chosen:
-            c.share = measure.error([c]).relative
+        shares = len(chosen) * measure.run_s <= SHARE_RUNS_S
+        if shares:
+            for c in chosen:
+                c.share = measure.error([c]).relative
         kept = list(chosen)
         refused: list[tuple[_Candidate, Error]] = []
         if self.max_error is not None:
-            for c in sorted(chosen, key=lambda c: c.share, reverse=True):
+            for c in sorted(chosen, key=lambda c: c.order, reverse=True):
                 if total.relative <= self.max_error:
                     break
                 kept.remove(c)
@@ -175,9 +197,10 @@ class Precision(Pass):
                 "over_budget",
                 f"{self.weights} {c.label}",
                 f"with it the error is {before.relative:.2e} of the output's scale, over "
-                f"max_error {self.max_error:g}; its share alone {c.share:.2e}",
+                f"max_error {self.max_error:g}; {c.describe_share()}",
                 c.fp32_nbytes - c.quantized.weight.nbytes,
                 (c.placeholder.name,),
+                figures=_figures(c, before),
             )
         for c in kept:
             narrow = c.quantized.weight.nbytes
@@ -187,12 +210,18 @@ class Precision(Pass):
             applied = ctx.decide(
                 code,
                 f"{self.weights} {c.label} {list(tensor_meta(c.placeholder).shape)}",
-                f"{_mib(c.fp32_nbytes)} -> {_mib(narrow)} a read"
+                f"{c.fp32_nbytes:,} B -> {narrow:,} B a read"
                 + (f", bias added in the kernel ({len(adds)})" if adds else "")
-                + f"; error with it alone {c.share:.2e} of the output's scale; with every "
-                f"narrowed weight {total}",
+                + f"; {c.describe_share()}; with every narrowed weight {total}"
+                + (
+                    ""
+                    if shares
+                    else f" (shares not measured: {len(chosen)} runs of "
+                    f"{measure.run_s * 1e3:.0f} ms, over {SHARE_RUNS_S:g} s)"
+                ),
                 _saved_nbytes(c, ctx) + folded,
                 (c.placeholder.name, *(u.node.name for u in c.uses)),
+                figures=_figures(c, total),
             )
             if not applied:
                 _restore(c)
@@ -223,7 +252,7 @@ class Precision(Pass):
                 ctx.refuse("unsupported", f"{self.weights} {c.label}", reason, c.fp32_nbytes)
                 continue
             transposed = any(u.transposed for u in c.uses)
-            with unset_fake_temporarily():
+            with unset_fake_temporarily(), torch.no_grad():
                 c.quantized = QuantizedParameter(
                     real[c.placeholder],
                     self.weights,
@@ -232,6 +261,10 @@ class Precision(Pass):
                     c.label,
                     int8_activations=self.activations == "int8",
                 )
+                matrix = c.quantized.weight.dequantize()
+                exact = real[c.placeholder]
+                exact = exact.t() if transposed else exact
+                c.weight_error = ((matrix - exact).norm() / exact.norm().clamp(min=1e-30)).item()
             chosen.append(c)
         return chosen
 
@@ -311,6 +344,22 @@ def _restore(c: _Candidate) -> None:
         u.node.target, u.node.args, u.node.kwargs = u.original[0], u.original[1], u.original[2]
 
 
+def _figures(c: _Candidate, total: Error) -> dict[str, float]:
+    """The decision's figures for reports (Decision.figures): a read of the weight before
+    and after, its own error, its share, and the output error with every narrowed weight."""
+    figures = {
+        "bytes_before": c.fp32_nbytes,
+        "bytes_after": c.quantized.weight.nbytes,
+        "weight_error": c.weight_error,
+        "total_error": total.relative,
+    }
+    if c.share is not None:
+        figures["share"] = c.share
+    if total.kl is not None:
+        figures["kl"] = total.kl
+    return figures
+
+
 def _bias_adds(c: _Candidate) -> list[tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node]]:
     """(matmul, add, bias) for each matmul of `c` whose one user adds a float32 (N,) input to
     it: the kernel adds it as it stores (no (M, N) result written and read back)."""
@@ -353,10 +402,6 @@ def _saved_nbytes(c: _Candidate, ctx: PassContext) -> int:
     return saved
 
 
-def _mib(nbytes: int) -> str:
-    return f"{nbytes / 2**20:.2f} MiB"
-
-
 class _Measure:
     """Runs of the graph on its example inputs: as compiled (the reference), and with a
     chosen set of weights narrowed (the others computed exactly)."""
@@ -374,7 +419,9 @@ class _Measure:
             for c in chosen
             if any(u.embedding for u in c.uses)
         }
+        start = time.perf_counter()
         self.expected = self._run(reference)
+        self.run_s = time.perf_counter() - start
 
     def error(self, narrowed: Sequence[_Candidate]) -> Error:
         for c in self.chosen:

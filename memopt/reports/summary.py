@@ -45,6 +45,7 @@ def format_analysis(a: Analysis, device: str = "h100", top: int = 10) -> str:
         _totals(a),
         _prediction(a, device),
         _top_nodes(a, top),
+        _narrowed_weights(a),
         _ledger(a),
         ["counted: from running the program eagerly; modelled: from the graph and device model"],
     ]
@@ -91,6 +92,11 @@ def _totals(a: Analysis) -> list[str]:
         f"  optimized / lower bound  {_ratio(moved, bound)}",
         f"  kernels                  {len(a.kernels)}  (eager ran {a.eager_ops} ATen ops, counted)",
     ]
+    if any(d.applied for p in a.ledger if p.pass_name == "precision" for d in p.decisions):
+        lines.append(
+            "  (the lower bound is the program's as written, float32 weights; the precision "
+            "pass reads them narrower)"
+        )
     expr = a.bytes_moved_expr
     if expr.free_symbols:
         symbols: dict[str, int] = {}
@@ -194,6 +200,46 @@ def _ledger(a: Analysis) -> list[str]:
     for summary, row_line in zip(ledger, table[1:]):
         lines.append(row_line)
         lines += _decisions(summary)
+    return lines
+
+
+def _narrowed_weights(a: Analysis) -> list[str]:
+    """The precision pass's weights, each with its bytes a read before and after, its own
+    error and its share of the output error (modelled bytes; measured errors)."""
+    decisions = [
+        d for p in a.ledger if p.pass_name == "precision" for d in p.decisions if d.figures
+    ]
+    if not decisions:
+        return []
+    rows = []
+    for d in decisions:
+        f = d.figures
+        share = f"{f['share']:.2e}" if "share" in f else "not measured"
+        rows.append(
+            [
+                d.what,
+                "narrowed" if d.applied else "kept (over budget)",
+                format_bytes(int(f["bytes_before"])),
+                format_bytes(int(f["bytes_after"])),
+                f"{f['weight_error']:.2e}",
+                share,
+            ]
+        )
+    header = ["weight", "", "before", "after", "own error", "share of output error"]
+    lines = ["Narrowed weights (the precision pass; bytes a read modelled, errors measured)"]
+    lines += format_table(header, rows, "llrrrr", max_widths=[48])
+    totals = {}
+    for d in decisions:
+        totals.setdefault(d.graph, d.figures)
+    for graph, f in totals.items():
+        kl = f", next-token KL {f['kl']:.2e} nats" if "kl" in f else ""
+        lines.append(
+            f"  {graph}: output error with every narrowed weight {f['total_error']:.2e} of the "
+            f"output's scale{kl}"
+        )
+    lines.append(
+        "  own error: ||W - narrow W|| / ||W||; share: the output error with it alone narrowed"
+    )
     return lines
 
 

@@ -339,3 +339,18 @@ def test_a_bias_add_goes_into_the_matmul_and_a_shared_product_keeps_its_add() ->
     assert len(a.kernels) == len(off.kernels)
     for g, w in zip(got, want):
         assert (g - w).abs().max() / w.abs().max() < 0.02
+
+
+def test_shares_too_slow_to_measure_give_way_to_each_weights_own_error(monkeypatch) -> None:
+    from memopt.passes import precision as pass_module
+
+    monkeypatch.setattr(pass_module, "SHARE_RUNS_S", 0.0)
+    m = model()
+    a = analyze(m, 3, **precision("int4", group_size=8))
+    reasons = [d.reason for p in a.ledger if p.pass_name == "precision" for d in p.decisions]
+    assert len(reasons) == 3
+    assert all("share of the output error not measured" in r for r in reasons)
+    assert all("shares not measured: 3 runs of" in r for r in reasons)
+    # the budget still applies, in order of the weights' own errors
+    none = analyze(m, 3, **precision("int4", group_size=8, max_error=0.0))
+    assert {code for code, _, _ in precision_decisions(none)} == {"precision.over_budget"}

@@ -12,7 +12,15 @@ import torch
 import memopt
 from memopt.config import Config
 from memopt.errors import OptionError
-from memopt.passes import DEFAULT_PIPELINE, PASSES, Pass, Stage, make_pass, register_pass
+from memopt.passes import (
+    DEFAULT_PIPELINE,
+    OPT_IN_PASSES,
+    PASSES,
+    Pass,
+    Stage,
+    make_pass,
+    register_pass,
+)
 
 aten = torch.ops.aten
 
@@ -63,7 +71,10 @@ def test_options_are_built_into_the_passes_the_pipeline_runs():
 
 
 def test_every_pass_declares_its_stages_and_codes():
-    assert set(DEFAULT_PIPELINE) == set(PASSES)
+    # every pass runs by default, or joins the pipeline when its options are given
+    assert set(DEFAULT_PIPELINE) | set(OPT_IN_PASSES) == set(PASSES)
+    assert not set(DEFAULT_PIPELINE) & set(OPT_IN_PASSES)
+    assert set(OPT_IN_PASSES.values()) <= set(DEFAULT_PIPELINE)
     for name, cls in PASSES.items():
         assert cls.name == name and cls.codes and Stage.ATEN in cls.stages
     assert PASSES["attention"].stages == {Stage.DYNAMO, Stage.ATEN}

@@ -52,10 +52,19 @@ class QuantizedParameter:
         self.weight = quantize(matrix, self.kind, self.group)
         self._source = weakref.ref(parameter)
         self._version = parameter._version
+        self._address = parameter.data_ptr()
 
     def current(self, parameter: torch.Tensor) -> QuantizedWeight:
-        """The narrow weight of `parameter` as it is now."""
-        if parameter is not self._source() or parameter._version != self._version:
+        """The narrow weight of `parameter` as it is now: quantized again if it is another
+        tensor, has other memory (`p.data = t`) or was written in place (its version
+        counter: optimizer steps, `copy_`, `load_state_dict`). Writes through `p.data`
+        (`p.data.copy_(t)`) bump no counter of `p`'s and are not seen, as with any weight
+        transformed at compile time: compile again after them."""
+        if (
+            parameter is not self._source()
+            or parameter._version != self._version
+            or parameter.data_ptr() != self._address
+        ):
             self._quantize(parameter)
         return self.weight
 
