@@ -137,7 +137,8 @@ def test_int8_activation_kernels_match_quantized_x_then_matmul(kind: str, m: int
     """The integer (VNNI where present) dot products compute exactly what x quantized per
     block times the dequantized weight gives, at any M (the tiled path quantizes x too)."""
     g = torch.Generator().manual_seed(0)
-    for n, k in ((37, 200), (9, 1376), (5, 64)):
+    # (37, 256), (8, 1024): whole 128-blocks, odd and even rows (the paired-row VNNI path)
+    for n, k in ((37, 200), (9, 1376), (5, 64), (37, 256), (8, 1024)):
         w, x = torch.randn(n, k, generator=g), torch.randn(m, k, generator=g)
         qw = quantize(w, kind, 128)
         block = 128 if kind == "int4" else cpp_quantized.ACTIVATION_BLOCK

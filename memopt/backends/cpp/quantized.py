@@ -41,6 +41,7 @@ TILE_BYTES = 4 << 20
 SOURCE = r"""
 // memopt's dequantizing matmuls (memopt/backends/cpp/quantized.py).
 #include <cstdint>
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -263,16 +264,23 @@ extern "C" void memopt_bf16_matmul(const float* x, const uint16_t* w, const floa
 static void quantize_x(const float* x, int64_t M, int64_t K, int64_t B, int8_t* xq,
                        float* sx, int32_t* xsum) {
   const int64_t blocks = (K + B - 1) / B;
+  // Rows in parallel once there are enough of them (a prefill); plain loops the compiler
+  // vectorizes (max of |x|, a division and a round-to-nearest-even a lane).
+  #pragma omp parallel for schedule(static) if (M * K >= (1 << 16))
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t start = b * B, end = start + B < K ? start + B : K;
+      const float* row = x + m * K;
       float amax = 0.0f;
-      for (int64_t k = start; k < end; ++k) amax = std::fmax(amax, std::fabs(x[m * K + k]));
+      #pragma omp simd reduction(max : amax)
+      for (int64_t k = start; k < end; ++k) amax = std::max(amax, std::fabs(row[k]));
       const float s = amax > 0.0f ? amax / 127.0f : 1.0f;
       int32_t sum = 0;
+      int8_t* q = xq + m * K;
       for (int64_t k = start; k < end; ++k) {
-        const int32_t v = static_cast<int32_t>(std::nearbyint(x[m * K + k] / s));
-        xq[m * K + k] = static_cast<int8_t>(v);
+        // rintf rounds to nearest even (the default rounding mode), as torch.round does
+        const int32_t v = static_cast<int32_t>(__builtin_rintf(row[k] / s));
+        q[k] = static_cast<int8_t>(v);
         sum += v;
       }
       sx[m * blocks + b] = s;
@@ -288,8 +296,13 @@ extern "C" void memopt_quantize_x(const float* x, float* out, int64_t M, int64_t
   std::vector<float> sx(M * blocks);
   std::vector<int32_t> xsum(M * blocks);
   quantize_x(x, M, K, B, xq.data(), sx.data(), xsum.data());
+  #pragma omp parallel for schedule(static) if (M * K >= (1 << 16))
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) out[m * K + k] = xq[m * K + k] * sx[m * blocks + k / B];
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float s = sx[m * blocks + b];
+      const int64_t end = (b + 1) * B < K ? (b + 1) * B : K;
+      for (int64_t k = b * B; k < end; ++k) out[m * K + k] = xq[m * K + k] * s;
+    }
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -378,6 +391,73 @@ static inline float row_q4_a8(const int8_t* xq, const float* sx, const int32_t* 
 }
 #endif
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// The common shapes (every block or group a whole number of 64-byte chunks), two rows of W
+// at a time: the two rows' loads and dot products interleave (the general functions above
+// run one row's short dependency chains alone: measured 1.3 ms against 0.7 for an int4
+// 32000 x 1024 GEMV from memory), and the per-block float work is one FMA a row.
+static void pair_rows_q8(const int8_t* xq, const float* sx, float correction, const int8_t* q,
+                         const float* scale, const float* bias, float* y, int64_t n, int64_t K,
+                         int64_t B) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const int8_t* r0 = q + n * K;
+  const int8_t* r1 = r0 + K;
+  __m512 t0 = _mm512_setzero_ps(), t1 = _mm512_setzero_ps();
+  for (int64_t b = 0, start = 0; start < K; ++b, start += B) {
+    __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+    for (int64_t j = start; j < start + B; j += 64) {
+      prefetch(r0 + j);
+      prefetch(r1 + j);
+      const __m512i xv = _mm512_loadu_si512(xq + j);
+      a0 = _mm512_dpbusd_epi32(a0, _mm512_xor_si512(_mm512_loadu_si512(r0 + j), flip), xv);
+      a1 = _mm512_dpbusd_epi32(a1, _mm512_xor_si512(_mm512_loadu_si512(r1 + j), flip), xv);
+    }
+    const __m512 s = _mm512_set1_ps(sx[b]);
+    t0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a0), s, t0);
+    t1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a1), s, t1);
+  }
+  y[n] = scale[n] * (hsum(t0) - correction) + (bias ? bias[n] : 0.0f);
+  y[n + 1] = scale[n + 1] * (hsum(t1) - correction) + (bias ? bias[n + 1] : 0.0f);
+}
+static void pair_rows_q4(const int8_t* xq, const float* sx, const float* correction,
+                         const uint8_t* packed, const float* scale, const float* bias, float* y,
+                         int64_t n, int64_t K, int64_t group) {
+  const __m512i low = _mm512_set1_epi8(15);
+  const int64_t groups = K / group, half = group / 2;
+  const uint8_t* b0 = packed + n * (K / 2);
+  const uint8_t* b1 = b0 + K / 2;
+  const float* s0 = scale + n * groups;
+  const float* s1 = s0 + groups;
+  __m512 t0 = _mm512_setzero_ps(), t1 = _mm512_setzero_ps();
+  float c0 = 0.0f, c1 = 0.0f;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+    for (int64_t j = 0; j < half; j += 64) {
+      const uint8_t* p0 = b0 + g * half + j;
+      const uint8_t* p1 = b1 + g * half + j;
+      prefetch(p0);
+      prefetch(p1);
+      const __m512i lo = _mm512_loadu_si512(xq + g * group + j);
+      const __m512i hi = _mm512_loadu_si512(xq + g * group + half + j);
+      const __m512i v0 = _mm512_loadu_si512(p0), v1 = _mm512_loadu_si512(p1);
+      a0 = _mm512_dpbusd_epi32(a0, _mm512_and_si512(v0, low), lo);
+      a1 = _mm512_dpbusd_epi32(a1, _mm512_and_si512(v1, low), lo);
+      a0 = _mm512_dpbusd_epi32(a0, _mm512_and_si512(_mm512_srli_epi16(v0, 4), low), hi);
+      a1 = _mm512_dpbusd_epi32(a1, _mm512_and_si512(_mm512_srli_epi16(v1, 4), low), hi);
+    }
+    t0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a0), _mm512_set1_ps(s0[g] * sx[g]), t0);
+    t1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a1), _mm512_set1_ps(s1[g] * sx[g]), t1);
+    c0 += s0[g] * correction[g];
+    c1 += s1[g] * correction[g];
+  }
+  y[n] = hsum(t0) - c0 + (bias ? bias[n] : 0.0f);
+  y[n + 1] = hsum(t1) - c1 + (bias ? bias[n + 1] : 0.0f);
+}
+#define MEMOPT_PAIRED_ROWS 1
+#else
+#define MEMOPT_PAIRED_ROWS 0
+#endif
+
 extern "C" void memopt_q8_matmul_a8(const float* x, const int8_t* q, const float* scale,
                                     const float* bias, float* y, int64_t M, int64_t N, int64_t K,
                                     int64_t B) {
@@ -386,6 +466,24 @@ extern "C" void memopt_q8_matmul_a8(const float* x, const int8_t* q, const float
   std::vector<float> sx(M * blocks);
   std::vector<int32_t> xsum(M * blocks);
   quantize_x(x, M, K, B, xq.data(), sx.data(), xsum.data());
+#if MEMOPT_PAIRED_ROWS
+  if (K % B == 0 && B % 64 == 0) {
+    for (int64_t m = 0; m < M; ++m) {
+      float correction = 0.0f;  // the sign flip's 128 * sum(xq), scaled, over the blocks
+      for (int64_t b = 0; b < blocks; ++b) correction += sx[m * blocks + b] * 128.0f * xsum[m * blocks + b];
+      const int8_t* xm = xq.data() + m * K;
+      const float* sm = sx.data() + m * blocks;
+      #pragma omp parallel for schedule(static)
+      for (int64_t n = 0; n < N - 1; n += 2)
+        pair_rows_q8(xm, sm, correction, q, scale, bias, y + m * N, n, K, B);
+      if (N % 2)
+        y[m * N + N - 1] = scale[N - 1] * row_q8_a8(xm, sm, xsum.data() + m * blocks,
+                                                    q + (N - 1) * K, K, B) +
+                           (bias ? bias[N - 1] : 0.0f);
+    }
+    return;
+  }
+#endif
   #pragma omp parallel for schedule(static)
   for (int64_t n = 0; n < N; ++n)
     for (int64_t m = 0; m < M; ++m)
@@ -402,6 +500,25 @@ extern "C" void memopt_q4_matmul_a8(const float* x, const uint8_t* packed, const
   std::vector<float> sx(M * groups);
   std::vector<int32_t> xsum(M * groups);
   quantize_x(x, M, K, group, xq.data(), sx.data(), xsum.data());
+#if MEMOPT_PAIRED_ROWS
+  if (K % group == 0 && group % 128 == 0) {
+    std::vector<float> correction(groups);  // the nibbles' offset: 8 * sum(xq) * sx, a group
+    for (int64_t m = 0; m < M; ++m) {
+      const int8_t* xm = xq.data() + m * K;
+      const float* sm = sx.data() + m * groups;
+      for (int64_t g = 0; g < groups; ++g) correction[g] = sm[g] * 8.0f * xsum[m * groups + g];
+      #pragma omp parallel for schedule(static)
+      for (int64_t n = 0; n < N - 1; n += 2)
+        pair_rows_q4(xm, sm, correction.data(), packed, scale, bias, y + m * N, n, K, group);
+      if (N % 2)
+        y[m * N + N - 1] = row_q4_a8(xm, sm, xsum.data() + m * groups,
+                                     packed + (N - 1) * (K / 2), scale + (N - 1) * groups, K,
+                                     group) +
+                           (bias ? bias[N - 1] : 0.0f);
+    }
+    return;
+  }
+#endif
   #pragma omp parallel for schedule(static)
   for (int64_t n = 0; n < N; ++n)
     for (int64_t m = 0; m < M; ++m)
