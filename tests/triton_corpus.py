@@ -121,6 +121,9 @@ def quantized_launches() -> list[tuple[str, Launch]]:
             group,
         ),
         "bf16": QuantizedWeight("bf16", n, k, meta(n, k, d=torch.bfloat16), None),
+        "fp8_e4m3": QuantizedWeight(
+            "fp8_e4m3", n, k, meta(n, k, d=torch.float8_e4m3fn), meta(n, d=torch.float32)
+        ),
     }
     found = []
     for kind, weight in weights.items():

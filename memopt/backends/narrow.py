@@ -11,7 +11,10 @@
   element j in the low nibble of byte j for j < L/2, in the high nibble of byte j - L/2
   otherwise (two contiguous runs of x meet the two nibbles: no shuffles in a kernel);
   error at most `s / 2`;
-- "bf16": the weight rounded to bfloat16 (error at most 2^-9 relative).
+- "bf16": the weight rounded to bfloat16 (error at most 2^-9 relative);
+- "fp8_e4m3": float8 e4m3 (3 mantissa bits) with one scale per row mapping the row's
+  max to 448, the format's largest value (error at most 2^-4 relative, more for values
+  below its normal range). For GPUs: only the Triton kernel reads it.
 
 Each backend multiplies by them with its own kernel (`Backend.quantized_matmul`: the C++
 GEMV, the Triton tile loop, the reference's dequantize-then-mm), which reads these bytes.
@@ -23,7 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
-KINDS = ("int8", "int4", "bf16")
+KINDS = ("int8", "int4", "bf16", "fp8_e4m3")
+# The largest finite float8_e4m3fn value: a row's max maps to it.
+FP8_E4M3_MAX = 448.0
+# Formats whose values are integers times a scale per row (dequantized the same way).
+_ROW_SCALED = ("int8", "fp8_e4m3")
 
 
 @dataclass(frozen=True)
@@ -49,7 +56,7 @@ class QuantizedWeight:
         """W as float32 (N, K): the reference the kernels are tested against."""
         if self.kind == "bf16":
             return self.data.float()
-        if self.kind == "int8":
+        if self.kind in _ROW_SCALED:
             return self.data.float() * self.scale[:, None]
         return unpack_int4(self.data, self.group) * _per_element(self.scale, self.cols, self.group)
 
@@ -58,7 +65,7 @@ class QuantizedWeight:
         flat = index.reshape(-1)
         if self.kind == "bf16":
             rows = self.data[flat].float()
-        elif self.kind == "int8":
+        elif self.kind in _ROW_SCALED:
             rows = self.data[flat].float() * self.scale[flat][:, None]
         else:
             scale = _per_element(self.scale[flat], self.cols, self.group)
@@ -76,6 +83,10 @@ def quantize(weight: torch.Tensor, kind: str, group: int = 128) -> QuantizedWeig
     rows, cols = w.shape
     if kind == "bf16":
         return QuantizedWeight(kind, rows, cols, w.to(torch.bfloat16), None)
+    if kind == "fp8_e4m3":
+        scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / FP8_E4M3_MAX
+        data = (w / scale[:, None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+        return QuantizedWeight(kind, rows, cols, data, scale.contiguous())
     if kind == "int8":
         scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
         q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)

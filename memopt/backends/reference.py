@@ -41,7 +41,7 @@ import sympy
 import torch
 from torch.utils._sympy import functions as torch_sympy
 
-from memopt.backends.narrow import QuantizedWeight
+from memopt.backends.narrow import KINDS, QuantizedWeight
 from memopt.backends.registry import Backend, Feature, Sizes, Tensors, register_backend
 from memopt.compiler.kernel_ir import (
     INNER_REDUCE,
@@ -490,5 +490,6 @@ REFERENCE = register_backend(
             {Feature.MATMUL_TEMPLATES, Feature.IN_PLACE_OUTPUTS, Feature.NESTED_REDUCTIONS}
         ),
         quantized_matmul=quantized_matmul,
+        quantized_formats=frozenset(KINDS),
     )
 )

@@ -101,6 +101,8 @@ class Backend:
     # writing W out as float32, with int8 activations where the backend has them: the
     # precision pass's matmuls. None: the pass leaves the graph's weights alone.
     quantized_matmul: Callable[..., object] | None = None
+    # The narrow formats that matmul reads (backends/narrow.py KINDS).
+    quantized_formats: frozenset[str] = frozenset()
     # How the backend schedules a matmul template of (M, N, K; 16-bit operands), for decision
     # records.
     describe_template: Callable[[int, int, int, bool], str] | None = None

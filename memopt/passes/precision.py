@@ -127,7 +127,7 @@ class Precision(Pass):
     """Weights stored and read narrow (module doc). Off unless its options are given."""
 
     # The storage of every weight the pass narrows; "none" leaves weights as they are.
-    weights: Literal["none", "int8", "int4", "bf16"] = "none"
+    weights: Literal["none", "int8", "int4", "bf16", "fp8_e4m3"] = "none"
     # int4: elements per scale along a row (an even divisor of the row's length).
     group_size: int = field(default=128, metadata={"min": 2})
     # How the CPU kernels multiply int8 and int4 weights: "float32" widens the weights and
@@ -159,11 +159,12 @@ class Precision(Pass):
                 )
             return
         backend = ctx.kernel_backend(graph_device(gm))
-        if values is None or backend.quantized_matmul is None:
+        if values is None or self.weights not in backend.quantized_formats:
             reason = (
                 "the weights' values are not known at compile time (no real example inputs)"
                 if values is None
-                else f"backend {backend.name!r} has no dequantizing matmul"
+                else f"backend {backend.name!r} has no matmul reading {self.weights} weights"
+                + (" (fp8: the Triton kernel, for GPUs)" if self.weights == "fp8_e4m3" else "")
             )
             for c in candidates:
                 code = "no_values" if values is None else "unsupported"

@@ -91,6 +91,13 @@ def test_round_trip_error_is_within_half_a_step(cols: int, group: int) -> None:
     bf = quantize(w, "bf16")
     assert ((bf.dequantize() - w).abs() <= w.abs() * 2**-8).all()
     assert bf.nbytes == 24 * cols * 2
+    # fp8 e4m3: 3 mantissa bits (half an ulp: 2^-4 relative) in its normal range (past 2^-6
+    # of the row's scale), at most half its smallest subnormal step (2^-10 of it) below
+    f8 = quantize(w, "fp8_e4m3")
+    scale = w.abs().amax(dim=1, keepdim=True) / 448
+    bound = torch.maximum(w.abs() * 2**-4, scale * 2**-10)
+    assert ((f8.dequantize() - w).abs() <= bound * (1 + 1e-6)).all()
+    assert f8.nbytes == 24 * cols + 24 * 4
 
 
 def test_int4_needs_even_rows_and_groups() -> None:
@@ -103,10 +110,14 @@ def test_int4_needs_even_rows_and_groups() -> None:
 
 
 @pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
-@pytest.mark.parametrize("kind", ["int8", "int4", "bf16"])
+@pytest.mark.parametrize("kind", ["int8", "int4", "bf16", "fp8_e4m3"])
 @pytest.mark.parametrize("m", [1, 3, cpp_quantized.GEMV_ROWS + 5])
 def test_kernels_match_dequantize_then_matmul(backend: str, kind: str, m: int) -> None:
-    """Every backend's dequantizing matmul (Triton's under its interpreter)."""
+    """Every backend's dequantizing matmul (Triton's under its interpreter), for each format
+    it reads (fp8: Triton and the reference only)."""
+    if kind not in get_backend(backend).quantized_formats:
+        assert (backend, kind) == ("cpp", "fp8_e4m3")
+        return
     matmul = get_backend(backend).quantized_matmul
     g = torch.Generator().manual_seed(0)
     for n, k in ((37, 200), (8, 1376)):  # odd N; a row int4's groups of 128 do not divide
@@ -355,3 +366,21 @@ def test_shares_too_slow_to_measure_give_way_to_each_weights_own_error(monkeypat
     # the budget still applies, in order of the weights' own errors
     none = analyze(m, 3, **precision("int4", group_size=8, max_error=0.0))
     assert {code for code, _, _ in precision_decisions(none)} == {"precision.over_budget"}
+
+
+def test_fp8_weights_are_read_by_the_triton_kernel_and_refused_on_the_cpp_backend() -> None:
+    m, x = model(), ids(3)
+    cpp = analyze(m, 3, **precision("fp8_e4m3"))
+    assert {code for code, _, _ in precision_decisions(cpp)} == {"precision.unsupported"}
+    reason = next(d.reason for p in cpp.ledger if p.pass_name == "precision" for d in p.decisions)
+    assert "backend 'cpp' has no matmul reading fp8_e4m3 weights" in reason
+    triton = analyze(m, 3, backend="triton", **precision("fp8_e4m3"))
+    assert {code for code, applied, _ in precision_decisions(triton) if applied} == {
+        "precision.weight"
+    }
+    with torch.no_grad():
+        want = m(x)
+        got = torch.compile(
+            m, backend="memopt", options={"backend": "triton", **precision("fp8_e4m3")}
+        )(x)
+    assert 0 < (got - want).abs().max() / want.abs().max() < 0.2

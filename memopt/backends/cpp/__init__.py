@@ -29,6 +29,7 @@ CPP = register_backend(
         ),
         prefetch=prefetch_kernel,
         quantized_matmul=quantized_matmul,
+        quantized_formats=frozenset({"int8", "int4", "bf16"}),
     )
 )
 

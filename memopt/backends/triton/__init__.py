@@ -1,5 +1,6 @@
 """The Triton backend: Kernel IR -> Triton source -> GPU kernels (or the interpreter on CPU)."""
 
+from memopt.backends.narrow import KINDS
 from memopt.backends.registry import AttentionKernels, Backend, Feature, register_backend
 from memopt.backends.triton.attention import MAX_HEAD_DIM
 from memopt.backends.triton.attention_call import AttentionKernel
@@ -26,6 +27,7 @@ TRITON = register_backend(
         attention=AttentionKernels(max_head_dim=MAX_HEAD_DIM, make_target=AttentionKernel),
         describe_template=_describe_template,
         quantized_matmul=quantized_matmul,
+        quantized_formats=frozenset(KINDS),
     )
 )
 

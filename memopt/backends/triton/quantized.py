@@ -1,8 +1,8 @@
 """`x @ W^T` over narrow weights as one Triton kernel: the matmul tile loop with a
 dequantizing prologue.
 
-W (N, K) is stored as runtime/quantized.py's formats (int8 with a scale per row, packed
-int4 with a scale per group, bfloat16). Each program computes a [BLOCK_M, BLOCK_N] tile of
+W (N, K) is stored as backends/narrow.py's formats (int8 and fp8 e4m3 with a scale per
+row, packed int4 with a scale per group, bfloat16). Each program computes a [BLOCK_M, BLOCK_N] tile of
 y; its loop over K loads a [BLOCK_K, BLOCK_N] tile of the stored weight, widens it to
 float32 and applies the scales in registers (the prologue), and accumulates `tl.dot` in
 float32. The float32 weight exists one tile at a time, in registers: the kernel reads the
@@ -39,7 +39,7 @@ def memopt_dequant_matmul(
     mmask = rm < M
     nmask = rn < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if KIND == 8:
+    if KIND == 8 or KIND == 9:
         row_scale = tl.load(scale + rn, nmask, other=0.0)
     groups = (K + group - 1) // group
     for k0 in range(0, K, BLOCK_K):
@@ -49,6 +49,9 @@ def memopt_dequant_matmul(
         bmask = kmask[:, None] & nmask[None, :]
         if KIND == 8:
             q = tl.load(w + rn[None, :] * K + rk[:, None], bmask, other=0)
+            b = q.to(tl.float32) * row_scale[None, :]
+        elif KIND == 9:
+            q = tl.load(w + rn[None, :] * K + rk[:, None], bmask, other=0.0)
             b = q.to(tl.float32) * row_scale[None, :]
         elif KIND == 4:
             g = rk // group
@@ -68,7 +71,7 @@ def memopt_dequant_matmul(
     tl.store(y + rm[:, None] * sym + rn[None, :] * syn, acc, mmask[:, None] & nmask[None, :])
 """
 
-KINDS = {"int8": 8, "int4": 4, "bf16": 16}
+FORMATS = {"int8": 8, "int4": 4, "bf16": 16, "fp8_e4m3": 9}
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps) for M <= 16 (decode: tl.dot takes at least 16 rows, a
 # step's M = 1 masks the other 15; its time is the weight's bytes either way) and above.
 # The largest of the tried tiles that compile with no spills and no stack for sm_90 and
@@ -122,7 +125,7 @@ def dequant_matmul(
             *out.stride(),
         ),
         constexprs={
-            "KIND": KINDS[weight.kind],
+            "KIND": FORMATS[weight.kind],
             "HAS_BIAS": bias is not None,
             "BLOCK_M": block_m,
             "BLOCK_N": block_n,
