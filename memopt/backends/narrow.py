@@ -11,13 +11,14 @@
   element j in the low nibble of byte j for j < L/2, in the high nibble of byte j - L/2
   otherwise (two contiguous runs of x meet the two nibbles: no shuffles in a kernel);
   error at most `s / 2`;
-- "bf16": the weight rounded to bfloat16 (error at most 2^-9 relative);
+- "bf16": the weight rounded to bfloat16 (error at most 2^-8 relative);
 - "fp8_e4m3": float8 e4m3 (3 mantissa bits) with one scale per row mapping the row's
   max to 448, the format's largest value (error at most 2^-4 relative, more for values
   below its normal range). For GPUs: only the Triton kernel reads it.
 
 Each backend multiplies by them with its own kernel (`Backend.quantized_matmul`: the C++
-GEMV, the Triton tile loop, the reference's dequantize-then-mm), which reads these bytes.
+GEMV, the Triton tile loop, the reference's dequantize-then-mm), which reads these bytes;
+the GEMV and the Triton loop widen them in registers, never writing a float32 copy.
 """
 
 from __future__ import annotations
@@ -108,7 +109,8 @@ def quantize(weight: torch.Tensor, kind: str, group: int = 128) -> QuantizedWeig
 
 
 def unpack_int4(packed: torch.Tensor, group: int) -> torch.Tensor:
-    """Packed int4 rows (R, K/2) as float values in [-8, 7], (R, K)."""
+    """Packed int4 rows (R, K/2) as float values, (R, K): nibble - 8, in [-8, 7] (quantize
+    stores [-7, 7])."""
     parts = []
     for start in range(0, packed.shape[1], group // 2):
         b = packed[:, start : start + group // 2].to(torch.int32)

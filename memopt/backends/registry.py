@@ -97,9 +97,8 @@ class Backend:
     # Write the kernel's source into the cache without compiling it, for reports.
     source_file: Callable[[Kernel], Path] | None = None
     attention: AttentionKernels | None = None
-    # `x @ W^T` for float32 x (M, K) over a narrow weight (backends/narrow.py), never
-    # writing W out as float32, with int8 activations where the backend has them: the
-    # precision pass's matmuls. None: the pass leaves the graph's weights alone.
+    # `x @ W^T (+ bias)` for float32 x (M, K) over a narrow weight (backends/narrow.py),
+    # with int8 activations where the backend has them: the precision pass's matmuls.
     quantized_matmul: Callable[..., object] | None = None
     # The narrow formats that matmul reads (backends/narrow.py KINDS).
     quantized_formats: frozenset[str] = frozenset()

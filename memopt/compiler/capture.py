@@ -138,7 +138,10 @@ def _graph_values(
     """The real inputs AOTAutograd's graphs take, in order (the Dynamo graph's own
     parameters and buffers first, as AOTAutograd lifts them, then Dynamo's inputs), and
     each one's parameter name (None: not a parameter)."""
-    lifted = [*dynamo_gm.named_parameters(), *dynamo_gm.named_buffers()]
+    lifted = [
+        *dynamo_gm.named_parameters(remove_duplicate=False),
+        *dynamo_gm.named_buffers(remove_duplicate=False),
+    ]
     placeholders = [n for n in dynamo_gm.graph.nodes if n.op == "placeholder"]
     inputs = [value for _, value in lifted] + list(example_inputs)
     labels: list[str | None] = [
@@ -149,6 +152,14 @@ def _graph_values(
         is_parameter = isinstance(value, torch.nn.Parameter) and node is not None
         labels.append(_parameter_label(node) if is_parameter else None)
     return inputs, labels
+
+
+def _same_layout(real: torch.Tensor, fake: torch.Tensor) -> bool:
+    """Same dtype and rank, and the same size in every dim whose fake size is static (a
+    symbolic size is not compared: that would add a guard)."""
+    if (real.dtype, real.dim()) != (fake.dtype, fake.dim()):
+        return False
+    return all(not isinstance(f, int) or f == r for r, f in zip(real.shape, fake.shape))
 
 
 def _attach_values(

@@ -101,8 +101,14 @@ def relative_error(
     for want, got in zip(expected, actual):
         if want is None or got is None or not want.is_floating_point() or want.numel() == 0:
             continue
-        scale = want.abs().max().item()
-        diff = (got.float() - want.float()).abs().max().item()
+        want, got = want.float(), got.float()
+        if not torch.equal(torch.isfinite(want), torch.isfinite(got)):
+            return float("inf")  # NaN or infinity on one side only
+        finite = torch.isfinite(want)
+        if not finite.any():
+            continue
+        scale = want[finite].abs().max().item()
+        diff = (got - want)[finite].abs().max().item()
         worst = max(worst, diff / scale if scale else (0.0 if diff == 0 else float("inf")))
     return worst
 

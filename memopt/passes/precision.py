@@ -1,4 +1,4 @@
-"""precision: weights read narrow (int8, int4, bfloat16), with the error that costs. Opt-in.
+"""precision: weights read narrow (int8, int4, bfloat16, fp8), with the error it costs. Opt-in.
 
 A decode step reads every weight once; storing a weight in fewer bytes is the largest cut
 left after fusion. This pass changes results, so it never runs unless asked for: giving
@@ -16,8 +16,9 @@ tile loop on GPUs):
 - `w[index]` (an embedding lookup as capture decomposes it) becomes
   `QuantizedEmbedding(w, index)` (`embedding` decisions).
 
-Each parameter is quantized once, here (backends/narrow.py has the formats; each backend's
-kernel widens weights in registers and never writes the float32 weight out).
+Each parameter is quantized once, here (backends/narrow.py has the formats; the C++ GEMV
+and the Triton kernel widen weights in registers, never writing a float32 copy; the C++
+path for more than a few rows of x dequantizes 4 MiB tiles for the BLAS).
 A parameter read by several nodes (a tied embedding and output layer) has one narrow copy.
 
 The error is measured, not assumed: the graph runs on its example inputs as compiled and
@@ -149,7 +150,9 @@ class Precision(Pass):
         if not candidates:
             return
         if not ctx.graph_name.startswith("inference"):
-            for c in candidates:
+            # A forward graph knows its parameters (each refused once, here); a backward
+            # graph reads the same weights: nothing more to say.
+            for c in candidates if values is not None else ():
                 ctx.refuse(
                     "training",
                     f"{self.weights} {c.label}",
@@ -158,17 +161,22 @@ class Precision(Pass):
                     (c.placeholder.name,),
                 )
             return
+        if values is None:  # which inputs are weights is not known either: one record
+            ctx.refuse(
+                "no_values",
+                f"{self.weights} weights of the {ctx.graph_name} graph",
+                "its inputs' values are not known at compile time (no real example inputs): "
+                "weights can be neither told apart nor quantized",
+                0,
+            )
+            return
         backend = ctx.kernel_backend(graph_device(gm))
-        if values is None or self.weights not in backend.quantized_formats:
-            reason = (
-                "the weights' values are not known at compile time (no real example inputs)"
-                if values is None
-                else f"backend {backend.name!r} has no matmul reading {self.weights} weights"
-                + (" (fp8: the Triton kernel, for GPUs)" if self.weights == "fp8_e4m3" else "")
+        if self.weights not in backend.quantized_formats:
+            reason = f"backend {backend.name!r} has no matmul reading {self.weights} weights" + (
+                " (fp8: the Triton kernel, for GPUs)" if self.weights == "fp8_e4m3" else ""
             )
             for c in candidates:
-                code = "no_values" if values is None else "unsupported"
-                ctx.refuse(code, f"{self.weights} {c.label}", reason, c.fp32_nbytes)
+                ctx.refuse("unsupported", f"{self.weights} {c.label}", reason, c.fp32_nbytes)
             return
         chosen = self._quantize(gm, candidates, values, ctx)
         if not chosen:
@@ -236,6 +244,7 @@ class Precision(Pass):
                 if isinstance(u.node.target, (QuantizedMatmul, QuantizedEmbedding)):
                     u.node.target.exact = False
         gm.graph.eliminate_dead_code()
+        gm.recompile()  # restored nodes: the module's code is the graph's again
 
     def _quantize(
         self,
@@ -305,7 +314,12 @@ def _candidates(gm: torch.fx.GraphModule, values: GraphValues | None) -> list[_C
                 c.uses.append(_Use(node, False, transposed, original))
         elif node.target is aten.index.Tensor:
             indices = node.args[1]
-            if len(indices) == 1 and isinstance(indices[0], torch.fx.Node):
+            if (
+                len(indices) == 1
+                and isinstance(indices[0], torch.fx.Node)
+                and tensor_meta(indices[0]) is not None
+                and tensor_meta(indices[0]).dtype in (torch.int64, torch.int32)
+            ):  # a lookup by row numbers, not a boolean mask
                 c = candidate(node.args[0])
                 if c is not None:
                     c.uses.append(_Use(node, True, False, original))
@@ -372,11 +386,11 @@ def _bias_adds(c: _Candidate) -> list[tuple[torch.fx.Node, torch.fx.Node, torch.
         if add.target is not aten.add.Tensor or add.kwargs or len(add.args) != 2:
             continue
         bias = add.args[1] if add.args[0] is u.node else add.args[0]
+        if not isinstance(bias, torch.fx.Node) or bias.op != "placeholder":
+            continue  # a number, or a tensor computed in the graph
         meta, out = tensor_meta(bias), tensor_meta(u.node)
         if (
-            isinstance(bias, torch.fx.Node)
-            and bias.op == "placeholder"
-            and meta is not None
+            meta is not None
             and meta.dtype == torch.float32
             and list(meta.shape) == [out.shape[1]]
             and meta.stride[0] == 1
@@ -435,7 +449,14 @@ class _Measure:
     def _run(self, gm: torch.fx.GraphModule) -> list[object]:
         parameters = set(self.values.parameters)
         names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-        with unset_fake_temporarily(), torch.no_grad(), torch.random.fork_rng(devices=[]):
+        cuda = sorted(
+            {
+                v.device.index or 0
+                for v in self.values.inputs
+                if isinstance(v, torch.Tensor) and v.is_cuda
+            }
+        )
+        with unset_fake_temporarily(), torch.no_grad(), torch.random.fork_rng(devices=cuda):
             # Everything but the parameters is copied: the graph may update its inputs (a
             # cache).
             inputs = [
@@ -447,15 +468,26 @@ class _Measure:
         return list(out) if isinstance(out, (list, tuple)) else [out]
 
 
+def _difference(want: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
+    """(max |got - want|, max |want|) over want's finite elements; a value that is not
+    finite where want's is (or differs where want's is not) is an infinite difference."""
+    finite = torch.isfinite(want)
+    if not torch.equal(torch.isfinite(got), finite) or not torch.equal(
+        got[~finite].nan_to_num(), want[~finite].nan_to_num()
+    ):
+        return math.inf, 1.0
+    if not finite.any():
+        return 0.0, 0.0
+    return (got - want)[finite].abs().max().item(), want[finite].abs().max().item()
+
+
 def _compare(expected: list[object], actual: list[object], vocabulary: set[int]) -> Error:
     relative = absolute = 0.0
     kls = []
     for want, got in zip(expected, actual):
         if not isinstance(want, torch.Tensor) or not want.is_floating_point() or want.numel() == 0:
             continue
-        want, got = want.float(), got.float()
-        diff = (got - want).abs().max().item()
-        scale = want.abs().max().item()
+        diff, scale = _difference(want.float(), got.float())
         absolute = max(absolute, diff)
         relative = max(relative, diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf))
         if want.dim() >= 2 and want.shape[-1] in vocabulary:

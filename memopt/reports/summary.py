@@ -218,7 +218,7 @@ def _narrowed_weights(a: Analysis) -> list[str]:
         rows.append(
             [
                 d.what,
-                "narrowed" if d.applied else "kept (over budget)",
+                _verdict(d),
                 format_bytes(int(f["bytes_before"])),
                 format_bytes(int(f["bytes_after"])),
                 f"{f['weight_error']:.2e}",
@@ -228,10 +228,14 @@ def _narrowed_weights(a: Analysis) -> list[str]:
     header = ["weight", "", "before", "after", "own error", "share of output error"]
     lines = ["Narrowed weights (the precision pass; bytes a read modelled, errors measured)"]
     lines += format_table(header, rows, "llrrrr", max_widths=[48])
-    totals = {}
-    for d in decisions:
+    totals = {}  # a graph's final error: an applied decision's (refusals carry the one before)
+    for d in sorted(decisions, key=lambda d: not d.applied):
         totals.setdefault(d.graph, d.figures)
+    narrowed = {d.graph for d in decisions if d.applied}
     for graph, f in totals.items():
+        if graph not in narrowed:
+            lines.append(f"  {graph}: no weight narrowed")
+            continue
         kl = f", next-token KL {f['kl']:.2e} nats" if "kl" in f else ""
         lines.append(
             f"  {graph}: output error with every narrowed weight {f['total_error']:.2e} of the "
@@ -241,6 +245,12 @@ def _narrowed_weights(a: Analysis) -> list[str]:
         "  own error: ||W - narrow W|| / ||W||; share: the output error with it alone narrowed"
     )
     return lines
+
+
+def _verdict(d: Decision) -> str:
+    if d.applied:
+        return "narrowed"
+    return "kept (over budget)" if d.code.endswith("over_budget") else "kept (out of fuel)"
 
 
 def _decisions(p: PassSummary) -> list[str]:

@@ -31,6 +31,7 @@ from memopt.driver.measure import (
     run_step,
 )
 from memopt.errors import MemoptError
+from memopt.passes import OPT_IN_PASSES
 from memopt.reports.summary import format_bytes, format_table
 
 # Where each column's figure comes from; never mixed within a column.
@@ -273,6 +274,9 @@ def ablate(
     configs = [(name, passes, options) for name, passes in configurations(base.pass_names())]
     for kind in precision:
         narrowed = _with_weights(options, kind)  # an OptionError for a bad format, now
+        names = Config.from_options(narrowed).pass_names()
+        if "precision" not in names:  # an explicit pass list: the pass joins it at its place
+            narrowed["passes"] = _with_precision(names)
         configs.append(
             (f"all passes, {kind} weights", Config.from_options(narrowed).pass_names(), narrowed)
         )
@@ -364,6 +368,12 @@ def _with_weights(options: dict[str, object], kind: str) -> dict[str, object]:
     passes = dict(options.get("pass_options") or {})
     passes["precision"] = {**passes.get("precision", {}), "weights": kind}
     return {**options, "pass_options": passes}
+
+
+def _with_precision(names: Sequence[str]) -> list[str]:
+    after = OPT_IN_PASSES["precision"]
+    at = names.index(after) + 1 if after in names else 0
+    return [*names[:at], "precision", *names[at:]]
 
 
 def _weights(options: dict[str, object]) -> str | None:

@@ -384,3 +384,38 @@ def test_fp8_weights_are_read_by_the_triton_kernel_and_refused_on_the_cpp_backen
             m, backend="memopt", options={"backend": "triton", **precision("fp8_e4m3")}
         )(x)
     assert 0 < (got - want).abs().max() / want.abs().max() < 0.2
+
+
+def test_an_output_that_turns_nan_is_an_infinite_error() -> None:
+    from memopt.passes.precision import _compare
+
+    want = torch.tensor([[1.0, 2.0], [float("nan"), 4.0]])
+    same_nan = torch.tensor([[1.0, 2.5], [float("nan"), 4.0]])
+    assert _compare([want], [same_nan], set()).relative == pytest.approx(0.5 / 4)
+    new_nan = torch.tensor([[1.0, float("nan")], [float("nan"), 4.0]])
+    assert _compare([want], [new_nan], set()).relative == float("inf")
+
+
+class _Odd(nn.Module):
+    """A product plus a number (no bias to fold), and a boolean-mask read of a weight (no
+    embedding lookup)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(D, H, bias=False)
+        self.table = nn.Parameter(torch.randn(V, D))
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.fc(x) + 1.0, self.table[keep]
+
+
+def test_a_number_added_to_a_product_and_a_mask_read_are_left_alone() -> None:
+    torch.manual_seed(0)
+    m = _Odd().eval()
+    x, keep = torch.randn(2, D), torch.arange(V) % 3 == 0
+    with torch.no_grad():
+        a = memopt.analyze(m, x, keep, **precision("int8"))
+    assert precision_decisions(a) == [("precision.weight", True, "fc.weight")]
+    reasons = [d.reason for p in a.ledger if p.pass_name == "precision" for d in p.decisions]
+    assert "bias added" not in reasons[0]
+    assert not any("embedding" in k.ops[0] for k in a.kernels)

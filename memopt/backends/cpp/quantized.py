@@ -15,8 +15,9 @@ written anywhere. `y[m, n] = sum_k x[m, k] * W[n, k]`, W (N, K) stored row by ro
 - bf16: `W[n, k]` the high 16 bits of a float32.
 
 Rows of W are split across the OpenMP threads; each row is read once for all `M` rows of
-x (x stays in L1/L2: decode has M = 1). For larger M the caller dequantizes tiles of rows
-(`*_rows`) into a cache-resident buffer and hands them to the BLAS (runtime/quantized.py).
+x (x stays in L1/L2: decode has M = 1). For more than GEMV_ROWS rows `matmul` below
+dequantizes tiles of rows (`*_rows`, 4 MiB of float32, reused) and hands them to the BLAS:
+only there does a float32 copy of W exist, a tile at a time.
 """
 
 from __future__ import annotations
@@ -467,7 +468,7 @@ extern "C" void memopt_q8_matmul_a8(const float* x, const int8_t* q, const float
   std::vector<int32_t> xsum(M * blocks);
   quantize_x(x, M, K, B, xq.data(), sx.data(), xsum.data());
 #if MEMOPT_PAIRED_ROWS
-  if (K % B == 0 && B % 64 == 0) {
+  if (M == 1 && K % B == 0 && B % 64 == 0) {  // one row of x: W streams once
     for (int64_t m = 0; m < M; ++m) {
       float correction = 0.0f;  // the sign flip's 128 * sum(xq), scaled, over the blocks
       for (int64_t b = 0; b < blocks; ++b) correction += sx[m * blocks + b] * 128.0f * xsum[m * blocks + b];
@@ -501,7 +502,7 @@ extern "C" void memopt_q4_matmul_a8(const float* x, const uint8_t* packed, const
   std::vector<int32_t> xsum(M * groups);
   quantize_x(x, M, K, group, xq.data(), sx.data(), xsum.data());
 #if MEMOPT_PAIRED_ROWS
-  if (K % group == 0 && group % 128 == 0) {
+  if (M == 1 && K % group == 0 && group % 128 == 0) {  // one row of x: W streams once
     std::vector<float> correction(groups);  // the nibbles' offset: 8 * sum(xq) * sx, a group
     for (int64_t m = 0; m < M; ++m) {
       const int8_t* xm = xq.data() + m * K;

@@ -38,6 +38,7 @@ def memopt_dequant_matmul(
     rn = (pid % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
     mmask = rm < M
     nmask = rn < N
+    rows = rn.to(tl.int64)  # W's element offsets pass 2**31 on large vocabularies
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if KIND == 8 or KIND == 9:
         row_scale = tl.load(scale + rn, nmask, other=0.0)
@@ -48,10 +49,10 @@ def memopt_dequant_matmul(
         a = tl.load(x + rm[:, None] * sxm + rk[None, :] * sxk, mmask[:, None] & kmask[None, :], other=0.0)
         bmask = kmask[:, None] & nmask[None, :]
         if KIND == 8:
-            q = tl.load(w + rn[None, :] * K + rk[:, None], bmask, other=0)
+            q = tl.load(w + rows[None, :] * K + rk[:, None], bmask, other=0)
             b = q.to(tl.float32) * row_scale[None, :]
         elif KIND == 9:
-            q = tl.load(w + rn[None, :] * K + rk[:, None], bmask, other=0.0)
+            q = tl.load(w + rows[None, :] * K + rk[:, None], bmask, other=0.0)
             b = q.to(tl.float32) * row_scale[None, :]
         elif KIND == 4:
             g = rk // group
@@ -59,12 +60,12 @@ def memopt_dequant_matmul(
             half = tl.minimum(group, K - g * group) // 2
             high = j >= half
             byte = g * (group // 2) + tl.where(high, j - half, j)
-            packed = tl.load(w + rn[None, :] * (K // 2) + byte[:, None], bmask, other=0).to(tl.int32)
+            packed = tl.load(w + rows[None, :] * (K // 2) + byte[:, None], bmask, other=0).to(tl.int32)
             nibble = tl.where(high[:, None], packed >> 4, packed & 15) - 8
-            s = tl.load(scale + rn[None, :] * groups + g[:, None], bmask, other=0.0)
+            s = tl.load(scale + rows[None, :] * groups + g[:, None], bmask, other=0.0)
             b = nibble.to(tl.float32) * s
         else:
-            b = tl.load(w + rn[None, :] * K + rk[:, None], bmask, other=0.0).to(tl.float32)
+            b = tl.load(w + rows[None, :] * K + rk[:, None], bmask, other=0.0).to(tl.float32)
         acc += tl.dot(a, b, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias + rn, nmask, other=0.0)[None, :]
