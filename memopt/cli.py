@@ -238,6 +238,26 @@ def _pass_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="skip a pass (repeatable, or a comma list)",
     )
+    parser.add_argument(
+        "--pass-option",
+        action="append",
+        type=_pass_option,
+        metavar="PASS.OPTION=VALUE",
+        help="a pass option (repeatable): precision.weights=int8, fusion.max_nodes=16; the "
+        "value is read as JSON where it parses (numbers, true, null), else as a string",
+    )
+
+
+def _pass_option(text: str) -> tuple[str, str, object]:
+    name, sep, raw = text.partition("=")
+    pass_name, dot, option = name.partition(".")
+    if not sep or not dot or not pass_name or not option:
+        raise argparse.ArgumentTypeError(f"expected PASS.OPTION=VALUE, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return pass_name, option, value
 
 
 def _timing_arguments(parser: argparse.ArgumentParser) -> None:
@@ -565,6 +585,11 @@ def _options(args: argparse.Namespace) -> dict[str, object]:
         options["backend"] = args.backend
     if getattr(args, "check", False):
         options["check"] = True
+    if getattr(args, "pass_option", None):
+        pass_options: dict[str, dict[str, object]] = {}
+        for pass_name, option, value in args.pass_option:
+            pass_options.setdefault(pass_name, {})[option] = value
+        options["pass_options"] = pass_options
     return options
 
 

@@ -158,6 +158,18 @@ def test_report_passes_only_given_options(target_file, capsys):
     assert "options   disable=cleanup, fuel=0" in out
 
 
+def test_pass_options_on_the_command_line(capsys):
+    args = ["report", "mlp", "--pass-option", "precision.weights=int8"]
+    assert main([*args, "--pass-option", "precision.max_error=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "pass_options={'precision': {'weights': 'int8', 'max_error': 0.5}}" in out
+    assert "Narrowed weights" in out and out.count("  narrowed  ") == 2  # fc1, fc2
+    assert main(["report", "mlp", "--pass-option", "precision.weights=int3"]) == 2
+    assert "option 'weights' of pass 'precision' takes one of" in capsys.readouterr().err
+    assert main(["report", "mlp", "--pass-option", "precision"]) == 2
+    assert "expected PASS.OPTION=VALUE" in capsys.readouterr().err
+
+
 def test_report_training_on_mlp(capsys):
     assert main(["report", "mlp", "--train", "--top", "5"]) == 0
     out = capsys.readouterr().out

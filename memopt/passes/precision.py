@@ -13,8 +13,8 @@ tile loop on GPUs):
 - `mm(x, w.t())` and `mm(x, w)` (a linear layer; GPT-2's (in, out) Conv1D weight), w a
   float32 parameter and x float32, become `QuantizedMatmul(x, w)` (`weight` decisions);
   a bias added to the product alone (an (N,) input) is added by the kernel as it stores;
-- `w[index]` (an embedding lookup as capture decomposes it) becomes
-  `QuantizedEmbedding(w, index)` (`embedding` decisions).
+- `w[index]` and `index_select(w, 0, index)` (an embedding lookup as capture decomposes
+  it; integer row numbers) become `QuantizedEmbedding(w, index)` (`embedding` decisions).
 
 Each parameter is quantized once, here (backends/narrow.py has the formats; the C++ GEMV
 and the Triton kernel widen weights in registers, never writing a float32 copy; the C++
@@ -27,8 +27,9 @@ when those runs would take over SHARE_RUNS_S, the weight's own relative error st
 and the record says so).
 The error of a run is the largest `max |out - ref| / max |ref|` over the graph's floating
 outputs (relative to each output's scale, so logits and hidden states compare alike);
-for an output whose last dimension is an embedding table's row count (a language model's
-logits) the mean KL divergence of the next-token distributions is reported too. With a
+for an output whose last dimension is an embedding table's row count, or the width of a
+narrowed matmul the graph returns (a language model's logits), the mean KL divergence of
+the next-token distributions is reported too. With a
 `max_error` budget, weights are given back to float32, the largest share (or own error)
 first, until
 the error is within it (`over_budget`, each with its share).
@@ -58,6 +59,7 @@ from memopt.backends.runtime.quantized import (
     QuantizedParameter,
 )
 from memopt.compiler.capture import GRAPH_VALUES_KEY, GraphValues
+from memopt.compiler.cost import is_view
 from memopt.compiler.graph import copy_graph, evaluate, graph_device, tensor_meta
 from memopt.passes.base import Pass, PassContext
 from memopt.passes.registry import register_pass
@@ -78,6 +80,7 @@ class _Use:
     embedding: bool
     transposed: bool  # the parameter is (K, N) as mm takes it (no transpose in between)
     original: tuple[object, tuple, dict]  # target, args, kwargs before the rewrite
+    index: torch.fx.Node | None = None  # an embedding lookup's row numbers
 
 
 @dataclass
@@ -219,7 +222,7 @@ class Precision(Pass):
             applied = ctx.decide(
                 code,
                 f"{self.weights} {c.label} {list(tensor_meta(c.placeholder).shape)}",
-                f"{c.fp32_nbytes:,} B -> {narrow:,} B a read"
+                f"{c.fp32_nbytes:,} B -> {narrow:,} B stored"
                 + (f", bias added in the kernel ({len(adds)})" if adds else "")
                 + f"; {c.describe_share()}; with every narrowed weight {total}"
                 + (
@@ -312,18 +315,25 @@ def _candidates(gm: torch.fx.GraphModule, values: GraphValues | None) -> list[_C
             c = candidate(b if transposed else b.args[0])
             if c is not None:
                 c.uses.append(_Use(node, False, transposed, original))
-        elif node.target is aten.index.Tensor:
-            indices = node.args[1]
-            if (
-                len(indices) == 1
-                and isinstance(indices[0], torch.fx.Node)
-                and tensor_meta(indices[0]) is not None
-                and tensor_meta(indices[0]).dtype in (torch.int64, torch.int32)
-            ):  # a lookup by row numbers, not a boolean mask
-                c = candidate(node.args[0])
-                if c is not None:
-                    c.uses.append(_Use(node, True, False, original))
+        elif node.target in (aten.index.Tensor, aten.index_select.default):
+            index = _lookup_index(node)
+            c = candidate(node.args[0]) if index is not None else None
+            if c is not None:
+                c.uses.append(_Use(node, True, False, original, index))
     return list(found.values())
+
+
+def _lookup_index(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The row numbers of `w[index]` or `index_select(w, 0, index)` (an embedding lookup as
+    capture decomposes it); None for anything else (a boolean mask, another dim)."""
+    if node.target is aten.index.Tensor:
+        indices = node.args[1]
+        index = indices[0] if len(indices) == 1 else None
+    else:
+        index = node.args[2] if node.args[1] == 0 else None
+    if not isinstance(index, torch.fx.Node) or tensor_meta(index) is None:
+        return None
+    return index if tensor_meta(index).dtype in (torch.int64, torch.int32) else None
 
 
 def _unsupported(c: _Candidate, kind: str, group: int) -> str | None:
@@ -348,7 +358,7 @@ def _rewrite(c: _Candidate, backend: Backend) -> None:
     for u in c.uses:
         if u.embedding:
             u.node.target = QuantizedEmbedding(c.quantized)
-            u.node.args = (c.placeholder, u.node.args[1][0])
+            u.node.args = (c.placeholder, u.index)
         else:
             u.node.target = QuantizedMatmul(c.quantized, backend)
             u.node.args = (u.node.args[0], c.placeholder)
@@ -360,8 +370,9 @@ def _restore(c: _Candidate) -> None:
 
 
 def _figures(c: _Candidate, total: Error) -> dict[str, float]:
-    """The decision's figures for reports (Decision.figures): a read of the weight before
-    and after, its own error, its share, and the output error with every narrowed weight."""
+    """The decision's figures for reports (Decision.figures): the weight's bytes stored
+    before and after, its own error, its share, and the output error with every narrowed
+    weight."""
     figures = {
         "bytes_before": c.fp32_nbytes,
         "bytes_after": c.quantized.weight.nbytes,
@@ -410,11 +421,19 @@ def _saved_nbytes(c: _Candidate, ctx: PassContext) -> int:
     saved = 0
     for u in c.uses:
         if u.embedding:
-            count = evaluate(tensor_meta(u.node.args[1]).numel, ctx.bindings)
+            count = evaluate(tensor_meta(u.index).numel, ctx.bindings)
             saved += count * (narrow.cols * 4 - narrow.row_nbytes)
         else:
             saved += c.fp32_nbytes - narrow.nbytes
     return saved
+
+
+def _reaches_output(node: torch.fx.Node) -> bool:
+    """Whether the graph returns `node`'s value, as it is or through views."""
+    for user in node.users:
+        if user.op == "output" or (is_view(user) and _reaches_output(user)):
+            return True
+    return False
 
 
 class _Measure:
@@ -429,10 +448,18 @@ class _Measure:
         chosen: list[_Candidate],
     ) -> None:
         self.gm, self.values, self.chosen = gm, values, chosen
+        # Logits: outputs as wide as an embedding table has rows, or as a narrowed
+        # matmul that an output reads (through views) has columns (an output layer).
         self.vocabulary = {
             int(tensor_meta(c.placeholder).shape[0])
             for c in chosen
             if any(u.embedding for u in c.uses)
+        }
+        self.vocabulary |= {
+            c.quantized.weight.rows
+            for c in chosen
+            for u in c.uses
+            if not u.embedding and _reaches_output(u.node)
         }
         start = time.perf_counter()
         self.expected = self._run(reference)

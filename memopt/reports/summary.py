@@ -204,8 +204,9 @@ def _ledger(a: Analysis) -> list[str]:
 
 
 def _narrowed_weights(a: Analysis) -> list[str]:
-    """The precision pass's weights, each with its bytes a read before and after, its own
-    error and its share of the output error (modelled bytes; measured errors)."""
+    """The precision pass's weights, each with its bytes stored before and after, its own
+    error and its share of the output error (measured). What a run reads of them is in the
+    ledger: a whole matrix a matmul, one row a lookup."""
     decisions = [
         d for p in a.ledger if p.pass_name == "precision" for d in p.decisions if d.figures
     ]
@@ -226,7 +227,7 @@ def _narrowed_weights(a: Analysis) -> list[str]:
             ]
         )
     header = ["weight", "", "before", "after", "own error", "share of output error"]
-    lines = ["Narrowed weights (the precision pass; bytes a read modelled, errors measured)"]
+    lines = ["Narrowed weights (the precision pass; bytes stored, errors measured)"]
     lines += format_table(header, rows, "llrrrr", max_widths=[48])
     totals = {}  # a graph's final error: an applied decision's (refusals carry the one before)
     for d in sorted(decisions, key=lambda d: not d.applied):

@@ -419,3 +419,15 @@ def test_a_number_added_to_a_product_and_a_mask_read_are_left_alone() -> None:
     reasons = [d.reason for p in a.ledger if p.pass_name == "precision" for d in p.decisions]
     assert "bias added" not in reasons[0]
     assert not any("embedding" in k.ops[0] for k in a.kernels)
+
+
+def test_a_lookup_by_a_vector_of_ids_is_an_index_select_read_narrow() -> None:
+    """Rows looked up by a 1-D index reach the pass as index_select (capture's embedding
+    decomposition): one narrow row and its scale read per id."""
+    m = model()
+    with torch.no_grad():
+        a = memopt.analyze(m, ids(4)[0], **precision("int8"))
+    lookup = next(k for k in a.kernels if k.ops[0] == "memopt.int8_embedding")
+    assert lookup.read_bytes == 4 * 8 + 4 * (D + 4)
+    reason = next(d.reason for p in a.ledger if p.pass_name == "precision" for d in p.decisions)
+    assert "next-token KL" in reason  # the head's output is the graph's: logits
