@@ -178,10 +178,7 @@ def _attach_values(
     for value, fake in zip(inputs, example_inputs):
         if isinstance(value, torch.Tensor) != isinstance(fake, torch.Tensor):
             return
-        if isinstance(value, torch.Tensor) and (value.dtype, value.dim()) != (
-            fake.dtype,
-            fake.dim(),
-        ):
+        if isinstance(value, torch.Tensor) and not _same_layout(value, fake):
             return
     parameters = {p.name: label for p, label in zip(placeholders, labels) if label is not None}
     gm.meta[GRAPH_VALUES_KEY] = GraphValues(inputs, parameters)

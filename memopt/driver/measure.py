@@ -11,6 +11,7 @@ included.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +22,7 @@ import torch.utils._pytree as pytree
 from memopt.compiler.capture import aot_backend, backward_seeds, clone_inputs, fresh_entry
 from memopt.config import Config
 from memopt.driver.dynamo import CompileSession
+from memopt.passes.precision import difference
 
 
 def compile_program(fn: Callable, options: Mapping[str, object], dynamic: bool = False) -> Callable:
@@ -96,20 +98,14 @@ def mismatch(
 def relative_error(
     expected: Sequence[torch.Tensor | None], actual: Sequence[torch.Tensor | None]
 ) -> float:
-    """The largest `max |actual - expected| / max |expected|` over the floating tensors."""
+    """The largest `max |actual - expected| / max |expected|` over the floating tensors
+    (the precision pass's measure: non-finite values that differ are infinitely wrong)."""
     worst = 0.0
     for want, got in zip(expected, actual):
         if want is None or got is None or not want.is_floating_point() or want.numel() == 0:
             continue
-        want, got = want.float(), got.float()
-        if not torch.equal(torch.isfinite(want), torch.isfinite(got)):
-            return float("inf")  # NaN or infinity on one side only
-        finite = torch.isfinite(want)
-        if not finite.any():
-            continue
-        scale = want[finite].abs().max().item()
-        diff = (got - want)[finite].abs().max().item()
-        worst = max(worst, diff / scale if scale else (0.0 if diff == 0 else float("inf")))
+        diff, scale = difference(want.float(), got.float())
+        worst = max(worst, diff / scale if scale else (0.0 if diff == 0 else math.inf))
     return worst
 
 

@@ -6,9 +6,9 @@ its options (`pass_options={"precision": {"weights": "int8"}}`) puts it in the p
 right after cleanup.
 
 What it rewrites, in inference graphs whose weights' values are known at compile time
-(capture.GraphValues: Dynamo hands the backend the model's parameters), on a backend with
-a dequantizing matmul (`Backend.quantized_matmul`: the C++ GEMV on the CPU, the Triton
-tile loop on GPUs):
+(capture.GraphValues: Dynamo hands the backend the model's parameters), on a backend whose
+dequantizing matmul (`Backend.quantized_matmul`: the C++ GEMV on the CPU, the Triton tile
+loop on GPUs) reads the format (`Backend.quantized_formats`):
 
 - `mm(x, w.t())` and `mm(x, w)` (a linear layer; GPT-2's (in, out) Conv1D weight), w a
   float32 parameter and x float32, become `QuantizedMatmul(x, w)` (`weight` decisions);
@@ -26,18 +26,18 @@ with every chosen weight narrowed, and once with each weight alone narrowed (its
 when those runs would take over SHARE_RUNS_S, the weight's own relative error stands in,
 and the record says so).
 The error of a run is the largest `max |out - ref| / max |ref|` over the graph's floating
-outputs (relative to each output's scale, so logits and hidden states compare alike);
-for an output whose last dimension is an embedding table's row count, or the width of a
-narrowed matmul the graph returns (a language model's logits), the mean KL divergence of
-the next-token distributions is reported too. With a
-`max_error` budget, weights are given back to float32, the largest share (or own error)
-first, until
+outputs (relative to each output's scale, so logits and hidden states compare alike; a
+value no longer finite is an infinite error); for an output a narrowed matmul returns, as
+it is or through views (an output layer: a language model's logits), the mean KL
+divergence of the softmax over its last dim is reported too. With a `max_error` budget,
+weights are given back to float32, the largest share (or own error) first, until
 the error is within it (`over_budget`, each with its share).
 
 Refused, visibly: graphs that train (`training`: a narrow copy would not get the
-parameter's gradient), inputs whose values are not known at compile time (`no_values`:
-the weights cannot be quantized, nor the error measured), backends without a dequantizing
-matmul, weights that are not float32, or rows int4 cannot pack (odd lengths; `unsupported`).
+parameter's gradient), graphs whose inputs' values are not known at compile time
+(`no_values`, one record a graph: weights can be neither told apart nor quantized), a
+backend whose matmul does not read the format (fp8 on the CPU), weights that are not
+float32, or rows int4 cannot pack (odd lengths; `unsupported`).
 """
 
 from __future__ import annotations
@@ -203,6 +203,11 @@ class Precision(Pass):
                 kept.remove(c)
                 refused.append((c, total))
                 total = measure.error(kept)
+        fuel = ctx.record.fuel
+        if fuel.limit is not None and len(kept) > fuel.limit - fuel.used:
+            # The decisions past the fuel are refused below: the error stated is that of
+            # the weights that will be narrowed.
+            total = measure.error(kept[: max(fuel.limit - fuel.used, 0)])
         for c, before in refused:
             _restore(c)
             ctx.refuse(
@@ -210,7 +215,7 @@ class Precision(Pass):
                 f"{self.weights} {c.label}",
                 f"with it the error is {before.relative:.2e} of the output's scale, over "
                 f"max_error {self.max_error:g}; {c.describe_share()}",
-                c.fp32_nbytes - c.quantized.weight.nbytes,
+                _saved_nbytes(c, ctx),
                 (c.placeholder.name,),
                 figures=_figures(c, before),
             )
@@ -428,12 +433,13 @@ def _saved_nbytes(c: _Candidate, ctx: PassContext) -> int:
     return saved
 
 
-def _reaches_output(node: torch.fx.Node) -> bool:
-    """Whether the graph returns `node`'s value, as it is or through views."""
-    for user in node.users:
-        if user.op == "output" or (is_view(user) and _reaches_output(user)):
-            return True
-    return False
+def _view_of(value: torch.fx.Node, node: torch.fx.Node) -> bool:
+    """Whether `value` is `node` or a chain of views of it."""
+    while value is not node:
+        if not is_view(value) or not value.args or not isinstance(value.args[0], torch.fx.Node):
+            return False
+        value = value.args[0]
+    return True
 
 
 class _Measure:
@@ -448,18 +454,17 @@ class _Measure:
         chosen: list[_Candidate],
     ) -> None:
         self.gm, self.values, self.chosen = gm, values, chosen
-        # Logits: outputs as wide as an embedding table has rows, or as a narrowed
-        # matmul that an output reads (through views) has columns (an output layer).
-        self.vocabulary = {
-            int(tensor_meta(c.placeholder).shape[0])
-            for c in chosen
-            if any(u.embedding for u in c.uses)
-        }
-        self.vocabulary |= {
-            c.quantized.weight.rows
+        # Logits: the outputs a narrowed matmul returns, as they are or through views (an
+        # output layer); their last dim is taken as a distribution (next-token KL).
+        returned = [n for n in gm.graph.nodes if n.op == "output"][0].args[0]
+        returned = list(returned) if isinstance(returned, (list, tuple)) else [returned]
+        self.logits = {
+            position
             for c in chosen
             for u in c.uses
-            if not u.embedding and _reaches_output(u.node)
+            if not u.embedding
+            for position, value in enumerate(returned)
+            if isinstance(value, torch.fx.Node) and _view_of(value, u.node)
         }
         start = time.perf_counter()
         self.expected = self._run(reference)
@@ -471,7 +476,7 @@ class _Measure:
                 u.node.target.exact = c not in narrowed
         actual = self._run(self.gm)
         with unset_fake_temporarily():
-            return _compare(self.expected, actual, self.vocabulary)
+            return _compare(self.expected, actual, self.logits)
 
     def _run(self, gm: torch.fx.GraphModule) -> list[object]:
         parameters = set(self.values.parameters)
@@ -495,9 +500,10 @@ class _Measure:
         return list(out) if isinstance(out, (list, tuple)) else [out]
 
 
-def _difference(want: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
+def difference(want: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
     """(max |got - want|, max |want|) over want's finite elements; a value that is not
-    finite where want's is (or differs where want's is not) is an infinite difference."""
+    finite where want's is, or another non-finite value where want's is not (NaN for
+    infinity, or an infinity of the other sign), is an infinite difference."""
     finite = torch.isfinite(want)
     if not torch.equal(torch.isfinite(got), finite) or not torch.equal(
         got[~finite].nan_to_num(), want[~finite].nan_to_num()
@@ -508,17 +514,30 @@ def _difference(want: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
     return (got - want)[finite].abs().max().item(), want[finite].abs().max().item()
 
 
-def _compare(expected: list[object], actual: list[object], vocabulary: set[int]) -> Error:
+def _compare(expected: list[object], actual: list[object], logits: set[int]) -> Error:
     relative = absolute = 0.0
     kls = []
-    for want, got in zip(expected, actual):
+    for position, (want, got) in enumerate(zip(expected, actual)):
         if not isinstance(want, torch.Tensor) or not want.is_floating_point() or want.numel() == 0:
             continue
-        diff, scale = _difference(want.float(), got.float())
+        want, got = want.float(), got.float()
+        diff, scale = difference(want, got)
         absolute = max(absolute, diff)
         relative = max(relative, diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf))
-        if want.dim() >= 2 and want.shape[-1] in vocabulary:
-            p = torch.log_softmax(want, dim=-1)
-            q = torch.log_softmax(got, dim=-1)
-            kls.append((p.exp() * (p - q)).sum(-1).mean().item())
+        if position in logits and want.dim() >= 1:
+            kls.append(_kl(want, got))
     return Error(relative, absolute, max(kls) if kls else None)
+
+
+def _kl(want: torch.Tensor, got: torch.Tensor) -> float:
+    """Mean KL(softmax(want) || softmax(got)) over the rows (last dim) whose values are all
+    finite in both; infinite when a row finite in want is not in got."""
+    rows_want = torch.isfinite(want).all(dim=-1)
+    rows_got = torch.isfinite(got).all(dim=-1)
+    if (rows_want & ~rows_got).any():
+        return math.inf
+    if not rows_want.any():
+        return 0.0
+    p = torch.log_softmax(want[rows_want], dim=-1)
+    q = torch.log_softmax(got[rows_want], dim=-1)
+    return (p.exp() * (p - q)).sum(-1).mean().item()

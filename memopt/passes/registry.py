@@ -17,6 +17,7 @@ class: passes/__init__.py imports every module of the package.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -112,7 +113,7 @@ def _checker(annotation: object, minimum: float | None) -> tuple[str, Callable[[
         choices = ", ".join(repr(a) for a in args)
         return f"one of {choices}", lambda value: _member(value, args)
     if origin is tuple and args[1:] == (Ellipsis,) and args[0] is str:
-        return "a list of names", _names
+        return "a list of names (or a comma-separated string)", _names
     if annotation is bool:
         return "True or False", lambda value: _typed(value, bool)
     if annotation in (int, float):
@@ -133,6 +134,8 @@ def _typed(value: object, kind: type) -> object:
 
 
 def _bounded(value: object, minimum: float | None) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError  # NaN passes every comparison; an infinite bound is no bound
     if minimum is not None and value < minimum:  # type: ignore[operator]
         raise ValueError
     return value
@@ -145,7 +148,9 @@ def _member(value: object, choices: tuple[object, ...]) -> object:
 
 
 def _names(value: object) -> tuple[str, ...]:
-    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+    if isinstance(value, str):  # "mul_3,aten.sin": a comma list, as the command line gives it
+        return tuple(name.strip() for name in value.split(",") if name.strip())
+    if not isinstance(value, (list, tuple)):
         raise ValueError
     if not all(isinstance(v, str) for v in value):
         raise ValueError

@@ -364,10 +364,15 @@ def _measured(
 
 
 def _with_weights(options: dict[str, object], kind: str) -> dict[str, object]:
-    """`options` with the precision pass narrowing weights to `kind`."""
+    """`options` with the precision pass narrowing weights to `kind` (run even where
+    `disable` names it: the row is asked for by name)."""
     passes = dict(options.get("pass_options") or {})
     passes["precision"] = {**passes.get("precision", {}), "weights": kind}
-    return {**options, "pass_options": passes}
+    disable = options.get("disable") or ()
+    if isinstance(disable, str):
+        disable = disable.split(",")
+    kept = [name.strip() for name in disable if name.strip() != "precision"]
+    return {**options, "pass_options": passes, "disable": kept}
 
 
 def _with_precision(names: Sequence[str]) -> list[str]:

@@ -396,29 +396,94 @@ def test_an_output_that_turns_nan_is_an_infinite_error() -> None:
     assert _compare([want], [new_nan], set()).relative == float("inf")
 
 
-class _Odd(nn.Module):
-    """A product plus a number (no bias to fold), and a boolean-mask read of a weight (no
-    embedding lookup)."""
-
+class _PlusOne(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.fc = nn.Linear(D, H, bias=False)
-        self.table = nn.Parameter(torch.randn(V, D))
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.fc(x) + 1.0, self.table[keep]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + 1.0
 
 
-def test_a_number_added_to_a_product_and_a_mask_read_are_left_alone() -> None:
+def test_a_number_added_to_a_product_stays_an_add() -> None:
     torch.manual_seed(0)
-    m = _Odd().eval()
-    x, keep = torch.randn(2, D), torch.arange(V) % 3 == 0
+    m = _PlusOne().eval()
     with torch.no_grad():
-        a = memopt.analyze(m, x, keep, **precision("int8"))
+        a = memopt.analyze(m, torch.randn(2, D), **precision("int8"))
     assert precision_decisions(a) == [("precision.weight", True, "fc.weight")]
     reasons = [d.reason for p in a.ledger if p.pass_name == "precision" for d in p.decisions]
     assert "bias added" not in reasons[0]
-    assert not any("embedding" in k.ops[0] for k in a.kernels)
+    (matmul,) = [k for k in a.kernels if k.ops[0] == "memopt.int8_matmul"]
+    assert matmul.read_bytes == 2 * D * 4 + H * D + H * 4  # x and the weight: no bias
+
+
+def test_only_integer_row_numbers_make_a_lookup() -> None:
+    """On a traced graph: `w[rows]` and `index_select(w, 0, rows)` are lookups; a boolean
+    mask, or index_select along another dim, is not."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from memopt.compiler.graph import annotate
+    from memopt.passes.precision import _lookup_index
+
+    w, rows, keep = torch.randn(V, D), torch.tensor([3, 1]), torch.arange(V) % 3 == 0
+
+    def reads(w, rows, keep):
+        return w[rows], torch.index_select(w, 0, rows), w[keep], torch.index_select(w, 1, rows)
+
+    gm = make_fx(reads)(w, rows, keep)
+    annotate(gm)
+    found = {
+        str(n.target).split(".")[1] + ("_dim1" if n.args[1] == 1 else ""): _lookup_index(n)
+        for n in gm.graph.nodes
+        if n.op == "call_function"
+        and n.target in (torch.ops.aten.index.Tensor, torch.ops.aten.index_select.default)
+    }
+    rows_node = next(
+        n for n in gm.graph.nodes if n.op == "placeholder" and n.name.startswith("rows")
+    )
+    assert found["index_select"] is rows_node and found["index_select_dim1"] is None
+    masked = [n for n in gm.graph.nodes if n.target is torch.ops.aten.index.Tensor]
+    assert [_lookup_index(n) for n in masked] == [rows_node, None]
+
+
+class _Untied(nn.Module):
+    """An untied, bias-free output layer: its logits are the graph's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(V, D)
+        self.head = nn.Linear(D, V + 3, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.embed(ids)
+        return h * 2, self.head(h)
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(V, D)
+        self.fc = nn.Linear(D, D, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        return h + self.fc(h)
+
+
+def test_next_token_kl_is_taken_over_what_an_output_layer_returns() -> None:
+    torch.manual_seed(0)
+    m = _Untied().eval()
+    with torch.no_grad():
+        a = memopt.analyze(m, ids(3), **precision("int8"))
+    figures = [d.figures for p in a.ledger if p.pass_name == "precision" for d in p.decisions]
+    assert len(figures) == 2 and all(f["kl"] > 0 for f in figures)
+    # a residual added after the matmul: what the graph returns is not a layer's logits
+    with torch.no_grad():
+        residual = memopt.analyze(_Residual().eval(), ids(3), **precision("int8"))
+    figures = [
+        d.figures for p in residual.ledger if p.pass_name == "precision" for d in p.decisions
+    ]
+    assert figures and not any("kl" in f for f in figures)
 
 
 def test_a_lookup_by_a_vector_of_ids_is_an_index_select_read_narrow() -> None:

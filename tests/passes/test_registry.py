@@ -25,6 +25,13 @@ from memopt.passes import (
 aten = torch.ops.aten
 
 
+def test_a_list_of_names_may_be_a_comma_separated_string():
+    pipeline = Config.from_options(
+        {"pass_options": {"recompute": {"must_recompute": "sin, mul_3"}}}
+    )
+    assert pipeline.pipeline().instance("recompute").must_recompute == ("sin", "mul_3")
+
+
 @pytest.mark.parametrize(
     ("pass_options", "message"),
     [
@@ -36,7 +43,14 @@ aten = torch.ops.aten
         ({"fusion": {"max_nodes": True}}, "an integer >= 1, got True"),
         ({"fusion": {"matmul_templates": "maybe"}}, "'matmul_templates'"),
         ({"recompute": {"max_saved_bytes": -1}}, "'max_saved_bytes' of pass 'recompute'"),
-        ({"recompute": {"must_recompute": "sin"}}, "a list of names, got 'sin'"),
+        (
+            {"recompute": {"must_recompute": 3}},
+            "a list of names (or a comma-separated string), got 3",
+        ),
+        (
+            {"precision": {"max_error": float("nan")}},
+            "'max_error' of pass 'precision' takes a number",
+        ),
         ({"recompute": {"duplicate": 1}}, "'duplicate' of pass 'recompute' takes True or False"),
         ({"layout": {"onednn": True}}, "unknown option 'onednn' of pass 'layout'"),
     ],

@@ -39,6 +39,7 @@ def memopt_dequant_matmul(
     mmask = rm < M
     nmask = rn < N
     rows = rn.to(tl.int64)  # W's element offsets pass 2**31 on large vocabularies
+    xrows = rm.to(tl.int64)  # and x's and y's on long prefills
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if KIND == 8 or KIND == 9:
         row_scale = tl.load(scale + rn, nmask, other=0.0)
@@ -46,7 +47,7 @@ def memopt_dequant_matmul(
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         kmask = rk < K
-        a = tl.load(x + rm[:, None] * sxm + rk[None, :] * sxk, mmask[:, None] & kmask[None, :], other=0.0)
+        a = tl.load(x + xrows[:, None] * sxm + rk[None, :] * sxk, mmask[:, None] & kmask[None, :], other=0.0)
         bmask = kmask[:, None] & nmask[None, :]
         if KIND == 8:
             q = tl.load(w + rows[None, :] * K + rk[:, None], bmask, other=0)
@@ -69,7 +70,7 @@ def memopt_dequant_matmul(
         acc += tl.dot(a, b, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias + rn, nmask, other=0.0)[None, :]
-    tl.store(y + rm[:, None] * sym + rn[None, :] * syn, acc, mmask[:, None] & nmask[None, :])
+    tl.store(y + xrows[:, None] * sym + rows[None, :] * syn, acc, mmask[:, None] & nmask[None, :])
 """
 
 FORMATS = {"int8": 8, "int4": 4, "bf16": 16, "fp8_e4m3": 9}
