@@ -111,12 +111,10 @@ class Traffic:
         return self.weight_nbytes + self.kv_read_nbytes + self.kv_write_nbytes
 
 
-def narrow_weight_nbytes(model: torch.nn.Module, weights: str, group: int = 128) -> int:
-    """Compulsory weight bytes of a step with the precision pass's `weights` format: every
-    2-D weight narrowed (an embedding table not shared with the output layer: one row),
-    the rest float32."""
-    from memopt.backends.narrow import quantize
-
+def weights_read(model: torch.nn.Module, nbytes_of) -> int:
+    """Bytes a decode step reads of the weights, each parameter stored as `nbytes_of(param)`
+    says: every parameter once (shared ones once), an embedding table not shared with the
+    output layer only at its row."""
     output = model.get_output_embeddings().weight
     total = 0
     seen = set()
@@ -125,27 +123,27 @@ def narrow_weight_nbytes(model: torch.nn.Module, weights: str, group: int = 128)
             if param.data_ptr() in seen:
                 continue
             seen.add(param.data_ptr())
-            nbytes = quantize(param, weights, group).nbytes if param.dim() == 2 else param.nbytes
             rows_read = (
                 isinstance(module, torch.nn.Embedding) and param.data_ptr() != output.data_ptr()
             )
+            nbytes = nbytes_of(param)
             total += nbytes // param.shape[0] if rows_read else nbytes
     return total
 
 
+def narrow_weight_nbytes(model: torch.nn.Module, weights: str, group: int = 128) -> int:
+    """Compulsory weight bytes of a step with the precision pass's `weights` format: every
+    2-D weight narrowed, the rest float32."""
+    from memopt.backends.narrow import quantize
+
+    return weights_read(
+        model, lambda p: quantize(p, weights, group).nbytes if p.dim() == 2 else p.nbytes
+    )
+
+
 def step_traffic(model: torch.nn.Module, context: int) -> Traffic:
+    weights = weights_read(model, lambda p: p.nbytes)
     output = model.get_output_embeddings().weight
-    weights = 0
-    seen = set()
-    for module in model.modules():
-        for param in module.parameters(recurse=False):
-            if param.data_ptr() in seen:
-                continue
-            seen.add(param.data_ptr())
-            rows_read = (
-                isinstance(module, torch.nn.Embedding) and param.data_ptr() != output.data_ptr()
-            )
-            weights += (param[0] if rows_read else param).nbytes
     config = model.config
     layers = config.num_hidden_layers
     heads = config.num_attention_heads

@@ -192,7 +192,7 @@ def test_option_validation() -> None:
     with pytest.raises(OptionError, match="max_saved_bytes"):
         Config.from_options({"pass_options": {"recompute": {"max_saved_bytes": "1k"}}})
     with pytest.raises(OptionError, match="must_recompute"):
-        Config.from_options({"pass_options": {"recompute": {"must_recompute": "sin"}}})
+        Config.from_options({"pass_options": {"recompute": {"must_recompute": 7}}})
     with pytest.raises(OptionError, match="valid options"):
         Config.from_options({"pass_options": {"recompute": {"budget": 1}}})
 

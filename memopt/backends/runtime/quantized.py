@@ -73,23 +73,34 @@ def _fake(value: torch.Tensor) -> bool:
     return isinstance(value, FakeTensor) or value.device.type == "meta"
 
 
-class QuantizedMatmul:
+class _NarrowTarget:
+    """What both targets share: the parameter's narrow copy, the name reports show
+    ("memopt.int8_matmul"), and `exact` (compute with the original weight)."""
+
+    memopt_kind = "extern"
+    operation = ""
+
+    def __init__(self, parameter: QuantizedParameter) -> None:
+        self.parameter = parameter
+        self.exact = False
+        self.__name__ = f"{parameter.kind}_{self.operation}"
+        self.memopt_name = f"memopt.{self.__name__}"
+        self.memopt_ops = (self.memopt_name,)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.parameter.kind}, {self.parameter.label})"
+
+
+class QuantizedMatmul(_NarrowTarget):
     """Callable target: `qmm(x, w[, bias])` = `mm(x, w.t()) (+ bias)` (or `mm(x, w)` for a
     (K, N) parameter), x (M, K) float32, with w read as its narrow copy; the bias (N,), when
     the pass folded the add after the mm in, added as the kernel stores each output."""
 
-    memopt_kind = "extern"
+    operation = "matmul"
 
     def __init__(self, parameter: QuantizedParameter, backend: Backend) -> None:
-        self.parameter = parameter
+        super().__init__(parameter)
         self.backend = backend
-        self.exact = False
-        self.__name__ = f"{parameter.kind}_matmul"
-        self.memopt_name = f"memopt.{parameter.kind}_matmul"
-        self.memopt_ops = (self.memopt_name,)
-
-    def __repr__(self) -> str:
-        return f"QuantizedMatmul({self.parameter.kind}, {self.parameter.label})"
 
     def memopt_cost(self, node: torch.fx.Node) -> Cost:
         """x (and the bias) read once, the narrow weight once, the output written once."""
@@ -112,20 +123,10 @@ class QuantizedMatmul:
         return self.backend.quantized_matmul(x, weight, self.parameter.int8_activations, bias)
 
 
-class QuantizedEmbedding:
+class QuantizedEmbedding(_NarrowTarget):
     """Callable target: `qembedding(w, index)` = `w[index]`, read from w's narrow copy."""
 
-    memopt_kind = "extern"
-
-    def __init__(self, parameter: QuantizedParameter) -> None:
-        self.parameter = parameter
-        self.exact = False
-        self.__name__ = f"{parameter.kind}_embedding"
-        self.memopt_name = f"memopt.{parameter.kind}_embedding"
-        self.memopt_ops = (self.memopt_name,)
-
-    def __repr__(self) -> str:
-        return f"QuantizedEmbedding({self.parameter.kind}, {self.parameter.label})"
+    operation = "embedding"
 
     def memopt_cost(self, node: torch.fx.Node) -> Cost:
         """The index read, one narrow row per index, the output written once."""
