@@ -143,7 +143,9 @@ def _graph_values(
         *dynamo_gm.named_buffers(remove_duplicate=False),
     ]
     placeholders = [n for n in dynamo_gm.graph.nodes if n.op == "placeholder"]
-    inputs = [value for _, value in lifted] + list(example_inputs)
+    # A size Dynamo made dynamic comes as a SymInt: its example value is its hint (reading
+    # it this way adds no guard); a SymInt without one is left for the caller to refuse.
+    inputs = [value for _, value in lifted] + [_hint(v) for v in example_inputs]
     labels: list[str | None] = [
         name if isinstance(value, torch.nn.Parameter) else None for name, value in lifted
     ]
@@ -152,6 +154,13 @@ def _graph_values(
         is_parameter = isinstance(value, torch.nn.Parameter) and node is not None
         labels.append(_parameter_label(node) if is_parameter else None)
     return inputs, labels
+
+
+def _hint(value: object) -> object:
+    if isinstance(value, torch.SymInt):
+        hint = value.node.hint
+        return hint if hint is not None else value
+    return value
 
 
 def _same_layout(real: torch.Tensor, fake: torch.Tensor) -> bool:

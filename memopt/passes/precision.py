@@ -188,8 +188,23 @@ class Precision(Pass):
         for c in chosen:
             _rewrite(c, backend)
         gm.recompile()
-        measure = _Measure(reference, gm, values, chosen)
-        total = measure.error(chosen)
+        try:
+            measure = _Measure(reference, gm, values, chosen)
+            total = measure.error(chosen)
+        except Exception as error:  # noqa: BLE001 - no error measured: no weight narrowed
+            first = (str(error).strip().splitlines() or [""])[0]
+            for c in chosen:
+                _restore(c)
+                ctx.refuse(
+                    "no_values",
+                    f"{self.weights} {c.label}",
+                    "the graph did not run on its example inputs, so its error cannot be "
+                    f"measured ({type(error).__name__}: {first})",
+                    _saved_nbytes(c, ctx),
+                    (c.placeholder.name,),
+                )
+            gm.recompile()
+            return
         shares = len(chosen) * measure.run_s <= SHARE_RUNS_S
         if shares:
             for c in chosen:

@@ -496,3 +496,27 @@ def test_a_lookup_by_a_vector_of_ids_is_an_index_select_read_narrow() -> None:
     assert lookup.read_bytes == 4 * 8 + 4 * (D + 4)
     reason = next(d.reason for p in a.ledger if p.pass_name == "precision" for d in p.decisions)
     assert "next-token KL" in reason  # the head's output is the graph's: logits
+
+
+def test_dynamic_sizes_are_measured_at_their_example_values() -> None:
+    """A graph compiled with dynamic sizes takes SymInts, handed over as their hints."""
+    m = model()
+    with torch.no_grad():
+        a = memopt.analyze(m, ids(5), dynamic=True, **precision("int8"))
+    assert {code for code, applied, _ in precision_decisions(a) if applied} == {"precision.weight"}
+    assert any(g.symbols for g in a.graphs)  # the sizes were symbolic
+
+
+def test_a_graph_that_does_not_run_on_its_example_inputs_keeps_its_weights(monkeypatch) -> None:
+    from memopt.passes import precision as pass_module
+
+    def fails(*args, **kwargs):
+        raise IndexError("index 7 is out of bounds")
+
+    monkeypatch.setattr(pass_module._Measure, "__init__", fails)
+    m = model()
+    a = analyze(m, 3, **precision("int8"))
+    assert {code for code, _, _ in precision_decisions(a)} == {"precision.no_values"}
+    reason = next(d.reason for p in a.ledger if p.pass_name == "precision" for d in p.decisions)
+    assert "did not run on its example inputs" in reason and "IndexError" in reason
+    assert a.bytes_moved == analyze(m, 3).bytes_moved
