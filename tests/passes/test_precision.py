@@ -520,3 +520,25 @@ def test_a_graph_that_does_not_run_on_its_example_inputs_keeps_its_weights(monke
     reason = next(d.reason for p in a.ledger if p.pass_name == "precision" for d in p.decisions)
     assert "did not run on its example inputs" in reason and "IndexError" in reason
     assert a.bytes_moved == analyze(m, 3).bytes_moved
+
+
+@pytest.mark.parametrize("name", ["gpt2", "t5"])
+def test_real_models_narrow_every_linear_layer_without_falling_back(name: str) -> None:
+    """GPT-2 (Conv1D (in, out) weights, tied head) and T5 (encoder-decoder): every linear
+    weight narrowed, no graph falling back to ATen, outputs within int8's error."""
+    import warnings
+
+    import real_models
+
+    if not real_models.has_transformers():
+        pytest.skip("needs transformers")
+    m, inputs = real_models.build(name, "tiny")
+    m.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # "optimizing the ... graph failed"
+        want = m(*inputs)
+        got = torch.compile(m, backend="memopt", options=precision("int8"))(*inputs)
+        a = memopt.analyze(m, *inputs, **precision("int8"))
+    assert (got - want).abs().max() / want.abs().max() < 0.02
+    decisions = [d for p in a.ledger if p.pass_name == "precision" for d in p.decisions]
+    assert decisions and all(d.applied for d in decisions)
