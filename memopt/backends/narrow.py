@@ -55,23 +55,21 @@ class QuantizedWeight:
 
     def dequantize(self) -> torch.Tensor:
         """W as float32 (N, K): the reference the kernels are tested against."""
-        if self.kind == "bf16":
-            return self.data.float()
-        if self.kind in _ROW_SCALED:
-            return self.data.float() * self.scale[:, None]
-        return unpack_int4(self.data, self.group) * _per_element(self.scale, self.cols, self.group)
+        return self._widen(self.data, self.scale)
 
     def gather_rows(self, index: torch.Tensor) -> torch.Tensor:
         """Rows `index` of W as float32, shaped `index.shape + (K,)`: an embedding lookup."""
         flat = index.reshape(-1)
+        scale = None if self.scale is None else self.scale[flat]
+        return self._widen(self.data[flat], scale).view(*index.shape, self.cols)
+
+    def _widen(self, data: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        """Stored rows (and their scales) as float32 rows."""
         if self.kind == "bf16":
-            rows = self.data[flat].float()
-        elif self.kind in _ROW_SCALED:
-            rows = self.data[flat].float() * self.scale[flat][:, None]
-        else:
-            scale = _per_element(self.scale[flat], self.cols, self.group)
-            rows = unpack_int4(self.data[flat], self.group) * scale
-        return rows.view(*index.shape, self.cols)
+            return data.float()
+        if self.kind in _ROW_SCALED:
+            return data.float() * scale[:, None]
+        return unpack_int4(data, self.group) * _per_element(scale, self.cols, self.group)
 
 
 def quantize(weight: torch.Tensor, kind: str, group: int = 128) -> QuantizedWeight:
@@ -85,19 +83,19 @@ def quantize(weight: torch.Tensor, kind: str, group: int = 128) -> QuantizedWeig
     if kind == "bf16":
         return QuantizedWeight(kind, rows, cols, w.to(torch.bfloat16), None)
     if kind == "fp8_e4m3":
-        scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / FP8_E4M3_MAX
-        data = (w / scale[:, None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
-        return QuantizedWeight(kind, rows, cols, data, scale.contiguous())
+        scale = _scale(w, FP8_E4M3_MAX)
+        data = (w / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+        return QuantizedWeight(kind, rows, cols, data, scale[:, 0].contiguous())
     if kind == "int8":
-        scale = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
-        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        return QuantizedWeight(kind, rows, cols, q, scale.contiguous())
+        scale = _scale(w, 127)
+        q = torch.round(w / scale).clamp(-127, 127).to(torch.int8)
+        return QuantizedWeight(kind, rows, cols, q, scale[:, 0].contiguous())
     if group % 2 or cols % 2:
         raise ValueError(f"int4 needs an even group and an even row length, got {group} and {cols}")
     q_parts, scale_parts = [], []
     for start in range(0, cols, group):
         part = w[:, start : start + group]
-        scale = part.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / 7
+        scale = _scale(part, 7)
         q = (torch.round(part / scale).clamp(-7, 7) + 8).to(torch.uint8)
         half = part.shape[1] // 2
         q_parts.append(q[:, :half] | (q[:, half:] << 4))
@@ -106,6 +104,12 @@ def quantize(weight: torch.Tensor, kind: str, group: int = 128) -> QuantizedWeig
     return QuantizedWeight(
         kind, rows, cols, packed, torch.cat(scale_parts, dim=1).contiguous(), group
     )
+
+
+def _scale(w: torch.Tensor, top: float) -> torch.Tensor:
+    """Each row's scale (R, 1): its largest magnitude maps to `top` (an all-zero row: the
+    smallest normal float, so nothing divides by zero)."""
+    return w.abs().amax(dim=1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny) / top
 
 
 def unpack_int4(packed: torch.Tensor, group: int) -> torch.Tensor:

@@ -93,6 +93,7 @@ class _Candidate:
     quantized: QuantizedParameter | None = None
     share: float | None = None  # the output error with this weight alone narrowed
     weight_error: float = 0.0  # ||W - dequantize(W)|| / ||W|| (Frobenius)
+    saved_nbytes: int = 0  # a run's bytes: its readers' modelled cost before less after
 
     @property
     def order(self) -> float:
@@ -188,7 +189,9 @@ class Precision(Pass):
             return
         reference = copy_graph(gm)
         for c in chosen:
+            before = sum(ctx.nbytes(u.node) for u in c.uses)
             _rewrite(c, backend)
+            c.saved_nbytes = before - sum(ctx.nbytes(u.node) for u in c.uses)
         gm.recompile()
         try:
             measure = _Measure(reference, gm, values, chosen)
@@ -202,7 +205,7 @@ class Precision(Pass):
                     f"{self.weights} {c.label}",
                     "the graph did not run on its example inputs, so its error cannot be "
                     f"measured ({type(error).__name__}: {first})",
-                    _saved_nbytes(c, ctx),
+                    c.saved_nbytes,
                     (c.placeholder.name,),
                 )
             gm.recompile()
@@ -232,7 +235,7 @@ class Precision(Pass):
                 f"{self.weights} {c.label}",
                 f"with it the error is {before.relative:.2e} of the output's scale, over "
                 f"max_error {self.max_error:g}; {c.describe_share()}",
-                _saved_nbytes(c, ctx),
+                c.saved_nbytes,
                 (c.placeholder.name,),
                 figures=_figures(c, before),
             )
@@ -240,7 +243,11 @@ class Precision(Pass):
             narrow = c.quantized.weight.nbytes
             code = "embedding" if all(u.embedding for u in c.uses) else "weight"
             adds = _bias_adds(c)
-            folded = sum(ctx.nbytes(add) - int(_bytes(bias, ctx)) for _, add, bias in adds)
+            # the add's traffic goes; the kernel reads the bias instead
+            folded = sum(
+                ctx.nbytes(add) - evaluate(tensor_meta(bias).nbytes, ctx.bindings)
+                for _, add, bias in adds
+            )
             applied = ctx.decide(
                 code,
                 f"{self.weights} {c.label} {list(tensor_meta(c.placeholder).shape)}",
@@ -253,7 +260,7 @@ class Precision(Pass):
                     else f" (shares not measured: {len(chosen)} runs of "
                     f"{measure.run_s * 1e3:.0f} ms, over {SHARE_RUNS_S:g} s)"
                 ),
-                _saved_nbytes(c, ctx) + folded,
+                c.saved_nbytes + folded,
                 (c.placeholder.name, *(u.node.name for u in c.uses)),
                 figures=_figures(c, total),
             )
@@ -431,23 +438,6 @@ def _bias_adds(c: _Candidate) -> list[tuple[torch.fx.Node, torch.fx.Node, torch.
         ):
             found.append((u.node, add, bias))
     return found
-
-
-def _bytes(node: torch.fx.Node, ctx: PassContext) -> int:
-    return evaluate(tensor_meta(node).nbytes, ctx.bindings)
-
-
-def _saved_nbytes(c: _Candidate, ctx: PassContext) -> int:
-    """Bytes one run saves: each use's modelled reads of the float32 weight less the narrow."""
-    narrow = c.quantized.weight
-    saved = 0
-    for u in c.uses:
-        if u.embedding:
-            count = evaluate(tensor_meta(u.index).numel, ctx.bindings)
-            saved += count * (narrow.cols * 4 - narrow.row_nbytes)
-        else:
-            saved += c.fp32_nbytes - narrow.nbytes
-    return saved
 
 
 def _view_of(value: torch.fx.Node, node: torch.fx.Node) -> bool:

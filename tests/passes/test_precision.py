@@ -283,17 +283,29 @@ def test_bad_options_name_the_problem() -> None:
         Config.from_options(precision("int4", group_size=0))
 
 
-def test_matmul_target_is_exact_when_asked() -> None:
+def test_matmul_target_narrow_by_default_and_exact_when_asked() -> None:
+    """The target the pass leaves reads the narrow copy; `exact` (how the pass measures a
+    weight's share) multiplies by the float32 parameter instead."""
     m = model()
     a = analyze(m, 3, **precision("int8"))
-    target = next(
-        n.target
+    targets = {
+        n.target.parameter.label: n.target
         for g in a.graphs
         for n in g.gm.graph.nodes
         if isinstance(n.target, QuantizedMatmul)
-    )
-    assert target.exact is False
-    assert "up.weight" in repr(target) or "down.weight" in repr(target) or "embed" in repr(target)
+    }
+    assert sorted(targets) == ["down.weight", "embed.weight", "up.weight"]
+    up = targets["up.weight"]
+    assert up.exact is False and repr(up) == "QuantizedMatmul(int8, up.weight)"
+    x, w = torch.randn(2, D), m.up.weight.detach()
+    narrow = x @ up.parameter.weight.dequantize().t()
+    torch.testing.assert_close(up(x, w), narrow, rtol=1e-4, atol=1e-4)
+    up.exact = True
+    try:
+        torch.testing.assert_close(up(x, w), x @ w.t())
+    finally:
+        up.exact = False
+    assert not torch.allclose(narrow, x @ w.t(), rtol=1e-5, atol=1e-5)  # int8 does differ
 
 
 def test_triton_backend_reads_the_weights_through_its_dequantizing_kernel() -> None:

@@ -603,6 +603,16 @@ def functions() -> dict[str, ctypes._CFuncPtr]:
     return found
 
 
+# format -> (GEMV, GEMV with int8 activations, dequantized rows). Each takes the stored
+# weight's pointers (data, and scale where the format has one) first; int4's take the group
+# size as their last argument.
+_KERNELS = {
+    "int8": ("memopt_q8_matmul", "memopt_q8_matmul_a8", "memopt_q8_rows"),
+    "int4": ("memopt_q4_matmul", "memopt_q4_matmul_a8", "memopt_q4_rows"),
+    "bf16": ("memopt_bf16_matmul", None, "memopt_bf16_rows"),
+}
+
+
 def matmul(
     x: torch.Tensor,
     weight: QuantizedWeight,
@@ -620,18 +630,18 @@ def matmul(
     m, n, k = x.shape[0], weight.rows, weight.cols
     out = torch.empty((m, n), dtype=torch.float32)
     kernels = functions()
-    integer = int8_activations and weight.kind in ("int8", "int4")
+    gemv, integer_gemv, dequantize_rows = _KERNELS[weight.kind]
+    integer = int8_activations and integer_gemv is not None
     block = weight.group if weight.kind == "int4" else ACTIVATION_BLOCK
-    bias = bias.contiguous() if bias is not None else None
+    stored = (weight.data.data_ptr(), *([] if weight.scale is None else [weight.scale.data_ptr()]))
+    group = (weight.group,) if weight.kind == "int4" else ()
     if m <= GEMV_ROWS:
-        scale = () if weight.kind == "bf16" else (weight.scale.data_ptr(),)
-        head = (x.data_ptr(), weight.data.data_ptr(), *scale, bias_pointer(bias), out.data_ptr())
+        bias_address = None if bias is None else bias.contiguous().data_ptr()
+        head = (x.data_ptr(), *stored, bias_address, out.data_ptr(), m, n, k)
         if integer:
-            kernels[f"memopt_q{weight.kind[3]}_matmul_a8"](*head, m, n, k, block)
-        elif weight.kind == "int4":
-            kernels["memopt_q4_matmul"](*head, m, n, k, weight.group)
+            kernels[integer_gemv](*head, block)
         else:
-            kernels[f"memopt_{'q8' if weight.kind == 'int8' else 'bf16'}_matmul"](*head, m, n, k)
+            kernels[gemv](*head, *group)
         return out
     if integer:
         quantized_x = torch.empty_like(x)
@@ -641,36 +651,10 @@ def matmul(
     tile = torch.empty((min(tile_rows, n), k), dtype=torch.float32)
     for n0 in range(0, n, tile_rows):
         rows = min(tile_rows, n - n0)
-        _dequantize_rows(kernels, weight, tile, n0, rows)
+        kernels[dequantize_rows](*stored, tile.data_ptr(), n0, rows, k, *group)
         columns = out[:, n0 : n0 + rows]
         if bias is None:
             torch.mm(x, tile[:rows].t(), out=columns)
         else:
             torch.addmm(bias[n0 : n0 + rows], x, tile[:rows].t(), out=columns)
     return out
-
-
-def bias_pointer(bias: torch.Tensor | None) -> int | None:
-    """A bias's address, or None (a null pointer: no bias) for the kernels."""
-    return None if bias is None else bias.data_ptr()
-
-
-def _dequantize_rows(
-    kernels, weight: QuantizedWeight, tile: torch.Tensor, n0: int, rows: int
-) -> None:
-    if weight.kind == "int8":
-        kernels["memopt_q8_rows"](
-            weight.data.data_ptr(), weight.scale.data_ptr(), tile.data_ptr(), n0, rows, weight.cols
-        )
-    elif weight.kind == "int4":
-        kernels["memopt_q4_rows"](
-            weight.data.data_ptr(),
-            weight.scale.data_ptr(),
-            tile.data_ptr(),
-            n0,
-            rows,
-            weight.cols,
-            weight.group,
-        )
-    else:
-        kernels["memopt_bf16_rows"](weight.data.data_ptr(), tile.data_ptr(), n0, rows, weight.cols)

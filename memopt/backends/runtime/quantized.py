@@ -4,8 +4,8 @@
 `QuantizedEmbedding` (rows of a table gathered by index) read a `QuantizedParameter`: the
 narrow copy of one parameter (backends/narrow.py has the formats), shared by every node
 that reads it. They take the original parameter as an argument but do not read it: they
-check that it is the tensor they quantized, unchanged (its identity and version counter),
-and quantize it again if not, so a changed weight is never served stale. Fake tensors
+check that it is the tensor they quantized, unchanged (its identity, memory and version
+counter), and quantize it again if not, so a changed weight is never served stale. Fake tensors
 (shape propagation) get a result of the right shape; `exact = True` computes with the
 original weight (the precision pass measures each weight's share of the error that way).
 
