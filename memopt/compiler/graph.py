@@ -94,6 +94,19 @@ class TensorMeta:
             dtype=value.dtype,
         )
 
+    def __hash__(self) -> int:
+        # Computed once: the passes key dicts by metadata (fusion's structures, CSE), and a
+        # tuple of sympy sizes is hashed anew on every lookup otherwise.
+        cached = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash((self.shape, self.stride, self.storage_offset, self.dtype))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
+    def __getstate__(self) -> dict[str, object]:
+        # Not pickled: a hash holds only within one process.
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
+
     @property
     def itemsize(self) -> int:
         return self.dtype.itemsize

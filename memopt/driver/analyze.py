@@ -16,6 +16,7 @@ import torch
 import torch.fx
 
 from memopt.backends.triton.offline import arch_for
+from memopt.compiler import collector
 from memopt.compiler.bound import lower_bound
 from memopt.compiler.capture import CapturedGraph, capture
 from memopt.compiler.cost import (
@@ -128,9 +129,14 @@ def capture_program(
     """Capture `fn` with the capture-time stages of `config`'s pipeline."""
     pipeline = config.pipeline()
     fuel = Fuel(config.fuel)
-    graphs = capture(
-        fn, example_inputs, training=training, dynamic=dynamic, hooks=capture_hooks(pipeline, fuel)
-    )
+    with collector.paused():
+        graphs = capture(
+            fn,
+            example_inputs,
+            training=training,
+            dynamic=dynamic,
+            hooks=capture_hooks(pipeline, fuel),
+        )
     return Captured(graphs, training, fuel.used, capture_key(pipeline, training, config.fuel))
 
 
@@ -163,9 +169,10 @@ def optimize_graph(captured: CapturedGraph, pipeline: Pipeline, fuel: Fuel) -> G
     """Run the pipeline on a copy of one captured graph and model the result."""
     gm = copy_graph(captured.gm)
     bindings = captured.bindings
-    result = run_pipeline(
-        gm, pipeline, captured.name, bindings, fuel=fuel, check_inputs=captured.real_inputs
-    )
+    with collector.paused():
+        result = run_pipeline(
+            gm, pipeline, captured.name, bindings, fuel=fuel, check_inputs=captured.real_inputs
+        )
     cost = graph_cost(result.gm, bindings)
     bound = lower_bound(captured.gm)  # the program's bound, whatever the passes make of it
     return GraphResult(

@@ -19,6 +19,7 @@ import torch
 import torch.fx
 
 from memopt.backends.runtime.executor import CompiledGraph, output_layouts
+from memopt.compiler import collector
 from memopt.compiler.bound import lower_bound
 from memopt.compiler.capture import aot_backend, release_values
 from memopt.compiler.cost import graph_cost
@@ -41,6 +42,13 @@ class CompileSession:
         self.counts: dict[str, int] = {}
 
     def compile_graph(
+        self, gm: torch.fx.GraphModule, example_inputs: Sequence[object], kind: str
+    ) -> Callable:
+        # A backward graph is compiled on the first backward call, outside memopt_backend.
+        with collector.paused():
+            return self._compile_graph(gm, example_inputs, kind)
+
+    def _compile_graph(
         self, gm: torch.fx.GraphModule, example_inputs: Sequence[object], kind: str
     ) -> Callable:
         index = self.counts.get(kind, 0)
@@ -124,4 +132,5 @@ def memopt_backend(
     """The Dynamo backend. `options` are memopt's options (see memopt.config.Config)."""
     config = Config.from_options(options)
     session = CompileSession(config)
-    return aot_backend(session.compile_graph, session.hooks)(gm, example_inputs)
+    with collector.paused():
+        return aot_backend(session.compile_graph, session.hooks)(gm, example_inputs)

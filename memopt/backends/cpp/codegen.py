@@ -28,6 +28,7 @@ Skeletons:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import keyword
 import re
@@ -87,12 +88,21 @@ class Generated:
     signature: Signature
 
 
-@functools.lru_cache(maxsize=4096)
 def generate(kernel: Kernel) -> Generated:
     """C++ source of `kernel`; NotImplementedError/ValueError for what it cannot express.
 
-    Cached: a kernel's source is asked for when it is prefetched and again when it is
-    built (an error is not cached: it is raised again)."""
+    Cached by the kernel without its name, which the source never contains: a kernel's
+    source is asked for when it is prefetched and again when it is built, and a repeated
+    layer's kernels differ only in their names. An error is not cached; it is raised again,
+    naming this kernel."""
+    try:
+        return _generate(dataclasses.replace(kernel, name=""))
+    except (NotImplementedError, ValueError):
+        return _Codegen(kernel).generate()
+
+
+@functools.lru_cache(maxsize=4096)
+def _generate(kernel: Kernel) -> Generated:
     return _Codegen(kernel).generate()
 
 
