@@ -136,19 +136,22 @@ def view_base(node: torch.fx.Node) -> torch.fx.Node:
 def kernel_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
     """The tensors a kernel reads: its tensor arguments, not an out= buffer it writes."""
     found: list[torch.fx.Node] = []
-
-    def visit(arg: object) -> None:
-        if isinstance(arg, torch.fx.Node):
-            if tensor_meta(arg) is not None and arg not in found:
-                found.append(arg)
-        elif isinstance(arg, (list, tuple)):
-            for item in arg:
-                visit(item)
-
-    visit(node.args)
+    _tensor_args(node.args, found)
     # An out= buffer is written, not read.
-    visit(tuple(v for k, v in node.kwargs.items() if k != "out"))
+    _tensor_args(tuple(v for k, v in node.kwargs.items() if k != "out"), found)
     return found
+
+
+def _tensor_args(arg: object, found: list[torch.fx.Node]) -> None:
+    """Append the tensor nodes in `arg` (nested lists and tuples) not in `found` yet.
+    (A module function, not a closure: a recursive closure is a reference cycle per call,
+    garbage only the cyclic collector frees.)"""
+    if isinstance(arg, torch.fx.Node):
+        if tensor_meta(arg) is not None and arg not in found:
+            found.append(arg)
+    elif isinstance(arg, (list, tuple)):
+        for item in arg:
+            _tensor_args(item, found)
 
 
 def read_bytes(node: torch.fx.Node, inputs: Iterable[torch.fx.Node]) -> sympy.Expr:

@@ -230,25 +230,27 @@ def node_skeleton(node: torch.fx.Node) -> tuple[tuple, tuple[torch.fx.Node, ...]
     """What a node computes without which nodes it reads: its op, its arguments with every
     node replaced by SLOT, and its metadata; and the nodes read, in slot order."""
     found: list[torch.fx.Node] = []
+    args, kwargs = _canon(node.args, found), _canon(node.kwargs, found)
+    return (node.target, args, kwargs, hashable_meta(node)), tuple(found)
 
-    def canon(value: object) -> object:
-        if isinstance(value, torch.fx.Node):
-            found.append(value)
-            return SLOT
-        if isinstance(value, (list, tuple)):
-            return tuple(canon(v) for v in value)
-        if isinstance(value, dict):
-            return tuple((k, canon(v)) for k, v in value.items())
-        if isinstance(value, float):
-            return ("float", repr(value))  # -0.0 and 0.0 are equal, and differ
-        try:
-            hash(value)
-        except TypeError:
-            return ("repr", repr(value))
-        return (type(value).__name__, value)
 
-    skeleton = (node.target, canon(node.args), canon(node.kwargs), hashable_meta(node))
-    return skeleton, tuple(found)
+def _canon(value: object, found: list[torch.fx.Node]) -> object:
+    """`value` with each node replaced by SLOT (appended to `found`), hashable. A module
+    function: a recursive closure would be a reference cycle per call."""
+    if isinstance(value, torch.fx.Node):
+        found.append(value)
+        return SLOT
+    if isinstance(value, (list, tuple)):
+        return tuple(_canon(v, found) for v in value)
+    if isinstance(value, dict):
+        return tuple((k, _canon(v, found)) for k, v in value.items())
+    if isinstance(value, float):
+        return ("float", repr(value))  # -0.0 and 0.0 are equal, and differ
+    try:
+        hash(value)
+    except TypeError:
+        return ("repr", repr(value))
+    return (type(value).__name__, value)
 
 
 def plain_equal(a: object, b: object) -> bool:

@@ -122,40 +122,47 @@ def _simplify(
     ranges = dict(range_items)
     units = {v: sympy.Integer(0) for v, size in ranges.items() if size == 1}
     expr = sympy.sympify(expr).xreplace(units) if units else sympy.sympify(expr)
-
-    def visit(node: sympy.Expr) -> sympy.Expr:
-        if not node.args:
-            return node
-        args = [visit(a) for a in node.args]
-        if isinstance(node, FloorDiv):
-            return floordiv(args[0], args[1])
-        if isinstance(node, ModularIndexing):
-            quotient = floordiv(args[0], args[1])
-            if _less(_upper(quotient, ranges), args[2]):
-                return quotient
-            return ModularIndexing(quotient, 1, args[2])
-        return node.func(*args)
-
-    def floordiv(base: sympy.Expr, divisor: sympy.Expr) -> sympy.Expr:
-        if divisor == 1:
-            return base
-        quotient, rest = _split(base, divisor)
-        if _less(_upper(rest, ranges), divisor):
-            return quotient
-        if quotient != 0:
-            return quotient + FloorDiv(rest, divisor)
-        return FloorDiv(base, divisor)
-
     # Each round can expose more (a recombined term is a plain variable the next round's
     # div/mod rules see); two or three rounds reach the fixed point on real indices.
     for _ in range(4):
-        simplified = sympy.expand(visit(expr))
+        simplified = sympy.expand(_divisions_simplified(expr, ranges))
         if simplified.has(FloorDiv):
             simplified = recombine(simplified, ranges)
         if simplified == expr:
             break
         expr = simplified
     return expr
+
+
+def _divisions_simplified(
+    node: sympy.Expr, ranges: Mapping[sympy.Symbol, sympy.Expr]
+) -> sympy.Expr:
+    """One round of `_simplify`'s div/mod rules, bottom up. (Module functions, not closures:
+    a recursive closure would be a reference cycle per call.)"""
+    if not node.args:
+        return node
+    args = [_divisions_simplified(a, ranges) for a in node.args]
+    if isinstance(node, FloorDiv):
+        return _floordiv(args[0], args[1], ranges)
+    if isinstance(node, ModularIndexing):
+        quotient = _floordiv(args[0], args[1], ranges)
+        if _less(_upper(quotient, ranges), args[2]):
+            return quotient
+        return ModularIndexing(quotient, 1, args[2])
+    return node.func(*args)
+
+
+def _floordiv(
+    base: sympy.Expr, divisor: sympy.Expr, ranges: Mapping[sympy.Symbol, sympy.Expr]
+) -> sympy.Expr:
+    if divisor == 1:
+        return base
+    quotient, rest = _split(base, divisor)
+    if _less(_upper(rest, ranges), divisor):
+        return quotient
+    if quotient != 0:
+        return quotient + FloorDiv(rest, divisor)
+    return FloorDiv(base, divisor)
 
 
 def _reduce_floordiv(node: sympy.Expr, ranges: Mapping[sympy.Symbol, sympy.Expr]) -> sympy.Expr:

@@ -297,6 +297,17 @@ class Store:
         return not any(is_reduction_var(s) for s in self.index.free_symbols)
 
 
+def _operands_first(value: Value, seen: set[Value], order: list[Value]) -> None:
+    """Append `value` to `order` after its operands, each once (`seen`). A module function:
+    a recursive closure would be a reference cycle per call."""
+    if value in seen:
+        return
+    for arg in value.args:
+        _operands_first(arg, seen, order)
+    seen.add(value)
+    order.append(value)
+
+
 @dataclass(frozen=True)
 class Kernel:
     name: str
@@ -323,17 +334,8 @@ class Kernel:
         """Every Value of the body, operands before users, in a deterministic order."""
         order: list[Value] = []
         seen: set[Value] = set()
-
-        def visit(value: Value) -> None:
-            if value in seen:
-                return
-            for arg in value.args:
-                visit(arg)
-            seen.add(value)
-            order.append(value)
-
         for store in self.stores:
-            visit(store.value)
+            _operands_first(store.value, seen, order)
         return tuple(order)
 
     @functools.cached_property

@@ -347,23 +347,25 @@ def _copy_as(
 def _cse_key(node: torch.fx.Node) -> tuple | None:
     if node.op != "call_function" or is_random(node) or is_mutating(node):
         return None
-
-    def freeze(value: object) -> object:
-        if isinstance(value, (list, tuple)):
-            return (type(value).__name__, tuple(freeze(v) for v in value))
-        if isinstance(value, dict):
-            return tuple(sorted((k, freeze(v)) for k, v in value.items()))
-        if isinstance(value, float):
-            # 0.0 and -0.0 compare equal but are different constants; so are nan and nan.
-            return ("float", repr(value))
-        return value
-
     try:
-        key = (node.target, freeze(node.args), freeze(node.kwargs))
+        key = (node.target, _freeze(node.args), _freeze(node.kwargs))
         hash(key)
     except TypeError:
         return None
     return key
+
+
+def _freeze(value: object) -> object:
+    """An argument as a CSE key: lists, tuples and dicts as tuples (a module function: a
+    recursive closure would be a reference cycle per call)."""
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_freeze(v) for v in value))
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, float):
+        # 0.0 and -0.0 compare equal but are different constants; so are nan and nan.
+        return ("float", repr(value))
+    return value
 
 
 @register_pass(

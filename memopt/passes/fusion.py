@@ -455,25 +455,35 @@ def _structure(
     refs = {node: k for k, node in enumerate(members)}
     nodes = list(members)
     inputs: list[tuple] = []
-
-    def ref(node: torch.fx.Node) -> int:
-        position = refs.get(node)
-        if position is None:
-            position = refs[node] = len(nodes)
-            nodes.append(node)
-            skeleton, args, folded = shapes(node)
-            if folded:
-                inputs.append(("view", position, skeleton, tuple(ref(a) for a in args)))
-            else:
-                inputs.append(("input", position, hashable_meta(node)))
-        return position
-
     key = []
     for member in members:
         skeleton, args, _ = shapes(member)
         stored = any(u not in member_set for u in users(member))
-        key.append((skeleton, tuple(ref(a) for a in args), stored))
+        key.append((skeleton, tuple(_ref(a, refs, nodes, inputs, shapes) for a in args), stored))
     return (tuple(key), tuple(inputs)), nodes
+
+
+def _ref(
+    node: torch.fx.Node,
+    refs: dict[torch.fx.Node, int],
+    nodes: list[torch.fx.Node],
+    inputs: list[tuple],
+    shapes: _Shapes,
+) -> int:
+    """A node's position in a structure (`_structure`), numbering it and describing it as an
+    input when it is new. A module function: a recursive closure would be a reference cycle
+    per call, garbage only the cyclic collector frees."""
+    position = refs.get(node)
+    if position is None:
+        position = refs[node] = len(nodes)
+        nodes.append(node)
+        skeleton, args, folded = shapes(node)
+        if folded:
+            viewed = tuple(_ref(a, refs, nodes, inputs, shapes) for a in args)
+            inputs.append(("view", position, skeleton, viewed))
+        else:
+            inputs.append(("input", position, hashable_meta(node)))
+    return position
 
 
 # Lowered groups by structure (`_structure`), their nodes as positions: a group of a
