@@ -60,7 +60,9 @@ class CompileSession:
         # The bound is the program's, whatever the passes make of it: taken before them.
         bound = lower_bound(gm) if self.config.report_dir else None
         try:
-            result = run_pipeline(gm, self.pipeline, name, bindings, fuel=self.fuel)
+            # The ledger is read only by a report (report_dir).
+            record = bool(self.config.report_dir)
+            result = run_pipeline(gm, self.pipeline, name, bindings, fuel=self.fuel, record=record)
         except Exception as error:  # noqa: BLE001 - any pipeline bug falls back, visibly
             release_values(gm)
             warnings.warn(

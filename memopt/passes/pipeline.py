@@ -72,20 +72,25 @@ def run_pipeline(
     fuel: Fuel | None = None,
     check_inputs: Sequence[object] | None = None,
     probe: bool = False,
+    record: bool = True,
 ) -> PipelineResult:
     """Optimize `gm` in place with the pipeline's passes; return it with the ledger.
 
     probe: only the optimized graph is wanted (an estimate of its bytes): the graph is not
-    printed and its bytes are not measured between passes (the ledger's figures are 0).
+    printed and its bytes are not measured between passes (the ledger's figures are 0),
+    and it is not verified (nodes missing metadata get it).
+    record: False where nobody reads the ledger's texts and figures (a torch.compile
+    without report_dir): verified as always, but not printed or measured between passes.
     """
+    quiet = probe or not record
     fuel = fuel if fuel is not None else Fuel()
     changed_values: torch.fx.GraphModule | None = None  # the graph after a pass changed values
     reference = copy_graph(gm) if pipeline.check and check_inputs is not None else None
     expected = _run_reference(reference, check_inputs) if reference is not None else None
     measure = (
-        (lambda g: GraphCost(0, 0, bindings)) if probe else (lambda g: graph_cost(g, bindings))
+        (lambda g: GraphCost(0, 0, bindings)) if quiet else (lambda g: graph_cost(g, bindings))
     )
-    text = "" if probe else format_graph(gm, bindings)
+    text = "" if quiet else format_graph(gm, bindings)
     text_before_all = text
     cost = measure(gm)
     # The capture-time stages acted before this graph existed: before and after are it.
@@ -124,7 +129,7 @@ def run_pipeline(
                 expected = _run_reference(changed_values, check_inputs)
         if expected is not None:
             _compare(gm, check_inputs, expected, after=pass_.name)
-        text_after = format_graph(gm, bindings) if changed and not probe else text
+        text_after = format_graph(gm, bindings) if changed and not quiet else text
         cost_after = measure(gm) if changed else cost
         ledger.append(
             _entry(

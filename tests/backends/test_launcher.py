@@ -139,3 +139,23 @@ def test_a_kernel_with_more_tensors_than_the_launcher_takes_runs_through_ctypes(
     (kernel,) = fused_kernels(gm)
     assert kernel._compiled["cpp"].bind({}).__name__ == "run"  # the ctypes call
     assert_close(got, _scale_shift(x, y))
+
+
+def test_a_cold_cache_builds_the_launcher_beside_the_kernels(tmp_path, monkeypatch):
+    """Compiling a graph starts its kernels' builds and the launcher's, in the background;
+    the first call then loads what was built, and kernels launch through it."""
+    monkeypatch.setenv("MEMOPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(launcher, "_prefetched", [])
+    launcher.module.cache_clear()
+    torch._dynamo.reset()
+    try:
+        x, y = torch.randn(4, 8), torch.randn(8)
+        compiled = torch.compile(_scale_shift, backend="memopt")
+        assert_close(compiled(x, y), _scale_shift(x, y))
+        assert len(launcher._prefetched) == 1  # started when the graph was compiled
+        built = launcher._prefetched[0].result()
+        assert built.parent == tmp_path / "cpp" and built.exists()
+        assert launcher.module() is not None
+    finally:
+        launcher.module.cache_clear()  # the next test loads the one in the usual cache
+        torch._dynamo.reset()

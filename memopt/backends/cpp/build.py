@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +68,7 @@ _loaded: dict[str, ctypes.CDLL] = {}
 # instead of one after another at their first calls.
 _pending: dict[str, concurrent.futures.Future[Path]] = {}
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
 
 
 def compiler() -> str:
@@ -178,18 +180,24 @@ def prefetch(source: str) -> None:
     `library(source)` later waits for it. A failed build is not reported here: `library`
     builds again and raises the compiler's error where the kernel is first needed.
     """
-    global _pool
     tools = toolchain()
     directory = cache_dir()
     key = cache_key(source, tools)
     with _lock:
         if key in _loaded or key in _pending:
             return
+        _pending[key] = in_background(ensure_built, source, key, tools, directory)
+
+
+def in_background(build_fn: Callable[..., Path], *args: object) -> concurrent.futures.Future[Path]:
+    """Run a build on the build threads (one per core); the caller waits on the future."""
+    global _pool
+    with _pool_lock:
         if _pool is None:
             _pool = concurrent.futures.ThreadPoolExecutor(
                 max_workers=os.cpu_count() or 1, thread_name_prefix="memopt-cpp-build"
             )
-        _pending[key] = _pool.submit(ensure_built, source, key, tools, directory)
+        return _pool.submit(build_fn, *args)
 
 
 def library(source: str) -> tuple[ctypes.CDLL, Path]:

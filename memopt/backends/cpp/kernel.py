@@ -163,6 +163,8 @@ class _Layout:
         extent_buffers: Sequence[str],
     ) -> None:
         def ev(expr: sympy.Expr) -> int:
+            if isinstance(expr, (int, sympy.Integer)):
+                return int(expr)  # a static size: most are
             expr = sympy.sympify(expr)
             return int(expr.xreplace({s: sympy.Integer(sizes[s.name]) for s in expr.free_symbols}))
 
@@ -220,6 +222,7 @@ def prefetch_kernel(kernel: Kernel) -> None:
         build.prefetch(source)
     except build.CompilerNotFound:
         return
+    launcher.prefetch()  # what calls the kernel, when the cache has no launcher yet
 
 
 def compile_kernel(kernel: Kernel) -> CppKernel:

@@ -17,12 +17,14 @@ data-pointer function, `module()` is None and kernels are called through ctypes.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import importlib.machinery
 import importlib.util
 import os
 import sys
 import sysconfig
+import threading
 from pathlib import Path
 from types import ModuleType
 
@@ -204,16 +206,43 @@ PyMODINIT_FUNC PyInit_launcher(void) {
 """.replace("@MAX_TENSORS@", str(MAX_TENSORS))
 
 
-@functools.cache
-def module() -> ModuleType | None:
-    """The loaded launcher extension (built on the first call), or None where it cannot be
-    built or loaded."""
+# The launcher's build started ahead of its first use (`prefetch`), if one was.
+_prefetched: list[concurrent.futures.Future[Path]] = []
+_prefetch_lock = threading.Lock()
+
+
+def prefetch() -> None:
+    """Start building the launcher in the background, beside a graph's kernels (the C++
+    backend's `prefetch_kernel`), so that a cold cache's first call does not wait for it."""
+    include = _include()
+    with _prefetch_lock:
+        if include is None or _prefetched or module.cache_info().currsize:
+            return
+        _prefetched.append(build.in_background(_built, include))
+
+
+def _include() -> str | None:
+    """Python's include directory, where the extension can be built against it."""
     address = getattr(torch._C._dynamo.guards, "_torchinductor_pyobject_tensor_data_ptr", None)
     include = sysconfig.get_paths().get("include")
     if not address or not include or not Path(include, "Python.h").exists():
         return None
+    return include
+
+
+@functools.cache
+def module() -> ModuleType | None:
+    """The loaded launcher extension (built on the first call, or by `prefetch`), or None
+    where it cannot be built or loaded."""
+    address = getattr(torch._C._dynamo.guards, "_torchinductor_pyobject_tensor_data_ptr", None)
+    include = _include()
+    if include is None:
+        return None
     try:
-        path = _built(include)
+        with _prefetch_lock:
+            pending = _prefetched[0] if _prefetched else None
+        # A failed prefetch is built again here, where its error is handled.
+        path = _built(include) if pending is None or pending.exception() else pending.result()
         os.environ["MEMOPT_TENSOR_DATA_PTR"] = str(int(address))
         loader = importlib.machinery.ExtensionFileLoader("memopt_launcher.launcher", str(path))
         spec = importlib.util.spec_from_loader(loader.name, loader)
