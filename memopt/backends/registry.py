@@ -41,6 +41,11 @@ class Feature(enum.Enum):
     # vectorized kernel beats the generated one there (4096 rows of 256 fp32 on the C++
     # backend's CPU: 374 us vs 454 us, measured) and is eager's own.
     LIBRARY_SOFTMAX = "library softmax"
+    # A kernel of its own for a lone float32 transcendental op (exp, tanh, ...): the C++
+    # backend's vector math (libmvec) beats ATen's on some CPUs by far (AMD EPYC, 1M
+    # elements, measured: tanh 1104 us in ATen, 91 us generated; exp 320 us, 138 us;
+    # passes/fusion.py's _MATH_OPS has the list and the figures).
+    LONE_MATH = "lone math"
     # A kernel may write an output over an input it reads where every load of that input
     # reads the element the store writes (`planning.may_overwrite`): the C++ skeletons read
     # each element before they write it; the reference backend evaluates every value before

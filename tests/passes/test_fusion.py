@@ -229,6 +229,33 @@ def test_lone_softmax_stays_atens_softmax_on_the_cpu():
     assert [k.kind for k in reference.kernels] == ["reduction"]
 
 
+def test_lone_transcendental_op_is_a_kernel_of_its_own_on_the_cpu():
+    """Must: a lone float32 tanh (or exp, log, erf, ...) becomes a generated kernel on the
+    C++ backend (Feature.LONE_MATH), the same bytes as the ATen call. Must not: a lone
+    sigmoid (ATen's is as fast), a float64 tanh, a lone add, or tanh on a backend without
+    the feature (reference)."""
+    x = x48()
+    for op in (torch.tanh, torch.exp, torch.erf, torch.sin):
+        a = check(op, x)
+        assert [k.kind for k in a.kernels] == ["pointwise"], op
+        assert a.bytes_moved == 2 * X
+        lone = [d for d in fusion(a).decisions if d.code == "fusion.lone_math"]
+        assert [d.applied for d in lone] == [True]
+    logs = check(torch.log1p, x.abs())
+    assert [k.kind for k in logs.kernels] == ["pointwise"]
+
+    for fn, inputs in (
+        (torch.sigmoid, (x,)),
+        (torch.tanh, (x.double(),)),
+        (lambda x: x + 1, (x,)),
+    ):
+        a = check(fn, *inputs)
+        assert [k.kind for k in a.kernels] == ["aten"], fn
+        assert not [d for d in fusion(a).decisions if d.code == "fusion.lone_math"]
+    reference = check(torch.tanh, x, backend="reference")
+    assert [k.kind for k in reference.kernels] == ["aten"]
+
+
 def test_bias_add_that_fuses_stays_in_the_generated_kernel():
     linear = torch.nn.Linear(8, 16)
     # sigmoid: an activation the epilogue pass leaves to fusion (relu would be oneDNN's)

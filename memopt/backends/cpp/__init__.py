@@ -23,6 +23,7 @@ CPP = register_backend(
             {
                 Feature.LAYOUT_CONVERSION,
                 Feature.LIBRARY_SOFTMAX,
+                Feature.LONE_MATH,
                 Feature.IN_PLACE_OUTPUTS,
                 Feature.NESTED_REDUCTIONS,
             }
