@@ -24,10 +24,10 @@ bytes. The exception is a layout conversion (`clone` to another memory format) w
 kernels run on the C++ backend: ATen copies it element by element through strides, while
 the C++ backend transposes in tiles into memory it reuses across calls (a (32, 64, 64, 64)
 NCHW -> channels_last conversion: ~55-75 ms in ATen, ~26 ms generated, measured); and a
-lone float32 transcendental op (exp, tanh, sigmoid, ...) where the backend's vector math
-beats ATen's (Feature.LONE_MATH, the C++ backend: tanh over 1M elements 1102 us in ATen,
-91 us generated on an AMD EPYC, measured). And a group that is exactly one softmax goes back to ATen's `_softmax` where the backend says
-ATen's is faster (Feature.LIBRARY_SOFTMAX): the same bytes, eager's own kernel.
+lone float32 transcendental op (exp, log, tanh, erf, ...; `_MATH_OPS`) where the backend's
+vector math beats ATen's (Feature.LONE_MATH, the C++ backend: tanh over 1M elements
+1104 us in ATen, 91 us generated on an AMD EPYC, measured). And a group that is exactly
+one softmax goes back to ATen's `_softmax` where the backend says ATen's is faster (Feature.LIBRARY_SOFTMAX): the same bytes, eager's own kernel.
 
 Matmul templates (`matmul_templates`): an mm or bmm may join a group too, which becomes a
 template kernel (kind "matmul"): its epilogue (the pointwise ops that consume the product:
@@ -856,16 +856,15 @@ class Fusion(Pass):
         conversions = backend.supports(Feature.LAYOUT_CONVERSION)
         library_softmax = backend.supports(Feature.LIBRARY_SOFTMAX)
         lone_math = backend.supports(Feature.LONE_MATH)
-        groups = sorted(
-            (
-                g
-                for g in state.groups()
-                if len(g) > 1
-                or (conversions and _lone_conversion(g, state))
-                or (lone_math and _lone_math(g, state, ctx))
-            ),
-            key=lambda g: min(state.order[n] for n in g),
-        )
+        # In graph order before filtering: `_lone_math` takes decisions (and fuel), which
+        # must come in the same order on every run, never in set order.
+        groups = [
+            g
+            for g in sorted(state.groups(), key=state.first)
+            if len(g) > 1
+            or (conversions and _lone_conversion(g, state))
+            or (lone_math and _lone_math(g, state, ctx))
+        ]
         if not groups:
             return
         graph = gm.graph

@@ -255,6 +255,17 @@ def test_lone_transcendental_op_is_a_kernel_of_its_own_on_the_cpu():
     reference = check(torch.tanh, x, backend="reference")
     assert [k.kind for k in reference.kernels] == ["aten"]
 
+    # Lone ops kept apart by matmuls: decided in graph order (fuel goes to the first).
+    w = torch.randn(8, 8)
+    chain = check(lambda x, w: ((x.exp() @ w).tanh() @ w).erf(), x, w)
+    lone = [d for d in fusion(chain).decisions if d.code == "fusion.lone_math"]
+    assert [d.what.split("(")[-1] for d in lone] == [
+        "aten.exp.default)",
+        "aten.tanh.default)",
+        "aten.erf.default)",
+    ]
+    assert [k.kind for k in chain.kernels] == ["pointwise", "extern"] * 2 + ["pointwise"]
+
 
 def test_bias_add_that_fuses_stays_in_the_generated_kernel():
     linear = torch.nn.Linear(8, 16)

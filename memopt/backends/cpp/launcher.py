@@ -214,36 +214,39 @@ _prefetch_lock = threading.Lock()
 def prefetch() -> None:
     """Start building the launcher in the background, beside a graph's kernels (the C++
     backend's `prefetch_kernel`), so that a cold cache's first call does not wait for it."""
-    include = _include()
     with _prefetch_lock:
-        if include is None or _prefetched or module.cache_info().currsize:
-            return
-        _prefetched.append(build.in_background(_built, include))
+        if _prefetched or module.cache_info().currsize:
+            return  # under way, or loaded
+        found = _requirements()
+        if found is not None:
+            _prefetched.append(build.in_background(_built, found[0]))
 
 
-def _include() -> str | None:
-    """Python's include directory, where the extension can be built against it."""
+@functools.cache
+def _requirements() -> tuple[str, int] | None:
+    """(Python's include directory, the address of torch's data-pointer function), where
+    the extension can be built and work; None elsewhere."""
     address = getattr(torch._C._dynamo.guards, "_torchinductor_pyobject_tensor_data_ptr", None)
     include = sysconfig.get_paths().get("include")
     if not address or not include or not Path(include, "Python.h").exists():
         return None
-    return include
+    return include, int(address)
 
 
 @functools.cache
 def module() -> ModuleType | None:
     """The loaded launcher extension (built on the first call, or by `prefetch`), or None
     where it cannot be built or loaded."""
-    address = getattr(torch._C._dynamo.guards, "_torchinductor_pyobject_tensor_data_ptr", None)
-    include = _include()
-    if include is None:
+    found = _requirements()
+    if found is None:
         return None
+    include, address = found
     try:
         with _prefetch_lock:
             pending = _prefetched[0] if _prefetched else None
         # A failed prefetch is built again here, where its error is handled.
         path = _built(include) if pending is None or pending.exception() else pending.result()
-        os.environ["MEMOPT_TENSOR_DATA_PTR"] = str(int(address))
+        os.environ["MEMOPT_TENSOR_DATA_PTR"] = str(address)
         loader = importlib.machinery.ExtensionFileLoader("memopt_launcher.launcher", str(path))
         spec = importlib.util.spec_from_loader(loader.name, loader)
         loaded = importlib.util.module_from_spec(spec)
