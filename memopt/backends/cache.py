@@ -3,7 +3,9 @@ written atomically (a reader sees the old file or the whole new one, never a par
 
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 import tempfile
 from pathlib import Path
 
@@ -27,3 +29,23 @@ def write_atomically(path: Path, data: bytes) -> None:
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+def processor() -> str:
+    """The processor's model name (/proc/cpuinfo), else what platform says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_key() -> str:
+    """A key for what is measured once per machine: the processor, torch's thread count and
+    torch's version."""
+    import torch
+
+    identity = f"{processor()}|{torch.get_num_threads()}|{torch.__version__}"
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]

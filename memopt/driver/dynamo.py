@@ -85,7 +85,12 @@ class CompileSession:
         release_values(gm)
         if reference is not None and result.reference is not None:
             reference = result.reference  # a pass changed values by design (precision)
-        return CompiledGraph(result.gm, name, eager_layouts, reference=reference)
+        compiled = CompiledGraph(
+            result.gm, name, eager_layouts, reference=reference, cpu_gemm=self.config.cpu_gemm
+        )
+        if self.config.verbose and compiled.gemms:
+            print(f"memopt: {name} graph: {compiled.gemms}", file=sys.stderr)
+        return compiled
 
     def _write_report(self, name: str, result, bindings, bound) -> None:
         os.makedirs(self.config.report_dir, exist_ok=True)

@@ -3,7 +3,8 @@
 `measured_machine()` times, with torch on this process's threads:
 - read bandwidth: `torch.sum` over a 256 MiB float32 tensor (bytes read / time);
 - copy bandwidth: `dst.copy_(src)` of 256 MiB (bytes read + bytes written / time);
-- compute peak: a 2048 x 2048 x 2048 float32 matmul (2*M*N*K / time);
+- compute peak: a 2048 x 2048 x 2048 float32 matmul (2*M*N*K / time), on the faster of
+  ATen's and oneDNN's GEMM (backends/runtime/gemm.py);
 each the best of several runs after a warm-up (best, not median: the machine's capability,
 not its noise). The result is cached in `$MEMOPT_CACHE_DIR/machine-<key>.json`, keyed by the
 processor, the thread count and the torch version, so it is measured once per machine.
@@ -12,17 +13,15 @@ Every figure is *measured*.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
-from memopt.backends.cache import cache_dir, write_atomically
+from memopt.backends.cache import cache_dir, machine_key, processor, write_atomically
+from memopt.backends.runtime.linear import onednn_available
 
 _BUFFER_NBYTES = 256 * 2**20  # far past any last-level cache of this class of machine
 _MATMUL_SIZE = 2048
@@ -41,16 +40,6 @@ class Machine:
 
     def to_dict(self) -> dict[str, object]:
         return {**asdict(self), "label": "measured"}
-
-
-def _processor() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _best_seconds(run: Callable[[], object]) -> float:
@@ -77,15 +66,17 @@ def measure_machine() -> Machine:
     read, copy = _bandwidths()
     a = torch.randn(_MATMUL_SIZE, _MATMUL_SIZE)
     b = torch.randn(_MATMUL_SIZE, _MATMUL_SIZE)
-    flops = 2 * _MATMUL_SIZE**3 / _best_seconds(lambda: a @ b)
-    return Machine(_processor(), torch.get_num_threads(), read, copy, flops)
+    seconds = _best_seconds(lambda: a @ b)
+    if onednn_available():  # the faster of the two CPU GEMM libraries (runtime/gemm.py)
+        linear = torch.ops.mkldnn._linear_pointwise.default
+        seconds = min(seconds, _best_seconds(lambda: linear(a, b.t(), None, "none", [], "")))
+    flops = 2 * _MATMUL_SIZE**3 / seconds
+    return Machine(processor(), torch.get_num_threads(), read, copy, flops)
 
 
 def measured_machine(refresh: bool = False) -> Machine:
     """This machine's figures, from the cache where it has them (else measured and cached)."""
-    identity = f"{_processor()}|{torch.get_num_threads()}|{torch.__version__}"
-    key = hashlib.sha256(identity.encode()).hexdigest()[:16]
-    path = cache_dir("machine") / f"{key}.json"
+    path = cache_dir("machine") / f"{machine_key()}.json"
     if not refresh:
         try:
             data = json.loads(path.read_text())

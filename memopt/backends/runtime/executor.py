@@ -21,6 +21,7 @@ import torch.fx
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from memopt.backends.runtime.extern import plan_library_calls
+from memopt.backends.runtime.gemm import describe as describe_gemms
 from memopt.backends.runtime.kernels import mark_donated_inputs, prefetch_kernels
 from memopt.backends.runtime.program import straight_line
 from memopt.backends.runtime.timing import _ACTIVE, active_timer
@@ -68,6 +69,7 @@ class CompiledGraph:
         name: str,
         eager_layouts: list[TensorMeta | None],
         reference: torch.fx.GraphModule | None = None,
+        cpu_gemm: str = "aten",
     ) -> None:
         self.gm = gm
         self.name = name
@@ -87,7 +89,9 @@ class CompiledGraph:
         self._plain = reference is None and not self.any_restride
         mark_donated_inputs(gm)
         prefetch_kernels(gm)
-        plan_library_calls(gm)  # recompiles the graph's code: its forward is read after
+        # recompiles the graph's code: its forward is read after
+        plan_library_calls(gm, cpu_gemm)
+        self.gemms = describe_gemms(gm, cpu_gemm)  # for verbose output
         self._forward = _compiled_forward(gm)
 
     def __call__(self, *args: object) -> list[object]:

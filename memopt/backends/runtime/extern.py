@@ -31,10 +31,14 @@ import torch
 import torch.fx
 
 from memopt.backends import memory
+from memopt.backends.runtime.gemm import OneDnnMatmul, gemm_library, runs_on_cpu_gemm
 from memopt.compiler.cost import Cost, op_flops, read_bytes
 from memopt.compiler.graph import evaluate, tensor_meta
 
 aten = torch.ops.aten
+# Plain CPU tensors: an inference graph's weights are parameters; fake tensors and other
+# subclasses take the ATen op.
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 # op -> (its out= overload, the positions of the two matrix operands)
 _MATMULS = {
@@ -63,8 +67,8 @@ class KeptOutputMatmul:
     def __call__(self, *args: object, **kwargs: object) -> torch.Tensor:
         a, b = args[self._a], args[self._b]
         if not (
-            type(a) is torch.Tensor
-            and type(b) is torch.Tensor
+            type(a) in _PLAIN
+            and type(b) in _PLAIN
             and a.is_cpu
             and b.dtype == a.dtype
             and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
@@ -78,7 +82,7 @@ class KeptOutputMatmul:
             return self.op(*args, **kwargs)
         if self._a:  # addmm, baddbmm: the added input must be a plain CPU tensor too
             bias = args[0]
-            if not (type(bias) is torch.Tensor and bias.is_cpu and bias.dtype == a.dtype):
+            if not (type(bias) in _PLAIN and bias.is_cpu and bias.dtype == a.dtype):
                 return self.op(*args, **kwargs)
             if torch.is_grad_enabled() and bias.requires_grad:
                 return self.op(*args, **kwargs)
@@ -202,10 +206,13 @@ class RowScatterAdd:
         return aten.index_put.default(x, indices, values, accumulate)
 
 
-def plan_library_calls(gm: torch.fx.GraphModule) -> int:
-    """Point `gm`'s CPU matmuls and softmaxes whose result can be large at a KeptOutputMatmul
-    or KeptOutputSoftmax, and its accumulating single-index index_puts at a RowScatterAdd;
-    returns how many nodes changed.
+def plan_library_calls(gm: torch.fx.GraphModule, cpu_gemm: str = "aten") -> int:
+    """Point `gm`'s float32 CPU mm and addmm nodes at a OneDnnMatmul where `cpu_gemm`
+    (runtime/gemm.py: "aten", "onednn", or "auto": measured on this machine) says oneDNN;
+    its other CPU matmuls and softmaxes whose result can be large at a KeptOutputMatmul or
+    KeptOutputSoftmax, and its accumulating single-index index_puts at a RowScatterAdd;
+    returns how many nodes changed. "auto" is measured (or read from the cache) only for
+    a graph with such a GEMM.
     Call after the graph's other runtime planning (it changes targets)."""
     changed = 0
     for node in gm.graph.nodes:
@@ -214,7 +221,12 @@ def plan_library_calls(gm: torch.fx.GraphModule) -> int:
         device = getattr(node.meta.get("val"), "device", None)
         if device is not None and device.type != "cpu":
             continue
-        if node.target in _MATMULS and _can_be_large(node):
+        gemm = cpu_gemm != "aten" and runs_on_cpu_gemm(node)
+        if gemm:
+            cpu_gemm = gemm_library(cpu_gemm)  # "auto" resolved once, at the first GEMM
+        if gemm and cpu_gemm == "onednn":
+            node.target = OneDnnMatmul(node.target)
+        elif node.target in _MATMULS and _can_be_large(node):
             node.target = KeptOutputMatmul(node.target)
         elif node.target is aten._softmax.default and _can_be_large(node):
             node.target = KeptOutputSoftmax()

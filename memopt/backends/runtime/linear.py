@@ -91,7 +91,7 @@ class LinearEpilogue:
     def _library(self, *tensors: torch.Tensor | None) -> bool:
         present = [t for t in tensors if t is not None]
         return (
-            all(type(t) is torch.Tensor and t.is_cpu for t in present)
+            all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.is_cpu for t in present)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
             and present[0].is_contiguous()
             and (tensors[3] is None or tensors[3].is_contiguous())
