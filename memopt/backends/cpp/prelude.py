@@ -190,11 +190,18 @@ template <typename T> constexpr bool mo_is_signed = T(-1) < T(0);  // false for 
 static inline float mo_bits_float(uint32_t u) { float f; __builtin_memcpy(&f, &u, 4); return f; }
 static inline float mo_expf(float x) {
   // Cody-Waite reduction x = n ln2 + r, Cephes' expf polynomial for e^r, times 2^n in two
-  // factors (2^128 is not a float). Below -87.34 the result is under FLT_MIN: it is 0
+  // factors (2^128 is not a float). Below -87.33 the result is under FLT_MIN: it is 0
   // (torch gives a subnormal, < 1.2e-38 away). Computing subnormals costs ~100 cycles a
   // lane on x86, and exp(-inf) is common: a causal attention mask makes half of them.
-  const float xc = x > 88.8f ? 88.8f : (x < -87.33f ? -87.33f : x);  // NaN passes through
-  const float n = __builtin_nearbyintf(xc * 1.44269504088896341f);
+  // Written for few vector instructions: each clamp is one min/max that lets a NaN through
+  // (x86's minps returns its second operand when either is NaN), and n is rounded by
+  // adding 1.5 * 2^23, whose sum holds n in its low mantissa bits (no round or convert
+  // instruction; a NaN gives a NaN p, so a NaN result).
+  const float high = 88.8f < x ? 88.8f : x;
+  const float xc = -87.33f > high ? -87.33f : high;
+  const float shifter = 12582912.0f;
+  const float t = xc * 1.44269504088896341f + shifter;
+  const float n = t - shifter;
   float r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -204,7 +211,9 @@ static inline float mo_expf(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * (r * r) + r + 1.0f;
-  const int32_t k = (int32_t)(xc == xc ? n : 0.0f), half = k >> 1;
+  uint32_t t_bits;
+  __builtin_memcpy(&t_bits, &t, 4);
+  const int32_t k = (int32_t)(t_bits - 0x4B400000u), half = k >> 1;  // 0x4B400000: shifter
   const float e = p * mo_bits_float((uint32_t)(half + 127) << 23)
                     * mo_bits_float((uint32_t)(k - half + 127) << 23);
   return x < -87.33f ? 0.0f : e;
@@ -212,8 +221,8 @@ static inline float mo_expf(float x) {
 static inline float mo_tanhf(float a) {
   // Eigen's rational approximation (odd degree 13 / even degree 6), clamped where tanh is
   // +-1 in float; the identity below 4e-4 keeps tiny inputs exact.
-  const float x = a > 7.90531110763549805f ? 7.90531110763549805f
-                : (a < -7.90531110763549805f ? -7.90531110763549805f : a);
+  const float high = 7.90531110763549805f < a ? 7.90531110763549805f : a;  // min, max:
+  const float x = -7.90531110763549805f > high ? -7.90531110763549805f : high;  // NaN kept
   const float x2 = x * x;
   float p = x2 * -2.76076847742355e-16f + 2.00018790482477e-13f;
   p = x2 * p + -8.60467152213735e-11f;
@@ -229,7 +238,8 @@ static inline float mo_tanhf(float a) {
 static inline float mo_erff(float a) {
   // Eigen's rational approximation (odd degree 13 / even degree 8) on [-4, 4], where erf
   // reaches +-1 in float.
-  const float x = a > 4.0f ? 4.0f : (a < -4.0f ? -4.0f : a);
+  const float high = 4.0f < a ? 4.0f : a;
+  const float x = -4.0f > high ? -4.0f : high;  // one min, one max; a NaN passes
   const float x2 = x * x;
   float p = x2 * -2.72614225801306e-10f + 2.77068142495902e-08f;
   p = x2 * p + -2.10102402082508e-06f;
