@@ -37,9 +37,10 @@ class Feature(enum.Enum):
     # A kernel for a lone layout-changing copy that beats ATen's strided copy (the C++
     # backend transposes in cache-sized tiles into memory it reuses).
     LAYOUT_CONVERSION = "layout conversion"
-    # A kernel that is exactly one softmax is better left to ATen's `_softmax`: its
-    # vectorized kernel beats the generated one there (4096 rows of 256 fp32 on the C++
-    # backend's CPU: 374 us vs 454 us, measured) and is eager's own.
+    # A kernel that is exactly one softmax is better left to ATen's `_softmax` on a backend
+    # whose generated softmax is slower than ATen's vectorized kernel (eager's own). No
+    # backend declares it now: the C++ backend's generated softmax is the faster since its
+    # shorter exp (docs/architecture.md, "Fusion").
     LIBRARY_SOFTMAX = "library softmax"
     # A kernel of its own for a lone float32 transcendental op (exp, tanh, ...): the C++
     # backend's vector math (libmvec) beats ATen's on some CPUs by far (AMD EPYC, 1M

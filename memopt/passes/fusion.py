@@ -27,7 +27,8 @@ NCHW -> channels_last conversion: ~55-75 ms in ATen, ~26 ms generated, measured)
 lone float32 transcendental op (exp, log, tanh, erf, ...; `_MATH_OPS`) where the backend's
 vector math beats ATen's (Feature.LONE_MATH, the C++ backend: tanh over 1M elements
 1104 us in ATen, 91 us generated on an AMD EPYC, measured). And a group that is exactly
-one softmax goes back to ATen's `_softmax` where the backend says ATen's is faster (Feature.LIBRARY_SOFTMAX): the same bytes, eager's own kernel.
+one softmax goes back to ATen's `_softmax` where the backend says ATen's is faster
+(Feature.LIBRARY_SOFTMAX, which no backend declares now): the same bytes, eager's own kernel.
 
 Matmul templates (`matmul_templates`): an mm or bmm may join a group too, which becomes a
 template kernel (kind "matmul"): its epilogue (the pointwise ops that consume the product:

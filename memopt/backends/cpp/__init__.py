@@ -22,7 +22,6 @@ CPP = register_backend(
         features=frozenset(
             {
                 Feature.LAYOUT_CONVERSION,
-                Feature.LIBRARY_SOFTMAX,
                 Feature.LONE_MATH,
                 Feature.IN_PLACE_OUTPUTS,
                 Feature.NESTED_REDUCTIONS,
