@@ -3,6 +3,7 @@
     python bench/models.py                           # everything; prints the tables
     python bench/models.py --write BENCHMARKS.md     # and replaces its section
     python bench/models.py --models gpt2 --modes inference --rounds 10 --no-blocks
+    python bench/models.py --modes inference --no-blocks --freezing   # and Inductor, frozen
 
 Models: GPT-2, Llama, BERT and T5 from transformers, built from configs at the "bench" size
 of tests/real_models.py (4 layers, 512 wide, 8 heads, 256 tokens, batch 4, vocabulary
@@ -64,6 +65,7 @@ import real_models  # noqa: E402
 MODELS = real_models.HF_MODELS
 MODES = ("inference", "training")
 BACKENDS = ("inductor", "memopt")
+FREEZING = "inductor, freezing"  # Inductor with torch._inductor.config.freezing (--freezing)
 MARK_START = "<!-- bench/models.py: start -->"
 MARK_END = "<!-- bench/models.py: end -->"
 MEASURE_S = 2e-3  # a micro-block measurement repeats its call to last about this long
@@ -122,7 +124,11 @@ def _compile_only(name: str, mode: str, backend: str) -> float:
     return max(first - steady, 0.0)
 
 
-def run_model(name: str, mode: str, rounds: int, cold: bool) -> ModelResult:
+def run_model(name: str, mode: str, rounds: int, cold: bool, freezing: bool = False) -> ModelResult:
+    """Eager, Inductor and memopt in interleaved rounds; with `freezing`, in inference, also
+    Inductor with its opt-in `freezing` (weights folded as constants, prepacked)."""
+    import torch._inductor.config as inductor_config
+
     training = mode == "training"
     cold_s = {b: cold_compile_seconds(name, mode, b) for b in BACKENDS} if cold else {}
     model, inputs = build(name, mode)
@@ -132,10 +138,14 @@ def run_model(name: str, mode: str, rounds: int, cold: bool) -> ModelResult:
         for backend in BACKENDS:
             programs[backend] = compile_model(model, backend)
             run_step(programs[backend], model, inputs, training)  # compile
+        if freezing and not training:
+            with inductor_config.patch(freezing=True):
+                programs[FREEZING] = compile_model(model, "inductor")
+                run_step(programs[FREEZING], model, inputs, training)
     notes = sorted({str(w.message) for w in caught if str(w.message).startswith("memopt")})
     expected = run_step(model, model, inputs, training)[0]
     max_error = {}
-    for backend in BACKENDS:
+    for backend in (b for b in programs if b != "eager"):
         got = run_step(programs[backend], model, inputs, training)[0]
         max_error[backend] = max(
             float((g - e).abs().max()) for g, e in zip(got, expected) if g is not None
@@ -151,10 +161,12 @@ def run_model(name: str, mode: str, rounds: int, cold: bool) -> ModelResult:
 
 
 def model_table(results: list[ModelResult]) -> str:
+    frozen = any(FREEZING in r.times for r in results)
+    extra = " memopt vs inductor with freezing |" if frozen else ""
     lines = [
         "| model | mode | eager ms | inductor ms | memopt ms | memopt vs inductor "
-        "| memopt vs eager | cold compile s, inductor | cold compile s, memopt |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| memopt vs eager |{extra} cold compile s, inductor | cold compile s, memopt |",
+        "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if frozen else "") + "---:|---:|",
     ]
     for r in results:
         cells = [
@@ -163,8 +175,10 @@ def model_table(results: list[ModelResult]) -> str:
             *(f"{statistics.median(r.times[v]) * 1e3:.1f}" for v in ("eager", *BACKENDS)),
             paired(r.times, "inductor", "memopt"),
             paired(r.times, "eager", "memopt"),
-            *(f"{r.cold_compile_s[b]:.1f}" if r.cold_compile_s else "-" for b in BACKENDS),
         ]
+        if frozen:
+            cells.append(paired(r.times, FREEZING, "memopt") if FREEZING in r.times else "-")
+        cells += [f"{r.cold_compile_s[b]:.1f}" if r.cold_compile_s else "-" for b in BACKENDS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -328,6 +342,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-models", action="store_true")
     parser.add_argument("--no-blocks", action="store_true")
     parser.add_argument("--no-cold", action="store_true", help="skip fresh-process compiles")
+    parser.add_argument(
+        "--freezing",
+        action="store_true",
+        help="in inference, also time Inductor with its opt-in freezing (weights as constants)",
+    )
     parser.add_argument("--write", type=Path, help="write the results into this Markdown file")
     parser.add_argument("--compile-only", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -349,7 +368,9 @@ def main(argv: list[str] | None = None) -> None:
     for name in models:
         for mode in modes:
             print(f"[{name} {mode}] compiling and timing ...", file=sys.stderr, flush=True)
-            model_results.append(run_model(name, mode, args.rounds, cold=not args.no_cold))
+            model_results.append(
+                run_model(name, mode, args.rounds, cold=not args.no_cold, freezing=args.freezing)
+            )
             print(model_table(model_results[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
     block_results = []
     if blocks:
