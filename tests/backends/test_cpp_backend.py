@@ -456,6 +456,32 @@ def test_refusals():
 # --- the generated code ----------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "make, region",
+    [
+        (lambda: examples.add_broadcast(m=7, n=5), None),  # 35 points: one thread, no region
+        (lambda: examples.softmax(rows=6, cols=1000), None),  # 6,000 points
+        (lambda: examples.add_broadcast(m=256, n=256), "#pragma omp parallel for"),  # 65,536
+        (lambda: examples.softmax(rows=64, cols=1000), "#pragma omp parallel"),
+        (lambda: examples.dynamic_scale(), "MO_PARALLEL_WORK)"),  # symbolic: decided per call
+    ],
+    ids=["small pointwise", "small reduction", "large pointwise", "large reduction", "symbolic"],
+)
+def test_parallel_regions_only_where_the_work_can_use_them(make, region):
+    """Static sizes decide at generation: under MO_PARALLEL_WORK points no OpenMP region
+    (entering one costs ~0.4 us even with a false `if`), at or over it one with no `if`;
+    symbolic sizes keep the run-time `if`. The results match the reference either way."""
+    kernel, inputs, _, sizes = make()
+    body = compile_kernel(kernel).source.split(f"{codegen.FUNCTION_NAME}(")[1]
+    if region is None:
+        assert "omp parallel" not in body
+    else:
+        assert region in body
+        static = "MO_PARALLEL_WORK" not in body
+        assert static == (not sizes)
+    run_both(kernel, inputs, sizes)
+
+
 def test_generated_code_shape():
     """OpenMP over rows, SIMD inner loops without index division, pointer-offset indexing."""
     kernel, *_ = examples.layer_norm(rows=4096, cols=1024)

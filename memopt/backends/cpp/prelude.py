@@ -32,6 +32,8 @@ def _libm_declarations() -> str:
     return "\n".join(lines)
 
 
+# Domain points per kernel below which one thread runs it (MO_PARALLEL_WORK below).
+PARALLEL_WORK = 32768
 PRELUDE = (
     r"""
 #include <stddef.h>
@@ -68,7 +70,8 @@ static inline double mo_c_copysign(double a, double b) { return __builtin_copysi
 PRELUDE += r"""
 // Domain points per kernel below which one thread runs it: starting an OpenMP team costs a
 // few microseconds, about what 32k elements of simple pointwise work take on one core.
-#define MO_PARALLEL_WORK 32768
+// (PARALLEL_WORK in prelude.py; a kernel of static sizes decides when it is generated.)
+#define MO_PARALLEL_WORK """ + str(PARALLEL_WORK) + r"""
 // Pointwise work is split into chunks of this many innermost elements, so a kernel with
 // few long rows still spreads over the threads.
 #define MO_CHUNK 4096
