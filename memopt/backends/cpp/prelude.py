@@ -67,11 +67,14 @@ static inline double mo_c_copysign(double a, double b) { return __builtin_copysi
 
 """
 )
-PRELUDE += r"""
+PRELUDE += (
+    r"""
 // Domain points per kernel below which one thread runs it: starting an OpenMP team costs a
 // few microseconds, about what 32k elements of simple pointwise work take on one core.
 // (PARALLEL_WORK in prelude.py; a kernel of static sizes decides when it is generated.)
-#define MO_PARALLEL_WORK """ + str(PARALLEL_WORK) + r"""
+#define MO_PARALLEL_WORK """
+    + str(PARALLEL_WORK)
+    + r"""
 // Pointwise work is split into chunks of this many innermost elements, so a kernel with
 // few long rows still spreads over the threads.
 #define MO_CHUNK 4096
@@ -387,3 +390,4 @@ template <typename T> static inline bool mo_argmin_takes(T v, int64_t i, T best,
   } else return v < best || (v == best && i < best_i);
 }
 """
+)
