@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from memopt.backends.cache import cache_dir, machine_key, processor, write_atomically
-from memopt.backends.runtime.linear import onednn_available
+from memopt.backends.runtime.gemm import onednn_enabled
 
 _BUFFER_NBYTES = 256 * 2**20  # far past any last-level cache of this class of machine
 _MATMUL_SIZE = 2048
@@ -54,8 +54,8 @@ def _best_seconds(run: Callable[[], object]) -> float:
 
 def _bandwidths() -> tuple[float, float]:
     """(read, copy) bytes per second over buffers no cache holds."""
-    source = torch.ones(_BUFFER_NBYTES // 4)
-    target = torch.empty(_BUFFER_NBYTES // 4)
+    source = torch.ones(_BUFFER_NBYTES // 4, dtype=torch.float32)
+    target = torch.empty(_BUFFER_NBYTES // 4, dtype=torch.float32)
     read = _BUFFER_NBYTES / _best_seconds(lambda: source.sum())
     copy = 2 * _BUFFER_NBYTES / _best_seconds(lambda: target.copy_(source))
     return read, copy
@@ -63,20 +63,22 @@ def _bandwidths() -> tuple[float, float]:
 
 def measure_machine() -> Machine:
     """Measure this machine now (about a second)."""
-    read, copy = _bandwidths()
-    a = torch.randn(_MATMUL_SIZE, _MATMUL_SIZE)
-    b = torch.randn(_MATMUL_SIZE, _MATMUL_SIZE)
-    seconds = _best_seconds(lambda: a @ b)
-    if onednn_available():  # the faster of the two CPU GEMM libraries (runtime/gemm.py)
-        linear = torch.ops.mkldnn._linear_pointwise.default
-        seconds = min(seconds, _best_seconds(lambda: linear(a, b.t(), None, "none", [], "")))
+    with torch.device("cpu"):  # real float32 CPU tensors whatever the caller's defaults
+        read, copy = _bandwidths()
+        a = torch.randn(_MATMUL_SIZE, _MATMUL_SIZE, dtype=torch.float32)
+        b = torch.randn(_MATMUL_SIZE, _MATMUL_SIZE, dtype=torch.float32)
+        seconds = _best_seconds(lambda: a @ b)
+        if onednn_enabled():  # the faster of the two CPU GEMM libraries (runtime/gemm.py)
+            linear = torch.ops.mkldnn._linear_pointwise.default
+            seconds = min(seconds, _best_seconds(lambda: linear(a, b.t(), None, "none", [], "")))
     flops = 2 * _MATMUL_SIZE**3 / seconds
     return Machine(processor(), torch.get_num_threads(), read, copy, flops)
 
 
 def measured_machine(refresh: bool = False) -> Machine:
     """This machine's figures, from the cache where it has them (else measured and cached)."""
-    path = cache_dir("machine") / f"{machine_key()}.json"
+    # "-2": figures measured since the compute peak is the faster GEMM library's
+    path = cache_dir("machine") / f"{machine_key()}-2.json"
     if not refresh:
         try:
             data = json.loads(path.read_text())

@@ -196,9 +196,10 @@ template <typename T> constexpr bool mo_is_signed = T(-1) < T(0);  // false for 
 static inline float mo_bits_float(uint32_t u) { float f; __builtin_memcpy(&f, &u, 4); return f; }
 static inline float mo_expf(float x) {
   // Cody-Waite reduction x = n ln2 + r, Cephes' expf polynomial for e^r, times 2^n in two
-  // factors (2^128 is not a float). Below -87.33 the result is under FLT_MIN: it is 0
-  // (torch gives a subnormal, < 1.2e-38 away). Computing subnormals costs ~100 cycles a
-  // lane on x86, and exp(-inf) is common: a causal attention mask makes half of them.
+  // factors (2^128 is not a float). Below -87.33 the result is 0: the exact value is under
+  // 1.2e-38 (a subnormal below -87.3365, FLT_MIN's log; torch gives it). Computing
+  // subnormals costs ~100 cycles a lane on x86, and exp(-inf) is common: a causal
+  // attention mask makes half of them.
   // Written for few vector instructions: each clamp is one min/max that lets a NaN through
   // (x86's minps returns its second operand when either is NaN), and n is rounded by
   // adding 1.5 * 2^23, whose sum holds n in its low mantissa bits (no round or convert

@@ -22,6 +22,7 @@ from torch.fx._lazy_graph_module import _LazyGraphModule
 
 from memopt.backends.runtime.extern import plan_library_calls
 from memopt.backends.runtime.gemm import describe as describe_gemms
+from memopt.backends.runtime.gemm import point_gemms
 from memopt.backends.runtime.kernels import mark_donated_inputs, prefetch_kernels
 from memopt.backends.runtime.program import straight_line
 from memopt.backends.runtime.timing import _ACTIVE, active_timer
@@ -88,10 +89,15 @@ class CompiledGraph:
         # Nothing to do around the graph's own code: no check pending, no output to restride.
         self._plain = reference is None and not self.any_restride
         mark_donated_inputs(gm)
-        prefetch_kernels(gm)
-        # recompiles the graph's code: its forward is read after
+        # Before the kernel compiler starts: cpu_gemm "auto" may time the GEMM libraries.
+        # Recompiles the graph's code: its forward is read after.
         plan_library_calls(gm, cpu_gemm)
+        if reference is not None and point_gemms(reference, cpu_gemm):
+            # The check compares memopt's passes, not GEMM libraries: the unoptimized graph
+            # runs its GEMMs where the optimized one does (they sum in another order).
+            reference.recompile()
         self.gemms = describe_gemms(gm, cpu_gemm)  # for verbose output
+        prefetch_kernels(gm)
         self._forward = _compiled_forward(gm)
 
     def __call__(self, *args: object) -> list[object]:

@@ -31,7 +31,7 @@ import torch
 import torch.fx
 
 from memopt.backends import memory
-from memopt.backends.runtime.gemm import OneDnnMatmul, gemm_library, runs_on_cpu_gemm
+from memopt.backends.runtime.gemm import point_gemms
 from memopt.compiler.cost import Cost, op_flops, read_bytes
 from memopt.compiler.graph import evaluate, tensor_meta
 
@@ -208,25 +208,18 @@ class RowScatterAdd:
 
 def plan_library_calls(gm: torch.fx.GraphModule, cpu_gemm: str = "aten") -> int:
     """Point `gm`'s float32 CPU mm and addmm nodes at a OneDnnMatmul where `cpu_gemm`
-    (runtime/gemm.py: "aten", "onednn", or "auto": measured on this machine) says oneDNN;
-    its other CPU matmuls and softmaxes whose result can be large at a KeptOutputMatmul or
-    KeptOutputSoftmax, and its accumulating single-index index_puts at a RowScatterAdd;
-    returns how many nodes changed. "auto" is measured (or read from the cache) only for
-    a graph with such a GEMM.
-    Call after the graph's other runtime planning (it changes targets)."""
-    changed = 0
+    says oneDNN (runtime/gemm.py `point_gemms`); its other CPU matmuls and softmaxes whose
+    result can be large at a KeptOutputMatmul or KeptOutputSoftmax, and its accumulating
+    single-index index_puts at a RowScatterAdd; returns how many nodes changed.
+    Call before the graph's kernels start compiling: "auto" may time the GEMM libraries."""
+    changed = point_gemms(gm, cpu_gemm)
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
         device = getattr(node.meta.get("val"), "device", None)
         if device is not None and device.type != "cpu":
             continue
-        gemm = cpu_gemm != "aten" and runs_on_cpu_gemm(node)
-        if gemm:
-            cpu_gemm = gemm_library(cpu_gemm)  # "auto" resolved once, at the first GEMM
-        if gemm and cpu_gemm == "onednn":
-            node.target = OneDnnMatmul(node.target)
-        elif node.target in _MATMULS and _can_be_large(node):
+        if node.target in _MATMULS and _can_be_large(node):
             node.target = KeptOutputMatmul(node.target)
         elif node.target is aten._softmax.default and _can_be_large(node):
             node.target = KeptOutputSoftmax()

@@ -6,29 +6,37 @@ EPYC machine (avx512f) ATen's `addmm` of a (1024, 512) by (512, 2048) float32 pr
 9.7 ms where oneDNN's `_linear_pointwise` took 4.3 ms (measured, 2 threads); on Intel
 parts the two are close. So the choice is measured, once per machine:
 
-- `measure()` times both libraries on the GEMM shapes of a transformer layer and of
-  decoding (`SHAPES`), each the best of a few runs after a warm-up, about half a second;
+- `measure()` times both libraries on the GEMM shapes of a transformer layer and of a
+  small batch (`SHAPES`), in alternating pairs of calls, and keeps per shape the median
+  of the pairs' ratios (other work on the machine, such as the kernel compiler a compile
+  starts, slows both sides of a pair alike); about a quarter of a second;
 - `choose()` takes oneDNN when it is at least `MARGIN` faster in the geometric mean over
   those shapes and not slower on any of them;
 - `gemm_library("auto")` reads the choice from `$MEMOPT_CACHE_DIR/machine/gemm-<key>.json`
-  (keyed like the machine's bandwidth figures: processor, threads, torch version), else
-  measures and caches it. The `cpu_gemm` option ("aten", "onednn") overrides it.
+  (keyed like the machine's bandwidth figures: processor, threads, torch version; a
+  record for other shapes or with unusable values is measured again), else measures and
+  caches it, once per process at most. The `cpu_gemm` option ("aten", "onednn") overrides
+  it; `torch.backends.mkldnn.enabled = False` keeps every GEMM on ATen.
 
 `OneDnnMatmul` stands for one float32 `mm` or `addmm` node: `addmm(bias, a, b)` is
 `_linear_pointwise(a, b.t(), bias)`, the weight read as the (N, K) view of mm's (K, N)
 operand. oneDNN sums in another order than MKL: results match eager to float32 rounding,
-not bit for bit (as the epilogue pass's fused linears, runtime/linear.py). Anything else
-(other dtypes, devices, tensor subclasses, autograd recording, `beta`/`alpha`, a bias
-that is not one row, a weight that is neither row- nor column-major, an empty dimension,
-a torch without oneDNN) runs the ATen op.
+not bit for bit (as the epilogue pass's fused linears, runtime/linear.py). A oneDNN call
+costs about 12 us however small (measured here: a 1x64 by 64x64 product 12.6 us against
+ATen's 1.6 us) and a matrix-vector product is slower on it (1x2048 by 2048x2048: 317 us
+against 206 us), so products of one row or of fewer than `MIN_MACS` multiply-adds stay
+on ATen. So does anything else oneDNN does not take: other dtypes, devices, layouts or
+tensor subclasses, autograd recording, `beta`/`alpha`, a bias that is not 1-D, a weight
+that is neither row- nor column-major, an empty dimension, a torch without oneDNN or with
+it disabled.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -44,113 +52,172 @@ aten = torch.ops.aten
 
 LIBRARIES = ("aten", "onednn")
 CHOICES = ("auto", *LIBRARIES)
-# (M, K, N): a transformer layer's projections and MLP at 1024 tokens, and a decoding step.
+# (M, K, N): a transformer layer's projections and MLP at 1024 tokens, and a batch of 8.
 SHAPES = ((1024, 512, 512), (1024, 512, 2048), (1024, 2048, 512), (8, 1024, 1024))
 MARGIN = 1.1  # oneDNN is taken when at least this much faster (geometric mean)
-_RUNS = 5
+# Products below this many multiply-adds stay on ATen (module doc; on the EPYC the two
+# break even between 0.3M and 1M: 4x256x256 0.79x, 16x256x256 0.98x, 64x256x256 1.47x).
+MIN_MACS = 2**21
+_PAIRS = 7
 GEMM_OPS = frozenset({aten.mm.default, aten.addmm.default})
 # Tensors oneDNN is handed: plain ones and parameters (an inference graph's weights), not
 # fake tensors or other subclasses.
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_MEASURED: dict[str, GemmTimes] = {}  # cache file -> this process's reading of it
 
 
 @dataclass(frozen=True)
 class GemmTimes:
-    """Best seconds per shape of each library (measured), and the library chosen."""
+    """Per shape, ATen's and oneDNN's seconds (medians over the pairs, measured) and the
+    median over the pairs of ATen's time / oneDNN's; the library chosen."""
 
     shapes: tuple[tuple[int, int, int], ...]
     aten_s: tuple[float, ...]
     onednn_s: tuple[float, ...]
+    ratios: tuple[float, ...]
 
     @property
     def speedup(self) -> float:
-        """Geometric mean over the shapes of ATen's time / oneDNN's time."""
-        ratios = [a / o for a, o in zip(self.aten_s, self.onednn_s)]
-        return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+        """Geometric mean over the shapes of ATen's time / oneDNN's time (1.0 without
+        oneDNN's times)."""
+        if not self.ratios:
+            return 1.0
+        return math.exp(sum(math.log(r) for r in self.ratios) / len(self.ratios))
 
     @property
     def library(self) -> str:
-        return choose(self.aten_s, self.onednn_s)
+        return choose(self.ratios)
 
-    def describe(self) -> str:
+    def valid(self) -> bool:
+        """Measured on SHAPES, every figure a positive finite number."""
+        figures = (*self.aten_s, *self.onednn_s, *self.ratios)
         return (
-            f"float32 GEMMs on the CPU: {self.library} (oneDNN measured "
-            f"{self.speedup:.2f}x ATen's speed, geometric mean over {len(self.shapes)} shapes)"
+            self.shapes == SHAPES
+            and len(self.aten_s) == len(SHAPES)
+            and len(self.onednn_s) == len(self.ratios)
+            and len(self.ratios) in (0, len(SHAPES))
+            and all(isinstance(f, (int, float)) and math.isfinite(f) and f > 0 for f in figures)
         )
 
 
-def choose(aten_s: tuple[float, ...], onednn_s: tuple[float, ...]) -> str:
-    """'onednn' when its times are at least MARGIN faster in the geometric mean and no
-    slower on any shape, else 'aten'."""
-    if not onednn_s or len(aten_s) != len(onednn_s):
+def choose(ratios: tuple[float, ...]) -> str:
+    """'onednn' when ATen's time / oneDNN's is at least MARGIN in the geometric mean over
+    the shapes and at least 1.0 on each, else 'aten'."""
+    if not ratios:
         return "aten"
-    ratios = [a / o for a, o in zip(aten_s, onednn_s)]
     mean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
     return "onednn" if mean >= MARGIN and min(ratios) >= 1.0 else "aten"
-
-
-def _best_seconds(gemm: Callable[..., torch.Tensor], *args: object) -> float:
-    gemm(*args)  # warm-up: primitive creation, thread pool, first touch
-    best = float("inf")
-    for _ in range(_RUNS):
-        start = time.perf_counter()
-        gemm(*args)
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def _onednn_addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise.default(a, b.t(), bias, "none", [], "")
 
 
+def _seconds(gemm, *args: torch.Tensor) -> float:
+    start = time.perf_counter()
+    gemm(*args)
+    return time.perf_counter() - start
+
+
 def measure() -> GemmTimes:
-    """Time ATen's and oneDNN's float32 GEMM on SHAPES (about half a second)."""
-    # Compiles run under Dynamo's fake tensor mode: these tensors must be real.
-    with unset_fake_temporarily(), torch.no_grad():
+    """Time ATen's and oneDNN's float32 GEMM on SHAPES, in alternating pairs."""
+    # Compiles run under Dynamo's fake tensor mode and may run under a default device or
+    # dtype of the caller's: these tensors are real float32 CPU tensors.
+    with unset_fake_temporarily(), torch.no_grad(), torch.device("cpu"):
         return _measure()
 
 
 def _measure() -> GemmTimes:
-    aten_s, onednn_s = [], []
+    onednn = onednn_available()
+    aten_s, onednn_s, ratios = [], [], []
     generator = torch.Generator().manual_seed(0)
     for m, k, n in SHAPES:
-        a = torch.randn(m, k, generator=generator)
-        b = torch.randn(k, n, generator=generator)
-        bias = torch.randn(n, generator=generator)
-        aten_s.append(_best_seconds(torch.addmm, bias, a, b))
-        if onednn_available():
-            onednn_s.append(_best_seconds(_onednn_addmm, bias, a, b))
-    return GemmTimes(SHAPES, tuple(aten_s), tuple(onednn_s))
+        a, b, bias = (
+            torch.randn(shape, generator=generator, dtype=torch.float32)
+            for shape in ((m, k), (k, n), (n,))
+        )
+        torch.addmm(bias, a, b)  # warm-up: thread pool, first touch, primitive creation
+        if onednn:
+            _onednn_addmm(bias, a, b)
+        pairs = []
+        for _ in range(_PAIRS):
+            first = _seconds(torch.addmm, bias, a, b)
+            pairs.append((first, _seconds(_onednn_addmm, bias, a, b) if onednn else 0.0))
+        aten_s.append(statistics.median(p[0] for p in pairs))
+        if onednn:
+            onednn_s.append(statistics.median(p[1] for p in pairs))
+            ratios.append(statistics.median(p[0] / p[1] for p in pairs))
+    return GemmTimes(SHAPES, tuple(aten_s), tuple(onednn_s), tuple(ratios))
 
 
 def measured_gemm_times(refresh: bool = False) -> GemmTimes:
-    """This machine's GEMM times, from the cache where it has them (else measured, cached)."""
+    """This machine's GEMM times: this process's reading, else the cache's where it has
+    valid ones, else measured now and cached (a cache that cannot be written is skipped)."""
     path = cache_dir("machine") / f"gemm-{machine_key()}.json"
+    if not refresh and str(path) in _MEASURED:
+        return _MEASURED[str(path)]
+    times = None
     if not refresh:
         try:
             data = json.loads(path.read_text())
-            return GemmTimes(
+            times = GemmTimes(
                 tuple(tuple(s) for s in data["shapes"]),
                 tuple(data["aten_s"]),
                 tuple(data["onednn_s"]),
+                tuple(data["ratios"]),
             )
         except (OSError, ValueError, TypeError, KeyError):
-            pass
-    times = measure()
-    record = {**asdict(times), "library": times.library, "label": "measured"}
-    write_atomically(path, json.dumps(record, indent=1).encode())
+            times = None
+        if times is not None and not times.valid():
+            times = None
+    if times is None:
+        times = measure()
+        record = {**asdict(times), "library": times.library, "label": "measured"}
+        try:
+            write_atomically(path, json.dumps(record, indent=1).encode())
+        except OSError:
+            pass  # measured again by the next process
+    _MEASURED[str(path)] = times
     return times
 
 
+def onednn_enabled() -> bool:
+    """oneDNN is built into this torch and not switched off (torch.backends.mkldnn)."""
+    return onednn_available() and torch.backends.mkldnn.enabled
+
+
 def gemm_library(choice: str = "auto") -> str:
-    """The library float32 CPU GEMMs run on: `choice` itself, or measured for "auto"."""
+    """The library float32 CPU GEMMs run on: `choice` itself, or measured for "auto"; ATen
+    wherever oneDNN is absent or disabled."""
     if choice not in CHOICES:
         raise ValueError(f"unknown cpu_gemm {choice!r}; expected one of {', '.join(CHOICES)}")
-    if choice == "onednn" and not onednn_available():
+    if choice == "aten" or not onednn_enabled():
         return "aten"
-    if choice != "auto":
+    if choice == "onednn":
         return choice
-    return measured_gemm_times().library if onednn_available() else "aten"
+    try:
+        return measured_gemm_times().library
+    except Exception as error:  # noqa: BLE001 - a failed measurement keeps ATen's GEMMs
+        import warnings
+
+        warnings.warn(
+            f"memopt: timing the CPU GEMM libraries failed ({type(error).__name__}: {error}); "
+            "float32 GEMMs stay on ATen",
+            stacklevel=2,
+        )
+        return "aten"
+
+
+def point_gemms(gm: torch.fx.GraphModule, cpu_gemm: str) -> int:
+    """Point `gm`'s float32 CPU mm and addmm nodes at a OneDnnMatmul where `cpu_gemm` (or
+    for "auto", this machine's measurement) says oneDNN; returns how many. "auto" is
+    resolved only for a graph with such a node. The caller recompiles `gm`."""
+    gemms = [n for n in gm.graph.nodes if runs_on_cpu_gemm(n) and not _static_small(n)]
+    if not gemms or gemm_library(cpu_gemm) != "onednn":
+        return 0
+    for node in gemms:
+        node.target = OneDnnMatmul(node.target)
+    return len(gemms)
 
 
 def describe(gm: torch.fx.GraphModule, choice: str) -> str:
@@ -176,6 +243,18 @@ def runs_on_cpu_gemm(node: torch.fx.Node) -> bool:
         and meta is not None
         and (meta.dtype == torch.float32)
     )
+
+
+def _static_small(node: torch.fx.Node) -> bool:
+    """A product of static sizes that stays on ATen (one row, or under MIN_MACS)."""
+    a, b = node.args[1:3] if node.target is aten.addmm.default else node.args[:2]
+    metas = [tensor_meta(x) if isinstance(x, torch.fx.Node) else None for x in (a, b)]
+    if any(m is None or len(m.shape) != 2 for m in metas):
+        return False
+    (m, k), n = metas[0].shape, metas[1].shape[1]
+    if not all(isinstance(x, int) or getattr(x, "is_Integer", False) for x in (m, k, n)):
+        return False
+    return int(m) < 2 or int(m) * int(k) * int(n) < MIN_MACS
 
 
 class OneDnnMatmul:
@@ -219,14 +298,18 @@ def _takes(a: object, b: object, bias: object) -> bool:
         return False
     if a.dtype != torch.float32 or b.dtype != torch.float32 or not (a.is_cpu and b.is_cpu):
         return False
-    if a.dim() != 2 or b.dim() != 2 or 0 in a.shape or 0 in b.shape:
+    if a.layout != torch.strided or b.layout != torch.strided or a.dim() != 2 or b.dim() != 2:
         return False
+    (m, k), n = a.shape, b.shape[1]
+    if m < 2 or m * k * n < MIN_MACS or not torch.backends.mkldnn.enabled:
+        return False  # also an empty dimension
     if not (b.is_contiguous() or b.t().is_contiguous()):
         return False
     tensors = (a, b)
     if bias is not None:
         if not (
             type(bias) in _PLAIN
+            and bias.layout == torch.strided
             and bias.is_cpu
             and bias.dtype == torch.float32
             and bias.dim() == 1

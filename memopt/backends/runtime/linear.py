@@ -96,4 +96,5 @@ class LinearEpilogue:
             and present[0].is_contiguous()
             and (tensors[3] is None or tensors[3].is_contiguous())
             and onednn_available()
+            and torch.backends.mkldnn.enabled
         )
