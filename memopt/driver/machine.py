@@ -21,7 +21,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from memopt.backends.cache import cache_dir, machine_key, processor, write_atomically
-from memopt.backends.runtime.gemm import onednn_enabled
+from memopt.backends.runtime.gemm import onednn_addmm
+from memopt.backends.runtime.linear import onednn_enabled
 
 _BUFFER_NBYTES = 256 * 2**20  # far past any last-level cache of this class of machine
 _MATMUL_SIZE = 2048
@@ -69,8 +70,7 @@ def measure_machine() -> Machine:
         b = torch.randn(_MATMUL_SIZE, _MATMUL_SIZE, dtype=torch.float32)
         seconds = _best_seconds(lambda: a @ b)
         if onednn_enabled():  # the faster of the two CPU GEMM libraries (runtime/gemm.py)
-            linear = torch.ops.mkldnn._linear_pointwise.default
-            seconds = min(seconds, _best_seconds(lambda: linear(a, b.t(), None, "none", [], "")))
+            seconds = min(seconds, _best_seconds(lambda: onednn_addmm(None, a, b)))
     flops = 2 * _MATMUL_SIZE**3 / seconds
     return Machine(processor(), torch.get_num_threads(), read, copy, flops)
 

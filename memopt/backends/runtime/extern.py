@@ -32,13 +32,11 @@ import torch.fx
 
 from memopt.backends import memory
 from memopt.backends.runtime.gemm import point_gemms
+from memopt.backends.runtime.linear import PLAIN_TENSORS as _PLAIN
 from memopt.compiler.cost import Cost, op_flops, read_bytes
 from memopt.compiler.graph import evaluate, tensor_meta
 
 aten = torch.ops.aten
-# Plain CPU tensors: an inference graph's weights are parameters; fake tensors and other
-# subclasses take the ATen op.
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 # op -> (its out= overload, the positions of the two matrix operands)
 _MATMULS = {

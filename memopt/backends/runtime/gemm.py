@@ -44,8 +44,7 @@ import torch.fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from memopt.backends.cache import cache_dir, machine_key, write_atomically
-from memopt.backends.runtime.linear import onednn_available
-from memopt.compiler.cost import Cost, op_flops, read_bytes
+from memopt.backends.runtime.linear import PLAIN_TENSORS, onednn_available, onednn_enabled
 from memopt.compiler.graph import tensor_meta
 
 aten = torch.ops.aten
@@ -60,9 +59,6 @@ MARGIN = 1.1  # oneDNN is taken when at least this much faster (geometric mean)
 MIN_MACS = 2**21
 _PAIRS = 7
 GEMM_OPS = frozenset({aten.mm.default, aten.addmm.default})
-# Tensors oneDNN is handed: plain ones and parameters (an inference graph's weights), not
-# fake tensors or other subclasses.
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 _MEASURED: dict[str, GemmTimes] = {}  # cache file -> this process's reading of it
 
 
@@ -80,9 +76,7 @@ class GemmTimes:
     def speedup(self) -> float:
         """Geometric mean over the shapes of ATen's time / oneDNN's time (1.0 without
         oneDNN's times)."""
-        if not self.ratios:
-            return 1.0
-        return math.exp(sum(math.log(r) for r in self.ratios) / len(self.ratios))
+        return _geometric_mean(self.ratios)
 
     @property
     def library(self) -> str:
@@ -105,11 +99,17 @@ def choose(ratios: tuple[float, ...]) -> str:
     the shapes and at least 1.0 on each, else 'aten'."""
     if not ratios:
         return "aten"
-    mean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
-    return "onednn" if mean >= MARGIN and min(ratios) >= 1.0 else "aten"
+    return "onednn" if _geometric_mean(ratios) >= MARGIN and min(ratios) >= 1.0 else "aten"
 
 
-def _onednn_addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _geometric_mean(values: tuple[float, ...]) -> float:
+    if not values:
+        return 1.0
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def onednn_addmm(bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`addmm(bias, a, b)` (`mm(a, b)` without a bias) as oneDNN's inner product."""
     return torch.ops.mkldnn._linear_pointwise.default(a, b.t(), bias, "none", [], "")
 
 
@@ -138,11 +138,11 @@ def _measure() -> GemmTimes:
         )
         torch.addmm(bias, a, b)  # warm-up: thread pool, first touch, primitive creation
         if onednn:
-            _onednn_addmm(bias, a, b)
+            onednn_addmm(bias, a, b)
         pairs = []
         for _ in range(_PAIRS):
             first = _seconds(torch.addmm, bias, a, b)
-            pairs.append((first, _seconds(_onednn_addmm, bias, a, b) if onednn else 0.0))
+            pairs.append((first, _seconds(onednn_addmm, bias, a, b) if onednn else 0.0))
         aten_s.append(statistics.median(p[0] for p in pairs))
         if onednn:
             onednn_s.append(statistics.median(p[1] for p in pairs))
@@ -179,11 +179,6 @@ def measured_gemm_times(refresh: bool = False) -> GemmTimes:
             pass  # measured again by the next process
     _MEASURED[str(path)] = times
     return times
-
-
-def onednn_enabled() -> bool:
-    """oneDNN is built into this torch and not switched off (torch.backends.mkldnn)."""
-    return onednn_available() and torch.backends.mkldnn.enabled
 
 
 def gemm_library(choice: str = "auto") -> str:
@@ -254,7 +249,13 @@ def _static_small(node: torch.fx.Node) -> bool:
     (m, k), n = metas[0].shape, metas[1].shape[1]
     if not all(isinstance(x, int) or getattr(x, "is_Integer", False) for x in (m, k, n)):
         return False
-    return int(m) < 2 or int(m) * int(k) * int(n) < MIN_MACS
+    return _too_small(int(m), int(k), int(n))
+
+
+def _too_small(m: int, k: int, n: int) -> bool:
+    """A product oneDNN is slower on (module doc): one row, or under MIN_MACS (also an
+    empty dimension)."""
+    return m < 2 or m * k * n < MIN_MACS
 
 
 class OneDnnMatmul:
@@ -272,15 +273,6 @@ class OneDnnMatmul:
     def __repr__(self) -> str:
         return f"OneDnnMatmul({self.op})"
 
-    def memopt_cost(self, node: torch.fx.Node) -> Cost:
-        """The ATen op's cost: inputs read once, the result written once."""
-        inputs = [a for a in node.all_input_nodes if tensor_meta(a) is not None]
-        return Cost(
-            read=read_bytes(node, inputs),
-            write=tensor_meta(node).nbytes,
-            flops=op_flops(node, self.op),
-        )
-
     def __call__(self, *args: object, **kwargs: object) -> torch.Tensor:
         if kwargs:  # beta, alpha
             return self.op(*args, **kwargs)
@@ -289,26 +281,25 @@ class OneDnnMatmul:
         else:
             (a, b), bias = args, None
         if _takes(a, b, bias):
-            return torch.ops.mkldnn._linear_pointwise.default(a, b.t(), bias, "none", [], "")
+            return onednn_addmm(bias, a, b)
         return self.op(*args)
 
 
 def _takes(a: object, b: object, bias: object) -> bool:
-    if not (type(a) in _PLAIN and type(b) in _PLAIN):
+    if not (type(a) in PLAIN_TENSORS and type(b) in PLAIN_TENSORS):
         return False
     if a.dtype != torch.float32 or b.dtype != torch.float32 or not (a.is_cpu and b.is_cpu):
         return False
     if a.layout != torch.strided or b.layout != torch.strided or a.dim() != 2 or b.dim() != 2:
         return False
-    (m, k), n = a.shape, b.shape[1]
-    if m < 2 or m * k * n < MIN_MACS or not torch.backends.mkldnn.enabled:
-        return False  # also an empty dimension
+    if _too_small(*a.shape, b.shape[1]) or not torch.backends.mkldnn.enabled:
+        return False
     if not (b.is_contiguous() or b.t().is_contiguous()):
         return False
     tensors = (a, b)
     if bias is not None:
         if not (
-            type(bias) in _PLAIN
+            type(bias) in PLAIN_TENSORS
             and bias.layout == torch.strided
             and bias.is_cpu
             and bias.dtype == torch.float32

@@ -36,11 +36,21 @@ ACTIVATIONS = {
 }
 
 
+# Tensors the library stand-ins hand to a library: plain ones and parameters (an inference
+# graph's weights), not fake tensors or other subclasses.
+PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
 def onednn_available() -> bool:
     """Whether this torch can run oneDNN's fused linear ops on the CPU."""
     return bool(torch.backends.mkldnn.is_available()) and hasattr(
         torch.ops.mkldnn, "_linear_pointwise"
     )
+
+
+def onednn_enabled() -> bool:
+    """oneDNN is built into this torch and not switched off (torch.backends.mkldnn)."""
+    return onednn_available() and torch.backends.mkldnn.enabled
 
 
 class LinearEpilogue:
@@ -91,10 +101,9 @@ class LinearEpilogue:
     def _library(self, *tensors: torch.Tensor | None) -> bool:
         present = [t for t in tensors if t is not None]
         return (
-            all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.is_cpu for t in present)
+            all(type(t) in PLAIN_TENSORS and t.is_cpu for t in present)
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in present))
             and present[0].is_contiguous()
             and (tensors[3] is None or tensors[3].is_contiguous())
-            and onednn_available()
-            and torch.backends.mkldnn.enabled
+            and onednn_enabled()
         )
