@@ -8,6 +8,8 @@ Analyze with `backend="triton"` to get the kernels a GPU run would have (with th
 backend and CPU inputs the fusion decisions are the C++ backend's).
 
 Figures are *compiled* (from the machine code), next to the kernel's *modelled* bytes.
+`GpuKernel.bandwidth_share` is *modelled* from them: the part of the device's bandwidth a
+launch can draw by Little's law (compiler/devices.py), which `Analysis.predict` uses.
 """
 
 from __future__ import annotations
@@ -20,11 +22,18 @@ import torch
 from memopt.backends.runtime.kernels import FusedKernel
 from memopt.backends.triton.attention_call import AttentionKernel
 from memopt.backends.triton.launching import Launch, recording_launches
-from memopt.backends.triton.offline import CompiledKernel, compile_launches, traffic_ratio
+from memopt.backends.triton.offline import (
+    CompiledKernel,
+    arch_for,
+    compile_launches,
+    lane_bytes,
+    traffic_ratio,
+)
 from memopt.backends.triton.ops import Unsupported
 from memopt.backends.triton.runtime import TritonKernel
 from memopt.backends.triton.sectors import sector_bytes
 from memopt.compiler.cost import is_kernel
+from memopt.compiler.devices import get_device
 from memopt.compiler.kernel_ir import Buffer, Kernel, evaluate_size
 from memopt.driver.results import Analysis, GraphResult
 
@@ -48,6 +57,26 @@ class GpuKernel:
             else traffic_ratio(self.compiled, self.modelled_bytes)
         )
 
+    @property
+    def bandwidth_share(self) -> float:
+        """The part of the device's memory bandwidth this launch can draw: its load bytes in
+        flight over the bandwidth x latency product (at most 1; *modelled*).
+
+        In flight: the resident programs (occupancy's blocks per multiprocessor, at most the
+        grid) times what one program has outstanding, which is taken to be every load of a
+        loop-free program (the compiler issues them before their uses) or one loop body's
+        loads, `num_stages - 1` bodies ahead when the loop is software-pipelined."""
+        c = self.compiled
+        if c.error:
+            return 1.0
+        outstanding = in_flight_per_program(c, self.launch.num_stages)
+        if outstanding is None or outstanding == 0:
+            return 1.0  # not known, or nothing loaded (stores do not wait)
+        device, arch = get_device(c.device), arch_for(c.device)
+        per_multiprocessor = c.occupancy * arch.max_warps / c.num_warps
+        resident = min(c.grid, per_multiprocessor * device.multiprocessors)
+        return min(1.0, resident * outstanding / device.bytes_in_flight)
+
     def to_dict(self) -> dict[str, object]:
         return {
             "kernel": self.kernel,
@@ -58,7 +87,27 @@ class GpuKernel:
             "modelled_bytes": self.modelled_bytes,
             "sector_bytes": self.sector_bytes,
             "static_over_modelled": self.traffic_ratio,
+            "bandwidth_share": None if self.compiled.error else round(self.bandwidth_share, 4),
         }
+
+
+# Triton's software-pipelining depth where a launch names none: the `num_stages` defaults
+# of its NVIDIA and AMD backends (Triton 3.9).
+DEFAULT_STAGES = {"cuda": 3, "hip": 2}
+
+
+def in_flight_per_program(compiled: CompiledKernel, num_stages: int | None) -> int | None:
+    """Load bytes one program has outstanding at once (see `GpuKernel.bandwidth_share`);
+    None when its loops are not counted."""
+    if not compiled.has_loop:
+        return lane_bytes(compiled.loads, {}) * compiled.threads
+    if compiled.traffic is None:
+        return None
+    stages = num_stages or DEFAULT_STAGES[arch_for(compiled.device).backend]
+    ahead = max(1, stages - 1) if compiled.pipelined else 1
+    body = max(lane_bytes(loop["load"], {}) for loop in compiled.traffic["loops"])
+    outside = lane_bytes(compiled.traffic["outside"]["load"], {})
+    return max(outside, body * ahead) * compiled.threads
 
 
 def _meta(buffer: Buffer, sizes: Mapping[str, int]) -> torch.Tensor:

@@ -41,8 +41,10 @@ class KernelRecord:
     def nbytes(self) -> int:
         return self.read_bytes + self.write_bytes
 
-    def seconds(self, device: str) -> float:
-        return get_device(device).seconds(self.nbytes, self.flops, self.low_precision)
+    def seconds(self, device: str, bandwidth_share: float = 1.0) -> float:
+        return get_device(device).seconds(
+            self.nbytes, self.flops, self.low_precision, bandwidth_share
+        )
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -170,8 +172,24 @@ class Analysis:
 
     def predict(self, device: str | None = None) -> float:
         """Roofline-predicted seconds on a named device (default: the `device` option) as
-        the sum over kernels of max(bytes / bandwidth, flops / peak)."""
-        return sum(k.seconds(device or self.device) for k in self.kernels)
+        the sum over kernels of max(bytes / bandwidth, flops / peak). When the analysis was
+        compiled for that device (`analyze(..., compile_for=device)`), a kernel whose
+        launches cannot keep enough loads in flight gets only its share of the bandwidth
+        (`bandwidth_shares`)."""
+        device = device or self.device
+        shares = self.bandwidth_shares(device)
+        return sum(k.seconds(device, shares.get(k.name, 1.0)) for k in self.kernels)
+
+    def bandwidth_shares(self, device: str) -> dict[str, float]:
+        """Kernel name -> the part of `device`'s bandwidth its compiled launches can draw
+        (the smallest over a kernel's launches; driver/gpu.py), for the kernels compiled for
+        that device; empty when none were."""
+        name = get_device(device).name
+        shares: dict[str, float] = {}
+        for row in self.compiled or ():
+            if get_device(row.compiled.device).name == name:
+                shares[row.kernel] = min(shares.get(row.kernel, 1.0), row.bandwidth_share)
+        return shares
 
     def top_nodes(self, n: int = 10) -> list[NodeCost]:
         nodes = [c for g in self.graphs for c in g.node_costs]

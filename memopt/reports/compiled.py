@@ -4,11 +4,15 @@
 Labels: registers, stack, spills, shared memory, warps and memory instructions are
 *compiled* (read from the machine code for the target); occupancy is *derived* from them
 and the device's limits; bytes are *modelled*. Static bytes: what the code's global memory
-instructions move when every lane of every program runs each once (no figure for a kernel
-that loops); their ratio to the modelled bytes is above 1 by masked tails and by operands
-that every row re-reads (served by the caches, not by memory). Sector bytes: the modelled
+instructions move when every lane of every program runs each once, and each loop's body once
+an iteration (the launch's trip counts); their ratio to the modelled bytes is above 1 by
+masked tails, by operands that every row re-reads, by the passes of a looped reduction and by
+the tiles of a matmul or attention that several programs read (served by the caches, not by
+memory: the modelled bytes count each buffer once). Sector bytes: the modelled
 bytes when memory moves in 32-byte sectors (backends/triton/sectors.py); above 1 only for a
-strided access the kernel could not make contiguous.
+strided access the kernel could not make contiguous. Bandwidth share: the part of the
+device's bandwidth a launch's loads in flight can draw by Little's law (*modelled*; driver/gpu.py),
+which `Analysis.predict` applies.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ HEADER = [
     "stores",
     "static/modelled",
     "sectors/modelled",
+    "bw share",
 ]
 
 
@@ -54,9 +59,9 @@ def _cells(row: GpuKernel) -> list[str]:
     c = row.compiled
     function = c.fn_name.removeprefix("memopt_")
     if c.error:
-        return [row.kernel, function, _blocks(row), "failed: " + c.error, *[""] * 9]
+        return [row.kernel, function, _blocks(row), "failed: " + c.error, *[""] * 10]
     ratio = row.traffic_ratio
-    shown = "loops" if c.has_loop else "-" if ratio is None else f"{ratio:.2f}"
+    shown = f"{ratio:.2f}" if ratio is not None else "loops" if c.has_loop else "-"
     sectors = (
         f"{row.sector_bytes / row.modelled_bytes:.2f}"
         if row.sector_bytes is not None and row.modelled_bytes
@@ -76,6 +81,7 @@ def _cells(row: GpuKernel) -> list[str]:
         _widths(c.stores),
         shown,
         sectors,
+        f"{row.bandwidth_share:.2f}",
     ]
 
 
@@ -101,23 +107,27 @@ def format_compiled(rows: Sequence[GpuKernel]) -> str:
     lines = [
         _title(rows),
         "  (compiled: from the machine code; occupancy derived; bytes modelled; "
-        "static/modelled: the code's per-lane accesses x the grid, over the modelled bytes; "
-        "sectors/modelled: the modelled bytes in 32-byte sectors, over the modelled bytes)",
+        "static/modelled: the code's per-lane accesses x the grid (loop bodies x their trips), "
+        "over the modelled bytes; "
+        "sectors/modelled: the modelled bytes in 32-byte sectors, over the modelled bytes; "
+        "bw share: the part of the bandwidth its loads in flight can draw, modelled)",
     ]
-    widths = [16, 28, 24, 5, 4, 7, 7, 7, 9, 16, 16, 15, 16]
-    lines += format_table(HEADER, [_cells(r) for r in rows], "lllrrrrrrllrr", max_widths=widths)
+    widths = [16, 28, 24, 5, 4, 7, 7, 7, 9, 16, 16, 15, 16, 8]
+    lines += format_table(HEADER, [_cells(r) for r in rows], "lllrrrrrrllrrr", max_widths=widths)
     lines.append("  " + _summary(rows))
     return "\n".join(lines) + "\n"
 
 
 def compiled_section(rows: Sequence[GpuKernel]) -> list[str]:
     """The report page's "compiled" section."""
-    numeric = {3, 4, 5, 6, 7, 8, 11, 12}
+    numeric = {3, 4, 5, 6, 7, 8, 11, 12, 13}
     lines = [
         '<h2 id="compiled">Compiled for a GPU</h2>',
         f"<p>{_esc(_title(rows))}. Registers, stack, spills, shared memory and memory "
         "instructions are <span class=label>compiled</span> (read from the machine code); "
-        "occupancy is derived from them and the device's limits; bytes are modelled. "
+        "occupancy is derived from them and the device's limits; bytes and the bandwidth "
+        "share (loads in flight over the bandwidth x latency product, which the prediction "
+        "uses) are modelled. "
         f"{_esc(_summary(rows))}.</p>",
         '<table id="compiled-kernels" class="sortable">',
         "<thead><tr>"

@@ -32,6 +32,8 @@ from memopt.backends.triton.offline_worker import (
     _SASS_BRANCH,
     _SASS_LABEL,
     has_loop,
+    loop_regions,
+    split_accesses,
 )
 from memopt.backends.triton.runtime import TritonKernel, block_sizes, num_warps, render
 from memopt.backends.triton.sectors import kernel_sectors
@@ -107,13 +109,66 @@ def test_static_traffic_of_streaming_kernels_is_the_modelled_traffic(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_looped_reduction_is_seen_as_a_loop(device):
+def test_a_looped_reduction_is_counted_once_an_iteration(device):
     looped, persistent = compile_launches(
         [_launch(lambda: examples.softmax(8, 8192)), _launch(lambda: examples.softmax(8, 1024))],
         device,
     )
-    assert looped.has_loop and looped.static_bytes is None
+    assert looped.has_loop and not looped.pipelined
+    # Two programs of four rows, eight 1024-wide blocks a row, in each of the three passes.
+    assert looped.trips == (16, 16, 16)
+    # The max, the sum and the normalized store each read the row again: three reads, one
+    # write, where the cost model counts one of each (the rows come again from L2).
+    row_bytes = 8 * 8192 * 4
+    assert looped.static_bytes == 4 * row_bytes
+    assert offline.traffic_ratio(looped, 2 * row_bytes) == 2.0
     assert not persistent.has_loop and persistent.static_bytes == 2 * 8 * 1024 * 4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_attention_traffic_is_its_tiles_once_an_iteration(device, causal):
+    batch, heads, seq, dim = 2, 4, 256, 64
+    q, k, v, out = (torch.empty(batch, heads, seq, dim, dtype=torch.float16, device="meta")
+                    for _ in range(4))  # fmt: skip
+    lse = torch.empty(batch, heads, seq, dtype=torch.float32, device="meta")
+    with recording_launches() as launches:
+        attention(q, k, v, None, causal, None, out, lse)
+    (planned,) = launches
+    (compiled,) = compile_launches(launches, device)
+    assert compiled.pipelined  # counted on the same kernel without software pipelining
+    block_m, block_n = planned.constexprs["BLOCK_M"], planned.constexprs["BLOCK_N"]
+    ends = [min(seq, (t + 1) * block_m) if causal else seq for t in range(seq // block_m)]
+    visits = batch * heads * sum(-(-end // block_n) for end in ends)
+    assert planned.trips == (visits,)
+    # A program loads its query tile, stores its output tile and, from every lane, its
+    # row's fp32 logsumexp; each iteration loads one key and one value tile.
+    per_program = 2 * block_m * dim * 2 + compiled.threads * 4
+    assert compiled.static_bytes == planned.grid * per_program + visits * 2 * block_n * dim * 2
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_matmul_template_traffic_is_its_tiles_once_a_k_step(device):
+    import memopt
+    from memopt.driver.gpu import graph_launches
+
+    m, k, n = 256, 64, 256
+    x, w = torch.randn(m, k).half(), torch.randn(k, n).half()
+    analysis = memopt.analyze(lambda x, w: torch.relu(x @ w), x, w, backend="triton")
+    ((_name, kind, modelled, (planned,), _sectors),) = graph_launches(analysis.graphs[0])
+    assert kind == "matmul"
+    (compiled,) = compile_launches([planned], device)
+    tiles = planned.constexprs
+    block_m, block_n, block_k = tiles["BLOCK_M"], tiles["BLOCK_N"], tiles["BLOCK_K"]
+    assert planned.grid == (m // block_m) * (n // block_n)
+    assert planned.trips == (planned.grid * (k // block_k),)
+    # Each k step loads an A and a B tile; each program stores its C tile once.
+    expected = planned.trips[0] * (block_m + block_n) * block_k * 2 + m * n * 2
+    assert compiled.static_bytes == expected
+    # A is read once per column of tiles, B once per row of tiles: 4/3 of the modelled
+    # bytes, which count each operand once.
+    assert modelled == (m * k + k * n + m * n) * 2
+    assert offline.traffic_ratio(compiled, modelled) == pytest.approx(4 / 3)
 
 
 def test_results_are_cached_by_source_and_launch(tmp_path, monkeypatch):
@@ -238,6 +293,18 @@ def test_loops_are_backward_branches_and_the_exit_trap_is_not():
     gcn = ".LBB0_1:\n\tglobal_load_dwordx4 v[0:3], v4, s[0:1]\n\ts_cbranch_scc1 .LBB0_1\n"
     assert has_loop(gcn, _GCN_LABEL, _GCN_BRANCH)
     assert not has_loop("\ts_cbranch_scc1 .LBB0_2\n.LBB0_2:\n", _GCN_LABEL, _GCN_BRANCH)
+    (body,) = loop_regions(sass, _SASS_LABEL, _SASS_BRANCH)
+    assert list(body) == [1, 2, 3]  # the label, the load, the branch back
+
+
+def test_accesses_are_split_by_loop_and_nested_loops_are_not_counted():
+    found = [(0, "load", 128), (2, "load", 128), (3, "store", 32), (6, "load", 64)]
+    split = split_accesses(found, [range(5, 8), range(1, 4)])
+    assert split == {
+        "outside": {"load": {128: 1}, "store": {}},
+        "loops": [{"load": {128: 1}, "store": {32: 1}}, {"load": {64: 1}, "store": {}}],
+    }
+    assert split_accesses(found, [range(1, 8), range(2, 4)]) is None
 
 
 def test_static_bytes_count_every_lane_of_every_program():
@@ -247,7 +314,15 @@ def test_static_bytes_count_every_lane_of_every_program():
         has_loop=False,
     )  # fmt: skip
     assert result.static_bytes == (2 * 16 + 4 + 16) * 128 * 10
-    assert dataclasses.replace(result, has_loop=True).static_bytes is None
+    traffic = {
+        "outside": {"load": {32: 1}, "store": {128: 1}},
+        "loops": [{"load": {128: 2}, "store": {}}],
+    }
+    looped = dataclasses.replace(result, has_loop=True, traffic=traffic, trips=(70,))
+    assert looped.static_bytes == ((4 + 16) * 10 + 2 * 16 * 70) * 128
+    assert dataclasses.replace(looped, trips=()).static_bytes is None  # trips not known
+    assert dataclasses.replace(looped, trips=(7, 7)).static_bytes is None  # loops differ
+    assert dataclasses.replace(looped, traffic=None).static_bytes is None  # nested loops
 
 
 # -- coalescing: 32-byte sectors --------------------------------------------------------
@@ -290,3 +365,64 @@ def test_sector_bytes_follow_the_lanes_stride_and_agree_with_the_compiled_loads(
         assert compiled.widest_load_bits == 128  # coalesced: full-width loads
     else:
         assert compiled.widest_load_bits == 32  # a lane's element is not next to its neighbour's
+
+
+# -- bandwidth: loads in flight (Little's law) ------------------------------------------
+
+
+def _row(compiled: CompiledKernel, num_stages=None):
+    from memopt.driver.gpu import GpuKernel
+
+    planned = Launch("k.py", "k", compiled.grid, (), {}, compiled.num_warps, num_stages)
+    return GpuKernel("inference.k0", "pointwise", planned, compiled, None)
+
+
+def test_a_launch_draws_the_bandwidth_its_loads_in_flight_cover():
+    from memopt.compiler.devices import get_device
+
+    h100 = get_device("h100")
+    assert h100.bytes_in_flight == pytest.approx(3.35e12 * 375e-9)
+    few = CompiledKernel(
+        "k", "sm_90", grid=10, num_warps=4, threads=128, registers=32, stack_bytes=0,
+        spill_bytes=0, shared_bytes=0, occupancy=1.0, loads={128: 2}, stores={128: 1},
+        has_loop=False, device="h100",
+    )  # fmt: skip
+    # Ten programs, each with two 16-byte loads a lane outstanding: far from enough.
+    assert _row(few).bandwidth_share == pytest.approx(10 * 2 * 16 * 128 / h100.bytes_in_flight)
+    # A full grid at full occupancy: 16 programs an SM on 132 SMs hold 8.6 MB in flight.
+    assert _row(dataclasses.replace(few, grid=100_000)).bandwidth_share == 1.0
+    # Occupancy bounds the resident programs: a quarter of them, a quarter of the bytes.
+    quarter = dataclasses.replace(few, grid=100_000, occupancy=0.25, loads={32: 1})
+    resident = 0.25 * 64 / 4 * 132
+    assert _row(quarter).bandwidth_share == pytest.approx(resident * 4 * 128 / h100.bytes_in_flight)
+    # A pipelined loop keeps num_stages - 1 iterations' loads ahead (3 stages: two bodies).
+    traffic = {"outside": {"load": {}, "store": {}}, "loops": [{"load": {128: 1}, "store": {}}]}
+    looped = dataclasses.replace(
+        few, loads={128: 3}, has_loop=True, traffic=traffic, trips=(40,), pipelined=True
+    )
+    assert _row(looped, num_stages=3).bandwidth_share == pytest.approx(
+        10 * 2 * 16 * 128 / h100.bytes_in_flight
+    )
+    assert _row(dataclasses.replace(looped, pipelined=False)).bandwidth_share == pytest.approx(
+        10 * 16 * 128 / h100.bytes_in_flight
+    )
+    assert _row(dataclasses.replace(few, loads={})).bandwidth_share == 1.0  # stores only
+
+
+def test_predict_gives_a_kernel_only_the_bandwidth_its_compiled_launches_draw():
+    import memopt
+
+    # 256 rows of 768 in four-row programs: 64 programs for 132 SMs.
+    x = torch.randn(256, 768).half()
+    layer_norm = torch.nn.LayerNorm(768).half()
+    plain = memopt.analyze(layer_norm, x, backend="triton", device="h100")
+    compiled = memopt.analyze(layer_norm, x, backend="triton", device="h100", compile_for="h100")
+    shares = compiled.bandwidth_shares("h100")
+    assert shares and all(0 < s <= 1 for s in shares.values())
+    assert min(shares.values()) < 1
+    assert compiled.predict("h100") == pytest.approx(
+        sum(k.seconds("h100", shares.get(k.name, 1.0)) for k in compiled.kernels)
+    )
+    assert compiled.predict("h100") > plain.predict("h100")
+    assert compiled.bandwidth_shares("a100") == {}  # compiled for another device: no share
+    assert compiled.predict("a100") == pytest.approx(plain.predict("a100"))

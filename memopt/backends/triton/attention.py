@@ -240,8 +240,17 @@ def attention(
             "DOT_PRECISION": precision,
         }
         path = str(write_source(source()))
-        launch(Launch(path, "memopt_attention_fwd", grid, args, flags, warps), gpu)
+        trips = (batch * heads * key_blocks(seq_q, seq_k, tiles, is_causal),)
+        launch(Launch(path, "memopt_attention_fwd", grid, args, flags, warps, trips=trips), gpu)
     return out
 
 
-__all__ = ["MAX_HEAD_DIM", "attention", "attention_shape"]
+def key_blocks(seq_q: int, seq_k: int, tiles: dict[str, int], causal: bool) -> int:
+    """Key blocks the query-row programs of one (batch, head) visit, all together: each
+    program's loop runs over the keys up to the causal diagonal of its last row, or all."""
+    block_m, block_n = tiles["BLOCK_M"], tiles["BLOCK_N"]
+    ends = (min(seq_k, (t + 1) * block_m) if causal else seq_k for t in range(-(-seq_q // block_m)))
+    return sum(-(-end // block_n) for end in ends)
+
+
+__all__ = ["MAX_HEAD_DIM", "attention", "attention_shape", "key_blocks"]

@@ -26,6 +26,7 @@ import torch
 from memopt.backends.triton.attention import (
     MAX_HEAD_DIM,
     attention_shape,
+    key_blocks,
     mask_mode,
 )
 from memopt.backends.triton.launching import (
@@ -251,15 +252,23 @@ def attention_backward(
     if dk.numel():
         grid = batch * heads * -(-seq_k // tiles["BLOCK_N"])
         args = (*common, dk, dv, *dk.stride(), *dv.stride())
+        query_blocks = 0  # what the key-row programs of one (batch, head) visit, together
+        for t in range(-(-seq_k // tiles["BLOCK_N"])):
+            start = (
+                (t * tiles["BLOCK_N"] // tiles["BLOCK_M"]) * tiles["BLOCK_M"] if is_causal else 0
+            )
+            query_blocks += max(0, -(-(seq_q - start) // tiles["BLOCK_M"]))
+        trips = (batch * heads * query_blocks,)
         launch(
-            Launch(path, "memopt_attention_bwd_dkdv", grid, args, flags, warps),
+            Launch(path, "memopt_attention_bwd_dkdv", grid, args, flags, warps, trips=trips),
             gpu,
         )
     if dq.numel():
         grid = batch * heads * -(-seq_q // tiles["BLOCK_M"])
         args = (*common, dq, *dq.stride())
+        trips = (batch * heads * key_blocks(seq_q, seq_k, tiles, is_causal),)
         launch(
-            Launch(path, "memopt_attention_bwd_dq", grid, args, flags, warps),
+            Launch(path, "memopt_attention_bwd_dq", grid, args, flags, warps, trips=trips),
             gpu,
         )
     return dq, dk, dv

@@ -105,7 +105,9 @@ class Launch:
     keyword ones, `grid` the number of programs (1D grids only). `num_warps` and
     `num_stages` are the GPU options (None: Triton's defaults); the interpreter ignores them.
     `num_warps` counts 32-lane warps: on a 64-lane target (AMD) the same threads are half as
-    many wavefronts (`wavefronts`).
+    many wavefronts (`wavefronts`). `trips`: for each loop of the kernel's source, in order,
+    its iterations summed over every program of the grid (empty for a loop-free kernel);
+    what the static traffic of a looped kernel's machine code is weighed by (offline.py).
     """
 
     source_path: str
@@ -115,6 +117,7 @@ class Launch:
     constexprs: dict[str, int | bool | str] = field(default_factory=dict)
     num_warps: int | None = None
     num_stages: int | None = None
+    trips: tuple[int, ...] = ()
 
 
 # Open `recording_launches()` blocks, innermost last.

@@ -190,7 +190,10 @@ def plan_matmul(
     size_args = [int(sizes[name]) for name in rendered.size_names]
     args = (*tensors, *size_args, bnumel, m, n, k)
     constexprs = {**tiles, "LOW_PRECISION_DOT": on_gpu, "DOT_PRECISION": dot_precision(on_gpu)}
-    return Launch(source_path, rendered.fn_name, grid, args, constexprs, MATMUL_WARPS[half])
+    trips = (grid * -(-k // tiles["BLOCK_K"]),)
+    return Launch(
+        source_path, rendered.fn_name, grid, args, constexprs, MATMUL_WARPS[half], trips=trips
+    )
 
 
 __all__ = ["plan_matmul", "render_matmul"]

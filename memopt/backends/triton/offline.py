@@ -83,8 +83,12 @@ class CompiledKernel:
 
     `loads` / `stores`: global memory instructions in the machine code, {width in bits:
     count}; each runs once per thread (lane) of the program. `has_loop`: the code loops, so
-    those counts are per iteration, not per program. `error`: the compiler's message when it
-    failed (then every figure is 0).
+    those counts are not per program. `traffic`: the same instructions outside every loop
+    (`"outside"`) and in each loop's body (`"loops"`, in code order), {"load"|"store":
+    {width: count}}; counted without software pipelining where the kernel had it
+    (`pipelined`; offline_worker.compile_job); None when its loops nest. `trips`: the launch's
+    iterations of each source loop, over the whole grid (Launch.trips). `error`: the
+    compiler's message when it failed (then every figure is 0).
     """
 
     fn_name: str
@@ -103,6 +107,9 @@ class CompiledKernel:
     error: str | None = None
     compile_s: float = 0.0  # the compile's own time, when it was not cached
     device: str = ""  # the device model it was compiled for ("h100")
+    traffic: dict[str, object] | None = None
+    trips: tuple[int, ...] = ()
+    pipelined: bool = False
 
     @property
     def spills(self) -> bool:
@@ -114,14 +121,20 @@ class CompiledKernel:
 
     @property
     def static_bytes(self) -> int | None:
-        """Global bytes its memory instructions move over the grid, if it has no loop: every
-        lane of every program running each instruction once (masked tails included)."""
-        if self.has_loop:
+        """Global bytes its memory instructions move over the grid: every lane of every
+        program running each instruction outside the loops once, and each loop body's
+        instructions once an iteration (masked tails included). None for a loop whose trips
+        are not known or whose machine code has loops the source has not (or nested ones)."""
+        if not self.has_loop:
+            return lane_bytes(self.loads, self.stores) * self.threads * self.grid
+        loops = self.traffic["loops"] if self.traffic is not None else None
+        if loops is None or len(loops) != len(self.trips):
             return None
-        per_lane = sum(
-            bits // 8 * n for acc in (self.loads, self.stores) for bits, n in acc.items()
-        )
-        return per_lane * self.threads * self.grid
+        outside = self.traffic["outside"]
+        total = lane_bytes(outside["load"], outside["store"]) * self.grid
+        for body, trips in zip(loops, self.trips):
+            total += lane_bytes(body["load"], body["store"]) * trips
+        return total * self.threads
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -138,9 +151,16 @@ class CompiledKernel:
             "loads": {str(k): v for k, v in sorted(self.loads.items())},
             "stores": {str(k): v for k, v in sorted(self.stores.items())},
             "has_loop": self.has_loop,
+            "trips": list(self.trips),
+            "pipelined": self.pipelined,
             "static_bytes": self.static_bytes,
             "error": self.error,
         }
+
+
+def lane_bytes(loads: dict[int, int], stores: dict[int, int]) -> int:
+    """Bytes one lane moves running each of these instructions once ({width in bits: count})."""
+    return sum(bits // 8 * n for counts in (loads, stores) for bits, n in counts.items())
 
 
 def occupancy(
@@ -202,7 +222,7 @@ def _triton_version() -> str:
 
 
 # The worker's result format: part of every cache key, so older results are not misread.
-RESULT_FORMAT = 3
+RESULT_FORMAT = 4
 
 
 def _key(job: dict) -> str:
@@ -338,12 +358,29 @@ def _compiled(
         stores={int(k): v for k, v in accesses["store"].items()},
         has_loop=result["has_loop"],
         compile_s=result.get("compile_s", 0.0),
+        traffic=_int_widths(result["traffic"]),
+        trips=tuple(planned.trips),
+        pipelined=result["pipelined"],
     )
 
 
+def _int_widths(traffic: dict | None) -> dict | None:
+    """The worker's traffic record with its widths as ints again (JSON keys are strings)."""
+    if traffic is None:
+        return None
+
+    def widths(counts: dict) -> dict[str, dict[int, int]]:
+        return {kind: {int(k): v for k, v in counts[kind].items()} for kind in ("load", "store")}
+
+    return {"outside": widths(traffic["outside"]), "loops": [widths(b) for b in traffic["loops"]]}
+
+
 def traffic_ratio(compiled: CompiledKernel, modelled_bytes: int) -> float | None:
-    """Static bytes over modelled bytes (None for a loop or a failed compile); 1.0 means the
-    machine code moves what the cost model counts, masked tails aside."""
+    """Static bytes over modelled bytes (None when the static bytes are not known, or the
+    compile failed); 1.0 means the machine code moves what the cost model counts, masked
+    tails aside. Above 1 for a tiled kernel: its programs read shared operands again (a
+    matmul's A once per column of tiles), from L2 when it holds them; the modelled bytes
+    count each buffer once."""
     static = compiled.static_bytes
     if static is None or compiled.error or not modelled_bytes:
         return None
@@ -356,6 +393,7 @@ __all__ = [
     "GpuArch",
     "arch_for",
     "compile_launches",
+    "lane_bytes",
     "occupancy",
     "traffic_ratio",
 ]

@@ -15,8 +15,10 @@ constant), compiled to machine code, and read back:
 - AMD: the AMDGCN text's metadata (VGPRs, spills, scratch, LDS, the compiler's occupancy)
   and its global and buffer memory instructions by width.
 
-A backward branch in the machine code marks a loop: a program's static instruction count is
-then not its traffic.
+A backward branch in the machine code marks a loop. The memory instructions are counted outside
+every loop and inside each one (`traffic`), so that the caller can weigh each loop's body by
+its trip count; a kernel with `tl.dot` loops is counted on a second compile without software
+pipelining (see `compile_job`).
 """
 
 from __future__ import annotations
@@ -61,23 +63,53 @@ _GCN_WIDTH = {
 _SASS_GLOBAL = re.compile(r"\b(LDG|STG|LDGSTS|ATOMG|ATOM|RED)\b((?:\.[A-Z0-9_]+)*)")
 _SASS_LABEL = re.compile(r"^(\.L_x_\d+):")
 _SASS_BRANCH = re.compile(r"\bBRA\b.*?\((\.L_x_\d+)\)")
-_GCN_GLOBAL = re.compile(r"^\s*(global|buffer)_(load|store|atomic)_(\w+)", re.M)
+_GCN_GLOBAL = re.compile(r"^\s*(global|buffer)_(load|store|atomic)_(\w+)")
 _GCN_LABEL = re.compile(r"^(\.LBB\w+):")
 _GCN_BRANCH = re.compile(r"^\s*s_c?branch\w*\s+(\.LBB\w+)")
 
 
-def has_loop(code: str, label: re.Pattern[str], branch: re.Pattern[str]) -> bool:
-    """Whether the code branches back to an earlier label: a loop. A branch to the line just
-    above it is the trap after the last EXIT (NVIDIA's padding), not a loop."""
+def loop_regions(code: str, label: re.Pattern[str], branch: re.Pattern[str]) -> list[range]:
+    """The lines of each loop: from a label to a later branch back to it. A branch to the line
+    just above it is the trap after the last EXIT (NVIDIA's padding), not a loop."""
     seen: dict[str, int] = {}
+    regions = []
     for number, line in enumerate(code.splitlines()):
         if (match := label.match(line)) is not None:
             seen[match.group(1)] = number
         elif (match := branch.search(line)) is not None:
             target = seen.get(match.group(1))
             if target is not None and target < number - 1:
-                return True
-    return False
+                regions.append(range(target, number + 1))
+    return regions
+
+
+def has_loop(code: str, label: re.Pattern[str], branch: re.Pattern[str]) -> bool:
+    """Whether the code branches back to an earlier label: a loop."""
+    return bool(loop_regions(code, label, branch))
+
+
+Accesses = dict[str, dict[int, int]]  # {"load" | "store": {width in bits: instructions}}
+
+
+def _count(found: list[tuple[int, str, int]], lines: range | None = None) -> Accesses:
+    counted: Accesses = {"load": {}, "store": {}}
+    for number, kind, width in found:
+        if lines is None or number in lines:
+            counted[kind][width] = counted[kind].get(width, 0) + 1
+    return counted
+
+
+def split_accesses(found: list[tuple[int, str, int]], regions: list[range]) -> dict | None:
+    """The memory instructions outside every loop and inside each loop, in code order, from
+    (line, kind, width) triples; None when loops nest or overlap (not counted)."""
+    regions = sorted(regions, key=lambda r: r.start)
+    if any(later.start < earlier.stop for earlier, later in zip(regions, regions[1:])):
+        return None
+    inside = {number for region in regions for number in region}
+    return {
+        "outside": _count([f for f in found if f[0] not in inside]),
+        "loops": [_count(found, region) for region in regions],
+    }
 
 
 def _nvidia_tools() -> Path:
@@ -140,21 +172,22 @@ def _nvidia(compiled, threads: int, log: str) -> dict:
             [str(tools / "nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True
         ).stdout
     fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
-    accesses: dict[str, dict[int, int]] = {"load": {}, "store": {}}
-    for op, suffix in _SASS_GLOBAL.findall(sass):
-        parts = suffix.strip(".").split(".") if suffix else []
-        width = next((_SASS_WIDTH[p] for p in parts if p in _SASS_WIDTH), 32)
-        kind = "load" if op in ("LDG", "LDGSTS") else "store"
-        accesses[kind][width] = accesses[kind].get(width, 0) + 1
-    loops = has_loop(sass, _SASS_LABEL, _SASS_BRANCH)
+    found = []
+    for number, line in enumerate(sass.splitlines()):
+        for op, suffix in _SASS_GLOBAL.findall(line):
+            parts = suffix.strip(".").split(".") if suffix else []
+            width = next((_SASS_WIDTH[p] for p in parts if p in _SASS_WIDTH), 32)
+            found.append((number, "load" if op in ("LDG", "LDGSTS") else "store", width))
+    regions = loop_regions(sass, _SASS_LABEL, _SASS_BRANCH)
     return {
         "registers": int(fields.get("REG", 0)),
         "stack_bytes": int(fields.get("STACK", 0)) + int(fields.get("LOCAL", 0)),
         "spill_bytes": _ptxas_spills(log),
         "shared_bytes": max(int(compiled.metadata.shared), int(fields.get("SHARED", 0))),
         "waves_per_simd": None,
-        "accesses": accesses,
-        "has_loop": loops,
+        "accesses": _count(found),
+        "has_loop": bool(regions),
+        "traffic": split_accesses(found, regions),
         "threads": threads,
     }
 
@@ -168,12 +201,13 @@ def _amd(compiled, threads: int, log: str) -> dict:
 
     scratch = re.search(r"; ScratchSize: (\d+)", asm)
     occupancy = re.search(r"; Occupancy: (\d+)", asm)
-    accesses: dict[str, dict[int, int]] = {"load": {}, "store": {}}
-    for _space, op, rest in _GCN_GLOBAL.findall(asm):
-        width = _GCN_WIDTH.get(rest, 32)
-        kind = "store" if op == "store" else "load"
-        accesses[kind][width] = accesses[kind].get(width, 0) + 1
-    loops = has_loop(asm, _GCN_LABEL, _GCN_BRANCH)
+    found = []
+    for number, line in enumerate(asm.splitlines()):
+        if (match := _GCN_GLOBAL.match(line)) is not None:
+            _space, op, rest = match.groups()
+            width = _GCN_WIDTH.get(rest, 32)
+            found.append((number, "store" if op == "store" else "load", width))
+    regions = loop_regions(asm, _GCN_LABEL, _GCN_BRANCH)
     return {
         "registers": metadata("vgpr_count"),
         "stack_bytes": int(scratch.group(1)) if scratch else metadata("private_segment_fixed_size"),
@@ -182,8 +216,9 @@ def _amd(compiled, threads: int, log: str) -> dict:
         "spill_bytes": 4 * metadata("vgpr_spill_count"),
         "shared_bytes": max(int(compiled.metadata.shared), metadata("group_segment_fixed_size")),
         "waves_per_simd": int(occupancy.group(1)) if occupancy else None,
-        "accesses": accesses,
-        "has_loop": loops,
+        "accesses": _count(found),
+        "has_loop": bool(regions),
+        "traffic": split_accesses(found, regions),
         "threads": threads,
     }
 
@@ -210,20 +245,30 @@ def compile_job(job: dict) -> dict:
     options = {"num_warps": job["num_warps"]}
     if job.get("num_stages") is not None:
         options["num_stages"] = job["num_stages"]
-    source = triton.compiler.ASTSource(fn, signature, constexprs, attrs)
     gpu = GPUTarget(target["backend"], target["arch"], target["warp_size"])
-    start = time.perf_counter()
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log):  # ptxas's -v log (TRITON_DUMP_PTXAS_LOG), not ours
-        compiled = triton.compile(source, target=gpu, options=options)
     threads = job["num_warps"] * target["warp_size"]
     read = _nvidia if target["backend"] == "cuda" else _amd
+
+    def build(options: dict) -> dict:
+        source = triton.compiler.ASTSource(fn, signature, constexprs, attrs)
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):  # ptxas's -v log (TRITON_DUMP_PTXAS_LOG)
+            compiled = triton.compile(source, target=gpu, options=options)
+        return read(compiled, threads, log.getvalue())
+
+    start = time.perf_counter()
+    result = build(options)
     compile_s = time.perf_counter() - start
-    return {
-        "error": None,
-        **read(compiled, threads, log.getvalue()),
-        "compile_s": round(compile_s, 3),
-    }
+    source_text = Path(job["source_path"]).read_text()
+    result["pipelined"] = False
+    if result["has_loop"] and options.get("num_stages") != 1 and "tl.dot(" in source_text:
+        # Software pipelining issues the first iterations' tile loads ahead of the loop and
+        # predicates off (NVIDIA) or peels (AMD) the last ones: the loop's body is then not
+        # one iteration's traffic. The same kernel without it loads each iteration's tiles
+        # in the body, once: its loops are counted instead (same tiles, same bytes).
+        result["traffic"] = build({**options, "num_stages": 1})["traffic"]
+        result["pipelined"] = True
+    return {"error": None, **result, "compile_s": round(compile_s, 3)}
 
 
 def main() -> None:

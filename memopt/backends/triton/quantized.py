@@ -135,5 +135,6 @@ def dequant_matmul(
             "DOT_PRECISION": dot_precision(gpu),
         },
         num_warps=warps,
+        trips=(grid * -(-k // block_k),),
     )
     launch(planned, gpu)

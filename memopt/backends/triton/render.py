@@ -131,6 +131,11 @@ class RenderedKernel:
     across_rows: bool = False  # a reduction whose loads are contiguous along a kept range
 
     @property
+    def loops(self) -> int:
+        """How many loops the kernel's source runs (a looped reduction: one a pass)."""
+        return sum(line.lstrip().startswith("for ") for line in self.source.splitlines())
+
+    @property
     def looped(self) -> bool:
         return self.reduction and not self.persistent
 

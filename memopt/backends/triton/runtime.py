@@ -141,8 +141,15 @@ class TritonKernel:
             grid = -(-xnumel // blocks["XBLOCK"])
         size_args = [int(sizes[name]) for name in rendered.size_names]
         args = (*tensors, *size_args, xnumel, rnumel)
+        trips = (grid * -(-rnumel // blocks["RBLOCK"]),) * rendered.loops if rendered.loops else ()
         planned = Launch(
-            str(self.source_path), rendered.fn_name, grid, args, blocks, num_warps(blocks)
+            str(self.source_path),
+            rendered.fn_name,
+            grid,
+            args,
+            blocks,
+            num_warps(blocks),
+            trips=trips,
         )
         launch(planned, gpu)
 
