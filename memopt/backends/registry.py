@@ -55,6 +55,10 @@ class Feature(enum.Enum):
     # Kernels with nested reductions (Kernel.inner_ranges: a reduction over another axis of
     # a reduction's results, `d.sum(-1).amin(1)`), the inner results never in memory.
     NESTED_REDUCTIONS = "nested reductions"
+    # Kernels run on a GPU's memory, which moves 32-byte sectors: a strided access the
+    # renderer cannot tile costs the sectors it touches (backends/triton/sectors.py). A
+    # CPU's 64-byte cache lines are not modelled, so the CPU backends do not declare it.
+    SECTOR_MEMORY = "32-byte sector memory"
 
 
 Tensors = Sequence[torch.Tensor]

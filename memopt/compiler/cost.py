@@ -14,6 +14,12 @@ Rules (docs/architecture.md, "How bytes are counted"):
   they write (at most one per updated element) and, when they accumulate, the updated
   elements; the rest of the buffer is neither read nor written.
 - A node whose target brings its own cost (a fused kernel) is asked for it: `target.memopt_cost(node)`.
+- Sectors (modelled, for kernels on a GPU): a read whose neighbouring lanes are s > 1
+  elements apart costs min(32, s x itemsize) bytes an element, at most its span in
+  32-byte sectors (`sector_nbytes`). A generated Triton kernel charges it from its Kernel
+  IR (backends/triton/sectors.py); the passes price candidates with it where the kernels
+  run on Triton (`graph_cost(..., sectors=True)`); other ATen nodes and the C++ and
+  reference backends' kernels keep their bytes.
 
 FLOPs are modelled: 2*M*N*K for matmuls, 2*out*(in_channels/groups)*prod(kernel) for
 convolutions, one per output element for everything else.
@@ -41,10 +47,20 @@ from memopt.compiler.aten_ops import (
     indexed_numel,
     update_accumulates,
 )
-from memopt.compiler.graph import TensorMeta, evaluate, numel, output_metas, tensor_meta
+from memopt.compiler.graph import (
+    TensorMeta,
+    evaluate,
+    numel,
+    output_metas,
+    tensor_meta,
+    touched_elements,
+)
 
 aten = torch.ops.aten
 ZERO = sympy.Integer(0)
+# A GPU's memory moves whole 32-byte sectors: a warp's access is served as the sectors its
+# lanes touch (CUDA C++ Best Practices Guide, "Coalesced Access to Global Memory").
+SECTOR_BYTES = 32
 
 
 @dataclass(frozen=True)
@@ -154,21 +170,83 @@ def _tensor_args(arg: object, found: list[torch.fx.Node]) -> None:
             _tensor_args(item, found)
 
 
-def read_bytes(node: torch.fx.Node, inputs: Iterable[torch.fx.Node]) -> sympy.Expr:
-    """Bytes read from the given input nodes: distinct touched elements, per distinct buffer."""
-    per_base: dict[torch.fx.Node, list[TensorMeta]] = {}
+def read_bytes(
+    node: torch.fx.Node,
+    inputs: Iterable[torch.fx.Node],
+    charged: Mapping[torch.fx.Node, sympy.Expr] | Callable[[TensorMeta], sympy.Expr] | None = None,
+) -> sympy.Expr:
+    """Bytes read from the given input nodes: distinct touched elements, per distinct buffer.
+
+    `charged` prices some inputs otherwise (their bytes in sectors): a map from input node
+    to bytes, or a function of each input's metadata. Several views of one buffer together
+    never cost more than the buffer (read in full, its sectors are its bytes)."""
+    per_base: dict[torch.fx.Node, list[sympy.Expr]] = {}
     for arg in inputs:
         meta = tensor_meta(arg)
-        if meta is not None:
-            per_base.setdefault(view_base(arg), []).append(meta)
+        if meta is None:
+            continue
+        if charged is None:
+            nbytes = meta.touched_nbytes
+        elif callable(charged):
+            nbytes = charged(meta)
+        else:
+            nbytes = charged.get(arg, meta.touched_nbytes)
+        per_base.setdefault(view_base(arg), []).append(nbytes)
     total = ZERO
-    for base, metas in per_base.items():
-        touched = sympy.Add(*(m.touched_nbytes for m in metas))
+    for base, figures in per_base.items():
+        touched = sympy.Add(*figures)
         base_meta = tensor_meta(base)
-        if len(metas) > 1 and base_meta is not None:
+        if len(figures) > 1 and base_meta is not None:
             touched = sympy.Min(touched, base_meta.nbytes)
         total += touched
     return total
+
+
+def sector_nbytes(
+    shape: tuple[sympy.Expr, ...],
+    stride: tuple[sympy.Expr, ...],
+    itemsize: int,
+    lane_stride: sympy.Expr | int | None,
+) -> sympy.Expr:
+    """Bytes of reading (or writing) a tensor's distinct elements in 32-byte sectors, when
+    neighbouring lanes of the kernel are `lane_stride` elements apart (modelled).
+
+    Coalesced (1), shared by the lanes (0) or not affine (None, a gather): its bytes. Else
+    each element drags in the part of its sector up to the next lane's, min(32, stride x
+    itemsize) bytes, and the whole never more than the tensor's span rounded up to sectors
+    (a stride-2 fp32 read: 2x its bytes; one element a sector from 8 fp32 elements apart:
+    8x). A symbolic stride stays symbolic: where it is 1 the figure is the bytes again.
+    """
+    elements = sympy.sympify(touched_elements(shape, stride))
+    plain = elements * itemsize
+    lane_stride = None if lane_stride is None else sympy.sympify(lane_stride)
+    if lane_stride is None or (lane_stride.is_number and lane_stride <= 1) or elements == 0:
+        return plain
+    per_element = sympy.Min(SECTOR_BYTES, lane_stride * itemsize)
+    span = 1 + sum(((size - 1) * step for size, step in zip(shape, stride)), ZERO)
+    span_sectors = sympy.ceiling(span * itemsize / SECTOR_BYTES) * SECTOR_BYTES
+    return sympy.Min(elements * per_element, span_sectors)
+
+
+def view_lane_stride(meta: TensorMeta) -> sympy.Expr:
+    """Elements between neighbouring lanes of a GPU kernel reading `meta` with its lanes
+    in the best order it can (from the graph, before any kernel exists: a lower bound).
+
+    1 when a dim of it (of size above 1) has unit stride: lanes run along it, or a tile
+    makes a transposed read contiguous; 0 when no dim moves (a broadcast scalar); else the
+    smallest stride among its dims (every other element, a column of a row-major matrix).
+    """
+    moving = [step for size, step in zip(meta.shape, meta.stride) if size != 1 and step != 0]
+    if not moving:
+        return ZERO
+    if any(step == 1 for step in moving):
+        return sympy.Integer(1)
+    return sympy.Min(*moving)
+
+
+def touched_sector_nbytes(meta: TensorMeta) -> sympy.Expr:
+    """`meta.touched_nbytes` in 32-byte sectors, read by a GPU kernel (view_lane_stride)."""
+    return sector_nbytes(meta.shape, meta.stride, meta.itemsize, view_lane_stride(meta))
 
 
 def _custom_cost(node: torch.fx.Node) -> Cost | None:
@@ -185,13 +263,15 @@ def node_cost(node: torch.fx.Node) -> Cost:
     return Cost(read=read, write=write, flops=_flops(node, output_metas(node)))
 
 
-def node_bytes(node: torch.fx.Node) -> sympy.Expr:
-    """node_cost(node).nbytes, without counting FLOPs."""
-    traffic = _traffic(node)
+def node_bytes(node: torch.fx.Node, sectors: bool = False) -> sympy.Expr:
+    """node_cost(node).nbytes, without counting FLOPs. `sectors`: an ATen pointwise or
+    reduction node reads each input in 32-byte sectors (`touched_sector_nbytes`), as the
+    kernel that runs it on a GPU would."""
+    traffic = _traffic(node, sectors)
     return traffic.nbytes if isinstance(traffic, Cost) else traffic[0] + traffic[1]
 
 
-def _traffic(node: torch.fx.Node) -> Cost | tuple[sympy.Expr, sympy.Expr]:
+def _traffic(node: torch.fx.Node, sectors: bool = False) -> Cost | tuple[sympy.Expr, sympy.Expr]:
     """(bytes read, bytes written) of one node, or its whole Cost where an op or an update
     rule gives one."""
     custom = _custom_cost(node)
@@ -216,6 +296,8 @@ def _traffic(node: torch.fx.Node) -> Cost | tuple[sympy.Expr, sympy.Expr]:
             read += sympy.Min(source_meta.touched_nbytes, write)
     elif target in FILL_OPS:
         read = ZERO
+    elif sectors and target not in EXTERN_OPS:
+        read = read_bytes(node, kernel_inputs(node), touched_sector_nbytes)
     else:
         read = read_bytes(node, kernel_inputs(node))
     return read, write
@@ -364,7 +446,12 @@ class GraphCost:
         return evaluate(self.total, self.bindings)
 
 
-def graph_cost(gm: torch.fx.GraphModule, bindings: Mapping[sympy.Symbol, int]) -> GraphCost:
+def graph_cost(
+    gm: torch.fx.GraphModule, bindings: Mapping[sympy.Symbol, int], sectors: bool = False
+) -> GraphCost:
+    """The graph's modelled bytes. `sectors`: its ATen pointwise and reduction nodes read in
+    32-byte sectors too (node_bytes), a pass's estimate for a graph whose kernels run on a
+    GPU; generated kernels charge what they charge either way (FusedKernel.memopt_cost)."""
     nodes = [n for n in gm.graph.nodes if is_kernel(n)]
-    total = sympy.Add(*(node_bytes(n) for n in nodes))
+    total = sympy.Add(*(node_bytes(n, sectors) for n in nodes))
     return GraphCost(total=total, kernels=len(nodes), bindings=bindings)

@@ -10,7 +10,8 @@ Kinds of fusion, all found by one greedy loop over candidate pairs of groups:
 - multi-output: a group whose values are needed outside it stores each of them.
 
 Each round merges the legal candidate pair that saves the most bytes (modelled: cost(a) +
-cost(b) - cost(a + b)). The pairs wait in a heap that each merge updates with the pairs it
+cost(b) - cost(a + b); where the kernels run on Triton a read with no unit-stride dim
+counts the 32-byte sectors it drags in, so sharing a strided read is worth more). The pairs wait in a heap that each merge updates with the pairs it
 creates, and the cycle check searches only between the two groups in a topological
 numbering of the grouped graph kept under merges: work near-linear in the graph, the same
 choices as rescoring every pair each round. A merge is refused when it would create a cycle
@@ -57,8 +58,9 @@ import torch.fx
 
 from memopt.backends.registry import Feature
 from memopt.backends.runtime.kernels import FusedKernel
+from memopt.backends.triton.sectors import moves_sectors
 from memopt.compiler.aten_ops import SHAPE_QUERIES, TEMPLATE_MATMULS
-from memopt.compiler.cost import buffer_users, is_view, view_base
+from memopt.compiler.cost import buffer_users, is_view, touched_sector_nbytes, view_base
 from memopt.compiler.graph import (
     META_KEY,
     evaluate,
@@ -129,11 +131,11 @@ class _State:
         self.writes = [(k, b) for k, n in enumerate(self.nodes) for b in written_buffers(n)]
         self.buffer = functools.cache(buffer_of)
         self.first_memo: dict[Group, int] = {}
-        self.cost_memo: dict[Group, int] = {}
+        self.cost_memo: dict[tuple[Group, bool], int] = {}
         self.parts_memo: dict[Group, tuple[set[torch.fx.Node], list[torch.fx.Node]]] = {}
-        self.touched_memo: dict[torch.fx.Node, int] = {}
+        self.touched_memo: dict[tuple[torch.fx.Node, bool], int] = {}
         self.written_memo: dict[torch.fx.Node, int] = {}
-        self.saved_memo: dict[tuple[Group, Group], int] = {}
+        self.saved_memo: dict[tuple[Group, Group, bool], int] = {}
         self.lower_memo: dict[Group, str | None] = {}
         self.shapes = _Shapes()
         self.work = ctx.record.work
@@ -150,6 +152,10 @@ class _State:
         self.nested: set[Group] = set()  # groups that lower to nested reductions
         device = graph_device(gm)
         backend = ctx.kernel_backend(device)
+        # Kernels on a GPU (Triton) read in 32-byte sectors: a group is priced with its
+        # strided reads' sectors, whether it becomes a generated kernel or stays an ATen
+        # call (whose GPU kernel moves the same sectors), so merges compare like with like.
+        self.sectors = moves_sectors(backend)
         self.no_nested = None
         if not backend.supports(Feature.NESTED_REDUCTIONS):
             self.no_nested = (
@@ -191,13 +197,15 @@ class _State:
             self.first_memo[group] = min(self.order[n] for n in group)
         return self.first_memo[group]
 
-    def cost(self, group: Group) -> int:
+    def cost(self, group: Group, plain: bool = False) -> int:
         """Modelled bytes of a group as one kernel: inputs read once, outputs written once
-        (cost.read_bytes and the outputs' bytes, on per-node figures evaluated once)."""
-        if group not in self.cost_memo:
+        (cost.read_bytes and the outputs' bytes, on per-node figures evaluated once). Reads
+        are in 32-byte sectors where the kernels run on a GPU, unless `plain`."""
+        key = (group, plain and self.sectors)
+        if key not in self.cost_memo:
             per_base: dict[torch.fx.Node, list[int]] = {}
             for arg in self.external_inputs(group):
-                per_base.setdefault(self.base(arg), []).append(self.touched(arg))
+                per_base.setdefault(self.base(arg), []).append(self.touched(arg, key[1]))
             reads = 0
             for base, touched in per_base.items():
                 total = sum(touched)
@@ -205,15 +213,18 @@ class _State:
                     total = min(total, self.written(base))  # each element read once
                 reads += total
             writes = sum(self.written(n) for n in self.stored(group))
-            self.cost_memo[group] = reads + writes
-        return self.cost_memo[group]
+            self.cost_memo[key] = reads + writes
+        return self.cost_memo[key]
 
-    def touched(self, node: torch.fx.Node) -> int:
-        """Bytes reading a tensor costs: its distinct elements."""
-        if node not in self.touched_memo:
+    def touched(self, node: torch.fx.Node, plain: bool = False) -> int:
+        """Bytes reading a tensor costs: its distinct elements; on a GPU, the 32-byte
+        sectors they drag in when no dim of it has unit stride (cost.touched_sector_nbytes)."""
+        key = (node, plain or not self.sectors)
+        if key not in self.touched_memo:
             meta = tensor_meta(node)
-            self.touched_memo[node] = evaluate(meta.touched_nbytes, self.ctx.bindings)
-        return self.touched_memo[node]
+            nbytes = meta.touched_nbytes if key[1] else touched_sector_nbytes(meta)
+            self.touched_memo[key] = evaluate(nbytes, self.ctx.bindings)
+        return self.touched_memo[key]
 
     def written(self, node: torch.fx.Node) -> int:
         """Bytes of every tensor a node produces: what storing it costs."""
@@ -222,13 +233,26 @@ class _State:
             self.written_memo[node] = evaluate(total, self.ctx.bindings)
         return self.written_memo[node]
 
-    def saved(self, a: Group, b: Group) -> int:
+    def saved(self, a: Group, b: Group, plain: bool = False) -> int:
         # Keyed by the pair: a group's hash is cached, a fresh union's is not.
-        if (a, b) not in self.saved_memo:
+        key = (a, b, plain and self.sectors)
+        if key not in self.saved_memo:
             union = a | b
             self.parts(union, (a, b))
-            self.saved_memo[(a, b)] = self.cost(a) + self.cost(b) - self.cost(union)
-        return self.saved_memo[(a, b)]
+            cost = functools.partial(self.cost, plain=key[2])
+            self.saved_memo[key] = cost(a) + cost(b) - cost(union)
+        return self.saved_memo[key]
+
+    def describe_saving(self, a: Group, b: Group) -> str:
+        """The bytes a merge saves, for its decision: in sectors, and by bytes where those differ."""
+        saved = self.saved(a, b)
+        plain = self.saved(a, b, plain=True)
+        if plain == saved:
+            return f"saves {saved} B of traffic"
+        return (
+            f"saves {saved} B of traffic in 32-byte sectors ({plain} B by bytes: a read "
+            "with no unit-stride dim costs the sectors it drags in)"
+        )
 
     def _condense(self) -> None:
         """The condensed graph: a vertex per group (a node in no group is a vertex alone),
@@ -754,7 +778,7 @@ class Fusion(Pass):
                 refused[(a, b)] = (*illegal, saved, kind)
                 continue
             what = f"fused {_names(a, state.order)} + {_names(b, state.order)}"
-            why = f"{kind}: saves {saved} B of traffic"
+            why = f"{kind}: {state.describe_saving(a, b)}"
             matmul = _matmul_of(a | b)
             if matmul is not None:
                 side = _side(matmul, a if matmul in b else b)

@@ -8,7 +8,11 @@ Three rewrites, each priced with the cost model and recorded in the ledger:
    index expressions, and an extern matmul takes an operand whose last or second-to-last
    stride is 1. The copy is kept (refused, with its bytes) when a consumer needs it: a
    `view` that the strided source cannot express, an extern op that would copy internally,
-   a graph output whose strides would change, or no bytes saved.
+   a graph output whose strides would change, or no bytes saved. Where the kernels run on
+   a GPU (Triton) and no dim of the source has unit stride (every 8th column: no tile
+   makes it contiguous), both graphs are priced in 32-byte sectors after a dry run of
+   fusion, and the copy stays when the strided reads drag in more sectors than the copy
+   and contiguous reads (two kernels reading a column block, say).
 2. Matmul outputs written in their reader's order. An `mm`/`bmm` whose only reader is a
    copy through views (attention's `(batch, heads, seq, dim) -> (batch, seq, heads*dim)`
    after `att @ v`) writes straight into a buffer laid out as that copy's result
@@ -43,18 +47,27 @@ from torch._guards import detect_fake_mode
 from torch._prims_common import infer_size
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from memopt.backends.triton.sectors import moves_sectors
 from memopt.compiler.aten_ops import (
     CONVOLUTIONS,
     EXTERN_OPS,
     MATMUL_OUT_VARIANTS,
     MATMULS,
 )
-from memopt.compiler.cost import buffer_users, graph_cost, is_view, reaches_output, view_base
+from memopt.compiler.cost import (
+    buffer_users,
+    graph_cost,
+    is_view,
+    reaches_output,
+    view_base,
+    view_lane_stride,
+)
 from memopt.compiler.graph import (
     META_KEY,
     TensorMeta,
     copy_graph,
     evaluate,
+    graph_device,
     meta_of_value,
     tensor_meta,
 )
@@ -384,6 +397,7 @@ def _mutated(node: torch.fx.Node) -> bool:
         "copy_kept_output",  # kept: its result is a graph output
         "copy_kept_mutated",  # kept: its source is mutated in place later
         "copy_kept",  # kept: a consumer needs the layout, or nothing is saved
+        "copy_kept_sectors",  # kept: strided reads of its source cost more 32-byte sectors
         "matmul_out_order",  # a matmul writes in its reader's order (out= into strides)
         "matmul_out_kept",  # ... refused: no strides give the copy's layout
         "conv_layout",  # channels_last or NCHW chosen for the convolutions
@@ -426,6 +440,8 @@ class Layout(Pass):
                 why = "its source is mutated in place later in the graph"
                 ctx.refuse("copy_kept_mutated", f"kept {label}", why, nbytes, (node.name,))
                 continue
+            lane_stride = self._strided_on_gpu(gm, ctx, source)
+            kept_sectors = self._sector_estimate(gm, ctx) if lane_stride is not None else None
             reason = self._try_remove(gm, ctx, node, source, eager_outputs)
             if isinstance(reason, str):
                 ctx.refuse("copy_kept", f"kept {label}", reason, nbytes, (node.name,))
@@ -436,10 +452,55 @@ class Layout(Pass):
                 f"every consumer reads %{source.name} through its strides "
                 f"(copy kernel: {nbytes} B); graph moves {saved} B less"
             )
-            if ctx.decide("copy_removed", what, why, saved, (node.name,)):
+            figures = {}
+            if kept_sectors is not None:
+                removed_sectors = self._sector_estimate(gm, ctx, drop=node)
+                figures = {"sectors_with_copy": kept_sectors, "sectors_without": removed_sectors}
+                sectors = (
+                    f"in 32-byte sectors, after fusion: {removed_sectors} B without the copy, "
+                    f"{kept_sectors} B with it"
+                )
+                if removed_sectors >= kept_sectors:
+                    undo()
+                    why = (
+                        f"its consumers would read %{source.name} with lanes {lane_stride} "
+                        f"elements apart (no unit-stride dim for a tile), each dragging in "
+                        f"whole sectors: {sectors}; by bytes the removal would save {saved} B"
+                    )
+                    at_stake = kept_sectors - removed_sectors
+                    ctx.refuse(
+                        "copy_kept_sectors", f"kept {label}", why, at_stake, (node.name,), figures
+                    )
+                    continue
+                why += f" ({sectors})"
+            if ctx.decide("copy_removed", what, why, saved, (node.name,), figures):
                 gm.graph.erase_node(node)
             else:
                 undo()
+
+    def _strided_on_gpu(self, gm, ctx, source) -> sympy.Expr | None:
+        """The lane stride reading `source` costs where the graph's kernels run on a GPU
+        (Triton, in 32-byte sectors) and no dim of it has unit stride; else None: reading
+        it costs its bytes (or a tile makes it contiguous), and bytes alone decide."""
+        if not moves_sectors(ctx.kernel_backend(graph_device(gm))):
+            return None
+        stride = view_lane_stride(tensor_meta(source))
+        return None if stride.is_number and stride <= 1 else stride
+
+    def _sector_estimate(self, gm, ctx, drop: torch.fx.Node | None = None) -> int:
+        """Modelled bytes of the graph in 32-byte sectors, after fusion when the pipeline
+        fuses (a dry run on a copy, as for the channels_last choice): generated kernels
+        charge their sectors (FusedKernel.memopt_cost), other nodes the sectors of their
+        strided reads (cost.graph_cost with sectors). `drop`: a copy bypassed, left dead."""
+        trial = copy_graph(gm)
+        if drop is not None:
+            dead = next(n for n in trial.graph.nodes if n.name == drop.name)
+            if not dead.users:
+                trial.graph.erase_node(dead)
+        if self._fuses(ctx):
+            fusion = ctx.pipeline.instance("fusion")  # a sibling pass, used as an estimator
+            fusion.run(trial, ctx.scratch(fusion))
+        return graph_cost(trial, ctx.bindings, sectors=True).nbytes
 
     def _try_remove(self, gm, ctx, node, source, eager_outputs):
         """Bypass the copy; (bytes saved, undo) if legal and cheaper, else the reason not."""

@@ -23,8 +23,9 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from memopt.backends.memory import LARGE_NBYTES
 from memopt.backends.registry import FALLBACK, backend_for, get_backend
+from memopt.backends.triton.sectors import moves_sectors, strided_buffers
 from memopt.compiler.aten_ops import returns_fresh_memory
-from memopt.compiler.cost import Cost, read_bytes
+from memopt.compiler.cost import Cost, read_bytes, sector_nbytes
 from memopt.compiler.graph import tensor_meta
 from memopt.compiler.kernel_ir import evaluate_size
 from memopt.compiler.lower import Lowered
@@ -111,16 +112,47 @@ class FusedKernel:
     # -- cost -------------------------------------------------------------------------
 
     def memopt_cost(self, node: torch.fx.Node) -> Cost:
-        """Inputs read once (gathered tables: at most one element per lookup), outputs written once."""
+        """Inputs read once (gathered tables: at most one element per lookup), outputs written once.
+
+        On Triton (a GPU's memory, in 32-byte sectors) a buffer whose neighbouring lanes
+        are more than one element apart, where the renderer cannot tile it contiguous,
+        costs its sectors (`cost.sector_nbytes`); every other buffer costs its bytes."""
+        strided = self._strided_buffers()
         inputs = node.args[: len(self.kernel.inputs)]  # past them: destinations, not read
         direct = [a for k, a in enumerate(inputs) if k not in self.gather_positions]
-        read = read_bytes(node, direct)
+        charged = {}
+        for buffer, arg in zip(self.kernel.inputs, inputs):
+            meta = tensor_meta(arg) if buffer.name in strided else None
+            if meta is not None:
+                stride = strided[buffer.name]
+                charged[arg] = sector_nbytes(meta.shape, meta.stride, meta.itemsize, stride)
+        read = read_bytes(node, direct, charged or None)
         lookups = sympy.Mul(*self.kernel.ranges) * sympy.Mul(*self.kernel.reduction_ranges)
         for k in self.gather_positions:
             meta = tensor_meta(node.args[k])
             read += sympy.Min(meta.touched_nbytes, self.gathers_at[k] * lookups * meta.itemsize)
-        write = sympy.Add(*(sympy.Mul(*b.shape) * b.dtype.itemsize for b in self.kernel.outputs))
+        write = sympy.Add(
+            *(
+                sector_nbytes(b.shape, b.stride, b.dtype.itemsize, strided[b.name])
+                if b.name in strided
+                else sympy.Mul(*b.shape) * b.dtype.itemsize
+                for b in self.kernel.outputs
+            )
+        )
         return Cost(read=read, write=write, flops=self.flops)
+
+    def _strided_buffers(self) -> dict[str, sympy.Expr]:
+        """The buffers charged in sectors (strided_buffers), when the kernel runs on a
+        backend that moves them, worked out once: the kernel and its backend never change."""
+        strided = getattr(self, "_strided", None)
+        if strided is None:
+            value = next((v for v in self.fake_outputs if isinstance(v, torch.Tensor)), None)
+            device = value.device.type if value is not None else "cpu"
+            # The rule is the Triton backend's own (its lanes and tiles: sectors.py).
+            on_gpu_memory = moves_sectors(backend_for(self.backend, device))
+            strided = strided_buffers(self.kernel) if on_gpu_memory else {}
+            self._strided = strided
+        return strided
 
     def triton_source_path(self) -> str | None:
         """The kernel's Triton source, rendered into the cache (for reports); None if it has none.

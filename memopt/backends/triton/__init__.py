@@ -22,7 +22,7 @@ TRITON = register_backend(
         # GPUs; CPU tensors run under Triton's interpreter (tests, small shapes).
         device_types=None,
         default_for=frozenset({"cuda"}),
-        features=frozenset({Feature.MATMUL_TEMPLATES}),
+        features=frozenset({Feature.MATMUL_TEMPLATES, Feature.SECTOR_MEMORY}),
         source_file=source_file,
         attention=AttentionKernels(max_head_dim=MAX_HEAD_DIM, make_target=AttentionKernel),
         describe_template=_describe_template,

@@ -172,6 +172,30 @@ def _fastest_axis(index: sympy.Expr, count: int) -> int | None:
     return None if var is None else variables.index(var)
 
 
+def tile_axes(kernel: Kernel) -> tuple[int, int] | None:
+    """(y, x) ranges of the 2D tile a pointwise kernel renders as, or None for a flat block
+    (and for every reduction): a tile when a load's fastest axis is not the stores' one.
+
+    A transposed read in a 1D block strides through memory; in a [YBLOCK, XBLOCK] tile
+    over both axes, each load and each store has a contiguous run along one tile axis. A
+    function of the Kernel IR alone: the renderer and the sector cost (sectors.py) ask it.
+    """
+    if kernel.reduction_ranges or len(kernel.ranges) < 2:
+        return None
+    count = len(kernel.ranges)
+    store_axes = {_fastest_axis(s.index, count) for s in kernel.stores} - {None}
+    load_axes = {
+        _fastest_axis(v.arg.index, count)
+        for v in kernel.values
+        if v.op == "load" and not v.arg.indirect
+    } - {None}
+    if len(store_axes) != 1:
+        return None
+    (x_axis,) = store_axes
+    others = sorted(load_axes - {x_axis})
+    return (others[0], x_axis) if others else None
+
+
 @dataclass
 class Scope:
     lines: list[str] = field(default_factory=list)
@@ -415,7 +439,7 @@ class Renderer(ValueRenderer):
         args = [*buffers, *size_names, "xnumel", "rnumel", "XBLOCK: tl.constexpr"]
         if self.reduction:
             args.append("RBLOCK: tl.constexpr")
-        tile = None if self.reduction else self.tile_axes()
+        tile = tile_axes(kernel)
         if tile is not None:
             args.append("YBLOCK: tl.constexpr")
         body = self.outer
@@ -455,27 +479,6 @@ class Renderer(ValueRenderer):
             tile=tile,
             across_rows=self.across_rows,
         )
-
-    def tile_axes(self) -> tuple[int, int] | None:
-        """(y, x) ranges of a 2D tile when a load's fastest axis is not the stores' one.
-
-        A transposed read in a 1D block strides through memory; in a [YBLOCK, XBLOCK] tile
-        over both axes, each load and each store has a contiguous run along one tile axis.
-        """
-        if len(self.kernel.ranges) < 2:
-            return None
-        count = len(self.kernel.ranges)
-        store_axes = {_fastest_axis(s.index, count) for s in self.kernel.stores} - {None}
-        load_axes = {
-            _fastest_axis(v.arg.index, count)
-            for v in self.kernel.values
-            if v.op == "load" and not v.arg.indirect
-        } - {None}
-        if len(store_axes) != 1:
-            return None
-        (x_axis,) = store_axes
-        others = sorted(load_axes - {x_axis})
-        return (others[0], x_axis) if others else None
 
     def tiled_prologue(self, tile: tuple[int, int], wide: bool, body: Scope) -> None:
         """A [YBLOCK, XBLOCK] tile: x along the stores' fastest range, y along the others.
