@@ -132,8 +132,9 @@ class RenderedKernel:
 
     @property
     def loops(self) -> int:
-        """How many loops the kernel's source runs (a looped reduction: one a pass)."""
-        return sum(line.lstrip().startswith("for ") for line in self.source.splitlines())
+        """How many run-time loops the kernel's source has (a looped reduction: one a pass;
+        `tl.static_range` loops of helpers are unrolled, not counted)."""
+        return len(re.findall(r"^\s*for \w+ in range\(", self.source, re.M))
 
     @property
     def looped(self) -> bool:

@@ -141,7 +141,7 @@ class TritonKernel:
             grid = -(-xnumel // blocks["XBLOCK"])
         size_args = [int(sizes[name]) for name in rendered.size_names]
         args = (*tensors, *size_args, xnumel, rnumel)
-        trips = (grid * -(-rnumel // blocks["RBLOCK"]),) * rendered.loops if rendered.loops else ()
+        trips = (grid * -(-rnumel // blocks["RBLOCK"]),) * rendered.loops if rendered.looped else ()
         planned = Launch(
             str(self.source_path),
             rendered.fn_name,
