@@ -48,14 +48,16 @@ class GpuKernel:
     compiled: CompiledKernel
     modelled_bytes: int | None  # the kernel's; None when it makes several launches
     sector_bytes: int | None = None  # modelled in 32-byte sectors (generated kernels only)
+    # A kernel of several launches (attention's backward: dK/dV, then dQ): the static bytes
+    # of all of them over the kernel's modelled bytes, on each of its rows.
+    kernel_ratio: float | None = None
 
     @property
     def traffic_ratio(self) -> float | None:
-        return (
-            None
-            if self.modelled_bytes is None
-            else traffic_ratio(self.compiled, self.modelled_bytes)
-        )
+        """Static over modelled bytes: the launch's, or its kernel's launches' together."""
+        if self.modelled_bytes is None:
+            return self.kernel_ratio
+        return traffic_ratio(self.compiled, self.modelled_bytes)
 
     @property
     def bandwidth_share(self) -> float:
@@ -189,18 +191,16 @@ def compile_for_gpu(
     compiled = iter(compile_launches(launches, device, timeout_s=timeout_s))
     rows = []
     for name, kind, nbytes, planned_list, sectors in entries:
-        for planned in planned_list:
-            single = len(planned_list) == 1
-            rows.append(
-                GpuKernel(
-                    name,
-                    kind,
-                    planned,
-                    next(compiled),
-                    nbytes if single else None,
-                    sectors if single else None,
-                )
-            )
+        results = [next(compiled) for _ in planned_list]
+        if len(planned_list) == 1:
+            rows.append(GpuKernel(name, kind, planned_list[0], results[0], nbytes, sectors))
+            continue
+        static = [c.static_bytes for c in results]
+        together = None if None in static or not nbytes else sum(static) / nbytes
+        rows += [
+            GpuKernel(name, kind, planned, c, None, None, together)
+            for planned, c in zip(planned_list, results)
+        ]
     return rows
 
 

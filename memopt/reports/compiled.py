@@ -61,7 +61,8 @@ def _cells(row: GpuKernel) -> list[str]:
     if c.error:
         return [row.kernel, function, _blocks(row), "failed: " + c.error, *[""] * 10]
     ratio = row.traffic_ratio
-    shown = f"{ratio:.2f}" if ratio is not None else "loops" if c.has_loop else "-"
+    together = "Σ " if row.modelled_bytes is None else ""  # its kernel's launches together
+    shown = f"{together}{ratio:.2f}" if ratio is not None else "loops" if c.has_loop else "-"
     sectors = (
         f"{row.sector_bytes / row.modelled_bytes:.2f}"
         if row.sector_bytes is not None and row.modelled_bytes
@@ -108,7 +109,7 @@ def format_compiled(rows: Sequence[GpuKernel]) -> str:
         _title(rows),
         "  (compiled: from the machine code; occupancy derived; bytes modelled; "
         "static/modelled: the code's per-lane accesses x the grid (loop bodies x their trips), "
-        "over the modelled bytes; "
+        "over the modelled bytes (Σ: a kernel's launches together); "
         "sectors/modelled: the modelled bytes in 32-byte sectors, over the modelled bytes; "
         "bw share: the part of the bandwidth its loads in flight can draw, modelled)",
     ]

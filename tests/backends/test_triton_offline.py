@@ -27,10 +27,9 @@ from memopt.backends.triton.offline import (
     occupancy,
 )
 from memopt.backends.triton.offline_worker import (
-    _GCN_BRANCH,
-    _GCN_LABEL,
     _SASS_BRANCH,
     _SASS_LABEL,
+    gcn_loop_regions,
     has_loop,
     loop_regions,
     split_accesses,
@@ -290,11 +289,36 @@ def test_loops_are_backward_branches_and_the_exit_trap_is_not():
     assert has_loop(sass, _SASS_LABEL, _SASS_BRANCH)
     straight = sass.replace("@!P5 BRA `(.L_x_1) ;", "NOP ;")
     assert not has_loop(straight, _SASS_LABEL, _SASS_BRANCH)  # only the trap is left
-    gcn = ".LBB0_1:\n\tglobal_load_dwordx4 v[0:3], v4, s[0:1]\n\ts_cbranch_scc1 .LBB0_1\n"
-    assert has_loop(gcn, _GCN_LABEL, _GCN_BRANCH)
-    assert not has_loop("\ts_cbranch_scc1 .LBB0_2\n.LBB0_2:\n", _GCN_LABEL, _GCN_BRANCH)
     (body,) = loop_regions(sass, _SASS_LABEL, _SASS_BRANCH)
     assert list(body) == [1, 2, 3]  # the label, the load, the branch back
+
+
+def test_amd_loops_are_llvm_s_loop_blocks_not_backward_branches():
+    gcn = "\n".join(
+        [
+            "\ts_branch .LBB0_6",
+            ".LBB0_5:                                ;   in Loop: Header=BB0_6 Depth=1",
+            "\tbuffer_load_dwordx4 v[4:7], v3, s[20:23], 0 offen",  # the body, above the header
+            ".LBB0_6:                                ; =>This Inner Loop Header: Depth=1",
+            "\ts_cbranch_execz .LBB0_8",
+            "; %bb.7:                                ;   in Loop: Header=BB0_6 Depth=1",
+            ".LBB0_8:                                ;   in Loop: Header=BB0_6 Depth=1",
+            "\ts_branch .LBB0_5",
+            "; %bb.9:",
+            "\tbuffer_store_dwordx2 v[0:1], v16, s[84:87], 0 offen",
+            ".LBB0_10:",
+            "\ts_cbranch_scc0 .LBB0_5",  # a cold block branching back: not a loop of its own
+        ]
+    )
+    regions, nested = gcn_loop_regions(gcn)
+    assert [sorted(r) for r in regions] == [[1, 2, 3, 4, 5, 6, 7]] and not nested
+    found = [(2, "load", 128), (9, "store", 64)]
+    assert split_accesses(found, regions) == {
+        "outside": {"load": {}, "store": {64: 1}},
+        "loops": [{"load": {128: 1}, "store": {}}],
+    }
+    inner = gcn.replace("Header=BB0_6 Depth=1\n.LBB0_8", "Header=BB0_6 Depth=2\n.LBB0_8")
+    assert gcn_loop_regions(inner)[1]  # nested: not counted
 
 
 def test_accesses_are_split_by_loop_and_nested_loops_are_not_counted():
@@ -426,3 +450,48 @@ def test_predict_gives_a_kernel_only_the_bandwidth_its_compiled_launches_draw():
     assert compiled.predict("h100") > plain.predict("h100")
     assert compiled.bandwidth_shares("a100") == {}  # compiled for another device: no share
     assert compiled.predict("a100") == pytest.approx(plain.predict("a100"))
+
+
+def test_a_kernel_of_several_launches_is_weighed_against_its_bytes_together(monkeypatch):
+    import memopt
+    from memopt.driver import gpu
+
+    def sdpa(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    q, k, v = (torch.randn(1, 2, 64, 32, requires_grad=True) for _ in range(3))
+    analysis = memopt.analyze(sdpa, q, k, v, training=True, backend="triton")
+    statics = iter(range(1000, 100_000, 1000))
+
+    def fake(launches, device, timeout_s=600.0):  # one lane of one program, n one-byte loads
+        return [
+            CompiledKernel(
+                p.fn_name,
+                "sm_90",
+                grid=1,
+                num_warps=1,
+                threads=1,
+                registers=32,
+                stack_bytes=0,
+                spill_bytes=0,
+                shared_bytes=0,
+                occupancy=1.0,
+                loads={8: next(statics)},
+                stores={},
+                has_loop=False,
+                device="h100",
+            )  # fmt: skip
+            for p in launches
+        ]
+
+    monkeypatch.setattr(gpu, "compile_launches", fake)
+    rows = gpu.compile_for_gpu(analysis, "h100")
+    backward = [r for r in rows if r.kernel.startswith("backward")]
+    assert [r.launch.fn_name for r in backward] == [
+        "memopt_attention_bwd_dkdv",
+        "memopt_attention_bwd_dq",
+    ]
+    modelled = next(k.nbytes for k in analysis.kernels if k.name == backward[0].kernel)
+    together = sum(r.compiled.static_bytes for r in backward) / modelled
+    assert all(r.modelled_bytes is None for r in backward)
+    assert [r.traffic_ratio for r in backward] == [pytest.approx(together)] * 2

@@ -222,7 +222,7 @@ def _triton_version() -> str:
 
 
 # The worker's result format: part of every cache key, so older results are not misread.
-RESULT_FORMAT = 4
+RESULT_FORMAT = 5
 
 
 def _key(job: dict) -> str:

@@ -15,7 +15,8 @@ constant), compiled to machine code, and read back:
 - AMD: the AMDGCN text's metadata (VGPRs, spills, scratch, LDS, the compiler's occupancy)
   and its global and buffer memory instructions by width.
 
-A backward branch in the machine code marks a loop. The memory instructions are counted outside
+A loop is a backward branch in NVIDIA's SASS, and a block LLVM's comments place in a loop in
+AMDGCN (where cold blocks branch back without looping). The memory instructions are counted outside
 every loop and inside each one (`traffic`), so that the caller can weigh each loop's body by
 its trip count; a kernel with `tl.dot` loops is counted on a second compile without software
 pipelining (see `compile_job`).
@@ -64,28 +65,54 @@ _SASS_GLOBAL = re.compile(r"\b(LDG|STG|LDGSTS|ATOMG|ATOM|RED)\b((?:\.[A-Z0-9_]+)
 _SASS_LABEL = re.compile(r"^(\.L_x_\d+):")
 _SASS_BRANCH = re.compile(r"\bBRA\b.*?\((\.L_x_\d+)\)")
 _GCN_GLOBAL = re.compile(r"^\s*(global|buffer)_(load|store|atomic)_(\w+)")
-_GCN_LABEL = re.compile(r"^(\.LBB\w+):")
-_GCN_BRANCH = re.compile(r"^\s*s_c?branch\w*\s+(\.LBB\w+)")
 
 
 def loop_regions(code: str, label: re.Pattern[str], branch: re.Pattern[str]) -> list[range]:
-    """The lines of each loop: from a label to a later branch back to it. A branch to the line
+    """The lines of each loop of NVIDIA's SASS: from a label to the last branch back to it
+    (ptxas lays a loop's body out between its head and its back edge). A branch to the line
     just above it is the trap after the last EXIT (NVIDIA's padding), not a loop."""
     seen: dict[str, int] = {}
-    regions = []
+    ends: dict[int, int] = {}
     for number, line in enumerate(code.splitlines()):
         if (match := label.match(line)) is not None:
             seen[match.group(1)] = number
         elif (match := branch.search(line)) is not None:
             target = seen.get(match.group(1))
             if target is not None and target < number - 1:
-                regions.append(range(target, number + 1))
-    return regions
+                ends[target] = number
+    return [range(start, end + 1) for start, end in ends.items()]
 
 
 def has_loop(code: str, label: re.Pattern[str], branch: re.Pattern[str]) -> bool:
     """Whether the code branches back to an earlier label: a loop."""
     return bool(loop_regions(code, label, branch))
+
+
+# A block's first line (`.LBB0_5:` with a label, `; %bb.7:` without) and LLVM's loop comment.
+_GCN_BLOCK = re.compile(r"^(?:\.LBB|; %bb\.)(\w+):")
+_GCN_LOOP = re.compile(r";\s*(?:=>This Inner Loop Header|in Loop: Header=BB(\w+)).*Depth=(\d+)")
+
+
+def gcn_loop_regions(asm: str) -> tuple[list[set[int]], bool]:
+    """The lines of each loop of AMDGCN text, from LLVM's own block comments (`=>This Inner
+    Loop Header: Depth=1`, `in Loop: Header=BB0_6 Depth=1`), and whether any loop nests.
+    Branches cannot tell: LLVM places cold blocks after the code that branches back from
+    them, and may put a loop's body above its header."""
+    loops: dict[str, set[int]] = {}
+    nested = False
+    current: set[int] | None = None
+    for number, line in enumerate(asm.splitlines()):
+        if (block := _GCN_BLOCK.match(line)) is not None:
+            match = _GCN_LOOP.search(line)
+            if match is None:
+                current = None
+            else:
+                header, depth = match.groups()
+                nested |= int(depth) > 1
+                current = loops.setdefault(header or block.group(1), set())
+        if current is not None:
+            current.add(number)
+    return list(loops.values()), nested
 
 
 Accesses = dict[str, dict[int, int]]  # {"load" | "store": {width in bits: instructions}}
@@ -99,13 +126,16 @@ def _count(found: list[tuple[int, str, int]], lines: range | None = None) -> Acc
     return counted
 
 
-def split_accesses(found: list[tuple[int, str, int]], regions: list[range]) -> dict | None:
-    """The memory instructions outside every loop and inside each loop, in code order, from
-    (line, kind, width) triples; None when loops nest or overlap (not counted)."""
-    regions = sorted(regions, key=lambda r: r.start)
-    if any(later.start < earlier.stop for earlier, later in zip(regions, regions[1:])):
-        return None
+def split_accesses(
+    found: list[tuple[int, str, int]], regions: list[range] | list[set[int]]
+) -> dict | None:
+    """The memory instructions outside every loop and inside each loop (each region: its
+    lines), loops in code order, from (line, kind, width) triples; None when loops overlap
+    (nested: not counted)."""
+    regions = sorted(regions, key=min)
     inside = {number for region in regions for number in region}
+    if len(inside) != sum(len(region) for region in regions):
+        return None
     return {
         "outside": _count([f for f in found if f[0] not in inside]),
         "loops": [_count(found, region) for region in regions],
@@ -207,7 +237,7 @@ def _amd(compiled, threads: int, log: str) -> dict:
             _space, op, rest = match.groups()
             width = _GCN_WIDTH.get(rest, 32)
             found.append((number, "store" if op == "store" else "load", width))
-    regions = loop_regions(asm, _GCN_LABEL, _GCN_BRANCH)
+    regions, nested = gcn_loop_regions(asm)
     return {
         "registers": metadata("vgpr_count"),
         "stack_bytes": int(scratch.group(1)) if scratch else metadata("private_segment_fixed_size"),
@@ -218,7 +248,7 @@ def _amd(compiled, threads: int, log: str) -> dict:
         "waves_per_simd": int(occupancy.group(1)) if occupancy else None,
         "accesses": _count(found),
         "has_loop": bool(regions),
-        "traffic": split_accesses(found, regions),
+        "traffic": None if nested else split_accesses(found, regions),
         "threads": threads,
     }
 
