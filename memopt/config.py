@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from memopt.backends.registry import backend_names
 from memopt.backends.runtime.gemm import CHOICES as GEMM_CHOICES
+from memopt.backends.runtime.gemv import CHOICES as GEMV_CHOICES
 from memopt.compiler.devices import get_device
 from memopt.errors import OptionError, unknown
 from memopt.passes import DEFAULT_PIPELINE, OPT_IN_PASSES, PASSES, Pipeline, Stage, make_pass
@@ -33,6 +34,10 @@ class Config:
     # Which library runs float32 GEMMs on the CPU: "auto" (the faster on this machine,
     # measured once and cached: backends/runtime/gemm.py), "aten" (MKL) or "onednn".
     cpu_gemm: str = "auto"
+    # Where float32 CPU products of a few rows (a decode step's GEMVs) run: "auto" (the
+    # faster on this machine, measured once and cached: backends/runtime/gemv.py), "aten"
+    # or "memopt" (its streaming kernels).
+    cpu_gemv: str = "auto"
     # Where the backend writes its per-graph analysis JSON; None writes nothing.
     report_dir: str | None = None
     # Compare every optimized graph against the unoptimized one on real inputs.
@@ -81,6 +86,8 @@ class Config:
             raise unknown("backend", self.backend, backend_names())
         if self.cpu_gemm not in GEMM_CHOICES:
             raise unknown("cpu_gemm", self.cpu_gemm, GEMM_CHOICES)
+        if self.cpu_gemv not in GEMV_CHOICES:
+            raise unknown("cpu_gemv", self.cpu_gemv, GEMV_CHOICES)
         if self.fuel is not None and self.fuel < 0:
             raise OptionError(f"fuel must be a non-negative integer, got {self.fuel}")
         get_device(self.device)

@@ -86,7 +86,12 @@ class CompileSession:
         if reference is not None and result.reference is not None:
             reference = result.reference  # a pass changed values by design (precision)
         compiled = CompiledGraph(
-            result.gm, name, eager_layouts, reference=reference, cpu_gemm=self.config.cpu_gemm
+            result.gm,
+            name,
+            eager_layouts,
+            reference=reference,
+            cpu_gemm=self.config.cpu_gemm,
+            cpu_gemv=self.config.cpu_gemv,
         )
         if self.config.verbose and compiled.gemms:
             print(f"memopt: {name} graph: {compiled.gemms}", file=sys.stderr)

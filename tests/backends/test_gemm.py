@@ -154,7 +154,7 @@ def _cached(monkeypatch, tmp_path, **changes):
     record = {
         "shapes": [list(s) for s in SMALL_SHAPES],
         "aten_s": [2e-6, 2e-6],
-        "onednn_s": [1e-6, 1e-6],
+        "other_s": [1e-6, 1e-6],
         "ratios": [2.0, 2.0],
         **changes,
     }
@@ -181,7 +181,7 @@ def test_auto_reads_the_machines_choice_from_the_cache(monkeypatch, tmp_path):
     [
         {"ratios": [0.0, 2.0]},
         {"aten_s": [-1.0, 2e-6]},
-        {"onednn_s": ["fast", None]},
+        {"other_s": ["fast", None]},
         {"ratios": [2.0]},
         {"shapes": [[1024, 512, 512], [8, 8, 8]]},  # measured for other shapes
         {"aten_s": None},

@@ -46,6 +46,7 @@ SOURCE = r"""
 #include <cmath>
 #include <cstring>
 #include <vector>
+#include <omp.h>
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
@@ -128,6 +129,19 @@ static inline float dot_bf16(const float* x, const uint16_t* w, int64_t K) {
   for (; k < K; ++k) acc += x[k] * bf16_to_float(w[k]);
   return acc;
 }
+static inline float dot_f32(const float* x, const float* w, int64_t K) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    prefetch(w + k);
+    prefetch(w + k + 16);
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), _mm512_loadu_ps(w + k), a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), _mm512_loadu_ps(w + k + 16), a1);
+  }
+  float acc = hsum(_mm512_add_ps(a0, a1));
+  for (; k < K; ++k) acc += x[k] * w[k];
+  return acc;
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 static inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -190,6 +204,18 @@ static inline float dot_bf16(const float* x, const uint16_t* w, int64_t K) {
   for (; k < K; ++k) acc += x[k] * bf16_to_float(w[k]);
   return acc;
 }
+static inline float dot_f32(const float* x, const float* w, int64_t K) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    prefetch(w + k);
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), _mm256_loadu_ps(w + k), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), _mm256_loadu_ps(w + k + 8), a1);
+  }
+  float acc = hsum(_mm256_add_ps(a0, a1));
+  for (; k < K; ++k) acc += x[k] * w[k];
+  return acc;
+}
 #else
 static inline float dot_q8(const float* x, const int8_t* q, int64_t K) {
   float acc = 0.0f;
@@ -216,6 +242,11 @@ static inline float row_q4(const float* x, const uint8_t* b, const float* scale,
 static inline float dot_bf16(const float* x, const uint16_t* w, int64_t K) {
   float acc = 0.0f;
   for (int64_t k = 0; k < K; ++k) acc += x[k] * bf16_to_float(w[k]);
+  return acc;
+}
+static inline float dot_f32(const float* x, const float* w, int64_t K) {
+  float acc = 0.0f;
+  for (int64_t k = 0; k < K; ++k) acc += x[k] * w[k];
   return acc;
 }
 #endif
@@ -251,6 +282,43 @@ extern "C" void memopt_bf16_matmul(const float* x, const uint16_t* w, const floa
   #pragma omp parallel for schedule(static)
   for (int64_t n = 0; n < N; ++n)
     for (int64_t m = 0; m < M; ++m) y[m * N + n] = dot_bf16(x + m * K, w + n * K, K) + (bias ? bias[n] : 0.0f);
+}
+
+// --- float32 weights: the same streaming GEMV, nothing to widen -------------------------
+//
+// W (N, K) row-major (an nn.Linear weight: mm's operand is its transposed view): a dot
+// product a row, as above.
+extern "C" void memopt_f32_matmul(const float* x, const float* w, const float* bias, float* y,
+                                  int64_t M, int64_t N, int64_t K) {
+  #pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t m = 0; m < M; ++m) y[m * N + n] = dot_f32(x + m * K, w + n * K, K) + (bias ? bias[n] : 0.0f);
+}
+
+// B (K, N) row-major (a Conv1D weight, mm's operand as stored): each thread owns a run of
+// columns and streams its part of every row of B once, `y[m, cols] += x[m, k] * B[k, cols]`
+// (y's run stays in L1/L2); the part of the row 8 rows on is prefetched as it goes.
+extern "C" void memopt_f32_matmul_kn(const float* x, const float* b, const float* bias,
+                                     float* y, int64_t M, int64_t N, int64_t K) {
+  #pragma omp parallel
+  {
+    const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t n0 = (N * t / threads) & ~int64_t(15);
+    const int64_t n1 = t + 1 == threads ? N : (N * (t + 1) / threads) & ~int64_t(15);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = n0; n < n1; ++n) y[m * N + n] = bias ? bias[n] : 0.0f;
+    for (int64_t k = 0; k < K; ++k) {
+      const float* row = b + k * N;
+      if (k + 8 < K)
+        for (int64_t n = n0; n < n1; n += 16) __builtin_prefetch(row + 8 * N + n, 0, 3);
+      for (int64_t m = 0; m < M; ++m) {
+        const float xv = x[m * K + k];
+        float* out = y + m * N;
+        #pragma omp simd
+        for (int64_t n = n0; n < n1; ++n) out[n] += xv * row[n];
+      }
+    }
+  }
 }
 
 // --- int8 activations: x quantized a block at a time, integer dot products -------------
@@ -581,6 +649,8 @@ SIGNATURES = {
     "memopt_q8_matmul": (_P, _P, _P, _P, _P, _I, _I, _I),
     "memopt_q4_matmul": (_P, _P, _P, _P, _P, _I, _I, _I, _I),
     "memopt_bf16_matmul": (_P, _P, _P, _P, _I, _I, _I),
+    "memopt_f32_matmul": (_P, _P, _P, _P, _I, _I, _I),
+    "memopt_f32_matmul_kn": (_P, _P, _P, _P, _I, _I, _I),
     "memopt_q8_rows": (_P, _P, _P, _I, _I, _I),
     "memopt_q4_rows": (_P, _P, _P, _I, _I, _I, _I),
     "memopt_bf16_rows": (_P, _P, _I, _I, _I),

@@ -23,6 +23,8 @@ from torch.fx._lazy_graph_module import _LazyGraphModule
 from memopt.backends.runtime.extern import plan_library_calls
 from memopt.backends.runtime.gemm import describe as describe_gemms
 from memopt.backends.runtime.gemm import point_gemms
+from memopt.backends.runtime.gemv import describe as describe_gemvs
+from memopt.backends.runtime.gemv import point_gemvs
 from memopt.backends.runtime.kernels import mark_donated_inputs, prefetch_kernels
 from memopt.backends.runtime.program import straight_line
 from memopt.backends.runtime.timing import _ACTIVE, active_timer
@@ -71,6 +73,7 @@ class CompiledGraph:
         eager_layouts: list[TensorMeta | None],
         reference: torch.fx.GraphModule | None = None,
         cpu_gemm: str = "aten",
+        cpu_gemv: str = "aten",
     ) -> None:
         self.gm = gm
         self.name = name
@@ -91,12 +94,15 @@ class CompiledGraph:
         mark_donated_inputs(gm)
         # Before the kernel compiler starts: cpu_gemm "auto" may time the GEMM libraries.
         # Recompiles the graph's code: its forward is read after.
-        plan_library_calls(gm, cpu_gemm)
-        if reference is not None and point_gemms(reference, cpu_gemm):
+        plan_library_calls(gm, cpu_gemm, cpu_gemv)
+        if reference is not None and point_gemvs(reference, cpu_gemv) + point_gemms(
+            reference, cpu_gemm
+        ):
             # The check compares memopt's passes, not GEMM libraries: the unoptimized graph
             # runs its GEMMs where the optimized one does (they sum in another order).
             reference.recompile()
-        self.gemms = describe_gemms(gm, cpu_gemm)  # for verbose output
+        described = (describe_gemvs(gm, cpu_gemv), describe_gemms(gm, cpu_gemm))
+        self.gemms = "; ".join(d for d in described if d)  # for verbose output
         prefetch_kernels(gm)
         self._forward = _compiled_forward(gm)
 

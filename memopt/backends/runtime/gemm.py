@@ -37,6 +37,7 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -59,47 +60,49 @@ MARGIN = 1.1  # oneDNN is taken when at least this much faster (geometric mean)
 MIN_MACS = 2**21
 _PAIRS = 7
 GEMM_OPS = frozenset({aten.mm.default, aten.addmm.default})
-_MEASURED: dict[str, GemmTimes] = {}  # cache file -> this process's reading of it
+_MEASURED: dict[str, GemmTimes] = {}  # cache file -> this process's reading of it (any kind)
 
 
 @dataclass(frozen=True)
 class GemmTimes:
-    """Per shape, ATen's and oneDNN's seconds (medians over the pairs, measured) and the
-    median over the pairs of ATen's time / oneDNN's; the library chosen."""
+    """Per shape, ATen's and the other library's seconds (medians over the pairs, measured:
+    oneDNN here, memopt's GEMV kernels in gemv.py) and the median over the pairs of ATen's
+    time / the other's; the library chosen."""
 
-    shapes: tuple[tuple[int, int, int], ...]
+    shapes: tuple[tuple[int, ...], ...]
     aten_s: tuple[float, ...]
-    onednn_s: tuple[float, ...]
+    other_s: tuple[float, ...]
     ratios: tuple[float, ...]
 
     @property
     def speedup(self) -> float:
-        """Geometric mean over the shapes of ATen's time / oneDNN's time (1.0 without
-        oneDNN's times)."""
+        """Geometric mean over the shapes of ATen's time / the other's (1.0 without the
+        other's times)."""
         return _geometric_mean(self.ratios)
 
     @property
     def library(self) -> str:
         return choose(self.ratios)
 
-    def valid(self) -> bool:
-        """Measured on SHAPES, every figure a positive finite number."""
-        figures = (*self.aten_s, *self.onednn_s, *self.ratios)
+    def valid(self, shapes: tuple[tuple[int, ...], ...] | None = None) -> bool:
+        """Measured on `shapes` (default SHAPES), every figure a positive finite number."""
+        shapes = SHAPES if shapes is None else shapes
+        figures = (*self.aten_s, *self.other_s, *self.ratios)
         return (
-            self.shapes == SHAPES
-            and len(self.aten_s) == len(SHAPES)
-            and len(self.onednn_s) == len(self.ratios)
-            and len(self.ratios) in (0, len(SHAPES))
+            self.shapes == shapes
+            and len(self.aten_s) == len(shapes)
+            and len(self.other_s) == len(self.ratios)
+            and len(self.ratios) in (0, len(shapes))
             and all(isinstance(f, (int, float)) and math.isfinite(f) and f > 0 for f in figures)
         )
 
 
-def choose(ratios: tuple[float, ...]) -> str:
-    """'onednn' when ATen's time / oneDNN's is at least MARGIN in the geometric mean over
+def choose(ratios: tuple[float, ...], other: str = "onednn") -> str:
+    """`other` when ATen's time / its time is at least MARGIN in the geometric mean over
     the shapes and at least 1.0 on each, else 'aten'."""
     if not ratios:
         return "aten"
-    return "onednn" if _geometric_mean(ratios) >= MARGIN and min(ratios) >= 1.0 else "aten"
+    return other if _geometric_mean(ratios) >= MARGIN and min(ratios) >= 1.0 else "aten"
 
 
 def _geometric_mean(values: tuple[float, ...]) -> float:
@@ -153,7 +156,20 @@ def _measure() -> GemmTimes:
 def measured_gemm_times(refresh: bool = False) -> GemmTimes:
     """This machine's GEMM times: this process's reading, else the cache's where it has
     valid ones, else measured now and cached (a cache that cannot be written is skipped)."""
-    path = cache_dir("machine") / f"gemm-{machine_key()}.json"
+    return measured_times("gemm", SHAPES, lambda: measure(), refresh)
+
+
+def measured_times(
+    name: str,
+    shapes: tuple[tuple[int, ...], ...],
+    measure_now: Callable[[], GemmTimes],
+    refresh: bool = False,
+    library: str = "onednn",
+) -> GemmTimes:
+    """Times cached in `$MEMOPT_CACHE_DIR/machine/<name>-<machine key>.json`: this
+    process's reading, else the file's where it holds valid times for `shapes`, else
+    `measure_now()`, written there. `library`: the other library's name in the record."""
+    path = cache_dir("machine") / f"{name}-{machine_key()}.json"
     if not refresh and str(path) in _MEASURED:
         return _MEASURED[str(path)]
     times = None
@@ -163,16 +179,17 @@ def measured_gemm_times(refresh: bool = False) -> GemmTimes:
             times = GemmTimes(
                 tuple(tuple(s) for s in data["shapes"]),
                 tuple(data["aten_s"]),
-                tuple(data["onednn_s"]),
+                tuple(data["other_s"]),
                 tuple(data["ratios"]),
             )
         except (OSError, ValueError, TypeError, KeyError):
             times = None
-        if times is not None and not times.valid():
+        if times is not None and not times.valid(shapes):
             times = None
     if times is None:
-        times = measure()
-        record = {**asdict(times), "library": times.library, "label": "measured"}
+        times = measure_now()
+        chosen = choose(times.ratios, library)
+        record = {**asdict(times), "library": chosen, "label": "measured"}
         try:
             write_atomically(path, json.dumps(record, indent=1).encode())
         except OSError:

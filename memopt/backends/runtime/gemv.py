@@ -1,0 +1,218 @@
+"""float32 products of a few rows (a decode step's GEMVs): ATen's or memopt's streaming kernels.
+
+A decode step multiplies one activation row by every weight matrix: each weight element is
+read once and used once, so the product's time is the weight's bytes over the bandwidth it
+streams at. ATen hands such a product to MKL's sgemv (sgemm for a few rows), which on this
+project's AMD EPYC streams far below the machine's bandwidth: a 1x1024 by 1024x32000
+product (131 MB of weights, from memory) 21.5 GB/s, where memopt's kernel reads 52 GB/s;
+at four rows ATen's falls to 8 GB/s and memopt's holds 42 (measured, 2 threads). The
+kernels (backends/cpp/quantized.py, `memopt_f32_matmul*`) are the narrow-weight GEMVs'
+loops without the widening: a dot product per weight row with software prefetches for an
+(N, K) weight (nn.Linear's; mm reads its transposed view), and for a (K, N) one (Conv1D's,
+mm's operand as stored) each thread streams its run of columns through every row.
+
+Which is faster depends on the processor, so it is measured once per machine, like the
+GEMM libraries (gemm.py): `SHAPES` in alternating pairs, the median of the pairs' ratios,
+memopt's kernels taken when at least `gemm.MARGIN` faster in the geometric mean and not
+slower on any shape; cached in `$MEMOPT_CACHE_DIR/machine/gemv-<key>.json`. The `cpu_gemv`
+option ("aten", "memopt") overrides it.
+
+`StreamingGemv` stands for one float32 `mm`/`addmm` node of at most `GEMV_ROWS` rows (static):
+it sums in another order than MKL, so results match eager to float32 rounding, not bit for
+bit. Anything else runs the ATen op: other dtypes, devices or tensor subclasses, autograd
+recording, `beta`/`alpha`, a bias that is not a contiguous (N,) vector, a weight that is
+neither row- nor column-major, more rows, an empty dimension.
+"""
+
+from __future__ import annotations
+
+import statistics
+import warnings
+
+import torch
+import torch.fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from memopt.backends.cpp import quantized
+from memopt.backends.runtime.gemm import (
+    GEMM_OPS,
+    GemmTimes,
+    _seconds,
+    choose,
+    measured_times,
+    runs_on_cpu_gemm,
+)
+from memopt.backends.runtime.linear import PLAIN_TENSORS
+from memopt.compiler.graph import tensor_meta
+
+aten = torch.ops.aten
+
+CHOICES = ("auto", "aten", "memopt")
+# Rows of x at most this many: the kernels read each weight row once for all of them.
+GEMV_ROWS = quantized.GEMV_ROWS
+# (M, K, N, layout): layout 0 an (N, K) weight read through its transposed view, 1 a (K, N)
+# weight as stored. A decode step's projections (in and out of an MLP), a few rows.
+SHAPES = (
+    (1, 1024, 4096, 0),
+    (1, 4096, 1024, 0),
+    (4, 1024, 4096, 0),
+    (1, 1024, 4096, 1),
+    (1, 4096, 1024, 1),
+)
+_PAIRS = 7
+
+
+def streaming_matmul(bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`addmm(bias, a, b)` (`mm(a, b)` without a bias) on memopt's streaming kernels, for
+    a float32 a (M, K) and b (K, N) whose rows or columns are contiguous (`_takes`)."""
+    a = a.contiguous()
+    m, k = a.shape
+    n = b.shape[1]
+    out = torch.empty((m, n), dtype=torch.float32)
+    kernel = "memopt_f32_matmul" if b.t().is_contiguous() else "memopt_f32_matmul_kn"
+    bias_address = None if bias is None else bias.data_ptr()
+    quantized.functions()[kernel](a.data_ptr(), b.data_ptr(), bias_address, out.data_ptr(), m, n, k)
+    return out
+
+
+def measure() -> GemmTimes:
+    """Time ATen's addmm and memopt's kernels on SHAPES, in alternating pairs."""
+    with unset_fake_temporarily(), torch.no_grad(), torch.device("cpu"):
+        generator = torch.Generator().manual_seed(0)
+        aten_s, memopt_s, ratios = [], [], []
+        for m, k, n, layout in SHAPES:
+            a, bias = (
+                torch.randn(s, generator=generator, dtype=torch.float32) for s in ((m, k), (n,))
+            )
+            weight = torch.randn((n, k) if layout == 0 else (k, n), generator=generator)
+            b = weight.t() if layout == 0 else weight
+            torch.addmm(bias, a, b)  # warm-up: thread pool, first touch
+            streaming_matmul(bias, a, b)
+            pairs = [
+                (_seconds(torch.addmm, bias, a, b), _seconds(streaming_matmul, bias, a, b))
+                for _ in range(_PAIRS)
+            ]
+            aten_s.append(statistics.median(p[0] for p in pairs))
+            memopt_s.append(statistics.median(p[1] for p in pairs))
+            ratios.append(statistics.median(p[0] / p[1] for p in pairs))
+    return GemmTimes(SHAPES, tuple(aten_s), tuple(memopt_s), tuple(ratios))
+
+
+def measured_gemv_times(refresh: bool = False) -> GemmTimes:
+    """This machine's GEMV times (cached; gemm.measured_times)."""
+    return measured_times("gemv", SHAPES, lambda: measure(), refresh, "memopt")
+
+
+def gemv_library(choice: str = "auto") -> str:
+    """Where float32 CPU products of a few rows run: `choice` itself, or measured for
+    "auto" (a failed measurement keeps ATen, with a warning)."""
+    if choice not in CHOICES:
+        raise ValueError(f"unknown cpu_gemv {choice!r}; expected one of {', '.join(CHOICES)}")
+    if choice != "auto":
+        return choice
+    try:
+        return choose(measured_gemv_times().ratios, "memopt")
+    except Exception as error:  # noqa: BLE001 - a failed measurement keeps ATen's GEMVs
+        warnings.warn(
+            f"memopt: timing the CPU GEMV kernels failed ({type(error).__name__}: {error}); "
+            "float32 GEMVs stay on ATen",
+            stacklevel=2,
+        )
+        return "aten"
+
+
+def point_gemvs(gm: torch.fx.GraphModule, cpu_gemv: str) -> int:
+    """Point `gm`'s float32 CPU mm and addmm nodes of at most GEMV_ROWS static rows at a
+    StreamingGemv where `cpu_gemv` (or for "auto", this machine's measurement) says memopt;
+    returns how many. The caller recompiles `gm`."""
+    gemvs = [n for n in gm.graph.nodes if runs_on_cpu_gemm(n) and few_rows(n)]
+    if not gemvs or gemv_library(cpu_gemv) != "memopt":
+        return 0
+    for node in gemvs:
+        node.target = StreamingGemv(node.target)
+    return len(gemvs)
+
+
+def describe(gm: torch.fx.GraphModule, choice: str) -> str:
+    """What runs `gm`'s GEMVs on memopt's kernels and why, or "" when none does."""
+    count = sum(isinstance(node.target, StreamingGemv) for node in gm.graph.nodes)
+    if not count:
+        return ""
+    why = f"cpu_gemv={choice!r}"
+    if choice == "auto":
+        why = f"measured {measured_gemv_times().speedup:.2f}x ATen's speed here"
+    return f"{count} float32 GEMVs on memopt's streaming kernels ({why})"
+
+
+def few_rows(node: torch.fx.Node) -> bool:
+    """An mm/addmm whose left operand has a static row count of 1 to GEMV_ROWS."""
+    a = node.args[1] if node.target is aten.addmm.default else node.args[0]
+    meta = tensor_meta(a) if isinstance(a, torch.fx.Node) else None
+    if meta is None or len(meta.shape) != 2:
+        return False
+    rows = meta.shape[0]
+    return (isinstance(rows, int) or getattr(rows, "is_Integer", False)) and 1 <= int(
+        rows
+    ) <= GEMV_ROWS
+
+
+class StreamingGemv:
+    """Callable target standing for one float32 `mm` or `addmm` node (module doc)."""
+
+    memopt_kind = "extern"
+
+    def __init__(self, op: torch._ops.OpOverload) -> None:
+        if op not in GEMM_OPS:
+            raise ValueError(f"StreamingGemv stands for mm or addmm, not {op}")
+        self.op = op
+        self.__name__ = op.__name__
+        self.memopt_name = f"{op} (memopt GEMV)"
+
+    def __repr__(self) -> str:
+        return f"StreamingGemv({self.op})"
+
+    def __call__(self, *args: object, **kwargs: object) -> torch.Tensor:
+        if kwargs:  # beta, alpha
+            return self.op(*args, **kwargs)
+        if self.op is aten.addmm.default:
+            bias, a, b = args
+        else:
+            (a, b), bias = args, None
+        if _takes(a, b, bias):
+            return streaming_matmul(bias, a, b)
+        return self.op(*args)
+
+
+def _takes(a: object, b: object, bias: object) -> bool:
+    tensors = (a, b) if bias is None else (a, b, bias)
+    if not all(type(t) in PLAIN_TENSORS for t in tensors):
+        return False
+    if not all(
+        t.dtype == torch.float32 and t.is_cpu and t.layout == torch.strided for t in tensors
+    ):
+        return False
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        return False
+    if not (1 <= a.shape[0] <= GEMV_ROWS and a.shape[1] and b.shape[1]):
+        return False
+    if not (b.is_contiguous() or b.t().is_contiguous()):
+        return False
+    if bias is not None and (
+        bias.dim() != 1 or bias.shape[0] != b.shape[1] or not bias.is_contiguous()
+    ):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+__all__ = [
+    "CHOICES",
+    "GEMV_ROWS",
+    "SHAPES",
+    "StreamingGemv",
+    "describe",
+    "gemv_library",
+    "measure",
+    "measured_gemv_times",
+    "point_gemvs",
+    "streaming_matmul",
+]
