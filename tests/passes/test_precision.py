@@ -132,6 +132,21 @@ def test_kernels_match_dequantize_then_matmul(backend: str, kind: str, m: int) -
         torch.testing.assert_close(qw.gather_rows(index), qw.dequantize()[index])
 
 
+@pytest.mark.parametrize("library", ["onednn", "aten"])
+def test_many_rows_multiply_dequantized_tiles_on_either_gemm_library(monkeypatch, library):
+    """Past GEMV_ROWS rows the C++ matmul hands dequantized tiles to the machine's GEMM
+    library: oneDNN (whose result is copied into the output's columns) or ATen (out=)."""
+    if library == "onednn" and not torch.backends.mkldnn.is_available():
+        pytest.skip("torch built without oneDNN")
+    monkeypatch.setattr(cpp_quantized, "gemm_library", lambda choice: library)
+    monkeypatch.setattr(cpp_quantized, "TILE_BYTES", 64 * 4 * 200)  # several tiles of 64 rows
+    g = torch.Generator().manual_seed(0)
+    w, x, bias = (torch.randn(s, generator=g) for s in ((150, 200), (40, 200), (150,)))
+    qw = quantize(w, "int8", 128)
+    expected = x @ qw.dequantize().t() + bias
+    torch.testing.assert_close(cpp_quantized.matmul(x, qw, False, bias), expected)
+
+
 def _quantized_x(x: torch.Tensor, block: int) -> torch.Tensor:
     """x as the int8-activation kernels see it: blocks rounded to 127 steps of their max."""
     out = torch.empty_like(x)

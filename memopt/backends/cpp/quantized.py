@@ -16,8 +16,10 @@ written anywhere. `y[m, n] = sum_k x[m, k] * W[n, k]`, W (N, K) stored row by ro
 
 Rows of W are split across the OpenMP threads; each row is read once for all `M` rows of
 x (x stays in L1/L2: decode has M = 1). For more than GEMV_ROWS rows `matmul` below
-dequantizes tiles of rows (`*_rows`, 4 MiB of float32, reused) and hands them to the BLAS:
-only there does a float32 copy of W exist, a tile at a time.
+dequantizes tiles of rows (`*_rows`, 4 MiB of float32, reused) and hands them to the
+machine's faster GEMM library (runtime/gemm.py's measurement: oneDNN on the EPYC, where a
+1024-token prefill of the large Llama took 1.5 s through ATen's MKL against 0.8 s in
+float32 on oneDNN): only there does a float32 copy of W exist, a tile at a time.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 
 from memopt.backends.cpp import build
 from memopt.backends.narrow import QuantizedWeight
+from memopt.backends.runtime.gemm import gemm_library, onednn_addmm
 
 # Rows of x at most this many: the fused GEMV (it reads each weight row once and uses it for
 # every row of x, so its work grows with M while the BLAS's blocked GEMM does not).
@@ -719,12 +722,16 @@ def matmul(
         x = quantized_x
     tile_rows = max(16, TILE_BYTES // (4 * k))
     tile = torch.empty((min(tile_rows, n), k), dtype=torch.float32)
+    onednn = gemm_library("auto") == "onednn"
     for n0 in range(0, n, tile_rows):
         rows = min(tile_rows, n - n0)
         kernels[dequantize_rows](*stored, tile.data_ptr(), n0, rows, k, *group)
         columns = out[:, n0 : n0 + rows]
-        if bias is None:
+        part = None if bias is None else bias[n0 : n0 + rows]
+        if onednn:  # no out= form: its result is copied into the columns
+            columns.copy_(onednn_addmm(part, x, tile[:rows].t()))
+        elif part is None:
             torch.mm(x, tile[:rows].t(), out=columns)
         else:
-            torch.addmm(bias[n0 : n0 + rows], x, tile[:rows].t(), out=columns)
+            torch.addmm(part, x, tile[:rows].t(), out=columns)
     return out
