@@ -298,29 +298,43 @@ extern "C" void memopt_f32_matmul(const float* x, const float* w, const float* b
     for (int64_t m = 0; m < M; ++m) y[m * N + n] = dot_f32(x + m * K, w + n * K, K) + (bias ? bias[n] : 0.0f);
 }
 
-// B (K, N) row-major (a Conv1D weight, mm's operand as stored): each thread owns a run of
-// columns and streams its part of every row of B once, `y[m, cols] += x[m, k] * B[k, cols]`
-// (y's run stays in L1/L2); the part of the row 8 rows on is prefetched as it goes.
+// B (K, N) row-major (a Conv1D weight, mm's operand as stored): each thread streams a
+// contiguous block of B's rows, `acc[m, :] += x[m, k] * B[k, :]` into a private (M, N)
+// accumulator (in L1/L2), prefetching 4 KiB ahead; then the threads' sums are added. (One
+// run of columns a thread, every row, read B in short strided pieces: 34 GB/s from memory
+// against 52 for the (N, K) kernel.)
 extern "C" void memopt_f32_matmul_kn(const float* x, const float* b, const float* bias,
                                      float* y, int64_t M, int64_t N, int64_t K) {
+  const int64_t most = omp_get_max_threads();
+  std::vector<float> partial(most * M * N, 0.0f);
+  int64_t used = 1;
   #pragma omp parallel
   {
     const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
-    const int64_t n0 = (N * t / threads) & ~int64_t(15);
-    const int64_t n1 = t + 1 == threads ? N : (N * (t + 1) / threads) & ~int64_t(15);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = n0; n < n1; ++n) y[m * N + n] = bias ? bias[n] : 0.0f;
-    for (int64_t k = 0; k < K; ++k) {
+    #pragma omp single
+    used = threads;
+    const int64_t k0 = K * t / threads, k1 = K * (t + 1) / threads;
+    float* acc = partial.data() + t * M * N;
+    for (int64_t k = k0; k < k1; ++k) {
       const float* row = b + k * N;
-      if (k + 8 < K)
-        for (int64_t n = n0; n < n1; n += 16) __builtin_prefetch(row + 8 * N + n, 0, 3);
       for (int64_t m = 0; m < M; ++m) {
         const float xv = x[m * K + k];
-        float* out = y + m * N;
-        #pragma omp simd
-        for (int64_t n = n0; n < n1; ++n) out[n] += xv * row[n];
+        float* out = acc + m * N;
+        int64_t n = 0;
+        for (; n + 16 <= N; n += 16) {
+          prefetch(row + n);
+          #pragma omp simd
+          for (int64_t j = n; j < n + 16; ++j) out[j] += xv * row[j];
+        }
+        for (; n < N; ++n) out[n] += xv * row[n];
       }
     }
+  }
+  #pragma omp parallel for schedule(static) if (M * N >= 4096)
+  for (int64_t i = 0; i < M * N; ++i) {
+    float s = bias ? bias[i % N] : 0.0f;
+    for (int64_t t = 0; t < used; ++t) s += partial[t * M * N + i];
+    y[i] = s;
   }
 }
 
