@@ -275,20 +275,22 @@ def _too_small(m: int, k: int, n: int) -> bool:
     return m < 2 or m * k * n < MIN_MACS
 
 
-class OneDnnMatmul:
-    """Callable target standing for one float32 `mm` or `addmm` node (module doc)."""
+class LibraryMatmul:
+    """Callable target standing for one float32 `mm` or `addmm` node, run on another
+    library where `takes` says it can (`run(bias, a, b)`), else as the ATen op."""
 
     memopt_kind = "extern"
+    library = ""  # shown in reports: "aten.mm.default (oneDNN)"
 
     def __init__(self, op: torch._ops.OpOverload) -> None:
         if op not in GEMM_OPS:
-            raise ValueError(f"OneDnnMatmul stands for mm or addmm, not {op}")
+            raise ValueError(f"{type(self).__name__} stands for mm or addmm, not {op}")
         self.op = op
         self.__name__ = op.__name__
-        self.memopt_name = f"{op} (oneDNN)"
+        self.memopt_name = f"{op} ({self.library})"
 
     def __repr__(self) -> str:
-        return f"OneDnnMatmul({self.op})"
+        return f"{type(self).__name__}({self.op})"
 
     def __call__(self, *args: object, **kwargs: object) -> torch.Tensor:
         if kwargs:  # beta, alpha
@@ -297,9 +299,27 @@ class OneDnnMatmul:
             bias, a, b = args
         else:
             (a, b), bias = args, None
-        if _takes(a, b, bias):
-            return onednn_addmm(bias, a, b)
+        if self.takes(a, b, bias):
+            return self.run(bias, a, b)
         return self.op(*args)
+
+    def takes(self, a: object, b: object, bias: object) -> bool:
+        raise NotImplementedError
+
+    def run(self, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class OneDnnMatmul(LibraryMatmul):
+    """An mm/addmm node on oneDNN's inner product (module doc)."""
+
+    library = "oneDNN"
+
+    def takes(self, a: object, b: object, bias: object) -> bool:
+        return _takes(a, b, bias)
+
+    def run(self, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return onednn_addmm(bias, a, b)
 
 
 def _takes(a: object, b: object, bias: object) -> bool:

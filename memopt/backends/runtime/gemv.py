@@ -35,8 +35,8 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from memopt.backends.cpp import quantized
 from memopt.backends.runtime.gemm import (
-    GEMM_OPS,
     GemmTimes,
+    LibraryMatmul,
     _seconds,
     choose,
     measured_times,
@@ -156,31 +156,16 @@ def few_rows(node: torch.fx.Node) -> bool:
     ) <= GEMV_ROWS
 
 
-class StreamingGemv:
-    """Callable target standing for one float32 `mm` or `addmm` node (module doc)."""
+class StreamingGemv(LibraryMatmul):
+    """An mm/addmm node of a few rows on memopt's streaming kernels (module doc)."""
 
-    memopt_kind = "extern"
+    library = "memopt GEMV"
 
-    def __init__(self, op: torch._ops.OpOverload) -> None:
-        if op not in GEMM_OPS:
-            raise ValueError(f"StreamingGemv stands for mm or addmm, not {op}")
-        self.op = op
-        self.__name__ = op.__name__
-        self.memopt_name = f"{op} (memopt GEMV)"
+    def takes(self, a: object, b: object, bias: object) -> bool:
+        return _takes(a, b, bias)
 
-    def __repr__(self) -> str:
-        return f"StreamingGemv({self.op})"
-
-    def __call__(self, *args: object, **kwargs: object) -> torch.Tensor:
-        if kwargs:  # beta, alpha
-            return self.op(*args, **kwargs)
-        if self.op is aten.addmm.default:
-            bias, a, b = args
-        else:
-            (a, b), bias = args, None
-        if _takes(a, b, bias):
-            return streaming_matmul(bias, a, b)
-        return self.op(*args)
+    def run(self, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return streaming_matmul(bias, a, b)
 
 
 def _takes(a: object, b: object, bias: object) -> bool:
