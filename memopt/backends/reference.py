@@ -476,6 +476,7 @@ def quantized_matmul(
     weight: QuantizedWeight,
     int8_activations: bool = False,
     bias: torch.Tensor | None = None,
+    gemm: str = "aten",  # the C++ kernels' option: not used here
 ) -> torch.Tensor:
     """`x @ W^T (+ bias)` as its definition: W dequantized (written out), then `mm`. Float x."""
     y = x @ weight.dequantize().to(x.device).t()

@@ -109,6 +109,8 @@ class Backend:
     attention: AttentionKernels | None = None
     # `x @ W^T (+ bias)` for float32 x (M, K) over a narrow weight (backends/narrow.py),
     # with int8 activations where the backend has them: the precision pass's matmuls.
+    # Called (x, weight, int8_activations, bias, gemm): `gemm` names the CPU GEMM library
+    # ("aten", "onednn") a backend that multiplies dequantized tiles may hand them to.
     quantized_matmul: Callable[..., object] | None = None
     # The narrow formats that matmul reads (backends/narrow.py KINDS).
     quantized_formats: frozenset[str] = frozenset()

@@ -77,6 +77,8 @@ class GpuKernel:
         device, arch = get_device(c.device), arch_for(c.device)
         per_multiprocessor = c.occupancy * arch.max_warps / c.num_warps
         resident = min(c.grid, per_multiprocessor * device.multiprocessors)
+        if resident <= 0:
+            return 1.0  # no program fits (occupancy 0, shown as such): no share to model
         return min(1.0, resident * outstanding / device.bytes_in_flight)
 
     def to_dict(self) -> dict[str, object]:

@@ -185,3 +185,22 @@ def test_the_kernels_take_views_at_an_offset():
     w = big[10:42]  # (32, 64) rows 10..41, contiguous, at an offset
     a = torch.randn(1, 64)
     torch.testing.assert_close(streaming_matmul(None, a, w.t()), a @ w.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_the_kernels_build_without_openmp(tmp_path):
+    """build.py drops -fopenmp where the compiler rejects it: the source then needs no
+    OpenMP symbol (one thread)."""
+    import shutil
+    import subprocess
+
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no g++")
+    source = tmp_path / "kernels.cpp"
+    source.write_text(quantized.SOURCE)
+    built = subprocess.run(
+        [compiler, "-O1", "-shared", "-fPIC", "-Wl,--no-undefined", str(source), "-o",
+         str(tmp_path / "kernels.so")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr[-2000:]

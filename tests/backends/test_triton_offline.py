@@ -347,6 +347,7 @@ def test_static_bytes_count_every_lane_of_every_program():
     assert dataclasses.replace(looped, trips=()).static_bytes is None  # trips not known
     assert dataclasses.replace(looped, trips=(7, 7)).static_bytes is None  # loops differ
     assert dataclasses.replace(looped, traffic=None).static_bytes is None  # nested loops
+    assert dataclasses.replace(result, error="ptxas failed").static_bytes is None
 
 
 # -- coalescing: 32-byte sectors --------------------------------------------------------
@@ -431,6 +432,8 @@ def test_a_launch_draws_the_bandwidth_its_loads_in_flight_cover():
         10 * 16 * 128 / h100.bytes_in_flight
     )
     assert _row(dataclasses.replace(few, loads={})).bandwidth_share == 1.0  # stores only
+    # No program fits (too much shared memory: occupancy 0): no share is modelled.
+    assert _row(dataclasses.replace(few, occupancy=0.0)).bandwidth_share == 1.0
 
 
 def test_predict_gives_a_kernel_only_the_bandwidth_its_compiled_launches_draw():

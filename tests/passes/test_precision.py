@@ -134,17 +134,36 @@ def test_kernels_match_dequantize_then_matmul(backend: str, kind: str, m: int) -
 
 @pytest.mark.parametrize("library", ["onednn", "aten"])
 def test_many_rows_multiply_dequantized_tiles_on_either_gemm_library(monkeypatch, library):
-    """Past GEMV_ROWS rows the C++ matmul hands dequantized tiles to the machine's GEMM
-    library: oneDNN (whose result is copied into the output's columns) or ATen (out=)."""
+    """Past GEMV_ROWS rows the C++ matmul hands dequantized tiles to the graph's GEMM
+    library: oneDNN (whose result is copied into the output's columns) or ATen (out=); the
+    graph's planning tells each QuantizedMatmul which, from `cpu_gemm`."""
     if library == "onednn" and not torch.backends.mkldnn.is_available():
         pytest.skip("torch built without oneDNN")
-    monkeypatch.setattr(cpp_quantized, "gemm_library", lambda choice: library)
     monkeypatch.setattr(cpp_quantized, "TILE_BYTES", 64 * 4 * 200)  # several tiles of 64 rows
     g = torch.Generator().manual_seed(0)
     w, x, bias = (torch.randn(s, generator=g) for s in ((150, 200), (40, 200), (150,)))
     qw = quantize(w, "int8", 128)
     expected = x @ qw.dequantize().t() + bias
-    torch.testing.assert_close(cpp_quantized.matmul(x, qw, False, bias), expected)
+    with torch.profiler.profile() as prof:
+        got = cpp_quantized.matmul(x, qw, False, bias, library)
+    torch.testing.assert_close(got, expected)
+    onednn_calls = sum("_linear_pointwise" in e.name for e in prof.events())
+    assert onednn_calls == (3 if library == "onednn" else 0)
+
+
+@pytest.mark.parametrize("cpu_gemm", ["onednn", "aten"])
+def test_the_graphs_cpu_gemm_choice_reaches_the_narrow_matmuls(cpu_gemm):
+    from memopt.backends.runtime.gemm import point_gemms
+
+    model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 16)).eval()
+    analysis = memopt.analyze(
+        model, torch.randn(8, 64), pass_options={"precision": {"weights": "int8"}}
+    )
+    (graph,) = analysis.graphs
+    targets = [n.target for n in graph.gm.graph.nodes if isinstance(n.target, QuantizedMatmul)]
+    assert len(targets) == 2 and all(t.gemm == "aten" for t in targets)
+    point_gemms(graph.gm, cpu_gemm)
+    assert all(t.gemm == cpu_gemm for t in targets)
 
 
 def _quantized_x(x: torch.Tensor, block: int) -> torch.Tensor:

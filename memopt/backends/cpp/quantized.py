@@ -17,7 +17,7 @@ written anywhere. `y[m, n] = sum_k x[m, k] * W[n, k]`, W (N, K) stored row by ro
 Rows of W are split across the OpenMP threads; each row is read once for all `M` rows of
 x (x stays in L1/L2: decode has M = 1). For more than GEMV_ROWS rows `matmul` below
 dequantizes tiles of rows (`*_rows`, 4 MiB of float32, reused) and hands them to the
-machine's faster GEMM library (runtime/gemm.py's measurement: oneDNN on the EPYC, where a
+graph's GEMM library (option `cpu_gemm`, runtime/gemm.py: oneDNN on the EPYC, where a
 1024-token prefill of the large Llama took 1.5 s through ATen's MKL against 0.8 s in
 float32 on oneDNN): only there does a float32 copy of W exist, a tile at a time.
 """
@@ -31,7 +31,7 @@ import torch
 
 from memopt.backends.cpp import build
 from memopt.backends.narrow import QuantizedWeight
-from memopt.backends.runtime.gemm import gemm_library, onednn_addmm
+from memopt.backends.runtime.gemm import onednn_addmm
 
 # Rows of x at most this many: the fused GEMV (it reads each weight row once and uses it for
 # every row of x, so its work grows with M while the BLAS's blocked GEMM does not).
@@ -49,7 +49,13 @@ SOURCE = r"""
 #include <cmath>
 #include <cstring>
 #include <vector>
+#ifdef _OPENMP
 #include <omp.h>
+#else  // a compiler without OpenMP: one thread
+static inline int omp_get_thread_num(void) { return 0; }
+static inline int omp_get_num_threads(void) { return 1; }
+static inline int omp_get_max_threads(void) { return 1; }
+#endif
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
@@ -705,13 +711,15 @@ def matmul(
     weight: QuantizedWeight,
     int8_activations: bool = False,
     bias: torch.Tensor | None = None,
+    gemm: str = "aten",
 ) -> torch.Tensor:
     """`x @ W^T (+ bias)` for float32 x (M, K) on the CPU, W never written out as float32.
 
     int8_activations (int8 and int4 weights): x is quantized too, a block at a time (int4:
     the weight's groups; int8: `ACTIVATION_BLOCK` elements), and the dot products are
     integer. Many rows multiply the same quantized x in float32. A bias (N,) float32 is
-    added as each output is stored.
+    added as each output is stored. `gemm`: the library the dequantized tiles of many rows
+    go to ("aten" or "onednn": the graph's `cpu_gemm` choice, runtime/gemm.py).
     """
     x = x.contiguous()
     m, n, k = x.shape[0], weight.rows, weight.cols
@@ -736,7 +744,7 @@ def matmul(
         x = quantized_x
     tile_rows = max(16, TILE_BYTES // (4 * k))
     tile = torch.empty((min(tile_rows, n), k), dtype=torch.float32)
-    onednn = gemm_library("auto") == "onednn"
+    onednn = gemm == "onednn" and torch.backends.mkldnn.enabled
     for n0 in range(0, n, tile_rows):
         rows = min(tile_rows, n - n0)
         kernels[dequantize_rows](*stored, tile.data_ptr(), n0, rows, k, *group)

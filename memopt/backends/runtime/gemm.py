@@ -46,6 +46,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from memopt.backends.cache import cache_dir, machine_key, write_atomically
 from memopt.backends.runtime.linear import PLAIN_TENSORS, onednn_available, onednn_enabled
+from memopt.backends.runtime.quantized import QuantizedMatmul
 from memopt.compiler.graph import tensor_meta
 
 aten = torch.ops.aten
@@ -222,8 +223,14 @@ def gemm_library(choice: str = "auto") -> str:
 
 def point_gemms(gm: torch.fx.GraphModule, cpu_gemm: str) -> int:
     """Point `gm`'s float32 CPU mm and addmm nodes at a OneDnnMatmul where `cpu_gemm` (or
-    for "auto", this machine's measurement) says oneDNN; returns how many. "auto" is
-    resolved only for a graph with such a node. The caller recompiles `gm`."""
+    for "auto", this machine's measurement) says oneDNN; returns how many. The precision
+    pass's QuantizedMatmul nodes learn the library too (for their tiles of many rows).
+    "auto" is resolved only for a graph with such nodes. The caller recompiles `gm`."""
+    narrow = [n for n in gm.graph.nodes if isinstance(n.target, QuantizedMatmul)]
+    if narrow:  # the precision pass's matmuls: their many rows' dequantized tiles
+        library = gemm_library(cpu_gemm)
+        for node in narrow:
+            node.target.gemm = library
     gemms = [n for n in gm.graph.nodes if runs_on_cpu_gemm(n) and not _static_small(n)]
     if not gemms or gemm_library(cpu_gemm) != "onednn":
         return 0

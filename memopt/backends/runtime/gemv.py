@@ -9,7 +9,8 @@ at four rows ATen's falls to 8 GB/s and memopt's holds 42 (measured, 2 threads).
 kernels (backends/cpp/quantized.py, `memopt_f32_matmul*`) are the narrow-weight GEMVs'
 loops without the widening: a dot product per weight row with software prefetches for an
 (N, K) weight (nn.Linear's; mm reads its transposed view), and for a (K, N) one (Conv1D's,
-mm's operand as stored) each thread streams its run of columns through every row.
+mm's operand as stored) each thread streams a contiguous block of rows into private sums,
+added at the end.
 
 Which is faster depends on the processor, so it is measured once per machine, like the
 GEMM libraries (gemm.py): `SHAPES` in alternating pairs, the median of the pairs' ratios,

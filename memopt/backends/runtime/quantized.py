@@ -101,6 +101,9 @@ class QuantizedMatmul(_NarrowTarget):
     def __init__(self, parameter: QuantizedParameter, backend: Backend) -> None:
         super().__init__(parameter)
         self.backend = backend
+        # The CPU GEMM library for many rows' dequantized tiles: set with the graph's other
+        # GEMMs (runtime/gemm.py `point_gemms`).
+        self.gemm = "aten"
 
     def memopt_cost(self, node: torch.fx.Node) -> Cost:
         """x (and the bias) read once, the narrow weight once, the output written once."""
@@ -120,7 +123,9 @@ class QuantizedMatmul(_NarrowTarget):
             y = torch.mm(x, w if self.parameter.transposed else w.t())
             return y if bias is None else y + bias
         weight = self.parameter.current(w)
-        return self.backend.quantized_matmul(x, weight, self.parameter.int8_activations, bias)
+        return self.backend.quantized_matmul(
+            x, weight, self.parameter.int8_activations, bias, self.gemm
+        )
 
 
 class QuantizedEmbedding(_NarrowTarget):

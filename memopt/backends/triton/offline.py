@@ -124,7 +124,10 @@ class CompiledKernel:
         """Global bytes its memory instructions move over the grid: every lane of every
         program running each instruction outside the loops once, and each loop body's
         instructions once an iteration (masked tails included). None for a loop whose trips
-        are not known or whose machine code has loops the source has not (or nested ones)."""
+        are not known or whose machine code has loops the source has not (or nested ones),
+        and for a failed compile."""
+        if self.error:
+            return None
         if not self.has_loop:
             return lane_bytes(self.loads, self.stores) * self.threads * self.grid
         loops = self.traffic["loops"] if self.traffic is not None else None

@@ -91,6 +91,7 @@ def matmul(
     weight: QuantizedWeight,
     int8_activations: bool = False,
     bias: torch.Tensor | None = None,
+    gemm: str = "aten",  # the C++ kernels' option: not used here
 ) -> torch.Tensor:
     """`x @ W^T (+ bias)` (int8_activations is the C++ kernels' option: this kernel reads
     float x)."""
