@@ -284,7 +284,7 @@ def _too_small(m: int, k: int, n: int) -> bool:
 
 class LibraryMatmul:
     """Callable target standing for one float32 `mm` or `addmm` node, run on another
-    library where `takes` says it can (`run(bias, a, b)`), else as the ATen op."""
+    library where `plan` finds a way (`run(bias, a, b, way)`), else as the ATen op."""
 
     memopt_kind = "extern"
     library = ""  # shown in reports: "aten.mm.default (oneDNN)"
@@ -306,14 +306,18 @@ class LibraryMatmul:
             bias, a, b = args
         else:
             (a, b), bias = args, None
-        if self.takes(a, b, bias):
-            return self.run(bias, a, b)
+        way = self.plan(a, b, bias)
+        if way is not None:
+            return self.run(bias, a, b, way)
         return self.op(*args)
 
-    def takes(self, a: object, b: object, bias: object) -> bool:
+    def plan(self, a: object, b: object, bias: object) -> object | None:
+        """How the library runs these operands, or None where it does not take them."""
         raise NotImplementedError
 
-    def run(self, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def run(
+        self, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, way: object
+    ) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -322,10 +326,12 @@ class OneDnnMatmul(LibraryMatmul):
 
     library = "oneDNN"
 
-    def takes(self, a: object, b: object, bias: object) -> bool:
-        return _takes(a, b, bias)
+    def plan(self, a: object, b: object, bias: object) -> object | None:
+        return True if _takes(a, b, bias) else None
 
-    def run(self, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def run(
+        self, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, way: object
+    ) -> torch.Tensor:
         return onednn_addmm(bias, a, b)
 
 

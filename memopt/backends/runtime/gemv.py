@@ -63,14 +63,19 @@ SHAPES = (
 _PAIRS = 7
 
 
-def streaming_matmul(bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def streaming_matmul(
+    bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, kernel: str | None = None
+) -> torch.Tensor:
     """`addmm(bias, a, b)` (`mm(a, b)` without a bias) on memopt's streaming kernels, for
-    a float32 a (M, K) and b (K, N) whose rows or columns are contiguous (`_takes`)."""
-    a = a.contiguous()
+    a float32 a (M, K) and b (K, N) whose rows or columns are contiguous (`_kernel_for`);
+    `kernel`: the one `_kernel_for` named, when the caller has it."""
+    if not a.is_contiguous():
+        a = a.contiguous()
     m, k = a.shape
     n = b.shape[1]
     out = torch.empty((m, n), dtype=torch.float32)
-    kernel = "memopt_f32_matmul" if b.t().is_contiguous() else "memopt_f32_matmul_kn"
+    if kernel is None:
+        kernel = _NK if b.t().is_contiguous() else _KN
     bias_address = None if bias is None else bias.data_ptr()
     quantized.functions()[kernel](a.data_ptr(), b.data_ptr(), bias_address, out.data_ptr(), m, n, k)
     return out
@@ -162,32 +167,43 @@ class StreamingGemv(LibraryMatmul):
 
     library = "memopt GEMV"
 
-    def takes(self, a: object, b: object, bias: object) -> bool:
-        return _takes(a, b, bias)
+    def plan(self, a: object, b: object, bias: object) -> object | None:
+        return _kernel_for(a, b, bias)  # the layout found once: its kernel
 
-    def run(self, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return streaming_matmul(bias, a, b)
+    def run(
+        self, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, way: object
+    ) -> torch.Tensor:
+        return streaming_matmul(bias, a, b, way)
 
 
-def _takes(a: object, b: object, bias: object) -> bool:
-    tensors = (a, b) if bias is None else (a, b, bias)
-    if not all(type(t) in PLAIN_TENSORS for t in tensors):
-        return False
-    if not all(
-        t.dtype == torch.float32 and t.is_cpu and t.layout == torch.strided for t in tensors
-    ):
-        return False
-    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
-        return False
-    if not (1 <= a.shape[0] <= GEMV_ROWS and a.shape[1] and b.shape[1]):
-        return False
-    if not (b.is_contiguous() or b.t().is_contiguous()):
-        return False
-    if bias is not None and (
-        bias.dim() != 1 or bias.shape[0] != b.shape[1] or not bias.is_contiguous()
-    ):
-        return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+_NK, _KN = "memopt_f32_matmul", "memopt_f32_matmul_kn"
+_FLOAT32, _STRIDED = torch.float32, torch.strided
+
+
+def _kernel_for(a: object, b: object, bias: object) -> str | None:
+    """The kernel that reads these operands (`_NK` for a weight whose columns are
+    contiguous, `_KN` for one whose rows are), or None: the ATen op runs (module doc)."""
+    if type(a) not in PLAIN_TENSORS or type(b) not in PLAIN_TENSORS:
+        return None
+    if a.dtype is not _FLOAT32 or b.dtype is not _FLOAT32 or not (a.is_cpu and b.is_cpu):
+        return None
+    if a.layout is not _STRIDED or b.layout is not _STRIDED or a.dim() != 2 or b.dim() != 2:
+        return None
+    (m, k), (k_b, n) = a.shape, b.shape
+    if k != k_b or not (1 <= m <= GEMV_ROWS and k and n):
+        return None
+    grads = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+    if bias is not None:
+        if type(bias) not in PLAIN_TENSORS or bias.dtype is not _FLOAT32 or not bias.is_cpu:
+            return None
+        if bias.layout is not _STRIDED or bias.shape != (n,) or not bias.is_contiguous():
+            return None
+        grads = grads or (torch.is_grad_enabled() and bias.requires_grad)
+    if grads:
+        return None
+    if b.t().is_contiguous():
+        return _NK
+    return _KN if b.is_contiguous() else None
 
 
 __all__ = [
