@@ -241,13 +241,28 @@ def point_gemms(gm: torch.fx.GraphModule, cpu_gemm: str) -> int:
 
 def describe(gm: torch.fx.GraphModule, choice: str) -> str:
     """What runs `gm`'s GEMMs on oneDNN and why, or "" when none does."""
-    count = sum(isinstance(node.target, OneDnnMatmul) for node in gm.graph.nodes)
+    return describe_library(
+        gm, OneDnnMatmul, choice, "cpu_gemm", measured_gemm_times, "float32 GEMMs on oneDNN"
+    )
+
+
+def describe_library(
+    gm: torch.fx.GraphModule,
+    target: type,
+    choice: str,
+    option: str,
+    measured: Callable[[], GemmTimes],
+    what: str,
+) -> str:
+    """ "<count> <what> (<why>)" for `gm`'s nodes pointed at `target`, or "" for none: why
+    is the option's value, or for "auto" the speed the machine measured."""
+    count = sum(isinstance(node.target, target) for node in gm.graph.nodes)
     if not count:
         return ""
-    why = f"cpu_gemm={choice!r}"
+    why = f"{option}={choice!r}"
     if choice == "auto":
-        why = f"oneDNN measured {measured_gemm_times().speedup:.2f}x ATen's speed here"
-    return f"{count} float32 GEMMs on oneDNN ({why})"
+        why = f"measured {measured().speedup:.2f}x ATen's speed here"
+    return f"{count} {what} ({why})"
 
 
 def runs_on_cpu_gemm(node: torch.fx.Node) -> bool:

@@ -40,6 +40,7 @@ from memopt.backends.runtime.gemm import (
     LibraryMatmul,
     _seconds,
     choose,
+    describe_library,
     measured_times,
     runs_on_cpu_gemm,
 )
@@ -141,13 +142,8 @@ def point_gemvs(gm: torch.fx.GraphModule, cpu_gemv: str) -> int:
 
 def describe(gm: torch.fx.GraphModule, choice: str) -> str:
     """What runs `gm`'s GEMVs on memopt's kernels and why, or "" when none does."""
-    count = sum(isinstance(node.target, StreamingGemv) for node in gm.graph.nodes)
-    if not count:
-        return ""
-    why = f"cpu_gemv={choice!r}"
-    if choice == "auto":
-        why = f"measured {measured_gemv_times().speedup:.2f}x ATen's speed here"
-    return f"{count} float32 GEMVs on memopt's streaming kernels ({why})"
+    what = "float32 GEMVs on memopt's streaming kernels"
+    return describe_library(gm, StreamingGemv, choice, "cpu_gemv", measured_gemv_times, what)
 
 
 def few_rows(node: torch.fx.Node) -> bool:
