@@ -30,7 +30,6 @@ from memopt.backends.triton.offline_worker import (
     _SASS_BRANCH,
     _SASS_LABEL,
     gcn_loop_regions,
-    has_loop,
     loop_regions,
     split_accesses,
 )
@@ -286,9 +285,9 @@ def test_loops_are_backward_branches_and_the_exit_trap_is_not():
             "        /*0610*/ BRA `(.L_x_5);",
         ]
     )
-    assert has_loop(sass, _SASS_LABEL, _SASS_BRANCH)
+    assert loop_regions(sass, _SASS_LABEL, _SASS_BRANCH)
     straight = sass.replace("@!P5 BRA `(.L_x_1) ;", "NOP ;")
-    assert not has_loop(straight, _SASS_LABEL, _SASS_BRANCH)  # only the trap is left
+    assert not loop_regions(straight, _SASS_LABEL, _SASS_BRANCH)  # only the trap is left
     (body,) = loop_regions(sass, _SASS_LABEL, _SASS_BRANCH)
     assert list(body) == [1, 2, 3]  # the label, the load, the branch back
 
@@ -331,12 +330,21 @@ def test_accesses_are_split_by_loop_and_nested_loops_are_not_counted():
     assert split_accesses(found, [range(1, 8), range(2, 4)]) is None
 
 
-def test_static_bytes_count_every_lane_of_every_program():
-    result = CompiledKernel(
-        "k", "sm_90", grid=10, num_warps=4, threads=128, registers=32, stack_bytes=0,
-        spill_bytes=0, shared_bytes=0, occupancy=1.0, loads={128: 2, 32: 1}, stores={128: 1},
-        has_loop=False,
+def _kernel(fn_name: str = "k", **fields) -> CompiledKernel:
+    """A compiled sm_90 launch for the h100 model: one program of one 32-lane warp with
+    nothing loaded or stored, spill-free at full occupancy, but for `fields`."""
+    num_warps = fields.pop("num_warps", 1)
+    defaults = dict(
+        grid=1, registers=32, stack_bytes=0, spill_bytes=0, shared_bytes=0, occupancy=1.0,
+        loads={}, stores={}, has_loop=False, device="h100",
     )  # fmt: skip
+    return CompiledKernel(
+        fn_name, "sm_90", num_warps=num_warps, threads=32 * num_warps, **{**defaults, **fields}
+    )
+
+
+def test_static_bytes_count_every_lane_of_every_program():
+    result = _kernel(grid=10, num_warps=4, loads={128: 2, 32: 1}, stores={128: 1})
     assert result.static_bytes == (2 * 16 + 4 + 16) * 128 * 10
     traffic = {
         "outside": {"load": {32: 1}, "store": {128: 1}},
@@ -407,11 +415,7 @@ def test_a_launch_draws_the_bandwidth_its_loads_in_flight_cover():
 
     h100 = get_device("h100")
     assert h100.bytes_in_flight == pytest.approx(3.35e12 * 375e-9)
-    few = CompiledKernel(
-        "k", "sm_90", grid=10, num_warps=4, threads=128, registers=32, stack_bytes=0,
-        spill_bytes=0, shared_bytes=0, occupancy=1.0, loads={128: 2}, stores={128: 1},
-        has_loop=False, device="h100",
-    )  # fmt: skip
+    few = _kernel(grid=10, num_warps=4, loads={128: 2}, stores={128: 1})
     # Ten programs, each with two 16-byte loads a lane outstanding: far from enough.
     assert _row(few).bandwidth_share == pytest.approx(10 * 2 * 16 * 128 / h100.bytes_in_flight)
     # A full grid at full occupancy: 16 programs an SM on 132 SMs hold 8.6 MB in flight.
@@ -467,25 +471,7 @@ def test_a_kernel_of_several_launches_is_weighed_against_its_bytes_together(monk
     statics = iter(range(1000, 100_000, 1000))
 
     def fake(launches, device, timeout_s=600.0):  # one lane of one program, n one-byte loads
-        return [
-            CompiledKernel(
-                p.fn_name,
-                "sm_90",
-                grid=1,
-                num_warps=1,
-                threads=1,
-                registers=32,
-                stack_bytes=0,
-                spill_bytes=0,
-                shared_bytes=0,
-                occupancy=1.0,
-                loads={8: next(statics)},
-                stores={},
-                has_loop=False,
-                device="h100",
-            )  # fmt: skip
-            for p in launches
-        ]
+        return [_kernel(p.fn_name, loads={8: next(statics)}) for p in launches]
 
     monkeypatch.setattr(gpu, "compile_launches", fake)
     rows = gpu.compile_for_gpu(analysis, "h100")

@@ -37,6 +37,7 @@ import json
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -208,15 +209,19 @@ def gemm_library(choice: str = "auto") -> str:
         return "aten"
     if choice == "onednn":
         return choice
-    try:
-        return measured_gemm_times().library
-    except Exception as error:  # noqa: BLE001 - a failed measurement keeps ATen's GEMMs
-        import warnings
+    return measured_choice(measured_gemm_times, "onednn", "CPU GEMM libraries", "GEMMs")
 
+
+def measured_choice(times: Callable[[], GemmTimes], library: str, timed: str, products: str) -> str:
+    """`library` where this machine's `times()` say it is the faster (`choose`), else
+    "aten"; a measurement that fails keeps ATen, with a warning naming what was `timed`."""
+    try:
+        return choose(times().ratios, library)
+    except Exception as error:  # noqa: BLE001 - a failed measurement keeps ATen's products
         warnings.warn(
-            f"memopt: timing the CPU GEMM libraries failed ({type(error).__name__}: {error}); "
-            "float32 GEMMs stay on ATen",
-            stacklevel=2,
+            f"memopt: timing the {timed} failed ({type(error).__name__}: {error}); "
+            f"float32 {products} stay on ATen",
+            stacklevel=3,
         )
         return "aten"
 
@@ -227,12 +232,13 @@ def point_gemms(gm: torch.fx.GraphModule, cpu_gemm: str) -> int:
     pass's QuantizedMatmul nodes learn the library too (for their tiles of many rows).
     "auto" is resolved only for a graph with such nodes. The caller recompiles `gm`."""
     narrow = [n for n in gm.graph.nodes if isinstance(n.target, QuantizedMatmul)]
-    if narrow:  # the precision pass's matmuls: their many rows' dequantized tiles
-        library = gemm_library(cpu_gemm)
-        for node in narrow:
-            node.target.gemm = library
     gemms = [n for n in gm.graph.nodes if runs_on_cpu_gemm(n) and not _static_small(n)]
-    if not gemms or gemm_library(cpu_gemm) != "onednn":
+    if not narrow and not gemms:
+        return 0
+    library = gemm_library(cpu_gemm)
+    for node in narrow:  # the precision pass's matmuls: their many rows' dequantized tiles
+        node.target.gemm = library
+    if library != "onednn":
         return 0
     for node in gemms:
         node.target = OneDnnMatmul(node.target)

@@ -28,7 +28,6 @@ neither row- nor column-major, more rows, an empty dimension.
 from __future__ import annotations
 
 import statistics
-import warnings
 
 import torch
 import torch.fx
@@ -39,8 +38,8 @@ from memopt.backends.runtime.gemm import (
     GemmTimes,
     LibraryMatmul,
     _seconds,
-    choose,
     describe_library,
+    measured_choice,
     measured_times,
     runs_on_cpu_gemm,
 )
@@ -117,15 +116,7 @@ def gemv_library(choice: str = "auto") -> str:
         raise ValueError(f"unknown cpu_gemv {choice!r}; expected one of {', '.join(CHOICES)}")
     if choice != "auto":
         return choice
-    try:
-        return choose(measured_gemv_times().ratios, "memopt")
-    except Exception as error:  # noqa: BLE001 - a failed measurement keeps ATen's GEMVs
-        warnings.warn(
-            f"memopt: timing the CPU GEMV kernels failed ({type(error).__name__}: {error}); "
-            "float32 GEMVs stay on ATen",
-            stacklevel=2,
-        )
-        return "aten"
+    return measured_choice(measured_gemv_times, "memopt", "CPU GEMV kernels", "GEMVs")
 
 
 def point_gemvs(gm: torch.fx.GraphModule, cpu_gemv: str) -> int:

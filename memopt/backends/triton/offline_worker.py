@@ -83,11 +83,6 @@ def loop_regions(code: str, label: re.Pattern[str], branch: re.Pattern[str]) -> 
     return [range(start, end + 1) for start, end in ends.items()]
 
 
-def has_loop(code: str, label: re.Pattern[str], branch: re.Pattern[str]) -> bool:
-    """Whether the code branches back to an earlier label: a loop."""
-    return bool(loop_regions(code, label, branch))
-
-
 # A block's first line (`.LBB0_5:` with a label, `; %bb.7:` without) and LLVM's loop comment.
 _GCN_BLOCK = re.compile(r"^(?:\.LBB|; %bb\.)(\w+):")
 _GCN_LOOP = re.compile(r";\s*(?:=>This Inner Loop Header|in Loop: Header=BB(\w+)).*Depth=(\d+)")

@@ -24,6 +24,7 @@ int64 when a buffer's extent or the domain may pass 2**31 - 1 (or is symbolic).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -130,7 +131,7 @@ class RenderedKernel:
     template: str | None = None  # "matmul": a template kernel (matmul.py), launched its own way
     across_rows: bool = False  # a reduction whose loads are contiguous along a kept range
 
-    @property
+    @functools.cached_property
     def loops(self) -> int:
         """How many run-time loops the kernel's source has (a looped reduction: one a pass;
         `tl.static_range` loops of helpers are unrolled, not counted)."""
