@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from memopt.backends.registry import backend_names
+from memopt.backends.runtime.decode_attention import CHOICES as ATTENTION_CHOICES
 from memopt.backends.runtime.gemm import CHOICES as GEMM_CHOICES
 from memopt.backends.runtime.gemv import CHOICES as GEMV_CHOICES
 from memopt.compiler.devices import get_device
@@ -38,6 +39,10 @@ class Config:
     # faster on this machine, measured once and cached: backends/runtime/gemv.py), "aten"
     # or "memopt" (its streaming kernels).
     cpu_gemv: str = "auto"
+    # Where float32 CPU attention of one query position over a cache (a decode step's) runs:
+    # "auto" (the faster on this machine, measured once and cached:
+    # backends/runtime/decode_attention.py), "aten" or "memopt" (its decode kernel).
+    cpu_attention: str = "auto"
     # Where the backend writes its per-graph analysis JSON; None writes nothing.
     report_dir: str | None = None
     # Compare every optimized graph against the unoptimized one on real inputs.
@@ -88,6 +93,8 @@ class Config:
             raise unknown("cpu_gemm", self.cpu_gemm, GEMM_CHOICES)
         if self.cpu_gemv not in GEMV_CHOICES:
             raise unknown("cpu_gemv", self.cpu_gemv, GEMV_CHOICES)
+        if self.cpu_attention not in ATTENTION_CHOICES:
+            raise unknown("cpu_attention", self.cpu_attention, ATTENTION_CHOICES)
         if self.fuel is not None and self.fuel < 0:
             raise OptionError(f"fuel must be a non-negative integer, got {self.fuel}")
         get_device(self.device)

@@ -92,6 +92,7 @@ class CompileSession:
             reference=reference,
             cpu_gemm=self.config.cpu_gemm,
             cpu_gemv=self.config.cpu_gemv,
+            cpu_attention=self.config.cpu_attention,
         )
         if self.config.verbose and compiled.gemms:
             print(f"memopt: {name} graph: {compiled.gemms}", file=sys.stderr)

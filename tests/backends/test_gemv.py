@@ -187,6 +187,14 @@ def test_the_kernels_take_views_at_an_offset():
     torch.testing.assert_close(streaming_matmul(None, a, w.t()), a @ w.t(), rtol=1e-5, atol=1e-5)
 
 
+def test_outputs_are_cpu_tensors_under_another_default_device():
+    a, w = torch.randn(1, 64), torch.randn(32, 64)
+    with torch.device("meta"):
+        got = streaming_matmul(None, a, w.t())
+    assert got.device.type == "cpu"
+    torch.testing.assert_close(got, a @ w.t(), rtol=1e-5, atol=1e-5)
+
+
 def test_the_kernels_build_without_openmp(tmp_path):
     """build.py drops -fopenmp where the compiler rejects it: the source then needs no
     OpenMP symbol (one thread)."""

@@ -723,7 +723,7 @@ def matmul(
     """
     x = x.contiguous()
     m, n, k = x.shape[0], weight.rows, weight.cols
-    out = torch.empty((m, n), dtype=torch.float32)
+    out = torch.empty((m, n), dtype=torch.float32, device=x.device)
     kernels = functions()
     gemv, integer_gemv, dequantize_rows = _KERNELS[weight.kind]
     integer = int8_activations and integer_gemv is not None
@@ -743,7 +743,7 @@ def matmul(
         kernels["memopt_quantize_x"](x.data_ptr(), quantized_x.data_ptr(), m, k, block)
         x = quantized_x
     tile_rows = max(16, TILE_BYTES // (4 * k))
-    tile = torch.empty((min(tile_rows, n), k), dtype=torch.float32)
+    tile = torch.empty((min(tile_rows, n), k), dtype=torch.float32, device=x.device)
     onednn = gemm == "onednn" and torch.backends.mkldnn.enabled
     for n0 in range(0, n, tile_rows):
         rows = min(tile_rows, n - n0)

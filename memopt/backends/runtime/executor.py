@@ -20,6 +20,8 @@ import torch
 import torch.fx
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
+from memopt.backends.runtime.decode_attention import describe as describe_attention
+from memopt.backends.runtime.decode_attention import point_decode_attention
 from memopt.backends.runtime.extern import plan_library_calls
 from memopt.backends.runtime.gemm import describe as describe_gemms
 from memopt.backends.runtime.gemm import point_gemms
@@ -74,6 +76,7 @@ class CompiledGraph:
         reference: torch.fx.GraphModule | None = None,
         cpu_gemm: str = "aten",
         cpu_gemv: str = "aten",
+        cpu_attention: str = "aten",
     ) -> None:
         self.gm = gm
         self.name = name
@@ -94,14 +97,18 @@ class CompiledGraph:
         mark_donated_inputs(gm)
         # Before the kernel compiler starts: cpu_gemm "auto" may time the GEMM libraries.
         # Recompiles the graph's code: its forward is read after.
-        plan_library_calls(gm, cpu_gemm, cpu_gemv)
+        plan_library_calls(gm, cpu_gemm, cpu_gemv, cpu_attention)
         if reference is not None and point_gemvs(reference, cpu_gemv) + point_gemms(
             reference, cpu_gemm
-        ):
-            # The check compares memopt's passes, not GEMM libraries: the unoptimized graph
-            # runs its GEMMs where the optimized one does (they sum in another order).
+        ) + point_decode_attention(reference, cpu_attention):
+            # The check compares memopt's passes, not libraries: the unoptimized graph runs
+            # its GEMMs and attention where the optimized one does (they sum in another order).
             reference.recompile()
-        described = (describe_gemvs(gm, cpu_gemv), describe_gemms(gm, cpu_gemm))
+        described = (
+            describe_gemvs(gm, cpu_gemv),
+            describe_gemms(gm, cpu_gemm),
+            describe_attention(gm, cpu_attention),
+        )
         self.gemms = "; ".join(d for d in described if d)  # for verbose output
         prefetch_kernels(gm)
         self._forward = _compiled_forward(gm)

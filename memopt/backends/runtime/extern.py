@@ -31,6 +31,7 @@ import torch
 import torch.fx
 
 from memopt.backends import memory
+from memopt.backends.runtime.decode_attention import point_decode_attention
 from memopt.backends.runtime.gemm import point_gemms
 from memopt.backends.runtime.gemv import point_gemvs
 from memopt.backends.runtime.linear import PLAIN_TENSORS as _PLAIN
@@ -206,17 +207,23 @@ class RowScatterAdd:
 
 
 def plan_library_calls(
-    gm: torch.fx.GraphModule, cpu_gemm: str = "aten", cpu_gemv: str = "aten"
+    gm: torch.fx.GraphModule,
+    cpu_gemm: str = "aten",
+    cpu_gemv: str = "aten",
+    cpu_attention: str = "aten",
 ) -> int:
     """Point `gm`'s float32 CPU mm and addmm nodes of a few rows at a StreamingGemv where
     `cpu_gemv` says memopt (runtime/gemv.py `point_gemvs`), its other float32 CPU mm and
     addmm nodes at a OneDnnMatmul where `cpu_gemm` says oneDNN (runtime/gemm.py
-    `point_gemms`); its other CPU matmuls and softmaxes whose
+    `point_gemms`), its one-position CPU attentions at a DecodeAttention where
+    `cpu_attention` says memopt (runtime/decode_attention.py); its other CPU matmuls and
+    softmaxes whose
     result can be large at a KeptOutputMatmul or KeptOutputSoftmax, and its accumulating
     single-index index_puts at a RowScatterAdd; returns how many nodes changed.
     Call before the graph's kernels start compiling: "auto" may time the GEMM libraries."""
     changed = point_gemvs(gm, cpu_gemv)
     changed += point_gemms(gm, cpu_gemm)
+    changed += point_decode_attention(gm, cpu_attention)
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue

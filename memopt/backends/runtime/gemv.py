@@ -27,6 +27,7 @@ neither row- nor column-major, more rows, an empty dimension.
 
 from __future__ import annotations
 
+import functools
 import statistics
 
 import torch
@@ -73,7 +74,7 @@ def streaming_matmul(
         a = a.contiguous()
     m, k = a.shape
     n = b.shape[1]
-    out = torch.empty((m, n), dtype=torch.float32)
+    out = torch.empty((m, n), dtype=torch.float32, device=a.device)
     if kernel is None:
         kernel = _NK if b.t().is_contiguous() else _KN
     bias_address = None if bias is None else bias.data_ptr()
@@ -83,14 +84,17 @@ def streaming_matmul(
 
 def measure() -> GemmTimes:
     """Time ATen's addmm and memopt's kernels on SHAPES, in alternating pairs."""
-    with unset_fake_temporarily(), torch.no_grad(), torch.device("cpu"):
+    # Real CPU tensors whatever the caller's default device, not under a device mode (its
+    # Python dispatch of every torch call would weigh on the side making more of them).
+    with unset_fake_temporarily(), torch.no_grad():
         generator = torch.Generator().manual_seed(0)
+        randn = functools.partial(
+            torch.randn, generator=generator, device="cpu", dtype=torch.float32
+        )
         aten_s, memopt_s, ratios = [], [], []
         for m, k, n, layout in SHAPES:
-            a, bias = (
-                torch.randn(s, generator=generator, dtype=torch.float32) for s in ((m, k), (n,))
-            )
-            weight = torch.randn((n, k) if layout == 0 else (k, n), generator=generator)
+            a, bias = (randn(s) for s in ((m, k), (n,)))
+            weight = randn((n, k) if layout == 0 else (k, n))
             b = weight.t() if layout == 0 else weight
             torch.addmm(bias, a, b)  # warm-up: thread pool, first touch
             streaming_matmul(bias, a, b)

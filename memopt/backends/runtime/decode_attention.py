@@ -1,0 +1,311 @@
+"""Attention of one query position over a KV cache on the CPU: ATen's op or memopt's kernel.
+
+In a decode step every layer attends one new query row per head to the whole cache. The
+graph holds that as ATen's `_scaled_dot_product_flash_attention_for_cpu` (the attention
+pass keeps it whole and hands it a grouped-query cache unrepeated). On this project's AMD
+EPYC, ATen's op read a decode step's cache at 13-26 GB/s: it runs each query head on its
+own (a grouped-query cache is read once per query head, from cache after the first) over
+blocks sized for many query rows. memopt's kernel (backends/cpp/attention.py) reads each
+cached row once for all the query heads that share it, splits the cache over the threads
+and prefetches ahead. In the decode benchmark's steps (bench/decode.py, 1,055 cached
+positions, per layer, timed by `memopt.profile`'s kernel timer, 2 threads): the 4-layer
+Llama's (8 query heads over 2 key/value heads, 1.1 MB) 42-49 us against ATen's 72-85,
+GPT-2's (8 heads, 4.3 MB) 92-105 us against 163-179.
+
+Which is faster depends on the processor, so it is measured once per machine, like the
+GEMV kernels (gemv.py): `SHAPES`, each in a mock decode step (`measure`: six layers of a
+GEMV over 12 MiB of weights and an attention over the layer's own cache, so that the cache
+is read from memory as in a real step), ATen's and memopt's steps alternating;
+memopt's kernel is taken when at least `gemm.MARGIN` faster in the geometric mean and not
+slower on any shape; cached in `$MEMOPT_CACHE_DIR/machine/attention-<key>.json`. The
+`cpu_attention` option ("aten", "memopt") overrides it.
+
+`DecodeAttention` stands for one such node whose query has one position (static) and whose
+logsumexp nothing reads. It sums in another order than ATen (float32 rounding, not bit for
+bit). At run time anything the kernel does not take runs the ATen op: other dtypes or
+devices, tensor subclasses, autograd recording, dropout, `is_causal`, more than one query
+position, a mask that is not float32, 2-D or 4-D, broadcast to (B, H, 1, L), head counts
+that do not divide, head sizes that differ, a last dimension that is not contiguous, an empty dimension.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import math
+import operator
+import statistics
+import time
+
+import torch
+import torch.fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from memopt.backends.cpp import attention as kernel
+from memopt.backends.runtime.gemm import (
+    GemmTimes,
+    describe_library,
+    measured_choice,
+    measured_times,
+)
+from memopt.backends.runtime.gemv import streaming_matmul
+from memopt.backends.runtime.linear import PLAIN_TENSORS
+from memopt.compiler.graph import tensor_meta
+
+aten = torch.ops.aten
+FLASH_CPU = aten._scaled_dot_product_flash_attention_for_cpu.default
+
+CHOICES = ("auto", "aten", "memopt")
+# (query heads, key/value heads, cache positions, head dim): grouped-query and multi-head
+# decode steps of small and larger models.
+SHAPES = ((8, 2, 1024, 64), (8, 8, 1024, 64), (16, 4, 512, 64), (32, 8, 2048, 128))
+_PAIRS = 5
+# The measured step (`measure`): layers, and each one's weights (float32, streamed by
+# memopt's GEMV before its attention; all of them past the last-level cache).
+_LAYERS = 6
+_WEIGHT_NBYTES = 12 << 20
+
+_FLOAT32, _STRIDED, _CPU = torch.float32, torch.strided, torch.device("cpu")
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float | None,
+    call: tuple | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output, logsumexp) of ATen's CPU flash attention for operands `plan` takes; `call`:
+    plan's result when the caller has it."""
+    if call is None:
+        call = plan(q, k, v, mask)
+    sizes, strides = call
+    batch, heads, _, _, head_dim, v_dim = sizes
+    # ATen's layouts: (B, H, 1, Dv) over a (B, 1, H, Dv) buffer, (B, H, 1) over (B, 1, H)
+    out = torch.empty((batch, 1, heads, v_dim), dtype=_FLOAT32, device=_CPU).transpose(1, 2)
+    lse = torch.empty((batch, 1, heads), dtype=_FLOAT32, device=_CPU).transpose(1, 2)
+    failed = kernel.function()(
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        None if mask is None else mask.data_ptr(),
+        out.data_ptr(),
+        lse.data_ptr(),
+        sizes,
+        strides,
+        1.0 / math.sqrt(head_dim) if scale is None else scale,
+        kernel.CHUNK,
+    )
+    if failed:
+        raise MemoryError("memopt decode attention: no memory for its scratch")
+    return out, lse
+
+
+_PLANS: dict[tuple, tuple] = {}  # operand layouts -> the kernel's size and stride arrays
+
+
+def plan(q: object, k: object, v: object, mask: object) -> tuple | None:
+    """The kernel's (sizes, strides) arrays for these operands, or None where it does not
+    take them (module doc)."""
+    if type(q) not in PLAIN_TENSORS or type(k) not in PLAIN_TENSORS or type(v) not in PLAIN_TENSORS:
+        return None
+    if mask is not None and type(mask) not in PLAIN_TENSORS:
+        return None
+    key = (
+        q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype,
+        q.device, k.device, v.device, q.layout, k.layout, v.layout,
+        None if mask is None else (mask.shape, mask.stride(), mask.dtype, mask.device, mask.layout),
+    )  # fmt: skip
+    found = _PLANS.get(key)
+    if found is None:
+        found = _plan(q, k, v, mask)
+        if len(_PLANS) > 256:
+            _PLANS.clear()
+        _PLANS[key] = found
+    if (
+        found is None
+        or torch.is_grad_enabled()
+        and (q.requires_grad or k.requires_grad or v.requires_grad)
+    ):
+        return None
+    return found
+
+
+def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: object) -> tuple | None:
+    tensors = (q, k, v) if mask is None else (q, k, v, mask)
+    if any(t.dtype is not _FLOAT32 or t.layout is not _STRIDED or not t.is_cpu for t in tensors):
+        return None
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return None
+    (batch, heads, rows, head_dim), (kb, kv_heads, length, kd) = q.shape, k.shape
+    vb, vh, vl, v_dim = v.shape
+    if rows != 1 or (kb, vb) != (batch, batch) or (vh, vl) != (kv_heads, length):
+        return None
+    if kd != head_dim or v_dim != head_dim:  # ATen's op takes one head size (and raises)
+        return None
+    if not (batch and heads and kv_heads and length and head_dim and v_dim):
+        return None
+    if heads % kv_heads or q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
+        return None
+    mask_strides = (0, 0, 0)
+    if mask is not None:
+        if mask.dim() not in (2, 4):  # ATen's op takes these (and raises on others)
+            return None
+        try:
+            full = mask.expand(batch, heads, 1, length)
+        except RuntimeError:
+            return None
+        mask_strides = (full.stride(0), full.stride(1), full.stride(3))
+    sizes = (ctypes.c_int64 * 6)(batch, heads, kv_heads, length, head_dim, v_dim)
+    strides = (ctypes.c_int64 * 11)(
+        q.stride(0), q.stride(1), *k.stride()[:3], *v.stride()[:3], *mask_strides
+    )
+    return sizes, strides
+
+
+class DecodeAttention:
+    """A one-position `_scaled_dot_product_flash_attention_for_cpu` node on memopt's
+    kernel where it takes the operands, else the ATen op (module doc)."""
+
+    memopt_kind = "extern"
+    __name__ = FLASH_CPU.__name__
+    memopt_name = f"{FLASH_CPU} (memopt decode attention)"
+
+    def __repr__(self) -> str:
+        return "DecodeAttention()"
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        *,
+        attn_mask: torch.Tensor | None = None,
+        scale: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        call = None if dropout_p or is_causal else plan(q, k, v, attn_mask)
+        if call is None:
+            return FLASH_CPU(q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)
+        return decode_attention(q, k, v, attn_mask, scale, call)
+
+
+def measure() -> GemmTimes:
+    """Time ATen's op and memopt's kernel on SHAPES as a decode step runs them (module doc):
+    passes over `_LAYERS` layers, each a GEMV over its weights and an attention over its own
+    cache, ATen's and memopt's passes alternating; per shape the medians of the passes'
+    attention times and of the pairs' ratios."""
+    # Real tensors (a compile runs under Dynamo's fake mode), on the CPU whatever the
+    # caller's default device; not under a device mode, whose Python dispatch of every
+    # torch call would weigh on the side making more of them.
+    with unset_fake_temporarily(), torch.no_grad():
+        generator = torch.Generator().manual_seed(0)
+        rand = functools.partial(torch.rand, generator=generator, device=_CPU, dtype=_FLOAT32)
+        # (K, N) whose N is contiguous: the (N, K) layout of nn.Linear's weights
+        weights = [rand((_WEIGHT_NBYTES // 4 // 1024, 1024)).t() for _ in range(_LAYERS)]
+        row = rand((1, weights[0].shape[0]))
+        aten_s, memopt_s, ratios = [], [], []
+        for heads, kv_heads, length, head_dim in SHAPES:
+            shapes = ((1, heads, 1, head_dim), *[(1, kv_heads, length, head_dim)] * 2)
+            layers = [[rand(shape) for shape in shapes] for _ in range(_LAYERS)]
+            mask = torch.zeros((1, 1, 1, length), device=_CPU, dtype=_FLOAT32)
+            runs = (FLASH_CPU, DecodeAttention())
+            for attention in runs:  # warm-up: thread pool, the kernel's library, first touch
+                _step_seconds(attention, weights, row, layers, mask)
+            pairs = [
+                [_step_seconds(a, weights, row, layers, mask) for a in runs] for _ in range(_PAIRS)
+            ]
+            aten_s.append(statistics.median(p[0] for p in pairs) / _LAYERS)
+            memopt_s.append(statistics.median(p[1] for p in pairs) / _LAYERS)
+            ratios.append(statistics.median(p[0] / p[1] for p in pairs))
+    return GemmTimes(SHAPES, tuple(aten_s), tuple(memopt_s), tuple(ratios))
+
+
+def _step_seconds(attention, weights, row, layers, mask) -> float:
+    """Seconds of `attention`'s calls in one mock decode step (`measure`)."""
+    seconds = 0.0
+    for weight, (q, k, v) in zip(weights, layers):
+        streaming_matmul(None, row, weight)
+        start = time.perf_counter()
+        attention(q, k, v, attn_mask=mask)
+        seconds += time.perf_counter() - start
+    return seconds
+
+
+def measured_attention_times(refresh: bool = False) -> GemmTimes:
+    """This machine's decode attention times (cached; gemm.measured_times)."""
+    return measured_times("attention", SHAPES, lambda: measure(), refresh, "memopt")
+
+
+def attention_library(choice: str = "auto") -> str:
+    """Where one-position CPU attention runs: `choice` itself, or measured for "auto" (a
+    failed measurement keeps ATen, with a warning)."""
+    if choice not in CHOICES:
+        raise ValueError(f"unknown cpu_attention {choice!r}; expected one of {', '.join(CHOICES)}")
+    if choice != "auto":
+        return choice
+    return measured_choice(
+        measured_attention_times, "memopt", "CPU decode attention kernels", "decode attention"
+    )
+
+
+def one_position(node: torch.fx.Node) -> bool:
+    """A CPU flash attention node whose query has one static position, with no dropout, not
+    causal, whose logsumexp nothing reads: a node DecodeAttention may stand for."""
+    if node.op != "call_function" or node.target is not FLASH_CPU:
+        return False
+    q = node.args[0]
+    meta = tensor_meta(q) if isinstance(q, torch.fx.Node) else None
+    if meta is None or len(meta.shape) != 4 or meta.dtype != _FLOAT32:
+        return False
+    rows = meta.shape[2]
+    if not (isinstance(rows, int) or getattr(rows, "is_Integer", False)) or int(rows) != 1:
+        return False
+    rest = list(node.args[3:])
+    dropout = rest[0] if rest else node.kwargs.get("dropout_p", 0.0)
+    causal = rest[1] if len(rest) > 1 else node.kwargs.get("is_causal", False)
+    if dropout != 0 or causal is not False:
+        return False
+    device = getattr(node.meta.get("val", (None,))[0], "device", None)
+    if device is not None and device.type != "cpu":
+        return False
+    return not any(
+        user.target is operator.getitem and user.args[1] != 0 and user.users for user in node.users
+    )
+
+
+def point_decode_attention(gm: torch.fx.GraphModule, choice: str) -> int:
+    """Point `gm`'s one-position CPU attention nodes at a DecodeAttention where `choice`
+    (or for "auto", this machine's measurement) says memopt; returns how many. The caller
+    recompiles `gm`."""
+    nodes = [n for n in gm.graph.nodes if one_position(n)]
+    if not nodes or attention_library(choice) != "memopt":
+        return 0
+    for node in nodes:
+        node.target = DecodeAttention()
+    return len(nodes)
+
+
+def describe(gm: torch.fx.GraphModule, choice: str) -> str:
+    """What runs `gm`'s attention on memopt's decode kernel and why, or "" when none does."""
+    what = "one-position attentions on memopt's decode kernel"
+    return describe_library(
+        gm, DecodeAttention, choice, "cpu_attention", measured_attention_times, what
+    )
+
+
+__all__ = [
+    "CHOICES",
+    "SHAPES",
+    "DecodeAttention",
+    "attention_library",
+    "decode_attention",
+    "describe",
+    "measure",
+    "measured_attention_times",
+    "one_position",
+    "plan",
+    "point_decode_attention",
+]

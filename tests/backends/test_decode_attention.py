@@ -1,0 +1,304 @@
+"""Attention of one query position over a KV cache on memopt's CPU kernel
+(backends/runtime/decode_attention.py, backends/cpp/attention.py)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from memopt.backends.cache import cache_dir, machine_key
+from memopt.backends.cpp import attention as kernel
+from memopt.backends.runtime import decode_attention, gemm
+from memopt.backends.runtime.decode_attention import (
+    FLASH_CPU,
+    DecodeAttention,
+    attention_library,
+    point_decode_attention,
+)
+from memopt.backends.runtime.executor import CompiledGraph
+from memopt.compiler.capture import capture
+from memopt.config import Config
+from memopt.errors import OptionError
+
+NEG_INF = float("-inf")
+
+
+def _kernel_calls(monkeypatch):
+    """Count the kernel's calls."""
+    calls = []
+    entry = kernel.function()
+
+    def counted(*args):
+        calls.append(args)
+        return entry(*args)
+
+    monkeypatch.setattr(kernel, "function", lambda: counted)
+    return calls
+
+
+def _operands(batch, heads, kv_heads, length, head_dim, allocated=None, seed=0):
+    """q (B, H, 1, D); k and v the first `length` positions of a cache of `allocated`."""
+    generator = torch.Generator().manual_seed(seed)
+    allocated = allocated or length
+    q = torch.randn((batch, 1, heads, head_dim), generator=generator).transpose(1, 2)
+    k = torch.randn((batch, kv_heads, allocated, head_dim), generator=generator)
+    v = torch.randn((batch, kv_heads, allocated, head_dim), generator=generator)
+    return q, k[:, :, :length], v[:, :, :length]
+
+
+def _masks(batch, heads, length, generator):
+    tail = torch.zeros((1, 1, 1, length))
+    tail[..., length - length // 3 :] = NEG_INF  # a static cache's unused positions
+    per_head = torch.randn((batch, heads, 1, length), generator=generator)
+    per_head[:, ::2, :, : length // 4] = NEG_INF
+    return {
+        "none": None,
+        "tail": tail,
+        "per_head": per_head,
+        "2-D": torch.randn((1, length), generator=generator),
+    }
+
+
+@pytest.mark.parametrize(
+    "batch, heads, kv_heads, length, head_dim",
+    [
+        (1, 8, 2, 1, 64),  # one position
+        (1, 8, 2, 37, 64),  # blocks of 16 and a partial one (the AVX-512 path's)
+        (2, 4, 4, 600, 64),  # several units of CHUNK positions, combined
+        (1, 4, 1, 300, 128),
+        (1, 6, 3, 50, 40),  # a head dim outside the fixed ones
+    ],
+)
+@pytest.mark.parametrize("mask", ["none", "tail", "per_head", "2-D"])
+def test_the_kernel_matches_atens_op(monkeypatch, batch, heads, kv_heads, length, head_dim, mask):
+    calls = _kernel_calls(monkeypatch)
+    q, k, v = _operands(batch, heads, kv_heads, length, head_dim, allocated=length + 5)
+    attn_mask = _masks(batch, heads, length, torch.Generator().manual_seed(1))[mask]
+    want = FLASH_CPU(q, k, v, attn_mask=attn_mask)
+    got = DecodeAttention()(q, k, v, attn_mask=attn_mask)
+    assert len(calls) == 1
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    assert got[0].stride() == want[0].stride() and got[1].stride() == want[1].stride()
+
+
+def test_a_scale_of_its_own():
+    q, k, v = _operands(1, 4, 2, 70, 64)
+    want = FLASH_CPU(q, k, v, scale=0.3)
+    torch.testing.assert_close(DecodeAttention()(q, k, v, scale=0.3)[0], want[0])
+
+
+def test_outputs_are_cpu_tensors_under_another_default_device():
+    q, k, v = _operands(1, 4, 2, 30, 64)
+    want = FLASH_CPU(q, k, v)
+    with torch.device("meta"):
+        got = DecodeAttention()(q, k, v)
+    assert got[0].device.type == "cpu" and got[1].device.type == "cpu"
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_fully_masked_row_gives_zeros_as_aten_does():
+    q, k, v = _operands(1, 2, 2, 40, 64)
+    mask = torch.full((1, 1, 1, 40), NEG_INF)
+    want = FLASH_CPU(q, k, v, attn_mask=mask)
+    got = DecodeAttention()(q, k, v, attn_mask=mask)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[0], torch.zeros_like(got[0]))
+    assert torch.equal(got[1], want[1])
+
+
+def test_masked_positions_are_not_read():
+    """A non-finite value where the mask drops the position: the kernel does not read it
+    (module doc), so the row stays finite and equal to attention over the kept positions."""
+    q, k, v = _operands(1, 4, 2, 64, 64)
+    v = v.clone()
+    v[:, :, 48:] = float("nan")
+    mask = torch.zeros((1, 1, 1, 64))
+    mask[..., 48:] = NEG_INF
+    got = DecodeAttention()(q, k, v, attn_mask=mask)[0]
+    want = FLASH_CPU(q, k[:, :, :48], v[:, :, :48])[0]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "float64",
+        "two query positions",
+        "causal",
+        "grad",
+        "bool mask",
+        "1-D mask",
+        "strided head dim",
+        "value head size",
+    ],
+)
+def test_anything_else_runs_the_aten_op_bit_for_bit(monkeypatch, case):
+    calls = _kernel_calls(monkeypatch)
+    q, k, v = _operands(1, 4, 2, 20, 64)
+    kwargs, args = {}, ()
+    if case == "float64":
+        q, k, v = q.double(), k.double(), v.double()
+    elif case == "two query positions":
+        q = torch.randn(1, 4, 2, 64)
+    elif case == "causal":
+        args = (0.0, True)
+    elif case == "grad":
+        q = q.detach().requires_grad_()
+    elif case == "bool mask":
+        kwargs["attn_mask"] = torch.ones((1, 1, 1, 20), dtype=torch.bool)
+    elif case == "1-D mask":
+        kwargs["attn_mask"] = torch.zeros(20)
+    elif case == "strided head dim":
+        k = torch.randn(1, 2, 20, 128)[..., ::2]
+    elif case == "value head size":
+        v = torch.randn(1, 2, 20, 32)
+    try:
+        want = FLASH_CPU(q, k, v, *args, **kwargs)
+    except RuntimeError as error:  # ATen's own refusal is raised as ATen raises it
+        with pytest.raises(RuntimeError, match=str(error)[:40]):
+            DecodeAttention()(q, k, v, *args, **kwargs)
+    else:
+        got = DecodeAttention()(q, k, v, *args, **kwargs)
+        assert torch.equal(got[0], want[0])
+    assert calls == []
+
+
+def test_head_counts_that_do_not_divide_are_refused():
+    """4 query heads over 3 key/value heads (ATen's op computes garbage there, unchecked):
+    the kernel does not take them."""
+    q, _, _ = _operands(1, 4, 2, 20, 64)
+    k, v = torch.randn(1, 3, 20, 64), torch.randn(1, 3, 20, 64)
+    assert decode_attention.plan(q, k, v, None) is None
+    assert decode_attention.plan(q, k[:, :2], v[:, :2], None) is not None
+
+
+def _sdpa_graph(rows=1, use_lse=False):
+    def fn(q, k, v, mask):
+        out, lse = FLASH_CPU(q, k, v, attn_mask=mask)
+        return (out * 2, lse + 1) if use_lse else (out * 2,)
+
+    q, k, v = _operands(1, 8, 2, 100, 64)
+    q = torch.randn(1, 8, rows, 64)
+    args = (q, k.contiguous(), v.contiguous(), torch.zeros(1, 1, rows, 100))
+    (graph,) = capture(fn, args)
+    return graph.gm, lambda: fn(*args), graph.real_inputs
+
+
+def test_one_position_attention_is_pointed_at_the_kernel_when_chosen():
+    """Must: the one-position attention with cpu_attention="memopt". Must not: the same
+    graph with "aten", a query of two positions, or an attention whose logsumexp is read
+    (a backward's)."""
+    gm, fn, args = _sdpa_graph()
+    assert point_decode_attention(gm, "memopt") == 1
+    gm.recompile()
+    assert sum(isinstance(n.target, DecodeAttention) for n in gm.graph.nodes) == 1
+    torch.testing.assert_close(gm(*args)[0], fn()[0], rtol=1e-5, atol=1e-5)
+    assert point_decode_attention(_sdpa_graph()[0], "aten") == 0
+    assert point_decode_attention(_sdpa_graph(rows=2)[0], "memopt") == 0
+    assert point_decode_attention(_sdpa_graph(use_lse=True)[0], "memopt") == 0
+
+
+def test_compiled_graph_describes_its_attention():
+    gm, _, _ = _sdpa_graph()
+    assert CompiledGraph(gm, "forward", [None], cpu_attention="memopt").gemms == (
+        "1 one-position attentions on memopt's decode kernel (cpu_attention='memopt')"
+    )
+
+
+def _llama():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=128,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_decoding_a_llama_on_the_kernel_gives_eagers_tokens(monkeypatch):
+    """Static cache: every decode step's attention (one per layer) runs on the kernel,
+    over the whole allocated cache with its unused tail masked."""
+    calls = _kernel_calls(monkeypatch)
+    model = _llama()
+    prompt = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(1))
+    kwargs = {"max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False}
+    kwargs["cache_implementation"] = "static"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        want = model.generate(prompt, **kwargs)
+        torch._dynamo.reset()
+        model.forward = torch.compile(
+            model.forward, backend="memopt", options={"cpu_attention": "memopt"}
+        )
+        got = model.generate(prompt, **kwargs)
+    assert torch.equal(got, want)
+    assert len(calls) == 2 * 7  # two layers, seven decode steps
+
+
+SMALL_SHAPES = ((4, 2, 64, 64), (2, 2, 40, 32))
+
+
+def _cache_path():
+    return cache_dir("machine") / f"attention-{machine_key()}.json"
+
+
+def test_auto_measures_once_caches_and_reads_the_machines_choice(monkeypatch, tmp_path):
+    monkeypatch.setenv("MEMOPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(decode_attention, "SHAPES", SMALL_SHAPES)
+    monkeypatch.setattr(decode_attention, "_WEIGHT_NBYTES", 1 << 20)
+    monkeypatch.setattr(gemm, "_MEASURED", {})
+    choice = attention_library("auto")
+    record = json.loads(_cache_path().read_text())
+    assert record["label"] == "measured" and record["library"] == choice
+    assert len(record["ratios"]) == 2 and all(t > 0 for t in record["other_s"])
+    for ratios, want in (([2.0, 2.0], "memopt"), ([2.0, 0.5], "aten")):
+        monkeypatch.setattr(gemm, "_MEASURED", {})
+        _cache_path().write_text(json.dumps({**record, "ratios": ratios}))
+        monkeypatch.setattr(decode_attention, "measure", lambda: pytest.fail("measured again"))
+        assert attention_library("auto") == want
+
+
+def test_a_failed_measurement_keeps_aten_and_says_so(monkeypatch, tmp_path):
+    monkeypatch.setenv("MEMOPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(gemm, "_MEASURED", {})
+
+    def measure():
+        raise RuntimeError("no attention today")
+
+    monkeypatch.setattr(decode_attention, "measure", measure)
+    with pytest.warns(UserWarning, match="timing the CPU decode attention.*no attention today"):
+        assert attention_library("auto") == "aten"
+
+
+def test_an_unknown_choice_is_an_error_naming_the_choices():
+    with pytest.raises(ValueError, match="'flash'.*auto, aten, memopt"):
+        attention_library("flash")
+    with pytest.raises(OptionError, match="unknown cpu_attention 'flash'; valid choices: aten"):
+        Config.from_options({"cpu_attention": "flash"})
+
+
+def test_the_kernel_builds_without_openmp(tmp_path):
+    """build.py drops -fopenmp where the compiler rejects it: the source then needs no
+    OpenMP symbol."""
+    import shutil
+    import subprocess
+
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no g++")
+    source = tmp_path / "attention.cpp"
+    source.write_text(kernel.SOURCE)
+    built = subprocess.run(
+        [compiler, "-O1", "-shared", "-fPIC", "-Wl,--no-undefined", str(source), "-o",
+         str(tmp_path / "attention.so")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr[-2000:]
