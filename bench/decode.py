@@ -21,13 +21,14 @@ rotating). Reported, medians over rounds:
 - tokens/s: new tokens / the whole `generate()`, as a user meets it (Hugging Face's own
   work between steps included);
 - MBU (model bandwidth utilization): (weight bytes + KV bytes read + KV bytes written) of
-  one step / step time / the read bandwidth of this machine measured on a buffer of the
-  step's size (`torch.sum`, best of 5, before and after the rounds: the better of the
-  two). Weight bytes count every parameter once, and an
-  embedding table not shared with the output layer as the one row a token reads; KV bytes
-  read count the valid positions at the middle step (context + new tokens / 2), not a static
-  cache's unused tail. Both bandwidths are printed: the step's working set and 256 MiB
-  (memory, past L3);
+  one step / step time / this machine's memory read bandwidth (`torch.sum` over 256 MiB,
+  past any last-level cache, best of 5, before and after the row's rounds: the better of
+  the two). Weight bytes count every parameter once, and an embedding table not shared
+  with the output layer as the one row a token reads; KV bytes read count the valid
+  positions at the middle step (context + new tokens / 2), not a static cache's unused
+  tail. "MBU at size" divides by the bandwidth measured the same way on a buffer of the
+  step's size instead (the traffic table prints it): where a step's bytes fit in a cache,
+  that is the bandwidth it could have had;
 - bytes: memopt's modelled `bytes_moved` of its decode graph over the step's weight and KV
   bytes (its report directory's record of that graph);
 - graphs: graphs memopt compiled in the run (a prefill graph and a decode graph are two; a
@@ -69,6 +70,8 @@ MARK_END = "<!-- bench/decode.py: end -->"
 # A run with --precision writes its own section (the narrowed weights' figures).
 PRECISION_START = "<!-- bench/decode.py --precision: start -->"
 PRECISION_END = "<!-- bench/decode.py --precision: end -->"
+# The buffer memory's read bandwidth is measured on: past any last-level cache here.
+MEMORY_NBYTES = 256 * 2**20
 
 
 # --- models -------------------------------------------------------------------------------
@@ -231,7 +234,8 @@ class Row:
     context: int
     new_tokens: int
     traffic: Traffic
-    bandwidth_gbps: float
+    bandwidth_gbps: float  # read bandwidth at the step's size
+    memory_gbps: float  # at 256 MiB: memory's
     backends: tuple[str, ...] = BACKENDS
     prefill_s: dict[str, list[float]] = field(default_factory=dict)
     step_s: dict[str, list[float]] = field(default_factory=dict)
@@ -252,9 +256,12 @@ class Row:
     def traffic_of(self, backend: str) -> Traffic:
         return self.narrow_traffic.get(backend, self.traffic)
 
-    def mbu(self, backend: str) -> float:
+    def mbu(self, backend: str, at_size: bool = False) -> float:
+        """Model bandwidth utilization against memory's bandwidth, or `at_size` against
+        the bandwidth at the step's size (module doc)."""
         step = self.median(self.step_s, backend)
-        return self.traffic_of(backend).nbytes / step / (self.bandwidth_gbps * 1e9)
+        bandwidth = self.bandwidth_gbps if at_size else self.memory_gbps
+        return self.traffic_of(backend).nbytes / step / (bandwidth * 1e9)
 
 
 def generate_kwargs(cache: str, new_tokens: int) -> dict[str, object]:
@@ -273,7 +280,15 @@ def run(
 ) -> Row:
     model = build(name)
     traffic = step_traffic(model, context + new_tokens // 2)
-    row = Row(name, cache, context, new_tokens, traffic, read_bandwidth_gbps(traffic.nbytes))
+    row = Row(
+        name,
+        cache,
+        context,
+        new_tokens,
+        traffic,
+        read_bandwidth_gbps(traffic.nbytes),
+        read_bandwidth_gbps(MEMORY_NBYTES),
+    )
     row.backends = backends
     for backend in backends:
         if precision_of(backend):
@@ -314,6 +329,7 @@ def run(
                 row.tokens_per_s.setdefault(backend, []).append(new_tokens / elapsed)
     # Measured again after the rounds: the better of the two (the machine is shared).
     row.bandwidth_gbps = max(row.bandwidth_gbps, read_bandwidth_gbps(traffic.nbytes))
+    row.memory_gbps = max(row.memory_gbps, read_bandwidth_gbps(MEMORY_NBYTES))
     for backend in backends[1:]:
         if precision_of(backend):
             row.agreement[backend] = agreement(tokens[backend], tokens["eager"], context)
@@ -367,12 +383,12 @@ def long_run_graphs(cache: str, new_tokens: int) -> int:
 def table(rows: list[Row]) -> str:
     lines = table_header(
         *("model", "cache", "context", "backend", "prefill ms", "step ms", "tokens/s"),
-        *("vs eager", "vs Inductor", "MBU"),
+        *("vs eager", "vs Inductor", "MBU", "MBU at size"),
     )
     for row in rows:
         head = f"| {row.model} | {row.cache} | {row.context} "
         if row.error:
-            lines.append(head + f"| failed: {row.error} | | | | | | |")
+            lines.append(head + f"| failed: {row.error} | | | | | | | |")
             continue
         for backend in row.backends:
             tps = row.median(row.tokens_per_s, backend)
@@ -384,7 +400,8 @@ def table(rows: list[Row]) -> str:
             lines.append(
                 head + f"| {backend} | {row.median(row.prefill_s, backend) * 1e3:.1f} "
                 f"| {row.median(row.step_s, backend) * 1e3:.2f} | {tps:.0f} "
-                f"| {shown[0]} | {shown[1]} | {row.mbu(backend):.2f} |"
+                f"| {shown[0]} | {shown[1]} | {row.mbu(backend):.2f} "
+                f"| {row.mbu(backend, at_size=True):.2f} |"
             )
     return "\n".join(lines)
 
@@ -426,13 +443,16 @@ def error_table(rows: list[Row]) -> str:
 def report(
     rows: list[Row], long_graphs: dict[str, int], long_tokens: int, command: str, load: str
 ) -> str:
-    dram = read_bandwidth_gbps(256 * 2**20)
+    dram = read_bandwidth_gbps(MEMORY_NBYTES)
+    measured = [row.memory_gbps for row in rows if not row.error]
+    memory = f"{min(measured):.1f}-{max(measured):.1f} GB/s" if measured else "none"
     long = ", ".join(f"{cache} cache: {n} graphs" for cache, n in long_graphs.items())
     return "\n".join(
         [
             "### LLM decoding (bench/decode.py)",
             "",
-            f"Machine: {machine()}. Read bandwidth at 256 MiB: {dram:.1f} GB/s. {load}",
+            f"Machine: {machine()}. Read bandwidth at 256 MiB: {dram:.1f} GB/s at the end, "
+            f"{memory} in the rows (the MBU column's). {load}",
             f"Command: `{command}`. Medians over rounds; the float32 backends' tokens "
             "identical to eager's in every run (checked; narrowed weights: see their table).",
             "",
