@@ -22,8 +22,9 @@ rotating). Reported, medians over rounds:
   work between steps included);
 - MBU (model bandwidth utilization): (weight bytes + KV bytes read + KV bytes written) of
   one step / step time / this machine's memory read bandwidth (`torch.sum` over 256 MiB,
-  past any last-level cache, best of 5, before and after the row's rounds: the better of
-  the two). Weight bytes count every parameter once, and an embedding table not shared
+  past any last-level cache, best of 5), each round's steps against the bandwidth measured
+  at the start of that round (the machine is shared: its bandwidth moves with the other
+  tenants' load), the median over the rounds. Weight bytes count every parameter once, and an embedding table not shared
   with the output layer as the one row a token reads; KV bytes read count the valid
   positions at the middle step (context + new tokens / 2), not a static cache's unused
   tail. "MBU at size" divides by the bandwidth measured the same way on a buffer of the
@@ -234,8 +235,9 @@ class Row:
     context: int
     new_tokens: int
     traffic: Traffic
-    bandwidth_gbps: float  # read bandwidth at the step's size
-    memory_gbps: float  # at 256 MiB: memory's
+    # read bandwidth measured at the start of each round: at the step's size, at 256 MiB
+    bandwidth_gbps: list[float] = field(default_factory=list)
+    memory_gbps: list[float] = field(default_factory=list)
     backends: tuple[str, ...] = BACKENDS
     prefill_s: dict[str, list[float]] = field(default_factory=dict)
     step_s: dict[str, list[float]] = field(default_factory=dict)
@@ -258,10 +260,13 @@ class Row:
 
     def mbu(self, backend: str, at_size: bool = False) -> float:
         """Model bandwidth utilization against memory's bandwidth, or `at_size` against
-        the bandwidth at the step's size (module doc)."""
-        step = self.median(self.step_s, backend)
-        bandwidth = self.bandwidth_gbps if at_size else self.memory_gbps
-        return self.traffic_of(backend).nbytes / step / (bandwidth * 1e9)
+        the bandwidth at the step's size, each round's against that round's (module doc):
+        the median over the rounds."""
+        bandwidths = self.bandwidth_gbps if at_size else self.memory_gbps
+        nbytes = self.traffic_of(backend).nbytes
+        return statistics.median(
+            nbytes / step / (gbps * 1e9) for step, gbps in zip(self.step_s[backend], bandwidths)
+        )
 
 
 def generate_kwargs(cache: str, new_tokens: int) -> dict[str, object]:
@@ -280,15 +285,7 @@ def run(
 ) -> Row:
     model = build(name)
     traffic = step_traffic(model, context + new_tokens // 2)
-    row = Row(
-        name,
-        cache,
-        context,
-        new_tokens,
-        traffic,
-        read_bandwidth_gbps(traffic.nbytes),
-        read_bandwidth_gbps(MEMORY_NBYTES),
-    )
+    row = Row(name, cache, context, new_tokens, traffic)
     row.backends = backends
     for backend in backends:
         if precision_of(backend):
@@ -316,6 +313,10 @@ def run(
             if backend == "memopt":
                 row.graphs = graphs_compiled() - before
         for r in range(rounds):
+            # The machine is shared: its bandwidth moves with the other tenants' load, so
+            # each round's steps are weighed against the bandwidth measured just before.
+            row.bandwidth_gbps.append(read_bandwidth_gbps(traffic.nbytes))
+            row.memory_gbps.append(read_bandwidth_gbps(MEMORY_NBYTES))
             shift = r % len(backends)
             for backend in backends[shift:] + backends[:shift]:
                 forward = forwards[backend]
@@ -327,9 +328,6 @@ def run(
                 row.prefill_s.setdefault(backend, []).append(forward.seconds[0])
                 row.step_s.setdefault(backend, []).append(statistics.median(forward.seconds[1:]))
                 row.tokens_per_s.setdefault(backend, []).append(new_tokens / elapsed)
-    # Measured again after the rounds: the better of the two (the machine is shared).
-    row.bandwidth_gbps = max(row.bandwidth_gbps, read_bandwidth_gbps(traffic.nbytes))
-    row.memory_gbps = max(row.memory_gbps, read_bandwidth_gbps(MEMORY_NBYTES))
     for backend in backends[1:]:
         if precision_of(backend):
             row.agreement[backend] = agreement(tokens[backend], tokens["eager"], context)
@@ -422,7 +420,7 @@ def traffic_table(rows: list[Row]) -> str:
             lines.append(
                 f"| {row.model} | {row.cache} | {row.context} | {backend} "
                 f"| {t.weight_nbytes / 1e6:.1f} | {t.kv_read_nbytes / 1e6:.2f} "
-                f"| {row.bandwidth_gbps:.1f} | {shown} | {ratio} |"
+                f"| {statistics.median(row.bandwidth_gbps):.1f} | {shown} | {ratio} |"
             )
     return "\n".join(lines)
 
@@ -444,7 +442,7 @@ def report(
     rows: list[Row], long_graphs: dict[str, int], long_tokens: int, command: str, load: str
 ) -> str:
     dram = read_bandwidth_gbps(MEMORY_NBYTES)
-    measured = [row.memory_gbps for row in rows if not row.error]
+    measured = [gbps for row in rows if not row.error for gbps in row.memory_gbps]
     memory = f"{min(measured):.1f}-{max(measured):.1f} GB/s" if measured else "none"
     long = ", ".join(f"{cache} cache: {n} graphs" for cache, n in long_graphs.items())
     return "\n".join(
@@ -452,7 +450,7 @@ def report(
             "### LLM decoding (bench/decode.py)",
             "",
             f"Machine: {machine()}. Read bandwidth at 256 MiB: {dram:.1f} GB/s at the end, "
-            f"{memory} in the rows (the MBU column's). {load}",
+            f"{memory} at the rounds' starts (the MBU column's). {load}",
             f"Command: `{command}`. Medians over rounds; the float32 backends' tokens "
             "identical to eager's in every run (checked; narrowed weights: see their table).",
             "",
