@@ -68,6 +68,7 @@ def _masks(batch, heads, length, generator):
         (1, 8, 2, 1, 64),  # one position
         (1, 8, 2, 37, 64),  # blocks of 16 and a partial one (the AVX-512 path's)
         (2, 4, 4, 600, 64),  # several units of CHUNK positions, combined
+        (3, 8, 2, 530, 64),  # batches, groups and units together
         (1, 4, 1, 300, 128),
         (1, 6, 3, 50, 40),  # a head dim outside the fixed ones
     ],
@@ -82,7 +83,8 @@ def test_the_kernel_matches_atens_op(monkeypatch, batch, heads, kv_heads, length
     assert len(calls) == 1
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
-    assert got[0].stride() == want[0].stride() and got[1].stride() == want[1].stride()
+    # The layouts of ATen's meta function, which the graph's metadata has
+    assert got[0].is_contiguous() and got[1].stride() == (heads, 1, heads)
 
 
 def test_a_scale_of_its_own():
@@ -107,6 +109,28 @@ def test_a_fully_masked_row_gives_zeros_as_aten_does():
     got = DecodeAttention()(q, k, v, attn_mask=mask)
     assert torch.equal(got[0], want[0]) and torch.equal(got[0], torch.zeros_like(got[0]))
     assert torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("where", ["query", "one unit of keys", "mask"])
+def test_a_nan_reaches_the_output_as_in_atens_op(where):
+    """A NaN score makes its row NaN, however many of the row's positions it covers (a
+    whole unit of 256 positions included)."""
+    q, k, v = _operands(1, 2, 1, 600, 64)
+    mask = None
+    if where == "query":
+        q = q.clone()
+        q[0, 0, 0, 3] = float("nan")
+    elif where == "one unit of keys":
+        k = k.clone()
+        k[0, 0, 256:512, 5] = float("nan")
+    else:
+        mask = torch.zeros((1, 1, 1, 600))
+        mask[..., 256:512] = float("nan")
+    want = FLASH_CPU(q, k, v, attn_mask=mask)
+    got = DecodeAttention()(q, k, v, attn_mask=mask)
+    assert want[0].isnan().any()
+    assert torch.equal(got[0].isnan(), want[0].isnan())
+    assert torch.equal(got[1].isnan(), want[1].isnan())
 
 
 def test_masked_positions_are_not_read():

@@ -58,6 +58,10 @@ SOURCE = (
 
 #define MO_KEYS 16  // keys a block: one vector of scores
 
+// The larger of m and x, NaN if x is NaN (then stays NaN: NaN > m and x > NaN are false),
+// so that a NaN score reaches the row's output as in ATen's op.
+static inline float mo_max_nan(float m, float x) { return (x > m || x != x) ? x : m; }
+
 #ifdef __AVX512F__
 // Lane sums of 16 vectors, as one vector: r[j] = sum of v[j]'s lanes.
 static inline __m512 mo_sum16(__m512* v) {
@@ -142,7 +146,7 @@ static void mo_decode_unit(
         }
       }
       float m = m_out[g];
-      for (int64_t j = 0; j < jn; ++j) m = s[j] > m ? s[j] : m;
+      for (int64_t j = 0; j < jn; ++j) m = mo_max_nan(m, s[j]);
       m_out[g] = m;
     }
   }
@@ -203,16 +207,21 @@ extern "C" int32_t memopt_decode_attention(
   const int64_t G = H / Hkv, chunks = (L + chunk - 1) / chunk, units = B * Hkv * chunks;
   // Scratch kept between calls (a thread's own, grown as needed): its pages stay mapped
   // and warm, where a fresh allocation each step would fault them in again.
-  static thread_local float* scratch = nullptr;
-  static thread_local size_t scratch_floats = 0;
+  // Freed when the thread exits.
+  struct Scratch {
+    float* data = nullptr;
+    size_t floats = 0;
+    ~Scratch() { free(data); }
+  };
+  static thread_local Scratch scratch;
   const size_t floats = (size_t)(units * G * (chunk + 2 + Dv));
-  if (floats > scratch_floats) {
-    free(scratch);
-    scratch = (float*)malloc(sizeof(float) * floats);
-    scratch_floats = scratch ? floats : 0;
-    if (!scratch) return 1;
+  if (floats > scratch.floats) {
+    free(scratch.data);
+    scratch.data = (float*)malloc(sizeof(float) * floats);
+    scratch.floats = scratch.data ? floats : 0;
+    if (!scratch.data) return 1;
   }
-  float* sc = scratch;
+  float* sc = scratch.data;
   float* m_part = sc + units * G * chunk;
   float* s_part = m_part + units * G;
   float* acc_part = s_part + units * G;
@@ -237,7 +246,7 @@ extern "C" int32_t memopt_decode_attention(
     for (int64_t g = 0; g < G; ++g) {
       const int64_t base = bh * chunks;
       float m = -INFINITY;
-      for (int64_t c = 0; c < chunks; ++c) m = m_part[(base + c) * G + g] > m ? m_part[(base + c) * G + g] : m;
+      for (int64_t c = 0; c < chunks; ++c) m = mo_max_nan(m, m_part[(base + c) * G + g]);
       float* o = out + (bh * G + g) * Dv;
       for (int64_t e = 0; e < Dv; ++e) o[e] = 0.0f;
       float total = 0.0f;

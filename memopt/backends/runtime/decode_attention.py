@@ -80,10 +80,13 @@ def decode_attention(
     plan's result when the caller has it."""
     if call is None:
         call = plan(q, k, v, mask)
+        if call is None:
+            raise ValueError("memopt decode attention does not take these operands (plan)")
     sizes, strides = call
     batch, heads, _, _, head_dim, v_dim = sizes
-    # ATen's layouts: (B, H, 1, Dv) over a (B, 1, H, Dv) buffer, (B, H, 1) over (B, 1, H)
-    out = torch.empty((batch, 1, heads, v_dim), dtype=_FLOAT32, device=_CPU).transpose(1, 2)
+    # The layouts the graph's metadata has (ATen's meta function): a contiguous output, the
+    # logsumexp (B, H, 1) over a (B, 1, H) buffer
+    out = torch.empty((batch, heads, 1, v_dim), dtype=_FLOAT32, device=_CPU)
     lse = torch.empty((batch, 1, heads), dtype=_FLOAT32, device=_CPU).transpose(1, 2)
     failed = kernel.function()(
         q.data_ptr(),
@@ -268,11 +271,13 @@ def one_position(node: torch.fx.Node) -> bool:
     causal = rest[1] if len(rest) > 1 else node.kwargs.get("is_causal", False)
     if dropout != 0 or causal is not False:
         return False
-    device = getattr(node.meta.get("val", (None,))[0], "device", None)
+    values = node.meta.get("val")
+    device = getattr(values[0], "device", None) if isinstance(values, (tuple, list)) else None
     if device is not None and device.type != "cpu":
         return False
-    return not any(
-        user.target is operator.getitem and user.args[1] != 0 and user.users for user in node.users
+    return all(
+        user.target is operator.getitem and (user.args[1] == 0 or not user.users)
+        for user in node.users
     )
 
 
