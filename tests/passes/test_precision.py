@@ -178,21 +178,51 @@ def _quantized_x(x: torch.Tensor, block: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 @pytest.mark.parametrize("m", [1, 2, cpp_quantized.GEMV_ROWS + 3])
-def test_int8_activation_kernels_match_quantized_x_then_matmul(kind: str, m: int) -> None:
+@pytest.mark.parametrize("integer_gemm", [True, False], ids=["int-gemm", "tiles"])
+def test_int8_activation_kernels_match_quantized_x_then_matmul(
+    monkeypatch, kind: str, m: int, integer_gemm: bool
+) -> None:
     """The integer (VNNI where present) dot products compute exactly what x quantized per
-    block times the dequantized weight gives, at any M (the tiled path quantizes x too)."""
+    block times the dequantized weight gives, at any M (the tiled path quantizes x too).
+    Many rows of int8 weights, where the machine has an integer GEMM, quantize x per row
+    for it; without one, per block like the rest."""
+    if integer_gemm and not cpp_quantized.integer_gemm():
+        pytest.skip("no integer GEMM (VNNI) on this machine")
+    monkeypatch.setattr(cpp_quantized, "integer_gemm", lambda: integer_gemm)
     g = torch.Generator().manual_seed(0)
     # (37, 256), (8, 1024): whole 128-blocks, odd and even rows (the paired-row VNNI path)
     for n, k in ((37, 200), (9, 1376), (5, 64), (37, 256), (8, 1024)):
         w, x = torch.randn(n, k, generator=g), torch.randn(m, k, generator=g)
         qw = quantize(w, kind, 128)
         block = 128 if kind == "int4" else cpp_quantized.ACTIVATION_BLOCK
+        rows = kind == "int8" and m > cpp_quantized.GEMV_ROWS and integer_gemm
+        block = k if rows else block
         expected = _quantized_x(x, block) @ qw.dequantize().t()
         got = cpp_quantized.matmul(x, qw, int8_activations=True)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
         bias = torch.randn(n, generator=g)
         got = cpp_quantized.matmul(x, qw, int8_activations=True, bias=bias)
         torch.testing.assert_close(got, expected + bias, rtol=1e-4, atol=1e-4)
+
+
+def test_many_rows_of_int8_weights_and_activations_are_one_integer_gemm(monkeypatch) -> None:
+    """Must: one `_int_mm` for an int8 x int8 product of many rows where the machine has an
+    integer GEMM. Must not: without one (dequantized tiles), or with float32 activations."""
+    if not cpp_quantized.integer_gemm():
+        pytest.skip("no integer GEMM (VNNI) on this machine")
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(96, 256, generator=g), torch.randn(40, 256, generator=g)
+    qw = quantize(w, "int8", 128)
+
+    def int_mm_calls(**kwargs) -> int:
+        with torch.profiler.profile() as prof:
+            cpp_quantized.matmul(x, qw, **kwargs)
+        return sum(e.name == "aten::_int_mm" for e in prof.events())
+
+    assert int_mm_calls(int8_activations=True) == 1
+    assert int_mm_calls(int8_activations=False) == 0
+    monkeypatch.setattr(cpp_quantized, "integer_gemm", lambda: False)
+    assert int_mm_calls(int8_activations=True) == 0
 
 
 # -- the pass ---------------------------------------------------------------------------------
