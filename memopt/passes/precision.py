@@ -138,8 +138,9 @@ class Precision(Pass):
     # int4: elements per scale along a row (an even divisor of the row's length).
     group_size: int = field(default=128, metadata={"min": 2})
     # How the CPU kernels multiply int8 and int4 weights: "float32" widens the weights and
-    # reads x as it is; "int8" also quantizes x, a block at a time, and multiplies in
-    # integers (VNNI where the CPU has it): faster, and a second source of error.
+    # reads x as it is; "int8" also quantizes x, a block at a time (a row at a time where
+    # many rows of int8 weights are one integer GEMM), and multiplies in integers (VNNI
+    # where the CPU has it): faster, and a second source of error.
     activations: Literal["float32", "int8"] = "float32"
     # The largest output error allowed, relative to each output's scale (module doc); None:
     # no budget (the error is still measured and reported).
