@@ -3,25 +3,20 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 
 import pytest
 import torch
 
-from memopt.backends.cache import cache_dir, machine_key
 from memopt.backends.cpp import attention as kernel
-from memopt.backends.runtime import decode_attention, gemm
+from memopt.backends.runtime import decode_attention
 from memopt.backends.runtime.decode_attention import (
     FLASH_CPU,
     DecodeAttention,
-    attention_library,
     point_decode_attention,
 )
 from memopt.backends.runtime.executor import CompiledGraph
 from memopt.compiler.capture import capture
-from memopt.config import Config
-from memopt.errors import OptionError
 
 NEG_INF = float("-inf")
 
@@ -265,64 +260,3 @@ def test_decoding_a_llama_on_the_kernel_gives_eagers_tokens(monkeypatch):
         got = model.generate(prompt, **kwargs)
     assert torch.equal(got, want)
     assert len(calls) == 2 * 7  # two layers, seven decode steps
-
-
-SMALL_SHAPES = ((4, 2, 64, 64), (2, 2, 40, 32))
-
-
-def _cache_path():
-    return cache_dir("machine") / f"attention-{machine_key()}.json"
-
-
-def test_auto_measures_once_caches_and_reads_the_machines_choice(monkeypatch, tmp_path):
-    monkeypatch.setenv("MEMOPT_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(decode_attention, "SHAPES", SMALL_SHAPES)
-    monkeypatch.setattr(decode_attention, "_WEIGHT_NBYTES", 1 << 20)
-    monkeypatch.setattr(gemm, "_MEASURED", {})
-    choice = attention_library("auto")
-    record = json.loads(_cache_path().read_text())
-    assert record["label"] == "measured" and record["library"] == choice
-    assert len(record["ratios"]) == 2 and all(t > 0 for t in record["other_s"])
-    for ratios, want in (([2.0, 2.0], "memopt"), ([2.0, 0.5], "aten")):
-        monkeypatch.setattr(gemm, "_MEASURED", {})
-        _cache_path().write_text(json.dumps({**record, "ratios": ratios}))
-        monkeypatch.setattr(decode_attention, "measure", lambda: pytest.fail("measured again"))
-        assert attention_library("auto") == want
-
-
-def test_a_failed_measurement_keeps_aten_and_says_so(monkeypatch, tmp_path):
-    monkeypatch.setenv("MEMOPT_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(gemm, "_MEASURED", {})
-
-    def measure():
-        raise RuntimeError("no attention today")
-
-    monkeypatch.setattr(decode_attention, "measure", measure)
-    with pytest.warns(UserWarning, match="timing the CPU decode attention.*no attention today"):
-        assert attention_library("auto") == "aten"
-
-
-def test_an_unknown_choice_is_an_error_naming_the_choices():
-    with pytest.raises(ValueError, match="'flash'.*auto, aten, memopt"):
-        attention_library("flash")
-    with pytest.raises(OptionError, match="unknown cpu_attention 'flash'; valid choices: aten"):
-        Config.from_options({"cpu_attention": "flash"})
-
-
-def test_the_kernel_builds_without_openmp(tmp_path):
-    """build.py drops -fopenmp where the compiler rejects it: the source then needs no
-    OpenMP symbol."""
-    import shutil
-    import subprocess
-
-    compiler = shutil.which("g++")
-    if compiler is None:
-        pytest.skip("no g++")
-    source = tmp_path / "attention.cpp"
-    source.write_text(kernel.SOURCE)
-    built = subprocess.run(
-        [compiler, "-O1", "-shared", "-fPIC", "-Wl,--no-undefined", str(source), "-o",
-         str(tmp_path / "attention.so")],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert built.returncode == 0, built.stderr[-2000:]

@@ -1,19 +1,14 @@
 """float32 products of a few rows on memopt's streaming kernels (backends/runtime/gemv.py)."""
 
-import json
-
 import pytest
 import torch
 
-from memopt.backends.cache import cache_dir, machine_key
 from memopt.backends.cpp import quantized
-from memopt.backends.runtime import gemm, gemv
+from memopt.backends.runtime import gemv
 from memopt.backends.runtime.executor import CompiledGraph
 from memopt.backends.runtime.extern import plan_library_calls
-from memopt.backends.runtime.gemv import StreamingGemv, gemv_library, streaming_matmul
+from memopt.backends.runtime.gemv import StreamingGemv, streaming_matmul
 from memopt.compiler.capture import capture
-from memopt.config import Config
-from memopt.errors import OptionError
 
 aten = torch.ops.aten
 
@@ -136,48 +131,6 @@ def test_a_decode_step_through_torch_compile_matches_eager(monkeypatch):
     assert calls == []
 
 
-SMALL_SHAPES = ((1, 64, 32, 0), (2, 32, 64, 1))
-
-
-def _cache_path():
-    return cache_dir("machine") / f"gemv-{machine_key()}.json"
-
-
-def test_auto_measures_once_caches_and_reads_the_machines_choice(monkeypatch, tmp_path):
-    monkeypatch.setenv("MEMOPT_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(gemv, "SHAPES", SMALL_SHAPES)
-    monkeypatch.setattr(gemm, "_MEASURED", {})
-    choice = gemv_library("auto")
-    record = json.loads(_cache_path().read_text())
-    assert record["label"] == "measured" and record["library"] == choice
-    assert len(record["ratios"]) == 2 and all(t > 0 for t in record["other_s"])
-    # The cache's times decide: memopt's kernels 2x faster, then 2x slower on one shape.
-    for ratios, want in (([2.0, 2.0], "memopt"), ([2.0, 0.5], "aten")):
-        monkeypatch.setattr(gemm, "_MEASURED", {})
-        _cache_path().write_text(json.dumps({**record, "ratios": ratios}))
-        monkeypatch.setattr(gemv, "measure", lambda: pytest.fail("measured again"))
-        assert gemv_library("auto") == want
-
-
-def test_a_failed_measurement_keeps_aten_and_says_so(monkeypatch, tmp_path):
-    monkeypatch.setenv("MEMOPT_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(gemm, "_MEASURED", {})
-
-    def measure():
-        raise RuntimeError("no GEMV today")
-
-    monkeypatch.setattr(gemv, "measure", measure)
-    with pytest.warns(UserWarning, match="timing the CPU GEMV kernels failed.*no GEMV today"):
-        assert gemv_library("auto") == "aten"
-
-
-def test_an_unknown_choice_is_an_error_naming_the_choices():
-    with pytest.raises(ValueError, match="'blas'.*auto, aten, memopt"):
-        gemv_library("blas")
-    with pytest.raises(OptionError, match="unknown cpu_gemv 'blas'; valid choices: aten, auto"):
-        Config.from_options({"cpu_gemv": "blas"})
-
-
 def test_the_kernels_take_views_at_an_offset():
     """A weight that is a view into a larger buffer (a slice of rows) is read from its own
     first element."""
@@ -193,22 +146,3 @@ def test_outputs_are_cpu_tensors_under_another_default_device():
         got = streaming_matmul(None, a, w.t())
     assert got.device.type == "cpu"
     torch.testing.assert_close(got, a @ w.t(), rtol=1e-5, atol=1e-5)
-
-
-def test_the_kernels_build_without_openmp(tmp_path):
-    """build.py drops -fopenmp where the compiler rejects it: the source then needs no
-    OpenMP symbol (one thread)."""
-    import shutil
-    import subprocess
-
-    compiler = shutil.which("g++")
-    if compiler is None:
-        pytest.skip("no g++")
-    source = tmp_path / "kernels.cpp"
-    source.write_text(quantized.SOURCE)
-    built = subprocess.run(
-        [compiler, "-O1", "-shared", "-fPIC", "-Wl,--no-undefined", str(source), "-o",
-         str(tmp_path / "kernels.so")],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert built.returncode == 0, built.stderr[-2000:]
