@@ -190,12 +190,14 @@ def test_int8_activation_kernels_match_quantized_x_then_matmul(
         pytest.skip("no integer GEMM (VNNI) on this machine")
     monkeypatch.setattr(cpp_quantized, "integer_gemm", lambda: integer_gemm)
     g = torch.Generator().manual_seed(0)
-    # (37, 256), (8, 1024): whole 128-blocks, odd and even rows (the paired-row VNNI path)
-    for n, k in ((37, 200), (9, 1376), (5, 64), (37, 256), (8, 1024)):
+    # (37, 256), (8, 1024): whole 128-blocks, odd and even rows (the paired-row VNNI path);
+    # K of 1 and 2 (int8): the integer GEMM's degenerate operands
+    shapes = ((37, 200), (9, 1376), (5, 64), (37, 256), (8, 1024))
+    for n, k in shapes + (((6, 1), (7, 2)) if kind == "int8" else ()):
         w, x = torch.randn(n, k, generator=g), torch.randn(m, k, generator=g)
         qw = quantize(w, kind, 128)
         block = 128 if kind == "int4" else cpp_quantized.ACTIVATION_BLOCK
-        rows = kind == "int8" and m > cpp_quantized.GEMV_ROWS and integer_gemm
+        rows = kind == "int8" and m > cpp_quantized.GEMV_ROWS and integer_gemm and k > 1
         block = k if rows else block
         expected = _quantized_x(x, block) @ qw.dequantize().t()
         got = cpp_quantized.matmul(x, qw, int8_activations=True)
@@ -221,8 +223,24 @@ def test_many_rows_of_int8_weights_and_activations_are_one_integer_gemm(monkeypa
 
     assert int_mm_calls(int8_activations=True) == 1
     assert int_mm_calls(int8_activations=False) == 0
+    with torch.backends.mkldnn.flags(enabled=False):  # _int_mm's plain loops: 100x slower
+        assert int_mm_calls(int8_activations=True) == 0
     monkeypatch.setattr(cpp_quantized, "integer_gemm", lambda: False)
     assert int_mm_calls(int8_activations=True) == 0
+
+
+def test_the_integer_gemm_takes_a_strided_bias_and_passes_a_nan_on() -> None:
+    if not cpp_quantized.integer_gemm():
+        pytest.skip("no integer GEMM (VNNI) on this machine")
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(4000, 16, generator=g), torch.randn(6, 16, generator=g)
+    qw = quantize(w, "int8", 128)
+    bias = torch.randn(8000, generator=g)[::2]
+    want = cpp_quantized.matmul(x, qw, True, bias.contiguous())
+    torch.testing.assert_close(cpp_quantized.matmul(x, qw, True, bias), want)
+    x[2, 5] = float("nan")
+    got = cpp_quantized.matmul(x, qw, True)
+    assert got[2].isnan().all() and not got[[0, 1, 3, 4, 5]].isnan().any()
 
 
 # -- the pass ---------------------------------------------------------------------------------

@@ -382,8 +382,6 @@ static void quantize_x(const float* x, int64_t M, int64_t K, int64_t B, int8_t* 
     }
 }
 
-// x as the int8 path sees it, back in float32 (xq * sx): the tiled path for many rows
-// multiplies this, so every M gets the same numbers.
 // Many rows with int8 weights and int8 activations: x quantized a row at a time (one scale
 // a row) for an integer GEMM, whose int32 products are then scaled by the row's and the
 // output channel's scales (and the bias added) as they are stored.
@@ -391,6 +389,14 @@ extern "C" void memopt_quantize_rows(const float* x, int8_t* xq, float* sx, int6
                                      int64_t K) {
   std::vector<int32_t> xsum(M);
   quantize_x(x, M, K, K, xq, sx, xsum.data());
+  // A row holding a NaN (which the max above passes over) gets a NaN scale: its outputs
+  // are NaN, as float32's product gives.
+  #pragma omp parallel for schedule(static) if (M * K >= (1 << 16))
+  for (int64_t m = 0; m < M; ++m) {
+    bool nan = false;
+    for (int64_t k = 0; k < K; ++k) nan = nan || x[m * K + k] != x[m * K + k];
+    if (nan) sx[m] = NAN;
+  }
 }
 
 extern "C" void memopt_scale_int32(const int32_t* y, const float* sx, const float* sw,
@@ -402,14 +408,17 @@ extern "C" void memopt_scale_int32(const int32_t* y, const float* sx, const floa
     float* dst = out + m * N;
     if (bias) {
       #pragma omp simd
-      for (int64_t n = 0; n < N; ++n) dst[n] = static_cast<float>(row[n]) * s * sw[n] + bias[n];
+      for (int64_t n = 0; n < N; ++n) dst[n] = static_cast<float>(row[n]) * (s * sw[n]) + bias[n];
     } else {
       #pragma omp simd
-      for (int64_t n = 0; n < N; ++n) dst[n] = static_cast<float>(row[n]) * s * sw[n];
+      for (int64_t n = 0; n < N; ++n) dst[n] = static_cast<float>(row[n]) * (s * sw[n]);
     }
   }
 }
 
+// x as the int8 path sees it, back in float32 (xq * sx): the tiled path for many rows
+// multiplies this, so those M get the GEMV's numbers (many rows of int8 weights on an
+// integer GEMM are quantized a row at a time instead: memopt_quantize_rows).
 extern "C" void memopt_quantize_x(const float* x, float* out, int64_t M, int64_t K, int64_t B) {
   const int64_t blocks = (K + B - 1) / B;
   std::vector<int8_t> xq(M * K);
@@ -747,11 +756,15 @@ def matmul(
 
     int8_activations (int8 and int4 weights): x is quantized too, a block at a time (int4:
     the weight's groups; int8: `ACTIVATION_BLOCK` elements), and the dot products are
-    integer. Many rows multiply the same quantized x in float32. A bias (N,) float32 is
-    added as each output is stored. `gemm`: the library the dequantized tiles of many rows
-    go to ("aten" or "onednn": the graph's `cpu_gemm` choice, runtime/gemm.py).
+    integer. Many rows multiply the same quantized x in float32; many rows of int8 weights,
+    where the processor has an integer GEMM, are one instead, x quantized a row at a time
+    (`_integer_matmul`). A bias (N,) float32 is added as each output is stored. `gemm`: the
+    library the dequantized tiles of many rows go to ("aten" or "onednn": the graph's
+    `cpu_gemm` choice, runtime/gemm.py).
     """
     x = x.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()  # kept: the kernels read it after this line
     m, n, k = x.shape[0], weight.rows, weight.cols
     out = torch.empty((m, n), dtype=torch.float32, device=x.device)
     kernels = functions()
@@ -761,14 +774,15 @@ def matmul(
     stored = (weight.data.data_ptr(), *([] if weight.scale is None else [weight.scale.data_ptr()]))
     group = (weight.group,) if weight.kind == "int4" else ()
     if m <= GEMV_ROWS:
-        bias_address = None if bias is None else bias.contiguous().data_ptr()
+        bias_address = None if bias is None else bias.data_ptr()
         head = (x.data_ptr(), *stored, bias_address, out.data_ptr(), m, n, k)
         if integer:
             kernels[integer_gemv](*head, block)
         else:
             kernels[gemv](*head, *group)
         return out
-    if integer and weight.kind == "int8" and integer_gemm():
+    # K = 1: oneDNN misreads the (1, N) operand's strides (1, 1); its own check each call
+    if integer and weight.kind == "int8" and k > 1 and integer_gemm() and _mkldnn_enabled():
         return _integer_matmul(x, weight, bias, out)
     if integer:
         quantized_x = torch.empty_like(x)
@@ -807,6 +821,11 @@ def integer_gemm() -> bool:
         return False
 
 
+def _mkldnn_enabled() -> bool:
+    """`torch._int_mm` on the CPU is oneDNN's; disabled, it runs plain loops (100x slower)."""
+    return torch.backends.mkldnn.enabled
+
+
 def _integer_matmul(
     x: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None, out: torch.Tensor
 ) -> torch.Tensor:
@@ -821,7 +840,7 @@ def _integer_matmul(
         x.data_ptr(), quantized_x.data_ptr(), row_scales.data_ptr(), m, k
     )
     products = torch._int_mm(quantized_x, weight.data.t())
-    bias_address = None if bias is None else bias.contiguous().data_ptr()
+    bias_address = None if bias is None else bias.data_ptr()  # contiguous: `matmul`
     kernels["memopt_scale_int32"](
         products.data_ptr(), row_scales.data_ptr(), weight.scale.data_ptr(), bias_address,
         out.data_ptr(), m, weight.rows,
