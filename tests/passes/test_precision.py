@@ -207,6 +207,18 @@ def test_int8_activation_kernels_match_quantized_x_then_matmul(
         torch.testing.assert_close(got, expected + bias, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("m", [1, cpp_quantized.GEMV_ROWS + 3])
+def test_int8_activations_pass_a_nan_on(kind: str, m: int) -> None:
+    """A NaN (or an infinity) in x makes its row's outputs NaN, as in float32, on the GEMV
+    and on the many-row paths; the other rows stay finite."""
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(24, 256, generator=g), torch.randn(m, 256, generator=g)
+    x[0, 200] = float("nan")
+    got = cpp_quantized.matmul(x, quantize(w, kind, 128), int8_activations=True)
+    assert got[0].isnan().all() and not got[1:].isnan().any()
+
+
 def test_many_rows_of_int8_weights_and_activations_are_one_integer_gemm(monkeypatch) -> None:
     """Must: one `_int_mm` for an int8 x int8 product of many rows where the machine has an
     integer GEMM. Must not: without one (dequantized tiles), or with float32 activations."""

@@ -368,12 +368,18 @@ static void quantize_x(const float* x, int64_t M, int64_t K, int64_t B, int8_t* 
       float amax = 0.0f;
       #pragma omp simd reduction(max : amax)
       for (int64_t k = start; k < end; ++k) amax = std::max(amax, std::fabs(row[k]));
-      const float s = amax > 0.0f ? amax / 127.0f : 1.0f;
+      // The max passes over a NaN: a block holding a NaN or an infinity (x * 0 is NaN for
+      // both) gets a NaN scale and zero values, so its row's outputs are NaN, not finite.
+      float probe = 0.0f;
+      #pragma omp simd reduction(+ : probe)
+      for (int64_t k = start; k < end; ++k) probe += row[k] * 0.0f;
+      const bool finite = probe == probe;
+      const float s = !finite ? NAN : amax > 0.0f ? amax / 127.0f : 1.0f;
       int32_t sum = 0;
       int8_t* q = xq + m * K;
       for (int64_t k = start; k < end; ++k) {
         // rintf rounds to nearest even (the default rounding mode), as torch.round does
-        const int32_t v = static_cast<int32_t>(__builtin_rintf(row[k] / s));
+        const int32_t v = finite ? static_cast<int32_t>(__builtin_rintf(row[k] / s)) : 0;
         q[k] = static_cast<int8_t>(v);
         sum += v;
       }
@@ -389,14 +395,6 @@ extern "C" void memopt_quantize_rows(const float* x, int8_t* xq, float* sx, int6
                                      int64_t K) {
   std::vector<int32_t> xsum(M);
   quantize_x(x, M, K, K, xq, sx, xsum.data());
-  // A row holding a NaN (which the max above passes over) gets a NaN scale: its outputs
-  // are NaN, as float32's product gives.
-  #pragma omp parallel for schedule(static) if (M * K >= (1 << 16))
-  for (int64_t m = 0; m < M; ++m) {
-    bool nan = false;
-    for (int64_t k = 0; k < K; ++k) nan = nan || x[m * K + k] != x[m * K + k];
-    if (nan) sx[m] = NAN;
-  }
 }
 
 extern "C" void memopt_scale_int32(const int32_t* y, const float* sx, const float* sw,
