@@ -22,10 +22,13 @@ slower on any shape; cached in `$MEMOPT_CACHE_DIR/machine/attention-<key>.json`.
 
 `DecodeAttention` stands for one such node whose query has one position (static) and whose
 logsumexp nothing reads. It sums in another order than ATen (float32 rounding, not bit for
-bit). At run time anything the kernel does not take runs the ATen op: other dtypes or
-devices, tensor subclasses, autograd recording, dropout, `is_causal`, more than one query
-position, a mask that is not float32, 2-D or 4-D, broadcast to (B, H, 1, L), head counts
-that do not divide, head sizes that differ, a last dimension that is not contiguous, an empty dimension.
+bit); a NaN score makes its row NaN as in ATen's op, and a position the mask drops is not
+read (a non-finite value there, which ATen's 0 x inf turns into NaN, stays out of the row).
+At run time anything the kernel does not take runs the ATen op: other dtypes or devices,
+tensor subclasses, autograd recording, dropout, `is_causal`, more than one query position,
+a mask that is not a float32 2-D or 4-D one broadcast to (B, H, 1, L), head counts that do
+not divide, head sizes that differ, a last dimension that is not contiguous, an empty
+dimension.
 """
 
 from __future__ import annotations
