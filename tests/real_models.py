@@ -61,6 +61,38 @@ CONV_MODELS = ("resnet", "mobilenet")
 MODELS = HF_MODELS + CONV_MODELS
 
 
+def decoding_llama(hidden: int = 64, layers: int = 1) -> nn.Module:
+    """A tiny Hugging Face Llama for decoding tests: 4 query heads over 2 key/value heads
+    (head dim hidden / 4), vocabulary 128, seeded."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=hidden,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def generate(model: nn.Module, prompt: torch.Tensor, cache: str, new_tokens: int) -> torch.Tensor:
+    """Greedy `generate()` of exactly `new_tokens` with the "static" or default ("dynamic")
+    KV cache; a memopt warning (a fallback) is an error."""
+    import warnings
+
+    kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
+    if cache == "static":
+        kwargs["cache_implementation"] = "static"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renames
+        warnings.filterwarnings("error", message="memopt")
+        return model.generate(prompt, **kwargs)
+
+
 def has_transformers() -> bool:
     try:
         import transformers  # noqa: F401

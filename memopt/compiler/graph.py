@@ -49,6 +49,13 @@ def to_sympy(value: object) -> sympy.Expr:
     raise TypeError(f"not a size: {value!r}")
 
 
+def static_int(expr: object) -> int | None:
+    """The integer a size or stride is at every binding, or None if it is symbolic."""
+    if isinstance(expr, int):
+        return expr
+    return int(expr) if getattr(expr, "is_Integer", False) else None
+
+
 def evaluate(expr: object, bindings: Mapping[sympy.Symbol, int]) -> int:
     """A size expression as an int at the example sizes."""
     if isinstance(expr, int):

@@ -94,8 +94,8 @@ class CompileSession:
             cpu_gemv=self.config.cpu_gemv,
             cpu_attention=self.config.cpu_attention,
         )
-        if self.config.verbose and compiled.gemms:
-            print(f"memopt: {name} graph: {compiled.gemms}", file=sys.stderr)
+        if self.config.verbose and compiled.libraries:
+            print(f"memopt: {name} graph: {compiled.libraries}", file=sys.stderr)
         return compiled
 
     def _write_report(self, name: str, result, bindings, bound) -> None:

@@ -30,7 +30,7 @@ from torch._guards import detect_fake_mode
 
 from memopt.compiler.aten_ops import is_mutating, is_random, returns_fresh_memory
 from memopt.compiler.cost import buffer_users, reaches_output, view_base
-from memopt.compiler.graph import META_KEY, evaluate, meta_of_value, tensor_meta
+from memopt.compiler.graph import META_KEY, evaluate, meta_of_value, static_int, tensor_meta
 from memopt.passes.base import Pass, PassContext
 from memopt.passes.registry import register_pass
 
@@ -267,17 +267,10 @@ def _overwriting_source(
     if views:
         source_shape = shape
     if source_shape != shape:
-        sizes = [_concrete(size) for size in shape]
+        sizes = [static_int(size) for size in shape]
         # Symbolic sizes would have to come from the graph's size values: not built here.
         views.append((aten.expand.default, None if None in sizes else (sizes,)))
     return source, destination, views
-
-
-def _concrete(expr: object) -> int | None:
-    """The integer a size or stride is at every binding, or None if it is symbolic."""
-    if isinstance(expr, int):
-        return expr
-    return int(expr) if getattr(expr, "is_Integer", False) else None
 
 
 def _read_nbytes(node: object, ctx: PassContext) -> int:
@@ -316,7 +309,7 @@ def _copy_as(
     want = tensor_meta(like)
     if value.meta["val"].device != like.meta["val"].device:
         return None
-    strides = [_concrete(stride) for stride in want.stride]
+    strides = [static_int(stride) for stride in want.stride]
     orders: list[list[int] | None] = [None]
     if None not in strides:
         orders.append(sorted(range(len(strides)), key=lambda d: -strides[d]))

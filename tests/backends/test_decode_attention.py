@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
@@ -17,6 +15,8 @@ from memopt.backends.runtime.decode_attention import (
 )
 from memopt.backends.runtime.executor import CompiledGraph
 from memopt.compiler.capture import capture
+
+from real_models import decoding_llama, generate
 
 NEG_INF = float("-inf")
 
@@ -222,41 +222,23 @@ def test_one_position_attention_is_pointed_at_the_kernel_when_chosen():
 
 def test_compiled_graph_describes_its_attention():
     gm, _, _ = _sdpa_graph()
-    assert CompiledGraph(gm, "forward", [None], cpu_attention="memopt").gemms == (
+    assert CompiledGraph(gm, "forward", [None], cpu_attention="memopt").libraries == (
         "1 one-position attentions on memopt's decode kernel (cpu_attention='memopt')"
     )
 
 
-def _llama():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=128,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
-
-
 def test_decoding_a_llama_on_the_kernel_gives_eagers_tokens(monkeypatch):
-    """Static cache: every decode step's attention (one per layer) runs on the kernel,
-    over the whole allocated cache with its unused tail masked."""
+    """Static cache: every decode step's attention (one per layer, head dim 64: the
+    AVX-512 score blocks where the CPU has them) runs on the kernel, over the whole
+    allocated cache with its unused tail masked."""
+    pytest.importorskip("transformers")
     calls = _kernel_calls(monkeypatch)
-    model = _llama()
+    model = decoding_llama(hidden=256, layers=2)
     prompt = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(1))
-    kwargs = {"max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False}
-    kwargs["cache_implementation"] = "static"
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        want = model.generate(prompt, **kwargs)
-        torch._dynamo.reset()
-        model.forward = torch.compile(
-            model.forward, backend="memopt", options={"cpu_attention": "memopt"}
-        )
-        got = model.generate(prompt, **kwargs)
-    assert torch.equal(got, want)
+    want = generate(model, prompt, "static", 8)
+    torch._dynamo.reset()
+    model.forward = torch.compile(
+        model.forward, backend="memopt", options={"cpu_attention": "memopt"}
+    )
+    assert torch.equal(generate(model, prompt, "static", 8), want)
     assert len(calls) == 2 * 7  # two layers, seven decode steps

@@ -296,11 +296,11 @@ def test_a_large_result_with_aten_chosen_stays_in_kept_memory():
 @needs_onednn
 def test_compiled_graph_describes_its_onednn_gemms():
     gm, _, _ = _linear_graph()
-    assert CompiledGraph(gm, "forward", [None], cpu_gemm="onednn").gemms == (
+    assert CompiledGraph(gm, "forward", [None], cpu_gemm="onednn").libraries == (
         "2 float32 GEMMs on oneDNN (cpu_gemm='onednn')"
     )
     gm, _, _ = _linear_graph()
-    assert CompiledGraph(gm, "forward", [None], cpu_gemm="aten").gemms == ""
+    assert CompiledGraph(gm, "forward", [None], cpu_gemm="aten").libraries == ""
 
 
 @needs_onednn

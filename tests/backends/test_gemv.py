@@ -105,7 +105,7 @@ def test_plan_points_products_of_a_few_rows_at_the_kernels_when_chosen():
 
 def test_compiled_graph_describes_its_gemvs():
     gm, _, _ = _decode_graph()
-    assert CompiledGraph(gm, "forward", [None], cpu_gemv="memopt").gemms == (
+    assert CompiledGraph(gm, "forward", [None], cpu_gemv="memopt").libraries == (
         "2 float32 GEMVs on memopt's streaming kernels (cpu_gemv='memopt')"
     )
 

@@ -6,38 +6,15 @@ in place, never copied."""
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+from real_models import decoding_llama, generate
+
+pytest.importorskip("transformers")
 
 NEW_TOKENS = 12
-
-
-def _model():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
-
-
-def _generate(model, prompt, cache, new_tokens):
-    kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
-    if cache == "static":
-        kwargs["cache_implementation"] = "static"
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renames
-        warnings.filterwarnings("error", message="memopt")  # a fallback fails the test
-        return model.generate(prompt, **kwargs)
 
 
 def _graphs() -> int:
@@ -49,18 +26,18 @@ def test_decoding_gives_eagers_tokens_without_recompiling(cache, graphs, tmp_pat
     """A prefill graph and a decode graph (the dynamic cache's first decode compiles for
     its sizes, the second recompiles with dynamic ones); then no graph at all, however
     long the run."""
-    model = _model()
+    model = decoding_llama()
     prompt = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(1))
-    want = _generate(model, prompt, cache, NEW_TOKENS)
-    longer = _generate(model, prompt, cache, 3 * NEW_TOKENS)
+    want = generate(model, prompt, cache, NEW_TOKENS)
+    longer = generate(model, prompt, cache, 3 * NEW_TOKENS)
     torch._dynamo.reset()
     model.forward = torch.compile(
         model.forward, backend="memopt", options={"report_dir": str(tmp_path)}
     )
     before = _graphs()
-    assert torch.equal(_generate(model, prompt, cache, NEW_TOKENS), want)
+    assert torch.equal(generate(model, prompt, cache, NEW_TOKENS), want)
     assert _graphs() - before == graphs
-    assert torch.equal(_generate(model, prompt, cache, 3 * NEW_TOKENS), longer)
+    assert torch.equal(generate(model, prompt, cache, 3 * NEW_TOKENS), longer)
     assert _graphs() - before == graphs
     decode = json.loads((tmp_path / f"inference.{graphs - 1}.json").read_text())
     codes = [d["code"] for p in decode["ledger"] for d in p["decisions"] if d["applied"]]

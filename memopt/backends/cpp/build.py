@@ -116,7 +116,7 @@ def _toolchain(path: str, directory: Path) -> Toolchain:
     version_text = version[0] if version else "unknown"
     stat = os.stat(path)
     candidates = "\0".join((*OPTIONAL_FLAGS, *MVEC_FLAGS))
-    identity = f"{path}\0{version_text}\0{stat.st_size}\0{stat.st_mtime_ns}\0{_cpu()}"
+    identity = f"{path}\0{version_text}\0{stat.st_size}\0{stat.st_mtime_ns}\0{cpu_identity()}"
     probe_key = _digest(f"{identity}\0{candidates}\0{_probe_source()}")
     record = directory / f"toolchain-{probe_key[:16]}.json"
     try:
@@ -162,7 +162,7 @@ def _probe_flags(path: str, directory: Path) -> tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=1)
-def _cpu() -> str:
+def cpu_identity() -> str:
     """The CPU's model and feature flags: what -march=native compiles for."""
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -235,7 +235,7 @@ def library(source: str) -> tuple[ctypes.CDLL, Path]:
 
 def cache_key(source: str, tools: Toolchain) -> str:
     """The hash naming a library: source, compiler, flags and the CPU it is built for."""
-    return _digest("\0".join([source, tools.path, tools.version, *tools.flags, _cpu()]))
+    return _digest("\0".join([source, tools.path, tools.version, *tools.flags, cpu_identity()]))
 
 
 def ensure_built(source: str, key: str, tools: Toolchain, directory: Path) -> Path:

@@ -48,12 +48,12 @@ from memopt.backends.cpp import attention as kernel
 from memopt.backends.runtime.gemm import (
     GemmTimes,
     describe_library,
-    measured_choice,
     measured_times,
+    resolve_choice,
 )
 from memopt.backends.runtime.gemv import streaming_matmul
 from memopt.backends.runtime.linear import PLAIN_TENSORS
-from memopt.compiler.graph import tensor_meta
+from memopt.compiler.graph import static_int, tensor_meta
 
 aten = torch.ops.aten
 FLASH_CPU = aten._scaled_dot_product_flash_attention_for_cpu.default
@@ -248,12 +248,13 @@ def measured_attention_times(refresh: bool = False) -> GemmTimes:
 def attention_library(choice: str = "auto") -> str:
     """Where one-position CPU attention runs: `choice` itself, or measured for "auto" (a
     failed measurement keeps ATen, with a warning)."""
-    if choice not in CHOICES:
-        raise ValueError(f"unknown cpu_attention {choice!r}; expected one of {', '.join(CHOICES)}")
-    if choice != "auto":
-        return choice
-    return measured_choice(
-        measured_attention_times, "memopt", "CPU decode attention kernels", "decode attention"
+    return resolve_choice(
+        choice,
+        "cpu_attention",
+        measured_attention_times,
+        "memopt",
+        "CPU decode attention kernels",
+        "decode attention",
     )
 
 
@@ -266,8 +267,7 @@ def one_position(node: torch.fx.Node) -> bool:
     meta = tensor_meta(q) if isinstance(q, torch.fx.Node) else None
     if meta is None or len(meta.shape) != 4 or meta.dtype != _FLOAT32:
         return False
-    rows = meta.shape[2]
-    if not (isinstance(rows, int) or getattr(rows, "is_Integer", False)) or int(rows) != 1:
+    if static_int(meta.shape[2]) != 1:
         return False
     rest = list(node.args[3:])
     dropout = rest[0] if rest else node.kwargs.get("dropout_p", 0.0)

@@ -20,13 +20,11 @@ import torch
 import torch.fx
 from torch.fx._lazy_graph_module import _LazyGraphModule
 
-from memopt.backends.runtime.decode_attention import describe as describe_attention
-from memopt.backends.runtime.decode_attention import point_decode_attention
-from memopt.backends.runtime.extern import plan_library_calls
-from memopt.backends.runtime.gemm import describe as describe_gemms
-from memopt.backends.runtime.gemm import point_gemms
-from memopt.backends.runtime.gemv import describe as describe_gemvs
-from memopt.backends.runtime.gemv import point_gemvs
+from memopt.backends.runtime.extern import (
+    describe_libraries,
+    plan_library_calls,
+    point_libraries,
+)
 from memopt.backends.runtime.kernels import mark_donated_inputs, prefetch_kernels
 from memopt.backends.runtime.program import straight_line
 from memopt.backends.runtime.timing import _ACTIVE, active_timer
@@ -97,19 +95,13 @@ class CompiledGraph:
         mark_donated_inputs(gm)
         # Before the kernel compiler starts: cpu_gemm "auto" may time the GEMM libraries.
         # Recompiles the graph's code: its forward is read after.
-        plan_library_calls(gm, cpu_gemm, cpu_gemv, cpu_attention)
-        if reference is not None and point_gemvs(reference, cpu_gemv) + point_gemms(
-            reference, cpu_gemm
-        ) + point_decode_attention(reference, cpu_attention):
+        libraries = (cpu_gemm, cpu_gemv, cpu_attention)
+        plan_library_calls(gm, *libraries)
+        if reference is not None and point_libraries(reference, *libraries):
             # The check compares memopt's passes, not libraries: the unoptimized graph runs
             # its GEMMs and attention where the optimized one does (they sum in another order).
             reference.recompile()
-        described = (
-            describe_gemvs(gm, cpu_gemv),
-            describe_gemms(gm, cpu_gemm),
-            describe_attention(gm, cpu_attention),
-        )
-        self.gemms = "; ".join(d for d in described if d)  # for verbose output
+        self.libraries = describe_libraries(gm, *libraries)  # for verbose output
         prefetch_kernels(gm)
         self._forward = _compiled_forward(gm)
 

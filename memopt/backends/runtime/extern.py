@@ -31,8 +31,11 @@ import torch
 import torch.fx
 
 from memopt.backends import memory
+from memopt.backends.runtime.decode_attention import describe as describe_attention
 from memopt.backends.runtime.decode_attention import point_decode_attention
+from memopt.backends.runtime.gemm import describe as describe_gemms
 from memopt.backends.runtime.gemm import point_gemms
+from memopt.backends.runtime.gemv import describe as describe_gemvs
 from memopt.backends.runtime.gemv import point_gemvs
 from memopt.backends.runtime.linear import PLAIN_TENSORS as _PLAIN
 from memopt.compiler.cost import Cost, op_flops, read_bytes
@@ -206,24 +209,47 @@ class RowScatterAdd:
         return aten.index_put.default(x, indices, values, accumulate)
 
 
-def plan_library_calls(
+def point_libraries(
     gm: torch.fx.GraphModule,
     cpu_gemm: str = "aten",
     cpu_gemv: str = "aten",
     cpu_attention: str = "aten",
 ) -> int:
     """Point `gm`'s float32 CPU mm and addmm nodes of a few rows at a StreamingGemv where
-    `cpu_gemv` says memopt (runtime/gemv.py `point_gemvs`), its other float32 CPU mm and
-    addmm nodes at a OneDnnMatmul where `cpu_gemm` says oneDNN (runtime/gemm.py
-    `point_gemms`), its one-position CPU attentions at a DecodeAttention where
-    `cpu_attention` says memopt (runtime/decode_attention.py); its other CPU matmuls and
-    softmaxes whose
-    result can be large at a KeptOutputMatmul or KeptOutputSoftmax, and its accumulating
-    single-index index_puts at a RowScatterAdd; returns how many nodes changed.
-    Call before the graph's kernels start compiling: "auto" may time the GEMM libraries."""
+    `cpu_gemv` says memopt (runtime/gemv.py), its other float32 CPU mm and addmm nodes at
+    a OneDnnMatmul where `cpu_gemm` says oneDNN (runtime/gemm.py), its one-position CPU
+    attentions at a DecodeAttention where `cpu_attention` says memopt
+    (runtime/decode_attention.py); returns how many. The caller recompiles `gm`."""
     changed = point_gemvs(gm, cpu_gemv)
     changed += point_gemms(gm, cpu_gemm)
-    changed += point_decode_attention(gm, cpu_attention)
+    return changed + point_decode_attention(gm, cpu_attention)
+
+
+def describe_libraries(
+    gm: torch.fx.GraphModule, cpu_gemm: str, cpu_gemv: str, cpu_attention: str
+) -> str:
+    """What of `gm` runs on another library than ATen and why ("" for nothing): the
+    verbose line of `point_libraries`' work."""
+    described = (
+        describe_gemvs(gm, cpu_gemv),
+        describe_gemms(gm, cpu_gemm),
+        describe_attention(gm, cpu_attention),
+    )
+    return "; ".join(d for d in described if d)
+
+
+def plan_library_calls(
+    gm: torch.fx.GraphModule,
+    cpu_gemm: str = "aten",
+    cpu_gemv: str = "aten",
+    cpu_attention: str = "aten",
+) -> int:
+    """`point_libraries`, then point `gm`'s other CPU matmuls and softmaxes whose result
+    can be large at a KeptOutputMatmul or KeptOutputSoftmax, and its accumulating
+    single-index index_puts at a RowScatterAdd; returns how many nodes changed, and
+    recompiles `gm` if any did. Call before the graph's kernels start compiling: "auto" may
+    time the libraries."""
+    changed = point_libraries(gm, cpu_gemm, cpu_gemv, cpu_attention)
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue

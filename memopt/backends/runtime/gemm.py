@@ -48,7 +48,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from memopt.backends.cache import cache_dir, machine_key, write_atomically
 from memopt.backends.runtime.linear import PLAIN_TENSORS, onednn_available, onednn_enabled
 from memopt.backends.runtime.quantized import QuantizedMatmul
-from memopt.compiler.graph import tensor_meta
+from memopt.compiler.graph import static_int, tensor_meta
 
 aten = torch.ops.aten
 
@@ -212,6 +212,24 @@ def gemm_library(choice: str = "auto") -> str:
     return measured_choice(measured_gemm_times, "onednn", "CPU GEMM libraries", "GEMMs")
 
 
+def resolve_choice(
+    choice: str,
+    option: str,
+    times: Callable[[], GemmTimes],
+    library: str,
+    timed: str,
+    products: str,
+) -> str:
+    """Where `option`'s products run: `choice` itself ("aten" or `library`), or for "auto"
+    `measured_choice`'s answer; ValueError naming the choices for any other."""
+    choices = ("auto", "aten", library)
+    if choice not in choices:
+        raise ValueError(f"unknown {option} {choice!r}; expected one of {', '.join(choices)}")
+    if choice != "auto":
+        return choice
+    return measured_choice(times, library, timed, products)
+
+
 def measured_choice(times: Callable[[], GemmTimes], library: str, timed: str, products: str) -> str:
     """`library` where this machine's `times()` say it is the faster (`choose`), else
     "aten"; a measurement that fails keeps ATen, with a warning naming what was `timed`."""
@@ -291,10 +309,8 @@ def _static_small(node: torch.fx.Node) -> bool:
     metas = [tensor_meta(x) if isinstance(x, torch.fx.Node) else None for x in (a, b)]
     if any(m is None or len(m.shape) != 2 for m in metas):
         return False
-    (m, k), n = metas[0].shape, metas[1].shape[1]
-    if not all(isinstance(x, int) or getattr(x, "is_Integer", False) for x in (m, k, n)):
-        return False
-    return _too_small(int(m), int(k), int(n))
+    sizes = [static_int(x) for x in (*metas[0].shape, metas[1].shape[1])]
+    return None not in sizes and _too_small(*sizes)
 
 
 def _too_small(m: int, k: int, n: int) -> bool:

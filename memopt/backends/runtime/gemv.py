@@ -40,12 +40,12 @@ from memopt.backends.runtime.gemm import (
     LibraryMatmul,
     _seconds,
     describe_library,
-    measured_choice,
     measured_times,
+    resolve_choice,
     runs_on_cpu_gemm,
 )
 from memopt.backends.runtime.linear import PLAIN_TENSORS
-from memopt.compiler.graph import tensor_meta
+from memopt.compiler.graph import static_int, tensor_meta
 
 aten = torch.ops.aten
 
@@ -116,11 +116,9 @@ def measured_gemv_times(refresh: bool = False) -> GemmTimes:
 def gemv_library(choice: str = "auto") -> str:
     """Where float32 CPU products of a few rows run: `choice` itself, or measured for
     "auto" (a failed measurement keeps ATen, with a warning)."""
-    if choice not in CHOICES:
-        raise ValueError(f"unknown cpu_gemv {choice!r}; expected one of {', '.join(CHOICES)}")
-    if choice != "auto":
-        return choice
-    return measured_choice(measured_gemv_times, "memopt", "CPU GEMV kernels", "GEMVs")
+    return resolve_choice(
+        choice, "cpu_gemv", measured_gemv_times, "memopt", "CPU GEMV kernels", "GEMVs"
+    )
 
 
 def point_gemvs(gm: torch.fx.GraphModule, cpu_gemv: str) -> int:
@@ -147,10 +145,8 @@ def few_rows(node: torch.fx.Node) -> bool:
     meta = tensor_meta(a) if isinstance(a, torch.fx.Node) else None
     if meta is None or len(meta.shape) != 2:
         return False
-    rows = meta.shape[0]
-    return (isinstance(rows, int) or getattr(rows, "is_Integer", False)) and 1 <= int(
-        rows
-    ) <= GEMV_ROWS
+    rows = static_int(meta.shape[0])
+    return rows is not None and 1 <= rows <= GEMV_ROWS
 
 
 class StreamingGemv(LibraryMatmul):
