@@ -171,10 +171,11 @@ def _parser() -> argparse.ArgumentParser:
         "--precision",
         nargs="+",
         default=[],
-        choices=("int8", "int4", "bf16"),
+        choices=("int8", "int4", "bf16", "saved-bf16"),
         metavar="FORMAT",
-        help="add a row of all passes with weights narrowed to each FORMAT (int8, int4, bf16; "
-        "the precision pass: results differ from eager's by the error it reports)",
+        help="add a row of all passes with weights narrowed to each FORMAT (int8, int4, bf16), "
+        "or with a training step's saved activations stored in bf16 (saved-bf16; with "
+        "--train): the precision pass, results differ from eager's by the error it reports",
     )
     _pass_arguments(ablate)
     _backend_argument(ablate)

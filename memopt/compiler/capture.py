@@ -201,7 +201,9 @@ class CaptureHooks:
     AOTAutograd differentiates it and returns records of what it decided; they go to the
     first ATen graph compiled from it (the forward, or the inference graph), under
     STAGE_RECORDS_KEY. `partition` is AOTAutograd's partition_fn: it splits the joint graph
-    into the forward and backward graphs (and may leave records on the forward's meta).
+    into the forward and backward graphs (and may leave records on the forward's meta); it
+    is also handed `inputs=`, the Dynamo graph's real inputs in the joint graph's primal
+    order (None where they are not known), so that a stage can run the two graphs.
     Without hooks: no rewrite, and PyTorch's default partition.
     """
 
@@ -232,12 +234,23 @@ def aot_backend(compile_graph: GraphCompiler, hooks: CaptureHooks | None = None)
 
         return compile_one
 
+    def partition(joint: torch.fx.GraphModule, joint_inputs: Sequence[object], **kwargs):
+        if hooks.partition is None:
+            return default_partition(joint, joint_inputs, **kwargs)
+        primals = [
+            n for n in joint.graph.nodes if n.op == "placeholder" and n.name.startswith("primals")
+        ]
+        inputs = real[-1][0] if real and real[-1] is not None else None
+        if inputs is not None and len(inputs) != len(primals):
+            inputs = None  # AOTAutograd dropped duplicated arguments: not one for one
+        return hooks.partition(joint, joint_inputs, inputs=inputs, **kwargs)
+
     aot = aot_autograd(
         fw_compiler=compiler("forward"),
         bw_compiler=compiler("backward"),
         inference_compiler=compiler("inference"),
         decompositions=decompositions(),
-        partition_fn=hooks.partition or default_partition,
+        partition_fn=partition,
         keep_inference_input_mutations=True,
     )
 

@@ -22,7 +22,7 @@ import torch.utils._pytree as pytree
 from memopt.compiler.capture import aot_backend, backward_seeds, clone_inputs, fresh_entry
 from memopt.config import Config
 from memopt.driver.dynamo import CompileSession
-from memopt.passes.precision import difference
+from memopt.passes.output_error import difference
 
 
 def compile_program(fn: Callable, options: Mapping[str, object], dynamic: bool = False) -> Callable:

@@ -7,6 +7,9 @@ is built, passes/registry.py). It acts at one or more stages of a compilation:
   AOTAutograd differentiates it (a rewrite the backward must see, like attention);
 - `Stage.PARTITION`: `partition(joint, joint_inputs, ctx, **kwargs)` splits the joint
   graph into the forward and backward graphs (which tensors are saved for the backward);
+- `Stage.SAVED`: `rewrite_saved(pair, ctx)` rewrites the forward and backward graphs
+  together, right after the partition and before either is compiled (how the tensors
+  saved for the backward are stored: precision's `saved_activations`);
 - `Stage.ATEN`: `run(gm, ctx)` rewrites one ATen graph in place.
 
 A pass reads nothing global: the PassContext hands it the example-size bindings, the
@@ -23,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -41,6 +44,7 @@ class Stage(enum.Enum):
 
     DYNAMO = "dynamo"
     PARTITION = "partition"
+    SAVED = "saved"
     ATEN = "aten"
 
 
@@ -48,6 +52,7 @@ class Stage(enum.Enum):
 STAGE_METHODS = {
     Stage.DYNAMO: "rewrite_dynamo_graph",
     Stage.PARTITION: "partition",
+    Stage.SAVED: "rewrite_saved",
     Stage.ATEN: "run",
 }
 
@@ -198,6 +203,25 @@ class Pipeline:
 
     def without_check(self) -> Pipeline:
         return dataclasses.replace(self, check=False)
+
+
+@dataclass
+class PartitionedPair:
+    """The forward and backward graphs a partition made of one joint graph (Stage.SAVED).
+
+    The forward returns its `num_fwd_outputs` outputs, then the values saved for the
+    backward (tensors, then sizes); the backward takes those saved values, by position,
+    before the outputs' gradients. `inputs` are the forward's real inputs (the model's
+    parameters and the example inputs Dynamo ran with), one for each placeholder; None
+    where they are not known. `cost(gm, graph_name)`: the modelled bytes a graph moves after
+    the pipeline (on a copy).
+    """
+
+    forward: torch.fx.GraphModule
+    backward: torch.fx.GraphModule
+    num_fwd_outputs: int
+    inputs: Sequence[object] | None = None
+    cost: Callable[[torch.fx.GraphModule, str], int] | None = None
 
 
 @dataclass

@@ -277,11 +277,11 @@ def _saved_tensors(
         value = node.meta.get("val")
         if not isinstance(value, torch.Tensor):
             continue
-        nbytes = _value_nbytes(value, bindings)
-        base = _fx_view_base(node)
+        nbytes = value_nbytes(value, bindings)
+        base = fx_view_base(node)
         base_value = base.meta.get("val")
         storage_nbytes = (
-            _value_nbytes(base_value, bindings) if isinstance(base_value, torch.Tensor) else nbytes
+            value_nbytes(base_value, bindings) if isinstance(base_value, torch.Tensor) else nbytes
         )
         is_input = base.op == "placeholder"
         reason = reasons.get(node.name) or ("a graph input" if is_input else f"saved by {label}")
@@ -289,12 +289,12 @@ def _saved_tensors(
     return tuple(saved)
 
 
-def _value_nbytes(value: torch.Tensor, bindings: Mapping[sympy.Symbol, int]) -> int:
+def value_nbytes(value: torch.Tensor, bindings: Mapping[sympy.Symbol, int]) -> int:
     numel = sympy.Mul(*(to_sympy(s) for s in value.shape))
     return evaluate(numel * value.dtype.itemsize, bindings)
 
 
-def _fx_view_base(node: torch.fx.Node) -> torch.fx.Node:
+def fx_view_base(node: torch.fx.Node) -> torch.fx.Node:
     """view_base on graphs that carry only torch's metadata ("val")."""
     while (
         node.op == "call_function"

@@ -5,7 +5,8 @@ for diffs), measures bytes and kernels with the cost model and times the pass; a
 pass it lints the graph, re-propagates metadata with fake tensors and compares it with what
 the nodes claim, and with `check` runs the graph on real inputs against the unoptimized
 graph. The capture-time stages (`capture_hooks`) run while the program is captured: the
-Dynamo stage on Dynamo's graph, the partition stage on the joint graph. Their decisions are
+Dynamo stage on Dynamo's graph, the partition stage on the joint graph, the saved stage on
+the forward and backward graphs it makes. Their decisions are
 kept on the ATen graph they concern and come first in its ledger, so the ledger lists the
 decisions of a graph in the order fuel counted them.
 """
@@ -37,7 +38,7 @@ from memopt.compiler.graph import (
 from memopt.compiler.printer import format_graph
 from memopt.errors import CheckError, VerificationError
 from memopt.passes import partition
-from memopt.passes.base import Fuel, PassContext, Pipeline, Stage
+from memopt.passes.base import Fuel, PartitionedPair, Pass, PassContext, Pipeline, Stage
 from memopt.passes.ledger import Decision, LedgerEntry
 
 
@@ -209,36 +210,43 @@ def capture_hooks(pipeline: Pipeline, fuel: Fuel) -> CaptureHooks:
             ctx = PassContext.for_pass(pass_, graph_name, {}, pipeline, fuel)
             start = time.perf_counter()
             pass_.rewrite_dynamo_graph(gm, ctx)
-            elapsed_ms = (time.perf_counter() - start) * 1e3
             if ctx.record.decisions:
-                decisions = tuple(ctx.record.decisions)
-                records.append(
-                    StageRecord(pass_.name, Stage.DYNAMO, decisions, elapsed_ms, ctx.record.work)
-                )
+                records.append(_stage_record(pass_, Stage.DYNAMO, ctx, start))
         return records
 
     partitioner = next(iter(pipeline.at(Stage.PARTITION)), None)  # at most one (Config)
 
     def partition_joint(
-        joint: torch.fx.GraphModule, joint_inputs: Sequence[object], **kwargs: object
+        joint: torch.fx.GraphModule,
+        joint_inputs: Sequence[object],
+        inputs: Sequence[object] | None = None,
+        **kwargs: object,
     ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
-        if partitioner is None:
-            return partition.default(joint, joint_inputs, **kwargs)
         bindings = shape_bindings(pytree.tree_leaves(list(joint_inputs)))
-        ctx = PassContext.for_pass(partitioner, "forward", bindings, pipeline, fuel)
-        start = time.perf_counter()
-        forward, backward = partitioner.partition(
-            joint, joint_inputs, ctx, cost=modelled_bytes, **kwargs
+        records = []
+        if partitioner is None:
+            forward, backward = partition.default(joint, joint_inputs, **kwargs)
+        else:
+            ctx = PassContext.for_pass(partitioner, "forward", bindings, pipeline, fuel)
+            start = time.perf_counter()
+            forward, backward = partitioner.partition(
+                joint, joint_inputs, ctx, cost=modelled_bytes, **kwargs
+            )
+            records.append(_stage_record(partitioner, Stage.PARTITION, ctx, start))
+        pair = PartitionedPair(
+            forward,
+            backward,
+            int(kwargs["num_fwd_outputs"]),
+            inputs,
+            cost=lambda gm, graph_name: modelled_bytes(gm, pipeline, graph_name),
         )
-        elapsed_ms = (time.perf_counter() - start) * 1e3
-        record = StageRecord(
-            partitioner.name,
-            Stage.PARTITION,
-            tuple(ctx.record.decisions),
-            elapsed_ms,
-            ctx.record.work,
-        )
-        forward.meta[STAGE_RECORDS_KEY] = [*forward.meta.get(STAGE_RECORDS_KEY, ()), record]
+        for pass_ in pipeline.at(Stage.SAVED):
+            ctx = PassContext.for_pass(pass_, "forward", bindings, pipeline, fuel)
+            start = time.perf_counter()
+            pass_.rewrite_saved(pair, ctx)
+            if ctx.record.decisions:
+                records.append(_stage_record(pass_, Stage.SAVED, ctx, start))
+        forward.meta[STAGE_RECORDS_KEY] = [*forward.meta.get(STAGE_RECORDS_KEY, ()), *records]
         return forward, backward
 
     return CaptureHooks(
@@ -247,14 +255,23 @@ def capture_hooks(pipeline: Pipeline, fuel: Fuel) -> CaptureHooks:
     )
 
 
+def _stage_record(pass_: Pass, stage: Stage, ctx: PassContext, start: float) -> StageRecord:
+    elapsed_ms = (time.perf_counter() - start) * 1e3
+    decisions = tuple(ctx.record.decisions)
+    return StageRecord(pass_.name, stage, decisions, elapsed_ms, ctx.record.work)
+
+
 def capture_key(pipeline: Pipeline, training: bool, fuel_limit: int | None) -> tuple:
     """What a capture made with `capture_hooks(pipeline, ...)` depends on: two pipelines
     with one key can share a capture. The Dynamo stage's passes and their options; in
     training, when a pass partitions (costing candidates through every pass), the whole
-    pipeline; and the fuel, when any of these stages runs (they take decisions)."""
+    pipeline (else the passes that rewrite what is saved, and their options); and the fuel,
+    when any of these stages runs (they take decisions)."""
     key: tuple = (pipeline.at(Stage.DYNAMO),)
     if training and pipeline.at(Stage.PARTITION):
         key += (pipeline.passes, pipeline.backend)
+    elif training and pipeline.at(Stage.SAVED):
+        key += (pipeline.at(Stage.SAVED),)
     if any(key[0]) or len(key) > 1:
         key += (fuel_limit,)
     return key

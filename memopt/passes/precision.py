@@ -42,7 +42,6 @@ float32, or rows int4 cannot pack (odd lengths; `unsupported`).
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -62,15 +61,12 @@ from memopt.backends.runtime.quantized import (
 from memopt.compiler.capture import GRAPH_VALUES_KEY, GraphValues
 from memopt.compiler.cost import is_view
 from memopt.compiler.graph import copy_graph, evaluate, graph_device, tensor_meta
-from memopt.passes.base import Pass, PassContext
+from memopt.passes.base import PartitionedPair, Pass, PassContext, Stage
+from memopt.passes.output_error import SHARE_RUNS_S, Error, compare
 from memopt.passes.registry import register_pass
+from memopt.passes.saved_precision import narrow_saved
 
 aten = torch.ops.aten
-# Each weight's share of the output error takes a run of the graph: measured when the runs
-# take at most this long together, else the weight's own error stands in. Here: the
-# 8-layer Llama's decode graph (58 weights) is measured (2.5 s more compile time), its
-# prefill graph of 128 tokens (262 ms a run) is not.
-SHARE_RUNS_S = 2.0
 _TRANSPOSES = (aten.permute.default, aten.t.default)
 
 
@@ -111,23 +107,18 @@ class _Candidate:
         return int(tensor_meta(self.placeholder).nbytes)
 
 
-@dataclass(frozen=True)
-class Error:
-    """How far outputs moved: the largest max |diff| / max |ref| and max |diff| over the
-    floating outputs, and the logits' mean next-token KL divergence (nats) if any."""
-
-    relative: float
-    absolute: float
-    kl: float | None
-
-    def __str__(self) -> str:
-        kl = "" if self.kl is None else f", next-token KL {self.kl:.2e} nats"
-        return f"max |error| {self.absolute:.2e} ({self.relative:.2e} of the output's scale){kl}"
-
-
 @register_pass(
     "precision",
-    codes=("weight", "embedding", "over_budget", "training", "no_values", "unsupported"),
+    stages=(Stage.SAVED, Stage.ATEN),
+    codes=(
+        "weight",
+        "embedding",
+        "saved_activation",
+        "over_budget",
+        "training",
+        "no_values",
+        "unsupported",
+    ),
 )
 @dataclass(frozen=True)
 class Precision(Pass):
@@ -142,12 +133,19 @@ class Precision(Pass):
     # many rows of int8 weights are one integer GEMM), and multiplies in integers (VNNI
     # where the CPU has it): faster, and a second source of error.
     activations: Literal["float32", "int8"] = "float32"
+    # How a training forward stores the tensors it saves for the backward: "bf16" halves
+    # them and the backward widens them on use (saved_precision.py); "float32" as they are.
+    saved_activations: Literal["float32", "bf16"] = "float32"
     # The largest output error allowed, relative to each output's scale (module doc); None:
     # no budget (the error is still measured and reported).
     max_error: float | None = field(default=None, metadata={"min": 0})
 
     # The pass changes values: the pipeline's check compares later passes against its result.
     changes_values: ClassVar[bool] = True
+
+    def rewrite_saved(self, pair: PartitionedPair, ctx: PassContext) -> None:
+        if self.saved_activations == "bf16":
+            narrow_saved(pair, ctx, self.max_error)
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> None:
         if self.weights == "none":
@@ -491,7 +489,7 @@ class _Measure:
         actual = self._run(self.gm)
         self.run_s = min(self.run_s, time.perf_counter() - start)
         with unset_fake_temporarily():
-            return _compare(self.expected, actual, self.logits)
+            return compare(self.expected, actual, self.logits)
 
     def _run(self, gm: torch.fx.GraphModule) -> list[object]:
         parameters = set(self.values.parameters)
@@ -513,46 +511,3 @@ class _Measure:
             torch.manual_seed(0)
             out = gm(*inputs)
         return list(out) if isinstance(out, (list, tuple)) else [out]
-
-
-def difference(want: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
-    """(max |got - want|, max |want|) over want's finite elements; a value that is not
-    finite where want's is, or another non-finite value where want's is not (NaN for
-    infinity, or an infinity of the other sign), is an infinite difference."""
-    finite = torch.isfinite(want)
-    if not torch.equal(torch.isfinite(got), finite) or not torch.equal(
-        got[~finite].nan_to_num(), want[~finite].nan_to_num()
-    ):
-        return math.inf, 1.0
-    if not finite.any():
-        return 0.0, 0.0
-    return (got - want)[finite].abs().max().item(), want[finite].abs().max().item()
-
-
-def _compare(expected: list[object], actual: list[object], logits: set[int]) -> Error:
-    relative = absolute = 0.0
-    kls = []
-    for position, (want, got) in enumerate(zip(expected, actual)):
-        if not isinstance(want, torch.Tensor) or not want.is_floating_point() or want.numel() == 0:
-            continue
-        want, got = want.float(), got.float()
-        diff, scale = difference(want, got)
-        absolute = max(absolute, diff)
-        relative = max(relative, diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf))
-        if position in logits and want.dim() >= 1:
-            kls.append(_kl(want, got))
-    return Error(relative, absolute, max(kls) if kls else None)
-
-
-def _kl(want: torch.Tensor, got: torch.Tensor) -> float:
-    """Mean KL(softmax(want) || softmax(got)) over the rows (last dim) whose values are all
-    finite in both; infinite when a row finite in want is not in got."""
-    rows_want = torch.isfinite(want).all(dim=-1)
-    rows_got = torch.isfinite(got).all(dim=-1)
-    if (rows_want & ~rows_got).any():
-        return math.inf
-    if not rows_want.any():
-        return 0.0
-    p = torch.log_softmax(want[rows_want], dim=-1)
-    q = torch.log_softmax(got[rows_want], dim=-1)
-    return (p.exp() * (p - q)).sum(-1).mean().item()

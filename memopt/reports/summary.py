@@ -46,6 +46,7 @@ def format_analysis(a: Analysis, device: str = "h100", top: int = 10) -> str:
         _prediction(a, device),
         _top_nodes(a, top),
         _narrowed_weights(a),
+        _narrowed_saved(a),
         _ledger(a),
         ["counted: from running the program eagerly; modelled: from the graph and device model"],
     ]
@@ -207,9 +208,7 @@ def _narrowed_weights(a: Analysis) -> list[str]:
     """The precision pass's weights, each with its bytes stored before and after, its own
     error and its share of the output error (measured). What a run reads of them is in the
     ledger: a whole matrix a matmul, one row a lookup."""
-    decisions = [
-        d for p in a.ledger if p.pass_name == "precision" for d in p.decisions if d.figures
-    ]
+    decisions = [d for d in _precision_figures(a) if "weight_error" in d.figures]
     if not decisions:
         return []
     rows = []
@@ -246,6 +245,40 @@ def _narrowed_weights(a: Analysis) -> list[str]:
         "  own error: ||W - narrow W|| / ||W||; share: the output error with it alone narrowed"
     )
     return lines
+
+
+def _narrowed_saved(a: Analysis) -> list[str]:
+    """The precision pass's saved activations (training), each with the bytes it holds from
+    the forward to the backward before and after, and its share of the gradients' error."""
+    decisions = [d for d in _precision_figures(a) if "weight_error" not in d.figures]
+    if not decisions:
+        return []
+    rows = []
+    for d in decisions:
+        f = d.figures
+        share = f"{f['share']:.2e}" if "share" in f else "not measured"
+        before, after = format_bytes(int(f["bytes_before"])), format_bytes(int(f["bytes_after"]))
+        rows.append([d.what, _verdict(d), before, after, share])
+    header = ["saved tensor", "", "held", "as bf16", "share of gradients' error"]
+    lines = ["Saved activations (the precision pass; bytes held, errors measured)"]
+    lines += format_table(header, rows, "llrrr", max_widths=[48])
+    applied = [d for d in decisions if d.applied]
+    if not applied:
+        return [*lines, "  no saved activation narrowed"]
+    f = applied[0].figures
+    lines.append(
+        f"  gradients' error with every narrowed tensor {f['total_error']:.2e} of their scale"
+    )
+    if "moved_after" in f:
+        lines.append(
+            f"  forward + backward move {format_bytes(int(f['moved_after']))} against "
+            f"{format_bytes(int(f['moved_before']))} with them in float32 (modelled)"
+        )
+    return lines
+
+
+def _precision_figures(a: Analysis) -> list:
+    return [d for p in a.ledger if p.pass_name == "precision" for d in p.decisions if d.figures]
 
 
 def _verdict(d: Decision) -> str:

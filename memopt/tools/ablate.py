@@ -2,7 +2,8 @@
 
 Configurations: no passes, each pass alone, all passes but each one, and all passes; and,
 when asked, all passes with the precision pass narrowing weights to each format asked
-for (int8, int4, bf16: rows whose results differ from eager's by design). One
+for (int8, int4, bf16), or storing a training step's saved activations in bfloat16
+("saved-bf16"): rows whose results differ from eager's by design. One
 capture and one eager byte count serve every configuration (`analysis.analyze_captured`);
 a pass list that two configurations share (with two passes, "only cleanup" is "all but
 fusion") is run once.
@@ -42,6 +43,9 @@ LABELS = {
     "compile_ms": "measured",
     "run_ms": "measured",
 }
+# The ablation's name for the precision pass storing saved activations in bfloat16.
+SAVED_BF16 = "saved-bf16"
+
 CSV_COLUMNS = (
     "config",
     "passes",
@@ -51,7 +55,7 @@ CSV_COLUMNS = (
     "compile_ms",
     "run_ms",
     "check",
-    "weights",
+    "precision",
 )
 
 
@@ -67,9 +71,10 @@ class AblationRow:
     compile_ms: float  # measured: the pass pipeline over every graph (no capture, no codegen)
     run_ms: float | None = None  # measured: median step time of the compiled program
     check: str | None = None  # "ok", or how the compiled program's output differs from eager
-    # The precision pass's weight format ("int8", ...) in this configuration, else None: its
-    # check is the error against eager (measured), not a pass/fail.
-    weights: str | None = None
+    # The precision pass's choice in this configuration (a weight format, "int8", ..., or
+    # "saved-bf16"), else None: its check is the error against eager (measured), not a
+    # pass/fail.
+    precision: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -81,7 +86,7 @@ class AblationRow:
             "compile_ms": round(self.compile_ms, 3),
             "run_ms": None if self.run_ms is None else round(self.run_ms, 4),
             "check": self.check,
-            "weights": self.weights,
+            "precision": self.precision,
         }
 
 
@@ -260,8 +265,9 @@ def ablate(
 ) -> Ablation:
     """Run the pipeline on `fn(*example_inputs)` with passes on and off; one row each.
 
-    `precision`: weight formats of the precision pass ("int8", "int4", "bf16"); each adds
-    a row "all passes, <format> weights" (the pass's other options, if given, kept).
+    `precision`: weight formats of the precision pass ("int8", "int4", "bf16"), each adding
+    a row "all passes, <format> weights", and "saved-bf16", a row "all passes, bf16 saved
+    activations" (a training step's; the pass's other options, if given, kept).
 
     The passes ablated are the configured ones (`passes` minus `disable`, default the
     default pipeline); other options (device, fuel, pass_options, backend) apply to every
@@ -273,12 +279,13 @@ def ablate(
     base = Config.from_options(options)
     configs = [(name, passes, options) for name, passes in configurations(base.pass_names())]
     for kind in precision:
-        narrowed = _with_weights(options, kind)  # an OptionError for a bad format, now
+        narrowed = _with_precision_choice(options, kind)  # an OptionError for a bad one, now
         names = Config.from_options(narrowed).pass_names()
         if "precision" not in names:  # an explicit pass list: the pass joins it at its place
             narrowed["passes"] = _with_precision(names)
+        label = "bf16 saved activations" if kind == SAVED_BF16 else f"{kind} weights"
         configs.append(
-            (f"all passes, {kind} weights", Config.from_options(narrowed).pass_names(), narrowed)
+            (f"all passes, {label}", Config.from_options(narrowed).pass_names(), narrowed)
         )
     say("counting eager bytes and capturing ...")
     eager = count_eager_bytes(fn, tuple(example_inputs), training=training)
@@ -304,8 +311,8 @@ def ablate(
     done: dict[tuple[str, ...], AblationRow] = {}
     for index, (name, passes, row_options) in enumerate(configs, start=1):
         prefix = f"[{index}/{len(configs)}] {name}"
-        weights = _weights(row_options) if "precision" in passes else None
-        key = (*passes, weights or "")
+        choice = _precision_choice(row_options) if "precision" in passes else None
+        key = (*passes, choice or "")
         if key in done:
             result.rows.append(replace(done[key], config=name))
             say(f"{prefix}: same passes as {done[key].config}")
@@ -328,7 +335,7 @@ def ablate(
             kernels=len(analysis.kernels),
             predicted_s=analysis.predict(base.device),
             compile_ms=analysis.pipeline_ms,
-            weights=weights,
+            precision=choice,
         )
         if run:
             row = _measured(
@@ -357,17 +364,18 @@ def _measured(
     if problem is not None and problem.startswith("raised"):
         return replace(row, check=problem)
     check = "ok" if problem is None else f"differs: {problem}"
-    if row.weights is not None:  # differs by design: how much is the figure
+    if row.precision is not None:  # differs by design: how much is the figure
         actual, _ = run_step(program, fn, inputs, training)
         check = f"error {relative_error(expected, actual):.1e} (by design)"
     return replace(row, run_ms=median_ms(program, fn, inputs, training, repeats), check=check)
 
 
-def _with_weights(options: dict[str, object], kind: str) -> dict[str, object]:
-    """`options` with the precision pass narrowing weights to `kind` (run even where
-    `disable` names it: the row is asked for by name)."""
+def _with_precision_choice(options: dict[str, object], kind: str) -> dict[str, object]:
+    """`options` with the precision pass narrowing weights to `kind`, or saved activations
+    for SAVED_BF16 (run even where `disable` names it: the row is asked for by name)."""
     passes = dict(options.get("pass_options") or {})
-    passes["precision"] = {**passes.get("precision", {}), "weights": kind}
+    choice = {"saved_activations": "bf16"} if kind == SAVED_BF16 else {"weights": kind}
+    passes["precision"] = {**passes.get("precision", {}), **choice}
     disable = options.get("disable") or ()
     if isinstance(disable, str):
         disable = disable.split(",")
@@ -381,9 +389,13 @@ def _with_precision(names: Sequence[str]) -> list[str]:
     return [*names[:at], "precision", *names[at:]]
 
 
-def _weights(options: dict[str, object]) -> str | None:
-    weights = (options.get("pass_options") or {}).get("precision", {}).get("weights")
-    return None if weights in (None, "none") else weights
+def _precision_choice(options: dict[str, object]) -> str | None:
+    """What the precision pass narrows in `options`: a weight format, SAVED_BF16, both
+    ("int8 + saved-bf16"), or None."""
+    chosen = (options.get("pass_options") or {}).get("precision", {})
+    weights, saved = chosen.get("weights", "none"), chosen.get("saved_activations", "float32")
+    kinds = [*([weights] if weights != "none" else []), *([SAVED_BF16] if saved == "bf16" else [])]
+    return " + ".join(kinds) or None
 
 
 def _percent(change: int, whole: int) -> str:

@@ -493,7 +493,7 @@ def test_fp8_weights_are_read_by_the_triton_kernel_and_refused_on_the_cpp_backen
 
 
 def test_an_output_that_turns_nan_is_an_infinite_error() -> None:
-    from memopt.passes.precision import _compare
+    from memopt.passes.output_error import compare as _compare
 
     want = torch.tensor([[1.0, 2.0], [float("nan"), 4.0]])
     same_nan = torch.tensor([[1.0, 2.5], [float("nan"), 4.0]])

@@ -262,7 +262,7 @@ def test_a_row_per_precision_choice():
         )
     full = result.row("all passes")
     int8, bf16 = result.row("all passes, int8 weights"), result.row("all passes, bf16 weights")
-    assert (int8.weights, bf16.weights, full.weights) == ("int8", "bf16", None)
+    assert (int8.precision, bf16.precision, full.precision) == ("int8", "bf16", None)
     assert "precision" in int8.passes and "precision" not in full.passes
     # fp32 weights 64x128 twice (32 KiB each) become int8 with a float32 scale per row
     w = 64 * 128
@@ -272,4 +272,4 @@ def test_a_row_per_precision_choice():
     for row in (int8, bf16):
         error = float(row.check.split()[1])
         assert 0 < error < 0.05 and row.check.endswith("(by design)")
-    assert json.loads(json.dumps(result.to_dict()))["rows"][-1]["weights"] == "bf16"
+    assert json.loads(json.dumps(result.to_dict()))["rows"][-1]["precision"] == "bf16"

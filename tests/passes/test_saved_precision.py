@@ -1,0 +1,331 @@
+"""The precision pass's `saved_activations="bf16"`: a training forward's saved tensors
+stored in bfloat16 and widened where the backward reads them.
+
+- which saved tensors are narrowed (computed float32 activations) and which are not
+  (parameters and the batch, a tensor the caller also gets, masks), with the graphs'
+  dtypes and the saved-activation bytes exact;
+- gradients against eager within bfloat16's rounding, the forward's outputs unchanged;
+- the error measured and reported, a `max_error` budget giving tensors back, a graph that
+  cannot run keeping them; inference graphs and the pass off untouched;
+- the ablation's row.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import memopt
+from memopt.compiler.aten_ops import ATTENTION_FORWARD
+from memopt.config import Config
+from memopt.errors import OptionError
+from memopt.passes import partition, saved_precision
+from memopt.passes.output_error import compare
+from memopt.reports.summary import format_analysis
+
+B, D, H = 16, 32, 64
+
+
+class MLP(nn.Module):
+    """Two layers and a LayerNorm: GELU's input, LayerNorm's statistics and tanh's output
+    are saved for the backward; the batch and the weights are saved as they are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(D, H)
+        self.norm = nn.LayerNorm(H)
+        self.down = nn.Linear(H, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.down(self.norm(nn.functional.gelu(self.up(x)))))
+
+
+def mlp() -> MLP:
+    torch.manual_seed(0)
+    return MLP()
+
+
+def batch() -> torch.Tensor:
+    return torch.randn(B, D, generator=torch.Generator().manual_seed(1))
+
+
+def saved(**options: object) -> dict[str, object]:
+    return {"pass_options": {"precision": {"saved_activations": "bf16", **options}}}
+
+
+def decisions(a: memopt.Analysis) -> list[tuple[str, bool, str]]:
+    return [
+        (d.code, d.applied, d.what)
+        for p in a.ledger
+        if p.pass_name == "precision"
+        for d in p.decisions
+    ]
+
+
+def graph(a: memopt.Analysis, name: str) -> torch.fx.GraphModule:
+    return next(g.gm for g in a.graphs if g.name == name)
+
+
+def placeholder_dtypes(gm: torch.fx.GraphModule) -> list[torch.dtype]:
+    return [n.meta["val"].dtype for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def train_step(model: nn.Module, x: torch.Tensor, **options: object):
+    compiled = torch.compile(model, backend="memopt", options=options or None)
+    out = compiled(x)
+    (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    return out.detach(), grads
+
+
+def test_computed_activations_are_saved_in_bf16_and_inputs_as_they_are() -> None:
+    off = memopt.analyze(mlp(), batch(), training=True)
+    on = memopt.analyze(mlp(), batch(), training=True, **saved())
+    forward = graph(off, "forward")
+    record = forward.meta[partition.META_KEY]
+    # tanh's output is saved (its backward reads it) and is the model's output too: the
+    # caller holds it in float32, so it stays.
+    returned = "tanh"
+    activations = [t for t in record.choice.saved if not t.is_input and t.name != returned]
+    assert len(activations) == 2  # the first matmul's output and the LayerNorm's
+    applied = [d for d in decisions(on) if d[0] == "precision.saved_activation"]
+    assert len(applied) == len(activations) and all(ok for _, ok, _ in applied)
+    assert {d[2].split("%")[1].split()[0] for d in applied} == {t.name for t in activations}
+    refused = [d for d in decisions(on) if d[0] == "precision.unsupported"]
+    assert [d[2] for d in refused] == [f"bf16 saved %{returned}"]
+    # The backward takes the narrowed tensors as bf16, the parameters and the batch as
+    # float32: one bf16 input for each narrowed tensor, the other inputs unchanged.
+    before = placeholder_dtypes(graph(off, "backward"))
+    after = placeholder_dtypes(graph(on, "backward"))
+    assert after.count(torch.bfloat16) == len(activations)
+    assert after.count(torch.float32) == before.count(torch.float32) - len(activations)
+    # The memory the saved activations hold: the narrowed ones at exactly half.
+    narrowed = sum(t.nbytes for t in activations)
+    assert narrowed == 2 * B * H * 4
+    off_bytes = partition.saved_activation_bytes(off)["chosen"]
+    assert partition.saved_activation_bytes(on)["chosen"] == off_bytes - narrowed // 2
+
+
+def test_gradients_are_within_bf16_rounding_and_the_forward_is_unchanged() -> None:
+    x = batch()
+    eager_model = mlp()
+    eager = eager_model(x)
+    (eager * torch.linspace(-1, 1, eager.numel()).view(eager.shape)).sum().backward()
+    exact_out, exact = train_step(mlp(), x)
+    out, grads = train_step(mlp(), x, **saved())
+    assert torch.equal(out, exact_out)
+    torch.testing.assert_close(out, eager.detach())
+    narrowed = 0
+    for got, want, p in zip(grads, exact, eager_model.parameters()):
+        torch.testing.assert_close(want, p.grad)
+        error = ((got - p.grad).abs().max() / p.grad.abs().max()).item()
+        assert error < 2e-2
+        narrowed += not torch.equal(got, want)
+    assert narrowed  # rounding the saved tensors moved the gradients
+
+
+def test_the_error_is_measured_and_reported() -> None:
+    on = memopt.analyze(mlp(), batch(), training=True, **saved())
+    records = [d for p in on.ledger if p.pass_name == "precision" for d in p.decisions if d.applied]
+    for d in records:
+        assert "the gradients' max |error|" in d.reason and "alone" in d.reason
+        assert 0 < d.figures["share"] <= d.figures["total_error"] * 1.5
+        assert 0 < d.figures["total_error"] < 2e-2
+        assert d.figures["bytes_after"] * 2 == d.figures["bytes_before"]
+        assert d.figures["moved_before"] > 0 and d.figures["moved_after"] > 0
+
+
+def test_a_budget_gives_every_tensor_back_and_the_gradients_are_exact() -> None:
+    x = batch()
+    a = memopt.analyze(mlp(), x, training=True, **saved(max_error=0.0))
+    codes = [(code, ok) for code, ok, _ in decisions(a)]
+    assert codes == [("precision.unsupported", False)] + [("precision.over_budget", False)] * 2
+    assert torch.bfloat16 not in placeholder_dtypes(graph(a, "backward"))
+    _, exact = train_step(mlp(), x)
+    _, grads = train_step(mlp(), x, **saved(max_error=0.0))
+    assert all(torch.equal(g, e) for g, e in zip(grads, exact))
+
+
+def test_a_budget_between_the_shares_keeps_some() -> None:
+    on = memopt.analyze(mlp(), batch(), training=True, **saved())
+    applied = [d for p in on.ledger if p.pass_name == "precision" for d in p.decisions if d.applied]
+    shares = sorted(d.figures["share"] for d in applied)
+    # Over the budget, the largest share goes back first; the other's error is within it.
+    assert shares[0] < shares[-1] <= applied[0].figures["total_error"]
+    budget = (shares[0] + shares[-1]) / 2
+    some = memopt.analyze(mlp(), batch(), training=True, **saved(max_error=budget))
+    codes = [code for code, _, _ in decisions(some)]
+    assert "precision.over_budget" in codes and "precision.saved_activation" in codes
+    assert len(codes) == len(shares) + 1  # and tanh's output, which the caller gets
+
+
+class ReturnsHidden(nn.Module):
+    """The hidden state is both saved for the backward and returned to the caller; the
+    dropout mask is saved as booleans."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(D, H)
+        self.down = nn.Linear(H, D)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = torch.relu(self.up(x))
+        return self.down(nn.functional.dropout(hidden * hidden, 0.5)), hidden
+
+
+def test_a_tensor_the_caller_also_gets_and_masks_stay_as_they_are() -> None:
+    torch.manual_seed(0)
+    off = memopt.analyze(ReturnsHidden(), batch(), training=True)
+    torch.manual_seed(0)
+    on = memopt.analyze(ReturnsHidden(), batch(), training=True, **saved())
+    refused = [what for code, _, what in decisions(on) if code == "precision.unsupported"]
+    assert len(refused) == 1
+    forward = graph(on, "forward")
+    returned = next(n for n in forward.graph.nodes if n.op == "output").args[0]
+    user = returned[0].meta["val"], returned[1].meta["val"]
+    assert [v.dtype for v in user] == [torch.float32, torch.float32]
+    before = placeholder_dtypes(graph(off, "backward"))
+    after = placeholder_dtypes(graph(on, "backward"))
+    assert after.count(torch.bool) == before.count(torch.bool) >= 1
+    applied = [d for d in decisions(on) if d[0] == "precision.saved_activation"]
+    assert after.count(torch.bfloat16) == len(applied) >= 1
+
+
+def test_graphs_that_do_not_run_keep_their_saved_tensors(monkeypatch) -> None:
+    def fails(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("no run here")
+
+    monkeypatch.setattr(saved_precision._Runs, "__init__", fails)
+    a = memopt.analyze(mlp(), batch(), training=True, **saved())
+    codes = [(code, ok) for code, ok, _ in decisions(a)]
+    assert codes == [("precision.unsupported", False)] + [("precision.no_values", False)] * 2
+    assert torch.bfloat16 not in placeholder_dtypes(graph(a, "backward"))
+
+
+def test_inference_and_the_pass_off_are_untouched() -> None:
+    with torch.no_grad():
+        a = memopt.analyze(mlp(), batch(), **saved())
+    assert decisions(a) == []
+    off = memopt.analyze(mlp(), batch(), training=True)
+    assert "precision" not in [p.pass_name for p in off.ledger]
+    assert torch.bfloat16 not in placeholder_dtypes(graph(off, "backward"))
+
+
+def test_a_bad_option_names_the_choices() -> None:
+    with pytest.raises(OptionError, match="saved_activations.*takes one of"):
+        Config.from_options({"pass_options": {"precision": {"saved_activations": "fp8"}}})
+
+
+def test_the_ablation_has_a_row_for_saved_activations() -> None:
+    result = memopt.ablate(mlp(), batch(), training=True, precision=("saved-bf16",))
+    full, narrowed = result.row("all passes"), result.row("all passes, bf16 saved activations")
+    assert narrowed.precision == "saved-bf16" and full.precision is None
+    assert "precision" in narrowed.passes and "precision" not in full.passes
+    assert narrowed.bytes_moved != full.bytes_moved
+
+
+def test_the_report_lists_each_saved_tensor_with_its_bytes_and_share() -> None:
+    on = memopt.analyze(mlp(), batch(), training=True, **saved())
+    text = format_analysis(on)
+    section = text.split("Saved activations (the precision pass")[1].split("\n\n")[0]
+    rows = [line for line in section.splitlines() if "bf16 saved %" in line]
+    assert len(rows) == 2 and all("4.0 KiB  2.0 KiB" in row for row in rows)
+    assert "gradients' error with every narrowed tensor" in section
+    assert "forward + backward move" in section and "..." not in section
+    assert "Narrowed weights" not in text
+
+
+def test_a_gradient_zero_but_for_rounding_is_measured_against_the_floor() -> None:
+    """A key projection's bias gets a gradient of rounding noise (a softmax ignores it):
+    against its own scale any change is a large error, against a thousandth of the
+    largest gradient's it is what it is worth."""
+    want = [torch.tensor([1.0, -2.0]), torch.tensor([1e-9, 0.0])]
+    got = [torch.tensor([1.0, -2.0]), torch.tensor([3e-9, 0.0])]
+    assert compare(want, got, set()).relative == pytest.approx(2.0)
+    floor = saved_precision.GRADIENT_FLOOR
+    assert compare(want, got, set(), floor).relative == pytest.approx(2e-9 / (2 * floor))
+    # an output at its own scale is still measured against it
+    got[0] = torch.tensor([1.0, -2.2])
+    assert compare(want, got, set(), floor).relative == pytest.approx(0.1, rel=1e-6)
+
+
+class Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(D, 3 * D)
+        self.out = nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).view(2, B // 2, 3, 4, D // 4).permute(2, 0, 3, 1, 4)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(2, B // 2, D))
+
+
+def test_an_attentions_logsumexp_stays_float32() -> None:
+    """The backward exponentiates the logsumexp: rounded, it would move every probability;
+    the attention's output beside it is narrowed."""
+    torch.manual_seed(0)
+    x = torch.randn(2, B // 2, D, generator=torch.Generator().manual_seed(1))
+    a = memopt.analyze(Attention(), x, training=True, **saved())
+    forward = graph(a, "forward")
+    assert any(
+        n.target in ATTENTION_FORWARD for n in forward.graph.nodes if n.op == "call_function"
+    )
+    refused = [
+        d.reason
+        for p in a.ledger
+        if p.pass_name == "precision"
+        for d in p.decisions
+        if d.code == "precision.unsupported"
+    ]
+    assert len(refused) == 1 and "logsumexp" in refused[0]
+    applied = [d for d in decisions(a) if d[0] == "precision.saved_activation"]
+    assert applied
+    torch.manual_seed(0)
+    exact, _ = Attention(), None
+    torch.manual_seed(0)
+    model = Attention()
+    _, narrowed = train_step(model, x, **saved())
+    (exact(x) * torch.linspace(-1, 1, x.numel()).view(x.shape)).sum().backward()
+    for got, p in zip(narrowed, exact.parameters()):
+        assert ((got - p.grad).abs().max() / p.grad.abs().max()).item() < 2e-2
+
+
+class Periodic(nn.Module):
+    """sin of scaled projections: the backward takes the sine and cosine of the saved
+    angles, so they stay float32; the tanh output beside them (its backward is 1 - y^2) is
+    narrowed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.angle = nn.Linear(D, H)
+        self.gate = nn.Linear(D, H)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(self.angle(x) * 50.0) * torch.tanh(self.gate(x))
+
+
+def test_a_tensor_the_backward_takes_the_cosine_of_stays_float32() -> None:
+    torch.manual_seed(0)
+    a = memopt.analyze(Periodic(), batch(), training=True, **saved())
+    refused = [
+        d.reason
+        for p in a.ledger
+        if p.pass_name == "precision"
+        for d in p.decisions
+        if d.code == "precision.unsupported"
+    ]
+    # it recomputes the sine as well as the cosine: either names the tensor's reader
+    assert len(refused) == 1 and any(f"takes its {op}" in refused[0] for op in ("sin", "cos"))
+    applied = [d for d in decisions(a) if d[0] == "precision.saved_activation"]
+    assert len(applied) == 1
+    torch.manual_seed(0)
+    exact = Periodic()
+    torch.manual_seed(0)
+    _, narrowed = train_step(Periodic(), batch(), **saved())
+    out = exact(batch())
+    (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+    for got, p in zip(narrowed, exact.parameters()):
+        assert ((got - p.grad).abs().max() / p.grad.abs().max()).item() < 2e-2
