@@ -112,6 +112,10 @@ class Backend:
     # Called (x, weight, int8_activations, bias, gemm): `gemm` names the CPU GEMM library
     # ("aten", "onednn") a backend that multiplies dequantized tiles may hand them to.
     quantized_matmul: Callable[..., object] | None = None
+    # A native launch of that matmul for operands of these layouts (x, weight,
+    # int8_activations, bias) -> (launch, M, N) or None: `launch(x[, bias], *stored, y)`
+    # returns 0, or non-zero without running where x's or the bias's layout differs.
+    quantized_launch: Callable[..., tuple[object, int, int] | None] | None = None
     # The narrow formats that matmul reads (backends/narrow.py KINDS).
     quantized_formats: frozenset[str] = frozenset()
     # How the backend schedules a matmul template of (M, N, K; 16-bit operands), for decision

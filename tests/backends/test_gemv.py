@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
-from memopt.backends.cpp import quantized
+from memopt.backends.cpp import launcher, quantized
 from memopt.backends.runtime import gemv
 from memopt.backends.runtime.executor import CompiledGraph
 from memopt.backends.runtime.extern import plan_library_calls
@@ -146,3 +147,54 @@ def test_outputs_are_cpu_tensors_under_another_default_device():
         got = streaming_matmul(None, a, w.t())
     assert got.device.type == "cpu"
     torch.testing.assert_close(got, a @ w.t(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["nk", "kn"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["addmm", "mm"])
+def test_a_call_with_the_layouts_planned_last_is_one_native_launch(monkeypatch, layout, with_bias):
+    """The first call plans and binds; the next, operands of the same layouts, runs the
+    same kernel through the native launcher (no ctypes call) to the same values."""
+    if launcher.module() is None:
+        pytest.skip("no native launcher here")
+    calls = _kernel_calls(monkeypatch)
+    torch.manual_seed(0)
+    a, bias = torch.randn(1, 96), torch.randn(40) if with_bias else None
+    b = torch.randn(40, 96).t() if layout == "nk" else torch.randn(96, 40)
+    op = StreamingGemv(aten.mm.default if bias is None else aten.addmm.default)
+    args = (a, b) if bias is None else (bias, a, b)
+    with torch.no_grad():
+        first = op(*args)
+        fresh = (
+            [torch.randn(1, 96), *args[1:]] if bias is None else [args[0], torch.randn(1, 96), b]
+        )
+        second = op(*fresh)
+    assert len(calls) == 1
+    want = torch.mm(*fresh) if bias is None else torch.addmm(*fresh)
+    torch.testing.assert_close(second, want, rtol=1e-5, atol=1e-4)
+    assert second.data_ptr() != first.data_ptr() and second.shape == (1, 40)
+
+
+def test_other_layouts_grads_and_fake_tensors_after_a_launch_is_bound(monkeypatch):
+    """A bound launch takes only the layouts it was planned for, outside autograd: other
+    rows or strides are planned again (or run the ATen op), a call that records gradients
+    and fake tensors run the ATen op."""
+    if launcher.module() is None:
+        pytest.skip("no native launcher here")
+    calls = _kernel_calls(monkeypatch)
+    a, w = torch.randn(1, 64), torch.randn(32, 64)
+    op = StreamingGemv(aten.mm.default)
+    with torch.no_grad():
+        op(a, w.t())
+        op(a, w.t())
+        assert len(calls) == 1
+        two = torch.randn(2, 64)
+        torch.testing.assert_close(op(two, w.t()), two @ w.t(), rtol=1e-5, atol=1e-4)
+        assert len(calls) == 2  # planned again, for two rows
+        strided = torch.randn(64, 64)[:, ::2]
+        assert torch.equal(op(two, strided), two @ strided) and len(calls) == 2
+    weight = w.t().clone().requires_grad_(True)
+    got = op(two, weight)
+    assert got.requires_grad and torch.equal(got, two @ weight) and len(calls) == 2
+    with FakeTensorMode() as mode, torch.no_grad():
+        fake = op(mode.from_tensor(two), mode.from_tensor(w).t())
+    assert fake.shape == (2, 32) and len(calls) == 2

@@ -11,15 +11,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 
 import memopt
+from memopt.backends.cpp import launcher
 from memopt.backends.cpp import quantized as cpp_quantized
 from memopt.backends.narrow import quantize
 from memopt.backends.registry import get_backend
-from memopt.backends.runtime.quantized import QuantizedMatmul
+from memopt.backends.runtime.quantized import QuantizedMatmul, QuantizedParameter
 from memopt.config import Config
 from memopt.errors import OptionError
 
@@ -648,3 +651,55 @@ def test_real_models_narrow_every_linear_layer_without_falling_back(name: str) -
     assert (got - want).abs().max() / want.abs().max() < 0.02
     decisions = [d for p in a.ledger if p.pass_name == "precision" for d in p.decisions]
     assert decisions and all(d.applied for d in decisions)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4", "bf16"])
+@pytest.mark.parametrize("a8", [False, True], ids=["f32 x", "int8 x"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["mm", "bias"])
+def test_a_repeated_gemv_is_one_native_launch_with_the_same_values(
+    monkeypatch, kind, a8, with_bias
+):
+    """The second call with the layouts of the first runs the same kernel through the
+    native launcher (no Python `matmul`), bit for bit; a weight changed in place is
+    quantized again and the launch bound anew; other layouts take `matmul` again."""
+    if launcher.module() is None:
+        pytest.skip("no native launcher here")
+    if a8 and kind == "bf16":
+        pytest.skip("bf16 has no int8-activation kernel")
+    weight = nn.Parameter(torch.randn(48, 64))
+    parameter = QuantizedParameter(weight, kind, 32, False, "w", int8_activations=a8)
+    calls = []
+    original = cpp_quantized.matmul
+    counted = dataclasses.replace(
+        get_backend("cpp"), quantized_matmul=lambda *a: calls.append(1) or original(*a)
+    )
+    bias = torch.randn(48) if with_bias else None
+    target = QuantizedMatmul(parameter, counted)
+    with torch.no_grad():
+        target(torch.randn(1, 64), weight, bias)
+        x = torch.randn(1, 64)
+        fast = target(x, weight, bias)
+        assert len(calls) == 1
+        assert torch.equal(fast, original(x, parameter.weight, a8, bias))
+        weight.mul_(2.0)  # in place: the version counter moves
+        again = target(x, weight, bias)
+        assert len(calls) == 2
+        shift = 0 if bias is None else bias
+        torch.testing.assert_close(again, 2 * (fast - shift) + shift, rtol=2e-2, atol=2e-2)
+        target(x, weight, bias)
+        assert len(calls) == 2
+        two = torch.randn(2, 64)
+        assert torch.equal(target(two, weight, bias), original(two, parameter.weight, a8, bias))
+        assert len(calls) == 3
+
+
+def test_a_launch_bound_without_a_bias_is_not_used_with_one() -> None:
+    """The pass measures a node before it folds a bias into it: the launch bound then (no
+    bias) must not take the call that brings one, nor the other way round."""
+    weight = nn.Parameter(torch.randn(48, 64))
+    target = QuantizedMatmul(QuantizedParameter(weight, "int8", 32, False, "w"), get_backend("cpp"))
+    x, bias = torch.randn(1, 64), torch.randn(48)
+    with torch.no_grad():
+        plain = target(x, weight)
+        torch.testing.assert_close(target(x, weight, bias), plain + bias)
+        torch.testing.assert_close(target(x, weight), plain)

@@ -31,7 +31,7 @@ import functools
 
 import torch
 
-from memopt.backends.cpp import build
+from memopt.backends.cpp import build, launcher
 from memopt.backends.narrow import QuantizedWeight
 from memopt.backends.runtime.gemm import onednn_addmm
 
@@ -344,6 +344,22 @@ extern "C" void memopt_f32_matmul_kn(const float* x, const float* b, const float
     for (int64_t t = 0; t < used; ++t) s += partial[t * M * N + i];
     y[i] = s;
   }
+}
+
+// The float32 GEMVs' entry points for memopt's native launcher (cpp/launcher.py: one C
+// call from Python, the data pointers read in C): p = [bias,] x, w, y as mm/addmm take
+// them; s = M, N, K, whether a bias comes first.
+extern "C" int32_t memopt_f32_matmul_packed(void* const* p, const int64_t* s) {
+  const int64_t o = s[3];
+  memopt_f32_matmul((const float*)p[o], (const float*)p[o + 1], o ? (const float*)p[0] : nullptr,
+                    (float*)p[o + 2], s[0], s[1], s[2]);
+  return 0;
+}
+extern "C" int32_t memopt_f32_matmul_kn_packed(void* const* p, const int64_t* s) {
+  const int64_t o = s[3];
+  memopt_f32_matmul_kn((const float*)p[o], (const float*)p[o + 1],
+                       o ? (const float*)p[0] : nullptr, (float*)p[o + 2], s[0], s[1], s[2]);
+  return 0;
 }
 
 // --- int8 activations: x quantized a block at a time, integer dot products -------------
@@ -698,6 +714,39 @@ extern "C" void memopt_bf16_rows(const uint16_t* w, float* out, int64_t n0, int6
     for (int64_t k = 0; k < K; ++k) out[r * K + k] = bf16_to_float(src[k]);
   }
 }
+// The narrow GEMVs' entry points for the native launcher: p = x[, bias], the stored weight
+// (data, scale; bf16 has no scale), y; s = M, N, K, whether a bias is given, and the int4
+// group or the int8 activations' block (the kernels' last argument) where they take one.
+extern "C" int32_t memopt_q8_matmul_packed(void* const* p, const int64_t* s) {
+  const int64_t o = s[3];
+  memopt_q8_matmul((const float*)p[0], (const int8_t*)p[1 + o], (const float*)p[2 + o],
+                   o ? (const float*)p[1] : nullptr, (float*)p[3 + o], s[0], s[1], s[2]);
+  return 0;
+}
+extern "C" int32_t memopt_q4_matmul_packed(void* const* p, const int64_t* s) {
+  const int64_t o = s[3];
+  memopt_q4_matmul((const float*)p[0], (const uint8_t*)p[1 + o], (const float*)p[2 + o],
+                   o ? (const float*)p[1] : nullptr, (float*)p[3 + o], s[0], s[1], s[2], s[4]);
+  return 0;
+}
+extern "C" int32_t memopt_q8_matmul_a8_packed(void* const* p, const int64_t* s) {
+  const int64_t o = s[3];
+  memopt_q8_matmul_a8((const float*)p[0], (const int8_t*)p[1 + o], (const float*)p[2 + o],
+                      o ? (const float*)p[1] : nullptr, (float*)p[3 + o], s[0], s[1], s[2], s[4]);
+  return 0;
+}
+extern "C" int32_t memopt_q4_matmul_a8_packed(void* const* p, const int64_t* s) {
+  const int64_t o = s[3];
+  memopt_q4_matmul_a8((const float*)p[0], (const uint8_t*)p[1 + o], (const float*)p[2 + o],
+                      o ? (const float*)p[1] : nullptr, (float*)p[3 + o], s[0], s[1], s[2], s[4]);
+  return 0;
+}
+extern "C" int32_t memopt_bf16_matmul_packed(void* const* p, const int64_t* s) {
+  const int64_t o = s[3];
+  memopt_bf16_matmul((const float*)p[0], (const uint16_t*)p[1 + o],
+                     o ? (const float*)p[1] : nullptr, (float*)p[2 + o], s[0], s[1], s[2]);
+  return 0;
+}
 """
 
 _P = ctypes.c_void_p
@@ -718,6 +767,14 @@ SIGNATURES = {
     "memopt_quantize_rows": (_P, _P, _P, _I, _I),
     "memopt_scale_int32": (_P, _P, _P, _P, _P, _I, _I),
 }
+
+
+@functools.cache
+def packed_address(name: str) -> int:
+    """The address of kernel `name`'s entry point for the native launcher (`<name>_packed`:
+    `int32_t f(void* const* pointers, const int64_t* scalars)`)."""
+    library, _ = build.library(SOURCE)
+    return ctypes.cast(getattr(library, f"{name}_packed"), ctypes.c_void_p).value
 
 
 @functools.cache
@@ -803,6 +860,35 @@ def matmul(
         else:
             torch.addmm(part, x, tile[:rows].t(), out=columns)
     return out
+
+
+def bind_matmul(
+    x: torch.Tensor,
+    weight: QuantizedWeight,
+    int8_activations: bool = False,
+    bias: torch.Tensor | None = None,
+) -> tuple[object, int, int] | None:
+    """A native launch of `matmul`'s GEMV for operands of these layouts, or None (more than
+    GEMV_ROWS rows, no launcher): (launch, M, N), called `launch(x[, bias], *stored, y)`
+    with `stored` the weight's data (and scale), y a fresh (M, N) output. It checks x's and
+    the bias's dtype, shape and strides (x contiguous, the bias a contiguous (N,) vector)
+    and returns `launcher.LAYOUT_MISMATCH` without running where they differ."""
+    native = launcher.module()
+    m, n, k = x.shape[0], weight.rows, weight.cols
+    if native is None or not 1 <= m <= GEMV_ROWS or not x.is_contiguous():
+        return None
+    if bias is not None and not bias.is_contiguous():
+        return None
+    gemv, integer_gemv, _ = _KERNELS[weight.kind]
+    integer = int8_activations and integer_gemv is not None
+    block = weight.group if weight.kind == "int4" else ACTIVATION_BLOCK
+    last = (block,) if integer else ((weight.group,) if weight.kind == "int4" else ())
+    operands = (x,) if bias is None else (x, bias)
+    checks = tuple((t.dtype, tuple(t.shape), tuple(t.stride())) for t in operands)
+    tensors = len(operands) + (1 if weight.scale is None else 2) + 1
+    scalars = (m, n, k, int(bias is not None), *last)
+    address = packed_address(integer_gemv if integer else gemv)
+    return native.bind(address, tensors, scalars, checks), m, n
 
 
 @functools.cache
