@@ -240,7 +240,7 @@ def aot_backend(compile_graph: GraphCompiler, hooks: CaptureHooks | None = None)
         primals = [
             n for n in joint.graph.nodes if n.op == "placeholder" and n.name.startswith("primals")
         ]
-        inputs = real[-1][0] if real and real[-1] is not None else None
+        inputs = real[-1][0] if real else None
         if inputs is not None and len(inputs) != len(primals):
             inputs = None  # AOTAutograd dropped duplicated arguments: not one for one
         return hooks.partition(joint, joint_inputs, inputs=inputs, **kwargs)

@@ -166,6 +166,11 @@ class Pass:
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> None:
         raise NotImplementedError
 
+    def capture_options(self, stage: Stage) -> object:
+        """What a capture made with this pass at `stage` depends on (`capture_key`): by
+        default the pass with all its options."""
+        return self
+
 
 @dataclass(frozen=True)
 class Pipeline:
@@ -210,8 +215,9 @@ class PartitionedPair:
     """The forward and backward graphs a partition made of one joint graph (Stage.SAVED).
 
     The forward returns its `num_fwd_outputs` outputs, then the values saved for the
-    backward (tensors, then sizes); the backward takes those saved values, by position,
-    before the outputs' gradients. `inputs` are the forward's real inputs (the model's
+    backward; the backward takes those saved values before the outputs' gradients, each as
+    a placeholder named as the forward's node (the orders differ: with dynamic sizes the
+    forward returns its saved sizes last and the backward takes them first). `inputs` are the forward's real inputs (the model's
     parameters and the example inputs Dynamo ran with), one for each placeholder; None
     where they are not known. `cost(gm, graph_name)`: the modelled bytes a graph moves after
     the pipeline (on a copy).

@@ -270,8 +270,10 @@ def capture_key(pipeline: Pipeline, training: bool, fuel_limit: int | None) -> t
     key: tuple = (pipeline.at(Stage.DYNAMO),)
     if training and pipeline.at(Stage.PARTITION):
         key += (pipeline.passes, pipeline.backend)
-    elif training and pipeline.at(Stage.SAVED):
-        key += (pipeline.at(Stage.SAVED),)
+    elif training:
+        saved = tuple(p.capture_options(Stage.SAVED) for p in pipeline.at(Stage.SAVED))
+        if any(option is not None for option in saved):
+            key += (saved,)
     if any(key[0]) or len(key) > 1:
         key += (fuel_limit,)
     return key

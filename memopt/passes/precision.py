@@ -1,4 +1,5 @@
-"""precision: weights read narrow (int8, int4, bfloat16, fp8), with the error it costs. Opt-in.
+"""precision: weights read narrow (int8, int4, bfloat16, fp8) and training's saved activations
+stored in bfloat16, each with the error it costs. Opt-in.
 
 A decode step reads every weight once; storing a weight in fewer bytes is the largest cut
 left after fusion. This pass changes results, so it never runs unless asked for: giving
@@ -33,8 +34,12 @@ divergence of the softmax over its last dim is reported too. With a `max_error` 
 weights are given back to float32, the largest share (or own error) first, until
 the error is within it (`over_budget`, each with its share).
 
-Refused, visibly: graphs that train (`training`: a narrow copy would not get the
-parameter's gradient), graphs whose inputs' values are not known at compile time
+Training's saved activations (`saved_activations="bf16"`) are narrowed at the saved stage,
+right after the partition, on the forward and backward graphs together:
+saved_precision.py.
+
+Refused, visibly: weights in graphs that train (`training`: a narrow copy would not get
+the parameter's gradient), graphs whose inputs' values are not known at compile time
 (`no_values`, one record a graph: weights can be neither told apart nor quantized), a
 backend whose matmul does not read the format (fp8 on the CPU), weights that are not
 float32, or rows int4 cannot pack (odd lengths; `unsupported`).
@@ -122,7 +127,8 @@ class _Candidate:
 )
 @dataclass(frozen=True)
 class Precision(Pass):
-    """Weights stored and read narrow (module doc). Off unless its options are given."""
+    """Weights stored and read narrow, and saved activations stored narrow (module doc).
+    Off unless its options are given."""
 
     # The storage of every weight the pass narrows; "none" leaves weights as they are.
     weights: Literal["none", "int8", "int4", "bf16", "fp8_e4m3"] = "none"
@@ -136,12 +142,25 @@ class Precision(Pass):
     # How a training forward stores the tensors it saves for the backward: "bf16" halves
     # them and the backward widens them on use (saved_precision.py); "float32" as they are.
     saved_activations: Literal["float32", "bf16"] = "float32"
-    # The largest output error allowed, relative to each output's scale (module doc); None:
-    # no budget (the error is still measured and reported).
+    # The largest output error allowed, relative to each output's scale (module doc), and in
+    # training the gradients' error with saved activations narrowed; None: no budget for
+    # weights (the error is still measured and reported), saved_precision.DEFAULT_BUDGET
+    # for saved activations.
     max_error: float | None = field(default=None, metadata={"min": 0})
 
     # The pass changes values: the pipeline's check compares later passes against its result.
     changes_values: ClassVar[bool] = True
+
+    def capture_options(self, stage: Stage) -> object:
+        """A capture depends on the saved-activation options only (the weights are
+        narrowed in the ATen graphs, after capture)."""
+        if stage is Stage.SAVED:
+            return (
+                None
+                if self.saved_activations == "float32"
+                else (self.saved_activations, self.max_error)
+            )
+        return self
 
     def rewrite_saved(self, pair: PartitionedPair, ctx: PassContext) -> None:
         if self.saved_activations == "bf16":

@@ -15,8 +15,10 @@ again by the backward. Right after the partition (Stage.SAVED), with both graphs
 Chosen: float32 tensors the forward computes. Left as they are, without a record: graph
 inputs and views of them (parameters and the batch: saving them holds no memory of their
 own) and tensors of other dtypes (masks, indices, sizes). Refused (`unsupported`): a tensor
-the forward also returns to its caller, who holds the float32 tensor anyway (narrowing would
-add memory, not save it); a fused attention's logsumexp, and a tensor the backward feeds
+the forward also returns to its caller, or whose buffer a returned tensor views (the caller
+holds the float32 buffer anyway: narrowing would add memory, not save it); two saved tensors
+of one buffer (a tensor and a view of it: two bf16 copies would hold as much as the buffer);
+a fused attention's logsumexp, and a tensor the backward feeds
 to exp, cos, sin and the like (ABSOLUTE_OPS): bfloat16 keeps 8 bits of a value's size, so
 a logsumexp of 10 moves by 0.03 (every probability by 3%) and a rotary angle of 200 by 0.4
 rad (the 4-layer Llama's saved rotary angles alone moved its gradients by 14% of their
@@ -28,10 +30,13 @@ on seeded normal values for the outputs' gradients, as partitioned and with the 
 tensors rounded to bfloat16 as the rewrite stores them. The error is that of the backward's
 outputs (the gradients), relative to each one's scale, or to a thousandth of the largest
 gradient's where that is larger (GRADIENT_FLOOR). A tensor's share is the error with it
-alone rounded (a backward run each, when they fit SHARE_RUNS_S); with `max_error`, tensors
-are given back to float32, the largest share first, until the error is within it. Without
-real inputs, or when the graphs do not run outside the compiler, nothing is narrowed
-(`no_values`).
+alone rounded (a backward run each, when they fit SHARE_RUNS_S). Tensors are given back to
+float32, the largest share first, until the error is within `max_error`, or without one
+within DEFAULT_BUDGET (2%: a cancellation in the backward, such as softmax's or a saturated
+tanh's, can turn bfloat16's rounding into errors of 50-100%). The backward and forward
+are paired by name (with dynamic sizes the forward returns its saved sizes last and the
+backward takes them first). Without real inputs, or when the graphs do not run outside the
+compiler, nothing is narrowed (`no_values`).
 """
 
 from __future__ import annotations
@@ -71,6 +76,11 @@ ABSOLUTE_OPS = frozenset(
 )
 _SUMS = frozenset({aten.add.Tensor, aten.sub.Tensor, aten.neg.default})
 _SCALINGS = frozenset({aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar, aten.div.Scalar})
+# Without `max_error`, the gradients' error allowed: bfloat16's rounding carried through a
+# backward moves gradients by 0.2-1% of their scale; a tensor whose rounding moves them
+# further (a cancellation: softmax's p (g - sum g p), tanh's 1 - y^2 where it saturates) is
+# given back, the largest share first.
+DEFAULT_BUDGET = 0.02
 # A gradient's error is relative to its own scale, but not below this fraction of the
 # largest gradient's: a gradient that is zero but for rounding (a key projection's bias,
 # which a softmax ignores) has no scale of its own.
@@ -94,12 +104,17 @@ class _Saved:
 
 
 def narrow_saved(pair: PartitionedPair, ctx: PassContext, max_error: float | None) -> None:
-    """Store the chosen saved activations of `pair` in bfloat16 (module doc)."""
+    """Store the chosen saved activations of `pair` in bfloat16 (module doc); without
+    `max_error`, within DEFAULT_BUDGET."""
+    budget = DEFAULT_BUDGET if max_error is None else max_error
     chosen = _candidates(pair, ctx)
     if not chosen:
         return
     if pair.inputs is None:
-        reason = "the forward's inputs are not known at compile time"
+        reason = (
+            "the forward's real inputs are not known one for one (none were handed in, or "
+            "AOTAutograd merged or dropped arguments)"
+        )
         return _refuse_all(chosen, ctx, f"{reason}: the gradients' error cannot be measured")
     try:
         runs = _Runs(pair, chosen, ctx)
@@ -117,29 +132,36 @@ def narrow_saved(pair: PartitionedPair, ctx: PassContext, max_error: float | Non
         for s in chosen:
             s.share = runs.error([s]).relative
     kept = list(chosen)
-    if max_error is not None:
-        for s in sorted(chosen, key=lambda s: s.share or 0.0, reverse=True):
-            if total.relative <= max_error:
-                break
-            before = total
-            kept.remove(s)
-            total = runs.error(kept)
-            ctx.refuse(
-                "over_budget",
-                f"bf16 {s.label}",
-                f"with it the gradients' error is {before.relative:.2e} of their scale, over "
-                f"max_error {max_error:g}; {_describe_share(s)}",
-                s.nbytes // 2,
-                (s.node.name,),
-                figures=_figures(s, before),
-            )
-    traffic = _traffic(pair, kept)
+    for s in sorted(chosen, key=lambda s: s.share or 0.0, reverse=True):
+        if total.relative <= budget:
+            break
+        before = total
+        kept.remove(s)
+        total = runs.error(kept)
+        limit = f"max_error {budget:g}" if max_error is not None else f"the default {budget:g}"
+        ctx.refuse(
+            "over_budget",
+            f"bf16 {s.label}",
+            f"with it the gradients' error is {before.relative:.2e} of their scale, over "
+            f"{limit}; {_describe_share(s)}",
+            s.nbytes // 2,
+            (s.node.name,),
+            figures=_figures(s, before),
+        )
+    fuel = ctx.record.fuel
+    applied = kept
+    if fuel.limit is not None and len(kept) > fuel.limit - fuel.used:
+        # The decisions past the fuel are refused below: the figures stated are those of
+        # the tensors that will be narrowed.
+        applied = kept[: max(fuel.limit - fuel.used, 0)]
+        total = runs.error(applied)
+    traffic = _traffic(pair, applied)
     moved = (
         ""
         if traffic is None
-        else f"; with every narrowed tensor forward + backward move {traffic[1]:,} B against "
-        f"{traffic[0]:,} B in float32 (modelled after the pipeline: a tensor the forward "
-        "also writes in float32, or one a library matmul reads, costs a cast's bytes)"
+        else f"; forward + backward move {traffic[1]:,} B against {traffic[0]:,} B with them "
+        "in float32 (modelled after the pipeline: a tensor the forward also writes in "
+        "float32, or one a library matmul reads, costs a cast's bytes)"
     )
     narrowed = []
     for s in kept:
@@ -147,7 +169,8 @@ def narrow_saved(pair: PartitionedPair, ctx: PassContext, max_error: float | Non
             "saved_activation",
             f"bf16 {s.label}",
             f"{s.nbytes:,} B -> {s.nbytes // 2:,} B held from the forward to the backward; "
-            f"{_describe_share(s)}; with every narrowed tensor the gradients' {total}"
+            f"{_describe_share(s)}; with every narrowed tensor the gradients move by "
+            f"{total.relative:.2e} of their scale (max |error| {total.absolute:.2e})"
             + ("" if shares else f" (shares not measured: {len(chosen)} backward runs)")
             + moved,
             s.nbytes // 2,
@@ -160,7 +183,7 @@ def narrow_saved(pair: PartitionedPair, ctx: PassContext, max_error: float | Non
     if narrowed:
         pair.forward.recompile()
         pair.backward.recompile()
-        _update_record(pair, narrowed, ctx)
+        _update_record(pair, narrowed)
 
 
 def _refuse_all(chosen: list[_Saved], ctx: PassContext, reason: str) -> None:
@@ -171,7 +194,17 @@ def _refuse_all(chosen: list[_Saved], ctx: PassContext, reason: str) -> None:
 def _candidates(pair: PartitionedPair, ctx: PassContext) -> list[_Saved]:
     output = next(n for n in pair.forward.graph.nodes if n.op == "output")
     returned = list(output.args[0])
-    to_caller = {n for n in returned[: pair.num_fwd_outputs] if isinstance(n, torch.fx.Node)}
+    saved = [n for n in returned[pair.num_fwd_outputs :] if isinstance(n, torch.fx.Node)]
+    # The buffers the caller gets (a returned tensor or a view of one) and, per buffer, the
+    # saved values that view it.
+    to_caller = {
+        partition.fx_view_base(n)
+        for n in returned[: pair.num_fwd_outputs]
+        if isinstance(n, torch.fx.Node)
+    }
+    sharing: dict[torch.fx.Node, set[torch.fx.Node]] = {}
+    for node in saved:
+        sharing.setdefault(partition.fx_view_base(node), set()).add(node)
     backward_inputs = {n.name: n for n in pair.backward.graph.nodes if n.op == "placeholder"}
     found, seen = [], set()
     for position in range(pair.num_fwd_outputs, len(returned)):
@@ -182,13 +215,23 @@ def _candidates(pair: PartitionedPair, ctx: PassContext) -> list[_Saved]:
         value = node.meta.get("val")
         if not isinstance(value, torch.Tensor) or value.dtype != torch.float32:
             continue
-        if partition.fx_view_base(node).op == "placeholder":
+        base = partition.fx_view_base(node)
+        if base.op == "placeholder":
             continue  # an input or a view of one: it holds no memory of its own
         nbytes = partition.value_nbytes(value, ctx.bindings)
         placeholder = backward_inputs.get(node.name)
+        others = sorted(n.name for n in sharing[base] if n is not node)
         reason = None
-        if node in to_caller:
-            reason = "the forward also returns it to the caller, who holds it in float32"
+        if base in to_caller:
+            reason = (
+                "the forward also returns it (or a view of its buffer) to the caller, who "
+                "holds the float32 buffer anyway: a bf16 copy would add memory"
+            )
+        elif others:
+            reason = (
+                f"it shares its buffer with {', '.join('%' + n for n in others)}, saved too: "
+                "a bf16 copy of each would hold as much as the one float32 buffer"
+            )
         elif _logsumexp(node):
             reason = (
                 "an attention's logsumexp: the backward exponentiates it, so rounding it "
@@ -238,7 +281,16 @@ def _logsumexp(node: torch.fx.Node) -> bool:
     if node.target is not operator.getitem or node.args[1] != 1:
         return False
     source = node.args[0]
-    return isinstance(source, torch.fx.Node) and source.target in ATTENTION_FORWARD
+    return isinstance(source, torch.fx.Node) and source.target in _ATTENTIONS
+
+
+# Fused attentions whose second output is the logsumexp: those capture keeps whole, and
+# cuDNN's (a GPU's SDPA may pick it).
+_ATTENTIONS = ATTENTION_FORWARD | {
+    op.default
+    for op in (getattr(aten, "_scaled_dot_product_cudnn_attention", None),)
+    if op is not None
+}
 
 
 class _Runs:
@@ -337,17 +389,26 @@ def _rewrite(forward: torch.fx.GraphModule, backward: torch.fx.GraphModule, s: _
 
 
 def _traffic(pair: PartitionedPair, kept: list[_Saved]) -> tuple[int, int] | None:
-    """Modelled bytes the forward and backward move after the pipeline, as partitioned and
-    with `kept` narrowed (on copies); None without a cost model."""
+    """Modelled bytes the forward and backward move after the pipeline, as partitioned (the
+    partitioner's own figure where it costed its choice) and with `kept` narrowed (on
+    copies); None without a cost model or where costing fails (the figure is left out)."""
     if pair.cost is None or not kept:
         return None
-    before = pair.cost(pair.forward, "forward") + pair.cost(pair.backward, "backward")
-    forward, backward = copy_graph(pair.forward), copy_graph(pair.backward)
-    for s in kept:
-        _rewrite(forward, backward, s)
-    forward.recompile()
-    backward.recompile()
-    return before, pair.cost(forward, "forward") + pair.cost(backward, "backward")
+    try:
+        record = pair.forward.meta.get(partition.META_KEY)
+        chosen = record.choice if record is not None else None
+        if chosen is not None and chosen.bytes_moved > 0:
+            before = chosen.bytes_moved
+        else:
+            before = pair.cost(pair.forward, "forward") + pair.cost(pair.backward, "backward")
+        forward, backward = copy_graph(pair.forward), copy_graph(pair.backward)
+        for s in kept:
+            _rewrite(forward, backward, s)
+        forward.recompile()
+        backward.recompile()
+        return before, pair.cost(forward, "forward") + pair.cost(backward, "backward")
+    except Exception:  # noqa: BLE001 - a figure for the record, not a decision
+        return None
 
 
 def _set_value(node: torch.fx.Node, value: torch.Tensor) -> None:
@@ -356,13 +417,13 @@ def _set_value(node: torch.fx.Node, value: torch.Tensor) -> None:
         node.meta["tensor_meta"] = _extract_tensor_metadata(value)
 
 
-def _update_record(pair: PartitionedPair, narrowed: list[_Saved], ctx: PassContext) -> None:
+def _update_record(pair: PartitionedPair, narrowed: list[_Saved]) -> None:
     """The partition's record (reports' saved-activation figures) with the narrowed
     tensors at their stored size, each its own buffer now."""
     record = pair.forward.meta.get(partition.META_KEY)
     if record is None:
         return
-    names = {s.node.name: s for s in narrowed}
+    names = {s.node.name for s in narrowed}
     chosen = record.choice
     saved = tuple(
         replace(

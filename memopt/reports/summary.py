@@ -93,7 +93,12 @@ def _totals(a: Analysis) -> list[str]:
         f"  optimized / lower bound  {_ratio(moved, bound)}",
         f"  kernels                  {len(a.kernels)}  (eager ran {a.eager_ops} ATen ops, counted)",
     ]
-    if any(d.applied for p in a.ledger if p.pass_name == "precision" for d in p.decisions):
+    if any(
+        d.applied and d.code != "precision.saved_activation"
+        for p in a.ledger
+        if p.pass_name == "precision"
+        for d in p.decisions
+    ):
         lines.append(
             "  (the lower bound is the program's as written, float32 weights; the precision "
             "pass reads them narrower)"
@@ -249,7 +254,8 @@ def _narrowed_weights(a: Analysis) -> list[str]:
 
 def _narrowed_saved(a: Analysis) -> list[str]:
     """The precision pass's saved activations (training), each with the bytes it holds from
-    the forward to the backward before and after, and its share of the gradients' error."""
+    the forward to the backward before and after, and its share of the gradients' error;
+    per graph, the gradients' error with every narrowed tensor and the bytes moved."""
     decisions = [d for d in _precision_figures(a) if "weight_error" not in d.figures]
     if not decisions:
         return []
@@ -258,22 +264,27 @@ def _narrowed_saved(a: Analysis) -> list[str]:
         f = d.figures
         share = f"{f['share']:.2e}" if "share" in f else "not measured"
         before, after = format_bytes(int(f["bytes_before"])), format_bytes(int(f["bytes_after"]))
-        rows.append([d.what, _verdict(d), before, after, share])
-    header = ["saved tensor", "", "held", "as bf16", "share of gradients' error"]
+        rows.append([d.graph, d.what, _verdict(d), before, after, share])
+    header = ["graph", "saved tensor", "", "held", "as bf16", "share of gradients' error"]
     lines = ["Saved activations (the precision pass; bytes held, errors measured)"]
-    lines += format_table(header, rows, "llrrr", max_widths=[48])
-    applied = [d for d in decisions if d.applied]
-    if not applied:
-        return [*lines, "  no saved activation narrowed"]
-    f = applied[0].figures
-    lines.append(
-        f"  gradients' error with every narrowed tensor {f['total_error']:.2e} of their scale"
-    )
-    if "moved_after" in f:
+    lines += format_table(header, rows, "lllrrr", max_widths=[12, 40])
+    totals = {}  # a graph's final figures: an applied decision's (refusals carry earlier ones)
+    for d in sorted(decisions, key=lambda d: not d.applied):
+        totals.setdefault(d.graph, d)
+    for graph, d in totals.items():
+        if not d.applied:
+            lines.append(f"  {graph}: no saved activation narrowed")
+            continue
+        f = d.figures
         lines.append(
-            f"  forward + backward move {format_bytes(int(f['moved_after']))} against "
-            f"{format_bytes(int(f['moved_before']))} with them in float32 (modelled)"
+            f"  {graph}: gradients' error with every narrowed tensor {f['total_error']:.2e} "
+            "of their scale"
         )
+        if "moved_after" in f:
+            lines.append(
+                f"  {graph}: forward + backward move {format_bytes(int(f['moved_after']))} "
+                f"against {format_bytes(int(f['moved_before']))} with them in float32 (modelled)"
+            )
     return lines
 
 

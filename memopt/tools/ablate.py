@@ -31,7 +31,7 @@ from memopt.driver.measure import (
     run_and_check,
     run_step,
 )
-from memopt.errors import MemoptError
+from memopt.errors import MemoptError, OptionError
 from memopt.passes import OPT_IN_PASSES
 from memopt.reports.summary import format_bytes, format_table
 
@@ -279,6 +279,11 @@ def ablate(
     base = Config.from_options(options)
     configs = [(name, passes, options) for name, passes in configurations(base.pass_names())]
     for kind in precision:
+        if kind == SAVED_BF16 and not training:
+            raise OptionError(
+                f"precision {SAVED_BF16!r} narrows a training step's saved activations: "
+                "ablate with training=True (--train)"
+            )
         narrowed = _with_precision_choice(options, kind)  # an OptionError for a bad one, now
         names = Config.from_options(narrowed).pass_names()
         if "precision" not in names:  # an explicit pass list: the pass joins it at its place
