@@ -22,7 +22,11 @@ from memopt.backends.cpp import launcher
 from memopt.backends.cpp import quantized as cpp_quantized
 from memopt.backends.narrow import quantize
 from memopt.backends.registry import get_backend
-from memopt.backends.runtime.quantized import QuantizedMatmul, QuantizedParameter
+from memopt.backends.runtime.quantized import (
+    QuantizedEmbedding,
+    QuantizedMatmul,
+    QuantizedParameter,
+)
 from memopt.config import Config
 from memopt.errors import OptionError
 
@@ -703,3 +707,24 @@ def test_a_launch_bound_without_a_bias_is_not_used_with_one() -> None:
         plain = target(x, weight)
         torch.testing.assert_close(target(x, weight, bias), plain + bias)
         torch.testing.assert_close(target(x, weight), plain)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4", "bf16"])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 70)], ids=["one token", "many"])
+def test_lookups_gather_rows_in_one_call_as_torch_does(kind: str, shape: tuple) -> None:
+    """The C gather gives the torch path's values bit for bit; an index it does not take
+    (negative: aten.index wraps it; past the end: an IndexError) goes through torch."""
+    weight = nn.Parameter(torch.randn(50, 64))
+    parameter = QuantizedParameter(weight, kind, 32, False, "w")
+    index = torch.randint(0, 50, shape, generator=torch.Generator().manual_seed(0))
+    got = cpp_quantized.gather_rows(parameter.weight, index)
+    assert got is not None and torch.equal(got, parameter.weight.gather_rows(index))
+    lookup = QuantizedEmbedding(parameter)
+    assert torch.equal(lookup(weight, index), got)
+    wrapped = torch.tensor([[-1, 3]])
+    assert cpp_quantized.gather_rows(parameter.weight, wrapped) is None
+    assert torch.equal(
+        lookup(weight, wrapped), parameter.weight.gather_rows(torch.tensor([[49, 3]]))
+    )
+    with pytest.raises(IndexError):
+        lookup(weight, torch.tensor([50]))

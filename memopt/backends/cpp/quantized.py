@@ -671,48 +671,75 @@ extern "C" void memopt_q4_matmul_a8(const float* x, const uint8_t* packed, const
                      (bias ? bias[n] : 0.0f);
 }
 
+// Row n of W as float32 into out (K floats).
+static inline void q8_row(const int8_t* q, const float* scale, float* out, int64_t n,
+                          int64_t K) {
+  const int8_t* src = q + n * K;
+  const float s = scale[n];
+  #pragma omp simd
+  for (int64_t k = 0; k < K; ++k) out[k] = static_cast<float>(src[k]) * s;
+}
+
+static inline void q4_row(const uint8_t* packed, const float* scale, float* out, int64_t n,
+                          int64_t K, int64_t group) {
+  const int64_t groups = (K + group - 1) / group;
+  const uint8_t* src = packed + n * (K / 2);
+  const float* row_scale = scale + n * groups;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t half = (g + 1 < groups ? group : K - g * group) / 2;
+    const uint8_t* bytes = src + g * (group / 2);
+    const float s = row_scale[g];
+    float* dst = out + g * group;
+    #pragma omp simd
+    for (int64_t j = 0; j < half; ++j) {
+      const int32_t b = bytes[j];
+      dst[j] = static_cast<float>((b & 15) - 8) * s;
+      dst[half + j] = static_cast<float>((b >> 4) - 8) * s;
+    }
+  }
+}
+
+static inline void bf16_row(const uint16_t* w, float* out, int64_t n, int64_t K) {
+  const uint16_t* src = w + n * K;
+  #pragma omp simd
+  for (int64_t k = 0; k < K; ++k) out[k] = bf16_to_float(src[k]);
+}
+
 // Rows [n0, n0 + rows) of W as float32, row-major, into out (rows x K).
 extern "C" void memopt_q8_rows(const int8_t* q, const float* scale, float* out, int64_t n0,
                                int64_t rows, int64_t K) {
   #pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    const int8_t* src = q + (n0 + r) * K;
-    const float s = scale[n0 + r];
-    #pragma omp simd
-    for (int64_t k = 0; k < K; ++k) out[r * K + k] = static_cast<float>(src[k]) * s;
-  }
+  for (int64_t r = 0; r < rows; ++r) q8_row(q, scale, out + r * K, n0 + r, K);
 }
 
 extern "C" void memopt_q4_rows(const uint8_t* packed, const float* scale, float* out,
                                int64_t n0, int64_t rows, int64_t K, int64_t group) {
-  const int64_t groups = (K + group - 1) / group;
   #pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    const uint8_t* src = packed + (n0 + r) * (K / 2);
-    const float* row_scale = scale + (n0 + r) * groups;
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t half = (g + 1 < groups ? group : K - g * group) / 2;
-      const uint8_t* bytes = src + g * (group / 2);
-      const float s = row_scale[g];
-      float* dst = out + r * K + g * group;
-      #pragma omp simd
-      for (int64_t j = 0; j < half; ++j) {
-        const int32_t b = bytes[j];
-        dst[j] = static_cast<float>((b & 15) - 8) * s;
-        dst[half + j] = static_cast<float>((b >> 4) - 8) * s;
-      }
-    }
-  }
+  for (int64_t r = 0; r < rows; ++r) q4_row(packed, scale, out + r * K, n0 + r, K, group);
 }
 
 extern "C" void memopt_bf16_rows(const uint16_t* w, float* out, int64_t n0, int64_t rows,
                                  int64_t K) {
   #pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
-    const uint16_t* src = w + (n0 + r) * K;
-    #pragma omp simd
-    for (int64_t k = 0; k < K; ++k) out[r * K + k] = bf16_to_float(src[k]);
+  for (int64_t r = 0; r < rows; ++r) bf16_row(w, out + r * K, n0 + r, K);
+}
+
+// Rows `index[0..count)` of W (N rows) as float32 into out (count x K): an embedding
+// lookup. kind: 0 int8, 1 int4, 2 bf16 (no scale). Returns 1, writing nothing, where an
+// index is outside [0, N) (the caller then indexes as torch does: negative ones wrap).
+extern "C" int32_t memopt_gather_rows(int64_t kind, const void* data, const float* scale,
+                                      const int64_t* index, float* out, int64_t count,
+                                      int64_t N, int64_t K, int64_t group) {
+  for (int64_t i = 0; i < count; ++i)
+    if (index[i] < 0 || index[i] >= N) return 1;
+  #pragma omp parallel for schedule(static) if (count * K >= 65536)
+  for (int64_t i = 0; i < count; ++i) {
+    float* row = out + i * K;
+    if (kind == 0) q8_row((const int8_t*)data, scale, row, index[i], K);
+    else if (kind == 1) q4_row((const uint8_t*)data, scale, row, index[i], K, group);
+    else bf16_row((const uint16_t*)data, row, index[i], K);
   }
+  return 0;
 }
 // The narrow GEMVs' entry points for the native launcher: p = x[, bias], the stored weight
 // (data, scale; bf16 has no scale), y; s = M, N, K, whether a bias is given, and the int4
@@ -761,6 +788,7 @@ SIGNATURES = {
     "memopt_q8_rows": (_P, _P, _P, _I, _I, _I),
     "memopt_q4_rows": (_P, _P, _P, _I, _I, _I, _I),
     "memopt_bf16_rows": (_P, _P, _I, _I, _I),
+    "memopt_gather_rows": (_I, _P, _P, _P, _P, _I, _I, _I, _I),
     "memopt_q8_matmul_a8": (_P, _P, _P, _P, _P, _I, _I, _I, _I),
     "memopt_q4_matmul_a8": (_P, _P, _P, _P, _P, _I, _I, _I, _I),
     "memopt_quantize_x": (_P, _P, _I, _I, _I),
@@ -777,6 +805,9 @@ def packed_address(name: str) -> int:
     return ctypes.cast(getattr(library, f"{name}_packed"), ctypes.c_void_p).value
 
 
+_RETURNS_CODE = {"memopt_gather_rows"}
+
+
 @functools.cache
 def functions() -> dict[str, ctypes._CFuncPtr]:
     """The kernels by name, built on first use (CompilerNotFound / CompileError if not)."""
@@ -785,7 +816,7 @@ def functions() -> dict[str, ctypes._CFuncPtr]:
     for name, argtypes in SIGNATURES.items():
         function = getattr(library, name)
         function.argtypes = argtypes
-        function.restype = None
+        function.restype = ctypes.c_int32 if name in _RETURNS_CODE else None
         found[name] = function
     return found
 
@@ -860,6 +891,32 @@ def matmul(
         else:
             torch.addmm(part, x, tile[:rows].t(), out=columns)
     return out
+
+
+_GATHER_KINDS = {"int8": 0, "int4": 1, "bf16": 2}
+
+
+def gather_rows(weight: QuantizedWeight, index: torch.Tensor) -> torch.Tensor | None:
+    """Rows `index` of W as float32, shaped `index.shape + (K,)`, dequantized by one C call
+    (`memopt_gather_rows`), or None where it does not take them (another format, device or
+    index dtype, or an index outside [0, N): the caller gathers as torch does)."""
+    kind = _GATHER_KINDS.get(weight.kind)
+    if kind is None or index.dtype != torch.int64 or not (index.is_cpu and weight.data.is_cpu):
+        return None
+    flat = index.reshape(-1).contiguous()
+    out = torch.empty((*index.shape, weight.cols), dtype=torch.float32)
+    failed = functions()["memopt_gather_rows"](
+        kind,
+        weight.data.data_ptr(),
+        None if weight.scale is None else weight.scale.data_ptr(),
+        flat.data_ptr(),
+        out.data_ptr(),
+        flat.numel(),
+        weight.rows,
+        weight.cols,
+        weight.group,
+    )
+    return None if failed else out
 
 
 def bind_matmul(
