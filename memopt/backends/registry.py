@@ -116,6 +116,9 @@ class Backend:
     # int8_activations, bias) -> (launch, M, N) or None: `launch(x[, bias], *stored, y)`
     # returns 0, or non-zero without running where x's or the bias's layout differs.
     quantized_launch: Callable[..., tuple[object, int, int] | None] | None = None
+    # Rows `index` of a narrow weight as float32, `index.shape + (K,)` (weight, index), or
+    # None where it does not take them (the caller gathers with torch ops).
+    quantized_gather: Callable[..., object] | None = None
     # The narrow formats that matmul reads (backends/narrow.py KINDS).
     quantized_formats: frozenset[str] = frozenset()
     # How the backend schedules a matmul template of (M, N, K; 16-bit operands), for decision

@@ -404,7 +404,7 @@ def _unsupported(c: _Candidate, kind: str, group: int) -> str | None:
 def _rewrite(c: _Candidate, backend: Backend) -> None:
     for u in c.uses:
         if u.embedding:
-            u.node.target = QuantizedEmbedding(c.quantized)
+            u.node.target = QuantizedEmbedding(c.quantized, backend)
             u.node.args = (c.placeholder, u.index)
         else:
             u.node.target = QuantizedMatmul(c.quantized, backend)

@@ -719,7 +719,7 @@ def test_lookups_gather_rows_in_one_call_as_torch_does(kind: str, shape: tuple) 
     index = torch.randint(0, 50, shape, generator=torch.Generator().manual_seed(0))
     got = cpp_quantized.gather_rows(parameter.weight, index)
     assert got is not None and torch.equal(got, parameter.weight.gather_rows(index))
-    lookup = QuantizedEmbedding(parameter)
+    lookup = QuantizedEmbedding(parameter, get_backend("cpp"))
     assert torch.equal(lookup(weight, index), got)
     wrapped = torch.tensor([[-1, 3]])
     assert cpp_quantized.gather_rows(parameter.weight, wrapped) is None
@@ -728,3 +728,14 @@ def test_lookups_gather_rows_in_one_call_as_torch_does(kind: str, shape: tuple) 
     )
     with pytest.raises(IndexError):
         lookup(weight, torch.tensor([50]))
+
+
+def test_the_pass_gives_its_lookups_the_backends_gather() -> None:
+    a = analyze(model(), 3, **precision("int4", group_size=8))
+    lookups = [
+        n.target
+        for g in a.graphs
+        for n in g.gm.graph.nodes
+        if isinstance(n.target, QuantizedEmbedding)
+    ]
+    assert lookups and all(t.backend.quantized_gather is cpp_quantized.gather_rows for t in lookups)
