@@ -213,32 +213,19 @@ def _narrowed_weights(a: Analysis) -> list[str]:
     """The precision pass's weights, each with its bytes stored before and after, its own
     error and its share of the output error (measured). What a run reads of them is in the
     ledger: a whole matrix a matmul, one row a lookup."""
-    decisions = [d for d in _precision_figures(a) if "weight_error" in d.figures]
-    if not decisions:
+    decisions = _precision_figures(a, weights=True)
+    rows = [
+        [d.what, _verdict(d), *_bytes_stored(d), f"{d.figures['weight_error']:.2e}", _share(d)]
+        for d in decisions
+    ]
+    if not rows:
         return []
-    rows = []
-    for d in decisions:
-        f = d.figures
-        share = f"{f['share']:.2e}" if "share" in f else "not measured"
-        rows.append(
-            [
-                d.what,
-                _verdict(d),
-                format_bytes(int(f["bytes_before"])),
-                format_bytes(int(f["bytes_after"])),
-                f"{f['weight_error']:.2e}",
-                share,
-            ]
-        )
     header = ["weight", "", "before", "after", "own error", "share of output error"]
     lines = ["Narrowed weights (the precision pass; bytes stored, errors measured)"]
     lines += format_table(header, rows, "llrrrr", max_widths=[48])
-    totals = {}  # a graph's final error: an applied decision's (refusals carry the one before)
-    for d in sorted(decisions, key=lambda d: not d.applied):
-        totals.setdefault(d.graph, d.figures)
-    narrowed = {d.graph for d in decisions if d.applied}
-    for graph, f in totals.items():
-        if graph not in narrowed:
+    for graph, d in _final_by_graph(decisions).items():
+        f = d.figures
+        if not d.applied:
             lines.append(f"  {graph}: no weight narrowed")
             continue
         kl = f", next-token KL {f['kl']:.2e} nats" if "kl" in f else ""
@@ -256,22 +243,14 @@ def _narrowed_saved(a: Analysis) -> list[str]:
     """The precision pass's saved activations (training), each with the bytes it holds from
     the forward to the backward before and after, and its share of the gradients' error;
     per graph, the gradients' error with every narrowed tensor and the bytes moved."""
-    decisions = [d for d in _precision_figures(a) if "weight_error" not in d.figures]
-    if not decisions:
+    decisions = _precision_figures(a, weights=False)
+    rows = [[d.graph, d.what, _verdict(d), *_bytes_stored(d), _share(d)] for d in decisions]
+    if not rows:
         return []
-    rows = []
-    for d in decisions:
-        f = d.figures
-        share = f"{f['share']:.2e}" if "share" in f else "not measured"
-        before, after = format_bytes(int(f["bytes_before"])), format_bytes(int(f["bytes_after"]))
-        rows.append([d.graph, d.what, _verdict(d), before, after, share])
     header = ["graph", "saved tensor", "", "held", "as bf16", "share of gradients' error"]
     lines = ["Saved activations (the precision pass; bytes held, errors measured)"]
     lines += format_table(header, rows, "lllrrr", max_widths=[12, 40])
-    totals = {}  # a graph's final figures: an applied decision's (refusals carry earlier ones)
-    for d in sorted(decisions, key=lambda d: not d.applied):
-        totals.setdefault(d.graph, d)
-    for graph, d in totals.items():
+    for graph, d in _final_by_graph(decisions).items():
         if not d.applied:
             lines.append(f"  {graph}: no saved activation narrowed")
             continue
@@ -288,8 +267,35 @@ def _narrowed_saved(a: Analysis) -> list[str]:
     return lines
 
 
-def _precision_figures(a: Analysis) -> list:
-    return [d for p in a.ledger if p.pass_name == "precision" for d in p.decisions if d.figures]
+def _final_by_graph(decisions: list) -> dict[str, object]:
+    """Per graph, the decision whose figures are the graph's final ones: an applied one's
+    (a refusal carries the figures from before it gave its value back), else a refusal."""
+    final: dict[str, object] = {}
+    for d in sorted(decisions, key=lambda d: not d.applied):
+        final.setdefault(d.graph, d)
+    return final
+
+
+def _precision_figures(a: Analysis, weights: bool) -> list:
+    """The precision pass's decisions with figures: its weights' or its saved tensors'."""
+    return [
+        d
+        for p in a.ledger
+        if p.pass_name == "precision"
+        for d in p.decisions
+        if d.figures and ("weight_error" in d.figures) == weights
+    ]
+
+
+def _bytes_stored(d: object) -> list[str]:
+    return [
+        format_bytes(int(d.figures["bytes_before"])),
+        format_bytes(int(d.figures["bytes_after"])),
+    ]
+
+
+def _share(d: object) -> str:
+    return f"{d.figures['share']:.2e}" if "share" in d.figures else "not measured"
 
 
 def _verdict(d: Decision) -> str:

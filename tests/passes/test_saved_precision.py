@@ -64,6 +64,16 @@ def decisions(a: memopt.Analysis) -> list[tuple[str, bool, str]]:
     ]
 
 
+def reasons(a: memopt.Analysis, code: str) -> list[str]:
+    return [
+        d.reason
+        for p in a.ledger
+        if p.pass_name == "precision"
+        for d in p.decisions
+        if d.code == code
+    ]
+
+
 def graph(a: memopt.Analysis, name: str) -> torch.fx.GraphModule:
     return next(g.gm for g in a.graphs if g.name == name)
 
@@ -275,13 +285,7 @@ def test_an_attentions_logsumexp_stays_float32() -> None:
     assert any(
         n.target in ATTENTION_FORWARD for n in forward.graph.nodes if n.op == "call_function"
     )
-    refused = [
-        d.reason
-        for p in a.ledger
-        if p.pass_name == "precision"
-        for d in p.decisions
-        if d.code == "precision.unsupported"
-    ]
+    refused = reasons(a, "precision.unsupported")
     assert len(refused) == 1 and "logsumexp" in refused[0]
     applied = [d for d in decisions(a) if d[0] == "precision.saved_activation"]
     assert applied
@@ -312,13 +316,7 @@ class Periodic(nn.Module):
 def test_a_tensor_the_backward_takes_the_cosine_of_stays_float32() -> None:
     torch.manual_seed(0)
     a = memopt.analyze(Periodic(), batch(), training=True, **saved())
-    refused = [
-        d.reason
-        for p in a.ledger
-        if p.pass_name == "precision"
-        for d in p.decisions
-        if d.code == "precision.unsupported"
-    ]
+    refused = reasons(a, "precision.unsupported")
     # it recomputes the sine as well as the cosine: either names the tensor's reader
     assert len(refused) == 1 and any(f"takes its {op}" in refused[0] for op in ("sin", "cos"))
     applied = [d for d in decisions(a) if d[0] == "precision.saved_activation"]
@@ -366,13 +364,7 @@ def test_a_buffer_the_caller_gets_or_two_saved_tensors_share_stays_float32() -> 
     assert refused == [("precision.unsupported", "bf16 saved %tanh")]
     torch.manual_seed(0)
     a = memopt.analyze(SavesAView(), batch(), training=True, **saved())
-    shared = [
-        d.reason
-        for p in a.ledger
-        if p.pass_name == "precision"
-        for d in p.decisions
-        if d.code == "precision.unsupported"
-    ]
+    shared = reasons(a, "precision.unsupported")
     assert sum("shares its buffer with" in r for r in shared) == 2
 
 
