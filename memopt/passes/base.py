@@ -168,7 +168,8 @@ class Pass:
 
     def capture_options(self, stage: Stage) -> object:
         """What a capture made with this pass at `stage` depends on (`capture_key`): by
-        default the pass with all its options."""
+        default the pass with all its options; None where, with these options, the pass
+        does nothing at that stage (the pipeline then skips it there)."""
         return self
 
 

@@ -14,6 +14,7 @@ decisions of a graph in the order fuel counted them.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -241,11 +242,24 @@ def capture_hooks(pipeline: Pipeline, fuel: Fuel) -> CaptureHooks:
             cost=lambda gm, graph_name: modelled_bytes(gm, pipeline, graph_name),
         )
         for pass_ in pipeline.at(Stage.SAVED):
+            if pass_.capture_options(Stage.SAVED) is None:
+                continue  # nothing to do at this stage with these options
             ctx = PassContext.for_pass(pass_, "forward", bindings, pipeline, fuel)
             start = time.perf_counter()
-            pass_.rewrite_saved(pair, ctx)
+            kept = copy_graph(pair.forward), copy_graph(pair.backward)
+            try:
+                pass_.rewrite_saved(pair, ctx)
+            except Exception as error:  # noqa: BLE001 - a pass bug: the pair as partitioned
+                warnings.warn(
+                    f"memopt: pass {pass_.name} failed on the saved tensors of a forward and "
+                    f"backward ({type(error).__name__}: {error}); keeping them as partitioned",
+                    stacklevel=2,
+                )
+                pair.forward, pair.backward = kept
+                continue
             if ctx.record.decisions:
                 records.append(_stage_record(pass_, Stage.SAVED, ctx, start))
+        forward, backward = pair.forward, pair.backward
         forward.meta[STAGE_RECORDS_KEY] = [*forward.meta.get(STAGE_RECORDS_KEY, ()), *records]
         return forward, backward
 

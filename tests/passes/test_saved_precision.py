@@ -446,3 +446,25 @@ def test_the_report_gives_each_graphs_figures() -> None:
     for graph in graphs:
         assert f"{graph}: gradients' error with every narrowed tensor" in section
         assert f"{graph}: forward + backward move" in section
+
+
+def test_a_failing_saved_stage_warns_and_keeps_the_graphs_as_partitioned(monkeypatch) -> None:
+    """A bug after some rewrites: the pair goes on as partitioned, with a warning, and
+    the gradients are the float32 program's."""
+    real_rewrite = saved_precision._rewrite
+    calls = []
+
+    def breaks(forward, backward, s) -> None:
+        real_rewrite(forward, backward, s)
+        calls.append(s)
+        if len(calls) == 2:
+            raise RuntimeError("a bug")
+
+    monkeypatch.setattr(saved_precision, "_rewrite", breaks)
+    monkeypatch.setattr(saved_precision, "_traffic", lambda pair, kept: None)
+    x = batch()
+    _, exact = train_step(mlp(), x)
+    with pytest.warns(UserWarning, match="failed on the saved tensors"):
+        _, grads = train_step(mlp(), x, **saved())
+    assert len(calls) == 2
+    assert all(torch.equal(g, e) for g, e in zip(grads, exact))
