@@ -120,7 +120,7 @@ def unpack_int4(packed: torch.Tensor, group: int) -> torch.Tensor:
     b = packed.to(torch.int32)
     # Every whole group at once (a Python loop over groups cost 65 us for one 512-wide row,
     # an int4 embedding lookup: 8 us now).
-    groups = b[:, : whole // 2].reshape(rows, -1, group // 2)
+    groups = b[:, : whole // 2].reshape(rows, whole // group, group // 2)
     parts = [torch.cat(((groups & 15) - 8, (groups >> 4) - 8), dim=2).reshape(rows, whole)]
     if whole < cols:
         last = b[:, whole // 2 :]

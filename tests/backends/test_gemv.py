@@ -1,5 +1,7 @@
 """float32 products of a few rows on memopt's streaming kernels (backends/runtime/gemv.py)."""
 
+import copy
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -198,3 +200,15 @@ def test_other_layouts_grads_and_fake_tensors_after_a_launch_is_bound(monkeypatc
     with FakeTensorMode() as mode, torch.no_grad():
         fake = op(mode.from_tensor(two), mode.from_tensor(w).t())
     assert fake.shape == (2, 32) and len(calls) == 2
+
+
+def test_a_negated_view_and_a_deep_copy_after_a_launch_is_bound():
+    a, w = torch.randn(1, 64), torch.randn(32, 64)
+    op = StreamingGemv(aten.mm.default)
+    with torch.no_grad():
+        want = op(a, w.t())
+        op(a, w.t())
+        torch.testing.assert_close(op(torch._neg_view(a), w.t()), -want)
+        twin = copy.deepcopy(op)
+        assert twin._launch is None
+        torch.testing.assert_close(twin(a, w.t()), want)

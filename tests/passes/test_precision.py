@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -739,3 +740,28 @@ def test_the_pass_gives_its_lookups_the_backends_gather() -> None:
         if isinstance(n.target, QuantizedEmbedding)
     ]
     assert lookups and all(t.backend.quantized_gather is cpp_quantized.gather_rows for t in lookups)
+
+
+def test_narrow_targets_refuse_bad_operands_and_copy_without_their_launch() -> None:
+    """x of another width raises as torch.mm does (the kernels would read past it), a
+    negated view is read as its values, a bound target deep-copies (its launch is bound
+    anew), and a lookup under another default device still returns CPU rows."""
+    weight = nn.Parameter(torch.randn(16, 64))
+    parameter = QuantizedParameter(weight, "int8", 32, False, "w")
+    target = QuantizedMatmul(parameter, get_backend("cpp"))
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        want = target(x, weight)
+        with pytest.raises(RuntimeError, match="cannot be multiplied"):
+            target(torch.randn(1, 8), weight)
+        negated = torch._neg_view(x)
+        torch.testing.assert_close(target(negated, weight), -want)
+        twin = copy.deepcopy(target)
+        assert twin._launch is None and torch.equal(twin(x, weight), want)
+        lookup = QuantizedEmbedding(
+            QuantizedParameter(weight, "int4", 32, False, "w"), get_backend("cpp")
+        )
+        with torch.device("meta"):
+            rows = lookup(weight, torch.tensor([1, 2]))
+        assert rows.device.type == "cpu" and rows.shape == (2, 64)
+        assert lookup(weight, torch.zeros(0, dtype=torch.int32)).shape == (0, 64)

@@ -848,9 +848,14 @@ def matmul(
     library the dequantized tiles of many rows go to ("aten" or "onednn": the graph's
     `cpu_gemm` choice, runtime/gemm.py).
     """
-    x = x.contiguous()
+    if x.dim() != 2 or x.shape[1] != weight.cols:
+        raise RuntimeError(
+            f"mat1 and mat2 shapes cannot be multiplied ({'x'.join(map(str, x.shape))} and "
+            f"{weight.cols}x{weight.rows})"
+        )
+    x = x.resolve_neg().contiguous()  # a negated view's bit: the kernels read the memory
     if bias is not None:
-        bias = bias.contiguous()  # kept: the kernels read it after this line
+        bias = bias.resolve_neg().contiguous()  # kept: the kernels read it after this line
     m, n, k = x.shape[0], weight.rows, weight.cols
     out = torch.empty((m, n), dtype=torch.float32, device=x.device)
     kernels = functions()
@@ -904,7 +909,7 @@ def gather_rows(weight: QuantizedWeight, index: torch.Tensor) -> torch.Tensor | 
     if kind is None or index.dtype != torch.int64 or not (index.is_cpu and weight.data.is_cpu):
         return None
     flat = index.reshape(-1).contiguous()
-    out = torch.empty((*index.shape, weight.cols), dtype=torch.float32)
+    out = torch.empty((*index.shape, weight.cols), dtype=torch.float32, device="cpu")
     failed = functions()["memopt_gather_rows"](
         kind,
         weight.data.data_ptr(),
@@ -931,10 +936,12 @@ def bind_matmul(
     the bias's dtype, shape and strides (x contiguous, the bias a contiguous (N,) vector)
     and returns `launcher.LAYOUT_MISMATCH` without running where they differ."""
     native = launcher.module()
-    m, n, k = x.shape[0], weight.rows, weight.cols
-    if native is None or not 1 <= m <= GEMV_ROWS or not x.is_contiguous():
+    if native is None or x.dim() != 2 or x.shape[1] != weight.cols:
         return None
-    if bias is not None and not bias.is_contiguous():
+    m, n, k = x.shape[0], weight.rows, weight.cols
+    if not 1 <= m <= GEMV_ROWS or not x.is_contiguous() or x.is_neg():
+        return None
+    if bias is not None and (not bias.is_contiguous() or bias.is_neg()):
         return None
     gemv, integer_gemv, _ = _KERNELS[weight.kind]
     integer = int8_activations and integer_gemv is not None

@@ -164,12 +164,15 @@ class StreamingGemv(LibraryMatmul):
         super().__init__(op)
         self._launch: tuple | None = None  # (launch, M, N) for the layouts planned last
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_launch": None}  # a launch is bound anew, not copied
+
     def __call__(self, *args: object, **kwargs: object) -> torch.Tensor:
         bound = self._launch
         if bound is not None and not kwargs and not _grad_enabled():
             launch, m, n = bound
             for t in args:
-                if type(t) not in PLAIN_TENSORS:
+                if type(t) not in PLAIN_TENSORS or t.is_neg():
                     break
             else:
                 out = _empty((m, n), dtype=_FLOAT32, device=_CPU)
@@ -213,6 +216,8 @@ def _kernel_for(a: object, b: object, bias: object) -> str | None:
         return None
     if a.layout is not _STRIDED or b.layout is not _STRIDED or a.dim() != 2 or b.dim() != 2:
         return None
+    if a.is_neg() or b.is_neg():  # a negated view's bit: the kernels read the memory
+        return None
     (m, k), (k_b, n) = a.shape, b.shape
     if k != k_b or not (1 <= m <= GEMV_ROWS and k and n):
         return None
@@ -221,6 +226,8 @@ def _kernel_for(a: object, b: object, bias: object) -> str | None:
         if type(bias) not in PLAIN_TENSORS or bias.dtype is not _FLOAT32 or not bias.is_cpu:
             return None
         if bias.layout is not _STRIDED or bias.shape != (n,) or not bias.is_contiguous():
+            return None
+        if bias.is_neg():
             return None
         grads = grads or (torch.is_grad_enabled() and bias.requires_grad)
     if grads:

@@ -114,6 +114,9 @@ class QuantizedMatmul(_NarrowTarget):
         # and a ctypes call (about 3 us less; a decode step makes 17-29 of them).
         self._launch: tuple | None = None
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_launch": None}  # a launch is bound anew, not copied
+
     def memopt_cost(self, node: torch.fx.Node) -> Cost:
         """x (and the bias) read once, the narrow weight once, the output written once."""
         x, out = node.args[0], tensor_meta(node)
@@ -133,13 +136,13 @@ class QuantizedMatmul(_NarrowTarget):
             return y if bias is None else y + bias
         weight = self.parameter.current(w)
         bound = self._launch
-        if bound is not None and bound[0] is weight and type(x) in _PLAIN:
+        if bound is not None and bound[0] is weight and type(x) in _PLAIN and not x.is_neg():
             _, biased, launch, m, n, stored = bound
             if bias is None and not biased:
                 out = torch.empty((m, n), dtype=_FLOAT32, device=_CPU)
                 if launch(x, *stored, out) == 0:
                     return out
-            elif biased and type(bias) in _PLAIN:
+            elif biased and type(bias) in _PLAIN and not bias.is_neg():
                 out = torch.empty((m, n), dtype=_FLOAT32, device=_CPU)
                 if launch(x, bias, *stored, out) == 0:
                     return out
