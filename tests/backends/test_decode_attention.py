@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+import copy
+import types
+
 import pytest
 import torch
 
 from memopt.backends.cpp import attention as kernel
+from memopt.backends.cpp import launcher
 from memopt.backends.runtime import decode_attention
 from memopt.backends.runtime.decode_attention import (
     FLASH_CPU,
@@ -31,6 +35,25 @@ def _kernel_calls(monkeypatch):
         return entry(*args)
 
     monkeypatch.setattr(kernel, "function", lambda: counted)
+    return calls
+
+
+def _launches(monkeypatch):
+    """Count the calls of the kernel's native launches (a proxy for the launcher)."""
+    calls, native = [], launcher.module()
+
+    class Counting:
+        def bind(self, *args):
+            launch = native.bind(*args)
+
+            def counted(*tensors):
+                calls.append(tensors)
+                return launch(*tensors)
+
+            return counted
+
+    proxy = types.SimpleNamespace(module=lambda: None if native is None else Counting())
+    monkeypatch.setattr(decode_attention, "launcher", proxy)
     return calls
 
 
@@ -232,7 +255,7 @@ def test_decoding_a_llama_on_the_kernel_gives_eagers_tokens(monkeypatch):
     AVX-512 score blocks where the CPU has them) runs on the kernel, over the whole
     allocated cache with its unused tail masked."""
     pytest.importorskip("transformers")
-    calls = _kernel_calls(monkeypatch)
+    calls, launched = _kernel_calls(monkeypatch), _launches(monkeypatch)
     model = decoding_llama(hidden=256, layers=2)
     prompt = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(1))
     want = generate(model, prompt, "static", 8)
@@ -241,4 +264,37 @@ def test_decoding_a_llama_on_the_kernel_gives_eagers_tokens(monkeypatch):
         model.forward, backend="memopt", options={"cpu_attention": "memopt"}
     )
     assert torch.equal(generate(model, prompt, "static", 8), want)
-    assert len(calls) == 2 * 7  # two layers, seven decode steps
+    # two layers, seven decode steps: each layer's first through ctypes, then launches
+    assert len(calls) + len(launched) == 2 * 7
+    assert launched or launcher.module() is None
+
+
+@pytest.mark.parametrize("mask", ["none", "tail", "per_head"])
+def test_a_call_with_the_layouts_planned_last_is_one_native_launch(monkeypatch, mask):
+    """The first call plans and binds; the next, operands of those layouts, is one C call
+    through the launcher (no ctypes call) with the ctypes path's values bit for bit; another
+    scale, mask presence, layout or a negated view takes the planned path again."""
+    if launcher.module() is None:
+        pytest.skip("no native launcher here")
+    calls = _kernel_calls(monkeypatch)
+    q, k, v = _operands(1, 8, 2, 300, 64, allocated=320)
+    m = _masks(1, 8, 300, torch.Generator().manual_seed(3))[mask]
+    op = DecodeAttention()
+    q2 = torch.randn_like(q)
+    with torch.no_grad():
+        want = decode_attention.decode_attention(q2, k, v, m, None)  # through ctypes
+        calls.clear()
+        first = op(q, k, v, attn_mask=m)
+        second = op(q2, k, v, attn_mask=m)
+        assert len(calls) == 1
+        assert all(torch.equal(a, b) for a, b in zip(second, want))
+        assert second[0].data_ptr() != first[0].data_ptr()
+        op(q2, k, v, attn_mask=m, scale=0.5)
+        assert len(calls) == 2  # another scale: planned, and bound for it
+        negated = op(torch._neg_view(q2), k, v, attn_mask=m, scale=0.5)
+        assert len(calls) == 2  # the ATen op
+        torch.testing.assert_close(negated[0], FLASH_CPU(-q2, k, v, attn_mask=m, scale=0.5)[0])
+        op(q2[:, :, :, :32].contiguous(), k[..., :32], v[..., :32], attn_mask=m)
+        assert len(calls) == 3  # another head size: planned again
+    twin = copy.deepcopy(op)
+    assert twin._launch is None

@@ -267,6 +267,18 @@ extern "C" int32_t memopt_decode_attention(
     }
   return 0;
 }
+
+// The native launcher's entry (cpp/launcher.py): p = q, k, v[, mask], out, lse; s = the six
+// sizes, the eleven strides, the scale's float bits, the chunk, whether a mask is given.
+extern "C" int32_t memopt_decode_attention_packed(void* const* p, const int64_t* s) {
+  const int64_t m = s[19];
+  const uint32_t bits = static_cast<uint32_t>(s[17]);
+  float scale;
+  __builtin_memcpy(&scale, &bits, sizeof scale);
+  return memopt_decode_attention((const float*)p[0], (const float*)p[1], (const float*)p[2],
+                                 m ? (const float*)p[3] : nullptr, (float*)p[3 + m],
+                                 (float*)p[4 + m], s, s + 6, scale, s[18]);
+}
 """
 )
 
@@ -285,3 +297,11 @@ def function() -> ctypes._CFuncPtr:
     entry.argtypes = SIGNATURE
     entry.restype = ctypes.c_int32
     return entry
+
+
+@functools.cache
+def packed_address() -> int:
+    """The address of `memopt_decode_attention_packed`, the entry for the native launcher:
+    `int32_t f(void* const* pointers, const int64_t* scalars)` (the source's comment)."""
+    library, _ = build.library(SOURCE)
+    return ctypes.cast(library.memopt_decode_attention_packed, ctypes.c_void_p).value

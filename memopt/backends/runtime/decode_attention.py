@@ -38,6 +38,7 @@ import functools
 import math
 import operator
 import statistics
+import struct
 import time
 
 import torch
@@ -45,6 +46,7 @@ import torch.fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from memopt.backends.cpp import attention as kernel
+from memopt.backends.cpp import launcher
 from memopt.backends.runtime.gemm import (
     GemmTimes,
     describe_library,
@@ -69,6 +71,7 @@ _LAYERS = 6
 _WEIGHT_NBYTES = 12 << 20
 
 _FLOAT32, _STRIDED, _CPU = torch.float32, torch.strided, torch.device("cpu")
+_grad_enabled = torch.is_grad_enabled
 
 
 def decode_attention(
@@ -118,6 +121,8 @@ def plan(q: object, k: object, v: object, mask: object) -> tuple | None:
         return None
     if mask is not None and type(mask) not in PLAIN_TENSORS:
         return None
+    if q.is_neg() or k.is_neg() or v.is_neg() or (mask is not None and mask.is_neg()):
+        return None  # a negated view's bit: the kernel reads the memory
     key = (
         q.shape, q.stride(), k.shape, k.stride(), v.shape, v.stride(), q.dtype, k.dtype, v.dtype,
         q.device, k.device, v.device, q.layout, k.layout, v.layout,
@@ -178,8 +183,16 @@ class DecodeAttention:
     __name__ = FLASH_CPU.__name__
     memopt_name = f"{FLASH_CPU} (memopt decode attention)"
 
+    def __init__(self) -> None:
+        # The operand layouts planned last, bound to one C call through the native launcher
+        # (cpp/launcher.py, layouts checked in C): (launch, scale, masked, B, H, Dv).
+        self._launch: tuple | None = None
+
     def __repr__(self) -> str:
         return "DecodeAttention()"
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_launch": None}  # a launch is bound anew, not copied
 
     def __call__(
         self,
@@ -192,10 +205,44 @@ class DecodeAttention:
         attn_mask: torch.Tensor | None = None,
         scale: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        bound = self._launch
+        if bound is not None and not dropout_p and not is_causal and not _grad_enabled():
+            launch, bound_scale, masked, batch, heads, v_dim = bound
+            operands = (q, k, v) if attn_mask is None else (q, k, v, attn_mask)
+            if scale == bound_scale and masked == (attn_mask is not None) and _plain(operands):
+                out = torch.empty((batch, heads, 1, v_dim), dtype=_FLOAT32, device=_CPU)
+                lse = torch.empty((batch, 1, heads), dtype=_FLOAT32, device=_CPU).transpose(1, 2)
+                code = launch(*operands, out, lse)
+                if code == 0:
+                    return out, lse
+                if code == 1:
+                    raise MemoryError("memopt decode attention: no memory for its scratch")
         call = None if dropout_p or is_causal else plan(q, k, v, attn_mask)
         if call is None:
             return FLASH_CPU(q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)
-        return decode_attention(q, k, v, attn_mask, scale, call)
+        result = decode_attention(q, k, v, attn_mask, scale, call)
+        self._bind(q, k, v, attn_mask, scale, call)
+        return result
+
+    def _bind(self, q, k, v, mask, scale: float | None, call: tuple) -> None:
+        native = launcher.module()
+        if native is None:
+            return
+        sizes, strides = call
+        operands = (q, k, v) if mask is None else (q, k, v, mask)
+        checks = tuple((t.dtype, tuple(t.shape), tuple(t.stride())) for t in operands)
+        value = 1.0 / math.sqrt(sizes[4]) if scale is None else scale
+        bits = struct.unpack("<I", struct.pack("<f", value))[0]
+        scalars = (*sizes, *strides, bits, kernel.CHUNK, int(mask is not None))
+        launch = native.bind(kernel.packed_address(), len(operands) + 2, scalars, checks)
+        self._launch = (launch, scale, mask is not None, sizes[0], sizes[1], sizes[5])
+
+
+def _plain(tensors: tuple) -> bool:
+    for t in tensors:
+        if type(t) not in PLAIN_TENSORS or t.is_neg():
+            return False
+    return True
 
 
 def measure() -> GemmTimes:
