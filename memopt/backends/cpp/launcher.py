@@ -256,6 +256,21 @@ def module() -> ModuleType | None:
         return None
 
 
+def bind_layouts(
+    address: int, operands: tuple[torch.Tensor, ...], unchecked: int, scalars: tuple[int, ...]
+) -> object | None:
+    """A launch of the packed entry at `address` taking `operands`, laid out as they are now
+    (each call checks their dtype, shape and strides in C and returns LAYOUT_MISMATCH
+    without running where one differs), then `unchecked` more tensors (outputs, a stored
+    weight), with `scalars` bound; None where the launcher is not built. For the library
+    kernels that bind the layouts of their last planned call (GEMVs, decode attention)."""
+    native = module()
+    if native is None:
+        return None
+    checks = tuple((t.dtype, tuple(t.shape), tuple(t.stride())) for t in operands)
+    return native.bind(address, len(operands) + unchecked, scalars, checks)
+
+
 def _built(include: str) -> Path:
     """The extension's library in the cache, compiled unless it is there. Built as the
     kernels are (`build._compile_to`: a temporary file in the cache directory), without

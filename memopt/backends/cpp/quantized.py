@@ -859,18 +859,15 @@ def matmul(
     m, n, k = x.shape[0], weight.rows, weight.cols
     out = torch.empty((m, n), dtype=torch.float32, device=x.device)
     kernels = functions()
-    gemv, integer_gemv, dequantize_rows = _KERNELS[weight.kind]
+    _, integer_gemv, dequantize_rows = _KERNELS[weight.kind]
     integer = int8_activations and integer_gemv is not None
     block = weight.group if weight.kind == "int4" else ACTIVATION_BLOCK
     stored = (weight.data.data_ptr(), *([] if weight.scale is None else [weight.scale.data_ptr()]))
     group = (weight.group,) if weight.kind == "int4" else ()
     if m <= GEMV_ROWS:
         bias_address = None if bias is None else bias.data_ptr()
-        head = (x.data_ptr(), *stored, bias_address, out.data_ptr(), m, n, k)
-        if integer:
-            kernels[integer_gemv](*head, block)
-        else:
-            kernels[gemv](*head, *group)
+        name, last = _gemv(weight, int8_activations)
+        kernels[name](x.data_ptr(), *stored, bias_address, out.data_ptr(), m, n, k, *last)
         return out
     # K = 1: oneDNN misreads the (1, N) operand's strides (1, 1). `_int_mm` is oneDNN's:
     # disabled, it runs plain loops (100x slower).
@@ -935,24 +932,28 @@ def bind_matmul(
     with `stored` the weight's data (and scale), y a fresh (M, N) output. It checks x's and
     the bias's dtype, shape and strides (x contiguous, the bias a contiguous (N,) vector)
     and returns `launcher.LAYOUT_MISMATCH` without running where they differ."""
-    native = launcher.module()
-    if native is None or x.dim() != 2 or x.shape[1] != weight.cols:
+    if x.dim() != 2 or x.shape[1] != weight.cols:
         return None
     m, n, k = x.shape[0], weight.rows, weight.cols
     if not 1 <= m <= GEMV_ROWS or not x.is_contiguous() or x.is_neg():
         return None
     if bias is not None and (not bias.is_contiguous() or bias.is_neg()):
         return None
-    gemv, integer_gemv, _ = _KERNELS[weight.kind]
-    integer = int8_activations and integer_gemv is not None
-    block = weight.group if weight.kind == "int4" else ACTIVATION_BLOCK
-    last = (block,) if integer else ((weight.group,) if weight.kind == "int4" else ())
+    name, last = _gemv(weight, int8_activations)
     operands = (x,) if bias is None else (x, bias)
-    checks = tuple((t.dtype, tuple(t.shape), tuple(t.stride())) for t in operands)
-    tensors = len(operands) + (1 if weight.scale is None else 2) + 1
+    stored = 1 if weight.scale is None else 2
     scalars = (m, n, k, int(bias is not None), *last)
-    address = packed_address(integer_gemv if integer else gemv)
-    return native.bind(address, tensors, scalars, checks), m, n
+    launch = launcher.bind_layouts(packed_address(name), operands, stored + 1, scalars)
+    return None if launch is None else (launch, m, n)
+
+
+def _gemv(weight: QuantizedWeight, int8_activations: bool) -> tuple[str, tuple[int, ...]]:
+    """The GEMV kernel for `weight` and its last arguments: the int8 activations' block
+    (int4: the weight's group), or int4's group, or none."""
+    gemv, integer_gemv, _ = _KERNELS[weight.kind]
+    if int8_activations and integer_gemv is not None:
+        return integer_gemv, (weight.group if weight.kind == "int4" else ACTIVATION_BLOCK,)
+    return gemv, (weight.group,) if weight.kind == "int4" else ()
 
 
 @functools.cache

@@ -54,7 +54,7 @@ from memopt.backends.runtime.gemm import (
     resolve_choice,
 )
 from memopt.backends.runtime.gemv import streaming_matmul
-from memopt.backends.runtime.linear import PLAIN_TENSORS
+from memopt.backends.runtime.linear import PLAIN_TENSORS, launchable
 from memopt.compiler.graph import static_int, tensor_meta
 
 aten = torch.ops.aten
@@ -209,7 +209,7 @@ class DecodeAttention:
         if bound is not None and not dropout_p and not is_causal and not _grad_enabled():
             launch, bound_scale, masked, batch, heads, v_dim = bound
             operands = (q, k, v) if attn_mask is None else (q, k, v, attn_mask)
-            if scale == bound_scale and masked == (attn_mask is not None) and _plain(operands):
+            if scale == bound_scale and masked == (attn_mask is not None) and launchable(operands):
                 out = torch.empty((batch, heads, 1, v_dim), dtype=_FLOAT32, device=_CPU)
                 lse = torch.empty((batch, 1, heads), dtype=_FLOAT32, device=_CPU).transpose(1, 2)
                 code = launch(*operands, out, lse)
@@ -225,24 +225,14 @@ class DecodeAttention:
         return result
 
     def _bind(self, q, k, v, mask, scale: float | None, call: tuple) -> None:
-        native = launcher.module()
-        if native is None:
-            return
         sizes, strides = call
         operands = (q, k, v) if mask is None else (q, k, v, mask)
-        checks = tuple((t.dtype, tuple(t.shape), tuple(t.stride())) for t in operands)
         value = 1.0 / math.sqrt(sizes[4]) if scale is None else scale
         bits = struct.unpack("<I", struct.pack("<f", value))[0]
         scalars = (*sizes, *strides, bits, kernel.CHUNK, int(mask is not None))
-        launch = native.bind(kernel.packed_address(), len(operands) + 2, scalars, checks)
-        self._launch = (launch, scale, mask is not None, sizes[0], sizes[1], sizes[5])
-
-
-def _plain(tensors: tuple) -> bool:
-    for t in tensors:
-        if type(t) not in PLAIN_TENSORS or t.is_neg():
-            return False
-    return True
+        launch = launcher.bind_layouts(kernel.packed_address(), operands, 2, scalars)
+        if launch is not None:  # out and lse follow the operands, unchecked
+            self._launch = (launch, scale, mask is not None, sizes[0], sizes[1], sizes[5])
 
 
 def measure() -> GemmTimes:

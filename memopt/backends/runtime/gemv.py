@@ -44,7 +44,7 @@ from memopt.backends.runtime.gemm import (
     resolve_choice,
     runs_on_cpu_gemm,
 )
-from memopt.backends.runtime.linear import PLAIN_TENSORS
+from memopt.backends.runtime.linear import PLAIN_TENSORS, launchable
 from memopt.compiler.graph import static_int, tensor_meta
 
 aten = torch.ops.aten
@@ -169,15 +169,11 @@ class StreamingGemv(LibraryMatmul):
 
     def __call__(self, *args: object, **kwargs: object) -> torch.Tensor:
         bound = self._launch
-        if bound is not None and not kwargs and not _grad_enabled():
+        if bound is not None and not kwargs and not _grad_enabled() and launchable(args):
             launch, m, n = bound
-            for t in args:
-                if type(t) not in PLAIN_TENSORS or t.is_neg():
-                    break
-            else:
-                out = _empty((m, n), dtype=_FLOAT32, device=_CPU)
-                if launch(*args, out) == 0:
-                    return out
+            out = _empty((m, n), dtype=_FLOAT32, device=_CPU)
+            if launch(*args, out) == 0:
+                return out
         return super().__call__(*args, **kwargs)
 
     def plan(self, a: object, b: object, bias: object) -> object | None:
@@ -191,15 +187,11 @@ class StreamingGemv(LibraryMatmul):
         return streaming_matmul(bias, a, b, way)
 
     def _bind(self, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, way: str) -> None:
-        native = launcher.module()
-        if native is None:
-            return
         operands = (a, b) if bias is None else (bias, a, b)
-        checks = tuple((t.dtype, tuple(t.shape), tuple(t.stride())) for t in operands)
         (m, k), n = a.shape, b.shape[1]
         scalars = (m, n, k, int(bias is not None))
-        launch = native.bind(quantized.packed_address(way), len(operands) + 1, scalars, checks)
-        self._launch = (launch, m, n)
+        launch = launcher.bind_layouts(quantized.packed_address(way), operands, 1, scalars)
+        self._launch = None if launch is None else (launch, m, n)
 
 
 _NK, _KN = "memopt_f32_matmul", "memopt_f32_matmul_kn"

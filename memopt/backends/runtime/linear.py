@@ -41,6 +41,16 @@ ACTIVATIONS = {
 PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
+def launchable(tensors: tuple[object, ...]) -> bool:
+    """Whether `tensors` can go to a bound native launch (cpp/launcher.py `bind_layouts`):
+    plain tensors (the launch reads their data pointers and checks their layouts) without
+    a negated view's bit (which the kernels would not see)."""
+    for t in tensors:
+        if type(t) not in PLAIN_TENSORS or t.is_neg():
+            return False
+    return True
+
+
 def onednn_available() -> bool:
     """Whether this torch can run oneDNN's fused linear ops on the CPU."""
     return bool(torch.backends.mkldnn.is_available()) and hasattr(

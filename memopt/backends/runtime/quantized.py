@@ -24,6 +24,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from memopt.backends.narrow import QuantizedWeight, quantize
 from memopt.backends.registry import Backend
+from memopt.backends.runtime.linear import launchable
 from memopt.compiler.cost import Cost, read_bytes
 from memopt.compiler.graph import numel, tensor_meta
 
@@ -69,7 +70,6 @@ class QuantizedParameter:
         return self.weight
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 _FLOAT32, _CPU = torch.float32, torch.device("cpu")
 
 
@@ -136,15 +136,12 @@ class QuantizedMatmul(_NarrowTarget):
             return y if bias is None else y + bias
         weight = self.parameter.current(w)
         bound = self._launch
-        if bound is not None and bound[0] is weight and type(x) in _PLAIN and not x.is_neg():
-            _, biased, launch, m, n, stored = bound
-            if bias is None and not biased:
+        if bound is not None and bound[0] is weight and bound[1] == (bias is not None):
+            _, _, launch, m, n, stored = bound
+            operands = (x,) if bias is None else (x, bias)
+            if launchable(operands):
                 out = torch.empty((m, n), dtype=_FLOAT32, device=_CPU)
-                if launch(x, *stored, out) == 0:
-                    return out
-            elif biased and type(bias) in _PLAIN and not bias.is_neg():
-                out = torch.empty((m, n), dtype=_FLOAT32, device=_CPU)
-                if launch(x, bias, *stored, out) == 0:
+                if launch(*operands, *stored, out) == 0:
                     return out
         int8 = self.parameter.int8_activations
         out = self.backend.quantized_matmul(x, weight, int8, bias, self.gemm)
