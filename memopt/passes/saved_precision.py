@@ -149,13 +149,13 @@ def narrow_saved(pair: PartitionedPair, ctx: PassContext, max_error: float | Non
             figures=_figures(s, before),
         )
     fuel = ctx.record.fuel
-    applied = kept
+    within_fuel = kept
     if fuel.limit is not None and len(kept) > fuel.limit - fuel.used:
         # The decisions past the fuel are refused below: the figures stated are those of
         # the tensors that will be narrowed.
-        applied = kept[: max(fuel.limit - fuel.used, 0)]
-        total = runs.error(applied)
-    traffic = _traffic(pair, applied)
+        within_fuel = kept[: max(fuel.limit - fuel.used, 0)]
+        total = runs.error(within_fuel)
+    traffic = _traffic(pair, within_fuel)
     moved = (
         ""
         if traffic is None
@@ -165,7 +165,7 @@ def narrow_saved(pair: PartitionedPair, ctx: PassContext, max_error: float | Non
     )
     narrowed = []
     for s in kept:
-        applied = ctx.decide(
+        if ctx.decide(
             "saved_activation",
             f"bf16 {s.label}",
             f"{s.nbytes:,} B -> {s.nbytes // 2:,} B held from the forward to the backward; "
@@ -176,8 +176,7 @@ def narrow_saved(pair: PartitionedPair, ctx: PassContext, max_error: float | Non
             s.nbytes // 2,
             (s.node.name,),
             figures=_figures(s, total, traffic),
-        )
-        if applied:
+        ):
             _rewrite(pair.forward, pair.backward, s)
             narrowed.append(s)
     if narrowed:
