@@ -96,6 +96,7 @@ class CompileSession:
         )
         if self.config.verbose and compiled.libraries:
             print(f"memopt: {name} graph: {compiled.libraries}", file=sys.stderr)
+        compiled.verbose = self.config.verbose
         return compiled
 
     def _write_report(self, name: str, result, bindings, bound) -> None:

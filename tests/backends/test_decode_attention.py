@@ -11,7 +11,7 @@ import torch
 
 from memopt.backends.cpp import attention as kernel
 from memopt.backends.cpp import launcher
-from memopt.backends.runtime import decode_attention
+from memopt.backends.runtime import decode_attention, executor
 from memopt.backends.runtime.decode_attention import (
     FLASH_CPU,
     DecodeAttention,
@@ -257,6 +257,7 @@ def test_decoding_a_llama_on_the_kernel_gives_eagers_tokens(monkeypatch):
     allocated cache with its unused tail masked."""
     pytest.importorskip("transformers")
     calls, launched = _kernel_calls(monkeypatch), _launches(monkeypatch)
+    monkeypatch.setattr(executor, "REPLAY", False)  # every step through the program's calls
     model = decoding_llama(hidden=256, layers=2)
     prompt = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(1))
     want = generate(model, prompt, "static", 8)

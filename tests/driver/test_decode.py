@@ -10,6 +10,8 @@ import json
 import pytest
 import torch
 
+from memopt.backends.runtime.tape import Tape
+
 from real_models import decoding_llama, generate
 
 pytest.importorskip("transformers")
@@ -22,10 +24,20 @@ def _graphs() -> int:
 
 
 @pytest.mark.parametrize("cache, graphs", [("static", 2), ("dynamic", 3)])
-def test_decoding_gives_eagers_tokens_without_recompiling(cache, graphs, tmp_path):
+def test_decoding_gives_eagers_tokens_without_recompiling(cache, graphs, tmp_path, monkeypatch):
     """A prefill graph and a decode graph (the dynamic cache's first decode compiles for
     its sizes, the second recompiles with dynamic ones); then no graph at all, however
-    long the run."""
+    long the run. The static cache's decode steps replay a tape of their launches
+    (runtime/tape.py) with eager's tokens; the dynamic cache's graph has size symbols."""
+    replayed = []
+    call = Tape.__call__
+
+    def counted(self, args):
+        outputs = call(self, args)
+        replayed.append(outputs is not None)
+        return outputs
+
+    monkeypatch.setattr(Tape, "__call__", counted)
     model = decoding_llama()
     prompt = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(1))
     want = generate(model, prompt, cache, NEW_TOKENS)
@@ -39,6 +51,8 @@ def test_decoding_gives_eagers_tokens_without_recompiling(cache, graphs, tmp_pat
     assert _graphs() - before == graphs
     assert torch.equal(generate(model, prompt, cache, 3 * NEW_TOKENS), longer)
     assert _graphs() - before == graphs
+    done = sum(replayed)
+    assert done >= 2 * NEW_TOKENS if cache == "static" else done == 0
     decode = json.loads((tmp_path / f"inference.{graphs - 1}.json").read_text())
     codes = [d["code"] for p in decode["ledger"] for d in p["decisions"] if d["applied"]]
     text = decode["graph_text"]

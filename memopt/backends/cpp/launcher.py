@@ -11,6 +11,11 @@ Before that it checks the first tensors' dtype, device, shape and strides agains
 bound (the layouts the kernel was generated for). It returns the kernel's error code, or
 LAYOUT_MISMATCH without running when a check fails (the caller applies the full rule).
 
+The extension also makes tapes (runtime/tape.py): `record(list)` has every launch of the
+recording thread append what it ran (its entry point, data pointers, scalars and return
+code) until `record(None)`; `tape(entries)` returns a callable that runs such launches and
+Python callables in order, in one C loop.
+
 Where the extension cannot be built (no Python headers, no compiler) or torch lacks the
 data-pointer function, `module()` is None and kernels are called through ctypes.
 """
@@ -55,6 +60,11 @@ static data_ptr_fn tensor_data_ptr = nullptr;
 #define LAYOUT_MISMATCH (-1)
 
 static PyObject *dtype_name, *is_cpu_name, *shape_name, *stride_name;
+
+// While set (`record(list)`), every launch the recording thread makes appends (address,
+// pointers, scalars, code) to this list: what it ran, for a tape (runtime/tape.py).
+static PyObject* recording = nullptr;
+static PyThreadState* recording_thread = nullptr;
 
 typedef struct {
   PyObject_HEAD
@@ -121,7 +131,148 @@ static PyObject* launch_call(PyObject* self, PyObject* const* args, size_t nargs
     if (pointers[k] == nullptr && PyErr_Occurred()) return nullptr;
   }
   int32_t code = launch->fn(pointers, launch->scalars);
+  if (recording != nullptr && PyThreadState_Get() == recording_thread) {
+    PyObject* addresses = PyTuple_New(n);
+    PyObject* scalars = PyTuple_New(launch->scalar_count);
+    if (addresses == nullptr || scalars == nullptr) {
+      Py_XDECREF(addresses);
+      Py_XDECREF(scalars);
+      return nullptr;
+    }
+    for (Py_ssize_t k = 0; k < n; ++k)
+      PyTuple_SET_ITEM(addresses, k, PyLong_FromVoidPtr(pointers[k]));
+    for (Py_ssize_t k = 0; k < launch->scalar_count; ++k)
+      PyTuple_SET_ITEM(scalars, k, PyLong_FromLongLong(launch->scalars[k]));
+    PyObject* entry = Py_BuildValue("(KNNi)", (unsigned long long)(uintptr_t)launch->fn,
+                                    addresses, scalars, (int)code);
+    if (entry == nullptr || PyList_Append(recording, entry) < 0) {
+      Py_XDECREF(entry);
+      return nullptr;
+    }
+    Py_DECREF(entry);
+  }
   return PyLong_FromLong(code);
+}
+
+// A tape: launches and Python calls run in order by one call (runtime/tape.py). A launch
+// entry is (address, pointers, scalars): the packed entry point called with pointers and
+// scalars fixed when the tape was made; any other entry is a callable taking nothing.
+// Calling the tape returns None, or (position, code) for the first launch that returned a
+// nonzero code (the entries after it not run); a Python entry's exception propagates.
+typedef struct {
+  packed_fn fn;
+  void** pointers;
+  int64_t* scalars;
+  PyObject* call;  // a Python entry, or nullptr for a launch
+} TapeEntry;
+
+typedef struct {
+  PyObject_HEAD
+  vectorcallfunc vectorcall;
+  Py_ssize_t count;
+  TapeEntry* entries;
+} Tape;
+
+static PyObject* tape_call(PyObject* self, PyObject* const*, size_t nargsf, PyObject* kwnames) {
+  if (PyVectorcall_NARGS(nargsf) != 0 || (kwnames && PyTuple_GET_SIZE(kwnames))) {
+    PyErr_SetString(PyExc_TypeError, "memopt tape: takes no arguments");
+    return nullptr;
+  }
+  Tape* tape = (Tape*)self;
+  for (Py_ssize_t k = 0; k < tape->count; ++k) {
+    TapeEntry* entry = &tape->entries[k];
+    if (entry->call != nullptr) {
+      PyObject* result = PyObject_CallNoArgs(entry->call);
+      if (result == nullptr) return nullptr;
+      Py_DECREF(result);
+      continue;
+    }
+    int32_t code = entry->fn(entry->pointers, entry->scalars);
+    if (code != 0) return Py_BuildValue("(ni)", k, (int)code);
+  }
+  Py_RETURN_NONE;
+}
+
+static void tape_free_entries(Tape* tape) {
+  for (Py_ssize_t k = 0; k < tape->count; ++k) {
+    PyMem_Free(tape->entries[k].pointers);
+    PyMem_Free(tape->entries[k].scalars);
+    Py_XDECREF(tape->entries[k].call);
+  }
+  PyMem_Free(tape->entries);
+}
+
+static void tape_dealloc(PyObject* self) {
+  tape_free_entries((Tape*)self);
+  Py_TYPE(self)->tp_free(self);
+}
+
+static PyTypeObject TapeType = {PyVarObject_HEAD_INIT(nullptr, 0)};
+
+static int int64s_of(PyObject* values, int64_t** out, int as_pointers) {
+  Py_ssize_t n = PyTuple_GET_SIZE(values);
+  *out = (int64_t*)PyMem_Malloc(sizeof(int64_t) * (n + 1));
+  if (*out == nullptr) {
+    PyErr_NoMemory();
+    return -1;
+  }
+  for (Py_ssize_t k = 0; k < n; ++k) {
+    PyObject* value = PyTuple_GET_ITEM(values, k);
+    (*out)[k] = as_pointers ? (int64_t)(intptr_t)PyLong_AsVoidPtr(value) : PyLong_AsLongLong(value);
+    if (PyErr_Occurred()) return -1;
+  }
+  return 0;
+}
+
+static PyObject* make_tape(PyObject* module, PyObject* args) {
+  PyObject* entries;
+  if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &entries)) return nullptr;
+  Py_ssize_t count = PyList_GET_SIZE(entries);
+  Tape* tape = PyObject_New(Tape, &TapeType);
+  if (tape == nullptr) return nullptr;
+  tape->vectorcall = tape_call;
+  tape->count = 0;
+  tape->entries = (TapeEntry*)PyMem_Calloc(count + 1, sizeof(TapeEntry));
+  if (tape->entries == nullptr) {
+    Py_DECREF(tape);
+    return PyErr_NoMemory();
+  }
+  for (Py_ssize_t k = 0; k < count; ++k) {
+    PyObject* item = PyList_GET_ITEM(entries, k);
+    TapeEntry* entry = &tape->entries[k];
+    tape->count = k + 1;  // freed with the tape from here on
+    if (PyTuple_Check(item) && PyTuple_GET_SIZE(item) == 3 &&
+        PyTuple_Check(PyTuple_GET_ITEM(item, 1)) && PyTuple_Check(PyTuple_GET_ITEM(item, 2))) {
+      entry->fn = (packed_fn)(uintptr_t)PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(item, 0));
+      if (PyErr_Occurred() ||
+          int64s_of(PyTuple_GET_ITEM(item, 1), (int64_t**)&entry->pointers, 1) < 0 ||
+          int64s_of(PyTuple_GET_ITEM(item, 2), &entry->scalars, 0) < 0) {
+        Py_DECREF(tape);
+        return nullptr;
+      }
+    } else if (PyCallable_Check(item)) {
+      Py_INCREF(item);
+      entry->call = item;
+    } else {
+      PyErr_SetString(PyExc_TypeError,
+                      "memopt tape: an entry is (address, pointers, scalars) or a callable");
+      Py_DECREF(tape);
+      return nullptr;
+    }
+  }
+  return (PyObject*)tape;
+}
+
+static PyObject* record(PyObject* module, PyObject* target) {
+  if (target != Py_None && !PyList_Check(target)) {
+    PyErr_SetString(PyExc_TypeError, "memopt launcher: record(list) or record(None)");
+    return nullptr;
+  }
+  Py_XDECREF(recording);
+  recording = target == Py_None ? nullptr : target;
+  recording_thread = PyThreadState_Get();
+  Py_XINCREF(recording);
+  Py_RETURN_NONE;
 }
 
 static void launch_dealloc(PyObject* self) {
@@ -177,6 +328,8 @@ static PyObject* bind(PyObject* module, PyObject* args) {
 
 static PyMethodDef methods[] = {
     {"bind", bind, METH_VARARGS, "bind(address, tensors, scalars, checks) -> launch"},
+    {"tape", make_tape, METH_VARARGS, "tape(entries) -> a callable running them in order"},
+    {"record", record, METH_O, "record(list | None): launches append what they ran"},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "launcher", nullptr, -1,
@@ -201,6 +354,13 @@ PyMODINIT_FUNC PyInit_launcher(void) {
   LaunchType.tp_call = PyVectorcall_Call;
   LaunchType.tp_dealloc = launch_dealloc;
   if (PyType_Ready(&LaunchType) < 0) return nullptr;
+  TapeType.tp_name = "memopt_launcher.Tape";
+  TapeType.tp_basicsize = sizeof(Tape);
+  TapeType.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL;
+  TapeType.tp_vectorcall_offset = offsetof(Tape, vectorcall);
+  TapeType.tp_call = PyVectorcall_Call;
+  TapeType.tp_dealloc = tape_dealloc;
+  if (PyType_Ready(&TapeType) < 0) return nullptr;
   return PyModule_Create(&module_def);
 }
 """.replace("@MAX_TENSORS@", str(MAX_TENSORS))

@@ -27,8 +27,13 @@ from memopt.backends.runtime.extern import (
 )
 from memopt.backends.runtime.kernels import mark_donated_inputs, prefetch_kernels
 from memopt.backends.runtime.program import straight_line
+from memopt.backends.runtime.tape import CAPTURE_AFTER, CAPTURES, MISSES, Tape, refusal
 from memopt.backends.runtime.timing import _ACTIVE, active_timer
 from memopt.compiler.graph import META_KEY, TensorMeta, evaluate, tensor_meta
+
+# Whether plain calls of a graph replay a tape of its launches after CAPTURE_AFTER calls
+# (runtime/tape.py); False runs the program on every call.
+REPLAY = True
 
 
 def output_nodes(gm: torch.fx.GraphModule) -> list[object]:
@@ -104,6 +109,16 @@ class CompiledGraph:
         self.libraries = describe_libraries(gm, *libraries)  # for verbose output
         prefetch_kernels(gm)
         self._forward = _compiled_forward(gm)
+        # A plain call's runner (`_replay`): counts the calls before the tape's capture, then
+        # replays it (runtime/tape.py); None for graphs that get no tape.
+        self._calls = self._misses = self._captures = 0
+        self._addresses: list[object] | None = None  # the tensor arguments' memory, so far
+        self._moved: set[int] = set()  # positions whose memory differed between calls
+        self._tape: Tape | None = None
+        # why this graph has no tape (the last capture's reason), for verbose output
+        self.no_tape = "replay is off (executor.REPLAY)" if not REPLAY else refusal(gm)
+        self._replay = self._before_tape if self.no_tape is None else None
+        self.verbose = False  # say what each capture made (set by the Dynamo backend)
 
     def __call__(self, *args: object) -> list[object]:
         # AOTAutograd calls compiled graphs boxed (one list it may free) on most paths and
@@ -111,10 +126,51 @@ class CompiledGraph:
         if len(args) == 1 and type(args[0]) is list:
             args = args[0]
         if self._plain and not _ACTIVE:  # no check pending, no restride, no timer
+            replay = self._replay
+            if replay is not None:
+                return replay(args)
             # forward, not __call__: a graph module has no hooks, and nn.Module's call
             # machinery costs microseconds on every call.
             return self._forward(*args)
         return self._run(list(args))
+
+    def _before_tape(self, args: Sequence[object]) -> list[object]:
+        """A plain call before the tape: the program, and on the CAPTURE_AFTER + 1st call
+        the capture, which runs the graph for this call and makes its tape (or finds it
+        gets none: then the program runs from here on)."""
+        self._calls += 1
+        addresses = [a.data_ptr() if isinstance(a, torch.Tensor) else None for a in args]
+        if self._addresses is not None:
+            self._moved |= {k for k, (a, b) in enumerate(zip(addresses, self._addresses)) if a != b}
+        self._addresses = addresses
+        if self._calls <= CAPTURE_AFTER:
+            return self._forward(*args)
+        self._replay = None
+        self._captures += 1
+        tape, outputs = Tape.capture(self.gm, args, self._moved)
+        if isinstance(tape, Tape):
+            self._tape, self.no_tape = tape, None
+            self._replay = self._from_tape
+            said = f"a tape of {tape.launches} launches and {tape.python_calls} Python calls"
+        else:
+            self.no_tape = f"no tape: {tape}"
+            said = self.no_tape
+        if self.verbose:
+            print(f"memopt: {self.name} graph, call {self._calls}: {said}", file=sys.stderr)
+        return outputs
+
+    def _from_tape(self, args: Sequence[object]) -> list[object]:
+        outputs = self._tape(args)
+        if outputs is not None:
+            self._misses = 0
+            return outputs
+        self._misses += 1
+        if self._misses >= MISSES:  # these arguments keep differing from the tape's: count
+            self._tape = None  # the calls again for a new one, if captures are left
+            self._calls = self._misses = 0
+            self._addresses, self._moved = None, set()
+            self._replay = self._before_tape if self._captures < CAPTURES else None
+        return self._forward(*args)
 
     def _run(self, args: list[object]) -> list[object]:
         if self.reference is not None:
@@ -152,6 +208,7 @@ class CompiledGraph:
                     )
                     print(f"memopt: check failed on {self.name} graph: {first}", file=sys.stderr)
                     self.gm = reference
+                    self._tape = self._replay = None
                     # fx's own forward: nothing of the optimized path runs any more
                     self._forward = _compiled_forward(reference, program=False)
                     self.any_restride = False

@@ -1,0 +1,339 @@
+"""A graph's step as one call: its kernels' launches replayed from a tape, without Python.
+
+A decode step of the 4-layer Llama of bench/decode.py makes 57 kernel launches. With int4
+weights they run 210 us in C; the step takes 490 us: the straight-line program around them
+(views, allocations, each call target's checks, ATen's in-place cache writes) is half of it
+(measured by timers inside the launcher; float32 weights: 920 us of 1,390). A tape runs
+the same launches, with the same pointers, in one C loop (`launcher.tape`), the few calls
+that are not launches in between as Python calls. It is what a CUDA graph is to a GPU
+step, on the CPU: the memory every value lives in is fixed when the tape is made, so each
+replay writes into the same buffers.
+
+Making a tape (`Tape.capture`, on a graph's third plain call, run in place of the program
+for that call): the graph runs node by node on the call's arguments, with the launcher
+recording what each node launches and a dispatch mode watching the ATen ops it calls.
+
+- A view (an ATen view op, `getitem`) is made once: in the fixed memory it stays valid.
+- A node that made exactly one launch, which ran, and computed nothing else in ATen
+  (allocations and views only) becomes that launch: its function, pointers and scalars.
+- Any other node (a call through ctypes, an ATen op such as a cache's `index_put_`, a
+  layout the launch refused) becomes a Python entry that calls the node's target again
+  on the same tensors and copies its results into the tensors the capture kept.
+- Inputs whose memory moved between the calls before the capture (token ids, positions:
+  new tensors each step) are copied into buffers of the tape's own, and each replay copies
+  the new values in; the graph gets no tape if such an input is written or larger than
+  SMALL_INPUT_NBYTES. The others (weights, a KV cache) are used where they are: a replay
+  needs the same memory (data pointer), dtype, shape, strides and no negation or
+  conjugation bit, and for read-only ones the same version counter, since a narrowed
+  weight's copy was made from the parameter's values.
+- Every node's result is kept: the tape owns that memory (at most MAX_KEPT_NBYTES).
+
+A graph gets no tape when it has a size symbol, a node the tape does not know (only ATen
+ops, `getitem` and memopt's kernels, GEMVs and decode attention), an output that shares
+memory with an input or with another output, outputs over MAX_OUTPUT_NBYTES, fewer
+launches than MIN_LAUNCH_SHARE of its entries, or where the launcher is not built.
+
+A replay (`Tape.__call__`) returns None, and the program runs instead, when an argument
+differs as above, the grad or inference mode differs from the capture's, or another
+thread is replaying. After MISSES such calls in a row (a cache made anew for the next
+`generate()`) the graph counts its calls again and makes a new tape, at most CAPTURES
+times. A replay's outputs are new tensors each call (copies of the kept ones, in their
+layouts), or the input itself where the graph returns one. A launch returning an error
+stops the tape there, as the program would have stopped: the node runs again through
+Python, which raises the kernel's error.
+"""
+
+from __future__ import annotations
+
+import operator
+import threading
+from collections.abc import Sequence
+
+import sympy
+import torch
+import torch.fx
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from memopt.backends.cpp import launcher
+from memopt.backends.runtime.decode_attention import DecodeAttention
+from memopt.backends.runtime.gemv import StreamingGemv
+from memopt.backends.runtime.kernels import FusedKernel
+from memopt.backends.runtime.quantized import QuantizedEmbedding, QuantizedMatmul
+from memopt.compiler.graph import tensor_meta
+from memopt.compiler.order import written_buffers
+
+# Plain calls of a graph before the one that makes its tape: the first works out and binds
+# each kernel's launch, the second takes them.
+CAPTURE_AFTER = 2
+SMALL_INPUT_NBYTES = 1 << 20
+MAX_KEPT_NBYTES = 64 << 20
+MAX_OUTPUT_NBYTES = 4 << 20
+MIN_LAUNCH_SHARE = 0.5
+MISSES = 3
+CAPTURES = 8
+
+_TARGETS = (FusedKernel, StreamingGemv, QuantizedMatmul, QuantizedEmbedding, DecodeAttention)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+aten = torch.ops.aten
+# ATen ops a launching node may call besides its launch: allocations (and views, by schema).
+_ALLOCATIONS = {aten.empty, aten.empty_strided, aten.empty_like, aten.new_empty}
+
+
+def refusal(gm: torch.fx.GraphModule) -> str | None:
+    """Why `gm` can get no tape (module doc), or None: static sizes, only nodes it knows."""
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            meta = tensor_meta(node)
+            if meta is not None and not all(
+                isinstance(v, (int, sympy.Integer)) for v in (*meta.shape, *meta.stride)
+            ):
+                return f"input {node.name} has a size symbol"
+        elif node.op == "call_function":
+            target = node.target
+            if not (
+                isinstance(target, (torch._ops.OpOverload, *_TARGETS)) or target is operator.getitem
+            ):
+                return f"node {node.name} calls {getattr(target, '__name__', target)}"
+        elif node.op not in ("get_attr", "output"):
+            return f"node {node.name} is a {node.op}"
+    return None
+
+
+class _Watch(TorchDispatchMode):
+    """Notes whether an ATen op other than an allocation or a view ran under it."""
+
+    computed = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket not in _ALLOCATIONS and not func.is_view:
+            self.computed = True
+        return func(*args, **(kwargs or {}))
+
+
+def _tensors(value: object) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _storage(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
+
+
+def _copy_into(kept: object, fresh: object) -> None:
+    """The values a Python entry's call returned, into the tensors the capture kept."""
+    if isinstance(kept, torch.Tensor):
+        if fresh is not kept:
+            kept.copy_(fresh)
+    elif isinstance(kept, (list, tuple)):
+        for k, f in zip(kept, fresh):
+            _copy_into(k, f)
+
+
+def _python_entry(node: torch.fx.Node, target, args, kwargs, kept):
+    call = target._op if isinstance(target, torch._ops.OpOverload) else target
+
+    def run() -> None:
+        _copy_into(kept, call(*args, **kwargs))
+
+    run.memopt_node = node.name
+    return run
+
+
+class Tape:
+    """One graph's tape (module doc): `tape(args)` -> outputs, or None where it cannot."""
+
+    def __init__(self, run, inputs, outputs, fallbacks, kept, modes: tuple[bool, bool]) -> None:
+        self._run = run
+        self._inputs = inputs
+        self._outputs = outputs
+        # per tape position: a launch's node called again (to raise its error), or None
+        self._fallbacks = fallbacks
+        self._kept = kept  # every tensor the tape's pointers reach
+        self._modes = modes  # grad mode and inference mode at the capture
+        self._lock = threading.Lock()
+        self.python_calls = sum(1 for f in fallbacks if f is None)
+        self.launches = len(fallbacks) - self.python_calls
+
+    @classmethod
+    def capture(
+        cls, gm: torch.fx.GraphModule, args: Sequence[object], moved: set[int]
+    ) -> tuple[Tape | str, object]:
+        """Run `gm` on `args` node by node (its outputs are the call's), and make its tape:
+        (tape, outputs), or (why, outputs) where the graph gets none (module doc). `moved`:
+        the positions of the tensor arguments whose memory differed between the calls
+        before this one."""
+        native = launcher.module()
+        nodes = list(gm.graph.nodes)
+        written = {b for n in nodes for b in written_buffers(n)}
+        env: dict[torch.fx.Node, object] = {}
+        inputs = []
+        why = "" if native is not None else "the native launcher is not built here"
+        placeholders = [n for n in nodes if n.op == "placeholder"]
+        for position, (node, arg) in enumerate(zip(placeholders, args)):
+            if isinstance(arg, torch.Tensor):
+                if type(arg) not in _PLAIN or not arg.is_cpu or arg.is_neg() or arg.is_conj():
+                    why = why or f"input {node.name} is not a plain CPU tensor"
+                if position in moved and (node in written or arg.nbytes > SMALL_INPUT_NBYTES):
+                    # new memory each call, and written or too large to copy
+                    why = why or f"input {node.name} is new memory each call"
+                if position in moved and not why:
+                    own = torch.empty_strided(arg.shape, arg.stride(), dtype=arg.dtype)
+                    env[node] = own.copy_(arg)
+                    inputs.append(("copy", own))
+                else:
+                    env[node] = arg
+                    version = None if node in written else arg._version
+                    layout = (arg.data_ptr(), arg.dtype, arg.shape, arg.stride())
+                    inputs.append(("same", layout, version))
+            else:
+                env[node] = arg
+                inputs.append(("value", arg))
+        modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        entries: list[object] = []  # launches as (address, pointers, scalars), or callables
+        fallbacks: list[object] = []
+        narrow: list[object] = []
+        for node in nodes:
+            if node.op in ("placeholder", "output"):
+                continue
+            if node.op == "get_attr":
+                value = gm
+                for part in node.target.split("."):
+                    value = getattr(value, part)
+                env[node] = value
+                continue
+            call_args = torch.fx.node.map_arg(node.args, env.__getitem__)
+            call_kwargs = torch.fx.node.map_arg(node.kwargs, env.__getitem__)
+            target = node.target
+            if target is operator.getitem or (
+                isinstance(target, torch._ops.OpOverload) and target.is_view
+            ):
+                env[node] = target(*call_args, **call_kwargs)
+                continue
+            recorded: list[tuple] = []
+            watch = _Watch()
+            if native is not None:
+                native.record(recorded)
+            try:
+                with watch:
+                    result = target(*call_args, **call_kwargs)
+            finally:
+                if native is not None:
+                    native.record(None)
+            env[node] = result
+            if isinstance(target, (QuantizedMatmul, QuantizedEmbedding)):
+                # the narrow copy its launch reads: kept, should the target quantize anew
+                narrow.append(target.parameter.weight)
+            ran = [r for r in recorded if r[3] == 0]
+            entry = _python_entry(node, target, call_args, call_kwargs, result)
+            if len(ran) == 1 and len(recorded) == 1 and not watch.computed:
+                entries.append(ran[0][:3])
+                fallbacks.append(entry)
+            else:
+                entries.append(entry)
+                fallbacks.append(None)
+        output = next(n for n in nodes if n.op == "output")
+        returned = torch.fx.node.map_arg(output.args[0], env.__getitem__)
+        if why:
+            return why, returned
+        # the outputs as the graph returns them: a tuple, a list or one value
+        shape = type(returned) if isinstance(returned, (list, tuple)) else None
+        results = list(returned) if shape is not None else [returned]
+        plan = cls._outputs(results, placeholders, env)
+        kept = [t for v in env.values() for t in _tensors(v)]
+        given = {_storage(t) for p in placeholders for t in _tensors(env[p])}
+        kept_nbytes = sum(
+            {
+                _storage(t): t.untyped_storage().nbytes() for t in kept if _storage(t) not in given
+            }.values()
+        )
+        launches = sum(1 for f in fallbacks if f is not None)
+        if plan is None:
+            return "an output is an input's memory, another output's, or too large", returned
+        if kept_nbytes > MAX_KEPT_NBYTES:
+            return f"its values take {kept_nbytes} bytes", returned
+        if launches < MIN_LAUNCH_SHARE * max(1, len(entries)):
+            return f"{launches} of its {len(entries)} calls are launches", returned
+        tape = cls(native.tape(entries), inputs, plan, fallbacks, [*kept, *narrow], modes)
+        tape._shape = shape
+        return tape, tape._returned(args)  # the kept tensors are the tape's: copies
+
+    @staticmethod
+    def _outputs(results, placeholders, env) -> list[tuple] | None:
+        """How a replay returns each output: ("input", k), ("copy", kept tensor) or
+        ("value", v); None where an output shares memory it must not (module doc)."""
+        inputs = [env[p] for p in placeholders]
+        input_storages = {_storage(t) for t in inputs if isinstance(t, torch.Tensor)}
+        plan, seen, nbytes = [], set(), 0
+        for value in results:
+            if not isinstance(value, torch.Tensor):
+                plan.append(("value", value))
+                continue
+            position = next((k for k, t in enumerate(inputs) if t is value), None)
+            if position is not None:
+                plan.append(("input", position))
+                continue
+            storage = _storage(value)
+            if storage in input_storages or storage in seen:
+                return None
+            seen.add(storage)
+            nbytes += value.nbytes
+            plan.append(("copy", value))
+        return None if nbytes > MAX_OUTPUT_NBYTES else plan
+
+    def __call__(self, args: Sequence[object]) -> object | None:
+        if not self._lock.acquire(blocking=False):
+            return None  # another thread is replaying: this one runs the program
+        try:
+            modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+            if modes != self._modes or len(args) != len(self._inputs):
+                return None
+            copies = []
+            for arg, (kind, *how) in zip(args, self._inputs):
+                if kind == "copy":
+                    own = how[0]
+                    if not (
+                        type(arg) in _PLAIN
+                        and arg.dtype == own.dtype
+                        and arg.shape == own.shape
+                        and arg.is_cpu
+                        and not arg.is_neg()
+                        and not arg.is_conj()
+                    ):
+                        return None
+                    copies.append((own, arg))
+                elif kind == "same":
+                    layout, version = how
+                    if (
+                        type(arg) not in _PLAIN
+                        or (arg.data_ptr(), arg.dtype, arg.shape, arg.stride()) != layout
+                        or arg.is_neg()
+                        or arg.is_conj()
+                        or (version is not None and arg._version != version)
+                    ):
+                        return None
+                elif arg != how[0]:
+                    return None
+            for own, arg in copies:
+                own.copy_(arg)
+            failed = self._run()
+            if failed is not None:
+                position, code = failed
+                self._fallbacks[position]()  # the node again: it raises the kernel's error
+                raise RuntimeError(f"memopt: a replayed kernel returned error code {code}")
+            return self._returned(args)
+        finally:
+            self._lock.release()
+
+    def _returned(self, args: Sequence[object]) -> object:
+        values = [
+            args[how]
+            if kind == "input"
+            else torch.empty_strided(how.shape, how.stride(), dtype=how.dtype).copy_(how)
+            if kind == "copy"
+            else how
+            for kind, how in self._outputs
+        ]
+        return values[0] if self._shape is None else self._shape(values)

@@ -1,0 +1,206 @@
+"""A graph's launches replayed from a tape (backends/runtime/tape.py): from the call after
+CAPTURE_AFTER plain calls, a static CPU graph's kernels run from one C loop. Every call
+must give the program's values in new memory; an argument the tape cannot take (moved
+memory the graph writes, a weight written in place, another mode, another thread) runs
+the program; kernels' errors are raised as the program raises them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from memopt.backends.cpp import launcher
+from memopt.backends.runtime import executor, tape
+from memopt.backends.runtime.executor import CompiledGraph
+
+from lowering_harness import fused_kernels, run_fused
+
+pytestmark = pytest.mark.skipif(
+    shutil.which(os.environ.get("CXX") or "g++") is None or launcher.module() is None,
+    reason="needs a C++ compiler and the native launcher",
+)
+
+
+def _two_kernels(x, y):
+    a = (x * 2 + y).relu()
+    return a.sum(-1), (a.exp() * y).mean(0)
+
+
+def _compiled(fn, inputs):
+    outputs, gm = run_fused(fn, inputs, "cpp")
+    count = len(outputs) if isinstance(outputs, (list, tuple)) else 1
+    return CompiledGraph(gm, "inference", [None] * count), gm
+
+
+@pytest.fixture
+def replays(monkeypatch):
+    """The number of calls a tape answered (and those it sent to the program)."""
+    counts = {"replayed": 0, "refused": 0}
+    call = tape.Tape.__call__
+
+    def counted(self, args):
+        outputs = call(self, args)
+        counts["replayed" if outputs is not None else "refused"] += 1
+        return outputs
+
+    monkeypatch.setattr(tape.Tape, "__call__", counted)
+    return counts
+
+
+@pytest.fixture
+def graphs(monkeypatch):
+    """The CompiledGraphs torch.compile makes in the test (Dynamo's caches reset)."""
+    made = []
+    init = CompiledGraph.__init__
+
+    def kept(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(CompiledGraph, "__init__", kept)
+    torch._dynamo.reset()
+    return made
+
+
+def test_replays_give_the_programs_values_in_new_memory(replays):
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(33, generator=g)
+    compiled, gm = _compiled(_two_kernels, (torch.randn(5, 33, generator=g), y))
+    results = []
+    for _ in range(tape.CAPTURE_AFTER + 4):
+        x = torch.randn(5, 33, generator=g)  # new memory each call: copied into the tape's
+        results.append((x, compiled(x, y)))
+    # the capture's call and three replays, every node one launch
+    assert replays == {"replayed": 3, "refused": 0}
+    assert compiled._tape.launches == len(fused_kernels(gm)) == 2
+    assert compiled._tape.python_calls == 0
+    for x, got in results:  # earlier results untouched by later calls
+        for value, want in zip(got, _two_kernels(x, y)):
+            assert_close(value, want)
+    pointers = {t.data_ptr() for _, got in results for t in got}
+    assert len(pointers) == 2 * len(results)
+
+
+def test_with_replay_off_there_is_no_tape(monkeypatch, replays):
+    monkeypatch.setattr(executor, "REPLAY", False)
+    x, y = torch.randn(5, 33), torch.randn(33)
+    compiled, _ = _compiled(_two_kernels, (x, y))
+    for _ in range(5):
+        assert_close(compiled(x, y)[0], _two_kernels(x, y)[0])
+    assert compiled._tape is None and replays == {"replayed": 0, "refused": 0}
+    assert compiled.no_tape == "replay is off (executor.REPLAY)"
+
+
+def _write_row(cache, x, position):
+    cache.index_put_((position,), x)
+    return _two_kernels(cache, x)
+
+
+def test_a_written_input_must_stay_where_it_was(graphs, replays):
+    """The graph writes a row of `cache` in place (a Python entry on the tape). A replay
+    writes the same tensor; a new cache (other memory) runs the program, and after MISSES
+    such calls the graph makes a tape for it."""
+    cache, want_cache = torch.zeros(6, 8), torch.zeros(6, 8)
+    compiled = torch.compile(_write_row, backend="memopt")
+    g = torch.Generator().manual_seed(1)
+    for step in range(tape.CAPTURE_AFTER + 3):
+        x, position = torch.randn(8, generator=g), torch.tensor([step])
+        for got, want in zip(compiled(cache, x, position), _write_row(want_cache, x, position)):
+            assert_close(got, want)
+        assert_close(cache, want_cache)
+    (graph,) = graphs
+    assert graph._tape.python_calls == 1 and replays["replayed"] == 2
+    cache, want_cache = torch.zeros(6, 8), torch.zeros(6, 8)  # the next sequence's cache
+    for step in range(tape.MISSES + tape.CAPTURE_AFTER + 3):
+        x, position = torch.randn(8, generator=g), torch.tensor([step % 6])
+        for got, want in zip(compiled(cache, x, position), _write_row(want_cache, x, position)):
+            assert_close(got, want)
+        assert_close(cache, want_cache)
+    assert replays == {"replayed": 4, "refused": tape.MISSES}
+    assert graph._captures == 2
+
+
+def test_a_narrowed_weight_written_in_place_is_quantized_again(graphs, replays):
+    """int8 weights: the tape's launch reads the narrow copy made from the parameter. A
+    write to the parameter (its version counter) sends calls to the program, which
+    quantizes it again, until a new tape is made."""
+    model = torch.nn.Linear(64, 48).eval()
+    options = {"pass_options": {"precision": {"weights": "int8"}}}
+    compiled = torch.compile(model, backend="memopt", options=options)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for step in range(tape.CAPTURE_AFTER + tape.MISSES + 6):
+            if step == tape.CAPTURE_AFTER + 2:
+                model.weight.mul_(-3)
+            x = torch.randn(1, 64, generator=g)
+            assert_close(compiled(x), model(x), rtol=0.05, atol=0.05)
+    (graph,) = graphs
+    assert graph._captures == 2 and replays["refused"] == tape.MISSES
+    assert graph._tape.launches == 1  # the narrow GEMV and its bias, one launch
+
+
+def _gather(table, index):
+    return table[index] * 2
+
+
+def test_a_kernel_error_is_raised_as_the_program_raises_it():
+    table = torch.randn(10, 4)
+    compiled, _ = _compiled(_gather, (table, torch.tensor([1, 2])))
+    for _ in range(tape.CAPTURE_AFTER + 2):
+        assert_close(compiled(table, torch.tensor([3, 9])), _gather(table, torch.tensor([3, 9])))
+    assert compiled._tape is not None
+    with pytest.raises(Exception) as replayed:
+        compiled(table, torch.tensor([3, 10]))
+    with pytest.raises(Exception) as program:
+        compiled._forward(table, torch.tensor([3, 10]))
+    assert type(replayed.value) is type(program.value)
+    assert str(replayed.value) == str(program.value)
+
+
+def test_another_thread_or_mode_runs_the_program(replays):
+    x, y = torch.randn(5, 33), torch.randn(33)
+    compiled, _ = _compiled(_two_kernels, (x, y))
+    for _ in range(tape.CAPTURE_AFTER + 1):
+        compiled(x, y)
+    with compiled._tape._lock:  # as if another thread were replaying
+        assert_close(compiled(x, y)[0], _two_kernels(x, y)[0])
+    with torch.inference_mode():  # the capture ran outside inference mode
+        assert_close(compiled(x, y)[0], _two_kernels(x, y)[0])
+    assert replays == {"replayed": 0, "refused": 2}
+    done = []
+    worker = threading.Thread(target=lambda: done.append(compiled(x, y)))
+    worker.start()
+    worker.join()
+    assert_close(done[0][1], _two_kernels(x, y)[1])
+    assert replays == {"replayed": 1, "refused": 2}
+
+
+def _view_and_double(x):
+    return x.view(-1), x * 2
+
+
+def test_no_tape_where_an_output_is_an_inputs_memory(replays):
+    x = torch.randn(4, 6)
+    compiled, _ = _compiled(_view_and_double, (x,))
+    for _ in range(tape.CAPTURE_AFTER + 3):
+        view, doubled = compiled(x)
+        assert view.data_ptr() == x.data_ptr()
+        assert_close(doubled, x * 2)
+    assert compiled._tape is None and compiled._replay is None
+    assert compiled.no_tape == (
+        "no tape: an output is an input's memory, another output's, or too large"
+    )
+
+
+def test_no_tape_for_a_graph_with_size_symbols(graphs):
+    compiled = torch.compile(_two_kernels, backend="memopt", dynamic=True)
+    for rows in (3, 4, 5, 6, 7):
+        x, y = torch.randn(rows, 9), torch.randn(9)
+        assert_close(compiled(x, y)[0], _two_kernels(x, y)[0])
+    assert graphs and all(g._replay is None and g._tape is None for g in graphs)
+    assert all("has a size symbol" in g.no_tape for g in graphs)
