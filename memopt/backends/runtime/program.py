@@ -127,8 +127,16 @@ class _Alias:
 
         self.replay = replay
 
+    def make(self, root: torch.Tensor) -> torch.Tensor:
+        """The view, from the root's tensor, as the program's line for it makes it."""
+        if self.checked_dims:
+            stride = root.stride()
+            if tuple(stride[k] for k in self.checked_dims) != self.root_stride:
+                return self.replay(root)
+        return _reinterpret_tensor(root, self.size, self.stride, self.offset)
 
-def _alias_of(node: torch.fx.Node, returned: set[torch.fx.Node]) -> _Alias | None:
+
+def alias_of(node: torch.fx.Node, returned: set[torch.fx.Node]) -> _Alias | None:
     """The alias that makes `node`, a view, from its root; None where it must stay a view op."""
     if node in returned or not _strided_view(node):
         return None
@@ -177,7 +185,7 @@ class _Emitter:
         aliases = {}
         for node in nodes:
             if node.op == "call_function":
-                alias = _alias_of(node, returned)
+                alias = alias_of(node, returned)
                 if alias is not None:
                     aliases[node] = alias
         inputs = {

@@ -13,7 +13,8 @@ Making a tape (`Tape.capture`, on a graph's third plain call, run in place of th
 for that call): the graph runs node by node on the call's arguments, with the launcher
 recording what each node launches and a dispatch mode watching the ATen ops it calls.
 
-- A view (an ATen view op, `getitem`) is made once: in the fixed memory it stays valid.
+- A view (an ATen view op, `getitem`) is made once, as the program makes it (with the
+  strides the launches were bound to): in the fixed memory it stays valid.
 - A node that made exactly one launch, which ran, and computed nothing else in ATen
   (allocations and views only) becomes that launch: its function, pointers and scalars.
 - Any other node (a call through ctypes, an ATen op such as a cache's `index_put_`, a
@@ -58,6 +59,7 @@ from memopt.backends.cpp import launcher
 from memopt.backends.runtime.decode_attention import DecodeAttention
 from memopt.backends.runtime.gemv import StreamingGemv
 from memopt.backends.runtime.kernels import FusedKernel
+from memopt.backends.runtime.program import alias_of
 from memopt.backends.runtime.quantized import QuantizedEmbedding, QuantizedMatmul
 from memopt.compiler.graph import tensor_meta
 from memopt.compiler.order import written_buffers
@@ -168,6 +170,8 @@ class Tape:
         native = launcher.module()
         nodes = list(gm.graph.nodes)
         written = {b for n in nodes for b in written_buffers(n)}
+        output = next(n for n in nodes if n.op == "output")
+        returned_nodes = set(output.all_input_nodes)
         env: dict[torch.fx.Node, object] = {}
         inputs = []
         why = "" if native is not None else "the native launcher is not built here"
@@ -195,6 +199,7 @@ class Tape:
         entries: list[object] = []  # launches as (address, pointers, scalars), or callables
         fallbacks: list[object] = []
         narrow: list[object] = []
+        python_nodes: list[str] = []  # the nodes the tape calls through Python
         for node in nodes:
             if node.op in ("placeholder", "output"):
                 continue
@@ -210,7 +215,13 @@ class Tape:
             if target is operator.getitem or (
                 isinstance(target, torch._ops.OpOverload) and target.is_view
             ):
-                env[node] = target(*call_args, **call_kwargs)
+                # made as the program makes it (an alias of its root where the program
+                # makes one): the launches bound to the program's layouts take it
+                alias = alias_of(node, returned_nodes)
+                if alias is not None:
+                    env[node] = alias.make(env[alias.root])
+                else:
+                    env[node] = target(*call_args, **call_kwargs)
                 continue
             recorded: list[tuple] = []
             watch = _Watch()
@@ -234,7 +245,7 @@ class Tape:
             else:
                 entries.append(entry)
                 fallbacks.append(None)
-        output = next(n for n in nodes if n.op == "output")
+                python_nodes.append(node.name)
         returned = torch.fx.node.map_arg(output.args[0], env.__getitem__)
         if why:
             return why, returned
@@ -258,6 +269,7 @@ class Tape:
             return f"{launches} of its {len(entries)} calls are launches", returned
         tape = cls(native.tape(entries), inputs, plan, fallbacks, [*kept, *narrow], modes)
         tape._shape = shape
+        tape.python_nodes = tuple(python_nodes)
         return tape, tape._returned(args)  # the kept tensors are the tape's: copies
 
     @staticmethod
