@@ -6,6 +6,7 @@ the program; kernels' errors are raised as the program raises them."""
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import threading
@@ -193,7 +194,7 @@ def test_no_tape_where_an_output_is_an_inputs_memory(replays):
         assert_close(doubled, x * 2)
     assert compiled._tape is None and compiled._replay is None
     assert compiled.no_tape == (
-        "no tape: an output is an input's memory, another output's, or too large"
+        "no tape: an output is an input's memory, another output's, overlaps itself or is too large"
     )
 
 
@@ -204,3 +205,74 @@ def test_no_tape_for_a_graph_with_size_symbols(graphs):
         assert_close(compiled(x, y)[0], _two_kernels(x, y)[0])
     assert graphs and all(g._replay is None and g._tape is None for g in graphs)
     assert all("has a size symbol" in g.no_tape for g in graphs)
+
+
+def _plus_one(x):
+    return (x * 2 + 1).relu()
+
+
+def _expanded_sum(x):
+    return (x.sum(1, keepdim=True) * 2).expand(5, 8)
+
+
+def test_overlapping_memory_takes_no_tape(graphs):
+    """An input made anew each call with a stride of 0, and an output that is an expanded
+    view: the tape could copy neither; the program's values every call."""
+    inputs = torch.compile(_plus_one, backend="memopt")
+    outputs = torch.compile(_expanded_sum, backend="memopt")
+    for _ in range(tape.CAPTURE_AFTER + 3):
+        x = torch.randn(33).expand(5, 33)
+        assert_close(inputs(x), _plus_one(x))
+        y = torch.randn(5, 8)
+        assert_close(outputs(y), _expanded_sum(y))
+    assert graphs and all(g._tape is None for g in graphs)
+    assert {g.no_tape.split(":")[0] for g in graphs} == {"no tape"}
+
+
+def test_an_inference_tensor_weight_takes_the_tape(graphs, replays):
+    """Inference tensors keep no version counter: read where they are, not checked."""
+    compiled = torch.compile(_two_kernels, backend="memopt")
+    with torch.inference_mode():
+        y = torch.randn(33)
+        for _ in range(tape.CAPTURE_AFTER + 3):
+            x = torch.randn(5, 33)
+            for got, want in zip(compiled(x, y), _two_kernels(x, y)):
+                assert_close(got, want)
+    assert replays == {"replayed": 2, "refused": 0}
+
+
+def test_a_copy_makes_a_tape_of_its_own(replays):
+    x, y = torch.randn(5, 33), torch.randn(33)
+    compiled, _ = _compiled(_two_kernels, (x, y))
+    for _ in range(tape.CAPTURE_AFTER + 1):
+        compiled(x, y)
+    twin = copy.deepcopy(compiled)
+    assert twin._tape is None and compiled._tape is not None
+    for _ in range(tape.CAPTURE_AFTER + 2):
+        x = torch.randn(5, 33)
+        assert_close(twin(x, y)[1], _two_kernels(x, y)[1])
+    assert twin._tape is not None and twin._tape is not compiled._tape
+    assert replays == {"replayed": 1, "refused": 0}
+
+
+def test_one_thread_records_at_a_time():
+    native = launcher.module()
+    mine, theirs, errors = [], [], []
+    native.record(mine)
+    try:
+
+        def other() -> None:
+            try:
+                native.record(theirs)
+            except RuntimeError as error:
+                errors.append(str(error))
+            native.record(None)  # not this thread's recording: nothing to end
+
+        worker = threading.Thread(target=other)
+        worker.start()
+        worker.join()
+    finally:
+        native.record(None)
+    assert errors == ["memopt launcher: another thread is recording"]
+    native.record(theirs)  # free again
+    native.record(None)

@@ -139,10 +139,16 @@ static PyObject* launch_call(PyObject* self, PyObject* const* args, size_t nargs
       Py_XDECREF(scalars);
       return nullptr;
     }
-    for (Py_ssize_t k = 0; k < n; ++k)
-      PyTuple_SET_ITEM(addresses, k, PyLong_FromVoidPtr(pointers[k]));
-    for (Py_ssize_t k = 0; k < launch->scalar_count; ++k)
-      PyTuple_SET_ITEM(scalars, k, PyLong_FromLongLong(launch->scalars[k]));
+    for (Py_ssize_t k = 0; k < n + launch->scalar_count; ++k) {
+      PyObject* value = k < n ? PyLong_FromVoidPtr(pointers[k])
+                              : PyLong_FromLongLong(launch->scalars[k - n]);
+      if (value == nullptr) {
+        Py_DECREF(addresses);
+        Py_DECREF(scalars);
+        return nullptr;
+      }
+      PyTuple_SET_ITEM(k < n ? addresses : scalars, k < n ? k : k - n, value);
+    }
     PyObject* entry = Py_BuildValue("(KNNi)", (unsigned long long)(uintptr_t)launch->fn,
                                     addresses, scalars, (int)code);
     if (entry == nullptr || PyList_Append(recording, entry) < 0) {
@@ -263,15 +269,25 @@ static PyObject* make_tape(PyObject* module, PyObject* args) {
   return (PyObject*)tape;
 }
 
+// One thread records at a time: record(list) while another thread records raises
+// RuntimeError; record(None) ends the calling thread's recording (nothing otherwise).
 static PyObject* record(PyObject* module, PyObject* target) {
   if (target != Py_None && !PyList_Check(target)) {
     PyErr_SetString(PyExc_TypeError, "memopt launcher: record(list) or record(None)");
     return nullptr;
   }
-  Py_XDECREF(recording);
-  recording = target == Py_None ? nullptr : target;
-  recording_thread = PyThreadState_Get();
-  Py_XINCREF(recording);
+  PyThreadState* thread = PyThreadState_Get();
+  if (target == Py_None) {
+    if (recording != nullptr && recording_thread == thread) Py_CLEAR(recording);
+    Py_RETURN_NONE;
+  }
+  if (recording != nullptr && recording_thread != thread) {
+    PyErr_SetString(PyExc_RuntimeError, "memopt launcher: another thread is recording");
+    return nullptr;
+  }
+  Py_INCREF(target);
+  Py_XSETREF(recording, target);
+  recording_thread = thread;
   Py_RETURN_NONE;
 }
 

@@ -120,6 +120,19 @@ class CompiledGraph:
         self._replay = self._before_tape if self.no_tape is None else None
         self.verbose = False  # say what each capture made (set by the Dynamo backend)
 
+    def __getstate__(self) -> dict:
+        """A copy counts its calls again and makes a tape of its own (a tape's pointers are
+        the original's memory)."""
+        state = dict(self.__dict__)
+        state.update(_tape=None, _calls=0, _misses=0, _captures=0, _addresses=None, _moved=set())
+        state["_replay"] = "before" if self._replay is not None or self._tape is not None else None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self._replay == "before":
+            self._replay = self._before_tape
+
     def __call__(self, *args: object) -> list[object]:
         # AOTAutograd calls compiled graphs boxed (one list it may free) on most paths and
         # unboxed on some; graph inputs are tensors and ints, never lists, so both are clear.

@@ -30,9 +30,11 @@ recording what each node launches and a dispatch mode watching the ATen ops it c
 - Every node's result is kept: the tape owns that memory (at most MAX_KEPT_NBYTES).
 
 A graph gets no tape when it has a size symbol, a node the tape does not know (only ATen
-ops, `getitem` and memopt's kernels, GEMVs and decode attention), an output that shares
-memory with an input or with another output, outputs over MAX_OUTPUT_NBYTES, fewer
-launches than MIN_LAUNCH_SHARE of its entries, or where the launcher is not built.
+ops, `getitem` and memopt's kernels, GEMVs and decode attention: targets whose calls do
+nothing outside their launch and ATen), an output that shares memory with an input or
+with another output or overlaps itself, outputs over MAX_OUTPUT_NBYTES, fewer launches
+than MIN_LAUNCH_SHARE of its entries, where another thread captured at the same time, or
+where the launcher is not built.
 
 A replay (`Tape.__call__`) returns None, and the program runs instead, when an argument
 differs as above, the grad or inference mode differs from the capture's, or another
@@ -180,8 +182,12 @@ class Tape:
             if isinstance(arg, torch.Tensor):
                 if type(arg) not in _PLAIN or not arg.is_cpu or arg.is_neg() or arg.is_conj():
                     why = why or f"input {node.name} is not a plain CPU tensor"
-                if position in moved and (node in written or arg.nbytes > SMALL_INPUT_NBYTES):
-                    # new memory each call, and written or too large to copy
+                if position in moved and (
+                    node in written
+                    or arg.nbytes > SMALL_INPUT_NBYTES
+                    or torch._debug_has_internal_overlap(arg) != 0  # a stride of 0: no copy
+                ):
+                    # new memory each call, and written, too large or overlapping to copy
                     why = why or f"input {node.name} is new memory each call"
                 if position in moved and not why:
                     own = torch.empty_strided(arg.shape, arg.stride(), dtype=arg.dtype)
@@ -189,7 +195,9 @@ class Tape:
                     inputs.append(("copy", own))
                 else:
                     env[node] = arg
-                    version = None if node in written else arg._version
+                    # written inputs change each call; inference tensors keep no version
+                    # (and cannot be written outside inference mode)
+                    version = None if node in written or arg.is_inference() else arg._version
                     layout = (arg.data_ptr(), arg.dtype, arg.shape, arg.stride())
                     inputs.append(("same", layout, version))
             else:
@@ -226,7 +234,10 @@ class Tape:
             recorded: list[tuple] = []
             watch = _Watch()
             if native is not None:
-                native.record(recorded)
+                try:
+                    native.record(recorded)
+                except RuntimeError:  # another thread is capturing: this node is a Python
+                    why = why or "another thread captured at the same time"  # call, no tape
             try:
                 with watch:
                     result = target(*call_args, **call_kwargs)
@@ -262,7 +273,10 @@ class Tape:
         )
         launches = sum(1 for f in fallbacks if f is not None)
         if plan is None:
-            return "an output is an input's memory, another output's, or too large", returned
+            return (
+                "an output is an input's memory, another output's, overlaps itself or is too large",
+                returned,
+            )
         if kept_nbytes > MAX_KEPT_NBYTES:
             return f"its values take {kept_nbytes} bytes", returned
         if launches < MIN_LAUNCH_SHARE * max(1, len(entries)):
@@ -288,7 +302,8 @@ class Tape:
                 plan.append(("input", position))
                 continue
             storage = _storage(value)
-            if storage in input_storages or storage in seen:
+            overlapping = torch._debug_has_internal_overlap(value) != 0  # no copy of it
+            if storage in input_storages or storage in seen or overlapping:
                 return None
             seen.add(storage)
             nbytes += value.nbytes
