@@ -276,3 +276,24 @@ def test_one_thread_records_at_a_time():
     assert errors == ["memopt launcher: another thread is recording"]
     native.record(theirs)  # free again
     native.record(None)
+
+
+@pytest.mark.parametrize("step", ["_take_inputs", "_make"])
+def test_a_capture_that_fails_warns_and_the_program_answers(monkeypatch, step):
+    """A failure of the tape's own (before any node ran, or after all did) is a warning;
+    the call's values are the program's and the graph gets no tape."""
+
+    def broken(*args, **kwargs):
+        raise ValueError("broken on purpose")
+
+    monkeypatch.setattr(tape.Tape, step, broken)
+    x, y = torch.randn(5, 33), torch.randn(33)
+    compiled, _ = _compiled(_two_kernels, (x, y))
+    for _ in range(tape.CAPTURE_AFTER):
+        compiled(x, y)
+    with pytest.warns(UserWarning, match="broken on purpose"):
+        got = compiled(x, y)
+    for value, want in zip(got, _two_kernels(x, y)):
+        assert_close(value, want)
+    assert compiled._tape is None
+    assert compiled.no_tape == "no tape: making it failed (ValueError: broken on purpose)"

@@ -27,7 +27,14 @@ from memopt.backends.runtime.extern import (
 )
 from memopt.backends.runtime.kernels import mark_donated_inputs, prefetch_kernels
 from memopt.backends.runtime.program import straight_line
-from memopt.backends.runtime.tape import CAPTURE_AFTER, CAPTURES, MISSES, Tape, refusal
+from memopt.backends.runtime.tape import (
+    CAPTURE_AFTER,
+    CAPTURES,
+    MISSES,
+    NOT_RUN,
+    Tape,
+    refusal,
+)
 from memopt.backends.runtime.timing import _ACTIVE, active_timer
 from memopt.compiler.graph import META_KEY, TensorMeta, evaluate, tensor_meta
 
@@ -170,7 +177,7 @@ class CompiledGraph:
             said = self.no_tape
         if self.verbose:
             print(f"memopt: {self.name} graph, call {self._calls}: {said}", file=sys.stderr)
-        return outputs
+        return self._forward(*args) if outputs is NOT_RUN else outputs
 
     def _from_tape(self, args: Sequence[object]) -> list[object]:
         outputs = self._tape(args)

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import operator
 import threading
+import warnings
 from collections.abc import Sequence
 
 import sympy
@@ -74,6 +75,8 @@ MAX_KEPT_NBYTES = 64 << 20
 MAX_OUTPUT_NBYTES = 4 << 20
 MIN_LAUNCH_SHARE = 0.5
 MISSES = 3
+# What `Tape.capture` returns for the outputs when it failed before running any node.
+NOT_RUN = object()
 CAPTURES = 8
 
 _TARGETS = (FusedKernel, StreamingGemv, QuantizedMatmul, QuantizedEmbedding, DecodeAttention)
@@ -136,6 +139,13 @@ def _copy_into(kept: object, fresh: object) -> None:
             _copy_into(k, f)
 
 
+def _failed(error: Exception) -> str:
+    """A tape that could not be made: a bug of the tape's, said once as a warning."""
+    why = f"making it failed ({type(error).__name__}: {error})"
+    warnings.warn(f"memopt: {why}; the graph's program runs its calls", stacklevel=4)
+    return why
+
+
 def _python_entry(node: torch.fx.Node, target, args, kwargs, kept):
     call = target._op if isinstance(target, torch._ops.OpOverload) else target
 
@@ -178,31 +188,10 @@ class Tape:
         inputs = []
         why = "" if native is not None else "the native launcher is not built here"
         placeholders = [n for n in nodes if n.op == "placeholder"]
-        for position, (node, arg) in enumerate(zip(placeholders, args)):
-            if isinstance(arg, torch.Tensor):
-                if type(arg) not in _PLAIN or not arg.is_cpu or arg.is_neg() or arg.is_conj():
-                    why = why or f"input {node.name} is not a plain CPU tensor"
-                if position in moved and (
-                    node in written
-                    or arg.nbytes > SMALL_INPUT_NBYTES
-                    or torch._debug_has_internal_overlap(arg) != 0  # a stride of 0: no copy
-                ):
-                    # new memory each call, and written, too large or overlapping to copy
-                    why = why or f"input {node.name} is new memory each call"
-                if position in moved and not why:
-                    own = torch.empty_strided(arg.shape, arg.stride(), dtype=arg.dtype)
-                    env[node] = own.copy_(arg)
-                    inputs.append(("copy", own))
-                else:
-                    env[node] = arg
-                    # written inputs change each call; inference tensors keep no version
-                    # (and cannot be written outside inference mode)
-                    version = None if node in written or arg.is_inference() else arg._version
-                    layout = (arg.data_ptr(), arg.dtype, arg.shape, arg.stride())
-                    inputs.append(("same", layout, version))
-            else:
-                env[node] = arg
-                inputs.append(("value", arg))
+        try:
+            why = cls._take_inputs(placeholders, args, moved, written, env, inputs, why)
+        except Exception as error:  # noqa: BLE001 - no node has run: the program runs the call
+            return _failed(error), NOT_RUN
         modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
         entries: list[object] = []  # launches as (address, pointers, scalars), or callables
         fallbacks: list[object] = []
@@ -260,6 +249,39 @@ class Tape:
         returned = torch.fx.node.map_arg(output.args[0], env.__getitem__)
         if why:
             return why, returned
+        try:
+            return cls._make(
+                native,
+                args,
+                env,
+                placeholders,
+                returned,
+                inputs,
+                entries,
+                fallbacks,
+                narrow,
+                python_nodes,
+                modes,
+            )
+        except Exception as error:  # noqa: BLE001 - the call's outputs are computed: no tape
+            return _failed(error), returned
+
+    @classmethod
+    def _make(
+        cls,
+        native,
+        args,
+        env,
+        placeholders,
+        returned,
+        inputs,
+        entries,
+        fallbacks,
+        narrow,
+        python_nodes,
+        modes,
+    ) -> tuple[Tape | str, object]:
+        """The tape from what the capture ran, or why there is none."""
         # the outputs as the graph returns them: a tuple, a list or one value
         shape = type(returned) if isinstance(returned, (list, tuple)) else None
         results = list(returned) if shape is not None else [returned]
@@ -285,6 +307,37 @@ class Tape:
         tape._shape = shape
         tape.python_nodes = tuple(python_nodes)
         return tape, tape._returned(args)  # the kept tensors are the tape's: copies
+
+    @staticmethod
+    def _take_inputs(placeholders, args, moved, written, env, inputs, why: str) -> str:
+        """Each argument into `env`, and how a replay takes it into `inputs` (module doc);
+        the reason the graph gets no tape, or `why` as it came."""
+        for position, (node, arg) in enumerate(zip(placeholders, args)):
+            if isinstance(arg, torch.Tensor):
+                if type(arg) not in _PLAIN or not arg.is_cpu or arg.is_neg() or arg.is_conj():
+                    why = why or f"input {node.name} is not a plain CPU tensor"
+                if position in moved and (
+                    node in written
+                    or arg.nbytes > SMALL_INPUT_NBYTES
+                    or torch._debug_has_internal_overlap(arg) != 0  # a stride of 0: no copy
+                ):
+                    # new memory each call, and written, too large or overlapping to copy
+                    why = why or f"input {node.name} is new memory each call"
+                if position in moved and not why:
+                    own = torch.empty_strided(arg.shape, arg.stride(), dtype=arg.dtype)
+                    env[node] = own.copy_(arg)
+                    inputs.append(("copy", own))
+                else:
+                    env[node] = arg
+                    # written inputs change each call; inference tensors keep no version
+                    # (and cannot be written outside inference mode)
+                    version = None if node in written or arg.is_inference() else arg._version
+                    layout = (arg.data_ptr(), arg.dtype, arg.shape, arg.stride())
+                    inputs.append(("same", layout, version))
+            else:
+                env[node] = arg
+                inputs.append(("value", arg))
+        return why
 
     @staticmethod
     def _outputs(results, placeholders, env) -> list[tuple] | None:
