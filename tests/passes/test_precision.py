@@ -251,6 +251,35 @@ def test_many_rows_of_int8_weights_and_activations_are_one_integer_gemm(monkeypa
     assert int_mm_calls(int8_activations=True) == 0
 
 
+def test_many_rows_of_int4_weights_and_int8_activations_are_one_integer_gemm_a_group(
+    monkeypatch,
+) -> None:
+    """Must: one `_int_mm` per weight group (and per chunk of rows) for int4 weights with
+    int8 activations, many rows, where the machine has an integer GEMM, with the values of
+    x quantized per group times the dequantized weight. Must not: float32 activations, or
+    no integer GEMM (dequantized tiles)."""
+    if not cpp_quantized.integer_gemm():
+        pytest.skip("no integer GEMM (VNNI) on this machine")
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(96, 328, generator=g), torch.randn(40, 328, generator=g)
+    bias = torch.randn(96, generator=g)
+    qw = quantize(w, "int4", 128)  # two whole groups and one of 72
+
+    def int_mm_calls(**kwargs) -> int:
+        with torch.profiler.profile() as prof:
+            got = cpp_quantized.matmul(x, qw, bias=bias, **kwargs)
+        want = (_quantized_x(x, 128) if kwargs["int8_activations"] else x) @ qw.dequantize().t()
+        torch.testing.assert_close(got, want + bias, rtol=1e-4, atol=1e-4)
+        return sum(e.name == "aten::_int_mm" for e in prof.events())
+
+    assert int_mm_calls(int8_activations=True) == 3
+    monkeypatch.setattr(cpp_quantized, "GROUP_PRODUCTS_BYTES", 4 * 3 * 96 * 16)  # 16 rows
+    assert int_mm_calls(int8_activations=True) == 3 * 3  # rows 0-15, 16-31, 32-39
+    assert int_mm_calls(int8_activations=False) == 0
+    monkeypatch.setattr(cpp_quantized, "integer_gemm", lambda: False)
+    assert int_mm_calls(int8_activations=True) == 0
+
+
 def test_the_integer_gemm_takes_a_strided_bias_and_passes_a_nan_on() -> None:
     if not cpp_quantized.integer_gemm():
         pytest.skip("no integer GEMM (VNNI) on this machine")
