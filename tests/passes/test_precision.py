@@ -273,7 +273,7 @@ def test_many_rows_of_int4_weights_and_int8_activations_are_one_integer_gemm_a_g
         return sum(e.name == "aten::_int_mm" for e in prof.events())
 
     assert int_mm_calls(int8_activations=True) == 3
-    monkeypatch.setattr(cpp_quantized, "GROUP_PRODUCTS_BYTES", 4 * 3 * 96 * 16)  # 16 rows
+    monkeypatch.setattr(cpp_quantized, "GROUP_PRODUCTS_BYTES", 4 * 96 * 16)  # 16 rows
     assert int_mm_calls(int8_activations=True) == 3 * 3  # rows 0-15, 16-31, 32-39
     assert int_mm_calls(int8_activations=False) == 0
     monkeypatch.setattr(cpp_quantized, "integer_gemm", lambda: False)
