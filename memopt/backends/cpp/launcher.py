@@ -351,6 +351,18 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "launcher", nullptr, -1,
                                         methods};
 
+// A callable type whose objects are called through their `vectorcall` slot.
+static int ready(PyTypeObject* type, const char* name, Py_ssize_t size, Py_ssize_t vectorcall,
+                 destructor dealloc) {
+  type->tp_name = name;
+  type->tp_basicsize = size;
+  type->tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL;
+  type->tp_vectorcall_offset = vectorcall;
+  type->tp_call = PyVectorcall_Call;
+  type->tp_dealloc = dealloc;
+  return PyType_Ready(type);
+}
+
 PyMODINIT_FUNC PyInit_launcher(void) {
   const char* address = getenv("MEMOPT_TENSOR_DATA_PTR");
   if (address == nullptr) {
@@ -363,20 +375,11 @@ PyMODINIT_FUNC PyInit_launcher(void) {
   shape_name = PyUnicode_InternFromString("shape");
   stride_name = PyUnicode_InternFromString("stride");
   if (!dtype_name || !is_cpu_name || !shape_name || !stride_name) return nullptr;
-  LaunchType.tp_name = "memopt_launcher.Launch";
-  LaunchType.tp_basicsize = sizeof(Launch);
-  LaunchType.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL;
-  LaunchType.tp_vectorcall_offset = offsetof(Launch, vectorcall);
-  LaunchType.tp_call = PyVectorcall_Call;
-  LaunchType.tp_dealloc = launch_dealloc;
-  if (PyType_Ready(&LaunchType) < 0) return nullptr;
-  TapeType.tp_name = "memopt_launcher.Tape";
-  TapeType.tp_basicsize = sizeof(Tape);
-  TapeType.tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL;
-  TapeType.tp_vectorcall_offset = offsetof(Tape, vectorcall);
-  TapeType.tp_call = PyVectorcall_Call;
-  TapeType.tp_dealloc = tape_dealloc;
-  if (PyType_Ready(&TapeType) < 0) return nullptr;
+  if (ready(&LaunchType, "memopt_launcher.Launch", sizeof(Launch), offsetof(Launch, vectorcall),
+            launch_dealloc) < 0 ||
+      ready(&TapeType, "memopt_launcher.Tape", sizeof(Tape), offsetof(Tape, vectorcall),
+            tape_dealloc) < 0)
+    return nullptr;
   return PyModule_Create(&module_def);
 }
 """.replace("@MAX_TENSORS@", str(MAX_TENSORS))

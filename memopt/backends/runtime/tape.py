@@ -52,6 +52,7 @@ import operator
 import threading
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import sympy
 import torch
@@ -156,6 +157,17 @@ def _python_entry(node: torch.fx.Node, target, args, kwargs, kept):
     return run
 
 
+@dataclass
+class _Ran:
+    """What the capture's run recorded, node by node."""
+
+    modes: tuple[bool, bool]  # grad mode and inference mode
+    entries: list[object] = field(default_factory=list)  # (address, pointers, scalars) or calls
+    fallbacks: list[object] = field(default_factory=list)  # a launch's node again, or None
+    narrow: list[object] = field(default_factory=list)  # the narrow weights launches read
+    python_nodes: list[str] = field(default_factory=list)  # the nodes called through Python
+
+
 class Tape:
     """One graph's tape (module doc): `tape(args)` -> outputs, or None where it cannot."""
 
@@ -192,11 +204,7 @@ class Tape:
             why = cls._take_inputs(placeholders, args, moved, written, env, inputs, why)
         except Exception as error:  # noqa: BLE001 - no node has run: the program runs the call
             return _failed(error), NOT_RUN
-        modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
-        entries: list[object] = []  # launches as (address, pointers, scalars), or callables
-        fallbacks: list[object] = []
-        narrow: list[object] = []
-        python_nodes: list[str] = []  # the nodes the tape calls through Python
+        ran = _Ran(modes=(torch.is_grad_enabled(), torch.is_inference_mode_enabled()))
         for node in nodes:
             if node.op in ("placeholder", "output"):
                 continue
@@ -236,50 +244,26 @@ class Tape:
             env[node] = result
             if isinstance(target, (QuantizedMatmul, QuantizedEmbedding)):
                 # the narrow copy its launch reads: kept, should the target quantize anew
-                narrow.append(target.parameter.weight)
-            ran = [r for r in recorded if r[3] == 0]
+                ran.narrow.append(target.parameter.weight)
             entry = _python_entry(node, target, call_args, call_kwargs, result)
-            if len(ran) == 1 and len(recorded) == 1 and not watch.computed:
-                entries.append(ran[0][:3])
-                fallbacks.append(entry)
+            if len(recorded) == 1 and recorded[0][3] == 0 and not watch.computed:
+                ran.entries.append(recorded[0][:3])  # the one launch it made, which ran
+                ran.fallbacks.append(entry)
             else:
-                entries.append(entry)
-                fallbacks.append(None)
-                python_nodes.append(node.name)
+                ran.entries.append(entry)
+                ran.fallbacks.append(None)
+                ran.python_nodes.append(node.name)
         returned = torch.fx.node.map_arg(output.args[0], env.__getitem__)
         if why:
             return why, returned
         try:
-            return cls._make(
-                native,
-                args,
-                env,
-                placeholders,
-                returned,
-                inputs,
-                entries,
-                fallbacks,
-                narrow,
-                python_nodes,
-                modes,
-            )
+            return cls._make(native, args, env, placeholders, returned, inputs, ran)
         except Exception as error:  # noqa: BLE001 - the call's outputs are computed: no tape
             return _failed(error), returned
 
     @classmethod
     def _make(
-        cls,
-        native,
-        args,
-        env,
-        placeholders,
-        returned,
-        inputs,
-        entries,
-        fallbacks,
-        narrow,
-        python_nodes,
-        modes,
+        cls, native, args, env, placeholders, returned, inputs, ran: _Ran
     ) -> tuple[Tape | str, object]:
         """The tape from what the capture ran, or why there is none."""
         # the outputs as the graph returns them: a tuple, a list or one value
@@ -293,7 +277,7 @@ class Tape:
                 _storage(t): t.untyped_storage().nbytes() for t in kept if _storage(t) not in given
             }.values()
         )
-        launches = sum(1 for f in fallbacks if f is not None)
+        launches = sum(1 for f in ran.fallbacks if f is not None)
         if plan is None:
             return (
                 "an output is an input's memory, another output's, overlaps itself or is too large",
@@ -301,11 +285,13 @@ class Tape:
             )
         if kept_nbytes > MAX_KEPT_NBYTES:
             return f"its values take {kept_nbytes} bytes", returned
-        if launches < MIN_LAUNCH_SHARE * max(1, len(entries)):
-            return f"{launches} of its {len(entries)} calls are launches", returned
-        tape = cls(native.tape(entries), inputs, plan, fallbacks, [*kept, *narrow], modes)
+        calls = len(ran.entries)
+        if launches < MIN_LAUNCH_SHARE * max(1, calls):
+            return f"{launches} of its {calls} calls are launches", returned
+        kept += ran.narrow
+        tape = cls(native.tape(ran.entries), inputs, plan, ran.fallbacks, kept, ran.modes)
         tape._shape = shape
-        tape.python_nodes = tuple(python_nodes)
+        tape.python_nodes = tuple(ran.python_nodes)
         return tape, tape._returned(args)  # the kept tensors are the tape's: copies
 
     @staticmethod
