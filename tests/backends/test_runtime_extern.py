@@ -2,12 +2,15 @@
 
 import pytest
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from memopt.backends import memory
+from memopt.backends.cpp import launcher
 from memopt.backends.runtime.extern import (
     KeptOutputMatmul,
     KeptOutputSoftmax,
     RowScatterAdd,
+    RowWrite,
     plan_library_calls,
 )
 from memopt.compiler.capture import capture
@@ -184,3 +187,71 @@ def test_embedding_backward_through_torch_compile_matches_eager():
     emb.weight.grad = None
     emb(rows).square().sum().backward()
     torch.testing.assert_close(got, emb.weight.grad)
+
+
+@pytest.mark.parametrize(
+    "positions", [[3], [0, 5], [-1], [2, -6]], ids=["one", "two", "negative", "both"]
+)
+def test_row_write_matches_index_put_and_is_one_launch(positions):
+    """A KV cache's rows written at positions along dim 2: ATen's values, bit for bit, the
+    second call through the bound launch (negative positions count from the end)."""
+    if launcher.module() is None:
+        pytest.skip("no native launcher here")
+    g = torch.Generator().manual_seed(0)
+    index = torch.tensor(positions)
+    write = RowWrite(2)
+    for _ in range(2):  # binds, then launches
+        cache = torch.randn(2, 3, 6, 4, generator=g)
+        values = torch.randn(2, 3, len(positions), 4, generator=g)
+        want = aten.index_put_.default(cache.clone(), [None, None, index], values)
+        got = write(cache, [None, None, index], values)
+        assert got is cache and torch.equal(cache, want)
+    assert write._launch is not None
+
+
+def test_row_write_takes_atens_op_for_what_it_does_not_take():
+    """Must not launch: accumulate, a non-contiguous cache, another dtype of values, an
+    index outside the dimension (which raises as ATen raises)."""
+    write = RowWrite(1)
+    cache, values, index = torch.zeros(2, 5, 3), torch.ones(2, 1, 3), torch.tensor([4])
+    write(cache, [None, index], values)  # binds
+    strided = torch.zeros(2, 3, 5).transpose(1, 2)
+    want = aten.index_put_.default(strided.clone(), [None, index], values)
+    assert torch.equal(write(strided, [None, index], values), want)
+    added = write(cache.clone(), [None, index], values, True)
+    assert torch.equal(added, aten.index_put_.default(cache.clone(), [None, index], values, True))
+    with pytest.raises(IndexError):
+        write(cache, [None, torch.tensor([5])], values)
+    doubles = torch.zeros(2, 5, 3, dtype=torch.float64)
+    want = aten.index_put_.default(doubles.clone(), [None, index], values.double())
+    assert torch.equal(write(doubles, [None, index], values.double()), want)
+
+
+def test_only_row_writing_index_puts_are_pointed_at_row_writes():
+    """Must: index_put_(x, [None, index], v). Must not: an index tensor before a None
+    (elements, not rows), accumulating, or the functional index_put."""
+
+    def fn(x, y, z, rows, cols, v, w):
+        aten.index_put_.default(x, [None, rows], v)
+        aten.index_put_.default(y, [rows, cols], w)
+        aten.index_put_.default(z, [None, rows], v, True)
+        return x + 1, y + 1, z + 1
+
+    args = (
+        torch.zeros(3, 8, 2),
+        torch.zeros(8, 3, 2),
+        torch.zeros(3, 8, 2),
+        torch.tensor([1, 6]),
+        torch.tensor([0, 2]),
+        torch.ones(3, 2, 2),
+        torch.ones(2, 2),
+    )
+    gm = make_fx(fn)(*(a.clone() for a in args))
+    assert sum(n.target is aten.index_put_.default for n in gm.graph.nodes) == 3
+    plan_library_calls(gm)
+    assert [w.dim for w in _targets(gm, RowWrite)] == [1]
+    inputs, want_inputs = [a.clone() for a in args], [a.clone() for a in args]
+    for got, want in zip(gm(*inputs), fn(*want_inputs)):
+        torch.testing.assert_close(got, want)
+    for got, want in zip(inputs[:3], want_inputs[:3]):  # the buffers written in place
+        torch.testing.assert_close(got, want)

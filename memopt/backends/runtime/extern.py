@@ -18,8 +18,17 @@ whole rows along the first dimension as the functional `index_add` (the same sum
 row's in index order). Negative or out-of-range indices, which index_add refuses, go to
 index_put, which wraps or raises as eager does.
 
+Rows written in place: a KV cache's update in a decode step is `index_put_(cache, [None,
+None, positions], values)`, through ATen's generic indexing (3-4 us a call with the graph's
+shapes). `RowWrite` copies the rows in one C call through the native launcher
+(backends/cpp/rows.py), bound to the layouts of its first call, and so is one launch on a
+decode step's tape (runtime/tape.py): contiguous tensors of one dtype, one int64 index
+tensor on one dimension after only None indices. An index outside the dimension, which
+ATen raises on, goes to ATen's op; negative ones count from the end, as in ATen.
+
 `plan_library_calls(gm)` points the graph's matmul and softmax nodes whose result can reach
-`memory.LARGE_NBYTES`, and its accumulating single-index index_puts, at one each. A node
+`memory.LARGE_NBYTES`, its accumulating single-index index_puts and its row-writing
+in-place ones at one each. A node
 keeps its metadata, so it stays a kernel, the same kernel, to the cost model and the timer.
 Anything but plain CPU tensors of one dtype (fake tensors, a GPU, autograd recording, mixed
 dtypes) takes the ATen op as it was.
@@ -27,10 +36,14 @@ dtypes) takes the ATen op as it was.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.fx
 
 from memopt.backends import memory
+from memopt.backends.cpp import launcher
+from memopt.backends.cpp import rows as rows_kernel
 from memopt.backends.runtime.decode_attention import describe as describe_attention
 from memopt.backends.runtime.decode_attention import point_decode_attention
 from memopt.backends.runtime.gemm import describe as describe_gemms
@@ -38,6 +51,7 @@ from memopt.backends.runtime.gemm import point_gemms
 from memopt.backends.runtime.gemv import describe as describe_gemvs
 from memopt.backends.runtime.gemv import point_gemvs
 from memopt.backends.runtime.linear import PLAIN_TENSORS as _PLAIN
+from memopt.backends.runtime.linear import launchable
 from memopt.compiler.cost import Cost, op_flops, read_bytes
 from memopt.compiler.graph import evaluate, tensor_meta
 
@@ -209,6 +223,64 @@ class RowScatterAdd:
         return aten.index_put.default(x, indices, values, accumulate)
 
 
+class RowWrite:
+    """Callable target standing for `index_put_(x, [None] * dim + [positions], values)`
+    (module doc): the rows through one native launch where it takes the operands."""
+
+    memopt_kind = "extern"
+    __name__ = "index_put_.default"
+    memopt_name = "aten.index_put_.default"
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.destinations = {0: 0}  # its output is its first argument, written in place
+        self._launch = None  # bound to the layouts of the first call it took
+
+    def __repr__(self) -> str:
+        return f"RowWrite(aten.index_put_.default, dim={self.dim})"
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_launch": None}  # a launch is bound anew, not copied
+
+    def __call__(
+        self, x: torch.Tensor, indices: list, values: torch.Tensor, accumulate: bool = False
+    ) -> torch.Tensor:
+        if not accumulate and len(indices) == self.dim + 1:
+            operands = (x, indices[self.dim], values)
+            if self._launch is None and launchable(operands):
+                self._launch = self._bind(x, indices, values)
+            if self._launch is not None and launchable(operands) and not _records(x, values):
+                if self._launch(*operands) == 0:
+                    return x
+        return aten.index_put_.default(x, indices, values, accumulate)
+
+    def _bind(self, x: torch.Tensor, indices: list, values: torch.Tensor) -> object | None:
+        index, dim = indices[self.dim], self.dim
+        rows = (*x.shape[:dim], index.shape[0] if index.dim() == 1 else -1, *x.shape[dim + 1 :])
+        if (
+            any(i is not None for i in indices[:dim])
+            or not (x.is_cpu and index.is_cpu and values.is_cpu)
+            or index.dtype != torch.int64
+            or index.dim() != 1
+            or values.dtype != x.dtype
+            or tuple(values.shape) != rows
+            or not (x.is_contiguous() and values.is_contiguous() and index.is_contiguous())
+            or x.is_conj()
+            or values.is_conj()
+            or _records(x, values)
+        ):
+            return None
+        outer = math.prod(x.shape[:dim])
+        row_bytes = math.prod(x.shape[dim + 1 :]) * x.element_size()
+        scalars = (outer, x.shape[dim], index.shape[0], row_bytes)
+        return launcher.bind_layouts(rows_kernel.packed_address(), (x, index, values), 0, scalars)
+
+
+def _records(x: torch.Tensor, values: torch.Tensor) -> bool:
+    """Autograd records this write: ATen's op does it."""
+    return torch.is_grad_enabled() and (x.requires_grad or values.requires_grad)
+
+
 def point_libraries(
     gm: torch.fx.GraphModule,
     cpu_gemm: str = "aten",
@@ -262,6 +334,8 @@ def plan_library_calls(
             node.target = KeptOutputSoftmax()
         elif node.target is aten.index_put.default and _adds_rows(node):
             node.target = RowScatterAdd()
+        elif node.target is aten.index_put_.default and _writes_rows(node) is not None:
+            node.target = RowWrite(_writes_rows(node))
         else:
             continue
         changed += 1
@@ -278,6 +352,19 @@ def _can_be_large(node: torch.fx.Node) -> bool:
         return evaluate(meta.nbytes, {}) >= memory.LARGE_NBYTES
     except ValueError:
         return True  # a symbolic size: decided at run time
+
+
+def _writes_rows(node: torch.fx.Node) -> int | None:
+    """index_put_(x, [None] * dim + [index tensor], values) without accumulating: its dim,
+    the call RowWrite may run; else None."""
+    args = list(node.args) + [node.kwargs.get("accumulate", False)] * (4 - len(node.args))
+    indices, accumulate = args[1], args[3]
+    if accumulate is not False or not isinstance(indices, (list, tuple)) or not indices:
+        return None
+    *before, last = indices
+    if any(i is not None for i in before) or not isinstance(last, torch.fx.Node):
+        return None
+    return len(before)
 
 
 def _adds_rows(node: torch.fx.Node) -> bool:

@@ -30,7 +30,7 @@ recording what each node launches and a dispatch mode watching the ATen ops it c
 - Every node's result is kept: the tape owns that memory (at most MAX_KEPT_NBYTES).
 
 A graph gets no tape when it has a size symbol, a node the tape does not know (only ATen
-ops, `getitem` and memopt's kernels, GEMVs and decode attention: targets whose calls do
+ops, `getitem` and memopt's kernels, GEMVs, decode attention and row writes: targets whose calls do
 nothing outside their launch and ATen), an output that shares memory with an input or
 with another output or overlaps itself, outputs over MAX_OUTPUT_NBYTES, fewer launches
 than MIN_LAUNCH_SHARE of its entries, where another thread captured at the same time, or
@@ -61,6 +61,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from memopt.backends.cpp import launcher
 from memopt.backends.runtime.decode_attention import DecodeAttention
+from memopt.backends.runtime.extern import RowWrite
 from memopt.backends.runtime.gemv import StreamingGemv
 from memopt.backends.runtime.kernels import FusedKernel
 from memopt.backends.runtime.program import alias_of
@@ -80,7 +81,14 @@ MISSES = 3
 NOT_RUN = object()
 CAPTURES = 8
 
-_TARGETS = (FusedKernel, StreamingGemv, QuantizedMatmul, QuantizedEmbedding, DecodeAttention)
+_TARGETS = (
+    FusedKernel,
+    StreamingGemv,
+    QuantizedMatmul,
+    QuantizedEmbedding,
+    DecodeAttention,
+    RowWrite,
+)
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 aten = torch.ops.aten
 # ATen ops a launching node may call besides its launch: allocations (and views, by schema).
