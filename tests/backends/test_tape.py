@@ -152,6 +152,12 @@ def _gather(table, index):
 def test_a_kernel_error_is_raised_as_the_program_raises_it():
     table = torch.randn(10, 4)
     compiled, _ = _compiled(_gather, (table, torch.tensor([1, 2])))
+    for _ in range(tape.CAPTURE_AFTER):
+        compiled(table, torch.tensor([3, 9]))
+    with pytest.raises(Exception) as raised:  # during the capture: the graph counts anew
+        compiled(table, torch.tensor([3, 10]))
+    assert "index" in str(raised.value).lower()
+    assert compiled._tape is None and compiled._replay is not None
     for _ in range(tape.CAPTURE_AFTER + 2):
         assert_close(compiled(table, torch.tensor([3, 9])), _gather(table, torch.tensor([3, 9])))
     assert compiled._tape is not None

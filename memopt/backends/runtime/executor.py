@@ -167,7 +167,12 @@ class CompiledGraph:
             return self._forward(*args)
         self._replay = None
         self._captures += 1
-        tape, outputs = Tape.capture(self.gm, args, self._moved)
+        try:
+            tape, outputs = Tape.capture(self.gm, args, self._moved)
+        except BaseException:  # the graph's own error (as the program raises it): count anew
+            self._calls, self._addresses, self._moved = 0, None, set()
+            self._replay = self._before_tape if self._captures < CAPTURES else None
+            raise
         if isinstance(tape, Tape):
             self._tape, self.no_tape = tape, None
             self._replay = self._from_tape
