@@ -38,6 +38,13 @@ def _compiled(fn, inputs):
     return CompiledGraph(gm, "inference", [None] * count), gm
 
 
+@pytest.fixture(autouse=True)
+def small_graphs_take_tapes(monkeypatch):
+    """The tests' graphs are a few kernels: tapes for them too (MIN_LAUNCHES is about time,
+    `test_a_graph_of_a_few_launches_keeps_its_program` checks it)."""
+    monkeypatch.setattr(tape, "MIN_LAUNCHES", 1)
+
+
 @pytest.fixture
 def replays(monkeypatch):
     """The number of calls a tape answered (and those it sent to the program)."""
@@ -303,3 +310,15 @@ def test_a_capture_that_fails_warns_and_the_program_answers(monkeypatch, step):
         assert_close(value, want)
     assert compiled._tape is None
     assert compiled.no_tape == "no tape: making it failed (ValueError: broken on purpose)"
+
+
+def test_a_graph_of_a_few_launches_keeps_its_program(monkeypatch):
+    """Must not: a tape for fewer than MIN_LAUNCHES launches (the replay's own work would
+    cost more than the program around them)."""
+    monkeypatch.setattr(tape, "MIN_LAUNCHES", 3)
+    x, y = torch.randn(5, 33), torch.randn(33)
+    compiled, _ = _compiled(_two_kernels, (x, y))
+    for _ in range(tape.CAPTURE_AFTER + 2):
+        assert_close(compiled(x, y)[0], _two_kernels(x, y)[0])
+    assert compiled._tape is None
+    assert compiled.no_tape == "no tape: 2 launches: the program costs less around so few"

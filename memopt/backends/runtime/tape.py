@@ -30,11 +30,11 @@ recording what each node launches and a dispatch mode watching the ATen ops it c
 - Every node's result is kept: the tape owns that memory (at most MAX_KEPT_NBYTES).
 
 A graph gets no tape when it has a size symbol, a node the tape does not know (only ATen
-ops, `getitem` and memopt's kernels, GEMVs, decode attention and row writes: targets whose calls do
-nothing outside their launch and ATen), an output that shares memory with an input or
-with another output or overlaps itself, outputs over MAX_OUTPUT_NBYTES, fewer launches
-than MIN_LAUNCH_SHARE of its entries, where another thread captured at the same time, or
-where the launcher is not built.
+ops, `getitem` and memopt's kernels, GEMVs, decode attention and row writes: targets
+whose calls do nothing outside their launch and ATen), an output that shares memory with
+an input or with another output or overlaps itself, outputs over MAX_OUTPUT_NBYTES,
+fewer launches than MIN_LAUNCH_SHARE of its entries or than MIN_LAUNCHES, where another
+thread captured at the same time, or where the launcher is not built.
 
 A replay (`Tape.__call__`) returns None, and the program runs instead, when an argument
 differs as above, the grad or inference mode differs from the capture's, or another
@@ -76,6 +76,10 @@ SMALL_INPUT_NBYTES = 1 << 20
 MAX_KEPT_NBYTES = 64 << 20
 MAX_OUTPUT_NBYTES = 4 << 20
 MIN_LAUNCH_SHARE = 0.5
+# A replay's own work (its checks, copies of the moved inputs and of the outputs: about 3 us)
+# costs more than the program around a few launches (measured: a one-kernel graph on 64
+# elements 9.2 us a call through the program, 12.6 through a tape, Dynamo's part included).
+MIN_LAUNCHES = 8
 MISSES = 3
 # What `Tape.capture` returns for the outputs when it failed before running any node.
 NOT_RUN = object()
@@ -296,6 +300,8 @@ class Tape:
         calls = len(ran.entries)
         if launches < MIN_LAUNCH_SHARE * max(1, calls):
             return f"{launches} of its {calls} calls are launches", returned
+        if launches < MIN_LAUNCHES:
+            return f"{launches} launches: the program costs less around so few", returned
         kept += ran.narrow
         tape = cls(native.tape(ran.entries), inputs, plan, ran.fallbacks, kept, ran.modes)
         tape._shape = shape
