@@ -207,7 +207,7 @@ def test_no_tape_where_an_output_is_an_inputs_memory(replays):
         assert_close(doubled, x * 2)
     assert compiled._tape is None and compiled._replay is None
     assert compiled.no_tape == (
-        "no tape: an output is an input's memory, another output's, overlaps itself or is too large"
+        "no tape: an output is an input's memory, another output's, or overlaps itself"
     )
 
 
@@ -322,3 +322,22 @@ def test_a_graph_of_a_few_launches_keeps_its_program(monkeypatch):
         assert_close(compiled(x, y)[0], _two_kernels(x, y)[0])
     assert compiled._tape is None
     assert compiled.no_tape == "no tape: 2 launches: the program costs less around so few"
+
+
+def test_a_graph_with_much_to_copy_for_its_launches_keeps_its_program(monkeypatch):
+    """Must not: a tape whose copies in and out (moved inputs, outputs) exceed
+    COPY_NBYTES_PER_LAUNCH a launch: they would cost more than the launches save."""
+    monkeypatch.setattr(tape, "COPY_NBYTES_PER_LAUNCH", 1024)
+    y = torch.randn(33)
+    compiled, _ = _compiled(_two_kernels, (torch.randn(5, 33), y))
+    for _ in range(tape.CAPTURE_AFTER + 2):
+        x = torch.randn(5, 33)  # 660 bytes copied in, 20 + 132 out: 812, under 2 x 1024
+        assert_close(compiled(x, y)[0], _two_kernels(x, y)[0])
+    assert compiled._tape is not None
+    monkeypatch.setattr(tape, "COPY_NBYTES_PER_LAUNCH", 256)
+    compiled, _ = _compiled(_two_kernels, (torch.randn(5, 33), y))
+    for _ in range(tape.CAPTURE_AFTER + 2):
+        x = torch.randn(5, 33)
+        assert_close(compiled(x, y)[0], _two_kernels(x, y)[0])
+    assert compiled._tape is None
+    assert compiled.no_tape == "no tape: 812 bytes to copy a call for 2 launches"

@@ -32,9 +32,10 @@ recording what each node launches and a dispatch mode watching the ATen ops it c
 A graph gets no tape when it has a size symbol, a node the tape does not know (only ATen
 ops, `getitem` and memopt's kernels, GEMVs, decode attention and row writes: targets
 whose calls do nothing outside their launch and ATen), an output that shares memory with
-an input or with another output or overlaps itself, outputs over MAX_OUTPUT_NBYTES,
-fewer launches than MIN_LAUNCH_SHARE of its entries or than MIN_LAUNCHES, where another
-thread captured at the same time, or where the launcher is not built.
+an input or with another output or overlaps itself, more bytes of outputs and moved
+inputs to copy than COPY_NBYTES_PER_LAUNCH a launch, fewer launches than
+MIN_LAUNCH_SHARE of its entries or than MIN_LAUNCHES, where another thread captured at
+the same time, or where the launcher is not built.
 
 A replay (`Tape.__call__`) returns None, and the program runs instead, when an argument
 differs as above, the grad or inference mode differs from the capture's, or another
@@ -74,7 +75,9 @@ from memopt.compiler.order import written_buffers
 CAPTURE_AFTER = 2
 SMALL_INPUT_NBYTES = 1 << 20
 MAX_KEPT_NBYTES = 64 << 20
-MAX_OUTPUT_NBYTES = 4 << 20
+# A replay copies its moved inputs in and its outputs out: at most this many bytes a launch
+# it runs (a launch saves 1.5-4 us of the program's Python; 16 KiB copy in about 1 us).
+COPY_NBYTES_PER_LAUNCH = 16 << 10
 MIN_LAUNCH_SHARE = 0.5
 # A replay's own work (its checks, copies of the moved inputs and of the outputs: about 3 us)
 # costs more than the program around a few launches (measured: a one-kernel graph on 64
@@ -291,10 +294,7 @@ class Tape:
         )
         launches = sum(1 for f in ran.fallbacks if f is not None)
         if plan is None:
-            return (
-                "an output is an input's memory, another output's, overlaps itself or is too large",
-                returned,
-            )
+            return "an output is an input's memory, another output's, or overlaps itself", returned
         if kept_nbytes > MAX_KEPT_NBYTES:
             return f"its values take {kept_nbytes} bytes", returned
         calls = len(ran.entries)
@@ -302,6 +302,10 @@ class Tape:
             return f"{launches} of its {calls} calls are launches", returned
         if launches < MIN_LAUNCHES:
             return f"{launches} launches: the program costs less around so few", returned
+        copied = sum(how.nbytes for kind, how in plan if kind == "copy")
+        copied += sum(how[0].nbytes for kind, *how in inputs if kind == "copy")
+        if copied > COPY_NBYTES_PER_LAUNCH * launches:
+            return f"{copied} bytes to copy a call for {launches} launches", returned
         kept += ran.narrow
         tape = cls(native.tape(ran.entries), inputs, plan, ran.fallbacks, kept, ran.modes)
         tape._shape = shape
@@ -345,7 +349,7 @@ class Tape:
         ("value", v); None where an output shares memory it must not (module doc)."""
         inputs = [env[p] for p in placeholders]
         input_storages = {_storage(t) for t in inputs if isinstance(t, torch.Tensor)}
-        plan, seen, nbytes = [], set(), 0
+        plan, seen = [], set()
         for value in results:
             if not isinstance(value, torch.Tensor):
                 plan.append(("value", value))
@@ -359,9 +363,8 @@ class Tape:
             if storage in input_storages or storage in seen or overlapping:
                 return None
             seen.add(storage)
-            nbytes += value.nbytes
             plan.append(("copy", value))
-        return None if nbytes > MAX_OUTPUT_NBYTES else plan
+        return plan
 
     def __call__(self, args: Sequence[object]) -> object | None:
         if not self._lock.acquire(blocking=False):
