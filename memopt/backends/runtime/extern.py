@@ -234,7 +234,8 @@ class RowWrite:
     def __init__(self, dim: int) -> None:
         self.dim = dim
         self.destinations = {0: 0}  # its output is its first argument, written in place
-        self._launch = None  # bound to the layouts of the first call it took
+        # bound to the layouts of its first call, or False where it took none (ATen's op)
+        self._launch: object | None = None
 
     def __repr__(self) -> str:
         return f"RowWrite(aten.index_put_.default, dim={self.dim})"
@@ -247,9 +248,10 @@ class RowWrite:
     ) -> torch.Tensor:
         if not accumulate and len(indices) == self.dim + 1:
             operands = (x, indices[self.dim], values)
-            if self._launch is None and launchable(operands):
-                self._launch = self._bind(x, indices, values)
-            if self._launch is not None and launchable(operands) and not _records(x, values):
+            plain = launchable(operands)
+            if self._launch is None and plain:
+                self._launch = self._bind(x, indices, values) or False
+            if self._launch and plain and not _records(x, values):
                 if self._launch(*operands) == 0:
                     return x
         return aten.index_put_.default(x, indices, values, accumulate)

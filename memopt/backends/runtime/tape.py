@@ -22,8 +22,8 @@ recording what each node launches and a dispatch mode watching the ATen ops it c
   on the same tensors and copies its results into the tensors the capture kept.
 - Inputs whose memory moved between the calls before the capture (token ids, positions:
   new tensors each step) are copied into buffers of the tape's own, and each replay copies
-  the new values in; the graph gets no tape if such an input is written or larger than
-  SMALL_INPUT_NBYTES. The others (weights, a KV cache) are used where they are: a replay
+  the new values in; the graph gets no tape if such an input is written or its elements
+  overlap (and the copies count against COPY_NBYTES_PER_LAUNCH, below). The others (weights, a KV cache) are used where they are: a replay
   needs the same memory (data pointer), dtype, shape, strides and no negation or
   conjugation bit, and for read-only ones the same version counter, since a narrowed
   weight's copy was made from the parameter's values.
@@ -73,7 +73,6 @@ from memopt.compiler.order import written_buffers
 # Plain calls of a graph before the one that makes its tape: the first works out and binds
 # each kernel's launch, the second takes them.
 CAPTURE_AFTER = 2
-SMALL_INPUT_NBYTES = 1 << 20
 MAX_KEPT_NBYTES = 64 << 20
 # A replay copies its moved inputs in and its outputs out: at most this many bytes a launch
 # it runs (a launch saves 1.5-4 us of the program's Python; 16 KiB copy in about 1 us).
@@ -162,13 +161,12 @@ def _failed(error: Exception) -> str:
     return why
 
 
-def _python_entry(node: torch.fx.Node, target, args, kwargs, kept):
+def _python_entry(target, args, kwargs, kept):
     call = target._op if isinstance(target, torch._ops.OpOverload) else target
 
     def run() -> None:
         _copy_into(kept, call(*args, **kwargs))
 
-    run.memopt_node = node.name
     return run
 
 
@@ -186,14 +184,17 @@ class _Ran:
 class Tape:
     """One graph's tape (module doc): `tape(args)` -> outputs, or None where it cannot."""
 
-    def __init__(self, run, inputs, outputs, fallbacks, kept, modes: tuple[bool, bool]) -> None:
+    def __init__(self, run, inputs, outputs, shape, ran: _Ran, kept) -> None:
         self._run = run
         self._inputs = inputs
         self._outputs = outputs
+        self._shape = shape  # the outputs' container (tuple, list), None for one value
+        fallbacks = ran.fallbacks
         # per tape position: a launch's node called again (to raise its error), or None
         self._fallbacks = fallbacks
         self._kept = kept  # every tensor the tape's pointers reach
-        self._modes = modes  # grad mode and inference mode at the capture
+        self._modes = ran.modes  # grad mode and inference mode at the capture
+        self.python_nodes = tuple(ran.python_nodes)
         self._lock = threading.Lock()
         self.python_calls = sum(1 for f in fallbacks if f is None)
         self.launches = len(fallbacks) - self.python_calls
@@ -260,7 +261,7 @@ class Tape:
             if isinstance(target, (QuantizedMatmul, QuantizedEmbedding)):
                 # the narrow copy its launch reads: kept, should the target quantize anew
                 ran.narrow.append(target.parameter.weight)
-            entry = _python_entry(node, target, call_args, call_kwargs, result)
+            entry = _python_entry(target, call_args, call_kwargs, result)
             if len(recorded) == 1 and recorded[0][3] == 0 and not watch.computed:
                 ran.entries.append(recorded[0][:3])  # the one launch it made, which ran
                 ran.fallbacks.append(entry)
@@ -306,10 +307,7 @@ class Tape:
         copied += sum(how[0].nbytes for kind, *how in inputs if kind == "copy")
         if copied > COPY_NBYTES_PER_LAUNCH * launches:
             return f"{copied} bytes to copy a call for {launches} launches", returned
-        kept += ran.narrow
-        tape = cls(native.tape(ran.entries), inputs, plan, ran.fallbacks, kept, ran.modes)
-        tape._shape = shape
-        tape.python_nodes = tuple(ran.python_nodes)
+        tape = cls(native.tape(ran.entries), inputs, plan, shape, ran, [*kept, *ran.narrow])
         return tape, tape._returned(args)  # the kept tensors are the tape's: copies
 
     @staticmethod
@@ -322,10 +320,9 @@ class Tape:
                     why = why or f"input {node.name} is not a plain CPU tensor"
                 if position in moved and (
                     node in written
-                    or arg.nbytes > SMALL_INPUT_NBYTES
                     or torch._debug_has_internal_overlap(arg) != 0  # a stride of 0: no copy
                 ):
-                    # new memory each call, and written, too large or overlapping to copy
+                    # new memory each call, and written or overlapping: no copy
                     why = why or f"input {node.name} is new memory each call"
                 if position in moved and not why:
                     own = torch.empty_strided(arg.shape, arg.stride(), dtype=arg.dtype)
@@ -337,7 +334,7 @@ class Tape:
                     # (and cannot be written outside inference mode)
                     version = None if node in written or arg.is_inference() else arg._version
                     layout = (arg.data_ptr(), arg.dtype, arg.shape, arg.stride())
-                    inputs.append(("same", layout, version))
+                    inputs.append(("same", arg, layout, version))
             else:
                 env[node] = arg
                 inputs.append(("value", arg))
@@ -388,7 +385,17 @@ class Tape:
                         return None
                     copies.append((own, arg))
                 elif kind == "same":
-                    layout, version = how
+                    tensor, layout, version = how
+                    if arg is tensor:  # the capture's tensor (no bit to check): as it was?
+                        if (
+                            arg.data_ptr() == layout[0]
+                            and arg.dtype is layout[1]
+                            and arg.shape == layout[2]
+                            and arg.stride() == layout[3]
+                            and (version is None or arg._version == version)
+                        ):
+                            continue
+                        return None
                     if (
                         type(arg) not in _PLAIN
                         or (arg.data_ptr(), arg.dtype, arg.shape, arg.stride()) != layout
