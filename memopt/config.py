@@ -39,9 +39,10 @@ class Config:
     # faster on this machine, measured once and cached: backends/runtime/gemv.py), "aten"
     # or "memopt" (its streaming kernels).
     cpu_gemv: str = "auto"
-    # Where float32 CPU attention of one query position over a cache (a decode step's) runs:
-    # "auto" (the faster on this machine, measured once and cached:
-    # backends/runtime/decode_attention.py), "aten" or "memopt" (its decode kernel).
+    # Where float32 CPU attention of one query position over a cache (a decode step's) and
+    # causal attention of many (a prefill's) run: "auto" (the faster on this machine, each
+    # measured once and cached: backends/runtime/decode_attention.py, causal_attention.py),
+    # "aten" or "memopt" (its decode and causal kernels).
     cpu_attention: str = "auto"
     # Where the backend writes its per-graph analysis JSON; None writes nothing.
     report_dir: str | None = None

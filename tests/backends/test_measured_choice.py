@@ -1,7 +1,7 @@
 """memopt's own CPU kernels chosen per machine by measurement: the GEMVs (runtime/gemv.py,
-option cpu_gemv) and decode attention (runtime/decode_attention.py, option cpu_attention).
-Both measure once, cache the times by machine and choose by gemm.choose's rule; both
-sources build without OpenMP."""
+option cpu_gemv), decode attention (runtime/decode_attention.py) and causal attention
+(runtime/causal_attention.py; both option cpu_attention). Each measures once, caches the
+times by machine and chooses by gemm.choose's rule; each source builds without OpenMP."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from memopt.backends.cache import cache_dir, machine_key
-from memopt.backends.cpp import attention, quantized
+from memopt.backends.cpp import attention, causal_attention, quantized
+from memopt.backends.runtime import causal_attention as causal
 from memopt.backends.runtime import decode_attention, gemm, gemv
 from memopt.config import Config
 from memopt.errors import OptionError
@@ -45,6 +46,11 @@ LIBRARIES = {
         "cpu_attention",
         "CPU decode attention kernels",
         {"SHAPES": ((4, 2, 64, 64), (2, 2, 40, 32)), "_WEIGHT_NBYTES": 1 << 20},
+    ),
+    "causal attention": Library(
+        causal, causal_attention.SOURCE, causal.causal_attention_library, "causal-attention",
+        "cpu_attention", "CPU causal attention kernels",
+        {"SHAPES": ((4, 2, 40, 64), (2, 2, 33, 32))},
     ),
 }  # fmt: skip
 

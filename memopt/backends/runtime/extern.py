@@ -44,6 +44,8 @@ import torch.fx
 from memopt.backends import memory
 from memopt.backends.cpp import launcher
 from memopt.backends.cpp import rows as rows_kernel
+from memopt.backends.runtime.causal_attention import describe as describe_causal
+from memopt.backends.runtime.causal_attention import point_causal_attention
 from memopt.backends.runtime.decode_attention import describe as describe_attention
 from memopt.backends.runtime.decode_attention import point_decode_attention
 from memopt.backends.runtime.gemm import describe as describe_gemms
@@ -292,11 +294,13 @@ def point_libraries(
     """Point `gm`'s float32 CPU mm and addmm nodes of a few rows at a StreamingGemv where
     `cpu_gemv` says memopt (runtime/gemv.py), its other float32 CPU mm and addmm nodes at
     a OneDnnMatmul where `cpu_gemm` says oneDNN (runtime/gemm.py), its one-position CPU
-    attentions at a DecodeAttention where `cpu_attention` says memopt
-    (runtime/decode_attention.py); returns how many. The caller recompiles `gm`."""
+    attentions at a DecodeAttention and its causal ones at a CausalAttention where
+    `cpu_attention` says memopt (runtime/decode_attention.py, runtime/causal_attention.py);
+    returns how many. The caller recompiles `gm`."""
     changed = point_gemvs(gm, cpu_gemv)
     changed += point_gemms(gm, cpu_gemm)
-    return changed + point_decode_attention(gm, cpu_attention)
+    changed += point_decode_attention(gm, cpu_attention)
+    return changed + point_causal_attention(gm, cpu_attention)
 
 
 def describe_libraries(
@@ -308,6 +312,7 @@ def describe_libraries(
         describe_gemvs(gm, cpu_gemv),
         describe_gemms(gm, cpu_gemm),
         describe_attention(gm, cpu_attention),
+        describe_causal(gm, cpu_attention),
     )
     return "; ".join(d for d in described if d)
 

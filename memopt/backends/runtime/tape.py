@@ -61,6 +61,7 @@ import torch.fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from memopt.backends.cpp import launcher
+from memopt.backends.runtime.causal_attention import CausalAttention
 from memopt.backends.runtime.decode_attention import DecodeAttention
 from memopt.backends.runtime.extern import RowWrite
 from memopt.backends.runtime.gemv import StreamingGemv
@@ -93,6 +94,7 @@ _TARGETS = (
     QuantizedMatmul,
     QuantizedEmbedding,
     DecodeAttention,
+    CausalAttention,
     RowWrite,
 )
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
