@@ -7,14 +7,13 @@ import ctypes
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-import sympy
 import torch
 
 from memopt.backends import memory
 from memopt.backends.codegen import planning
 from memopt.backends.cpp import build, codegen, launcher
 from memopt.backends.registry import Sizes, Tensors
-from memopt.compiler.kernel_ir import Buffer, Kernel
+from memopt.compiler.kernel_ir import SIZES_KEPT, Buffer, Kernel, layout_function
 
 # Error codes the generated code returns (prelude.py: MO_ERR_*).
 _ERRORS = {
@@ -46,6 +45,7 @@ class CppKernel:
         packed = getattr(library, codegen.PACKED_NAME)
         self._packed_address = ctypes.cast(packed, ctypes.c_void_p).value
         self._buffers = (*kernel.inputs, *kernel.outputs)
+        self._layouts = layout_function(self._buffers)  # the buffers' layouts at given sizes
         self._bound: dict[tuple[object, ...], Callable[[Tensors, Tensors], None]] = {}
         # Output position -> input position whose memory that output may reuse, when the
         # caller knows nothing reads the input afterwards (FusedKernel.donated_inputs).
@@ -94,9 +94,14 @@ class CppKernel:
         run = self._bound.get(key)
         if run is None:
             layout = _Layout(
-                self._buffers, dict(zip(names, size_values)), self.signature.extent_buffers
+                self._buffers,
+                self._layouts,
+                dict(zip(names, size_values)),
+                self.signature.extent_buffers,
             )
             checked = len(self.kernel.inputs) if outputs_checked else len(self._buffers)
+            if len(self._bound) >= SIZES_KEPT:
+                self._bound.clear()
             run = self._bound[key] = self._runner(
                 layout, (*layout.extent_args, *size_values), checked
             )
@@ -159,17 +164,13 @@ class _Layout:
     def __init__(
         self,
         buffers: Sequence[Buffer],
+        layouts: Callable[[Mapping[str, int]], list],
         sizes: Mapping[str, int],
         extent_buffers: Sequence[str],
     ) -> None:
-        def ev(expr: sympy.Expr) -> int:
-            if isinstance(expr, (int, sympy.Integer)):
-                return int(expr)  # a static size: most are
-            expr = sympy.sympify(expr)
-            return int(expr.xreplace({s: sympy.Integer(sizes[s.name]) for s in expr.free_symbols}))
-
-        self.shapes = [tuple(ev(s) for s in b.shape) for b in buffers]
-        self.strides = [tuple(ev(s) for s in b.stride) for b in buffers]
+        found = layouts(sizes)
+        self.shapes = [shape for shape, _ in found]
+        self.strides = [stride for _, stride in found]
         self.extents = {}
         for buffer, shape, stride in zip(buffers, self.shapes, self.strides):
             empty = any(size == 0 for size in shape)

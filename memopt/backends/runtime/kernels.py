@@ -27,7 +27,7 @@ from memopt.backends.triton.sectors import moves_sectors, strided_buffers
 from memopt.compiler.aten_ops import returns_fresh_memory
 from memopt.compiler.cost import Cost, read_bytes, sector_nbytes
 from memopt.compiler.graph import tensor_meta
-from memopt.compiler.kernel_ir import evaluate_size
+from memopt.compiler.kernel_ir import SIZES_KEPT, layout_function
 from memopt.compiler.lower import Lowered
 
 _FAKE = torch._C._TorchDispatchModeKey.FAKE
@@ -83,8 +83,12 @@ class FusedKernel:
         self.fake_outputs = tuple(fake_outputs)
         self._compiled: dict[str, object] = {}
         self._symbol_slots = self._find_symbol_slots()
+        # By sizes (a kernel with size symbols: one entry a distinct size, at most
+        # SIZES_KEPT, then emptied: a dynamic KV cache's decode step meets a new length
+        # every step); the compiled function that evaluates the outputs' layouts.
         self._layouts: dict[tuple[int, ...], list[tuple[list[int], list[int]]]] = {}
         self._launches: dict[tuple[object, ...], _Launch] = {}  # by (device, *sizes)
+        self._layout_of: Callable | None = None
         # What a call of plain CPU tensors runs, once the first such call has worked it
         # out (`_fast_call`); None until then, and for kernels with size symbols or
         # destinations. Setting either attribute below resets it.
@@ -328,6 +332,8 @@ class FusedKernel:
                 )
             outputs.append((shape, stride, dtype, in_place.get(k), fresh))
         launch = _Launch(outputs=tuple(outputs), run=run)
+        if len(self._launches) >= SIZES_KEPT:
+            self._launches.clear()
         self._launches[(device, *sizes.values()) if self._symbol_slots else device] = launch
         return launch
 
@@ -336,13 +342,11 @@ class FusedKernel:
         key = tuple(sizes.values())
         layouts = self._layouts.get(key)
         if layouts is None:
-
-            def ev(expr: sympy.Expr) -> int:
-                return evaluate_size(expr, sizes)
-
-            layouts = [
-                ([ev(s) for s in b.shape], [ev(s) for s in b.stride]) for b in self.kernel.outputs
-            ]
+            if self._layout_of is None:
+                self._layout_of = layout_function(self.kernel.outputs)
+            layouts = [(list(shape), list(stride)) for shape, stride in self._layout_of(sizes)]
+            if len(self._layouts) >= SIZES_KEPT:
+                self._layouts.clear()
             self._layouts[key] = layouts
         return layouts
 
