@@ -63,3 +63,30 @@ def test_decoding_gives_eagers_tokens_without_recompiling(cache, graphs, tmp_pat
     assert "aten.expand" not in text and "aten.clone" not in text
     if cache == "static":  # keys and values written into the cache in place, not copied
         assert text.count("aten.index_put_.default") == 2 and "aten.copy_" not in text
+
+
+def test_a_narrow_decode_step_replays_launches_only(monkeypatch):
+    """int4 weights, static cache: the decode step's tape holds launches only, the narrow
+    embedding's lookup among them (no Python call a step), and replays the program's
+    tokens."""
+    tapes = []
+    call = Tape.__call__
+
+    def recorded(self, args):
+        outputs = call(self, args)
+        if outputs is not None and self not in tapes:
+            tapes.append(self)
+        return outputs
+
+    monkeypatch.setattr(Tape, "__call__", recorded)
+    model = decoding_llama()
+    prompt = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    options = {"pass_options": {"precision": {"weights": "int4", "group_size": 32}}}
+    model.forward = torch.compile(model.forward, backend="memopt", options=options)
+    replayed = generate(model, prompt, "static", NEW_TOKENS)
+    assert tapes and all(t.python_calls == 0 for t in tapes)
+    monkeypatch.setattr("memopt.backends.runtime.executor.REPLAY", False)
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward.__wrapped__, backend="memopt", options=options)
+    assert torch.equal(generate(model, prompt, "static", NEW_TOKENS), replayed)

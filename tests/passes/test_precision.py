@@ -762,6 +762,41 @@ def test_lookups_gather_rows_in_one_call_as_torch_does(kind: str, shape: tuple) 
         lookup(weight, torch.tensor([50]))
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4", "bf16"])
+def test_a_lookup_of_the_layout_bound_last_is_one_native_launch(kind: str) -> None:
+    """The first lookup gathers through ctypes and binds; the next of that index layout is
+    one C call (no ctypes call) with the same values bit for bit, a negative index wrapping
+    as torch's indexing does; past the end raises torch's IndexError; a weight written in
+    place is quantized again and its lookups give the new rows."""
+    if launcher.module() is None:
+        pytest.skip("no native launcher here")
+    calls = []
+
+    def counted(weight, index):
+        calls.append(index)
+        return cpp_quantized.gather_rows(weight, index)
+
+    backend = dataclasses.replace(get_backend("cpp"), quantized_gather=counted)
+    weight = nn.Parameter(torch.randn(50, 64))
+    parameter = QuantizedParameter(weight, kind, 32, False, "w")
+    lookup = QuantizedEmbedding(parameter, backend)
+    with torch.no_grad():
+        first = lookup(weight, torch.tensor([[7, 3]]))
+        assert len(calls) == 1
+        second = lookup(weight, torch.tensor([[-1, 3]]))
+        assert len(calls) == 1 and second.data_ptr() != first.data_ptr()
+        assert torch.equal(second, parameter.weight.gather_rows(torch.tensor([[49, 3]])))
+        with pytest.raises(IndexError):
+            lookup(weight, torch.tensor([[50, 3]]))
+        weight.mul_(2)
+        again = lookup(weight, torch.tensor([[7, 3]]))
+        assert torch.equal(again, parameter.current(weight).gather_rows(torch.tensor([[7, 3]])))
+        torch.testing.assert_close(again, 2 * first, rtol=0.02, atol=0.02)
+        calls.clear()
+        lookup(weight, torch.tensor([[8, 9]]))
+        assert calls == []  # bound again for the new weight
+
+
 def test_the_pass_gives_its_lookups_the_backends_gather() -> None:
     a = analyze(model(), 3, **precision("int4", group_size=8))
     lookups = [

@@ -8,7 +8,7 @@ loads them with ctypes; kernel.py binds tensors and calls.
 
 from memopt.backends.cpp.build import CompileError, CompilerNotFound
 from memopt.backends.cpp.kernel import CppKernel, compile_kernel, prefetch_kernel
-from memopt.backends.cpp.quantized import bind_matmul, gather_rows
+from memopt.backends.cpp.quantized import bind_gather, bind_matmul, gather_rows
 from memopt.backends.cpp.quantized import matmul as quantized_matmul
 from memopt.backends.registry import Backend, Feature, register_backend
 
@@ -32,6 +32,7 @@ CPP = register_backend(
         quantized_matmul=quantized_matmul,
         quantized_launch=bind_matmul,
         quantized_gather=gather_rows,
+        quantized_gather_launch=bind_gather,
         quantized_formats=frozenset({"int8", "int4", "bf16"}),
     )
 )

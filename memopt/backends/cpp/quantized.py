@@ -813,19 +813,35 @@ extern "C" void memopt_bf16_rows(const uint16_t* w, float* out, int64_t n0, int6
 // Rows `index[0..count)` of W (N rows) as float32 into out (count x K): an embedding
 // lookup. kind: 0 int8, 1 int4, 2 bf16 (no scale). Returns 1, writing nothing, where an
 // index is outside [0, N) (the caller then indexes as torch does: negative ones wrap).
+// `low`: the least index taken (0, or -N where a negative one counts from the end).
+static int32_t gather_rows(int64_t kind, const void* data, const float* scale,
+                           const int64_t* index, float* out, int64_t count, int64_t N,
+                           int64_t K, int64_t group, int64_t low) {
+  for (int64_t i = 0; i < count; ++i)
+    if (index[i] < low || index[i] >= N) return 1;
+  #pragma omp parallel for schedule(static) if (count * K >= 65536)
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t r = index[i] < 0 ? index[i] + N : index[i];
+    float* row = out + i * K;
+    if (kind == 0) q8_row((const int8_t*)data, scale, row, r, K);
+    else if (kind == 1) q4_row((const uint8_t*)data, scale, row, r, K, group);
+    else bf16_row((const uint16_t*)data, row, r, K);
+  }
+  return 0;
+}
 extern "C" int32_t memopt_gather_rows(int64_t kind, const void* data, const float* scale,
                                       const int64_t* index, float* out, int64_t count,
                                       int64_t N, int64_t K, int64_t group) {
-  for (int64_t i = 0; i < count; ++i)
-    if (index[i] < 0 || index[i] >= N) return 1;
-  #pragma omp parallel for schedule(static) if (count * K >= 65536)
-  for (int64_t i = 0; i < count; ++i) {
-    float* row = out + i * K;
-    if (kind == 0) q8_row((const int8_t*)data, scale, row, index[i], K);
-    else if (kind == 1) q4_row((const uint8_t*)data, scale, row, index[i], K, group);
-    else bf16_row((const uint16_t*)data, row, index[i], K);
-  }
-  return 0;
+  return gather_rows(kind, data, scale, index, out, count, N, K, group, 0);
+}
+// The lookup's entry point for the native launcher: p = index (contiguous int64), the
+// stored weight (data[, scale]), out; s = kind, count, N, K, group, whether a scale is
+// stored. A negative index counts from the end, as torch's indexing does; returns 1,
+// writing nothing, where one is outside [-N, N) (torch's indexing raises there).
+extern "C" int32_t memopt_gather_rows_packed(void* const* p, const int64_t* s) {
+  const int64_t scaled = s[5];
+  return gather_rows(s[0], p[1], scaled ? (const float*)p[2] : nullptr, (const int64_t*)p[0],
+                     (float*)p[2 + scaled], s[1], s[2], s[3], s[4], -s[2]);
 }
 // The narrow GEMVs' entry points for the native launcher: p = x[, bias], the stored weight
 // (data, scale; bf16 has no scale), y; s = M, N, K, whether a bias is given, and the int4
@@ -1010,6 +1026,25 @@ def gather_rows(weight: QuantizedWeight, index: torch.Tensor) -> torch.Tensor | 
         weight.group,
     )
     return None if failed else out
+
+
+def bind_gather(weight: QuantizedWeight, index: torch.Tensor) -> tuple[object, tuple] | None:
+    """A native launch of `gather_rows` for an index of this layout, or None (another
+    format, dtype or device, a non-contiguous index, no launcher): (launch, output shape),
+    called `launch(index, *stored, out)` with `stored` the weight's data (and scale) and out
+    a fresh float32 tensor of that shape. It returns 1 without writing where an index is
+    outside [-N, N), `launcher.LAYOUT_MISMATCH` where the index's layout differs."""
+    kind = _GATHER_KINDS.get(weight.kind)
+    if kind is None or index.dtype != torch.int64 or not (index.is_cpu and weight.data.is_cpu):
+        return None
+    if not index.is_contiguous() or index.is_neg():
+        return None
+    scaled = int(weight.scale is not None)
+    scalars = (kind, index.numel(), weight.rows, weight.cols, weight.group, scaled)
+    launch = launcher.bind_layouts(
+        packed_address("memopt_gather_rows"), (index,), 2 + scaled, scalars
+    )
+    return None if launch is None else (launch, (*index.shape, weight.cols))
 
 
 def bind_matmul(
