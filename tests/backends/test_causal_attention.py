@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
+from launch_counting import kernel_calls, launches
 
 from memopt.backends.cpp import causal_attention as kernel
 from memopt.backends.cpp import launcher
@@ -23,36 +22,11 @@ from real_models import decoding_llama, generate
 
 
 def _kernel_calls(monkeypatch):
-    calls = []
-    entry = kernel.function()
-
-    def counted(*args):
-        calls.append(args)
-        return entry(*args)
-
-    monkeypatch.setattr(kernel, "function", lambda: counted)
-    return calls
+    return kernel_calls(monkeypatch, kernel)
 
 
 def _launches(monkeypatch):
-    """Count the calls of the kernel's native launches (the launcher seen through a proxy)."""
-    calls = []
-
-    def bind_layouts(*args):
-        launch = launcher.bind_layouts(*args)
-        if launch is None:
-            return None
-
-        def counted(*tensors):
-            calls.append(tensors)
-            return launch(*tensors)
-
-        return counted
-
-    monkeypatch.setattr(
-        causal_attention, "launcher", types.SimpleNamespace(bind_layouts=bind_layouts)
-    )
-    return calls
+    return launches(monkeypatch, causal_attention)
 
 
 def _operands(batch, heads, kv_heads, rows, length, head_dim, allocated=None, seed=0):

@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import copy
-import types
 
 import pytest
 import torch
+from launch_counting import kernel_calls, launches
 
 from memopt.backends.cpp import attention as kernel
 from memopt.backends.cpp import launcher
@@ -26,36 +26,11 @@ NEG_INF = float("-inf")
 
 
 def _kernel_calls(monkeypatch):
-    """Count the kernel's calls."""
-    calls = []
-    entry = kernel.function()
-
-    def counted(*args):
-        calls.append(args)
-        return entry(*args)
-
-    monkeypatch.setattr(kernel, "function", lambda: counted)
-    return calls
+    return kernel_calls(monkeypatch, kernel)
 
 
 def _launches(monkeypatch):
-    """Count the calls of the kernel's native launches (the launcher seen through a proxy)."""
-    calls = []
-
-    def bind_layouts(*args):
-        launch = launcher.bind_layouts(*args)
-        if launch is None:
-            return None
-
-        def counted(*tensors):
-            calls.append(tensors)
-            return launch(*tensors)
-
-        return counted
-
-    proxy = types.SimpleNamespace(bind_layouts=bind_layouts)
-    monkeypatch.setattr(decode_attention, "launcher", proxy)
-    return calls
+    return launches(monkeypatch, decode_attention)
 
 
 def _operands(batch, heads, kv_heads, length, head_dim, allocated=None, seed=0):

@@ -292,16 +292,11 @@ def function() -> ctypes._CFuncPtr:
     not). Arguments: q, k, v, mask (or None), out, lse, sizes (B, H, H_kv, L, D, Dv),
     strides (q: b, h; k: b, h, l; v: b, h, l; mask: b, h, l), scale, chunk. Returns 0, or
     1 where its scratch memory could not be allocated."""
-    library, _ = build.library(SOURCE)
-    entry = library.memopt_decode_attention
-    entry.argtypes = SIGNATURE
-    entry.restype = ctypes.c_int32
-    return entry
+    return build.entry_point(SOURCE, "memopt_decode_attention", SIGNATURE, ctypes.c_int32)
 
 
 @functools.cache
 def packed_address() -> int:
     """The address of `memopt_decode_attention_packed`, the entry for the native launcher:
     `int32_t f(void* const* pointers, const int64_t* scalars)` (the source's comment)."""
-    library, _ = build.library(SOURCE)
-    return ctypes.cast(library.memopt_decode_attention_packed, ctypes.c_void_p).value
+    return build.entry_address(SOURCE, "memopt_decode_attention_packed")

@@ -233,6 +233,22 @@ def library(source: str) -> tuple[ctypes.CDLL, Path]:
     return loaded, source_path
 
 
+def entry_point(source: str, name: str, argtypes: tuple, restype: object) -> ctypes._CFuncPtr:
+    """Function `name` of the library built from `source`, with its ctypes signature."""
+    loaded, _ = library(source)
+    entry = getattr(loaded, name)
+    entry.argtypes = argtypes
+    entry.restype = restype
+    return entry
+
+
+def entry_address(source: str, name: str) -> int:
+    """The address of function `name` of the library built from `source` (a native
+    launcher's packed entry: `int32_t f(void* const* pointers, const int64_t* scalars)`)."""
+    loaded, _ = library(source)
+    return ctypes.cast(getattr(loaded, name), ctypes.c_void_p).value
+
+
 def cache_key(source: str, tools: Toolchain) -> str:
     """The hash naming a library: source, compiler, flags and the CPU it is built for."""
     return _digest("\0".join([source, tools.path, tools.version, *tools.flags, cpu_identity()]))

@@ -273,16 +273,11 @@ def function() -> ctypes._CFuncPtr:
     not). Arguments: q, k, v, out, lse, sizes (B, H, H_kv, L, S, D, Dv), strides (q, k, v,
     out, lse: b, h, l each), scale. Returns 0, or 1 where a thread's tiles could not be
     allocated."""
-    library, _ = build.library(SOURCE)
-    entry = library.memopt_causal_attention
-    entry.argtypes = SIGNATURE
-    entry.restype = ctypes.c_int32
-    return entry
+    return build.entry_point(SOURCE, "memopt_causal_attention", SIGNATURE, ctypes.c_int32)
 
 
 @functools.cache
 def packed_address() -> int:
     """The address of `memopt_causal_attention_packed`, the entry for the native launcher:
     `int32_t f(void* const* pointers, const int64_t* scalars)` (the source's comment)."""
-    library, _ = build.library(SOURCE)
-    return ctypes.cast(library.memopt_causal_attention_packed, ctypes.c_void_p).value
+    return build.entry_address(SOURCE, "memopt_causal_attention_packed")

@@ -30,7 +30,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-import operator
 import statistics
 import struct
 
@@ -40,7 +39,12 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from memopt.backends.cpp import causal_attention as kernel
 from memopt.backends.cpp import launcher
-from memopt.backends.runtime.decode_attention import CHOICES
+from memopt.backends.runtime.decode_attention import (
+    CHOICES,
+    LibraryAttention,
+    flash_node,
+    point_attention,
+)
 from memopt.backends.runtime.gemm import (
     GemmTimes,
     _seconds,
@@ -49,7 +53,6 @@ from memopt.backends.runtime.gemm import (
     resolve_choice,
 )
 from memopt.backends.runtime.linear import PLAIN_TENSORS, launchable
-from memopt.compiler.graph import tensor_meta
 
 aten = torch.ops.aten
 FLASH_CPU = aten._scaled_dot_product_flash_attention_for_cpu.default
@@ -132,36 +135,14 @@ def plan(q: object, k: object, v: object) -> tuple | None:
     return sizes, q.stride()[:3]
 
 
-class CausalAttention:
+class CausalAttention(LibraryAttention):
     """A causal `_scaled_dot_product_flash_attention_for_cpu` node on memopt's kernel where
-    it takes the operands, else the ATen op (module doc)."""
+    it takes the operands, else the ATen op (module doc). Its launch: (launch, scale,
+    sizes)."""
 
-    memopt_kind = "extern"
-    __name__ = FLASH_CPU.__name__
     memopt_name = f"{FLASH_CPU} (memopt causal attention)"
 
-    def __init__(self) -> None:
-        # The operand layouts planned last, bound to one C call through the native launcher
-        # (cpp/launcher.py, layouts checked in C): (launch, scale, sizes).
-        self._launch: tuple | None = None
-
-    def __repr__(self) -> str:
-        return "CausalAttention()"
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_launch": None}  # a launch is bound anew, not copied
-
-    def __call__(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        dropout_p: float = 0.0,
-        is_causal: bool = False,
-        *,
-        attn_mask: torch.Tensor | None = None,
-        scale: float | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(self, q, k, v, dropout_p, is_causal, attn_mask, scale) -> tuple:
         takes = not dropout_p and is_causal and attn_mask is None
         bound = self._launch
         if bound is not None and takes and not _grad_enabled():
@@ -234,38 +215,17 @@ def causal_attention_library(choice: str = "auto") -> str:
 def causal_rows(node: torch.fx.Node) -> bool:
     """A CPU flash attention node, causal, with no dropout and no mask, whose logsumexp
     nothing reads: a node CausalAttention may stand for."""
-    if node.op != "call_function" or node.target is not FLASH_CPU:
+    found = flash_node(node)
+    if found is None:
         return False
-    q = node.args[0]
-    meta = tensor_meta(q) if isinstance(q, torch.fx.Node) else None
-    if meta is None or len(meta.shape) != 4 or meta.dtype != _FLOAT32:
-        return False
-    rest = list(node.args[3:])
-    dropout = rest[0] if rest else node.kwargs.get("dropout_p", 0.0)
-    causal = rest[1] if len(rest) > 1 else node.kwargs.get("is_causal", False)
-    if dropout != 0 or causal is not True or node.kwargs.get("attn_mask") is not None:
-        return False
-    values = node.meta.get("val")
-    if not isinstance(values, (tuple, list)) or not isinstance(values[0], torch.Tensor):
-        return False
-    if values[0].device.type != "cpu":
-        return False
-    return all(
-        user.target is operator.getitem and (user.args[1] == 0 or not user.users)
-        for user in node.users
-    )
+    _, dropout, causal = found
+    return dropout == 0 and causal is True and node.kwargs.get("attn_mask") is None
 
 
 def point_causal_attention(gm: torch.fx.GraphModule, choice: str) -> int:
     """Point `gm`'s causal CPU attention nodes at a CausalAttention where `choice` (or for
-    "auto", this machine's measurement) says memopt; returns how many. The caller
-    recompiles `gm`."""
-    nodes = [n for n in gm.graph.nodes if causal_rows(n)]
-    if not nodes or causal_attention_library(choice) != "memopt":
-        return 0
-    for node in nodes:
-        node.target = CausalAttention()
-    return len(nodes)
+    "auto", this machine's measurement) says memopt; returns how many."""
+    return point_attention(gm, causal_rows, causal_attention_library, choice, CausalAttention)
 
 
 def describe(gm: torch.fx.GraphModule, choice: str) -> str:

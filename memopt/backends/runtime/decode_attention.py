@@ -40,6 +40,7 @@ import operator
 import statistics
 import struct
 import time
+from collections.abc import Callable
 
 import torch
 import torch.fx
@@ -175,21 +176,20 @@ def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: object) -> tu
     return sizes, strides
 
 
-class DecodeAttention:
-    """A one-position `_scaled_dot_product_flash_attention_for_cpu` node on memopt's
-    kernel where it takes the operands, else the ATen op (module doc)."""
+class LibraryAttention:
+    """A `_scaled_dot_product_flash_attention_for_cpu` node on one of memopt's CPU kernels
+    where it takes the operands, else the ATen op: ATen's signature, and the operand layouts
+    planned last bound to one C call through the native launcher (cpp/launcher.py, layouts
+    checked in C), which a copy binds anew. Subclasses run the call (`attend`)."""
 
     memopt_kind = "extern"
     __name__ = FLASH_CPU.__name__
-    memopt_name = f"{FLASH_CPU} (memopt decode attention)"
 
     def __init__(self) -> None:
-        # The operand layouts planned last, bound to one C call through the native launcher
-        # (cpp/launcher.py, layouts checked in C): (launch, scale, masked, B, H, Dv).
         self._launch: tuple | None = None
 
     def __repr__(self) -> str:
-        return "DecodeAttention()"
+        return f"{type(self).__name__}()"
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_launch": None}  # a launch is bound anew, not copied
@@ -205,6 +205,20 @@ class DecodeAttention:
         attn_mask: torch.Tensor | None = None,
         scale: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.attend(q, k, v, dropout_p, is_causal, attn_mask, scale)
+
+    def attend(self, q, k, v, dropout_p, is_causal, attn_mask, scale) -> tuple:
+        raise NotImplementedError
+
+
+class DecodeAttention(LibraryAttention):
+    """A one-position `_scaled_dot_product_flash_attention_for_cpu` node on memopt's
+    kernel where it takes the operands, else the ATen op (module doc). Its launch:
+    (launch, scale, masked, B, H, Dv)."""
+
+    memopt_name = f"{FLASH_CPU} (memopt decode attention)"
+
+    def attend(self, q, k, v, dropout_p, is_causal, attn_mask, scale) -> tuple:
         bound = self._launch
         if bound is not None and not dropout_p and not is_causal and not _grad_enabled():
             launch, bound_scale, masked, batch, heads, v_dim = bound
@@ -295,42 +309,62 @@ def attention_library(choice: str = "auto") -> str:
     )
 
 
-def one_position(node: torch.fx.Node) -> bool:
-    """A CPU flash attention node whose query has one static position, with no dropout, not
-    causal, whose logsumexp nothing reads: a node DecodeAttention may stand for."""
+def flash_node(node: torch.fx.Node) -> tuple[object, float, bool] | None:
+    """(q's metadata, dropout, is_causal) of a float32 4-D CPU flash attention node whose
+    logsumexp nothing reads (an inference graph's), or None for any other node."""
     if node.op != "call_function" or node.target is not FLASH_CPU:
-        return False
+        return None
     q = node.args[0]
     meta = tensor_meta(q) if isinstance(q, torch.fx.Node) else None
     if meta is None or len(meta.shape) != 4 or meta.dtype != _FLOAT32:
-        return False
-    if static_int(meta.shape[2]) != 1:
-        return False
-    rest = list(node.args[3:])
-    dropout = rest[0] if rest else node.kwargs.get("dropout_p", 0.0)
-    causal = rest[1] if len(rest) > 1 else node.kwargs.get("is_causal", False)
-    if dropout != 0 or causal is not False:
-        return False
+        return None
     values = node.meta.get("val")
     device = getattr(values[0], "device", None) if isinstance(values, (tuple, list)) else None
     if device is not None and device.type != "cpu":
-        return False
-    return all(
+        return None
+    if not all(
         user.target is operator.getitem and (user.args[1] == 0 or not user.users)
         for user in node.users
-    )
+    ):
+        return None
+    rest = list(node.args[3:])
+    dropout = rest[0] if rest else node.kwargs.get("dropout_p", 0.0)
+    causal = rest[1] if len(rest) > 1 else node.kwargs.get("is_causal", False)
+    return meta, dropout, causal
+
+
+def one_position(node: torch.fx.Node) -> bool:
+    """A CPU flash attention node whose query has one static position, with no dropout, not
+    causal, whose logsumexp nothing reads: a node DecodeAttention may stand for."""
+    found = flash_node(node)
+    if found is None:
+        return False
+    meta, dropout, causal = found
+    return static_int(meta.shape[2]) == 1 and dropout == 0 and causal is False
+
+
+def point_attention(
+    gm: torch.fx.GraphModule,
+    takes: Callable[[torch.fx.Node], bool],
+    library: Callable[[str], str],
+    choice: str,
+    make: Callable[[], LibraryAttention],
+) -> int:
+    """Point the nodes of `gm` that `takes` at `make()` where `library(choice)` says
+    memopt (for "auto", this machine's measurement); returns how many. The caller
+    recompiles `gm`."""
+    nodes = [n for n in gm.graph.nodes if takes(n)]
+    if not nodes or library(choice) != "memopt":
+        return 0
+    for node in nodes:
+        node.target = make()
+    return len(nodes)
 
 
 def point_decode_attention(gm: torch.fx.GraphModule, choice: str) -> int:
     """Point `gm`'s one-position CPU attention nodes at a DecodeAttention where `choice`
-    (or for "auto", this machine's measurement) says memopt; returns how many. The caller
-    recompiles `gm`."""
-    nodes = [n for n in gm.graph.nodes if one_position(n)]
-    if not nodes or attention_library(choice) != "memopt":
-        return 0
-    for node in nodes:
-        node.target = DecodeAttention()
-    return len(nodes)
+    (or for "auto", this machine's measurement) says memopt; returns how many."""
+    return point_attention(gm, one_position, attention_library, choice, DecodeAttention)
 
 
 def describe(gm: torch.fx.GraphModule, choice: str) -> str:
@@ -345,7 +379,10 @@ __all__ = [
     "CHOICES",
     "SHAPES",
     "DecodeAttention",
+    "LibraryAttention",
     "attention_library",
+    "flash_node",
+    "point_attention",
     "decode_attention",
     "describe",
     "measure",

@@ -1,0 +1,43 @@
+"""Counting a CPU kernel's calls through ctypes and through the native launcher, for the
+tests of memopt's library kernels (decode and causal attention)."""
+
+from __future__ import annotations
+
+import types
+
+from memopt.backends.cpp import launcher
+
+
+def kernel_calls(monkeypatch, kernel_module) -> list:
+    """The calls of `kernel_module.function()`'s entry (its ctypes path), as they come."""
+    calls = []
+    entry = kernel_module.function()
+
+    def counted(*args):
+        calls.append(args)
+        return entry(*args)
+
+    monkeypatch.setattr(kernel_module, "function", lambda: counted)
+    return calls
+
+
+def launches(monkeypatch, runtime_module) -> list:
+    """The calls of the native launches `runtime_module` binds (its `launcher` seen
+    through a proxy), as they come."""
+    calls = []
+
+    def bind_layouts(*args):
+        launch = launcher.bind_layouts(*args)
+        if launch is None:
+            return None
+
+        def counted(*tensors):
+            calls.append(tensors)
+            return launch(*tensors)
+
+        return counted
+
+    monkeypatch.setattr(
+        runtime_module, "launcher", types.SimpleNamespace(bind_layouts=bind_layouts)
+    )
+    return calls
