@@ -57,9 +57,13 @@ class QuantizedWeight:
         """W as float32 (N, K): the reference the kernels are tested against."""
         return self._widen(self.data, self.scale)
 
-    def gather_rows(self, index: torch.Tensor) -> torch.Tensor:
-        """Rows `index` of W as float32, shaped `index.shape + (K,)`: an embedding lookup."""
+    def gather_rows(self, index: torch.Tensor, wraps: bool = True) -> torch.Tensor:
+        """Rows `index` of W as float32, shaped `index.shape + (K,)`: an embedding lookup. A
+        negative index counts from the end where `wraps` (indexing's rule), else raises
+        IndexError as `index_select` and `embedding` do; one past the end raises."""
         flat = index.reshape(-1)
+        if not wraps and flat.numel() and int(flat.min()) < 0:
+            raise IndexError(f"index {int(flat.min())} is out of range for {self.rows} rows")
         scale = None if self.scale is None else self.scale[flat]
         return self._widen(self.data[flat], scale).view(*index.shape, self.cols)
 

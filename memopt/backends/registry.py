@@ -119,9 +119,10 @@ class Backend:
     # Rows `index` of a narrow weight as float32, `index.shape + (K,)` (weight, index), or
     # None where it does not take them (the caller gathers with torch ops).
     quantized_gather: Callable[..., object] | None = None
-    # A native launch of that lookup for an index of this layout (weight, index) ->
-    # (launch, output shape) or None: `launch(index, *stored, out)` returns 0, or non-zero
-    # without writing (an index out of range, another layout).
+    # A native launch of that lookup for an index of this layout (weight, index, whether a
+    # negative index counts from the end) -> (launch, output shape) or None:
+    # `launch(index, *stored, out)` returns 0, or non-zero without writing (an index out of
+    # range, another layout).
     quantized_gather_launch: Callable[..., tuple[object, tuple] | None] | None = None
     # The narrow formats that matmul reads (backends/narrow.py KINDS).
     quantized_formats: frozenset[str] = frozenset()

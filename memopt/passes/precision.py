@@ -403,8 +403,9 @@ def _unsupported(c: _Candidate, kind: str, group: int) -> str | None:
 
 def _rewrite(c: _Candidate, backend: Backend) -> None:
     for u in c.uses:
-        if u.embedding:
-            u.node.target = QuantizedEmbedding(c.quantized, backend)
+        if u.embedding:  # `w[index]` wraps a negative index; index_select raises
+            wraps = u.node.target is aten.index.Tensor
+            u.node.target = QuantizedEmbedding(c.quantized, backend, wraps)
             u.node.args = (c.placeholder, u.index)
         else:
             u.node.target = QuantizedMatmul(c.quantized, backend)

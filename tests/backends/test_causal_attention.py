@@ -80,6 +80,28 @@ def test_a_nan_reaches_the_rows_that_see_it_as_in_atens_op():
     torch.testing.assert_close(got.nan_to_num(), want.nan_to_num(), rtol=1e-5, atol=1e-5)
 
 
+def test_a_scale_the_kernel_does_not_take_gets_atens_values(monkeypatch):
+    """0 and below, NaN, past float32's range: ATen's op (which makes NaN rows where keys
+    are masked at a scale of 0 or below), not the kernel."""
+    calls = _kernel_calls(monkeypatch)
+    q, k, v = _operands(1, 4, 2, 40, 40, 64)
+    for scale in (-0.5, 0.0, float("nan"), 1e39):
+        got = CausalAttention()(q, k, v, 0.0, True, scale=scale)[0]
+        want = FLASH_CPU(q, k, v, 0.0, True, scale=scale)[0]
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got.nan_to_num(), want.nan_to_num())
+    assert calls == []
+
+
+def test_an_infinite_score_gives_atens_logsumexp_and_nan_rows():
+    q, k, v = _operands(1, 2, 1, 30, 30, 64)
+    q, k = q.abs(), k.clone()
+    k[0, 0, 3] = float("inf")
+    got, want = CausalAttention()(q, k, v, 0.0, True), FLASH_CPU(q, k, v, 0.0, True)
+    assert torch.equal(got[1].isinf(), want[1].isinf()) and got[1][0, 0, 3:].isinf().all()
+    assert torch.equal(got[0].isnan(), want[0].isnan())
+
+
 @pytest.mark.parametrize(
     "case",
     ["not causal", "a mask", "float64", "grad", "strided head dim", "value head size"],

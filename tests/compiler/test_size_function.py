@@ -35,6 +35,22 @@ def test_polynomials_and_anything_else_give_sympys_values():
         assert all(type(v) is int for v in size_function(exprs)(values))
 
 
+def test_rationals_negative_powers_max_mod_and_odd_names_give_sympys_values():
+    odd = sympy.Symbol("s'0\\x", integer=True, positive=True)
+    exprs = (
+        sympy.Rational(1, 2) * s0 * 4,
+        s0**-1 * s0**2,
+        sympy.Max(s0, s1) + sympy.Mod(s0, 3),
+        odd * 2 + 1,
+    )
+    values = {"s0": 10, "s1": 7, odd.name: 5}
+    want = tuple(
+        int(sympy.sympify(e).xreplace({s: sympy.Integer(values[s.name]) for s in e.free_symbols}))
+        for e in exprs
+    )
+    assert size_function(exprs)(values) == want == (20, 10, 11, 11)
+
+
 def test_static_layouts_compile_nothing_and_layouts_split_per_buffer():
     assert size_function((3, sympy.Integer(4)))({}) == (3, 4)
     a = Buffer("a", torch.float32, (s0, sympy.Integer(64)), (sympy.Integer(64), sympy.Integer(1)))

@@ -797,6 +797,46 @@ def test_a_lookup_of_the_layout_bound_last_is_one_native_launch(kind: str) -> No
         assert calls == []  # bound again for the new weight
 
 
+def test_an_index_select_lookup_raises_on_a_negative_index_as_eager_does() -> None:
+    """index_select (a 1-D embedding lookup as captured) raises on a negative index where
+    `w[index]` wraps it: through the native launch and through torch alike."""
+    weight = nn.Parameter(torch.randn(50, 64))
+    parameter = QuantizedParameter(weight, "int8", 32, False, "w")
+    lookup = QuantizedEmbedding(parameter, get_backend("cpp"), wraps=False)
+    with torch.no_grad():
+        rows = lookup(weight, torch.tensor([7, 3]))
+        torch.testing.assert_close(
+            rows, weight.index_select(0, torch.tensor([7, 3])), atol=0.05, rtol=0.05
+        )
+        for index in (torch.tensor([-1, 3]), torch.tensor([-1])):  # bound layout, another
+            with pytest.raises(IndexError):
+                torch.index_select(weight, 0, index)
+            with pytest.raises(IndexError):
+                lookup(weight, index)
+
+
+def test_the_pass_keeps_each_lookups_rule_for_negative_indices() -> None:
+    """`w[index]` wraps, index_select raises: the pass's lookups keep each op's rule."""
+
+    class Both(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(40, 16))
+
+        def forward(self, ids):
+            return self.table[ids].sum() + self.table.index_select(0, ids.reshape(-1)).sum()
+
+    with torch.no_grad():
+        a = memopt.analyze(Both(), torch.tensor([[1, 2, 3]]), **precision("int8"))
+    lookups = [
+        n.target
+        for g in a.graphs
+        for n in g.gm.graph.nodes
+        if isinstance(n.target, QuantizedEmbedding)
+    ]
+    assert sorted(t.wraps for t in lookups) == [False, True]
+
+
 def test_the_pass_gives_its_lookups_the_backends_gather() -> None:
     a = analyze(model(), 3, **precision("int4", group_size=8))
     lookups = [

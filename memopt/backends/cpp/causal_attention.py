@@ -200,7 +200,9 @@ static void mo_causal_unit(const float* __restrict q, const float* __restrict k,
       float* orow = out + g * os_h + (i0 + r) * os_l;
       const float* src = o + (g * MO_QB + r) * Dv;
       for (int64_t c = 0; c < Dv; ++c) orow[c] = src[c] * inv;
-      lse[g * ls_h + (i0 + r) * ls_l] = m[g * MO_QB + r] + __builtin_logf(l[g * MO_QB + r]);
+      // a +inf score: ATen's logsumexp is +inf (and the row NaN, as here)
+      const float mr = m[g * MO_QB + r];
+      lse[g * ls_h + (i0 + r) * ls_l] = mr == INFINITY ? INFINITY : mr + __builtin_logf(l[g * MO_QB + r]);
     }
 }
 

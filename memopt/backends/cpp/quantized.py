@@ -836,12 +836,13 @@ extern "C" int32_t memopt_gather_rows(int64_t kind, const void* data, const floa
 }
 // The lookup's entry point for the native launcher: p = index (contiguous int64), the
 // stored weight (data[, scale]), out; s = kind, count, N, K, group, whether a scale is
-// stored. A negative index counts from the end, as torch's indexing does; returns 1,
-// writing nothing, where one is outside [-N, N) (torch's indexing raises there).
+// stored, the least index taken (-N: a negative one counts from the end, as torch's
+// indexing does; 0: index_select's rule). Returns 1, writing nothing, where one is out of
+// range (torch raises there).
 extern "C" int32_t memopt_gather_rows_packed(void* const* p, const int64_t* s) {
   const int64_t scaled = s[5];
   return gather_rows(s[0], p[1], scaled ? (const float*)p[2] : nullptr, (const int64_t*)p[0],
-                     (float*)p[2 + scaled], s[1], s[2], s[3], s[4], -s[2]);
+                     (float*)p[2 + scaled], s[1], s[2], s[3], s[4], s[6]);
 }
 // The narrow GEMVs' entry points for the native launcher: p = x[, bias], the stored weight
 // (data, scale; bf16 has no scale), y; s = M, N, K, whether a bias is given, and the int4
@@ -1028,19 +1029,23 @@ def gather_rows(weight: QuantizedWeight, index: torch.Tensor) -> torch.Tensor | 
     return None if failed else out
 
 
-def bind_gather(weight: QuantizedWeight, index: torch.Tensor) -> tuple[object, tuple] | None:
+def bind_gather(
+    weight: QuantizedWeight, index: torch.Tensor, wraps: bool = True
+) -> tuple[object, tuple] | None:
     """A native launch of `gather_rows` for an index of this layout, or None (another
     format, dtype or device, a non-contiguous index, no launcher): (launch, output shape),
     called `launch(index, *stored, out)` with `stored` the weight's data (and scale) and out
     a fresh float32 tensor of that shape. It returns 1 without writing where an index is
-    outside [-N, N), `launcher.LAYOUT_MISMATCH` where the index's layout differs."""
+    outside [-N, N) (`wraps`: a negative one counts from the end) or [0, N) (not `wraps`),
+    `launcher.LAYOUT_MISMATCH` where the index's layout differs."""
     kind = _GATHER_KINDS.get(weight.kind)
     if kind is None or index.dtype != torch.int64 or not (index.is_cpu and weight.data.is_cpu):
         return None
     if not index.is_contiguous() or index.is_neg():
         return None
     scaled = int(weight.scale is not None)
-    scalars = (kind, index.numel(), weight.rows, weight.cols, weight.group, scaled)
+    low = -weight.rows if wraps else 0
+    scalars = (kind, index.numel(), weight.rows, weight.cols, weight.group, scaled, low)
     launch = launcher.bind_layouts(
         packed_address("memopt_gather_rows"), (index,), 2 + scaled, scalars
     )

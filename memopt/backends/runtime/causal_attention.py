@@ -64,6 +64,7 @@ _PAIRS = 5
 
 _FLOAT32, _STRIDED, _CPU = torch.float32, torch.strided, torch.device("cpu")
 _grad_enabled, _empty_like = torch.is_grad_enabled, torch.empty_like
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def causal_attention(
@@ -143,7 +144,11 @@ class CausalAttention(LibraryAttention):
     memopt_name = f"{FLASH_CPU} (memopt causal attention)"
 
     def attend(self, q, k, v, dropout_p, is_causal, attn_mask, scale) -> tuple:
+        # A scale of 0 or below (or NaN) goes to ATen's op, which then makes NaN rows
+        # where keys are masked: eager's values, not the kernel's; one past float32's
+        # range too (the kernel's scale is a float).
         takes = not dropout_p and is_causal and attn_mask is None
+        takes = takes and (scale is None or 0 < scale <= _FLOAT32_MAX)
         bound = self._launch
         if bound is not None and takes and not _grad_enabled():
             launch, bound_scale, sizes = bound

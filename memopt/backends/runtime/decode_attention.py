@@ -242,7 +242,10 @@ class DecodeAttention(LibraryAttention):
         sizes, strides = call
         operands = (q, k, v) if mask is None else (q, k, v, mask)
         value = 1.0 / math.sqrt(sizes[4]) if scale is None else scale
-        bits = struct.unpack("<I", struct.pack("<f", value))[0]
+        try:
+            bits = struct.unpack("<I", struct.pack("<f", value))[0]
+        except OverflowError:  # past float32's range: the planned path each call
+            return
         scalars = (*sizes, *strides, bits, kernel.CHUNK, int(mask is not None))
         launch = launcher.bind_layouts(kernel.packed_address(), operands, 2, scalars)
         if launch is not None:  # out and lse follow the operands, unchecked

@@ -154,14 +154,19 @@ class QuantizedMatmul(_NarrowTarget):
 
 
 class QuantizedEmbedding(_NarrowTarget):
-    """Callable target: `qembedding(w, index)` = `w[index]`, read from w's narrow copy (by
+    """Callable target: `qembedding(w, index)` = `w[index]` (`wraps`: a negative index
+    counts from the end, as indexing does) or `index_select(w, 0, index)` (not `wraps`: a
+    negative index raises, as index_select and embedding do), read from w's narrow copy (by
     the backend's gather where it has one, `Backend.quantized_gather`)."""
 
     operation = "embedding"
 
-    def __init__(self, parameter: QuantizedParameter, backend: Backend | None = None) -> None:
+    def __init__(
+        self, parameter: QuantizedParameter, backend: Backend | None = None, wraps: bool = True
+    ) -> None:
         super().__init__(parameter)
         self.backend = backend
+        self.wraps = wraps
         # (weight, launch, output shape, stored tensors): the backend's native launch for
         # the index's layout of the last call (`Backend.quantized_gather_launch`), for that
         # narrow weight: the next such call is one C call, not a ctypes call through
@@ -183,7 +188,9 @@ class QuantizedEmbedding(_NarrowTarget):
 
     def __call__(self, w: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         if _fake(w) or _fake(index) or self.exact:
-            return w[index]
+            if self.wraps:
+                return w[index]
+            return w.index_select(0, index.reshape(-1)).view(*index.shape, w.shape[1])
         weight = self.parameter.current(w)
         bound = self._launch
         if bound is not None and bound[0] is weight and launchable((index,)):
@@ -197,7 +204,7 @@ class QuantizedEmbedding(_NarrowTarget):
             rows = gather(weight, index)
             bind = self.backend.quantized_gather_launch
             if rows is not None and bind is not None:
-                made = bind(weight, index)
+                made = bind(weight, index, self.wraps)
                 stored = (weight.data,) if weight.scale is None else (weight.data, weight.scale)
                 self._launch = None if made is None else (weight, *made, stored)
-        return weight.gather_rows(index) if rows is None else rows
+        return weight.gather_rows(index, self.wraps) if rows is None else rows
