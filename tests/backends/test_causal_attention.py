@@ -171,6 +171,7 @@ def test_compiled_graph_describes_its_attention():
     )
 
 
+@pytest.mark.slow
 def test_a_llama_prefill_on_the_kernel_gives_eagers_tokens(monkeypatch):
     """Dynamic cache: the prefill's attentions (one per layer; the decode steps' have one
     query row and no causal flag) run on the kernel; the tokens are eager's."""

@@ -65,6 +65,7 @@ def test_decoding_gives_eagers_tokens_without_recompiling(cache, graphs, tmp_pat
         assert text.count("aten.index_put_.default") == 2 and "aten.copy_" not in text
 
 
+@pytest.mark.slow
 def test_a_narrow_decode_step_replays_launches_only(monkeypatch):
     """int4 weights, static cache: the decode step's tape holds launches only, the narrow
     embedding's lookup among them (no Python call a step), and replays the program's
