@@ -30,8 +30,8 @@ recording what each node launches and a dispatch mode watching the ATen ops it c
 - Every node's result is kept: the tape owns that memory (at most MAX_KEPT_NBYTES).
 
 A graph gets no tape when it has a size symbol, a node the tape does not know (only ATen
-ops, `getitem` and memopt's kernels, GEMVs, decode attention and row writes: targets
-whose calls do nothing outside their launch and ATen), an output that shares memory with
+ops, `getitem` and memopt's kernels, GEMVs, narrow matmuls and lookups, decode and causal
+attention and row writes: targets whose calls do nothing outside their launch and ATen), an output that shares memory with
 an input or with another output or overlaps itself, more bytes of outputs and moved
 inputs to copy than COPY_NBYTES_PER_LAUNCH a launch, fewer launches than
 MIN_LAUNCH_SHARE of its entries or than MIN_LAUNCHES, where another thread captured at
