@@ -21,7 +21,7 @@ import torch.fx
 from torch._guards import active_fake_mode
 from torch._subclasses.fake_tensor import FakeTensor
 
-from memopt.backends.memory import LARGE_NBYTES
+from memopt.backends.memory import KEEP_NBYTES
 from memopt.backends.registry import FALLBACK, backend_for, get_backend
 from memopt.backends.triton.sectors import moves_sectors, strided_buffers
 from memopt.compiler.aten_ops import returns_fresh_memory
@@ -322,7 +322,7 @@ class FusedKernel:
         for k, (b, (shape, stride)) in enumerate(zip(self.kernel.outputs, layouts)):
             shape, stride, dtype = tuple(shape), tuple(stride), b.dtype
             extent = 1 + sum((n - 1) * s for n, s in zip(shape, stride)) if all(shape) else 0
-            if allocate is not None and extent * dtype.itemsize >= LARGE_NBYTES:
+            if allocate is not None and extent * dtype.itemsize >= KEEP_NBYTES:
                 fresh = functools.partial(allocate, k, shape, stride, dtype)
             elif device.type == "cpu" and _EMPTY_STRIDED_CPU is not None:
                 fresh = functools.partial(_EMPTY_STRIDED_CPU, shape, stride, dtype)
