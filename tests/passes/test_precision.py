@@ -145,8 +145,9 @@ def test_kernels_match_dequantize_then_matmul(backend: str, kind: str, m: int) -
 @pytest.mark.parametrize("library", ["onednn", "aten"])
 def test_many_rows_multiply_dequantized_tiles_on_either_gemm_library(monkeypatch, library):
     """Past GEMV_ROWS rows the C++ matmul hands dequantized tiles to the graph's GEMM
-    library: oneDNN (whose result is copied into the output's columns) or ATen (out=); the
-    graph's planning tells each QuantizedMatmul which, from `cpu_gemm`."""
+    library: oneDNN (whose result is copied into the output's columns, or is the output
+    where one tile holds the whole weight) or ATen (out=); the graph's planning tells each
+    QuantizedMatmul which, from `cpu_gemm`."""
     if library == "onednn" and not torch.backends.mkldnn.is_available():
         pytest.skip("torch built without oneDNN")
     monkeypatch.setattr(cpp_quantized, "TILE_BYTES", 64 * 4 * 200)  # several tiles of 64 rows
@@ -159,6 +160,15 @@ def test_many_rows_multiply_dequantized_tiles_on_either_gemm_library(monkeypatch
     torch.testing.assert_close(got, expected)
     onednn_calls = sum("_linear_pointwise" in e.name for e in prof.events())
     assert onednn_calls == (3 if library == "onednn" else 0)
+    # the whole weight in one tile: oneDNN's result is the output, with no copy into it
+    monkeypatch.setattr(cpp_quantized, "TILE_BYTES", 4 * 200 * 150)
+    with torch.profiler.profile() as prof:
+        got = cpp_quantized.matmul(x, qw, False, bias, library)
+    torch.testing.assert_close(got, expected)
+    names = [e.name for e in prof.events()]
+    assert sum("_linear_pointwise" in n for n in names) == (1 if library == "onednn" else 0)
+    if library == "onednn":
+        assert "aten::copy_" not in names
 
 
 @pytest.mark.parametrize("cpu_gemm", ["onednn", "aten"])

@@ -989,6 +989,11 @@ def matmul(
     tile_rows = max(16, TILE_BYTES // (4 * k))
     tile = torch.empty((min(tile_rows, n), k), dtype=torch.float32, device=x.device)
     onednn = onednn and gemm == "onednn"
+    # one tile: oneDNN's result is the output, not copied into it (the 4-layer Llama's int4
+    # prefill of 1024 tokens: 76.7-79.6 -> 73.9-74.6 ms, separate processes, alternating)
+    if onednn and n <= tile_rows:
+        kernels[dequantize_rows](*stored, tile.data_ptr(), 0, n, k, *group)
+        return onednn_addmm(bias, x, tile.t())
     for n0 in range(0, n, tile_rows):
         rows = min(tile_rows, n - n0)
         kernels[dequantize_rows](*stored, tile.data_ptr(), n0, rows, k, *group)
