@@ -89,6 +89,6 @@ def test_a_kernel_with_size_symbols_keeps_at_most_sizes_kept(monkeypatch):
     symbolic = [k for k in found if k._symbol_slots]
     assert symbolic
     for k in symbolic:
-        assert 1 <= len(k._launches) <= 4 and 1 <= len(k._layouts) <= 4
+        assert 1 <= len(k._launches) <= 4
         for runner in k._compiled.values():
             assert 1 <= len(getattr(runner, "_bound", {0: 0})) <= 4

@@ -219,11 +219,12 @@ extern "C" int32_t memopt_causal_attention(const float* q, const float* k, const
   int32_t failed = 0;
   #pragma omp parallel
   {
-    // a thread's tiles: a transposed key tile, a tile of scores, the rows' running max,
-    // sum and weighted values
-    float* kt = (float*)aligned_alloc(64, sizeof(float) * MO_KB * (D + 16));
+    // a thread's tiles: a transposed key tile, a tile of scores, the rows' weighted values,
+    // running max and sum (each size a multiple of 64 bytes, as aligned_alloc requires:
+    // MO_KB and MO_QB are 64)
+    float* kt = (float*)aligned_alloc(64, sizeof(float) * MO_KB * D);
     float* s = (float*)aligned_alloc(64, sizeof(float) * MO_KB * MO_QB);
-    float* o = (float*)aligned_alloc(64, sizeof(float) * (G * MO_QB * (Dv + 2) + 16));
+    float* o = (float*)aligned_alloc(64, sizeof(float) * G * MO_QB * (Dv + 2));
     if (!kt || !s || !o) {
       #pragma omp atomic write
       failed = 1;

@@ -907,8 +907,7 @@ SIGNATURES = {
 def packed_address(name: str) -> int:
     """The address of kernel `name`'s entry point for the native launcher (`<name>_packed`:
     `int32_t f(void* const* pointers, const int64_t* scalars)`)."""
-    library, _ = build.library(SOURCE)
-    return ctypes.cast(getattr(library, f"{name}_packed"), ctypes.c_void_p).value
+    return build.entry_address(SOURCE, f"{name}_packed")
 
 
 _RETURNS_CODE = {"memopt_gather_rows"}

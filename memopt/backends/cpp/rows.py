@@ -11,7 +11,6 @@ before any row is written, and the caller runs ATen's op, which raises.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 
 from memopt.backends.cpp import build
@@ -41,5 +40,4 @@ extern "C" int32_t memopt_write_rows_packed(void* const* p, const int64_t* s) {
 @functools.cache
 def packed_address() -> int:
     """The address of `memopt_write_rows_packed` (module doc), built on first use."""
-    library, _ = build.library(SOURCE)
-    return ctypes.cast(library.memopt_write_rows_packed, ctypes.c_void_p).value
+    return build.entry_address(SOURCE, "memopt_write_rows_packed")

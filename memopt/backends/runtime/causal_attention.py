@@ -72,20 +72,16 @@ def causal_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     scale: float | None,
-    call: tuple | None = None,
+    sizes: ctypes.Array | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(output, logsumexp) of ATen's CPU flash attention with `is_causal=True`, for operands
-    `plan` takes; `call`: plan's result when the caller has it."""
-    if call is None:
-        call = plan(q, k, v)
-        if call is None:
+    `plan` takes; `sizes`: plan's result when the caller has it."""
+    if sizes is None:
+        sizes = plan(q, k, v)
+        if sizes is None:
             raise ValueError("memopt causal attention does not take these operands (plan)")
-    sizes, q_strides = call
     out, lse = _outputs(q, sizes)
-    strides = (ctypes.c_int64 * 15)(
-        *q_strides, *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()
-    )
-    value = 1.0 / math.sqrt(sizes[5]) if scale is None else scale
+    strides = (ctypes.c_int64 * 15)(*_strides(q, k, v, out, lse))
     failed = kernel.function()(
         q.data_ptr(),
         k.data_ptr(),
@@ -94,11 +90,20 @@ def causal_attention(
         lse.data_ptr(),
         sizes,
         strides,
-        value,
+        _scale(scale, sizes[5]),
     )
     if failed:
         raise MemoryError("memopt causal attention: no memory for its tiles")
     return out, lse
+
+
+def _strides(q, k, v, out, lse) -> tuple[int, ...]:
+    """The kernel's strides: batch, head and row of q, k, v, the output and the logsumexp."""
+    return (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride())
+
+
+def _scale(scale: float | None, head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim) if scale is None else scale
 
 
 def _outputs(q: torch.Tensor, sizes) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,9 +115,9 @@ def _outputs(q: torch.Tensor, sizes) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lse
 
 
-def plan(q: object, k: object, v: object) -> tuple | None:
-    """The kernel's sizes and q's strides for these operands, or None where it does not
-    take them (module doc)."""
+def plan(q: object, k: object, v: object) -> ctypes.Array | None:
+    """The kernel's sizes for these operands, or None where it does not take them (module
+    doc)."""
     if type(q) not in PLAIN_TENSORS or type(k) not in PLAIN_TENSORS or type(v) not in PLAIN_TENSORS:
         return None
     tensors = (q, k, v)
@@ -132,8 +137,7 @@ def plan(q: object, k: object, v: object) -> tuple | None:
         return None
     if heads % kv_heads:
         return None
-    sizes = (ctypes.c_int64 * 7)(batch, heads, kv_heads, rows, length, head_dim, v_dim)
-    return sizes, q.stride()[:3]
+    return (ctypes.c_int64 * 7)(batch, heads, kv_heads, rows, length, head_dim, v_dim)
 
 
 class CausalAttention(LibraryAttention):
@@ -159,20 +163,16 @@ class CausalAttention(LibraryAttention):
                     return out, lse
                 if code == 1:
                     raise MemoryError("memopt causal attention: no memory for its tiles")
-        call = plan(q, k, v) if takes else None
-        if call is None:
+        sizes = plan(q, k, v) if takes else None
+        if sizes is None:
             return FLASH_CPU(q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)
-        result = causal_attention(q, k, v, scale, call)
-        self._bind(q, k, v, scale, call, result)
+        result = causal_attention(q, k, v, scale, sizes)
+        self._bind(q, k, v, scale, sizes, result)
         return result
 
-    def _bind(self, q, k, v, scale: float | None, call: tuple, result: tuple) -> None:
-        sizes, q_strides = call
-        out, lse = result
-        value = 1.0 / math.sqrt(sizes[5]) if scale is None else scale
-        bits = struct.unpack("<I", struct.pack("<f", value))[0]
-        strides = (*q_strides, *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride())
-        scalars = (*sizes, *strides, bits)
+    def _bind(self, q, k, v, scale: float | None, sizes: ctypes.Array, result: tuple) -> None:
+        bits = struct.unpack("<I", struct.pack("<f", _scale(scale, sizes[5])))[0]
+        scalars = (*sizes, *_strides(q, k, v, *result), bits)
         launch = launcher.bind_layouts(kernel.packed_address(), (q, k, v), 2, scalars)
         if launch is not None:  # out and lse follow the operands, unchecked
             self._launch = (launch, scale, tuple(sizes))

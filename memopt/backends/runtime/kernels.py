@@ -83,11 +83,10 @@ class FusedKernel:
         self.fake_outputs = tuple(fake_outputs)
         self._compiled: dict[str, object] = {}
         self._symbol_slots = self._find_symbol_slots()
-        # By sizes (a kernel with size symbols: one entry a distinct size, at most
-        # SIZES_KEPT, then emptied: a dynamic KV cache's decode step meets a new length
-        # every step); the compiled function that evaluates the outputs' layouts.
-        self._layouts: dict[tuple[int, ...], list[tuple[list[int], list[int]]]] = {}
-        self._launches: dict[tuple[object, ...], _Launch] = {}  # by (device, *sizes)
+        # By (device, *sizes): a kernel with size symbols keeps one a distinct size, at most
+        # SIZES_KEPT, then forgets them (a dynamic KV cache's decode step meets a new length
+        # every step); the compiled function of the sizes that gives the outputs' layouts.
+        self._launches: dict[tuple[object, ...], _Launch] = {}
         self._layout_of: Callable | None = None
         # What a call of plain CPU tensors runs, once the first such call has worked it
         # out (`_fast_call`); None until then, and for kernels with size symbols or
@@ -337,18 +336,13 @@ class FusedKernel:
         self._launches[(device, *sizes.values()) if self._symbol_slots else device] = launch
         return launch
 
-    def _output_layouts(self, sizes: dict[str, int]) -> list[tuple[list[int], list[int]]]:
-        """Each output's (shape, strides) at `sizes`, evaluated once per distinct sizes."""
-        key = tuple(sizes.values())
-        layouts = self._layouts.get(key)
-        if layouts is None:
-            if self._layout_of is None:
-                self._layout_of = layout_function(self.kernel.outputs)
-            layouts = [(list(shape), list(stride)) for shape, stride in self._layout_of(sizes)]
-            if len(self._layouts) >= SIZES_KEPT:
-                self._layouts.clear()
-            self._layouts[key] = layouts
-        return layouts
+    def _output_layouts(
+        self, sizes: dict[str, int]
+    ) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """Each output's (shape, strides) at `sizes` (worked out once per launch, `_launch`)."""
+        if self._layout_of is None:
+            self._layout_of = layout_function(self.kernel.outputs)
+        return self._layout_of(sizes)
 
 
 def _outputs(
