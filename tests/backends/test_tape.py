@@ -211,13 +211,75 @@ def test_no_tape_where_an_output_is_an_inputs_memory(replays):
     )
 
 
-def test_no_tape_for_a_graph_with_size_symbols(graphs):
-    compiled = torch.compile(_two_kernels, backend="memopt", dynamic=True)
+def _two_sums(x, y):
+    a = (x * 2 + y).relu()
+    return a.sum(-1), (a.exp() * y).sum(0)
+
+
+def test_a_graph_of_size_symbols_only_keeps_its_program(graphs):
+    """Every node of `_two_sums` compiled with dynamic sizes reads a varying value: a tape
+    of Python calls only would cost more than the program."""
+    compiled = torch.compile(_two_sums, backend="memopt", dynamic=True)
     for rows in (3, 4, 5, 6, 7):
         x, y = torch.randn(rows, 9), torch.randn(9)
-        assert_close(compiled(x, y)[0], _two_kernels(x, y)[0])
+        for got, want in zip(compiled(x, y), _two_sums(x, y)):
+            assert_close(got, want)
     assert graphs and all(g._replay is None and g._tape is None for g in graphs)
-    assert all("has a size symbol" in g.no_tape for g in graphs)
+    assert all(g.no_tape.startswith("no tape: 0 of its") for g in graphs)
+
+
+def _grown(x, cache):
+    """A cache grown by one row each call (its length a size symbol once Dynamo sees it
+    change), a reduction over it that static kernels read, and kernels of x alone."""
+    h = (x * 2 + 1).relu()
+    grown = torch.cat([cache, h[:1]])
+    total = grown.sum(0) * 0.01
+    return grown, (h * total).exp().sum(-1), h.tanh()
+
+
+def test_a_graph_with_size_symbols_replays_its_static_launches(graphs, replays, monkeypatch):
+    """The launches of static sizes come from the tape; the nodes reading the cache run
+    through Python each replay, on that call's cache, the static result they hand the
+    launches copied into the tape's memory: every call's values, each grown cache in
+    memory of its own. (memopt makes two kernels of `_grown`, one of them reading the
+    cache: a tape for that one launch too.)"""
+    monkeypatch.setattr(tape, "MIN_LAUNCH_SHARE", 0)
+    compiled = torch.compile(_grown, backend="memopt")
+    g = torch.Generator().manual_seed(0)
+    results = []
+    for length in range(3, 3 + tape.CAPTURE_AFTER + 6):
+        x, cache = torch.randn(4, 33, generator=g), torch.randn(length, 33, generator=g)
+        results.append((x, cache, compiled(x, cache)))
+    for x, cache, got in results:  # earlier results untouched by later calls
+        for value, want in zip(got, _grown(x, cache)):
+            assert_close(value, want)
+    dynamic = [g for g in graphs if g._tape is not None]
+    assert len(dynamic) == 1 and replays["refused"] == 0
+    # the first call compiled static sizes; the dynamic graph's calls after its capture
+    assert replays["replayed"] == len(results) - 1 - tape.CAPTURE_AFTER - 1
+    made = dynamic[0]._tape
+    # the kernel of the cache's concatenation and sum, and the concatenation's getitem
+    assert (made.launches, made.python_calls) == (1, 2)
+    assert len({got[0].data_ptr() for *_, got in results}) == len(results)
+
+
+def _scaled_in_place(x, cache):
+    cache.mul_(2)
+    return (x * 2 + 1).relu(), cache.sum(0)
+
+
+def test_a_graph_with_size_symbols_that_writes_keeps_its_program(graphs):
+    """A write into a varying input: the tape would need to know every alias of it."""
+    compiled = torch.compile(_scaled_in_place, backend="memopt")
+    for length in range(3, 3 + tape.CAPTURE_AFTER + 4):
+        x, cache = torch.randn(4, 33), torch.randn(length, 33)
+        want_cache = cache * 2
+        got = compiled(x, cache)
+        assert_close(cache, want_cache)
+        assert_close(got[1], want_cache.sum(0))
+    symbolic = [g for g in graphs if tape.varying_values(g.gm)]
+    assert symbolic and all(g._tape is None for g in symbolic)
+    assert all("writes in place in a graph with size symbols" in g.no_tape for g in symbolic)
 
 
 def _plus_one(x):

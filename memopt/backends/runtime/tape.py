@@ -29,7 +29,19 @@ recording what each node launches and a dispatch mode watching the ATen ops it c
   weight's copy was made from the parameter's values.
 - Every node's result is kept: the tape owns that memory (at most MAX_KEPT_NBYTES).
 
-A graph gets no tape when it has a size symbol, a node the tape does not know (only ATen
+Graphs with size symbols (a dynamic KV cache's decode step: the cache's length is one)
+replay their launches of static sizes all the same. A *varying* value (`varying_values`)
+is one each call decides: an input with a size symbol, a symbolic int, a result with a
+size symbol. A node that reads one or makes one is *per-call*: a Python entry that calls
+the node on that replay's values (its varying arguments from the replay's frame, where its
+varying result goes), and copies each result of static layout into memory of the tape's,
+where the launches after it read it (a decode step's attention over the grown cache:
+one row per head). Views of varying values are per-call nodes too; an alias is never made
+through one. An output that varies is the call's own result, returned as it is (it must
+not be the tape's memory). A graph with size symbols that writes in place gets no tape:
+a write through a copy would miss the value it writes.
+
+A graph gets no tape when it has a node the tape does not know (only ATen
 ops, `getitem` and memopt's kernels, GEMVs, narrow matmuls and lookups, decode and causal
 attention and row writes: targets whose calls do nothing outside their launch and ATen), an output that shares memory with
 an input or with another output or overlaps itself, more bytes of outputs and moved
@@ -68,7 +80,7 @@ from memopt.backends.runtime.gemv import StreamingGemv
 from memopt.backends.runtime.kernels import FusedKernel
 from memopt.backends.runtime.program import alias_of
 from memopt.backends.runtime.quantized import QuantizedEmbedding, QuantizedMatmul
-from memopt.compiler.graph import tensor_meta
+from memopt.compiler.graph import META_KEY, TensorMeta
 from memopt.compiler.order import written_buffers
 
 # Plain calls of a graph before the one that makes its tape: the first works out and binds
@@ -104,23 +116,60 @@ _ALLOCATIONS = {aten.empty, aten.empty_strided, aten.empty_like, aten.new_empty}
 
 
 def refusal(gm: torch.fx.GraphModule) -> str | None:
-    """Why `gm` can get no tape (module doc), or None: static sizes, only nodes it knows."""
+    """Why `gm` can get no tape (module doc), or None: only nodes it knows, and no write in
+    a graph whose inputs have size symbols."""
+    varying = varying_values(gm)
     for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            meta = tensor_meta(node)
-            if meta is not None and not all(
-                isinstance(v, (int, sympy.Integer)) for v in (*meta.shape, *meta.stride)
-            ):
-                return f"input {node.name} has a size symbol"
-        elif node.op == "call_function":
+        if node.op == "call_function":
             target = node.target
             if not (
                 isinstance(target, (torch._ops.OpOverload, *_TARGETS)) or target is operator.getitem
             ):
                 return f"node {node.name} calls {getattr(target, '__name__', target)}"
-        elif node.op not in ("get_attr", "output"):
+            if varying and written_buffers(node):
+                return f"node {node.name} writes in place in a graph with size symbols"
+        elif node.op not in ("placeholder", "get_attr", "output"):
             return f"node {node.name} is a {node.op}"
     return None
+
+
+def _symbolic(meta: object) -> bool:
+    if isinstance(meta, TensorMeta):
+        values = (*meta.shape, *meta.stride, meta.storage_offset)
+        return not all(isinstance(v, (int, sympy.Integer)) for v in values)
+    if isinstance(meta, (tuple, list)):
+        return any(_symbolic(m) for m in meta)
+    return False
+
+
+def varying_values(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
+    """The values whose memory or layout each call decides: inputs with a size symbol,
+    symbolic ints, and the results with a size symbol (any of a tuple's)."""
+    varying = set()
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "call_function") and (
+            _symbolic(node.meta.get(META_KEY)) or isinstance(node.meta.get("val"), torch.SymInt)
+        ):
+            varying.add(node)
+    return varying
+
+
+def _per_call(gm: torch.fx.GraphModule, varying: set[torch.fx.Node]) -> set[torch.fx.Node]:
+    """The nodes a replay calls through Python with that call's values: those reading a
+    varying value or making one. A getitem reads only its own element: one of a static
+    layout is in the tape's memory."""
+    return {
+        node
+        for node in gm.graph.nodes
+        if node.op == "call_function"
+        and (
+            node in varying
+            or (
+                node.target is not operator.getitem
+                and any(a in varying for a in node.all_input_nodes)
+            )
+        )
+    }
 
 
 class _Watch(TorchDispatchMode):
@@ -163,6 +212,74 @@ def _failed(error: Exception) -> str:
     return why
 
 
+class _Slot:
+    """A varying value in a per-call node's arguments: the replay's, from its frame."""
+
+    __slots__ = ("node",)
+
+    def __init__(self, node: torch.fx.Node) -> None:
+        self.node = node
+
+
+def _own_static(node: torch.fx.Node, result: object, varying: set[torch.fx.Node]):
+    """A per-call node's result with each element of a static layout in memory of the tape's
+    own, where the tape's launches read it and each replay copies the call's value: (result,
+    [(own tensor, index or None)]), or (result, None) where such an element overlaps itself."""
+    meta = node.meta.get(META_KEY)
+    if isinstance(result, torch.Tensor):
+        leaves, metas = [(None, result)], [meta]
+    elif isinstance(result, (tuple, list)) and isinstance(meta, tuple):
+        leaves, metas = list(enumerate(result)), list(meta)
+    else:
+        return result, []
+    owned, values = [], list(result) if isinstance(result, (tuple, list)) else None
+    for (index, value), value_meta in zip(leaves, metas):
+        if not isinstance(value, torch.Tensor) or _symbolic(value_meta):
+            continue
+        if torch._debug_has_internal_overlap(value) != 0:
+            return result, None
+        own = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype)
+        own.copy_(value)
+        owned.append((own, index))
+        if index is None:
+            return own, owned
+        values[index] = own
+    if values is None or not owned:
+        return result, owned
+    return type(result)(values), owned
+
+
+def _through(node: torch.fx.Node, root: torch.fx.Node, per_call: set[torch.fx.Node]) -> bool:
+    """Whether the chain of views from `root` to `node` passes a per-call node (or starts at
+    one whose value varies): an alias of the root would be of the capture's memory."""
+    current = node.args[0]
+    while current is not root:
+        if current in per_call:
+            return True
+        current = current.args[0]
+    return False
+
+
+def _per_call_entry(node, target, values, owned, frame):
+    """A node whose values each replay gives (its varying arguments from `frame`, where
+    its own varying result goes); its static elements copied into the tape's memory."""
+    call = target._op if isinstance(target, torch._ops.OpOverload) else target
+    args, kwargs = node.args, node.kwargs
+    map_arg = torch.fx.node.map_arg
+
+    def value(source: torch.fx.Node) -> object:
+        found = values[source]
+        return frame[source] if type(found) is _Slot else found
+
+    def run() -> None:
+        fresh = call(*map_arg(args, value), **map_arg(kwargs, value))
+        frame[node] = fresh
+        for own, index in owned:
+            own.copy_(fresh if index is None else fresh[index])
+
+    return run
+
+
 def _python_entry(target, args, kwargs, kept):
     call = target._op if isinstance(target, torch._ops.OpOverload) else target
 
@@ -181,6 +298,8 @@ class _Ran:
     fallbacks: list[object] = field(default_factory=list)  # a launch's node again, or None
     narrow: list[object] = field(default_factory=list)  # the narrow weights launches read
     python_nodes: list[str] = field(default_factory=list)  # the nodes called through Python
+    owned: list[torch.Tensor] = field(default_factory=list)  # per-call nodes' static values
+    frame: dict = field(default_factory=dict)  # a replay's varying values, by node
 
 
 class Tape:
@@ -191,6 +310,7 @@ class Tape:
         self._inputs = inputs
         self._outputs = outputs
         self._shape = shape  # the outputs' container (tuple, list), None for one value
+        self._frame = ran.frame  # a replay's varying values, which its per-call entries read
         fallbacks = ran.fallbacks
         # per tape position: a launch's node called again (to raise its error), or None
         self._fallbacks = fallbacks
@@ -218,8 +338,10 @@ class Tape:
         inputs = []
         why = "" if native is not None else "the native launcher is not built here"
         placeholders = [n for n in nodes if n.op == "placeholder"]
+        varying = varying_values(gm)
+        per_call = _per_call(gm, varying)
         try:
-            why = cls._take_inputs(placeholders, args, moved, written, env, inputs, why)
+            why = cls._take_inputs(placeholders, args, moved, written, varying, env, inputs, why)
         except Exception as error:  # noqa: BLE001 - no node has run: the program runs the call
             return _failed(error), NOT_RUN
         ran = _Ran(modes=(torch.is_grad_enabled(), torch.is_inference_mode_enabled()))
@@ -235,13 +357,24 @@ class Tape:
             call_args = torch.fx.node.map_arg(node.args, env.__getitem__)
             call_kwargs = torch.fx.node.map_arg(node.kwargs, env.__getitem__)
             target = node.target
+            if node in per_call:
+                env[node], owned = _own_static(node, target(*call_args, **call_kwargs), varying)
+                if owned is None:
+                    why = why or f"node {node.name} makes a value that overlaps itself"
+                    owned = []
+                ran.owned.extend(own for own, _ in owned)
+                slots = {n: _Slot(n) if n in varying else env[n] for n in node.all_input_nodes}
+                ran.entries.append(_per_call_entry(node, target, slots, owned, ran.frame))
+                ran.fallbacks.append(None)
+                ran.python_nodes.append(node.name)
+                continue
             if target is operator.getitem or (
                 isinstance(target, torch._ops.OpOverload) and target.is_view
             ):
                 # made as the program makes it (an alias of its root where the program
                 # makes one): the launches bound to the program's layouts take it
                 alias = alias_of(node, returned_nodes)
-                if alias is not None:
+                if alias is not None and not _through(node, alias.root, per_call):
                     env[node] = alias.make(env[alias.root])
                 else:
                     env[node] = target(*call_args, **call_kwargs)
@@ -275,20 +408,25 @@ class Tape:
         if why:
             return why, returned
         try:
-            return cls._make(native, args, env, placeholders, returned, inputs, ran)
+            return cls._make(native, args, env, placeholders, output, inputs, ran, per_call)
         except Exception as error:  # noqa: BLE001 - the call's outputs are computed: no tape
             return _failed(error), returned
 
     @classmethod
     def _make(
-        cls, native, args, env, placeholders, returned, inputs, ran: _Ran
+        cls, native, args, env, placeholders, output, inputs, ran: _Ran, per_call
     ) -> tuple[Tape | str, object]:
         """The tape from what the capture ran, or why there is none."""
+        returned = torch.fx.node.map_arg(output.args[0], env.__getitem__)
         # the outputs as the graph returns them: a tuple, a list or one value
         shape = type(returned) if isinstance(returned, (list, tuple)) else None
-        results = list(returned) if shape is not None else [returned]
-        plan = cls._outputs(results, placeholders, env)
-        kept = [t for v in env.values() for t in _tensors(v)]
+        nodes = output.args[0] if shape is not None else [output.args[0]]
+        # the values each call decides: the tape holds none of them
+        varying = {n for n, (kind, *_) in zip(placeholders, inputs) if kind == "varying"}
+        varying |= per_call
+        kept = [t for n, v in env.items() if n not in varying for t in _tensors(v)]
+        kept += ran.owned
+        plan = cls._outputs(nodes, placeholders, env, varying, kept)
         given = {_storage(t) for p in placeholders for t in _tensors(env[p])}
         kept_nbytes = sum(
             {
@@ -310,14 +448,22 @@ class Tape:
         if copied > COPY_NBYTES_PER_LAUNCH * launches:
             return f"{copied} bytes to copy a call for {launches} launches", returned
         tape = cls(native.tape(ran.entries), inputs, plan, shape, ran, [*kept, *ran.narrow])
-        return tape, tape._returned(args)  # the kept tensors are the tape's: copies
+        return tape, tape._returned(args, env)  # the kept tensors are the tape's: copies
 
     @staticmethod
-    def _take_inputs(placeholders, args, moved, written, env, inputs, why: str) -> str:
+    def _take_inputs(placeholders, args, moved, written, varying, env, inputs, why: str) -> str:
         """Each argument into `env`, and how a replay takes it into `inputs` (module doc);
         the reason the graph gets no tape, or `why` as it came."""
         for position, (node, arg) in enumerate(zip(placeholders, args)):
-            if isinstance(arg, torch.Tensor):
+            if node in varying:  # each call's own, read by per-call nodes only
+                env[node] = arg
+                if isinstance(arg, torch.Tensor):
+                    if type(arg) not in _PLAIN or not arg.is_cpu or arg.is_neg() or arg.is_conj():
+                        why = why or f"input {node.name} is not a plain CPU tensor"
+                    inputs.append(("varying", node, arg.dtype, arg.dim()))
+                else:
+                    inputs.append(("varying", node, None, None))
+            elif isinstance(arg, torch.Tensor):
                 if type(arg) not in _PLAIN or not arg.is_cpu or arg.is_neg() or arg.is_conj():
                     why = why or f"input {node.name} is not a plain CPU tensor"
                 if position in moved and (
@@ -343,13 +489,22 @@ class Tape:
         return why
 
     @staticmethod
-    def _outputs(results, placeholders, env) -> list[tuple] | None:
-        """How a replay returns each output: ("input", k), ("copy", kept tensor) or
-        ("value", v); None where an output shares memory it must not (module doc)."""
+    def _outputs(nodes, placeholders, env, varying, kept) -> list[tuple] | None:
+        """How a replay returns each output: ("input", k), ("copy", kept tensor), ("frame",
+        node) for a value the call decides, or ("value", v); None where an output shares
+        memory it must not (module doc)."""
         inputs = [env[p] for p in placeholders]
         input_storages = {_storage(t) for t in inputs if isinstance(t, torch.Tensor)}
+        kept_storages = {_storage(t) for t in kept}
         plan, seen = [], set()
-        for value in results:
+        for node in nodes:
+            value = env[node] if isinstance(node, torch.fx.Node) else node
+            if node in varying and node not in placeholders:
+                # the call's own result: new memory each call, unless it is the tape's
+                if any(_storage(t) in kept_storages for t in _tensors(value)):
+                    return None
+                plan.append(("frame", node))
+                continue
             if not isinstance(value, torch.Tensor):
                 plan.append(("value", value))
                 continue
@@ -372,9 +527,24 @@ class Tape:
             modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
             if modes != self._modes or len(args) != len(self._inputs):
                 return None
-            copies = []
+            copies, frame = [], self._frame
             for arg, (kind, *how) in zip(args, self._inputs):
-                if kind == "copy":
+                if kind == "varying":  # Dynamo's guards hold its sizes to the graph's
+                    node, dtype, dim = how
+                    if dtype is None:
+                        if type(arg) is not int:
+                            return None
+                    elif not (
+                        type(arg) in _PLAIN
+                        and arg.dtype == dtype
+                        and arg.dim() == dim
+                        and arg.is_cpu
+                        and not arg.is_neg()
+                        and not arg.is_conj()
+                    ):
+                        return None
+                    frame[node] = arg
+                elif kind == "copy":
                     own = how[0]
                     if not (
                         type(arg) in _PLAIN
@@ -415,16 +585,19 @@ class Tape:
                 position, code = failed
                 self._fallbacks[position]()  # the node again: it raises the kernel's error
                 raise RuntimeError(f"memopt: a replayed kernel returned error code {code}")
-            return self._returned(args)
+            return self._returned(args, frame)
         finally:
+            self._frame.clear()
             self._lock.release()
 
-    def _returned(self, args: Sequence[object]) -> object:
+    def _returned(self, args: Sequence[object], frame: dict) -> object:
         values = [
             args[how]
             if kind == "input"
             else torch.empty_strided(how.shape, how.stride(), dtype=how.dtype).copy_(how)
             if kind == "copy"
+            else frame[how]
+            if kind == "frame"
             else how
             for kind, how in self._outputs
         ]
