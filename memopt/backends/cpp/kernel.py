@@ -118,7 +118,8 @@ class CppKernel:
         if native is not None and not snapshot_outputs and count <= launcher.MAX_TENSORS:
             expected = tuple(layout_check for layout_check, _ in checks)
             checked_launch = native.bind(self._packed_address, count, scalars, expected)
-            unchecked_launch = native.bind(self._packed_address, count, scalars, ())
+            address = self._packed_address
+            unchecked: list[Callable[..., int]] = []  # bound on the first mismatch
 
             def run_native(inputs: Tensors, outputs: Tensors) -> None:
                 code = checked_launch(*inputs, *outputs)
@@ -126,7 +127,9 @@ class CppKernel:
                     # The full rule: size-1 and empty dims may have any stride.
                     for tensor, ((_, shape, stride), buffer) in zip((*inputs, *outputs), checks):
                         _check(buffer, tensor, shape, stride)
-                    code = unchecked_launch(*inputs, *outputs)
+                    if not unchecked:
+                        unchecked.append(native.bind(address, count, scalars, ()))
+                    code = unchecked[0](*inputs, *outputs)
                 if code:
                     error, message = _ERRORS.get(code, (RuntimeError, f"error code {code}"))
                     raise error(f"kernel {name}: {message}")
@@ -159,7 +162,9 @@ class CppKernel:
 
 
 class _Layout:
-    """Buffer shapes, strides and extents (elements from the data pointer) at given sizes."""
+    """Buffer layouts at given sizes: what the launch checks (dtype, shape, strides) and the
+    extent arguments (elements from the data pointer) of the buffers the kernel takes
+    them for. Worked out once per distinct sizes, so kept to straight loops."""
 
     def __init__(
         self,
@@ -169,18 +174,21 @@ class _Layout:
         extent_buffers: Sequence[str],
     ) -> None:
         found = layouts(sizes)
-        self.shapes = [shape for shape, _ in found]
-        self.strides = [stride for _, stride in found]
-        self.extents = {}
-        for buffer, shape, stride in zip(buffers, self.shapes, self.strides):
-            empty = any(size == 0 for size in shape)
-            extent = 0 if empty else 1 + sum((n - 1) * s for n, s in zip(shape, stride))
-            self.extents[buffer.name] = extent
-        self.extent_args = [self.extents[name] for name in extent_buffers]
         self.expected = [
             (buffer.dtype, torch.Size(shape), stride)
-            for buffer, shape, stride in zip(buffers, self.shapes, self.strides)
+            for buffer, (shape, stride) in zip(buffers, found)
         ]
+        by_name = {buffer.name: layout for buffer, layout in zip(buffers, found)}
+        self.extent_args = [_extent(*by_name[name]) for name in extent_buffers]
+
+
+def _extent(shape: tuple[int, ...], stride: tuple[int, ...]) -> int:
+    extent = 1
+    for n, s in zip(shape, stride):
+        if n == 0:
+            return 0
+        extent += (n - 1) * s
+    return extent
 
 
 def _check(buffer: Buffer, tensor: torch.Tensor, shape: tuple[int, ...], stride: tuple[int, ...]):
