@@ -187,12 +187,14 @@ class LibraryAttention:
 
     def __init__(self) -> None:
         self._launch: tuple | None = None
+        self._planned: tuple | None = None  # the operands' plan at the last planned call
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_launch": None}  # a launch is bound anew, not copied
+        # a launch is bound anew, not copied
+        return {**self.__dict__, "_launch": None, "_planned": None}
 
     def __call__(
         self,
@@ -235,7 +237,11 @@ class DecodeAttention(LibraryAttention):
         if call is None:
             return FLASH_CPU(q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)
         result = decode_attention(q, k, v, attn_mask, scale, call)
-        self._bind(q, k, v, attn_mask, scale, call)
+        # Bound when the layouts come again (plan's cached arrays): a dynamic cache meets
+        # a new length, so new layouts, every step, and binding those would be wasted.
+        if call is self._planned:
+            self._bind(q, k, v, attn_mask, scale, call)
+        self._planned = call
         return result
 
     def _bind(self, q, k, v, mask, scale: float | None, call: tuple) -> None:
