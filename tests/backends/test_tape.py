@@ -207,7 +207,8 @@ def test_no_tape_where_an_output_is_an_inputs_memory(replays):
         assert_close(doubled, x * 2)
     assert compiled._tape is None and compiled._replay is None
     assert compiled.no_tape == (
-        "no tape: an output is an input's memory, another output's, or overlaps itself"
+        "no tape: an output is an input's memory, another output's, a view of a varying "
+        "value, or overlaps itself"
     )
 
 
@@ -261,6 +262,49 @@ def test_a_graph_with_size_symbols_replays_its_static_launches(graphs, replays, 
     # the kernel of the cache's concatenation and sum, and the concatenation's getitem
     assert (made.launches, made.python_calls) == (1, 2)
     assert len({got[0].data_ptr() for *_, got in results}) == len(results)
+
+
+def _with_a_row(x, cache):
+    h = (x * 2 + 1).relu()
+    return (h * cache.sum(0)).exp(), h.tanh(), cache[1].unsqueeze(0)
+
+
+def _with_a_sum(x, cache):
+    return (x * 2 + 1).relu().exp(), cache.sum(0) * 0.5
+
+
+@pytest.mark.parametrize("replay_views", [True, False])
+def test_a_row_of_a_varying_input_returned_keeps_the_program(graphs, monkeypatch, replay_views):
+    """An output that is a view of the cache (through a per-call node whose result has a
+    static layout): a copy of it would lose the alias, which AOTAutograd rebuilds from the
+    output's storage when it does not replay views; the program's values every call."""
+    monkeypatch.setattr(tape, "MIN_LAUNCH_SHARE", 0)
+    monkeypatch.setattr(torch._functorch.config, "view_replay_for_aliased_outputs", replay_views)
+    compiled = torch.compile(_with_a_row, backend="memopt")
+    for length in range(3, 3 + tape.CAPTURE_AFTER + 5):
+        x, cache = torch.randn(4, 33), torch.randn(length, 33)
+        for got, want in zip(compiled(x, cache), _with_a_row(x, cache)):
+            assert_close(got, want)
+    symbolic = [g for g in graphs if tape.varying_values(g.gm)]
+    assert symbolic and all(g._tape is None for g in symbolic)
+    assert all("a view of a varying value" in g.no_tape for g in symbolic)
+
+
+def test_a_static_result_of_a_per_call_node_returned_is_copied(graphs, replays, monkeypatch):
+    """The cache's sum is per-call with a static layout: returned as a copy of the tape's
+    memory, new each call."""
+    monkeypatch.setattr(tape, "MIN_LAUNCH_SHARE", 0)
+    compiled = torch.compile(_with_a_sum, backend="memopt")
+    results = []
+    for length in range(3, 3 + tape.CAPTURE_AFTER + 5):
+        x, cache = torch.randn(4, 33), torch.randn(length, 33)
+        results.append((x, cache, compiled(x, cache)))
+    for x, cache, got in results:
+        for value, want in zip(got, _with_a_sum(x, cache)):
+            assert_close(value, want)
+    assert [g._tape is not None for g in graphs if tape.varying_values(g.gm)] == [True]
+    assert replays["replayed"] >= 3
+    assert len({got[1].data_ptr() for *_, got in results}) == len(results)
 
 
 def _scaled_in_place(x, cache):

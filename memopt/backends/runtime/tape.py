@@ -27,19 +27,24 @@ recording what each node launches and a dispatch mode watching the ATen ops it c
   needs the same memory (data pointer), dtype, shape, strides and no negation or
   conjugation bit, and for read-only ones the same version counter, since a narrowed
   weight's copy was made from the parameter's values.
-- Every node's result is kept: the tape owns that memory (at most MAX_KEPT_NBYTES).
+- Every static value (below) is kept: the tape owns that memory (at most MAX_KEPT_NBYTES).
 
 Graphs with size symbols (a dynamic KV cache's decode step: the cache's length is one)
 replay their launches of static sizes all the same. A *varying* value (`varying_values`)
 is one each call decides: an input with a size symbol, a symbolic int, a result with a
-size symbol. A node that reads one or makes one is *per-call*: a Python entry that calls
-the node on that replay's values (its varying arguments from the replay's frame, where its
+size symbol. A node that reads one or makes one is *per-call* (a `getitem` reads only its
+own element: one of static layout is in the tape's memory): a Python entry that calls the
+node on that replay's values (its varying arguments from the replay's frame, where its
 varying result goes), and copies each result of static layout into memory of the tape's,
 where the launches after it read it (a decode step's attention over the grown cache:
 one row per head). Views of varying values are per-call nodes too; an alias is never made
-through one. An output that varies is the call's own result, returned as it is (it must
-not be the tape's memory). A graph with size symbols that writes in place gets no tape:
-a write through a copy would miss the value it writes.
+through one. An output that varies is the call's own result, returned as it is: like the
+program's, it may be a view of an input or of another output (it must not be the tape's
+memory). An output of static layout made through views from a per-call node or a varying
+value (a row of the cache) means no tape: its copy would lose the alias (and where such a
+graph's capture makes no tape, the program runs that call again, the capture's outputs
+being made from those copies). A graph with any varying value that writes in place gets
+no tape: a write through a copy would miss the value it writes.
 
 A graph gets no tape when it has a node the tape does not know (only ATen
 ops, `getitem` and memopt's kernels, GEMVs, narrow matmuls and lookups, decode and causal
@@ -80,6 +85,7 @@ from memopt.backends.runtime.gemv import StreamingGemv
 from memopt.backends.runtime.kernels import FusedKernel
 from memopt.backends.runtime.program import alias_of
 from memopt.backends.runtime.quantized import QuantizedEmbedding, QuantizedMatmul
+from memopt.compiler.aten_ops import is_view_op
 from memopt.compiler.graph import META_KEY, TensorMeta
 from memopt.compiler.order import written_buffers
 
@@ -96,7 +102,8 @@ MIN_LAUNCH_SHARE = 0.5
 # elements 9.2 us a call through the program, 12.6 through a tape, Dynamo's part included).
 MIN_LAUNCHES = 8
 MISSES = 3
-# What `Tape.capture` returns for the outputs when it failed before running any node.
+# What `Tape.capture` returns for the outputs when it failed before running any node, or
+# made no tape of a graph with varying values (the program runs the call).
 NOT_RUN = object()
 CAPTURES = 8
 
@@ -117,7 +124,7 @@ _ALLOCATIONS = {aten.empty, aten.empty_strided, aten.empty_like, aten.new_empty}
 
 def refusal(gm: torch.fx.GraphModule) -> str | None:
     """Why `gm` can get no tape (module doc), or None: only nodes it knows, and no write in
-    a graph whose inputs have size symbols."""
+    a graph with a varying value."""
     varying = varying_values(gm)
     for node in gm.graph.nodes:
         if node.op == "call_function":
@@ -250,8 +257,9 @@ def _own_static(node: torch.fx.Node, result: object, varying: set[torch.fx.Node]
 
 
 def _through(node: torch.fx.Node, root: torch.fx.Node, per_call: set[torch.fx.Node]) -> bool:
-    """Whether the chain of views from `root` to `node` passes a per-call node (or starts at
-    one whose value varies): an alias of the root would be of the capture's memory."""
+    """Whether the chain of views from `root` to `node` passes a per-call node: an alias of
+    the root would be of the capture's memory. (A view taken from a varying root is
+    itself per-call.)"""
     current = node.args[0]
     while current is not root:
         if current in per_call:
@@ -260,9 +268,20 @@ def _through(node: torch.fx.Node, root: torch.fx.Node, per_call: set[torch.fx.No
     return False
 
 
-def _per_call_entry(node, target, values, owned, frame):
+def _viewed_from(node: torch.fx.Node, sources: set[torch.fx.Node]) -> bool:
+    """Whether `node` is a view, through view ops, of a value in `sources`."""
+    current = node
+    while current.op == "call_function" and is_view_op(current):
+        current = current.args[0]
+        if current in sources:
+            return True
+    return False
+
+
+def _per_call_entry(node, target, values, owned, frame, varies: bool):
     """A node whose values each replay gives (its varying arguments from `frame`, where
-    its own varying result goes); its static elements copied into the tape's memory."""
+    its own result goes if it `varies`); its static elements copied into the tape's
+    memory."""
     call = target._op if isinstance(target, torch._ops.OpOverload) else target
     args, kwargs = node.args, node.kwargs
     map_arg = torch.fx.node.map_arg
@@ -273,7 +292,8 @@ def _per_call_entry(node, target, values, owned, frame):
 
     def run() -> None:
         fresh = call(*map_arg(args, value), **map_arg(kwargs, value))
-        frame[node] = fresh
+        if varies:
+            frame[node] = fresh
         for own, index in owned:
             own.copy_(fresh if index is None else fresh[index])
 
@@ -364,7 +384,9 @@ class Tape:
                     owned = []
                 ran.owned.extend(own for own, _ in owned)
                 slots = {n: _Slot(n) if n in varying else env[n] for n in node.all_input_nodes}
-                ran.entries.append(_per_call_entry(node, target, slots, owned, ran.frame))
+                ran.entries.append(
+                    _per_call_entry(node, target, slots, owned, ran.frame, node in varying)
+                )
                 ran.fallbacks.append(None)
                 ran.python_nodes.append(node.name)
                 continue
@@ -405,28 +427,38 @@ class Tape:
                 ran.fallbacks.append(None)
                 ran.python_nodes.append(node.name)
         returned = torch.fx.node.map_arg(output.args[0], env.__getitem__)
-        if why:
-            return why, returned
         try:
-            return cls._make(native, args, env, placeholders, output, inputs, ran, per_call)
+            made = (
+                (why, returned)
+                if why
+                else cls._make(
+                    native, args, env, placeholders, output, inputs, ran, varying, per_call
+                )
+            )
         except Exception as error:  # noqa: BLE001 - the call's outputs are computed: no tape
-            return _failed(error), returned
+            made = _failed(error), returned
+        if varying and not isinstance(made[0], Tape):
+            # The run put per-call nodes' static results in copies of the tape's, so an
+            # output viewed from one lost its alias: the program runs the call again (a
+            # graph with varying values writes nothing: `refusal`).
+            return made[0], NOT_RUN
+        return made
 
     @classmethod
     def _make(
-        cls, native, args, env, placeholders, output, inputs, ran: _Ran, per_call
+        cls, native, args, env, placeholders, output, inputs, ran: _Ran, varying, per_call
     ) -> tuple[Tape | str, object]:
         """The tape from what the capture ran, or why there is none."""
         returned = torch.fx.node.map_arg(output.args[0], env.__getitem__)
         # the outputs as the graph returns them: a tuple, a list or one value
         shape = type(returned) if isinstance(returned, (list, tuple)) else None
         nodes = output.args[0] if shape is not None else [output.args[0]]
-        # the values each call decides: the tape holds none of them
-        varying = {n for n, (kind, *_) in zip(placeholders, inputs) if kind == "varying"}
-        varying |= per_call
-        kept = [t for n, v in env.items() if n not in varying for t in _tensors(v)]
+        # the values each call decides, and the per-call nodes' results as they came at the
+        # capture: the tape holds none of them (the latter's static ones are `ran.owned`)
+        held = {n for n in varying if n.op == "placeholder"} | per_call
+        kept = [t for n, v in env.items() if n not in held for t in _tensors(v)]
         kept += ran.owned
-        plan = cls._outputs(nodes, placeholders, env, varying, kept)
+        plan = cls._outputs(nodes, placeholders, env, varying, per_call, kept)
         given = {_storage(t) for p in placeholders for t in _tensors(env[p])}
         kept_nbytes = sum(
             {
@@ -435,7 +467,8 @@ class Tape:
         )
         launches = sum(1 for f in ran.fallbacks if f is not None)
         if plan is None:
-            return "an output is an input's memory, another output's, or overlaps itself", returned
+            why = "an output is an input's memory, another output's, a view of a varying value"
+            return f"{why}, or overlaps itself", returned
         if kept_nbytes > MAX_KEPT_NBYTES:
             return f"its values take {kept_nbytes} bytes", returned
         calls = len(ran.entries)
@@ -489,22 +522,24 @@ class Tape:
         return why
 
     @staticmethod
-    def _outputs(nodes, placeholders, env, varying, kept) -> list[tuple] | None:
+    def _outputs(nodes, placeholders, env, varying, per_call, kept) -> list[tuple] | None:
         """How a replay returns each output: ("input", k), ("copy", kept tensor), ("frame",
-        node) for a value the call decides, or ("value", v); None where an output shares
-        memory it must not (module doc)."""
+        node) for a varying value, or ("value", v); None where an output shares memory it
+        must not (module doc)."""
         inputs = [env[p] for p in placeholders]
         input_storages = {_storage(t) for t in inputs if isinstance(t, torch.Tensor)}
         kept_storages = {_storage(t) for t in kept}
         plan, seen = [], set()
         for node in nodes:
             value = env[node] if isinstance(node, torch.fx.Node) else node
-            if node in varying and node not in placeholders:
+            if isinstance(node, torch.fx.Node) and node in varying and node.op != "placeholder":
                 # the call's own result: new memory each call, unless it is the tape's
                 if any(_storage(t) in kept_storages for t in _tensors(value)):
                     return None
                 plan.append(("frame", node))
                 continue
+            if isinstance(node, torch.fx.Node) and _viewed_from(node, varying | per_call):
+                return None  # a copy of it would lose the alias (module doc)
             if not isinstance(value, torch.Tensor):
                 plan.append(("value", value))
                 continue
