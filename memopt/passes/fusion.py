@@ -16,9 +16,13 @@ creates, and the cycle check searches only between the two groups in a topologic
 numbering of the grouped graph kept under merges: work near-linear in the graph, the same
 choices as rescoring every pair each round. A merge is refused when it would create a cycle
 through a node outside the group (an extern matmul between producer and consumer), when
-the group would exceed `max_nodes`, or when lowering says the group cannot be one kernel
+the group would exceed `max_nodes`, when lowering says the group cannot be one kernel
 (different domains, different reduction axes, a reduction read at another row, an op with
-no lowering). Refusals are recorded with their reason and the bytes they cost.
+no lowering), or when it would take in a concatenation that grows a graph input by rows of
+static count along a size symbol (a dynamic KV cache's `torch.cat`), where the backend sets
+up a kernel's launch per size (Feature.PER_SIZE_LAUNCH, the C++ backend: a new size every
+call, 11-30 us each, to save the other parts' write and read). Refusals are recorded with
+their reason and the bytes they cost.
 
 Groups of one node stay ATen calls: a generated kernel for a single op moves the same
 bytes. The exception is a layout conversion (`clone` to another memory format) whose
@@ -86,6 +90,36 @@ from memopt.passes.registry import register_pass
 
 Group = frozenset[torch.fx.Node]
 aten = torch.ops.aten
+
+
+def _grown_input(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The graph input `node` grows, where it is a concatenation of that input (sized along
+    the dim by a size symbol) and parts of static size along the dim (a KV cache and the
+    new positions); None otherwise."""
+    if node.target is not aten.cat.default or not node.args:
+        return None
+    parts = node.args[0]
+    out = tensor_meta(node)
+    if out is None or not isinstance(parts, (list, tuple)):
+        return None
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    dim %= len(out.shape)
+    if _static_size(out.shape[dim]):
+        return None
+    grown = [p for p in parts if isinstance(p, torch.fx.Node) and _view_root(p).op == "placeholder"]
+    metas = [tensor_meta(p) if isinstance(p, torch.fx.Node) else None for p in parts]
+    if len(grown) != 1 or any(m is None or len(m.shape) <= dim for m in metas):
+        return None
+    sizes = {p: m.shape[dim] for p, m in zip(parts, metas)}
+    if _static_size(sizes[grown[0]]) or not all(
+        _static_size(n) for p, n in sizes.items() if p is not grown[0]
+    ):
+        return None
+    return _view_root(grown[0])
+
+
+def _static_size(value: object) -> bool:
+    return isinstance(value, int) or getattr(value, "is_Integer", False)
 
 
 def _view_root(node: torch.fx.Node) -> torch.fx.Node:
@@ -157,6 +191,18 @@ class _State:
         # call (whose GPU kernel moves the same sectors), so merges compare like with like.
         self.sectors = moves_sectors(backend)
         self.no_nested = None
+        # Concatenations that grow a graph input along a size symbol, and why each stays
+        # out of kernels (Feature.PER_SIZE_LAUNCH, module doc).
+        self.grows: dict[torch.fx.Node, str] = {}
+        if backend.supports(Feature.PER_SIZE_LAUNCH):
+            for node in self.fusible:
+                grown = _grown_input(node)
+                if grown is not None:
+                    self.grows[node] = (
+                        f"%{node.name} grows input %{grown.name} by rows of static count along "
+                        f"a size symbol: backend {backend.name!r} would set up the kernel's "
+                        "launch at each new size, every call; ATen's cat sets up nothing"
+                    )
         if not backend.supports(Feature.NESTED_REDUCTIONS):
             self.no_nested = (
                 f"backend {backend.name!r} on {device} runs no nested reductions (a "
@@ -721,6 +767,7 @@ def _side(matmul: torch.fx.Node, other: Group) -> str:
         "refused_order",  # a member would read memory after a write it ran before
         "refused_lowering",  # the group cannot be one kernel (NotLowerable's reason)
         "refused_nested",  # nested reductions, where the backend runs none
+        "refused_per_size",  # a concatenation growing an input along a size symbol
         "refused_template",  # a matmul's prologue/epilogue merge, where templates are off
         "bias_folded",  # a bias add that fused with nothing, back into the GEMM (addmm)
         "library_softmax",  # a kernel that is exactly one softmax, as ATen's _softmax
@@ -861,6 +908,9 @@ class Fusion(Pass):
         if len(a) + len(b) > self.max_nodes:
             size = len(a) + len(b)
             return "refused_size", f"group would have {size} nodes, over max_nodes={self.max_nodes}"
+        for node in a | b:
+            if node in state.grows:
+                return "refused_per_size", state.grows[node]
         if state.creates_cycle(a, b):
             return "refused_cycle", (
                 "a path from one to the other leaves the group "

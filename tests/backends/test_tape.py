@@ -242,8 +242,8 @@ def test_a_graph_with_size_symbols_replays_its_static_launches(graphs, replays, 
     """The launches of static sizes come from the tape; the nodes reading the cache run
     through Python each replay, on that call's cache, the static result they hand the
     launches copied into the tape's memory: every call's values, each grown cache in
-    memory of its own. (memopt makes two kernels of `_grown`, one of them reading the
-    cache: a tape for that one launch too.)"""
+    memory of its own. (memopt makes two kernels of `_grown`, and leaves the cache's
+    concatenation and its sum to ATen: a tape for those two launches too.)"""
     monkeypatch.setattr(tape, "MIN_LAUNCH_SHARE", 0)
     compiled = torch.compile(_grown, backend="memopt")
     g = torch.Generator().manual_seed(0)
@@ -259,8 +259,10 @@ def test_a_graph_with_size_symbols_replays_its_static_launches(graphs, replays, 
     # the first call compiled static sizes; the dynamic graph's calls after its capture
     assert replays["replayed"] == len(results) - 1 - tape.CAPTURE_AFTER - 1
     made = dynamic[0]._tape
-    # the kernel of the cache's concatenation and sum, and the concatenation's getitem
-    assert (made.launches, made.python_calls) == (1, 2)
+    # the kernels of x's values and of the product with the sum; the cache's concatenation
+    # (ATen's cat: fusion.refused_per_size) and its sum through Python
+    assert (made.launches, made.python_calls) == (2, 2)
+    assert made.python_nodes == ("cat", "sum_1")
     assert len({got[0].data_ptr() for *_, got in results}) == len(results)
 
 

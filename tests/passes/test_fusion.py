@@ -439,3 +439,36 @@ def test_a_kernel_never_moves_a_read_past_a_write(mutate):
     for got, want in zip(result.gm(x, mine), fn(x, theirs)):
         torch.testing.assert_close(got, want)
     assert torch.equal(mine, theirs)
+
+
+def _grow(cache, k):
+    return torch.cat([cache, (k * 2).relu()])
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_a_concatenation_growing_an_input_along_a_size_symbol(backend, tmp_path):
+    """Must not fuse on the C++ backend, which sets up a kernel's launch per size: the
+    cache's growth by a row, along the size symbol Dynamo gives it at the second length,
+    stays ATen's cat beside the row's kernel, refused with the bytes at stake. Must fuse:
+    the same graph at static sizes (the first call's), and on the reference backend."""
+    import json
+
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        _grow, backend="memopt", options={"backend": backend, "report_dir": str(tmp_path)}
+    )
+    for length in (3, 4, 5):
+        cache, k = torch.randn(length, 8), torch.randn(1, 8)
+        torch.testing.assert_close(compiled(cache, k), _grow(cache, k))
+    reports = [
+        json.loads((tmp_path / name).read_text()) for name in ("inference.json", "inference.1.json")
+    ]
+    for number, report in enumerate(reports):
+        decisions = [d for p in report["ledger"] for d in p["decisions"]]
+        refused = [d for d in decisions if d["code"] == "fusion.refused_per_size"]
+        kept_apart = number == 1 and backend == "cpp"
+        assert ("aten.cat" in report["graph_text"]) == kept_apart
+        assert len(refused) == kept_apart
+        if kept_apart:
+            assert refused[0]["reason"].startswith("%cat grows input %arg")
+            assert refused[0]["bytes_saved"] == 2 * 8 * F32  # the row's write and read

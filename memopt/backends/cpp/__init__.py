@@ -26,6 +26,7 @@ CPP = register_backend(
                 Feature.LONE_MATH,
                 Feature.IN_PLACE_OUTPUTS,
                 Feature.NESTED_REDUCTIONS,
+                Feature.PER_SIZE_LAUNCH,
             }
         ),
         prefetch=prefetch_kernel,
