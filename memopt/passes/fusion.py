@@ -18,11 +18,12 @@ choices as rescoring every pair each round. A merge is refused when it would cre
 through a node outside the group (an extern matmul between producer and consumer), when
 the group would exceed `max_nodes`, when lowering says the group cannot be one kernel
 (different domains, different reduction axes, a reduction read at another row, an op with
-no lowering), or when it would take in a concatenation that grows a graph input by rows of
-static count along a size symbol (a dynamic KV cache's `torch.cat`), where the backend sets
-up a kernel's launch per size (Feature.PER_SIZE_LAUNCH, the C++ backend: a new size every
-call, 11-30 us each, to save the other parts' write and read). Refusals are recorded with
-their reason and the bytes they cost.
+no lowering), or when it would bring a concatenation that grows a graph input by rows of
+static count along a size symbol (a dynamic KV cache's `torch.cat`) into a group of static
+sizes, where the backend sets up a kernel's launch per size (Feature.PER_SIZE_LAUNCH, the
+C++ backend: a new size every call, 11-30 us each, to save the other parts' write and
+read; a consumer of the grown value, of the symbol's size already, may take it in).
+Refusals are recorded with their reason and the bytes they cost.
 
 Groups of one node stay ATen calls: a generated kernel for a single op moves the same
 bytes. The exception is a layout conversion (`clone` to another memory format) whose
@@ -94,28 +95,32 @@ aten = torch.ops.aten
 
 def _grown_input(node: torch.fx.Node) -> torch.fx.Node | None:
     """The graph input `node` grows, where it is a concatenation of that input (sized along
-    the dim by a size symbol) and parts of static size along the dim (a KV cache and the
-    new positions); None otherwise."""
+    the dim by a size symbol) and parts of static size along the dim, from anywhere (a KV
+    cache and the new positions); None otherwise."""
     if node.target is not aten.cat.default or not node.args:
         return None
     parts = node.args[0]
     out = tensor_meta(node)
-    if out is None or not isinstance(parts, (list, tuple)):
+    if out is None or not isinstance(parts, (list, tuple)) or not parts:
         return None
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     dim %= len(out.shape)
-    if _static_size(out.shape[dim]):
-        return None
-    grown = [p for p in parts if isinstance(p, torch.fx.Node) and _view_root(p).op == "placeholder"]
     metas = [tensor_meta(p) if isinstance(p, torch.fx.Node) else None for p in parts]
-    if len(grown) != 1 or any(m is None or len(m.shape) <= dim for m in metas):
+    if any(m is None or len(m.shape) != len(out.shape) for m in metas):
         return None
-    sizes = {p: m.shape[dim] for p, m in zip(parts, metas)}
-    if _static_size(sizes[grown[0]]) or not all(
-        _static_size(n) for p, n in sizes.items() if p is not grown[0]
-    ):
+    symbolic = [p for p, m in zip(parts, metas) if not _static_size(m.shape[dim])]
+    if len(symbolic) != 1 or _view_root(symbolic[0]).op != "placeholder":
         return None
-    return _view_root(grown[0])
+    return _view_root(symbolic[0])
+
+
+def _static_group(group: Group) -> bool:
+    """No node of the group has a size symbol in its result's shape."""
+    for node in group:
+        meta = tensor_meta(node)
+        if meta is not None and not all(_static_size(n) for n in meta.shape):
+            return False
+    return True
 
 
 def _static_size(value: object) -> bool:
@@ -200,8 +205,9 @@ class _State:
                 if grown is not None:
                     self.grows[node] = (
                         f"%{node.name} grows input %{grown.name} by rows of static count along "
-                        f"a size symbol: backend {backend.name!r} would set up the kernel's "
-                        "launch at each new size, every call; ATen's cat sets up nothing"
+                        f"a size symbol: a kernel of static sizes would take the symbol, and "
+                        f"backend {backend.name!r} would set up its launch at each new size, "
+                        "every call; ATen's cat sets up nothing"
                     )
         if not backend.supports(Feature.NESTED_REDUCTIONS):
             self.no_nested = (
@@ -908,9 +914,13 @@ class Fusion(Pass):
         if len(a) + len(b) > self.max_nodes:
             size = len(a) + len(b)
             return "refused_size", f"group would have {size} nodes, over max_nodes={self.max_nodes}"
-        for node in a | b:
-            if node in state.grows:
-                return "refused_per_size", state.grows[node]
+        if state.grows:
+            # Into a group of static sizes only: that kernel would take the size symbol and
+            # its launch set up per size (a consumer of the grown value has it already).
+            for grows, other in ((a, b), (b, a)):
+                cat = next((n for n in grows if n in state.grows), None)
+                if cat is not None and _static_group(other):
+                    return "refused_per_size", state.grows[cat]
         if state.creates_cycle(a, b):
             return "refused_cycle", (
                 "a path from one to the other leaves the group "

@@ -445,30 +445,48 @@ def _grow(cache, k):
     return torch.cat([cache, (k * 2).relu()])
 
 
+def _grow_by_an_input_too(cache, k):
+    return torch.cat([cache, k, (k * 2).relu()], dim=-2)
+
+
+def _grow_then_exp(cache, k):
+    return torch.cat([cache, (k * 2).relu()]).exp()
+
+
+@pytest.mark.parametrize(
+    "fn, cat_apart, at_stake",
+    # the row's write and read; and k's second read (the row's kernel and the cat read it)
+    [(_grow, True, 2 * 8 * F32), (_grow_by_an_input_too, True, 3 * 8 * F32)]
+    + [(_grow_then_exp, False, 2 * 8 * F32)],
+    ids=["row", "row_and_input", "then_exp"],
+)
 @pytest.mark.parametrize("backend", ["cpp", "reference"])
-def test_a_concatenation_growing_an_input_along_a_size_symbol(backend, tmp_path):
+def test_a_concatenation_growing_an_input_along_a_size_symbol(
+    backend, fn, cat_apart, at_stake, tmp_path
+):
     """Must not fuse on the C++ backend, which sets up a kernel's launch per size: the
-    cache's growth by a row, along the size symbol Dynamo gives it at the second length,
-    stays ATen's cat beside the row's kernel, refused with the bytes at stake. Must fuse:
-    the same graph at static sizes (the first call's), and on the reference backend."""
+    cache's growth by a row (and by an input's rows), along the size symbol Dynamo gives it
+    at the second length, stays out of the row's kernel of static sizes, refused with the
+    bytes at stake; ATen's cat where nothing else takes it. Must
+    fuse: into its consumer (`exp`, of the symbol's size already), the same graph at static
+    sizes (the first call's), and on the reference backend."""
     import json
 
     torch._dynamo.reset()
     compiled = torch.compile(
-        _grow, backend="memopt", options={"backend": backend, "report_dir": str(tmp_path)}
+        fn, backend="memopt", options={"backend": backend, "report_dir": str(tmp_path)}
     )
     for length in (3, 4, 5):
         cache, k = torch.randn(length, 8), torch.randn(1, 8)
-        torch.testing.assert_close(compiled(cache, k), _grow(cache, k))
-    reports = [
-        json.loads((tmp_path / name).read_text()) for name in ("inference.json", "inference.1.json")
-    ]
+        torch.testing.assert_close(compiled(cache, k), fn(cache, k))
+    names = ("inference.json", "inference.1.json")
+    reports = [json.loads((tmp_path / name).read_text()) for name in names]
     for number, report in enumerate(reports):
         decisions = [d for p in report["ledger"] for d in p["decisions"]]
         refused = [d for d in decisions if d["code"] == "fusion.refused_per_size"]
-        kept_apart = number == 1 and backend == "cpp"
-        assert ("aten.cat" in report["graph_text"]) == kept_apart
-        assert len(refused) == kept_apart
-        if kept_apart:
+        dynamic_cpp = number == 1 and backend == "cpp"
+        assert ("aten.cat" in report["graph_text"]) == (dynamic_cpp and cat_apart)
+        assert len(refused) == dynamic_cpp
+        if dynamic_cpp:
             assert refused[0]["reason"].startswith("%cat grows input %arg")
-            assert refused[0]["bytes_saved"] == 2 * 8 * F32  # the row's write and read
+            assert refused[0]["bytes_saved"] == at_stake

@@ -187,7 +187,7 @@ class LibraryAttention:
 
     def __init__(self) -> None:
         self._launch: tuple | None = None
-        self._planned: tuple | None = None  # the operands' plan at the last planned call
+        self._planned: tuple | None = None  # the sizes and strides of the last planned call
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -237,11 +237,12 @@ class DecodeAttention(LibraryAttention):
         if call is None:
             return FLASH_CPU(q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)
         result = decode_attention(q, k, v, attn_mask, scale, call)
-        # Bound when the layouts come again (plan's cached arrays): a dynamic cache meets
-        # a new length, so new layouts, every step, and binding those would be wasted.
-        if call is self._planned:
+        # Bound when the layouts come again: a dynamic cache meets a new length, so new
+        # layouts, every step, and binding those would be wasted.
+        planned = (tuple(call[0]), tuple(call[1]))
+        if planned == self._planned:
             self._bind(q, k, v, attn_mask, scale, call)
-        self._planned = call
+        self._planned = planned
         return result
 
     def _bind(self, q, k, v, mask, scale: float | None, call: tuple) -> None:
