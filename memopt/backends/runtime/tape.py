@@ -23,7 +23,8 @@ recording what each node launches and a dispatch mode watching the ATen ops it c
 - Inputs whose memory moved between the calls before the capture (token ids, positions:
   new tensors each step) are copied into buffers of the tape's own, and each replay copies
   the new values in; the graph gets no tape if such an input is written or its elements
-  overlap (and the copies count against COPY_NBYTES_PER_LAUNCH, below). The others (weights, a KV cache) are used where they are: a replay
+  overlap (and the copies count against COPY_NBYTES_PER_LAUNCH, below). The others
+  (weights, a static KV cache) are used where they are: a replay
   needs the same memory (data pointer), dtype, shape, strides and no negation or
   conjugation bit, and for read-only ones the same version counter, since a narrowed
   weight's copy was made from the parameter's values.
@@ -48,8 +49,9 @@ no tape: a write through a copy would miss the value it writes.
 
 A graph gets no tape when it has a node the tape does not know (only ATen
 ops, `getitem` and memopt's kernels, GEMVs, narrow matmuls and lookups, decode and causal
-attention and row writes: targets whose calls do nothing outside their launch and ATen), an output that shares memory with
-an input or with another output or overlaps itself, more bytes of outputs and moved
+attention and row writes: targets whose calls do nothing outside their launch and ATen), an
+output of static layout that shares memory with an input or with another output or
+overlaps itself, more bytes of outputs and moved
 inputs to copy than COPY_NBYTES_PER_LAUNCH a launch, fewer launches than
 MIN_LAUNCH_SHARE of its entries or than MIN_LAUNCHES, where another thread captured at
 the same time, or where the launcher is not built.
@@ -59,7 +61,8 @@ differs as above, the grad or inference mode differs from the capture's, or anot
 thread is replaying. After MISSES such calls in a row (a cache made anew for the next
 `generate()`) the graph counts its calls again and makes a new tape, at most CAPTURES
 times. A replay's outputs are new tensors each call (copies of the kept ones, in their
-layouts), or the input itself where the graph returns one. A launch returning an error
+layouts), the input itself where the graph returns one, or the call's own varying
+results. A launch returning an error
 stops the tape there, as the program would have stopped: the node runs again through
 Python, which raises the kernel's error.
 """
