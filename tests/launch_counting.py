@@ -41,3 +41,17 @@ def launches(monkeypatch, runtime_module) -> list:
         runtime_module, "launcher", types.SimpleNamespace(bind_layouts=bind_layouts)
     )
     return calls
+
+
+def same_as_aten(op, aten_op, *args, **kwargs) -> None:
+    """`op` gives `aten_op`'s output bit for bit, or raises the RuntimeError it raises."""
+    import pytest
+    import torch
+
+    try:
+        want = aten_op(*args, **kwargs)
+    except RuntimeError as error:  # ATen's own refusal is raised as ATen raises it
+        with pytest.raises(RuntimeError, match=str(error)[:40]):
+            op(*args, **kwargs)
+    else:
+        assert torch.equal(op(*args, **kwargs)[0], want[0])

@@ -74,6 +74,7 @@ from memopt.compiler.graph import (
     meta_of_value,
     node_skeleton,
     output_metas,
+    static_int,
     tensor_meta,
 )
 from memopt.compiler.lower import (
@@ -108,7 +109,7 @@ def _grown_input(node: torch.fx.Node) -> torch.fx.Node | None:
     metas = [tensor_meta(p) if isinstance(p, torch.fx.Node) else None for p in parts]
     if any(m is None or len(m.shape) != len(out.shape) for m in metas):
         return None
-    symbolic = [p for p, m in zip(parts, metas) if not _static_size(m.shape[dim])]
+    symbolic = [p for p, m in zip(parts, metas) if static_int(m.shape[dim]) is None]
     if len(symbolic) != 1 or _view_root(symbolic[0]).op != "placeholder":
         return None
     return _view_root(symbolic[0])
@@ -118,13 +119,9 @@ def _static_group(group: Group) -> bool:
     """No node of the group has a size symbol in its result's shape."""
     for node in group:
         meta = tensor_meta(node)
-        if meta is not None and not all(_static_size(n) for n in meta.shape):
+        if meta is not None and any(static_int(n) is None for n in meta.shape):
             return False
     return True
-
-
-def _static_size(value: object) -> bool:
-    return isinstance(value, int) or getattr(value, "is_Integer", False)
 
 
 def _view_root(node: torch.fx.Node) -> torch.fx.Node:

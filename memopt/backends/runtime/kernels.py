@@ -82,7 +82,6 @@ class FusedKernel:
         }
         self.fake_outputs = tuple(fake_outputs)
         self._compiled: dict[str, object] = {}
-        self._runner_on: dict[torch.device, object] = {}  # the compiled kernel, by device
         self._symbol_slots = self._find_symbol_slots()
         # By (device, *sizes): a kernel with size symbols keeps one a distinct size, at most
         # SIZES_KEPT, then forgets them (a dynamic KV cache's decode step meets a new length
@@ -307,9 +306,7 @@ class FusedKernel:
         layouts = self._output_layouts(sizes)
         runner = run = None
         if any(0 not in shape for shape, _ in layouts):  # an empty output needs no kernel
-            runner = self._runner_on.get(device)
-            if runner is None:
-                runner = self._runner_on[device] = self._runner(self._backend_for(device))
+            runner = self._runner(self._backend_for(device))
             bind = getattr(runner, "bind", None)
             # Outputs come from the launch's own allocations (or donated inputs checked by
             # _reusable) in the kernel's layouts: the kernel need not check them again.

@@ -75,7 +75,6 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import sympy
 import torch
 import torch.fx
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -89,7 +88,7 @@ from memopt.backends.runtime.kernels import FusedKernel
 from memopt.backends.runtime.program import alias_of
 from memopt.backends.runtime.quantized import QuantizedEmbedding, QuantizedMatmul
 from memopt.compiler.aten_ops import is_view_op
-from memopt.compiler.graph import META_KEY, TensorMeta
+from memopt.compiler.graph import META_KEY, TensorMeta, static_int
 from memopt.compiler.order import written_buffers
 
 # Plain calls of a graph before the one that makes its tape: the first works out and binds
@@ -146,7 +145,7 @@ def refusal(gm: torch.fx.GraphModule) -> str | None:
 def _symbolic(meta: object) -> bool:
     if isinstance(meta, TensorMeta):
         values = (*meta.shape, *meta.stride, meta.storage_offset)
-        return not all(isinstance(v, (int, sympy.Integer)) for v in values)
+        return any(static_int(v) is None for v in values)
     if isinstance(meta, (tuple, list)):
         return any(_symbolic(m) for m in meta)
     return False
