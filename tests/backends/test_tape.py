@@ -1,8 +1,8 @@
 """A graph's launches replayed from a tape (backends/runtime/tape.py): from the call after
 CAPTURE_AFTER plain calls, a static CPU graph's kernels run from one C loop. Every call
 must give the program's values in new memory; an argument the tape cannot take (moved
-memory the graph writes, a weight written in place, another mode, another thread) runs
-the program; kernels' errors are raised as the program raises them."""
+memory the graph writes on every call, a weight written in place, another mode, another
+thread) runs the program; a written input given in new memory moves the tape onto it; kernels' errors are raised as the program raises them."""
 
 from __future__ import annotations
 
@@ -109,28 +109,82 @@ def _write_row(cache, x, position):
     return _two_kernels(cache, x)
 
 
-def test_a_written_input_must_stay_where_it_was(graphs, replays):
-    """The graph writes a row of `cache` in place (a Python entry on the tape). A replay
-    writes the same tensor; a new cache (other memory) runs the program, and after MISSES
-    such calls the graph makes a tape for it."""
-    cache, want_cache = torch.zeros(6, 8), torch.zeros(6, 8)
-    compiled = torch.compile(_write_row, backend="memopt")
-    g = torch.Generator().manual_seed(1)
-    for step in range(tape.CAPTURE_AFTER + 3):
-        x, position = torch.randn(8, generator=g), torch.tensor([step])
-        for got, want in zip(compiled(cache, x, position), _write_row(want_cache, x, position)):
-            assert_close(got, want)
-        assert_close(cache, want_cache)
-    (graph,) = graphs
-    assert graph._tape.python_calls == 1 and replays["replayed"] == 2
-    cache, want_cache = torch.zeros(6, 8), torch.zeros(6, 8)  # the next sequence's cache
-    for step in range(tape.MISSES + tape.CAPTURE_AFTER + 3):
+def _steps(compiled, cache, want_cache, steps, g, first=0):
+    for step in range(first, first + steps):
         x, position = torch.randn(8, generator=g), torch.tensor([step % 6])
         for got, want in zip(compiled(cache, x, position), _write_row(want_cache, x, position)):
             assert_close(got, want)
         assert_close(cache, want_cache)
-    assert replays == {"replayed": 4, "refused": tape.MISSES}
-    assert graph._captures == 2
+
+
+def test_a_written_input_in_new_memory_moves_the_tape(graphs, replays):
+    """The graph writes a row of `cache` in place (a Python entry on the tape) and its
+    kernels read the cache (launches with its pointer). A new cache of the same layout (the
+    next sequence's) moves the tape onto it: no program call, no new capture; the old cache
+    is not written again."""
+    cache, want_cache = torch.zeros(6, 8), torch.zeros(6, 8)
+    compiled = torch.compile(_write_row, backend="memopt")
+    g = torch.Generator().manual_seed(1)
+    _steps(compiled, cache, want_cache, tape.CAPTURE_AFTER + 1 + tape.REBIND_AFTER, g)
+    (graph,) = graphs
+    assert graph._tape.python_calls == 1 and graph._tape.launches >= 1
+    assert replays == {"replayed": tape.REBIND_AFTER, "refused": 0}
+    old, kept = cache, cache.clone()
+    cache, want_cache = torch.ones(6, 8), torch.ones(6, 8)  # the next sequence's cache
+    _steps(compiled, cache, want_cache, tape.REBIND_AFTER, g)
+    assert_close(old, kept, rtol=0, atol=0)
+    assert replays == {"replayed": 2 * tape.REBIND_AFTER, "refused": 0}
+    assert graph._captures == 1 and graph._tape.rebinds == 1
+    # a view of a larger buffer, at an offset, takes it too
+    buffer = torch.randn(20, 8, generator=g)
+    want_buffer = buffer.clone()
+    _steps(compiled, buffer[7:13], want_buffer[7:13], 4, g)
+    assert_close(buffer, want_buffer)
+    assert graph._captures == 1 and graph._tape.rebinds == 2
+    assert replays == {"replayed": 2 * tape.REBIND_AFTER + 4, "refused": 0}
+
+
+def test_a_written_input_moving_every_call_is_a_miss(graphs, replays):
+    """Two caches in turn, call by call: the tape stays on the first (it moves only after
+    REBIND_AFTER replays), the second's calls run the program. New memory on every call:
+    after MISSES calls the graph captures again, sees the cache moving and takes no tape.
+    The values are the program's throughout."""
+    caches = [torch.zeros(6, 8), torch.zeros(6, 8)]
+    wants = [torch.zeros(6, 8), torch.zeros(6, 8)]
+    compiled = torch.compile(_write_row, backend="memopt")
+    g = torch.Generator().manual_seed(3)
+    _steps(compiled, caches[0], wants[0], tape.CAPTURE_AFTER + 2, g)
+    for step in range(6):
+        _steps(compiled, caches[step % 2], wants[step % 2], 1, g, first=step)
+    (graph,) = graphs
+    assert replays == {"replayed": 1 + 3, "refused": 3}
+    assert graph._captures == 1 and graph._tape.rebinds == 0
+    cache, want = caches[0], wants[0]
+    for step in range(tape.MISSES + tape.CAPTURE_AFTER + 2):
+        cache, want = cache.clone(), want.clone()
+        _steps(compiled, cache, want, 1, g, first=step)
+    assert graph._tape is None and graph._captures == 2
+    assert graph.no_tape == "no tape: input arg0_1 is new memory each call"
+
+
+def test_a_written_input_sharing_memory_with_another_argument_is_a_miss(graphs, replays):
+    """A new cache whose memory another argument shares (the row written, here) cannot
+    take the tape's pointers: the call runs the program."""
+    cache, want_cache = torch.zeros(6, 8), torch.zeros(6, 8)
+    compiled = torch.compile(_write_row, backend="memopt")
+    g = torch.Generator().manual_seed(4)
+    _steps(compiled, cache, want_cache, tape.CAPTURE_AFTER + 3, g)
+    (graph,) = graphs
+    both, want_both = torch.zeros(7, 8), torch.zeros(7, 8)
+    x, position = both[6], torch.tensor([2])
+    x.copy_(torch.randn(8, generator=g))
+    want_both[6] = x
+    got = compiled(both[:6], x, position)
+    want = _write_row(want_both[:6], want_both[6], position)
+    for a, b in zip(got, want):
+        assert_close(a, b)
+    assert_close(both, want_both)
+    assert replays["refused"] == 1 and graph._tape.rebinds == 0
 
 
 def test_a_narrowed_weight_written_in_place_is_quantized_again(graphs, replays):

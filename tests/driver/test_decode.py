@@ -66,6 +66,38 @@ def test_decoding_gives_eagers_tokens_without_recompiling(cache, graphs, tmp_pat
         assert text.count("aten.index_put_.default") == 2 and "aten.copy_" not in text
 
 
+def test_a_static_cache_made_anew_keeps_the_decode_steps_tape(monkeypatch):
+    """Each `generate()` makes its static cache anew, in other memory: the decode graph's
+    tape moves onto it (runtime/tape.py, `Tape._rebind`) rather than being captured again,
+    and the tokens stay eager's, sequence after sequence."""
+    captures, tapes = [], set()
+    capture, call = Tape.capture.__func__, Tape.__call__
+
+    def counted_capture(cls, *args):
+        made = capture(cls, *args)
+        captures.append(made[0])
+        return made
+
+    def seen(self, args):
+        tapes.add(self)
+        return call(self, args)
+
+    monkeypatch.setattr(Tape, "capture", classmethod(counted_capture))
+    monkeypatch.setattr(Tape, "__call__", seen)
+    model = decoding_llama()
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 128, (1, 9), generator=g) for _ in range(4)]
+    wants = [generate(model, p, "static", NEW_TOKENS) for p in prompts]
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, backend="memopt")
+    for prompt, want in zip(prompts, wants):
+        assert torch.equal(generate(model, prompt, "static", NEW_TOKENS), want)
+    (tape,) = tapes
+    # one tape made (the prefill graph's capture makes none: its calls are few launches)
+    assert sum(isinstance(c, Tape) for c in captures) == 1
+    assert tape.rebinds == len(prompts) - 1
+
+
 @pytest.mark.slow
 def test_a_narrow_decode_step_replays_launches_only(monkeypatch):
     """int4 weights, static cache: the decode step's tape holds launches only, the narrow

@@ -56,15 +56,23 @@ inputs to copy than COPY_NBYTES_PER_LAUNCH a launch, fewer launches than
 MIN_LAUNCH_SHARE of its entries or than MIN_LAUNCHES, where another thread captured at
 the same time, or where the launcher is not built.
 
+A written input given in other memory of the same layout (a static KV cache, which
+Hugging Face makes anew for each `generate()`) moves the tape onto it (`Tape._rebind`,
+0.1-0.3 ms): each launch's pointers into the old input's memory are moved by as much as
+the input moved, each Python entry's tensors of it made again as the same views of the
+new one. It moves only after REBIND_AFTER replays where it is, and never onto memory an
+argument or the tape itself holds. Without this the tape was captured again for every
+sequence, and a graph out of captures (CAPTURES) ran its program from the ninth sequence
+on: 30% slower steps for every later request.
+
 A replay (`Tape.__call__`) returns None, and the program runs instead, when an argument
-differs as above, the grad or inference mode differs from the capture's, or another
-thread is replaying. After MISSES such calls in a row (a cache made anew for the next
-`generate()`) the graph counts its calls again and makes a new tape, at most CAPTURES
-times. A replay's outputs are new tensors each call (copies of the kept ones, in their
-layouts), the input itself where the graph returns one, or the call's own varying
-results. A launch returning an error
-stops the tape there, as the program would have stopped: the node runs again through
-Python, which raises the kernel's error.
+differs as above and cannot be moved onto, the grad or inference mode differs from the
+capture's, or another thread is replaying. After MISSES such calls in a row the graph
+counts its calls again and makes a new tape, at most CAPTURES times. A replay's outputs
+are new tensors each call (copies of the kept ones, in their layouts), the input itself
+where the graph returns one, or the call's own varying results. A launch returning an
+error stops the tape there, as the program would have stopped: the node runs again
+through Python, which raises the kernel's error.
 """
 
 from __future__ import annotations
@@ -104,6 +112,10 @@ MIN_LAUNCH_SHARE = 0.5
 # elements 9.2 us a call through the program, 12.6 through a tape, Dynamo's part included).
 MIN_LAUNCHES = 8
 MISSES = 3
+# Replays a tape makes on its inputs' memory before it moves onto written inputs given in
+# other memory (`Tape._rebind`, 0.1-0.3 ms, about a program call): inputs that move more
+# often are misses.
+REBIND_AFTER = 8
 # What `Tape.capture` returns for the outputs when it failed before running any node, or
 # made no tape of a graph with varying values (the program runs the call).
 NOT_RUN = object()
@@ -202,6 +214,64 @@ def _tensors(value: object) -> list[torch.Tensor]:
 
 def _storage(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage().data_ptr()
+
+
+def _extent(tensor: torch.Tensor) -> tuple[int, int]:
+    """The addresses `tensor`'s elements span: [start, end), empty for no element."""
+    start = end = tensor.data_ptr()
+    if tensor.numel() == 0:
+        return start, end
+    for size, stride in zip(tensor.shape, tensor.stride()):
+        reach = (size - 1) * stride * tensor.element_size()
+        start, end = (start + reach, end) if reach < 0 else (start, end + reach)
+    return start, end + tensor.element_size()
+
+
+@dataclass
+class _Reach:
+    """What of a tape the memory of its written inputs reaches (`Tape._rebind`), worked out
+    once: the rest stays where it is when those inputs move."""
+
+    read: set[int]  # the positions of the inputs read where they are (their memory is fixed)
+    fixed: set[int]  # the storages of the tape's other memory: no moved input may take one
+    pointers: list[tuple[int, int, int, int]]  # (entry, pointer, input position, byte offset)
+    calls: list[int]  # the entries whose call (Python entry, launch's fallback) holds one
+    kept: list[int]  # the kept tensors of their memory
+
+    @classmethod
+    def of(cls, inputs: list[tuple], specs: list[tuple], kept: list[torch.Tensor]) -> _Reach:
+        written = {k: how[0] for k, (kind, *how) in enumerate(inputs) if kind == "same" and how[3]}
+        read = {k for k, (kind, *how) in enumerate(inputs) if kind == "same" and not how[3]}
+        storages = {_storage(t) for t in written.values()}
+        extents = {k: (t.data_ptr(), *_extent(t)) for k, t in written.items()}
+        pointers, calls = [], []
+        for index, (kind, *rest) in enumerate(specs):
+            if kind == "launch":
+                for pointer, address in enumerate(rest[0][1]):
+                    for position, (start, low, high) in extents.items():
+                        if low <= address < high:
+                            pointers.append((index, pointer, position, address - start))
+            if kind != "per call" and _holds(rest[-1], storages):
+                calls.append(index)
+        reached = [k for k, t in enumerate(kept) if _storage(t) in storages]
+        fixed = {_storage(t) for t in kept} - storages
+        return cls(read, fixed, pointers, calls, reached)
+
+
+def _holds(value: object, storages: set[int]) -> bool:
+    """Whether `value` (a call's arguments and result, nested) holds a tensor of one of
+    `storages`."""
+    if isinstance(value, torch.Tensor):
+        return _storage(value) in storages
+    if isinstance(value, (list, tuple)):
+        return any(_holds(v, storages) for v in value)
+    if isinstance(value, dict):
+        return any(_holds(v, storages) for v in value.values())
+    return False
+
+
+class _CannotRebind(Exception):
+    """A tensor of a moved input the tape cannot make again in the new one (`_rebind`)."""
 
 
 def _copy_into(kept: object, fresh: object) -> None:
@@ -322,6 +392,10 @@ class _Ran:
     python_nodes: list[str] = field(default_factory=list)  # the nodes called through Python
     owned: list[torch.Tensor] = field(default_factory=list)  # per-call nodes' static values
     frame: dict = field(default_factory=dict)  # a replay's varying values, by node
+    # per entry, what it was made from, for a rebinding (`Tape._rebind`): ("launch", (address,
+    # pointers, scalars), call), ("python", call) with call = (target, args, kwargs,
+    # result), or ("per call", None)
+    specs: list[tuple] = field(default_factory=list)
 
 
 class Tape:
@@ -340,6 +414,11 @@ class Tape:
         self._modes = ran.modes  # grad mode and inference mode at the capture
         self.python_nodes = tuple(ran.python_nodes)
         self._lock = threading.Lock()
+        self._specs = ran.specs  # what each entry was made from, for `_rebind`
+        self._entries = ran.entries  # as the native tape was made from them
+        self._reach: _Reach | None = None  # worked out at the first `_rebind`
+        self._replays = 0  # since the capture or the last rebinding
+        self.rebinds = 0
         self.python_calls = sum(1 for f in fallbacks if f is None)
         self.launches = len(fallbacks) - self.python_calls
 
@@ -390,6 +469,7 @@ class Tape:
                     _per_call_entry(node, target, slots, owned, ran.frame, node in varying)
                 )
                 ran.fallbacks.append(None)
+                ran.specs.append(("per call", None))
                 ran.python_nodes.append(node.name)
                 continue
             if target is operator.getitem or (
@@ -420,13 +500,16 @@ class Tape:
             if isinstance(target, (QuantizedMatmul, QuantizedEmbedding)):
                 # the narrow copy its launch reads: kept, should the target quantize anew
                 ran.narrow.append(target.parameter.weight)
-            entry = _python_entry(target, call_args, call_kwargs, result)
+            call = (target, call_args, call_kwargs, result)
+            entry = _python_entry(*call)
             if len(recorded) == 1 and recorded[0][3] == 0 and not watch.computed:
                 ran.entries.append(recorded[0][:3])  # the one launch it made, which ran
                 ran.fallbacks.append(entry)
+                ran.specs.append(("launch", recorded[0][:3], call))
             else:
                 ran.entries.append(entry)
                 ran.fallbacks.append(None)
+                ran.specs.append(("python", call))
                 ran.python_nodes.append(node.name)
         returned = torch.fx.node.map_arg(output.args[0], env.__getitem__)
         try:
@@ -517,7 +600,8 @@ class Tape:
                     # (and cannot be written outside inference mode)
                     version = None if node in written or arg.is_inference() else arg._version
                     layout = (arg.data_ptr(), arg.dtype, arg.shape, arg.stride())
-                    inputs.append(("same", arg, layout, version))
+                    # a written input may be given in other memory later (`Tape._rebind`)
+                    inputs.append(("same", arg, layout, version, node in written))
             else:
                 env[node] = arg
                 inputs.append(("value", arg))
@@ -564,8 +648,8 @@ class Tape:
             modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
             if modes != self._modes or len(args) != len(self._inputs):
                 return None
-            copies, frame = [], self._frame
-            for arg, (kind, *how) in zip(args, self._inputs):
+            copies, moves, frame = [], [], self._frame
+            for position, (arg, (kind, *how)) in enumerate(zip(args, self._inputs)):
                 if kind == "varying":  # Dynamo's guards hold its sizes to the graph's
                     node, dtype, dim = how
                     if dtype is None:
@@ -594,7 +678,7 @@ class Tape:
                         return None
                     copies.append((own, arg))
                 elif kind == "same":
-                    tensor, layout, version = how
+                    tensor, layout, version, rebinds = how
                     if arg is tensor:  # the capture's tensor (no bit to check): as it was?
                         if (
                             arg.data_ptr() == layout[0]
@@ -607,14 +691,22 @@ class Tape:
                         return None
                     if (
                         type(arg) not in _PLAIN
-                        or (arg.data_ptr(), arg.dtype, arg.shape, arg.stride()) != layout
+                        or (arg.dtype, arg.shape, arg.stride()) != layout[1:]
+                        or not arg.is_cpu
                         or arg.is_neg()
                         or arg.is_conj()
                         or (version is not None and arg._version != version)
                     ):
                         return None
+                    if arg.data_ptr() != layout[0]:
+                        if not rebinds:
+                            return None
+                        moves.append((position, arg))
                 elif arg != how[0]:
                     return None
+            if moves and not self._rebind(moves, args):
+                return None
+            self._replays += 1
             for own, arg in copies:
                 own.copy_(arg)
             failed = self._run()
@@ -626,6 +718,92 @@ class Tape:
         finally:
             self._frame.clear()
             self._lock.release()
+
+    def _rebind(self, moves: list[tuple[int, torch.Tensor]], args: Sequence[object]) -> bool:
+        """The tape moved onto written inputs given in other memory, of the same layout (a
+        static KV cache made anew for the next `generate()`): each launch's pointers into
+        such an input's memory moved by as much as the input, each Python entry's tensors
+        of it made again as the same views of the new one. False, and nothing moved, where
+        the tape cannot: it replayed fewer than REBIND_AFTER calls on its memory as it is
+        (inputs that move every call), it has per-call entries, a new input shares memory
+        with another argument or with the tape's own, or a tensor of an input reaches
+        beyond the input or views it as another dtype."""
+        native = launcher.module()
+        if self._replays < REBIND_AFTER or native is None:
+            return False
+        if any(kind == "per call" for kind, *_ in self._specs):
+            return False
+        if self._reach is None:
+            self._reach = _Reach.of(self._inputs, self._specs, self._kept)
+        reach, positions = self._reach, {position for position, _ in moves}
+        taken = {
+            _storage(a)
+            for k, a in enumerate(args)
+            if isinstance(a, torch.Tensor) and k not in positions and k not in reach.read
+        }
+        new_storages = {_storage(new) for _, new in moves}
+        if len(new_storages) < len(moves) or new_storages & (taken | reach.fixed):
+            return False
+        shifts = {}  # the old input's storage: (old input, new input, its extent)
+        for position, new in moves:
+            old = self._inputs[position][1]
+            shifts[_storage(old)] = (old, new, *_extent(old))
+        made: dict[int, torch.Tensor] = {}  # by id: a tensor used twice is made once
+
+        def moved(value: object) -> object:
+            if not isinstance(value, torch.Tensor):
+                return value
+            shift = shifts.get(_storage(value))
+            if shift is None:
+                return value
+            old, new, low, high = shift
+            if value is old:
+                return new
+            if id(value) not in made:
+                start, end = _extent(value)
+                if value.dtype != old.dtype or (start < end and not low <= start < end <= high):
+                    raise _CannotRebind
+                offset = (value.data_ptr() - old.data_ptr()) // value.element_size()
+                made[id(value)] = new.as_strided(
+                    value.shape, value.stride(), new.storage_offset() + offset
+                )
+            return made[id(value)]
+
+        specs, entries, fallbacks = list(self._specs), list(self._entries), list(self._fallbacks)
+        try:
+            for index in reach.calls:
+                kind, *rest = specs[index]
+                call = torch.fx.node.map_aggregate(rest[-1], moved)
+                if kind == "launch":
+                    specs[index] = ("launch", rest[0], call)
+                    fallbacks[index] = _python_entry(*call)
+                else:
+                    specs[index] = ("python", call)
+                    entries[index] = _python_entry(*call)
+            kept = list(self._kept)
+            for index in reach.kept:
+                kept[index] = moved(kept[index])
+        except _CannotRebind:
+            return False
+        addresses = {position: new.data_ptr() for position, new in moves}
+        for index, pointer, position, offset in reach.pointers:
+            if position in addresses:
+                address, pointers, scalars = entries[index]
+                pointers = (
+                    *pointers[:pointer],
+                    addresses[position] + offset,
+                    *pointers[pointer + 1 :],
+                )
+                entries[index] = (address, pointers, scalars)
+        self._run = native.tape(entries)
+        self._specs, self._entries, self._fallbacks, self._kept = specs, entries, fallbacks, kept
+        for position, new in moves:
+            kind, _, _, version, rebinds = self._inputs[position]
+            layout = (new.data_ptr(), new.dtype, new.shape, new.stride())
+            self._inputs[position] = (kind, new, layout, version, rebinds)
+        self._replays = 0
+        self.rebinds += 1
+        return True
 
     def _returned(self, args: Sequence[object], frame: dict) -> object:
         values = [
