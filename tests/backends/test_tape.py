@@ -145,21 +145,22 @@ def test_a_written_input_in_new_memory_moves_the_tape(graphs, replays):
 
 
 def test_a_written_input_moving_every_call_is_a_miss(graphs, replays):
-    """Two caches in turn, call by call: the tape stays on the first (it moves only after
-    REBIND_AFTER replays), the second's calls run the program. New memory on every call:
-    after MISSES calls the graph captures again, sees the cache moving and takes no tape.
-    The values are the program's throughout."""
+    """Two caches in turn, call by call: the tape moves onto the other only after
+    REBIND_AFTER replays where it is, so a call in three runs the program. New memory on
+    every call: after MISSES calls the graph captures again, sees the cache moving and
+    takes no tape. The values are the program's throughout."""
+    assert tape.REBIND_AFTER == 2  # the counts below
     caches = [torch.zeros(6, 8), torch.zeros(6, 8)]
     wants = [torch.zeros(6, 8), torch.zeros(6, 8)]
     compiled = torch.compile(_write_row, backend="memopt")
     g = torch.Generator().manual_seed(3)
     _steps(compiled, caches[0], wants[0], tape.CAPTURE_AFTER + 2, g)
-    for step in range(6):
+    for step in range(6):  # replay, move, miss, replay, move, miss
         _steps(compiled, caches[step % 2], wants[step % 2], 1, g, first=step)
     (graph,) = graphs
-    assert replays == {"replayed": 1 + 3, "refused": 3}
-    assert graph._captures == 1 and graph._tape.rebinds == 0
-    cache, want = caches[0], wants[0]
+    assert replays == {"replayed": 1 + 4, "refused": 2}
+    assert graph._captures == 1 and graph._tape.rebinds == 2
+    cache, want = caches[1], wants[1]
     for step in range(tape.MISSES + tape.CAPTURE_AFTER + 2):
         cache, want = cache.clone(), want.clone()
         _steps(compiled, cache, want, 1, g, first=step)

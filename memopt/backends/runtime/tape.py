@@ -60,7 +60,7 @@ A written input given in other memory of the same layout (a static KV cache, whi
 Hugging Face makes anew for each `generate()`) moves the tape onto it (`Tape._rebind`,
 0.1-0.3 ms): each launch's pointers into the old input's memory are moved by as much as
 the input moved, each Python entry's tensors of it made again as the same views of the
-new one. It moves only after REBIND_AFTER replays where it is, and never onto memory an
+new one. It moves only after REBIND_AFTER (2) replays where it is, and never onto memory an
 argument or the tape itself holds. Without this the tape was captured again for every
 sequence, and a graph out of captures (CAPTURES) ran its program from the ninth sequence
 on: 30% slower steps for every later request.
@@ -113,9 +113,9 @@ MIN_LAUNCH_SHARE = 0.5
 MIN_LAUNCHES = 8
 MISSES = 3
 # Replays a tape makes on its inputs' memory before it moves onto written inputs given in
-# other memory (`Tape._rebind`, 0.1-0.3 ms, about a program call): inputs that move more
-# often are misses.
-REBIND_AFTER = 8
+# other memory (`Tape._rebind`, 0.1-0.3 ms, about a program call): an input moving on every
+# call is a miss, while a `generate()` of three new tokens moves it.
+REBIND_AFTER = 2
 # What `Tape.capture` returns for the outputs when it failed before running any node, or
 # made no tape of a graph with varying values (the program runs the call).
 NOT_RUN = object()
