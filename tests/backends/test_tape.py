@@ -188,6 +188,22 @@ def test_a_written_input_sharing_memory_with_another_argument_is_a_miss(graphs, 
     assert replays["refused"] == 1 and graph._tape.rebinds == 0
 
 
+def test_inputs_sharing_memory_with_a_written_one_keep_the_tape_where_it_is():
+    """A view of a written input's memory could not be told from a view of another input
+    of the same memory: a tape whose written input shares memory with another input never
+    moves (`_Reach.possible`)."""
+    big = torch.zeros(12, 8)
+
+    def same(t, written):
+        return ("same", t, (t.data_ptr(), t.dtype, t.shape, t.stride()), None, written)
+
+    apart = [same(torch.zeros(6, 8), True), same(torch.zeros(6, 8), False)]
+    assert tape._Reach.of(apart, [], []).possible
+    for written in (True, False):
+        shared = [same(big[:6], True), same(big[6:], written)]
+        assert not tape._Reach.of(shared, [], []).possible
+
+
 def test_a_narrowed_weight_written_in_place_is_quantized_again(graphs, replays):
     """int8 weights: the tape's launch reads the narrow copy made from the parameter. A
     write to the parameter (its version counter) sends calls to the program, which

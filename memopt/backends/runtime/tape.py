@@ -232,6 +232,9 @@ class _Reach:
     """What of a tape the memory of its written inputs reaches (`Tape._rebind`), worked out
     once: the rest stays where it is when those inputs move."""
 
+    # False where two written inputs, or a written and a read one, share memory: views of
+    # one could not be told from the other's
+    possible: bool
     read: set[int]  # the positions of the inputs read where they are (their memory is fixed)
     fixed: set[int]  # the storages of the tape's other memory: no moved input may take one
     pointers: list[tuple[int, int, int, int]]  # (entry, pointer, input position, byte offset)
@@ -243,6 +246,9 @@ class _Reach:
         written = {k: how[0] for k, (kind, *how) in enumerate(inputs) if kind == "same" and how[3]}
         read = {k for k, (kind, *how) in enumerate(inputs) if kind == "same" and not how[3]}
         storages = {_storage(t) for t in written.values()}
+        possible = len(storages) == len(written) and not any(
+            _storage(inputs[k][1]) in storages for k in read
+        )
         extents = {k: (t.data_ptr(), *_extent(t)) for k, t in written.items()}
         pointers, calls = [], []
         for index, (kind, *rest) in enumerate(specs):
@@ -255,7 +261,7 @@ class _Reach:
                 calls.append(index)
         reached = [k for k, t in enumerate(kept) if _storage(t) in storages]
         fixed = {_storage(t) for t in kept} - storages
-        return cls(read, fixed, pointers, calls, reached)
+        return cls(possible, read, fixed, pointers, calls, reached)
 
 
 def _holds(value: object, storages: set[int]) -> bool:
@@ -725,9 +731,10 @@ class Tape:
         such an input's memory moved by as much as the input, each Python entry's tensors
         of it made again as the same views of the new one. False, and nothing moved, where
         the tape cannot: it replayed fewer than REBIND_AFTER calls on its memory as it is
-        (inputs that move every call), it has per-call entries, a new input shares memory
-        with another argument or with the tape's own, or a tensor of an input reaches
-        beyond the input or views it as another dtype."""
+        (inputs that move every call), it has per-call entries, two of its inputs shared
+        memory where one is written, a new input shares memory with another argument or
+        with the tape's own, or a tensor of an input reaches beyond the input or views it
+        as another dtype."""
         native = launcher.module()
         if self._replays < REBIND_AFTER or native is None:
             return False
@@ -736,6 +743,8 @@ class Tape:
         if self._reach is None:
             self._reach = _Reach.of(self._inputs, self._specs, self._kept)
         reach, positions = self._reach, {position for position, _ in moves}
+        if not reach.possible:
+            return False
         taken = {
             _storage(a)
             for k, a in enumerate(args)
@@ -783,7 +792,7 @@ class Tape:
             kept = list(self._kept)
             for index in reach.kept:
                 kept[index] = moved(kept[index])
-        except _CannotRebind:
+        except (_CannotRebind, RuntimeError):  # RuntimeError: a view the new memory lacks
             return False
         addresses = {position: new.data_ptr() for position, new in moves}
         for index, pointer, position, offset in reach.pointers:
