@@ -25,9 +25,9 @@ recording what each node launches and a dispatch mode watching the ATen ops it c
   the new values in; the graph gets no tape if such an input is written or its elements
   overlap (and the copies count against COPY_NBYTES_PER_LAUNCH, below). The others
   (weights, a static KV cache) are used where they are: a replay
-  needs the same memory (data pointer), dtype, shape, strides and no negation or
-  conjugation bit, and for read-only ones the same version counter, since a narrowed
-  weight's copy was made from the parameter's values.
+  needs the same memory (data pointer; a written input may move, below), dtype, shape,
+  strides and no negation or conjugation bit, and for read-only ones the same version
+  counter, since a narrowed weight's copy was made from the parameter's values.
 - Every static value (below) is kept: the tape owns that memory (at most MAX_KEPT_NBYTES).
 
 Graphs with size symbols (a dynamic KV cache's decode step: the cache's length is one)
@@ -60,8 +60,9 @@ A written input given in other memory of the same layout (a static KV cache, whi
 Hugging Face makes anew for each `generate()`) moves the tape onto it (`Tape._rebind`,
 0.1-0.3 ms): each launch's pointers into the old input's memory are moved by as much as
 the input moved, each Python entry's tensors of it made again as the same views of the
-new one. It moves only after REBIND_AFTER (2) replays where it is, and never onto memory an
-argument or the tape itself holds. Without this the tape was captured again for every
+new one. It moves only after REBIND_AFTER (2) replays where it is, never onto memory an
+argument or the tape itself holds, and only to the same offset in the new input's storage
+(`as_strided` counts from the storage's start). Without this the tape was captured again for every
 sequence, and a graph out of captures (CAPTURES) ran its program from the ninth sequence
 on: 30% slower steps for every later request.
 
@@ -218,13 +219,17 @@ def _storage(tensor: torch.Tensor) -> int:
 
 def _extent(tensor: torch.Tensor) -> tuple[int, int]:
     """The addresses `tensor`'s elements span: [start, end), empty for no element."""
-    start = end = tensor.data_ptr()
-    if tensor.numel() == 0:
+    return _span(tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.element_size())
+
+
+def _span(address: int, shape, stride, itemsize: int) -> tuple[int, int]:
+    start = end = address
+    if any(size == 0 for size in shape):
         return start, end
-    for size, stride in zip(tensor.shape, tensor.stride()):
-        reach = (size - 1) * stride * tensor.element_size()
+    for size, step in zip(shape, stride):
+        reach = (size - 1) * step * itemsize
         start, end = (start + reach, end) if reach < 0 else (start, end + reach)
-    return start, end + tensor.element_size()
+    return start, end + itemsize
 
 
 @dataclass
@@ -243,13 +248,22 @@ class _Reach:
 
     @classmethod
     def of(cls, inputs: list[tuple], specs: list[tuple], kept: list[torch.Tensor]) -> _Reach:
-        written = {k: how[0] for k, (kind, *how) in enumerate(inputs) if kind == "same" and how[3]}
-        read = {k for k, (kind, *how) in enumerate(inputs) if kind == "same" and not how[3]}
-        storages = {_storage(t) for t in written.values()}
+        # the written inputs' memory as the capture (or the last move) recorded it: the
+        # tensors themselves may have been given other memory since (`set_`)
+        written = {
+            k: how[1]
+            for k, (kind, *how) in enumerate(inputs)
+            if kind == "same" and how[3] is not None
+        }
+        read = {k for k, (kind, *how) in enumerate(inputs) if kind == "same" and how[3] is None}
+        storages = {inputs[k][4] for k in written}
         possible = len(storages) == len(written) and not any(
             _storage(inputs[k][1]) in storages for k in read
         )
-        extents = {k: (t.data_ptr(), *_extent(t)) for k, t in written.items()}
+        extents = {
+            k: (layout[0], *_span(layout[0], layout[2], layout[3], layout[1].itemsize))
+            for k, layout in written.items()
+        }
         pointers, calls = [], []
         for index, (kind, *rest) in enumerate(specs):
             if kind == "launch":
@@ -606,8 +620,10 @@ class Tape:
                     # (and cannot be written outside inference mode)
                     version = None if node in written or arg.is_inference() else arg._version
                     layout = (arg.data_ptr(), arg.dtype, arg.shape, arg.stride())
-                    # a written input may be given in other memory later (`Tape._rebind`)
-                    inputs.append(("same", arg, layout, version, node in written))
+                    # a written input may be given in other memory later (`Tape._rebind`):
+                    # its storage's address as recorded, None for the others
+                    home = _storage(arg) if node in written else None
+                    inputs.append(("same", arg, layout, version, home))
             else:
                 env[node] = arg
                 inputs.append(("value", arg))
@@ -684,7 +700,7 @@ class Tape:
                         return None
                     copies.append((own, arg))
                 elif kind == "same":
-                    tensor, layout, version, rebinds = how
+                    tensor, layout, version, home = how
                     if arg is tensor:  # the capture's tensor (no bit to check): as it was?
                         if (
                             arg.data_ptr() == layout[0]
@@ -705,7 +721,7 @@ class Tape:
                     ):
                         return None
                     if arg.data_ptr() != layout[0]:
-                        if not rebinds:
+                        if home is None:
                             return None
                         moves.append((position, arg))
                 elif arg != how[0]:
@@ -733,8 +749,9 @@ class Tape:
         the tape cannot: it replayed fewer than REBIND_AFTER calls on its memory as it is
         (inputs that move every call), it has per-call entries, two of its inputs shared
         memory where one is written, a new input shares memory with another argument or
-        with the tape's own, or a tensor of an input reaches beyond the input or views it
-        as another dtype."""
+        with the tape's own or sits at another offset in its storage (`as_strided` counts
+        from the storage's start), or a tensor of an input reaches beyond the input or views
+        it as another dtype."""
         native = launcher.module()
         if self._replays < REBIND_AFTER or native is None:
             return False
@@ -753,10 +770,15 @@ class Tape:
         new_storages = {_storage(new) for _, new in moves}
         if len(new_storages) < len(moves) or new_storages & (taken | reach.fixed):
             return False
-        shifts = {}  # the old input's storage: (old input, new input, its extent)
+        shifts = {}  # the old input's storage: (old input, its address, new input, extent)
         for position, new in moves:
-            old = self._inputs[position][1]
-            shifts[_storage(old)] = (old, new, *_extent(old))
+            _, old, layout, _, home = self._inputs[position]
+            if new.data_ptr() - _storage(new) != layout[0] - home:
+                # `as_strided` offsets count from the storage's start: the same views of
+                # the new input need it at the same place in its storage
+                return False
+            extent = _span(layout[0], layout[2], layout[3], layout[1].itemsize)
+            shifts[home] = (old, layout[0], new, *extent)
         made: dict[int, torch.Tensor] = {}  # by id: a tensor used twice is made once
 
         def moved(value: object) -> object:
@@ -765,14 +787,14 @@ class Tape:
             shift = shifts.get(_storage(value))
             if shift is None:
                 return value
-            old, new, low, high = shift
+            old, address, new, low, high = shift
             if value is old:
                 return new
             if id(value) not in made:
                 start, end = _extent(value)
-                if value.dtype != old.dtype or (start < end and not low <= start < end <= high):
+                if value.dtype != new.dtype or (start < end and not low <= start < end <= high):
                     raise _CannotRebind
-                offset = (value.data_ptr() - old.data_ptr()) // value.element_size()
+                offset = (value.data_ptr() - address) // value.element_size()
                 made[id(value)] = new.as_strided(
                     value.shape, value.stride(), new.storage_offset() + offset
                 )
@@ -807,9 +829,9 @@ class Tape:
         self._run = native.tape(entries)
         self._specs, self._entries, self._fallbacks, self._kept = specs, entries, fallbacks, kept
         for position, new in moves:
-            kind, _, _, version, rebinds = self._inputs[position]
+            kind, _, _, version, _ = self._inputs[position]
             layout = (new.data_ptr(), new.dtype, new.shape, new.stride())
-            self._inputs[position] = (kind, new, layout, version, rebinds)
+            self._inputs[position] = (kind, new, layout, version, _storage(new))
         self._replays = 0
         self.rebinds += 1
         return True
