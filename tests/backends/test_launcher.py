@@ -159,3 +159,45 @@ def test_a_cold_cache_builds_the_launcher_beside_the_kernels(tmp_path, monkeypat
     finally:
         launcher.module.cache_clear()  # the next test loads the one in the usual cache
         torch._dynamo.reset()
+
+
+def test_same_inputs_names_the_first_tensor_not_as_recorded():
+    """A tape's check of the inputs it uses where they are (runtime/tape.py): -1 where each
+    is that very tensor with its recorded address, dtype, shape, strides and version;
+    else the position of the first that is not, whatever changed."""
+    same_inputs = launcher.module().same_inputs
+    x, w = torch.randn(2, 3), torch.randn(4, 5)
+
+    def table(*tensors, versions=None):
+        return tuple(
+            (
+                k,
+                t,
+                t.data_ptr(),
+                t.dtype,
+                tuple(t.shape),
+                t.stride(),
+                None if versions is None else t._version,
+            )
+            for k, t in tensors
+        )
+
+    assert same_inputs([x, w], table((0, x), (1, w), versions=True)) == -1
+    assert same_inputs((x, w), table((1, w))) == -1
+    assert same_inputs([x, w.clone()], table((0, x), (1, w))) == 1  # another tensor
+    assert same_inputs([x], table((0, x), (1, w))) == 1  # fewer arguments
+    recorded = table((0, x), (1, w), versions=True)
+    w.add_(1)  # a write: its version moved
+    assert same_inputs([x, w], recorded) == 1
+    assert same_inputs([x, w], table((0, x), (1, w))) == -1  # a written input's: not checked
+    recorded = table((0, x))
+    x.data = x.data.t()  # the same memory, other strides and shape, the same version
+    assert same_inputs([x], recorded) == 0
+    y = torch.randn(3, 3)
+    recorded = table((0, y))
+    y.set_(torch.randn(3, 3).untyped_storage(), 0, (3, 3), (3, 1))  # other memory
+    assert same_inputs([y], recorded) == 0
+    z = torch.zeros(4)
+    recorded = table((0, z))
+    z.data = z.data.view(torch.int32)  # the same memory and layout as another dtype
+    assert same_inputs([z], recorded) == 0

@@ -66,10 +66,28 @@ def test_decoding_gives_eagers_tokens_without_recompiling(cache, graphs, tmp_pat
         assert text.count("aten.index_put_.default") == 2 and "aten.copy_" not in text
 
 
-def test_a_static_cache_made_anew_keeps_the_decode_steps_tape(monkeypatch):
+@pytest.mark.parametrize("weights", [None, "int4"])
+def test_a_static_cache_made_anew_keeps_the_decode_steps_tape(monkeypatch, weights):
     """Each `generate()` makes its static cache anew, in other memory: the decode graph's
     tape moves onto it (runtime/tape.py, `Tape._rebind`) rather than being captured again,
-    and the tokens stay eager's, sequence after sequence."""
+    and the tokens stay the program's (eager's, for float32 weights), sequence after
+    sequence; with int4 weights too (the tape then also holds the narrow weights)."""
+    model = decoding_llama()
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 128, (1, 9), generator=g) for _ in range(4)]
+    options = {"pass_options": {"precision": {"weights": weights, "group_size": 32}}}
+    options = options if weights else None
+    torch._dynamo.reset()
+    if weights:  # the program's tokens: the same compile without tapes
+        monkeypatch.setattr("memopt.backends.runtime.executor.REPLAY", False)
+        forward = model.forward
+        model.forward = torch.compile(forward, backend="memopt", options=options)
+        wants = [generate(model, p, "static", NEW_TOKENS) for p in prompts]
+        model.forward = forward
+        monkeypatch.setattr("memopt.backends.runtime.executor.REPLAY", True)
+        torch._dynamo.reset()
+    else:
+        wants = [generate(model, p, "static", NEW_TOKENS) for p in prompts]
     captures, tapes = [], set()
     capture, call = Tape.capture.__func__, Tape.__call__
 
@@ -84,12 +102,7 @@ def test_a_static_cache_made_anew_keeps_the_decode_steps_tape(monkeypatch):
 
     monkeypatch.setattr(Tape, "capture", classmethod(counted_capture))
     monkeypatch.setattr(Tape, "__call__", seen)
-    model = decoding_llama()
-    g = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(0, 128, (1, 9), generator=g) for _ in range(4)]
-    wants = [generate(model, p, "static", NEW_TOKENS) for p in prompts]
-    torch._dynamo.reset()
-    model.forward = torch.compile(model.forward, backend="memopt")
+    model.forward = torch.compile(model.forward, backend="memopt", options=options)
     for prompt, want in zip(prompts, wants):
         assert torch.equal(generate(model, prompt, "static", NEW_TOKENS), want)
     (tape,) = tapes

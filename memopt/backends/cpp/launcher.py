@@ -59,7 +59,7 @@ static data_ptr_fn tensor_data_ptr = nullptr;
 // run): the caller applies the full rule and, if the tensor passes, calls unchecked.
 #define LAYOUT_MISMATCH (-1)
 
-static PyObject *dtype_name, *is_cpu_name, *shape_name, *stride_name;
+static PyObject *dtype_name, *is_cpu_name, *shape_name, *stride_name, *version_name;
 
 // While set (`record(list)`), every launch the recording thread makes appends (address,
 // pointers, scalars, code) to this list: what it ran, for a tape (runtime/tape.py).
@@ -291,6 +291,60 @@ static PyObject* record(PyObject* module, PyObject* target) {
   Py_RETURN_NONE;
 }
 
+// A tape's inputs used where they are (runtime/tape.py, `Tape.__call__`), checked in one
+// call: `table` holds (position, tensor, address, dtype, shape, strides, version or None).
+// Returns -1 where the argument at each position is that very tensor, at that address,
+// with that dtype, shape and strides and, where one is given, that version; else the
+// first position where it is not (the caller then looks at the arguments in Python).
+static PyObject* same_inputs(PyObject* module, PyObject* const* argv, Py_ssize_t argc) {
+  if (argc != 2 || !(PyList_Check(argv[0]) || PyTuple_Check(argv[0])) ||
+      !PyTuple_Check(argv[1])) {
+    PyErr_SetString(PyExc_TypeError, "memopt launcher: same_inputs(list or tuple, table)");
+    return nullptr;
+  }
+  PyObject* args = argv[0];
+  PyObject* table = argv[1];
+  const Py_ssize_t count = PySequence_Fast_GET_SIZE(args);
+  PyObject** items = PySequence_Fast_ITEMS(args);
+  for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(table); ++k) {
+    PyObject* entry = PyTuple_GET_ITEM(table, k);
+    PyObject* position_object = PyTuple_GET_ITEM(entry, 0);
+    const Py_ssize_t position = PyLong_AsSsize_t(position_object);
+    if (position == -1 && PyErr_Occurred()) return nullptr;
+    if (position < 0 || position >= count || items[position] != PyTuple_GET_ITEM(entry, 1))
+      return Py_NewRef(position_object);
+    PyObject* tensor = items[position];
+    void* address = pointer_of(tensor);
+    if (address == nullptr && PyErr_Occurred()) return nullptr;
+    if (address != PyLong_AsVoidPtr(PyTuple_GET_ITEM(entry, 2))) return Py_NewRef(position_object);
+    PyObject* value = PyObject_GetAttr(tensor, dtype_name);
+    if (value == nullptr) return nullptr;
+    int same = value == PyTuple_GET_ITEM(entry, 3);
+    Py_DECREF(value);
+    if (same) {
+      value = PyObject_GetAttr(tensor, shape_name);
+      if (value == nullptr) return nullptr;
+      same = PyObject_RichCompareBool(value, PyTuple_GET_ITEM(entry, 4), Py_EQ);
+      Py_DECREF(value);
+    }
+    if (same == 1) {
+      value = PyObject_CallMethodNoArgs(tensor, stride_name);
+      if (value == nullptr) return nullptr;
+      same = PyObject_RichCompareBool(value, PyTuple_GET_ITEM(entry, 5), Py_EQ);
+      Py_DECREF(value);
+    }
+    if (same == 1 && PyTuple_GET_ITEM(entry, 6) != Py_None) {
+      value = PyObject_GetAttr(tensor, version_name);
+      if (value == nullptr) return nullptr;
+      same = PyObject_RichCompareBool(value, PyTuple_GET_ITEM(entry, 6), Py_EQ);
+      Py_DECREF(value);
+    }
+    if (same < 0) return nullptr;
+    if (!same) return Py_NewRef(position_object);
+  }
+  return PyLong_FromLong(-1);
+}
+
 static void launch_dealloc(PyObject* self) {
   PyMem_Free(((Launch*)self)->scalars);
   Py_XDECREF(((Launch*)self)->checks);
@@ -346,6 +400,8 @@ static PyMethodDef methods[] = {
     {"bind", bind, METH_VARARGS, "bind(address, tensors, scalars, checks) -> launch"},
     {"tape", make_tape, METH_VARARGS, "tape(entries) -> a callable running them in order"},
     {"record", record, METH_O, "record(list | None): launches append what they ran"},
+    {"same_inputs", (PyCFunction)(void (*)(void))same_inputs, METH_FASTCALL,
+     "same_inputs(args, table) -> -1, or the first position whose tensor is not as recorded"},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "launcher", nullptr, -1,
@@ -374,7 +430,8 @@ PyMODINIT_FUNC PyInit_launcher(void) {
   is_cpu_name = PyUnicode_InternFromString("is_cpu");
   shape_name = PyUnicode_InternFromString("shape");
   stride_name = PyUnicode_InternFromString("stride");
-  if (!dtype_name || !is_cpu_name || !shape_name || !stride_name) return nullptr;
+  version_name = PyUnicode_InternFromString("_version");
+  if (!dtype_name || !is_cpu_name || !shape_name || !stride_name || !version_name) return nullptr;
   if (ready(&LaunchType, "memopt_launcher.Launch", sizeof(Launch), offsetof(Launch, vectorcall),
             launch_dealloc) < 0 ||
       ready(&TapeType, "memopt_launcher.Tape", sizeof(Tape), offsetof(Tape, vectorcall),

@@ -273,9 +273,22 @@ class _Reach:
                             pointers.append((index, pointer, position, address - start))
             if kind != "per call" and _holds(rest[-1], storages):
                 calls.append(index)
-        reached = [k for k, t in enumerate(kept) if _storage(t) in storages]
-        fixed = {_storage(t) for t in kept} - storages
+        # kept also holds the narrow weights quantized launches read: not tensors
+        tensors = [(k, t) for k, t in enumerate(kept) if isinstance(t, torch.Tensor)]
+        reached = [k for k, t in tensors if _storage(t) in storages]
+        fixed = {_storage(t) for _, t in tensors} - storages
         return cls(possible, read, fixed, pointers, calls, reached)
+
+
+def _same_table(inputs: list[tuple]) -> tuple[tuple, ...]:
+    """The inputs used where they are as `launcher.same_inputs` checks them: (position,
+    tensor, address, dtype, shape, strides, version or None)."""
+    return tuple(
+        (k, tensor, layout[0], layout[1], tuple(layout[2]), tuple(layout[3]), version)
+        for k, (kind, *how) in enumerate(inputs)
+        if kind == "same"
+        for tensor, layout, version, _ in [how]
+    )
 
 
 def _holds(value: object, storages: set[int]) -> bool:
@@ -434,6 +447,11 @@ class Tape:
         self._modes = ran.modes  # grad mode and inference mode at the capture
         self.python_nodes = tuple(ran.python_nodes)
         self._lock = threading.Lock()
+        # the inputs used where they are, for the launcher's check (`launcher.same_inputs`),
+        # and the others
+        self._same_inputs = launcher.module().same_inputs
+        self._same = _same_table(inputs)
+        self._others = [(k, entry) for k, entry in enumerate(inputs) if entry[0] != "same"]
         self._specs = ran.specs  # what each entry was made from, for `_rebind`
         self._entries = ran.entries  # as the native tape was made from them
         self._reach: _Reach | None = None  # worked out at the first `_rebind`
@@ -671,7 +689,11 @@ class Tape:
             if modes != self._modes or len(args) != len(self._inputs):
                 return None
             copies, moves, frame = [], [], self._frame
-            for position, (arg, (kind, *how)) in enumerate(zip(args, self._inputs)):
+            # the inputs used where they are checked in C; any other, or all where one of
+            # those differs (a miss, or a written input to move onto), here
+            checked = self._same_inputs(args, self._same) < 0
+            for position, (kind, *how) in self._others if checked else enumerate(self._inputs):
+                arg = args[position]
                 if kind == "varying":  # Dynamo's guards hold its sizes to the graph's
                     node, dtype, dim = how
                     if dtype is None:
@@ -832,6 +854,7 @@ class Tape:
             kind, _, _, version, _ = self._inputs[position]
             layout = (new.data_ptr(), new.dtype, new.shape, new.stride())
             self._inputs[position] = (kind, new, layout, version, _storage(new))
+        self._same = _same_table(self._inputs)
         self._replays = 0
         self.rebinds += 1
         return True
