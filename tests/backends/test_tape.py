@@ -217,6 +217,25 @@ def test_a_written_input_sharing_memory_with_another_argument_is_a_miss(graphs, 
     assert replays["refused"] == 1 and graph._tape.rebinds == 0
 
 
+def test_a_move_that_fails_warns_and_the_program_answers(graphs, replays, monkeypatch):
+    """A failure of the tape's own code working out a move is a warning, not the call's
+    error: the new cache's calls run the program, with its values."""
+
+    def broken(*args):
+        raise AttributeError("a bug")
+
+    monkeypatch.setattr(tape._Reach, "of", broken)
+    cache, want_cache = torch.zeros(6, 8), torch.zeros(6, 8)
+    compiled = torch.compile(_write_row, backend="memopt")
+    g = torch.Generator().manual_seed(6)
+    _steps(compiled, cache, want_cache, tape.CAPTURE_AFTER + 1 + tape.REBIND_AFTER, g)
+    cache, want_cache = torch.ones(6, 8), torch.ones(6, 8)
+    with pytest.warns(UserWarning, match="cannot move onto new inputs .AttributeError: a bug"):
+        _steps(compiled, cache, want_cache, 2, g)
+    (graph,) = graphs
+    assert graph._tape.rebinds == 0 and replays["refused"] == 2
+
+
 def test_inputs_sharing_memory_with_a_written_one_keep_the_tape_where_it_is():
     """A view of a written input's memory could not be told from a view of another input
     of the same memory: a tape whose written input shares memory with another input never

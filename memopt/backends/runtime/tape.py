@@ -780,7 +780,15 @@ class Tape:
         if any(kind == "per call" for kind, *_ in self._specs):
             return False
         if self._reach is None:
-            self._reach = _Reach.of(self._inputs, self._specs, self._kept)
+            try:
+                self._reach = _Reach.of(self._inputs, self._specs, self._kept)
+            except Exception as error:  # noqa: BLE001 - a bug of the tape's: no moves
+                warnings.warn(
+                    f"memopt: a tape cannot move onto new inputs ({type(error).__name__}: "
+                    f"{error}); their calls run the program",
+                    stacklevel=4,
+                )
+                self._reach = _Reach(False, set(), set(), [], [], [])
         reach, positions = self._reach, {position for position, _ in moves}
         if not reach.possible:
             return False
