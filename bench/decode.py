@@ -174,6 +174,21 @@ def read_bandwidth_gbps(nbytes: int) -> float:
 # --- runs ---------------------------------------------------------------------------------
 
 
+MODELS = ("llama", "llama-large", "gpt2")
+
+
+def publish(text: str, write: str | None, start: str, end: str) -> None:
+    """Print a benchmark's section and, with --write, put it between its markers."""
+    print(text)
+    if write:
+        write_results(Path(write), text, start, end)
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command that reproduces this run, as the sections quote it."""
+    return f"python bench/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
+
+
 def own_entry(forward, name: str):
     """`forward` behind a function with a code object of its own. Dynamo keeps what it
     learns of a frame (which sizes changed between calls, so compile them dynamic) per code
@@ -486,7 +501,7 @@ def report(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="*", default=["llama", "llama-large", "gpt2"])
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=MODELS)
     parser.add_argument("--caches", nargs="*", default=list(CACHES), choices=CACHES)
     parser.add_argument("--contexts", nargs="*", type=int, default=[128, 1024])
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -513,7 +528,7 @@ def main(argv: list[str] | None = None) -> None:
                 print("\n".join(shown) if not row.error else row.error, flush=True)
                 rows.append(row)
     long_graphs = {cache: long_run_graphs(cache, args.long_tokens) for cache in args.caches}
-    command = "python bench/decode.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line("decode.py", argv)
     load = f"Load average (1 min) at the start and end: {load} and {_load_average()}."
     text = report(rows, long_graphs, args.long_tokens, command.strip(), load)
     print(text)

@@ -120,7 +120,9 @@ def report(results: list[Result], command: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="*", default=["llama", "llama-large"])
+    parser.add_argument(
+        "--models", nargs="*", default=["llama", "llama-large"], choices=decode.MODELS
+    )
     parser.add_argument("--contexts", nargs="*", type=int, default=[128, 1024])
     parser.add_argument("--backends", nargs="*", default=["memopt", "inductor"])
     parser.add_argument("--rounds", type=int, default=5)
@@ -128,9 +130,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    unknown = [m for m in args.models if m not in ("llama", "llama-large", "gpt2")]
-    if unknown:
-        parser.error(f"unknown model(s) {unknown}: choose from llama, llama-large, gpt2")
     results = []
     for name in args.models:
         for context in args.contexts:
@@ -138,11 +137,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{name}, prompts from {context}, {backend} ...", file=sys.stderr, flush=True)
                 results.append(run(name, context, backend, args.rounds))
                 torch._dynamo.reset()
-    command = "python bench/new_lengths.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = report(results, command.strip())
-    print(text)
-    if args.write:
-        decode.write_results(Path(args.write), text, START, END)
+    text = report(results, decode.command_line("new_lengths.py", argv).strip())
+    decode.publish(text, args.write, START, END)
 
 
 if __name__ == "__main__":

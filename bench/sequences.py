@@ -130,8 +130,10 @@ def report(results: list[Result], command: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="*", default=["llama", "gpt2"])
-    parser.add_argument("--caches", nargs="*", default=["static", "dynamic"])
+    parser.add_argument("--models", nargs="*", default=["llama", "gpt2"], choices=decode.MODELS)
+    parser.add_argument(
+        "--caches", nargs="*", default=["static", "dynamic"], choices=("static", "dynamic")
+    )
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--sequences", type=int, default=16)
@@ -139,22 +141,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.sequences < EARLY.stop + LATE:
         parser.error(f"--sequences must be at least {EARLY.stop + LATE}")
-    unknown = [m for m in args.models if m not in ("llama", "llama-large", "gpt2")]
-    if unknown:
-        parser.error(f"unknown model(s) {unknown}: choose from llama, llama-large, gpt2")
-    unknown = [c for c in args.caches if c not in ("static", "dynamic")]
-    if unknown:
-        parser.error(f"unknown cache(s) {unknown}: choose from static, dynamic")
     results = []
     for name in args.models:
         for cache in args.caches:
             print(f"{name}, {cache} cache ...", file=sys.stderr, flush=True)
             results.append(run(name, cache, args.context, args.new_tokens, args.sequences))
-    command = "python bench/sequences.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = report(results, command.strip())
-    print(text)
-    if args.write:
-        decode.write_results(Path(args.write), text, START, END)
+    text = report(results, decode.command_line("sequences.py", argv).strip())
+    decode.publish(text, args.write, START, END)
 
 
 if __name__ == "__main__":
