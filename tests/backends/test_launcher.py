@@ -201,3 +201,22 @@ def test_same_inputs_names_the_first_tensor_not_as_recorded():
     recorded = table((0, z))
     z.data = z.data.view(torch.int32)  # the same memory and layout as another dtype
     assert same_inputs([z], recorded) == 0
+    a = torch.randn(2, 3)
+    recorded = table((0, a))
+    a.resize_(1, 3)  # the shape alone
+    assert same_inputs([a], recorded) == 0
+    b = torch.randn(3, 3)
+    recorded = table((0, b))
+    b.as_strided_((3, 3), (1, 3))  # the strides alone
+    assert same_inputs([b], recorded) == 0
+    c = torch.randn(3, 3)
+    recorded = table((0, c))
+    assert same_inputs([c.view_as(c)], recorded) == 0  # another object, the same memory
+    c.data = torch._neg_view(c.data)  # a negation bit on the same memory
+    assert same_inputs([c], recorded) == 0
+    d = torch.randn(3, dtype=torch.complex64)
+    recorded = table((0, d))
+    d.data = d.data.conj()
+    assert same_inputs([d], recorded) == 0
+    with pytest.raises(TypeError, match="7 items"):
+        same_inputs([x], ((0, x),))

@@ -59,7 +59,8 @@ static data_ptr_fn tensor_data_ptr = nullptr;
 // run): the caller applies the full rule and, if the tensor passes, calls unchecked.
 #define LAYOUT_MISMATCH (-1)
 
-static PyObject *dtype_name, *is_cpu_name, *shape_name, *stride_name, *version_name;
+static PyObject *dtype_name, *is_cpu_name, *shape_name, *stride_name, *version_name,
+    *is_neg_name, *is_conj_name;
 
 // While set (`record(list)`), every launch the recording thread makes appends (address,
 // pointers, scalars, code) to this list: what it ran, for a tape (runtime/tape.py).
@@ -294,55 +295,79 @@ static PyObject* record(PyObject* module, PyObject* target) {
 // A tape's inputs used where they are (runtime/tape.py, `Tape.__call__`), checked in one
 // call: `table` holds (position, tensor, address, dtype, shape, strides, version or None).
 // Returns -1 where the argument at each position is that very tensor, at that address,
-// with that dtype, shape and strides and, where one is given, that version; else the
-// first position where it is not (the caller then looks at the arguments in Python).
+// with that dtype, shape and strides, no negation or conjugation bit and, where one is
+// given, that version; else the first position where it is not (the caller then looks at
+// the arguments in Python).
+static int same_input(PyObject* tensor, PyObject* entry) {
+  void* address = pointer_of(tensor);
+  if (address == nullptr && PyErr_Occurred()) return -1;
+  void* recorded = PyLong_AsVoidPtr(PyTuple_GET_ITEM(entry, 2));
+  if (recorded == nullptr && PyErr_Occurred()) return -1;
+  if (address != recorded) return 0;
+  PyObject* value = PyObject_GetAttr(tensor, dtype_name);
+  if (value == nullptr) return -1;
+  int same = value == PyTuple_GET_ITEM(entry, 3);
+  Py_DECREF(value);
+  if (same) {
+    value = PyObject_GetAttr(tensor, shape_name);
+    if (value == nullptr) return -1;
+    same = PyObject_RichCompareBool(value, PyTuple_GET_ITEM(entry, 4), Py_EQ);
+    Py_DECREF(value);
+  }
+  if (same == 1) {
+    value = PyObject_CallMethodNoArgs(tensor, stride_name);
+    if (value == nullptr) return -1;
+    same = PyObject_RichCompareBool(value, PyTuple_GET_ITEM(entry, 5), Py_EQ);
+    Py_DECREF(value);
+  }
+  PyObject* const bits[] = {is_neg_name, is_conj_name};
+  for (PyObject* bit : bits) {
+    if (same != 1) break;
+    value = PyObject_CallMethodNoArgs(tensor, bit);
+    if (value == nullptr) return -1;
+    same = value == Py_False;
+    Py_DECREF(value);
+  }
+  if (same == 1 && PyTuple_GET_ITEM(entry, 6) != Py_None) {
+    value = PyObject_GetAttr(tensor, version_name);
+    if (value == nullptr) return -1;
+    same = PyObject_RichCompareBool(value, PyTuple_GET_ITEM(entry, 6), Py_EQ);
+    Py_DECREF(value);
+  }
+  return same;
+}
+
 static PyObject* same_inputs(PyObject* module, PyObject* const* argv, Py_ssize_t argc) {
-  if (argc != 2 || !(PyList_Check(argv[0]) || PyTuple_Check(argv[0])) ||
-      !PyTuple_Check(argv[1])) {
-    PyErr_SetString(PyExc_TypeError, "memopt launcher: same_inputs(list or tuple, table)");
+  if (argc != 2 || !PyTuple_Check(argv[1])) {
+    PyErr_SetString(PyExc_TypeError, "memopt launcher: same_inputs(arguments, table)");
     return nullptr;
   }
-  PyObject* args = argv[0];
+  // the arguments as they are now: attribute reads may run Python that changes a list
+  PyObject* args = PySequence_Tuple(argv[0]);
+  if (args == nullptr) return nullptr;
   PyObject* table = argv[1];
-  const Py_ssize_t count = PySequence_Fast_GET_SIZE(args);
-  PyObject** items = PySequence_Fast_ITEMS(args);
-  for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(table); ++k) {
+  PyObject* result = nullptr;
+  for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(table) && result == nullptr; ++k) {
     PyObject* entry = PyTuple_GET_ITEM(table, k);
+    if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 7) {
+      PyErr_SetString(PyExc_TypeError, "memopt launcher: a table row has 7 items");
+      break;
+    }
     PyObject* position_object = PyTuple_GET_ITEM(entry, 0);
     const Py_ssize_t position = PyLong_AsSsize_t(position_object);
-    if (position == -1 && PyErr_Occurred()) return nullptr;
-    if (position < 0 || position >= count || items[position] != PyTuple_GET_ITEM(entry, 1))
-      return Py_NewRef(position_object);
-    PyObject* tensor = items[position];
-    void* address = pointer_of(tensor);
-    if (address == nullptr && PyErr_Occurred()) return nullptr;
-    if (address != PyLong_AsVoidPtr(PyTuple_GET_ITEM(entry, 2))) return Py_NewRef(position_object);
-    PyObject* value = PyObject_GetAttr(tensor, dtype_name);
-    if (value == nullptr) return nullptr;
-    int same = value == PyTuple_GET_ITEM(entry, 3);
-    Py_DECREF(value);
-    if (same) {
-      value = PyObject_GetAttr(tensor, shape_name);
-      if (value == nullptr) return nullptr;
-      same = PyObject_RichCompareBool(value, PyTuple_GET_ITEM(entry, 4), Py_EQ);
-      Py_DECREF(value);
+    if (position == -1 && PyErr_Occurred()) break;
+    if (position < 0 || position >= PyTuple_GET_SIZE(args) ||
+        PyTuple_GET_ITEM(args, position) != PyTuple_GET_ITEM(entry, 1)) {
+      result = Py_NewRef(position_object);
+      break;
     }
-    if (same == 1) {
-      value = PyObject_CallMethodNoArgs(tensor, stride_name);
-      if (value == nullptr) return nullptr;
-      same = PyObject_RichCompareBool(value, PyTuple_GET_ITEM(entry, 5), Py_EQ);
-      Py_DECREF(value);
-    }
-    if (same == 1 && PyTuple_GET_ITEM(entry, 6) != Py_None) {
-      value = PyObject_GetAttr(tensor, version_name);
-      if (value == nullptr) return nullptr;
-      same = PyObject_RichCompareBool(value, PyTuple_GET_ITEM(entry, 6), Py_EQ);
-      Py_DECREF(value);
-    }
-    if (same < 0) return nullptr;
-    if (!same) return Py_NewRef(position_object);
+    const int same = same_input(PyTuple_GET_ITEM(args, position), entry);
+    if (same < 0) break;
+    if (!same) result = Py_NewRef(position_object);
   }
-  return PyLong_FromLong(-1);
+  if (result == nullptr && !PyErr_Occurred()) result = PyLong_FromLong(-1);
+  Py_DECREF(args);
+  return result;
 }
 
 static void launch_dealloc(PyObject* self) {
@@ -431,7 +456,11 @@ PyMODINIT_FUNC PyInit_launcher(void) {
   shape_name = PyUnicode_InternFromString("shape");
   stride_name = PyUnicode_InternFromString("stride");
   version_name = PyUnicode_InternFromString("_version");
-  if (!dtype_name || !is_cpu_name || !shape_name || !stride_name || !version_name) return nullptr;
+  is_neg_name = PyUnicode_InternFromString("is_neg");
+  is_conj_name = PyUnicode_InternFromString("is_conj");
+  if (!dtype_name || !is_cpu_name || !shape_name || !stride_name || !version_name ||
+      !is_neg_name || !is_conj_name)
+    return nullptr;
   if (ready(&LaunchType, "memopt_launcher.Launch", sizeof(Launch), offsetof(Launch, vectorcall),
             launch_dealloc) < 0 ||
       ready(&TapeType, "memopt_launcher.Tape", sizeof(Tape), offsetof(Tape, vectorcall),

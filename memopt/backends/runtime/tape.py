@@ -723,12 +723,14 @@ class Tape:
                     copies.append((own, arg))
                 elif kind == "same":
                     tensor, layout, version, home = how
-                    if arg is tensor:  # the capture's tensor (no bit to check): as it was?
+                    if arg is tensor:  # the capture's tensor: as it was?
                         if (
                             arg.data_ptr() == layout[0]
                             and arg.dtype is layout[1]
                             and arg.shape == layout[2]
                             and arg.stride() == layout[3]
+                            and not arg.is_neg()  # `.data` may have been given a view
+                            and not arg.is_conj()
                             and (version is None or arg._version == version)
                         ):
                             continue
