@@ -186,7 +186,7 @@ def publish(text: str, write: str | None, start: str, end: str) -> None:
 
 def command_line(script: str, argv: list[str] | None) -> str:
     """The command that reproduces this run, as the sections quote it."""
-    return f"python bench/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
+    return f"python bench/{script} {' '.join(argv if argv is not None else sys.argv[1:])}".strip()
 
 
 def own_entry(forward, name: str):
@@ -530,7 +530,7 @@ def main(argv: list[str] | None = None) -> None:
     long_graphs = {cache: long_run_graphs(cache, args.long_tokens) for cache in args.caches}
     command = command_line("decode.py", argv)
     load = f"Load average (1 min) at the start and end: {load} and {_load_average()}."
-    text = report(rows, long_graphs, args.long_tokens, command.strip(), load)
+    text = report(rows, long_graphs, args.long_tokens, command, load)
     print(text)
     if args.write:
         marks = (PRECISION_START, PRECISION_END) if args.precision else (MARK_START, MARK_END)

@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{name}, prompts from {context}, {backend} ...", file=sys.stderr, flush=True)
                 results.append(run(name, context, backend, args.rounds))
                 torch._dynamo.reset()
-    text = report(results, decode.command_line("new_lengths.py", argv).strip())
+    text = report(results, decode.command_line("new_lengths.py", argv))
     decode.publish(text, args.write, START, END)
 
 

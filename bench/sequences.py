@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         for cache in args.caches:
             print(f"{name}, {cache} cache ...", file=sys.stderr, flush=True)
             results.append(run(name, cache, args.context, args.new_tokens, args.sequences))
-    text = report(results, decode.command_line("sequences.py", argv).strip())
+    text = report(results, decode.command_line("sequences.py", argv))
     decode.publish(text, args.write, START, END)
 
 

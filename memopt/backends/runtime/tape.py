@@ -223,13 +223,10 @@ def _extent(tensor: torch.Tensor) -> tuple[int, int]:
 
 
 def _span(address: int, shape, stride, itemsize: int) -> tuple[int, int]:
-    start = end = address
     if any(size == 0 for size in shape):
-        return start, end
-    for size, step in zip(shape, stride):
-        reach = (size - 1) * step * itemsize
-        start, end = (start + reach, end) if reach < 0 else (start, end + reach)
-    return start, end + itemsize
+        return address, address
+    # a tensor's strides are not negative
+    return address, address + (1 + sum((n - 1) * s for n, s in zip(shape, stride))) * itemsize
 
 
 @dataclass
@@ -238,7 +235,8 @@ class _Reach:
     once: the rest stays where it is when those inputs move."""
 
     # False where two written inputs, or a written and a read one, share memory: views of
-    # one could not be told from the other's
+    # one could not be told from the other's. (A tape with per-call entries has no written
+    # input: a graph with varying values that writes gets none, `refusal`.)
     possible: bool
     read: set[int]  # the positions of the inputs read where they are (their memory is fixed)
     fixed: set[int]  # the storages of the tape's other memory: no moved input may take one
@@ -449,7 +447,8 @@ class Tape:
         self._lock = threading.Lock()
         # the inputs used where they are, for the launcher's check (`launcher.same_inputs`),
         # and the others
-        self._same_inputs = launcher.module().same_inputs
+        self._native = launcher.module()  # a tape is made only where it is built
+        self._same_inputs = self._native.same_inputs
         self._same = _same_table(inputs)
         self._others = [(k, entry) for k, entry in enumerate(inputs) if entry[0] != "same"]
         self._specs = ran.specs  # what each entry was made from, for `_rebind`
@@ -771,15 +770,12 @@ class Tape:
         such an input's memory moved by as much as the input, each Python entry's tensors
         of it made again as the same views of the new one. False, and nothing moved, where
         the tape cannot: it replayed fewer than REBIND_AFTER calls on its memory as it is
-        (inputs that move every call), it has per-call entries, two of its inputs shared
+        (inputs that move every call), two of its inputs shared
         memory where one is written, a new input shares memory with another argument or
         with the tape's own or sits at another offset in its storage (`as_strided` counts
         from the storage's start), or a tensor of an input reaches beyond the input or views
         it as another dtype."""
-        native = launcher.module()
-        if self._replays < REBIND_AFTER or native is None:
-            return False
-        if any(kind == "per call" for kind, *_ in self._specs):
+        if self._replays < REBIND_AFTER:
             return False
         if self._reach is None:
             try:
@@ -858,7 +854,7 @@ class Tape:
                     *pointers[pointer + 1 :],
                 )
                 entries[index] = (address, pointers, scalars)
-        self._run = native.tape(entries)
+        self._run = self._native.tape(entries)
         self._specs, self._entries, self._fallbacks, self._kept = specs, entries, fallbacks, kept
         for position, new in moves:
             kind, _, _, version, _ = self._inputs[position]
