@@ -121,6 +121,7 @@ class Config:
             configured=configured,
             backend=self.backend,
             check=self.check,
+            cpu_attention=self.cpu_attention,
         )
         partitioners = [p.name for p in pipeline.at(Stage.PARTITION)]
         if len(partitioners) > 1:

@@ -29,6 +29,17 @@ Two steps, one decision record each:
    head h's keys from head h // n_rep itself (checked once a process, `_groups_heads`).
    The repeated copies are never written, and the op reads the cache once instead of
    n_rep times: in a decode step with a KV cache that is most of attention's traffic.
+4. ATen stage, a cache appended in the graph: where the fused CPU op stays, has one query
+   position and no backward reads it, and its keys and its values are each
+   `cat([old, new], -2)` (Hugging Face's `DynamicCache` in a decode step), the three become
+   one `AppendAttention` call (backends/runtime/decode_attention.py) when memopt's decode
+   attention kernel runs one-position attention on this machine (the `cpu_attention`
+   option; "auto" measures it once). The kernel writes the concatenations as it reads the
+   old cache and attends over them from its cores' caches: the concatenations are written
+   once and never read back (the saving recorded: their bytes). Refused, with the reason: a
+   concatenation read by a node before the attention (the call sits where the attention
+   was), one of another layout than contiguous, a mask that is not float32, or ATen's
+   attention chosen for this machine.
 """
 
 from __future__ import annotations
@@ -44,6 +55,7 @@ import torch.fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from memopt.backends.registry import AttentionKernels
+from memopt.backends.runtime.decode_attention import AppendAttention, attention_library
 from memopt.compiler.graph import (
     META_KEY,
     evaluate,
@@ -239,6 +251,21 @@ def _groups_heads() -> bool:
         return torch.equal(grouped, _FLASH_CPU(q, repeated[0], repeated[1])[0])
 
 
+def _appended(node: object) -> torch.fx.Node | None:
+    """`node` where it is `cat([old, new], 2)` of two float32 4-D tensors, else None."""
+    if not (isinstance(node, torch.fx.Node) and node.target is aten.cat.default):
+        return None
+    parts = node.args[0]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if dim not in (2, -2) or len(parts) != 2:
+        return None
+    for part in parts:
+        meta = tensor_meta(part) if isinstance(part, torch.fx.Node) else None
+        if meta is None or len(meta.shape) != 4 or meta.dtype != torch.float32:
+            return None
+    return node
+
+
 def _erase_dead(graph: torch.fx.Graph, nodes: list[torch.fx.Node]) -> None:
     for node in nodes:
         if not node.users:
@@ -254,6 +281,8 @@ def _erase_dead(graph: torch.fx.Graph, nodes: list[torch.fx.Node]) -> None:
         "kernel",  # a fused ATen attention op -> the backend's attention kernel (ATen stage)
         "no_kernel",  # ... refused: the fused ATen op runs
         "grouped_kv",  # repeated grouped-query keys/values -> read unrepeated (ATen stage)
+        "appended_kv",  # cat(cache, new) -> attention: one call writing the cat (ATen stage)
+        "not_appended",  # ... refused, with the reason and the bytes at stake
     ),
 )
 @dataclass(frozen=True)
@@ -288,6 +317,8 @@ class Attention(Pass):
             ):
                 if kernels is None and node.target is _FLASH_CPU:
                     self._ungroup(gm, node, ctx)
+                    if self._append(gm, node, ctx):
+                        continue
                 self._place(gm, node, kernels, ctx)
 
     def _place(
@@ -384,6 +415,73 @@ class Attention(Pass):
         node.args = (q, k_source, v_source, *node.args[3:])
         for chain in (k_chain, v_chain):
             _erase_dead(gm.graph, chain)
+
+    def _append(self, gm: torch.fx.GraphModule, node: torch.fx.Node, ctx: PassContext) -> bool:
+        """A one-position attention over caches concatenated in the graph, and the two
+        concatenations, as one AppendAttention call (module doc, 4); True when it did."""
+        parts = _flash_cpu(node)
+        cats = [_appended(parts[x]) for x in ("k", "v")]
+        q = tensor_meta(parts["q"]) if isinstance(parts["q"], torch.fx.Node) else None
+        if None in cats or q is None or len(q.shape) != 4 or q.shape[2] != 1:
+            return False
+        if parts["dropout"] not in (0, 0.0) or parts["causal"] is not False:
+            return False
+        if any(u.target is operator.getitem and u.args[1] > 0 and u.users for u in node.users):
+            return False  # a backward reads the logsumexp
+        k_cat, v_cat = parts["k"], parts["v"]
+        saved = sum(evaluate(tensor_meta(c).nbytes, ctx.bindings) for c in (k_cat, v_cat))
+        what = f"attention %{node.name}: concatenations %{k_cat.name}, %{v_cat.name} written by it"
+        reason = self._not_appendable(gm, node, parts, ctx)
+        if reason is not None:
+            ctx.refuse("not_appended", what, reason, saved, (node.name, k_cat.name, v_cat.name))
+            return False
+        why = (
+            "the old cache is read once, by the attention, which writes the concatenations "
+            "as it reads them: they are not read back"
+        )
+        if not ctx.decide("appended_kv", what, why, saved, (node.name, k_cat.name, v_cat.name)):
+            return False
+        (k_old, k_new), (v_old, v_new) = (c.args[0] for c in (k_cat, v_cat))
+        mask = parts["mask"]
+        kwargs = {} if mask is None else {"attn_mask": mask}
+        with gm.graph.inserting_before(node):
+            call = gm.graph.call_function(
+                AppendAttention(parts["scale"]), (parts["q"], k_old, k_new, v_old, v_new), kwargs
+            )
+            results = [gm.graph.call_function(operator.getitem, (call, index)) for index in (2, 3)]
+        fakes = (*node.meta["val"], k_cat.meta["val"], v_cat.meta["val"])
+        call.meta["val"] = fakes
+        call.meta[META_KEY] = meta_of_value(list(fakes))
+        for result, cat in zip(results, (k_cat, v_cat)):
+            result.meta["val"] = cat.meta["val"]
+            result.meta[META_KEY] = cat.meta[META_KEY]
+            cat.replace_all_uses_with(result, delete_user_cb=lambda user: user is not node)
+        for user in list(node.users):
+            user.args = (call, user.args[1])
+        gm.graph.erase_node(node)
+        _erase_dead(gm.graph, [k_cat, v_cat])
+        return True
+
+    @staticmethod
+    def _not_appendable(gm, node, parts: dict[str, object], ctx: PassContext) -> str | None:
+        """Why the attention and its concatenations cannot be one call, or None."""
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        for cat in (parts["k"], parts["v"]):
+            meta = tensor_meta(cat)
+            if meta.dtype != torch.float32 or not meta.is_contiguous():
+                return f"%{cat.name} is {meta.short()}: the kernel writes float32, contiguous"
+            early = [u for u in cat.users if u is not node and order[u] < order[node]]
+            if early:
+                return f"%{early[0].name} reads %{cat.name} before the attention runs"
+        mask = tensor_meta(parts["mask"]) if parts["mask"] is not None else None
+        if parts["mask"] is not None and (mask is None or mask.dtype != torch.float32):
+            return "the mask is not float32 (the kernel adds a float32 mask)"
+        if attention_library(ctx.pipeline.cpu_attention) != "memopt":
+            return (
+                "ATen's op runs one-position attention on this machine (cpu_attention "
+                f"{ctx.pipeline.cpu_attention!r}): it reads the concatenations back"
+            )
+        return None
 
     @staticmethod
     def _unsupported(

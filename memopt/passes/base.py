@@ -183,6 +183,9 @@ class Pipeline:
     configured: Mapping[str, Pass]
     backend: str = "auto"
     check: bool = False
+    # Where one-position CPU attention runs (the cpu_attention option): the attention pass
+    # fuses a dynamic cache's concatenations into memopt's kernel only.
+    cpu_attention: str = "aten"
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -274,3 +274,98 @@ def test_a_call_with_the_layouts_planned_last_is_one_native_launch(monkeypatch, 
         assert len(calls) == 4  # another head size: planned again
     twin = copy.deepcopy(op)
     assert twin._launch is None
+
+
+# -- over a cache appended in the same call (AppendAttention) ---------------------------------
+
+
+def _append_calls(monkeypatch):
+    calls = []
+    entry = kernel.append_function()
+
+    def counted(*args):
+        calls.append(args)
+        return entry(*args)
+
+    monkeypatch.setattr(kernel, "append_function", lambda: counted)
+    return calls
+
+
+def _appended(batch, heads, kv_heads, old, new, head_dim, seed=0):
+    """q (B, H, 1, D), the old cache (contiguous) and `new` positions of keys and values
+    as a projection's view makes them (B, new, H_kv, D transposed)."""
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn((batch, 1, heads, head_dim), generator=generator).transpose(1, 2)
+    k_old, v_old = (
+        torch.randn((batch, kv_heads, old, head_dim), generator=generator) for _ in "kv"
+    )
+    k_new, v_new = (
+        torch.randn((batch, new, kv_heads, head_dim), generator=generator).transpose(1, 2)
+        for _ in "kv"
+    )
+    return q, k_old, k_new, v_old, v_new
+
+
+@pytest.mark.parametrize(
+    "batch, heads, kv_heads, old, new, head_dim",
+    [
+        (1, 8, 2, 0, 1, 64),  # an empty cache: every row new
+        (1, 8, 2, 255, 1, 64),  # the new position opens a unit of its own
+        (1, 12, 12, 600, 1, 64),  # units of old rows only (streamed) and a last one
+        (2, 8, 2, 300, 3, 128),  # several new positions, batches
+        (1, 6, 3, 40, 1, 40),  # a head dim outside the fixed ones (plain copies)
+    ],
+)
+@pytest.mark.parametrize("mask", ["none", "tail", "per_head"])
+def test_appended_attention_matches_the_concatenations_and_atens_op(
+    monkeypatch, batch, heads, kv_heads, old, new, head_dim, mask
+):
+    """The concatenations bit for bit (and contiguous, as torch.cat makes them), the output
+    and logsumexp to float32 rounding; on the kernel, one call."""
+    calls = _append_calls(monkeypatch)
+    q, k_old, k_new, v_old, v_new = _appended(batch, heads, kv_heads, old, new, head_dim)
+    length = old + new
+    attn_mask = _masks(batch, heads, length, torch.Generator().manual_seed(2))[mask]
+    out, lse, k, v = decode_attention.AppendAttention(0.2)(
+        q, k_old, k_new, v_old, v_new, attn_mask=attn_mask
+    )
+    want_k, want_v = torch.cat([k_old, k_new], -2), torch.cat([v_old, v_new], -2)
+    assert torch.equal(k, want_k) and k.stride() == want_k.stride()
+    assert torch.equal(v, want_v) and v.stride() == want_v.stride()
+    want_out, want_lse = FLASH_CPU(q, want_k, want_v, attn_mask=attn_mask, scale=0.2)
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    "case", ["float64", "strided old cache", "grad", "bool mask", "head dim 1"]
+)
+def test_appended_attention_runs_the_concatenations_and_atens_op_otherwise(monkeypatch, case):
+    """What the kernel does not take: torch.cat and ATen's op, bit for bit."""
+    calls = _append_calls(monkeypatch)
+    q, k_old, k_new, v_old, v_new = _appended(1, 4, 2, 30, 1, 64)
+    mask = None
+    if case == "float64":
+        q, k_old, k_new, v_old, v_new = (t.double() for t in (q, k_old, k_new, v_old, v_new))
+    elif case == "strided old cache":  # torch.cat would not make it contiguous either way
+        k_old = torch.randn(1, 30, 2, 64).transpose(1, 2)
+    elif case == "grad":
+        q = q.detach().requires_grad_()
+    elif case == "bool mask":
+        mask = torch.ones((1, 1, 1, 31), dtype=torch.bool)
+    elif case == "head dim 1":
+        q, k_old, k_new, v_old, v_new = _appended(1, 4, 2, 30, 1, 1)
+    append = decode_attention.AppendAttention()
+    k, v = torch.cat([k_old, k_new], 2), torch.cat([v_old, v_new], 2)
+    try:
+        want = FLASH_CPU(q, k, v, attn_mask=mask)
+    except RuntimeError as error:  # ATen's refusal (a bool mask), raised as ATen raises it
+        with pytest.raises(RuntimeError, match=str(error)[:40]):
+            append(q, k_old, k_new, v_old, v_new, attn_mask=mask)
+        assert calls == []
+        return
+    got = append(q, k_old, k_new, v_old, v_new, attn_mask=mask)
+    for a, b in zip(got, (*want, k, v)):
+        assert torch.equal(a, b) and a.stride() == b.stride()
+    assert calls == []

@@ -23,13 +23,19 @@ def _graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
-@pytest.mark.parametrize("cache, graphs", [("static", 2), ("dynamic", 3)])
-def test_decoding_gives_eagers_tokens_without_recompiling(cache, graphs, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "cache, graphs, attention",
+    [("static", 2, "auto"), ("dynamic", 3, "aten"), ("dynamic", 3, "memopt")],
+)
+def test_decoding_gives_eagers_tokens_without_recompiling(
+    cache, graphs, attention, tmp_path, monkeypatch
+):
     """A prefill graph and a decode graph (the dynamic cache's first decode compiles for
     its sizes, the second recompiles with dynamic ones); then no graph at all, however
     long the run. Decode steps replay a tape of their launches (runtime/tape.py) with
     eager's tokens: the dynamic cache's graph too, its nodes of the cache's length (the
-    concatenations, the attention) called through Python within it."""
+    concatenations and the attention, or the one call the attention pass makes of them
+    where memopt's decode attention runs) called through Python within it."""
     replayed = []
     call = Tape.__call__
 
@@ -44,9 +50,8 @@ def test_decoding_gives_eagers_tokens_without_recompiling(cache, graphs, tmp_pat
     want = generate(model, prompt, cache, NEW_TOKENS)
     longer = generate(model, prompt, cache, 3 * NEW_TOKENS)
     torch._dynamo.reset()
-    model.forward = torch.compile(
-        model.forward, backend="memopt", options={"report_dir": str(tmp_path)}
-    )
+    options = {"report_dir": str(tmp_path), "cpu_attention": attention}
+    model.forward = torch.compile(model.forward, backend="memopt", options=options)
     before = _graphs()
     assert torch.equal(generate(model, prompt, cache, NEW_TOKENS), want)
     assert _graphs() - before == graphs
@@ -64,6 +69,10 @@ def test_decoding_gives_eagers_tokens_without_recompiling(cache, graphs, tmp_pat
     assert "aten.expand" not in text and "aten.clone" not in text
     if cache == "static":  # keys and values written into the cache in place, not copied
         assert text.count("aten.index_put_.default") == 2 and "aten.copy_" not in text
+    else:  # Hugging Face concatenates; the attention writes the concatenations, or not
+        appended = attention == "memopt"
+        assert ("attention.appended_kv" in codes) == appended
+        assert ("aten.cat.default" in text) == (not appended)
 
 
 @pytest.mark.parametrize("weights", [None, "int4"])

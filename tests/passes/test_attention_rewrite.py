@@ -389,3 +389,116 @@ def test_grouped_kv_with_a_backward_keeps_the_repeated_operands():
     q.grad = None
     _grouped(q, k, v, mask).sum().backward()
     torch.testing.assert_close(got, q.grad)
+
+
+# -- a cache appended before the attention on the CPU ---------------------------------------
+
+
+def _appending(q, k_old, k_new, v_old, v_new, mask):
+    """A dynamic cache's decode step: the cache concatenated with the new position, the
+    attention over it, the concatenations returned (the cache's next state)."""
+    k, v = torch.cat([k_old, k_new], dim=-2), torch.cat([v_old, v_new], dim=-2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), k, v
+
+
+def _append_inputs(old=40, rows=1, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    shapes = [(1, 4, rows, 64), (1, 4, old, 64), (1, 4, rows, 64), (1, 4, old, 64)]
+    shapes += [(1, 4, rows, 64), (1, 1, rows, old + rows)]
+    return tuple(torch.randn(s, generator=generator) for s in shapes)
+
+
+def _append_decisions(a):
+    return [
+        d for d in ledger_attention(a) if d.code.startswith("attention.") and "append" in d.code
+    ]
+
+
+def test_a_cache_appended_before_the_attention_is_written_by_it():
+    """Must: the concatenations and the attention are one call. Bytes: q, the old caches,
+    the new rows and the mask read; output, logsumexp and the two concatenations written,
+    which are not read back (the saving: their bytes)."""
+    inputs = _append_inputs()
+    a = memopt.analyze(_appending, *inputs, cpu_attention="memopt")
+    (kernel,) = a.kernels
+    assert "memopt decode attention over an appended cache" in kernel.ops[0]
+    read = 4 * (4 * 64 + 2 * 4 * 40 * 64 + 2 * 4 * 64 + 41)
+    concatenations = 2 * 4 * (4 * 41 * 64)
+    assert a.bytes_moved == read + 4 * (4 * 64 + 4) + concatenations
+    (decision,) = _append_decisions(a)
+    assert decision.code == "attention.appended_kv" and decision.applied
+    assert decision.bytes_saved == concatenations
+    aten = memopt.analyze(_appending, *inputs, cpu_attention="aten")
+    assert aten.bytes_moved == a.bytes_moved + concatenations
+    compiled = torch.compile(_appending, backend="memopt", options={"cpu_attention": "memopt"})
+    got, want = compiled(*inputs), _appending(*inputs)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+
+
+def test_a_grouped_query_cache_appended_is_written_by_the_attention():
+    """Must: Llama's repeat_kv over the concatenations, read unrepeated, then the three as
+    one call."""
+
+    def llama(q, k_old, k_new, v_old, v_new, mask):
+        k, v = torch.cat([k_old, k_new], dim=-2), torch.cat([v_old, v_new], dim=-2)
+        return _grouped(q, k, v, mask), k, v
+
+    q, k, v, _ = _gqa_inputs()
+    k_new, v_new, mask = (
+        torch.randn(1, 2, 1, 64),
+        torch.randn(1, 2, 1, 64),
+        torch.randn(1, 1, 1, 41),
+    )
+    inputs = (q, k, k_new, v, v_new, mask)
+    a = memopt.analyze(llama, *inputs, cpu_attention="memopt")
+    codes = [d.code for d in ledger_attention(a) if d.applied]
+    assert "attention.grouped_kv" in codes and "attention.appended_kv" in codes
+    assert len(a.kernels) == 1
+    compiled = torch.compile(llama, backend="memopt", options={"cpu_attention": "memopt"})
+    for got, want in zip(compiled(*inputs), llama(*inputs)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["aten chosen", "read before", "two positions"])
+def test_a_cache_appended_stays_concatenated_otherwise(case):
+    """Must not: where ATen's op runs one-position attention (it would read the
+    concatenations back), where a node reads a concatenation before the attention (the
+    call sits where the attention was), and for a query of two positions (a prefill's:
+    not a decode kernel's)."""
+
+    def read_before(q, k_old, k_new, v_old, v_new, mask):
+        k, v = torch.cat([k_old, k_new], dim=-2), torch.cat([v_old, v_new], dim=-2)
+        total = k.sum()
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask) + total, k, v
+
+    fn = read_before if case == "read before" else _appending
+    inputs = _append_inputs(rows=2 if case == "two positions" else 1)
+    choice = "aten" if case == "aten chosen" else "memopt"
+    a = memopt.analyze(fn, *inputs, cpu_attention=choice)
+    found = _append_decisions(a)
+    if case == "two positions":
+        assert found == []
+    else:
+        (decision,) = found
+        assert decision.code == "attention.not_appended" and not decision.applied
+        assert decision.bytes_saved == 2 * 4 * (4 * 41 * 64)
+        assert ("ATen's op" if case == "aten chosen" else "before the attention") in decision.reason
+    assert sum("aten.cat" in k.ops[0] for k in a.kernels) == 2
+    compiled = torch.compile(fn, backend="memopt", options={"cpu_attention": choice})
+    for got, want in zip(compiled(*inputs), fn(*inputs)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_cache_appended_at_every_length_matches_eager():
+    """Dynamic sizes: one graph over growing caches (the kernel at every length), each
+    call eager's. (A decode step's tape with the call as a per-call entry: test_decode.)"""
+    torch._dynamo.reset()
+    compiled = torch.compile(
+        _appending, backend="memopt", dynamic=True, options={"cpu_attention": "memopt"}
+    )
+    for old in range(40, 47):
+        inputs = _append_inputs(old=old, seed=old)
+        got, want = compiled(*inputs), _appending(*inputs)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])

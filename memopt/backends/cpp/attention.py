@@ -31,6 +31,14 @@ slices and its full allocation alike).
   of 0, as ATen's CPU flash attention does.
 - Rows ahead are prefetched in software (24 rows: 6 KiB of keys or values at D = 64), which
   keeps each core's loads in flight while it sums.
+- `memopt_decode_attention_append` attends over a cache appended in the same call, as a
+  dynamic cache's decode step does (`cat([k_old, k_new], -2)`, and the same for values): a
+  work unit first copies its rows into the concatenations it writes, then attends over
+  them from its own core's caches (a unit's 64 KiB of keys and of values at D = 64). A unit
+  of old rows only writes its copies with non-temporal stores (where AVX-512 and 64-byte
+  rows allow), which need no read of the lines they write, and attends over the old rows
+  it has just read; the unit holding the new positions reads back its copy. The old cache
+  is read from memory once, where a concatenation and then the attention read it twice.
 
 The result differs from ATen's in summation order and exp's rounding (float32 rounding,
 not bit for bit). Where ATen multiplies a masked position's value by 0, this kernel does
@@ -195,10 +203,47 @@ static void mo_decode_unit(
   }
 }
 
+// A cache appended in the same call (memopt_decode_attention_append): the keys and values
+// of positions below `old_len` come from k_old / v_old, the others from k_new / v_new,
+// each with its (batch, head, position) strides; they are copied into k and v as read.
+struct MoAppend {
+  const float *k_old, *k_new, *v_old, *v_new;
+  int64_t old_len;
+  const int64_t* strides;  // k_old, k_new, v_old, v_new: b, h, l each
+};
+
+// Rows [l0, l1) of one head's keys or values into dst (rows ds_l apart): from old below
+// old_len, from fresh from there on. `stream`: with non-temporal stores where aligned (the
+// unit then reads the old rows, not dst: a store that bypasses the caches needs no read of
+// the line it writes, which an ordinary store makes).
+static inline void mo_append_rows(float* __restrict dst, int64_t ds_l,
+                                  const float* __restrict old, int64_t os_l,
+                                  const float* __restrict fresh, int64_t ns_l,
+                                  int64_t old_len, int64_t l0, int64_t l1, int64_t d,
+                                  bool stream) {
+#ifdef __AVX512F__
+  if (stream && d % 16 == 0 && ds_l % 16 == 0 && ((uintptr_t)dst & 63) == 0) {
+    for (int64_t l = l0; l < l1; ++l) {
+      const float* src = l < old_len ? old + l * os_l : fresh + (l - old_len) * ns_l;
+      for (int64_t c = 0; c < d; c += 16)
+        _mm512_stream_ps(dst + l * ds_l + c, _mm512_loadu_ps(src + c));
+    }
+    _mm_sfence();
+    return;
+  }
+#endif
+  (void)stream;
+  for (int64_t l = l0; l < l1; ++l) {
+    const float* src = l < old_len ? old + l * os_l : fresh + (l - old_len) * ns_l;
+    __builtin_memcpy(dst + l * ds_l, src, sizeof(float) * d);
+  }
+}
+
 // Returns 0, or 1 when its scratch could not be allocated (nothing written).
-extern "C" int32_t memopt_decode_attention(
+static int32_t mo_decode_attention(
     const float* q, const float* k, const float* v, const float* mask, float* out,
-    float* lse, const int64_t* sizes, const int64_t* strides, float scale, int64_t chunk) {
+    float* lse, const int64_t* sizes, const int64_t* strides, float scale, int64_t chunk,
+    const MoAppend* append) {
   const int64_t B = sizes[0], H = sizes[1], Hkv = sizes[2], L = sizes[3], D = sizes[4],
                 Dv = sizes[5];
   const int64_t qs_b = strides[0], qs_h = strides[1], ks_b = strides[2], ks_h = strides[3],
@@ -233,14 +278,28 @@ extern "C" int32_t memopt_decode_attention(
     const float* mu = mask ? mask + b * ms_b + h * G * ms_h : nullptr;
     const float* qu = q + b * qs_b + h * G * qs_h;
     const float *ku = k + b * ks_b + h * ks_h, *vu = v + b * vs_b + h * vs_h;
+    int64_t uk_l = ks_l, uv_l = vs_l;
+    if (append) {
+      // This unit's rows of the appended cache, written before it reads them; a unit of old
+      // rows only streams its copies out and reads the old rows (from its caches, just read)
+      const int64_t* as = append->strides;
+      const float *ko = append->k_old + b * as[0] + h * as[1],
+                  *vo = append->v_old + b * as[6] + h * as[7];
+      const bool old_only = l1 <= append->old_len;
+      mo_append_rows((float*)ku, ks_l, ko, as[2], append->k_new + b * as[3] + h * as[4], as[5],
+                     append->old_len, l0, l1, D, old_only);
+      mo_append_rows((float*)vu, vs_l, vo, as[8], append->v_new + b * as[9] + h * as[10], as[11],
+                     append->old_len, l0, l1, Dv, old_only);
+      if (old_only) ku = ko, vu = vo, uk_l = as[2], uv_l = as[8];
+    }
     float *scu = sc + u * G * chunk, *mu_ = m_part + u * G, *su = s_part + u * G,
           *au = acc_part + u * G * Dv;
     if (fixed == 64)
-      mo_decode_unit<64>(qu, ku, vu, mu, G, D, Dv, qs_h, ks_l, vs_l, ms_h, ms_l, l0, l1, scale, scu, mu_, su, au);
+      mo_decode_unit<64>(qu, ku, vu, mu, G, D, Dv, qs_h, uk_l, uv_l, ms_h, ms_l, l0, l1, scale, scu, mu_, su, au);
     else if (fixed == 128)
-      mo_decode_unit<128>(qu, ku, vu, mu, G, D, Dv, qs_h, ks_l, vs_l, ms_h, ms_l, l0, l1, scale, scu, mu_, su, au);
+      mo_decode_unit<128>(qu, ku, vu, mu, G, D, Dv, qs_h, uk_l, uv_l, ms_h, ms_l, l0, l1, scale, scu, mu_, su, au);
     else
-      mo_decode_unit<0>(qu, ku, vu, mu, G, D, Dv, qs_h, ks_l, vs_l, ms_h, ms_l, l0, l1, scale, scu, mu_, su, au);
+      mo_decode_unit<0>(qu, ku, vu, mu, G, D, Dv, qs_h, uk_l, uv_l, ms_h, ms_l, l0, l1, scale, scu, mu_, su, au);
   }
   for (int64_t bh = 0; bh < B * Hkv; ++bh)
     for (int64_t g = 0; g < G; ++g) {
@@ -268,6 +327,23 @@ extern "C" int32_t memopt_decode_attention(
   return 0;
 }
 
+extern "C" int32_t memopt_decode_attention(
+    const float* q, const float* k, const float* v, const float* mask, float* out,
+    float* lse, const int64_t* sizes, const int64_t* strides, float scale, int64_t chunk) {
+  return mo_decode_attention(q, k, v, mask, out, lse, sizes, strides, scale, chunk, nullptr);
+}
+
+// The attention over a cache appended in the call: k and v (the concatenations, written
+// here) as in memopt_decode_attention; sizes[6]: the old cache's length; the strides after
+// the eleven: k_old, k_new, v_old, v_new (b, h, l each).
+extern "C" int32_t memopt_decode_attention_append(
+    const float* q, const float* k_old, const float* k_new, const float* v_old,
+    const float* v_new, const float* mask, float* out, float* lse, float* k, float* v,
+    const int64_t* sizes, const int64_t* strides, float scale, int64_t chunk) {
+  const MoAppend append = {k_old, k_new, v_old, v_new, sizes[6], strides + 11};
+  return mo_decode_attention(q, k, v, mask, out, lse, sizes, strides, scale, chunk, &append);
+}
+
 // The native launcher's entry (cpp/launcher.py): p = q, k, v[, mask], out, lse; s = the six
 // sizes, the eleven strides, the scale's float bits, the chunk, whether a mask is given.
 extern "C" int32_t memopt_decode_attention_packed(void* const* p, const int64_t* s) {
@@ -293,6 +369,21 @@ def function() -> ctypes._CFuncPtr:
     strides (q: b, h; k: b, h, l; v: b, h, l; mask: b, h, l), scale, chunk. Returns 0, or
     1 where its scratch memory could not be allocated."""
     return build.entry_point(SOURCE, "memopt_decode_attention", SIGNATURE, ctypes.c_int32)
+
+
+APPEND_SIGNATURE = (_P,) * 12 + (ctypes.c_float, ctypes.c_int64)
+
+
+@functools.cache
+def append_function() -> ctypes._CFuncPtr:
+    """`memopt_decode_attention_append`, built on first use: the attention over a cache
+    appended in the same call (runtime/decode_attention.py `AppendAttention`). Arguments:
+    q, k_old, k_new, v_old, v_new, mask (or None), out, lse, k, v (the concatenations it
+    writes), sizes (B, H, H_kv, L, D, Dv, the old length), strides (the eleven of
+    `function`, of k and v, then k_old, k_new, v_old, v_new: b, h, l each), scale, chunk."""
+    return build.entry_point(
+        SOURCE, "memopt_decode_attention_append", APPEND_SIGNATURE, ctypes.c_int32
+    )
 
 
 @functools.cache

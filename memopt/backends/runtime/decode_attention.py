@@ -21,7 +21,9 @@ slower on any shape; cached in `$MEMOPT_CACHE_DIR/machine/attention-<key>.json`.
 `cpu_attention` option ("aten", "memopt") overrides it.
 
 `DecodeAttention` stands for one such node whose query has one position (static) and whose
-logsumexp nothing reads. It sums in another order than ATen (float32 rounding, not bit for
+logsumexp nothing reads; `AppendAttention` for one such node together with the two
+concatenations of a cache and its new positions that it reads (the attention pass makes
+it: passes/attention.py), its kernel writing the concatenations as it reads the old cache. It sums in another order than ATen (float32 rounding, not bit for
 bit); a NaN score makes its row NaN as in ATen's op, and a position the mask drops is not
 read (a non-finite value there, which ATen's 0 x inf turns into NaN, stays out of the row).
 At run time anything the kernel does not take runs the ATen op: other dtypes or devices,
@@ -42,6 +44,7 @@ import struct
 import time
 from collections.abc import Callable
 
+import sympy
 import torch
 import torch.fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
@@ -56,7 +59,8 @@ from memopt.backends.runtime.gemm import (
 )
 from memopt.backends.runtime.gemv import streaming_matmul
 from memopt.backends.runtime.linear import PLAIN_TENSORS, launchable
-from memopt.compiler.graph import static_int, tensor_meta
+from memopt.compiler.cost import Cost, read_bytes
+from memopt.compiler.graph import output_metas, static_int, tensor_meta
 
 aten = torch.ops.aten
 FLASH_CPU = aten._scaled_dot_product_flash_attention_for_cpu.default
@@ -259,6 +263,119 @@ class DecodeAttention(LibraryAttention):
             self._launch = (launch, scale, mask is not None, sizes[0], sizes[1], sizes[5])
 
 
+class AppendAttention:
+    """A one-position `_scaled_dot_product_flash_attention_for_cpu` over keys and values
+    concatenated in the same graph (`cat([k_old, k_new], 2)`, and the same for values: a
+    dynamic cache's decode step), as one call: the attention pass's fusion
+    (passes/attention.py). Called as (q, k_old, k_new, v_old, v_new[, mask]); returns
+    (output, logsumexp, k, v): ATen's op's two results and the two concatenations.
+
+    memopt's kernel (`cpp/attention.py`, `memopt_decode_attention_append`) copies each work
+    unit's rows into the concatenations and attends over them from its core's caches: the
+    old cache is read from memory once. Anything it does not take runs the concatenations
+    and ATen's op: the operands `plan` refuses, concatenations of other layouts (the kernel
+    writes contiguous ones, as `torch.cat` of a contiguous cache does), a head dim of 1."""
+
+    memopt_kind = "extern"
+    __name__ = "decode_attention_append"
+    memopt_name = f"cat + {FLASH_CPU} (memopt decode attention over an appended cache)"
+
+    def __init__(self, scale: float | None = None) -> None:
+        self.scale = scale
+
+    def __repr__(self) -> str:
+        return f"AppendAttention(scale={self.scale})"
+
+    def memopt_cost(self, node: torch.fx.Node) -> Cost:
+        """Each operand read once (the old cache too), the output, the logsumexp and the
+        two concatenations written once; the attention's FLOPs over the whole cache."""
+        outputs = output_metas(node)
+        q, k = (tensor_meta(a) for a in node.args[:2])
+        length = outputs[2].shape[2]
+        *batch, rows, head_dim = q.shape
+        return Cost(
+            read=read_bytes(node, [a for a in node.all_input_nodes if tensor_meta(a) is not None]),
+            write=sympy.Add(*(m.nbytes for m in outputs)),
+            flops=4 * sympy.Mul(*batch) * rows * length * head_dim,
+        )
+
+    def __call__(self, q, k_old, k_new, v_old, v_new, attn_mask=None) -> tuple:
+        call = _append_call(q, k_old, k_new, v_old, v_new, attn_mask)
+        if call is None:
+            k = torch.cat([k_old, k_new], 2)
+            v = torch.cat([v_old, v_new], 2)
+            out, lse = FLASH_CPU(q, k, v, attn_mask=attn_mask, scale=self.scale)
+            return out, lse, k, v
+        sizes, strides = call
+        batch, heads, kv_heads, length, head_dim, v_dim, _ = sizes
+        out = torch.empty((batch, heads, 1, v_dim), dtype=_FLOAT32, device=_CPU)
+        lse = torch.empty((batch, 1, heads), dtype=_FLOAT32, device=_CPU).transpose(1, 2)
+        k = torch.empty((batch, kv_heads, length, head_dim), dtype=_FLOAT32, device=_CPU)
+        v = torch.empty((batch, kv_heads, length, v_dim), dtype=_FLOAT32, device=_CPU)
+        failed = kernel.append_function()(
+            q.data_ptr(), k_old.data_ptr(), k_new.data_ptr(), v_old.data_ptr(),
+            v_new.data_ptr(), None if attn_mask is None else attn_mask.data_ptr(),
+            out.data_ptr(), lse.data_ptr(), k.data_ptr(), v.data_ptr(), sizes, strides,
+            1.0 / math.sqrt(head_dim) if self.scale is None else self.scale, kernel.CHUNK,
+        )  # fmt: skip
+        if failed:
+            raise MemoryError("memopt decode attention: no memory for its scratch")
+        return out, lse, k, v
+
+
+def _append_call(q, k_old, k_new, v_old, v_new, mask) -> tuple | None:
+    """The append kernel's (sizes, strides) arrays for these operands, or None where it
+    does not take them (AppendAttention's doc)."""
+    operands = (
+        (q, k_old, k_new, v_old, v_new) if mask is None else (q, k_old, k_new, v_old, v_new, mask)
+    )
+    for t in operands:
+        if type(t) not in PLAIN_TENSORS or t.is_neg() or t.dtype is not _FLOAT32:
+            return None
+        if t.layout is not _STRIDED or not t.is_cpu:
+            return None
+    if _grad_enabled() and any(t.requires_grad for t in operands):
+        return None
+    if q.dim() != 4 or k_old.dim() != 4 or k_new.dim() != 4 or v_old.dim() != 4 or v_new.dim() != 4:
+        return None
+    (batch, heads, rows, head_dim), (kb, kv_heads, old, kd) = q.shape, k_old.shape
+    new = k_new.shape[2]
+    if rows != 1 or head_dim < 2 or kd != head_dim or heads % kv_heads:
+        return None
+    if (
+        tuple(k_new.shape) != (batch, kv_heads, new, head_dim)
+        or tuple(v_old.shape) != (batch, kv_heads, old, head_dim)
+        or tuple(v_new.shape) != (batch, kv_heads, new, head_dim)
+        or kb != batch
+    ):
+        return None
+    length = old + new
+    if not (batch and heads and length):
+        return None
+    # The concatenations are written contiguous: torch.cat's layout for a contiguous old
+    # cache and new rows whose last dimension is contiguous (module doc).
+    if not (k_old.is_contiguous() and v_old.is_contiguous()):
+        return None
+    if q.stride(3) != 1 or k_new.stride(3) != 1 or v_new.stride(3) != 1:
+        return None
+    mask_strides = (0, 0, 0)
+    if mask is not None:
+        if mask.dim() not in (2, 4):
+            return None
+        try:
+            full = mask.expand(batch, heads, 1, length)
+        except RuntimeError:
+            return None
+        mask_strides = (full.stride(0), full.stride(1), full.stride(3))
+    sizes = (ctypes.c_int64 * 7)(batch, heads, kv_heads, length, head_dim, head_dim, old)
+    cache = (kv_heads * length * head_dim, length * head_dim, head_dim)
+    strides = (ctypes.c_int64 * 23)(
+        q.stride(0), q.stride(1), *cache, *cache, *mask_strides,
+        *k_old.stride()[:3], *k_new.stride()[:3], *v_old.stride()[:3], *v_new.stride()[:3],
+    )  # fmt: skip
+    return sizes, strides
+
+
 def measure() -> GemmTimes:
     """Time ATen's op and memopt's kernel on SHAPES as a decode step runs them (module doc):
     passes over `_LAYERS` layers, each a GEMV over its weights and an attention over its own
@@ -381,12 +498,18 @@ def describe(gm: torch.fx.GraphModule, choice: str) -> str:
     """What runs `gm`'s attention on memopt's decode kernel and why, or "" when none does."""
     what = "one-position attentions on memopt's decode kernel"
     return describe_library(
-        gm, DecodeAttention, choice, "cpu_attention", measured_attention_times, what
+        gm,
+        (DecodeAttention, AppendAttention),
+        choice,
+        "cpu_attention",
+        measured_attention_times,
+        what,
     )
 
 
 __all__ = [
     "CHOICES",
+    "AppendAttention",
     "SHAPES",
     "DecodeAttention",
     "LibraryAttention",

@@ -272,7 +272,7 @@ def describe(gm: torch.fx.GraphModule, choice: str) -> str:
 
 def describe_library(
     gm: torch.fx.GraphModule,
-    target: type,
+    target: type | tuple[type, ...],
     choice: str,
     option: str,
     measured: Callable[[], GemmTimes],

@@ -48,7 +48,7 @@ being made from those copies). A graph with any varying value that writes in pla
 no tape: a write through a copy would miss the value it writes.
 
 A graph gets no tape when it has a node the tape does not know (only ATen
-ops, `getitem` and memopt's kernels, GEMVs, narrow matmuls and lookups, decode and causal
+ops, `getitem` and memopt's kernels, GEMVs, narrow matmuls and lookups, decode (also over an appended cache) and causal
 attention and row writes: targets whose calls do nothing outside their launch and ATen), an
 output of static layout that shares memory with an input or with another output or
 overlaps itself, more bytes of outputs and moved
@@ -90,7 +90,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from memopt.backends.cpp import launcher
 from memopt.backends.runtime.causal_attention import CausalAttention
-from memopt.backends.runtime.decode_attention import DecodeAttention
+from memopt.backends.runtime.decode_attention import AppendAttention, DecodeAttention
 from memopt.backends.runtime.extern import RowWrite
 from memopt.backends.runtime.gemv import StreamingGemv
 from memopt.backends.runtime.kernels import FusedKernel
@@ -128,6 +128,7 @@ _TARGETS = (
     QuantizedMatmul,
     QuantizedEmbedding,
     DecodeAttention,
+    AppendAttention,
     CausalAttention,
     RowWrite,
 )
