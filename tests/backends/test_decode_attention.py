@@ -369,3 +369,25 @@ def test_appended_attention_runs_the_concatenations_and_atens_op_otherwise(monke
     for a, b in zip(got, (*want, k, v)):
         assert torch.equal(a, b) and a.stride() == b.stride()
     assert calls == []
+
+
+def test_a_bound_appended_attention_checks_each_calls_old_caches():
+    """`AppendAttention.bind`: the static operands checked once; each call's old caches
+    (any length) checked, the output written in place, the concatenations returned; old
+    caches the kernel does not take give None (the tape then makes the whole call)."""
+    q, k_old, k_new, v_old, v_new = _appended(1, 8, 2, 20, 1, 64)
+    append = decode_attention.AppendAttention()
+    out = torch.empty(1, 8, 1, 64)
+    call = append.bind(q, k_new, v_new, None, out, k_old, v_old)
+    for length in (20, 300, 7):
+        _, k_old, _, v_old, _ = _appended(1, 8, 2, length, 1, 64, seed=length)
+        k, v = call(k_old, v_old)
+        want = append(q, k_old, k_new, v_old, v_new)
+        assert torch.equal(k, want[2]) and torch.equal(v, want[3])
+        torch.testing.assert_close(out, want[0], rtol=1e-5, atol=1e-5)
+    assert call(k_old.transpose(2, 3).contiguous().transpose(2, 3), v_old) is None
+    assert call(k_old.double(), v_old.double()) is None
+    assert call(k_old[:, :1], v_old[:, :1]) is None  # other head counts
+    assert call(k_old, v_old[:, :, :-1]) is None  # caches of two lengths
+    assert append.bind(q.double(), k_new, v_new, None, out, k_old, v_old) is None
+    assert append.bind(q, k_new, v_new, None, out[..., :32], k_old, v_old) is None

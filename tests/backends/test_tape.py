@@ -16,8 +16,10 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from memopt.backends.cpp import attention as attention_kernel
 from memopt.backends.cpp import launcher
 from memopt.backends.runtime import executor, tape
+from memopt.backends.runtime.decode_attention import AppendAttention
 from memopt.backends.runtime.executor import CompiledGraph
 
 from lowering_harness import fused_kernels, run_fused
@@ -384,6 +386,56 @@ def test_a_graph_with_size_symbols_replays_its_static_launches(graphs, replays, 
     assert (made.launches, made.python_calls) == (2, 2)
     assert made.python_nodes == ("cat", "sum_1")
     assert len({got[0].data_ptr() for *_, got in results}) == len(results)
+
+
+def _appended_step(x, k_old, v_old):
+    """A dynamic cache's decode step in small: the query and the new rows from kernels,
+    the attention over the cache and them, concatenated (the attention pass makes the three
+    one AppendAttention call), and a kernel after it."""
+    h = (x * 2 + 1).relu()
+    k = torch.cat([k_old, h.tanh()], dim=-2)
+    v = torch.cat([v_old, h.sin()], dim=-2)
+    out = torch.nn.functional.scaled_dot_product_attention(h, k, v)
+    return (out * 2).exp(), k, v
+
+
+def test_an_appended_attention_replays_bound_to_the_tapes_memory(graphs, replays, monkeypatch):
+    """The per-call AppendAttention of a replay runs bound to its static operands
+    (`AppendAttention.bind`): one kernel call a replay, the old caches that call's, its
+    output written into the tape's memory where the launch after it reads it, the
+    concatenations that call's own; every call's values eager's, earlier ones untouched."""
+    monkeypatch.setattr(tape, "MIN_LAUNCH_SHARE", 0)
+    kernel_calls, entry = [], attention_kernel.append_function()
+
+    def counted(*args):
+        kernel_calls.append(args)
+        return entry(*args)
+
+    monkeypatch.setattr(attention_kernel, "append_function", lambda: counted)
+    whole = []  # whole calls on real tensors (a compile calls it on fake ones too)
+    call = AppendAttention.__call__
+
+    def counted_call(self, *args, **kwargs):
+        if type(args[0]) is torch.Tensor:
+            whole.append(args)
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(AppendAttention, "__call__", counted_call)
+    compiled = torch.compile(_appended_step, backend="memopt", options={"cpu_attention": "memopt"})
+    g = torch.Generator().manual_seed(0)
+    results = []
+    for length in range(9, 9 + tape.CAPTURE_AFTER + 6):
+        x = torch.randn(1, 4, 1, 64, generator=g)
+        k_old, v_old = (torch.randn(1, 4, length, 64, generator=g) for _ in "kv")
+        results.append(((x, k_old, v_old), compiled(x, k_old, v_old)))
+    for inputs, got in results:  # the new rows from memopt's kernels: to float32 rounding
+        for value, want in zip(got, _appended_step(*inputs)):
+            assert_close(value, want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(got[1][:, :, :-1], inputs[1])
+        assert torch.equal(got[2][:, :, :-1], inputs[2])
+    assert replays["replayed"] == len(results) - 1 - tape.CAPTURE_AFTER - 1
+    assert len(kernel_calls) == len(results)  # every call on the kernel
+    assert len(whole) == len(results) - replays["replayed"]  # replays bound, not whole calls
 
 
 def _with_a_row(x, cache):

@@ -322,6 +322,77 @@ class AppendAttention:
             raise MemoryError("memopt decode attention: no memory for its scratch")
         return out, lse, k, v
 
+    def bind(self, q, k_new, v_new, mask, out, k_old, v_old) -> Callable | None:
+        """A call for a tape's replays (runtime/tape.py), whose q, new rows and mask are in
+        memory of the tape's, as is the output (`out`, written in place): checked here once
+        with the capture's old caches `k_old` and `v_old`. `call(k_old, v_old)` checks only
+        the old caches (each replay's) and returns the concatenations, or None where the
+        kernel does not take them (the caller then makes the full call). None where the
+        kernel does not take these operands."""
+        planned = _append_call(q, k_old, k_new, v_old, v_new, mask)
+        if planned is None or type(out) not in PLAIN_TENSORS or out.is_neg():
+            return None
+        sizes, strides = planned
+        batch, heads, kv_heads, length, head_dim, _, old = sizes
+        new = length - old
+        if tuple(out.shape) != (batch, heads, 1, head_dim) or not out.is_contiguous():
+            return None
+        lse = torch.empty((batch, heads, 1), dtype=_FLOAT32, device=_CPU)
+        function = kernel.append_function()
+        scale = ctypes.c_float(1.0 / math.sqrt(head_dim) if self.scale is None else self.scale)
+        chunk = ctypes.c_int64(kernel.CHUNK)
+        fixed = [ctypes.c_void_p(t.data_ptr()) for t in (q, k_new, v_new, out, lse)]
+        q_ptr, k_new_ptr, v_new_ptr, out_ptr, lse_ptr = fixed
+        mask_ptr = None if mask is None else ctypes.c_void_p(mask.data_ptr())
+        kept = (q, k_new, v_new, mask, out, lse)  # the memory the pointers are of
+        row = head_dim
+
+        def call(k_old: object, v_old: object) -> tuple | None:
+            if (
+                type(k_old) not in PLAIN_TENSORS
+                or type(v_old) not in PLAIN_TENSORS
+                or k_old.dtype is not _FLOAT32
+                or v_old.dtype is not _FLOAT32
+                or not k_old.is_cpu
+                or not v_old.is_cpu
+                or k_old.layout is not _STRIDED
+                or v_old.layout is not _STRIDED
+                or k_old.is_neg()
+                or v_old.is_neg()
+                or (_grad_enabled() and (k_old.requires_grad or v_old.requires_grad))
+            ):
+                return None
+            shape = k_old.shape
+            if (
+                len(shape) != 4
+                or shape[0] != batch
+                or shape[1] != kv_heads
+                or shape[3] != head_dim
+                or v_old.shape != shape
+                or not k_old.is_contiguous()
+                or not v_old.is_contiguous()
+            ):
+                return None
+            old = shape[2]
+            length = old + new
+            k = torch.empty((batch, kv_heads, length, head_dim), dtype=_FLOAT32, device=_CPU)
+            v = torch.empty((batch, kv_heads, length, head_dim), dtype=_FLOAT32, device=_CPU)
+            sizes[3], sizes[6] = length, old
+            strides[2] = strides[5] = kv_heads * length * row
+            strides[3] = strides[6] = length * row
+            strides[11] = strides[17] = kv_heads * old * row
+            strides[12] = strides[18] = old * row
+            failed = function(
+                q_ptr, k_old.data_ptr(), k_new_ptr, v_old.data_ptr(), v_new_ptr, mask_ptr,
+                out_ptr, lse_ptr, k.data_ptr(), v.data_ptr(), sizes, strides, scale, chunk,
+            )  # fmt: skip
+            if failed:
+                raise MemoryError("memopt decode attention: no memory for its scratch")
+            return k, v
+
+        call.kept = kept
+        return call
+
 
 def _append_call(q, k_old, k_new, v_old, v_new, mask) -> tuple | None:
     """The append kernel's (sizes, strides) arrays for these operands, or None where it
