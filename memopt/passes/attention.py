@@ -429,7 +429,7 @@ class Attention(Pass):
         if any(u.target is operator.getitem and u.args[1] > 0 and u.users for u in node.users):
             return False  # a backward reads the logsumexp
         k_cat, v_cat = parts["k"], parts["v"]
-        saved = sum(evaluate(tensor_meta(c).nbytes, ctx.bindings) for c in (k_cat, v_cat))
+        saved = sum(evaluate(tensor_meta(c).nbytes, ctx.bindings) for c in {k_cat, v_cat})
         what = f"attention %{node.name}: concatenations %{k_cat.name}, %{v_cat.name} written by it"
         reason = self._not_appendable(gm, node, parts, ctx)
         if reason is not None:
@@ -465,6 +465,8 @@ class Attention(Pass):
     @staticmethod
     def _not_appendable(gm, node, parts: dict[str, object], ctx: PassContext) -> str | None:
         """Why the attention and its concatenations cannot be one call, or None."""
+        if parts["k"] is parts["v"]:
+            return "the keys and the values are one concatenation (the call writes two)"
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         for cat in (parts["k"], parts["v"]):
             meta = tensor_meta(cat)

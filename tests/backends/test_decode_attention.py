@@ -292,17 +292,16 @@ def _append_calls(monkeypatch):
 
 
 def _appended(batch, heads, kv_heads, old, new, head_dim, seed=0):
-    """q (B, H, 1, D), the old cache (contiguous) and `new` positions of keys and values
-    as a projection's view makes them (B, new, H_kv, D transposed)."""
+    """q (B, H, 1, D), the old cache (contiguous), `new` positions of keys as a
+    projection's view makes them (B, new, H_kv, D transposed) and of values contiguous:
+    two layouts, so a kernel reading one with the other's strides is caught."""
     generator = torch.Generator().manual_seed(seed)
     q = torch.randn((batch, 1, heads, head_dim), generator=generator).transpose(1, 2)
     k_old, v_old = (
         torch.randn((batch, kv_heads, old, head_dim), generator=generator) for _ in "kv"
     )
-    k_new, v_new = (
-        torch.randn((batch, new, kv_heads, head_dim), generator=generator).transpose(1, 2)
-        for _ in "kv"
-    )
+    k_new = torch.randn((batch, new, kv_heads, head_dim), generator=generator).transpose(1, 2)
+    v_new = torch.randn((batch, kv_heads, new, head_dim), generator=generator)
     return q, k_old, k_new, v_old, v_new
 
 
@@ -338,6 +337,23 @@ def test_appended_attention_matches_the_concatenations_and_atens_op(
     assert len(calls) == 1
 
 
+def test_appended_attention_of_one_key_value_head_has_torch_cats_layout():
+    """One key/value head: ATen's cat makes a channels-last result of parts whose strides
+    are channels-last-like (the head dimension's stride is free at size 1), and so does
+    the call; a contiguous cache gives a contiguous one."""
+    q = torch.randn(1, 4, 1, 64)
+    for permuted in (True, False):
+        parts = []
+        for length in (40, 40, 1, 1):
+            t = torch.randn(1, length, 64, 1)
+            parts.append(t.permute(0, 3, 1, 2) if permuted else t.reshape(1, 1, length, 64))
+        k_old, v_old, k_new, v_new = parts
+        _, _, k, v = decode_attention.AppendAttention()(q, k_old, k_new, v_old, v_new)
+        want = torch.cat([k_old, k_new], 2)
+        assert torch.equal(k, want) and k.stride() == want.stride()
+        assert (1 in k.stride()[:2]) == permuted
+
+
 @pytest.mark.parametrize(
     "case", ["float64", "strided old cache", "grad", "bool mask", "head dim 1"]
 )
@@ -371,20 +387,35 @@ def test_appended_attention_runs_the_concatenations_and_atens_op_otherwise(monke
     assert calls == []
 
 
-def test_a_bound_appended_attention_checks_each_calls_old_caches():
+@pytest.mark.parametrize("batch, mask", [(1, "none"), (2, "none"), (2, "per_head"), (2, "2-D")])
+def test_a_bound_appended_attention_checks_each_calls_old_caches(batch, mask):
     """`AppendAttention.bind`: the static operands checked once; each call's old caches
-    (any length) checked, the output written in place, the concatenations returned; old
-    caches the kernel does not take give None (the tape then makes the whole call)."""
-    q, k_old, k_new, v_old, v_new = _appended(1, 8, 2, 20, 1, 64)
+    checked, the output written in place, the concatenations returned; old caches the
+    kernel does not take give None (the tape then makes the whole call). Without a mask,
+    caches of any length, the call bound on a one-position cache whose row stride is not
+    its head size (a view's, contiguous all the same): later lengths read theirs. A bound
+    mask fixes the length: new caches of that length."""
+    q, _, k_new, _, v_new = _appended(batch, 8, 2, 20, 1, 64)
+    attn_mask = _masks(batch, 8, 31, torch.Generator().manual_seed(3))[mask]
+    if attn_mask is None:
+        lengths = (20, 300, 7)
+        k_old, v_old = (torch.randn(batch, 1, 2, 64).transpose(1, 2) for _ in "kv")
+        assert k_old.is_contiguous() and k_old.stride(2) != 64
+    else:
+        lengths = (30, 30)
+        _, k_old, _, v_old, _ = _appended(batch, 8, 2, 30, 1, 64, seed=1)
     append = decode_attention.AppendAttention()
-    out = torch.empty(1, 8, 1, 64)
-    call = append.bind(q, k_new, v_new, None, out, k_old, v_old)
-    for length in (20, 300, 7):
-        _, k_old, _, v_old, _ = _appended(1, 8, 2, length, 1, 64, seed=length)
+    out = torch.empty(batch, 8, 1, 64)
+    call = append.bind(q, k_new, v_new, attn_mask, out, k_old, v_old)
+    for length in lengths:
+        _, k_old, _, v_old, _ = _appended(batch, 8, 2, length, 1, 64, seed=length + 7)
         k, v = call(k_old, v_old)
-        want = append(q, k_old, k_new, v_old, v_new)
+        want = append(q, k_old, k_new, v_old, v_new, attn_mask=attn_mask)
         assert torch.equal(k, want[2]) and torch.equal(v, want[3])
         torch.testing.assert_close(out, want[0], rtol=1e-5, atol=1e-5)
+    q, k_old, k_new, v_old, v_new = _appended(1, 8, 2, 20, 1, 64)
+    out = torch.empty(1, 8, 1, 64)
+    call = append.bind(q, k_new, v_new, None, out, k_old, v_old)
     assert call(k_old.transpose(2, 3).contiguous().transpose(2, 3), v_old) is None
     assert call(k_old.double(), v_old.double()) is None
     assert call(k_old[:, :1], v_old[:, :1]) is None  # other head counts

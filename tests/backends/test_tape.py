@@ -399,12 +399,31 @@ def _appended_step(x, k_old, v_old):
     return (out * 2).exp(), k, v
 
 
-def test_an_appended_attention_replays_bound_to_the_tapes_memory(graphs, replays, monkeypatch):
+@pytest.mark.parametrize("bound_takes", [True, False])
+def test_an_appended_attention_replays_bound_to_the_tapes_memory(
+    graphs, replays, monkeypatch, bound_takes
+):
     """The per-call AppendAttention of a replay runs bound to its static operands
     (`AppendAttention.bind`): one kernel call a replay, the old caches that call's, its
     output written into the tape's memory where the launch after it reads it, the
-    concatenations that call's own; every call's values eager's, earlier ones untouched."""
+    concatenations that call's own; every call's values eager's, earlier ones untouched.
+    Where the bound call does not take a replay's caches, the whole call runs instead."""
     monkeypatch.setattr(tape, "MIN_LAUNCH_SHARE", 0)
+    if not bound_takes:
+        bind = AppendAttention.bind
+
+        def refusing(self, *args):
+            made = bind(self, *args)
+            if made is None:
+                return None
+
+            def call(k_old, v_old):
+                return None
+
+            call.kept = made.kept
+            return call
+
+        monkeypatch.setattr(AppendAttention, "bind", refusing)
     kernel_calls, entry = [], attention_kernel.append_function()
 
     def counted(*args):
@@ -435,7 +454,8 @@ def test_an_appended_attention_replays_bound_to_the_tapes_memory(graphs, replays
         assert torch.equal(got[2][:, :, :-1], inputs[2])
     assert replays["replayed"] == len(results) - 1 - tape.CAPTURE_AFTER - 1
     assert len(kernel_calls) == len(results)  # every call on the kernel
-    assert len(whole) == len(results) - replays["replayed"]  # replays bound, not whole calls
+    # replays bound, not whole calls (whole calls where the bound one refuses)
+    assert len(whole) == len(results) - (replays["replayed"] if bound_takes else 0)
 
 
 def _with_a_row(x, cache):

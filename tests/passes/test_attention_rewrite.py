@@ -490,6 +490,57 @@ def test_a_cache_appended_stays_concatenated_otherwise(case):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def _heads_concatenated(q, k_old, k_new, v_old, v_new, mask):
+    k, v = torch.cat([k_old, k_new], dim=1), torch.cat([v_old, v_new], dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), k, v
+
+
+def _causal(q, k_old, k_new, v_old, v_new, mask):
+    k, v = torch.cat([k_old, k_new], dim=-2), torch.cat([v_old, v_new], dim=-2)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True), k, v
+
+
+def _logsumexp_read(q, k_old, k_new, v_old, v_new, mask):
+    k, v = torch.cat([k_old, k_new], dim=-2), torch.cat([v_old, v_new], dim=-2)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+    return out, lse, k, v
+
+
+def _one_concatenation(q, k_old, k_new, v_old, v_new, mask):
+    k = torch.cat([k_old, k_new], dim=-2)
+    return F.scaled_dot_product_attention(q, k, k, attn_mask=mask), k
+
+
+@pytest.mark.parametrize(
+    "fn, refused",
+    [
+        (_heads_concatenated, None),  # along the heads: no cache appended
+        (_causal, None),  # one query position over the first key only
+        (_logsumexp_read, None),  # a backward's (or a caller's) logsumexp
+        (_one_concatenation, "one concatenation"),  # keys and values one tensor
+    ],
+)
+def test_other_concatenations_before_an_attention_stay(fn, refused):
+    """Must not: concatenations along another dimension, a causal attention, one whose
+    logsumexp is read, and one concatenation used as keys and as values (refused, its
+    bytes counted once)."""
+    inputs = list(_append_inputs())
+    if fn is _heads_concatenated:  # 2 + 2 heads of 41 positions
+        inputs[1:5] = [torch.randn(1, 2, 41, 64) for _ in range(4)]
+    a = memopt.analyze(fn, *inputs, cpu_attention="memopt")
+    found = _append_decisions(a)
+    if refused is None:
+        assert found == []
+    else:
+        (decision,) = found
+        assert not decision.applied and refused in decision.reason
+        assert decision.bytes_saved == 4 * (4 * 41 * 64)
+    assert sum("aten.cat" in k.ops[0] for k in a.kernels) >= 1
+    compiled = torch.compile(fn, backend="memopt", options={"cpu_attention": "memopt"})
+    for got, want in zip(compiled(*inputs), fn(*inputs)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_a_cache_appended_at_every_length_matches_eager():
     """Dynamic sizes: one graph over growing caches (the kernel at every length), each
     call eager's. (A decode step's tape with the call as a per-call entry: test_decode.)"""

@@ -76,6 +76,7 @@ _LAYERS = 6
 _WEIGHT_NBYTES = 12 << 20
 
 _FLOAT32, _STRIDED, _CPU = torch.float32, torch.strided, torch.device("cpu")
+_CHANNELS_LAST = torch.channels_last
 _grad_enabled = torch.is_grad_enabled
 
 
@@ -310,8 +311,8 @@ class AppendAttention:
         batch, heads, kv_heads, length, head_dim, v_dim, _ = sizes
         out = torch.empty((batch, heads, 1, v_dim), dtype=_FLOAT32, device=_CPU)
         lse = torch.empty((batch, 1, heads), dtype=_FLOAT32, device=_CPU).transpose(1, 2)
-        k = torch.empty((batch, kv_heads, length, head_dim), dtype=_FLOAT32, device=_CPU)
-        v = torch.empty((batch, kv_heads, length, v_dim), dtype=_FLOAT32, device=_CPU)
+        k = _concatenation(k_old, k_new, (batch, kv_heads, length, head_dim))
+        v = _concatenation(v_old, v_new, (batch, kv_heads, length, v_dim))
         failed = kernel.append_function()(
             q.data_ptr(), k_old.data_ptr(), k_new.data_ptr(), v_old.data_ptr(),
             v_new.data_ptr(), None if attn_mask is None else attn_mask.data_ptr(),
@@ -346,6 +347,7 @@ class AppendAttention:
         mask_ptr = None if mask is None else ctypes.c_void_p(mask.data_ptr())
         kept = (q, k_new, v_new, mask, out, lse)  # the memory the pointers are of
         row = head_dim
+        strides[13] = strides[19] = row  # the old caches' rows (contiguous, checked each call)
 
         def call(k_old: object, v_old: object) -> tuple | None:
             if (
@@ -375,8 +377,8 @@ class AppendAttention:
                 return None
             old = shape[2]
             length = old + new
-            k = torch.empty((batch, kv_heads, length, head_dim), dtype=_FLOAT32, device=_CPU)
-            v = torch.empty((batch, kv_heads, length, head_dim), dtype=_FLOAT32, device=_CPU)
+            k = _concatenation(k_old, k_new, (batch, kv_heads, length, head_dim))
+            v = _concatenation(v_old, v_new, (batch, kv_heads, length, head_dim))
             sizes[3], sizes[6] = length, old
             strides[2] = strides[5] = kv_heads * length * row
             strides[3] = strides[6] = length * row
@@ -392,6 +394,33 @@ class AppendAttention:
 
         call.kept = kept
         return call
+
+
+def _concatenation(old: torch.Tensor, new: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """The memory `torch.cat([old, new], 2)` makes for its result: channels-last where both
+    parts' strides are channels-last-like (ATen's rule, which for one key/value head, a
+    dimension of size 1 whose stride is free, a contiguous cache can meet), else
+    contiguous. The kernel's addresses are the same either way; the strides are
+    torch.cat's."""
+    if shape[1] == 1 and _channels_last_like(old) and _channels_last_like(new):
+        return torch.empty(shape, dtype=_FLOAT32, device=_CPU, memory_format=_CHANNELS_LAST)
+    return torch.empty(shape, dtype=_FLOAT32, device=_CPU)
+
+
+def _channels_last_like(t: torch.Tensor) -> bool:
+    """Whether ATen suggests channels-last for the 4-D `t` (c10's
+    `is_channels_last_strides_2d`: the strides ordered C, W, H, N, each at least the one
+    before times its size; a zero C stride, an empty dimension or an N stride equal to
+    C's is not)."""
+    sizes, strides = t.shape, t.stride()
+    if strides[1] == 0:
+        return False
+    least = 0
+    for d in (1, 3, 2, 0):
+        if sizes[d] == 0 or strides[d] < least or (d == 0 and least == strides[1]):
+            return False
+        least = strides[d] * sizes[d] if sizes[d] > 1 else strides[d]
+    return True
 
 
 def _append_call(q, k_old, k_new, v_old, v_new, mask) -> tuple | None:

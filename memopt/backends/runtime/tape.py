@@ -449,14 +449,15 @@ def _bound_append(node, target: AppendAttention, env, varying, owned, items, ent
     kernel writes the output into the tape's memory and the concatenations go to the
     frame; `entry` (the whole call) where the binding does not take the node, and for a
     replay whose caches the bound call does not take."""
+    if len(node.args) != 5 or set(node.kwargs) - {"attn_mask"}:
+        return entry
     q, k_old, k_new, v_old, v_new = node.args
     mask = node.kwargs.get("attn_mask")
     read = _read_elements(node)
     own = dict((index, tensor) for tensor, index in owned)
     if (
-        len(node.args) != 5
-        or set(node.kwargs) - {"attn_mask"}
-        or read is None
+        read is None
+        or 1 in read  # the logsumexp: the bound call writes it into a buffer of its own
         or 0 not in own
         or sorted(index for _, index in items) != [2, 3]
         or any(n in varying for n in (q, k_new, v_new, mask) if n is not None)
