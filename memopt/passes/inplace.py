@@ -23,7 +23,9 @@ Refuses (recorded with the bytes at stake) when:
   view of it, a non-pointwise op, a kernel whose loads and stores do not line up, or a
   backend that cannot write over what it reads, Feature.IN_PLACE_OUTPUTS), or an
   update's other operands read the buffer it updates;
-- a node reads the buffer's old values after the write would be made.
+- a node reads the buffer's old values after the write would be made;
+- an out= op that must run where it is would write a view of the input the graph makes
+  only after it.
 """
 
 from __future__ import annotations
@@ -91,6 +93,19 @@ def updated_in_place(node: Node) -> Node | None:
     if owns_fresh_memory(base) and list(base.users) == [node] and not reaches_output(base):
         return base
     return None
+
+
+def _comes_before(node: Node, anchor: Node) -> bool:
+    """Whether `node` is defined before `anchor` in its graph (an op placed at `anchor`
+    can take it)."""
+    if node is anchor:
+        return False
+    current = node.next
+    while current.op != "root":
+        if current is anchor:
+            return True
+        current = current.next
+    return False
 
 
 def _writers_between(start: Node, end: Node) -> list[Node]:
@@ -214,6 +229,10 @@ class InPlace(Pass):
         # Alone, and with nothing between that writes memory it might read, the op can run
         # where the copy was; else where it is, once nothing reads the old values any more.
         anchor = value if others or _writers_between(value, copy) else copy
+        if not _comes_before(dst, anchor):
+            reason = f"%{dst.name} is made after %{value.name}, where the op must run"
+            ctx.refuse("refused_order", f"not in place: {what}", reason, stake, names)
+            return
         late = readers_between(buffer, anchor, copy)
         if late:
             reason = f"%{late[0].name} reads %{dst.name} after %{value.name} would write it"

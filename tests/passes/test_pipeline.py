@@ -152,6 +152,20 @@ def test_backend_check_falls_back_visibly_on_a_miscompile(test_passes):
     torch.testing.assert_close(out, x * 2)  # the unoptimized graph's answer
 
 
+def test_a_failed_pipeline_falls_back_to_the_graph_as_it_came(test_passes):
+    """The passes rewrite the graph in place: where a later one fails, the fallback is the
+    graph before any of them ran, not the half-rewritten one (which multiplies by 3)."""
+    f = torch.compile(
+        lambda x: (x * 2).sum(1),
+        backend="memopt",
+        options={"passes": ["wrong_constant", "change_shape"]},
+    )
+    x = torch.randn(3, 4)
+    with pytest.warns(UserWarning, match="change_shape"):
+        out = f(x)
+    torch.testing.assert_close(out, (x * 2).sum(1))
+
+
 def fn_with_three_rewrites(x):
     return x.exp() + x.exp() + torch.cat([x.clone()])
 
