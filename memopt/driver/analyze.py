@@ -75,10 +75,16 @@ def _source_path(target: object) -> str | None:
 
 
 def node_costs(
-    gm: torch.fx.GraphModule, graph: str, bindings: Mapping[sympy.Symbol, int]
+    gm: torch.fx.GraphModule,
+    graph: str,
+    bindings: Mapping[sympy.Symbol, int],
+    carried: set[str] = frozenset(),
 ) -> list[NodeCost]:
+    """Each kernel node's modelled traffic, its reads split by source: read-only inputs,
+    and state (inputs the graph updates, or those named in `carried`: carried_inputs)."""
     placeholders = {n for n in gm.graph.nodes if n.op == "placeholder"}
     updated = {b for n in gm.graph.nodes for b in written_buffers(n)} & placeholders
+    updated |= {p for p in placeholders if p.name in carried}
     costs = []
     for node in gm.graph.nodes:
         if is_kernel(node):
@@ -107,6 +113,23 @@ def node_costs(
                 )
             )
     return costs
+
+
+def carried_inputs(gm: torch.fx.GraphModule) -> set[str]:
+    """The names of the inputs a graph carries into an output it returns by concatenation:
+    a dynamic KV cache, `cat([cache, new])` returned as the next cache. State, like the
+    inputs a graph updates in place. Read off the graph before the passes, where the
+    concatenation is a node of its own (after them a kernel or memopt's appended attention
+    may write it)."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    returned = set(output.all_input_nodes)
+    carried = set()
+    for node in returned:
+        if node.op == "call_function" and node.target is torch.ops.aten.cat.default:
+            first = node.args[0][0]
+            if isinstance(first, torch.fx.Node) and buffer_of(first).op == "placeholder":
+                carried.add(buffer_of(first).name)
+    return carried
 
 
 @dataclass
@@ -180,7 +203,7 @@ def optimize_graph(captured: CapturedGraph, pipeline: Pipeline, fuel: Fuel) -> G
         text=result.text_after,
         kernels=kernel_records(result.gm, captured.name, bindings),
         ledger=result.ledger,
-        node_costs=node_costs(result.gm, captured.name, bindings),
+        node_costs=node_costs(result.gm, captured.name, bindings, carried_inputs(captured.gm)),
         bytes_expr=cost.bytes_expr,
         lower_bound_expr=bound,
         bytes_moved=cost.nbytes,

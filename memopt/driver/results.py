@@ -75,7 +75,8 @@ class NodeCost:
     write_bytes: int
     flops: int
     # Of read_bytes, read from graph inputs: those the graph only reads (weights, token
-    # ids) and those it updates (state: a KV cache, running statistics).
+    # ids) and those it carries into its next state (updated in place, or concatenated
+    # into an output it returns: a KV cache, running statistics).
     input_read_bytes: int = 0
     state_read_bytes: int = 0
 

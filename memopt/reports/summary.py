@@ -145,8 +145,9 @@ def _top_nodes(a: Analysis, top: int) -> list[str]:
     if not nodes:
         return []
     total = a.bytes_moved
-    # A program that updates some of its inputs (a decode step's KV cache) gets the split of
-    # each node's reads: from inputs it only reads (weights), from inputs it updates (state).
+    # A program that carries some of its inputs into its next state (a decode step's KV
+    # cache, updated in place or concatenated into an output) gets the split of each node's
+    # reads: from inputs it only reads (weights), from those (state).
     state = any(c.state_read_bytes for g in a.graphs for c in g.node_costs)
     rows = [
         [
@@ -177,7 +178,8 @@ def _top_nodes(a: Analysis, top: int) -> list[str]:
         computed = sum(c.read_bytes for c in costs) - inputs - updated
         lines.append(
             f"  reads: {format_bytes(inputs)} of read-only inputs (weights), "
-            f"{format_bytes(updated)} of updated inputs (state), {format_bytes(computed)} computed"
+            f"{format_bytes(updated)} of state (inputs updated or concatenated into an "
+            f"output), {format_bytes(computed)} computed"
         )
     return lines
 

@@ -503,10 +503,34 @@ def test_a_program_that_updates_an_input_gets_its_reads_split_by_source():
         assert c.input_read_bytes + c.state_read_bytes <= c.read_bytes
     text = format_analysis(a)
     assert "of inputs" in text and "of state" in text
-    (reads,) = [line for line in text.splitlines() if "of updated inputs (state)" in line]
+    (reads,) = [line for line in text.splitlines() if "of state (inputs updated" in line]
     assert not re.search(r"-\d", reads)  # no negative "computed" figure
     plain = format_analysis(memopt.analyze(lambda x, w: x @ w, x, w))
     assert "of state" not in plain
+
+
+@pytest.mark.parametrize("attention", ["aten", "memopt"])
+def test_a_cache_concatenated_into_an_output_is_state_too(attention):
+    """A dynamic cache's step: the cache concatenated with the new row and returned (the
+    next cache). Its reads are state, whether the concatenation is a node of its own or
+    written by memopt's appended attention; the weights' reads are inputs."""
+    from memopt.reports.summary import format_analysis
+
+    def step(x, w, k_cache, v_cache):
+        q = (x @ w).view(1, 4, 1, 64)
+        k = torch.cat([k_cache, q], dim=-2)
+        v = torch.cat([v_cache, q * 2], dim=-2)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v), k, v
+
+    x, w = torch.randn(1, 64), torch.randn(64, 256)
+    caches = [torch.randn(1, 4, 20, 64) for _ in "kv"]
+    a = memopt.analyze(step, x, w, *caches, cpu_attention=attention)
+    costs = [c for g in a.graphs for c in g.node_costs]
+    assert sum(c.state_read_bytes for c in costs) == 2 * 4 * (4 * 20 * 64)
+    assert sum(c.input_read_bytes for c in costs) == 4 * (64 + 64 * 256)
+    for c in costs:
+        assert c.input_read_bytes + c.state_read_bytes <= c.read_bytes
+    assert "of state" in format_analysis(a)
 
 
 def test_a_gathered_table_never_makes_the_split_exceed_the_reads():
