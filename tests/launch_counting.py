@@ -8,16 +8,17 @@ import types
 from memopt.backends.cpp import launcher
 
 
-def kernel_calls(monkeypatch, kernel_module) -> list:
-    """The calls of `kernel_module.function()`'s entry (its ctypes path), as they come."""
+def kernel_calls(monkeypatch, kernel_module, name: str = "function") -> list:
+    """The calls of the entry `kernel_module.<name>()` returns (a ctypes path), as they
+    come: `function` by default."""
     calls = []
-    entry = kernel_module.function()
+    entry = getattr(kernel_module, name)()
 
     def counted(*args):
         calls.append(args)
         return entry(*args)
 
-    monkeypatch.setattr(kernel_module, "function", lambda: counted)
+    monkeypatch.setattr(kernel_module, name, lambda: counted)
     return calls
 
 

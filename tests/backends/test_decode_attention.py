@@ -280,15 +280,7 @@ def test_a_call_with_the_layouts_planned_last_is_one_native_launch(monkeypatch, 
 
 
 def _append_calls(monkeypatch):
-    calls = []
-    entry = kernel.append_function()
-
-    def counted(*args):
-        calls.append(args)
-        return entry(*args)
-
-    monkeypatch.setattr(kernel, "append_function", lambda: counted)
-    return calls
+    return kernel_calls(monkeypatch, kernel, "append_function")
 
 
 def _appended(batch, heads, kv_heads, old, new, head_dim, seed=0):

@@ -14,6 +14,7 @@ import threading
 
 import pytest
 import torch
+from launch_counting import kernel_calls
 from torch.testing import assert_close
 
 from memopt.backends.cpp import attention as attention_kernel
@@ -424,13 +425,7 @@ def test_an_appended_attention_replays_bound_to_the_tapes_memory(
             return call
 
         monkeypatch.setattr(AppendAttention, "bind", refusing)
-    kernel_calls, entry = [], attention_kernel.append_function()
-
-    def counted(*args):
-        kernel_calls.append(args)
-        return entry(*args)
-
-    monkeypatch.setattr(attention_kernel, "append_function", lambda: counted)
+    calls = kernel_calls(monkeypatch, attention_kernel, "append_function")
     whole = []  # whole calls on real tensors (a compile calls it on fake ones too)
     call = AppendAttention.__call__
 
@@ -453,7 +448,7 @@ def test_an_appended_attention_replays_bound_to_the_tapes_memory(
         assert torch.equal(got[1][:, :, :-1], inputs[1])
         assert torch.equal(got[2][:, :, :-1], inputs[2])
     assert replays["replayed"] == len(results) - 1 - tape.CAPTURE_AFTER - 1
-    assert len(kernel_calls) == len(results)  # every call on the kernel
+    assert len(calls) == len(results)  # every call on the kernel
     # replays bound, not whole calls (whole calls where the bound one refuses)
     assert len(whole) == len(results) - (replays["replayed"] if bound_takes else 0)
 

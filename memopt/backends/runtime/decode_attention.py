@@ -165,20 +165,29 @@ def _plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: object) -> tu
         return None
     if heads % kv_heads or q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1:
         return None
-    mask_strides = (0, 0, 0)
-    if mask is not None:
-        if mask.dim() not in (2, 4):  # ATen's op takes these (and raises on others)
-            return None
-        try:
-            full = mask.expand(batch, heads, 1, length)
-        except RuntimeError:
-            return None
-        mask_strides = (full.stride(0), full.stride(1), full.stride(3))
+    mask_strides = _mask_strides(mask, batch, heads, length)
+    if mask_strides is None:
+        return None
     sizes = (ctypes.c_int64 * 6)(batch, heads, kv_heads, length, head_dim, v_dim)
     strides = (ctypes.c_int64 * 11)(
         q.stride(0), q.stride(1), *k.stride()[:3], *v.stride()[:3], *mask_strides
     )
     return sizes, strides
+
+
+def _mask_strides(mask: object, batch: int, heads: int, length: int) -> tuple | None:
+    """The (b, h, l) strides of `mask` broadcast to (B, H, 1, L), (0, 0, 0) for no mask, or
+    None where the kernels do not take it: other than 2-D or 4-D (ATen's op takes these and
+    raises on others), or not broadcastable."""
+    if mask is None:
+        return (0, 0, 0)
+    if mask.dim() not in (2, 4):
+        return None
+    try:
+        full = mask.expand(batch, heads, 1, length)
+    except RuntimeError:
+        return None
+    return (full.stride(0), full.stride(1), full.stride(3))
 
 
 class LibraryAttention:
@@ -458,15 +467,9 @@ def _append_call(q, k_old, k_new, v_old, v_new, mask) -> tuple | None:
         return None
     if q.stride(3) != 1 or k_new.stride(3) != 1 or v_new.stride(3) != 1:
         return None
-    mask_strides = (0, 0, 0)
-    if mask is not None:
-        if mask.dim() not in (2, 4):
-            return None
-        try:
-            full = mask.expand(batch, heads, 1, length)
-        except RuntimeError:
-            return None
-        mask_strides = (full.stride(0), full.stride(1), full.stride(3))
+    mask_strides = _mask_strides(mask, batch, heads, length)
+    if mask_strides is None:
+        return None
     sizes = (ctypes.c_int64 * 7)(batch, heads, kv_heads, length, head_dim, head_dim, old)
     cache = (kv_heads * length * head_dim, length * head_dim, head_dim)
     strides = (ctypes.c_int64 * 23)(
