@@ -22,9 +22,9 @@ rotating). Reported, medians over rounds:
   work between steps included);
 - MBU (model bandwidth utilization): (weight bytes + KV bytes read + KV bytes written) of
   one step / step time / this machine's memory read bandwidth (`torch.sum` over 256 MiB,
-  past any last-level cache, best of 5), each round's steps against the bandwidth measured
-  at the start of that round (the machine is shared: its bandwidth moves with the other
-  tenants' load), the median over the rounds. Weight bytes count every parameter once, and an embedding table not shared
+  past any last-level cache, best of 5), each backend's steps in a round against the
+  bandwidth measured just before its `generate()` (the machine is shared: its bandwidth
+  moves with the other tenants' load, by 2x within a run), the median over the rounds. Weight bytes count every parameter once, and an embedding table not shared
   with the output layer as the one row a token reads; KV bytes read count the valid
   positions at the middle step (context + new tokens / 2), not a static cache's unused
   tail. "MBU at size" divides by the bandwidth measured the same way on a buffer of the
@@ -257,9 +257,10 @@ class Row:
     context: int
     new_tokens: int
     traffic: Traffic
-    # read bandwidth measured at the start of each round: at the step's size, at 256 MiB
-    bandwidth_gbps: list[float] = field(default_factory=list)
-    memory_gbps: list[float] = field(default_factory=list)
+    # read bandwidth measured just before each backend's generate() in each round: at the
+    # step's size, at 256 MiB
+    bandwidth_gbps: dict[str, list[float]] = field(default_factory=dict)
+    memory_gbps: dict[str, list[float]] = field(default_factory=dict)
     backends: tuple[str, ...] = BACKENDS
     prefill_s: dict[str, list[float]] = field(default_factory=dict)
     step_s: dict[str, list[float]] = field(default_factory=dict)
@@ -282,9 +283,9 @@ class Row:
 
     def mbu(self, backend: str, at_size: bool = False) -> float:
         """Model bandwidth utilization against memory's bandwidth, or `at_size` against
-        the bandwidth at the step's size, each round's against that round's (module doc):
-        the median over the rounds."""
-        bandwidths = self.bandwidth_gbps if at_size else self.memory_gbps
+        the bandwidth at the step's size, each round's steps against the bandwidth measured
+        just before them (module doc): the median over the rounds."""
+        bandwidths = (self.bandwidth_gbps if at_size else self.memory_gbps)[backend]
         nbytes = self.traffic_of(backend).nbytes
         return statistics.median(
             nbytes / step / (gbps * 1e9) for step, gbps in zip(self.step_s[backend], bandwidths)
@@ -335,12 +336,15 @@ def run(
             if backend == "memopt":
                 row.graphs = graphs_compiled() - before
         for r in range(rounds):
-            # The machine is shared: its bandwidth moves with the other tenants' load, so
-            # each round's steps are weighed against the bandwidth measured just before.
-            row.bandwidth_gbps.append(read_bandwidth_gbps(traffic.nbytes))
-            row.memory_gbps.append(read_bandwidth_gbps(MEMORY_NBYTES))
             shift = r % len(backends)
             for backend in backends[shift:] + backends[:shift]:
+                # The machine is shared: its bandwidth moves with the other tenants' load
+                # (by 2x within a run), so each backend's steps are weighed against the
+                # bandwidth measured just before them.
+                at_size = read_bandwidth_gbps(traffic.nbytes)
+                row.bandwidth_gbps.setdefault(backend, []).append(at_size)
+                memory = read_bandwidth_gbps(MEMORY_NBYTES)
+                row.memory_gbps.setdefault(backend, []).append(memory)
                 forward = forwards[backend]
                 forward.seconds.clear()
                 start = time.perf_counter()
@@ -442,7 +446,7 @@ def traffic_table(rows: list[Row]) -> str:
             lines.append(
                 f"| {row.model} | {row.cache} | {row.context} | {backend} "
                 f"| {t.weight_nbytes / 1e6:.1f} | {t.kv_read_nbytes / 1e6:.2f} "
-                f"| {statistics.median(row.bandwidth_gbps):.1f} | {shown} | {ratio} |"
+                f"| {statistics.median(row.bandwidth_gbps[backend]):.1f} | {shown} | {ratio} |"
             )
     return "\n".join(lines)
 
@@ -464,7 +468,13 @@ def report(
     rows: list[Row], long_graphs: dict[str, int], long_tokens: int, command: str, load: str
 ) -> str:
     dram = read_bandwidth_gbps(MEMORY_NBYTES)
-    measured = [gbps for row in rows if not row.error for gbps in row.memory_gbps]
+    measured = [
+        gbps
+        for row in rows
+        if not row.error
+        for values in row.memory_gbps.values()
+        for gbps in values
+    ]
     memory = f"{min(measured):.1f}-{max(measured):.1f} GB/s" if measured else "none"
     long = ", ".join(f"{cache} cache: {n} graphs" for cache, n in long_graphs.items())
     return "\n".join(
@@ -472,7 +482,7 @@ def report(
             "### LLM decoding (bench/decode.py)",
             "",
             f"Machine: {machine()}. Read bandwidth at 256 MiB: {dram:.1f} GB/s at the end, "
-            f"{memory} at the rounds' starts (the MBU column's). {load}",
+            f"{memory} just before each backend's `generate()`s (the MBU column's). {load}",
             f"Command: `{command}`. Medians over rounds; the float32 backends' tokens "
             "identical to eager's in every run (checked; narrowed weights: see their table).",
             "",
