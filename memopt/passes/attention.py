@@ -38,8 +38,8 @@ Two steps, one decision record each:
    old cache and attends over them from its cores' caches: the concatenations are written
    once and never read back (the saving recorded: their bytes). Refused, with the reason: a
    concatenation read by a node before the attention (the call sits where the attention
-   was), one of another layout than contiguous, a mask that is not float32, or ATen's
-   attention chosen for this machine.
+   was), one used as both keys and values, one of another layout than contiguous, a mask
+   that is not float32, or ATen's attention chosen for this machine.
 """
 
 from __future__ import annotations
