@@ -118,7 +118,9 @@ def node_costs(
 def carried_inputs(gm: torch.fx.GraphModule) -> set[str]:
     """The names of the inputs a graph carries into an output it returns by concatenation:
     a dynamic KV cache, `cat([cache, new])` returned as the next cache. State, like the
-    inputs a graph updates in place. Read off the graph before the passes, where the
+    inputs a graph updates in place (a reading of the graph's shape, for the report's split
+    of reads: any returned concatenation that begins with an input counts; the caller
+    asks only of inference graphs). Read off the graph before the passes, where the
     concatenation is a node of its own (after them a kernel or memopt's appended attention
     may write it)."""
     output = next(n for n in gm.graph.nodes if n.op == "output")
@@ -203,7 +205,13 @@ def optimize_graph(captured: CapturedGraph, pipeline: Pipeline, fuel: Fuel) -> G
         text=result.text_after,
         kernels=kernel_records(result.gm, captured.name, bindings),
         ledger=result.ledger,
-        node_costs=node_costs(result.gm, captured.name, bindings, carried_inputs(captured.gm)),
+        node_costs=node_costs(
+            result.gm,
+            captured.name,
+            bindings,
+            # a training forward returns what its backward saves: not a next state
+            carried_inputs(captured.gm) if captured.name.startswith("inference") else set(),
+        ),
         bytes_expr=cost.bytes_expr,
         lower_bound_expr=bound,
         bytes_moved=cost.nbytes,

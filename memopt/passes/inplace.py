@@ -164,7 +164,11 @@ class InPlace(Pass):
         for node in list(graph.nodes):
             base = updated_in_place(node)
             if base is not None:
-                copies = [u for u in node.users if u.target is aten.copy_.default]
+                # the copy back into `base` (not a copy of the new value elsewhere: fresh
+                # memory updated in place and then copied into an input keeps that copy)
+                copies = [
+                    u for u in node.users if u.target is aten.copy_.default and u.args[0] is base
+                ]
                 self._rewrite_update(gm, ctx, node, base, copies[0] if copies else None)
         for copy in [n for n in graph.nodes if n.target is aten.copy_.default]:
             destination, value = copy.args[:2]

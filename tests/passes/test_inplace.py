@@ -252,3 +252,18 @@ def test_an_out_variant_whose_destination_is_made_later_stays_in_its_place():
     compiled = torch.compile(fn, backend="memopt", options={"cpu_attention": "aten"})
     for got, want in zip((*compiled(*mine), *mine), (*fn(*theirs), *theirs)):
         torch.testing.assert_close(got, want)
+
+
+def _fresh_rows_copied_into_an_input(x, index, values):
+    buffer = torch.zeros(N)
+    buffer[index] = values
+    x.copy_(buffer)
+    return x.sum()
+
+
+def test_fresh_memory_updated_then_copied_into_an_input_keeps_the_copy():
+    """Must: rows written into fresh memory in place. Must not: take the copy of the new
+    value into the input for the update's own copy back (it copies into another buffer):
+    the input is written, as in eager (it once kept its old values)."""
+    a = run(_fresh_rows_copied_into_an_input, torch.randn(N), torch.tensor([1, 3]), torch.ones(2))
+    assert ("inplace.update_in_place", True) in decisions(a, "inplace")

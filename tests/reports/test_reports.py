@@ -533,6 +533,14 @@ def test_a_cache_concatenated_into_an_output_is_state_too(attention):
     assert "of state" in format_analysis(a)
 
 
+def test_a_training_forward_returning_a_concatenation_has_no_state():
+    """A training forward returns what its backward saves: a concatenation of a weight is
+    not a next state, and the weight's reads stay the inputs'."""
+    w, x = torch.randn(16, 16, requires_grad=True), torch.randn(16, 16)
+    a = memopt.analyze(lambda w, x: (torch.cat([w, x]) @ w).sum(), w, x, training=True)
+    assert not any(c.state_read_bytes for g in a.graphs for c in g.node_costs)
+
+
 def test_a_gathered_table_never_makes_the_split_exceed_the_reads():
     """A kernel that gathers rows of a table (its cost: the rows) beside a cache it reads."""
 
