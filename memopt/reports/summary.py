@@ -178,8 +178,7 @@ def _top_nodes(a: Analysis, top: int) -> list[str]:
         computed = sum(c.read_bytes for c in costs) - inputs - updated
         lines.append(
             f"  reads: {format_bytes(inputs)} of read-only inputs (weights), "
-            f"{format_bytes(updated)} of state (inputs updated or concatenated into an "
-            f"output), {format_bytes(computed)} computed"
+            f"{format_bytes(updated)} of state (a cache), {format_bytes(computed)} computed"
         )
     return lines
 

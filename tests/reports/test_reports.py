@@ -503,7 +503,7 @@ def test_a_program_that_updates_an_input_gets_its_reads_split_by_source():
         assert c.input_read_bytes + c.state_read_bytes <= c.read_bytes
     text = format_analysis(a)
     assert "of inputs" in text and "of state" in text
-    (reads,) = [line for line in text.splitlines() if "of state (inputs updated" in line]
+    (reads,) = [line for line in text.splitlines() if "of state (a cache)" in line]
     assert not re.search(r"-\d", reads)  # no negative "computed" figure
     plain = format_analysis(memopt.analyze(lambda x, w: x @ w, x, w))
     assert "of state" not in plain
