@@ -24,8 +24,9 @@ rotating). Reported, medians over rounds:
   one step / step time / this machine's memory read bandwidth (`torch.sum` over 256 MiB,
   past any last-level cache, best of 5), each backend's steps in a round against the
   bandwidth measured just before its `generate()` (the machine is shared: its bandwidth
-  moves with the other tenants' load, by 2x within a run), the median over the rounds. Weight bytes count every parameter once, and an embedding table not shared
-  with the output layer as the one row a token reads; KV bytes read count the valid
+  moves with the other tenants' load, by 2x within a run), the median over the rounds.
+  Weight bytes count every parameter once, and an embedding table not shared with the
+  output layer as the one row a token reads; KV bytes read count the valid
   positions at the middle step (context + new tokens / 2), not a static cache's unused
   tail. "MBU at size" divides by the bandwidth measured the same way on a buffer of the
   step's size instead (the traffic table prints it): where a step's bytes fit in a cache,

@@ -85,11 +85,10 @@ def run(name: str, context: int, backend: str, rounds: int) -> Result:
 
 
 def table(results: list[Result]) -> str:
-    lines = [
-        "| model | prompts | backend | ms a token, new lengths | same prompt again | "
-        "new / again | step ms, new | step ms, again |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    lines = decode.table_header(
+        "model", "prompts", "backend", "ms a token, new lengths", "same prompt again",
+        "new / again", "step ms, new", "step ms, again",
+    )  # fmt: skip
     for r in results:
         ratios = [a / b for a, b in zip(r.new, r.again)]
         prompts = f"{r.context}-{r.context + SPACING * (len(r.new) - 1)}"

@@ -95,11 +95,10 @@ def run(name: str, cache: str, context: int, new_tokens: int, sequences: int) ->
 
 
 def table(results: list[Result]) -> str:
-    lines = [
-        "| model | cache | backend | ms a token, sequences 2-5 | last 4 | last / first | "
-        "tokens/s, last 4 | memopt vs this, last 4 |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    lines = decode.table_header(
+        "model", "cache", "backend", "ms a token, sequences 2-5", "last 4", "last / first",
+        "tokens/s, last 4", "memopt vs this, last 4",
+    )  # fmt: skip
     for r in results:
         for backend in BACKENDS:
             early, late = r.early(backend), r.late(backend)

@@ -29,6 +29,14 @@ def copy_graph(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         return copy.deepcopy(gm)
 
 
+def attribute(gm: torch.fx.GraphModule, target: str) -> object:
+    """What a `get_attr` (or `call_module`) node of `gm` with this dotted target fetches."""
+    value = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def graph_device(gm: torch.fx.GraphModule) -> str:
     """The device type of the graph's tensor inputs (fake tensors carry it); "cpu" if none."""
     for node in gm.graph.nodes:

@@ -24,7 +24,7 @@ from memopt.compiler import collector
 from memopt.compiler.bound import lower_bound
 from memopt.compiler.capture import aot_backend, release_values
 from memopt.compiler.cost import graph_cost
-from memopt.compiler.graph import copy_graph, evaluate, shape_bindings
+from memopt.compiler.graph import attribute, copy_graph, evaluate, shape_bindings
 from memopt.config import Config
 from memopt.passes import Fuel
 from memopt.passes.pipeline import capture_hooks, run_pipeline
@@ -40,20 +40,13 @@ class _GraphCopy:
         self.graph._codegen = copy.deepcopy(gm.graph._codegen)
         self.graph.output(self.graph.graph_copy(gm.graph, {}))
         self.attributes = {
-            node.target: _attribute(gm, node.target)
+            node.target: attribute(gm, node.target)
             for node in gm.graph.nodes
             if node.op in ("get_attr", "call_module")
         }
 
     def module(self) -> torch.fx.GraphModule:
         return torch.fx.GraphModule(self.attributes, self.graph)
-
-
-def _attribute(gm: torch.fx.GraphModule, target: str) -> object:
-    value = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 class CompileSession:

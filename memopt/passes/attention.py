@@ -56,6 +56,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from memopt.backends.registry import AttentionKernels
 from memopt.backends.runtime.decode_attention import AppendAttention, attention_library
+from memopt.compiler.cost import readers_between
 from memopt.compiler.graph import (
     META_KEY,
     evaluate,
@@ -431,7 +432,7 @@ class Attention(Pass):
         k_cat, v_cat = parts["k"], parts["v"]
         saved = sum(evaluate(tensor_meta(c).nbytes, ctx.bindings) for c in {k_cat, v_cat})
         what = f"attention %{node.name}: concatenations %{k_cat.name}, %{v_cat.name} written by it"
-        reason = self._not_appendable(gm, node, parts, ctx)
+        reason = self._not_appendable(node, parts, ctx)
         if reason is not None:
             ctx.refuse("not_appended", what, reason, saved, (node.name, k_cat.name, v_cat.name))
             return False
@@ -463,16 +464,15 @@ class Attention(Pass):
         return True
 
     @staticmethod
-    def _not_appendable(gm, node, parts: dict[str, object], ctx: PassContext) -> str | None:
+    def _not_appendable(node, parts: dict[str, object], ctx: PassContext) -> str | None:
         """Why the attention and its concatenations cannot be one call, or None."""
         if parts["k"] is parts["v"]:
             return "the keys and the values are one concatenation (the call writes two)"
-        order = {n: i for i, n in enumerate(gm.graph.nodes)}
         for cat in (parts["k"], parts["v"]):
             meta = tensor_meta(cat)
             if meta.dtype != torch.float32 or not meta.is_contiguous():
                 return f"%{cat.name} is {meta.short()}: the kernel writes float32, contiguous"
-            early = [u for u in cat.users if u is not node and order[u] < order[node]]
+            early = readers_between(cat, cat, node)
             if early:
                 return f"%{early[0].name} reads %{cat.name} before the attention runs"
         mask = tensor_meta(parts["mask"]) if parts["mask"] is not None else None

@@ -86,13 +86,18 @@ def updated_in_place(node: Node) -> Node | None:
     if not isinstance(base, Node):
         return None
     if base.op == "placeholder":
-        copies = [u for u in node.users if u.target is aten.copy_.default and u.args[0] is base]
+        copies = _copies_back(node, base)
         if copies and (not reaches_output(node) or list(node.users) == copies):
             return base
         return None
     if owns_fresh_memory(base) and list(base.users) == [node] and not reaches_output(base):
         return base
     return None
+
+
+def _copies_back(update: Node, base: Node) -> list[Node]:
+    """The `copy_` nodes that write `update`'s new value back into `base`."""
+    return [u for u in update.users if u.target is aten.copy_.default and u.args[0] is base]
 
 
 def _comes_before(node: Node, anchor: Node) -> bool:
@@ -164,11 +169,9 @@ class InPlace(Pass):
         for node in list(graph.nodes):
             base = updated_in_place(node)
             if base is not None:
-                # the copy back into `base` (not a copy of the new value elsewhere: fresh
-                # memory updated in place and then copied into an input keeps that copy)
-                copies = [
-                    u for u in node.users if u.target is aten.copy_.default and u.args[0] is base
-                ]
+                # the copy back into `base` only (fresh memory updated in place and then
+                # copied into an input keeps that copy)
+                copies = _copies_back(node, base)
                 self._rewrite_update(gm, ctx, node, base, copies[0] if copies else None)
         for copy in [n for n in graph.nodes if n.target is aten.copy_.default]:
             destination, value = copy.args[:2]

@@ -163,8 +163,8 @@ def test_a_cold_cache_builds_the_launcher_beside_the_kernels(tmp_path, monkeypat
 
 def test_same_inputs_names_the_first_tensor_not_as_recorded():
     """A tape's check of the inputs it uses where they are (runtime/tape.py): -1 where each
-    is that very tensor with its recorded address, dtype, shape, strides and version;
-    else the position of the first that is not, whatever changed."""
+    is that very tensor with its recorded address, device, dtype, shape, strides and
+    version; else the position of the first that is not, whatever changed."""
     same_inputs = launcher.module().same_inputs
     x, w = torch.randn(2, 3), torch.randn(4, 5)
 
@@ -174,9 +174,7 @@ def test_same_inputs_names_the_first_tensor_not_as_recorded():
                 k,
                 t,
                 t.data_ptr(),
-                t.dtype,
-                tuple(t.shape),
-                t.stride(),
+                (t.dtype, tuple(t.shape), t.stride()),
                 None if versions is None else t._version,
             )
             for k, t in tensors
@@ -218,5 +216,7 @@ def test_same_inputs_names_the_first_tensor_not_as_recorded():
     recorded = table((0, d))
     d.data = d.data.conj()
     assert same_inputs([d], recorded) == 0
-    with pytest.raises(TypeError, match="7 items"):
+    with pytest.raises(TypeError, match="a table row is"):
         same_inputs([x], ((0, x),))
+    with pytest.raises(TypeError, match="a table row is"):
+        same_inputs([x], ((0, x, x.data_ptr(), x.dtype, None),))

@@ -293,33 +293,20 @@ static PyObject* record(PyObject* module, PyObject* target) {
 }
 
 // A tape's inputs used where they are (runtime/tape.py, `Tape.__call__`), checked in one
-// call: `table` holds (position, tensor, address, dtype, shape, strides, version or None).
-// Returns -1 where the argument at each position is that very tensor, at that address,
-// with that dtype, shape and strides, no negation or conjugation bit and, where one is
-// given, that version; else the first position where it is not (the caller then looks at
-// the arguments in Python).
+// call: `table` holds (position, tensor, address, (dtype, shape, strides), version or
+// None). Returns -1 where the argument at each position is that very tensor, at that
+// address, on the CPU with that dtype, shape and strides (`matches`, as a launch checks
+// its tensors), no negation or conjugation bit and, where one is given, that version;
+// else the first position where it is not (the caller then looks at the arguments in
+// Python).
 static int same_input(PyObject* tensor, PyObject* entry) {
   void* address = pointer_of(tensor);
   if (address == nullptr && PyErr_Occurred()) return -1;
   void* recorded = PyLong_AsVoidPtr(PyTuple_GET_ITEM(entry, 2));
   if (recorded == nullptr && PyErr_Occurred()) return -1;
   if (address != recorded) return 0;
-  PyObject* value = PyObject_GetAttr(tensor, dtype_name);
-  if (value == nullptr) return -1;
-  int same = value == PyTuple_GET_ITEM(entry, 3);
-  Py_DECREF(value);
-  if (same) {
-    value = PyObject_GetAttr(tensor, shape_name);
-    if (value == nullptr) return -1;
-    same = PyObject_RichCompareBool(value, PyTuple_GET_ITEM(entry, 4), Py_EQ);
-    Py_DECREF(value);
-  }
-  if (same == 1) {
-    value = PyObject_CallMethodNoArgs(tensor, stride_name);
-    if (value == nullptr) return -1;
-    same = PyObject_RichCompareBool(value, PyTuple_GET_ITEM(entry, 5), Py_EQ);
-    Py_DECREF(value);
-  }
+  int same = matches(tensor, PyTuple_GET_ITEM(entry, 3));
+  PyObject* value;
   PyObject* const bits[] = {is_neg_name, is_conj_name};
   for (PyObject* bit : bits) {
     if (same != 1) break;
@@ -328,10 +315,10 @@ static int same_input(PyObject* tensor, PyObject* entry) {
     same = value == Py_False;
     Py_DECREF(value);
   }
-  if (same == 1 && PyTuple_GET_ITEM(entry, 6) != Py_None) {
+  if (same == 1 && PyTuple_GET_ITEM(entry, 4) != Py_None) {
     value = PyObject_GetAttr(tensor, version_name);
     if (value == nullptr) return -1;
-    same = PyObject_RichCompareBool(value, PyTuple_GET_ITEM(entry, 6), Py_EQ);
+    same = PyObject_RichCompareBool(value, PyTuple_GET_ITEM(entry, 4), Py_EQ);
     Py_DECREF(value);
   }
   return same;
@@ -349,8 +336,13 @@ static PyObject* same_inputs(PyObject* module, PyObject* const* argv, Py_ssize_t
   PyObject* result = nullptr;
   for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(table) && result == nullptr; ++k) {
     PyObject* entry = PyTuple_GET_ITEM(table, k);
-    if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 7) {
-      PyErr_SetString(PyExc_TypeError, "memopt launcher: a table row has 7 items");
+    PyObject* check = PyTuple_Check(entry) && PyTuple_GET_SIZE(entry) == 5
+                          ? PyTuple_GET_ITEM(entry, 3)
+                          : nullptr;
+    if (check == nullptr || !PyTuple_Check(check) || PyTuple_GET_SIZE(check) != 3) {
+      PyErr_SetString(PyExc_TypeError,
+                      "memopt launcher: a table row is (position, tensor, address, "
+                      "(dtype, shape, strides), version)");
       break;
     }
     PyObject* position_object = PyTuple_GET_ITEM(entry, 0);

@@ -23,8 +23,8 @@ slower on any shape; cached in `$MEMOPT_CACHE_DIR/machine/attention-<key>.json`.
 `DecodeAttention` stands for one such node whose query has one position (static) and whose
 logsumexp nothing reads; `AppendAttention` for one such node together with the two
 concatenations of a cache and its new positions that it reads (the attention pass makes
-it: passes/attention.py), its kernel writing the concatenations as it reads the old cache. It sums in another order than ATen (float32 rounding, not bit for
-bit); a NaN score makes its row NaN as in ATen's op, and a position the mask drops is not
+it: passes/attention.py), its kernel writing the concatenations as it reads the old cache.
+It sums in another order than ATen (float32 rounding, not bit for bit); a NaN score makes its row NaN as in ATen's op, and a position the mask drops is not
 read (a non-finite value there, which ATen's 0 x inf turns into NaN, stays out of the row).
 At run time anything the kernel does not take runs the ATen op: other dtypes or devices,
 tensor subclasses, autograd recording, dropout, `is_causal`, more than one query position,
@@ -282,9 +282,9 @@ class AppendAttention:
 
     memopt's kernel (`cpp/attention.py`, `memopt_decode_attention_append`) copies each work
     unit's rows into the concatenations and attends over them from its core's caches: the
-    old cache is read from memory once. Anything it does not take runs the concatenations
-    and ATen's op: the operands `plan` refuses, concatenations of other layouts (the kernel
-    writes contiguous ones, as `torch.cat` of a contiguous cache does), a head dim of 1."""
+    old cache is read from memory once; the concatenations have `torch.cat`'s layout
+    (`_concatenation`). Anything it does not take runs the concatenations and ATen's op:
+    the operands `plan` refuses, old caches that are not contiguous, a head dim of 1."""
 
     memopt_kind = "extern"
     __name__ = "decode_attention_append"
@@ -300,9 +300,8 @@ class AppendAttention:
         """Each operand read once (the old cache too), the output, the logsumexp and the
         two concatenations written once; the attention's FLOPs over the whole cache."""
         outputs = output_metas(node)
-        q, k = (tensor_meta(a) for a in node.args[:2])
+        *batch, rows, head_dim = tensor_meta(node.args[0]).shape
         length = outputs[2].shape[2]
-        *batch, rows, head_dim = q.shape
         return Cost(
             read=read_bytes(node, [a for a in node.all_input_nodes if tensor_meta(a) is not None]),
             write=sympy.Add(*(m.nbytes for m in outputs)),
@@ -461,8 +460,8 @@ def _append_call(q, k_old, k_new, v_old, v_new, mask) -> tuple | None:
     length = old + new
     if not (batch and heads and length):
         return None
-    # The concatenations are written contiguous: torch.cat's layout for a contiguous old
-    # cache and new rows whose last dimension is contiguous (module doc).
+    # Contiguous old caches, rows of new positions contiguous in their last dimension: the
+    # kernel's copies; `_concatenation` gives the result torch.cat's layout for them.
     if not (k_old.is_contiguous() and v_old.is_contiguous()):
         return None
     if q.stride(3) != 1 or k_new.stride(3) != 1 or v_new.stride(3) != 1:

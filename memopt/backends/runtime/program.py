@@ -44,7 +44,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from memopt.backends.runtime.kernels import FusedKernel
 from memopt.compiler.aten_ops import is_view_op
-from memopt.compiler.graph import tensor_meta
+from memopt.compiler.graph import attribute, tensor_meta
 
 _SUPPORTED = {"placeholder", "call_function", "get_attr", "output"}
 _FAKE = torch._C._TorchDispatchModeKey.FAKE
@@ -282,10 +282,7 @@ class _Emitter:
 
     def call(self, node: torch.fx.Node, alias: _Alias | None) -> str:
         if node.op == "get_attr":
-            value = self.gm
-            for part in node.target.split("."):
-                value = getattr(value, part)
-            return self.constant(value)
+            return self.constant(attribute(self.gm, node.target))
         if alias is not None:
             root = self.name(alias.root)
             made = f"_reinterpret({root}, {alias.size}, {alias.stride}, {alias.offset})"

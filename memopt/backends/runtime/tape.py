@@ -44,17 +44,19 @@ program's, it may be a view of an input or of another output (it must not be the
 memory). An output of static layout made through views from a per-call node or a varying
 value (a row of the cache) means no tape: its copy would lose the alias (and where such a
 graph's capture makes no tape, the program runs that call again, the capture's outputs
-being made from those copies). A per-call node's varying elements go into the frame from its own
-entry (their `getitem`s get no entries), and an element nothing reads is not copied. An
-`AppendAttention` (a dynamic cache's attention with its concatenations) is bound once to
-its static operands (`AppendAttention.bind`: the query and new rows the launches before it
-write, its output in the tape's memory): a replay checks and passes only the old caches,
-about 10 us a layer less than the whole call and the copy of its output. A graph with any varying value that writes in place gets
-no tape: a write through a copy would miss the value it writes.
+being made from those copies). A per-call node's varying elements go into the frame from
+its own entry (their `getitem`s get no entries), and an element nothing reads is not
+copied. An `AppendAttention` (a dynamic cache's attention with its concatenations) is
+bound once to its static operands (`AppendAttention.bind`: the query and new rows the
+launches before it write, its output in the tape's memory): a replay checks and passes
+only the old caches, about 10 us a layer less than the whole call and the copy of its
+output. A graph with any varying value that writes in place gets no tape: a write through
+a copy would miss the value it writes.
 
 A graph gets no tape when it has a node the tape does not know (only ATen
-ops, `getitem` and memopt's kernels, GEMVs, narrow matmuls and lookups, decode (also over an appended cache) and causal
-attention and row writes: targets whose calls do nothing outside their launch and ATen), an
+ops, `getitem` and memopt's kernels, GEMVs, narrow matmuls and lookups, decode (also over
+an appended cache) and causal attention and row writes: targets whose calls do nothing
+outside their launch and ATen), an
 output of static layout that shares memory with an input or with another output or
 overlaps itself, more bytes of outputs and moved
 inputs to copy than COPY_NBYTES_PER_LAUNCH a launch, fewer launches than
@@ -102,7 +104,7 @@ from memopt.backends.runtime.kernels import FusedKernel
 from memopt.backends.runtime.program import alias_of
 from memopt.backends.runtime.quantized import QuantizedEmbedding, QuantizedMatmul
 from memopt.compiler.aten_ops import is_view_op
-from memopt.compiler.graph import META_KEY, TensorMeta, static_int
+from memopt.compiler.graph import META_KEY, TensorMeta, attribute, static_int
 from memopt.compiler.order import written_buffers
 
 # Plain calls of a graph before the one that makes its tape: the first works out and binds
@@ -286,9 +288,9 @@ class _Reach:
 
 def _same_table(inputs: list[tuple]) -> tuple[tuple, ...]:
     """The inputs used where they are as `launcher.same_inputs` checks them: (position,
-    tensor, address, dtype, shape, strides, version or None)."""
+    tensor, address, (dtype, shape, strides), version or None)."""
     return tuple(
-        (k, tensor, layout[0], layout[1], tuple(layout[2]), tuple(layout[3]), version)
+        (k, tensor, layout[0], (layout[1], tuple(layout[2]), tuple(layout[3])), version)
         for k, (kind, *how) in enumerate(inputs)
         if kind == "same"
         for tensor, layout, version, _ in [how]
@@ -436,10 +438,11 @@ def _taken_items(
     one a Python entry of its own."""
     if node.target is operator.getitem:
         return []
+    # (a getitem of a varying element is varying, so per-call itself)
     return [
         (user, user.args[1])
         for user in node.users
-        if user.target is operator.getitem and user in per_call and user in varying
+        if user.target is operator.getitem and user in varying
     ]
 
 
@@ -454,7 +457,7 @@ def _bound_append(node, target: AppendAttention, env, varying, owned, items, ent
     q, k_old, k_new, v_old, v_new = node.args
     mask = node.kwargs.get("attn_mask")
     read = _read_elements(node)
-    own = dict((index, tensor) for tensor, index in owned)
+    own = {index: tensor for tensor, index in owned}
     if (
         read is None
         or 1 in read  # the logsumexp: the bound call writes it into a buffer of its own
@@ -570,10 +573,7 @@ class Tape:
             if node.op in ("placeholder", "output"):
                 continue
             if node.op == "get_attr":
-                value = gm
-                for part in node.target.split("."):
-                    value = getattr(value, part)
-                env[node] = value
+                env[node] = attribute(gm, node.target)
                 continue
             call_args = torch.fx.node.map_arg(node.args, env.__getitem__)
             call_kwargs = torch.fx.node.map_arg(node.kwargs, env.__getitem__)
