@@ -220,3 +220,18 @@ def test_same_inputs_names_the_first_tensor_not_as_recorded():
         same_inputs([x], ((0, x),))
     with pytest.raises(TypeError, match="a table row is"):
         same_inputs([x], ((0, x, x.data_ptr(), x.dtype, None),))
+
+
+def test_same_inputs_leaves_layouts_to_the_caller_when_told():
+    """With a false third argument the check is identity, memory and version only: the tape
+    checks layouts in one call of Dynamo's (runtime/tape.py, `_layout_check`)."""
+    same_inputs = launcher.module().same_inputs
+    x = torch.randn(3, 3)
+    recorded = ((0, x, x.data_ptr(), (x.dtype, (3, 3), (3, 1)), x._version),)
+    x.data = x.data.t()  # the same memory and version, other strides
+    assert same_inputs([x], recorded) == 0
+    assert same_inputs([x], recorded, True) == 0
+    assert same_inputs([x], recorded, False) == -1
+    x.add_(1)
+    assert same_inputs([x], recorded, False) == 0  # the version still counts
+    assert same_inputs([x.clone()], recorded, False) == 0  # and the tensor itself

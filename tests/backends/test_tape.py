@@ -317,6 +317,45 @@ def test_another_thread_or_mode_runs_the_program(replays):
     assert replays == {"replayed": 1, "refused": 2}
 
 
+def _scaled(x, w):
+    return (x * w * 2).relu().sum(-1), (x + w).exp().mean(0)
+
+
+def test_an_input_used_where_it_is_changing_layout_in_place_runs_the_program(replays):
+    """The same tensor at the same address and version with other strides (`.data` given
+    another view of its memory): Dynamo's layout check says no, the rule in Python agrees, and the
+    program answers, here with its error for a layout it was not compiled for."""
+    x, w = torch.randn(5, 33), torch.randn(5, 33)
+    compiled, _ = _compiled(_scaled, (x, w))
+    for _ in range(tape.CAPTURE_AFTER + 2):
+        compiled(x, w)
+    assert replays == {"replayed": 1, "refused": 0}
+    assert compiled._tape._layouts is not None and compiled._tape._layouts()
+    ((_, _, address, _, version),) = [row for row in compiled._tape._same if row[1] is w]
+    w.data = w.data.as_strided((5, 33), (1, 5))
+    assert (w.data_ptr(), w._version) == (address, version or 0)
+    with pytest.raises(ValueError, match="strides"):
+        compiled(x, w)
+    assert replays == {"replayed": 1, "refused": 1}
+
+
+def test_a_stricter_layout_check_defers_to_the_rule_and_is_made_again(replays):
+    """requires_grad, which Dynamo's layout check reads and the tape's rule does not: the
+    call is checked in Python and replayed, and the check made again for the next one."""
+    x, w = torch.randn(5, 33), torch.randn(5, 33)
+    compiled, _ = _compiled(_scaled, (x, w))
+    with torch.no_grad():
+        for _ in range(tape.CAPTURE_AFTER + 1):
+            compiled(x, w)
+        w.requires_grad_()
+        assert not compiled._tape._layouts()
+        for _ in range(2):
+            for got, want in zip(compiled(x, w), _scaled(x, w)):
+                assert_close(got, want)
+            assert compiled._tape._layouts()
+    assert replays == {"replayed": 2, "refused": 0}
+
+
 def _view_and_double(x):
     return x.view(-1), x * 2
 

@@ -298,18 +298,19 @@ static PyObject* record(PyObject* module, PyObject* target) {
 // address, on the CPU with that dtype, shape and strides (`matches`, as a launch checks
 // its tensors), no negation or conjugation bit and, where one is given, that version;
 // else the first position where it is not (the caller then looks at the arguments in
-// Python).
-static int same_input(PyObject* tensor, PyObject* entry) {
+// Python). With a false third argument the layouts (device, dtype, shape, strides and
+// the two bits) are left to the caller, which checks them in one call of its own.
+static int same_input(PyObject* tensor, PyObject* entry, int layouts) {
   void* address = pointer_of(tensor);
   if (address == nullptr && PyErr_Occurred()) return -1;
   void* recorded = PyLong_AsVoidPtr(PyTuple_GET_ITEM(entry, 2));
   if (recorded == nullptr && PyErr_Occurred()) return -1;
   if (address != recorded) return 0;
-  int same = matches(tensor, PyTuple_GET_ITEM(entry, 3));
+  int same = layouts ? matches(tensor, PyTuple_GET_ITEM(entry, 3)) : 1;
   PyObject* value;
   PyObject* const bits[] = {is_neg_name, is_conj_name};
   for (PyObject* bit : bits) {
-    if (same != 1) break;
+    if (same != 1 || !layouts) break;
     value = PyObject_CallMethodNoArgs(tensor, bit);
     if (value == nullptr) return -1;
     same = value == Py_False;
@@ -325,10 +326,13 @@ static int same_input(PyObject* tensor, PyObject* entry) {
 }
 
 static PyObject* same_inputs(PyObject* module, PyObject* const* argv, Py_ssize_t argc) {
-  if (argc != 2 || !PyTuple_Check(argv[1])) {
-    PyErr_SetString(PyExc_TypeError, "memopt launcher: same_inputs(arguments, table)");
+  if (argc < 2 || argc > 3 || !PyTuple_Check(argv[1])) {
+    PyErr_SetString(PyExc_TypeError,
+                    "memopt launcher: same_inputs(arguments, table[, layouts])");
     return nullptr;
   }
+  const int layouts = argc == 3 ? PyObject_IsTrue(argv[2]) : 1;
+  if (layouts < 0) return nullptr;
   // the arguments as they are now: attribute reads may run Python that changes a list
   PyObject* args = PySequence_Tuple(argv[0]);
   if (args == nullptr) return nullptr;
@@ -353,7 +357,7 @@ static PyObject* same_inputs(PyObject* module, PyObject* const* argv, Py_ssize_t
       result = Py_NewRef(position_object);
       break;
     }
-    const int same = same_input(PyTuple_GET_ITEM(args, position), entry);
+    const int same = same_input(PyTuple_GET_ITEM(args, position), entry, layouts);
     if (same < 0) break;
     if (!same) result = Py_NewRef(position_object);
   }
@@ -418,7 +422,8 @@ static PyMethodDef methods[] = {
     {"tape", make_tape, METH_VARARGS, "tape(entries) -> a callable running them in order"},
     {"record", record, METH_O, "record(list | None): launches append what they ran"},
     {"same_inputs", (PyCFunction)(void (*)(void))same_inputs, METH_FASTCALL,
-     "same_inputs(args, table) -> -1, or the first position whose tensor is not as recorded"},
+     "same_inputs(args, table[, layouts]) -> -1, or the first position whose tensor is not "
+     "as recorded"},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "launcher", nullptr, -1,
