@@ -34,12 +34,13 @@ def _kernel_calls(monkeypatch):
 
 
 @pytest.mark.parametrize("rows", [1, 2, 4])
-@pytest.mark.parametrize("k, n", [(1000, 37), (64, 4096), (3, 5), (1, 40)])
+@pytest.mark.parametrize("k, n", [(1000, 37), (1003, 50), (64, 4096), (3, 5), (1, 40)])
 @pytest.mark.parametrize("layout", ["nk", "kn"])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["addmm", "mm"])
 def test_streaming_kernels_match_aten(monkeypatch, rows, k, n, layout, with_bias):
-    """Both weight layouts, tails of K (not a multiple of the vector width) and of N (runs
-    of columns per thread), one to four rows, with and without a bias."""
+    """Both weight layouts, tails of K (not a multiple of the vector width, nor of a
+    thread's rows of the (K, N) kernel's four at a time) and of N (runs of columns per
+    thread), one to four rows, with and without a bias."""
     calls = _kernel_calls(monkeypatch)
     torch.manual_seed(0)
     a = torch.randn(rows, k)
