@@ -27,6 +27,7 @@ from torch._functorch.partitioners import default_partition
 from torch._subclasses.fake_tensor import FakeTensor
 
 from memopt.compiler.graph import annotate, copy_graph, shape_bindings
+from memopt.compiler.order import written_buffers
 from memopt.errors import MemoptError
 
 aten = torch.ops.aten
@@ -230,7 +231,9 @@ def aot_backend(compile_graph: GraphCompiler, hooks: CaptureHooks | None = None)
                 pending.clear()
             if real and kind != "backward":
                 _attach_values(gm, example_inputs, real.pop())
-            return compile_graph(gm, example_inputs, kind)
+            bits = _bit_inputs(gm, example_inputs)  # before the passes rewrite gm
+            compiled = compile_graph(gm, example_inputs, kind)
+            return _resolving_bits(compiled, bits) if bits else compiled
 
         return compile_one
 
@@ -264,6 +267,50 @@ def aot_backend(compile_graph: GraphCompiler, hooks: CaptureHooks | None = None)
             real.clear()  # the caller's tensors are not kept past the compile
 
     return backend
+
+
+def _bit_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence[object]) -> dict[int, bool]:
+    """The positions of the inputs that carry a negation or conjugation bit
+    (`torch._neg_view(w)`, `z.conj()`), each with whether the graph writes it.
+
+    The bits are dispatch keys: ATen applies them as it reads, while memopt's kernels read
+    the memory as it is (as Inductor's do: on torch 2.13 a negated view given to a graph
+    compiled by either came out un-negated). Dynamo's guards hold each input's dispatch keys
+    to the graph's, so a graph compiled without such inputs never gets one."""
+    positions = [
+        k
+        for k, x in enumerate(example_inputs)
+        if isinstance(x, torch.Tensor) and (x.is_neg() or x.is_conj())
+    ]
+    if not positions:
+        return {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    written = {b for n in gm.graph.nodes if n.op == "call_function" for b in written_buffers(n)}
+    return {k: k < len(placeholders) and placeholders[k] in written for k in positions}
+
+
+def _resolving_bits(compiled: Callable, bits: dict[int, bool]) -> Callable:
+    """`compiled`, given materialized copies of the inputs at `bits`' positions
+    (`_bit_inputs`); a copy the graph writes is copied back into the caller's tensor after
+    the call (memopt's kernels write it without moving its version counter)."""
+
+    def run(args: list[object]) -> object:
+        args = list(args)
+        held = []
+        for k, written in bits.items():
+            given = args[k]
+            if isinstance(given, torch.Tensor):
+                args[k] = given.resolve_conj().resolve_neg()
+                if written and args[k] is not given:
+                    held.append((given, args[k]))
+        outputs = compiled(args)
+        with torch.no_grad():
+            for given, resolved in held:
+                given.copy_(resolved)  # through the caller's bits, as ATen's write would
+        return outputs
+
+    run._boxed_call = True  # type: ignore[attr-defined]
+    return run
 
 
 def _needs_autograd(example_inputs: Sequence[object]) -> bool:

@@ -356,6 +356,37 @@ def test_a_stricter_layout_check_defers_to_the_rule_and_is_made_again(replays):
     assert replays == {"replayed": 2, "refused": 0}
 
 
+def test_the_layout_check_follows_the_tape_onto_new_inputs(replays):
+    """After the tape moves onto a new cache, the layout check is the new cache's: the new
+    cache given other strides at the same address runs the program (here its error for a
+    layout it was not compiled for), where a check of the old cache would replay."""
+    g = torch.Generator().manual_seed(4)
+    cache, want_cache = torch.zeros(6, 8), torch.zeros(6, 8)
+    compiled, _ = _compiled(_write_row, (cache, torch.randn(8), torch.tensor([0])))
+    _steps(compiled, cache, want_cache, tape.CAPTURE_AFTER + 1 + tape.REBIND_AFTER, g)
+    cache = torch.randn(6, 8, generator=g)
+    want_cache = cache.clone()
+    _steps(compiled, cache, want_cache, 2, g)
+    assert compiled._tape.rebinds == 1 and compiled._tape._layouts()
+    refused = replays["refused"]
+    cache.data = cache.data.as_strided((6, 8), (1, 6))
+    with pytest.raises(ValueError, match="strides"):
+        compiled(cache, torch.randn(8, generator=g), torch.tensor([1]))
+    assert replays["refused"] == refused + 1
+
+
+def test_a_tensor_at_two_positions_is_checked_in_c_alone(replays):
+    """Dynamo's tensor check refuses a tensor given twice, so a tape whose inputs repeat
+    one checks layouts in the launcher's call, and replays without building it again."""
+    x, w = torch.randn(5, 33), torch.randn(5, 33)
+    compiled, _ = _compiled(lambda x, w, v: _scaled(x, w + v), (x, w, w.clone()))
+    for _ in range(tape.CAPTURE_AFTER + 4):
+        for got, want in zip(compiled(x, w, w), _scaled(x, w + w)):
+            assert_close(got, want)
+    assert compiled._tape._layouts is None
+    assert replays == {"replayed": 3, "refused": 0}
+
+
 def _view_and_double(x):
     return x.view(-1), x * 2
 

@@ -205,3 +205,58 @@ def test_report_dir_keeps_every_graph_of_every_compiled_frame(tmp_path):
     assert [r["graph"] for r in records] == ["inference.1", "inference"]
     first, second = (r["bytes_moved"]["value"] for r in records[::-1])
     assert second > first  # the 6-element graph's, not the 4-element one's twice
+
+
+def _scaled_relu(x, w):
+    return (x * w + 1).relu().sum(-1)
+
+
+def _written(x, w):
+    w.mul_(2).add_(x)
+    return x * w
+
+
+def test_inputs_with_a_negation_or_conjugation_bit_are_read_through_it():
+    """A negated or conjugated view (a dispatch key ATen applies as it reads) given to a
+    compiled graph: memopt's kernels read memory as it is, so such inputs reach them
+    materialized, and a write to one lands in the caller's tensor through its bit."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(8, 64, generator=g), torch.randn(8, 64, generator=g)
+    compiled = torch.compile(_scaled_relu, backend="memopt")
+    for _ in range(4):  # past the tape's capture, on the plain graph
+        torch.testing.assert_close(compiled(x, w), _scaled_relu(x, w))
+    for _ in range(4):  # another graph (Dynamo guards the bit), its tape included
+        negated = torch._neg_view(w.clone())
+        torch.testing.assert_close(compiled(x, negated), _scaled_relu(x, negated))
+    given = torch._neg_view(torch.randn(8, 64, generator=g))
+    eager = torch._neg_view(torch._neg_view(given).clone())  # the same values, negated view
+    compiled_written = torch.compile(_written, backend="memopt")
+    torch.testing.assert_close(compiled_written(x, given), _written(x, eager))
+    assert given.is_neg()
+    torch.testing.assert_close(given, eager)  # the write reached the caller's tensor
+    z = torch.randn(4, 3, dtype=torch.complex64, generator=g)
+    doubled = torch.compile(lambda z: z * 2 + 1, backend="memopt")
+    torch.testing.assert_close(doubled(z.conj()), z.conj() * 2 + 1)
+
+
+def test_a_graph_without_such_inputs_runs_as_compiled(monkeypatch):
+    """No wrapper where no input carries a bit: the compiled graph is what AOTAutograd
+    calls. With one, the wrapper knows the input is written."""
+    from memopt.compiler import capture
+
+    made = []
+    resolving = capture._resolving_bits
+
+    def counted(compiled, bits):
+        made.append(bits)
+        return resolving(compiled, bits)
+
+    monkeypatch.setattr(capture, "_resolving_bits", counted)
+    torch._dynamo.reset()
+    x, w = torch.randn(8, 64), torch.randn(8, 64)
+    torch.compile(_scaled_relu, backend="memopt")(x, w)
+    assert made == []
+    torch.compile(_written, backend="memopt")(x, torch._neg_view(w.clone()))
+    (bits,) = made
+    assert list(bits.values()) == [True]  # one input with a bit, which the graph writes

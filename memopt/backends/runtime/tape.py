@@ -310,12 +310,15 @@ def _layout_check(table: tuple[tuple, ...]) -> Callable[[], bool] | None:
     attribute as a Python object (1 us). It is stricter than the table's rule
     (requires_grad; the dispatch state of the thread): where it says False the replay
     looks at the arguments in Python, which decides. None, and the layouts are checked
-    with the rest, where torch lacks it or a tensor is no longer as the table recorded."""
+    with the rest, where torch lacks it, a tensor is no longer as the table recorded, or
+    the table holds one tensor twice (the check refuses a repeated tensor)."""
     try:
         from torch._C._dynamo.guards import TensorGuards
     except ImportError:
         return None
     tensors = [row[1] for row in table]
+    if len({id(tensor) for tensor in tensors}) < len(tensors):
+        return None
     for tensor, (_, _, _, (dtype, shape, strides), _) in zip(tensors, table):
         if (tensor.dtype, tuple(tensor.shape), tensor.stride()) != (dtype, shape, strides):
             return None
