@@ -553,3 +553,89 @@ def test_a_cache_appended_at_every_length_matches_eager():
         got, want = compiled(*inputs), _appending(*inputs)
         torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
         assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+
+
+# -- a constant causal mask on the CPU ----------------------------------------------------
+
+
+def _causal_mask(n, additive):
+    """Query i sees keys 0..i, built in the graph from no input (as Hugging Face's
+    `sdpa_mask` builds a prompt's mask without padding)."""
+    seen = torch.arange(n)[None, :] <= torch.arange(n)[:, None]
+    return torch.zeros(n, n).masked_fill(~seen, -math.inf) if additive else seen
+
+
+def _bool_causal(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_causal_mask(q.shape[-2], False))
+
+
+def _additive_causal(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_causal_mask(q.shape[-2], True))
+
+
+def _causal_decisions(a):
+    return [d for d in ledger_attention(a) if "causal_mask" in d.code]
+
+
+@pytest.mark.parametrize("fn", [_bool_causal, _additive_causal], ids=["bool", "additive"])
+def test_a_constant_causal_mask_becomes_is_causal(fn):
+    """Must: a mask computed from no input and equal to the causal pattern is dropped for
+    is_causal. Bytes: q, k, v read, output and logsumexp written; the additive mask the op
+    read (4 bytes an element) is the saving. Values as eager's, on memopt's causal kernel."""
+    q, k, v = qkv((1, 2, 40, 24))
+    a = memopt.analyze(fn, q, k, v)
+    (decision,) = _causal_decisions(a)
+    assert decision.code == "attention.causal_mask" and decision.applied
+    assert decision.bytes_saved == 4 * 40 * 40
+    assert [k.ops for k in a.kernels] == [
+        ("aten._scaled_dot_product_flash_attention_for_cpu.default",)
+    ]
+    assert a.bytes_moved == 4 * 3 * (2 * 40 * 24) + 4 * (2 * 40 * 24 + 2 * 40)
+    compiled = torch.compile(fn, backend="memopt", options={"cpu_attention": "memopt"})
+    torch.testing.assert_close(compiled(q, k, v), fn(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def _window(q, k, v):
+    n = q.shape[-2]
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (j > i - 4))
+
+
+def _given_mask(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _random_mask(q, k, v):
+    n = q.shape[-2]
+    causal = torch.arange(n)[None, :] <= torch.arange(n)[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal | (torch.rand(n, n) < 0.0))
+
+
+def _fewer_queries(q, k, v):
+    n = k.shape[-2]
+    seen = torch.arange(n)[None, :] <= torch.arange(n)[-q.shape[-2] :, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=seen)
+
+
+@pytest.mark.parametrize(
+    "fn, inputs, reason",
+    [
+        (_window, lambda q, k, v: (q, k, v), "not the causal pattern"),
+        (_given_mask, lambda q, k, v: (q, k, v, _causal_mask(40, False)), "an input"),
+        (_fewer_queries, lambda q, k, v: (q[:, :, :8], k, v), "differ in number"),
+        (_random_mask, lambda q, k, v: (q, k, v), "a random op"),
+    ],
+    ids=["sliding window", "mask given as an input", "fewer queries than keys", "random"],
+)
+def test_other_masks_stay(fn, inputs, reason):
+    """Must not: a sliding window (evaluated, not causal), a mask given as an input (even a
+    causal one: the next call may give another), queries fewer than keys (bottom-right
+    alignment, which is_causal's top-left is not), a mask made with a random op (its value
+    at compile time says nothing of the next call's, even where it is causal)."""
+    args = inputs(*qkv((1, 2, 40, 24)))
+    a = memopt.analyze(fn, *args)
+    (decision,) = _causal_decisions(a)
+    assert decision.code == "attention.not_causal_mask" and not decision.applied
+    assert reason in decision.reason
+    compiled = torch.compile(fn, backend="memopt", options={"cpu_attention": "memopt"})
+    torch.testing.assert_close(compiled(*args), fn(*args), rtol=1e-5, atol=1e-5)
