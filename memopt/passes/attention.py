@@ -479,8 +479,15 @@ class Attention(Pass):
             length = q_meta.shape[-2]
             if length != k_meta.shape[-2]:
                 nodes, reason = None, "queries and keys differ in number (another alignment)"
-            elif not _is_causal_pattern(_evaluated(nodes), length):
-                nodes, reason = None, "the mask, evaluated, is not the causal pattern"
+            else:
+                try:
+                    causal = _is_causal_pattern(_evaluated(nodes), length)
+                except Exception as error:  # noqa: BLE001 - an op that cannot run here
+                    causal, reason = None, f"the mask could not be evaluated ({error!r:.120})"
+                if causal is False:
+                    reason = "the mask, evaluated, is not the causal pattern"
+                if not causal:
+                    nodes = None
         if nodes is None:
             ctx.refuse("not_causal_mask", what, reason, saved, (node.name, mask.name))
             return

@@ -639,3 +639,17 @@ def test_other_masks_stay(fn, inputs, reason):
     assert reason in decision.reason
     compiled = torch.compile(fn, backend="memopt", options={"cpu_attention": "memopt"})
     torch.testing.assert_close(compiled(*args), fn(*args), rtol=1e-5, atol=1e-5)
+
+
+def test_a_mask_that_cannot_be_evaluated_stays(monkeypatch):
+    """Must not: where evaluating the mask raises, the mask stays, with the reason."""
+    from memopt.passes import attention
+
+    def fails(nodes):
+        raise RuntimeError("no kernel for this op here")
+
+    monkeypatch.setattr(attention, "_evaluated", fails)
+    q, k, v = qkv((1, 2, 40, 24))
+    (decision,) = _causal_decisions(memopt.analyze(_bool_causal, q, k, v))
+    assert not decision.applied and "could not be evaluated" in decision.reason
+    assert "no kernel for this op here" in decision.reason
