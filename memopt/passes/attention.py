@@ -47,8 +47,10 @@ Two steps, one decision record each:
    -inf) is dropped for `is_causal=True`. The op no longer reads the mask, and a causal op
    skips the masked blocks (memopt's CPU causal kernel takes only that form: GPT-2 without
    a cache, 1024 tokens, 12.7 -> 5.1 ms a layer). Refused, with the reason: a mask that
-   reads an input or a random op, has size symbols, is larger than MAX_MASK_ELEMENTS, or
-   is not the causal pattern (a sliding window, another alignment).
+   reads an input, a random op, uninitialized memory or an op outside ATen, has size
+   symbols or a tensor larger than MAX_MASK_ELEMENTS, or is not the causal pattern (a
+   sliding window, another alignment); a scale of 0 or below (the causal op makes NaN
+   rows there). A mask shared by several attentions is evaluated once.
 """
 
 from __future__ import annotations
@@ -276,13 +278,16 @@ def _appended(node: object) -> torch.fx.Node | None:
     return node
 
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 # The most elements of a mask evaluated at compile time (a 4096-token prompt's, as bool).
 MAX_MASK_ELEMENTS = 1 << 24
 
 
 def _constant_subgraph(mask: torch.fx.Node) -> tuple[list[torch.fx.Node] | None, str]:
-    """The nodes `mask` is computed from, in graph order, where none is an input or a
-    module attribute and every size is static; else None and why not."""
+    """The nodes `mask` is computed from, in graph order, where each is an ATen op that
+    reads no input, module attribute, random state or uninitialized memory (`empty`), and
+    every tensor it makes has static sizes and at most MAX_MASK_ELEMENTS elements; else
+    None and why not. (Another namespace's op may read state of its own.)"""
     seen: set[torch.fx.Node] = set()
     stack = [mask]
     while stack:
@@ -290,17 +295,23 @@ def _constant_subgraph(mask: torch.fx.Node) -> tuple[list[torch.fx.Node] | None,
         if node in seen:
             continue
         seen.add(node)
+        target = node.target
         if node.op != "call_function":
             return None, f"the mask is computed from %{node.name}, an input of the graph"
-        if torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ()):
+        if not isinstance(target, torch._ops.OpOverload) or target.namespace != "aten":
+            return None, f"the mask is computed by %{node.name}, not an ATen op"
+        if torch.Tag.nondeterministic_seeded in target.tags:
             return None, f"the mask is computed from %{node.name}, a random op"
+        if "empty" in target._opname:
+            return None, f"the mask is computed from %{node.name}, uninitialized memory"
         meta = node.meta.get("val")
-        values = meta if isinstance(meta, (tuple, list)) else [meta]
-        for value in values:
-            if isinstance(value, torch.Tensor) and not all(
-                isinstance(size, int) for size in value.shape
-            ):
+        for value in meta if isinstance(meta, (tuple, list)) else [meta]:
+            if not isinstance(value, torch.Tensor):
+                continue
+            if not all(isinstance(size, int) for size in value.shape):
                 return None, "the mask has size symbols (dynamic shapes)"
+            if value.numel() > MAX_MASK_ELEMENTS:
+                return None, f"%{node.name} has over {MAX_MASK_ELEMENTS} elements to evaluate"
         torch.fx.node.map_arg((node.args, node.kwargs), stack.append)
     order = {node: k for k, node in enumerate(mask.graph.nodes)}
     return sorted(seen, key=order.__getitem__), ""
@@ -379,12 +390,13 @@ class Attention(Pass):
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> None:
         kernels = ctx.kernel_backend(graph_device(gm)).attention
+        verdicts: dict = {}  # constant masks evaluated (step 5), by mask and length
         for node in list(gm.graph.nodes):
             if node.op == "call_function" and (
                 node.target in FUSED_OPS or node.target in BACKWARD_OPS
             ):
                 if kernels is None and node.target is _FLASH_CPU:
-                    self._causal(gm, node, ctx)
+                    self._causal(gm, node, ctx, verdicts)
                     self._ungroup(gm, node, ctx)
                     if self._append(gm, node, ctx):
                         continue
@@ -456,8 +468,11 @@ class Attention(Pass):
         gm.graph.erase_node(node)
         _erase_dead(gm.graph, bypassed)
 
-    def _causal(self, gm: torch.fx.GraphModule, node: torch.fx.Node, ctx: PassContext) -> None:
-        """A constant mask equal to the causal pattern dropped for is_causal (module doc, 5)."""
+    def _causal(
+        self, gm: torch.fx.GraphModule, node: torch.fx.Node, ctx: PassContext, verdicts: dict
+    ) -> None:
+        """A constant mask equal to the causal pattern dropped for is_causal (module doc, 5).
+        `verdicts`: each mask's (nodes, reason) as found, for the graph's other attentions."""
         parts = _flash_cpu(node)
         mask, q, k = parts["mask"], parts["q"], parts["k"]
         if not isinstance(mask, torch.fx.Node) or parts["causal"]:
@@ -472,14 +487,18 @@ class Attention(Pass):
         mask_meta, q_meta, k_meta = metas
         saved = evaluate(mask_meta.touched_nbytes, ctx.bindings)
         what = f"attention %{node.name}: mask %{mask.name} as is_causal"
-        nodes, reason = _constant_subgraph(mask)
-        if nodes is not None and math.prod(mask_meta.shape) > MAX_MASK_ELEMENTS:
-            nodes, reason = None, f"the mask has over {MAX_MASK_ELEMENTS} elements to evaluate"
-        if nodes is not None:
-            length = q_meta.shape[-2]
-            if length != k_meta.shape[-2]:
-                nodes, reason = None, "queries and keys differ in number (another alignment)"
-            else:
+        length, scale = q_meta.shape[-2], parts["scale"]
+        nodes, reason = None, ""
+        if scale is not None and not 0 < scale <= _FLOAT32_MAX:
+            # ATen's causal op makes NaN rows there, where the masked op does not
+            reason = f"a scale of {scale} (the causal op needs one above 0)"
+        elif length != k_meta.shape[-2]:
+            reason = "queries and keys differ in number (another alignment)"
+        elif (mask, length) in verdicts:
+            nodes, reason = verdicts[mask, length]
+        else:
+            nodes, reason = _constant_subgraph(mask)
+            if nodes is not None:
                 try:
                     causal = _is_causal_pattern(_evaluated(nodes), length)
                 except Exception as error:  # noqa: BLE001 - an op that cannot run here
@@ -488,6 +507,7 @@ class Attention(Pass):
                     reason = "the mask, evaluated, is not the causal pattern"
                 if not causal:
                     nodes = None
+            verdicts[mask, length] = (nodes, reason)
         if nodes is None:
             ctx.refuse("not_causal_mask", what, reason, saved, (node.name, mask.name))
             return

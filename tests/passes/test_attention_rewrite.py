@@ -653,3 +653,60 @@ def test_a_mask_that_cannot_be_evaluated_stays(monkeypatch):
     (decision,) = _causal_decisions(memopt.analyze(_bool_causal, q, k, v))
     assert not decision.applied and "could not be evaluated" in decision.reason
     assert "no kernel for this op here" in decision.reason
+
+
+def _negative_scale(q, k, v):
+    n = q.shape[-2]
+    seen = torch.arange(n)[None, :] <= torch.arange(n)[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=seen, scale=-1.0)
+
+
+@torch.library.custom_op("memopt_test::causal_mask", mutates_args=())
+def _library_mask(n: int) -> torch.Tensor:
+    """An op outside ATen: it may read state of its own (here it does not)."""
+    return torch.arange(n)[None, :] <= torch.arange(n)[:, None]
+
+
+@_library_mask.register_fake
+def _(n):
+    return torch.empty(n, n, dtype=torch.bool)
+
+
+def _custom_op_mask(q, k, v):
+    mask = torch.ops.memopt_test.causal_mask(q.shape[-2])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize(
+    "fn, reason",
+    [(_negative_scale, "scale of -1.0"), (_custom_op_mask, "not an ATen op")],
+    ids=["scale below 0", "an op outside ATen"],
+)
+def test_causal_masks_the_causal_op_would_not_match_stay(fn, reason):
+    """Must not: with a scale of 0 or below ATen's causal op makes NaN rows where the masked
+    op does not; an op outside ATen may give another mask on the next call."""
+    q, k, v = qkv((1, 2, 40, 24))
+    (decision,) = _causal_decisions(memopt.analyze(fn, q, k, v))
+    assert not decision.applied and reason in decision.reason
+    compiled = torch.compile(fn, backend="memopt", options={"cpu_attention": "memopt"})
+    torch.testing.assert_close(compiled(q, k, v), fn(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_a_mask_shared_by_attentions_is_evaluated_once(monkeypatch):
+    """Must: two attentions over one constant causal mask: both take is_causal, and the
+    mask is evaluated once (a model's layers share their prompt's mask)."""
+    from memopt.passes import attention
+
+    calls = []
+    evaluated = attention._evaluated
+    monkeypatch.setattr(attention, "_evaluated", lambda nodes: calls.append(1) or evaluated(nodes))
+
+    def two_layers(q, k, v):
+        mask = _causal_mask(q.shape[-2], False)
+        first = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(first, k, v, attn_mask=mask)
+
+    q, k, v = qkv((1, 2, 40, 24))
+    decisions = _causal_decisions(memopt.analyze(two_layers, q, k, v))
+    assert [d.code for d in decisions] == ["attention.causal_mask"] * 2
+    assert all(d.applied for d in decisions) and len(calls) == 1
