@@ -343,6 +343,12 @@ def _is_causal_pattern(mask: torch.Tensor, length: int) -> bool:
         return bool((mask == additive).all())
 
 
+def _lse_read(node: torch.fx.Node) -> bool:
+    """Whether something reads a fused attention op's results past its output (its
+    logsumexp: a backward, which also takes the op's operands as they are)."""
+    return any(u.target is operator.getitem and u.args[1] > 0 and u.users for u in node.users)
+
+
 def _erase_dead(graph: torch.fx.Graph, nodes: list[torch.fx.Node]) -> None:
     for node in nodes:
         if not node.users:
@@ -477,7 +483,7 @@ class Attention(Pass):
         mask, q, k = parts["mask"], parts["q"], parts["k"]
         if not isinstance(mask, torch.fx.Node) or parts["causal"]:
             return
-        if any(u.target is operator.getitem and u.args[1] > 0 and u.users for u in node.users):
+        if _lse_read(node):
             return  # a backward reads this op's outputs and takes the mask
         if parts["dropout"] not in (0, 0.0):
             return
@@ -517,20 +523,17 @@ class Attention(Pass):
         )
         if not ctx.decide("causal_mask", what, why, saved, (node.name, mask.name)):
             return
-        q_arg, k_arg, v_arg, *rest = node.args
-        dropout = rest[0] if rest else node.kwargs.get("dropout_p", 0.0)
-        kwargs = {
+        node.args = (q, k, parts["v"], parts["dropout"], True)
+        node.kwargs = {
             key: value
             for key, value in node.kwargs.items()
             if key not in ("attn_mask", "dropout_p", "is_causal")
         }
-        node.args = (q_arg, k_arg, v_arg, dropout, True)
-        node.kwargs = kwargs
         _erase_dead(gm.graph, list(reversed(nodes)))
 
     def _ungroup(self, gm: torch.fx.GraphModule, node: torch.fx.Node, ctx: PassContext) -> None:
         """Keys and values repeated over query-head groups, read unrepeated (module doc, 3)."""
-        if any(u.target is operator.getitem and u.args[1] > 0 and u.users for u in node.users):
+        if _lse_read(node):
             return  # a backward reads this op's outputs and takes the repeated operands
         q, k, v = node.args[:3]
         q_meta = tensor_meta(q) if isinstance(q, torch.fx.Node) else None
@@ -567,7 +570,7 @@ class Attention(Pass):
             return False
         if parts["dropout"] not in (0, 0.0) or parts["causal"] is not False:
             return False
-        if any(u.target is operator.getitem and u.args[1] > 0 and u.users for u in node.users):
+        if _lse_read(node):
             return False  # a backward reads the logsumexp
         k_cat, v_cat = parts["k"], parts["v"]
         saved = sum(evaluate(tensor_meta(c).nbytes, ctx.bindings) for c in {k_cat, v_cat})

@@ -358,19 +358,7 @@ class AppendAttention:
         strides[13] = strides[19] = row  # the old caches' rows (contiguous, checked each call)
 
         def call(k_old: object, v_old: object) -> tuple | None:
-            if (
-                type(k_old) not in PLAIN_TENSORS
-                or type(v_old) not in PLAIN_TENSORS
-                or k_old.dtype is not _FLOAT32
-                or v_old.dtype is not _FLOAT32
-                or not k_old.is_cpu
-                or not v_old.is_cpu
-                or k_old.layout is not _STRIDED
-                or v_old.layout is not _STRIDED
-                or k_old.is_neg()
-                or v_old.is_neg()
-                or (_grad_enabled() and (k_old.requires_grad or v_old.requires_grad))
-            ):
+            if not _cpu_float32((k_old, v_old)):
                 return None
             shape = k_old.shape
             if (
@@ -431,18 +419,24 @@ def _channels_last_like(t: torch.Tensor) -> bool:
     return True
 
 
+def _cpu_float32(tensors: tuple) -> bool:
+    """Whether the append kernel takes `tensors` as operands: plain float32 CPU tensors
+    without a negation bit, none recording autograd."""
+    for t in tensors:
+        if type(t) not in PLAIN_TENSORS or t.is_neg() or t.dtype is not _FLOAT32:
+            return False
+        if t.layout is not _STRIDED or not t.is_cpu:
+            return False
+    return not (_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 def _append_call(q, k_old, k_new, v_old, v_new, mask) -> tuple | None:
     """The append kernel's (sizes, strides) arrays for these operands, or None where it
     does not take them (AppendAttention's doc)."""
     operands = (
         (q, k_old, k_new, v_old, v_new) if mask is None else (q, k_old, k_new, v_old, v_new, mask)
     )
-    for t in operands:
-        if type(t) not in PLAIN_TENSORS or t.is_neg() or t.dtype is not _FLOAT32:
-            return None
-        if t.layout is not _STRIDED or not t.is_cpu:
-            return None
-    if _grad_enabled() and any(t.requires_grad for t in operands):
+    if not _cpu_float32(operands):
         return None
     if q.dim() != 4 or k_old.dim() != 4 or k_new.dim() != 4 or v_old.dim() != 4 or v_new.dim() != 4:
         return None

@@ -302,7 +302,7 @@ def _same_table(inputs: list[tuple]) -> tuple[tuple, ...]:
     )
 
 
-def _layout_check(table: tuple[tuple, ...]) -> Callable[[], bool] | None:
+def _layout_check(table: tuple[tuple, ...], same_inputs: Callable) -> Callable[[], bool] | None:
     """The layouts of a `_same_table`'s tensors checked in one C call: True while each has
     the Python type, dispatch keys (the device, negation and conjugation bits among them),
     dtype, requires_grad, shape and strides it has now. Dynamo's guards check tensors with
@@ -310,8 +310,9 @@ def _layout_check(table: tuple[tuple, ...]) -> Callable[[], bool] | None:
     attribute as a Python object (1 us). It is stricter than the table's rule
     (requires_grad; the dispatch state of the thread): where it says False the replay
     looks at the arguments in Python, which decides. None, and the layouts are checked
-    with the rest, where torch lacks it, a tensor is no longer as the table recorded, or
-    the table holds one tensor twice (the check refuses a repeated tensor)."""
+    with the rest, where torch lacks it, a tensor is no longer as the table recorded
+    (`same_inputs`, the launcher's check, says so), or the table holds one tensor twice
+    (the check refuses a repeated tensor)."""
     try:
         from torch._C._dynamo.guards import TensorGuards
     except ImportError:
@@ -319,11 +320,11 @@ def _layout_check(table: tuple[tuple, ...]) -> Callable[[], bool] | None:
     tensors = [row[1] for row in table]
     if len({id(tensor) for tensor in tensors}) < len(tensors):
         return None
-    for tensor, (_, _, _, (dtype, shape, strides), _) in zip(tensors, table):
-        if (tensor.dtype, tuple(tensor.shape), tensor.stride()) != (dtype, shape, strides):
-            return None
-        if tensor.is_neg() or tensor.is_conj() or not tensor.is_cpu:
-            return None
+    recorded = [None] * (1 + max((row[0] for row in table), default=-1))
+    for position, tensor, *_ in table:
+        recorded[position] = tensor
+    if same_inputs(recorded, table) >= 0:
+        return None
     try:
         guards = TensorGuards(*tensors, dynamic_dims_sizes=None, dynamic_dims_strides=None)
     except Exception:  # noqa: BLE001 - its interface is Dynamo's own: the rule in C instead
@@ -465,7 +466,7 @@ def _per_call_entry(node, target, values, owned, frame, varies: bool, taken=()):
 
 
 def _taken_items(
-    node: torch.fx.Node, per_call: set[torch.fx.Node], varying: set[torch.fx.Node]
+    node: torch.fx.Node, varying: set[torch.fx.Node]
 ) -> list[tuple[torch.fx.Node, int]]:
     """(getitem, index) of a per-call node's elements that vary (a concatenation an
     attention call writes): its entry puts them in the replay's frame, which saves each
@@ -569,7 +570,7 @@ class Tape:
         self._native = launcher.module()  # a tape is made only where it is built
         self._same_inputs = self._native.same_inputs
         self._same = _same_table(inputs)
-        self._layouts = _layout_check(self._same)
+        self._layouts = _layout_check(self._same, self._same_inputs)
         self._others = [(k, entry) for k, entry in enumerate(inputs) if entry[0] != "same"]
         self._specs = ran.specs  # what each entry was made from, for `_rebind`
         self._entries = ran.entries  # as the native tape was made from them
@@ -623,7 +624,7 @@ class Tape:
                     owned = []
                 ran.owned.extend(own for own, _ in owned)
                 slots = {n: _Slot(n) if n in varying else env[n] for n in node.all_input_nodes}
-                items = _taken_items(node, per_call, varying)
+                items = _taken_items(node, varying)
                 taken.update(item for item, _ in items)
                 entry = _per_call_entry(
                     node, target, slots, owned, ran.frame, node in varying, items
@@ -881,7 +882,7 @@ class Tape:
             if moves and not self._rebind(moves, args):
                 return None
             if stricter and not moves:  # as recorded, by the rule: checked as they are now
-                self._layouts = _layout_check(self._same)
+                self._layouts = _layout_check(self._same, self._same_inputs)
             self._replays += 1
             for own, arg in copies:
                 own.copy_(arg)
@@ -992,7 +993,7 @@ class Tape:
             layout = (new.data_ptr(), new.dtype, new.shape, new.stride())
             self._inputs[position] = (kind, new, layout, version, _storage(new))
         self._same = _same_table(self._inputs)
-        self._layouts = _layout_check(self._same)
+        self._layouts = _layout_check(self._same, self._same_inputs)
         self._replays = 0
         self.rebinds += 1
         return True
