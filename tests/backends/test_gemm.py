@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from memopt.backends.cache import cache_dir, machine_key
-from memopt.backends.runtime import gemm
+from memopt.backends.runtime import gemm, gemv
 from memopt.backends.runtime.executor import CompiledGraph
 from memopt.backends.runtime.extern import KeptOutputMatmul, plan_library_calls
 from memopt.backends.runtime.gemm import OneDnnMatmul, choose, gemm_library
@@ -339,3 +339,14 @@ def test_check_compares_the_passes_not_the_gemm_libraries():
         warnings.simplefilter("error")
         got = compiled(x, w)
     torch.testing.assert_close(got, x @ w, rtol=1e-5, atol=1e-4)
+
+
+def test_memopts_gemvs_take_a_tie_but_not_a_shape_much_slower():
+    """gemv.RULE: a replayed step launches memopt's GEMVs with no Python, so they are taken
+    when as fast in the geometric mean, unless more than 10% slower on one shape."""
+    rule = gemv.RULE
+    assert choose((1.0, 1.0), "memopt", rule) == "memopt"
+    assert choose((0.92, 1.4), "memopt", rule) == "memopt"
+    assert choose((0.97, 0.98), "memopt", rule) == "aten"  # slower on average
+    assert choose((0.85, 2.0), "memopt", rule) == "aten"  # one shape much slower
+    assert choose((1.05, 1.05), "memopt", rule) == "memopt"  # under oneDNN's margin

@@ -34,13 +34,16 @@ def _kernel_calls(monkeypatch):
 
 
 @pytest.mark.parametrize("rows", [1, 2, 4])
-@pytest.mark.parametrize("k, n", [(1000, 37), (1003, 50), (64, 4096), (3, 5), (1, 40)])
+@pytest.mark.parametrize(
+    "k, n", [(1000, 37), (1003, 50), (64, 4096), (3, 5), (1, 40), (1003, 7), (17, 3)]
+)
 @pytest.mark.parametrize("layout", ["nk", "kn"])
 @pytest.mark.parametrize("with_bias", [True, False], ids=["addmm", "mm"])
 def test_streaming_kernels_match_aten(monkeypatch, rows, k, n, layout, with_bias):
     """Both weight layouts, tails of K (not a multiple of the vector width, nor of a
     thread's rows of the (K, N) kernel's four at a time) and of N (runs of columns per
-    thread), one to four rows, with and without a bias."""
+    thread; 1-3 rows after the (N, K) kernel's blocks of four, or fewer rows than a block),
+    one to four rows, with and without a bias."""
     calls = _kernel_calls(monkeypatch)
     torch.manual_seed(0)
     a = torch.randn(rows, k)

@@ -183,6 +183,31 @@ static inline float dot_f32(const float* x, const float* w, int64_t K) {
   for (; k < K; ++k) acc += x[k] * w[k];
   return acc;
 }
+// Four consecutive rows of w (row stride K) against x at once: y[r] = x . w[r].
+static inline void dot4_f32(const float* x, const float* w, int64_t K, float* y) {
+  const float *w0 = w, *w1 = w + K, *w2 = w + 2 * K, *w3 = w + 3 * K;
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    prefetch(w0 + k);
+    prefetch(w1 + k);
+    prefetch(w2 + k);
+    prefetch(w3 + k);
+    const __m512 v = _mm512_loadu_ps(x + k);
+    a0 = _mm512_fmadd_ps(v, _mm512_loadu_ps(w0 + k), a0);
+    a1 = _mm512_fmadd_ps(v, _mm512_loadu_ps(w1 + k), a1);
+    a2 = _mm512_fmadd_ps(v, _mm512_loadu_ps(w2 + k), a2);
+    a3 = _mm512_fmadd_ps(v, _mm512_loadu_ps(w3 + k), a3);
+  }
+  float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
+  for (; k < K; ++k) {
+    s0 += x[k] * w0[k];
+    s1 += x[k] * w1[k];
+    s2 += x[k] * w2[k];
+    s3 += x[k] * w3[k];
+  }
+  y[0] = s0, y[1] = s1, y[2] = s2, y[3] = s3;
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 static inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -257,6 +282,32 @@ static inline float dot_f32(const float* x, const float* w, int64_t K) {
   for (; k < K; ++k) acc += x[k] * w[k];
   return acc;
 }
+static inline void dot4_f32(const float* x, const float* w, int64_t K, float* y) {
+  const float *w0 = w, *w1 = w + K, *w2 = w + 2 * K, *w3 = w + 3 * K;
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    if (k % 16 == 0) {  // once a 64-byte line
+      prefetch(w0 + k);
+      prefetch(w1 + k);
+      prefetch(w2 + k);
+      prefetch(w3 + k);
+    }
+    const __m256 v = _mm256_loadu_ps(x + k);
+    a0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w0 + k), a0);
+    a1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w1 + k), a1);
+    a2 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w2 + k), a2);
+    a3 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w3 + k), a3);
+  }
+  float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
+  for (; k < K; ++k) {
+    s0 += x[k] * w0[k];
+    s1 += x[k] * w1[k];
+    s2 += x[k] * w2[k];
+    s3 += x[k] * w3[k];
+  }
+  y[0] = s0, y[1] = s1, y[2] = s2, y[3] = s3;
+}
 #else
 static inline float dot_q8(const float* x, const int8_t* q, int64_t K) {
   float acc = 0.0f;
@@ -289,6 +340,9 @@ static inline float dot_f32(const float* x, const float* w, int64_t K) {
   float acc = 0.0f;
   for (int64_t k = 0; k < K; ++k) acc += x[k] * w[k];
   return acc;
+}
+static inline void dot4_f32(const float* x, const float* w, int64_t K, float* y) {
+  for (int r = 0; r < 4; ++r) y[r] = dot_f32(x, w + r * K, K);
 }
 #endif
 
@@ -337,13 +391,27 @@ extern "C" void memopt_bf16_matmul(const float* x, const uint16_t* w, const floa
 
 // --- float32 weights: the same streaming GEMV, nothing to widen -------------------------
 //
-// W (N, K) row-major (an nn.Linear weight: mm's operand is its transposed view): a dot
-// product a row, as above.
+// W (N, K) row-major (an nn.Linear weight: mm's operand is its transposed view): dot
+// products of four rows at once, the last N % 4 one at a time. Four streams a thread keep
+// more of the weight in flight than one: from memory 29-30 GB/s against 24-26 for a row
+// at a time (Intel Xeon, 2 threads, 512 MB of (4096, 1024) and (1024, 2816) weights); from
+// the last-level cache the two are within 4% (51-57 GB/s).
 extern "C" void memopt_f32_matmul(const float* x, const float* w, const float* bias, float* y,
                                   int64_t M, int64_t N, int64_t K) {
+  const int64_t blocks = N / 4;
   #pragma omp parallel for schedule(static)
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t m = 0; m < M; ++m) y[m * N + n] = dot_f32(x + m * K, w + n * K, K) + (bias ? bias[n] : 0.0f);
+  for (int64_t i = 0; i < blocks + N % 4; ++i) {
+    const int64_t n = i < blocks ? 4 * i : 4 * blocks + (i - blocks);
+    const int64_t rows = i < blocks ? 4 : 1;
+    for (int64_t m = 0; m < M; ++m) {
+      float sums[4];
+      if (rows == 4)
+        dot4_f32(x + m * K, w + n * K, K, sums);
+      else
+        sums[0] = dot_f32(x + m * K, w + n * K, K);
+      for (int64_t r = 0; r < rows; ++r) y[m * N + n + r] = sums[r] + (bias ? bias[n + r] : 0.0f);
+    }
+  }
 }
 
 // B (K, N) row-major (a Conv1D weight, mm's operand as stored): each thread streams a

@@ -11,7 +11,8 @@ parts the two are close. So the choice is measured, once per machine:
   of the pairs' ratios (other work on the machine, such as the kernel compiler a compile
   starts, slows both sides of a pair alike); about a quarter of a second;
 - `choose()` takes oneDNN when it is at least `MARGIN` faster in the geometric mean over
-  those shapes and not slower on any of them;
+  those shapes and not slower on any of them (`ONEDNN_RULE`; memopt's GEMV kernels,
+  chosen the same way in gemv.py, have a `Rule` of their own);
 - `gemm_library("auto")` reads the choice from `$MEMOPT_CACHE_DIR/machine/gemm-<key>.json`
   (keyed like the machine's bandwidth figures: processor, threads, torch version; a
   record for other shapes or with unusable values is measured again), else measures and
@@ -99,12 +100,25 @@ class GemmTimes:
         )
 
 
-def choose(ratios: tuple[float, ...], other: str = "onednn") -> str:
-    """`other` when ATen's time / its time is at least MARGIN in the geometric mean over
-    the shapes and at least 1.0 on each, else 'aten'."""
+@dataclass(frozen=True)
+class Rule:
+    """When the measured library is taken over ATen: ATen's time / its time at least
+    `margin` in the geometric mean over the shapes and at least `floor` on each."""
+
+    margin: float = MARGIN
+    floor: float = 1.0
+
+
+ONEDNN_RULE = Rule()
+
+
+def choose(ratios: tuple[float, ...], other: str = "onednn", rule: Rule = ONEDNN_RULE) -> str:
+    """`other` where `ratios` (ATen's time / its time, per shape) meet `rule`, else
+    'aten'."""
     if not ratios:
         return "aten"
-    return other if _geometric_mean(ratios) >= MARGIN and min(ratios) >= 1.0 else "aten"
+    taken = _geometric_mean(ratios) >= rule.margin and min(ratios) >= rule.floor
+    return other if taken else "aten"
 
 
 def _geometric_mean(values: tuple[float, ...]) -> float:
@@ -167,10 +181,12 @@ def measured_times(
     measure_now: Callable[[], GemmTimes],
     refresh: bool = False,
     library: str = "onednn",
+    rule: Rule = ONEDNN_RULE,
 ) -> GemmTimes:
     """Times cached in `$MEMOPT_CACHE_DIR/machine/<name>-<machine key>.json`: this
     process's reading, else the file's where it holds valid times for `shapes`, else
-    `measure_now()`, written there. `library`: the other library's name in the record."""
+    `measure_now()`, written there. `library`: the other library's name in the record,
+    `rule` what chose it there."""
     path = cache_dir("machine") / f"{name}-{machine_key()}.json"
     if not refresh and str(path) in _MEASURED:
         return _MEASURED[str(path)]
@@ -190,7 +206,7 @@ def measured_times(
             times = None
     if times is None:
         times = measure_now()
-        chosen = choose(times.ratios, library)
+        chosen = choose(times.ratios, library, rule)
         record = {**asdict(times), "library": chosen, "label": "measured"}
         try:
             write_atomically(path, json.dumps(record, indent=1).encode())
@@ -219,6 +235,7 @@ def resolve_choice(
     library: str,
     timed: str,
     products: str,
+    rule: Rule = ONEDNN_RULE,
 ) -> str:
     """Where `option`'s products run: `choice` itself ("aten" or `library`), or for "auto"
     `measured_choice`'s answer; ValueError naming the choices for any other."""
@@ -227,14 +244,20 @@ def resolve_choice(
         raise ValueError(f"unknown {option} {choice!r}; expected one of {', '.join(choices)}")
     if choice != "auto":
         return choice
-    return measured_choice(times, library, timed, products)
+    return measured_choice(times, library, timed, products, rule)
 
 
-def measured_choice(times: Callable[[], GemmTimes], library: str, timed: str, products: str) -> str:
-    """`library` where this machine's `times()` say it is the faster (`choose`), else
-    "aten"; a measurement that fails keeps ATen, with a warning naming what was `timed`."""
+def measured_choice(
+    times: Callable[[], GemmTimes],
+    library: str,
+    timed: str,
+    products: str,
+    rule: Rule = ONEDNN_RULE,
+) -> str:
+    """`library` where this machine's `times()` meet `rule` (`choose`), else "aten"; a
+    measurement that fails keeps ATen, with a warning naming what was `timed`."""
     try:
-        return choose(times().ratios, library)
+        return choose(times().ratios, library, rule)
     except Exception as error:  # noqa: BLE001 - a failed measurement keeps ATen's products
         warnings.warn(
             f"memopt: timing the {timed} failed ({type(error).__name__}: {error}); "

@@ -12,11 +12,21 @@ loops without the widening: a dot product per weight row with software prefetche
 mm's operand as stored) each thread streams a contiguous block of rows into private sums,
 added at the end.
 
-Which is faster depends on the processor, so it is measured once per machine, like the
-GEMM libraries (gemm.py): `SHAPES` in alternating pairs, the median of the pairs' ratios,
-memopt's kernels taken when at least `gemm.MARGIN` faster in the geometric mean and not
-slower on any shape; cached in `$MEMOPT_CACHE_DIR/machine/gemv-<key>.json`. The `cpu_gemv`
-option ("aten", "memopt") overrides it.
+Which is faster depends on the processor: on an Intel Xeon (2 threads) MKL streams a
+one-row product as fast as memopt's kernels (0.93-1.04x), though not four rows (1.5x
+slower). So it is measured once per machine, like the GEMM libraries (gemm.py), as a
+decode step runs them: for each of `SHAPES`, one pass over `STEP_NBYTES` of distinct
+weights of that shape (past the per-core caches, as a step's weights are), ATen's `addmm`
+called from Python and memopt's kernel through its bound native launch, in alternating
+pairs, the median of the pairs' ratios. memopt's kernels are taken by `RULE`: at least as
+fast in the geometric mean and at most 10% slower on any shape. The tie goes to them
+because a replayed step (runtime/tape.py) runs each of their products as one native
+launch with no Python, where each of ATen's is a Python call (3-4 us, a sixth of a
+512x512 product's time) and enough such calls keep a graph from getting a tape at all.
+Measured on Llama's decode step on that Xeon: 1.86 -> 1.57 ms with memopt's kernels where
+the per-shape rule alone had kept ATen's. Cached in
+`$MEMOPT_CACHE_DIR/machine/gemv-<key>.json`. The `cpu_gemv` option ("aten", "memopt")
+overrides it.
 
 `StreamingGemv` stands for one float32 `mm`/`addmm` node of at most `GEMV_ROWS` rows (static):
 it sums in another order than MKL, so results match eager to float32 rounding, not bit for
@@ -38,6 +48,7 @@ from memopt.backends.cpp import launcher, quantized
 from memopt.backends.runtime.gemm import (
     GemmTimes,
     LibraryMatmul,
+    Rule,
     _seconds,
     describe_library,
     measured_times,
@@ -53,14 +64,19 @@ CHOICES = ("auto", "aten", "memopt")
 # Rows of x at most this many: the kernels read each weight row once for all of them.
 GEMV_ROWS = quantized.GEMV_ROWS
 # (M, K, N, layout): layout 0 an (N, K) weight read through its transposed view, 1 a (K, N)
-# weight as stored. A decode step's projections (in and out of an MLP), a few rows.
+# weight as stored. A decode step's projections (in and out of an MLP, attention's of a
+# small model), a few rows.
 SHAPES = (
     (1, 1024, 4096, 0),
     (1, 4096, 1024, 0),
     (4, 1024, 4096, 0),
     (1, 1024, 4096, 1),
     (1, 4096, 1024, 1),
+    (1, 512, 512, 0),
+    (1, 512, 2048, 1),
 )
+STEP_NBYTES = 32 << 20  # each shape's pass: this many bytes of distinct weights
+RULE = Rule(margin=1.0, floor=0.9)  # (module doc)
 _PAIRS = 7
 
 
@@ -83,7 +99,8 @@ def streaming_matmul(
 
 
 def measure() -> GemmTimes:
-    """Time ATen's addmm and memopt's kernels on SHAPES, in alternating pairs."""
+    """Time ATen's addmm and memopt's kernels on SHAPES as a decode step runs them, in
+    alternating pairs (module doc); seconds a product."""
     # Real CPU tensors whatever the caller's default device, not under a device mode (its
     # Python dispatch of every torch call would weigh on the side making more of them).
     with unset_fake_temporarily(), torch.no_grad():
@@ -94,30 +111,38 @@ def measure() -> GemmTimes:
         aten_s, memopt_s, ratios = [], [], []
         for m, k, n, layout in SHAPES:
             a, bias = (randn(s) for s in ((m, k), (n,)))
-            weight = randn((n, k) if layout == 0 else (k, n))
-            b = weight.t() if layout == 0 else weight
-            torch.addmm(bias, a, b)  # warm-up: thread pool, first touch
-            streaming_matmul(bias, a, b)
-            pairs = [
-                (_seconds(torch.addmm, bias, a, b), _seconds(streaming_matmul, bias, a, b))
-                for _ in range(_PAIRS)
-            ]
-            aten_s.append(statistics.median(p[0] for p in pairs))
-            memopt_s.append(statistics.median(p[1] for p in pairs))
+            count = max(1, STEP_NBYTES // (4 * k * n))
+            weights = [randn((n, k) if layout == 0 else (k, n)) for _ in range(count)]
+            products = [(w.t() if layout == 0 else w) for w in weights]
+            kernels = [StreamingGemv(aten.addmm.default) for _ in products]
+
+            def run_aten(products=products, a=a, bias=bias) -> None:
+                for b in products:
+                    torch.addmm(bias, a, b)
+
+            def run_memopt(products=products, kernels=kernels, a=a, bias=bias) -> None:
+                for kernel, b in zip(kernels, products):
+                    kernel(bias, a, b)  # the first call plans and binds, the others launch
+
+            run_aten()  # warm-up: thread pool, first touch, the launches bound
+            run_memopt()
+            pairs = [(_seconds(run_aten), _seconds(run_memopt)) for _ in range(_PAIRS)]
+            aten_s.append(statistics.median(p[0] for p in pairs) / count)
+            memopt_s.append(statistics.median(p[1] for p in pairs) / count)
             ratios.append(statistics.median(p[0] / p[1] for p in pairs))
     return GemmTimes(SHAPES, tuple(aten_s), tuple(memopt_s), tuple(ratios))
 
 
 def measured_gemv_times(refresh: bool = False) -> GemmTimes:
     """This machine's GEMV times (cached; gemm.measured_times)."""
-    return measured_times("gemv", SHAPES, lambda: measure(), refresh, "memopt")
+    return measured_times("gemv", SHAPES, lambda: measure(), refresh, "memopt", RULE)
 
 
 def gemv_library(choice: str = "auto") -> str:
     """Where float32 CPU products of a few rows run: `choice` itself, or measured for
     "auto" (a failed measurement keeps ATen, with a warning)."""
     return resolve_choice(
-        choice, "cpu_gemv", measured_gemv_times, "memopt", "CPU GEMV kernels", "GEMVs"
+        choice, "cpu_gemv", measured_gemv_times, "memopt", "CPU GEMV kernels", "GEMVs", RULE
     )
 
 
@@ -232,7 +257,9 @@ def _kernel_for(a: object, b: object, bias: object) -> str | None:
 __all__ = [
     "CHOICES",
     "GEMV_ROWS",
+    "RULE",
     "SHAPES",
+    "STEP_NBYTES",
     "StreamingGemv",
     "describe",
     "gemv_library",
