@@ -706,3 +706,62 @@ def test_a_graph_with_much_to_copy_for_its_launches_keeps_its_program(monkeypatc
         assert_close(compiled(x, y)[0], _two_kernels(x, y)[0])
     assert compiled._tape is None
     assert compiled.no_tape == "no tape: 812 bytes to copy a call for 2 launches"
+
+
+def _logits(x, w1, w2):
+    """A decode step's end: a GEMV, a kernel on its result, the output GEMV (viewed)."""
+    return ((x @ w1.t()).relu() @ w2.t()).view(1, 1, -1)
+
+
+def _logits_sorted(x, w1, w2):
+    """The output GEMV's result read again by an ATen op (a Python entry of the tape)."""
+    logits = (x @ w1.t()).relu() @ w2.t()
+    return logits, torch.sort(logits, dim=-1).values
+
+
+def _logits_part(x, w1, w2):
+    """An output that is part of the GEMV's result: a buffer of its size would not hold
+    what the GEMV writes."""
+    return ((x @ w1.t()).relu() @ w2.t())[:, :20]
+
+
+@pytest.mark.parametrize("fn", [_logits, _logits_sorted, _logits_part])
+def test_an_output_a_gemv_makes_is_written_into_new_memory(graphs, replays, fn):
+    """Must: the output GEMV of `_logits` writes each replay's output into memory the replay
+    allocates (the tape's launches patched), no copy. Must not: in `_logits_sorted` a
+    Python entry reads that GEMV's result from the tape's memory, and `_logits_part`
+    returns part of it, so the output is copied out of the tape's memory. Either way every
+    call's values are eager's, in memory of their own."""
+    g = torch.Generator().manual_seed(0)
+    w1, w2 = torch.randn(48, 64, generator=g), torch.randn(40, 48, generator=g)
+    compiled = torch.compile(fn, backend="memopt", options={"cpu_gemv": "memopt"})
+    results = []
+    with torch.no_grad():
+        for _ in range(tape.CAPTURE_AFTER + 4):
+            x = torch.randn(1, 64, generator=g)
+            results.append((x, compiled(x, w1, w2)))
+    assert replays == {"replayed": 3, "refused": 0}
+    made = graphs[-1]._tape
+    fresh = [how for kind, how in made._outputs if kind == "fresh"]
+    assert len(fresh) == (1 if fn is _logits else 0) and (len(made._patches) > 0) == bool(fresh)
+    pointers = set()
+    for x, got in results:  # earlier results untouched by later calls
+        got = got if isinstance(got, tuple) else (got,)
+        for value, want in zip(got, fn(x, w1, w2) if fn is _logits_sorted else (fn(x, w1, w2),)):
+            assert_close(value, want)
+            pointers.add(value.data_ptr())
+    kept = {t.data_ptr() for t in made._kept if isinstance(t, torch.Tensor)}
+    assert len(pointers) == len(results) * (2 if fn is _logits_sorted else 1)
+    assert not pointers & kept
+
+
+def test_a_tape_with_patches_takes_one_address_a_buffer():
+    """The launcher's tape: a patch points a launch's pointer at the buffer address a call
+    passes (plus its offset); a patch naming no launch pointer is refused when made."""
+    native = launcher.module()
+    with pytest.raises(ValueError, match="names no pointer of a launch"):
+        native.tape([lambda: None], ((0, 0, 0, 0),))
+    made = native.tape([], ())
+    assert made() is None
+    with pytest.raises(TypeError, match="takes 0 addresses, got 1"):
+        made(1)

@@ -13,8 +13,11 @@ LAYOUT_MISMATCH without running when a check fails (the caller applies the full 
 
 The extension also makes tapes (runtime/tape.py): `record(list)` has every launch of the
 recording thread append what it ran (its entry point, data pointers, scalars and return
-code) until `record(None)`; `tape(entries)` returns a callable that runs such launches and
-Python callables in order, in one C loop.
+code) until `record(None)`; `tape(entries[, patches])` returns a callable that runs such
+launches and Python callables in order, in one C loop. `patches` are (entry, pointer,
+buffer, offset): the tape then takes one address a buffer, and before running sets each
+patched pointer to its buffer's address plus the offset (outputs written into fresh memory
+each call, runtime/tape.py).
 
 Where the extension cannot be built (no Python headers, no compiler) or torch lacks the
 data-pointer function, `module()` is None and kernels are called through ctypes.
@@ -164,6 +167,9 @@ static PyObject* launch_call(PyObject* self, PyObject* const* args, size_t nargs
 // A tape: launches and Python calls run in order by one call (runtime/tape.py). A launch
 // entry is (address, pointers, scalars): the packed entry point called with pointers and
 // scalars fixed when the tape was made; any other entry is a callable taking nothing.
+// A patch (entry, pointer, buffer, offset) sets that launch pointer, before each run, to
+// the address the call passes for the buffer plus the offset: a tape with patches takes
+// one address a buffer, one without takes nothing.
 // Calling the tape returns None, or (position, code) for the first launch that returned a
 // nonzero code (the entries after it not run); a Python entry's exception propagates.
 typedef struct {
@@ -174,18 +180,34 @@ typedef struct {
 } TapeEntry;
 
 typedef struct {
+  Py_ssize_t entry, pointer, buffer;
+  int64_t offset;
+} TapePatch;
+
+typedef struct {
   PyObject_HEAD
   vectorcallfunc vectorcall;
   Py_ssize_t count;
   TapeEntry* entries;
+  Py_ssize_t patch_count;
+  TapePatch* patches;
+  Py_ssize_t buffers;  // the addresses a call takes: 1 + the patches' largest buffer
 } Tape;
 
-static PyObject* tape_call(PyObject* self, PyObject* const*, size_t nargsf, PyObject* kwnames) {
-  if (PyVectorcall_NARGS(nargsf) != 0 || (kwnames && PyTuple_GET_SIZE(kwnames))) {
-    PyErr_SetString(PyExc_TypeError, "memopt tape: takes no arguments");
+static PyObject* tape_call(PyObject* self, PyObject* const* args, size_t nargsf,
+                           PyObject* kwnames) {
+  Tape* tape = (Tape*)self;
+  Py_ssize_t n = PyVectorcall_NARGS(nargsf);
+  if (n != tape->buffers || (kwnames && PyTuple_GET_SIZE(kwnames))) {
+    PyErr_Format(PyExc_TypeError, "memopt tape: takes %zd addresses, got %zd", tape->buffers, n);
     return nullptr;
   }
-  Tape* tape = (Tape*)self;
+  for (Py_ssize_t k = 0; k < tape->patch_count; ++k) {
+    const TapePatch* patch = &tape->patches[k];
+    void* base = PyLong_AsVoidPtr(args[patch->buffer]);
+    if (base == nullptr && PyErr_Occurred()) return nullptr;
+    tape->entries[patch->entry].pointers[patch->pointer] = (char*)base + patch->offset;
+  }
   for (Py_ssize_t k = 0; k < tape->count; ++k) {
     TapeEntry* entry = &tape->entries[k];
     if (entry->call != nullptr) {
@@ -207,6 +229,7 @@ static void tape_free_entries(Tape* tape) {
     Py_XDECREF(tape->entries[k].call);
   }
   PyMem_Free(tape->entries);
+  PyMem_Free(tape->patches);
 }
 
 static void tape_dealloc(PyObject* self) {
@@ -233,12 +256,17 @@ static int int64s_of(PyObject* values, int64_t** out, int as_pointers) {
 
 static PyObject* make_tape(PyObject* module, PyObject* args) {
   PyObject* entries;
-  if (!PyArg_ParseTuple(args, "O!", &PyList_Type, &entries)) return nullptr;
+  PyObject* patches = nullptr;
+  if (!PyArg_ParseTuple(args, "O!|O!", &PyList_Type, &entries, &PyTuple_Type, &patches))
+    return nullptr;
   Py_ssize_t count = PyList_GET_SIZE(entries);
   Tape* tape = PyObject_New(Tape, &TapeType);
   if (tape == nullptr) return nullptr;
   tape->vectorcall = tape_call;
   tape->count = 0;
+  tape->patch_count = 0;
+  tape->patches = nullptr;
+  tape->buffers = 0;
   tape->entries = (TapeEntry*)PyMem_Calloc(count + 1, sizeof(TapeEntry));
   if (tape->entries == nullptr) {
     Py_DECREF(tape);
@@ -266,6 +294,38 @@ static PyObject* make_tape(PyObject* module, PyObject* args) {
       Py_DECREF(tape);
       return nullptr;
     }
+  }
+  Py_ssize_t patch_count = patches == nullptr ? 0 : PyTuple_GET_SIZE(patches);
+  tape->patches = (TapePatch*)PyMem_Calloc(patch_count + 1, sizeof(TapePatch));
+  if (tape->patches == nullptr) {
+    Py_DECREF(tape);
+    return PyErr_NoMemory();
+  }
+  for (Py_ssize_t k = 0; k < patch_count; ++k) {
+    TapePatch* patch = &tape->patches[k];
+    PyObject* item = PyTuple_GET_ITEM(patches, k);
+    long long offset = 0;
+    if (!PyTuple_Check(item) ||
+        !PyArg_ParseTuple(item, "nnnL", &patch->entry, &patch->pointer, &patch->buffer,
+                          &offset)) {
+      if (!PyErr_Occurred())
+        PyErr_SetString(PyExc_TypeError, "memopt tape: a patch is (entry, pointer, buffer, offset)");
+      Py_DECREF(tape);
+      return nullptr;
+    }
+    patch->offset = offset;
+    bool launch = patch->entry >= 0 && patch->entry < count &&
+                  tape->entries[patch->entry].call == nullptr;
+    Py_ssize_t pointers =
+        launch ? PyTuple_GET_SIZE(PyTuple_GET_ITEM(PyList_GET_ITEM(entries, patch->entry), 1)) : 0;
+    if (!launch || patch->pointer < 0 || patch->pointer >= pointers || patch->buffer < 0) {
+      PyErr_SetString(PyExc_ValueError,
+                      "memopt tape: a patch names no pointer of a launch, or a negative buffer");
+      Py_DECREF(tape);
+      return nullptr;
+    }
+    tape->patch_count = k + 1;
+    if (patch->buffer + 1 > tape->buffers) tape->buffers = patch->buffer + 1;
   }
   return (PyObject*)tape;
 }
@@ -419,7 +479,8 @@ static PyObject* bind(PyObject* module, PyObject* args) {
 
 static PyMethodDef methods[] = {
     {"bind", bind, METH_VARARGS, "bind(address, tensors, scalars, checks) -> launch"},
-    {"tape", make_tape, METH_VARARGS, "tape(entries) -> a callable running them in order"},
+    {"tape", make_tape, METH_VARARGS,
+     "tape(entries[, patches]) -> a callable running them in order"},
     {"record", record, METH_O, "record(list | None): launches append what they ran"},
     {"same_inputs", (PyCFunction)(void (*)(void))same_inputs, METH_FASTCALL,
      "same_inputs(args, table[, layouts]) -> -1, or the first position whose tensor is not "
