@@ -282,32 +282,6 @@ static inline float dot_f32(const float* x, const float* w, int64_t K) {
   for (; k < K; ++k) acc += x[k] * w[k];
   return acc;
 }
-static inline void dot4_f32(const float* x, const float* w, int64_t K, float* y) {
-  const float *w0 = w, *w1 = w + K, *w2 = w + 2 * K, *w3 = w + 3 * K;
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    if (k % 16 == 0) {  // once a 64-byte line
-      prefetch(w0 + k);
-      prefetch(w1 + k);
-      prefetch(w2 + k);
-      prefetch(w3 + k);
-    }
-    const __m256 v = _mm256_loadu_ps(x + k);
-    a0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w0 + k), a0);
-    a1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w1 + k), a1);
-    a2 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w2 + k), a2);
-    a3 = _mm256_fmadd_ps(v, _mm256_loadu_ps(w3 + k), a3);
-  }
-  float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
-  for (; k < K; ++k) {
-    s0 += x[k] * w0[k];
-    s1 += x[k] * w1[k];
-    s2 += x[k] * w2[k];
-    s3 += x[k] * w3[k];
-  }
-  y[0] = s0, y[1] = s1, y[2] = s2, y[3] = s3;
-}
 #else
 static inline float dot_q8(const float* x, const int8_t* q, int64_t K) {
   float acc = 0.0f;
@@ -341,6 +315,8 @@ static inline float dot_f32(const float* x, const float* w, int64_t K) {
   for (int64_t k = 0; k < K; ++k) acc += x[k] * w[k];
   return acc;
 }
+#endif
+#if !defined(__AVX512F__)  // a row at a time: four at once was measured with AVX-512 only
 static inline void dot4_f32(const float* x, const float* w, int64_t K, float* y) {
   for (int r = 0; r < 4; ++r) y[r] = dot_f32(x, w + r * K, K);
 }

@@ -225,7 +225,9 @@ def gemm_library(choice: str = "auto") -> str:
         return "aten"
     if choice == "onednn":
         return choice
-    return measured_choice(measured_gemm_times, "onednn", "CPU GEMM libraries", "GEMMs")
+    return resolve_choice(
+        choice, "cpu_gemm", measured_gemm_times, "onednn", "CPU GEMM libraries", "GEMMs"
+    )
 
 
 def resolve_choice(
@@ -238,24 +240,14 @@ def resolve_choice(
     rule: Rule = ONEDNN_RULE,
 ) -> str:
     """Where `option`'s products run: `choice` itself ("aten" or `library`), or for "auto"
-    `measured_choice`'s answer; ValueError naming the choices for any other."""
+    `library` where this machine's `times()` meet `rule` (`choose`), else "aten"; a
+    measurement that fails keeps ATen, with a warning naming what was `timed`. ValueError
+    naming the choices for any other `choice`."""
     choices = ("auto", "aten", library)
     if choice not in choices:
         raise ValueError(f"unknown {option} {choice!r}; expected one of {', '.join(choices)}")
     if choice != "auto":
         return choice
-    return measured_choice(times, library, timed, products, rule)
-
-
-def measured_choice(
-    times: Callable[[], GemmTimes],
-    library: str,
-    timed: str,
-    products: str,
-    rule: Rule = ONEDNN_RULE,
-) -> str:
-    """`library` where this machine's `times()` meet `rule` (`choose`), else "aten"; a
-    measurement that fails keeps ATen, with a warning naming what was `timed`."""
     try:
         return choose(times().ratios, library, rule)
     except Exception as error:  # noqa: BLE001 - a failed measurement keeps ATen's products
