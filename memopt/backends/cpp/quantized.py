@@ -368,7 +368,8 @@ extern "C" void memopt_bf16_matmul(const float* x, const uint16_t* w, const floa
 // --- float32 weights: the same streaming GEMV, nothing to widen -------------------------
 //
 // W (N, K) row-major (an nn.Linear weight: mm's operand is its transposed view): dot
-// products of four rows at once, the last N % 4 one at a time. Four streams a thread keep
+// products of four rows at once (with AVX-512; `dot4_f32` takes one at a time elsewhere),
+// the last N % 4 one at a time. Four streams a thread keep
 // more of the weight in flight than one: from memory 29-30 GB/s against 24-26 for a row
 // at a time (Intel Xeon, 2 threads, 512 MB of (4096, 1024) and (1024, 2816) weights); from
 // the last-level cache the two are within 4% (51-57 GB/s).
