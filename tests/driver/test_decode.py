@@ -80,12 +80,14 @@ def test_a_static_cache_made_anew_keeps_the_decode_steps_tape(monkeypatch, weigh
     """Each `generate()` makes its static cache anew, in other memory: the decode graph's
     tape moves onto it (runtime/tape.py, `Tape._rebind`) rather than being captured again,
     and the tokens stay the program's (eager's, for float32 weights), sequence after
-    sequence; with int4 weights too (the tape then also holds the narrow weights)."""
+    sequence; with int4 weights too (the tape then also holds the narrow weights). With
+    float32 weights on memopt's GEMVs the logits are written into each replay's own memory
+    (the tape's patches), which moves with the tape."""
     model = decoding_llama()
     g = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 128, (1, 9), generator=g) for _ in range(4)]
     options = {"pass_options": {"precision": {"weights": weights, "group_size": 32}}}
-    options = options if weights else None
+    options = options if weights else {"cpu_gemv": "memopt"}
     torch._dynamo.reset()
     if weights:  # the program's tokens: the same compile without tapes
         monkeypatch.setattr("memopt.backends.runtime.executor.REPLAY", False)
@@ -118,6 +120,7 @@ def test_a_static_cache_made_anew_keeps_the_decode_steps_tape(monkeypatch, weigh
     # one tape made (the prefill graph's capture makes none: its calls are few launches)
     assert sum(isinstance(c, Tape) for c in captures) == 1
     assert tape.rebinds == len(prompts) - 1
+    assert bool(tape._patches) == (weights is None)
 
 
 @pytest.mark.slow
