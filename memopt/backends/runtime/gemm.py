@@ -70,7 +70,7 @@ _MEASURED: dict[str, GemmTimes] = {}  # cache file -> this process's reading of 
 class GemmTimes:
     """Per shape, ATen's and the other library's seconds (medians over the pairs, measured:
     oneDNN here, memopt's GEMV kernels in gemv.py) and the median over the pairs of ATen's
-    time / the other's; the library chosen."""
+    time / the other's (which library a rule takes: `choose`)."""
 
     shapes: tuple[tuple[int, ...], ...]
     aten_s: tuple[float, ...]
@@ -82,10 +82,6 @@ class GemmTimes:
         """Geometric mean over the shapes of ATen's time / the other's (1.0 without the
         other's times)."""
         return _geometric_mean(self.ratios)
-
-    @property
-    def library(self) -> str:
-        return choose(self.ratios)
 
     def valid(self, shapes: tuple[tuple[int, ...], ...] | None = None) -> bool:
         """Measured on `shapes` (default SHAPES), every figure a positive finite number."""
