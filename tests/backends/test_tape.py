@@ -18,7 +18,7 @@ from launch_counting import kernel_calls
 from torch.testing import assert_close
 
 from memopt.backends.cpp import attention as attention_kernel
-from memopt.backends.cpp import launcher
+from memopt.backends.cpp import launcher, quantized
 from memopt.backends.runtime import executor, tape
 from memopt.backends.runtime.decode_attention import AppendAttention
 from memopt.backends.runtime.executor import CompiledGraph
@@ -744,11 +744,14 @@ def test_an_output_a_gemv_makes_is_written_into_new_memory(graphs, replays, fn):
     made = graphs[-1]._tape
     fresh = [how for kind, how in made._outputs if kind == "fresh"]
     assert len(fresh) == (1 if fn is _logits else 0) and (len(made._patches) > 0) == bool(fresh)
+    if fn is _logits:  # the two GEMVs; the ReLU, ATen's, a Python entry on the first's result
+        assert (made.launches, made.python_calls, made.python_nodes) == (2, 1, ("relu",))
     pointers = set()
     for x, got in results:  # earlier results untouched by later calls
-        got = got if isinstance(got, tuple) else (got,)
-        for value, want in zip(got, fn(x, w1, w2) if fn is _logits_sorted else (fn(x, w1, w2),)):
-            assert_close(value, want)
+        got, want = (v if isinstance(v, tuple) else (v,) for v in (got, fn(x, w1, w2)))
+        assert len(got) == len(want)
+        for value, expected in zip(got, want):
+            assert_close(value, expected)
             pointers.add(value.data_ptr())
     kept = {t.data_ptr() for t in made._kept if isinstance(t, torch.Tensor)}
     assert len(pointers) == len(results) * (2 if fn is _logits_sorted else 1)
@@ -757,11 +760,27 @@ def test_an_output_a_gemv_makes_is_written_into_new_memory(graphs, replays, fn):
 
 def test_a_tape_with_patches_takes_one_address_a_buffer():
     """The launcher's tape: a patch points a launch's pointer at the buffer address a call
-    passes (plus its offset); a patch naming no launch pointer is refused when made."""
+    passes (plus its offset), so each call's GEMV writes where that call says; a patch
+    naming no launch pointer is refused when made, and a call must pass one address a
+    buffer."""
     native = launcher.module()
+    x, w = torch.randn(1, 24), torch.randn(10, 24)
+    kept = torch.empty(1, 10)
+    gemv = quantized.packed_address("memopt_f32_matmul")  # pointers x, w, y; M, N, K, bias
+    entry = (gemv, (x.data_ptr(), w.data_ptr(), kept.data_ptr()), (1, 10, 24, 0))
+    made = native.tape([entry], ((0, 2, 0, 4),))  # y: the buffer's address + one float
+    outputs = [torch.full((1, 11), -1.0) for _ in range(2)]
+    for out in outputs:
+        assert made(out.data_ptr()) is None
+    for out in outputs:
+        assert out[0, 0] == -1.0  # the offset: nothing before it written
+        assert_close(out[:, 1:], x @ w.t())
+    with pytest.raises(TypeError, match="takes 1 addresses, got 0"):
+        made()
     with pytest.raises(ValueError, match="names no pointer of a launch"):
         native.tape([lambda: None], ((0, 0, 0, 0),))
-    made = native.tape([], ())
-    assert made() is None
+    with pytest.raises(ValueError, match="names no pointer of a launch"):
+        native.tape([entry], ((0, 3, 0, 0),))  # the launch has three pointers
+    unpatched = native.tape([entry], ())
     with pytest.raises(TypeError, match="takes 0 addresses, got 1"):
-        made(1)
+        unpatched(1)

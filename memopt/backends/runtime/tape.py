@@ -227,8 +227,11 @@ class _Watch(TorchDispatchMode):
 
 
 def _tensors(value: object) -> list[torch.Tensor]:
+    """The tensors `value` (a value, or a call's arguments and result, nested) holds."""
     if isinstance(value, torch.Tensor):
         return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
     if isinstance(value, (list, tuple)):
         return [t for v in value for t in _tensors(v)]
     return []
@@ -341,20 +344,14 @@ def _layout_check(table: tuple[tuple, ...], same_inputs: Callable) -> Callable[[
 
 
 def _storages(value: object) -> set[int]:
-    """The storages of the tensors `value` (a call's arguments and result, nested) holds."""
-    if isinstance(value, torch.Tensor):
-        return {_storage(value)}
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (list, tuple)):
-        return {s for v in value for s in _storages(v)}
-    return set()
+    """The storages of the tensors `value` holds (`_tensors`)."""
+    return {_storage(t) for t in _tensors(value)}
 
 
 def _python_held(ran: _Ran, env: dict, per_call: set[torch.fx.Node]) -> set[int]:
     """The storages a tape's Python entries hold tensors of: a Python entry's arguments and
     results, a per-call node's static arguments and the tape's memory its results go to."""
-    held = _storages([t for t in ran.owned if isinstance(t, torch.Tensor)])
+    held = _storages(ran.owned)
     for node in per_call:
         held |= _storages([env.get(source) for source in node.all_input_nodes])
     for kind, *rest in ran.specs:
@@ -412,13 +409,7 @@ def _fresh_sites(
 def _holds(value: object, storages: set[int]) -> bool:
     """Whether `value` (a call's arguments and result, nested) holds a tensor of one of
     `storages`."""
-    if isinstance(value, torch.Tensor):
-        return _storage(value) in storages
-    if isinstance(value, (list, tuple)):
-        return any(_holds(v, storages) for v in value)
-    if isinstance(value, dict):
-        return any(_holds(v, storages) for v in value.values())
-    return False
+    return not _storages(value).isdisjoint(storages)
 
 
 class _CannotRebind(Exception):
